@@ -1,0 +1,224 @@
+"""Configuration: one TOML file, overridden by ``SPOOL_*`` environment variables.
+
+Precedence (highest first): keyword arguments (tests), environment, the TOML file, defaults.
+The file is chosen by ``--config`` on the CLI, else ``SPOOL_CONFIG``, else ``config/spool.toml``
+when it exists, else built-in defaults only. Nested keys are reached from the environment with a
+double underscore: ``SPOOL_BUS__MAX_ATTEMPTS=5``, ``SPOOL_CATALOGUE__URL=postgresql+asyncpg://...``.
+``SPOOL_AMQP_URL`` (the design brief's name) is accepted as ``bus.url``.
+
+Relative paths in the file are resolved against ``state_dir`` for storage roots and against the
+working directory otherwise, so ``make demo`` keeps everything under ``./var``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from common.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/spool.toml")
+DAEMON_NAMES = ("ingest", "replicator", "tape", "recall", "monitor")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BusSettings(_Strict):
+    url: str = "amqp://guest:guest@localhost:5672/"
+    exchange: str = "spool"
+    # Work queues are "<queue_prefix>.<daemon>"; tests use a unique prefix (and exchange) each.
+    queue_prefix: str = "spool"
+    # One TTL delay queue per tier, in seconds; attempt n waits retry_tiers[min(n-1, last)].
+    retry_tiers: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0])
+    # Attempts (first delivery included) before a Retryable error becomes a dead letter.
+    max_attempts: int = Field(default=8, ge=1)
+    # Quorum-queue safety net for a process that dies while holding a message (never the policy).
+    delivery_limit: int = Field(default=20, ge=1)
+    heartbeat_interval: float = Field(default=15.0, gt=0)
+    # Grace period for in-flight handlers on SIGTERM before the channel is closed (broker requeues).
+    stop_grace: float = Field(default=30.0, ge=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("retry_tiers")
+    @classmethod
+    def _tiers_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(t <= 0 for t in v):
+            raise ValueError("retry_tiers must be a non-empty list of positive seconds")
+        return v
+
+
+class CatalogueSettings(_Strict):
+    # Empty means "<state_dir>/catalogue.db" (SQLite, WAL). PostgreSQL: postgresql+asyncpg://...
+    url: str = ""
+    # Ingest groups registrations into one transaction of at most batch_size, waiting batch_wait s.
+    batch_size: int = Field(default=256, ge=1)
+    batch_wait: float = Field(default=0.01, ge=0)
+    echo: bool = False
+
+
+class StorageEndpoint(_Strict):
+    kind: Literal["disk", "tape"] = "disk"
+    backend: Literal["posix"] = "posix"
+    root: Path
+    # Free-form attributes for replication rules (site=PIC, tier=1 ...).
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class DatasetSettings(_Strict):
+    # A dataset name must fully match one of these regular expressions.
+    patterns: list[str] = Field(
+        default_factory=lambda: [r"[a-z0-9]+\.\d{8}\.run\d{6}\.(dl0|dl1|dl2|dl3|r0|r1)"]
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from exc
+        return v
+
+    def matches(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.patterns)
+
+
+class DaemonSettings(_Strict):
+    # Messages the broker may hand us before we ack (bounds memory whatever the backlog).
+    prefetch: int = Field(default=128, ge=1)
+    # Handlers running at once inside one process.
+    concurrency: int = Field(default=64, ge=1)
+
+
+class LogSettings(_Strict):
+    level: str = "info"
+    # auto: JSON when stderr is not a terminal, coloured console lines when it is.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+def _default_daemons() -> dict[str, DaemonSettings]:
+    return {name: DaemonSettings() for name in DAEMON_NAMES}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPOOL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    state_dir: Path = Path("var")
+    bus: BusSettings = Field(default_factory=BusSettings)
+    catalogue: CatalogueSettings = Field(default_factory=CatalogueSettings)
+    # Ordered: ingest copies into the first endpoint of kind "disk".
+    storage: dict[str, StorageEndpoint] = Field(
+        default_factory=lambda: {"disk1": StorageEndpoint(root=Path("storage/disk1"))}
+    )
+    # Name -> directory where instruments drop files; file.ready paths must lie inside one.
+    landing_areas: dict[str, Path] = Field(default_factory=lambda: {"default": Path("landing")})
+    datasets: DatasetSettings = Field(default_factory=DatasetSettings)
+    daemons: dict[str, DaemonSettings] = Field(default_factory=_default_daemons)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.state_dir = self.state_dir.expanduser().absolute()
+        for ep in self.storage.values():
+            if not ep.root.is_absolute():
+                ep.root = self.state_dir / ep.root
+        self.landing_areas = {
+            k: (v if v.is_absolute() else self.state_dir / v) for k, v in self.landing_areas.items()
+        }
+        for name in DAEMON_NAMES:
+            self.daemons.setdefault(name, DaemonSettings())
+        if not self.catalogue.url:
+            self.catalogue.url = f"sqlite+aiosqlite:///{self.state_dir / 'catalogue.db'}"
+        if not any(ep.kind == "disk" for ep in self.storage.values()):
+            raise ValueError("storage needs at least one endpoint of kind 'disk' (ingest copies there)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_PATH_FOR_LOAD
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived names, so no module spells a queue name by hand -----------------------------
+    def queue(self, daemon: str) -> str:
+        return f"{self.bus.queue_prefix}.{daemon}"
+
+    def retry_queue(self, daemon: str, tier: int) -> str:
+        return f"{self.bus.queue_prefix}.{daemon}.retry.{tier}"
+
+    def dead_queue(self, daemon: str) -> str:
+        return f"{self.bus.queue_prefix}.{daemon}.dead"
+
+    def daemon(self, name: str) -> DaemonSettings:
+        return self.daemons.get(name) or DaemonSettings()
+
+    def first_disk(self) -> tuple[str, StorageEndpoint]:
+        return next((n, ep) for n, ep in self.storage.items() if ep.kind == "disk")
+
+
+# pydantic-settings builds sources inside the class; the chosen file travels through this slot.
+_CONFIG_PATH_FOR_LOAD: Path | None = None
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The TOML file to read: explicit argument, else $SPOOL_CONFIG, else config/spool.toml if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("SPOOL_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the configuration; raise ``ConfigError`` naming the bad key."""
+    global _CONFIG_PATH_FOR_LOAD
+    chosen = config_path(path)
+    if chosen is not None and not chosen.is_file():
+        raise ConfigError(f"config file {chosen} does not exist")
+    if "SPOOL_AMQP_URL" in os.environ and "SPOOL_BUS__URL" not in os.environ:
+        bus = dict(overrides.pop("bus", {}) or {})
+        bus.setdefault("url", os.environ["SPOOL_AMQP_URL"])
+        overrides["bus"] = bus
+    _CONFIG_PATH_FOR_LOAD = chosen
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, chosen)) from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"{chosen}: {exc}") from None
+    finally:
+        _CONFIG_PATH_FOR_LOAD = None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{key}: {err['msg']}")
+    return f"invalid configuration{where}: " + "; ".join(lines)

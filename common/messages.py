@@ -1,0 +1,223 @@
+"""Message models: what travels on the bus, with a schema version.
+
+Every model names its routing key (``ROUTING_KEY``); commands go to one daemon, events are facts
+anyone may bind. Between daemons the models travel as msgpack (``common.codec``); from outside they
+arrive as CloudEvents JSON and are mapped onto the same models.
+
+Decision on unknown fields from outside: the ``data`` of an external event is **strict** — an
+unknown field is rejected with reason ``invalid_message`` naming it. A misspelt ``adler32`` must not
+silently skip verification. Free-form facts belong in ``data.metadata``. CloudEvents extension
+attributes on the envelope (allowed by the spec) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+# Metadata values are scalars so that "find by metadata" can compare them (=, <, >, in).
+MetaValue = str | int | float | bool | None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Common envelope fields. ``id`` is the event id used to drop duplicates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ROUTING_KEY: ClassVar[str] = ""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(default_factory=new_id, min_length=1, max_length=256)
+    source: str = "spool"
+    time: datetime = Field(default_factory=utcnow)
+    correlation_id: str | None = None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is newer than this Spool understands ({SCHEMA_VERSION})")
+        return v
+
+
+_ADLER_RE = re.compile(r"[0-9a-fA-F]{1,8}")
+
+
+def normalise_adler32(v: Any) -> str | None:
+    """Adler-32 as 8 lower-case hex digits (external systems drop leading zeros or use upper case)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _ADLER_RE.fullmatch(v):
+        raise ValueError("adler32 must be 1-8 hexadecimal digits")
+    return v.lower().zfill(8)
+
+
+class FileReady(Message):
+    """Command to ingest: an instrument says a file in a landing area is complete."""
+
+    ROUTING_KEY: ClassVar[str] = "file.ready"
+
+    path: str = Field(min_length=1, max_length=4096)
+    dataset: str = Field(min_length=1, max_length=255)
+    # Logical file name; defaults to the path relative to its landing area (decided by ingest).
+    name: str | None = Field(default=None, min_length=1, max_length=1024)
+    size: int | None = Field(default=None, ge=0)
+    adler32: str | None = None
+    metadata: dict[str, MetaValue] = Field(default_factory=dict)
+    parents: list[str] = Field(default_factory=list)
+
+    @field_validator("adler32", mode="before")
+    @classmethod
+    def _norm_adler(cls, v: Any) -> str | None:
+        return normalise_adler32(v)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("path contains a NUL byte")
+        if not v.startswith("/"):
+            raise ValueError("path must be absolute")
+        return v
+
+
+class FileIngested(Message):
+    """Event: a file is registered with a verified replica on its first disk endpoint."""
+
+    ROUTING_KEY: ClassVar[str] = "file.ingested"
+
+    name: str
+    dataset: str
+    size: int
+    adler32: str
+    storage: str
+    pfn: str
+
+
+class ReplicaRequest(Message):
+    """Command to the replicator: make a copy of ``name`` on ``destination``."""
+
+    ROUTING_KEY: ClassVar[str] = "replica.request"
+
+    name: str
+    destination: str
+    rule_id: str | None = None
+    priority: int = Field(default=3, ge=0, le=9)
+
+
+class ReplicaCreated(Message):
+    ROUTING_KEY: ClassVar[str] = "replica.created"
+
+    name: str
+    storage: str
+    pfn: str
+    size: int
+    adler32: str
+
+
+class TapeArchive(Message):
+    """Command to the tape daemon: write ``name`` to tape endpoint ``destination``."""
+
+    ROUTING_KEY: ClassVar[str] = "tape.archive"
+
+    name: str
+    destination: str
+    rule_id: str | None = None
+    priority: int = Field(default=3, ge=0, le=9)
+
+
+class FileArchived(Message):
+    ROUTING_KEY: ClassVar[str] = "file.archived"
+
+    name: str
+    storage: str
+    cartridge: str
+    fseq: int
+
+
+class RecallRequest(Message):
+    ROUTING_KEY: ClassVar[str] = "recall.request"
+
+    names: list[str] = Field(default_factory=list)
+    dataset: str | None = None
+    destination: str | None = None
+    priority: int = Field(default=3, ge=0, le=9)
+
+
+class FileRecalled(Message):
+    ROUTING_KEY: ClassVar[str] = "file.recalled"
+
+    name: str
+    storage: str
+    request_id: str
+
+
+class RecallCompleted(Message):
+    ROUTING_KEY: ClassVar[str] = "recall.completed"
+
+    request_id: str
+    files: int
+    failed: list[str] = Field(default_factory=list)
+
+
+class FileFailed(Message):
+    """Event: handling a message about a file ended in a dead letter (or a failed state)."""
+
+    ROUTING_KEY: ClassVar[str] = "file.failed"
+
+    daemon: str
+    reason: str
+    error: str
+    attempts: int
+    name: str | None = None
+    path: str | None = None
+    dataset: str | None = None
+    message_id: str | None = None
+
+
+class DaemonHeartbeat(Message):
+    """Event: who is alive and what it holds right now."""
+
+    ROUTING_KEY: ClassVar[str] = "daemon.heartbeat"
+
+    daemon: str
+    instance: str
+    host: str
+    pid: int
+    version: str
+    started: datetime
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+MODELS: dict[str, type[Message]] = {
+    m.ROUTING_KEY: m
+    for m in (
+        FileReady,
+        FileIngested,
+        ReplicaRequest,
+        ReplicaCreated,
+        TapeArchive,
+        FileArchived,
+        RecallRequest,
+        FileRecalled,
+        RecallCompleted,
+        FileFailed,
+        DaemonHeartbeat,
+    )
+}

@@ -1,0 +1,1 @@
+"""One package per lifecycle step; each is an independent asyncio daemon."""

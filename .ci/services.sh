@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Make sure the services Spool needs answer: `rabbitmq` (always) and `postgres` (tests).
+# Starts a local server that is installed but stopped; installs it with apt when running as root
+# on CI (or with SPOOL_INSTALL_SERVICES=1); otherwise says exactly how to get one. Waits until the
+# port answers. Usage: .ci/services.sh rabbitmq [postgres]
+set -u
+
+port_open() { timeout 1 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+wait_port() {  # name port seconds
+  for _ in $(seq 1 "$3"); do port_open "$2" && return 0; sleep 1; done
+  echo "services: $1 did not answer on 127.0.0.1:$2 within $3 s" >&2
+  return 1
+}
+
+may_install() { [ "$(id -u)" = 0 ] && { [ "${CI:-}" = true ] || [ "${SPOOL_INSTALL_SERVICES:-}" = 1 ]; }; }
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null && apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_rabbitmq() {
+  port_open 5672 && return 0
+  if ! command -v rabbitmq-server >/dev/null; then
+    if may_install; then
+      echo "services: installing rabbitmq-server"
+      apt_install rabbitmq-server || return 1
+    else
+      cat >&2 <<'MSG'
+services: RabbitMQ is not running on 127.0.0.1:5672 and is not installed. Either
+  sudo apt-get install -y rabbitmq-server          (then run this again), or
+  docker compose up -d rabbitmq                    (from this repository), or
+  export SPOOL_BUS__URL=amqp://user:pw@host:5672/  (a broker elsewhere; skip this check)
+MSG
+      return 1
+    fi
+  fi
+  echo "services: starting rabbitmq-server"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port rabbitmq 5672 90 || return 1
+  # The port opens before the broker accepts AMQP sessions; wait for the node to say it is up.
+  if command -v rabbitmq-diagnostics >/dev/null; then
+    for _ in $(seq 1 60); do rabbitmq-diagnostics -q check_running >/dev/null 2>&1 && break; sleep 1; done
+  fi
+}
+
+ensure_postgres() {
+  port_open 5432 && return 0
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    if may_install; then
+      echo "services: installing postgresql"
+      apt_install postgresql || return 1
+    else
+      echo "services: PostgreSQL is not running on 127.0.0.1:5432 and is not installed:" \
+           "sudo apt-get install -y postgresql, or docker compose up -d postgres" >&2
+      return 1
+    fi
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  conf=/etc/postgresql/$version/main/pg_hba.conf
+  # Tests connect as postgres over TCP without a password (trust on loopback only).
+  if [ -w "$conf" ] && ! grep -q '^host all all 127.0.0.1/32 trust' "$conf"; then
+    sed -i '1i host all all 127.0.0.1/32 trust' "$conf"
+  fi
+  echo "services: starting postgresql $version"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start >/dev/null 2>&1 || true
+  wait_port postgresql 5432 60
+}
+
+status=0
+for svc in "$@"; do
+  case "$svc" in
+    rabbitmq) ensure_rabbitmq || status=1 ;;
+    postgres) ensure_postgres || status=1 ;;
+    *) echo "services: unknown service $svc" >&2; status=1 ;;
+  esac
+done
+exit $status

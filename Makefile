@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` (set up and run the sample night) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Python 3.11 or newer: the first of these that exists.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
+	done)
+
+.PHONY: demo test venv services lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+services:
+	bash .ci/services.sh rabbitmq
+
+demo: venv services
+	$(VENV)/bin/spool --config config/spool.toml demo
+
+test: venv
+	bash .ci/services.sh rabbitmq postgres
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy common daemons
+
+bench: venv services
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf var

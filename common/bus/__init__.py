@@ -1,0 +1,1 @@
+"""The bus: topology, publishing with confirms, and the consumer runner that maps outcomes."""

@@ -1,0 +1,279 @@
+"""The consumer runner: the one place that turns a handler's outcome into ack, retry or dead letter.
+
+For each delivery: decode (undecodable / invalid -> dead letter at once), call the handler with a
+``Context``, then
+
+- success             -> ack;
+- ``Retryable`` / any unexpected exception, attempts left
+                      -> copy into ``<queue>.retry.<tier>`` with the attempt header incremented, ack;
+- ``Permanent``, or attempts exhausted
+                      -> copy into ``<queue>.dead`` with reason / error / attempts / daemon / host /
+                         time headers, publish a ``file.failed`` event, ack.
+
+The copy is confirmed by the broker *before* the original is acked, so a crash in between gives a
+duplicate (handled by idempotent handlers), never a loss. If the copy cannot be published (broker
+gone) the original is left unacked and comes back after reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from structlog.contextvars import bound_contextvars
+
+from common import codec
+from common.bus import headers as H
+from common.bus.publisher import AmqpPublisher
+from common.bus.retry import UNEXPECTED, Decision, classify, decide
+from common.bus.service import Context, Service
+from common.config import Settings
+from common.errors import InvalidMessage, SpoolError
+from common.messages import FileFailed, Message
+
+log = structlog.get_logger("spool.consumer")
+HOST = socket.gethostname()
+# Header values are truncated: a dead letter must stay small whatever the exception text.
+MAX_ERROR_TEXT = 2000
+
+
+@dataclass
+class Stats:
+    processed: int = 0
+    retried: int = 0
+    dead: int = 0
+    in_flight: int = 0
+
+
+class ReasonThrottle:
+    """One log line per reason per window, with a count of what was folded into it.
+
+    Thousands of identical retries must not drown the one line that matters.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, reason: str) -> tuple[bool, int]:
+        now = time.monotonic()
+        start, folded = self._seen.get(reason, (0.0, 0))
+        if now - start >= self.window:
+            self._seen[reason] = (now, 0)
+            return True, folded
+        self._seen[reason] = (start, folded + 1)
+        return False, 0
+
+
+class Runner:
+    """Consumes one service's work queue with bounded prefetch and concurrency."""
+
+    def __init__(
+        self, service: Service, settings: Settings, channel: AbstractChannel, publisher: AmqpPublisher,
+        resources: Any,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        self.channel = channel
+        self.publisher = publisher
+        self.resources = resources
+        self.stats = Stats()
+        self.queue_name = settings.queue(service.name)
+        self._limit = asyncio.Semaphore(settings.daemon(service.name).concurrency)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._throttle = ReasonThrottle()
+
+    async def start(self) -> None:
+        await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
+        self._queue = await self.channel.get_queue(self.queue_name, ensure=False)
+        self._tag = await self._queue.consume(self._on_message)
+        log.info("consuming", queue=self.queue_name, daemon=self.service.name)
+
+    async def stop_consuming(self) -> None:
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception as exc:  # broker already gone: nothing more will arrive anyway
+                log.warning("cancel_failed", queue=self.queue_name, error=repr(exc))
+            self._tag = None
+
+    async def drain(self, grace: float) -> None:
+        """Let in-flight handlers finish within ``grace``; the rest is cancelled and requeued."""
+        if self._tasks:
+            log.info("draining", daemon=self.service.name, in_flight=len(self._tasks), grace=grace)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if not self.channel.is_closed:
+            await self.channel.close()  # the broker requeues whatever is still unacked
+
+    async def queue_depth(self) -> int:
+        assert self._queue is not None
+        declared = await self.channel.declare_queue(self.queue_name, passive=True)
+        return declared.declaration_result.message_count or 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    # --- per delivery ---------------------------------------------------------------------------
+    async def _on_message(self, delivery: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            async with self._limit:
+                await self._handle(delivery)
+        finally:
+            self._tasks.discard(task)
+
+    async def _handle(self, delivery: AbstractIncomingMessage) -> None:
+        headers = delivery.headers or {}
+        attempt = _as_int(headers.get(H.ATTEMPT), 1)
+        routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
+        msg: Message | None = None
+        with bound_contextvars(
+            daemon=self.service.name, message_id=delivery.message_id, attempt=attempt,
+            correlation_id=delivery.correlation_id,
+        ):
+            ctx: Context[Any] = Context(
+                daemon=self.service.name, settings=self.settings, publisher=self.publisher,
+                resources=self.resources, log=structlog.get_logger(self.service.name), attempt=attempt,
+                correlation_id=delivery.correlation_id,
+            )
+            try:
+                route = self.service.routes.get(routing_key)
+                if route is None:
+                    raise InvalidMessage(codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}")
+                msg = codec.decode(delivery.body, delivery.content_type, routing_key, delivery.message_id)
+                ctx.correlation_id = delivery.correlation_id or msg.id
+                with bound_contextvars(message_id=msg.id, correlation_id=ctx.correlation_id,
+                                       **self.service.describe(msg)):
+                    await route.handler(msg, ctx)
+            except asyncio.CancelledError:
+                raise  # stopping: leave unacked, the broker requeues it
+            except Exception as exc:
+                extra = self.service.describe(msg) if msg is not None else {}
+                with bound_contextvars(**extra):
+                    await self._failed(delivery, msg, exc, attempt, routing_key, ctx)
+                return
+            await self._settle(delivery)
+            self.stats.processed += 1
+
+    async def _failed(
+        self, delivery: AbstractIncomingMessage, msg: Message | None, exc: Exception, attempt: int,
+        routing_key: str, ctx: Context[Any],
+    ) -> None:
+        decision = decide(exc, attempt, self.settings.bus)
+        err = classify(exc)
+        self._log_failure(decision, err, attempt, exc)
+        if self.service.on_failure is not None:
+            try:
+                await self.service.on_failure(msg, err, attempt, decision.action == "dead", ctx)
+            except Exception as hook_exc:  # recording must never decide the message's fate
+                log.error("failure_hook_failed", error=repr(hook_exc))
+        copy = _copy_with_headers(delivery, routing_key, decision, attempt, self.service.name, self.queue_name)
+        target = (
+            self.settings.retry_queue(self.service.name, decision.tier or 0)
+            if decision.action == "retry"
+            else self.settings.dead_queue(self.service.name)
+        )
+        try:
+            await self.publisher.publish_raw(target, copy)
+        except SpoolError as pub_exc:
+            log.error("cannot_park_message", target=target, error=pub_exc.message)
+            await asyncio.sleep(1)  # avoid a hot redelivery loop while the broker misbehaves
+            await self._settle(delivery, requeue=True)
+            return
+        if decision.action == "dead":
+            self.stats.dead += 1
+            await self._announce_failure(msg, decision, attempt, delivery)
+        else:
+            self.stats.retried += 1
+        await self._settle(delivery)
+
+    def _log_failure(self, decision: Decision, err: SpoolError, attempt: int, exc: Exception) -> None:
+        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}")
+        if not admitted:
+            return
+        event = "dead_lettered" if decision.action == "dead" else "retrying"
+        fields: dict[str, Any] = {"reason": decision.reason, "error": err.message, "attempt": attempt}
+        if decision.action == "retry":
+            fields["delay"] = decision.delay
+        if folded:
+            fields["similar_since_last_line"] = folded
+        if err.reason == UNEXPECTED:
+            log.error(event, exc_info=exc, **fields)
+        elif decision.action == "dead":
+            log.error(event, **fields)
+        else:
+            log.warning(event, **fields)
+
+    async def _announce_failure(
+        self, msg: Message | None, decision: Decision, attempt: int, delivery: AbstractIncomingMessage
+    ) -> None:
+        event = FileFailed(
+            daemon=self.service.name, reason=decision.reason, error=decision.error[:MAX_ERROR_TEXT],
+            attempts=attempt, name=getattr(msg, "name", None), path=getattr(msg, "path", None),
+            dataset=getattr(msg, "dataset", None), message_id=msg.id if msg else delivery.message_id,
+        )
+        try:
+            await self.publisher.publish(event, correlation_id=delivery.correlation_id)
+        except SpoolError as exc:
+            log.warning("file_failed_event_not_published", error=exc.message)
+
+    async def _settle(self, delivery: AbstractIncomingMessage, requeue: bool = False) -> None:
+        """Ack (or requeue); a closed channel means the broker already requeued it."""
+        try:
+            if requeue:
+                await delivery.nack(requeue=True)
+            else:
+                await delivery.ack()
+        except Exception as exc:
+            log.warning("settle_failed", error=repr(exc), requeue=requeue)
+
+
+def _copy_with_headers(
+    delivery: AbstractIncomingMessage, routing_key: str, decision: Decision, attempt: int, daemon: str,
+    queue: str,
+) -> aio_pika.Message:
+    headers = {k: v for k, v in (delivery.headers or {}).items() if k != "x-death"}
+    headers[H.ROUTING_KEY] = routing_key
+    headers[H.REASON] = decision.reason
+    headers[H.ERROR] = decision.error[:MAX_ERROR_TEXT]
+    if decision.action == "retry":
+        headers[H.ATTEMPT] = attempt + 1
+    else:
+        headers.update({H.ATTEMPTS: attempt, H.DAEMON: daemon, H.HOST: HOST, H.QUEUE: queue,
+                        H.TIME: datetime.now(UTC).isoformat()})
+    return aio_pika.Message(
+        delivery.body,
+        headers=headers,
+        content_type=delivery.content_type,
+        content_encoding=delivery.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=delivery.message_id,
+        correlation_id=delivery.correlation_id,
+        type=delivery.type,
+        app_id=delivery.app_id,
+        timestamp=delivery.timestamp,
+        reply_to=delivery.reply_to,
+    )
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,161 @@
+"""Operating on dead letters: list, show, retry, purge — optionally only those of one reason.
+
+Dead-letter queues are classic queues, so browsing them is ``basic.get`` without ack and then
+closing the channel: the broker puts every message back in its original position. Retry sends a
+message straight back to the work queue it died in (through the default exchange, not the topic
+exchange, so no other binding sees it twice) with its attempt count reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from common.bus import headers as H
+from common.bus.topology import BINDINGS
+from common.config import Settings
+
+
+@dataclass
+class DeadLetter:
+    queue: str
+    message_id: str | None
+    routing_key: str
+    reason: str
+    error: str
+    attempts: int
+    daemon: str
+    host: str
+    time: str
+    content_type: str | None
+    body: bytes
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("body")
+        data["size"] = len(self.body)
+        return data
+
+
+def dead_queues(settings: Settings, queue: str | None = None) -> list[str]:
+    """All dead-letter queues, or the one named (by daemon name or full queue name)."""
+    if queue is None:
+        return [settings.dead_queue(d) for d in BINDINGS]
+    if queue in BINDINGS:
+        return [settings.dead_queue(queue)]
+    if queue.endswith(".dead"):
+        return [queue]
+    raise ValueError(f"unknown queue {queue!r}; use a daemon name ({', '.join(BINDINGS)}) or a .dead queue")
+
+
+def _to_dead_letter(queue: str, msg: AbstractIncomingMessage) -> DeadLetter:
+    h = msg.headers or {}
+    reason = _text(h.get(H.REASON))
+    if not reason and h.get("x-death"):
+        # Dead-lettered by the broker's delivery-limit safety net, not by our runner.
+        reason = "delivery_limit"
+    return DeadLetter(
+        queue=queue, message_id=msg.message_id, routing_key=_original_routing_key(msg),
+        reason=reason or "unknown", error=_text(h.get(H.ERROR)),
+        attempts=int(h.get(H.ATTEMPTS) or h.get(H.ATTEMPT) or 0), daemon=_text(h.get(H.DAEMON)),
+        host=_text(h.get(H.HOST)), time=_text(h.get(H.TIME)), content_type=msg.content_type, body=msg.body,
+    )
+
+
+def _original_routing_key(msg: AbstractIncomingMessage) -> str:
+    h = msg.headers or {}
+    if h.get(H.ROUTING_KEY):
+        return _text(h[H.ROUTING_KEY])
+    deaths = h.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        keys = deaths[0].get("routing-keys") or []
+        if keys:
+            return _text(keys[0])
+    return msg.routing_key or ""
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+async def browse(
+    connection: AbstractRobustConnection, queues: Iterable[str], *, reason: str | None = None,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """Read dead letters without removing them."""
+    found: list[DeadLetter] = []
+    for queue_name in queues:
+        channel = await connection.channel()
+        try:
+            queue = await channel.get_queue(queue_name, ensure=True)
+            while limit is None or len(found) < limit:
+                msg = await queue.get(no_ack=False, fail=False)
+                if msg is None:
+                    break
+                letter = _to_dead_letter(queue_name, msg)
+                if reason is None or letter.reason == reason:
+                    found.append(letter)
+        finally:
+            await channel.close()  # un-acked gets go back, in order
+    return found
+
+
+async def take(
+    connection: AbstractRobustConnection, settings: Settings, queues: Iterable[str], *,
+    reason: str | None = None, message_id: str | None = None, requeue_to_work: bool,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Remove matching dead letters; when ``requeue_to_work`` send each back to its work queue first.
+
+    Each message is re-published with a confirm *before* it is acked in the dead queue, so a failure
+    halfway leaves a duplicate at worst, never a loss.
+    """
+    moved = 0
+    for queue_name in queues:
+        channel = await connection.channel(publisher_confirms=True)
+        try:
+            queue = await channel.get_queue(queue_name, ensure=True)
+            while True:
+                msg = await queue.get(no_ack=False, fail=False)
+                if msg is None:
+                    break
+                letter = _to_dead_letter(queue_name, msg)
+                if (reason is not None and letter.reason != reason) or (
+                    message_id is not None and letter.message_id != message_id
+                ):
+                    continue  # left unacked: returns to the queue when the channel closes
+                if requeue_to_work:
+                    await channel.default_exchange.publish(
+                        _revived(msg), routing_key=_work_queue(settings, queue_name, msg), mandatory=True
+                    )
+                await msg.ack()
+                moved += 1
+                if progress:
+                    progress(moved)
+        finally:
+            await channel.close()
+    return moved
+
+
+def _work_queue(settings: Settings, dead_queue: str, msg: AbstractIncomingMessage) -> str:
+    origin = _text((msg.headers or {}).get(H.QUEUE))
+    return origin or dead_queue.removesuffix(".dead")
+
+
+def _revived(msg: AbstractIncomingMessage) -> aio_pika.Message:
+    headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("x-death")}
+    headers[H.ATTEMPT] = 1
+    for key in (H.ATTEMPTS, H.TIME, H.HOST):
+        headers.pop(key, None)
+    headers[H.ROUTING_KEY] = _original_routing_key(msg)
+    return aio_pika.Message(
+        msg.body, headers=headers, content_type=msg.content_type, message_id=msg.message_id,
+        correlation_id=msg.correlation_id, type=msg.type, app_id=msg.app_id, timestamp=msg.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=msg.reply_to,
+    )

@@ -1,0 +1,81 @@
+"""A daemon as data: its name, its handlers, its resources. Registering changes nothing else.
+
+    service = Service("ingest", resources=open_ingest_resources)
+
+    @service.handler(FileReady)
+    async def ingest(msg: FileReady, ctx: Context) -> None: ...
+
+The handler stays a plain coroutine function: a unit test calls it with a ``Context`` holding a
+``RecordingPublisher`` and real or fake resources. The runner (``common.bus.consumer``) turns its
+outcome into ack / retry / dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from common.bus.publisher import Publisher
+from common.config import Settings
+from common.errors import SpoolError
+from common.messages import Message
+
+R = TypeVar("R")
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class Context(Generic[R]):
+    """What a handler may use: nothing arrives by global lookup."""
+
+    daemon: str
+    settings: Settings
+    publisher: Publisher
+    resources: R
+    log: Any = field(default_factory=lambda: structlog.get_logger())
+    attempt: int = 1
+    correlation_id: str | None = None
+
+
+Handler = Callable[[Any, Context[Any]], Awaitable[None]]
+# Called after a failure, before the message is retried or dead-lettered, to record it (last
+# error per file). ``msg`` is None when the body could not be decoded.
+FailureHook = Callable[[Message | None, SpoolError, int, bool, Context[Any]], Awaitable[None]]
+ResourceFactory = Callable[[Settings, Publisher], AbstractAsyncContextManager[Any]]
+
+
+@dataclass
+class Route:
+    model: type[Message]
+    handler: Handler
+
+
+@dataclass
+class Service:
+    name: str
+    resources: ResourceFactory | None = None
+    routes: dict[str, Route] = field(default_factory=dict)
+    on_failure: FailureHook | None = None
+    # Extra log context for a message, e.g. the file name ("file" key), bound for every line.
+    describe: Callable[[Message], dict[str, Any]] = lambda msg: {}
+
+    def handler(self, model: type[M]) -> Callable[[Callable[[M, Context[Any]], Awaitable[None]]], Any]:
+        def register(func: Callable[[M, Context[Any]], Awaitable[None]]) -> Any:
+            if model.ROUTING_KEY in self.routes:
+                raise ValueError(f"{self.name}: two handlers for {model.ROUTING_KEY}")
+            self.routes[model.ROUTING_KEY] = Route(model, func)  # type: ignore[arg-type]
+            return func
+
+        return register
+
+    def failure_hook(self, func: FailureHook) -> FailureHook:
+        self.on_failure = func
+        return func
+
+
+async def no_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[None]:
+    yield None

@@ -1,0 +1,107 @@
+"""Declaring the exchange and every daemon's queues, idempotently.
+
+Every process declares the *whole* topology at start, not only its own queues: a command published
+for a daemon that is not running yet (``replica.request`` before the replicator exists) then waits
+in that daemon's queue instead of being returned as unroutable.
+
+Per daemon ``d`` (``p`` = ``bus.queue_prefix``):
+
+- ``p.d``         quorum work queue bound to the daemon's routing keys; ``x-delivery-limit`` is the
+                  safety net for a process that dies holding a message (it then dead-letters into
+                  ``p.d.dead``), never the retry policy;
+- ``p.d.retry.N`` one classic delay queue per tier with a fixed ``x-message-ttl``; expired messages
+                  dead-letter back into ``p.d`` through the default exchange, so only ``d`` sees a
+                  retry (re-publishing on ``spool`` would also wake every other binding);
+- ``p.d.dead``    classic lazy queue; browsing it with get + requeue keeps its order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
+
+from common.config import Settings
+from common.errors import ConfigError
+
+# Which routing keys each daemon consumes. The monitor sees everything.
+BINDINGS: Mapping[str, Sequence[str]] = {
+    "ingest": ("file.ready",),
+    "replicator": ("replica.request",),
+    "tape": ("tape.archive",),
+    "recall": ("recall.request",),
+    "monitor": ("#",),
+}
+
+# An absent monitor must not fill the broker's disk: its queue keeps the newest events only.
+MONITOR_MAX_LENGTH = 1_000_000
+
+
+def work_queue_arguments(settings: Settings, daemon: str) -> dict[str, object]:
+    args: dict[str, object] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.bus.delivery_limit,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.dead_queue(daemon),
+    }
+    if daemon == "monitor":
+        args["x-max-length"] = MONITOR_MAX_LENGTH
+        args["x-overflow"] = "drop-head"
+    return args
+
+
+async def declare_exchange(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
+    return await channel.declare_exchange(settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_topology(
+    channel: AbstractChannel, settings: Settings, daemons: Sequence[str] | None = None
+) -> AbstractExchange:
+    """Declare the exchange and the queues of ``daemons`` (default: all). Safe to call repeatedly."""
+    exchange = await declare_exchange(channel, settings)
+    for daemon in daemons or list(BINDINGS):
+        await _declare_daemon(channel, exchange, settings, daemon)
+    return exchange
+
+
+async def _declare_daemon(
+    channel: AbstractChannel, exchange: AbstractExchange, settings: Settings, daemon: str
+) -> None:
+    work = settings.queue(daemon)
+    try:
+        queue = await channel.declare_queue(
+            work, durable=True, arguments=work_queue_arguments(settings, daemon)
+        )
+        for key in BINDINGS[daemon]:
+            await queue.bind(exchange, routing_key=key)
+        for tier, seconds in enumerate(settings.bus.retry_tiers):
+            await channel.declare_queue(
+                settings.retry_queue(daemon, tier),
+                durable=True,
+                arguments={
+                    "x-message-ttl": int(seconds * 1000),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": work,
+                },
+            )
+        await channel.declare_queue(
+            settings.dead_queue(daemon), durable=True, arguments={"x-queue-mode": "lazy"}
+        )
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        # Raised when a queue exists with other arguments, typically after retry_tiers or
+        # delivery_limit changed in the config. Deleting queues is the operator's decision.
+        raise ConfigError(
+            f"a queue of {daemon!r} exists with other arguments than the configuration asks for "
+            f"({exc}); drain and delete it (rabbitmqctl delete_queue NAME) or restore the old settings"
+        ) from None
+
+
+async def delete_topology(channel: AbstractChannel, settings: Settings) -> None:
+    """Remove every queue and the exchange (tests, and ``spool`` never calls it on its own)."""
+    for daemon in BINDINGS:
+        names = [settings.queue(daemon), settings.dead_queue(daemon)]
+        names += [settings.retry_queue(daemon, t) for t in range(len(settings.bus.retry_tiers))]
+        for name in names:
+            await channel.queue_delete(name)
+    await channel.exchange_delete(settings.bus.exchange)

@@ -1,0 +1,105 @@
+"""Engine creation and migrations: the only backend-specific set-up.
+
+SQLite is tuned for many small daemons writing one file: WAL (readers never block the writer),
+``synchronous=NORMAL`` (durable at checkpoints, safe against corruption, much faster commits),
+a 30 s ``busy_timeout`` (writers queue instead of failing), and foreign keys on. Write transactions
+start with ``BEGIN IMMEDIATE``: a deferred transaction that reads and then writes can fail with
+"database is locked" at once (no busy wait) when another writer committed in between.
+
+Migrations run at open time under a lock (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+PostgreSQL) so that daemons starting together do not race to create the same tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BUSY_TIMEOUT_MS = 30_000
+WRITE_OPTION = "spool_write"  # execution option marking a write transaction
+_PG_MIGRATION_LOCK = 0x5350_4F4F_4C  # arbitrary constant: "SPOOL"
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
+
+
+def normalise_url(url: str | URL) -> URL:
+    """Accept plain ``sqlite:///`` / ``postgresql://`` URLs and pick the asyncio driver."""
+    u = make_url(url)
+    if u.drivername in _DRIVERS:
+        u = u.set(drivername=_DRIVERS[u.drivername])
+    if u.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        raise ValueError(f"unsupported catalogue URL {u.render_as_string(hide_password=True)!r}")
+    return u
+
+
+def _is_sqlite_file(u: URL) -> bool:
+    db = u.database or ""
+    return u.get_backend_name() == "sqlite" and db not in ("", ":memory:") and not db.startswith("file:")
+
+
+def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
+    u = normalise_url(url)
+    if _is_sqlite_file(u):
+        Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"echo": echo}
+    if u.get_backend_name() == "postgresql":
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_async_engine(u, **kwargs)
+    if u.get_backend_name() == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module; "begin" below issues BEGIN.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            f"busy_timeout={BUSY_TIMEOUT_MS}",
+            "foreign_keys=ON",
+            "temp_store=MEMORY",
+            "cache_size=-32000",  # 32 MB page cache per connection
+        ):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def writer(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine (same pool) whose transactions are write transactions."""
+    return engine.execution_options(**{WRITE_OPTION: True})
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic configuration built in code: no alembic.ini is needed at run time."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+    command.upgrade(alembic_config(connection), revision)
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema to ``revision``; a no-op when it is already there."""
+    async with writer(engine).begin() as conn:
+        await conn.run_sync(_upgrade, revision)

@@ -1,0 +1,194 @@
+"""Tables of the catalogue, declared once for the ORM, Core statements and Alembic.
+
+Shape decisions (the *why*):
+
+- Files are keyed by an integer id but addressed by their unique logical ``name``; every daemon and
+  every message speaks names, the id only keeps foreign keys small.
+- ``file_metadata`` stores each metadata value in typed columns (``value_num`` for every number,
+  ``value_int`` for exact integers, ``value_str`` for strings) so that ``=``, ranges and ``in``
+  compare like with like and use an index on ``(key, value_*)``. ``files.meta`` keeps the
+  original JSON for display.
+- ``provenance`` stores the parent by *name*: a parent may be registered after its child (or never
+  here at all); ancestors / descendants are resolved by joining names.
+- ``requests`` is keyed by the message / event id: it is at once the registry of processed events
+  (duplicate detection) and the "last error per file".
+- ``events.name`` and ``events.storage`` are plain strings, not foreign keys, so the history of a
+  file survives the removal of the file or of an endpoint.
+- Timestamps are always timezone-aware UTC in Python (``UTCDateTime``), whatever the backend.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Explicit constraint names so that migrations can name what they alter, on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Limits that keep every indexed value inside PostgreSQL's b-tree row limit (2704 bytes, UTF-8).
+MAX_NAME = 1024
+MAX_META_KEY = 128
+MAX_META_STR = 512
+
+# BIGSERIAL on PostgreSQL, the rowid alias ("INTEGER PRIMARY KEY") on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite stores naive text, PostgreSQL ``timestamptz``."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="open")  # open | closed
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class File(Base):
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME), unique=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    adler32: Mapped[str] = mapped_column(String(8))  # 8 lower-case hex digits
+    meta: Mapped[dict[str, Any]] = mapped_column(Json)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class FileMetadata(Base):
+    __tablename__ = "file_metadata"
+    __table_args__ = (
+        Index(None, "key", "value_num"),
+        Index(None, "key", "value_int"),
+        Index(None, "key", "value_str"),
+    )
+
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(MAX_META_KEY), primary_key=True)
+    value_num: Mapped[float | None] = mapped_column(Double)
+    value_int: Mapped[int | None] = mapped_column(BigInteger)
+    value_str: Mapped[str | None] = mapped_column(String(MAX_META_STR))
+
+
+class Provenance(Base):
+    __tablename__ = "provenance"
+
+    child_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    parent_name: Mapped[str] = mapped_column(String(MAX_NAME), primary_key=True, index=True)
+
+
+class StorageEndpointRow(Base):
+    __tablename__ = "storage_endpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # disk | tape
+    backend: Mapped[str] = mapped_column(String(32))
+    root: Mapped[str] = mapped_column(Text)
+    attributes: Mapped[dict[str, Any]] = mapped_column(Json)
+    state: Mapped[str] = mapped_column(String(16), default="online")  # online | readonly | down
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Replica(Base):
+    __tablename__ = "replicas"
+    __table_args__ = (UniqueConstraint("file_id", "storage_id"), Index(None, "storage_id", "state"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"))
+    storage_id: Mapped[int] = mapped_column(ForeignKey("storage_endpoints.id"))
+    pfn: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # available | copying | bad | deleted ...
+    cartridge: Mapped[str | None] = mapped_column(String(64))
+    fseq: Mapped[int | None] = mapped_column(BigInteger)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (Index(None, "name", "updated"), Index(None, "state", "updated"))
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)  # message / event id
+    kind: Mapped[str] = mapped_column(String(32))  # ingest | replica | archive | recall ...
+    name: Mapped[str | None] = mapped_column(String(MAX_NAME))
+    path: Mapped[str | None] = mapped_column(Text)
+    dataset: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))  # done | retrying | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (Index(None, "name", "time"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Text)  # logical name, or the source path before one exists
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    daemon: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    storage: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(Json)
+
+
+metadata = Base.metadata
+datasets = Dataset.__table__
+files = File.__table__
+file_metadata = FileMetadata.__table__
+provenance = Provenance.__table__
+storage_endpoints = StorageEndpointRow.__table__
+replicas = Replica.__table__
+requests = Request.__table__
+events = Event.__table__

@@ -1,0 +1,68 @@
+"""Small SQL helpers shared by the catalogue modules: the backend-specific bits live here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.catalogue import schema as s
+
+T = TypeVar("T")
+
+# Both SQLite (32766) and PostgreSQL (32767) cap bound parameters per statement; stay far below.
+IN_CHUNK = 500
+
+
+class UnknownStorageError(ValueError):
+    """A record names a storage endpoint the catalogue does not know (``sync_endpoints`` first)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _insert(conn: AsyncConnection, table: Table) -> Any:
+    mod = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return mod.insert(table)
+
+
+async def upsert(
+    conn: AsyncConnection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    """Multi-row ``INSERT ... ON CONFLICT (keys) DO UPDATE`` (same syntax on SQLite and PostgreSQL)."""
+    if not rows:
+        return
+    stmt = _insert(conn, table)
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
+    await conn.execute(stmt, list(rows))
+
+
+async def insert_ignore(
+    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> None:
+    """Insert rows, silently keeping the existing row on a key clash (a concurrent creator won)."""
+    if rows:
+        await conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
+
+
+async def storage_ids(conn: AsyncConnection, names: set[str]) -> dict[str, int]:
+    ep = s.storage_endpoints
+    ids: dict[str, int] = {n: i for n, i in await conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))}
+    missing = names - ids.keys()
+    if missing:
+        raise UnknownStorageError(f"unknown storage endpoint(s): {', '.join(sorted(missing))}")
+    return ids

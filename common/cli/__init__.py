@@ -1,0 +1,83 @@
+"""``spool``: the operator's command line, a thin client of ``common``.
+
+Every user mistake (unreachable broker, bad config, unknown file) ends in one red line on stderr
+and a non-zero exit code, never a traceback: ``main`` is the one place that maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Annotated
+
+import click
+import typer
+
+from common.cli._util import UserError, err_console, settings_from
+from common.errors import ConfigError, SpoolError
+
+app = typer.Typer(
+    name="spool",
+    help="Spool: archive lifecycle for scientific instruments (ingest, replicate, tape, recall, monitor).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="TOML config file (default: $SPOOL_CONFIG, config/spool.toml)")
+    ] = None,
+) -> None:
+    ctx.ensure_object(dict)["config"] = config
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    daemon: Annotated[str, typer.Argument(help="ingest | all (every daemon in one process)")],
+    once: Annotated[bool, typer.Option(help="Handle what is queued, then exit.")] = False,
+) -> None:
+    """Run one daemon, or all of them in one process, until SIGTERM."""
+    from common.logging import configure_logging
+    from common.runtime import run_services
+    from daemons import registry
+
+    settings = settings_from(ctx)
+    try:
+        services = registry.load_all() if daemon == "all" else [registry.load(daemon)]
+    except KeyError as exc:
+        raise UserError(str(exc.args[0])) from None
+    configure_logging(settings.log, daemon=None if daemon == "all" else daemon)
+    raise typer.Exit(asyncio.run(run_services(services, settings, once=once)))
+
+
+# Sub-command modules register themselves on ``app``.
+from common.cli import dead, publish, query  # noqa: E402,F401
+from common.cli import demo as _demo  # noqa: E402,F401
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/red]")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (ConfigError, UserError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except SpoolError as exc:
+        err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,140 @@
+"""``spool dead list|show|retry|purge``: inspect dead letters and act on them, by reason too."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from aio_pika.abc import AbstractRobustConnection
+from rich.table import Table
+
+from common.bus import dead as deadletters
+from common.bus.connection import connect
+from common.cli import app
+from common.cli._util import UserError, console, print_json, settings_from
+from common.config import Settings
+
+T = TypeVar("T")
+dead_app = typer.Typer(help="Dead letters: list, show, retry, purge (by queue and reason).", no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
+
+QueueOpt = Annotated[str | None, typer.Option("--queue", "-q", help="Daemon name or .dead queue (default: all).")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", "-r", help="Only dead letters with this reason code.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _with_broker(settings: Settings, work: Callable[[AbstractRobustConnection], Awaitable[T]]) -> T:
+    async def go() -> T:
+        connection = await connect(settings.bus, name="spool-cli")
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
+def _queues(settings: Settings, queue: str | None) -> list[str]:
+    try:
+        return deadletters.dead_queues(settings, queue)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+@dead_app.command("list")
+def list_(
+    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    by_reason: Annotated[bool, typer.Option("--by-reason", help="One line per reason with a count.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many messages read.")] = 10000,
+    json_out: JsonOpt = False,
+) -> None:
+    """List dead letters (they stay in their queue)."""
+    settings = settings_from(ctx)
+    letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue), reason=reason, limit=limit))
+    if by_reason:
+        counts = Counter((d.queue, d.reason) for d in letters)
+        rows = [{"queue": q, "reason": r, "count": n} for (q, r), n in counts.most_common()]
+        if json_out:
+            print_json(rows)
+            return
+        table = Table("queue", "reason", "count")
+        for row in rows:
+            table.add_row(row["queue"], row["reason"], str(row["count"]))
+        console.print(table)
+        return
+    if json_out:
+        print_json([d.summary() for d in letters])
+        return
+    table = Table("queue", "message id", "reason", "attempts", "time", "error")
+    for d in letters:
+        table.add_row(d.queue, d.message_id or "", d.reason, str(d.attempts), d.time[:19], d.error[:100])
+    console.print(table)
+    console.print(f"{len(letters)} dead letter(s)")
+
+
+@dead_app.command()
+def show(ctx: typer.Context, message_id: str, queue: QueueOpt = None, json_out: JsonOpt = False) -> None:
+    """One dead letter in full: headers and body."""
+    settings = settings_from(ctx)
+    letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue)))
+    match = next((d for d in letters if d.message_id == message_id), None)
+    if match is None:
+        raise UserError(f"no dead letter with message id {message_id!r}")
+    data: dict[str, Any] = match.summary()
+    data["body"] = _body_text(match)
+    if json_out:
+        print_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"[bold]{key:>12}[/bold]  {value}", highlight=False)
+
+
+def _body_text(letter: deadletters.DeadLetter) -> Any:
+    if letter.content_type == "application/msgpack":
+        import msgpack
+
+        try:
+            return msgpack.unpackb(letter.body, raw=False)
+        except Exception:
+            return repr(letter.body[:2000])
+    return letter.body[:20000].decode(errors="replace")
+
+
+@dead_app.command()
+def retry(
+    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Send dead letters back to their work queue with a fresh attempt count (after fixing the cause)."""
+    settings = settings_from(ctx)
+    moved = _with_broker(settings, lambda c: deadletters.take(
+        c, settings, _queues(settings, queue), reason=reason, message_id=message_id, requeue_to_work=True))
+    if json_out:
+        print_json({"retried": moved})
+    else:
+        console.print(f"sent {moved} dead letter(s) back to their work queue")
+
+
+@dead_app.command()
+def purge(
+    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete dead letters for good."""
+    settings = settings_from(ctx)
+    queues = _queues(settings, queue)
+    if not yes:
+        what = f"reason {reason!r}" if reason else "every reason"
+        typer.confirm(f"Delete dead letters of {what} from {', '.join(queues)}?", abort=True)
+    removed = _with_broker(settings, lambda c: deadletters.take(
+        c, settings, queues, reason=reason, message_id=message_id, requeue_to_work=False))
+    if json_out:
+        print_json({"purged": removed})
+    else:
+        console.print(f"purged {removed} dead letter(s)")

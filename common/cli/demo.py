@@ -1,0 +1,162 @@
+"""``spool demo`` (what ``make demo`` runs): a small observing night through the real daemons.
+
+1. writes a sample night into the first landing area: ``--datasets`` datasets named like
+   ``lst1.20261123.run012345.dl0`` holding ``--files`` small files in all, plus three deliberately
+   bad events (wrong checksum, path outside the landing area, dataset name off-pattern);
+2. starts ``spool run all`` as a child process (logs in ``<state_dir>/demo-daemons.log``);
+3. publishes every ``file.ready`` as CloudEvents JSON, like an instrument's DAQ would;
+4. follows the catalogue and the dead-letter queue with a progress bar until every event is
+   accounted for (ingested, or dead-lettered with its reason);
+5. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
+   for, or if a good file failed / a bad one was accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.bus import dead as deadletters
+from common.bus.connection import connect
+from common.catalogue import Catalogue
+from common.cli import app
+from common.cli._util import console, settings_from
+from common.cli.publish import file_ready_event, publish_events
+from common.codec import to_cloudevent
+from common.config import Settings
+from common.messages import FileReady, new_id
+
+EXPECTED_BAD = {"checksum_mismatch", "path_outside_area", "bad_dataset_name"}
+
+
+def make_night(landing: Path, files: int, datasets: int, seed: int) -> list[dict[str, Any]]:
+    """Write the sample files and return their ``file.ready`` events (good ones first)."""
+    rng = random.Random(seed)
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    first_run = 10_000 + seed % 80_000
+    events: list[dict[str, Any]] = []
+    for i in range(files):
+        run = first_run + i % datasets
+        dataset = f"lst1.{day}.run{run:06d}.dl0"
+        path = landing / f"night-{seed}" / f"run{run:06d}" / f"subrun{i // datasets:04d}.fits.fz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.randint(512, 4096)))
+        meta = {"run": run, "subrun": i // datasets, "telescope": "LST1", "night": day}
+        events.append(file_ready_event(path, dataset, checksum=True, meta=meta, parents=[], source="lst1-daq"))
+    return events
+
+
+def bad_events(landing: Path, seed: int) -> list[dict[str, Any]]:
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    bad_dir = landing / f"night-{seed}" / "bad"
+    bad_dir.mkdir(parents=True, exist_ok=True)
+    corrupt = bad_dir / "corrupt.fits.fz"
+    corrupt.write_bytes(b"these bytes do not match the checksum the DAQ announced")
+    offpattern = bad_dir / "offpattern.fits.fz"
+    offpattern.write_bytes(b"x" * 100)
+    msgs = [
+        FileReady(id=new_id(), source="lst1-daq", path=str(corrupt), dataset=f"lst1.{day}.run099999.dl0",
+                  adler32="deadbeef"),
+        FileReady(id=new_id(), source="lst1-daq", path="/etc/passwd", dataset=f"lst1.{day}.run099999.dl0"),
+        FileReady(id=new_id(), source="lst1-daq", path=str(offpattern), dataset="Not A Dataset Name"),
+    ]
+    return [to_cloudevent(m) for m in msgs]
+
+
+async def _progress(settings: Settings, total: int, good_ids: set[str], bad_ids: set[str], timeout: float
+                    ) -> dict[str, Any]:
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    connection = await connect(settings.bus, name="spool-demo")
+    all_ids = sorted(good_ids | bad_ids)
+    started = time.monotonic()
+    done: dict[str, Any] = {}
+    try:
+        with Progress(TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("ingest", total=total)
+            while True:
+                states = await catalogue.request_state(all_ids)
+                ingested = {i for i, r in states.items() if r.state == "done"}
+                letters = await deadletters.browse(connection, [settings.dead_queue("ingest")])
+                dead = {d.message_id: d.reason for d in letters if d.message_id in good_ids | bad_ids}
+                accounted = len(ingested | dead.keys())
+                bar.update(task, completed=accounted)
+                if accounted >= total or time.monotonic() - started > timeout:
+                    break
+                await asyncio.sleep(0.5)
+        done = {"ingested": ingested, "dead": dead, "elapsed": time.monotonic() - started}
+    finally:
+        await connection.close()
+        await catalogue.close()
+    return done
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    files: Annotated[int, typer.Option(help="Good files in the sample night.")] = 3000,
+    datasets: Annotated[int, typer.Option(help="Datasets they are spread over.")] = 12,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300,
+) -> None:
+    """Generate a sample night, ingest it through the real daemons, and account for every file."""
+    settings = settings_from(ctx)
+    landing = next(iter(settings.landing_areas.values()))
+    seed = int(time.time()) % 1_000_000
+    console.print(f"state under [bold]{settings.state_dir}[/bold]; catalogue {settings.catalogue.url}")
+    console.print(f"writing {files} files in {datasets} datasets under {landing} ...")
+    good = make_night(landing, files, datasets, seed)
+    bad = bad_events(landing, seed)
+    log_path = settings.state_dir / "demo-daemons.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    with log_path.open("ab") as log_file:
+        cmd = [sys.executable, "-m", "common.cli"]
+        if ctx.obj.get("config"):
+            cmd += ["--config", ctx.obj["config"]]
+        daemons = subprocess.Popen([*cmd, "run", "all"], stdout=log_file, stderr=log_file, env=env)
+        try:
+            console.print(f"daemons started (pid {daemons.pid}, log {log_path})")
+            t0 = time.monotonic()
+            asyncio.run(publish_events(settings, good + bad))
+            result = asyncio.run(_progress(settings, len(good) + len(bad), {e["id"] for e in good},
+                                           {e["id"] for e in bad}, timeout))
+            result["elapsed"] = time.monotonic() - t0
+        finally:
+            daemons.send_signal(signal.SIGTERM)
+            try:
+                daemons.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemons.kill()
+    raise typer.Exit(_summary(result, good, bad))
+
+
+def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[str, Any]]) -> int:
+    good_ids, bad_ids = {e["id"] for e in good}, {e["id"] for e in bad}
+    ingested, dead = result["ingested"], result["dead"]
+    good_ok = len(good_ids & ingested)
+    good_dead = {i: r for i, r in dead.items() if i in good_ids}
+    bad_dead = {i: r for i, r in dead.items() if i in bad_ids}
+    lost = (good_ids | bad_ids) - ingested - dead.keys()
+    table = Table("", "count", title="demo summary", title_justify="left")
+    table.add_row("published", str(len(good) + len(bad)))
+    table.add_row("ingested", str(len(ingested)))
+    table.add_row("failed (good files dead-lettered)", str(len(good_dead)))
+    table.add_row("dead-lettered as expected (bad events)", f"{len(bad_dead)}: {sorted(set(bad_dead.values()))}")
+    table.add_row("lost (unaccounted for)", str(len(lost)))
+    table.add_row("files / s (publish to last registered)", f"{good_ok / max(result['elapsed'], 1e-9):.0f}")
+    console.print(table)
+    ok = not lost and not good_dead and good_ok == len(good_ids) and set(bad_dead.values()) == EXPECTED_BAD
+    console.print("[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]")
+    return 0 if ok else 1

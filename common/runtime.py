@@ -1,0 +1,148 @@
+"""Running one or several services in one process, and stopping them in order.
+
+Start: connect (robust) -> declare the topology -> open each service's resources -> start
+consuming -> tell systemd READY=1 -> heartbeats and watchdog pings.
+
+Stop (SIGTERM / SIGINT, or the ``once`` pass finished): stop taking messages -> let in-flight
+handlers finish within ``bus.stop_grace`` -> close the channels (the broker requeues whatever is
+unacked) -> close resources -> close the connection. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+
+import structlog
+
+from common import __version__, systemd
+from common.bus.connection import connect
+from common.bus.consumer import Runner
+from common.bus.publisher import AmqpPublisher
+from common.bus.service import Service
+from common.bus.topology import declare_topology
+from common.config import Settings
+from common.errors import SpoolError
+from common.messages import DaemonHeartbeat
+
+log = structlog.get_logger("spool.runtime")
+
+
+class Process:
+    """Owns the connection, the publisher and one ``Runner`` per service."""
+
+    def __init__(self, services: Sequence[Service], settings: Settings, *, once: bool = False) -> None:
+        self.services = list(services)
+        self.settings = settings
+        self.once = once
+        self.stop_requested = asyncio.Event()
+        self.runners: list[Runner] = []
+        self.instance = uuid.uuid4().hex[:12]
+        self.started = datetime.now(UTC)
+        self._signals = 0
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def run(self) -> int:
+        names = "+".join(s.name for s in self.services)
+        connection = await connect(self.settings.bus, name=f"spool-{names}@{socket.gethostname()}")
+        try:
+            setup = await connection.channel()
+            await declare_topology(setup, self.settings)
+            await setup.close()
+            publisher = await AmqpPublisher.create(connection, self.settings.bus.exchange, f"spool-{names}")
+            async with AsyncExitStack() as stack:
+                for service in self.services:
+                    resources = None
+                    if service.resources is not None:
+                        resources = await stack.enter_async_context(service.resources(self.settings, publisher))
+                    channel = await connection.channel()
+                    runner = Runner(service, self.settings, channel, publisher, resources)
+                    await runner.start()
+                    self.runners.append(runner)
+                self._install_signal_handlers()
+                systemd.ready()
+                background = [asyncio.create_task(self._heartbeats(publisher))]
+                if (interval := systemd.watchdog_interval()) is not None:
+                    background.append(asyncio.create_task(self._watchdog(interval)))
+                if self.once:
+                    background.append(asyncio.create_task(self._stop_when_idle()))
+                log.info("started", services=names, instance=self.instance, once=self.once)
+                await self.stop_requested.wait()
+                systemd.stopping()
+                log.info("stopping", services=names)
+                for runner in self.runners:
+                    await runner.stop_consuming()
+                await asyncio.gather(*(r.drain(self.settings.bus.stop_grace) for r in self.runners))
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+            await publisher.close()
+        finally:
+            self._remove_signal_handlers()
+            await connection.close()
+        log.info("stopped", services=names)
+        return 0
+
+    # --- signals ---------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second_signal_exiting_now", signal=sig.name)
+            os._exit(128 + sig.value)
+        log.info("signal_received", signal=sig.name)
+        self.stop_requested.set()
+
+    # --- background duties ----------------------------------------------------------------------
+    async def _heartbeats(self, publisher: AmqpPublisher) -> None:
+        while True:
+            for runner in self.runners:
+                beat = DaemonHeartbeat(
+                    daemon=runner.service.name, instance=self.instance, host=socket.gethostname(),
+                    pid=os.getpid(), version=__version__, started=self.started,
+                    in_flight=runner.in_flight, processed=runner.stats.processed, failed=runner.stats.dead,
+                    details={"retried": runner.stats.retried, "queue": runner.queue_name},
+                )
+                try:
+                    await publisher.publish(beat)
+                except SpoolError as exc:
+                    log.warning("heartbeat_not_published", error=exc.message)
+            await asyncio.sleep(self.settings.bus.heartbeat_interval)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.watchdog_ping()
+            await asyncio.sleep(interval)
+
+    async def _stop_when_idle(self) -> None:
+        """``once`` mode: stop after the work queues stayed empty with nothing in flight."""
+        quiet = 0
+        while quiet < 3:
+            await asyncio.sleep(0.2)
+            busy = False
+            for runner in self.runners:
+                if runner.in_flight or await runner.queue_depth():
+                    busy = True
+            quiet = 0 if busy else quiet + 1
+        self.stop_requested.set()
+
+
+async def run_services(services: Sequence[Service], settings: Settings, *, once: bool = False) -> int:
+    return await Process(services, settings, once=once).run()

@@ -1,0 +1,74 @@
+"""Storage endpoints (RSEs): where replicas live.
+
+Daemons obtain an endpoint with ``open_storage(name, settings.storage[name])`` and talk to it only
+through the ``Storage`` protocol, so a later backend (an LTFS-mounted cartridge, an object store)
+slots in without touching them. Paths from messages are confined with ``resolve_inside``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from common.config import StorageEndpoint
+from common.errors import Permanent
+from common.storage.checksum import adler32_of_bytes, adler32_of_file, format_adler32, normalise_adler32
+from common.storage.paths import resolve_inside
+from common.storage.posix import CopyResult, PosixStorage, is_temp_name
+
+__all__ = [
+    "CopyResult",
+    "PosixStorage",
+    "Storage",
+    "adler32_of_bytes",
+    "adler32_of_file",
+    "format_adler32",
+    "is_temp_name",
+    "normalise_adler32",
+    "open_storage",
+    "resolve_inside",
+]
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What the daemons need from an endpoint; ``pfn``/``relpath`` are paths inside it."""
+
+    name: str
+    kind: str
+
+    async def put_from(
+        self,
+        source: Path,
+        relpath: str,
+        *,
+        expected_size: int | None = None,
+        expected_adler32: str | None = None,
+        fsync: bool = True,
+    ) -> CopyResult: ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def stat(self, relpath: str) -> int: ...
+
+    async def checksum(self, relpath: str) -> str: ...
+
+    async def delete(self, relpath: str) -> bool: ...
+
+    def free_bytes(self) -> int: ...
+
+    def cleanup_temp(self, older_than: float = 0) -> int: ...
+
+
+def open_storage(name: str, endpoint: StorageEndpoint) -> PosixStorage:
+    """The backend object for a configured disk endpoint.
+
+    Tape endpoints are refused: their root holds a tape library (cartridges, drives), which only
+    the tape backend may write; a plain file copy into it would bypass the library's bookkeeping.
+    """
+    if endpoint.kind == "disk" and endpoint.backend == "posix":
+        return PosixStorage(name, endpoint)
+    raise Permanent(
+        "unknown_storage",
+        f"storage {name!r}: no disk backend for kind={endpoint.kind!r} backend={endpoint.backend!r}",
+    )

@@ -1,0 +1,1 @@
+"""ingest: ``file.ready`` -> verified copy on the first disk endpoint, registered in the catalogue."""

@@ -1,0 +1,178 @@
+"""ingest's I/O glue: the ``file.ready`` handler, its resources and its failure record.
+
+Order of work for one event, chosen so that a kill at any instruction loses nothing:
+
+1. validate (dataset name, landing area, logical name)            -> Permanent on bad input
+2. under a per-name lock: is the event id done, is the name known? -> duplicate: re-publish, stop
+                                                                   -> other checksum: name_conflict
+3. copy into the first disk endpoint (temp name, verify, rename)   -> Retryable while not writable
+4. register file + replica + dataset + metadata + parents          -> batched, one transaction
+5. publish ``file.ingested``, then the runner acks.
+
+A kill after 3 leaves a verified file at its final path and no catalogue row: the redelivery copies
+it again over itself and registers it. A kill during 3 leaves a temp file, removed at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.batching import MicroBatcher
+from common.bus.publisher import Publisher
+from common.bus.service import Context, Service
+from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome, RequestInfo
+from common.config import Settings
+from common.errors import Permanent, SpoolError
+from common.logging import get_logger
+from common.messages import FileIngested, FileReady, Message
+from common.storage import PosixStorage, open_storage
+from common.storage.checksum import adler32_of_file
+from daemons.ingest import steps
+
+log = get_logger("spool.ingest")
+
+
+@dataclass
+class Known:
+    request: RequestInfo | None
+    file: FileInfo | None
+
+
+@dataclass
+class IngestResources:
+    catalogue: Catalogue
+    storage: PosixStorage
+    storage_name: str
+    lookups: MicroBatcher[tuple[str, str], Known]
+    registrar: MicroBatcher[IngestRecord, RegisterOutcome]
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def release(self, name: str) -> None:
+        lock = self._locks.get(name)
+        if lock is not None and not lock.locked():
+            del self._locks[name]
+
+
+def _describe(msg: Message) -> dict[str, Any]:
+    return {"file": getattr(msg, "name", None) or getattr(msg, "path", None)}
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[IngestResources]:
+    catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
+    try:
+        await catalogue.sync_endpoints(settings.storage)
+        storage_name, endpoint = settings.first_disk()
+        storage = open_storage(storage_name, endpoint)
+        removed = storage.cleanup_temp()
+        if removed:
+            log.info("removed_stale_temp_files", storage=storage_name, count=removed)
+
+        async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
+            requests = await catalogue.request_state([k[0] for k in keys])
+            files = await catalogue.lookup_files([k[1] for k in keys])
+            return [Known(requests.get(i), files.get(n)) for i, n in keys]
+
+        batch = settings.catalogue
+        resources = IngestResources(
+            catalogue=catalogue, storage=storage, storage_name=storage_name,
+            lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            registrar=MicroBatcher(catalogue.register_ingested, max_size=batch.batch_size,
+                                   max_wait=batch.batch_wait),
+        )
+        try:
+            yield resources
+        finally:
+            await resources.registrar.close()
+            await resources.lookups.close()
+    finally:
+        await catalogue.close()
+
+
+service = Service("ingest", resources=open_resources, describe=_describe)
+
+
+@service.handler(FileReady)
+async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
+    settings, res = ctx.settings, ctx.resources
+    steps.check_dataset(msg.dataset, settings.datasets)
+    located = steps.locate(msg.path, settings.landing_areas)
+    name = steps.logical_name(msg.name, located)
+    async with res.lock(name):
+        try:
+            info = await _ingest_locked(msg, ctx, located, name)
+        finally:
+            res.release(name)
+    await ctx.publisher.publish(
+        FileIngested(name=info.name, dataset=info.dataset, size=info.size, adler32=info.adler32,
+                     storage=res.storage_name, pfn=info.name),
+        correlation_id=ctx.correlation_id,
+    )
+
+
+async def _ingest_locked(msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
+                         ) -> FileInfo:
+    res = ctx.resources
+    known = await res.lookups.submit((msg.id, name))
+    if known.request is not None and known.request.state == "done" and known.file is not None:
+        ctx.log.info("duplicate_event", name=name)
+        return known.file
+    if known.file is not None:
+        adler = msg.adler32
+        if adler is None and msg.size in (None, known.file.size):
+            adler = await _source_checksum(located)
+        verdict = steps.compare_existing(msg.size, adler, known.file.size, known.file.adler32)
+        if verdict == "conflict":
+            raise _conflict(name, known.file, msg.size, adler)
+        # Same content again: record the event id as done (through registration) and re-publish.
+        size, adler32 = known.file.size, known.file.adler32
+    else:
+        copied = await res.storage.put_from(
+            located.source, name, expected_size=msg.size, expected_adler32=msg.adler32
+        )
+        size, adler32 = copied.size, copied.adler32
+    record = IngestRecord(
+        event_id=msg.id, name=name, dataset=msg.dataset, size=size, adler32=adler32,
+        metadata=dict(msg.metadata), parents=list(msg.parents), storage=res.storage_name, pfn=name,
+        path=str(located.source), source=msg.source, attempt=ctx.attempt,
+    )
+    outcome = await res.registrar.submit(record)
+    if outcome.outcome == "conflict":
+        # Another process registered the name between our lookup and our write.
+        raise _conflict(name, outcome.file, size, adler32)
+    assert outcome.file is not None
+    return outcome.file
+
+
+async def _source_checksum(located: steps.Located) -> str:
+    try:
+        return await asyncio.to_thread(adler32_of_file, located.source)
+    except FileNotFoundError:
+        raise Permanent("file_missing", f"{located.source} does not exist") from None
+
+
+def _conflict(name: str, existing: FileInfo | None, size: int | None, adler32: str | None) -> Permanent:
+    have = f"size {existing.size}, adler32 {existing.adler32}" if existing else "another content"
+    return Permanent(
+        "name_conflict", f"{name} is already registered with {have}; this event has size {size}, adler32 {adler32}"
+    )
+
+
+@service.failure_hook
+async def record_failure(
+    msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[IngestResources]
+) -> None:
+    """Keep the last error per file in the catalogue (``spool show`` / ``spool trace`` read it)."""
+    if not isinstance(msg, FileReady):
+        return  # undecodable: the dead-letter queue holds it with its reason
+    await ctx.resources.catalogue.record_failure(
+        request_id=msg.id, kind="ingest", daemon="ingest", reason=err.reason, error=err.message,
+        attempts=attempt, final=final, name=msg.name, path=msg.path, dataset=msg.dataset,
+    )

@@ -1,0 +1,151 @@
+"""Shared fixtures. Integration tests use the real RabbitMQ, isolated per test by a unique exchange
+and queue prefix, with retry tiers shortened by configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from common.bus.topology import delete_topology
+from common.config import Settings, load_settings
+
+AMQP_URL = os.environ.get("SPOOL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
+    """A TOML config isolating one test: own exchange, own queue prefix, own directories."""
+    lines = [
+        f'state_dir = "{state_dir}"',
+        "[bus]",
+        f'url = "{AMQP_URL}"',
+        f'exchange = "spool-test-{tag}"',
+        f'queue_prefix = "t{tag}"',
+        "retry_tiers = [0.2, 0.5, 1.0]",
+        "max_attempts = 4",
+        "delivery_limit = 20",
+        "heartbeat_interval = 0.5",
+        "stop_grace = 10",
+        "[storage.disk1]",
+        'root = "storage/disk1"',
+        "[landing_areas]",
+        'lst1 = "landing"',
+        "[daemons.ingest]",
+        "prefetch = 64",
+        "concurrency = 32",
+        "[log]",
+        'level = "info"',
+        'format = "json"',
+    ]
+    for section, body in extra.items():
+        lines += [f"[{section}]", body]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, tag: str) -> Path:
+    state = tmp_path / "state"
+    (state / "landing").mkdir(parents=True)
+    return write_config(tmp_path / "spool.toml", state, tag)
+
+
+@pytest.fixture
+def settings(config_file: Path) -> Settings:
+    return load_settings(config_file)
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A connection for the test itself; the test's queues and exchange are deleted afterwards."""
+    connection = await aio_pika.connect_robust(settings.bus.url)
+    try:
+        yield connection
+    finally:
+        try:
+            channel = await connection.channel()
+            await delete_topology(channel, settings)
+            await channel.close()
+        finally:
+            await connection.close()
+
+
+@pytest.fixture
+async def topology(settings: Settings, broker: aio_pika.abc.AbstractRobustConnection) -> None:
+    """The test's exchange and queues, declared as a daemon would before anything runs."""
+    from common.bus.topology import declare_topology
+
+    channel = await broker.channel()
+    await declare_topology(channel, settings)
+    await channel.close()
+
+
+async def publish_raw(
+    connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, routing_key: str, body: bytes,
+    content_type: str | None = "application/cloudevents+json", message_id: str | None = None,
+) -> None:
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(settings.bus.exchange)
+    await exchange.publish(
+        aio_pika.Message(body, content_type=content_type, message_id=message_id), routing_key=routing_key
+    )
+    await channel.close()
+
+
+def cloudevent(data: dict[str, Any], *, type_: str = "file.ready", id_: str | None = None) -> bytes:
+    return json.dumps(
+        {"specversion": "1.0", "id": id_ or uuid.uuid4().hex, "source": "test-daq", "type": type_, "data": data}
+    ).encode()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if await predicate():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def queue_depth(connection: aio_pika.abc.AbstractRobustConnection, name: str) -> int:
+    channel = await connection.channel()
+    try:
+        q = await channel.declare_queue(name, passive=True)
+        return q.declaration_result.message_count or 0
+    finally:
+        await channel.close()
+
+
+@asynccontextmanager
+async def running(services: list[Any], settings: Settings) -> AsyncIterator[Any]:
+    """Run services in-process (as ``spool run`` would) for the duration of the block."""
+    from common.runtime import Process
+
+    process = Process(services, settings)
+    task = asyncio.create_task(process.run())
+    try:
+        await wait_for(lambda: _started(process, len(services), task), timeout=30)
+        yield process
+    finally:
+        process.request_stop()
+        await asyncio.wait_for(task, timeout=60)
+
+
+async def _started(process: Any, n: int, task: asyncio.Task[Any]) -> bool:
+    if task.done():
+        task.result()  # surface the start-up error
+    return len(process.runners) == n

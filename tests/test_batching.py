@@ -1,0 +1,55 @@
+import asyncio
+
+from common.batching import MicroBatcher
+
+
+async def test_concurrent_submissions_share_one_call_and_get_their_own_result():
+    calls = []
+
+    async def double(items):
+        calls.append(list(items))
+        return [i * 2 for i in items]
+
+    b = MicroBatcher(double, max_size=100, max_wait=0.01)
+    results = await asyncio.gather(*(b.submit(i) for i in range(10)))
+    assert results == [i * 2 for i in range(10)]
+    assert calls == [list(range(10))]
+
+
+async def test_full_batch_is_flushed_without_waiting():
+    sizes = []
+
+    async def echo(items):
+        sizes.append(len(items))
+        return list(items)
+
+    b = MicroBatcher(echo, max_size=4, max_wait=60)
+    assert await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(8))), 2) == list(range(8))
+    assert sizes == [4, 4]
+
+
+async def test_a_failing_batch_fails_every_waiter():
+    async def boom(items):
+        raise OSError("disk")
+
+    b = MicroBatcher(boom, max_size=10, max_wait=0.001)
+    results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+
+
+async def test_close_flushes_pending_items():
+    async def echo(items):
+        return list(items)
+
+    b = MicroBatcher(echo, max_size=10, max_wait=60)
+    pending = asyncio.ensure_future(b.submit("x"))
+    await asyncio.sleep(0)
+    await b.close()
+    assert await pending == "x"
+
+
+async def test_close_with_nothing_pending_returns():
+    async def echo(items):
+        return list(items)
+
+    await MicroBatcher(echo).close()

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from common.config import load_settings
+from common.errors import ConfigError
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('state_dir = "/srv/spool"\n[bus]\nmax_attempts = 3\n')
+    monkeypatch.setenv("SPOOL_BUS__MAX_ATTEMPTS", "7")
+    s = load_settings(cfg)
+    assert s.bus.max_attempts == 7
+    assert s.state_dir == Path("/srv/spool")
+    assert s.catalogue.url == "sqlite+aiosqlite:////srv/spool/catalogue.db"
+
+
+def test_amqp_url_variable_of_the_design_brief_is_honoured(tmp_path, monkeypatch):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("")
+    monkeypatch.setenv("SPOOL_AMQP_URL", "amqp://u:p@broker:5672/")
+    assert load_settings(cfg).bus.url == "amqp://u:p@broker:5672/"
+
+
+def test_bad_value_error_names_the_key(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("[bus]\nretry_tiers = [5, -1]\n")
+    with pytest.raises(ConfigError, match=r"bus\.retry_tiers"):
+        load_settings(cfg)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("[bus]\nmax_attempt = 3\n")
+    with pytest.raises(ConfigError, match=r"bus\.max_attempt"):
+        load_settings(cfg)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_relative_storage_and_landing_paths_live_in_state_dir(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[storage.d]\nroot = "st"\n[landing_areas]\na = "in"\n')
+    s = load_settings(cfg)
+    assert s.storage["d"].root == tmp_path / "st"
+    assert s.landing_areas["a"] == tmp_path / "in"
+
+
+def test_dataset_patterns_must_compile(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("[datasets]\npatterns = ['(unclosed']\n")
+    with pytest.raises(ConfigError, match="datasets.patterns"):
+        load_settings(cfg)
+
+
+def test_shipped_example_config_is_valid():
+    s = load_settings(Path(__file__).parent.parent / "config" / "spool.toml")
+    assert s.datasets.matches("lst1.20261123.run012345.dl0")
+    assert not s.datasets.matches("lst1.2026.run1.dl0")

@@ -88,7 +88,9 @@ async def run_put_from(sources: list[Path], dest: Path, concurrency: int, fsync:
         storage.close()
 
 
-def run_threads(sources: list[Path], dest: Path, concurrency: int, fn: Callable[[Path, Path], None]) -> None:
+def run_threads(
+    sources: list[Path], dest: Path, concurrency: int, fn: Callable[[Path, Path], object]
+) -> None:
     for i in range(16):
         (dest / f"d{i}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(concurrency) as pool:
@@ -116,7 +118,7 @@ def scenario(base: Path, count: int, size: int, concurrency: int, repeat: int) -
     variants: list[tuple[str, Callable[[Path], None]]] = [
         ("put_from", lambda d: asyncio.run(run_put_from(sources, d, concurrency, True))),
         ("put_from nofsync", lambda d: asyncio.run(run_put_from(sources, d, concurrency, False))),
-        ("copyfile", lambda d: run_threads(sources, d, concurrency, lambda s, t: shutil.copyfile(s, t))),
+        ("copyfile", lambda d: run_threads(sources, d, concurrency, shutil.copyfile)),
         ("copyfile+readback", lambda d: run_threads(sources, d, concurrency, copy_then_readback)),
         ("copyfile+fsync+rb", lambda d: run_threads(sources, d, concurrency, copy_fsync_then_readback)),
     ]

@@ -382,9 +382,9 @@ async def test_read_only_file_system_is_destination_not_writable(
     storage.close()
 
 
-async def test_immutable_directory_is_destination_not_writable(
-    tmp_path: Path, make_source: Callable[..., Path]
-) -> None:
+@pytest.fixture
+def immutable_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory nobody, root included, may add entries to (``chattr +i``)."""
     root = tmp_path / "immutable"
     root.mkdir()
     chattr = shutil.which("chattr")
@@ -393,15 +393,19 @@ async def test_immutable_directory_is_destination_not_writable(
     res = subprocess.run([chattr, "+i", str(root)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"chattr +i unsupported on this file system: {res.stderr.decode().strip()}")
-    storage = PosixStorage("imm", root)
-    try:
-        with pytest.raises(Retryable) as err:
-            await storage.put_from(make_source(b"data"), "f.dat")
-        assert err.value.reason == "destination_not_writable"
-        assert list(root.iterdir()) == []
-    finally:
-        subprocess.run([chattr, "-i", str(root)], check=True)
-        storage.close()
+    yield root
+    subprocess.run([chattr, "-i", str(root)], check=True)
+
+
+async def test_immutable_directory_is_destination_not_writable(
+    immutable_dir: Path, make_source: Callable[..., Path]
+) -> None:
+    storage = PosixStorage("imm", immutable_dir)
+    with pytest.raises(Retryable) as err:
+        await storage.put_from(make_source(b"data"), "night1/f.dat")
+    assert err.value.reason == "destination_not_writable"
+    assert os.listdir(immutable_dir) == []
+    storage.close()
 
 
 async def test_full_file_system_is_disk_full_and_leaves_nothing(

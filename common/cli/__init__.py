@@ -7,12 +7,13 @@ and a non-zero exit code, never a traceback: ``main`` is the one place that maps
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Annotated
 
-import click
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.cli._util import UserError, err_console, settings_from
 from common.errors import ConfigError, SpoolError
@@ -34,6 +35,10 @@ def _global(
     ] = None,
 ) -> None:
     ctx.ensure_object(dict)["config"] = config
+    # The CLI reports broker trouble in one line of its own; aio-pika's connection warnings would
+    # only repeat it. ``spool run`` turns them back on (a daemon's reconnects are worth logging).
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -52,6 +57,8 @@ def run(
         services = registry.load_all() if daemon == "all" else [registry.load(daemon)]
     except KeyError as exc:
         raise UserError(str(exc.args[0])) from None
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.NOTSET)
     configure_logging(settings.log, daemon=None if daemon == "all" else daemon)
     raise typer.Exit(asyncio.run(run_services(services, settings, once=once)))
 
@@ -62,22 +69,18 @@ from common.cli import demo as _demo  # noqa: E402,F401
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point. Typer (standalone mode) handles usage errors and exits; Spool's own errors
+    propagate out of it and are turned into one line here."""
     try:
-        result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/red]")
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        app(args=list(argv) if argv is not None else None)
     except (ConfigError, UserError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     except SpoolError as exc:
-        err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False)
+        err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(3)
+    except SQLAlchemyError as exc:
+        err_console.print(f"[red]error (catalogue):[/red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True)
         sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)

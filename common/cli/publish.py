@@ -95,7 +95,7 @@ def ingest(
     checksum: Annotated[bool, typer.Option(help="Compute adler32 here so ingest verifies it.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the published event ids as JSON.")] = False,
 ) -> None:
-    """Publish ``file.ready`` for each file, exactly as an external system would."""
+    """Publish file.ready for each file, exactly as an external system would."""
     settings = settings_from(ctx)
     metadata = parse_meta(meta)
     source = f"spool-cli@{socket.gethostname()}:{os.getpid()}"

@@ -38,12 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
 from common.storage.paths import resolve_inside
 
 T = TypeVar("T")
+log = structlog.get_logger("spool.storage")
 
 TEMP_MARKER = ".spool-tmp-"
 _TEMP_RE = re.compile(r"\..+\.spool-tmp-[0-9a-f]{12}")
@@ -198,27 +201,25 @@ class PosixStorage:
         ``source`` should already be resolved (e.g. by ``resolve_inside`` on a landing area): a
         symbolic link as its last component is refused as ``not_a_file``.
         """
-        dest = self.resolve(relpath)
         expected: str | None = None
         if expected_adler32 is not None:
             try:
                 expected = normalise_adler32(expected_adler32)
             except ValueError as exc:
                 raise Permanent("invalid_checksum", str(exc)) from None
-        size, adler = await self._in_thread(
-            self._copy_sync, Path(source), dest, expected_size, expected, fsync
-        )
-        return CopyResult(pfn=self.pfn_of(dest), path=dest, size=size, adler32=adler)
+        return await self._in_thread(self._copy_sync, Path(source), relpath, expected_size, expected, fsync)
 
     def _copy_sync(
         self,
         cancelled: threading.Event,
         source: Path,
-        dest: Path,
+        relpath: str,
         expected_size: int | None,
         expected_adler32: str | None,
         fsync: bool,
-    ) -> tuple[int, str]:
+    ) -> CopyResult:
+        # Resolved here, not on the event loop: on a hung network mount even lstat blocks.
+        dest = self.resolve(relpath)
         try:
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
@@ -231,11 +232,14 @@ class PosixStorage:
                 raise Permanent(
                     "size_mismatch", f"source {source} has {st.st_size} bytes, expected {expected_size}"
                 )
-            if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(AttributeError, OSError):  # a hint: larger read-ahead
                 os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return self._stream_to(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
+            size, adler = self._stream_to(
+                cancelled, src, source, dest, expected_size, expected_adler32, fsync
+            )
         finally:
             os.close(src)
+        return CopyResult(pfn=self.pfn_of(dest), path=dest, size=size, adler32=adler)
 
     def _stream_to(
         self,
@@ -316,8 +320,10 @@ class PosixStorage:
             raise
 
     # --- inspection ----------------------------------------------------------------------------
+    # exists/stat/free_bytes are plain calls (a few syscalls each); on a network mount that may
+    # hang, call them through asyncio.to_thread.
     def exists(self, relpath: str) -> bool:
-        """True when a regular file is present at ``relpath`` (one ``stat``; safe to call inline)."""
+        """True when a regular file is present at ``relpath``."""
         return self.resolve(relpath).is_file()
 
     def stat(self, relpath: str) -> int:
@@ -335,9 +341,10 @@ class PosixStorage:
 
     async def checksum(self, relpath: str) -> str:
         """Adler-32 of the file at ``relpath``, read back from the endpoint."""
-        return await self._in_thread(self._checksum_sync, self.resolve(relpath))
+        return await self._in_thread(self._checksum_sync, relpath)
 
-    def _checksum_sync(self, cancelled: threading.Event, path: Path) -> str:
+    def _checksum_sync(self, cancelled: threading.Event, relpath: str) -> str:
+        path = self.resolve(relpath)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
@@ -365,9 +372,10 @@ class PosixStorage:
 
     async def delete(self, relpath: str) -> bool:
         """Remove the file at ``relpath``; True if it was there. Deleting a missing file succeeds."""
-        return await self._in_thread(self._delete_sync, self.resolve(relpath))
+        return await self._in_thread(self._delete_sync, relpath)
 
-    def _delete_sync(self, cancelled: threading.Event, path: Path) -> bool:
+    def _delete_sync(self, cancelled: threading.Event, relpath: str) -> bool:
+        path = self.resolve(relpath)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -410,6 +418,8 @@ class PosixStorage:
                         removed += 1
                 except FileNotFoundError:
                     continue
+                except OSError as exc:  # a read-only endpoint must not stop the daemon starting
+                    log.warning("temp_cleanup_failed", storage=self.name, path=path, error=str(exc))
         return removed
 
     # --- threads -------------------------------------------------------------------------------

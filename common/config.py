@@ -74,6 +74,10 @@ class StorageEndpoint(_Strict):
     root: Path
     # Free-form attributes for replication rules (site=PIC, tier=1 ...).
     attributes: dict[str, str] = Field(default_factory=dict)
+    # At start-up a daemon removes temporary files of copies interrupted by a crash. 0 removes all
+    # of them: right when one ingest node writes to the endpoint. When several nodes share it, set
+    # this above the longest copy (seconds) so a neighbour's copy in progress is left alone.
+    stale_temp_age: float = Field(default=0.0, ge=0)
 
 
 class DatasetSettings(_Strict):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.catalogue import ingest, queries, writes
@@ -33,7 +33,7 @@ from common.catalogue.models import (
     RequestInfo,
     check_metadata,
 )
-from common.catalogue.sql import UnknownStorageError
+from common.catalogue.sql import UnknownStorageError, is_transient_conflict
 from common.catalogue.writes import EndpointState
 from common.config import StorageEndpoint
 
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 # A concurrent writer (PostgreSQL, several ingest nodes) registering the same name makes the batch
-# fail on the unique key; run it again and it sees the other's row and reports a duplicate.
+# fail on the unique key (or, rarely, a deadlock); run it again and it sees the other's row.
 _REGISTER_TRIES = 3
 
 
@@ -131,8 +131,8 @@ class Catalogue:
             try:
                 async with self._writer.begin() as conn:
                     return await ingest.register(conn, records)
-            except IntegrityError:
-                if attempt == _REGISTER_TRIES:
+            except DBAPIError as exc:
+                if attempt == _REGISTER_TRIES or not is_transient_conflict(exc):
                     raise
         raise AssertionError("unreachable")
 
@@ -262,4 +262,3 @@ class Catalogue:
     async def counts(self) -> Counts:
         async with self._engine.connect() as conn:
             return await queries.counts(conn)
-

@@ -26,7 +26,11 @@ BUSY_TIMEOUT_MS = 30_000
 WRITE_OPTION = "spool_write"  # execution option marking a write transaction
 _PG_MIGRATION_LOCK = 0x5350_4F4F_4C  # arbitrary constant: "SPOOL"
 
-_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
 
 
 def normalise_url(url: str | URL) -> URL:

@@ -7,8 +7,9 @@ table written by a single multi-row statement, lifts it into the thousands.
 Decisions are taken in Python against a snapshot read at the start of the (write-locked on SQLite)
 transaction, and the snapshot is updated as records are decided, so two records of the same batch
 with the same name or event id behave exactly as if they had come one after the other.
-On PostgreSQL a concurrent registration of the same name surfaces as an ``IntegrityError``; the
-caller retries the whole batch, which then sees the other transaction's rows.
+On PostgreSQL a concurrent registration of the same name surfaces as an ``IntegrityError`` (see
+``is_transient_conflict``); the caller retries the whole batch, which then sees the other
+transaction's rows and reports a duplicate.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ async def register(conn: AsyncConnection, records: Sequence[IngestRecord]) -> li
     decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now)
     file_ids = {n: fid for n, (fid, _) in existing.items()}
 
-    new = [d.record for d in decisions if d.outcome == "registered"]
+    # Rows go in in key order so that concurrent batches lock unique keys in the same order
+    # (PostgreSQL would otherwise deadlock two batches holding the same names in reverse order).
+    new = sorted((d.record for d in decisions if d.outcome == "registered"), key=lambda r: r.name)
     dups = [d.record for d in decisions if d.outcome == "duplicate"]
     if new:
         file_ids.update(await _insert_files(conn, new, now))
@@ -166,7 +169,7 @@ async def _insert_files(conn: AsyncConnection, new: list[IngestRecord], now: dat
 async def _record_requests_and_events(
     conn: AsyncConnection, new: list[IngestRecord], dups: list[IngestRecord], now: datetime
 ) -> None:
-    both = new + dups
+    both = sorted(new + dups, key=lambda r: r.event_id)
     request_rows = [
         {
             "id": r.event_id,

@@ -37,7 +37,7 @@ def _files() -> Select[Any]:
     return select(*_FILE_COLS).join(d, d.c.id == f.c.dataset_id)
 
 
-def _file_info(row: Row[Any]) -> FileInfo:
+def _file_info(row: Sequence[Any]) -> FileInfo:
     return FileInfo(row[0], row[1], row[2], row[3], row[4])
 
 
@@ -52,7 +52,7 @@ def name_prefix(conn: AsyncConnection, prefix: str) -> ColumnElement[bool]:
     """Case-sensitive "name starts with" that can use the unique index on ``files.name``.
 
     SQLite's LIKE ignores ASCII case, so there a half-open range in its binary collation is used;
-    PostgreSQL's LIKE is case-sensitive (a range would be wrong under a linguistic collation).
+    on PostgreSQL the column has the "C" collation, where LIKE is case-sensitive and indexable.
     """
     if conn.dialect.name == "sqlite":
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -84,7 +84,9 @@ async def show_file(conn: AsyncConnection, name: str) -> FileView | None:
     if row is None:
         return None
     fid = row[0]
-    parents = (await conn.scalars(select(pv.c.parent_name).where(pv.c.child_id == fid).order_by(pv.c.parent_name))).all()
+    parents = (
+        await conn.scalars(select(pv.c.parent_name).where(pv.c.child_id == fid).order_by(pv.c.parent_name))
+    ).all()
     children = (
         await conn.scalars(select(f.c.name).join(pv, pv.c.child_id == f.c.id).where(pv.c.parent_name == name))
     ).all()

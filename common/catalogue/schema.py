@@ -20,7 +20,7 @@ Shape decisions (the *why*):
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -33,6 +33,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -56,6 +57,9 @@ MAX_META_STR = 512
 # BIGSERIAL on PostgreSQL, the rowid alias ("INTEGER PRIMARY KEY") on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 Json = JSON().with_variant(JSONB(), "postgresql")
+# Logical names sort and match byte-wise on PostgreSQL too (as on SQLite), whatever the database
+# locale: listings look like ``ls`` and ``name LIKE 'prefix%'`` can use the unique index.
+Name = String(MAX_NAME).with_variant(String(MAX_NAME, collation="C"), "postgresql")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -105,7 +109,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return process
 
 
-
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -123,7 +126,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(MAX_NAME), unique=True)
+    name: Mapped[str] = mapped_column(Name, unique=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     adler32: Mapped[str] = mapped_column(String(8))  # 8 lower-case hex digits
@@ -150,7 +153,7 @@ class Provenance(Base):
     __tablename__ = "provenance"
 
     child_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
-    parent_name: Mapped[str] = mapped_column(String(MAX_NAME), primary_key=True, index=True)
+    parent_name: Mapped[str] = mapped_column(Name, primary_key=True, index=True)
 
 
 class StorageEndpointRow(Base):
@@ -213,12 +216,13 @@ class Event(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(Json)
 
 
+# Core handles on the tables: the hot paths use Core statements (bulk, no unit of work).
 metadata = Base.metadata
-datasets = Dataset.__table__
-files = File.__table__
-file_metadata = FileMetadata.__table__
-provenance = Provenance.__table__
-storage_endpoints = StorageEndpointRow.__table__
-replicas = Replica.__table__
-requests = Request.__table__
-events = Event.__table__
+datasets = cast(Table, Dataset.__table__)
+files = cast(Table, File.__table__)
+file_metadata = cast(Table, FileMetadata.__table__)
+provenance = cast(Table, Provenance.__table__)
+storage_endpoints = cast(Table, StorageEndpointRow.__table__)
+replicas = cast(Table, Replica.__table__)
+requests = cast(Table, Request.__table__)
+events = cast(Table, Event.__table__)

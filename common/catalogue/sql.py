@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
@@ -16,6 +17,17 @@ T = TypeVar("T")
 
 # Both SQLite (32766) and PostgreSQL (32767) cap bound parameters per statement; stay far below.
 IN_CHUNK = 500
+
+
+# unique_violation, serialization_failure, deadlock_detected: another writer got there first.
+_RACE_SQLSTATES = frozenset({"23505", "40001", "40P01"})
+
+
+def is_transient_conflict(exc: DBAPIError) -> bool:
+    """True when re-running the transaction will see the competing writer's committed rows."""
+    # SQLite errors carry no SQLSTATE: its writers are serialised (BEGIN IMMEDIATE), so a unique
+    # violation there is a real bug and is raised at once.
+    return getattr(exc.orig, "sqlstate", None) in _RACE_SQLSTATES
 
 
 class UnknownStorageError(ValueError):
@@ -61,7 +73,9 @@ async def insert_ignore(
 
 async def storage_ids(conn: AsyncConnection, names: set[str]) -> dict[str, int]:
     ep = s.storage_endpoints
-    ids: dict[str, int] = {n: i for n, i in await conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))}
+    ids: dict[str, int] = {
+        n: i for n, i in await conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))
+    }
     missing = names - ids.keys()
     if missing:
         raise UnknownStorageError(f"unknown storage endpoint(s): {', '.join(sorted(missing))}")

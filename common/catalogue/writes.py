@@ -35,7 +35,9 @@ async def sync_endpoints(conn: AsyncConnection, endpoints: Mapping[str, StorageE
         }
         for name, e in endpoints.items()
     ]
-    await upsert(conn, s.storage_endpoints, rows, ["name"], ["kind", "backend", "root", "attributes", "updated"])
+    await upsert(
+        conn, s.storage_endpoints, rows, ["name"], ["kind", "backend", "root", "attributes", "updated"]
+    )
 
 
 async def set_endpoint_state(conn: AsyncConnection, name: str, state: EndpointState) -> None:

@@ -71,7 +71,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         await catalogue.sync_endpoints(settings.storage)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
-        removed = storage.cleanup_temp()
+        removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
         if removed:
             log.info("removed_stale_temp_files", storage=storage_name, count=removed)
 
@@ -92,6 +92,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         finally:
             await resources.registrar.close()
             await resources.lookups.close()
+            storage.close()
     finally:
         await catalogue.close()
 

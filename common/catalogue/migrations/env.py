@@ -45,8 +45,9 @@ def main() -> None:
     if connection is not None:
         _run(connection)
     elif context.is_offline_mode():
-        context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=metadata,
-                          literal_binds=True)
+        context.configure(
+            url=config.get_main_option("sqlalchemy.url"), target_metadata=metadata, literal_binds=True
+        )
         with context.begin_transaction():
             context.run_migrations()
     else:

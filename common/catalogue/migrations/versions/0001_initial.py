@@ -22,6 +22,7 @@ depends_on = None
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Ts = sa.DateTime(timezone=True)
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Name = sa.String(1024).with_variant(sa.String(1024, collation="C"), "postgresql")
 
 
 def upgrade() -> None:
@@ -50,7 +51,7 @@ def upgrade() -> None:
     op.create_table(
         "files",
         sa.Column("id", Id, autoincrement=True, nullable=False),
-        sa.Column("name", sa.String(1024), nullable=False),
+        sa.Column("name", Name, nullable=False),
         sa.Column("dataset_id", Id, nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("adler32", sa.String(8), nullable=False),
@@ -78,7 +79,7 @@ def upgrade() -> None:
     op.create_table(
         "provenance",
         sa.Column("child_id", Id, nullable=False),
-        sa.Column("parent_name", sa.String(1024), nullable=False),
+        sa.Column("parent_name", Name, nullable=False),
         sa.ForeignKeyConstraint(
             ["child_id"], ["files.id"], name=op.f("fk_provenance_child_id_files"), ondelete="CASCADE"
         ),

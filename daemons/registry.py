@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from common.bus.service import Service
+from common.config import DAEMON_NAMES
 
 # name -> "module:attribute" of its Service. Later issues add replicator, tape, recall, monitor.
 SERVICES: dict[str, str] = {
@@ -13,6 +14,8 @@ SERVICES: dict[str, str] = {
 
 
 def load(name: str) -> Service:
+    if name in DAEMON_NAMES and name not in SERVICES:
+        raise KeyError(f"daemon {name!r} is not implemented yet; available: {', '.join(SERVICES)}")
     try:
         target = SERVICES[name]
     except KeyError:

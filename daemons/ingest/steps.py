@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from common.config import DatasetSettings
@@ -45,8 +45,9 @@ def logical_name(requested: str | None, located: Located) -> str:
     A given name must be a clean relative path: it becomes the replica's path on disk endpoints.
     """
     name = requested if requested is not None else located.relpath
-    parts = PurePosixPath(name).parts
-    if not name or name.startswith("/") or any(p in ("..", ".") for p in parts) or "\x00" in name:
+    parts = name.split("/")
+    bad_part = any(p in ("..", ".") for p in parts) or "" in parts[:-1]
+    if not name or name.startswith("/") or bad_part or "\x00" in name:
         raise Permanent("invalid_name", f"logical name {name!r} must be a relative path without '..'")
     if name.endswith("/") or located.relpath == "" or located.relpath == ".":
         raise Permanent("not_a_file", f"{located.source} is a directory, not a file")

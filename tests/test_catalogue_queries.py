@@ -260,3 +260,12 @@ async def test_history_is_in_time_order(catalogue: Catalogue) -> None:
     assert [e.type for e in hist] == ["file.ingested", "replica.created", "file.archived"]
     assert [e.time for e in hist] == sorted(e.time for e in hist)
     assert hist[1].detail == {"pfn": "/srv/disk2/a"}
+
+
+async def test_too_long_values_are_refused_the_same_way_on_every_backend(catalogue: Catalogue) -> None:
+    with pytest.raises(ValueError, match=r"requests\.reason"):
+        await catalogue.record_failure(request_id="r", kind="ingest", daemon="ingest", reason="x" * 65,
+                                       error="e", attempts=1, final=True)  # fmt: skip
+    with pytest.raises(ValueError, match="endpoint state"):
+        await catalogue.set_endpoint_state("disk1", "broken")  # type: ignore[arg-type]
+    assert await catalogue.request_state(["r"]) == {}

@@ -99,8 +99,13 @@ class FileInfo:
 
 @dataclass(frozen=True, slots=True)
 class RegisterOutcome:
-    """What happened to one ``IngestRecord``; ``file`` is the registered file (None on conflict
-    only if the name vanished), ``pfn`` its replica on the record's storage when there is one."""
+    """What happened to one ``IngestRecord``.
+
+    ``file`` is the file the catalogue holds under that name: the new one, the one duplicated, or
+    for a conflict the one it clashes with (None only for a duplicate event whose file is gone).
+    ``pfn`` is that file's available replica on the record's storage, if any, so a redelivered
+    event can re-announce ``file.ingested`` without another query.
+    """
 
     event_id: str
     name: str

@@ -38,6 +38,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def check_fits(table: Table, row: dict[str, Any]) -> None:
+    """Refuse a string longer than its column, identically on both backends.
+
+    PostgreSQL would raise on it and SQLite would store it whole, so a long reason code would work
+    in development and break in production; here it fails the same way everywhere, naming the column.
+    """
+    for key, value in row.items():
+        length = getattr(table.c[key].type, "length", None)
+        if length is not None and isinstance(value, str) and len(value) > length:
+            raise ValueError(f"{table.name}.{key} is {len(value)} characters long, at most {length} allowed")
+
+
 def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

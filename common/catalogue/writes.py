@@ -13,10 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
-from common.catalogue.sql import storage_ids, upsert, utcnow
+from common.catalogue.sql import check_fits, storage_ids, upsert, utcnow
 from common.config import StorageEndpoint
 
 EndpointState = Literal["online", "readonly", "down"]
+ENDPOINT_STATES: tuple[EndpointState, ...] = ("online", "readonly", "down")
 
 
 async def sync_endpoints(conn: AsyncConnection, endpoints: Mapping[str, StorageEndpoint]) -> None:
@@ -35,12 +36,16 @@ async def sync_endpoints(conn: AsyncConnection, endpoints: Mapping[str, StorageE
         }
         for name, e in endpoints.items()
     ]
+    for row in rows:
+        check_fits(s.storage_endpoints, row)
     await upsert(
         conn, s.storage_endpoints, rows, ["name"], ["kind", "backend", "root", "attributes", "updated"]
     )
 
 
 async def set_endpoint_state(conn: AsyncConnection, name: str, state: EndpointState) -> None:
+    if state not in ENDPOINT_STATES:
+        raise ValueError(f"endpoint state must be one of {', '.join(ENDPOINT_STATES)}, not {state!r}")
     ep = s.storage_endpoints
     res = await conn.execute(ep.update().where(ep.c.name == name).values(state=state, updated=utcnow()))
     if res.rowcount == 0:
@@ -58,12 +63,12 @@ async def add_event(
     storage: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    await conn.execute(
-        s.events.insert().values(
-            name=name, time=utcnow(), daemon=daemon, type=type, outcome=outcome,
-            attempt=attempt, storage=storage, detail=detail,
-        )
-    )  # fmt: skip
+    row = {
+        "name": name, "time": utcnow(), "daemon": daemon, "type": type, "outcome": outcome,
+        "attempt": attempt, "storage": storage, "detail": detail,
+    }  # fmt: skip
+    check_fits(s.events, row)
+    await conn.execute(s.events.insert().values(**row))
 
 
 async def record_request(
@@ -86,6 +91,7 @@ async def record_request(
         "id": request_id, "kind": kind, "state": state, "attempts": attempts, "reason": reason,
         "error": error, "name": name, "path": path, "dataset": dataset, "created": now, "updated": now,
     }  # fmt: skip
+    check_fits(s.requests, row)
     update = ["state", "attempts", "updated"]
     if state != "done":
         update += ["reason", "error"]
@@ -113,6 +119,7 @@ async def set_replica(
         "file_id": fid, "storage_id": sid, "pfn": pfn, "state": state, "cartridge": cartridge,
         "fseq": fseq, "created": now, "updated": now,
     }  # fmt: skip
+    check_fits(s.replicas, row)
     await upsert(
         conn, s.replicas, [row], ["file_id", "storage_id"], ["pfn", "state", "cartridge", "fseq", "updated"]
     )

@@ -18,7 +18,10 @@ R = TypeVar("R")
 
 class MicroBatcher(Generic[T, R]):
     def __init__(
-        self, func: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_size: int = 256,
+        self,
+        func: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_size: int = 256,
         max_wait: float = 0.01,
     ) -> None:
         self._func = func

@@ -62,7 +62,9 @@ class Process:
                 for service in self.services:
                     resources = None
                     if service.resources is not None:
-                        resources = await stack.enter_async_context(service.resources(self.settings, publisher))
+                        resources = await stack.enter_async_context(
+                            service.resources(self.settings, publisher)
+                        )
                     channel = await connection.channel()
                     runner = Runner(service, self.settings, channel, publisher, resources)
                     await runner.start()
@@ -115,9 +117,15 @@ class Process:
         while True:
             for runner in self.runners:
                 beat = DaemonHeartbeat(
-                    daemon=runner.service.name, instance=self.instance, host=socket.gethostname(),
-                    pid=os.getpid(), version=__version__, started=self.started,
-                    in_flight=runner.in_flight, processed=runner.stats.processed, failed=runner.stats.dead,
+                    daemon=runner.service.name,
+                    instance=self.instance,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    version=__version__,
+                    started=self.started,
+                    in_flight=runner.in_flight,
+                    processed=runner.stats.processed,
+                    failed=runner.stats.dead,
                     details={"retried": runner.stats.retried, "queue": runner.queue_name},
                 )
                 try:

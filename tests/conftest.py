@@ -94,8 +94,12 @@ async def topology(settings: Settings, broker: aio_pika.abc.AbstractRobustConnec
 
 
 async def publish_raw(
-    connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, routing_key: str, body: bytes,
-    content_type: str | None = "application/cloudevents+json", message_id: str | None = None,
+    connection: aio_pika.abc.AbstractRobustConnection,
+    settings: Settings,
+    routing_key: str,
+    body: bytes,
+    content_type: str | None = "application/cloudevents+json",
+    message_id: str | None = None,
 ) -> None:
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
@@ -107,11 +111,19 @@ async def publish_raw(
 
 def cloudevent(data: dict[str, Any], *, type_: str = "file.ready", id_: str | None = None) -> bytes:
     return json.dumps(
-        {"specversion": "1.0", "id": id_ or uuid.uuid4().hex, "source": "test-daq", "type": type_, "data": data}
+        {
+            "specversion": "1.0",
+            "id": id_ or uuid.uuid4().hex,
+            "source": "test-daq",
+            "type": type_,
+            "data": data,
+        }
     ).encode()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1) -> None:
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         if await predicate():

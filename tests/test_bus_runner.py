@@ -116,7 +116,11 @@ async def test_permanent_goes_straight_to_dead_letter_and_announces_file_failed(
     assert seen == [("permanent", 1)]
     body = msgpack.unpackb(failed.body)
     assert (body["reason"], body["daemon"], body["path"], body["attempts"]) == (
-        "checksum_mismatch", "ingest", "/land/permanent", 1)
+        "checksum_mismatch",
+        "ingest",
+        "/land/permanent",
+        1,
+    )
     await channel.close()
 
 
@@ -188,7 +192,9 @@ async def test_publish_of_an_unroutable_message_is_an_error_not_silence(settings
 async def test_publisher_confirms_reach_the_work_queue_as_msgpack(settings, broker):
     seen: list[tuple[str, int]] = []
     async with running([make_service(seen)], settings) as process:
-        await process.runners[0].publisher.publish(FileReady(path="/a", dataset="d", metadata={"behave": "ok"}))
+        await process.runners[0].publisher.publish(
+            FileReady(path="/a", dataset="d", metadata={"behave": "ok"})
+        )
         await wait_for(lambda: _true(seen == [("ok", 1)]))
 
 
@@ -201,7 +207,9 @@ async def _depth_is(broker, name: str, n: int) -> bool:
     return await queue_depth(broker, name) == n
 
 
-async def _get(queue: aio_pika.abc.AbstractQueue, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
+async def _get(
+    queue: aio_pika.abc.AbstractQueue, timeout: float = 10.0
+) -> aio_pika.abc.AbstractIncomingMessage:
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         msg = await queue.get(no_ack=True, fail=False)

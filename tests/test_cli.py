@@ -19,21 +19,39 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET = "lst1.20261123.run012345.dl0"
 
 
-def spool(config: Path, *args: str, input_: str | None = None, env: dict[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
+def spool(
+    config: Path, *args: str, input_: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "common.cli", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, input=input_, env={**os.environ, **(env or {})}, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        input=input_,
+        env={**os.environ, **(env or {})},
+        timeout=120,
     )
 
 
-async def test_ingest_command_publishes_events_that_the_daemon_registers(settings, config_file, broker, topology):
+async def test_ingest_command_publishes_events_that_the_daemon_registers(
+    settings, config_file, broker, topology
+):
     folder = settings.landing_areas["lst1"] / "run012345"
     folder.mkdir(parents=True)
     for i in range(5):
         (folder / f"f{i}.fits.fz").write_bytes(os.urandom(100 + i))
-    result = spool(config_file, "ingest", str(folder), "--dataset", DATASET, "--meta", "run=12345",
-                   "--meta", "telescope=LST1", "--json")
+    result = spool(
+        config_file,
+        "ingest",
+        str(folder),
+        "--dataset",
+        DATASET,
+        "--meta",
+        "run=12345",
+        "--meta",
+        "telescope=LST1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["published"] == 5
     async with running([ingest_service], settings):
@@ -56,8 +74,13 @@ async def test_dead_letters_listed_by_reason_retried_and_purged(settings, config
     src = settings.landing_areas["lst1"] / "run012345/x.fits.fz"
     src.parent.mkdir(parents=True)
     src.write_bytes(b"abc")
-    await publish_raw(broker, settings, "file.ready", cloudevent({"path": str(src), "dataset": DATASET,
-                                                                  "adler32": "00000001"}), message_id="bad-sum")
+    await publish_raw(
+        broker,
+        settings,
+        "file.ready",
+        cloudevent({"path": str(src), "dataset": DATASET, "adler32": "00000001"}),
+        message_id="bad-sum",
+    )
     await publish_raw(broker, settings, "file.ready", b"{oops", message_id="bad-json")
     await publish_raw(broker, settings, "file.ready", b"{oops again", message_id="bad-json-2")
     async with running([ingest_service], settings):

@@ -21,8 +21,11 @@ def reason_of(body, content_type=codec.CLOUDEVENTS_JSON, key="file.ready"):
 
 
 def test_cloudevent_maps_onto_file_ready_with_normalised_checksum():
-    msg = codec.decode(ce({"path": "/l/a.fits", "dataset": "d", "adler32": "ABC", "size": 3}),
-                       codec.CLOUDEVENTS_JSON, "file.ready")
+    msg = codec.decode(
+        ce({"path": "/l/a.fits", "dataset": "d", "adler32": "ABC", "size": 3}),
+        codec.CLOUDEVENTS_JSON,
+        "file.ready",
+    )
     assert isinstance(msg, FileReady)
     assert (msg.id, msg.source, msg.adler32, msg.size) == ("e1", "daq", "00000abc", 3)
 
@@ -61,7 +64,9 @@ def test_unknown_data_field_is_rejected_not_ignored():
 
 
 def test_cloudevent_extension_attributes_are_accepted():
-    msg = codec.decode(ce({"path": "/a", "dataset": "d"}, traceparent="00-abc"), codec.CLOUDEVENTS_JSON, "file.ready")
+    msg = codec.decode(
+        ce({"path": "/a", "dataset": "d"}, traceparent="00-abc"), codec.CLOUDEVENTS_JSON, "file.ready"
+    )
     assert msg.id == "e1"
 
 

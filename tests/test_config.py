@@ -53,7 +53,7 @@ def test_relative_storage_and_landing_paths_live_in_state_dir(tmp_path):
 def test_dataset_patterns_must_compile(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text("[datasets]\npatterns = ['(unclosed']\n")
-    with pytest.raises(ConfigError, match="datasets.patterns"):
+    with pytest.raises(ConfigError, match=r"datasets\.patterns"):
         load_settings(cfg)
 
 

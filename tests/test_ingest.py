@@ -64,15 +64,27 @@ async def test_good_file_is_copied_verified_registered_and_announced(settings, b
     await watcher.bind(settings.bus.exchange, "file.ingested")
     content = b"x" * 5000
     src = make_file(settings, "run012345/subrun0001.fits.fz", content)
-    body = cloudevent(ready(src, size=5000, adler32=adler(content), metadata={"run": 12345, "telescope": "LST1"},
-                            parents=["raw/run012345.r0"]))
+    body = cloudevent(
+        ready(
+            src,
+            size=5000,
+            adler32=adler(content),
+            metadata={"run": 12345, "telescope": "LST1"},
+            parents=["raw/run012345.r0"],
+        )
+    )
     async with running([ingest_service], settings):
         await publish_raw(broker, settings, "file.ready", body)
         await wait_for(lambda: _registered_is(settings, 1))
         ingested = await _get(watcher)
     event = msgpack.unpackb(ingested.body)
     name = "run012345/subrun0001.fits.fz"
-    assert (event["name"], event["size"], event["adler32"], event["storage"]) == (name, 5000, adler(content), "disk1")
+    assert (event["name"], event["size"], event["adler32"], event["storage"]) == (
+        name,
+        5000,
+        adler(content),
+        "disk1",
+    )
     replica = settings.storage["disk1"].root / name
     assert replica.read_bytes() == content
     async with await Catalogue.open(settings.catalogue.url) as c:
@@ -133,7 +145,9 @@ async def test_bad_input_is_dead_lettered_with_its_reason_and_ingest_keeps_going
 async def test_permanent_failure_is_recorded_as_the_files_last_error(settings, broker, topology):
     src = make_file(settings, "run012345/corrupt.fits.fz", b"abc")
     async with running([ingest_service], settings):
-        await publish_raw(broker, settings, "file.ready", cloudevent(ready(src, adler32="00000001"), id_="ev-c"))
+        await publish_raw(
+            broker, settings, "file.ready", cloudevent(ready(src, adler32="00000001"), id_="ev-c")
+        )
         await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
     async with await Catalogue.open(settings.catalogue.url) as c:
         state = (await c.request_state(["ev-c"]))["ev-c"]

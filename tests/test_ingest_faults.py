@@ -35,9 +35,20 @@ def write_night(settings: Settings, n: int) -> list[dict]:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = rng.randbytes(1024)
         path.write_bytes(data)
-        events.append({"specversion": "1.0", "id": f"ev-{i}", "source": "test-daq", "type": "file.ready",
-                       "data": {"path": str(path), "dataset": DATASET, "size": 1024,
-                                "adler32": f"{zlib.adler32(data):08x}"}})
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": f"ev-{i}",
+                "source": "test-daq",
+                "type": "file.ready",
+                "data": {
+                    "path": str(path),
+                    "dataset": DATASET,
+                    "size": 1024,
+                    "adler32": f"{zlib.adler32(data):08x}",
+                },
+            }
+        )
     return events
 
 
@@ -45,7 +56,10 @@ def start_ingest(config_file: Path, log: Path, *extra: str) -> subprocess.Popen[
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest", *extra],
-            stdout=out, stderr=out, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
 
@@ -67,8 +81,9 @@ async def assert_every_file_once_and_verified(settings: Settings, n: int) -> Non
     assert leftovers == []
 
 
-async def test_ingest_killed_three_times_registers_every_file_exactly_once(settings, config_file, broker,
-                                                                           topology, tmp_path):
+async def test_ingest_killed_three_times_registers_every_file_exactly_once(
+    settings, config_file, broker, topology, tmp_path
+):
     n = 2000
     events = write_night(settings, n)
     log = tmp_path / "ingest.log"
@@ -91,7 +106,9 @@ async def test_ingest_killed_three_times_registers_every_file_exactly_once(setti
     await assert_every_file_once_and_verified(settings, n)
 
 
-async def test_sigterm_drains_in_flight_work_and_exits_zero(settings, config_file, broker, topology, tmp_path):
+async def test_sigterm_drains_in_flight_work_and_exits_zero(
+    settings, config_file, broker, topology, tmp_path
+):
     n = 600
     events = write_night(settings, n)
     log = tmp_path / "ingest.log"
@@ -145,9 +162,12 @@ async def test_broker_restart_mid_stream_loses_nothing(settings, config_file, br
     try:
         await wait_for(lambda: _at_least(settings, 200), timeout=60, interval=0.02)
         restart = await asyncio.create_subprocess_exec(
-            "bash", "-c", "rabbitmqctl -q stop_app && sleep 2 && rabbitmqctl -q start_app && "
+            "bash",
+            "-c",
+            "rabbitmqctl -q stop_app && sleep 2 && rabbitmqctl -q start_app && "
             "rabbitmq-diagnostics -q check_running",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         assert await restart.wait() == 0
         assert proc.poll() is None, "the daemon must survive a broker restart"

@@ -48,8 +48,13 @@ def test_dataset_must_match_a_naming_pattern():
 
 @pytest.mark.parametrize(
     ("size", "adler", "verdict"),
-    [(10, "0000000a", "duplicate"), (None, "0000000a", "duplicate"), (11, "0000000a", "conflict"),
-     (10, "0000000b", "conflict"), (None, None, "duplicate")],
+    [
+        (10, "0000000a", "duplicate"),
+        (None, "0000000a", "duplicate"),
+        (11, "0000000a", "conflict"),
+        (10, "0000000b", "conflict"),
+        (None, None, "duplicate"),
+    ],
 )
 def test_existing_name_is_duplicate_only_with_the_same_content(size, adler, verdict):
     assert steps.compare_existing(size, adler, 10, "0000000a") == verdict

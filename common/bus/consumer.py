@@ -76,7 +76,11 @@ class Runner:
     """Consumes one service's work queue with bounded prefetch and concurrency."""
 
     def __init__(
-        self, service: Service, settings: Settings, channel: AbstractChannel, publisher: AmqpPublisher,
+        self,
+        service: Service,
+        settings: Settings,
+        channel: AbstractChannel,
+        publisher: AmqpPublisher,
         resources: Any,
     ) -> None:
         self.service = service
@@ -144,22 +148,31 @@ class Runner:
         routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
         msg: Message | None = None
         with bound_contextvars(
-            daemon=self.service.name, message_id=delivery.message_id, attempt=attempt,
+            daemon=self.service.name,
+            message_id=delivery.message_id,
+            attempt=attempt,
             correlation_id=delivery.correlation_id,
         ):
             ctx: Context[Any] = Context(
-                daemon=self.service.name, settings=self.settings, publisher=self.publisher,
-                resources=self.resources, log=structlog.get_logger(self.service.name), attempt=attempt,
+                daemon=self.service.name,
+                settings=self.settings,
+                publisher=self.publisher,
+                resources=self.resources,
+                log=structlog.get_logger(self.service.name),
+                attempt=attempt,
                 correlation_id=delivery.correlation_id,
             )
             try:
                 route = self.service.routes.get(routing_key)
                 if route is None:
-                    raise InvalidMessage(codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}")
+                    raise InvalidMessage(
+                        codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}"
+                    )
                 msg = codec.decode(delivery.body, delivery.content_type, routing_key, delivery.message_id)
                 ctx.correlation_id = delivery.correlation_id or msg.id
-                with bound_contextvars(message_id=msg.id, correlation_id=ctx.correlation_id,
-                                       **self.service.describe(msg)):
+                with bound_contextvars(
+                    message_id=msg.id, correlation_id=ctx.correlation_id, **self.service.describe(msg)
+                ):
                     await route.handler(msg, ctx)
             except asyncio.CancelledError:
                 raise  # stopping: leave unacked, the broker requeues it
@@ -172,8 +185,13 @@ class Runner:
             self.stats.processed += 1
 
     async def _failed(
-        self, delivery: AbstractIncomingMessage, msg: Message | None, exc: Exception, attempt: int,
-        routing_key: str, ctx: Context[Any],
+        self,
+        delivery: AbstractIncomingMessage,
+        msg: Message | None,
+        exc: Exception,
+        attempt: int,
+        routing_key: str,
+        ctx: Context[Any],
     ) -> None:
         decision = decide(exc, attempt, self.settings.bus)
         err = classify(exc)
@@ -183,7 +201,9 @@ class Runner:
                 await self.service.on_failure(msg, err, attempt, decision.action == "dead", ctx)
             except Exception as hook_exc:  # recording must never decide the message's fate
                 log.error("failure_hook_failed", error=repr(hook_exc))
-        copy = _copy_with_headers(delivery, routing_key, decision, attempt, self.service.name, self.queue_name)
+        copy = _copy_with_headers(
+            delivery, routing_key, decision, attempt, self.service.name, self.queue_name
+        )
         target = (
             self.settings.retry_queue(self.service.name, decision.tier or 0)
             if decision.action == "retry"
@@ -224,9 +244,14 @@ class Runner:
         self, msg: Message | None, decision: Decision, attempt: int, delivery: AbstractIncomingMessage
     ) -> None:
         event = FileFailed(
-            daemon=self.service.name, reason=decision.reason, error=decision.error[:MAX_ERROR_TEXT],
-            attempts=attempt, name=getattr(msg, "name", None), path=getattr(msg, "path", None),
-            dataset=getattr(msg, "dataset", None), message_id=msg.id if msg else delivery.message_id,
+            daemon=self.service.name,
+            reason=decision.reason,
+            error=decision.error[:MAX_ERROR_TEXT],
+            attempts=attempt,
+            name=getattr(msg, "name", None),
+            path=getattr(msg, "path", None),
+            dataset=getattr(msg, "dataset", None),
+            message_id=msg.id if msg else delivery.message_id,
         )
         try:
             await self.publisher.publish(event, correlation_id=delivery.correlation_id)
@@ -245,7 +270,11 @@ class Runner:
 
 
 def _copy_with_headers(
-    delivery: AbstractIncomingMessage, routing_key: str, decision: Decision, attempt: int, daemon: str,
+    delivery: AbstractIncomingMessage,
+    routing_key: str,
+    decision: Decision,
+    attempt: int,
+    daemon: str,
     queue: str,
 ) -> aio_pika.Message:
     headers = {k: v for k, v in (delivery.headers or {}).items() if k != "x-death"}
@@ -255,8 +284,15 @@ def _copy_with_headers(
     if decision.action == "retry":
         headers[H.ATTEMPT] = attempt + 1
     else:
-        headers.update({H.ATTEMPTS: attempt, H.DAEMON: daemon, H.HOST: HOST, H.QUEUE: queue,
-                        H.TIME: datetime.now(UTC).isoformat()})
+        headers.update(
+            {
+                H.ATTEMPTS: attempt,
+                H.DAEMON: daemon,
+                H.HOST: HOST,
+                H.QUEUE: queue,
+                H.TIME: datetime.now(UTC).isoformat(),
+            }
+        )
     return aio_pika.Message(
         delivery.body,
         headers=headers,

@@ -59,10 +59,17 @@ def _to_dead_letter(queue: str, msg: AbstractIncomingMessage) -> DeadLetter:
         # Dead-lettered by the broker's delivery-limit safety net, not by our runner.
         reason = "delivery_limit"
     return DeadLetter(
-        queue=queue, message_id=msg.message_id, routing_key=_original_routing_key(msg),
-        reason=reason or "unknown", error=_text(h.get(H.ERROR)),
-        attempts=int(h.get(H.ATTEMPTS) or h.get(H.ATTEMPT) or 0), daemon=_text(h.get(H.DAEMON)),
-        host=_text(h.get(H.HOST)), time=_text(h.get(H.TIME)), content_type=msg.content_type, body=msg.body,
+        queue=queue,
+        message_id=msg.message_id,
+        routing_key=_original_routing_key(msg),
+        reason=reason or "unknown",
+        error=_text(h.get(H.ERROR)),
+        attempts=_as_int(h.get(H.ATTEMPTS) or h.get(H.ATTEMPT)),
+        daemon=_text(h.get(H.DAEMON)),
+        host=_text(h.get(H.HOST)),
+        time=_text(h.get(H.TIME)),
+        content_type=msg.content_type,
+        body=msg.body,
     )
 
 
@@ -70,12 +77,19 @@ def _original_routing_key(msg: AbstractIncomingMessage) -> str:
     h = msg.headers or {}
     if h.get(H.ROUTING_KEY):
         return _text(h[H.ROUTING_KEY])
-    deaths = h.get("x-death")
+    deaths: Any = h.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         keys = deaths[0].get("routing-keys") or []
         if keys:
             return _text(keys[0])
     return msg.routing_key or ""
+
+
+def _as_int(v: Any) -> int:
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _text(v: Any) -> str:
@@ -85,7 +99,10 @@ def _text(v: Any) -> str:
 
 
 async def browse(
-    connection: AbstractRobustConnection, queues: Iterable[str], *, reason: str | None = None,
+    connection: AbstractRobustConnection,
+    queues: Iterable[str],
+    *,
+    reason: str | None = None,
     limit: int | None = None,
 ) -> list[DeadLetter]:
     """Read dead letters without removing them."""
@@ -107,8 +124,13 @@ async def browse(
 
 
 async def take(
-    connection: AbstractRobustConnection, settings: Settings, queues: Iterable[str], *,
-    reason: str | None = None, message_id: str | None = None, requeue_to_work: bool,
+    connection: AbstractRobustConnection,
+    settings: Settings,
+    queues: Iterable[str],
+    *,
+    reason: str | None = None,
+    message_id: str | None = None,
+    requeue_to_work: bool,
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Remove matching dead letters; when ``requeue_to_work`` send each back to its work queue first.
@@ -155,7 +177,14 @@ def _revived(msg: AbstractIncomingMessage) -> aio_pika.Message:
         headers.pop(key, None)
     headers[H.ROUTING_KEY] = _original_routing_key(msg)
     return aio_pika.Message(
-        msg.body, headers=headers, content_type=msg.content_type, message_id=msg.message_id,
-        correlation_id=msg.correlation_id, type=msg.type, app_id=msg.app_id, timestamp=msg.timestamp,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, reply_to=msg.reply_to,
+        msg.body,
+        headers=headers,
+        content_type=msg.content_type,
+        message_id=msg.message_id,
+        correlation_id=msg.correlation_id,
+        type=msg.type,
+        app_id=msg.app_id,
+        timestamp=msg.timestamp,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        reply_to=msg.reply_to,
     )

@@ -20,8 +20,13 @@ from common.errors import Retryable
 
 
 async def publish_cloudevents(
-    connection: AbstractRobustConnection, exchange_name: str, events: Iterable[dict[str, Any]], *,
-    window: int = 256, on_sent: Callable[[int], None] | None = None, reply_to: str | None = None,
+    connection: AbstractRobustConnection,
+    exchange_name: str,
+    events: Iterable[dict[str, Any]],
+    *,
+    window: int = 256,
+    on_sent: Callable[[int], None] | None = None,
+    reply_to: str | None = None,
 ) -> int:
     """Publish every event (confirmed, mandatory); return how many were sent."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -37,7 +42,9 @@ async def publish_cloudevents(
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 reply_to=reply_to,
             )
-            batch.append(asyncio.ensure_future(exchange.publish(message, routing_key=event["type"], mandatory=True)))
+            batch.append(
+                asyncio.ensure_future(exchange.publish(message, routing_key=event["type"], mandatory=True))
+            )
             if len(batch) >= window:
                 sent += await _settle(batch)
                 batch = []
@@ -55,5 +62,7 @@ async def _settle(batch: list[asyncio.Future[Any]]) -> int:
     results = await asyncio.gather(*batch, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
-        raise Retryable("publish_failed", f"{len(errors)} of {len(batch)} events not confirmed: {errors[0]!r}")
+        raise Retryable(
+            "publish_failed", f"{len(errors)} of {len(batch)} events not confirmed: {errors[0]!r}"
+        )
     return len(batch)

@@ -47,8 +47,9 @@ class AmqpPublisher:
         self._app_id = app_id
 
     @classmethod
-    async def create(cls, connection: aio_pika.abc.AbstractRobustConnection, exchange_name: str, app_id: str
-                     ) -> AmqpPublisher:
+    async def create(
+        cls, connection: aio_pika.abc.AbstractRobustConnection, exchange_name: str, app_id: str
+    ) -> AmqpPublisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(exchange_name, ensure=False)
         return cls(channel, exchange, app_id)
@@ -76,7 +77,11 @@ class AmqpPublisher:
             confirmation = await exchange.publish(message, routing_key=routing_key, mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Retryable("unroutable", f"broker returned {routing_key!r}: {exc}") from None
-        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError) as exc:
+        except (
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             raise Retryable("broker_unavailable", f"publish of {routing_key!r} failed: {exc!r}") from None
         if confirmation is not None and not _is_ack(confirmation):
             raise Retryable("publish_nacked", f"broker did not confirm {routing_key!r}: {confirmation!r}")

@@ -18,6 +18,7 @@ Per daemon ``d`` (``p`` = ``bus.queue_prefix``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
@@ -38,8 +39,8 @@ BINDINGS: Mapping[str, Sequence[str]] = {
 MONITOR_MAX_LENGTH = 1_000_000
 
 
-def work_queue_arguments(settings: Settings, daemon: str) -> dict[str, object]:
-    args: dict[str, object] = {
+def work_queue_arguments(settings: Settings, daemon: str) -> dict[str, Any]:
+    args: dict[str, Any] = {
         "x-queue-type": "quorum",
         "x-delivery-limit": settings.bus.delivery_limit,
         "x-dead-letter-exchange": "",

@@ -31,7 +31,8 @@ app = typer.Typer(
 def _global(
     ctx: typer.Context,
     config: Annotated[
-        str | None, typer.Option("--config", "-c", help="TOML config file (default: $SPOOL_CONFIG, config/spool.toml)")
+        str | None,
+        typer.Option("--config", "-c", help="TOML config file (default: $SPOOL_CONFIG, config/spool.toml)"),
     ] = None,
 ) -> None:
     ctx.ensure_object(dict)["config"] = config
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(3)
     except SQLAlchemyError as exc:
-        err_console.print(f"[red]error (catalogue):[/red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error (catalogue):[/red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True
+        )
         sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)

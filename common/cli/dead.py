@@ -18,11 +18,17 @@ from common.cli._util import UserError, console, print_json, settings_from
 from common.config import Settings
 
 T = TypeVar("T")
-dead_app = typer.Typer(help="Dead letters: list, show, retry, purge (by queue and reason).", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Dead letters: list, show, retry, purge (by queue and reason).", no_args_is_help=True
+)
 app.add_typer(dead_app, name="dead")
 
-QueueOpt = Annotated[str | None, typer.Option("--queue", "-q", help="Daemon name or .dead queue (default: all).")]
-ReasonOpt = Annotated[str | None, typer.Option("--reason", "-r", help="Only dead letters with this reason code.")]
+QueueOpt = Annotated[
+    str | None, typer.Option("--queue", "-q", help="Daemon name or .dead queue (default: all).")
+]
+ReasonOpt = Annotated[
+    str | None, typer.Option("--reason", "-r", help="Only dead letters with this reason code.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -46,14 +52,18 @@ def _queues(settings: Settings, queue: str | None) -> list[str]:
 
 @dead_app.command("list")
 def list_(
-    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    ctx: typer.Context,
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
     by_reason: Annotated[bool, typer.Option("--by-reason", help="One line per reason with a count.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many messages read.")] = 10000,
     json_out: JsonOpt = False,
 ) -> None:
     """List dead letters (they stay in their queue)."""
     settings = settings_from(ctx)
-    letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue), reason=reason, limit=limit))
+    letters = _with_broker(
+        settings, lambda c: deadletters.browse(c, _queues(settings, queue), reason=reason, limit=limit)
+    )
     if by_reason:
         counts = Counter((d.queue, d.reason) for d in letters)
         rows = [{"queue": q, "reason": r, "count": n} for (q, r), n in counts.most_common()]
@@ -62,7 +72,7 @@ def list_(
             return
         table = Table("queue", "reason", "count")
         for row in rows:
-            table.add_row(row["queue"], row["reason"], str(row["count"]))
+            table.add_row(str(row["queue"]), str(row["reason"]), str(row["count"]))
         console.print(table)
         return
     if json_out:
@@ -105,14 +115,20 @@ def _body_text(letter: deadletters.DeadLetter) -> Any:
 
 @dead_app.command()
 def retry(
-    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    ctx: typer.Context,
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
     message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Send dead letters back to their work queue with a fresh attempt count (after fixing the cause)."""
     settings = settings_from(ctx)
-    moved = _with_broker(settings, lambda c: deadletters.take(
-        c, settings, _queues(settings, queue), reason=reason, message_id=message_id, requeue_to_work=True))
+    moved = _with_broker(
+        settings,
+        lambda c: deadletters.take(
+            c, settings, _queues(settings, queue), reason=reason, message_id=message_id, requeue_to_work=True
+        ),
+    )
     if json_out:
         print_json({"retried": moved})
     else:
@@ -121,7 +137,9 @@ def retry(
 
 @dead_app.command()
 def purge(
-    ctx: typer.Context, queue: QueueOpt = None, reason: ReasonOpt = None,
+    ctx: typer.Context,
+    queue: QueueOpt = None,
+    reason: ReasonOpt = None,
     message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_out: JsonOpt = False,
@@ -132,8 +150,12 @@ def purge(
     if not yes:
         what = f"reason {reason!r}" if reason else "every reason"
         typer.confirm(f"Delete dead letters of {what} from {', '.join(queues)}?", abort=True)
-    removed = _with_broker(settings, lambda c: deadletters.take(
-        c, settings, queues, reason=reason, message_id=message_id, requeue_to_work=False))
+    removed = _with_broker(
+        settings,
+        lambda c: deadletters.take(
+            c, settings, queues, reason=reason, message_id=message_id, requeue_to_work=False
+        ),
+    )
     if json_out:
         print_json({"purged": removed})
     else:

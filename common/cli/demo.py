@@ -36,7 +36,7 @@ from common.cli._util import console, settings_from
 from common.cli.publish import file_ready_event, publish_events
 from common.codec import to_cloudevent
 from common.config import Settings
-from common.messages import FileReady, new_id
+from common.messages import FileReady, MetaValue, new_id
 
 EXPECTED_BAD = {"checksum_mismatch", "path_outside_area", "bad_dataset_name"}
 
@@ -53,8 +53,10 @@ def make_night(landing: Path, files: int, datasets: int, seed: int) -> list[dict
         path = landing / f"night-{seed}" / f"run{run:06d}" / f"subrun{i // datasets:04d}.fits.fz"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(rng.randint(512, 4096)))
-        meta = {"run": run, "subrun": i // datasets, "telescope": "LST1", "night": day}
-        events.append(file_ready_event(path, dataset, checksum=True, meta=meta, parents=[], source="lst1-daq"))
+        meta: dict[str, MetaValue] = {"run": run, "subrun": i // datasets, "telescope": "LST1", "night": day}
+        events.append(
+            file_ready_event(path, dataset, checksum=True, meta=meta, parents=[], source="lst1-daq")
+        )
     return events
 
 
@@ -67,24 +69,31 @@ def bad_events(landing: Path, seed: int) -> list[dict[str, Any]]:
     offpattern = bad_dir / "offpattern.fits.fz"
     offpattern.write_bytes(b"x" * 100)
     msgs = [
-        FileReady(id=new_id(), source="lst1-daq", path=str(corrupt), dataset=f"lst1.{day}.run099999.dl0",
-                  adler32="deadbeef"),
+        FileReady(
+            id=new_id(),
+            source="lst1-daq",
+            path=str(corrupt),
+            dataset=f"lst1.{day}.run099999.dl0",
+            adler32="deadbeef",
+        ),
         FileReady(id=new_id(), source="lst1-daq", path="/etc/passwd", dataset=f"lst1.{day}.run099999.dl0"),
         FileReady(id=new_id(), source="lst1-daq", path=str(offpattern), dataset="Not A Dataset Name"),
     ]
     return [to_cloudevent(m) for m in msgs]
 
 
-async def _progress(settings: Settings, total: int, good_ids: set[str], bad_ids: set[str], timeout: float
-                    ) -> dict[str, Any]:
+async def _progress(
+    settings: Settings, total: int, good_ids: set[str], bad_ids: set[str], give_up_after: float
+) -> dict[str, Any]:
     catalogue = await Catalogue.open(settings.catalogue.url)
     connection = await connect(settings.bus, name="spool-demo")
     all_ids = sorted(good_ids | bad_ids)
     started = time.monotonic()
     done: dict[str, Any] = {}
     try:
-        with Progress(TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
+        with Progress(
+            TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as bar:
             task = bar.add_task("ingest", total=total)
             while True:
                 states = await catalogue.request_state(all_ids)
@@ -93,7 +102,7 @@ async def _progress(settings: Settings, total: int, good_ids: set[str], bad_ids:
                 dead = {d.message_id: d.reason for d in letters if d.message_id in good_ids | bad_ids}
                 accounted = len(ingested | dead.keys())
                 bar.update(task, completed=accounted)
-                if accounted >= total or time.monotonic() - started > timeout:
+                if accounted >= total or time.monotonic() - started > give_up_after:
                     break
                 await asyncio.sleep(0.5)
         done = {"ingested": ingested, "dead": dead, "elapsed": time.monotonic() - started}
@@ -130,8 +139,11 @@ def demo(
             console.print(f"daemons started (pid {daemons.pid}, log {log_path})")
             t0 = time.monotonic()
             asyncio.run(publish_events(settings, good + bad))
-            result = asyncio.run(_progress(settings, len(good) + len(bad), {e["id"] for e in good},
-                                           {e["id"] for e in bad}, timeout))
+            result = asyncio.run(
+                _progress(
+                    settings, len(good) + len(bad), {e["id"] for e in good}, {e["id"] for e in bad}, timeout
+                )
+            )
             result["elapsed"] = time.monotonic() - t0
         finally:
             daemons.send_signal(signal.SIGTERM)
@@ -153,10 +165,14 @@ def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[
     table.add_row("published", str(len(good) + len(bad)))
     table.add_row("ingested", str(len(ingested)))
     table.add_row("failed (good files dead-lettered)", str(len(good_dead)))
-    table.add_row("dead-lettered as expected (bad events)", f"{len(bad_dead)}: {sorted(set(bad_dead.values()))}")
+    table.add_row(
+        "dead-lettered as expected (bad events)", f"{len(bad_dead)}: {sorted(set(bad_dead.values()))}"
+    )
     table.add_row("lost (unaccounted for)", str(len(lost)))
     table.add_row("files / s (publish to last registered)", f"{good_ok / max(result['elapsed'], 1e-9):.0f}")
     console.print(table)
     ok = not lost and not good_dead and good_ok == len(good_ids) and set(bad_dead.values()) == EXPECTED_BAD
-    console.print("[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]")
+    console.print(
+        "[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]"
+    )
     return 0 if ok else 1

@@ -53,14 +53,21 @@ def expand(paths: list[Path]) -> Iterator[Path]:
             raise UserError(f"{p} does not exist")
 
 
-def file_ready_event(path: Path, dataset: str, *, checksum: bool, meta: dict[str, MetaValue],
-                     parents: list[str], source: str) -> dict[str, Any]:
+def file_ready_event(
+    path: Path, dataset: str, *, checksum: bool, meta: dict[str, MetaValue], parents: list[str], source: str
+) -> dict[str, Any]:
     from common.codec import to_cloudevent
 
     absolute = path.absolute()
     msg = FileReady(
-        id=new_id(), source=source, path=str(absolute), dataset=dataset, size=absolute.stat().st_size,
-        adler32=adler32_of_file(absolute) if checksum else None, metadata=meta, parents=parents,
+        id=new_id(),
+        source=source,
+        path=str(absolute),
+        dataset=dataset,
+        size=absolute.stat().st_size,
+        adler32=adler32_of_file(absolute) if checksum else None,
+        metadata=meta,
+        parents=parents,
     )
     return to_cloudevent(msg)
 
@@ -75,8 +82,14 @@ async def publish_events(settings: Settings, events: list[dict[str, Any]], *, qu
         await channel.close()
         if quiet:
             return await publish_cloudevents(connection, settings.bus.exchange, events)
-        with Progress(TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("publishing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("publish", total=len(events))
             return await publish_cloudevents(
                 connection, settings.bus.exchange, events, on_sent=lambda n: bar.update(task, completed=n)
@@ -91,7 +104,9 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="Files, or directories (taken recursively).")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset the files belong to.")],
     meta: Annotated[list[str], typer.Option("--meta", "-m", help="Metadata key=value (repeatable).")] = [],  # noqa: B006
-    parent: Annotated[list[str], typer.Option("--parent", help="Logical name of a parent (repeatable).")] = [],  # noqa: B006
+    parent: Annotated[
+        list[str], typer.Option("--parent", help="Logical name of a parent (repeatable).")
+    ] = [],  # noqa: B006
     checksum: Annotated[bool, typer.Option(help="Compute adler32 here so ingest verifies it.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the published event ids as JSON.")] = False,
 ) -> None:
@@ -99,12 +114,16 @@ def ingest(
     settings = settings_from(ctx)
     metadata = parse_meta(meta)
     source = f"spool-cli@{socket.gethostname()}:{os.getpid()}"
-    events = [file_ready_event(p, dataset, checksum=checksum, meta=metadata, parents=parent, source=source)
-              for p in expand(paths)]
+    events = [
+        file_ready_event(p, dataset, checksum=checksum, meta=metadata, parents=parent, source=source)
+        for p in expand(paths)
+    ]
     if not events:
         raise UserError("no files to ingest")
     sent = asyncio.run(publish_events(settings, events, quiet=json_out))
     if json_out:
-        print_json({"published": sent, "events": [{"id": e["id"], "path": e["data"]["path"]} for e in events]})
+        print_json(
+            {"published": sent, "events": [{"id": e["id"], "path": e["data"]["path"]} for e in events]}
+        )
     else:
         console.print(f"published {sent} file.ready event(s) for dataset {dataset}")

@@ -49,7 +49,9 @@ def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
         console.print("  parents   " + ", ".join(view.parents))
     if view.children:
         console.print("  children  " + ", ".join(view.children))
-    table = Table("storage", "kind", "state", "pfn", "tape", "updated", title="replicas", title_justify="left")
+    table = Table(
+        "storage", "kind", "state", "pfn", "tape", "updated", title="replicas", title_justify="left"
+    )
     for r in view.replicas:
         tape = f"{r.cartridge}#{r.fseq}" if r.cartridge else ""
         table.add_row(r.storage, r.kind, r.state, r.pfn, tape, r.updated.isoformat(timespec="seconds"))
@@ -68,7 +70,9 @@ def ls(
     json_out: JsonOpt = False,
 ) -> None:
     """List the files of a dataset, or under a name prefix."""
-    files = with_catalogue(settings_from(ctx), lambda c: c.list_files(dataset=dataset, prefix=prefix, limit=limit))
+    files = with_catalogue(
+        settings_from(ctx), lambda c: c.list_files(dataset=dataset, prefix=prefix, limit=limit)
+    )
     _print_files(files, json_out)
 
 
@@ -98,13 +102,16 @@ def datasets(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         return
     table = Table("dataset", "state", "files", "bytes", "created")
     for d in rows:
-        table.add_row(d.name, d.state, str(d.files), fmt_bytes(d.bytes), d.created.isoformat(timespec="seconds"))
+        table.add_row(
+            d.name, d.state, str(d.files), fmt_bytes(d.bytes), d.created.isoformat(timespec="seconds")
+        )
     console.print(table)
 
 
 @app.command()
 def lineage(
-    ctx: typer.Context, name: str,
+    ctx: typer.Context,
+    name: str,
     direction: Annotated[str, typer.Option(help="ancestors | descendants")] = "ancestors",
     json_out: JsonOpt = False,
 ) -> None:
@@ -136,8 +143,15 @@ def trace(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     table = Table("time", "daemon", "event", "outcome", "attempt", "storage", "detail")
     for e in rows:
         detail = ", ".join(f"{k}={v}" for k, v in (e.detail or {}).items())
-        table.add_row(e.time.isoformat(timespec="seconds"), e.daemon, e.type, e.outcome, str(e.attempt),
-                      e.storage or "", detail)
+        table.add_row(
+            e.time.isoformat(timespec="seconds"),
+            e.daemon,
+            e.type,
+            e.outcome,
+            str(e.attempt),
+            e.storage or "",
+            detail,
+        )
     console.print(table)
 
 
@@ -147,6 +161,8 @@ def _print_files(files: list[Any], json_out: bool) -> None:
         return
     table = Table("name", "dataset", "size", "adler32", "created")
     for f in files:
-        table.add_row(f.name, f.dataset, fmt_bytes(f.size), f.adler32, f.created.isoformat(timespec="seconds"))
+        table.add_row(
+            f.name, f.dataset, fmt_bytes(f.size), f.adler32, f.created.isoformat(timespec="seconds")
+        )
     console.print(table)
     console.print(f"{len(files)} file(s)")

@@ -82,10 +82,13 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
 
         batch = settings.catalogue
         resources = IngestResources(
-            catalogue=catalogue, storage=storage, storage_name=storage_name,
+            catalogue=catalogue,
+            storage=storage,
+            storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
-            registrar=MicroBatcher(catalogue.register_ingested, max_size=batch.batch_size,
-                                   max_wait=batch.batch_wait),
+            registrar=MicroBatcher(
+                catalogue.register_ingested, max_size=batch.batch_size, max_wait=batch.batch_wait
+            ),
         )
         try:
             yield resources
@@ -112,14 +115,21 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
         finally:
             res.release(name)
     await ctx.publisher.publish(
-        FileIngested(name=info.name, dataset=info.dataset, size=info.size, adler32=info.adler32,
-                     storage=res.storage_name, pfn=info.name),
+        FileIngested(
+            name=info.name,
+            dataset=info.dataset,
+            size=info.size,
+            adler32=info.adler32,
+            storage=res.storage_name,
+            pfn=info.name,
+        ),
         correlation_id=ctx.correlation_id,
     )
 
 
-async def _ingest_locked(msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
-                         ) -> FileInfo:
+async def _ingest_locked(
+    msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
+) -> FileInfo:
     res = ctx.resources
     known = await res.lookups.submit((msg.id, name))
     if known.request is not None and known.request.state == "done" and known.file is not None:
@@ -140,9 +150,18 @@ async def _ingest_locked(msg: FileReady, ctx: Context[IngestResources], located:
         )
         size, adler32 = copied.size, copied.adler32
     record = IngestRecord(
-        event_id=msg.id, name=name, dataset=msg.dataset, size=size, adler32=adler32,
-        metadata=dict(msg.metadata), parents=list(msg.parents), storage=res.storage_name, pfn=name,
-        path=str(located.source), source=msg.source, attempt=ctx.attempt,
+        event_id=msg.id,
+        name=name,
+        dataset=msg.dataset,
+        size=size,
+        adler32=adler32,
+        metadata=dict(msg.metadata),
+        parents=list(msg.parents),
+        storage=res.storage_name,
+        pfn=name,
+        path=str(located.source),
+        source=msg.source,
+        attempt=ctx.attempt,
     )
     outcome = await res.registrar.submit(record)
     if outcome.outcome == "conflict":
@@ -162,7 +181,8 @@ async def _source_checksum(located: steps.Located) -> str:
 def _conflict(name: str, existing: FileInfo | None, size: int | None, adler32: str | None) -> Permanent:
     have = f"size {existing.size}, adler32 {existing.adler32}" if existing else "another content"
     return Permanent(
-        "name_conflict", f"{name} is already registered with {have}; this event has size {size}, adler32 {adler32}"
+        "name_conflict",
+        f"{name} is already registered with {have}; this event has size {size}, adler32 {adler32}",
     )
 
 
@@ -174,6 +194,14 @@ async def record_failure(
     if not isinstance(msg, FileReady):
         return  # undecodable: the dead-letter queue holds it with its reason
     await ctx.resources.catalogue.record_failure(
-        request_id=msg.id, kind="ingest", daemon="ingest", reason=err.reason, error=err.message,
-        attempts=attempt, final=final, name=msg.name, path=msg.path, dataset=msg.dataset,
+        request_id=msg.id,
+        kind="ingest",
+        daemon="ingest",
+        reason=err.reason,
+        error=err.message,
+        attempts=attempt,
+        final=final,
+        name=msg.name,
+        path=msg.path,
+        dataset=msg.dataset,
     )

@@ -36,7 +36,9 @@ def locate(path: str, landing_areas: Mapping[str, Path]) -> Located:
             continue
         relpath = source.relative_to(Path(root).resolve()).as_posix()
         return Located(area, source, relpath)
-    raise Permanent("path_outside_area", f"{path} is not inside any landing area ({', '.join(landing_areas)})")
+    raise Permanent(
+        "path_outside_area", f"{path} is not inside any landing area ({', '.join(landing_areas)})"
+    )
 
 
 def logical_name(requested: str | None, located: Located) -> str:

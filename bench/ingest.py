@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import sys
 
-# Run as ``python bench/ingest.py``, the bench directory heads sys.path and ``bench/copy.py`` would
-# shadow the standard library's ``copy`` module (imported by dataclasses, pydantic ...).
+# Run as ``python bench/ingest.py``, the bench directory heads sys.path, where a script named like a
+# standard-library module (``copy.py``) would shadow it for every import below. Drop that entry.
 if sys.path and sys.path[0] and __file__.startswith(sys.path[0]) and __name__ == "__main__":
     sys.path.pop(0)
 
@@ -70,6 +70,7 @@ TARGET_RATE = 1000.0  # files/s
 TARGET_RATIO = 0.3
 TARGET_RSS_MB = 250.0
 POLL = 0.2
+STALL = 120.0  # seconds without a new file registered: the run is stuck
 
 
 class BenchError(Exception):
@@ -282,6 +283,22 @@ class RawResult:
         return self.messages / self.seconds
 
 
+def raw_names(settings: Settings) -> tuple[str, str]:
+    """(exchange, queue) of the raw round trip, derived from the run's isolated names."""
+    return f"{settings.bus.exchange}.raw", f"{settings.bus.queue_prefix}.raw"
+
+
+async def delete_raw_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
+    exchange_name, queue_name = raw_names(settings)
+    channel = await connection.channel()
+    try:
+        await channel.queue_delete(queue_name)
+        await channel.exchange_delete(exchange_name)
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
 async def raw_consumer(url: str, queue_name: str, prefetch: int, count: int) -> None:
     """Child process of the raw round trip: consume and ack ``count`` messages, report timings."""
     connection = await connect(BusSettings(url=url), name="spool-bench-raw-consumer")
@@ -317,7 +334,7 @@ async def raw_round_trip(
     give_up_after: float,
 ) -> RawResult:
     """Publish the events (as ``bench.raw``) to one quorum queue, consumed by a child process."""
-    exchange_name, queue_name = f"{settings.bus.exchange}.raw", f"{settings.bus.queue_prefix}.raw"
+    exchange_name, queue_name = raw_names(settings)
     setup = await connection.channel()
     exchange = await setup.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
     queue = await setup.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
@@ -356,9 +373,9 @@ async def raw_round_trip(
             child.kill()
             await child.wait()
         sampler.stop()
-        await setup.queue_delete(queue_name)
-        await setup.exchange_delete(exchange_name)
-        await setup.close()
+        with contextlib.suppress(Exception):
+            await setup.close()
+        await delete_raw_topology(connection, settings)
     return RawResult(
         messages=report["count"],
         seconds=report["last_ack"] - t0,
@@ -465,13 +482,21 @@ async def spool_ingest(
         publishing = asyncio.create_task(
             publish_cloudevents(connection, settings.bus.exchange, events, on_sent=on_sent)
         )
-        published_at: float | None = None
+        published_at = 0.0
+
+        def on_published(_: asyncio.Task[int]) -> None:
+            nonlocal published_at
+            published_at = time.monotonic()
+
+        publishing.add_done_callback(on_published)
+        last_n, last_change = 0, t0
         while True:
             n = await asyncio.to_thread(count_files, db)
             now = time.monotonic()
-            if published_at is None and publishing.done():
+            if publishing.done():
                 publishing.result()  # surfaces a publish failure
-                published_at = now
+            if n != last_n:
+                last_n, last_change = n, now
             if n >= total:
                 end = now
                 break
@@ -481,10 +506,11 @@ async def spool_ingest(
                 raise BenchError(f"{dead[0]} event(s) dead-lettered in {dead_queue}; first: {why}")
             if daemon.returncode is not None:
                 raise BenchError(f"the ingest daemon exited with {daemon.returncode}:\n{log_tail(log)}")
-            if now - t0 > give_up_after:
+            if now - t0 > give_up_after or now - last_change > STALL:
                 depth = await queue_info(connection, settings.queue("ingest"))
+                why = "no progress" if now - last_change > STALL else "time limit"
                 raise BenchError(
-                    f"gave up after {give_up_after:.0f} s: {n:,}/{total:,} files registered, "
+                    f"gave up after {now - t0:.0f} s ({why}): {n:,}/{total:,} files registered, "
                     f"{sent:,} published, {depth[0] if depth else '?'} in {settings.queue('ingest')}"
                 )
             rate = n / (now - t0) if now > t0 else 0.0
@@ -495,7 +521,7 @@ async def spool_ingest(
             await asyncio.sleep(POLL)
         cpu1 = clock.read() | {"daemon": sampler.cpu_seconds()}
         await publishing
-        publish_seconds = (published_at or end) - t0
+        publish_seconds = published_at - t0
         progress.done(f"spool ingest: {total:,} files registered in {end - t0:.1f} s")
         final_rss = sampler.rss()
     finally:
@@ -613,7 +639,13 @@ async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     say(f"state under {state}; exchange {settings.bus.exchange}, queues {settings.bus.queue_prefix}.*")
     events = make_files(next(iter(settings.landing_areas.values())), args.files, args.size)
     os.sync()  # or the first fsync of the daemon pays for flushing the landing files
-    timeout = 120 + args.files / 100  # gives up below 100 files/s
+    # From here SIGTERM cancels this task as a first Ctrl-C does: the finally blocks below still run
+    # with the loop and the connection alive, so the daemon is stopped and the queues are deleted.
+    # (Before, while files are written, main's handler turns it into KeyboardInterrupt.)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    timeout = 300 + args.files / 20  # gives up below 20 files/s (and after STALL s without progress)
     connection = await connect(settings.bus, name="spool-bench")
     try:
         raw = await raw_round_trip(connection, settings, events, args.prefetch, timeout)
@@ -621,10 +653,13 @@ async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         spool = await spool_ingest(connection, settings, config, events, timeout)
         await verify(settings, events)
     finally:
-        channel = await connection.channel()
-        await delete_topology(channel, settings)
-        await channel.close()
-        await connection.close()
+        try:
+            await delete_raw_topology(connection, settings)
+            channel = await connection.channel()
+            await delete_topology(channel, settings)
+            await channel.close()
+        finally:
+            await connection.close()
     return report(args, raw, spool)
 
 
@@ -664,6 +699,7 @@ def main() -> None:
     else:
         state = Path(tempfile.mkdtemp(prefix="spool-bench-"))
         remove = not args.keep
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         figures = asyncio.run(bench(args, state))
     except BenchError as exc:
@@ -671,6 +707,9 @@ def main() -> None:
         remove = False
         say(f"state kept under {state}")
         sys.exit(1)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        say("\ninterrupted")
+        sys.exit(130)
     finally:
         if remove:
             shutil.rmtree(state, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Micro-batching: many concurrent callers, one call of a batch function.
+"""Micro-batching with group commit: many concurrent callers, one call of a batch function.
 
-Concurrent handlers each ``await batcher.submit(item)``; items are gathered for at most
-``max_wait`` seconds or ``max_size`` items, then ``func(items)`` runs once and every caller gets
-its own result (or the batch's exception). With SQLite this turns 200 transactions into one, which
-is what lets ingest register thousands of files a second.
+Concurrent handlers each ``await batcher.submit(item)``. At most one batch runs at a time; items
+that arrive meanwhile wait and go together in the next batch as soon as the running one ends (or
+after ``max_wait`` when nothing is running, or at once when ``max_size`` items are waiting). So the
+busier the daemon, the larger the batches: with SQLite, one transaction registers hundreds of
+files instead of hundreds of transactions queueing for the single write lock.
 """
 
 from __future__ import annotations
@@ -29,27 +30,26 @@ class MicroBatcher(Generic[T, R]):
         self._max_wait = max_wait
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if len(self._pending) >= self._max_size:
-            self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._max_wait, self._flush)
+        if self._running is None:
+            if len(self._pending) >= self._max_size:
+                self._flush()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self._max_wait, self._flush)
         return await future
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        task = asyncio.create_task(self._run(batch))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        if self._running is not None or not self._pending:
+            return  # the running batch flushes what waits when it ends
+        batch, self._pending = self._pending[: self._max_size], self._pending[self._max_size :]
+        self._running = asyncio.create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
@@ -62,13 +62,17 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batch cancelled"))
             if not isinstance(exc, Exception):
                 raise
-            return
-        for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
+        else:
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+        finally:
+            self._running = None
+            if self._pending:
+                self._flush()  # group commit: what arrived meanwhile goes now, without waiting
 
     async def close(self) -> None:
-        """Flush what is pending and wait for running batches (called after handlers drained)."""
+        """Flush what is pending and wait until every batch has run (after handlers drained)."""
         self._flush()
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        while self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)

@@ -13,13 +13,15 @@ PostgreSQL) so that daemons starting together do not race to create the same tab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
@@ -66,7 +68,7 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
         )
     engine = create_async_engine(u, **kwargs)
     if u.get_backend_name() == "sqlite":
-        _tune_sqlite(engine)
+        _tune_sqlite(engine.sync_engine)
     else:
         # Send a batch of rows as one multi-row INSERT (as SQLAlchemy does for psycopg) rather than
         # asyncpg's executemany, which binds and executes (and, see above, plans) row by row.
@@ -74,8 +76,23 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
     return engine
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def create_sync_sqlite_engine(url: URL) -> Engine | None:
+    """A plain (pysqlite) engine on the same SQLite file, for whole transactions run in a thread.
+
+    Through aiosqlite every statement is a round trip between the event loop and the driver's
+    thread, and a busy daemon's loop makes each one cost milliseconds. Ingest's batch registration
+    (about ten statements) therefore runs in one worker-thread call on this engine instead.
+    None for in-memory databases, which a second engine could not see.
+    """
+    if not _is_sqlite_file(url):
+        return None
+    sync = sa_create_engine(url.set(drivername="sqlite"), poolclass=NullPool)
+    _tune_sqlite(sync)
+    return sync
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module; "begin" below issues BEGIN.
         dbapi_conn.isolation_level = None
@@ -91,13 +108,16 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def writer(engine: AsyncEngine) -> AsyncEngine:
+E = TypeVar("E", AsyncEngine, Engine)
+
+
+def writer(engine: E) -> E:
     """The same engine (same pool) whose transactions are write transactions."""
     return engine.execution_options(**{WRITE_OPTION: True})
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, select
 
 from common.catalogue import schema as s
 from common.catalogue.filters import typed_value
 from common.catalogue.models import FileInfo, IngestRecord, Outcome, RegisterOutcome
-from common.catalogue.sql import chunks, insert_ignore, storage_ids, upsert, utcnow
+from common.catalogue.sql import chunks, insert_ignore_sync, storage_ids_sync, upsert_sync, utcnow
 
 DAEMON = "ingest"
 
@@ -37,24 +36,29 @@ class _Decision:
     file: FileInfo | None
 
 
-async def lookup(conn: AsyncConnection, names: Sequence[str]) -> dict[str, tuple[int, FileInfo]]:
+def lookup(conn: Connection, names: Sequence[str]) -> dict[str, tuple[int, FileInfo]]:
     """Name -> (file id, info) for the names that are registered."""
     out: dict[str, tuple[int, FileInfo]] = {}
     stmt = select(
         s.files.c.id, s.files.c.name, s.datasets.c.name, s.files.c.size, s.files.c.adler32, s.files.c.created
     ).join(s.datasets, s.datasets.c.id == s.files.c.dataset_id)
     for part in chunks(list(dict.fromkeys(names))):
-        for fid, name, ds, size, adler, created in await conn.execute(stmt.where(s.files.c.name.in_(part))):
+        for fid, name, ds, size, adler, created in conn.execute(stmt.where(s.files.c.name.in_(part))):
             out[name] = (fid, FileInfo(name, ds, size, adler, created))
     return out
 
 
-async def _done_events(conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+def _done_events(conn: Connection, ids: Sequence[str]) -> set[str]:
     done: set[str] = set()
     for part in chunks(list(dict.fromkeys(ids))):
         stmt = select(s.requests.c.id).where(s.requests.c.id.in_(part), s.requests.c.state == "done")
-        done.update((await conn.scalars(stmt)).all())
+        done.update(conn.scalars(stmt).all())
     return done
+
+
+def known(conn: Connection, ids: Sequence[str], names: Sequence[str]) -> tuple[set[str], dict[str, FileInfo]]:
+    """What ingest asks before copying: which event ids are done, which names are registered."""
+    return _done_events(conn, ids), {n: info for n, (_, info) in lookup(conn, names).items()}
 
 
 def _decide(
@@ -79,21 +83,21 @@ def _decide(
     return out
 
 
-async def _dataset_ids(conn: AsyncConnection, names: set[str], now: datetime) -> dict[str, int]:
+def _dataset_ids(conn: Connection, names: set[str], now: datetime) -> dict[str, int]:
     stmt = select(s.datasets.c.name, s.datasets.c.id)
-    ids: dict[str, int] = {n: i for n, i in await conn.execute(stmt.where(s.datasets.c.name.in_(names)))}
+    ids: dict[str, int] = {n: i for n, i in conn.execute(stmt.where(s.datasets.c.name.in_(names)))}
     missing = names - ids.keys()
     if missing:
         rows = [{"name": n, "state": "open", "created": now} for n in sorted(missing)]
-        await insert_ignore(conn, s.datasets, rows, ["name"])
-        ids.update({n: i for n, i in await conn.execute(stmt.where(s.datasets.c.name.in_(missing)))})
+        insert_ignore_sync(conn, s.datasets, rows, ["name"])
+        ids.update({n: i for n, i in conn.execute(stmt.where(s.datasets.c.name.in_(missing)))})
     return ids
 
 
-async def register(conn: AsyncConnection, records: Sequence[IngestRecord]) -> list[RegisterOutcome]:
+def register(conn: Connection, records: Sequence[IngestRecord]) -> list[RegisterOutcome]:
     now = utcnow()
-    done = await _done_events(conn, [r.event_id for r in records])
-    existing = await lookup(conn, [r.name for r in records])
+    done = _done_events(conn, [r.event_id for r in records])
+    existing = lookup(conn, [r.name for r in records])
     decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now)
     file_ids = {n: fid for n, (fid, _) in existing.items()}
 
@@ -102,10 +106,10 @@ async def register(conn: AsyncConnection, records: Sequence[IngestRecord]) -> li
     new = sorted((d.record for d in decisions if d.outcome == "registered"), key=lambda r: r.name)
     dups = [d.record for d in decisions if d.outcome == "duplicate"]
     if new:
-        file_ids.update(await _insert_files(conn, new, now))
+        file_ids.update(_insert_files(conn, new, now))
     if new or dups:
-        await _record_requests_and_events(conn, new, dups, now)
-    pfns = await _replica_pfns(conn, decisions, file_ids)
+        _record_requests_and_events(conn, new, dups, now)
+    pfns = _replica_pfns(conn, decisions, file_ids)
     return [
         RegisterOutcome(
             d.record.event_id,
@@ -118,9 +122,9 @@ async def register(conn: AsyncConnection, records: Sequence[IngestRecord]) -> li
     ]
 
 
-async def _insert_files(conn: AsyncConnection, new: list[IngestRecord], now: datetime) -> dict[str, int]:
-    ds_ids = await _dataset_ids(conn, {r.dataset for r in new}, now)
-    endpoint_ids = await storage_ids(conn, {r.storage for r in new})
+def _insert_files(conn: Connection, new: list[IngestRecord], now: datetime) -> dict[str, int]:
+    ds_ids = _dataset_ids(conn, {r.dataset for r in new}, now)
+    endpoint_ids = storage_ids_sync(conn, {r.storage for r in new})
     file_rows = [
         {
             "name": r.name,
@@ -133,7 +137,7 @@ async def _insert_files(conn: AsyncConnection, new: list[IngestRecord], now: dat
         for r in new
     ]
     ins = s.files.insert().returning(s.files.c.name, s.files.c.id)
-    ids: dict[str, int] = {name: fid for name, fid in await conn.execute(ins, file_rows)}
+    ids: dict[str, int] = {name: fid for name, fid in conn.execute(ins, file_rows)}
 
     meta_rows: list[dict[str, Any]] = []
     prov_rows: list[dict[str, Any]] = []
@@ -146,9 +150,9 @@ async def _insert_files(conn: AsyncConnection, new: list[IngestRecord], now: dat
             )
         prov_rows.extend({"child_id": fid, "parent_name": p} for p in r.parents)
     if meta_rows:
-        await conn.execute(s.file_metadata.insert(), meta_rows)
+        conn.execute(s.file_metadata.insert(), meta_rows)
     if prov_rows:
-        await conn.execute(s.provenance.insert(), prov_rows)
+        conn.execute(s.provenance.insert(), prov_rows)
     replica_rows = [
         {
             "file_id": ids[r.name],
@@ -162,12 +166,12 @@ async def _insert_files(conn: AsyncConnection, new: list[IngestRecord], now: dat
         }
         for r in new
     ]
-    await conn.execute(s.replicas.insert(), replica_rows)
+    conn.execute(s.replicas.insert(), replica_rows)
     return ids
 
 
-async def _record_requests_and_events(
-    conn: AsyncConnection, new: list[IngestRecord], dups: list[IngestRecord], now: datetime
+def _record_requests_and_events(
+    conn: Connection, new: list[IngestRecord], dups: list[IngestRecord], now: datetime
 ) -> None:
     both = sorted(new + dups, key=lambda r: r.event_id)
     request_rows = [
@@ -187,7 +191,7 @@ async def _record_requests_and_events(
         for r in both
     ]
     # A request that failed before keeps its last reason / error for the record; only state moves.
-    await upsert(
+    upsert_sync(
         conn, s.requests, request_rows, ["id"], ["state", "attempts", "name", "path", "dataset", "updated"]
     )
     event_rows = [
@@ -204,11 +208,11 @@ async def _record_requests_and_events(
         for rs, outcome in ((new, "ok"), (dups, "duplicate"))
         for r in rs
     ]
-    await conn.execute(s.events.insert(), event_rows)
+    conn.execute(s.events.insert(), event_rows)
 
 
-async def _replica_pfns(
-    conn: AsyncConnection, decisions: list[_Decision], file_ids: dict[str, int]
+def _replica_pfns(
+    conn: Connection, decisions: list[_Decision], file_ids: dict[str, int]
 ) -> dict[tuple[str, str], str]:
     """(name, storage) -> pfn for the files a duplicate refers to, so the caller can re-announce."""
     wanted = {
@@ -224,6 +228,6 @@ async def _replica_pfns(
     )
     out: dict[tuple[str, str], str] = {}
     for part in chunks(sorted(wanted)):
-        rows = await conn.execute(stmt.where(s.files.c.id.in_(part)))
+        rows = conn.execute(stmt.where(s.files.c.id.in_(part)))
         out.update({(name, storage): pfn for name, storage, pfn in rows})
     return out

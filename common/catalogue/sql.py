@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, select
+from sqlalchemy import Connection, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -55,13 +55,13 @@ def chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
         yield items[i : i + size]
 
 
-def _insert(conn: AsyncConnection, table: Table) -> Any:
+def _insert(conn: Connection | AsyncConnection, table: Table) -> Any:
     mod = postgresql if conn.dialect.name == "postgresql" else sqlite
     return mod.insert(table)
 
 
-async def upsert(
-    conn: AsyncConnection,
+def upsert_sync(
+    conn: Connection,
     table: Table,
     rows: Sequence[dict[str, Any]],
     keys: Sequence[str],
@@ -72,23 +72,45 @@ async def upsert(
         return
     stmt = _insert(conn, table)
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
-    await conn.execute(stmt, list(rows))
+    conn.execute(stmt, list(rows))
 
 
-async def insert_ignore(
-    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
+def insert_ignore_sync(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
 ) -> None:
     """Insert rows, silently keeping the existing row on a key clash (a concurrent creator won)."""
     if rows:
-        await conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
+        conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
 
 
-async def storage_ids(conn: AsyncConnection, names: set[str]) -> dict[str, int]:
+def storage_ids_sync(conn: Connection, names: set[str]) -> dict[str, int]:
     ep = s.storage_endpoints
     ids: dict[str, int] = {
-        n: i for n, i in await conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))
+        n: i for n, i in conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))
     }
     missing = names - ids.keys()
     if missing:
         raise UnknownStorageError(f"unknown storage endpoint(s): {', '.join(sorted(missing))}")
     return ids
+
+
+# The write helpers are written once, synchronously, so that a batch can run whole in a worker
+# thread (SQLite) or inside an async connection (``run_sync``, PostgreSQL).
+async def upsert(
+    conn: AsyncConnection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    update: Sequence[str],
+) -> None:
+    await conn.run_sync(upsert_sync, table, rows, keys, update)
+
+
+async def insert_ignore(
+    conn: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> None:
+    await conn.run_sync(insert_ignore_sync, table, rows, keys)
+
+
+async def storage_ids(conn: AsyncConnection, names: set[str]) -> dict[str, int]:
+    return await conn.run_sync(storage_ids_sync, names)

@@ -24,7 +24,7 @@ from typing import Any
 from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
-from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome, RequestInfo
+from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
@@ -38,7 +38,7 @@ log = get_logger("spool.ingest")
 
 @dataclass
 class Known:
-    request: RequestInfo | None
+    event_done: bool
     file: FileInfo | None
 
 
@@ -49,6 +49,7 @@ class IngestResources:
     storage_name: str
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
+    per_file_fsync: bool = True
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, name: str) -> asyncio.Lock:
@@ -76,19 +77,25 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             log.info("removed_stale_temp_files", storage=storage_name, count=removed)
 
         async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
-            requests = await catalogue.request_state([k[0] for k in keys])
-            files = await catalogue.lookup_files([k[1] for k in keys])
-            return [Known(requests.get(i), files.get(n)) for i, n in keys]
+            done, files = await catalogue.ingest_known([k[0] for k in keys], [k[1] for k in keys])
+            return [Known(i in done, files.get(n)) for i, n in keys]
 
         batch = settings.catalogue
+        per_file_fsync = endpoint.durability == "file"
+
+        async def durable_register(records: Sequence[IngestRecord]) -> Sequence[RegisterOutcome]:
+            # Group commit: the copies of the whole batch reach the disk before any is recorded.
+            if not per_file_fsync:
+                await storage.sync()
+            return await catalogue.register_ingested(records)
+
         resources = IngestResources(
             catalogue=catalogue,
             storage=storage,
             storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
-            registrar=MicroBatcher(
-                catalogue.register_ingested, max_size=batch.batch_size, max_wait=batch.batch_wait
-            ),
+            registrar=MicroBatcher(durable_register, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            per_file_fsync=per_file_fsync,
         )
         try:
             yield resources
@@ -132,7 +139,7 @@ async def _ingest_locked(
 ) -> FileInfo:
     res = ctx.resources
     known = await res.lookups.submit((msg.id, name))
-    if known.request is not None and known.request.state == "done" and known.file is not None:
+    if known.event_done and known.file is not None:
         ctx.log.info("duplicate_event", name=name)
         return known.file
     if known.file is not None:
@@ -146,7 +153,11 @@ async def _ingest_locked(
         size, adler32 = known.file.size, known.file.adler32
     else:
         copied = await res.storage.put_from(
-            located.source, name, expected_size=msg.size, expected_adler32=msg.adler32
+            located.source,
+            name,
+            expected_size=msg.size,
+            expected_adler32=msg.adler32,
+            fsync=res.per_file_fsync,
         )
         size, adler32 = copied.size, copied.adler32
     record = IngestRecord(

@@ -553,3 +553,24 @@ def test_open_storage_refuses_unknown_backends_and_tape(tmp_path: Path) -> None:
         with pytest.raises(Permanent) as err:
             open_storage("x", ep)
         assert err.value.reason == "unknown_storage"
+
+
+async def test_sync_flushes_the_endpoint_file_system_without_error(tmp_path: Path) -> None:
+    storage = PosixStorage("d", tmp_path / "root")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"group commit")
+    result = await storage.put_from(src, "a/b.bin", fsync=False)
+    await storage.sync()  # syncfs of the root's file system: the batch is durable after this
+    assert (tmp_path / "root" / result.pfn).read_bytes() == b"group commit"
+    storage.close()
+
+
+async def test_small_file_copied_inline_is_verified_like_any_other(tmp_path: Path) -> None:
+    storage = PosixStorage("d", StorageEndpoint(root=tmp_path / "root", inline_copy_bytes=1024))
+    src = tmp_path / "small.bin"
+    src.write_bytes(b"x" * 100)
+    with pytest.raises(Permanent) as err:
+        await storage.put_from(src, "s.bin", expected_size=100, expected_adler32="00000001")
+    assert err.value.reason == "checksum_mismatch"
+    assert not list((tmp_path / "root").rglob("*spool-tmp*"))
+    storage.close()

@@ -31,7 +31,7 @@ from structlog.contextvars import bound_contextvars
 
 from common import codec
 from common.bus import headers as H
-from common.bus.publisher import AmqpPublisher
+from common.bus.publisher import AmqpPublisher, copy_of
 from common.bus.retry import UNEXPECTED, Decision, classify, decide
 from common.bus.service import Context, Service
 from common.config import Settings
@@ -293,19 +293,7 @@ def _copy_with_headers(
                 H.TIME: datetime.now(UTC).isoformat(),
             }
         )
-    return aio_pika.Message(
-        delivery.body,
-        headers=headers,
-        content_type=delivery.content_type,
-        content_encoding=delivery.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=delivery.message_id,
-        correlation_id=delivery.correlation_id,
-        type=delivery.type,
-        app_id=delivery.app_id,
-        timestamp=delivery.timestamp,
-        reply_to=delivery.reply_to,
-    )
+    return copy_of(delivery, headers)
 
 
 def _as_int(value: Any, default: int) -> int:

@@ -16,6 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.bus import headers as H
+from common.bus.publisher import copy_of
 from common.bus.topology import BINDINGS
 from common.config import Settings
 
@@ -176,15 +177,4 @@ def _revived(msg: AbstractIncomingMessage) -> aio_pika.Message:
     for key in (H.ATTEMPTS, H.TIME, H.HOST):
         headers.pop(key, None)
     headers[H.ROUTING_KEY] = _original_routing_key(msg)
-    return aio_pika.Message(
-        msg.body,
-        headers=headers,
-        content_type=msg.content_type,
-        message_id=msg.message_id,
-        correlation_id=msg.correlation_id,
-        type=msg.type,
-        app_id=msg.app_id,
-        timestamp=msg.timestamp,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        reply_to=msg.reply_to,
-    )
+    return copy_of(msg, headers)

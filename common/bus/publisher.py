@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from common import codec
 from common.bus import headers as H
@@ -89,6 +89,27 @@ class AmqpPublisher:
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+def copy_of(delivery: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a received message with new headers (retry tiers, dead letters, revival).
+
+    Body and AMQP properties are kept as they came, so a message looks the same in every queue it
+    passes through; only Spool's headers tell its story.
+    """
+    return aio_pika.Message(
+        delivery.body,
+        headers=headers,
+        content_type=delivery.content_type,
+        content_encoding=delivery.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=delivery.message_id,
+        correlation_id=delivery.correlation_id,
+        type=delivery.type,
+        app_id=delivery.app_id,
+        timestamp=delivery.timestamp,
+        reply_to=delivery.reply_to,
+    )
 
 
 def _is_ack(confirmation: object) -> bool:

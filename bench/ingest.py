@@ -652,15 +652,31 @@ async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         say(f"raw round trip: {raw.rate:,.0f} msg/s ({raw.seconds:.1f} s)")
         spool = await spool_ingest(connection, settings, config, events, timeout)
         await verify(settings, events)
+    except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+        if connection.is_closed or not connection.connected.is_set():
+            raise BenchError(f"lost the broker connection, figures void: {exc!r}") from exc
+        raise
     finally:
-        try:
-            await delete_raw_topology(connection, settings)
-            channel = await connection.channel()
-            await delete_topology(channel, settings)
-            await channel.close()
-        finally:
-            await connection.close()
+        await connection.close()
+        await cleanup_broker(settings)
     return report(args, raw, spool)
+
+
+async def cleanup_broker(settings: Settings) -> None:
+    """Delete the run's queues and exchanges on a fresh connection (the run's may be broken)."""
+    try:
+        connection = await connect(settings.bus, name="spool-bench-cleanup")
+    except Exception as exc:
+        names = f"queues {settings.bus.queue_prefix}.* and exchange {settings.bus.exchange}"
+        say(f"could not delete {names}: {exc}")
+        return
+    try:
+        await delete_raw_topology(connection, settings)
+        channel = await connection.channel()
+        await delete_topology(channel, settings)
+        await channel.close()
+    finally:
+        await connection.close()
 
 
 def main() -> None:
@@ -710,6 +726,10 @@ def main() -> None:
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("\ninterrupted")
         sys.exit(130)
+    except Exception:
+        remove = False
+        say(f"state kept under {state}")
+        raise
     finally:
         if remove:
             shutil.rmtree(state, ignore_errors=True)

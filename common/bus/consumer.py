@@ -34,6 +34,7 @@ from common.bus import headers as H
 from common.bus.publisher import AmqpPublisher, copy_of
 from common.bus.retry import UNEXPECTED, Decision, classify, decide
 from common.bus.service import Context, Service
+from common.bus.topology import work_queue_arguments
 from common.config import Settings
 from common.errors import InvalidMessage, SpoolError
 from common.messages import FileFailed, Message
@@ -98,7 +99,11 @@ class Runner:
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
-        self._queue = await self.channel.get_queue(self.queue_name, ensure=False)
+        # Declared (not merely looked up) on the robust channel: aio-pika restores the consumer of
+        # a declared queue after the broker restarts, and only of a declared one.
+        self._queue = await self.channel.declare_queue(
+            self.queue_name, durable=True, arguments=work_queue_arguments(self.settings, self.service.name)
+        )
         self._tag = await self._queue.consume(self._on_message)
         log.info("consuming", queue=self.queue_name, daemon=self.service.name)
 
@@ -123,9 +128,10 @@ class Runner:
             await self.channel.close()  # the broker requeues whatever is still unacked
 
     async def queue_depth(self) -> int:
+        """Messages ready in the work queue now (a fresh declare-ok, not a cached one)."""
         assert self._queue is not None
-        declared = await self.channel.declare_queue(self.queue_name, passive=True)
-        return declared.declaration_result.message_count or 0
+        result = await self._queue.declare()
+        return result.message_count or 0
 
     @property
     def in_flight(self) -> int:

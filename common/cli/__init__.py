@@ -6,7 +6,6 @@ and a non-zero exit code, never a traceback: ``main`` is the one place that maps
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ def run(
 ) -> None:
     """Run one daemon, or all of them in one process, until SIGTERM."""
     from common.logging import configure_logging
-    from common.runtime import run_services
+    from common.runtime import run_loop, run_services
     from daemons import registry
 
     settings = settings_from(ctx)
@@ -61,7 +60,7 @@ def run(
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.NOTSET)
     configure_logging(settings.log, daemon=None if daemon == "all" else daemon)
-    raise typer.Exit(asyncio.run(run_services(services, settings, once=once)))
+    raise typer.Exit(run_loop(run_services(services, settings, once=once)))
 
 
 # Sub-command modules register themselves on ``app``.

@@ -62,3 +62,10 @@ async def test_concurrent_events_for_one_name_with_different_content_never_overw
     [event] = ctx.publisher.of_type(FileIngested)
     stored = (settings.storage["disk1"].root / "r/c.fits").read_bytes()
     assert event.size == len(stored)  # what is registered is what is on disk
+
+
+async def test_name_locks_do_not_accumulate_over_a_night(ctx, settings):
+    for i in range(20):
+        src = landed(settings, f"r/n{i}.fits", b"n" * i)
+        await ingest_file(FileReady(path=str(src), dataset=DATASET), ctx)
+    assert ctx.resources._locks == {}

@@ -43,6 +43,12 @@ class Known:
 
 
 @dataclass
+class _NameLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@dataclass
 class IngestResources:
     catalogue: Catalogue
     storage: PosixStorage
@@ -50,15 +56,21 @@ class IngestResources:
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
     per_file_fsync: bool = True
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _locks: dict[str, _NameLock] = field(default_factory=dict)
 
-    def lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
-
-    def release(self, name: str) -> None:
-        lock = self._locks.get(name)
-        if lock is not None and not lock.locked():
-            del self._locks[name]
+    @asynccontextmanager
+    async def name_lock(self, name: str) -> AsyncIterator[None]:
+        """Serialise events for one logical name inside this process; the entry lives only while
+        someone holds or awaits it (a reference count, so a night of names does not pile up)."""
+        entry = self._locks.setdefault(name, _NameLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[name]
 
 
 def _describe(msg: Message) -> dict[str, Any]:
@@ -116,11 +128,8 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
     steps.check_dataset(msg.dataset, settings.datasets)
     located = steps.locate(msg.path, settings.landing_areas)
     name = steps.logical_name(msg.name, located)
-    async with res.lock(name):
-        try:
-            info = await _ingest_locked(msg, ctx, located, name)
-        finally:
-            res.release(name)
+    async with res.name_lock(name):
+        info = await _ingest_locked(msg, ctx, located, name)
     await ctx.publisher.publish(
         FileIngested(
             name=info.name,

@@ -27,7 +27,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 # Page cache of the connection that writes ingest batches: the catalogue outgrows 32 MB at about
 # 25,000 files, after which registration slowed by a factor of 3-4 (measured up to 200,000 files).
-WRITER_CACHE_KIB = 96_000
+WRITER_CACHE_KIB = 64_000
 WRITE_OPTION = "spool_write"  # execution option marking a write transaction
 _PG_MIGRATION_LOCK = 0x5350_4F4F_4C  # arbitrary constant: "SPOOL"
 

@@ -217,3 +217,25 @@ async def _get(
             return msg
         await asyncio.sleep(0.05)
     raise AssertionError("no message arrived")
+
+
+async def test_every_log_line_about_a_message_carries_its_context(settings, broker, topology):
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    service = Service("ingest", describe=lambda msg: {"file": getattr(msg, "path", None)})
+
+    @service.handler(FileReady)
+    async def handle(msg: FileReady, ctx: Context[Any]) -> None:
+        ctx.log.info("working")
+        raise Permanent("checksum_mismatch", "adler32 differs")
+
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        async with running([service], settings):
+            await publish_raw(broker, settings, "file.ready", event("logged", "ev-log"))
+            await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
+    lines = [e for e in logs if e.get("message_id") == "ev-log"]
+    assert {e["event"] for e in lines} >= {"working", "dead_lettered"}
+    for e in lines:
+        assert (e["daemon"], e["attempt"], e["file"]) == ("ingest", 1, "/land/logged")
+        assert e["correlation_id"] == "ev-log"

@@ -96,6 +96,7 @@ class Runner:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._throttle = ReasonThrottle()
+        self._log = structlog.get_logger(service.name)
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
@@ -148,47 +149,47 @@ class Runner:
         finally:
             self._tasks.discard(task)
 
+    def _context(self, attempt: int, correlation_id: str | None) -> Context[Any]:
+        return Context(
+            daemon=self.service.name, settings=self.settings, publisher=self.publisher,
+            resources=self.resources, log=self._log, attempt=attempt, correlation_id=correlation_id,
+        )  # fmt: skip
+
     async def _handle(self, delivery: AbstractIncomingMessage) -> None:
         headers = delivery.headers or {}
         attempt = _as_int(headers.get(H.ATTEMPT), 1)
         routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
-        msg: Message | None = None
-        with bound_contextvars(
-            daemon=self.service.name,
-            message_id=delivery.message_id,
-            attempt=attempt,
-            correlation_id=delivery.correlation_id,
-        ):
-            ctx: Context[Any] = Context(
-                daemon=self.service.name,
-                settings=self.settings,
-                publisher=self.publisher,
-                resources=self.resources,
-                log=structlog.get_logger(self.service.name),
-                attempt=attempt,
+        try:
+            route = self.service.routes.get(routing_key)
+            if route is None:
+                raise InvalidMessage(
+                    codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}"
+                )
+            msg = codec.decode(delivery.body, delivery.content_type, routing_key, delivery.message_id)
+        except Exception as exc:  # undecodable / invalid: straight to the runner's verdict
+            with bound_contextvars(
+                daemon=self.service.name, message_id=delivery.message_id, attempt=attempt,
                 correlation_id=delivery.correlation_id,
-            )
+            ):  # fmt: skip
+                ctx = self._context(attempt, delivery.correlation_id)
+                await self._failed(delivery, None, exc, attempt, routing_key, ctx)
+            return
+        # One binding per message (it is on the hot path): every line logged while handling it,
+        # by the handler or by the runner, carries these fields.
+        ctx = self._context(attempt, delivery.correlation_id or msg.id)
+        with bound_contextvars(
+            daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
+            **self.service.describe(msg),
+        ):  # fmt: skip
             try:
-                route = self.service.routes.get(routing_key)
-                if route is None:
-                    raise InvalidMessage(
-                        codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}"
-                    )
-                msg = codec.decode(delivery.body, delivery.content_type, routing_key, delivery.message_id)
-                ctx.correlation_id = delivery.correlation_id or msg.id
-                with bound_contextvars(
-                    message_id=msg.id, correlation_id=ctx.correlation_id, **self.service.describe(msg)
-                ):
-                    await route.handler(msg, ctx)
+                await route.handler(msg, ctx)
             except asyncio.CancelledError:
                 raise  # stopping: leave unacked, the broker requeues it
             except Exception as exc:
-                extra = self.service.describe(msg) if msg is not None else {}
-                with bound_contextvars(**extra):
-                    await self._failed(delivery, msg, exc, attempt, routing_key, ctx)
+                await self._failed(delivery, msg, exc, attempt, routing_key, ctx)
                 return
-            await self._settle(delivery)
-            self.stats.processed += 1
+        await self._settle(delivery)
+        self.stats.processed += 1
 
     async def _failed(
         self,

@@ -5,6 +5,7 @@ No I/O beyond resolving paths, so each rule is unit-tested directly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Literal
 
 from common.config import DatasetSettings
 from common.errors import Permanent
-from common.storage.paths import resolve_inside
+from common.storage.paths import real_dir, resolve_inside
 
 Verdict = Literal["new", "duplicate", "conflict"]
 
@@ -34,7 +35,7 @@ def locate(path: str, landing_areas: Mapping[str, Path]) -> Located:
             source = resolve_inside(root, path)
         except Permanent:
             continue
-        relpath = source.relative_to(Path(root).resolve()).as_posix()
+        relpath = os.path.relpath(source, real_dir(os.fspath(root)))
         return Located(area, source, relpath)
     raise Permanent(
         "path_outside_area", f"{path} is not inside any landing area ({', '.join(landing_areas)})"

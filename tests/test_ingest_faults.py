@@ -63,6 +63,16 @@ def start_ingest(config_file: Path, log: Path, *extra: str) -> subprocess.Popen[
         )
 
 
+async def night_being_ingested(
+    settings: Settings, config_file: Path, log: Path, n: int
+) -> subprocess.Popen[bytes]:
+    """``n`` files announced to a freshly started ingest process; returns that process."""
+    events = write_night(settings, n)
+    proc = start_ingest(config_file, log)
+    await publish_events(settings, events, quiet=True)
+    return proc
+
+
 async def registered(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
         return (await c.counts()).files
@@ -85,10 +95,8 @@ async def test_ingest_killed_three_times_registers_every_file_exactly_once(
     settings, config_file, broker, topology, tmp_path
 ):
     n = 2000
-    events = write_night(settings, n)
     log = tmp_path / "ingest.log"
-    proc = start_ingest(config_file, log)
-    await publish_events(settings, events, quiet=True)
+    proc = await night_being_ingested(settings, config_file, log, n)
     try:
         for threshold in (300, 800, 1300):
             await wait_for(lambda t=threshold: _at_least(settings, t), timeout=120, interval=0.02)
@@ -110,10 +118,8 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(
     settings, config_file, broker, topology, tmp_path
 ):
     n = 600
-    events = write_night(settings, n)
     log = tmp_path / "ingest.log"
-    proc = start_ingest(config_file, log)
-    await publish_events(settings, events, quiet=True)
+    proc = await night_being_ingested(settings, config_file, log, n)
     await wait_for(lambda: _at_least(settings, 50), timeout=60, interval=0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
@@ -155,10 +161,8 @@ async def test_second_sigterm_exits_at_once(settings, config_file, broker, topol
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs a local RabbitMQ node to restart")
 async def test_broker_restart_mid_stream_loses_nothing(settings, config_file, broker, topology, tmp_path):
     n = 1500
-    events = write_night(settings, n)
     log = tmp_path / "ingest.log"
-    proc = start_ingest(config_file, log)
-    await publish_events(settings, events, quiet=True)
+    proc = await night_being_ingested(settings, config_file, log, n)
     try:
         await wait_for(lambda: _at_least(settings, 200), timeout=60, interval=0.02)
         restart = await asyncio.create_subprocess_exec(

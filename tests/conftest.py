@@ -75,12 +75,27 @@ async def broker(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractRobus
     try:
         yield connection
     finally:
+        await connection.close()
+        # A fresh connection for the clean-up: after a broker-restart test the robust one may
+        # still be between reconnection attempts.
+        cleanup = await _connect_with_retries(settings.bus.url)
         try:
-            channel = await connection.channel()
+            channel = await cleanup.channel()
             await delete_topology(channel, settings)
             await channel.close()
         finally:
-            await connection.close()
+            await cleanup.close()
+
+
+async def _connect_with_retries(url: str, seconds: float = 60.0) -> aio_pika.abc.AbstractConnection:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            return await aio_pika.connect(url)
+        except (OSError, aio_pika.exceptions.AMQPError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the services Spool needs answer: `rabbitmq` (always) and `postgres` (tests).
+# Make sure the services Spool needs answer: `rabbitmq` (always, with its management plugin) and
+# `postgres` (tests).
 # Starts a local server that is installed but stopped; installs it with apt when running as root
 # on CI (or with SPOOL_INSTALL_SERVICES=1); otherwise says exactly how to get one. Waits until the
 # port answers. Usage: .ci/services.sh rabbitmq [postgres]
@@ -45,6 +46,25 @@ MSG
   fi
 }
 
+# The management plugin (HTTP API on 15672) is what shows in-flight messages and who holds them in
+# `spool status` / `spool queues`. Without it Spool still runs and says what it cannot show, so a
+# failure here is a warning, not an error.
+ensure_management() {
+  port_open 15672 && return 0
+  if ! command -v rabbitmq-plugins >/dev/null; then
+    echo "services: note: the RabbitMQ management API does not answer on 127.0.0.1:15672 (broker" \
+         "elsewhere?); spool status will not show in-flight messages" >&2
+    return 0
+  fi
+  echo "services: enabling rabbitmq_management"
+  if ! rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1; then
+    echo "services: warning: 'rabbitmq-plugins enable rabbitmq_management' failed (run it as root);" \
+         "spool status will not show in-flight messages" >&2
+    return 0
+  fi
+  wait_port rabbitmq-management 15672 60 || true
+}
+
 ensure_postgres() {
   port_open 5432 && return 0
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
@@ -71,7 +91,7 @@ ensure_postgres() {
 status=0
 for svc in "$@"; do
   case "$svc" in
-    rabbitmq) ensure_rabbitmq || status=1 ;;
+    rabbitmq) { ensure_rabbitmq && ensure_management; } || status=1 ;;
     postgres) ensure_postgres || status=1 ;;
     *) echo "services: unknown service $svc" >&2; status=1 ;;
   esac

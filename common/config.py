@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from common.errors import ConfigError
+from common.tape.config import SimulatedLibraryConfig
 
 DEFAULT_CONFIG_PATH = Path("config/spool.toml")
 DAEMON_NAMES = ("ingest", "replicator", "tape", "recall", "monitor")
@@ -70,8 +71,15 @@ class CatalogueSettings(_Strict):
 
 class StorageEndpoint(_Strict):
     kind: Literal["disk", "tape"] = "disk"
-    backend: Literal["posix"] = "posix"
-    root: Path
+    # posix: a directory (disk). simulated: a pool of a simulated tape library (tape).
+    backend: Literal["posix", "simulated"] = "posix"
+    # Disk: the directory. Tape: unused (the library has its own root); may be left out.
+    root: Path = Path("")
+    # Tape only: the library (``[tape_libraries.<name>]``; "default" is created under state_dir
+    # when not configured) and its tape pool (default: the endpoint's name). Several copies of a
+    # file go to several tape endpoints, i.e. pools, so they never share a cartridge.
+    library: str = "default"
+    pool: str | None = None
     # Free-form attributes for replication rules (site=PIC, tier=1 ...).
     attributes: dict[str, str] = Field(default_factory=dict)
     # At start-up a daemon removes temporary files of copies interrupted by a crash. 0 removes all
@@ -86,6 +94,11 @@ class StorageEndpoint(_Strict):
     # Files announced with a size up to this many bytes are copied on the daemon's event loop
     # instead of a worker thread (cheaper for small files). 0 for mounts that may hang.
     inline_copy_bytes: int = Field(default=65536, ge=0)
+    # Replicator: copies written to this endpoint at once (its per-destination concurrency limit).
+    max_transfers: int = Field(default=8, ge=1)
+    # A copy that would leave less free space than this is refused as ``disk_full`` (a reserve for
+    # other users of a shared file system). 0: only the file system's own ENOSPC counts.
+    min_free_bytes: int = Field(default=0, ge=0)
 
 
 class DatasetSettings(_Strict):
@@ -116,10 +129,111 @@ class DaemonSettings(_Strict):
     concurrency: int = Field(default=256, ge=1)
 
 
+class RuleSettings(_Strict):
+    """A replication rule declared in the config file (``[rules.<id>]``); see ``common.catalogue.policy``."""
+
+    # Which files: a regular expression the dataset name must fully match, and / or metadata
+    # filters as ``spool find`` takes them ("run>=12000", "telescope=LST1"). At least one.
+    datasets: str | None = None
+    metadata: list[str] = Field(default_factory=list)
+    # Where: an endpoint name, or an attribute expression over endpoints ("site=PIC&kind=disk";
+    # "kind" and "name" are attributes of every endpoint).
+    endpoints: str
+    copies: int = Field(default=1, ge=1)
+    # Seconds a copy made for this rule is kept after the file matched it; None: for ever.
+    lifetime: float | None = Field(default=None, gt=0)
+    priority: int = Field(default=3, ge=0, le=9)
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> RuleSettings:
+        if self.datasets is None and not self.metadata:
+            raise ValueError("a rule needs 'datasets' (a pattern) and / or 'metadata' (filters)")
+        return self
+
+
+class ReplicationSettings(_Strict):
+    # Circuit breaker: consecutive retryable failures writing to one endpoint that pause it, and
+    # seconds before one probe copy is let through (doubling on each failed probe, up to the max).
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=30.0, gt=0)
+    breaker_max_cooldown: float = Field(default=600.0, gt=0)
+    # Seconds between looks at endpoint states (an operator's `spool rse set`), new rules to
+    # evaluate, and copies whose lifetime ended.
+    poll_interval: float = Field(default=2.0, gt=0)
+    reaper_interval: float = Field(default=60.0, gt=0)
+
+
+class TapeSettings(_Strict):
+    """The tape daemon's archive policy (``[tape]``): when a pool's queue is worth a mount."""
+
+    # A mount for writing happens when a pool's queued requests reach any of these (as in
+    # production tape systems: enough bytes, enough files, or the oldest waited long enough).
+    mount_min_bytes: int = Field(default=100_000_000_000, ge=1)
+    mount_min_files: int = Field(default=10_000, ge=1)
+    mount_max_age: float = Field(default=1800.0, gt=0)
+    # At most this much is written in one mount before the drive is offered to others.
+    batch_max_files: int = Field(default=50_000, ge=1)
+    batch_max_bytes: int = Field(default=2_000_000_000_000, ge=1)
+    # Seconds between looks at the queues.
+    poll_interval: float = Field(default=1.0, gt=0)
+    # Failed mounts of one cartridge (on any drive) before it is marked ``suspect`` and another
+    # cartridge of the pool is taken.
+    mount_failures_before_suspect: int = Field(default=3, ge=1)
+    # Files written are recorded in the catalogue (and announced) in groups of at most this many,
+    # or every second; a kill before that loses nothing: start-up finds them on the cartridge.
+    record_every: int = Field(default=64, ge=1)
+
+
+class RecallSettings(_Strict):
+    """The recall daemon (``[recall]``)."""
+
+    # Recalled disk copies are kept (pinned) this long, then may be deleted if another copy exists.
+    pin_seconds: float = Field(default=86_400.0, gt=0)
+    # Seconds between looks at pending recalls.
+    poll_interval: float = Field(default=1.0, gt=0)
+    # Files read in one mount at most, before the drive is offered to others.
+    batch_max_files: int = Field(default=50_000, ge=1)
+    # Drives recall may hold at once (the tape daemon needs some too); 0: every free drive.
+    max_drives: int = Field(default=0, ge=0)
+    # Seconds a mounted drive waits for room in a full destination buffer before it is released
+    # (the files stay queued: recall waits for space, it never fails for lack of it).
+    buffer_wait: float = Field(default=60.0, gt=0)
+    # Seconds before a cartridge whose mount failed (drive broken, cartridge busy) is tried again.
+    retry_delay: float = Field(default=30.0, gt=0)
+
+
 class LogSettings(_Strict):
     level: str = "info"
     # auto: JSON when stderr is not a terminal, coloured console lines when it is.
     format: Literal["auto", "json", "console"] = "auto"
+
+
+class MonitorSettings(_Strict):
+    """The monitor daemon (``[monitor]``) and where ``spool status`` finds it."""
+
+    # Prometheus /metrics, /api/status and the dashboard. 0.0.0.0: scraped from other hosts, as
+    # exporters usually are; 127.0.0.1 keeps it local. Port 0 picks a free one (tests).
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=9464, ge=0, le=65535)
+    # Where `spool status` reaches the monitor; empty: http://127.0.0.1:<http_port>.
+    url: str = ""
+    # RabbitMQ management API; empty: derived from bus.url (same host and credentials, port 15672,
+    # https and 15671 for amqps). Used for in-flight (unacked) counts and who holds them.
+    management_url: str = ""
+    management_timeout: float = Field(default=5.0, gt=0)
+    # Seconds between looks at queue depths and endpoint states.
+    poll_interval: float = Field(default=5.0, gt=0)
+    # An instance is late after heartbeat_late x bus.heartbeat_interval without a heartbeat, dead
+    # after heartbeat_dead x; a dead instance is forgotten after forget_after seconds.
+    heartbeat_late: float = Field(default=2.0, gt=0)
+    heartbeat_dead: float = Field(default=4.0, gt=0)
+    forget_after: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _dead_after_late(self) -> MonitorSettings:
+        if self.heartbeat_dead <= self.heartbeat_late:
+            raise ValueError("heartbeat_dead must be greater than heartbeat_late")
+        return self
 
 
 def _default_daemons() -> dict[str, DaemonSettings]:
@@ -142,14 +256,40 @@ class Settings(BaseSettings):
     landing_areas: dict[str, Path] = Field(default_factory=lambda: {"default": Path("landing")})
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
     daemons: dict[str, DaemonSettings] = Field(default_factory=_default_daemons)
+    # Replication rules loaded at start (id -> rule); `spool rule add` adds more at run time.
+    rules: dict[str, RuleSettings] = Field(default_factory=dict)
+    replication: ReplicationSettings = Field(default_factory=ReplicationSettings)
+    # Simulated tape libraries by name (root relative to state_dir); see common.tape.config.
+    tape_libraries: dict[str, SimulatedLibraryConfig] = Field(default_factory=dict)
+    tape: TapeSettings = Field(default_factory=TapeSettings)
+    recall: RecallSettings = Field(default_factory=RecallSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         self.state_dir = self.state_dir.expanduser().absolute()
-        for ep in self.storage.values():
+        for name, ep in self.storage.items():
+            if ep.kind == "tape":
+                ep.backend = "simulated"
+                ep.pool = ep.pool or name
+                if ep.library == "default" and "default" not in self.tape_libraries:
+                    self.tape_libraries["default"] = SimulatedLibraryConfig(root=Path("tape-library"))
+                if ep.library not in self.tape_libraries:
+                    raise ValueError(
+                        f"storage.{name}.library: no tape library {ep.library!r} "
+                        f"(configured: {', '.join(self.tape_libraries) or 'none'})"
+                    )
+            elif ep.backend != "posix" or ep.root == Path(""):
+                raise ValueError(f"storage.{name}: a disk endpoint needs backend 'posix' and a root")
             if not ep.root.is_absolute():
                 ep.root = self.state_dir / ep.root
+        for lib in self.tape_libraries.values():
+            if not lib.root.is_absolute():
+                lib.root = self.state_dir / lib.root
+        for ep in self.storage.values():
+            if ep.kind == "tape":
+                ep.root = self.tape_libraries[ep.library].root  # shown by `spool rse show`
         self.landing_areas = {
             k: (v if v.is_absolute() else self.state_dir / v) for k, v in self.landing_areas.items()
         }

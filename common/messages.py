@@ -188,6 +188,28 @@ class FileFailed(Message):
     message_id: str | None = None
 
 
+class EndpointPaused(Message):
+    """Event: the replicator's circuit breaker paused an endpoint after consecutive failures."""
+
+    ROUTING_KEY: ClassVar[str] = "endpoint.paused"
+
+    storage: str
+    reason: str
+    error: str
+    failures: int
+    cooldown: float  # seconds until one probe copy is let through
+
+
+class EndpointResumed(Message):
+    """Event: a paused endpoint took a probe copy (or an operator set it online); work resumes."""
+
+    ROUTING_KEY: ClassVar[str] = "endpoint.resumed"
+
+    storage: str
+    paused_seconds: float
+    waiting: int  # parked copies being re-sent
+
+
 class DaemonHeartbeat(Message):
     """Event: who is alive and what it holds right now."""
 
@@ -205,6 +227,22 @@ class DaemonHeartbeat(Message):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class AlertRaised(Message):
+    """Event: the monitor saw something an operator should hear about once, e.g. a failure reason
+    it had not seen before. One alert per new cause, never one per file."""
+
+    ROUTING_KEY: ClassVar[str] = "alert.raised"
+
+    kind: str  # "new_failure_reason"
+    severity: str = "warning"
+    summary: str
+    daemon: str | None = None  # the daemon the alert is about
+    reason: str | None = None
+    endpoint: str | None = None
+    example: str | None = None  # one file (or message id) that failed this way
+    error: str | None = None
+
+
 MODELS: dict[str, type[Message]] = {
     m.ROUTING_KEY: m
     for m in (
@@ -218,6 +256,9 @@ MODELS: dict[str, type[Message]] = {
         FileRecalled,
         RecallCompleted,
         FileFailed,
+        EndpointPaused,
+        EndpointResumed,
         DaemonHeartbeat,
+        AlertRaised,
     )
 }

@@ -10,6 +10,8 @@ from common.config import DAEMON_NAMES
 # name -> "module:attribute" of its Service. Later issues add replicator, tape, recall, monitor.
 SERVICES: dict[str, str] = {
     "ingest": "daemons.ingest.handlers:service",
+    "replicator": "daemons.replicator.handlers:service",
+    "monitor": "daemons.monitor.handlers:service",
 }
 
 

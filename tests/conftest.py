@@ -45,6 +45,8 @@ def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
         'level = "info"',
         'format = "json"',
     ]
+    if "monitor" not in extra:  # any free port: suites and demos running side by side do not collide
+        lines += ["[monitor]", "http_port = 0"]
     for section, body in extra.items():
         lines += [f"[{section}]", body]
     path.write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from common.bus.topology import BINDINGS
+from common.config import DAEMON_NAMES
 from common.messages import MODELS
 from common.runtime import Process
 from daemons import registry
@@ -17,10 +18,12 @@ SERVICES = registry.load_all()
 
 @pytest.mark.parametrize("service", SERVICES, ids=lambda s: s.name)
 def test_handlers_are_registered_for_known_message_types_bound_to_the_queue(service):
-    assert service.routes, f"{service.name} registers no handler"
+    # An observer of the whole bus (the monitor, bound to "#") has one handler for every type.
+    assert service.routes or service.fallback, f"{service.name} registers no handler"
     for key, route in service.routes.items():
         assert MODELS[key] is route.model
-        assert key in BINDINGS[service.name], f"{key} is not bound to {service.name}'s queue"
+        bound = BINDINGS[service.name]
+        assert key in bound or "#" in bound, f"{key} is not bound to {service.name}'s queue"
 
 
 def test_queue_names_are_unique(settings):
@@ -37,5 +40,8 @@ async def test_starts_and_stops_cleanly_in_once_mode(service, settings, broker):
 
 
 def test_a_daemon_of_a_later_issue_says_it_is_not_implemented():
+    later = [name for name in DAEMON_NAMES if name not in registry.SERVICES]
+    if not later:
+        pytest.skip("every daemon is implemented")
     with pytest.raises(KeyError, match="not implemented yet"):
-        registry.load("monitor")
+        registry.load(later[0])

@@ -51,6 +51,8 @@ class Stats:
     retried: int = 0
     dead: int = 0
     in_flight: int = 0
+    # Malformed deliveries acked without a dead letter (services with ``on_malformed`` only).
+    ignored: int = 0
 
 
 class ReasonThrottle:
@@ -149,10 +151,11 @@ class Runner:
         finally:
             self._tasks.discard(task)
 
-    def _context(self, attempt: int, correlation_id: str | None) -> Context[Any]:
+    def _context(self, attempt: int, correlation_id: str | None, reply_to: str | None = None) -> Context[Any]:
         return Context(
             daemon=self.service.name, settings=self.settings, publisher=self.publisher,
             resources=self.resources, log=self._log, attempt=attempt, correlation_id=correlation_id,
+            reply_to=reply_to,
         )  # fmt: skip
 
     async def _handle(self, delivery: AbstractIncomingMessage) -> None:
@@ -161,7 +164,8 @@ class Runner:
         routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
         try:
             route = self.service.routes.get(routing_key)
-            if route is None:
+            handler = route.handler if route is not None else self.service.fallback
+            if handler is None:
                 raise InvalidMessage(
                     codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}"
                 )
@@ -172,17 +176,20 @@ class Runner:
                 correlation_id=delivery.correlation_id,
             ):  # fmt: skip
                 ctx = self._context(attempt, delivery.correlation_id)
-                await self._failed(delivery, None, exc, attempt, routing_key, ctx)
+                if self.service.on_malformed is not None:
+                    await self._ignore_malformed(delivery, exc, routing_key, ctx)
+                else:
+                    await self._failed(delivery, None, exc, attempt, routing_key, ctx)
             return
         # One binding per message (it is on the hot path): every line logged while handling it,
         # by the handler or by the runner, carries these fields.
-        ctx = self._context(attempt, delivery.correlation_id or msg.id)
+        ctx = self._context(attempt, delivery.correlation_id or msg.id, delivery.reply_to)
         with bound_contextvars(
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
             **self.service.describe(msg),
         ):  # fmt: skip
             try:
-                await route.handler(msg, ctx)
+                await handler(msg, ctx)
             except asyncio.CancelledError:
                 raise  # stopping: leave unacked, the broker requeues it
             except Exception as exc:
@@ -228,6 +235,25 @@ class Runner:
             await self._announce_failure(msg, decision, attempt, delivery)
         else:
             self.stats.retried += 1
+        await self._settle(delivery)
+
+    async def _ignore_malformed(
+        self, delivery: AbstractIncomingMessage, exc: Exception, routing_key: str, ctx: Context[Any]
+    ) -> None:
+        """An observer's verdict on what it cannot read: counted by its hook, acked, never parked."""
+        assert self.service.on_malformed is not None
+        err = classify(exc)
+        self.stats.ignored += 1
+        admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
+        if admitted:
+            fields: dict[str, Any] = {"reason": err.reason, "error": err.message, "routing_key": routing_key}
+            if folded:
+                fields["similar_since_last_line"] = folded
+            log.warning("malformed_ignored", **fields)
+        try:
+            await self.service.on_malformed(routing_key, err, ctx)
+        except Exception as hook_exc:  # counting must never block the queue
+            log.error("malformed_hook_failed", error=repr(hook_exc))
         await self._settle(delivery)
 
     def _log_failure(self, decision: Decision, err: SpoolError, attempt: int, exc: Exception) -> None:

@@ -39,6 +39,8 @@ class Context(Generic[R]):
     log: Any = field(default_factory=lambda: structlog.get_logger())
     attempt: int = 1
     correlation_id: str | None = None
+    # The AMQP ``reply_to`` of the delivery: where the sender wants the outcome (recall.completed).
+    reply_to: str | None = None
 
 
 Handler = Callable[[Any, Context[Any]], Awaitable[None]]
@@ -46,6 +48,9 @@ Handler = Callable[[Any, Context[Any]], Awaitable[None]]
 # error per file). ``msg`` is None when the body could not be decoded.
 FailureHook = Callable[[Message | None, SpoolError, int, bool, Context[Any]], Awaitable[None]]
 ResourceFactory = Callable[[Settings, Publisher], AbstractAsyncContextManager[Any]]
+# Called with the routing key and the classified error of a delivery that could not be decoded or
+# has no handler, when the service prefers counting it to dead-lettering it (see ``Service``).
+MalformedHook = Callable[[str, SpoolError, Context[Any]], Awaitable[None]]
 
 
 @dataclass
@@ -62,6 +67,11 @@ class Service:
     on_failure: FailureHook | None = None
     # Extra log context for a message, e.g. the file name ("file" key), bound for every line.
     describe: Callable[[Message], dict[str, Any]] = lambda msg: {}
+    # An observer of the whole bus (the monitor) handles every known type in one handler, and
+    # counts what it cannot read instead of dead-lettering it: its dead-letter queue would fill
+    # with everyone else's bad messages and nobody would read it. Work daemons leave both unset.
+    fallback: Handler | None = None
+    on_malformed: MalformedHook | None = None
 
     def handler(self, model: type[M]) -> Callable[[Callable[[M, Context[Any]], Awaitable[None]]], Any]:
         def register(func: Callable[[M, Context[Any]], Awaitable[None]]) -> Any:
@@ -74,6 +84,16 @@ class Service:
 
     def failure_hook(self, func: FailureHook) -> FailureHook:
         self.on_failure = func
+        return func
+
+    def any_message(self, func: Handler) -> Handler:
+        """Register the handler of every routing key without a handler of its own."""
+        self.fallback = func
+        return func
+
+    def malformed_hook(self, func: MalformedHook) -> MalformedHook:
+        """Undecodable, unknown or invalid deliveries go to ``func`` and are acked, not dead-lettered."""
+        self.on_malformed = func
         return func
 
 

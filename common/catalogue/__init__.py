@@ -12,13 +12,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.catalogue import ingest, queries, writes
+from common.catalogue import ingest, queries, replication, writes
 from common.catalogue.engine import create_engine, create_sync_sqlite_engine, migrate, normalise_url, writer
 from common.catalogue.filters import MetaFilter, parse_filter
 from common.catalogue.models import (
@@ -36,27 +37,44 @@ from common.catalogue.models import (
     RequestInfo,
     check_metadata,
 )
+from common.catalogue.policy import Rule
+from common.catalogue.replication import (
+    CopyRecord,
+    EndpointUsage,
+    Reapable,
+    ReplicaTask,
+    RuleView,
+    Source,
+    Wanted,
+)
 from common.catalogue.sql import UnknownStorageError, is_transient_conflict
 from common.catalogue.writes import EndpointState
 from common.config import StorageEndpoint
 
 __all__ = [
     "Catalogue",
+    "CopyRecord",
     "Counts",
     "DatasetInfo",
     "EndpointInfo",
     "EndpointState",
+    "EndpointUsage",
     "EventInfo",
     "FileInfo",
     "FileView",
     "IngestRecord",
     "MetaFilter",
     "Outcome",
+    "Reapable",
     "RegisterOutcome",
     "Relative",
     "ReplicaInfo",
+    "ReplicaTask",
     "RequestInfo",
+    "RuleView",
+    "Source",
     "UnknownStorageError",
+    "Wanted",
     "check_metadata",
     "normalise_url",
     "parse_filter",
@@ -180,9 +198,23 @@ class Catalogue:
         """Register a batch in one transaction; one outcome per record, in order (see ``ingest``)."""
         if not records:
             return []
+        return await self._retrying_write(ingest.register, records)
+
+    async def run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run ``fn(connection, *args)`` (a synchronous function of a SQLAlchemy ``Connection``) as
+        one transaction. The way daemon-specific catalogue modules (``tape``, ``recall``) add their
+        own statements without growing this class: write the function once, sync, in a module of
+        ``common.catalogue``; it runs in the SQLite worker thread or through ``run_sync``."""
+        if write:
+            return await self._retrying_write(fn, *args)
+        return await self._transaction(fn, *args, write=False)
+
+    async def _retrying_write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A write transaction that may race another node's on PostgreSQL: run it again, it then
+        sees the other's committed rows."""
         for attempt in range(1, _REGISTER_TRIES + 1):
             try:
-                return await self._transaction(ingest.register, records, write=True)
+                return await self._transaction(fn, *args, write=True)
             except DBAPIError as exc:
                 if attempt == _REGISTER_TRIES or not is_transient_conflict(exc):
                     raise
@@ -314,3 +346,91 @@ class Catalogue:
     async def counts(self) -> Counts:
         async with self._engine.connect() as conn:
             return await queries.counts(conn)
+
+    # --- replication (see ``replication`` for the states and the locking model) ---------------
+    async def load_rules(self) -> list[Rule]:
+        return await self._transaction(replication.load_rules, write=False)
+
+    async def sync_config_rules(self, rules: Sequence[Rule]) -> list[str]:
+        return await self._transaction(replication.sync_config_rules, list(rules), write=True)
+
+    async def add_rule(self, rule: Rule) -> None:
+        """Store a new rule (state ``new``: the replicator evaluates existing files against it);
+        ``KeyError`` if the id is taken."""
+        await self._transaction(replication.add_rule, rule, write=True)
+
+    async def remove_rule(self, rule_id: str) -> int:
+        """Delete a rule; returns the number of copies released. ``KeyError`` if unknown."""
+        return await self._transaction(replication.remove_rule, rule_id, write=True)
+
+    async def rule_views(self) -> list[RuleView]:
+        return await self._transaction(replication.rule_views, write=False)
+
+    async def new_rules(self, created_before: datetime) -> list[Rule]:
+        return await self._transaction(replication.new_rules, created_before, write=False)
+
+    async def activate_rule(self, rule_id: str) -> None:
+        await self._transaction(replication.activate_rule, rule_id, write=True)
+
+    async def files_for_rule(
+        self, rule: Rule, *, after_id: int, limit: int
+    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+        return await self._transaction(
+            lambda c: replication.files_for_rule(c, rule, after_id=after_id, limit=limit), write=False
+        )
+
+    async def plan_copies(
+        self,
+        items: Sequence[tuple[str, str, Mapping[str, Any]]],
+        rules: Sequence[Rule],
+        endpoints: Mapping[str, Mapping[str, str]],
+    ) -> list[list[Wanted]]:
+        return await self._retrying_write(replication.plan_copies, list(items), list(rules), endpoints)
+
+    async def replica_task(self, name: str, storage: str) -> ReplicaTask | None:
+        return await self._transaction(replication.replica_task, name, storage, write=False)
+
+    async def set_replica_state(
+        self, name: str, storage: str, state: str, *, only_from: Sequence[str] | None = None
+    ) -> bool:
+        return await self._transaction(
+            lambda c: replication.set_replica_state(c, name, storage, state, only_from=only_from), write=True
+        )
+
+    async def cancel_copy(self, name: str, storage: str) -> bool:
+        return await self._transaction(replication.cancel_copy, name, storage, write=True)
+
+    async def record_copies(self, records: Sequence[CopyRecord]) -> None:
+        await self._retrying_write(replication.record_copies, list(records))
+
+    async def park(self, name: str, storage: str, priority: int) -> None:
+        await self._transaction(replication.park, name, storage, priority, write=True)
+
+    async def waiting(
+        self, storage: str, limit: int, *, parked_before: datetime, after: tuple[int, int] | None = None
+    ) -> list[tuple[int, int, str]]:
+        return await self._transaction(
+            lambda c: replication.waiting(c, storage, limit, parked_before=parked_before, after=after),
+            write=False,
+        )
+
+    async def waiting_count(self, storage: str) -> int:
+        return await self._transaction(replication.waiting_count, storage, write=False)
+
+    async def set_health(self, storage: str, health: str, reason: str | None = None) -> None:
+        await self._transaction(replication.set_health, storage, health, reason, write=True)
+
+    async def endpoint_usage(self) -> list[EndpointUsage]:
+        return await self._transaction(replication.endpoint_usage, write=False)
+
+    async def expire_locks(self) -> int:
+        return await self._transaction(replication.expire_locks, write=True)
+
+    async def reapable(self, limit: int = 500) -> list[Reapable]:
+        return await self._transaction(replication.reapable, limit, write=False)
+
+    async def begin_delete(self, replica_id: int) -> bool:
+        return await self._transaction(replication.begin_delete, replica_id, write=True)
+
+    async def finish_delete(self, item: Reapable) -> None:
+        await self._transaction(replication.finish_delete, item, write=True)

@@ -195,8 +195,11 @@ class EndpointInfo:
     backend: str
     root: str
     attributes: dict[str, Any]
-    state: str
+    state: str  # set by the operator: online | readonly | down
     updated: datetime
+    health: str = "ok"  # set by the replicator's circuit breaker: ok | paused
+    health_reason: str | None = None
+    health_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

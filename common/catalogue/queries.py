@@ -195,10 +195,13 @@ async def requests_in(conn: AsyncConnection, states: Sequence[str], limit: int) 
 
 async def endpoints(conn: AsyncConnection) -> list[EndpointInfo]:
     rows = await conn.execute(
-        select(ep.c.name, ep.c.kind, ep.c.backend, ep.c.root, ep.c.attributes, ep.c.state, ep.c.updated)
+        select(
+            ep.c.name, ep.c.kind, ep.c.backend, ep.c.root, ep.c.attributes, ep.c.state, ep.c.updated,
+            ep.c.health, ep.c.health_reason, ep.c.health_since,
+        )
         .order_by(ep.c.id)
     )  # fmt: skip
-    return [EndpointInfo(*row) for row in rows]
+    return [EndpointInfo(**row._mapping) for row in rows]
 
 
 async def counts(conn: AsyncConnection) -> Counts:

@@ -25,6 +25,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Double,
@@ -167,11 +168,19 @@ class StorageEndpointRow(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(Json)
     state: Mapped[str] = mapped_column(String(16), default="online")  # online | readonly | down
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set by the replicator's circuit breaker (the operator owns ``state``): ok | paused | probing.
+    health: Mapped[str] = mapped_column(String(16), default="ok", server_default="ok")
+    health_reason: Mapped[str | None] = mapped_column(Text)
+    health_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Replica(Base):
     __tablename__ = "replicas"
-    __table_args__ = (UniqueConstraint("file_id", "storage_id"), Index(None, "storage_id", "state"))
+    __table_args__ = (
+        UniqueConstraint("file_id", "storage_id"),
+        Index(None, "storage_id", "state"),
+        Index(None, "tombstone"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"))
@@ -182,6 +191,87 @@ class Replica(Base):
     fseq: Mapped[int | None] = mapped_column(BigInteger)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    # From this time the copy may be deleted once no rule lock holds it (and it is not the last
+    # one). NULL: never reaped automatically (the copy ingest made).
+    tombstone: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Priority of the copy request, kept so parked ("waiting") copies are re-sent in order.
+    priority: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+
+
+class Rule(Base):
+    """A replication rule: which files (dataset pattern, metadata filters), where, how many."""
+
+    __tablename__ = "rules"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    origin: Mapped[str] = mapped_column(String(16))  # config | cli
+    datasets: Mapped[str | None] = mapped_column(Text)  # regular expression, full match
+    meta_filters: Mapped[list[str]] = mapped_column(Json)
+    endpoints: Mapped[str] = mapped_column(String(255))  # a name or an attribute expression
+    copies: Mapped[int] = mapped_column(Integer)
+    lifetime: Mapped[float | None] = mapped_column(Double)  # seconds
+    priority: Mapped[int] = mapped_column(Integer)
+    # new: files that existed before the rule still have to be evaluated (by the replicator).
+    state: Mapped[str] = mapped_column(String(16))  # new | active
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Lock(Base):
+    """A rule's claim on one file's copy at one endpoint: while a live lock exists, the copy stays."""
+
+    __tablename__ = "locks"
+    __table_args__ = (Index(None, "file_id", "storage_id"), Index(None, "expires"))
+
+    rule_id: Mapped[str] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"), primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    storage_id: Mapped[int] = mapped_column(ForeignKey("storage_endpoints.id"), primary_key=True)
+    expires: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: for the rule's life
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Recall(Base):
+    """A ``recall.request``: bring files back from tape to a disk endpoint (id = the message id)."""
+
+    __tablename__ = "recalls"
+    __table_args__ = (Index(None, "state", "priority"),)
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # active | done | failed (done, some files failed)
+    destination: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str | None] = mapped_column(String(255))  # when the request named a dataset
+    priority: Mapped[int] = mapped_column(Integer)
+    reply_to: Mapped[str | None] = mapped_column(String(255))
+    correlation_id: Mapped[str | None] = mapped_column(String(256))
+    files: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    completed: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # recall.completed was published (an outbox flag: set after the publish, so a kill in between
+    # re-publishes it at restart, under the same message id, rather than losing it).
+    announced: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RecallFile(Base):
+    """One file of a recall; names are kept even when unknown (the file fails, the rest goes on)."""
+
+    __tablename__ = "recall_files"
+    __table_args__ = (Index(None, "state", "cartridge", "fseq"),)
+
+    recall_id: Mapped[str] = mapped_column(ForeignKey("recalls.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(Name, primary_key=True)
+    file_id: Mapped[int | None] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))  # queued | staging | done | failed
+    storage: Mapped[str | None] = mapped_column(String(64))  # tape endpoint of the copy chosen
+    cartridge: Mapped[str | None] = mapped_column(String(64))  # the tape copy chosen to read
+    fseq: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime)
+    # file.recalled was published (outbox flag, as ``Recall.announced``).
+    announced: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Request(Base):
@@ -226,3 +316,7 @@ storage_endpoints = cast(Table, StorageEndpointRow.__table__)
 replicas = cast(Table, Replica.__table__)
 requests = cast(Table, Request.__table__)
 events = cast(Table, Event.__table__)
+rules = cast(Table, Rule.__table__)
+recalls = cast(Table, Recall.__table__)
+recall_files = cast(Table, RecallFile.__table__)
+locks = cast(Table, Lock.__table__)

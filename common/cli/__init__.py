@@ -64,7 +64,7 @@ def run(
 
 
 # Sub-command modules register themselves on ``app``.
-from common.cli import dead, publish, query  # noqa: E402,F401
+from common.cli import dead, publish, query, recall, replication, status, tape  # noqa: E402,F401
 from common.cli import demo as _demo  # noqa: E402,F401
 
 

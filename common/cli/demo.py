@@ -7,8 +7,10 @@
 3. publishes every ``file.ready`` as CloudEvents JSON, like an instrument's DAQ would;
 4. follows the catalogue and the dead-letter queue with a progress bar until every event is
    accounted for (ingested, or dead-lettered with its reason);
-5. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
-   for, or if a good file failed / a bad one was accepted.
+5. follows the copies the replication rules (``[rules.*]`` of the config) asked for until every
+   one is made and verified, or has failed;
+6. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
+   for, if a good file failed / a bad one was accepted, or if a rule's copy is missing.
 """
 
 from __future__ import annotations
@@ -112,6 +114,37 @@ async def _progress(
     return done
 
 
+async def _replication(settings: Settings, give_up_after: float) -> dict[str, Any]:
+    """Follow the copies the rules asked for (disk endpoints) until none is queued or waiting."""
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    disks = {n for n, ep in settings.storage.items() if ep.kind == "disk"} - {settings.first_disk()[0]}
+    started = time.monotonic()
+    try:
+        with Progress(
+            TextColumn("replicating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as bar:
+            task = bar.add_task("replicate", total=None)
+            while True:
+                usage = [u for u in await catalogue.endpoint_usage() if u.name in disks]
+                made = sum(u.replicas.get("available", 0) for u in usage)
+                failed = sum(u.replicas.get("failed", 0) for u in usage)
+                pending = sum(u.replicas.get("queued", 0) + u.replicas.get("waiting", 0) for u in usage)
+                bar.update(task, completed=made + failed, total=made + failed + pending)
+                if not pending or time.monotonic() - started > give_up_after:
+                    break
+                await asyncio.sleep(0.5)
+        rules = await catalogue.rule_views()
+    finally:
+        await catalogue.close()
+    return {
+        "per_endpoint": {u.name: u.replicas.get("available", 0) for u in usage},
+        "failed": failed,
+        "pending": pending,
+        "rules": {v.rule.id: v.replicas for v in rules},
+        "elapsed": time.monotonic() - started,
+    }
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -145,6 +178,7 @@ def demo(
                 )
             )
             result["elapsed"] = time.monotonic() - t0
+            result["replication"] = asyncio.run(_replication(settings, timeout))
         finally:
             daemons.send_signal(signal.SIGTERM)
             try:
@@ -170,8 +204,15 @@ def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[
     )
     table.add_row("lost (unaccounted for)", str(len(lost)))
     table.add_row("files / s (publish to last registered)", f"{good_ok / max(result['elapsed'], 1e-9):.0f}")
+    rep = result["replication"]
+    copies = ", ".join(f"{n} {c}" for n, c in sorted(rep["per_endpoint"].items())) or "none (no rule)"
+    table.add_row("copies made by the replication rules", copies)
+    table.add_row("copies missing or failed", str(rep["pending"] + rep["failed"]))
+    for rule_id, states in sorted(rep["rules"].items()):
+        table.add_row(f"  rule {rule_id}", ", ".join(f"{st} {n}" for st, n in sorted(states.items())) or "-")
     console.print(table)
     ok = not lost and not good_dead and good_ok == len(good_ids) and set(bad_dead.values()) == EXPECTED_BAD
+    ok = ok and rep["pending"] == 0 and rep["failed"] == 0
     console.print(
         "[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]"
     )

@@ -18,6 +18,15 @@ at its next chunk and removes the temporary file before the ``CancelledError`` p
 Errors are classified where the ``errno`` is still known: source problems a retry cannot fix are
 ``Permanent``; anything about the destination (read-only, full, I/O error) is ``Retryable``,
 because an operator can fix the endpoint and the work should then simply resume.
+
+Replication (``copy_verified``) copies a replica that already has a catalogued size and checksum
+from another disk endpoint. It uses the kernel copy (``copy_file_range``) and then reads the
+written temporary file back for adler32 (DESIGN.md section 5: faster than the Python loop, and it
+checks what landed). Its reason codes say *which side* is at fault (``SOURCE_REASONS`` versus
+``DESTINATION_REASONS``), because the replicator reacts differently: a bad source replica is marked
+bad and another source is tried; a destination problem is retried or trips the endpoint's breaker.
+With ``fsync=False`` (batch durability) a large copy starts its own writeback once copied, so the
+disk writes while the copy is verified and the batch's ``sync()`` has little left to do.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import re
 import secrets
@@ -34,7 +44,7 @@ import stat as stat_mod
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +55,7 @@ import structlog
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
-from common.storage.paths import real_dir, resolve_inside
+from common.storage.paths import _realpath, real_dir, resolve_inside
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -59,6 +69,29 @@ DEFAULT_IO_THREADS = 8
 
 _NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+
+# --- reason codes of copy_verified ---------------------------------------------------------------
+# Source side: the replica being copied *from*. Permanent ones mean "this source replica is bad or
+# gone, mark it so and pick another"; source_io_error (Retryable) may be a flaky mount.
+SOURCE_MISSING = "source_missing"  # Permanent: no file at the source path
+SOURCE_CORRUPT = "source_corrupt"  # Permanent: wrong size or checksum, or not a regular file
+SOURCE_IO_ERROR = "source_io_error"  # Retryable: the source could not be read
+# Destination side: this endpoint. All Retryable: an operator can fix the endpoint.
+DESTINATION_NOT_WRITABLE = "destination_not_writable"
+DISK_FULL = "disk_full"  # ENOSPC / EDQUOT, or the copy would eat into min_free_bytes
+STORAGE_IO_ERROR = "storage_io_error"
+CHECKSUM_MISMATCH = "checksum_mismatch"  # the written copy differs from a source that is good
+SOURCE_REASONS = frozenset({SOURCE_MISSING, SOURCE_CORRUPT, SOURCE_IO_ERROR})
+DESTINATION_REASONS = frozenset({DESTINATION_NOT_WRITABLE, DISK_FULL, STORAGE_IO_ERROR, CHECKSUM_MISMATCH})
+# Neither side: the request itself is wrong (Permanent); retrying or another source cannot help.
+REQUEST_REASONS = frozenset({"invalid_checksum", "invalid_size", "path_outside_area"})
+
+# copy_file_range cannot copy between these two files (other file system type, old kernel,
+# special file): copy the rest with read/write instead. ENOTSUP is EOPNOTSUPP on Linux.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+# Bytes per copy_file_range call: large enough that the syscall count does not matter, small
+# enough that a cancelled copy stops within a few milliseconds.
+KERNEL_COPY_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +118,11 @@ class _Aborted(Exception):
     """Raised inside the worker thread when the awaiting task was cancelled."""
 
 
+# What inline (event-loop) copies get for ``cancelled``: they cannot be cancelled midway, and one
+# shared event saves creating one per small file. Never set.
+_NOT_CANCELLED = threading.Event()
+
+
 def _source_error(exc: OSError, path: Path) -> SpoolError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent("file_missing", f"source {path} does not exist")
@@ -95,7 +133,7 @@ def _source_error(exc: OSError, path: Path) -> SpoolError:
     return Retryable("source_io_error", f"reading source {path}: {exc.strerror or exc}")
 
 
-def _destination_error(exc: OSError, path: Path) -> SpoolError:
+def _destination_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
     text = exc.strerror or str(exc)
     if exc.errno in _NOT_WRITABLE:
         return Retryable("destination_not_writable", f"cannot write {path}: {text}")
@@ -137,6 +175,27 @@ def _load_syncfs() -> Any:
 _SYNCFS = _load_syncfs()
 
 
+def _load_sync_file_range() -> Any:
+    """libc's ``sync_file_range``: start writeback of a file without waiting (no binding in os)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait for it
+# Replication copies at least this large, when the caller makes them durable later (fsync=False),
+# start their own writeback as soon as the bytes are copied, before the read-back: the disk then
+# writes while the CPU checksums, and the caller's batch sync() finds little left to do. Measured
+# with 8 x 256 MiB: copies + syncfs took 2.6 s against 3.6 s without (cp -r + sync: 2.8 s).
+EARLY_WRITEBACK_BYTES = 8 * 1024 * 1024
+
+
 def _makedirs(path: Path) -> list[Path]:
     """``mkdir -p`` that returns the directories it created (their parents need an fsync)."""
     missing: list[Path] = []
@@ -157,15 +216,153 @@ def _makedirs(path: Path) -> list[Path]:
     return created
 
 
+def _load_adler32() -> Callable[[Any, int], int]:
+    """The fastest adler32 at hand: ISA-L's (package ``isal``) if installed, else zlib's.
+
+    The same function (same values, chaining included), and both release the GIL on large
+    buffers; ISA-L's uses SIMD and ran at 19-22 GB/s here against zlib 1.2.13's 3 GB/s. The
+    checksum pass is what reading a copy back costs beyond the read itself: with zlib it is
+    about half of a small-file replication copy's CPU time, and it caps large copies at 3 GB/s.
+    """
+    try:
+        from isal import isal_zlib  # optional: used where installed
+    except ImportError:
+        return zlib.adler32
+    return isal_zlib.adler32
+
+
+_adler32 = _load_adler32()
+
 _local = threading.local()
 
 
-def _buffer(size: int) -> bytearray:
-    """One reusable buffer per worker thread, so a 1 KiB copy does not allocate 1 MiB each time."""
-    buf: bytearray | None = getattr(_local, "buf", None)
+def _buffer(size: int) -> mmap.mmap:
+    """One reusable buffer per worker thread, so a 1 KiB copy does not allocate 1 MiB each time.
+
+    Page-aligned (an anonymous mapping), not a bytearray: the kernel copies page-cache pages
+    (page-aligned) into it, and on this machine class (AMD EPYC) that copy ran 5-8x slower into a
+    destination 16 bytes past a page boundary, which is where malloc puts a 1 MiB bytearray:
+    24 us instead of 3 us for 64 KiB, 2.6 instead of 13 GB/s for large reads.
+    """
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
     if buf is None or len(buf) != size:
-        buf = _local.buf = bytearray(size)
+        buf = _local.buf = mmap.mmap(-1, size)
     return buf
+
+
+def _replica_source_error(exc: OSError, path: Path) -> SpoolError:
+    """Like ``_source_error``, with reason codes the replicator can tell from destination ones."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return Permanent(SOURCE_MISSING, f"source replica {path} does not exist")
+    if exc.errno in (errno.ELOOP, errno.ENXIO):  # O_NOFOLLOW on a symlink; a socket or device
+        return Permanent(SOURCE_CORRUPT, f"source replica {path} is not a regular file")
+    return Retryable(SOURCE_IO_ERROR, f"reading source replica {path}: {exc.strerror or exc}")
+
+
+_copy_file_range: Callable[[int, int, int], int] | None = getattr(os, "copy_file_range", None)
+
+
+def _kernel_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> int:
+    """Copy up to ``limit`` bytes from ``src`` to ``dst`` at their file positions, in the kernel.
+
+    Returns the bytes copied (fewer at end of file). Raises ``OSError`` unclassified (ENOSYS where
+    Python has no ``copy_file_range``); the caller knows which errors mean "use read/write". The
+    one function doing the bytes of a replication copy, so tests can replace it to corrupt them.
+    """
+    if _copy_file_range is None:
+        raise OSError(errno.ENOSYS, "copy_file_range is not available")
+    total = 0
+    while total < limit:
+        if cancelled.is_set():
+            raise _Aborted()
+        n = _copy_file_range(src, dst, min(KERNEL_COPY_CHUNK, limit - total))
+        if n == 0:
+            break
+        total += n
+    return total
+
+
+def _adler32_fd(fd: int, buf: mmap.mmap, cancelled: threading.Event) -> tuple[int, str]:
+    """(size, adler32) of an open file read from offset 0 to its end. ``OSError`` unclassified."""
+    view = memoryview(buf)
+    value = ADLER32_START
+    total = 0
+    while True:
+        if cancelled.is_set():
+            raise _Aborted()
+        n = os.preadv(fd, [buf], total)
+        if n == 0:
+            return total, format_adler32(value)
+        value = _adler32(view[:n], value)
+        total += n
+
+
+def _expected_adler32(text: str) -> str:
+    try:
+        return normalise_adler32(text)
+    except ValueError as exc:
+        raise Permanent("invalid_checksum", str(exc)) from None
+
+
+class _TempFile:
+    """The temporary file a copy is written to, next to its final name ``dest``.
+
+    ``commit`` makes it durable (optionally) and renames it onto ``dest``; ``discard`` closes and
+    removes it. Every copy method goes through this one class, so the crash-safety rules of the
+    module docstring (same directory, atomic rename, directory fsync, nothing left on failure) are
+    written once.
+    """
+
+    __slots__ = ("created", "dest", "fd", "path")
+
+    def __init__(self, dest: Path, flags: int) -> None:
+        self.dest = dest
+        self.created: list[Path] = []
+        # A string, not a Path: built for every file, and pathlib's parsing showed in profiles.
+        self.path = os.path.join(os.path.dirname(dest), temp_name_for(dest.name))
+        flags |= os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            # Optimistically: the directory usually exists (a night's files share a few), and
+            # asking first would cost a stat per file. ENOENT says a directory is missing.
+            self.fd: int | None = os.open(self.path, flags, 0o644)
+            return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _destination_error(exc, self.path) from None
+        try:
+            self.created = _makedirs(dest.parent)
+        except OSError as exc:
+            raise _destination_error(exc, dest.parent) from None
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise _destination_error(exc, self.path) from None
+
+    def commit(self, fsync: bool) -> None:
+        fd = self.fd
+        assert fd is not None, "temporary file already closed"
+        try:
+            if fsync:
+                os.fsync(fd)
+            self.fd = None
+            os.close(fd)  # network file systems report deferred write errors here
+            os.rename(self.path, self.dest)
+            if fsync:
+                _fsync_dir(self.dest.parent)
+                for parent in {d.parent for d in self.created}:
+                    _fsync_dir(parent)
+        except OSError as exc:
+            raise _destination_error(exc, self.dest) from None
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):  # the error being handled matters more
+                os.close(fd)
+        # Fails only if already renamed or the directory vanished; cleanup_temp gets the rest.
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 class PosixStorage:
@@ -196,6 +393,10 @@ class PosixStorage:
         self.io_threads = io_threads
         self.chunk_size = chunk_size
         self._executor: ThreadPoolExecutor | None = None
+        # Bytes announced by copy_verified calls in progress: they count against min_free_bytes
+        # before they are written (several copies checking free space at once would overshoot).
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"PosixStorage({self.name!r}, root={str(self.root)!r})"
@@ -203,14 +404,29 @@ class PosixStorage:
     # --- paths ---------------------------------------------------------------------------------
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
         """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root."""
+        raw = os.fspath(relpath)
+        root_text = os.fspath(self.root)
+        if "\x00" not in raw and "\x00" not in root_text:
+            # Fast path for the common case, per file: the very string resolve_inside would compute,
+            # accepted when it lies strictly below the root, tested on the string instead of by
+            # three pathlib constructions (half the cost of resolving, ~15 us a file here). Any
+            # other answer goes through resolve_inside, which decides and words the error.
+            root = real_dir(root_text)
+            real = _realpath(os.path.join(root, raw))
+            if real.startswith(root) and real[len(root) : len(root) + 1] == "/":
+                return Path(real)
         path = resolve_inside(self.root, relpath)
-        if path == Path(real_dir(os.fspath(self.root))):
-            raise Permanent("path_outside_area", f"path {os.fspath(relpath)!r} names the root of {self.name}")
+        if os.fspath(path) == real_dir(root_text):  # both are normalised real paths
+            raise Permanent("path_outside_area", f"path {raw!r} names the root of {self.name}")
         return path
 
     def pfn_of(self, path: Path) -> str:
         """The path of a resolved ``path`` relative to the endpoint root, as stored in the catalogue."""
-        return path.relative_to(real_dir(os.fspath(self.root))).as_posix()
+        root = real_dir(os.fspath(self.root))
+        text = os.fspath(path)
+        if text.startswith(root) and text[len(root) : len(root) + 1] == "/":
+            return text[len(root) + 1 :]  # the common case, without pathlib's parsing (per file)
+        return path.relative_to(root).as_posix()
 
     # --- copying -------------------------------------------------------------------------------
     async def put_from(
@@ -283,16 +499,9 @@ class PosixStorage:
         expected_adler32: str | None,
         fsync: bool,
     ) -> tuple[int, str]:
-        try:
-            created = _makedirs(dest.parent)
-        except OSError as exc:
-            raise _destination_error(exc, dest.parent) from None
-        tmp = dest.parent / temp_name_for(dest.name)
-        try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise _destination_error(exc, tmp) from None
-        dst_open = True
+        tmp = _TempFile(dest, os.O_WRONLY)
+        assert tmp.fd is not None
+        dst = tmp.fd
         try:
             buf = _buffer(self.chunk_size)
             view = memoryview(buf)
@@ -314,7 +523,7 @@ class PosixStorage:
                         f"source {source} has more than the expected {expected_size} bytes",
                     )
                 chunk = view[:n]
-                value = zlib.adler32(chunk, value)
+                value = _adler32(chunk, value)
                 try:
                     while chunk:
                         chunk = chunk[os.write(dst, chunk) :]
@@ -330,26 +539,235 @@ class PosixStorage:
                     "checksum_mismatch",
                     f"source {source} has adler32 {adler}, expected {expected_adler32}",
                 )
-            try:
-                if fsync:
-                    os.fsync(dst)
-                dst_open = False
-                os.close(dst)  # network file systems report deferred write errors here
-                os.rename(tmp, dest)
-                if fsync:
-                    _fsync_dir(dest.parent)
-                    for parent in {d.parent for d in created}:
-                        _fsync_dir(parent)
-            except OSError as exc:
-                raise _destination_error(exc, dest) from None
+            tmp.commit(fsync)
             return total, adler
         except BaseException:
-            if dst_open:
-                os.close(dst)
-            # Fails only if already renamed or the directory vanished; cleanup_temp gets the rest.
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            tmp.discard()
             raise
+
+    # --- replication -------------------------------------------------------------------------
+    async def copy_verified(
+        self,
+        source: Path,
+        relpath: str,
+        *,
+        expected_size: int,
+        expected_adler32: str,
+        fsync: bool = True,
+    ) -> CopyResult:
+        """Copy a replica from another disk endpoint to ``relpath`` here, verified, atomically.
+
+        ``source`` is the absolute, already resolved path of a replica whose size and adler32 are
+        known (the catalogue's). The bytes are copied by the kernel (``copy_file_range``; read/write
+        where it cannot), then the written temporary file is read back and its size and adler32
+        compared with the expected ones; only then is it fsync-ed (``fsync=True``, else the caller
+        makes a batch durable with ``sync()``) and renamed onto ``relpath``, replacing any file
+        there. Nothing is left under a temporary name on failure or cancellation.
+
+        Copies run in the endpoint's worker threads (cancelling stops them at the next chunk), or,
+        like ``put_from``'s, on the event loop when small (``inline_copy_bytes``) and not fsync-ed.
+        With ``fsync=False`` a copy of ``EARLY_WRITEBACK_BYTES`` or more starts its own writeback.
+
+        Errors (``SpoolError``; the reason says which side is at fault, see ``SOURCE_REASONS`` and
+        ``DESTINATION_REASONS``):
+
+        - ``Permanent("source_missing")``: no file at ``source``.
+        - ``Permanent("source_corrupt")``: the source's size or adler32 is not the expected one, or
+          it is not a regular file. When the written copy does not verify, the source is
+          checksummed to tell this case from the next one.
+        - ``Retryable("source_io_error")``: the source could not be read.
+        - ``Retryable("checksum_mismatch")``: the source is good but the copy written here is not.
+        - ``Retryable("disk_full")``: ENOSPC / EDQUOT, or the copy would leave less than the
+          endpoint's ``min_free_bytes`` free (checked before writing).
+        - ``Retryable("destination_not_writable")``, ``Retryable("storage_io_error")``: as for
+          ``put_from``.
+        - ``Permanent`` ``invalid_checksum``, ``invalid_size``, ``path_outside_area``: the request
+          itself is wrong (``REQUEST_REASONS``).
+        """
+        expected = _expected_adler32(expected_adler32)
+        if not isinstance(source, Path):
+            source = Path(source)
+        if expected_size < 0:
+            raise Permanent("invalid_size", f"expected size {expected_size} is negative")
+        if not fsync and expected_size <= self.endpoint.inline_copy_bytes:
+            # As put_from: for a small file the thread hand-off costs more than the copy. Not with
+            # fsync=True: an fsync of several milliseconds would stall the whole event loop.
+            return self._replicate_sync(_NOT_CANCELLED, source, relpath, expected_size, expected, fsync)
+        return await self._in_thread(self._replicate_sync, source, relpath, expected_size, expected, fsync)
+
+    def _replicate_sync(
+        self,
+        cancelled: threading.Event,
+        source: Path,
+        relpath: str,
+        expected_size: int,
+        expected_adler32: str,
+        fsync: bool,
+    ) -> CopyResult:
+        dest = self.resolve(relpath)  # here, not on the event loop: lstat can block on a mount
+        try:
+            # O_NONBLOCK: a FIFO planted at the source path must not hang the open.
+            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _replica_source_error(exc, source) from None
+        try:
+            try:
+                st = os.fstat(src)
+            except OSError as exc:
+                raise _replica_source_error(exc, source) from None
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
+            if st.st_size != expected_size:
+                raise Permanent(
+                    SOURCE_CORRUPT,
+                    f"source replica {source} has {st.st_size} bytes, expected {expected_size}",
+                )
+            if expected_size > self.chunk_size:  # a hint, worth its syscall beyond one read
+                with contextlib.suppress(AttributeError, OSError):
+                    os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if self.endpoint.min_free_bytes > 0:
+                with self._reserve(dest, expected_size):
+                    self._copy_and_check(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
+            else:
+                self._copy_and_check(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
+        finally:
+            os.close(src)
+        return CopyResult(pfn=self.pfn_of(dest), path=dest, size=expected_size, adler32=expected_adler32)
+
+    def _copy_and_check(
+        self,
+        cancelled: threading.Event,
+        src: int,
+        source: Path,
+        dest: Path,
+        expected_size: int,
+        expected_adler32: str,
+        fsync: bool,
+    ) -> None:
+        # O_RDWR: the same descriptor reads the copy back, without a second open.
+        tmp = _TempFile(dest, os.O_RDWR)
+        try:
+            assert tmp.fd is not None
+            self._fill(cancelled, src, tmp.fd, source, dest, expected_size)
+            if not fsync and expected_size >= EARLY_WRITEBACK_BYTES and _SYNC_FILE_RANGE is not None:
+                _SYNC_FILE_RANGE(tmp.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            try:
+                size, adler = _adler32_fd(tmp.fd, _buffer(self.chunk_size), cancelled)
+            except OSError as exc:
+                raise _destination_error(exc, tmp.path) from None
+            if size != expected_size or adler != expected_adler32:
+                raise self._blame(cancelled, src, source, dest, size, adler, expected_size, expected_adler32)
+            tmp.commit(fsync)
+        except BaseException:
+            tmp.discard()
+            raise
+
+    @contextlib.contextmanager
+    def _reserve(self, dest: Path, size: int) -> Iterator[None]:
+        """Refuse a copy of ``size`` bytes that would eat into ``min_free_bytes``; count it meanwhile."""
+        reserve = self.endpoint.min_free_bytes
+        probe = dest.parent
+        while True:  # the directories of a first copy do not exist yet: ask their nearest ancestor
+            try:
+                st = os.statvfs(probe)
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                if probe.parent == probe:
+                    raise
+                probe = probe.parent
+            except OSError as exc:
+                raise Retryable(STORAGE_IO_ERROR, f"statvfs {probe}: {exc.strerror or exc}") from None
+        free = st.f_bavail * st.f_frsize
+        with self._pending_lock:
+            # Bytes already written by the copies in progress are counted twice (in ``free`` and
+            # in ``_pending_bytes``): this errs on the side of refusing, never of overshooting.
+            left = free - self._pending_bytes - size
+            if left < reserve:
+                raise Retryable(
+                    DISK_FULL,
+                    f"copying {size} bytes to {dest} would leave {max(left, 0)} bytes free on "
+                    f"{self.name}, below its min_free_bytes {reserve}",
+                )
+            self._pending_bytes += size
+        try:
+            yield
+        finally:
+            with self._pending_lock:
+                self._pending_bytes -= size
+
+    def _fill(
+        self, cancelled: threading.Event, src: int, dst: int, source: Path, dest: Path, size: int
+    ) -> None:
+        """Copy the source into the temporary file: by the kernel, by read/write where it cannot."""
+        # Exactly the expected bytes: a source grown since its fstat still yields a good copy of
+        # the catalogued file (the read-back checks it), and a small file needs one call, not two.
+        limit = size
+        try:
+            _kernel_copy(src, dst, limit, cancelled)
+            return
+        except OSError as exc:
+            if exc.errno in _FULL or exc.errno in _NOT_WRITABLE:
+                raise _destination_error(exc, dest) from None
+            if exc.errno not in _NO_KERNEL_COPY:
+                # EIO and the like: copy_file_range does not say which side failed. The read/write
+                # loop below does (and a transient error may not recur; the read-back verifies).
+                log.info("kernel_copy_failed", storage=self.name, source=str(source), error=str(exc))
+        # Carry on where the kernel stopped: copy_file_range advanced both file positions alike.
+        try:
+            done = os.lseek(dst, 0, os.SEEK_CUR)
+        except OSError as exc:
+            raise _destination_error(exc, dest) from None
+        try:
+            os.lseek(src, done, os.SEEK_SET)
+        except OSError as exc:
+            raise _replica_source_error(exc, source) from None
+        buf = _buffer(self.chunk_size)
+        view = memoryview(buf)
+        while done < limit:
+            if cancelled.is_set():
+                raise _Aborted()
+            try:
+                n = os.readv(src, [view[: min(len(buf), limit - done)]])
+            except OSError as exc:
+                raise _replica_source_error(exc, source) from None
+            if n == 0:
+                return
+            done += n
+            chunk = view[:n]
+            try:
+                while chunk:
+                    chunk = chunk[os.write(dst, chunk) :]
+            except OSError as exc:
+                raise _destination_error(exc, dest) from None
+
+    def _blame(
+        self,
+        cancelled: threading.Event,
+        src: int,
+        source: Path,
+        dest: Path,
+        size: int,
+        adler: str,
+        expected_size: int,
+        expected_adler32: str,
+    ) -> SpoolError:
+        """The written copy does not verify: checksum the source to say whose fault it is."""
+        try:
+            src_size, src_adler = _adler32_fd(src, _buffer(self.chunk_size), cancelled)
+        except OSError as exc:
+            return _replica_source_error(exc, source)
+        if src_size != expected_size or src_adler != expected_adler32:
+            return Permanent(
+                SOURCE_CORRUPT,
+                f"source replica {source} has {src_size} bytes with adler32 {src_adler}, "
+                f"expected {expected_size} bytes with adler32 {expected_adler32}",
+            )
+        got = f"adler32 {adler}" if size == expected_size else f"{size} bytes with adler32 {adler}"
+        return Retryable(
+            CHECKSUM_MISMATCH,
+            f"destination copy of {source} at {dest} has {got}, expected adler32 {expected_adler32}"
+            + ("" if size == expected_size else f" and {expected_size} bytes"),
+        )
 
     # --- inspection ----------------------------------------------------------------------------
     # exists/stat/free_bytes are plain calls (a few syscalls each); on a network mount that may
@@ -398,9 +816,53 @@ class PosixStorage:
                     raise Retryable("storage_io_error", f"reading {path}: {exc.strerror or exc}") from None
                 if n == 0:
                     return format_adler32(value)
-                value = zlib.adler32(view[:n], value)
+                value = _adler32(view[:n], value)
         finally:
             os.close(fd)
+
+    async def verify(self, relpath: str, *, expected_size: int, expected_adler32: str) -> str | None:
+        """None when the file at ``relpath`` has the expected size and adler32, else what is wrong.
+
+        The answer is a short description for logs and messages: ``"missing"``, ``"not a regular
+        file"``, ``"size 12 != 34"`` (found != expected), ``"adler32 0a1b2c3d != 00000001"``. The
+        size is compared first and the file only read when it matches. Used on a redelivered copy
+        request to check a replica a previous attempt may already have made. Raises
+        ``Retryable("storage_io_error")`` when the file cannot be read (nothing can be concluded)
+        and ``Permanent`` for a malformed checksum or a path outside the endpoint.
+        """
+        expected = _expected_adler32(expected_adler32)
+        if expected_size <= self.endpoint.inline_copy_bytes:
+            return self._verify_sync(_NOT_CANCELLED, relpath, expected_size, expected)
+        return await self._in_thread(self._verify_sync, relpath, expected_size, expected)
+
+    def _verify_sync(
+        self, cancelled: threading.Event, relpath: str, expected_size: int, expected_adler32: str
+    ) -> str | None:
+        path = self.resolve(relpath)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return "missing"
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
+                return "not a regular file"
+            raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                return "not a regular file"
+            if st.st_size != expected_size:
+                return f"size {st.st_size} != {expected_size}"
+            size, adler = _adler32_fd(fd, _buffer(self.chunk_size), cancelled)
+        except OSError as exc:
+            raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        if size != expected_size:  # changed while being read
+            return f"size {size} != {expected_size}"
+        if adler != expected_adler32:
+            return f"adler32 {adler} != {expected_adler32}"
+        return None
 
     async def delete(self, relpath: str) -> bool:
         """Remove the file at ``relpath``; True if it was there. Deleting a missing file succeeds."""

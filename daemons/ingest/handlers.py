@@ -7,7 +7,8 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
                                                                    -> other checksum: name_conflict
 3. copy into the first disk endpoint (temp name, verify, rename)   -> Retryable while not writable
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
-5. publish ``file.ingested``, then the runner acks.
+5. evaluate the replication rules: lock the copies they want      -> batched, one transaction
+6. publish one request per missing copy and ``file.ingested``, then the runner acks.
 
 A kill after 3 leaves a verified file at its final path and no catalogue row: the redelivery copies
 it again over itself and registers it. A kill during 3 leaves a temp file, removed at start-up.
@@ -24,11 +25,12 @@ from typing import Any
 from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
-from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
+from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome, Wanted
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message
+from common.placement import RuleBook, config_rules, publish_wanted
 from common.storage import PosixStorage, open_storage
 from common.storage.checksum import adler32_of_file
 from daemons.ingest import steps
@@ -55,6 +57,9 @@ class IngestResources:
     storage_name: str
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
+    # (name, dataset, metadata) -> the copies its replication rules still need.
+    planner: MicroBatcher[tuple[str, str, dict[str, Any]], list[Wanted]]
+    rulebook: RuleBook
     per_file_fsync: bool = True
     _locks: dict[str, _NameLock] = field(default_factory=dict)
 
@@ -82,6 +87,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
     try:
         await catalogue.sync_endpoints(settings.storage)
+        await catalogue.sync_config_rules(config_rules(settings))
+        rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
         removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
@@ -107,11 +114,14 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
             registrar=MicroBatcher(durable_register, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            planner=MicroBatcher(rulebook.plan, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            rulebook=rulebook,
             per_file_fsync=per_file_fsync,
         )
         try:
             yield resources
         finally:
+            await resources.planner.close()
             await resources.registrar.close()
             await resources.lookups.close()
             storage.close()
@@ -130,6 +140,12 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
     name = steps.logical_name(msg.name, located)
     async with res.name_lock(name):
         info = await _ingest_locked(msg, ctx, located, name)
+        # Replication policy: lock the copies the rules want and request the missing ones. Also on
+        # a duplicate, so a kill between registering and publishing loses no request.
+        wanted: list[Wanted] = []
+        if await res.rulebook.rules():
+            wanted = await res.planner.submit((info.name, info.dataset, dict(msg.metadata)))
+    await publish_wanted(ctx.publisher, wanted, correlation_id=ctx.correlation_id)
     await ctx.publisher.publish(
         FileIngested(
             name=info.name,

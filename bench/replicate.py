@@ -1,0 +1,419 @@
+"""Replication copy throughput: ``PosixStorage.copy_verified`` against ``cp -r`` of the same files.
+
+Two data sets, each measured in one run on one file system (a directory next to the repository,
+or ``--dir``): **large**, 16 files x 256 MiB (byte throughput), and **small**, 10,000 files x
+64 KiB in 100 directories (per-file overhead). For each:
+
+- ``cp``: ``cp -r SRC DST`` as a subprocess (coreutils uses ``copy_file_range`` too), then
+  ``sync -f DST`` (``syncfs`` of the file system), timed separately;
+- ``copy_verified``: every file copied by ``PosixStorage.copy_verified`` with the expected size
+  and adler32 (the catalogue's, computed when the sources were written), ``max_transfers`` copies
+  at once (asyncio tasks, as the replicator runs them; default 8 from ``StorageEndpoint``), made
+  durable the way the endpoint's ``durability`` asks: ``batch`` (the default) copies with
+  ``fsync=False`` and calls ``storage.sync()`` (one ``syncfs``) at the end, like ``sync -f`` after
+  ``cp``; ``file`` fsyncs each file and its directory, and needs no sync afterwards. With
+  ``fsync=False`` a large copy starts its own writeback once copied (``EARLY_WRITEBACK_BYTES``),
+  so part of the durability work happens before the final sync;
+- ``copy_verified nowb``: the same copies with ``fsync=False`` and that early writeback switched
+  off, i.e. the engine doing no durability work at all until the final ``syncfs``.
+
+Two comparisons are judged, each fair in the sense that both sides do the same about durability:
+*durable* (cp + sync versus ``copy_verified`` as the replicator runs it: this is the one that
+matters, a replica is recorded only once durable) and *copied* (cp alone versus ``copy_verified
+nowb`` alone: neither durable; it shows the engine's own cost). The other figures are printed for
+information. The targets: >= 0.8 of cp's MB/s for large files, >= 0.5 of its files/s for small
+ones. CPU seconds (user + system; cp's as a child process) are printed too: on a shared machine
+they vary much less than elapsed times.
+
+Page cache: the sources are written, flushed with ``sync`` and stay in the page cache, so both
+sides read warm sources (24 GB of RAM hold the default data sets several times over); every
+destination is deleted after its measurement and ``sync`` runs (untimed) before the next one, so
+neither side pays for the other's writeback. The order of cp and Spool alternates between
+repetitions; the best of ``--repeat`` runs counts. Everything generated is deleted at the end.
+
+The elapsed figures of one run vary by 2-10x on a machine where others run tests (file creation
+waits for the journal, the disk is shared): repeat (``--repeat``) and compare within one run.
+
+    .venv/bin/python -P bench/replicate.py                      # both data sets, default sizes
+    .venv/bin/python -P bench/replicate.py --only small --small-files 2000 --repeat 3 --json
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Run as ``python bench/replicate.py``, the bench directory heads sys.path, where a script named like
+# a standard-library module (``copy.py``) would shadow it. Drop that entry (``-P`` does the same).
+if sys.path and sys.path[0] and __file__.startswith(sys.path[0]) and __name__ == "__main__":
+    sys.path.pop(0)
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import StorageEndpoint
+from common.storage import PosixStorage, posix
+
+SELF = Path(__file__).resolve()
+REPO = SELF.parent.parent
+MiB = 1024 * 1024
+FILES_PER_DIR = 100
+TARGET_LARGE_MBPS_RATIO = 0.8  # of cp's MB/s, large files
+TARGET_SMALL_FILES_RATIO = 0.5  # of cp's files/s, small files
+_POOL_SIZE = 64 * MiB  # random bytes the sources are cut from (urandom for 4 GiB would take long)
+
+
+def say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+# --- data sets ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceFile:
+    relpath: str
+    size: int
+    adler32: str
+
+
+@dataclass
+class DataSet:
+    name: str
+    root: Path
+    files: list[SourceFile]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def describe(self) -> str:
+        size = self.files[0].size if self.files else 0
+        unit = f"{size // MiB} MiB" if size % MiB == 0 else f"{size // 1024} KiB"
+        return f"{len(self.files):,} files x {unit} ({self.total_bytes / 1e9:.2f} GB)"
+
+
+def make_data_set(name: str, root: Path, count: int, size: int, pool: bytes) -> DataSet:
+    """Write ``count`` files of ``size`` bytes, 100 per directory; their adler32 as the catalogue has it.
+
+    Each MiB is a window of a random pool at an offset that is no multiple of 4 KiB, so no two
+    files, and no two blocks of one, are alike: nothing can deduplicate or compress them.
+    """
+    files: list[SourceFile] = []
+    started = time.monotonic()
+    view = memoryview(pool)
+    step = 1 * MiB
+    for i in range(count):
+        directory = f"run{i // FILES_PER_DIR:04d}"
+        if i % FILES_PER_DIR == 0:
+            (root / directory).mkdir(parents=True, exist_ok=True)
+        relpath = f"{directory}/f{i:06d}.dat"
+        value = 1
+        with open(root / relpath, "wb", buffering=0) as f:
+            left, k = size, 0
+            while left:
+                n = min(left, step)
+                offset = (i * 7919 + k * 104729) % (len(pool) - n)
+                chunk = view[offset : offset + n]
+                value = zlib.adler32(chunk, value)
+                f.write(chunk)
+                left -= n
+                k += 1
+        files.append(SourceFile(relpath, size, f"{value & 0xFFFFFFFF:08x}"))
+    say(f"{name}: wrote {count:,} source files in {time.monotonic() - started:.1f} s under {root}")
+    return DataSet(name, root, files)
+
+
+# --- measurements ------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    """One measurement: seconds to copy everything, then seconds to make it durable."""
+
+    copy_seconds: float
+    sync_seconds: float
+    cpu_seconds: float  # user + system, copy and sync together
+    note: str = ""
+
+    @property
+    def durable_seconds(self) -> float:
+        return self.copy_seconds + self.sync_seconds
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process (all threads) and of its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# A measurement copies ``ds`` into the (not yet existing) directory ``dest`` and times it.
+Measure = Callable[[DataSet, Path, argparse.Namespace], Awaitable[Timing]]
+
+
+def syncfs(path: Path) -> None:
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+async def measure_cp(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
+    """``cp -r`` of the source directory, then ``sync -f`` (syncfs) of the destination."""
+    c0 = cpu_now()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(ds.root), str(dest)], check=True)
+    t1 = time.perf_counter()
+    syncfs(dest)
+    t2 = time.perf_counter()
+    return Timing(t1 - t0, t2 - t1, cpu_now() - c0, "cp -r, then sync -f")
+
+
+async def measure_copy_verified(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
+    """Every file through ``copy_verified`` as the replicator copies: durable as configured."""
+    return await copy_all(ds, dest, args, per_file_fsync=args.durability == "file", early_writeback=True)
+
+
+async def measure_copy_verified_nowb(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
+    """The same with fsync=False and no early writeback: no durability work before the sync."""
+    return await copy_all(ds, dest, args, per_file_fsync=False, early_writeback=False)
+
+
+async def copy_all(
+    ds: DataSet, dest: Path, args: argparse.Namespace, *, per_file_fsync: bool, early_writeback: bool
+) -> Timing:
+    endpoint = StorageEndpoint(root=dest, durability=args.durability, max_transfers=args.concurrency)
+    storage = PosixStorage("bench-dst", endpoint, io_threads=endpoint.max_transfers)
+    todo = iter(ds.files)
+    saved = posix.EARLY_WRITEBACK_BYTES
+    if not early_writeback:
+        posix.EARLY_WRITEBACK_BYTES = sys.maxsize
+
+    async def worker() -> None:
+        # Workers pulling from one iterator: the replicator's per-endpoint limit, without 10,000
+        # tasks waiting on a semaphore.
+        for f in todo:
+            await storage.copy_verified(
+                ds.root / f.relpath, f.relpath,
+                expected_size=f.size, expected_adler32=f.adler32, fsync=per_file_fsync,
+            )  # fmt: skip
+
+    try:
+        c0 = cpu_now()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(endpoint.max_transfers)))
+        t1 = time.perf_counter()
+        if not per_file_fsync:
+            await storage.sync()  # the batch's group commit: one syncfs before recording replicas
+        t2 = time.perf_counter()
+        cpu = cpu_now() - c0
+    finally:
+        storage.close()
+        posix.EARLY_WRITEBACK_BYTES = saved
+    if per_file_fsync:
+        how = "fsync per file and directory"
+    else:
+        how = "fsync=False, then storage.sync() (syncfs)"
+        how += "" if early_writeback else ", early writeback off"
+    return Timing(t1 - t0, t2 - t1, cpu, f"{endpoint.max_transfers} at once, {how}")
+
+
+# The replicator daemon end to end goes here later, as one more Measure:
+#
+#   async def measure_replicator(ds, dest, args) -> Timing:
+#       register ds.files as replicas of a source endpoint (ds.root) in a fresh catalogue, declare
+#       a destination endpoint at ``dest`` and a rule asking for a copy there, start
+#       ``python -m common.cli --config CFG run replicator`` (bench/ingest.py has the config,
+#       broker isolation and daemon start / stop plumbing), and time until the catalogue lists
+#       every replica on the destination (copy_seconds; sync_seconds 0: the daemon syncs itself).
+#
+# and an entry in MEASUREMENTS. Ratios and targets are computed against "cp" for every entry.
+MEASUREMENTS: dict[str, Measure] = {
+    "cp": measure_cp,
+    "copy_verified": measure_copy_verified,
+    "copy_verified nowb": measure_copy_verified_nowb,
+}
+BASELINE = "cp"
+# (measurement, stage) pairs the targets are judged on; the other rows are for information.
+JUDGED = {("copy_verified", "durable"), ("copy_verified nowb", "copied")}
+
+
+async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[str, list[Timing]]:
+    """Each measurement ``--repeat`` times, the order rotated between repetitions."""
+    runs: dict[str, list[Timing]] = {name: [] for name in MEASUREMENTS}
+    names = list(MEASUREMENTS)
+    for rep in range(args.repeat):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            dest = work / f"dst-{name.replace(' ', '-')}"
+            os.sync()  # untimed: nothing left over (sources, the previous deletion) to flush
+            timing = await MEASUREMENTS[name](ds, dest, args)
+            say(
+                f"{ds.name}: {name:<19} copy {timing.copy_seconds:7.2f} s, + sync "
+                f"{timing.sync_seconds:6.2f} s, CPU {timing.cpu_seconds:6.2f} s"
+                f"  (run {rep + 1}/{args.repeat})"
+            )
+            check_copy(ds, dest)
+            shutil.rmtree(dest)
+            runs[name].append(timing)
+    return runs
+
+
+def check_copy(ds: DataSet, dest: Path) -> None:
+    """Every file arrived with its size (a cheap guard against measuring a copy that did nothing)."""
+    for f in ds.files[:: max(1, len(ds.files) // 50)]:
+        size = (dest / f.relpath).stat().st_size
+        if size != f.size:
+            raise SystemExit(f"BENCHMARK BROKE: {dest / f.relpath} has {size} bytes, expected {f.size}")
+
+
+# --- report ------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    case: str
+    measurement: str
+    stage: str  # "copied" or "durable"
+    seconds: float
+    mb_per_s: float
+    files_per_s: float
+    ratio: float | None = None  # of the baseline's figure that the case's target is about
+    target: float | None = None
+    ok: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rows_for(ds: DataSet, runs: dict[str, list[Timing]]) -> list[Row]:
+    """Best (shortest) run of each measurement, stage by stage, and its ratio to cp's best."""
+    rows: list[Row] = []
+    target = TARGET_LARGE_MBPS_RATIO if ds.name == "large" else TARGET_SMALL_FILES_RATIO
+
+    def seconds(t: Timing, stage: str) -> float:
+        return t.copy_seconds if stage == "copied" else t.durable_seconds
+
+    for stage in ("copied", "durable"):
+        base_s = min(seconds(t, stage) for t in runs[BASELINE])
+        for name, timings in runs.items():
+            best = min(timings, key=lambda t: seconds(t, stage))
+            s = seconds(best, stage)
+            row = Row(ds.name, name, stage, s, ds.total_bytes / 1e6 / s, len(ds.files) / s)
+            row.extra = {"cpu_seconds": best.cpu_seconds, "all_seconds": [seconds(t, stage) for t in timings]}
+            if name != BASELINE:
+                # Same bytes and files on both sides: the MB/s ratio equals the files/s ratio.
+                row.ratio = base_s / s
+            if (name, stage) in JUDGED:
+                row.target = target
+                row.ok = row.ratio is not None and row.ratio >= target
+            rows.append(row)
+    return rows
+
+
+def print_table(ds: DataSet, rows: list[Row], runs: dict[str, list[Timing]], repeat: int) -> None:
+    metric = "MB/s" if ds.name == "large" else "files/s"
+    target = TARGET_LARGE_MBPS_RATIO if ds.name == "large" else TARGET_SMALL_FILES_RATIO
+    print(f"\n{ds.name}: {ds.describe()}, best of {repeat}; target: >= {target} of cp's {metric}")
+    head = ("", "stage", "seconds", "MB/s", "files/s", "CPU s", "ratio", "")
+    table = [head]
+    for r in rows:
+        verdict = "" if r.ok is None else ("PASS" if r.ok else "MISS")
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
+        table.append(
+            (r.measurement, r.stage, f"{r.seconds:.2f}", f"{r.mb_per_s:,.0f}", f"{r.files_per_s:,.0f}",
+             f"{r.extra['cpu_seconds']:.2f}", ratio, verdict)
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i in (0, 1) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+    for name, timings in runs.items():
+        print(f"  {name}: {timings[0].note}")
+
+
+# --- main --------------------------------------------------------------------------------------
+async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    pool = os.urandom(_POOL_SIZE)
+    cases = []
+    if args.only in (None, "large"):
+        cases.append(("large", args.large_files, args.large_mib * MiB))
+    if args.only in (None, "small"):
+        cases.append(("small", args.small_files, args.small_kib * 1024))
+    figures: dict[str, Any] = {
+        "concurrency": args.concurrency, "durability": args.durability, "repeat": args.repeat,
+        "dir": str(work), "cpus": os.cpu_count(), "cases": {},
+    }  # fmt: skip
+    for name, count, size in cases:
+        need = 2 * count * size + 256 * MiB
+        free = shutil.disk_usage(work).free
+        if free < need:
+            raise SystemExit(f"{name}: needs {need / 1e9:.1f} GB free under {work}, has {free / 1e9:.1f}")
+        ds = make_data_set(name, work / f"src-{name}", count, size, pool)
+        try:
+            runs = await run_case(ds, work, args)
+        finally:
+            shutil.rmtree(ds.root)
+        rows = rows_for(ds, runs)
+        print_table(ds, rows, runs, args.repeat)
+        figures["cases"][name] = {
+            "files": count, "file_size": size, "bytes": ds.total_bytes,
+            "runs": {k: [asdict(t) for t in v] for k, v in runs.items()},
+            "rows": [asdict(r) for r in rows],
+            "ok": all(r.ok for r in rows if r.ok is not None),
+        }  # fmt: skip
+    return figures
+
+
+def main() -> None:
+    default = StorageEndpoint(root=Path("."))
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--large-files", type=int, default=16, help="files in the large set (default 16)")
+    p.add_argument("--large-mib", type=int, default=256, help="MiB per large file (default 256)")
+    p.add_argument("--small-files", type=int, default=10_000, help="files in the small set (default 10000)")
+    p.add_argument("--small-kib", type=int, default=64, help="KiB per small file (default 64)")
+    p.add_argument("--only", choices=["large", "small"], help="measure one data set only")
+    p.add_argument(
+        "--concurrency", type=int, default=default.max_transfers,
+        help=f"copies at once (default: max_transfers, {default.max_transfers})",
+    )  # fmt: skip
+    p.add_argument(
+        "--durability", choices=["batch", "file"], default=default.durability,
+        help=f"batch: one syncfs at the end; file: fsync per file (default: {default.durability})",
+    )  # fmt: skip
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement, best counts (default 3)")
+    p.add_argument(
+        "--dir", type=Path, default=REPO.parent,
+        help=f"where the work directory is made: the file system measured (default {REPO.parent})",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    args = p.parse_args()
+    if min(args.large_files, args.large_mib, args.small_files, args.small_kib, args.concurrency) < 1:
+        p.error("counts, sizes and --concurrency must be positive")
+    if args.repeat < 1:
+        p.error("--repeat must be positive")
+    for tool in ("cp", "sync"):
+        if shutil.which(tool) is None:
+            p.error(f"{tool} is not on PATH")
+    work = Path(tempfile.mkdtemp(prefix="spool-bench-replicate-", dir=args.dir))
+    say(f"work directory {work}")
+    try:
+        figures = asyncio.run(bench(args, work))
+    except KeyboardInterrupt:
+        say("\ninterrupted")
+        sys.exit(130)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

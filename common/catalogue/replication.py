@@ -1,0 +1,609 @@
+"""Catalogue side of replication: rules, locks, wanted copies, parked copies, endpoint health, reaping.
+
+The states of a replica row and who moves them:
+
+    queued    a copy is wanted and a request is on the bus            (ingest / rule evaluation)
+    waiting   the request was parked: its endpoint is not writable     (replicator; re-sent on resume)
+    available verified copy in place                                   (ingest, replicator)
+    bad       the copy is missing or corrupt; a lock may ask for repair (replicator)
+    failed    copying it failed for good (reason in the request row)    (replicator)
+    deleting  the reaper is removing it                                (reaper)
+
+A *lock* (rule x file x endpoint) is a rule's claim on a copy. While a live lock exists (no
+``expires`` or a future one) the copy stays. A replica the replicator made carries a ``tombstone``
+(the time it became eligible for deletion): the reaper deletes it once no live lock holds it, and
+never when it is the file's last available copy. Copies ingest made have no tombstone and stay.
+
+All functions take a synchronous ``Connection`` inside the caller's transaction (see
+``Catalogue._transaction``): the same code serves SQLite in a worker thread and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, exists, func, literal_column, or_, select, update
+
+from common.catalogue import schema as s
+from common.catalogue.filters import conditions
+from common.catalogue.policy import Rule, plan
+from common.catalogue.sql import (
+    check_fits,
+    chunks,
+    insert_ignore_sync,
+    storage_ids_sync,
+    upsert_sync,
+    utcnow,
+)
+from common.messages import MetaValue
+
+f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
+
+# Replica states a new placement does not need to ask for again.
+_PRESENT = ("available", "queued", "waiting", "deleting")
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """A copy that should exist and does not yet: publish a request for it."""
+
+    name: str
+    storage: str
+    kind: str
+    priority: int
+    rule_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    storage: str
+    pfn: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaTask:
+    """What the replicator needs to know about one (file, destination)."""
+
+    name: str
+    size: int
+    adler32: str
+    state: str | None  # of the destination replica; None: no row
+    pfn: str | None
+    needed: bool  # a live lock holds this copy
+    priority: int
+    sources: tuple[Source, ...]  # available copies on disk endpoints (destination excluded)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleView:
+    rule: Rule
+    created: datetime
+    replicas: dict[str, int]  # state -> copies this rule holds locks on
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointUsage:
+    name: str
+    replicas: dict[str, int]
+    bytes_available: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reapable:
+    replica_id: int
+    name: str
+    storage: str
+    pfn: str
+
+
+# --- rules ---------------------------------------------------------------------------------------
+def _rule_row(rule: Rule, now: datetime, state: str) -> dict[str, Any]:
+    row = {
+        "id": rule.id, "origin": rule.origin, "datasets": rule.datasets,
+        "meta_filters": list(rule.metadata), "endpoints": rule.endpoints, "copies": rule.copies,
+        "lifetime": rule.lifetime, "priority": rule.priority, "state": state,
+        "created": now, "updated": now,
+    }  # fmt: skip
+    check_fits(ru, row)
+    return row
+
+
+def _rule_of(row: Any) -> Rule:
+    return Rule(
+        id=row.id, endpoints=row.endpoints, copies=row.copies, datasets=row.datasets,
+        metadata=tuple(row.meta_filters or ()), lifetime=row.lifetime, priority=row.priority,
+        origin=row.origin, state=row.state,
+    )  # fmt: skip
+
+
+def _same_definition(a: Rule, b: Rule) -> bool:
+    keys = ("endpoints", "copies", "datasets", "metadata", "lifetime", "priority")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def load_rules(conn: Connection) -> list[Rule]:
+    return [_rule_of(row) for row in conn.execute(select(ru).order_by(ru.c.id))]
+
+
+def sync_config_rules(conn: Connection, rules: Sequence[Rule]) -> list[str]:
+    """Make the config file's rules the catalogue's ``config`` rules; returns ids changed.
+
+    A new or changed rule is (re)stored as ``new`` so the replicator evaluates existing files
+    against it. A config rule gone from the file is removed (its copies are released), exactly as
+    ``spool rule remove`` would. Rules added with the CLI are left alone; a config rule whose id
+    clashes with one of them replaces it (the file is the operator's declared intent).
+    """
+    now = utcnow()
+    existing = {rule.id: rule for rule in load_rules(conn)}
+    changed: list[str] = []
+    for rule in rules:
+        old = existing.get(rule.id)
+        if old is not None and old.origin == "config" and _same_definition(old, rule):
+            continue
+        if old is not None:
+            remove_rule(conn, rule.id)
+        conn.execute(ru.insert().values(**_rule_row(rule, now, "new")))
+        changed.append(rule.id)
+    declared = {rule.id for rule in rules}
+    for old in existing.values():
+        if old.origin == "config" and old.id not in declared:
+            remove_rule(conn, old.id)
+            changed.append(old.id)
+    return changed
+
+
+def add_rule(conn: Connection, rule: Rule) -> None:
+    if conn.scalar(select(ru.c.id).where(ru.c.id == rule.id)) is not None:
+        raise KeyError(f"a rule with id {rule.id!r} already exists")
+    conn.execute(ru.insert().values(**_rule_row(rule, utcnow(), "new")))
+
+
+def remove_rule(conn: Connection, rule_id: str) -> int:
+    """Delete a rule and its locks; returns how many copies it released. Copies still only
+    queued / waiting / failed for nobody else are cancelled (their rows go)."""
+    if conn.scalar(select(ru.c.id).where(ru.c.id == rule_id)) is None:
+        raise KeyError(f"no rule with id {rule_id!r}")
+    released = conn.execute(select(lk.c.file_id, lk.c.storage_id).where(lk.c.rule_id == rule_id)).all()
+    conn.execute(delete(lk).where(lk.c.rule_id == rule_id))
+    conn.execute(delete(ru).where(ru.c.id == rule_id))
+    for part in chunks(released):
+        for fid, sid in part:
+            _cancel_if_unwanted(conn, fid, sid)
+    return len(released)
+
+
+def _live_lock(file_id: Any, storage_id: Any, now: datetime) -> Any:
+    return exists().where(
+        lk.c.file_id == file_id,
+        lk.c.storage_id == storage_id,
+        or_(lk.c.expires.is_(None), lk.c.expires > now),
+    )
+
+
+def _cancel_if_unwanted(conn: Connection, file_id: int, storage_id: int) -> bool:
+    res = conn.execute(
+        delete(r).where(
+            r.c.file_id == file_id,
+            r.c.storage_id == storage_id,
+            r.c.state.in_(("queued", "waiting", "failed")),
+            ~_live_lock(file_id, storage_id, utcnow()),
+        )
+    )
+    return bool(res.rowcount)
+
+
+def rule_views(conn: Connection) -> list[RuleView]:
+    counts: dict[str, dict[str, int]] = {}
+    state = func.coalesce(r.c.state, literal_column("'missing'")).label("state")
+    stmt = (
+        select(lk.c.rule_id, state, func.count())
+        .select_from(lk.outerjoin(r, and_(r.c.file_id == lk.c.file_id, r.c.storage_id == lk.c.storage_id)))
+        .group_by(lk.c.rule_id, state)
+    )
+    for rule_id, state, n in conn.execute(stmt):
+        counts.setdefault(rule_id, {})[state] = int(n)
+    return [
+        RuleView(_rule_of(row), row.created, counts.get(row.id, {}))
+        for row in conn.execute(select(ru).order_by(ru.c.id))
+    ]
+
+
+def new_rules(conn: Connection, created_before: datetime) -> list[Rule]:
+    stmt = select(ru).where(ru.c.state == "new", ru.c.updated <= created_before).order_by(ru.c.id)
+    return [_rule_of(row) for row in conn.execute(stmt)]
+
+
+def activate_rule(conn: Connection, rule_id: str) -> None:
+    conn.execute(update(ru).where(ru.c.id == rule_id).values(state="active", updated=utcnow()))
+
+
+def files_for_rule(
+    conn: Connection, rule: Rule, *, after_id: int, limit: int
+) -> list[tuple[int, str, str, dict[str, MetaValue]]]:
+    """(id, name, dataset, metadata) of files the rule selects, by id, after ``after_id``.
+
+    The dataset pattern is a Python regular expression (SQLite has no REGEXP), so it is applied to
+    the dataset names here (thousands, not millions) and the files are then fetched by dataset id.
+    """
+    dataset_ids = [i for i, name in conn.execute(select(d.c.id, d.c.name)) if rule.dataset_matches(name)]
+    if not dataset_ids:
+        return []
+    stmt = (
+        select(f.c.id, f.c.name, d.c.name, f.c.meta)
+        .join(d, d.c.id == f.c.dataset_id)
+        .where(f.c.id > after_id, *conditions(list(rule.filters), f.c.id))
+        .order_by(f.c.id)
+        .limit(limit)
+    )
+    if rule.datasets is not None:
+        stmt = stmt.where(f.c.dataset_id.in_(dataset_ids))
+    return [(fid, name, ds, dict(meta or {})) for fid, name, ds, meta in conn.execute(stmt)]
+
+
+# --- planning copies -----------------------------------------------------------------------------
+def plan_copies(
+    conn: Connection,
+    items: Sequence[tuple[str, str, Mapping[str, MetaValue]]],
+    rules: Sequence[Rule],
+    endpoints: Mapping[str, Mapping[str, str]],
+) -> list[list[Wanted]]:
+    """For each (name, dataset, metadata): record the locks its rules need and return the copies
+    still to be made. Idempotent: run again (a redelivered event), it adds nothing and returns
+    the copies that are still missing, so they can be requested again."""
+    # A rule removed since the caller loaded it (ingest caches rules for a few seconds) no longer
+    # places anything: its locks would outlive it.
+    stored = set(conn.scalars(select(ru.c.id).where(ru.c.id.in_([x.id for x in rules]))).all())
+    rules = [x for x in rules if x.id in stored]
+    if not rules:
+        return [[] for _ in items]
+    now = utcnow()
+    names = [name for name, _, _ in items]
+    ids = _file_ids(conn, names)
+    current = _replica_states(conn, list(ids.values()))
+    locked = _locked_storages(conn, list(ids.values()))
+    sids = storage_ids_sync(conn, set(endpoints))
+    kinds = {name: attrs.get("kind", "disk") for name, attrs in endpoints.items()}
+
+    lock_rows: list[dict[str, Any]] = []
+    replica_rows: list[dict[str, Any]] = []
+    requeue: list[tuple[int, int, int]] = []
+    out: list[list[Wanted]] = []
+    for name, dataset, metadata in items:
+        fid = ids.get(name)
+        if fid is None:
+            out.append([])
+            continue
+        states = current.get(fid, {})
+        have = {st for st, state in states.items() if state in _PRESENT} | locked.get(fid, set())
+        wanted: list[Wanted] = []
+        for p in plan(rules, endpoints, file_name=name, dataset=dataset, metadata=metadata, have=have):
+            sid = sids[p.storage]
+            expires = now + timedelta(seconds=p.expires_in) if p.expires_in is not None else None
+            lock_rows.append(
+                {"rule_id": p.rule_id, "file_id": fid, "storage_id": sid, "expires": expires, "created": now}
+            )
+            state = states.get(p.storage)
+            if state is None:
+                replica_rows.append(
+                    {"file_id": fid, "storage_id": sid, "pfn": name, "state": "queued", "cartridge": None,
+                     "fseq": None, "created": now, "updated": now, "tombstone": None,
+                     "priority": p.priority}
+                )  # fmt: skip
+                states = {**states, p.storage: "queued"}
+            elif state in ("bad", "failed"):
+                requeue.append((fid, sid, p.priority))
+                states = {**states, p.storage: "queued"}
+            if states.get(p.storage) in ("queued",) and not any(w.storage == p.storage for w in wanted):
+                wanted.append(Wanted(name, p.storage, kinds[p.storage], p.priority, p.rule_id))
+        current[fid] = states
+        out.append(wanted)
+    insert_ignore_sync(conn, lk, lock_rows, ["rule_id", "file_id", "storage_id"])
+    insert_ignore_sync(conn, r, replica_rows, ["file_id", "storage_id"])
+    for fid, sid, prio in requeue:
+        conn.execute(
+            update(r)
+            .where(r.c.file_id == fid, r.c.storage_id == sid)
+            .values(state="queued", priority=prio, updated=now)
+        )
+    return out
+
+
+def _file_ids(conn: Connection, names: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in chunks(list(dict.fromkeys(names))):
+        out.update({n: i for i, n in conn.execute(select(f.c.id, f.c.name).where(f.c.name.in_(part)))})
+    return out
+
+
+def _replica_states(conn: Connection, file_ids: Sequence[int]) -> dict[int, dict[str, str]]:
+    out: dict[int, dict[str, str]] = {}
+    stmt = select(r.c.file_id, ep.c.name, r.c.state).join(ep, ep.c.id == r.c.storage_id)
+    for part in chunks(file_ids):
+        for fid, storage, state in conn.execute(stmt.where(r.c.file_id.in_(part))):
+            out.setdefault(fid, {})[storage] = state
+    return out
+
+
+def _locked_storages(conn: Connection, file_ids: Sequence[int]) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    stmt = select(lk.c.file_id, ep.c.name).join(ep, ep.c.id == lk.c.storage_id)
+    for part in chunks(file_ids):
+        for fid, storage in conn.execute(stmt.where(lk.c.file_id.in_(part))):
+            out.setdefault(fid, set()).add(storage)
+    return out
+
+
+# --- the replicator's view of one copy ---------------------------------------------------------
+def replica_task(conn: Connection, name: str, storage: str) -> ReplicaTask | None:
+    row = conn.execute(select(f.c.id, f.c.size, f.c.adler32).where(f.c.name == name)).first()
+    if row is None:
+        return None
+    fid, size, adler = row
+    sid = storage_ids_sync(conn, {storage})[storage]
+    now = utcnow()
+    dest = conn.execute(
+        select(r.c.state, r.c.pfn, r.c.priority).where(r.c.file_id == fid, r.c.storage_id == sid)
+    ).first()
+    needed = bool(conn.scalar(select(_live_lock(fid, sid, now))))
+    sources = conn.execute(
+        select(ep.c.name, r.c.pfn)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(r.c.file_id == fid, r.c.state == "available", ep.c.kind == "disk", r.c.storage_id != sid)
+        .order_by(ep.c.name)
+    ).all()
+    return ReplicaTask(
+        name=name,
+        size=size,
+        adler32=adler,
+        state=dest.state if dest else None,
+        pfn=dest.pfn if dest else None,
+        needed=needed,
+        priority=dest.priority if dest else 3,
+        sources=tuple(Source(st, pfn) for st, pfn in sources),
+    )
+
+
+def set_replica_state(
+    conn: Connection, name: str, storage: str, state: str, *, only_from: Iterable[str] | None = None
+) -> bool:
+    """Move the replica of ``name`` on ``storage`` to ``state`` (only from the given states)."""
+    fid = conn.scalar(select(f.c.id).where(f.c.name == name))
+    if fid is None:
+        return False
+    sid = storage_ids_sync(conn, {storage})[storage]
+    stmt = update(r).where(r.c.file_id == fid, r.c.storage_id == sid)
+    if only_from is not None:
+        stmt = stmt.where(r.c.state.in_(list(only_from)))
+    return bool(conn.execute(stmt.values(state=state, updated=utcnow())).rowcount)
+
+
+def cancel_copy(conn: Connection, name: str, storage: str) -> bool:
+    fid = conn.scalar(select(f.c.id).where(f.c.name == name))
+    if fid is None:
+        return False
+    sid = storage_ids_sync(conn, {storage})[storage]
+    return _cancel_if_unwanted(conn, fid, sid)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRecord:
+    """A verified copy the replicator placed (one row of a batched registration)."""
+
+    request_id: str
+    name: str
+    storage: str
+    pfn: str
+    attempt: int
+    source: str
+
+
+def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
+    """Mark the copies available (tombstoned: reapable once no lock holds them), their requests
+    done, and add one history row each."""
+    if not records:
+        return
+    now = utcnow()
+    ids = _file_ids(conn, [c.name for c in records])
+    sids = storage_ids_sync(conn, {c.storage for c in records})
+    for c in sorted(records, key=lambda c: (c.name, c.storage)):
+        fid = ids.get(c.name)
+        if fid is None:
+            continue  # the file was removed meanwhile; nothing to record
+        sid = sids[c.storage]
+        res = conn.execute(
+            update(r)
+            .where(r.c.file_id == fid, r.c.storage_id == sid)
+            .values(state="available", pfn=c.pfn, updated=now, tombstone=func.coalesce(r.c.tombstone, now))
+        )
+        if not res.rowcount:
+            conn.execute(
+                r.insert().values(
+                    file_id=fid,
+                    storage_id=sid,
+                    pfn=c.pfn,
+                    state="available",
+                    cartridge=None,
+                    fseq=None,
+                    created=now,
+                    updated=now,
+                    tombstone=now,
+                    priority=3,
+                )
+            )
+    request_rows = [
+        {"id": c.request_id, "kind": "replica", "name": c.name, "path": None, "dataset": None,
+         "state": "done", "attempts": c.attempt, "reason": None, "error": None,
+         "created": now, "updated": now}
+        for c in records
+    ]  # fmt: skip
+    upsert_sync(conn, s.requests, request_rows, ["id"], ["state", "attempts", "updated"])
+    conn.execute(
+        s.events.insert(),
+        [
+            {"name": c.name, "time": now, "daemon": "replicator", "type": "replica.created",
+             "outcome": "ok", "attempt": c.attempt, "storage": c.storage,
+             "detail": {"request_id": c.request_id, "source": c.source, "pfn": c.pfn}}
+            for c in records
+        ],
+    )  # fmt: skip
+
+
+# --- parked copies and endpoint health ---------------------------------------------------------
+def park(conn: Connection, name: str, storage: str, priority: int) -> None:
+    """Remember a copy whose endpoint is not writable (the message is acked: the catalogue holds
+    the wait, however long, and the replicator re-sends it when the endpoint is writable)."""
+    fid = conn.scalar(select(f.c.id).where(f.c.name == name))
+    if fid is None:
+        return
+    sid = storage_ids_sync(conn, {storage})[storage]
+    now = utcnow()
+    res = conn.execute(
+        update(r)
+        .where(r.c.file_id == fid, r.c.storage_id == sid, r.c.state != "available")
+        .values(state="waiting", priority=priority, updated=now)
+    )
+    if not res.rowcount:
+        insert_ignore_sync(
+            conn, r,
+            [{"file_id": fid, "storage_id": sid, "pfn": name, "state": "waiting", "cartridge": None,
+              "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": priority}],
+            ["file_id", "storage_id"],
+        )  # fmt: skip
+
+
+def waiting(
+    conn: Connection,
+    storage: str,
+    limit: int,
+    *,
+    parked_before: datetime,
+    after: tuple[int, int] | None = None,
+) -> list[tuple[int, int, str]]:
+    """(priority, replica id, name) of copies parked on ``storage`` before ``parked_before``, most
+    urgent first; page on with ``after`` = the last row's (priority, id). Copies parked again
+    while being re-sent have a later time, so one resume sends each parked copy once."""
+    stmt = (
+        select(r.c.priority, r.c.id, f.c.name)
+        .join(f, f.c.id == r.c.file_id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(ep.c.name == storage, r.c.state == "waiting", r.c.updated <= parked_before)
+        .order_by(r.c.priority.desc(), r.c.id)
+        .limit(limit)
+    )
+    if after is not None:
+        prio, rid = after
+        stmt = stmt.where(or_(r.c.priority < prio, and_(r.c.priority == prio, r.c.id > rid)))
+    return [(prio, rid, name) for prio, rid, name in conn.execute(stmt)]
+
+
+def waiting_count(conn: Connection, storage: str) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(r.join(ep, ep.c.id == r.c.storage_id))
+        .where(ep.c.name == storage, r.c.state == "waiting")
+    )
+    return int(conn.scalar(stmt) or 0)
+
+
+def set_health(conn: Connection, storage: str, health: str, reason: str | None) -> None:
+    conn.execute(
+        update(ep)
+        .where(ep.c.name == storage)
+        .values(health=health, health_reason=reason, health_since=utcnow())
+    )
+
+
+def endpoint_usage(conn: Connection) -> list[EndpointUsage]:
+    counts: dict[str, dict[str, int]] = {}
+    sizes: dict[str, int] = {}
+    stmt = (
+        select(ep.c.name, r.c.state, func.count(), func.coalesce(func.sum(f.c.size), 0))
+        .join(r, r.c.storage_id == ep.c.id)
+        .join(f, f.c.id == r.c.file_id)
+        .group_by(ep.c.name, r.c.state)
+    )
+    for name, state, n, size in conn.execute(stmt):
+        counts.setdefault(name, {})[state] = int(n)
+        if state == "available":
+            sizes[name] = int(size)
+    names = conn.scalars(select(ep.c.name).order_by(ep.c.id)).all()
+    return [EndpointUsage(n, counts.get(n, {}), sizes.get(n, 0)) for n in names]
+
+
+# --- reaping -----------------------------------------------------------------------------------
+def expire_locks(conn: Connection) -> int:
+    return int(conn.execute(delete(lk).where(lk.c.expires.is_not(None), lk.c.expires <= utcnow())).rowcount)
+
+
+def reapable(conn: Connection, limit: int) -> list[Reapable]:
+    """Tombstoned copies no live lock holds, whose file keeps another available copy; plus copies
+    a killed reaper left half-deleted (``deleting``)."""
+    now = utcnow()
+    other = r.alias("other")
+    other_copy = exists().where(
+        other.c.file_id == r.c.file_id, other.c.id != r.c.id, other.c.state == "available"
+    )
+    stmt = (
+        select(r.c.id, f.c.name, ep.c.name, r.c.pfn)
+        .join(f, f.c.id == r.c.file_id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(
+            or_(
+                r.c.state == "deleting",
+                and_(
+                    r.c.state == "available",
+                    r.c.tombstone.is_not(None),
+                    r.c.tombstone <= now,
+                    ~_live_lock(r.c.file_id, r.c.storage_id, now),
+                    other_copy,
+                ),
+            ),
+            ep.c.kind == "disk",
+        )
+        .order_by(r.c.id)
+        .limit(limit)
+    )
+    return [Reapable(*row) for row in conn.execute(stmt)]
+
+
+def begin_delete(conn: Connection, replica_id: int) -> bool:
+    """Claim one copy for deletion, re-checking under the write lock (PostgreSQL: row locks on
+    the file's copies) that it is still unneeded and not the last one."""
+    row = conn.execute(select(r.c.file_id, r.c.storage_id, r.c.state).where(r.c.id == replica_id)).first()
+    if row is None:
+        return False
+    if row.state == "deleting":
+        return True
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(r.c.id).where(r.c.file_id == row.file_id).with_for_update())
+    now = utcnow()
+    if conn.scalar(select(_live_lock(row.file_id, row.storage_id, now))):
+        return False
+    others = conn.scalar(
+        select(func.count()).where(r.c.file_id == row.file_id, r.c.id != replica_id, r.c.state == "available")
+    )
+    if not others:
+        return False
+    res = conn.execute(
+        update(r).where(r.c.id == replica_id, r.c.state == "available").values(state="deleting", updated=now)
+    )
+    return bool(res.rowcount)
+
+
+def finish_delete(conn: Connection, item: Reapable) -> None:
+    conn.execute(delete(r).where(r.c.id == item.replica_id))
+    conn.execute(
+        s.events.insert().values(
+            name=item.name,
+            time=utcnow(),
+            daemon="replicator",
+            type="replica.deleted",
+            outcome="ok",
+            attempt=1,
+            storage=item.storage,
+            detail={"pfn": item.pfn, "why": "no rule needs it"},
+        )
+    )

@@ -1,0 +1,200 @@
+"""Moving file bytes on and off the simulated tape, and running blocking work off the event loop.
+
+The data of a file "on tape" is a real file, so a read returns real bytes whose checksum means
+something, and a test can damage the media by flipping a byte. Both directions go through a temp
+file that is fsync-ed and renamed only when complete, so a crash never leaves a file on tape, nor
+a recalled file at its destination, that is not wholly there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.errors import Permanent, Retryable
+from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32
+from common.tape.library import ReadResult, TapeChecksumMismatch
+from common.tape.store import fsync_dir
+
+T = TypeVar("T")
+
+
+class Aborted(Exception):
+    """The awaiting task was cancelled; the worker thread stops at its next chunk."""
+
+
+async def run_to_completion(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(cancelled_event, *args)`` in a thread; on cancellation, stop it and wait for it.
+
+    ``asyncio.to_thread`` alone returns at once on cancellation while the thread runs on, which
+    would let cleanup race the copy it is cleaning up after. The ``CancelledError`` is re-raised
+    only once the thread has finished.
+    """
+    cancelled = threading.Event()
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, cancelled, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancelled.set()
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({fut})
+        if not fut.cancelled():
+            fut.exception()  # retrieved, so asyncio does not warn; the cancellation wins
+        raise
+
+
+ErrorFactory = Callable[[OSError], Exception]
+
+
+def _stream(
+    cancelled: threading.Event, src: int, dst: int, read_error: ErrorFactory, write_error: ErrorFactory
+) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` through one buffer, computing adler32 on the way."""
+    buf = bytearray(CHUNK_SIZE)
+    view = memoryview(buf)
+    value, total = ADLER32_START, 0
+    while True:
+        if cancelled.is_set():
+            raise Aborted()
+        try:
+            n = os.readv(src, [buf])
+        except OSError as exc:
+            raise read_error(exc) from None
+        if n == 0:
+            return total, format_adler32(value)
+        chunk = view[:n]
+        value = zlib.adler32(chunk, value)
+        total += n
+        try:
+            while chunk:
+                chunk = chunk[os.write(dst, chunk) :]
+        except OSError as exc:
+            raise write_error(exc) from None
+
+
+def write_data(
+    cancelled: threading.Event,
+    source: Path,
+    temp: Path,
+    final: Path,
+    size: int,
+    adler32: str,
+    durable: bool = True,
+) -> None:
+    """Copy ``source`` onto the tape as ``final``, verifying the announced size and checksum."""
+
+    def source_error(exc: OSError) -> Exception:
+        return Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}")
+
+    def tape_error(exc: OSError) -> Exception:
+        return Retryable("tape_write_error", f"writing {final}: {exc.strerror or exc}")
+
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Permanent("file_missing", f"source {source} does not exist") from None
+    except OSError as exc:
+        raise source_error(exc) from None
+    try:
+        try:
+            dst = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise tape_error(exc) from None
+        try:
+            total, actual = _stream(cancelled, src, dst, source_error, tape_error)
+            if total != size:
+                raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
+            if actual != adler32:
+                raise Permanent(
+                    "checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}"
+                )
+            try:
+                if durable:
+                    os.fsync(dst)
+            except OSError as exc:
+                raise tape_error(exc) from None
+        finally:
+            os.close(dst)
+        try:
+            os.replace(temp, final)
+            if durable:
+                fsync_dir(final.parent)
+        except OSError as exc:
+            raise tape_error(exc) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(src)
+
+
+def read_data(
+    cancelled: threading.Event,
+    data: Path,
+    dest: Path,
+    *,
+    vid: str,
+    fseq: int,
+    size: int,
+    expected: str,
+    keep_mismatch: bool,
+    durable: bool = True,
+) -> ReadResult:
+    """Copy a file off the tape to ``dest``; media problems raise ``tape_read_error`` or a mismatch.
+
+    With ``keep_mismatch`` a checksum mismatch still lands at ``dest`` (the caller asked for the
+    raw bytes and compares itself); otherwise ``dest`` is left untouched.
+    """
+
+    def media_error(exc: OSError) -> Exception:
+        return Permanent("tape_read_error", f"{vid} fseq {fseq}: {exc.strerror or exc}")
+
+    def dest_error(exc: OSError) -> Exception:
+        return Retryable("storage_io_error", f"writing {dest}: {exc.strerror or exc}")
+
+    try:
+        src = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise media_error(exc) from None
+    tmp = dest.with_name(f".{dest.name}.tape-tmp-{secrets.token_hex(6)}")
+    try:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise dest_error(exc) from None
+        try:
+            total, actual = _stream(cancelled, src, dst, media_error, dest_error)
+            if total != size:
+                raise Permanent("tape_read_error", f"{vid} fseq {fseq}: read {total} bytes of {size}")
+            if actual != expected and not keep_mismatch:
+                raise TapeChecksumMismatch(vid, fseq, expected, actual)
+            try:
+                if durable:
+                    os.fsync(dst)
+            except OSError as exc:
+                raise dest_error(exc) from None
+        finally:
+            os.close(dst)
+        try:
+            os.replace(tmp, dest)
+            if durable:
+                fsync_dir(dest.parent)
+        except OSError as exc:
+            raise dest_error(exc) from None
+        return ReadResult(total, actual)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        os.close(src)

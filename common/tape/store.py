@@ -1,0 +1,270 @@
+"""The library's directory: state file, per-cartridge journals, file data, and process sessions.
+
+Layout under the root::
+
+    library.json                 drives and cartridge headers (atomic: temp + fsync + os.replace)
+    lock                         flock(2) taken around every read-modify-write of the state
+    sessions/<token>.lock        one per open library object, flock-ed for its lifetime
+    cartridges/<VID>/journal.jsonl   the cartridge's file list, append-only (one JSON record a line)
+    cartridges/<VID>/<fseq:08d>      the file's bytes as "written on tape"
+    cartridges/<VID>/.<fseq:08d>.<session>.tmp   data on its way (renamed when complete)
+
+Why a journal per cartridge rather than the file list inside ``library.json``: a tape is append-
+only, so its catalogue is too, and appending one fsync-ed line per file keeps a write O(1) where
+rewriting a growing list would make filling a cartridge quadratic. A line torn by a crash is the
+journal's last one; it is ignored and truncated under the lock. ``library.json`` stays small
+(a header per cartridge) and is replaced atomically.
+
+Several processes may share a library (the tape and the recall daemons each open it). Every
+transaction holds the ``lock`` file and re-reads the state, so nobody works from a stale copy.
+A session lock file tells the living from the dead: the kernel drops a flock when its process dies,
+so whoever can take a session's lock knows that session is gone and may undo what it left half
+done. Both rely on flock, hence a local file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from common.tape.library import Cartridge, Drive, TapeFile
+
+STATE_VERSION = 1
+STATE_FILE = "library.json"
+JOURNAL = "journal.jsonl"
+TEMP_SUFFIX = ".tmp"
+
+
+class LibraryState(BaseModel):
+    """Everything in ``library.json``."""
+
+    version: int = STATE_VERSION
+    created_at: float = 0.0
+    drives: dict[str, Drive] = Field(default_factory=dict)
+    cartridges: dict[str, Cartridge] = Field(default_factory=dict)
+
+
+@dataclass
+class CartridgeFiles:
+    """A cartridge's journal replayed: live files by fseq, and who is writing the unfinished ones."""
+
+    files: dict[int, TapeFile] = field(default_factory=dict)
+    writers: dict[int, str] = field(default_factory=dict)  # fseq -> session, "writing" files only
+    consumed: int = 0  # journal bytes replayed so far (complete lines only)
+
+    def apply(self, record: dict[str, Any]) -> None:
+        op = record["op"]
+        if op == "reserve":
+            f = TapeFile.model_validate(record["file"])
+            self.files[f.fseq] = f
+            self.writers[f.fseq] = record["session"]
+        elif op == "commit":
+            fseq = record["fseq"]
+            self.files[fseq] = self.files[fseq].model_copy(
+                update={"state": "committed", "written_at": record["at"]}
+            )
+            self.writers.pop(fseq, None)
+        elif op == "drop":
+            self.files.pop(record["fseq"], None)
+            self.writers.pop(record["fseq"], None)
+        else:
+            raise ValueError(f"unknown journal record {record!r}")
+
+    def committed(self) -> list[TapeFile]:
+        return sorted((f for f in self.files.values() if f.state == "committed"), key=lambda f: f.fseq)
+
+    def end_of_data(self) -> int:
+        return max((f.end for f in self.files.values()), default=0)
+
+    def next_fseq(self) -> int:
+        return max(self.files, default=0) + 1
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+class Store:
+    """Blocking access to the directory; the caller serialises calls and runs them off the loop."""
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable
+        self.state_path = root / STATE_FILE
+        self.sessions = root / "sessions"
+        self.cartridges = root / "cartridges"
+        self._lock_fd: int | None = None
+        self._session_fd: int | None = None
+        self.session: str | None = None
+        self._journals: dict[str, CartridgeFiles] = {}
+
+    # --- the library lock ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # --- state ---------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def load(self) -> LibraryState:
+        state = LibraryState.model_validate_json(self.state_path.read_bytes())
+        if state.version != STATE_VERSION:
+            raise RuntimeError(f"{self.state_path}: state version {state.version}, expected {STATE_VERSION}")
+        return state
+
+    def save(self, state: LibraryState) -> None:
+        write_atomically(self.state_path, state.model_dump_json(indent=1).encode(), self.durable)
+
+    def initialise(self, state: LibraryState) -> None:
+        """Create the directories and empty journals, then the state file last (it marks success)."""
+        for vid in state.cartridges:
+            d = self.cartridge_dir(vid)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / JOURNAL).touch()
+            fsync_dir(d)
+        fsync_dir(self.cartridges)
+        self.save(state)
+
+    def remove_stale_state_temps(self) -> int:
+        """Temp files of a ``save`` interrupted by a crash (only safe under the lock)."""
+        n = 0
+        for p in self.root.glob(f".{STATE_FILE}.*{TEMP_SUFFIX}"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    # --- cartridge data ------------------------------------------------------------------------
+    def cartridge_dir(self, vid: str) -> Path:
+        return self.cartridges / vid
+
+    def data_path(self, vid: str, fseq: int) -> Path:
+        return self.cartridge_dir(vid) / f"{fseq:08d}"
+
+    def temp_path(self, vid: str, fseq: int, session: str) -> Path:
+        return self.cartridge_dir(vid) / f".{fseq:08d}.{session}{TEMP_SUFFIX}"
+
+    @staticmethod
+    def temp_owner(name: str) -> str | None:
+        """The session of a data temp file name, None if ``name`` is not one."""
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "" and parts[1].isdigit() and parts[3] == TEMP_SUFFIX[1:]:
+            return parts[2]
+        return None
+
+    # --- journals ------------------------------------------------------------------------------
+    def journal(self, vid: str) -> CartridgeFiles:
+        """The cartridge's files, after replaying what other processes appended since last time."""
+        cf = self._journals.setdefault(vid, CartridgeFiles())
+        path = self.cartridge_dir(vid) / JOURNAL
+        with open(path, "rb") as f:
+            f.seek(cf.consumed)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        for line in complete.splitlines():
+            if line.strip():
+                cf.apply(json.loads(line))
+        cf.consumed += len(complete)
+        return cf
+
+    def append(self, vid: str, *records: dict[str, Any]) -> CartridgeFiles:
+        """Append records durably (under the lock), dropping a tail torn by an earlier crash."""
+        cf = self.journal(vid)
+        path = self.cartridge_dir(vid) / JOURNAL
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != cf.consumed:
+                os.ftruncate(fd, cf.consumed)
+            os.lseek(fd, cf.consumed, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        for r in records:
+            cf.apply(r)
+        cf.consumed += len(data)
+        return cf
+
+    # --- sessions ------------------------------------------------------------------------------
+    def open_session(self) -> str:
+        """Start this object's session (under the library lock, so nobody judges it dead early)."""
+        self.sessions.mkdir(exist_ok=True)
+        token = secrets.token_hex(8)
+        fd = os.open(self.sessions / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._session_fd, self.session = fd, token
+        return token
+
+    def close_session(self) -> None:
+        if self._session_fd is not None and self.session is not None:
+            (self.sessions / f"{self.session}.lock").unlink(missing_ok=True)
+            os.close(self._session_fd)  # releases the flock
+        self._session_fd, self.session = None, None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def prune_sessions(self) -> None:
+        """Remove the lock files of sessions whose process is gone (``alive`` does the removing)."""
+        for p in self.sessions.glob("*.lock"):
+            self.alive(p.stem)
+
+    def alive(self, session: str) -> bool:
+        """Whether the session's process still runs (call under the library lock)."""
+        if session == self.session:
+            return True
+        path = self.sessions / f"{session}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)  # we could lock it: its owner is gone
+        return False

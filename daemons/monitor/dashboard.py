@@ -1,0 +1,88 @@
+"""The live dashboard: one static page polling ``/api/status`` every 2 s. No build step, no external
+assets (sites often run without internet access); kept in a module so packaging needs no data files.
+"""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Spool monitor</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+  h1 { font-size: 1.3em; margin: 0 0 .2em; }
+  h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
+  table { border-collapse: collapse; min-width: 40em; }
+  th, td { padding: .25em .7em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; }
+  .alive, .online { color: #17803d; } .late, .paused { color: #b46900; }
+  .dead, .down, .bad { color: #c0262d; font-weight: 600; }
+  .muted { color: #777; } .err { font-family: monospace; font-size: 12px; white-space: pre-wrap; }
+  #missing { color: #b46900; }
+</style>
+</head>
+<body>
+<h1>Spool monitor</h1>
+<div id="meta" class="muted">loading...</div>
+<div id="missing"></div>
+<h2>Daemons</h2><div id="daemons"></div>
+<h2>Queues</h2><div id="queues"></div>
+<h2>Failures by cause</h2><div id="failures"></div>
+<h2>Endpoints</h2><div id="endpoints"></div>
+<h2>Recent alerts</h2><div id="alerts"></div>
+<script>
+"use strict";
+const ENT = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
+const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ENT[c]);
+const num = (v) => (v === null || v === undefined ? "?" : String(v));
+function table(head, rows) {
+  if (!rows.length) return '<p class="muted">none</p>';
+  return "<table><tr>" + head.map((h) => "<th>" + esc(h) + "</th>").join("") + "</tr>" +
+    rows.map((r) => "<tr>" + r.join("") + "</tr>").join("") + "</table>";
+}
+const td = (v, cls) => '<td class="' + (cls || "") + '">' + esc(v) + "</td>";
+const tn = (v) => td(num(v), "n");
+function holders(hs) {
+  if (hs === null) return "?";
+  const one = (h) => (h.daemon || h.connection) + "@" + (h.host || "?") + " (" + h.unacked + ")";
+  return hs.map(one).join(", ");
+}
+function render(s) {
+  const m = s.monitor;
+  document.getElementById("meta").textContent =
+    "as of " + s.time + " - monitor on " + m.host + " (pid " + m.pid + ", " + m.version + ")";
+  document.getElementById("missing").textContent = s.missing.length ? "missing: " + s.missing.join("; ") : "";
+  document.getElementById("daemons").innerHTML = table(
+    ["daemon", "state", "host", "pid", "version", "heartbeat (s ago)", "in flight", "processed", "retried",
+     "dead"],
+    (s.daemons || []).map((d) => [td(d.daemon), td(d.state, d.state), td(d.host), tn(d.pid), td(d.version),
+      tn(d.age.toFixed(1)), tn(d.in_flight), tn(d.processed), tn(d.retried), tn(d.dead_lettered)]));
+  const q = s.queues ? s.queues.queues : [];
+  document.getElementById("queues").innerHTML = table(
+    ["daemon", "ready", "in flight", "held by", "retrying", "dead", "consumers"],
+    q.map((x) => [td(x.daemon), tn(x.ready), tn(x.in_flight),
+      td(holders(x.holders)),
+      tn(x.retrying), td(num(x.dead), x.dead ? "bad" : ""), tn(x.consumers)]));
+  document.getElementById("failures").innerHTML = table(
+    ["count", "daemon", "reason", "endpoint", "first", "last", "example", "error"],
+    (s.failures || []).map((f) => [tn(f.count), td(f.daemon), td(f.reason, "bad"), td(f.endpoint || ""),
+      td(f.first), td(f.last), td(f.example || ""), td(f.error, "err")]));
+  document.getElementById("endpoints").innerHTML = s.endpoints === null ? '<p class="muted">unknown</p>' :
+    table(["name", "kind", "state"], s.endpoints.map((e) => [td(e.name), td(e.kind), td(e.state, e.state)]));
+  document.getElementById("alerts").innerHTML = table(
+    ["time", "kind", "summary"], (s.alerts || []).map((a) => [td(a.time), td(a.kind), td(a.summary, "err")]));
+}
+async function tick() {
+  try {
+    const r = await fetch("api/status", {cache: "no-store"});
+    render(await r.json());
+  } catch (e) {
+    document.getElementById("meta").textContent = "monitor not reachable: " + e;
+  }
+}
+tick();
+setInterval(tick, 2000);
+</script>
+</body>
+</html>
+"""

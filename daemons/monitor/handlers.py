@@ -1,0 +1,103 @@
+"""The monitor's I/O glue: it observes every message on the bus and serves what it saw.
+
+Its queue ``<prefix>.monitor`` is bound to ``#`` (newest million kept, ``drop-head``). One handler
+takes every known message type (``Service.any_message``); what it cannot read is counted and acked
+(``Service.malformed_hook``) instead of dead-lettered, since a monitor that parked every message it
+does not understand would fill a queue nobody reads. Alerts are published after the state is
+updated; one that cannot be published waits for the next message or poll, so a broker hiccup
+neither loses it nor makes the runner retry (and count twice) the message that raised it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from common.bus.publisher import Publisher
+from common.bus.service import Context, Service
+from common.config import Settings
+from common.errors import SpoolError
+from common.messages import AlertRaised, Message
+from daemons.monitor.metrics import build_registry
+from daemons.monitor.poller import Poller
+from daemons.monitor.report import Observed, status_document
+from daemons.monitor.steps import MonitorState, Thresholds
+from daemons.monitor.web import WebServer
+
+log = structlog.get_logger("spool.monitor")
+
+
+@dataclass
+class MonitorResources:
+    state: MonitorState
+    observed: Observed
+    publisher: Publisher
+    web: WebServer
+    poller: Poller
+    pending_alerts: list[AlertRaised] = field(default_factory=list)
+
+    async def flush_alerts(self) -> None:
+        """Publish waiting alerts in order; stop at the first failure and keep the rest."""
+        while self.pending_alerts:
+            alert = self.pending_alerts.pop(0)  # taken first: concurrent flushes never send it twice
+            try:
+                await self.publisher.publish(alert)
+            except SpoolError as exc:
+                self.pending_alerts.insert(0, alert)
+                log.warning("alert_not_published_yet", summary=alert.summary, error=exc.message)
+                return
+            log.warning("alert_raised", kind=alert.kind, summary=alert.summary)
+
+
+def make_state(settings: Settings) -> MonitorState:
+    m = settings.monitor
+    return MonitorState(
+        Thresholds(settings.bus.heartbeat_interval, m.heartbeat_late, m.heartbeat_dead, m.forget_after)
+    )
+
+
+@asynccontextmanager
+async def open_monitor_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[MonitorResources]:
+    state = make_state(settings)
+    observed = Observed()
+    web = WebServer(build_registry(state, observed), lambda: status_document(state, observed))
+    await web.start(settings.monitor.http_host, settings.monitor.http_port)
+    log.info("monitor_listening", host=settings.monitor.http_host, port=web.port)
+    res = MonitorResources(state, observed, publisher, web, Poller(settings, state, observed))
+    task = asyncio.create_task(_poll(res, settings.monitor.poll_interval))
+    try:
+        yield res
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        await web.stop()
+        await res.poller.close()
+
+
+async def _poll(res: MonitorResources, interval: float) -> None:
+    while True:
+        await res.poller.once()
+        await res.flush_alerts()
+        await asyncio.sleep(interval)
+
+
+service = Service("monitor", resources=open_monitor_resources)
+
+
+@service.any_message
+async def observe(msg: Message, ctx: Context[MonitorResources]) -> None:
+    res = ctx.resources
+    res.pending_alerts.extend(res.state.observe(msg))
+    if res.pending_alerts:
+        await res.flush_alerts()
+
+
+@service.malformed_hook
+async def count_malformed(routing_key: str, err: SpoolError, ctx: Context[Any]) -> None:
+    ctx.resources.state.observe_malformed(routing_key, err.reason, err.message)

@@ -1,0 +1,132 @@
+"""Prometheus metrics, computed at scrape time from the monitor's state.
+
+A custom collector rather than counters updated on every message: the handler stays a dictionary
+update, liveness (which depends on *now*) is always current, and nothing is kept twice.
+
+Per-instance counters (``processed``, ``retried``, ``dead_lettered``) are the heartbeat's own
+monotonic counts, labelled by ``daemon`` and ``instance`` (a restarted process is a new instance,
+hence a new series): sum them by ``daemon`` in PromQL. A handling-time histogram is not exported:
+neither heartbeats nor events carry handling times yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemons.monitor.report import Observed
+from daemons.monitor.steps import MonitorState
+
+LIVENESS = ("alive", "late", "dead")
+
+
+class MonitorCollector(Collector):
+    def __init__(self, state: MonitorState, observed: Observed) -> None:
+        self.state = state
+        self.observed = observed
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._daemons()
+        yield from self._events()
+        yield from self._queues()
+
+    def _daemons(self) -> Iterator[Metric]:
+        views = self.state.daemons()
+        per = ["daemon", "instance", "host"]
+        processed = _counter("spool_processed_messages", "Messages handled successfully (heartbeats).", per)
+        retried = _counter("spool_retried_messages", "Messages sent to a retry tier (heartbeats).", per)
+        dead = _counter("spool_dead_lettered_messages", "Messages dead-lettered (heartbeats).", per)
+        in_flight = _gauge("spool_in_flight_messages", "Messages an instance is handling now.", per)
+        age = _gauge("spool_heartbeat_age_seconds", "Seconds since the last heartbeat was sent.", per)
+        count = _gauge("spool_daemon_instances", "Instances per daemon and liveness.", ["daemon", "state"])
+        per_state: dict[tuple[str, str], int] = {}
+        for v in views:
+            key = [v.daemon, v.instance, v.host]
+            processed.add_metric(key, v.processed)
+            retried.add_metric(key, v.retried)
+            dead.add_metric(key, v.dead_lettered)
+            in_flight.add_metric(key, v.in_flight)
+            age.add_metric(key, v.age)
+            per_state[(v.daemon, v.state)] = per_state.get((v.daemon, v.state), 0) + 1
+        for daemon in sorted({v.daemon for v in views}):
+            for state in LIVENESS:
+                count.add_metric([daemon, state], per_state.get((daemon, state), 0))
+        yield from (processed, retried, dead, in_flight, age, count)
+
+    def _events(self) -> Iterator[Metric]:
+        s = self.state
+        events = _counter("spool_events", "Messages seen on the bus, by type.", ["type"])
+        for key, n in sorted(s.events.items()):
+            events.add_metric([key], n)
+        malformed = _counter(
+            "spool_malformed_events", "Undecodable / unknown / invalid messages ignored.", ["reason"]
+        )
+        for reason, n in sorted(s.malformed.items()):
+            malformed.add_metric([reason], n)
+        failures = _counter(
+            "spool_failures",
+            "Failure facts (file.failed, endpoint.paused, ...) by daemon, reason and endpoint.",
+            ["daemon", "reason", "endpoint"],
+        )
+        for g in s.failure_groups():
+            failures.add_metric([g.daemon, g.reason, g.endpoint or ""], g.count)
+        moved = _counter(
+            "spool_moved_bytes",
+            "Bytes of verified copies (file.ingested, replica.created).",
+            ["event", "storage"],
+        )
+        for (event, storage), n in sorted(s.moved_bytes.items()):
+            moved.add_metric([event, storage], n)
+        mounts = _counter("spool_tape_mounts", "Tape mount events seen.", [])
+        mounts.add_metric([], s.tape_mounts)
+        alerts = _counter("spool_alerts", "Alerts raised by the monitor.", ["kind"])
+        for kind, n in sorted(s.alerts_raised.items()):
+            alerts.add_metric([kind], n)
+        yield from (events, malformed, failures, moved, mounts, alerts)
+
+    def _queues(self) -> Iterator[Metric]:
+        report = self.observed.queues
+        up = _gauge("spool_management_api_up", "1 when the RabbitMQ management API answered.", [])
+        up.add_metric([], 1 if report is not None and report.management.reachable else 0)
+        yield up
+        if report is None:
+            return
+        per = ["daemon", "queue"]
+        ready = _gauge("spool_queue_ready_messages", "Messages waiting in a work queue.", per)
+        unacked = _gauge("spool_queue_unacked_messages", "Delivered, not yet acked (in flight).", per)
+        consumers = _gauge("spool_queue_consumers", "Consumers of a work queue.", per)
+        retrying = _gauge(
+            "spool_queue_retrying_messages", "Messages waiting in a retry tier.", [*per, "tier"]
+        )
+        dead = _gauge("spool_queue_dead_messages", "Messages in a dead-letter queue.", per)
+        for q in report.queues:
+            if q.ready is not None:
+                ready.add_metric([q.daemon, q.queue], q.ready)
+            if q.in_flight is not None:
+                unacked.add_metric([q.daemon, q.queue], q.in_flight)
+            if q.consumers is not None:
+                consumers.add_metric([q.daemon, q.queue], q.consumers)
+            for t in q.retry:
+                if t.waiting is not None:
+                    retrying.add_metric([q.daemon, t.queue, str(t.tier)], t.waiting)
+            if q.dead is not None:
+                dead.add_metric([q.daemon, q.dead_queue], q.dead)
+        yield from (ready, unacked, consumers, retrying, dead)
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def build_registry(state: MonitorState, observed: Observed) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MonitorCollector(state, observed))
+    ProcessCollector(registry=registry)  # the monitor's own CPU / memory / file descriptors
+    return registry

@@ -1,0 +1,79 @@
+"""The monitor's periodic look at what the bus cannot tell it: queue depths (broker) and endpoint
+states (catalogue). Each source may be down; the last error is kept and shown, never raised."""
+
+from __future__ import annotations
+
+import socket
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from common.bus.connection import connect
+from common.bus.management import ManagementClient, derive_endpoint
+from common.bus.queue_stats import queue_report
+from common.catalogue import Catalogue
+from common.config import Settings
+from common.errors import SpoolError
+from daemons.monitor.report import Observed
+from daemons.monitor.steps import MonitorState
+
+log = structlog.get_logger("spool.monitor")
+
+
+class Poller:
+    def __init__(self, settings: Settings, state: MonitorState, observed: Observed) -> None:
+        self.settings = settings
+        self.state = state
+        self.observed = observed
+        self._connection: AbstractRobustConnection | None = None
+        self._catalogue: Catalogue | None = None
+        self._management: ManagementClient | None = None
+
+    async def once(self) -> None:
+        for forgotten in self.state.prune():
+            log.info("instance_forgotten", instance=forgotten)
+        await self._look_at_queues()
+        await self._look_at_endpoints()
+
+    async def _look_at_queues(self) -> None:
+        amqp_error = None
+        if self._connection is None:
+            try:
+                # Its own connection: passive declares of a missing queue close their channel, which
+                # must not disturb the consuming channel.
+                self._connection = await connect(
+                    self.settings.bus, name=f"spool-monitor-stats@{socket.gethostname()}"
+                )
+            except SpoolError as exc:
+                amqp_error = exc.message
+        if self._management is None:
+            m = self.settings.monitor
+            try:
+                endpoint = derive_endpoint(self.settings.bus.url, m.management_url)
+                self._management = ManagementClient(endpoint, timeout=m.management_timeout)
+            except ValueError:
+                pass  # queue_report names the bad setting
+        try:
+            self.observed.queues = await queue_report(
+                self.settings, connection=self._connection, management=self._management, amqp_error=amqp_error
+            )
+        except Exception as exc:  # a look that failed must not stop the next one
+            log.error("queue_look_failed", error=repr(exc))
+
+    async def _look_at_endpoints(self) -> None:
+        try:
+            if self._catalogue is None:
+                self._catalogue = await Catalogue.open(self.settings.catalogue.url)
+            self.observed.endpoints = await self._catalogue.endpoints()
+            self.observed.catalogue_error = None
+        except Exception as exc:  # SQLAlchemy / driver errors: shown in status, tried again next time
+            text = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            self.observed.catalogue_error = f"catalogue unavailable: {text}"
+
+    async def close(self) -> None:
+        if self._management is not None:
+            await self._management.close()
+        if self._connection is not None:
+            await self._connection.close()
+        if self._catalogue is not None:
+            await self._catalogue.close()

@@ -1,0 +1,83 @@
+"""What the monitor knows, as one JSON document: ``/api/status``, and what ``spool status`` shows.
+
+The same keys are produced by ``common.status.direct_status`` when the monitor is not running
+(with ``daemons``, ``events`` and ``alerts`` then ``null`` and ``missing`` saying why), so the CLI
+renders one shape. ``None`` always means "not known", never zero.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic_core import to_jsonable_python
+
+from common import __version__
+from common.bus.queue_stats import QueueReport
+from common.catalogue import EndpointInfo
+from common.messages import utcnow
+from daemons.monitor.steps import MonitorState
+
+
+@dataclass
+class Observed:
+    """What the monitor's poller saw last (queues from the broker, endpoints from the catalogue)."""
+
+    queues: QueueReport | None = None
+    endpoints: list[EndpointInfo] | None = None
+    catalogue_error: str | None = "not looked at yet"
+    started: datetime = field(default_factory=utcnow)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+
+def status_document(
+    state: MonitorState, observed: Observed, *, now: datetime | None = None
+) -> dict[str, Any]:
+    now = now or state.clock()
+    missing: list[str] = []
+    if observed.queues is None:
+        missing.append("queues (not looked at yet)")
+    else:
+        missing += observed.queues.missing
+    if observed.catalogue_error is not None:
+        missing.append(f"endpoint states ({observed.catalogue_error})")
+    doc: dict[str, Any] = {
+        "source": "monitor",
+        "time": now,
+        "monitor": {
+            "reachable": True,
+            "host": observed.host,
+            "pid": observed.pid,
+            "version": __version__,
+            "started": observed.started,
+            "heartbeat_interval": state.thresholds.interval,
+            "late_after": state.thresholds.late * state.thresholds.interval,
+            "dead_after": state.thresholds.dead * state.thresholds.interval,
+        },
+        "daemons": state.daemons(now),
+        "queues": observed.queues,
+        "failures": state.failure_groups(),
+        "endpoints": observed.endpoints,
+        "events": dict(sorted(state.events.items())),
+        "malformed": {
+            "total": sum(state.malformed.values()),
+            "by_reason": dict(state.malformed),
+            "last": state.last_malformed,
+        },
+        "moved_bytes": _moved(state),
+        "tape_mounts": state.tape_mounts,
+        "alerts": list(reversed(state.alerts)),
+        "missing": missing,
+    }
+    return to_jsonable_python(doc)  # type: ignore[no-any-return]
+
+
+def _moved(state: MonitorState) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (event, storage), n in state.moved_bytes.items():
+        out.setdefault(event, {})[storage] = n
+    return out

@@ -1,0 +1,252 @@
+"""The monitor's pure bookkeeping: who is alive, what flowed, and failures grouped by cause.
+
+No I/O here: ``MonitorState.observe`` takes a decoded message and returns the alerts it warrants;
+the handler (``handlers.py``) publishes them. Unit tests drive it with plain messages and a clock.
+
+Decisions:
+
+- **Liveness** of an instance comes from the time its last heartbeat was *sent* (clamped to the
+  monitor's clock), against ``bus.heartbeat_interval`` of the monitor's configuration: late after
+  ``monitor.heartbeat_late`` intervals (2), dead after ``monitor.heartbeat_dead`` (4). The send time,
+  not the arrival time, so a monitor catching up on a backlog does not call a dead daemon alive.
+  Hosts therefore need synchronised clocks (NTP), as for any log correlation.
+- **Failure groups** are keyed by (daemon, reason code, endpoint when the fact names one): ten
+  thousand failures of one cause are one line with a count, first and last time and one example
+  with its full error text; a rare cause is its own line, never averaged away.
+- **One alert per new group**, not per file: the first failure of a (daemon, reason, endpoint)
+  raises one ``alert.raised``. The state is in memory; a restarted monitor alerts again once for
+  each cause it sees anew.
+- Counting is at-least-once like the bus: a message redelivered to the monitor is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from common.messages import AlertRaised, DaemonHeartbeat, FileIngested, Message, ReplicaCreated, utcnow
+
+Liveness = Literal["alive", "late", "dead"]
+NEW_FAILURE_REASON = "new_failure_reason"
+# Failure facts that do not name their daemon: who publishes them.
+PUBLISHED_BY = {"endpoint.paused": "replicator"}
+# Fields naming the endpoint (storage) a failure fact is about, in order of preference.
+ENDPOINT_FIELDS = ("storage", "destination", "endpoint")
+MAX_ERROR_TEXT = 4000
+
+
+def liveness(age: float, interval: float, late: float, dead: float) -> Liveness:
+    """State of an instance whose last heartbeat is ``age`` seconds old."""
+    if age >= dead * interval:
+        return "dead"
+    if age >= late * interval:
+        return "late"
+    return "alive"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    interval: float  # bus.heartbeat_interval
+    late: float = 2.0
+    dead: float = 4.0
+    forget: float = 3600.0  # seconds after which a dead instance is dropped
+
+
+@dataclass
+class Instance:
+    daemon: str
+    instance: str
+    host: str
+    pid: int
+    version: str
+    started: datetime
+    last_heartbeat: datetime
+    in_flight: int = 0
+    processed: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    queue: str | None = None
+
+
+@dataclass
+class InstanceView:
+    """An instance as shown to the operator: its last heartbeat plus the state derived from it."""
+
+    daemon: str
+    instance: str
+    host: str
+    pid: int
+    version: str
+    started: datetime
+    last_heartbeat: datetime
+    age: float
+    state: Liveness
+    in_flight: int
+    processed: int
+    dead_lettered: int
+    retried: int
+    queue: str | None
+
+
+@dataclass
+class FailureGroup:
+    daemon: str
+    reason: str
+    endpoint: str | None
+    count: int
+    first: datetime
+    last: datetime
+    example: str | None  # a file name (or path / message id) that failed this way
+    message_id: str | None
+    error: str  # the example's full error text
+
+
+@dataclass(frozen=True)
+class FailureFact:
+    daemon: str
+    reason: str
+    endpoint: str | None
+    error: str
+    example: str | None
+    message_id: str | None
+
+
+def failure_fact(msg: Message) -> FailureFact | None:
+    """A message stating that something failed (``file.failed``, ``endpoint.paused``, ...): any
+    model with a ``reason`` code. Alerts carry a reason too but are the monitor's own echo."""
+    reason = getattr(msg, "reason", None)
+    if not isinstance(reason, str) or isinstance(msg, AlertRaised):
+        return None
+    daemon = getattr(msg, "daemon", None) or PUBLISHED_BY.get(msg.ROUTING_KEY) or msg.source
+    endpoint = next((v for f in ENDPOINT_FIELDS if isinstance(v := getattr(msg, f, None), str)), None)
+    example = getattr(msg, "name", None) or getattr(msg, "path", None)
+    message_id = getattr(msg, "message_id", None) or msg.id
+    error = str(getattr(msg, "error", "") or "")
+    return FailureFact(str(daemon), reason, endpoint, error[:MAX_ERROR_TEXT], example, message_id)
+
+
+def is_tape_mount(routing_key: str) -> bool:
+    """Tape mount events (``tape.mounted``, ``tape.mount``): counted, whatever their payload."""
+    return routing_key.startswith("tape.mount")
+
+
+@dataclass
+class MonitorState:
+    thresholds: Thresholds
+    clock: Callable[[], datetime] = utcnow
+    max_groups: int = 1000
+    instances: dict[tuple[str, str], Instance] = field(default_factory=dict)
+    events: Counter[str] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    last_malformed: dict[str, str] | None = None
+    failures: dict[tuple[str, str, str | None], FailureGroup] = field(default_factory=dict)
+    moved_bytes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (event, storage)
+    tape_mounts: int = 0
+    alerts: deque[AlertRaised] = field(default_factory=lambda: deque(maxlen=100))
+    alerts_raised: Counter[str] = field(default_factory=Counter)
+
+    # --- input ---------------------------------------------------------------------------------
+    def observe(self, msg: Message) -> list[AlertRaised]:
+        """Account for one message; return the alerts it raises (at most one)."""
+        key = msg.ROUTING_KEY
+        self.events[key] += 1
+        if isinstance(msg, DaemonHeartbeat):
+            self._heartbeat(msg)
+        elif isinstance(msg, FileIngested | ReplicaCreated):
+            self.moved_bytes[(key, msg.storage)] += msg.size
+        if is_tape_mount(key):
+            self.tape_mounts += 1
+        fact = failure_fact(msg)
+        if fact is None:
+            return []
+        alert = self._failure(fact, msg.time)
+        return [alert] if alert is not None else []
+
+    def observe_malformed(self, routing_key: str, reason: str, error: str) -> None:
+        self.malformed[reason] += 1
+        self.last_malformed = {
+            "routing_key": routing_key, "reason": reason, "error": error[:MAX_ERROR_TEXT],
+            "time": self.clock().isoformat(),
+        }  # fmt: skip
+
+    def _heartbeat(self, beat: DaemonHeartbeat) -> None:
+        sent = min(beat.time, self.clock())
+        key = (beat.daemon, beat.instance)
+        known = self.instances.get(key)
+        if known is not None and known.last_heartbeat > sent:
+            return  # an older heartbeat arriving late (concurrent handlers, redelivery)
+        self.instances[key] = Instance(
+            daemon=beat.daemon, instance=beat.instance, host=beat.host, pid=beat.pid,
+            version=beat.version, started=beat.started, last_heartbeat=sent,
+            in_flight=beat.in_flight, processed=beat.processed, dead_lettered=beat.failed,
+            retried=_int(beat.details.get("retried")), queue=_str(beat.details.get("queue")),
+        )  # fmt: skip
+
+    def _failure(self, fact: FailureFact, when: datetime) -> AlertRaised | None:
+        key = (fact.daemon, fact.reason, fact.endpoint)
+        group = self.failures.get(key)
+        if group is not None:
+            group.count += 1
+            group.first = min(group.first, when)
+            group.last = max(group.last, when)
+            return None
+        if len(self.failures) >= self.max_groups:
+            oldest = min(self.failures, key=lambda k: self.failures[k].last)
+            del self.failures[oldest]
+        self.failures[key] = FailureGroup(
+            daemon=fact.daemon, reason=fact.reason, endpoint=fact.endpoint, count=1, first=when,
+            last=when, example=fact.example or fact.message_id, message_id=fact.message_id,
+            error=fact.error,
+        )  # fmt: skip
+        where = f" on {fact.endpoint}" if fact.endpoint else ""
+        alert = AlertRaised(
+            kind=NEW_FAILURE_REASON,
+            summary=f"{fact.daemon}: new failure reason {fact.reason}{where}: {fact.error[:300]}",
+            daemon=fact.daemon, reason=fact.reason, endpoint=fact.endpoint,
+            example=fact.example or fact.message_id, error=fact.error,
+        )  # fmt: skip
+        self.alerts.append(alert)
+        self.alerts_raised[alert.kind] += 1
+        return alert
+
+    # --- views ---------------------------------------------------------------------------------
+    def daemons(self, now: datetime | None = None) -> list[InstanceView]:
+        now = now or self.clock()
+        t = self.thresholds
+        views = []
+        for i in self.instances.values():
+            age = max(0.0, (now - i.last_heartbeat).total_seconds())
+            views.append(
+                InstanceView(
+                    daemon=i.daemon, instance=i.instance, host=i.host, pid=i.pid, version=i.version,
+                    started=i.started, last_heartbeat=i.last_heartbeat, age=round(age, 3),
+                    state=liveness(age, t.interval, t.late, t.dead), in_flight=i.in_flight,
+                    processed=i.processed, dead_lettered=i.dead_lettered, retried=i.retried,
+                    queue=i.queue,
+                )
+            )  # fmt: skip
+        return sorted(views, key=lambda v: (v.daemon, v.host, v.started))
+
+    def failure_groups(self) -> list[FailureGroup]:
+        """Biggest first; equal counts newest first. Every group is listed, rare ones included."""
+        return sorted(self.failures.values(), key=lambda g: (-g.count, -g.last.timestamp()))
+
+    def prune(self, now: datetime | None = None) -> list[str]:
+        """Forget instances dead for longer than ``thresholds.forget``; return their ids."""
+        now = now or self.clock()
+        limit = self.thresholds.forget + self.thresholds.dead * self.thresholds.interval
+        gone = [k for k, i in self.instances.items() if (now - i.last_heartbeat).total_seconds() > limit]
+        for key in gone:
+            del self.instances[key]
+        return [instance for _daemon, instance in gone]
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,1 @@
+"""The replicator: makes the copies replication rules ask for, verified, and keeps endpoints healthy."""

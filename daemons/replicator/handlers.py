@@ -1,0 +1,296 @@
+"""The replicator's I/O glue: the ``replica.request`` handler, its resources, its background loops.
+
+Order of work for one request, so that a kill at any instruction loses nothing:
+
+1. the destination must be a configured disk endpoint                  -> Permanent otherwise
+2. under a per-(file, destination) lock, read the copy's catalogue row:
+   available -> verify the bytes; good: re-announce and stop; bad: mark it and copy again
+   no rule wants it any more -> cancel (drop the row) and stop
+3. the endpoint must be writable (operator state, circuit breaker)    -> park in the catalogue, ack
+4. wait for one of the destination's ``max_transfers`` slots
+5. copy from the best source (``steps.rank_sources``): temp name, kernel copy, read-back
+   checksum, atomic rename; a missing / corrupt source is marked ``bad`` and the next one tried
+6. record the copy available (batched, after one syncfs of the endpoint: group commit)
+7. publish ``replica.created``; the runner acks.
+
+A kill during 5 leaves a temp file (removed at start-up); after 5 a verified file nobody recorded:
+the redelivery copies it again over itself. Background loops in the same process: endpoint health
+(``health``), new rules (``rules``) and the reaper (``reaper``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.batching import MicroBatcher
+from common.bus.publisher import Publisher
+from common.bus.service import Context, Service
+from common.catalogue import Catalogue, CopyRecord, ReplicaTask
+from common.config import Settings
+from common.errors import Permanent, Retryable, SpoolError
+from common.logging import get_logger
+from common.messages import Message, ReplicaCreated, ReplicaRequest
+from common.placement import config_rules
+from common.storage import PosixStorage, open_storage
+from common.storage.posix import CopyResult
+from daemons.replicator import steps
+from daemons.replicator.health import EndpointHealth
+from daemons.replicator.reaper import reap
+from daemons.replicator.rules import evaluate_new_rules
+
+log = get_logger("spool.replicator")
+
+
+@dataclass
+class ReplicatorResources:
+    catalogue: Catalogue
+    storages: dict[str, PosixStorage]
+    health: EndpointHealth
+    registrar: MicroBatcher[CopyRecord, None]
+    slots: dict[str, asyncio.Semaphore]
+    reading: Counter[str] = field(default_factory=Counter)  # copies reading from each source now
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _lock_users: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    @asynccontextmanager
+    async def copy_lock(self, name: str, storage: str) -> AsyncIterator[None]:
+        """One copy of a file to an endpoint at a time in this process (duplicate requests wait,
+        then find the copy made)."""
+        key = (name, storage)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._lock_users[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                del self._locks[key]
+
+
+def _describe(msg: Message) -> dict[str, Any]:
+    return {"file": getattr(msg, "name", None), "storage": getattr(msg, "destination", None)}
+
+
+async def _every(seconds: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``fn`` every ``seconds``; an error is logged and the loop goes on (never kills the daemon)."""
+    while True:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("background_failed", loop=what, error=str(exc), error_type=type(exc).__name__)
+        await asyncio.sleep(seconds)
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[ReplicatorResources]:
+    catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
+    storages: dict[str, PosixStorage] = {}
+    tasks: list[asyncio.Task[None]] = []
+    health = EndpointHealth(settings, catalogue, publisher)
+    try:
+        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.sync_config_rules(config_rules(settings))
+        for name, endpoint in settings.storage.items():
+            if endpoint.kind != "disk":
+                continue
+            storages[name] = open_storage(name, endpoint)
+            removed = await asyncio.to_thread(storages[name].cleanup_temp, endpoint.stale_temp_age)
+            if removed:
+                log.info("removed_stale_temp_files", storage=name, count=removed)
+
+        async def durable_record(records: Sequence[CopyRecord]) -> list[None]:
+            # Group commit: copies written without their own fsync reach the disk before any is
+            # recorded available (one syncfs per endpoint touched by the batch).
+            for name in {r.storage for r in records}:
+                if settings.storage[name].durability == "batch":
+                    await storages[name].sync()
+            await catalogue.record_copies(records)
+            return [None] * len(records)
+
+        batch = settings.catalogue
+        resources = ReplicatorResources(
+            catalogue=catalogue,
+            storages=storages,
+            health=health,
+            registrar=MicroBatcher(durable_record, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
+        )
+        await health.start()
+        rep = settings.replication
+        tasks = [
+            asyncio.create_task(_every(rep.poll_interval, "health", health.poll)),
+            asyncio.create_task(
+                _every(rep.poll_interval, "rules", lambda: evaluate_new_rules(catalogue, publisher, settings))
+            ),
+            asyncio.create_task(_every(rep.reaper_interval, "reaper", lambda: reap(catalogue, storages))),
+        ]
+        try:
+            yield resources
+        finally:
+            await resources.registrar.close()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await health.close()
+        for storage in storages.values():
+            storage.close()
+        await catalogue.close()
+
+
+service = Service("replicator", resources=open_resources, describe=_describe)
+
+
+@service.handler(ReplicaRequest)
+async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> None:
+    res = ctx.resources
+    steps.destination(msg.destination, ctx.settings.storage)
+    dest = res.storages[msg.destination]
+    async with res.copy_lock(msg.name, msg.destination):
+        task = await _task(res, msg)
+        act = steps.action(task)
+        if act == "cancel":
+            await res.catalogue.cancel_copy(msg.name, msg.destination)
+            ctx.log.info("copy_cancelled", why="no rule wants this copy any more")
+            return
+        if act == "verify":
+            assert task.pfn is not None
+            problem = await dest.verify(task.pfn, expected_size=task.size, expected_adler32=task.adler32)
+            if problem is None:
+                await _announce(ctx, task, msg.destination, task.pfn)
+                return
+            ctx.log.warning("copy_corrupt", problem=problem)
+            await res.catalogue.set_replica_state(msg.name, msg.destination, "bad")
+            await res.catalogue.record_event(
+                name=msg.name, daemon="replicator", type="replica.bad", outcome="bad",
+                attempt=ctx.attempt, storage=msg.destination, detail={"problem": problem},
+            )  # fmt: skip
+            if not task.needed:
+                return  # nobody wants it: do not repair it
+        admission = res.health.admit(msg.destination)
+        if admission == "wait":
+            await _park(ctx, msg, "endpoint not writable")
+            return
+        try:
+            async with res.slots[msg.destination]:
+                copied, source = await _copy_from_best(ctx, task, dest)
+        except SpoolError as err:
+            if err.reason in steps.ENDPOINT_FAILURES:
+                if await res.health.failure(msg.destination, err):
+                    await _park(ctx, msg, f"{err.reason}: {err.message}")
+                    return
+            elif admission == "probe":
+                res.health.release_probe(msg.destination)
+            raise
+        except BaseException:
+            if admission == "probe":
+                res.health.release_probe(msg.destination)
+            raise
+        await res.health.success(msg.destination)
+        await res.registrar.submit(
+            CopyRecord(
+                request_id=msg.id,
+                name=msg.name,
+                storage=msg.destination,
+                pfn=copied.pfn,
+                attempt=ctx.attempt,
+                source=source,
+            )
+        )
+    await _announce(ctx, task, msg.destination, copied.pfn)
+
+
+async def _task(res: ReplicatorResources, msg: ReplicaRequest) -> ReplicaTask:
+    task = await res.catalogue.replica_task(msg.name, msg.destination)
+    if task is None:
+        raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
+    return task
+
+
+async def _park(ctx: Context[ReplicatorResources], msg: ReplicaRequest, why: str) -> None:
+    await ctx.resources.catalogue.park(msg.name, msg.destination, msg.priority)
+    ctx.log.info("copy_parked", why=why)
+
+
+async def _copy_from_best(
+    ctx: Context[ReplicatorResources], task: ReplicaTask, dest: PosixStorage
+) -> tuple[CopyResult, str]:
+    res = ctx.resources
+    ranked = steps.rank_sources(task.sources, dest.name, ctx.settings.storage, res.health.states, res.reading)
+    transient: SpoolError | None = None
+    tried: list[str] = []
+    for source in ranked:
+        tried.append(source.storage)
+        res.reading[source.storage] += 1
+        try:
+            path = res.storages[source.storage].resolve(source.pfn)
+            copied = await dest.copy_verified(
+                path,
+                task.pfn or task.name,
+                expected_size=task.size,
+                expected_adler32=task.adler32,
+                fsync=ctx.settings.storage[dest.name].durability == "file",
+            )
+            return copied, source.storage
+        except SpoolError as err:
+            if err.reason in steps.SOURCE_BAD:
+                await _mark_source_bad(ctx, task.name, source.storage, err)
+                continue
+            if err.reason in steps.SOURCE_TRANSIENT:
+                transient = err
+                continue
+            raise
+        finally:
+            res.reading[source.storage] -= 1
+    if transient is not None:
+        raise Retryable(transient.reason, f"{transient.message} (sources tried: {', '.join(tried)})")
+    tried_text = f"tried {', '.join(tried)}" if tried else "no available copy on a readable disk endpoint"
+    raise Permanent("no_source", f"no usable source replica of {task.name} ({tried_text})")
+
+
+async def _mark_source_bad(
+    ctx: Context[ReplicatorResources], name: str, storage: str, err: SpoolError
+) -> None:
+    ctx.log.warning("source_bad", source=storage, reason=err.reason, error=err.message)
+    cat = ctx.resources.catalogue
+    await cat.set_replica_state(name, storage, "bad", only_from=("available",))
+    await cat.record_event(
+        name=name, daemon="replicator", type="replica.bad", outcome="bad", attempt=ctx.attempt,
+        storage=storage, detail={"reason": err.reason, "error": err.message},
+    )  # fmt: skip
+
+
+async def _announce(ctx: Context[ReplicatorResources], task: ReplicaTask, storage: str, pfn: str) -> None:
+    await ctx.publisher.publish(
+        ReplicaCreated(name=task.name, storage=storage, pfn=pfn, size=task.size, adler32=task.adler32),
+        correlation_id=ctx.correlation_id,
+    )
+
+
+@service.failure_hook
+async def record_failure(
+    msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[ReplicatorResources]
+) -> None:
+    """Keep the last error per file; a copy that failed for good shows as ``failed``."""
+    if not isinstance(msg, ReplicaRequest):
+        return
+    cat = ctx.resources.catalogue
+    await cat.record_failure(
+        request_id=msg.id, kind="replica", daemon="replicator", reason=err.reason,
+        error=f"{msg.destination}: {err.message}", attempts=attempt, final=final, name=msg.name,
+    )  # fmt: skip
+    if final:
+        with contextlib.suppress(Exception):  # an unknown endpoint or file has no row to mark
+            await cat.set_replica_state(
+                msg.name, msg.destination, "failed", only_from=("queued", "waiting", "bad")
+            )

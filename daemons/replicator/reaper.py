@@ -1,0 +1,49 @@
+"""Deleting copies no rule needs any more: lifetime over, or their rule removed.
+
+Never the last available copy of a file, never a copy another rule still holds a live lock on
+(both re-checked in the transaction that claims the copy), never a copy ingest made (those carry
+no tombstone). Order, so that a kill at any point leaves nothing inconsistent:
+claim (state ``deleting``) -> delete the bytes -> delete the row and add a history row.
+A copy left ``deleting`` by a kill is picked up again on the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from common.catalogue import Catalogue
+from common.errors import SpoolError
+from common.logging import get_logger
+from common.storage import PosixStorage
+
+log = get_logger("spool.replicator")
+
+BATCH = 500
+
+
+async def reap(catalogue: Catalogue, storages: Mapping[str, PosixStorage]) -> int:
+    """One pass; returns the number of copies deleted."""
+    expired = await catalogue.expire_locks()
+    if expired:
+        log.info("locks_expired", count=expired)
+    deleted = 0
+    for item in await catalogue.reapable(BATCH):
+        storage = storages.get(item.storage)
+        if storage is None:
+            continue  # an endpoint this node does not serve
+        if not await catalogue.begin_delete(item.replica_id):
+            continue
+        try:
+            await storage.delete(item.pfn)
+        except SpoolError as err:
+            log.warning(
+                "reap_failed", file=item.name, storage=item.storage, reason=err.reason, error=err.message
+            )
+            continue
+        await catalogue.finish_delete(item)
+        deleted += 1
+        await asyncio.sleep(0)
+    if deleted:
+        log.info("copies_reaped", count=deleted)
+    return deleted

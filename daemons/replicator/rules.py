@@ -1,0 +1,65 @@
+"""Applying a new rule to the files that already exist (like a rule added to an existing dataset).
+
+A rule is stored ``new`` (by ``spool rule add`` or a changed config file). Ingest applies it to
+files it registers once its rule cache has reloaded (``replication.poll_interval``); this loop
+waits three poll intervals after the rule appeared, so that every file registered before ingest
+saw the rule is in the catalogue, then walks the files the rule selects in id order, locks their
+copies and publishes the requests, and finally marks the rule ``active``. A kill midway leaves the
+rule ``new``: the walk runs again from the start, and locks and requests are idempotent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from common.bus.publisher import Publisher
+from common.catalogue import Catalogue
+from common.catalogue.policy import Rule
+from common.config import Settings
+from common.logging import get_logger
+from common.placement import endpoint_table, publish_wanted
+
+log = get_logger("spool.replicator")
+
+PAGE = 1000
+
+
+async def evaluate_new_rules(catalogue: Catalogue, publisher: Publisher, settings: Settings) -> int:
+    """Evaluate every rule that is due; returns how many copies were requested."""
+    settle = timedelta(seconds=3 * settings.replication.poll_interval)
+    requested = 0
+    endpoints = endpoint_table(settings)
+    due = await catalogue.new_rules(datetime.now(UTC) - settle)
+    if not due:
+        return 0
+    # Files are placed against every rule at once, exactly as ingest places them, so overlapping
+    # rules share copies whatever order they were added in.
+    every = [r for r in await catalogue.load_rules() if r.expression.select(endpoints)]
+    for rule in due:
+        if not rule.expression.select(endpoints):
+            continue  # names endpoints this node does not know: another node's rule
+        requested += await _evaluate(catalogue, publisher, rule, every, endpoints)
+    return requested
+
+
+async def _evaluate(
+    catalogue: Catalogue,
+    publisher: Publisher,
+    rule: Rule,
+    every: list[Rule],
+    endpoints: dict[str, dict[str, str]],
+) -> int:
+    after, files, requested = 0, 0, 0
+    while True:
+        page = await catalogue.files_for_rule(rule, after_id=after, limit=PAGE)
+        if not page:
+            break
+        wanted = await catalogue.plan_copies([(n, ds, meta) for _, n, ds, meta in page], every, endpoints)
+        flat = [w for per_file in wanted for w in per_file]
+        await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}")
+        files += len(page)
+        requested += len(flat)
+        after = page[-1][0]
+    await catalogue.activate_rule(rule.id)
+    log.info("rule_evaluated", rule=rule.id, files=files, requested=requested)
+    return requested

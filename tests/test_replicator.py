@@ -1,0 +1,288 @@
+"""The replicator end to end against the real broker: rules from config and from the CLI, copies
+placed and verified, overlapping rules, removal and lifetime, corrupt and vanished copies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from common.catalogue import Catalogue
+from common.codec import encode
+from common.config import Settings, load_settings
+from common.messages import ReplicaRequest
+from daemons.ingest.handlers import service as ingest_service
+from daemons.replicator.handlers import service as replicator_service
+from tests.conftest import publish_raw, queue_depth, running, wait_for
+from tests.replication_fixtures import (
+    adler,
+    available_on,
+    make_files,
+    name_of,
+    publish_ready,
+    replica_states,
+    replication_config,
+    temp_files,
+)
+from tests.test_cli import spool
+
+pytestmark = pytest.mark.integration
+SERVICES = [ingest_service, replicator_service]
+
+
+def copies_outside_disk1(states: dict[tuple[str, str], str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for (name, storage), state in states.items():
+        if storage != "disk1" and state == "available":
+            out.setdefault(name, []).append(storage)
+    return out
+
+
+def on_disk(settings: Settings, storage: str, name: str) -> bytes:
+    return (settings.storage[storage].root / name).read_bytes()
+
+
+async def test_config_rule_places_one_verified_copy_per_file_spread_over_matching_endpoints(
+    tmp_path, tag, broker
+):
+    path = replication_config(
+        tmp_path, tag, **{"rules.offsite": 'datasets = "lst1\\\\..*"\nendpoints = "site=PIC|site=CNAF"'}
+    )
+    settings = load_settings(path)
+    files = make_files(settings, 40)
+    channel = await broker.channel()
+    created = await channel.declare_queue(exclusive=True)
+    async with running(SERVICES, settings):
+        await created.bind(settings.bus.exchange, "replica.created")
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 40), timeout=60)
+    placed = copies_outside_disk1(await replica_states(settings))
+    assert all(len(v) == 1 for v in placed.values())
+    by_endpoint = [v[0] for v in placed.values()]
+    assert 5 < by_endpoint.count("disk2") < 35  # spread, not all on one
+    for src, content in files:
+        name = name_of(settings, src)
+        assert on_disk(settings, placed[name][0], name) == content
+    events = []
+    while (m := await created.get(fail=False)) is not None:
+        events.append(msgpack.unpackb(m.body))
+    # At least one announcement per copy (a request repeated while the rule was first evaluated
+    # is answered by verifying the copy and announcing it again).
+    assert {e["name"] for e in events} == set(placed)
+    assert {e["adler32"] for e in events} == {adler(c) for _, c in files}
+    assert temp_files(settings.storage["disk2"].root) == []
+    assert await queue_depth(broker, settings.dead_queue("replicator")) == 0
+    # `spool show` lists the replicas with their states; `spool rse list` counts them.
+    shown = json.loads(spool(path, "show", name_of(settings, files[0][0]), "--json").stdout)
+    assert sorted(r["storage"] for r in shown["replicas"]) == sorted(["disk1", placed[shown["name"]][0]])
+    rses = {r["name"]: r for r in json.loads(spool(path, "rse", "list", "--json").stdout)}
+    assert rses["disk2"]["replicas"]["available"] + rses["disk3"]["replicas"]["available"] == 40
+
+
+async def _copies(settings: Settings, n: int, storage: str | None = None) -> bool:
+    placed = copies_outside_disk1(await replica_states(settings))
+    if storage is not None:
+        return sum(storage in v for v in placed.values()) == n
+    return len(placed) == n
+
+
+async def test_overlapping_rules_make_no_duplicate_copies(tmp_path, tag, broker):
+    settings = load_settings(
+        replication_config(
+            tmp_path,
+            tag,
+            **{
+                "rules.any-offsite": 'datasets = ".*"\nendpoints = "site=PIC|site=CNAF"',
+                "rules.pic-disk": 'datasets = ".*"\nendpoints = "site=PIC&kind=disk"',
+                "rules.run-filter": 'metadata = ["run>=10"]\nendpoints = "disk3"',
+            },
+        )
+    )
+    files = make_files(settings, 20)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files, metadata={"run": 12})
+        await wait_for(lambda: _copies(settings, 20, "disk3"), timeout=60)
+        await asyncio.sleep(0.5)  # a duplicate copy, if any were requested, would land now
+    placed = copies_outside_disk1(await replica_states(settings))
+    assert all(v == ["disk3"] for v in placed.values()), placed
+
+
+async def test_rule_added_at_run_time_copies_existing_files_and_removal_reaps_them(tmp_path, tag, broker):
+    path = replication_config(tmp_path, tag)
+    settings = load_settings(path)
+    files = make_files(settings, 15)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _registered(settings, 15), timeout=60)
+        bad = spool(path, "rule", "add", "--datasets", ".*", "--endpoints", "site=MARS")
+        assert bad.returncode == 1 and "matches no endpoint" in bad.stderr and "Traceback" not in bad.stderr
+        added = spool(
+            path, "rule", "add", "--id", "late", "--datasets", ".*", "--endpoints", "disk2", "--json"
+        )
+        assert added.returncode == 0, added.stderr
+        await wait_for(lambda: _copies(settings, 15, "disk2"), timeout=60)
+        rules = json.loads(spool(path, "rule", "list", "--json").stdout)
+        assert [(r["id"], r["state"], r["replicas"]) for r in rules] == [
+            ("late", "active", {"available": 15})
+        ]
+        removed = spool(path, "rule", "remove", "late", "--yes")
+        assert removed.returncode == 0 and "15 copies released" in removed.stdout
+        await wait_for(lambda: _copies(settings, 0, "disk2"), timeout=60)
+    assert [p for p in settings.storage["disk2"].root.rglob("*") if p.is_file()] == []
+    # the last copies (ingest's) stay
+    assert len(await available_on(settings, "disk1")) == 15
+
+
+async def _registered(settings: Settings, n: int) -> bool:
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        return (await c.counts()).files == n
+
+
+async def test_copies_expire_with_their_rule_lifetime(tmp_path, tag, broker):
+    settings = load_settings(
+        replication_config(
+            tmp_path, tag, **{"rules.scratch": 'datasets = ".*"\nendpoints = "disk2"\nlifetime = 1.5'}
+        )
+    )
+    files = make_files(settings, 5)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 5, "disk2"), timeout=60)
+        await wait_for(lambda: _copies(settings, 0, "disk2"), timeout=30)
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        history = [e.type for e in await c.history(name_of(settings, files[0][0]))]
+    assert history.index("replica.created") < history.index("replica.deleted")
+
+
+async def test_vanished_source_is_marked_bad_and_another_source_is_used(tmp_path, tag, broker):
+    # One copy at a time to disk3, so no source is ever "busy" and disk1 is always tried first.
+    disk3 = 'root = "storage/disk3"\nattributes = { site = "PIC" }\nmax_transfers = 1'
+    path = replication_config(
+        tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"', "storage.disk3": disk3}
+    )
+    settings = load_settings(path)
+    files = make_files(settings, 6)
+    names = [name_of(settings, p) for p, _ in files]
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 6, "disk2"), timeout=60)
+        # Behind Spool's back: the ingest copies of half the files disappear.
+        for name in names[:3]:
+            (settings.storage["disk1"].root / name).unlink()
+        # disk3 (PIC) ranks disk1 first (neither source is at PIC; by name), finds it gone.
+        assert spool(path, "rule", "add", "--datasets", ".*", "--endpoints", "disk3").returncode == 0
+        await wait_for(lambda: _copies(settings, 6, "disk3"), timeout=60)
+    states = await replica_states(settings)
+    assert [states[(n, "disk1")] for n in names] == ["bad"] * 3 + ["available"] * 3
+    for (_src, content), name in zip(files, names, strict=True):
+        assert on_disk(settings, "disk3", name) == content
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        history = await c.history(names[0])
+    bad = [e for e in history if e.type == "replica.bad"]
+    assert bad and bad[0].storage == "disk1" and bad[0].detail["reason"] == "source_missing"
+
+
+async def test_no_source_left_fails_with_reason_and_the_daemon_keeps_going(tmp_path, tag, broker):
+    settings = load_settings(
+        replication_config(tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'})
+    )
+    files = make_files(settings, 3)
+    async with running([ingest_service], settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _registered(settings, 3), timeout=60)
+    lost = name_of(settings, files[0][0])
+    (settings.storage["disk1"].root / lost).unlink()
+    async with running([replicator_service], settings):
+        await wait_for(lambda: _copies(settings, 2, "disk2"), timeout=60)
+        await wait_for(lambda: _dead(broker, settings, 1), timeout=30)
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        view = await c.show_file(lost)
+    assert view is not None and view.last_error is not None
+    assert view.last_error.reason == "no_source" and view.last_error.state == "failed"
+    assert {r.storage: r.state for r in view.replicas} == {"disk1": "bad", "disk2": "failed"}
+
+
+async def _dead(broker, settings: Settings, n: int) -> bool:
+    return await queue_depth(broker, settings.dead_queue("replicator")) == n
+
+
+async def test_corrupted_copy_is_detected_on_a_repeated_request_and_replaced(tmp_path, tag, broker):
+    settings = load_settings(
+        replication_config(tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'})
+    )
+    files = make_files(settings, 2)
+    name = name_of(settings, files[0][0])
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 2, "disk2"), timeout=60)
+        copy = settings.storage["disk2"].root / name
+        data = bytearray(copy.read_bytes())
+        data[100] ^= 0xFF  # bit rot after the transfer, same size
+        copy.write_bytes(bytes(data))
+        request = ReplicaRequest(name=name, destination="disk2")
+        await publish_raw(broker, settings, request.ROUTING_KEY, encode(request), "application/msgpack")
+        await wait_for(lambda: _content_is(copy, files[0][1]), timeout=30)
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        types = [(e.type, e.storage) for e in await c.history(name)]
+    assert ("replica.bad", "disk2") in types
+    assert types.count(("replica.created", "disk2")) == 2
+
+
+async def _content_is(path: Path, content: bytes) -> bool:
+    return path.exists() and path.read_bytes() == content
+
+
+async def test_tape_copies_are_requested_and_wait_in_the_tape_queue(tmp_path, tag, broker):
+    tape = 'kind = "tape"\nroot = "storage/tape1"\nattributes = { site = "PIC" }'
+    settings = load_settings(
+        replication_config(
+            tmp_path,
+            tag,
+            **{"storage.tape1": tape, "rules.archive": 'datasets = ".*"\nendpoints = "kind=tape"'},
+        )
+    )
+    files = make_files(settings, 4)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _depth_is(broker, settings.queue("tape"), 4), timeout=60)
+    states = await replica_states(settings)
+    assert sorted(st for (n, s), st in states.items() if s == "tape1") == ["queued"] * 4
+    assert await queue_depth(broker, settings.dead_queue("replicator")) == 0
+    assert await queue_depth(broker, settings.dead_queue("ingest")) == 0
+
+
+async def _depth_is(broker, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return await queue_depth(broker, name) == n
+
+
+async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(tmp_path, tag, broker, monkeypatch):
+    from common.storage.posix import PosixStorage
+
+    disk2 = 'root = "storage/disk2"\nattributes = { site = "CNAF" }\nmax_transfers = 2'
+    settings = load_settings(
+        replication_config(
+            tmp_path, tag, **{"storage.disk2": disk2, "rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'}
+        )
+    )
+    active, peak = 0, 0
+    real = PosixStorage.copy_verified
+
+    async def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await asyncio.sleep(0.05)
+            return await real(self, *args, **kwargs)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(PosixStorage, "copy_verified", slow_copy)
+    files = make_files(settings, 20)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 20, "disk2"), timeout=60)
+    assert peak == 2

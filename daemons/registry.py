@@ -11,6 +11,7 @@ from common.config import DAEMON_NAMES
 SERVICES: dict[str, str] = {
     "ingest": "daemons.ingest.handlers:service",
     "replicator": "daemons.replicator.handlers:service",
+    "tape": "daemons.tape.handlers:service",
     "monitor": "daemons.monitor.handlers:service",
 }
 

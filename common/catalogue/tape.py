@@ -1,0 +1,299 @@
+"""Catalogue side of archiving to tape: per-pool queues, batches, what was written where.
+
+A tape copy is a row of ``replicas`` on a tape endpoint (one endpoint = one tape pool). Its states
+and who moves them:
+
+    queued     wanted; waits in its pool's queue for a mount        (ingest / rule evaluation, the
+                                                                     ``tape.archive`` handler)
+    archiving  taken into a write batch; ``cartridge`` names the    (tape scheduler)
+               cartridge it is being written to, ``fseq`` is NULL
+    available  on tape: ``cartridge`` + ``fseq`` say where          (tape writer, start-up
+                                                                     reconciliation)
+    failed     no usable disk source (the reason is the file's     (tape writer)
+               last error, request kind ``archive``)
+
+The message that asked for the copy is acked once the row is ``queued``: the wait for a mount,
+and the mount itself, are catalogue state, never a message held past the broker's consumer
+timeout. The age that the mount policy compares is the row's ``created`` time, i.e. when the copy
+was first wanted, so a copy put back into the queue after an interrupted batch keeps its place.
+
+All functions take a synchronous ``Connection`` inside the caller's transaction (``Catalogue.run``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from common.catalogue import schema as s
+from common.catalogue.replication import Source
+from common.catalogue.sql import chunks, insert_ignore_sync, storage_ids_sync, upsert_sync, utcnow
+
+f, r, ep = s.files, s.replicas, s.storage_endpoints
+
+# States from which a new ``tape.archive`` puts the copy back into the queue (an explicit ask).
+_REQUEUE_FROM = ("failed", "bad", "waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class TapeCopy:
+    """The state of one file's copy on one tape endpoint."""
+
+    state: str
+    cartridge: str | None
+    fseq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A tape endpoint's queue: what the mount policy looks at."""
+
+    storage: str
+    files: int
+    bytes: int
+    oldest: datetime | None
+    priority: int  # the highest priority waiting
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A queued copy at the head of its queue (before it is taken into a batch)."""
+
+    replica_id: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFile:
+    """A copy taken into a write batch, with the disk copies it may be read from."""
+
+    replica_id: int
+    name: str
+    size: int
+    adler32: str
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Archived:
+    """A file committed on a cartridge, to be recorded."""
+
+    replica_id: int
+    name: str
+    storage: str
+    cartridge: str
+    fseq: int
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A copy left ``archiving`` (by this process's predecessor, at start-up)."""
+
+    replica_id: int
+    name: str
+    storage: str
+    cartridge: str | None
+
+
+def archive_request_id(name: str, storage: str) -> str:
+    """A stable request id per tape copy, so its failures and success land on one ``requests`` row
+    (the file's last error); hashed, as names may be longer than the id column."""
+    digest = hashlib.sha1(f"{storage}\x00{name}".encode()).hexdigest()[:24]
+    return f"archive-{digest}"
+
+
+def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> TapeCopy | None:
+    """Make sure the copy of ``name`` on ``storage`` is wanted; None when the file is unknown.
+
+    Idempotent: a copy already queued, being written or on tape is left as it is (a waiting copy
+    takes the higher priority); a failed one is queued again (someone asked again).
+    """
+    fid = conn.scalar(select(f.c.id).where(f.c.name == name))
+    if fid is None:
+        return None
+    sid = storage_ids_sync(conn, {storage})[storage]
+    row = conn.execute(
+        select(r.c.state, r.c.cartridge, r.c.fseq, r.c.priority).where(
+            r.c.file_id == fid, r.c.storage_id == sid
+        )
+    ).first()
+    now = utcnow()
+    if row is None:
+        insert_ignore_sync(
+            conn, r,
+            [{"file_id": fid, "storage_id": sid, "pfn": name, "state": "queued", "cartridge": None,
+              "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": priority}],
+            ["file_id", "storage_id"],
+        )  # fmt: skip
+        return TapeCopy("queued", None, None)
+    where = (r.c.file_id == fid, r.c.storage_id == sid)
+    if row.state in _REQUEUE_FROM:
+        conn.execute(
+            update(r)
+            .where(*where)
+            .values(state="queued", cartridge=None, fseq=None, priority=priority, created=now, updated=now)
+        )
+        return TapeCopy("queued", None, None)
+    if row.state == "queued" and priority > row.priority:
+        conn.execute(update(r).where(*where).values(priority=priority))
+    return TapeCopy(row.state, row.cartridge, row.fseq)
+
+
+def queue_stats(conn: Connection, storages: Sequence[str]) -> list[QueueStats]:
+    """Queued copies per tape endpoint: count, bytes, oldest, highest priority (empty ones left out)."""
+    if not storages:
+        return []
+    stmt = (
+        select(ep.c.name, func.count(), func.coalesce(func.sum(f.c.size), 0), func.min(r.c.created),
+               func.max(r.c.priority))
+        .select_from(r.join(f, f.c.id == r.c.file_id).join(ep, ep.c.id == r.c.storage_id))
+        .where(ep.c.name.in_(list(storages)), r.c.state == "queued")
+        .group_by(ep.c.name)
+    )  # fmt: skip
+    return [QueueStats(name, int(n), int(b), oldest, int(p)) for name, n, b, oldest, p in conn.execute(stmt)]
+
+
+def queue_head(conn: Connection, storage: str, limit: int) -> list[Candidate]:
+    """The next ``limit`` queued copies of ``storage`` in write order: priority, then age."""
+    stmt = (
+        select(r.c.id, f.c.size)
+        .join(f, f.c.id == r.c.file_id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(ep.c.name == storage, r.c.state == "queued")
+        .order_by(r.c.priority.desc(), r.c.created, r.c.id)
+        .limit(limit)
+    )
+    return [Candidate(rid, int(size)) for rid, size in conn.execute(stmt)]
+
+
+def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> list[BatchFile]:
+    """Move the given queued copies to ``archiving`` on ``cartridge``; returns those this call got
+    (another writer may have taken some meanwhile), in the order given, with their disk sources.
+
+    Sources are available copies on disk endpoints an operator has not set ``down``."""
+    now = utcnow()
+    ids = list(replica_ids)
+    for part in chunks(ids):
+        conn.execute(
+            update(r)
+            .where(r.c.id.in_(part), r.c.state == "queued")
+            .values(state="archiving", cartridge=cartridge, fseq=None, updated=now)
+        )
+    got: dict[int, Any] = {}
+    stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32).join(f, f.c.id == r.c.file_id)
+    for part in chunks(ids):
+        for row in conn.execute(
+            stmt.where(
+                r.c.id.in_(part), r.c.state == "archiving", r.c.cartridge == cartridge, r.c.updated == now
+            )
+        ):
+            got[row.id] = row
+    sources: dict[int, list[Source]] = {}
+    src = (
+        select(r.c.file_id, ep.c.name, r.c.pfn)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(r.c.state == "available", ep.c.kind == "disk", ep.c.state != "down")
+        .order_by(ep.c.name)
+    )
+    for part in chunks([row.file_id for row in got.values()]):
+        for fid, storage, pfn in conn.execute(src.where(r.c.file_id.in_(part))):
+            sources.setdefault(fid, []).append(Source(storage, pfn))
+    return [
+        BatchFile(rid, got[rid].name, int(got[rid].size), got[rid].adler32,
+                  tuple(sources.get(got[rid].file_id, ())))
+        for rid in ids
+        if rid in got
+    ]  # fmt: skip
+
+
+def point_to(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> None:
+    """The batch moved on to another cartridge (the previous one is full or would not load)."""
+    for part in chunks(list(replica_ids)):
+        conn.execute(
+            update(r)
+            .where(r.c.id.in_(part), r.c.state == "archiving")
+            .values(cartridge=cartridge, updated=utcnow())
+        )
+
+
+def requeue(conn: Connection, replica_ids: Sequence[int]) -> int:
+    """Copies of a batch that ended early go back to their queue (keeping their age)."""
+    n = 0
+    for part in chunks(list(replica_ids)):
+        res = conn.execute(
+            update(r)
+            .where(r.c.id.in_(part), r.c.state == "archiving")
+            .values(state="queued", cartridge=None, fseq=None, updated=utcnow())
+        )
+        n += int(res.rowcount)
+    return n
+
+
+def mark_failed(conn: Connection, replica_id: int) -> None:
+    conn.execute(
+        update(r)
+        .where(r.c.id == replica_id, r.c.state == "archiving")
+        .values(state="failed", cartridge=None, fseq=None, updated=utcnow())
+    )
+
+
+def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
+    """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
+    request done, one ``file.archived`` history row each. Returns the records applied: a copy
+    that is no longer ``archiving`` (cancelled meanwhile) is left alone."""
+    now = utcnow()
+    applied: list[Archived] = []
+    for a in records:
+        res = conn.execute(
+            update(r)
+            .where(r.c.id == a.replica_id, r.c.state == "archiving")
+            .values(state="available", cartridge=a.cartridge, fseq=a.fseq, updated=now)
+        )
+        if res.rowcount:
+            applied.append(a)
+    if not applied:
+        return applied
+    upsert_sync(
+        conn, s.requests,
+        [{"id": archive_request_id(a.name, a.storage), "kind": "archive", "name": a.name, "path": None,
+          "dataset": None, "state": "done", "attempts": 1, "reason": None, "error": None,
+          "created": now, "updated": now} for a in applied],
+        ["id"], ["state", "updated"],
+    )  # fmt: skip
+    conn.execute(
+        s.events.insert(),
+        [{"name": a.name, "time": now, "daemon": "tape", "type": "file.archived", "outcome": "ok",
+          "attempt": 1, "storage": a.storage, "detail": {"cartridge": a.cartridge, "fseq": a.fseq}}
+         for a in applied],
+    )  # fmt: skip
+    return applied
+
+
+def in_flight(conn: Connection, storages: Sequence[str]) -> list[InFlight]:
+    """Copies in state ``archiving`` on the given endpoints."""
+    if not storages:
+        return []
+    stmt = (
+        select(r.c.id, f.c.name, ep.c.name, r.c.cartridge)
+        .join(f, f.c.id == r.c.file_id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(ep.c.name.in_(list(storages)), r.c.state == "archiving")
+        .order_by(r.c.id)
+    )
+    return [InFlight(rid, name, storage, vid) for rid, name, storage, vid in conn.execute(stmt)]
+
+
+def files_per_cartridge(conn: Connection) -> dict[str, int]:
+    """Available tape copies recorded per cartridge (``spool tape list`` sets it beside the
+    library's own count: the two agree unless something is amiss)."""
+    stmt = (
+        select(r.c.cartridge, func.count())
+        .where(r.c.cartridge.is_not(None), r.c.state == "available")
+        .group_by(r.c.cartridge)
+    )
+    return {vid: int(n) for vid, n in conn.execute(stmt)}

@@ -1,0 +1,99 @@
+"""The tape daemon's I/O glue: the ``tape.archive`` handler, its resources, the scheduler loop.
+
+The handler does not hold the message while the copy waits for a mount (minutes to hours, past
+the broker's consumer timeout): it makes sure the copy is ``queued`` in the catalogue, the queue
+of its tape endpoint (= pool), and acks. The scheduler (``scheduler``) decides when a queue is
+worth a mount and writes it in batches (``writer``). A redelivered or repeated request finds the
+copy queued, being written, or on tape; in the last case it announces ``file.archived`` again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from common.bus.publisher import Publisher
+from common.bus.service import Context, Service
+from common.catalogue import Catalogue
+from common.catalogue import tape as db
+from common.config import Settings
+from common.errors import Permanent, SpoolError
+from common.logging import get_logger
+from common.messages import FileArchived, Message, TapeArchive
+from common.storage import PosixStorage, open_storage
+from common.tape import TapeLibrary, open_library
+from daemons.tape import steps
+from daemons.tape.scheduler import Scheduler
+
+log = get_logger("spool.tape")
+
+
+@dataclass
+class TapeResources:
+    catalogue: Catalogue
+    targets: dict[str, steps.TapeTarget]
+    libraries: dict[str, TapeLibrary]
+    scheduler: Scheduler
+
+
+def _describe(msg: Message) -> dict[str, Any]:
+    return {"file": getattr(msg, "name", None), "storage": getattr(msg, "destination", None)}
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[TapeResources]:
+    targets = steps.targets(settings.storage)
+    async with AsyncExitStack() as stack:
+        catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
+        stack.push_async_callback(catalogue.close)
+        await catalogue.sync_endpoints(settings.storage)
+        libraries: dict[str, TapeLibrary] = {}
+        for name in sorted({t.library for t in targets.values()}):
+            library = await open_library(settings.tape_libraries[name])
+            stack.push_async_callback(library.close)
+            libraries[name] = library
+        storages: dict[str, PosixStorage] = {}
+        for name, endpoint in settings.storage.items():
+            if endpoint.kind == "disk":
+                storages[name] = open_storage(name, endpoint)
+                stack.callback(storages[name].close)
+        scheduler = Scheduler(settings, catalogue, publisher, libraries, targets, storages)
+        stack.push_async_callback(scheduler.close, settings.bus.stop_grace)
+        await scheduler.start()
+        log.info("tape_ready", endpoints={n: f"{t.library}/{t.pool}" for n, t in targets.items()})
+        yield TapeResources(catalogue, targets, libraries, scheduler)
+
+
+service = Service("tape", resources=open_resources, describe=_describe)
+
+
+@service.handler(TapeArchive)
+async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
+    res = ctx.resources
+    target = steps.destination(msg.destination, res.targets, ctx.settings.storage)
+    copy = await res.catalogue.run(db.ensure_queued, msg.name, target.storage, msg.priority, write=True)
+    if copy is None:
+        raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
+    if copy.state == "available" and copy.cartridge is not None and copy.fseq is not None:
+        await ctx.publisher.publish(
+            FileArchived(name=msg.name, storage=target.storage, cartridge=copy.cartridge, fseq=copy.fseq),
+            correlation_id=ctx.correlation_id,
+        )
+        return
+    ctx.log.debug("archive_queued", state=copy.state, pool=target.pool)
+
+
+@service.failure_hook
+async def record_failure(
+    msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[TapeResources]
+) -> None:
+    """Keep the last error per file (``spool show``)."""
+    if not isinstance(msg, TapeArchive):
+        return
+    await ctx.resources.catalogue.record_failure(
+        request_id=db.archive_request_id(msg.name, msg.destination), kind="archive", daemon="tape",
+        reason=err.reason, error=f"{msg.destination}: {err.message}", attempts=attempt, final=final,
+        name=msg.name,
+    )  # fmt: skip

@@ -1,0 +1,132 @@
+"""The archive scheduler: every ``tape.poll_interval`` it looks at the per-pool queues in the
+catalogue and starts write batches on free drives.
+
+Why a loop over the catalogue rather than work driven by messages: a mount is worth it only for
+a whole queue (``steps.due``), and writing one lasts minutes to hours, far past the broker's
+consumer timeout. So the ``tape.archive`` handler only queues the copy (catalogue row ``queued``)
+and acks; this loop decides when and where it is written.
+
+Per tick: settle copies a dead writer left behind (``reconcile``), read the queues of the
+endpoints an operator left online and no batch of ours is writing, count the free drives of each
+library, and start a batch for each queue ``steps.plan_mounts`` picks (one batch per pool at a
+time: a pool fills one cartridge after the other, and other pools and recalls get the other
+drives). Batches run as tasks of their own; the loop never waits for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+from common.bus.publisher import Publisher
+from common.catalogue import Catalogue
+from common.catalogue import tape as db
+from common.config import Settings
+from common.errors import SpoolError
+from common.logging import get_logger
+from common.messages import utcnow
+from common.storage import PosixStorage
+from common.tape import TapeLibrary
+from daemons.tape import steps
+from daemons.tape.reconcile import reconcile
+from daemons.tape.writer import Env, run_batch
+
+log = get_logger("spool.tape")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: Catalogue,
+        publisher: Publisher,
+        libraries: Mapping[str, TapeLibrary],
+        targets: Mapping[str, steps.TapeTarget],
+        storages: dict[str, PosixStorage],
+    ) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.publisher = publisher
+        self.libraries = libraries
+        self.targets = targets
+        self.env = Env(settings, catalogue, publisher, storages)
+        self.active: dict[str, asyncio.Task[None]] = {}  # endpoint -> its running batch
+        self.last_served: dict[str, float] = {}
+        self._complaint: dict[str, str] = {}  # endpoint -> reason last logged (no repeats)
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Settle what a killed predecessor left half done, then start the loop."""
+        await reconcile(self.catalogue, self.publisher, self.libraries, self.targets, list(self.targets))
+        if self.targets:
+            self._loop = asyncio.create_task(self._run(), name="tape-scheduler")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next tick tries again; never kill the daemon
+                log.error("tape_scheduler_failed", error=str(exc), error_type=type(exc).__name__)
+            await asyncio.sleep(self.settings.tape.poll_interval)
+
+    async def tick(self) -> None:
+        idle = [s for s in self.targets if s not in self.active]
+        if not idle:
+            return
+        await reconcile(self.catalogue, self.publisher, self.libraries, self.targets, idle)
+        states = {e.name: e.state for e in await self.catalogue.endpoints()}
+        online = [s for s in idle if states.get(s, "online") == "online"]
+        stats = await self.catalogue.run(db.queue_stats, online)
+        queues = [
+            steps.PoolQueue(
+                q.storage, self.targets[q.storage].library, q.files, q.bytes, q.oldest, q.priority
+            )
+            for q in stats
+        ]
+        now = utcnow()
+        if not any(steps.due(q, self.settings.tape, now) for q in queues):
+            return
+        free = {name: await self._free_drives(name) for name in {q.library for q in queues}}
+        for q, why in steps.plan_mounts(queues, self.settings.tape, now, free, self.last_served):
+            self.last_served[q.storage] = time.monotonic()
+            self.active[q.storage] = asyncio.create_task(
+                self._batch(q.storage, why), name=f"archive-{q.storage}"
+            )
+
+    async def _free_drives(self, library: str) -> int:
+        drives = await self.libraries[library].list_drives()
+        return sum(1 for d in drives if not d.broken and d.claim is None and d.op is None)
+
+    async def _batch(self, storage: str, why: str) -> None:
+        target = self.targets[storage]
+        try:
+            await run_batch(self.env, target, self.libraries[target.library], why)
+            self._complaint.pop(storage, None)
+        except SpoolError as exc:
+            # e.g. no_cartridge, or every drive broken: the copies wait in the queue; one line per
+            # cause, not one per tick.
+            if self._complaint.get(storage) != exc.reason:
+                self._complaint[storage] = exc.reason
+                log.warning("archive_batch_stopped", storage=storage, reason=exc.reason, error=exc.message)
+        except Exception:
+            log.exception("archive_batch_crashed", storage=storage)
+        finally:
+            self.active.pop(storage, None)
+
+    async def close(self, grace: float) -> None:
+        """Stop: no new batch; running ones stop after their current file (within ``grace``
+        seconds, else they are cancelled: the library aborts the write, the copies go back to
+        the queue)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        self.env.stopping.set()
+        batches = list(self.active.values())
+        if batches:
+            _done, pending = await asyncio.wait(batches, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*batches, return_exceptions=True)

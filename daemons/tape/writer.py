@@ -1,0 +1,273 @@
+"""One write batch: a pool's queue head written sequentially onto its cartridges in one mount.
+
+Order of work, so that a kill at any instruction loses nothing and writes nothing twice:
+
+1. take the queue head (``steps.batch_size``), pick a cartridge and claim a drive (``drives.Mount``)
+2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them
+3. mount (working around broken drives and cartridges that will not load)
+4. per file, in order: write it from its first usable disk copy; the library verifies size and
+   adler32 while writing and returns the file sequence number once the file is committed
+5. record written files ``available`` with cartridge + fseq (in groups: ``Recorder``), then
+   publish ``file.archived`` for each
+6. at the end, or on any error: record what was written, put the copies not written back into
+   the queue, release the drive (the cartridge stays mounted for the pool's next batch).
+
+Killed between 4 and 5, a file is committed on tape but the catalogue still says ``archiving`` on
+that cartridge: start-up reconciliation (``reconcile``) finds it there and records it. Killed
+during 4, the library drops the half-written file when it reopens, and the copy goes back to the
+queue. The batch never records a file the library has not committed.
+
+A cartridge that fills up mid-batch is closed (state ``full``) and the batch continues on the next
+one of the pool; what was written before is recorded first, so catalogue rows always name the
+cartridge their file is on or is being written to. A file whose disk copies are all missing or
+corrupt fails (``failed``, the reason is the file's last error, ``file.failed`` is published);
+the batch goes on with the next file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.bus.publisher import Publisher
+from common.catalogue import Catalogue, Source
+from common.catalogue import tape as db
+from common.config import Settings
+from common.errors import Permanent, SpoolError
+from common.logging import get_logger
+from common.messages import FileArchived, FileFailed, Message
+from common.storage import PosixStorage
+from common.tape import TapeLibrary
+from daemons.tape import steps
+from daemons.tape.drives import Mount, MountFailures
+
+log = get_logger("spool.tape")
+
+# Written files are recorded at least this often (seconds), however few they are.
+RECORD_INTERVAL = 1.0
+
+
+@dataclass
+class Env:
+    """What every batch of the process shares."""
+
+    settings: Settings
+    catalogue: Catalogue
+    publisher: Publisher
+    storages: dict[str, PosixStorage]
+    failures: MountFailures = field(default_factory=MountFailures)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def announce(publisher: Publisher, msg: Message) -> None:
+    """Publish an event; the catalogue already holds the fact, so a broker hiccup is only logged."""
+    try:
+        await publisher.publish(msg)
+    except SpoolError as exc:
+        log.warning("event_not_published", type=msg.ROUTING_KEY, reason=exc.reason, error=exc.message)
+
+
+class Recorder:
+    """Written files, recorded in groups of ``every`` (or every ``RECORD_INTERVAL`` s) in one
+    transaction, then announced."""
+
+    def __init__(self, catalogue: Catalogue, publisher: Publisher, every: int) -> None:
+        self.catalogue = catalogue
+        self.publisher = publisher
+        self.every = every
+        self.buffer: list[db.Archived] = []
+        self._last = time.monotonic()
+
+    def add(self, record: db.Archived) -> None:
+        self.buffer.append(record)
+
+    async def maybe_flush(self) -> None:
+        if len(self.buffer) >= self.every or time.monotonic() - self._last >= RECORD_INTERVAL:
+            await self.flush()
+
+    async def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self.buffer:
+            return
+        applied = await self.catalogue.run(db.record_archived, list(self.buffer), write=True)
+        self.buffer.clear()
+        for a in applied:
+            await announce(
+                self.publisher,
+                FileArchived(name=a.name, storage=a.storage, cartridge=a.cartridge, fseq=a.fseq),
+            )
+
+
+class Batch:
+    """One mount's worth of one tape endpoint's queue (see the module doc for the order of work)."""
+
+    def __init__(self, env: Env, target: steps.TapeTarget, library: TapeLibrary) -> None:
+        self.env = env
+        self.target = target
+        self.library = library
+        policy = env.settings.tape
+        self.recorder = Recorder(env.catalogue, env.publisher, policy.record_every)
+        self.pending: dict[int, db.BatchFile] = {}  # taken, neither written nor failed yet
+        self.written = 0
+        self.failed = 0
+        self.mount: Mount | None = None
+
+    async def run(self, why: str) -> int:
+        """Write the batch; returns the number of files written (0: no drive, or nothing queued)."""
+        policy = self.env.settings.tape
+        cat = self.env.catalogue
+        head = await cat.run(db.queue_head, self.target.storage, policy.batch_max_files)
+        n = steps.batch_size([c.size for c in head], policy.batch_max_files, policy.batch_max_bytes)
+        if n == 0:
+            return 0
+        chosen = head[:n]
+        mount = self.mount = Mount(
+            self.library,
+            self.target.pool,
+            steps.label(self.target.storage, self.target.pool, n),
+            self.env.failures,
+            policy.mount_failures_before_suspect,
+            self._moved_to,
+        )
+        try:
+            if not await mount.acquire(needed=chosen[0].size):
+                return 0
+            assert mount.vid is not None
+            files = await cat.run(db.take_batch, [c.replica_id for c in chosen], mount.vid, write=True)
+            self.pending = {f.replica_id: f for f in files}
+            if not files:
+                return 0
+            log.info(
+                "archive_batch_started", storage=self.target.storage, pool=self.target.pool, why=why,
+                files=len(files), bytes=sum(f.size for f in files), drive=mount.drive, cartridge=mount.vid,
+            )  # fmt: skip
+            await mount.load(needed=files[0].size)
+            for f in files:
+                if self.env.stopping.is_set():
+                    break
+                await self._archive(f)
+                await self.recorder.maybe_flush()
+        finally:
+            await self._finish()
+        return self.written
+
+    async def _moved_to(self, vid: str) -> None:
+        """The batch continues on ``vid``: the copies not written yet now belong to it."""
+        await self.env.catalogue.run(db.point_to, list(self.pending), vid, write=True)
+
+    async def _archive(self, f: db.BatchFile) -> None:
+        mount = self.mount
+        assert mount is not None
+        transient: SpoolError | None = None
+        for source in f.sources:
+            try:
+                path = self._path(source)
+            except SpoolError as exc:
+                await self._source_bad(f, source, exc)
+                continue
+            while True:
+                assert mount.drive is not None
+                try:
+                    fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32)
+                except SpoolError as exc:
+                    if exc.reason in steps.CARTRIDGE_DONE:
+                        if await self._too_large(f):
+                            return
+                        await self.recorder.flush()  # rows must name the cartridge their file is on
+                        await mount.close_cartridge(exc.reason, needed=f.size)
+                        continue
+                    if exc.reason in steps.SOURCE_BAD:
+                        await self._source_bad(f, source, exc)
+                        break
+                    if exc.reason in steps.SOURCE_TRANSIENT:
+                        transient = exc
+                        break
+                    raise
+                assert mount.vid is not None
+                del self.pending[f.replica_id]
+                self.written += 1
+                self.recorder.add(db.Archived(f.replica_id, f.name, self.target.storage, mount.vid, fseq))
+                return
+        if transient is not None:
+            log.warning(
+                "archive_source_unreadable", file=f.name, reason=transient.reason, error=transient.message
+            )
+            return  # stays pending: back to the queue at the end of the batch
+        tried = ", ".join(s.storage for s in f.sources) or "none available"
+        await self._fail(f, "no_source", f"no usable disk copy to archive from (tried: {tried})")
+
+    def _path(self, source: Source) -> Path:
+        storage = self.env.storages.get(source.storage)
+        if storage is None:
+            raise Permanent("unknown_storage", f"disk endpoint {source.storage!r} is not configured here")
+        return storage.resolve(source.pfn)
+
+    async def _too_large(self, f: db.BatchFile) -> bool:
+        """A file larger than any cartridge would close every cartridge of the pool in turn."""
+        largest = max((c.capacity for c in await self.library.list_cartridges()), default=0)
+        if f.size <= largest:
+            return False
+        await self._fail(f, "larger_than_cartridge", f"{f.size} bytes do not fit a {largest}-byte cartridge")
+        return True
+
+    async def _source_bad(self, f: db.BatchFile, source: Source, exc: SpoolError) -> None:
+        """A missing or corrupt disk copy is marked ``bad`` (as the replicator does) and the next
+        one is tried."""
+        log.warning(
+            "archive_source_bad", file=f.name, source=source.storage, reason=exc.reason, error=exc.message
+        )
+        cat = self.env.catalogue
+        if exc.reason == "unknown_storage":
+            return
+        await cat.set_replica_state(f.name, source.storage, "bad", only_from=("available",))
+        await cat.record_event(
+            name=f.name, daemon="tape", type="replica.bad", outcome="bad", storage=source.storage,
+            detail={"reason": exc.reason, "error": exc.message},
+        )  # fmt: skip
+
+    async def _fail(self, f: db.BatchFile, reason: str, error: str) -> None:
+        del self.pending[f.replica_id]
+        self.failed += 1
+        storage = self.target.storage
+        log.error("archive_failed", file=f.name, storage=storage, reason=reason, error=error)
+        cat = self.env.catalogue
+        await cat.run(db.mark_failed, f.replica_id, write=True)
+        await cat.record_failure(
+            request_id=db.archive_request_id(f.name, storage), kind="archive", daemon="tape",
+            reason=reason, error=f"{storage}: {error}", attempts=1, final=True, name=f.name,
+        )  # fmt: skip
+        await announce(
+            self.env.publisher,
+            FileFailed(daemon="tape", reason=reason, error=f"{storage}: {error}", attempts=1, name=f.name),
+        )
+
+    async def _finish(self) -> None:
+        """Record what was written, queue again what was not, give the drive back. Each step runs
+        even if another fails: written files stay ``archiving`` when they could not be recorded,
+        and reconciliation records them from the cartridge later."""
+        try:
+            await self.recorder.flush()
+        except Exception as exc:
+            log.error("archive_record_failed", storage=self.target.storage, error=repr(exc))
+        if self.pending:
+            try:
+                n = await self.env.catalogue.run(db.requeue, list(self.pending), write=True)
+                log.info("archive_requeued", storage=self.target.storage, files=n)
+            except Exception as exc:
+                log.error("archive_requeue_failed", storage=self.target.storage, error=repr(exc))
+        if self.mount is not None:
+            try:
+                await self.mount.release()
+            except Exception as exc:
+                log.error("drive_release_failed", drive=self.mount.drive, error=repr(exc))
+        if self.written or self.failed:
+            log.info(
+                "archive_batch_done", storage=self.target.storage, written=self.written, failed=self.failed,
+                requeued=len(self.pending),
+            )  # fmt: skip
+
+
+async def run_batch(env: Env, target: steps.TapeTarget, library: TapeLibrary, why: str) -> int:
+    return await Batch(env, target, library).run(why)

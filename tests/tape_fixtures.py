@@ -1,0 +1,108 @@
+"""Shared set-up of the tape daemon tests: a small simulated library, a fast archive policy, and
+helpers reading what the catalogue and the library say about tape copies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from sqlalchemy import Connection, select
+
+from common.catalogue import Catalogue
+from common.catalogue import schema as s
+from common.config import Settings
+from common.tape import open_library
+from tests.replication_fixtures import replication_config
+
+# 2 drives, pools of 3 cartridges (raw, vault) + 2 scratch, 100 kB tapes, no sleeping.
+LIBRARY = (
+    'root = "tape-library"\ndrives = 2\npools = { raw = 3, vault = 3 }\nscratch_cartridges = 2\n'
+    "capacity_bytes = 100000\ntime_scale = 0\ndurable = false"
+)
+# Mount for 5 files or after half a second; look at the queues ten times a second.
+POLICY = "mount_min_files = 5\nmount_min_bytes = 1000000000\nmount_max_age = 0.5\npoll_interval = 0.1"
+TAPE1 = {"storage.tape1": 'kind = "tape"\npool = "raw"'}
+TAPE2 = {"storage.tape2": 'kind = "tape"\npool = "vault"'}
+TO_TAPE1 = {"rules.archive": 'datasets = ".*"\nendpoints = "tape1"'}
+
+
+def tape_config(
+    tmp_path: Path, tag: str, *, library: str = LIBRARY, policy: str = POLICY, **extra: str
+) -> Path:
+    sections = {**TAPE1, "tape_libraries.default": library, "tape": policy, **TO_TAPE1, **extra}
+    return replication_config(tmp_path, tag, **sections)
+
+
+def _copies(conn: Connection, storage: str) -> dict[str, tuple[str, str | None, int | None]]:
+    f, r, ep = s.files, s.replicas, s.storage_endpoints
+    stmt = (
+        select(f.c.name, r.c.state, r.c.cartridge, r.c.fseq)
+        .join(r, r.c.file_id == f.c.id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(ep.c.name == storage)
+    )
+    return {name: (state, vid, fseq) for name, state, vid, fseq in conn.execute(stmt)}
+
+
+async def tape_copies(
+    settings: Settings, storage: str = "tape1"
+) -> dict[str, tuple[str, str | None, int | None]]:
+    """name -> (state, cartridge, fseq) of every copy on ``storage``."""
+    async with await Catalogue.open(settings.catalogue.url) as cat:
+        return await cat.run(_copies, storage)
+
+
+async def on_tape(settings: Settings, library: str = "default") -> dict[str, list[tuple[int, str]]]:
+    """vid -> [(fseq, name)] committed on each cartridge, as the library itself says."""
+    lib = await open_library(settings.tape_libraries[library])
+    try:
+        return {
+            c.vid: [(f.fseq, f.name) for f in await lib.list_files(c.vid)]
+            for c in await lib.list_cartridges()
+        }
+    finally:
+        await lib.close()
+
+
+async def library_call(settings: Settings, method: str, *args: Any, library: str = "default") -> Any:
+    """Call one method of the library from the test (fault injection, inspection)."""
+    lib = await open_library(settings.tape_libraries[library])
+    try:
+        return await getattr(lib, method)(*args)
+    finally:
+        await lib.close()
+
+
+def placed(copies: dict[str, tuple[str, str | None, int | None]]) -> dict[tuple[str, int], str]:
+    """(cartridge, fseq) -> name of the available copies."""
+    return {(vid, fseq): n for n, (st, vid, fseq) in copies.items() if st == "available" and vid and fseq}
+
+
+def listed(tapes: dict[str, list[tuple[int, str]]]) -> dict[tuple[str, int], str]:
+    return {(vid, fseq): name for vid, files in tapes.items() for fseq, name in files}
+
+
+def names_on_tape(tapes: dict[str, list[tuple[int, str]]]) -> list[str]:
+    return sorted(name for files in tapes.values() for _, name in files)
+
+
+async def bind(broker: Any, settings: Settings, *keys: str) -> Any:
+    channel = await broker.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    for key in keys:
+        await queue.bind(settings.bus.exchange, key)
+    return queue
+
+
+async def drain(queue: Any) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    while (m := await queue.get(fail=False)) is not None:
+        out.append((m.routing_key, msgpack.unpackb(m.body)))
+    return out
+
+
+def as_json(result: Any) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -28,8 +28,11 @@ they vary much less than elapsed times.
 Page cache: the sources are written, flushed with ``sync`` and stay in the page cache, so both
 sides read warm sources (24 GB of RAM hold the default data sets several times over); every
 destination is deleted after its measurement and ``sync`` runs (untimed) before the next one, so
-neither side pays for the other's writeback. The order of cp and Spool alternates between
-repetitions; the best of ``--repeat`` runs counts. Everything generated is deleted at the end.
+neither side pays for the other's writeback; with many files the copies are kept until the data
+set is done instead (see ``keeps_copies``: on ext4, creating files just after deleting thousands
+costs several times more). The order of the measurements rotates between repetitions; the best
+of ``--repeat`` runs counts. Everything generated is deleted at the end. For the same reason,
+leave half a minute between two runs of this script (or after deleting many files).
 
 The elapsed figures of one run vary by 2-10x on a machine where others run tests (file creation
 waits for the journal, the disk is shared): repeat (``--repeat``) and compare within one run.
@@ -69,6 +72,7 @@ SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
 MiB = 1024 * 1024
 FILES_PER_DIR = 100
+DEFER_DELETE_FILES = 1000  # see keeps_copies
 TARGET_LARGE_MBPS_RATIO = 0.8  # of cp's MB/s, large files
 TARGET_SMALL_FILES_RATIO = 0.5  # of cp's files/s, small files
 _POOL_SIZE = 64 * MiB  # random bytes the sources are cut from (urandom for 4 GiB would take long)
@@ -244,24 +248,45 @@ BASELINE = "cp"
 JUDGED = {("copy_verified", "durable"), ("copy_verified nowb", "copied")}
 
 
+def keeps_copies(count: int) -> bool:
+    """Whether a case keeps its copies until it ends instead of deleting each after its run.
+
+    ext4 does not reuse an inode freed in the last ~30 s: every file creation scans past them
+    (``recently_deleted`` under ``ext4_create``). Right after 10,000 copies were deleted, that
+    scan was over half of the CPU time of the next 10,000 creations, and whichever measurement
+    came next looked several times slower. A few large files do not matter (and would need tens
+    of GB if kept).
+    """
+    return count >= DEFER_DELETE_FILES
+
+
 async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[str, list[Timing]]:
     """Each measurement ``--repeat`` times, the order rotated between repetitions."""
     runs: dict[str, list[Timing]] = {name: [] for name in MEASUREMENTS}
     names = list(MEASUREMENTS)
-    for rep in range(args.repeat):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            dest = work / f"dst-{name.replace(' ', '-')}"
-            os.sync()  # untimed: nothing left over (sources, the previous deletion) to flush
-            timing = await MEASUREMENTS[name](ds, dest, args)
-            say(
-                f"{ds.name}: {name:<19} copy {timing.copy_seconds:7.2f} s, + sync "
-                f"{timing.sync_seconds:6.2f} s, CPU {timing.cpu_seconds:6.2f} s"
-                f"  (run {rep + 1}/{args.repeat})"
-            )
-            check_copy(ds, dest)
-            shutil.rmtree(dest)
-            runs[name].append(timing)
+    keep = keeps_copies(len(ds.files))
+    kept: list[Path] = []
+    try:
+        for rep in range(args.repeat):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                dest = work / f"dst-{ds.name}-{name.replace(' ', '-')}-{rep}"
+                os.sync()  # untimed: nothing left over (sources, the previous copies) to flush
+                timing = await MEASUREMENTS[name](ds, dest, args)
+                say(
+                    f"{ds.name}: {name:<19} copy {timing.copy_seconds:7.2f} s, + sync "
+                    f"{timing.sync_seconds:6.2f} s, CPU {timing.cpu_seconds:6.2f} s"
+                    f"  (run {rep + 1}/{args.repeat})"
+                )
+                check_copy(ds, dest)
+                if keep:
+                    kept.append(dest)
+                else:
+                    shutil.rmtree(dest)
+                runs[name].append(timing)
+    finally:
+        for dest in kept:
+            shutil.rmtree(dest, ignore_errors=True)
     return runs
 
 
@@ -352,7 +377,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "dir": str(work), "cpus": os.cpu_count(), "cases": {},
     }  # fmt: skip
     for name, count, size in cases:
-        need = 2 * count * size + 256 * MiB
+        copies = len(MEASUREMENTS) * args.repeat if keeps_copies(count) else 1
+        need = (1 + copies) * count * size + 256 * MiB
         free = shutil.disk_usage(work).free
         if free < need:
             raise SystemExit(f"{name}: needs {need / 1e9:.1f} GB free under {work}, has {free / 1e9:.1f}")

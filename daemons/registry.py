@@ -12,6 +12,7 @@ SERVICES: dict[str, str] = {
     "ingest": "daemons.ingest.handlers:service",
     "replicator": "daemons.replicator.handlers:service",
     "tape": "daemons.tape.handlers:service",
+    "recall": "daemons.recall.handlers:service",
     "monitor": "daemons.monitor.handlers:service",
 }
 

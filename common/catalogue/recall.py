@@ -1,0 +1,606 @@
+"""Catalogue side of recall: requests, their files, the tape copies to read, the copies delivered.
+
+States of a recall file and who moves them (all in ``daemons/recall``)::
+
+    queued   waiting to be served: from a disk copy at once, else from tape by the scheduler
+    staging  being read from tape now (back to ``queued`` when the read is given up, and at
+             start-up: a row left ``staging`` belongs to a process that died)
+    done     a verified copy is on the destination (pinned: tombstone = now + pin_seconds)
+    failed   for good, with a reason code (``unknown_file``, ``checksum_mismatch``, ``no_copy``...)
+
+A recall is ``active`` until every file is done or failed; the transaction that settles its last
+file also moves it to ``done`` (or ``failed`` when some file failed), so exactly one process
+decides completion. Publishing is an outbox: ``announced`` flags on both tables are set only after
+the event went out, and whatever is done but not announced is published again at start-up under
+the same message ids (consumers drop duplicates by id).
+
+The chosen tape copy of a queued file (``storage``, ``cartridge``, ``fseq``) is the scheduler's
+plan, written before a mount so the mount loop can find "the next file of this cartridge ahead of
+the head" with one indexed query, including files of requests that arrived during the mount.
+
+Every function takes a synchronous ``Connection`` and runs through ``Catalogue.run``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from common.catalogue import schema as s
+from common.catalogue.sql import check_fits, chunks, storage_ids_sync, utcnow
+
+f, r, ep, d = s.files, s.replicas, s.storage_endpoints, s.datasets
+rc, rf = s.recalls, s.recall_files
+
+UNKNOWN_FILE = "unknown_file"
+NO_COPY = "no_copy"
+DAEMON = "recall"
+# Operator states of an endpoint whose copies cannot be read now (they wait, they do not fail).
+_UNREADABLE = ("down",)
+
+
+# --- values --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RecallSpec:
+    """A ``recall.request`` as the catalogue records it."""
+
+    id: str
+    destination: str
+    priority: int
+    names: tuple[str, ...] = ()
+    dataset: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TapeCopy:
+    storage: str  # tape endpoint (its library and pool)
+    cartridge: str
+    fseq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskCopy:
+    storage: str
+    pfn: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFile:
+    """A queued file of an active recall, with every copy it could be served from."""
+
+    recall_id: str
+    name: str
+    file_id: int
+    size: int
+    adler32: str
+    destination: str
+    priority: int
+    requested: datetime
+    chosen: TapeCopy | None  # the copy the scheduler planned to read
+    tape: tuple[TapeCopy, ...] = ()  # available copies on readable tape endpoints
+    disk: tuple[DiskCopy, ...] = ()  # available copies on readable disk endpoints
+    # No usable copy now, but one will come: archiving in progress, or its endpoint is down.
+    blocked: bool = False
+    damaged: bool = False  # some tape copy was found corrupt (marked bad)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.recall_id, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadItem:
+    """A queued file planned on one cartridge: what the mount loop reads next."""
+
+    recall_id: str
+    name: str
+    file_id: int
+    size: int
+    adler32: str
+    destination: str
+    copy: TapeCopy
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.recall_id, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """A ``file.recalled`` to publish."""
+
+    recall_id: str
+    name: str
+    storage: str
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A ``recall.completed`` to publish (and to send to ``reply_to``)."""
+
+    recall_id: str
+    state: str  # done | failed
+    files: int
+    failed: tuple[str, ...]
+    reply_to: str | None
+    correlation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a transaction settled and the caller must now announce."""
+
+    recalled: tuple[Recalled, ...] = ()
+    completed: tuple[Completion, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.recalled or self.completed)
+
+    def __add__(self, other: Settled) -> Settled:
+        return Settled(self.recalled + other.recalled, self.completed + other.completed)
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    new: bool  # False: the request id was known (a redelivery)
+    files: int
+    unknown: tuple[str, ...]
+    settled: Settled = field(default_factory=Settled)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A verified copy of a file now on ``destination`` at ``pfn``."""
+
+    file_id: int
+    name: str
+    destination: str
+    pfn: str
+    pin_until: datetime
+    source: str  # "A00001/12 (tape1)" or "disk2": for the history
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    name: str
+    state: str
+    storage: str | None
+    cartridge: str | None
+    fseq: int | None
+    reason: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecallView:
+    id: str
+    state: str
+    destination: str
+    dataset: str | None
+    priority: int
+    reply_to: str | None
+    files: int
+    done: int
+    failed: int
+    created: datetime
+    updated: datetime
+    completed: datetime | None
+    file_states: tuple[FileState, ...] = ()
+
+    @property
+    def queued(self) -> int:
+        return self.files - self.done - self.failed
+
+
+# --- requests ------------------------------------------------------------------------------------
+def create_recall(conn: Connection, spec: RecallSpec) -> Created | None:
+    """Record a request and its files; None when it names a dataset the catalogue does not know.
+
+    Idempotent on the request id: a redelivered message finds the recall and changes nothing.
+    Unknown names become files ``failed`` with reason ``unknown_file``; the others are queued.
+    A request with nothing left to do (every name unknown, an empty dataset) completes here.
+    """
+    known = conn.execute(select(rc.c.files).where(rc.c.id == spec.id)).first()
+    if known is not None:
+        return Created(False, int(known.files), ())
+    ids: dict[str, int] = {}
+    if spec.dataset is not None:
+        ds = conn.scalar(select(d.c.id).where(d.c.name == spec.dataset))
+        if ds is None:
+            return None
+        ids.update({n: i for n, i in conn.execute(select(f.c.name, f.c.id).where(f.c.dataset_id == ds))})
+    names = list(dict.fromkeys(spec.names))
+    for part in chunks(names):
+        ids.update({n: i for n, i in conn.execute(select(f.c.name, f.c.id).where(f.c.name.in_(part)))})
+    named = set(names)
+    wanted = [*sorted(n for n in ids if n not in named), *names]  # the dataset's files, then names
+    unknown = tuple(n for n in wanted if n not in ids)
+    now = utcnow()
+    row = {
+        "id": spec.id, "state": "active", "destination": spec.destination, "dataset": spec.dataset,
+        "priority": spec.priority, "reply_to": spec.reply_to, "correlation_id": spec.correlation_id,
+        "files": len(wanted), "done": 0, "failed": len(unknown), "created": now, "updated": now,
+        "completed": None, "announced": False,
+    }  # fmt: skip
+    check_fits(rc, row)
+    conn.execute(rc.insert().values(**row))
+    file_rows = [
+        {"recall_id": spec.id, "name": n, "file_id": ids.get(n), "state": "queued" if n in ids else "failed",
+         "storage": None, "cartridge": None, "fseq": None,
+         "reason": None if n in ids else UNKNOWN_FILE,
+         "error": None if n in ids else f"{n} is not in the catalogue", "updated": now, "announced": False}
+        for n in wanted
+    ]  # fmt: skip
+    for rows in chunks(file_rows):
+        conn.execute(rf.insert(), list(rows))
+    _history(conn, [(n, "recall.failed", "failed", None, {"request_id": spec.id, "reason": UNKNOWN_FILE})
+                    for n in unknown])  # fmt: skip
+    return Created(True, len(wanted), unknown, Settled(completed=_settle(conn, [spec.id])))
+
+
+def recover(conn: Connection) -> int:
+    """Put back ``staging`` rows (their reader died); returns how many."""
+    res = conn.execute(update(rf).where(rf.c.state == "staging").values(state="queued", updated=utcnow()))
+    return int(res.rowcount)
+
+
+# --- what is pending -----------------------------------------------------------------------------
+def pending(conn: Connection, limit: int, recall_id: str | None = None) -> list[PendingFile]:
+    """Queued files of active recalls, most urgent first, each with its usable copies."""
+    stmt = (
+        select(
+            rf.c.recall_id,
+            rf.c.name,
+            rf.c.file_id,
+            rf.c.storage,
+            rf.c.cartridge,
+            rf.c.fseq,
+            rc.c.destination,
+            rc.c.priority,
+            rc.c.created,
+            f.c.size,
+            f.c.adler32,
+        )
+        .join(rc, rc.c.id == rf.c.recall_id)
+        .join(f, f.c.id == rf.c.file_id)
+        .where(rf.c.state == "queued", rc.c.state == "active")
+        .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id, rf.c.name)
+        .limit(limit)
+    )
+    if recall_id is not None:
+        stmt = stmt.where(rf.c.recall_id == recall_id)
+    rows = conn.execute(stmt).all()
+    copies = _copies(conn, list({row.file_id for row in rows}))
+    out = []
+    for row in rows:
+        tape, disk, blocked, damaged = copies.get(row.file_id, ((), (), False, False))
+        chosen = None
+        if row.cartridge is not None and row.storage is not None and row.fseq is not None:
+            chosen = TapeCopy(row.storage, row.cartridge, int(row.fseq))
+        out.append(
+            PendingFile(
+                recall_id=row.recall_id,
+                name=row.name,
+                file_id=row.file_id,
+                size=int(row.size),
+                adler32=row.adler32,
+                destination=row.destination,
+                priority=row.priority,
+                requested=row.created,
+                chosen=chosen,
+                tape=tape,
+                disk=disk,
+                blocked=blocked,
+                damaged=damaged,
+            )
+        )
+    return out
+
+
+def _copies(
+    conn: Connection, file_ids: Sequence[int]
+) -> dict[int, tuple[tuple[TapeCopy, ...], tuple[DiskCopy, ...], bool, bool]]:
+    tape: dict[int, list[TapeCopy]] = defaultdict(list)
+    disk: dict[int, list[DiskCopy]] = defaultdict(list)
+    blocked: set[int] = set()
+    damaged: set[int] = set()
+    stmt = (
+        select(r.c.file_id, ep.c.name, ep.c.kind, ep.c.state, r.c.state, r.c.pfn, r.c.cartridge, r.c.fseq)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .order_by(ep.c.name)
+    )
+    for part in chunks(file_ids):
+        for fid, storage, kind, ep_state, state, pfn, cartridge, fseq in conn.execute(
+            stmt.where(r.c.file_id.in_(part))
+        ):
+            readable = ep_state not in _UNREADABLE
+            if kind == "disk" and state == "available" and readable:
+                disk[fid].append(DiskCopy(storage, pfn))
+            elif kind == "tape" and state == "available" and cartridge is not None and fseq is not None:
+                if readable:
+                    tape[fid].append(TapeCopy(storage, cartridge, int(fseq)))
+                else:
+                    blocked.add(fid)
+            elif kind == "tape" and state in ("queued", "waiting", "archiving"):
+                blocked.add(fid)  # the tape daemon has not written it yet
+            elif kind == "tape" and state == "bad":
+                damaged.add(fid)
+    return {fid: (tuple(tape[fid]), tuple(disk[fid]), fid in blocked, fid in damaged) for fid in file_ids}
+
+
+def assign(conn: Connection, plan: Sequence[tuple[str, str, TapeCopy | None]]) -> None:
+    """Record the tape copy chosen for each (recall, name) still queued (None: forget it)."""
+    now = utcnow()
+    for recall_id, name, copy in plan:
+        conn.execute(
+            update(rf)
+            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state == "queued")
+            .values(
+                storage=copy.storage if copy else None,
+                cartridge=copy.cartridge if copy else None,
+                fseq=copy.fseq if copy else None,
+                updated=now,
+            )
+        )
+
+
+def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after: int) -> list[ReadItem]:
+    """The queued files planned on ``vid`` at its lowest fseq beyond ``after`` (the head).
+
+    Several rows when several requests want that file. Files planned on the cartridge while it is
+    mounted show up here too: that is how a late request joins the mount when it is ahead of the head.
+    """
+    where = (
+        rf.c.state == "queued",
+        rf.c.cartridge == vid,
+        rf.c.storage.in_(list(storages)),
+        rf.c.fseq > after,
+        rc.c.state == "active",
+    )
+    base = select(func.min(rf.c.fseq)).select_from(rf.join(rc, rc.c.id == rf.c.recall_id)).where(*where)
+    fseq = conn.scalar(base)
+    if fseq is None:
+        return []
+    stmt = (
+        select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, f.c.size, f.c.adler32, rc.c.destination)
+        .join(rc, rc.c.id == rf.c.recall_id)
+        .join(f, f.c.id == rf.c.file_id)
+        .where(*where, rf.c.fseq == fseq)
+        .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
+    )
+    return [
+        ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
+                 TapeCopy(row.storage, vid, int(fseq)))
+        for row in conn.execute(stmt)
+    ]  # fmt: skip
+
+
+def set_state(
+    conn: Connection, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False
+) -> None:
+    """Move rows between ``queued`` and ``staging`` (never out of done / failed)."""
+    values: dict[str, Any] = {"state": state, "updated": utcnow()}
+    if forget_copy:
+        values.update(storage=None, cartridge=None, fseq=None)
+    for recall_id, name in keys:
+        conn.execute(
+            update(rf)
+            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state.in_(("queued", "staging")))
+            .values(**values)
+        )
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+def deliver(conn: Connection, dl: Delivery) -> Settled | None:
+    """Record a verified copy on the destination and settle every recall waiting for it there.
+
+    The copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
+    deletes it after that, unless a rule holds it, and never while it is the last copy). A copy
+    that was never tombstoned (made by ingest) stays so. Returns None, recording nothing, when the
+    reaper is deleting the destination's copy right now: the caller tries again later.
+    """
+    now = utcnow()
+    sid = storage_ids_sync(conn, {dl.destination})[dl.destination]
+    row = conn.execute(
+        select(r.c.id, r.c.state, r.c.tombstone).where(r.c.file_id == dl.file_id, r.c.storage_id == sid)
+    ).first()
+    if row is not None and row.state == "deleting":
+        return None
+    if row is None:
+        conn.execute(
+            r.insert().values(
+                file_id=dl.file_id,
+                storage_id=sid,
+                pfn=dl.pfn,
+                state="available",
+                cartridge=None,
+                fseq=None,
+                created=now,
+                updated=now,
+                tombstone=dl.pin_until,
+                priority=3,
+            )
+        )
+    else:
+        keep_forever = row.state == "available" and row.tombstone is None
+        tombstone = None if keep_forever else max(row.tombstone or dl.pin_until, dl.pin_until)
+        conn.execute(
+            update(r)
+            .where(r.c.id == row.id)
+            .values(state="available", pfn=dl.pfn, tombstone=tombstone, updated=now)
+        )
+    waiting = conn.execute(
+        select(rf.c.recall_id, rc.c.correlation_id)
+        .join(rc, rc.c.id == rf.c.recall_id)
+        .where(
+            rf.c.file_id == dl.file_id,
+            rf.c.state.in_(("queued", "staging")),
+            rc.c.destination == dl.destination,
+            rc.c.state == "active",
+        )
+        .order_by(rf.c.recall_id)
+    ).all()
+    ids = [w.recall_id for w in waiting]
+    for part in chunks(ids):
+        conn.execute(
+            update(rf)
+            .where(
+                rf.c.recall_id.in_(part), rf.c.file_id == dl.file_id, rf.c.state.in_(("queued", "staging"))
+            )
+            .values(state="done", reason=None, error=None, updated=now, announced=False)
+        )
+    detail = {"source": dl.source, "pfn": dl.pfn}
+    _history(
+        conn, [(dl.name, "file.recalled", "ok", dl.destination, {"request_id": i, **detail}) for i in ids]
+    )
+    recalled = tuple(Recalled(w.recall_id, dl.name, dl.destination, w.correlation_id) for w in waiting)
+    return Settled(recalled, _settle(conn, ids))
+
+
+def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str) -> Settled:
+    """Fail files for good (from queued / staging) and settle their recalls."""
+    now = utcnow()
+    failed: list[tuple[str, str]] = []
+    for recall_id, name in keys:
+        res = conn.execute(
+            update(rf)
+            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state.in_(("queued", "staging")))
+            .values(state="failed", reason=reason, error=error, updated=now)
+        )
+        if res.rowcount:
+            failed.append((recall_id, name))
+    _history(conn, [(n, "recall.failed", "failed", None, {"request_id": i, "reason": reason, "error": error})
+                    for i, n in failed])  # fmt: skip
+    return Settled(completed=_settle(conn, list(dict.fromkeys(i for i, _ in failed))))
+
+
+def tape_copy_bad(conn: Connection, file_id: int, storage: str, reason: str, error: str) -> bool:
+    """Mark a tape copy ``bad`` (its data did not verify); True if another tape copy is usable."""
+    sid = storage_ids_sync(conn, {storage})[storage]
+    conn.execute(
+        update(r)
+        .where(r.c.file_id == file_id, r.c.storage_id == sid, r.c.state == "available")
+        .values(state="bad", updated=utcnow())
+    )
+    name = conn.scalar(select(f.c.name).where(f.c.id == file_id))
+    if name is not None:
+        _history(conn, [(name, "replica.bad", "bad", storage, {"reason": reason, "error": error})])
+    return bool(_copies(conn, [file_id])[file_id][0])
+
+
+def _settle(conn: Connection, recall_ids: Iterable[str]) -> tuple[Completion, ...]:
+    """Refresh the counters of active recalls; complete those with nothing left (in this
+    transaction, so one process only ever decides a completion)."""
+    ids = list(dict.fromkeys(recall_ids))
+    if not ids:
+        return ()
+    now = utcnow()
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    heads: dict[str, Any] = {}
+    for part in chunks(ids):
+        stmt = (
+            select(rf.c.recall_id, rf.c.state, func.count())
+            .where(rf.c.recall_id.in_(part))
+            .group_by(rf.c.recall_id, rf.c.state)
+        )
+        for rid, state, n in conn.execute(stmt):
+            counts[rid][state] = int(n)
+        for row in conn.execute(select(rc).where(rc.c.id.in_(part), rc.c.state == "active")):
+            heads[row.id] = row
+    out = []
+    for rid, head in heads.items():
+        done, failed = counts[rid].get("done", 0), counts[rid].get("failed", 0)
+        values: dict[str, Any] = {"done": done, "failed": failed, "updated": now}
+        complete = done + failed >= head.files
+        if complete:
+            values.update(state="failed" if failed else "done", completed=now)
+        conn.execute(update(rc).where(rc.c.id == rid, rc.c.state == "active").values(**values))
+        if complete:
+            out.append(_completion(conn, rid, values["state"], head))
+    return tuple(out)
+
+
+def _completion(conn: Connection, recall_id: str, state: str, head: Any) -> Completion:
+    failed = conn.scalars(
+        select(rf.c.name).where(rf.c.recall_id == recall_id, rf.c.state == "failed").order_by(rf.c.name)
+    ).all()
+    return Completion(recall_id, state, int(head.files), tuple(failed), head.reply_to, head.correlation_id)
+
+
+def _history(conn: Connection, rows: Sequence[tuple[str, str, str, str | None, dict[str, Any]]]) -> None:
+    if not rows:
+        return
+    now = utcnow()
+    conn.execute(
+        s.events.insert(),
+        [
+            {"name": name, "time": now, "daemon": DAEMON, "type": type_, "outcome": outcome, "attempt": 1,
+             "storage": storage, "detail": detail}
+            for name, type_, outcome, storage, detail in rows
+        ],
+    )  # fmt: skip
+
+
+# --- the outbox ----------------------------------------------------------------------------------
+def mark_announced(conn: Connection, settled: Settled) -> None:
+    now = utcnow()
+    for x in settled.recalled:
+        conn.execute(
+            update(rf).where(rf.c.recall_id == x.recall_id, rf.c.name == x.name).values(announced=True)
+        )
+    for part in chunks([c.recall_id for c in settled.completed]):
+        conn.execute(update(rc).where(rc.c.id.in_(part)).values(announced=True, updated=now))
+
+
+def unannounced(conn: Connection, limit: int = 10_000) -> Settled:
+    """Done files and complete recalls whose event was not published (the process died first)."""
+    files = conn.execute(
+        select(rf.c.recall_id, rf.c.name, rc.c.destination, rc.c.correlation_id)
+        .join(rc, rc.c.id == rf.c.recall_id)
+        .where(rf.c.state == "done", rf.c.announced.is_(False))
+        .limit(limit)
+    ).all()
+    heads = conn.execute(
+        select(rc).where(rc.c.state.in_(("done", "failed")), rc.c.announced.is_(False)).limit(limit)
+    ).all()
+    return Settled(
+        tuple(Recalled(x.recall_id, x.name, x.destination, x.correlation_id) for x in files),
+        tuple(_completion(conn, h.id, h.state, h) for h in heads),
+    )
+
+
+# --- views ---------------------------------------------------------------------------------------
+def _view(row: Any, file_states: tuple[FileState, ...] = ()) -> RecallView:
+    return RecallView(
+        id=row.id, state=row.state, destination=row.destination, dataset=row.dataset,
+        priority=row.priority, reply_to=row.reply_to, files=row.files, done=row.done,
+        failed=row.failed, created=row.created, updated=row.updated, completed=row.completed,
+        file_states=file_states,
+    )  # fmt: skip
+
+
+def status(conn: Connection, recall_id: str) -> RecallView | None:
+    row = conn.execute(select(rc).where(rc.c.id == recall_id)).first()
+    if row is None:
+        return None
+    stmt = (
+        select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
+        .where(rf.c.recall_id == recall_id)
+        .order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
+    )
+    return _view(row, tuple(FileState(*x) for x in conn.execute(stmt)))
+
+
+def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:
+    stmt = select(rc).order_by(rc.c.created.desc(), rc.c.id).limit(limit)
+    if active_only:
+        stmt = stmt.where(rc.c.state == "active")
+    return [_view(row) for row in conn.execute(stmt)]

@@ -1,0 +1,122 @@
+"""Publishing what recall settled: ``file.recalled``, ``recall.completed`` and the reply.
+
+An outbox over the catalogue: an outcome is committed first, published second, and flagged
+``announced`` third. A kill between the last two publishes it again after the restart — with
+the same message id (derived from the request id and the file name), so a consumer that drops
+duplicates by id, as the CloudEvents contract asks, sees each fact once. When the broker is
+unreachable the outcome stays unannounced and ``flush`` publishes it later.
+
+The reply to a request's AMQP ``reply_to`` is a CloudEvents JSON ``recall.completed`` (the
+requester may not speak msgpack) sent through the default exchange, with the request's
+correlation id. A reply queue that no longer exists is logged and given up: the requester left.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Protocol, runtime_checkable
+
+import aio_pika
+
+from common import codec
+from common.bus.publisher import Publisher
+from common.catalogue import Catalogue
+from common.catalogue import recall as db
+from common.errors import SpoolError
+from common.logging import get_logger
+from common.messages import FileRecalled, RecallCompleted
+
+log = get_logger("spool.recall")
+_NAMESPACE = uuid.UUID("6f1d8a52-3c1e-4f5e-9a53-2f0d4b3c9e71")
+FLUSH_BATCH = 5000
+
+
+@runtime_checkable
+class RawPublisher(Protocol):
+    """A publisher that can also send to a queue directly (``AmqpPublisher``)."""
+
+    async def publish_raw(self, queue: str, message: aio_pika.Message) -> None: ...
+
+
+def stable_id(*parts: str) -> str:
+    """The same message id for the same fact, however many times it is published."""
+    return uuid.uuid5(_NAMESPACE, "\x1f".join(parts)).hex
+
+
+def file_recalled(x: db.Recalled) -> FileRecalled:
+    return FileRecalled(
+        id=stable_id("file.recalled", x.recall_id, x.name),
+        name=x.name,
+        storage=x.storage,
+        request_id=x.recall_id,
+        correlation_id=x.correlation_id,
+    )
+
+
+def recall_completed(c: db.Completion) -> RecallCompleted:
+    return RecallCompleted(
+        id=stable_id("recall.completed", c.recall_id),
+        request_id=c.recall_id,
+        files=c.files,
+        failed=list(c.failed),
+        correlation_id=c.correlation_id,
+    )
+
+
+class Announcer:
+    def __init__(self, catalogue: Catalogue, publisher: Publisher) -> None:
+        self.catalogue = catalogue
+        self.publisher = publisher
+        self.behind = False  # something could not be published: ``flush`` retries it
+
+    async def publish(self, settled: db.Settled) -> bool:
+        """Publish and flag as announced; False (and ``behind``) when the broker refused."""
+        if not settled:
+            return True
+        try:
+            for x in settled.recalled:
+                await self.publisher.publish(file_recalled(x), correlation_id=x.correlation_id)
+            for c in settled.completed:
+                await self.publisher.publish(recall_completed(c), correlation_id=c.correlation_id)
+                await self._reply(c)
+        except SpoolError as exc:
+            log.warning("recall_announce_postponed", reason=exc.reason, error=exc.message)
+            self.behind = True
+            return False
+        await self.catalogue.run(db.mark_announced, settled, write=True)
+        for c in settled.completed:
+            log.info(
+                "recall_completed", recall=c.recall_id, state=c.state, files=c.files, failed=len(c.failed)
+            )
+        return True
+
+    async def flush(self) -> None:
+        """Publish whatever is settled but unannounced (after a restart, or a broker outage)."""
+        self.behind = False
+        while True:
+            settled = await self.catalogue.run(db.unannounced, FLUSH_BATCH)
+            if not await self.publish(settled):
+                return
+            if max(len(settled.recalled), len(settled.completed)) < FLUSH_BATCH:
+                return
+
+    async def _reply(self, c: db.Completion) -> None:
+        if c.reply_to is None or not isinstance(self.publisher, RawPublisher):
+            return
+        event = codec.to_cloudevent(recall_completed(c))
+        message = aio_pika.Message(
+            json.dumps(event).encode(),
+            content_type=codec.CLOUDEVENTS_JSON,
+            message_id=event["id"],
+            correlation_id=c.correlation_id or c.recall_id,
+            type=RecallCompleted.ROUTING_KEY,
+        )
+        try:
+            await self.publisher.publish_raw(c.reply_to, message)
+        except SpoolError as exc:
+            if exc.reason != "unroutable":
+                raise
+            log.warning(
+                "recall_reply_undeliverable", recall=c.recall_id, reply_to=c.reply_to, error=exc.message
+            )

@@ -1,0 +1,393 @@
+"""The recall scheduler: turns queued recall files into tape mounts and delivered copies.
+
+Every ``poll_interval`` (or at once when a request arrives) one *pass*:
+
+1. serves queued files that have a disk copy (``serve_from_disk``);
+2. fails files that have no copy at all and none coming (``no_copy``, or ``checksum_mismatch``
+   when the only tape copies turned out corrupt);
+3. chooses one tape copy per file and plans mounts (``steps.choose_copies``, ``steps.plan_mounts``),
+   records the choices, and starts a *mount* for each planned cartridge a drive can be claimed for.
+
+A mount reads its cartridge's files in fseq order. Before each read it asks the catalogue for
+the next queued file planned on the cartridge beyond the head, so files of requests that arrived
+meanwhile join the mount when they are ahead of the head; the others wait for the next mount.
+It ends when nothing is left ahead, after ``batch_max_files``, or when the destination buffer
+stays full for ``buffer_wait`` seconds (backpressure: the drive is released, the files stay
+queued, nothing fails). The cartridge stays in the drive, so a later mount of it costs nothing.
+
+Kill safety: a file is ``staging`` while read; a kill leaves it so and ``start`` puts it back.
+A copy is recorded and its recall files settled in one transaction after the bytes are in place
+under their final name, so a restart never delivers a file twice; events go through the
+``Announcer``'s outbox. Run one recall daemon per catalogue (``staging`` rows are reclaimed at
+start-up without asking who held them).
+
+Nothing here needs the broker: the benchmark drives this class with a recording publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from common.bus.consumer import ReasonThrottle
+from common.catalogue import Catalogue
+from common.catalogue import recall as db
+from common.catalogue.sql import utcnow
+from common.config import RecallSettings, StorageEndpoint
+from common.errors import SpoolError
+from common.logging import get_logger
+from common.storage import PosixStorage
+from common.tape import TapeLibrary
+from daemons.recall import delivery, steps
+from daemons.recall.announce import Announcer
+from daemons.recall.steps import CartridgeKey, Mount
+
+log = get_logger("spool.recall")
+
+PLAN_LIMIT = 100_000  # queued files looked at per pass, most urgent first
+# Failures of a disk source that make that copy useless (as the replicator judges them).
+DISK_SOURCE_BAD = frozenset({"source_missing", "source_corrupt", "path_outside_area", "not_a_file"})
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    pending: int  # queued files seen
+    started: int  # mounts started
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        catalogue: Catalogue,
+        libraries: Mapping[str, TapeLibrary],
+        storages: Mapping[str, PosixStorage],
+        endpoints: Mapping[str, StorageEndpoint],
+        settings: RecallSettings,
+        announcer: Announcer,
+    ) -> None:
+        self.catalogue = catalogue
+        self.libraries = libraries
+        self.storages = storages
+        self.settings = settings
+        self.announcer = announcer
+        # tape endpoint -> its library; disk endpoint -> its reserve
+        self.tape_library = {n: ep.library for n, ep in endpoints.items() if ep.kind == "tape"}
+        self.reserve = {n: ep.min_free_bytes for n, ep in endpoints.items() if ep.kind == "disk"}
+        self.active: dict[CartridgeKey, asyncio.Task[None]] = {}
+        self.heads: dict[CartridgeKey, int] = {}  # fseq last read by each running mount
+        self.retry_at: dict[CartridgeKey, float] = {}  # monotonic time a failed cartridge may retry
+        self.in_flight: Counter[str] = Counter()  # bytes being written to each destination
+        self.serving: set[tuple[int, str]] = set()  # (file id, destination) copied from disk now
+        # Destinations an operator left online (``spool rse set``): the others take nothing, so
+        # their files wait as for a full buffer.
+        self.writable: set[str] = set(self.reserve)
+        self._throttle = ReasonThrottle()  # one log line per cause per minute, however many repeat
+        self._wake = asyncio.Event()
+
+    # --- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Reclaim what a killed process left: staging rows, staging files, unpublished events."""
+        reclaimed = await self.catalogue.run(db.recover, write=True)
+        if reclaimed:
+            log.warning("recall_reads_reclaimed", files=reclaimed)
+        for storage in self.storages.values():
+            await asyncio.to_thread(delivery.clean_staging, storage, storage.endpoint.stale_temp_age)
+        await self.announcer.flush()
+
+    async def run(self) -> None:
+        """Passes until cancelled; an error is logged and the next pass tries again."""
+        while True:
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                admitted, folded = self._throttle.admit(f"pass:{type(exc).__name__}")
+                if admitted:
+                    log.error(
+                        "recall_pass_failed", error=str(exc), error_type=type(exc).__name__, exc_info=exc,
+                        similar_since_last_line=folded or None,
+                    )  # fmt: skip
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Abandon running mounts (their files go back to ``queued`` at the next start)."""
+        tasks = list(self.active.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def until_idle(self) -> None:
+        """Run passes until nothing is queued or nothing can progress (benchmark, tests)."""
+        while True:
+            result = await self.pass_once()
+            if self.active:
+                await asyncio.wait(list(self.active.values()), return_when=asyncio.FIRST_COMPLETED)
+            elif not result.pending or not result.started:
+                return
+
+    # --- one pass ----------------------------------------------------------------------------
+    async def pass_once(self) -> PassResult:
+        if self.announcer.behind:
+            await self.announcer.flush()
+        files = await self.catalogue.run(db.pending, PLAN_LIMIT)
+        if not files:
+            return PassResult(0, 0)
+        self.writable = {e.name for e in await self.catalogue.endpoints() if e.state == "online"}
+        files = await self._known_destinations(files)
+        on_disk, on_tape, lost = steps.triage(steps.readable(files, self.tape_library))
+        await self.serve_from_disk(on_disk)
+        await self._fail_lost(lost)
+        if not on_tape:
+            return PassResult(len(files), 0)
+        now = time.monotonic()
+        avoid = [k for k, t in self.retry_at.items() if t > now]
+        loaded = await self._loaded()
+        chosen = steps.choose_copies(on_tape, self.tape_library, heads=self.heads, loaded=loaded, avoid=avoid)
+        changes = steps.changed_choices(on_tape, chosen)
+        if changes:
+            await self.catalogue.run(db.assign, changes, write=True)
+        space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
+        plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
+        return PassResult(len(files), await self._start_mounts(plan, set(loaded)))
+
+    async def _loaded(self) -> list[CartridgeKey]:
+        keys = []
+        for name, library in self.libraries.items():
+            keys += [(name, d.vid) for d in await library.list_drives() if d.vid is not None and not d.broken]
+        return keys
+
+    async def _known_destinations(self, files: Sequence[db.PendingFile]) -> list[db.PendingFile]:
+        """Fail the files of a destination that left the configuration since it was requested."""
+        gone = [p.key for p in files if p.destination not in self.storages]
+        if gone:
+            error = "the destination is no longer a configured disk endpoint"
+            await self.announcer.publish(
+                await self.catalogue.run(db.fail, gone, "unknown_storage", error, write=True)
+            )
+        return [p for p in files if p.destination in self.storages]
+
+    async def _room(self, destination: str) -> int:
+        if destination not in self.writable:
+            return 0
+        free = await asyncio.to_thread(delivery.free_bytes, self.storages[destination])
+        return steps.room(free, self.reserve.get(destination, 0), self.in_flight[destination])
+
+    async def _fail_lost(self, lost: Sequence[db.PendingFile]) -> None:
+        for damaged in (True, False):
+            keys = [p.key for p in lost if p.damaged == damaged]
+            if not keys:
+                continue
+            reason, error = (
+                ("checksum_mismatch", "every tape copy failed its checksum on read")
+                if damaged
+                else (db.NO_COPY, "no available copy on disk or tape, and none being archived")
+            )
+            await self.announcer.publish(await self.catalogue.run(db.fail, keys, reason, error, write=True))
+
+    async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> int:
+        started = 0
+        for mount in plan:
+            if self.settings.max_drives and len(self.active) >= self.settings.max_drives:
+                break
+            library = self.libraries.get(mount.library)
+            if library is None:
+                continue
+            try:
+                drive = await library.claim_drive(f"recall {mount.vid}", vid=mount.vid)
+            except SpoolError as err:
+                self._back_off(mount.key, err)
+                continue
+            if drive is None:
+                if mount.key in loaded:
+                    continue  # busy in its drive (the tape daemon's?): wait for that drive
+                break  # no free drive at all
+            self.heads[mount.key] = 0
+            self.active[mount.key] = asyncio.create_task(self._mount(mount, library, drive))
+            started += 1
+        return started
+
+    def _back_off(self, key: CartridgeKey, err: SpoolError) -> None:
+        admitted, folded = self._throttle.admit(f"mount:{err.reason}")
+        if admitted:
+            log.warning(
+                "recall_mount_failed", library=key[0], vid=key[1], reason=err.reason, error=err.message,
+                similar_since_last_line=folded or None,
+            )  # fmt: skip
+        self.retry_at[key] = time.monotonic() + self.settings.retry_delay
+
+    # --- one mount ---------------------------------------------------------------------------
+    async def _mount(self, mount: Mount, library: TapeLibrary, drive: str) -> None:
+        key = mount.key
+        storages = [n for n, lib in self.tape_library.items() if lib == mount.library]
+        reads = 0
+        mounted = False
+        try:
+            while reads < self.settings.batch_max_files:
+                items = await self.catalogue.run(db.next_on_cartridge, storages, mount.vid, self.heads[key])
+                if not items:
+                    break
+                if not await self._reserve_room(items[0].destination, items[0].size, mount.vid):
+                    break
+                try:
+                    if not mounted:
+                        await library.mount(drive, mount.vid, request=f"recall {mount.vid}")
+                        mounted = True
+                        log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
+                    await self._read(library, drive, items)
+                finally:
+                    self.in_flight[items[0].destination] -= items[0].size
+                self.heads[key] = items[0].copy.fseq
+                reads += 1
+            self.retry_at.pop(key, None)
+        except SpoolError as err:
+            self._back_off(key, err)
+        except Exception as exc:
+            log.error("recall_mount_crashed", vid=mount.vid, error=str(exc), exc_info=exc)
+            self.retry_at[key] = time.monotonic() + self.settings.retry_delay
+        finally:
+            with contextlib.suppress(Exception):
+                await library.release_drive(drive)
+            self.active.pop(key, None)
+            self.heads.pop(key, None)
+            self.wake()
+        if mounted:
+            log.info("recall_mount_done", vid=mount.vid, drive=drive, read=reads)
+
+    async def _reserve_room(self, destination: str, size: int, vid: str) -> bool:
+        """Backpressure: wait until ``size`` bytes fit the destination and count them as in flight
+        (the caller gives them back); False after ``buffer_wait``."""
+        deadline = time.monotonic() + self.settings.buffer_wait
+        logged = False
+        while await self._room(destination) < size:
+            if time.monotonic() >= deadline:
+                log.info("recall_buffer_full_drive_released", storage=destination, vid=vid)
+                return False
+            if not logged:
+                log.info("recall_waiting_for_buffer", storage=destination, needed=size, vid=vid)
+                logged = True
+            await asyncio.sleep(min(self.settings.poll_interval, 1.0))
+        self.in_flight[destination] += size  # no await since the check: nobody else took the room
+        return True
+
+    async def _read(self, library: TapeLibrary, drive: str, items: Sequence[db.ReadItem]) -> None:
+        """Read one file for the requests that want it on the first item's destination (requests
+        for other destinations are served from this copy by the next pass)."""
+        item = items[0]
+        keys = [i.key for i in items if i.destination == item.destination]
+        await self.catalogue.run(db.set_state, keys, "staging", write=True)
+        try:
+            pfn = await delivery.read_from_tape(library, drive, item, self.storages[item.destination])
+        except SpoolError as err:
+            if err.reason in steps.MEDIA_ERRORS:
+                await self._bad_copy(item, keys, err)
+                return
+            await self.catalogue.run(db.set_state, keys, "queued", write=True)
+            raise
+        source = f"{item.copy.cartridge}/{item.copy.fseq} ({item.copy.storage})"
+        await self._delivered(item.file_id, item.name, item.destination, pfn, source, keys)
+
+    async def _bad_copy(self, item: db.ReadItem, keys: Sequence[tuple[str, str]], err: SpoolError) -> None:
+        """A corrupt tape copy: marked ``bad``; the next pass reads another copy, if any is left."""
+        log.warning(
+            "recall_tape_copy_bad", file=item.name, vid=item.copy.cartridge, fseq=item.copy.fseq,
+            storage=item.copy.storage, reason=err.reason, error=err.message,
+        )  # fmt: skip
+        others = await self.catalogue.run(
+            db.tape_copy_bad, item.file_id, item.copy.storage, err.reason, err.message, write=True
+        )
+        if others:
+            await self.catalogue.run(db.set_state, keys, "queued", True, write=True)
+            return
+        reason = "checksum_mismatch" if err.reason == "tape_checksum_mismatch" else err.reason
+        settled = await self.catalogue.run(db.fail, keys, reason, err.message, write=True)
+        await self.announcer.publish(settled)
+
+    async def _delivered(
+        self,
+        file_id: int,
+        name: str,
+        destination: str,
+        pfn: str,
+        source: str,
+        keys: Sequence[tuple[str, str]],
+    ) -> None:
+        pin_until = utcnow() + timedelta(seconds=self.settings.pin_seconds)
+        settled = await self.catalogue.run(
+            db.deliver, db.Delivery(file_id, name, destination, pfn, pin_until, source), write=True
+        )
+        if settled is None:  # the reaper is deleting the destination's copy: try again later
+            await self.catalogue.run(db.set_state, keys, "queued", write=True)
+            return
+        await self.announcer.publish(settled)
+
+    # --- from disk ---------------------------------------------------------------------------
+    async def serve_recall(self, recall_id: str) -> None:
+        """Serve at once the files of one request that have a disk copy (the handler's part)."""
+        files = await self.catalogue.run(db.pending, PLAN_LIMIT, recall_id)
+        on_disk, _, _ = steps.triage(files)
+        await self.serve_from_disk(on_disk)
+
+    async def serve_from_disk(self, files: Sequence[db.PendingFile]) -> None:
+        """Count done what is already on the destination; copy what is on another disk endpoint
+        (when it fits: a full destination makes it wait like a tape read)."""
+        firsts: dict[tuple[int, str], db.PendingFile] = {}
+        for p in files:
+            firsts.setdefault((p.file_id, p.destination), p)
+        for key, p in firsts.items():
+            if key in self.serving:
+                continue
+            self.serving.add(key)
+            try:
+                await self._serve_one(p)
+            except SpoolError as err:
+                log.warning("recall_disk_copy_failed", file=p.name, storage=p.destination, reason=err.reason)
+            finally:
+                self.serving.discard(key)
+
+    async def _serve_one(self, p: db.PendingFile) -> None:
+        here = next((c for c in p.disk if c.storage == p.destination), None)
+        if here is not None:
+            await self._delivered(p.file_id, p.name, p.destination, here.pfn, p.destination, [p.key])
+            return
+        if await self._room(p.destination) < p.size:
+            return
+        dest = self.storages[p.destination]
+        self.in_flight[p.destination] += p.size
+        try:
+            for src in p.disk:
+                source = self.storages.get(src.storage)
+                if source is None:
+                    continue
+                try:
+                    pfn = await delivery.copy_from_disk(source, src.pfn, dest, p.name, p.size, p.adler32)
+                except SpoolError as err:
+                    if err.reason not in DISK_SOURCE_BAD:
+                        raise
+                    await self._disk_source_bad(p.name, src.storage, err)
+                    continue
+                break
+            else:
+                return  # no disk source worked: the next pass reads it from tape
+        finally:
+            self.in_flight[p.destination] -= p.size
+        await self._delivered(p.file_id, p.name, p.destination, pfn, src.storage, [p.key])
+
+    async def _disk_source_bad(self, name: str, storage: str, err: SpoolError) -> None:
+        log.warning("recall_source_bad", file=name, source=storage, reason=err.reason, error=err.message)
+        await self.catalogue.set_replica_state(name, storage, "bad", only_from=("available",))
+        await self.catalogue.record_event(
+            name=name, daemon="recall", type="replica.bad", outcome="bad", storage=storage,
+            detail={"reason": err.reason, "error": err.message},
+        )  # fmt: skip

@@ -228,24 +228,102 @@ async def copy_all(
     return Timing(t1 - t0, t2 - t1, cpu, f"{endpoint.max_transfers} at once, {how}")
 
 
-# The replicator daemon end to end goes here later, as one more Measure:
-#
-#   async def measure_replicator(ds, dest, args) -> Timing:
-#       register ds.files as replicas of a source endpoint (ds.root) in a fresh catalogue, declare
-#       a destination endpoint at ``dest`` and a rule asking for a copy there, start
-#       ``python -m common.cli --config CFG run replicator`` (bench/ingest.py has the config,
-#       broker isolation and daemon start / stop plumbing), and time until the catalogue lists
-#       every replica on the destination (copy_seconds; sync_seconds 0: the daemon syncs itself).
-#
-# and an entry in MEASUREMENTS. Ratios and targets are computed against "cp" for every entry.
+async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
+    """The replicator daemon end to end: a rule asks for every file at ``dest``; timed from the
+    rule's creation to the last copy recorded available in the catalogue.
+
+    The files are registered as replicas of a source endpoint rooted at the data set (a fresh
+    SQLite catalogue next to the copies); the daemon runs in this process (its CPU is counted),
+    against the real RabbitMQ with an exchange and queues of its own, deleted afterwards. It
+    evaluates the new rule (``replication.poll_interval`` 0.05 s, so the rule waits 0.15 s to
+    settle), publishes one ``replica.request`` per file, and copies them with ``copy_verified``,
+    ``max_transfers`` at once, syncing and recording in batches. ``sync_seconds`` is 0: the daemon
+    makes every copy durable before recording it.
+    """
+    import uuid
+
+    from common.bus.connection import connect
+    from common.bus.topology import delete_topology
+    from common.catalogue import Catalogue, IngestRecord
+    from common.catalogue.policy import Rule
+    from common.config import Settings
+    from common.runtime import Process
+    from daemons.replicator.handlers import service
+
+    tag = uuid.uuid4().hex[:8]
+    state = dest.parent / f"state-{dest.name}"
+    settings = Settings(
+        state_dir=state,
+        bus={"url": args.amqp_url, "exchange": f"spool-bench-{tag}", "queue_prefix": f"bench{tag}"},
+        storage={
+            "src": {"root": ds.root},
+            "dst": {"root": dest, "max_transfers": args.concurrency, "durability": args.durability},
+        },
+        replication={"poll_interval": 0.05, "reaper_interval": 3600},
+        daemons={"replicator": {"prefetch": 512, "concurrency": 256}},
+        log={"level": "warning", "format": "json"},
+    )
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    process = Process([service], settings)
+    task: asyncio.Task[int] | None = None
+    try:
+        await catalogue.sync_endpoints(settings.storage)
+        records = [
+            IngestRecord(
+                event_id=f"bench-{f.relpath}",
+                name=f.relpath,
+                dataset="bench.20261124.run000001.dl0",
+                size=f.size,
+                adler32=f.adler32,
+                storage="src",
+                pfn=f.relpath,
+            )
+            for f in ds.files
+        ]
+        for i in range(0, len(records), 1000):
+            await catalogue.register_ingested(records[i : i + 1000])
+        task = asyncio.create_task(process.run())
+        while len(process.runners) < 1:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+        c0 = cpu_now()
+        t0 = time.perf_counter()
+        await catalogue.add_rule(Rule("bench", endpoints="dst", datasets=".*"))
+        while True:
+            usage = {u.name: u.replicas for u in await catalogue.endpoint_usage()}
+            if usage.get("dst", {}).get("available", 0) >= len(ds.files):
+                break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+        t1 = time.perf_counter()
+        cpu = cpu_now() - c0
+    finally:
+        process.request_stop()
+        if task is not None:
+            await asyncio.wait_for(task, timeout=120)
+        await catalogue.close()
+        connection = await connect(settings.bus, name="bench-cleanup")
+        channel = await connection.channel()
+        await delete_topology(channel, settings)
+        await connection.close()
+        shutil.rmtree(state, ignore_errors=True)
+    note = (
+        f"daemon end to end: rule -> {len(ds.files)} requests -> copies recorded, {args.concurrency} at once"
+    )
+    return Timing(t1 - t0, 0.0, cpu, note)
+
+
 MEASUREMENTS: dict[str, Measure] = {
     "cp": measure_cp,
     "copy_verified": measure_copy_verified,
     "copy_verified nowb": measure_copy_verified_nowb,
+    "replicator": measure_replicator,
 }
 BASELINE = "cp"
 # (measurement, stage) pairs the targets are judged on; the other rows are for information.
-JUDGED = {("copy_verified", "durable"), ("copy_verified nowb", "copied")}
+JUDGED = {("copy_verified", "durable"), ("copy_verified nowb", "copied"), ("replicator", "durable")}
 
 
 def keeps_copies(count: int) -> bool:
@@ -415,6 +493,10 @@ def main() -> None:
         help=f"batch: one syncfs at the end; file: fsync per file (default: {default.durability})",
     )  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement, best counts (default 3)")
+    p.add_argument(
+        "--amqp-url", default=os.environ.get("SPOOL_AMQP_URL", "amqp://guest:guest@localhost:5672/"),
+        help="broker for the replicator measurement",
+    )  # fmt: skip
     p.add_argument(
         "--dir", type=Path, default=REPO.parent,
         help=f"where the work directory is made: the file system measured (default {REPO.parent})",

@@ -168,3 +168,25 @@ async def test_replica_task_lists_sources_and_whether_a_rule_needs_the_copy(cata
     usage = {u.name: u for u in await catalogue.endpoint_usage()}
     assert usage["disk1"].replicas == {"available": 1} and usage["disk1"].bytes_available == 1000
     assert usage["disk2"].replicas == {"queued": 1}
+
+
+async def test_replica_tasks_in_bulk_answer_like_one_at_a_time(catalogue: Catalogue) -> None:
+    await catalogue.register_ingested([rec(f"m{i}") for i in range(6)])
+    rule = Rule("r", endpoints="disk2", datasets=".*")
+    await catalogue.add_rule(rule)
+    await catalogue.plan_copies([(f"m{i}", "d", {}) for i in range(3)], [rule], TABLE)
+    await copied(catalogue, "m0", "disk2")
+    await catalogue.park("m1", "disk2", 7)
+    pairs = [(f"m{i}", "disk2") for i in range(6)] + [("m0", "disk1"), ("nope", "disk2")]
+    bulk = await catalogue.replica_tasks(pairs)
+    assert bulk == [await catalogue.replica_task(n, s) for n, s in pairs]
+    assert [t.state if t else None for t in bulk] == [
+        "available",
+        "waiting",
+        "queued",
+        None,
+        None,
+        None,
+        "available",
+        None,
+    ]

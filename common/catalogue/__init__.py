@@ -390,6 +390,9 @@ class Catalogue:
     async def replica_task(self, name: str, storage: str) -> ReplicaTask | None:
         return await self._transaction(replication.replica_task, name, storage, write=False)
 
+    async def replica_tasks(self, items: Sequence[tuple[str, str]]) -> list[ReplicaTask | None]:
+        return await self._transaction(replication.replica_tasks, list(items), write=False)
+
     async def set_replica_state(
         self, name: str, storage: str, state: str, *, only_from: Sequence[str] | None = None
     ) -> bool:
@@ -432,5 +435,14 @@ class Catalogue:
     async def begin_delete(self, replica_id: int) -> bool:
         return await self._transaction(replication.begin_delete, replica_id, write=True)
 
-    async def finish_delete(self, item: Reapable) -> None:
-        await self._transaction(replication.finish_delete, item, write=True)
+    async def finish_delete(
+        self, item: Reapable, *, by: str = "replicator", why: str = "no rule needs it"
+    ) -> None:
+        await self._transaction(lambda c: replication.finish_delete(c, item, by=by, why=why), write=True)
+
+    async def copies_on(
+        self, storage: str, *, dataset: str | None = None, names: Sequence[str] = ()
+    ) -> list[Reapable]:
+        return await self._transaction(
+            lambda c: replication.copies_on(c, storage, dataset=dataset, names=names), write=False
+        )

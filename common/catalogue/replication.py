@@ -366,6 +366,60 @@ def replica_task(conn: Connection, name: str, storage: str) -> ReplicaTask | Non
     )
 
 
+def replica_tasks(conn: Connection, items: Sequence[tuple[str, str]]) -> list[ReplicaTask | None]:
+    """``replica_task`` for many (name, destination) pairs in one transaction and a handful of
+    statements: the replicator's handlers ask together (a batcher), not one round trip each."""
+    now = utcnow()
+    ids = _file_ids(conn, [n for n, _ in items])
+    sids = storage_ids_sync(conn, {st for _, st in items})
+    fids = sorted(set(ids.values()))
+    info: dict[int, tuple[int, str]] = {}
+    dest: dict[tuple[int, int], tuple[str, str, int]] = {}
+    live: set[tuple[int, int]] = set()
+    sources: dict[int, list[tuple[int, str, str]]] = {}
+    for part in chunks(fids):
+        for fid, size, adler in conn.execute(select(f.c.id, f.c.size, f.c.adler32).where(f.c.id.in_(part))):
+            info[fid] = (size, adler)
+        rows = conn.execute(
+            select(r.c.file_id, r.c.storage_id, r.c.state, r.c.pfn, r.c.priority, ep.c.name, ep.c.kind)
+            .join(ep, ep.c.id == r.c.storage_id)
+            .where(r.c.file_id.in_(part))
+            .order_by(ep.c.name)
+        )
+        for fid, sid, state, pfn, prio, ep_name, kind in rows:
+            dest[(fid, sid)] = (state, pfn, prio)
+            if state == "available" and kind == "disk":
+                sources.setdefault(fid, []).append((sid, ep_name, pfn))
+        lock_rows = conn.execute(
+            select(lk.c.file_id, lk.c.storage_id).where(
+                lk.c.file_id.in_(part), or_(lk.c.expires.is_(None), lk.c.expires > now)
+            )
+        )
+        live.update((fid, sid) for fid, sid in lock_rows)
+    out: list[ReplicaTask | None] = []
+    for name, storage in items:
+        fid = ids.get(name)
+        if fid is None:
+            out.append(None)
+            continue
+        sid = sids[storage]
+        row = dest.get((fid, sid))
+        size, adler = info[fid]
+        out.append(
+            ReplicaTask(
+                name=name,
+                size=size,
+                adler32=adler,
+                state=row[0] if row else None,
+                pfn=row[1] if row else None,
+                needed=(fid, sid) in live,
+                priority=row[2] if row else 3,
+                sources=tuple(Source(n, pfn) for s_id, n, pfn in sources.get(fid, []) if s_id != sid),
+            )
+        )
+    return out
+
+
 def set_replica_state(
     conn: Connection, name: str, storage: str, state: str, *, only_from: Iterable[str] | None = None
 ) -> bool:
@@ -569,6 +623,29 @@ def reapable(conn: Connection, limit: int) -> list[Reapable]:
     return [Reapable(*row) for row in conn.execute(stmt)]
 
 
+def copies_on(
+    conn: Connection, storage: str, *, dataset: str | None = None, names: Sequence[str] = ()
+) -> list[Reapable]:
+    """Available copies on ``storage`` of a dataset's files, or of the named files (``spool rse
+    evict``); the caller claims each with ``begin_delete``, which refuses the last copy and a
+    copy a rule holds."""
+    stmt = (
+        select(r.c.id, f.c.name, ep.c.name, r.c.pfn)
+        .join(f, f.c.id == r.c.file_id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(ep.c.name == storage, r.c.state == "available")
+        .order_by(f.c.name)
+    )
+    if dataset is not None:
+        stmt = stmt.join(d, d.c.id == f.c.dataset_id).where(d.c.name == dataset)
+    if names:
+        out: list[Reapable] = []
+        for part in chunks(list(names)):
+            out += [Reapable(*row) for row in conn.execute(stmt.where(f.c.name.in_(part)))]
+        return out
+    return [Reapable(*row) for row in conn.execute(stmt)]
+
+
 def begin_delete(conn: Connection, replica_id: int) -> bool:
     """Claim one copy for deletion, re-checking under the write lock (PostgreSQL: row locks on
     the file's copies) that it is still unneeded and not the last one."""
@@ -593,17 +670,19 @@ def begin_delete(conn: Connection, replica_id: int) -> bool:
     return bool(res.rowcount)
 
 
-def finish_delete(conn: Connection, item: Reapable) -> None:
+def finish_delete(
+    conn: Connection, item: Reapable, *, by: str = "replicator", why: str = "no rule needs it"
+) -> None:
     conn.execute(delete(r).where(r.c.id == item.replica_id))
     conn.execute(
         s.events.insert().values(
             name=item.name,
             time=utcnow(),
-            daemon="replicator",
+            daemon=by,
             type="replica.deleted",
             outcome="ok",
             attempt=1,
             storage=item.storage,
-            detail={"pfn": item.pfn, "why": "no rule needs it"},
+            detail={"pfn": item.pfn, "why": why},
         )
     )

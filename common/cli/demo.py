@@ -8,9 +8,13 @@
 4. follows the catalogue and the dead-letter queue with a progress bar until every event is
    accounted for (ingested, or dead-lettered with its reason);
 5. follows the copies the replication rules (``[rules.*]`` of the config) asked for until every
-   one is made and verified, or has failed;
-6. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
-   for, if a good file failed / a bad one was accepted, or if a rule's copy is missing.
+   one is made and verified (disk copies at another site, the archive copy on tape), or has failed;
+6. when the rules put the night on tape: evicts the disk copies of the last dataset (a ``dl1``
+   one, which the example config keeps only on tape), recalls it from tape to the first disk
+   endpoint, and verifies every recalled file's checksum;
+7. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
+   for, if a good file failed / a bad one was accepted, if a rule's copy is missing, or if the
+   recall did not bring back every file intact.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from common.cli._util import console, settings_from
 from common.cli.publish import file_ready_event, publish_events
 from common.codec import to_cloudevent
 from common.config import Settings
-from common.messages import FileReady, MetaValue, new_id
+from common.messages import FileReady, MetaValue, RecallRequest, new_id
 
 EXPECTED_BAD = {"checksum_mismatch", "path_outside_area", "bad_dataset_name"}
 
@@ -51,7 +55,10 @@ def make_night(landing: Path, files: int, datasets: int, seed: int) -> list[dict
     events: list[dict[str, Any]] = []
     for i in range(files):
         run = first_run + i % datasets
-        dataset = f"lst1.{day}.run{run:06d}.dl0"
+        # The last dataset is a dl1 one: the example config archives it to tape only (no offsite
+        # disk copy), so the demo can evict it from disk and recall it.
+        level = "dl1" if i % datasets == datasets - 1 else "dl0"
+        dataset = f"lst1.{day}.run{run:06d}.{level}"
         path = landing / f"night-{seed}" / f"run{run:06d}" / f"subrun{i // datasets:04d}.fits.fz"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(rng.randint(512, 4096)))
@@ -115,9 +122,9 @@ async def _progress(
 
 
 async def _replication(settings: Settings, give_up_after: float) -> dict[str, Any]:
-    """Follow the copies the rules asked for (disk endpoints) until none is queued or waiting."""
+    """Follow the copies the rules asked for (other disks, tape) until none is pending."""
     catalogue = await Catalogue.open(settings.catalogue.url)
-    disks = {n for n, ep in settings.storage.items() if ep.kind == "disk"} - {settings.first_disk()[0]}
+    disks = set(settings.storage) - {settings.first_disk()[0]}
     started = time.monotonic()
     try:
         with Progress(
@@ -128,7 +135,9 @@ async def _replication(settings: Settings, give_up_after: float) -> dict[str, An
                 usage = [u for u in await catalogue.endpoint_usage() if u.name in disks]
                 made = sum(u.replicas.get("available", 0) for u in usage)
                 failed = sum(u.replicas.get("failed", 0) for u in usage)
-                pending = sum(u.replicas.get("queued", 0) + u.replicas.get("waiting", 0) for u in usage)
+                pending = sum(
+                    u.replicas.get(st, 0) for u in usage for st in ("queued", "waiting", "archiving")
+                )
                 bar.update(task, completed=made + failed, total=made + failed + pending)
                 if not pending or time.monotonic() - started > give_up_after:
                     break
@@ -179,6 +188,8 @@ def demo(
             )
             result["elapsed"] = time.monotonic() - t0
             result["replication"] = asyncio.run(_replication(settings, timeout))
+            if any(ep.kind == "tape" for ep in settings.storage.values()):
+                result["recall"] = asyncio.run(_evict_and_recall(settings, good))
         finally:
             daemons.send_signal(signal.SIGTERM)
             try:
@@ -186,6 +197,40 @@ def demo(
             except subprocess.TimeoutExpired:
                 daemons.kill()
     raise typer.Exit(_summary(result, good, bad))
+
+
+async def _evict_and_recall(settings: Settings, good: list[dict[str, Any]]) -> dict[str, Any]:
+    """Drop the disk copies of the last dataset, recall it from tape, verify what came back."""
+    from common.cli.recall import _request
+    from common.cli.replication import evict_copies
+    from common.storage.checksum import adler32_of_file
+
+    dataset = good[-1]["data"]["dataset"]
+    first, endpoint = settings.first_disk()
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    try:
+        evicted: dict[str, list[str]] = {"evicted": [], "kept": []}
+        for name, ep in settings.storage.items():
+            if ep.kind == "disk":
+                done = await evict_copies(catalogue, name, ep, dataset=dataset)
+                evicted["evicted"] += done["evicted"]
+                evicted["kept"] += done["kept"]
+        console.print(f"evicted {len(evicted['evicted'])} disk copies of {dataset}; recalling it from tape")
+        msg = RecallRequest(source="spool-demo", dataset=dataset, destination=first, priority=5)
+        completion = await _request(settings, msg, True, quiet=False) or {}
+        files = await catalogue.list_files(dataset=dataset, limit=100_000)
+        intact = sum(
+            1
+            for f in files
+            if (endpoint.root / f.name).is_file() and adler32_of_file(endpoint.root / f.name) == f.adler32
+        )
+    finally:
+        await catalogue.close()
+    return {
+        "dataset": dataset, "files": len(files), "evicted": len(evicted["evicted"]),
+        "kept": len(evicted["kept"]), "recalled": completion.get("files", 0),
+        "failed": completion.get("failed") or [], "intact": intact,
+    }  # fmt: skip
 
 
 def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[str, Any]]) -> int:
@@ -210,9 +255,15 @@ def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[
     table.add_row("copies missing or failed", str(rep["pending"] + rep["failed"]))
     for rule_id, states in sorted(rep["rules"].items()):
         table.add_row(f"  rule {rule_id}", ", ".join(f"{st} {n}" for st, n in sorted(states.items())) or "-")
+    rec = result.get("recall")
+    if rec is not None:
+        table.add_row(f"evicted from disk: {rec['dataset']}", f"{rec['evicted']} copies")
+        table.add_row("recalled from tape and verified", f"{rec['intact']} of {rec['files']} files")
     console.print(table)
     ok = not lost and not good_dead and good_ok == len(good_ids) and set(bad_dead.values()) == EXPECTED_BAD
     ok = ok and rep["pending"] == 0 and rep["failed"] == 0
+    if rec is not None:
+        ok = ok and rec["evicted"] > 0 and not rec["failed"] and rec["intact"] == rec["files"]
     console.print(
         "[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]"
     )

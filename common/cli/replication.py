@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -15,7 +16,9 @@ from common.catalogue.policy import PolicyError, Rule, check_rule
 from common.cli import app
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from
 from common.cli.query import JsonOpt, with_catalogue
+from common.config import StorageEndpoint
 from common.placement import endpoint_table
+from common.storage import open_storage
 
 rse_app = typer.Typer(help="Storage endpoints: state, health, usage.", no_args_is_help=True)
 rule_app = typer.Typer(help="Replication rules: where copies of which files must live.", no_args_is_help=True)
@@ -229,3 +232,66 @@ def rule_remove(
 
     released = with_catalogue(settings, work)
     console.print(f"rule {rule_id} removed; {released} cop{'y' if released == 1 else 'ies'} released")
+
+
+@rse_app.command("evict")
+def rse_evict(
+    ctx: typer.Context,
+    name: str,
+    names: Annotated[list[str] | None, typer.Argument(help="Logical names (or use --dataset).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete copies on an endpoint to free space (e.g. a disk buffer once the data is on tape).
+
+    Never a file's last available copy, never a copy a replication rule holds: those are kept and
+    listed. A file can be brought back with ``spool recall``."""
+    settings = settings_from(ctx)
+    endpoint = settings.storage.get(name)
+    if endpoint is None or endpoint.kind != "disk":
+        raise UserError(f"{name!r} is not a configured disk endpoint")
+    if not names and dataset is None:
+        raise UserError("name files, or give --dataset")
+    if not yes:
+        what = f"dataset {dataset}" if dataset else f"{len(names or [])} file(s)"
+        typer.confirm(f"delete the copies of {what} on {name} that have another copy?", abort=True)
+
+    result = with_catalogue(
+        settings, lambda c: evict_copies(c, name, endpoint, dataset=dataset, names=names or ())
+    )
+    if json_out:
+        print_json(result)
+        return
+    console.print(f"{len(result['evicted'])} cop(ies) deleted from {name}")
+    if result["kept"]:
+        console.print(
+            f"{len(result['kept'])} kept (the last copy, or held by a rule): "
+            + ", ".join(result["kept"][:10])
+        )
+
+
+async def evict_copies(
+    c: Catalogue,
+    name: str,
+    endpoint: StorageEndpoint,
+    *,
+    dataset: str | None = None,
+    names: Sequence[str] = (),
+) -> dict[str, list[str]]:
+    """Delete the copies on disk endpoint ``name`` that another available copy makes redundant and
+    no rule holds (claimed one by one with the same check as the reaper)."""
+    storage = open_storage(name, endpoint)
+    evicted: list[str] = []
+    kept: list[str] = []
+    try:
+        for item in await c.copies_on(name, dataset=dataset, names=names):
+            if not await c.begin_delete(item.replica_id):
+                kept.append(item.name)
+                continue
+            await storage.delete(item.pfn)
+            await c.finish_delete(item, by="operator", why="evicted")
+            evicted.append(item.name)
+    finally:
+        storage.close()
+    return {"evicted": evicted, "kept": kept}

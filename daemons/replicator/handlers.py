@@ -53,6 +53,8 @@ class ReplicatorResources:
     storages: dict[str, PosixStorage]
     health: EndpointHealth
     registrar: MicroBatcher[CopyRecord, None]
+    # (name, destination) -> what the catalogue knows of that copy; handlers ask together.
+    tasks: MicroBatcher[tuple[str, str], ReplicaTask | None]
     slots: dict[str, asyncio.Semaphore]
     reading: Counter[str] = field(default_factory=Counter)  # copies reading from each source now
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
@@ -123,6 +125,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             storages=storages,
             health=health,
             registrar=MicroBatcher(durable_record, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            tasks=MicroBatcher(catalogue.replica_tasks, max_size=batch.batch_size, max_wait=batch.batch_wait),
             slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
         )
         await health.start()
@@ -137,6 +140,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         try:
             yield resources
         finally:
+            await resources.tasks.close()
             await resources.registrar.close()
     finally:
         for task in tasks:
@@ -211,7 +215,7 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
 
 
 async def _task(res: ReplicatorResources, msg: ReplicaRequest) -> ReplicaTask:
-    task = await res.catalogue.replica_task(msg.name, msg.destination)
+    task = await res.tasks.submit((msg.name, msg.destination))
     if task is None:
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
     return task
@@ -233,7 +237,11 @@ async def _copy_from_best(
         tried.append(source.storage)
         res.reading[source.storage] += 1
         try:
-            path = res.storages[source.storage].resolve(source.pfn)
+            try:
+                path = res.storages[source.storage].resolve(source.pfn)
+            except SpoolError as err:  # a catalogue pfn escaping its root: that copy is unusable
+                await _mark_source_bad(ctx, task.name, source.storage, err)
+                continue
             copied = await dest.copy_verified(
                 path,
                 task.pfn or task.name,

@@ -15,8 +15,9 @@ from common.errors import Permanent
 Action = Literal["copy", "verify", "cancel"]
 
 # Reason codes of copy failures (raised by ``PosixStorage.copy_verified``), by who is at fault.
-# The source copy is gone or wrong: mark that replica ``bad`` and read another one.
-SOURCE_BAD = frozenset({"source_missing", "source_corrupt", "path_outside_area", "not_a_file"})
+# The source copy is gone or wrong: mark that replica ``bad`` and read another one. (A source pfn
+# escaping its endpoint's root is caught when the source path is resolved, before copying.)
+SOURCE_BAD = frozenset({"source_missing", "source_corrupt"})
 # The source could not be read this time: try another source, else retry later.
 SOURCE_TRANSIENT = frozenset({"source_io_error"})
 # The destination endpoint failed: counts towards its circuit breaker.

@@ -18,6 +18,7 @@ from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
 from tests.conftest import publish_raw, queue_depth, running, wait_for
 from tests.replication_fixtures import (
+    DATASET,
     adler,
     available_on,
     make_files,
@@ -286,3 +287,22 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(tmp_path, t
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _copies(settings, 20, "disk2"), timeout=60)
     assert peak == 2
+
+
+async def test_evict_frees_redundant_copies_but_never_a_last_or_held_one(tmp_path, tag, broker):
+    path = replication_config(tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'})
+    settings = load_settings(path)
+    files = make_files(settings, 4)
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 4, "disk2"), timeout=60)
+    names = [name_of(settings, p) for p, _ in files]
+    held = json.loads(spool(path, "rse", "evict", "disk2", "--dataset", DATASET, "--yes", "--json").stdout)
+    assert held == {"evicted": [], "kept": sorted(names)}  # the rule holds them
+    done = spool(path, "rse", "evict", "disk1", *names[:3], "--yes", "--json")
+    assert json.loads(done.stdout) == {"evicted": sorted(names[:3]), "kept": []}
+    assert not (settings.storage["disk1"].root / names[0]).exists()
+    again = json.loads(spool(path, "rse", "evict", "disk2", names[0], "--yes", "--json").stdout)
+    assert again == {"evicted": [], "kept": [names[0]]}  # now the last copy
+    bad = spool(path, "rse", "evict", "nosuch", "--dataset", DATASET, "--yes")
+    assert bad.returncode == 1 and "not a configured disk endpoint" in bad.stderr

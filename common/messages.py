@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -108,14 +108,33 @@ class FileIngested(Message):
 
 
 class ReplicaRequest(Message):
-    """Command to the replicator: make a copy of ``name`` on ``destination``."""
+    """Command to the replicator: make a copy of ``name`` (or of each of ``names``) on
+    ``destination``.
+
+    ``names`` is the bulk form, sent where many copies are wanted at once (an ingest batch, a rule
+    applied to existing files, parked copies re-sent): one message carries up to a few hundred
+    files, which divides the per-message cost of the bus. A file of a bulk request that cannot be
+    copied at once continues as a single-file request of its own (its retries, dead letter and
+    reason are then its own).
+    """
 
     ROUTING_KEY: ClassVar[str] = "replica.request"
 
-    name: str
+    name: str | None = Field(default=None, min_length=1)
+    names: list[str] = Field(default_factory=list, max_length=10_000)
     destination: str
     rule_id: str | None = None
     priority: int = Field(default=3, ge=0, le=9)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ReplicaRequest:
+        if (self.name is None) == (not self.names):
+            raise ValueError("give either name or names (a non-empty list), not both")
+        return self
+
+    @property
+    def files(self) -> list[str]:
+        return [self.name] if self.name is not None else list(self.names)
 
 
 class ReplicaCreated(Message):

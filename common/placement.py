@@ -68,27 +68,63 @@ class RuleBook:
         return await self.catalogue.plan_copies(items, rules, self.endpoints)
 
 
+BULK = 256  # files per bulk replica.request
+
+
 def request_for(wanted: Wanted, *, correlation_id: str | None = None) -> ReplicaRequest | TapeArchive:
     model = TapeArchive if wanted.kind == "tape" else ReplicaRequest
     return model(
         name=wanted.name,
         destination=wanted.storage,
-        rule_id=wanted.rule_id,
+        rule_id=wanted.rule_id or None,
         priority=wanted.priority,
         correlation_id=correlation_id,
     )
 
 
-async def publish_wanted(
-    publisher: Publisher, wanted: Sequence[Wanted], *, correlation_id: str | None = None, window: int = 256
-) -> None:
-    """Publish one request per wanted copy, ``window`` confirms in flight at a time."""
-    for i in range(0, len(wanted), window):
-        await asyncio.gather(
-            *(
-                publisher.publish(
-                    request_for(w, correlation_id=correlation_id), correlation_id=correlation_id
+def requests_for(
+    wanted: Sequence[Wanted], *, correlation_id: str | None = None, bulk: int = BULK
+) -> list[ReplicaRequest | TapeArchive]:
+    """Messages for many wanted copies: disk copies grouped per destination into bulk
+    ``replica.request``s of up to ``bulk`` files (highest priority first, the message carrying the
+    highest priority of its files); tape copies one ``tape.archive`` each."""
+    out: list[ReplicaRequest | TapeArchive] = []
+    by_destination: dict[str, list[Wanted]] = {}
+    for w in wanted:
+        if w.kind == "tape" or bulk <= 1:
+            out.append(request_for(w, correlation_id=correlation_id))
+        else:
+            by_destination.setdefault(w.storage, []).append(w)
+    for destination, items in by_destination.items():
+        items.sort(key=lambda w: -w.priority)
+        for i in range(0, len(items), bulk):
+            part = items[i : i + bulk]
+            if len(part) == 1:
+                out.append(request_for(part[0], correlation_id=correlation_id))
+                continue
+            out.append(
+                ReplicaRequest(
+                    names=[w.name for w in part],
+                    destination=destination,
+                    priority=part[0].priority,
+                    correlation_id=correlation_id,
                 )
-                for w in wanted[i : i + window]
             )
+    return out
+
+
+async def publish_wanted(
+    publisher: Publisher,
+    wanted: Sequence[Wanted],
+    *,
+    correlation_id: str | None = None,
+    window: int = 256,
+    bulk: int = 1,
+) -> None:
+    """Publish the requests for ``wanted`` (bulk ones when ``bulk`` > 1), ``window`` confirms
+    in flight at a time."""
+    messages = requests_for(wanted, correlation_id=correlation_id, bulk=bulk)
+    for i in range(0, len(messages), window):
+        await asyncio.gather(
+            *(publisher.publish(m, correlation_id=correlation_id) for m in messages[i : i + window])
         )

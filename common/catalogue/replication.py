@@ -25,7 +25,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, literal_column, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
@@ -462,31 +473,41 @@ def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
     now = utcnow()
     ids = _file_ids(conn, [c.name for c in records])
     sids = storage_ids_sync(conn, {c.storage for c in records})
-    for c in sorted(records, key=lambda c: (c.name, c.storage)):
-        fid = ids.get(c.name)
-        if fid is None:
-            continue  # the file was removed meanwhile; nothing to record
-        sid = sids[c.storage]
-        res = conn.execute(
-            update(r)
-            .where(r.c.file_id == fid, r.c.storage_id == sid)
-            .values(state="available", pfn=c.pfn, updated=now, tombstone=func.coalesce(r.c.tombstone, now))
+    wanted = {
+        (ids[c.name], sids[c.storage]): c
+        for c in sorted(records, key=lambda c: (c.name, c.storage))
+        if c.name in ids  # a file removed meanwhile: nothing to record
+    }
+    existing: set[tuple[int, int]] = set()
+    for part in chunks(sorted({fid for fid, _ in wanted})):
+        rows = conn.execute(select(r.c.file_id, r.c.storage_id).where(r.c.file_id.in_(part)))
+        existing.update((fid, sid) for fid, sid in rows if (fid, sid) in wanted)
+    # One statement, many parameter sets (compiled once, not once per copy).
+    set_available = (
+        update(r)
+        .where(r.c.file_id == bindparam("fid"), r.c.storage_id == bindparam("sid"))
+        .values(
+            state="available",
+            pfn=bindparam("new_pfn"),
+            updated=now,
+            tombstone=func.coalesce(r.c.tombstone, now),
         )
-        if not res.rowcount:
-            conn.execute(
-                r.insert().values(
-                    file_id=fid,
-                    storage_id=sid,
-                    pfn=c.pfn,
-                    state="available",
-                    cartridge=None,
-                    fseq=None,
-                    created=now,
-                    updated=now,
-                    tombstone=now,
-                    priority=3,
-                )
-            )
+    )
+    params = [
+        {"fid": fid, "sid": sid, "new_pfn": c.pfn}
+        for (fid, sid), c in wanted.items()
+        if (fid, sid) in existing
+    ]
+    if params:
+        conn.execute(set_available, params)
+    new_rows = [
+        {"file_id": fid, "storage_id": sid, "pfn": c.pfn, "state": "available", "cartridge": None,
+         "fseq": None, "created": now, "updated": now, "tombstone": now, "priority": 3}
+        for (fid, sid), c in wanted.items()
+        if (fid, sid) not in existing
+    ]  # fmt: skip
+    if new_rows:
+        conn.execute(r.insert(), new_rows)
     request_rows = [
         {"id": c.request_id, "kind": "replica", "name": c.name, "path": None, "dataset": None,
          "state": "done", "attempts": c.attempt, "reason": None, "error": None,

@@ -30,7 +30,7 @@ from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message
-from common.placement import RuleBook, config_rules, publish_wanted
+from common.placement import BULK, RuleBook, config_rules, publish_wanted
 from common.storage import PosixStorage, open_storage
 from common.storage.checksum import adler32_of_file
 from daemons.ingest import steps
@@ -108,13 +108,22 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
                 await storage.sync()
             return await catalogue.register_ingested(records)
 
+        async def plan_and_request(items: Sequence[tuple[str, str, dict[str, Any]]]) -> list[list[Wanted]]:
+            # The disk copies a whole batch wants go out now as bulk replica.requests (one message
+            # per destination and few hundred files, not one per file); each handler then
+            # publishes only its tape requests. The handlers ack after this returns: a kill in
+            # between redelivers the events, whose duplicates plan and request again.
+            wanted = await rulebook.plan(items)
+            await publish_wanted(publisher, [w for ws in wanted for w in ws if w.kind == "disk"], bulk=BULK)
+            return [[w for w in ws if w.kind != "disk"] for ws in wanted]
+
         resources = IngestResources(
             catalogue=catalogue,
             storage=storage,
             storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
             registrar=MicroBatcher(durable_register, max_size=batch.batch_size, max_wait=batch.batch_wait),
-            planner=MicroBatcher(rulebook.plan, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            planner=MicroBatcher(plan_and_request, max_size=batch.batch_size, max_wait=batch.batch_wait),
             rulebook=rulebook,
             per_file_fsync=per_file_fsync,
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -78,7 +79,10 @@ class ReplicatorResources:
 
 
 def _describe(msg: Message) -> dict[str, Any]:
-    return {"file": getattr(msg, "name", None), "storage": getattr(msg, "destination", None)}
+    name = getattr(msg, "name", None)
+    if name is None and getattr(msg, "names", None):
+        name = f"{len(msg.names)} files"  # type: ignore[attr-defined]
+    return {"file": name, "storage": getattr(msg, "destination", None)}
 
 
 async def _every(seconds: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
@@ -157,15 +161,50 @@ service = Service("replicator", resources=open_resources, describe=_describe)
 
 @service.handler(ReplicaRequest)
 async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> None:
-    res = ctx.resources
     steps.destination(msg.destination, ctx.settings.storage)
+    if msg.name is not None:
+        await _replicate_one(msg.name, msg, ctx, msg.id)
+        return
+    # Bulk: every file at once (the destination's slots bound the copies); a file that fails
+    # continues as a single-file request, with retries and a dead letter of its own.
+    outcomes = await asyncio.gather(
+        *(_replicate_one(name, msg, ctx, _item_id(msg.id, name)) for name in msg.names),
+        return_exceptions=True,
+    )
+    failed = [(n, o) for n, o in zip(msg.names, outcomes, strict=True) if isinstance(o, BaseException)]
+    for name, exc in failed:
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc  # stopping: the whole message goes back to the queue
+        reason = exc.reason if isinstance(exc, SpoolError) else type(exc).__name__
+        ctx.log.info("bulk_item_resent_alone", file=name, reason=reason)
+        await ctx.publisher.publish(
+            ReplicaRequest(
+                name=name,
+                destination=msg.destination,
+                rule_id=msg.rule_id,
+                priority=msg.priority,
+                correlation_id=ctx.correlation_id,
+            ),
+            correlation_id=ctx.correlation_id,
+        )
+
+
+def _item_id(request_id: str, name: str) -> str:
+    """A request id per file of a bulk request (the catalogue's request key stays short)."""
+    return f"{request_id}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
+
+
+async def _replicate_one(
+    name: str, msg: ReplicaRequest, ctx: Context[ReplicatorResources], request_id: str
+) -> None:
+    res = ctx.resources
     dest = res.storages[msg.destination]
-    async with res.copy_lock(msg.name, msg.destination):
-        task = await _task(res, msg)
+    async with res.copy_lock(name, msg.destination):
+        task = await _task(res, name, msg.destination)
         act = steps.action(task)
         if act == "cancel":
-            await res.catalogue.cancel_copy(msg.name, msg.destination)
-            ctx.log.info("copy_cancelled", why="no rule wants this copy any more")
+            await res.catalogue.cancel_copy(name, msg.destination)
+            ctx.log.info("copy_cancelled", file=name, why="no rule wants this copy any more")
             return
         if act == "verify":
             assert task.pfn is not None
@@ -173,17 +212,17 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
             if problem is None:
                 await _announce(ctx, task, msg.destination, task.pfn)
                 return
-            ctx.log.warning("copy_corrupt", problem=problem)
-            await res.catalogue.set_replica_state(msg.name, msg.destination, "bad")
+            ctx.log.warning("copy_corrupt", file=name, problem=problem)
+            await res.catalogue.set_replica_state(name, msg.destination, "bad")
             await res.catalogue.record_event(
-                name=msg.name, daemon="replicator", type="replica.bad", outcome="bad",
+                name=name, daemon="replicator", type="replica.bad", outcome="bad",
                 attempt=ctx.attempt, storage=msg.destination, detail={"problem": problem},
             )  # fmt: skip
             if not task.needed:
                 return  # nobody wants it: do not repair it
         admission = res.health.admit(msg.destination)
         if admission == "wait":
-            await _park(ctx, msg, "endpoint not writable")
+            await _park(ctx, name, msg, "endpoint not writable")
             return
         try:
             async with res.slots[msg.destination]:
@@ -191,7 +230,7 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
         except SpoolError as err:
             if err.reason in steps.ENDPOINT_FAILURES:
                 if await res.health.failure(msg.destination, err):
-                    await _park(ctx, msg, f"{err.reason}: {err.message}")
+                    await _park(ctx, name, msg, f"{err.reason}: {err.message}")
                     return
             elif admission == "probe":
                 res.health.release_probe(msg.destination)
@@ -203,8 +242,8 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
         await res.health.success(msg.destination)
         await res.registrar.submit(
             CopyRecord(
-                request_id=msg.id,
-                name=msg.name,
+                request_id=request_id,
+                name=name,
                 storage=msg.destination,
                 pfn=copied.pfn,
                 attempt=ctx.attempt,
@@ -214,16 +253,16 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
     await _announce(ctx, task, msg.destination, copied.pfn)
 
 
-async def _task(res: ReplicatorResources, msg: ReplicaRequest) -> ReplicaTask:
-    task = await res.tasks.submit((msg.name, msg.destination))
+async def _task(res: ReplicatorResources, name: str, destination: str) -> ReplicaTask:
+    task = await res.tasks.submit((name, destination))
     if task is None:
-        raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
+        raise Permanent("unknown_file", f"{name} is not in the catalogue")
     return task
 
 
-async def _park(ctx: Context[ReplicatorResources], msg: ReplicaRequest, why: str) -> None:
-    await ctx.resources.catalogue.park(msg.name, msg.destination, msg.priority)
-    ctx.log.info("copy_parked", why=why)
+async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaRequest, why: str) -> None:
+    await ctx.resources.catalogue.park(name, msg.destination, msg.priority)
+    ctx.log.info("copy_parked", file=name, why=why)
 
 
 async def _copy_from_best(
@@ -290,8 +329,8 @@ async def record_failure(
     msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[ReplicatorResources]
 ) -> None:
     """Keep the last error per file; a copy that failed for good shows as ``failed``."""
-    if not isinstance(msg, ReplicaRequest):
-        return
+    if not isinstance(msg, ReplicaRequest) or msg.name is None:
+        return  # a bulk request failing as a whole is retried whole; its files have no error yet
     cat = ctx.resources.catalogue
     await cat.record_failure(
         request_id=msg.id, kind="replica", daemon="replicator", reason=err.reason,

@@ -30,7 +30,7 @@ from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
 from common.messages import EndpointPaused, EndpointResumed
-from common.placement import publish_wanted
+from common.placement import BULK, publish_wanted
 from daemons.replicator.breaker import Admission, CircuitBreaker
 
 log = get_logger("spool.replicator")
@@ -160,7 +160,7 @@ class EndpointHealth:
                 if not rows:
                     break
                 wanted = [Wanted(n, name, "disk", prio, "") for prio, _, n in rows]
-                await publish_wanted(self.publisher, wanted)
+                await publish_wanted(self.publisher, wanted, bulk=BULK)
                 sent += len(rows)
                 after = (rows[-1][0], rows[-1][1])
         except asyncio.CancelledError:

@@ -17,7 +17,7 @@ from common.catalogue import Catalogue
 from common.catalogue.policy import Rule
 from common.config import Settings
 from common.logging import get_logger
-from common.placement import endpoint_table, publish_wanted
+from common.placement import BULK, endpoint_table, publish_wanted
 
 log = get_logger("spool.replicator")
 
@@ -56,7 +56,7 @@ async def _evaluate(
             break
         wanted = await catalogue.plan_copies([(n, ds, meta) for _, n, ds, meta in page], every, endpoints)
         flat = [w for per_file in wanted for w in per_file]
-        await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}")
+        await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}", bulk=BULK)
         files += len(page)
         requested += len(flat)
         after = page[-1][0]

@@ -306,3 +306,27 @@ async def test_evict_frees_redundant_copies_but_never_a_last_or_held_one(tmp_pat
     assert again == {"evicted": [], "kept": [names[0]]}  # now the last copy
     bad = spool(path, "rse", "evict", "nosuch", "--dataset", DATASET, "--yes")
     assert bad.returncode == 1 and "not a configured disk endpoint" in bad.stderr
+
+
+async def test_bulk_request_copies_together_and_a_bad_file_continues_alone(tmp_path, tag, broker):
+    settings = load_settings(
+        replication_config(tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'})
+    )
+    files = make_files(settings, 5)
+    names = [name_of(settings, p) for p, _ in files]
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _copies(settings, 5, "disk2"), timeout=60)
+        bulk = ReplicaRequest(names=[*names[:2], "no/such/file"], destination="disk2")
+        await publish_raw(broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack")
+        await wait_for(lambda: _dead(broker, settings, 1), timeout=30)
+    channel = await broker.channel()
+    dead = await (await channel.get_queue(settings.dead_queue("replicator"))).get(fail=False)
+    assert dead is not None
+    body = msgpack.unpackb(dead.body)
+    assert dead.headers["x-spool-reason"] == "unknown_file" and body["name"] == "no/such/file"
+    await dead.nack(requeue=True)
+    await channel.close()
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        created = [e for e in await c.history(names[0]) if e.type == "replica.created"]
+    assert len(created) == 1  # the bulk request found the copy made and only re-announced it

@@ -66,3 +66,15 @@ def test_reason_classes_match_the_storage_layer() -> None:
 
     assert posix.SOURCE_REASONS <= steps.SOURCE_BAD | steps.SOURCE_TRANSIENT
     assert posix.DESTINATION_REASONS <= steps.ENDPOINT_FAILURES
+
+
+def test_replica_request_is_one_file_or_a_bulk_list() -> None:
+    from pydantic import ValidationError
+
+    from common.messages import ReplicaRequest
+
+    assert ReplicaRequest(name="a", destination="d").files == ["a"]
+    assert ReplicaRequest(names=["a", "b"], destination="d").files == ["a", "b"]
+    for bad in ({}, {"name": "a", "names": ["b"]}, {"names": []}):
+        with pytest.raises(ValidationError, match="either name or names"):
+            ReplicaRequest(destination="d", **bad)

@@ -229,6 +229,18 @@ class EndpointResumed(Message):
     waiting: int  # parked copies being re-sent
 
 
+class TapeMounted(Message):
+    """Event: a cartridge was loaded into a drive (mounts are what tape scheduling economises)."""
+
+    ROUTING_KEY: ClassVar[str] = "tape.mounted"
+
+    library: str
+    drive: str
+    cartridge: str
+    purpose: str  # archive | recall
+    request: str | None = None
+
+
 class DaemonHeartbeat(Message):
     """Event: who is alive and what it holds right now."""
 
@@ -277,6 +289,7 @@ MODELS: dict[str, type[Message]] = {
         FileFailed,
         EndpointPaused,
         EndpointResumed,
+        TapeMounted,
         DaemonHeartbeat,
         AlertRaised,
     )

@@ -55,6 +55,7 @@ async def test_rule_to_tape_archives_every_file_once_with_cartridge_and_fseq_in_
     files = make_files(settings, 12, size=3000)
     async with running(SERVICES, settings):
         archived = await bind(broker, settings, "file.archived")
+        mounted = await bind(broker, settings, "tape.mounted")
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _count(settings, "tape1", 12), timeout=60)
     copies = await tape_copies(settings)
@@ -77,6 +78,10 @@ async def test_rule_to_tape_archives_every_file_once_with_cartridge_and_fseq_in_
     }
     assert events == {n: (vid, fseq, "tape1") for n, (_, vid, fseq) in copies.items()}
     assert await queue_depth(broker, settings.dead_queue("tape")) == 0
+    # One tape.mounted per cartridge actually loaded (what the monitor counts as mounts).
+    mounts = [body for _, body in await drain(mounted)]
+    assert mounts and {m["cartridge"] for m in mounts} == {vid for vid, on_cart in tapes.items() if on_cart}
+    assert {m["purpose"] for m in mounts} == {"archive"}
 
     cartridges = as_json(spool(path, "tape", "list", "--json"))
     used = [c for c in cartridges if c["files"]]

@@ -237,8 +237,8 @@ async def test_each_operation_charges_its_modelled_duration(open_lib: Factory, t
 
 async def test_mounting_the_cartridge_already_in_the_drive_costs_nothing(open_lib: Factory) -> None:
     lib = await open_lib()
-    await lib.mount("DR01", "A00001")
-    await lib.mount("DR01", "A00001", request="recall-7")
+    assert await lib.mount("DR01", "A00001") is True  # loaded
+    assert await lib.mount("DR01", "A00001", request="recall-7") is False  # already there
 
     drive = (await lib.list_drives())[0]
     assert (drive.vid, drive.request, drive.usage.mounts, drive.usage.mount_seconds) == (

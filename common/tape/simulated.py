@@ -224,12 +224,12 @@ class SimulatedLibrary:
         await self._txn(allocation.fail_next_mounts, vid, count)
 
     # --- drive operations ----------------------------------------------------------------------
-    async def mount(self, drive_id: str, vid: str, *, request: str | None = None) -> None:
+    async def mount(self, drive_id: str, vid: str, *, request: str | None = None) -> bool:
         op = _op_id()
         try:
             plan = await self._txn(Txn.begin_mount, drive_id, vid, op, request)
             if plan is None:
-                return
+                return False  # already in the drive: no mount
             await self._sleep(plan.seconds, time.monotonic())
             error = await self._txn(Txn.finish_mount, plan)
         except BaseException:
@@ -237,6 +237,7 @@ class SimulatedLibrary:
             raise
         if error is not None:
             raise error
+        return True
 
     async def unmount(self, drive_id: str) -> None:
         op = _op_id()

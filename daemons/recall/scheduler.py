@@ -41,6 +41,7 @@ from common.catalogue.sql import utcnow
 from common.config import RecallSettings, StorageEndpoint
 from common.errors import SpoolError
 from common.logging import get_logger
+from common.messages import TapeMounted
 from common.storage import PosixStorage
 from common.tape import TapeLibrary
 from daemons.recall import delivery, steps
@@ -227,6 +228,16 @@ class Scheduler:
             )  # fmt: skip
         self.retry_at[key] = time.monotonic() + self.settings.retry_delay
 
+    async def _announce_mount(self, library: str, drive: str, vid: str) -> None:
+        """``tape.mounted`` for the monitor's mount count; a broker hiccup only loses a count."""
+        msg = TapeMounted(
+            library=library, drive=drive, cartridge=vid, purpose="recall", request=f"recall {vid}"
+        )
+        try:
+            await self.announcer.publisher.publish(msg)
+        except SpoolError as exc:
+            log.warning("event_not_published", type=msg.ROUTING_KEY, reason=exc.reason, error=exc.message)
+
     # --- one mount ---------------------------------------------------------------------------
     async def _mount(self, mount: Mount, library: TapeLibrary, drive: str) -> None:
         key = mount.key
@@ -242,7 +253,8 @@ class Scheduler:
                     break
                 try:
                     if not mounted:
-                        await library.mount(drive, mount.vid, request=f"recall {mount.vid}")
+                        if await library.mount(drive, mount.vid, request=f"recall {mount.vid}"):
+                            await self._announce_mount(mount.library, drive, mount.vid)
                         mounted = True
                         log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
                     await self._read(library, drive, items)

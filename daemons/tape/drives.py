@@ -29,6 +29,7 @@ from daemons.tape import steps
 log = get_logger("spool.tape")
 
 CartridgeCallback = Callable[[str], Awaitable[None]]
+MountedCallback = Callable[[str, str], Awaitable[None]]  # (drive, cartridge) after a real load
 # Cartridge problems that another cartridge of the pool avoids.
 _OTHER_CARTRIDGE = frozenset({"cartridge_in_use", "cartridge_disabled", "cartridge_not_writable"})
 # Drive problems that another drive avoids.
@@ -50,7 +51,9 @@ class Mount:
         failures: MountFailures,
         suspect_after: int,
         on_cartridge: CartridgeCallback,
+        on_mounted: MountedCallback | None = None,
     ) -> None:
+        self.on_mounted = on_mounted
         self.library = library
         self.pool = pool
         self.request = request
@@ -93,11 +96,13 @@ class Mount:
             if budget < 0:
                 raise Retryable("mount_failed", f"pool {self.pool!r}: no cartridge would load")
             try:
-                await self.library.mount(self.drive, self.vid, request=self.request)
+                loaded = await self.library.mount(self.drive, self.vid, request=self.request)
             except SpoolError as exc:
                 await self._after_failure(exc, needed)
                 continue
             self.failures.pop(self.vid, None)
+            if loaded and self.on_mounted is not None:
+                await self.on_mounted(self.drive, self.vid)
             return
 
     async def _after_failure(self, exc: SpoolError, needed: int) -> None:

@@ -37,7 +37,7 @@ from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
-from common.messages import FileArchived, FileFailed, Message
+from common.messages import FileArchived, FileFailed, Message, TapeMounted
 from common.storage import PosixStorage
 from common.tape import TapeLibrary
 from daemons.tape import steps
@@ -114,6 +114,18 @@ class Batch:
         self.failed = 0
         self.mount: Mount | None = None
 
+    async def _mounted(self, drive: str, vid: str) -> None:
+        await announce(
+            self.env.publisher,
+            TapeMounted(
+                library=self.target.library,
+                drive=drive,
+                cartridge=vid,
+                purpose="archive",
+                request=self.mount.request if self.mount else None,
+            ),
+        )
+
     async def run(self, why: str) -> int:
         """Write the batch; returns the number of files written (0: no drive, or nothing queued)."""
         policy = self.env.settings.tape
@@ -130,6 +142,7 @@ class Batch:
             self.env.failures,
             policy.mount_failures_before_suspect,
             self._moved_to,
+            self._mounted,
         )
         try:
             if not await mount.acquire(needed=chosen[0].size):

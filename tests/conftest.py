@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -178,3 +180,13 @@ async def _started(process: Any, n: int, task: asyncio.Task[Any]) -> bool:
     if task.done():
         task.result()  # surface the start-up error
     return len(process.runners) == n
+
+
+def start_daemon(config: Path, daemon: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``spool run DAEMON`` as a real process (fault tests kill it), its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "common.cli", "--config", str(config), "run", daemon, *extra],
+            stdout=out, stderr=out, cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip

@@ -4,12 +4,10 @@ nothing registered twice, no temporary file left behind."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from common.cli.publish import publish_events
 from common.config import Settings
 from common.storage import is_temp_name
 from common.storage.checksum import adler32_of_file
-from tests.conftest import cloudevent, publish_raw, queue_depth, wait_for
+from tests.conftest import cloudevent, publish_raw, queue_depth, start_daemon, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DATASET = "lst1.20261123.run012345.dl0"
@@ -52,23 +50,12 @@ def write_night(settings: Settings, n: int) -> list[dict]:
     return events
 
 
-def start_ingest(config_file: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest", *extra],
-            stdout=out,
-            stderr=out,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-
 async def night_being_ingested(
     settings: Settings, config_file: Path, log: Path, n: int
 ) -> subprocess.Popen[bytes]:
     """``n`` files announced to a freshly started ingest process; returns that process."""
     events = write_night(settings, n)
-    proc = start_ingest(config_file, log)
+    proc = start_daemon(config_file, "ingest", log)
     await publish_events(settings, events, quiet=True)
     return proc
 
@@ -103,7 +90,7 @@ async def test_ingest_killed_three_times_registers_every_file_exactly_once(
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=10) == -signal.SIGKILL
             assert await registered(settings) < n, "the kill came too late to prove anything"
-            proc = start_ingest(config_file, log)
+            proc = start_daemon(config_file, "ingest", log)
         await wait_for(lambda: _at_least(settings, n), timeout=180, interval=0.2)
         await wait_for(lambda: _depth_is(broker, settings.queue("ingest"), 0), timeout=30)
     finally:
@@ -126,14 +113,14 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(
     text = log.read_text()
     assert '"stopping"' in text and '"stopped"' in text
     # What was not finished is back in the queue: a later pass handles it, nothing is lost.
-    proc = start_ingest(config_file, log, "--once")
+    proc = start_daemon(config_file, "ingest", log, "--once")
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     await assert_every_file_once_and_verified(settings, n)
 
 
 async def test_second_sigterm_exits_at_once(settings, config_file, broker, topology, tmp_path):
     log = tmp_path / "ingest.log"
-    proc = start_ingest(config_file, log)
+    proc = start_daemon(config_file, "ingest", log)
     await wait_for(lambda: _has_consumer(broker, settings), timeout=30)
     # Hold the catalogue's write lock so the handler stays in flight and the first SIGTERM drains.
     import sqlite3

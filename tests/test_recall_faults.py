@@ -3,10 +3,7 @@ destination buffer, and the daemon killed with SIGKILL in the middle of a batch.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 from common.bus.topology import declare_topology
 from common.config import load_settings
 from daemons.recall.handlers import service as recall_service
-from tests.conftest import queue_depth, running, wait_for
+from tests.conftest import queue_depth, running, start_daemon, wait_for
 from tests.recall_fixtures import (
     LIBRARY,
     Events,
@@ -125,14 +122,6 @@ SLOW = {
 }
 
 
-def start_recall(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config), "run", "recall"],
-            stdout=out, stderr=out, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-
-
 async def test_recall_killed_mid_batch_completes_after_restart_without_delivering_twice(
     tmp_path, tag, broker
 ):
@@ -146,7 +135,7 @@ async def test_recall_killed_mid_batch_completes_after_restart_without_deliverin
     await declare_topology(channel, settings)  # the daemon is not up yet to declare it
     events = await Events.watch(broker, settings)
     log = tmp_path / "recall.log"
-    proc = start_recall(config, log)
+    proc = start_daemon(config, "recall", log)
     try:
         rid = await request(broker, settings, names=names)
         await wait_for(lambda: _done(settings, rid, 8), timeout=120, interval=0.05)
@@ -154,7 +143,7 @@ async def test_recall_killed_mid_batch_completes_after_restart_without_deliverin
         assert proc.wait(timeout=10) == -signal.SIGKILL
         view = await status(settings, rid)
         assert view is not None and view.done < 30, "the kill came too late to prove anything"
-        proc = start_recall(config, log)
+        proc = start_daemon(config, "recall", log)
         done = await events.completion(rid, timeout=180)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from common.config import Settings, load_settings
 from common.storage.checksum import adler32_of_file
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
-from tests.conftest import queue_depth, running, wait_for
+from tests.conftest import queue_depth, running, start_daemon, wait_for
 from tests.replication_fixtures import (
     available_on,
     count_on,
@@ -165,14 +163,6 @@ async def _state_seen(settings: Settings) -> bool:
         return {e.name: e.state for e in await c.endpoints()}["disk2"] == "down"
 
 
-def start_replicator(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config), "run", "replicator"],
-            stdout=out, stderr=out, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-
-
 async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tmp_path, tag, broker):
     n = 1000
     path = replication_config(tmp_path, tag, **TO_DISK2)
@@ -182,14 +172,14 @@ async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tm
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _registered(settings, n), timeout=120)
     log = tmp_path / "replicator.log"
-    proc = start_replicator(path, log)
+    proc = start_daemon(path, "replicator", log)
     try:
         for threshold in (150, 500):
             await wait_for(lambda t=threshold: _copied_at_least(settings, t), timeout=120, interval=0.02)
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=10) == -signal.SIGKILL
             assert await count_on(settings, "disk2") < n, "the kill came too late to prove anything"
-            proc = start_replicator(path, log)
+            proc = start_daemon(path, "replicator", log)
         await wait_for(lambda: all_copied(settings, n), timeout=180, interval=0.2)
         await wait_for(lambda: _depth_is(broker, settings.queue("replicator"), 0), timeout=60)
     finally:

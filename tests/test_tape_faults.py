@@ -5,10 +5,7 @@ not wholly written there."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from common.tape import SimulatedLibraryConfig, open_library
 from daemons.ingest.handlers import service as ingest_service
 from daemons.tape.drives import Mount, MountFailures
 from daemons.tape.handlers import service as tape_service
-from tests.conftest import queue_depth, running, wait_for
+from tests.conftest import queue_depth, running, start_daemon, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.tape_fixtures import (
     LIBRARY,
@@ -126,12 +123,6 @@ async def test_a_cartridge_that_keeps_failing_to_mount_is_marked_suspect_and_ano
 
 
 # --- SIGKILL mid-batch ---------------------------------------------------------------------------
-def start_tape(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config), "run", "tape"],
-            stdout=out, stderr=out, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
 
 
 @pytest.mark.integration
@@ -156,7 +147,7 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _count(settings, n, "queued"), timeout=60)
     log = tmp_path / "tape.log"
-    proc = start_tape(path, log)
+    proc = start_daemon(path, "tape", log)
     try:
         # An operator sees the drive at work: what it does, with which cartridge, for whom.
         await wait_for(lambda: _drive_writing(path), timeout=60, interval=0)
@@ -167,7 +158,7 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=10) == -signal.SIGKILL
             assert await count_on(settings, "tape1") < n, "the kill came too late to prove anything"
-            proc = start_tape(path, log)
+            proc = start_daemon(path, "tape", log)
         await wait_for(lambda: _count(settings, n), timeout=180, interval=0.2)
         await wait_for(lambda: _depth_is(broker, settings.queue("tape"), 0), timeout=60)
     finally:

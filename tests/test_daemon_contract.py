@@ -39,9 +39,8 @@ async def test_starts_and_stops_cleanly_in_once_mode(service, settings, broker):
     assert code == 0
 
 
-def test_a_daemon_of_a_later_issue_says_it_is_not_implemented():
-    later = [name for name in DAEMON_NAMES if name not in registry.SERVICES]
-    if not later:
-        pytest.skip("every daemon is implemented")
-    with pytest.raises(KeyError, match="not implemented yet"):
-        registry.load(later[0])
+def test_every_daemon_of_the_design_is_registered_and_unknown_names_are_refused():
+    assert set(registry.SERVICES) == set(DAEMON_NAMES)
+    assert [s.name for s in registry.load_all()] == list(registry.SERVICES)
+    with pytest.raises(KeyError, match="unknown daemon 'archiver'"):
+        registry.load("archiver")

@@ -44,7 +44,9 @@ def _global(
 @app.command()
 def run(
     ctx: typer.Context,
-    daemon: Annotated[str, typer.Argument(help="ingest | all (every daemon in one process)")],
+    daemon: Annotated[
+        str, typer.Argument(help="ingest | replicator | tape | recall | monitor | all (all in one process)")
+    ],
     once: Annotated[bool, typer.Option(help="Handle what is queued, then exit.")] = False,
 ) -> None:
     """Run one daemon, or all of them in one process, until SIGTERM."""

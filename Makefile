@@ -25,7 +25,7 @@ demo: venv services
 	$(VENV)/bin/spool --config config/spool.toml demo
 
 test: venv
-	bash .ci/services.sh rabbitmq postgres
+	bash .ci/services.sh rabbitmq postgres chromium
 	$(VENV)/bin/pytest -q
 
 lint: venv

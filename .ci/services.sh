@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the services Spool needs answer: `rabbitmq` (always, with its management plugin) and
-# `postgres` (tests).
+# `postgres` (tests); `chromium` is not a service but the browser the dashboard test drives.
 # Starts a local server that is installed but stopped; installs it with apt when running as root
 # on CI (or with SPOOL_INSTALL_SERVICES=1); otherwise says exactly how to get one. Waits until the
-# port answers. Usage: .ci/services.sh rabbitmq [postgres]
+# port answers. Usage: .ci/services.sh rabbitmq [postgres] [chromium]
 set -u
 
 port_open() { timeout 1 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
@@ -88,11 +88,29 @@ ensure_postgres() {
   wait_port postgresql 5432 60
 }
 
+# Headless Chromium and its chromedriver for tests/test_monitor_browser.py. Missing off CI is only a
+# note (the test skips and says why); on CI the test fails without them, so install them there.
+have_chromium() {
+  command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null
+}
+
+ensure_chromium() {
+  have_chromium && return 0
+  if may_install; then
+    echo "services: installing chromium chromium-driver"
+    apt_install chromium chromium-driver || return 1
+  else
+    echo "services: note: chromium / chromedriver are not installed; the dashboard browser test will" \
+         "skip (sudo apt-get install -y chromium chromium-driver)" >&2
+  fi
+}
+
 status=0
 for svc in "$@"; do
   case "$svc" in
     rabbitmq) { ensure_rabbitmq && ensure_management; } || status=1 ;;
     postgres) ensure_postgres || status=1 ;;
+    chromium) ensure_chromium || status=1 ;;
     *) echo "services: unknown service $svc" >&2; status=1 ;;
   esac
 done

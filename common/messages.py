@@ -205,6 +205,9 @@ class FileFailed(Message):
     path: str | None = None
     dataset: str | None = None
     message_id: str | None = None
+    # The storage endpoint the failed work was for (a copy's destination), so the monitor groups
+    # failures per endpoint: one full disk must not look like a cause spread over every file.
+    endpoint: str | None = None
 
 
 class EndpointPaused(Message):

@@ -67,7 +67,8 @@ class Process:
                             service.resources(self.settings, publisher)
                         )
                     channel = await connection.channel()
-                    runner = Runner(service, self.settings, channel, publisher, resources)
+                    runner_class = service.runner or Runner
+                    runner = runner_class(service, self.settings, channel, publisher, resources)
                     await runner.start()
                     self.runners.append(runner)
                 self._install_signal_handlers()

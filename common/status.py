@@ -3,24 +3,33 @@ directly from the broker and the catalogue, with what is then missing named.
 
 The monitor serves the document at ``/api/status`` (``daemons.monitor.report``). Without it, queues
 still come from the broker (``common.bus.queue_stats``), failures from the catalogue's failed and
-retrying requests grouped by (daemon, reason), endpoint states from the catalogue; daemon liveness,
-event counts and alerts need the monitor and are ``null``.
+retrying requests grouped by (kind, reason, state), endpoint states from the catalogue; daemon
+liveness, event counts, throughput and alerts need the monitor and are ``null``.
+
+Nothing here costs per file: the grouping is one ``GROUP BY`` in the catalogue plus one indexed
+look-up per group for its newest example, so a night with 100,000 files and 10,000 failures answers
+as fast as an empty one (``bench/status.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from pydantic_core import to_jsonable_python
+from sqlalchemy import Connection, and_, func, select
 
 from common.bus.queue_stats import queue_report
-from common.catalogue import Catalogue, EndpointInfo, RequestInfo
+from common.catalogue import Catalogue, EndpointInfo
+from common.catalogue.schema import requests as rq
 from common.config import Settings
 
-# Failed / retrying requests read from the catalogue to group when the monitor is not running.
-DIRECT_FAILURE_LIMIT = 10_000
+# Request states that are failures, final or not yet.
+FAILURE_STATES = ("failed", "retrying")
+# Failure groups read from the catalogue at most (causes, not files: a night has a handful).
+MAX_GROUPS = 500
 # Seconds `spool status` waits for the monitor before showing what it can get directly.
 MONITOR_TIMEOUT = 3.0
 
@@ -66,24 +75,14 @@ async def gather_status(settings: Settings) -> dict[str, Any]:
 
 
 async def direct_status(settings: Settings, *, monitor_error: str) -> dict[str, Any]:
-    queues = await queue_report(settings)
+    """The broker's and the catalogue's answers, asked at the same time."""
+    queues, (endpoints, failures, catalogue_gap) = await asyncio.gather(
+        queue_report(settings), _from_catalogue(settings)
+    )
     missing = [f"daemon liveness, event counts and alerts (monitor not running: {monitor_error})"]
     missing += queues.missing
-    endpoints: list[EndpointInfo] | None = None
-    failures: list[dict[str, Any]] | None = None
-    try:
-        catalogue = await Catalogue.open(settings.catalogue.url)
-        try:
-            endpoints = await catalogue.endpoints()
-            requests = await catalogue.failed_requests(DIRECT_FAILURE_LIMIT, include_retrying=True)
-        finally:
-            await catalogue.close()
-        failures = group_requests(requests)
-        if len(requests) >= DIRECT_FAILURE_LIMIT:
-            missing.append(f"failures older than the newest {DIRECT_FAILURE_LIMIT} failed requests")
-    except Exception as exc:  # SQLAlchemy / driver errors: say so, show the rest
-        text = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        missing.append(f"failures and endpoint states (catalogue unavailable: {text})")
+    if catalogue_gap is not None:
+        missing.append(catalogue_gap)
     doc = {
         "source": "direct",
         "time": datetime.now(UTC),
@@ -96,29 +95,62 @@ async def direct_status(settings: Settings, *, monitor_error: str) -> dict[str, 
         "malformed": None,
         "moved_bytes": None,
         "tape_mounts": None,
+        "messages": None,
+        "processed": None,
+        "throughput": None,
         "alerts": None,
         "missing": missing,
     }
     return to_jsonable_python(doc)  # type: ignore[no-any-return]
 
 
-def group_requests(requests: list[RequestInfo]) -> list[dict[str, Any]]:
-    """Failed / retrying requests as failure groups (the monitor's shape), biggest first.
+async def _from_catalogue(
+    settings: Settings,
+) -> tuple[list[EndpointInfo] | None, list[dict[str, Any]] | None, str | None]:
+    """Endpoint states and failure groups, and what is missing (``None``: nothing)."""
+    try:
+        catalogue = await Catalogue.open(settings.catalogue.url)
+        try:
+            endpoints = await catalogue.endpoints()
+            failures = await catalogue.run(failure_groups)
+        finally:
+            await catalogue.close()
+    except Exception as exc:  # SQLAlchemy / driver errors: say so, show the rest
+        text = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        return None, None, f"failures and endpoint states (catalogue unavailable: {text})"
+    gap = f"failure causes beyond the {MAX_GROUPS} biggest" if len(failures) >= MAX_GROUPS else None
+    return endpoints, failures, gap
 
-    ``requests`` come newest first, so each group's example is its most recent failure.
-    """
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for r in requests:
-        key = (r.kind, r.reason or "unknown", r.state)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = {
-                "daemon": r.kind, "reason": key[1], "endpoint": None, "state": r.state, "count": 1,
-                "first": r.updated, "last": r.updated, "example": r.name or r.path or r.id,
-                "message_id": r.id, "error": r.error or "",
-            }  # fmt: skip
-            continue
-        group["count"] += 1
-        group["first"] = min(group["first"], r.updated)
-        group["last"] = max(group["last"], r.updated)
-    return sorted(groups.values(), key=lambda g: (-g["count"], -g["last"].timestamp()))
+
+def failure_groups(conn: Connection) -> list[dict[str, Any]]:
+    """Failed and retrying requests as failure groups (the monitor's shape), biggest first, each
+    with its newest failure as the example. One grouped query, then one look-up per group that
+    walks the (state, updated) index from the newest end."""
+    updated = rq.c.updated
+    grouped = (
+        select(
+            rq.c.kind, rq.c.reason, rq.c.state, func.count().label("n"),
+            func.min(updated, type_=updated.type).label("first"),
+            func.max(updated, type_=updated.type).label("last"),
+        )
+        .where(rq.c.state.in_(FAILURE_STATES))
+        .group_by(rq.c.kind, rq.c.reason, rq.c.state)
+        .order_by(func.count().desc())
+        .limit(MAX_GROUPS)
+    )  # fmt: skip
+    groups = []
+    for kind, reason, state, n, first, last in conn.execute(grouped).all():
+        same_reason = rq.c.reason.is_(None) if reason is None else rq.c.reason == reason
+        example = conn.execute(
+            select(rq.c.id, rq.c.name, rq.c.path, rq.c.error)
+            .where(and_(rq.c.state == state, rq.c.kind == kind, same_reason))
+            .order_by(updated.desc())
+            .limit(1)
+        ).first()
+        request_id, name, path, error = example if example is not None else (None, None, None, None)
+        groups.append({
+            "daemon": kind, "reason": reason or "unknown", "endpoint": None, "state": state, "count": n,
+            "first": first, "last": last, "example": name or path or request_id, "message_id": request_id,
+            "error": error or "",
+        })  # fmt: skip
+    return sorted(groups, key=lambda g: (-g["count"], -g["last"].timestamp()))

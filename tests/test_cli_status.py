@@ -50,8 +50,11 @@ async def test_status_json_comes_from_the_monitor_when_it_runs(settings, config_
             [FileFailed(daemon="ingest", reason="disk_full", error="ENOSPC", attempts=8, name="a")],
         )
         await wait_for(lambda: _is(res.state.events["file.failed"] == 1 and bool(res.state.instances)))
-        await wait_for(lambda: _is(res.observed.queues is not None))
+        await wait_for(lambda: _is(res.observed.queues is not None and len(res.state.history) >= 2))
         result = await spool(config_file, "status", "--json")
+        screen = await spool(config_file, "status")
+    assert screen.returncode == 0, screen.stderr
+    assert "disk_full" in screen.stdout and "throughput over the last" in screen.stdout
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["source"] == "monitor" and doc["monitor"]["reachable"] is True
@@ -59,6 +62,7 @@ async def test_status_json_comes_from_the_monitor_when_it_runs(settings, config_
     assert [(f["reason"], f["count"], f["example"]) for f in doc["failures"]] == [("disk_full", 1, "a")]
     assert {q["daemon"] for q in doc["queues"]["queues"]} >= {"ingest", "monitor"}
     assert doc["alerts"][0]["reason"] == "disk_full"
+    assert doc["throughput"] and doc["throughput"][-1]["processed"].keys() <= {"monitor"}
 
 
 async def test_status_without_the_monitor_says_so_and_shows_queues_and_catalogue_failures(
@@ -86,6 +90,8 @@ async def test_status_without_the_monitor_says_so_and_shows_queues_and_catalogue
     assert ingest["ready"] == 1
     groups = {(f["reason"], f["state"]): f["count"] for f in doc["failures"]}
     assert groups == {("checksum_mismatch", "failed"): 3, ("destination_not_writable", "retrying"): 1}
+    newest = {f["reason"]: (f["example"], f["error"]) for f in doc["failures"]}
+    assert newest["checksum_mismatch"] == ("f2", "adler32 differs (2)")  # each group's latest failure
     assert [e["name"] for e in doc["endpoints"]] == ["disk1"]
 
     screen = await spool(config_file, "status")

@@ -1,9 +1,12 @@
-"""The monitor against the real broker: liveness from heartbeats (and death of a killed daemon),
-failures grouped by cause, one alert per new cause, malformed messages counted and ignored,
-Prometheus metrics."""
+"""The monitor against the real broker: liveness from heartbeats (and death of a killed daemon, whose
+in-flight messages are shown returning to ready), failures grouped by cause, one alert per new
+cause (and one for an endpoint the replicator's breaker paused), malformed messages counted and
+ignored, Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -15,8 +18,17 @@ import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.bus.service import Context, Service
 from common.config import load_settings
-from common.messages import DaemonHeartbeat, FileFailed, FileIngested
+from common.errors import Permanent
+from common.messages import (
+    DaemonHeartbeat,
+    EndpointPaused,
+    EndpointResumed,
+    FileFailed,
+    FileIngested,
+    ReplicaRequest,
+)
 from daemons.monitor.handlers import service as monitor_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
 from tests.monitor_fixtures import get_json, get_text, monitor_config, publish_many, resources_of
@@ -89,6 +101,115 @@ async def test_heartbeats_make_a_daemon_alive_and_a_killed_daemon_shows_dead(
     assert entry["age"] >= doc["monitor"]["dead_after"] == 4 * settings.bus.heartbeat_interval
 
 
+# A consumer as a daemon holds work: its connection named like a Spool daemon's, five messages
+# delivered and never acked. Killed with SIGKILL, as a crashed daemon would be.
+HOLDER = """
+import asyncio, sys, aio_pika
+async def main(url, queue):
+    conn = await aio_pika.connect(url, client_properties={"connection_name": "spool-ingest@node-killed"})
+    channel = await conn.channel()
+    await channel.set_qos(prefetch_count=5)
+    held = []
+    async def keep(message):
+        held.append(message)
+        if len(held) == 5:
+            print("holding", flush=True)
+    await (await channel.get_queue(queue)).consume(keep)
+    await asyncio.Event().wait()
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+async def test_messages_held_by_a_killed_consumer_are_shown_returning_to_ready(settings, broker, topology):
+    for i in range(8):
+        await publish_raw(broker, settings, "file.ready", cloudevent({"path": f"/l/{i}", "dataset": "d"}))
+    async with running([monitor_service], settings) as process:
+        res = resources_of(process)
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLDER, settings.bus.url, settings.queue("ingest"),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            assert await asyncio.wait_for(holder.stdout.readline(), timeout=60) == b"holding\n"
+            # The management API refreshes its figures every 5 s; the monitor looks every 0.5 s.
+            await wait_for(lambda: _ingest_is(res, ready=3, in_flight=5), timeout=60, interval=0.5)
+            held = _ingest_queue(await get_json(_url(res, "/api/status")))
+            holder.send_signal(signal.SIGKILL)
+            await holder.wait()
+            await wait_for(lambda: _ingest_is(res, ready=8, in_flight=0), timeout=60, interval=0.5)
+            returned = _ingest_queue(await get_json(_url(res, "/api/status")))
+        finally:
+            if holder.returncode is None:
+                holder.kill()
+                await holder.wait()
+    assert [(h["daemon"], h["host"], h["unacked"]) for h in held["holders"]] == [("ingest", "node-killed", 5)]
+    assert (held["ready"], held["in_flight"], held["consumers"]) == (3, 5, 1)
+    assert (returned["ready"], returned["in_flight"], returned["consumers"]) == (8, 0, 0)
+    assert returned["holders"] == []
+
+
+def _ingest_queue(doc: dict[str, Any]) -> dict[str, Any]:
+    return next(q for q in doc["queues"]["queues"] if q["daemon"] == "ingest")
+
+
+async def _ingest_is(res: Any, *, ready: int, in_flight: int) -> bool:
+    report = res.observed.queues
+    if report is None:
+        return False
+    ingest = next(q for q in report.queues if q.daemon == "ingest")
+    return (ingest.ready, ingest.in_flight) == (ready, in_flight)
+
+
+async def test_an_endpoint_paused_by_the_breaker_raises_one_alert_even_when_paused_again(
+    settings, broker, topology
+):
+    """The replicator's breaker may pause, probe, and pause the same endpoint again and again."""
+    paused = [
+        EndpointPaused(storage="disk2", reason="destination_not_writable", error="no write pools online",
+                       failures=5, cooldown=30 * 2**i)
+        for i in range(3)
+    ]  # fmt: skip
+    resumed = EndpointResumed(storage="disk2", paused_seconds=30, waiting=0)
+    channel, alerts = await _alert_queue(broker, settings)
+    async with running([monitor_service], settings) as process:
+        res = resources_of(process)
+        await publish_many(broker, settings, [paused[0], resumed, paused[1], paused[2]])
+        await wait_for(lambda: _is(res.state.events["endpoint.paused"] == 3))
+        await wait_for(lambda: _is(not res.pending_alerts and (res.flushing is None or res.flushing.done())))
+        await wait_for(lambda: _is(res.state.events["alert.raised"] == 1))  # the monitor hears itself
+        raised = await _alerts_in(alerts)
+        doc = await get_json(_url(res, "/api/status"))
+    await channel.close()
+    assert len(raised) == 1
+    alert = msgpack.unpackb(raised[0].body)
+    assert (alert["kind"], alert["daemon"], alert["endpoint"]) == ("endpoint_paused", "replicator", "disk2")
+    assert "disk2" in alert["summary"] and "no write pools online" in alert["summary"]
+    [group] = doc["failures"]
+    assert (group["reason"], group["endpoint"], group["count"]) == ("destination_not_writable", "disk2", 3)
+
+
+async def test_the_monitor_resumes_counting_after_its_channel_is_closed_by_the_broker(
+    settings, broker, topology
+):
+    """Its runner consumes below aio-pika's consumer bookkeeping, so it must re-create its consumer
+    itself when the robust channel comes back (after a channel error, or a reconnection)."""
+    batch = [_failed("ingest", "file_missing", "gone", f"f{i}") for i in range(100)]
+    async with running([monitor_service], settings) as process:
+        res = resources_of(process)
+        [runner] = process.runners
+        await publish_many(broker, settings, batch)
+        await wait_for(lambda: _is(res.state.events["file.failed"] == 100))
+        await wait_for(lambda: _idle(process))  # acked: nothing of the first batch comes back
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # the broker closes the channel
+            await runner.channel.declare_queue(f"no-such-queue-{settings.bus.queue_prefix}", passive=True)
+        await publish_many(broker, settings, batch)
+        await wait_for(lambda: _is(res.state.events["file.failed"] == 200), timeout=60)
+        assert not process.stop_requested.is_set()
+    assert res.state.failures[("ingest", "file_missing", None)].count == 200
+
+
 async def test_ten_thousand_failures_of_one_cause_and_three_of_another_show_as_two_lines(
     settings, broker, topology
 ):
@@ -134,6 +255,27 @@ async def test_a_new_failure_reason_raises_exactly_one_alert_on_the_bus(settings
     alert = msgpack.unpackb(raised[0].body)
     assert (alert["kind"], alert["daemon"], alert["reason"]) == ("new_failure_reason", "ingest", "disk_full")
     assert alert["example"] == "run3/f0" and "ENOSPC" in alert["error"]
+
+
+async def test_a_dead_lettered_copy_is_grouped_under_its_destination_endpoint(settings, broker, topology):
+    """The runner's ``file.failed`` names the endpoint the work was for, so two full disks are two
+    causes, not one spread over every file."""
+    failing = Service("replicator")
+
+    @failing.handler(ReplicaRequest)
+    async def copy(msg: ReplicaRequest, ctx: Context[None]) -> None:
+        raise Permanent("destination_not_writable", f"{msg.destination}: no write pools online")
+
+    requests = [ReplicaRequest(name=f"run1/f{i}", destination=f"disk{2 + i % 2}") for i in range(6)]
+    async with running([failing, monitor_service], settings) as process:
+        res = resources_of(process)
+        await publish_many(broker, settings, requests)
+        await wait_for(lambda: _is(res.state.events["file.failed"] == 6))
+    groups = {(g.daemon, g.reason, g.endpoint): g.count for g in res.state.failure_groups()}
+    assert groups == {
+        ("replicator", "destination_not_writable", "disk2"): 3,
+        ("replicator", "destination_not_writable", "disk3"): 3,
+    }
 
 
 async def test_malformed_messages_are_counted_and_acked_not_dead_lettered(settings, broker, topology):

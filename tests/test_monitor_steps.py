@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from common.messages import (
     AlertRaised,
@@ -15,7 +17,8 @@ from common.messages import (
     ReplicaCreated,
 )
 from daemons.monitor.report import Observed, status_document
-from daemons.monitor.steps import NEW_FAILURE_REASON, MonitorState, Thresholds, liveness
+from daemons.monitor.steps import ENDPOINT_PAUSED, NEW_FAILURE_REASON, MonitorState, Thresholds, liveness
+from daemons.monitor.web import WebServer
 
 T0 = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
 
@@ -173,3 +176,64 @@ def test_status_document_is_json_with_unknowns_named(state: MonitorState, clock:
     assert doc["failures"][0]["reason"] == "disk_full" and doc["failures"][0]["count"] == 1
     assert doc["queues"] is None and any("queues" in m for m in doc["missing"])
     assert doc["alerts"][0]["kind"] == NEW_FAILURE_REASON
+
+
+def test_an_endpoint_paused_alert_names_the_endpoint_and_comes_once(state: MonitorState) -> None:
+    def paused() -> EndpointPaused:
+        return EndpointPaused(
+            storage="disk2", reason="storage_io_error", error="EIO", failures=5, cooldown=30
+        )
+
+    [alert] = state.observe(paused())
+    assert (alert.kind, alert.daemon, alert.endpoint) == (ENDPOINT_PAUSED, "replicator", "disk2")
+    assert alert.summary.startswith("endpoint disk2 paused by the replicator")
+    assert state.observe(paused()) == [] and state.alerts_raised == {ENDPOINT_PAUSED: 1}
+
+
+def test_throughput_is_the_rate_between_samples_of_messages_and_heartbeat_work(
+    state: MonitorState, clock: Clock
+) -> None:
+    state.observe(beat(clock, processed=0))
+    state.sample()
+    clock.advance(10)
+    for i in range(40):
+        state.observe(failed("disk_full", f"f{i}"))
+    state.observe(beat(clock, processed=100))
+    state.observe(beat(clock, daemon="replicator", instance="r1", processed=30))
+    state.sample()
+    [point] = state.throughput()
+    assert point["seconds"] == 10 and point["messages"] == 4.2  # 40 failures and 2 heartbeats
+    assert point["processed"] == {"ingest": 10.0, "replicator": 3.0}
+    doc = status_document(state, Observed())
+    assert doc["throughput"][0]["processed"]["ingest"] == 10.0 and doc["processed"]["ingest"] == 100
+
+
+def test_a_restarted_daemon_adds_its_new_work_and_one_older_than_the_monitor_starts_from_zero(
+    clock: Clock,
+) -> None:
+    clock.advance(60)  # the monitor starts a minute after the daemons
+    state = MonitorState(Thresholds(interval=15.0), clock=clock)
+    state.observe(beat(clock, instance="old", processed=5000))  # work done before the monitor ran
+    state.observe(beat(clock, instance="old", processed=5010))
+    assert state.processed == {"ingest": 10}
+    restarted = beat(clock, instance="new", processed=7)
+    restarted = restarted.model_copy(update={"started": clock.now})
+    state.observe(restarted)  # a new process counts from zero: all of its work is new
+    assert state.processed == {"ingest": 17}
+
+
+def test_the_status_document_is_built_once_per_interval_for_all_viewers() -> None:
+    built = []
+    now = [0.0]
+
+    def status() -> dict[str, object]:
+        built.append(now[0])
+        return {"source": "monitor", "n": len(built)}
+
+    server = WebServer(CollectorRegistry(), status, status_max_age=1.0, clock=lambda: now[0])
+    first = server.status_body()
+    now[0] = 0.9
+    assert server.status_body() is first and len(built) == 1
+    now[0] = 1.0
+    assert json.loads(server.status_body()) == {"source": "monitor", "n": 2}
+    assert server.status_computations == 2

@@ -285,6 +285,7 @@ class Runner:
             path=getattr(msg, "path", None),
             dataset=getattr(msg, "dataset", None),
             message_id=msg.id if msg else delivery.message_id,
+            endpoint=getattr(msg, "destination", None) or getattr(msg, "storage", None),
         )
         try:
             await self.publisher.publish(event, correlation_id=delivery.correlation_id)

@@ -111,11 +111,13 @@ async def queue_report(
     keeps them open); otherwise each is opened for this look and closed again (the CLI).
     ``amqp_error``: the caller already failed to connect; AMQP is then not tried again."""
     names = all_queue_names(settings)
-    mgmt_state, snapshot = await _from_management(settings, management, names)
     if amqp_error is not None:
         amqp_state, counts = SourceState(False, error=amqp_error), None
-    else:
-        amqp_state, counts = await _from_amqp(settings, connection, names)
+        mgmt_state, snapshot = await _from_management(settings, management, names)
+    else:  # both at once: each is a few round trips, and either may be the one timing out
+        (mgmt_state, snapshot), (amqp_state, counts) = await asyncio.gather(
+            _from_management(settings, management, names), _from_amqp(settings, connection, names)
+        )
     report = QueueReport(datetime.now(UTC), [], amqp_state, mgmt_state)
     if snapshot is None:
         report.missing.append(f"in-flight counts and their holders ({mgmt_state.error})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import structlog
 
@@ -23,6 +23,9 @@ from common.bus.publisher import Publisher
 from common.config import Settings
 from common.errors import SpoolError
 from common.messages import Message
+
+if TYPE_CHECKING:  # the runner module imports this one
+    from common.bus.consumer import Runner
 
 R = TypeVar("R")
 M = TypeVar("M", bound=Message)
@@ -72,6 +75,9 @@ class Service:
     # with everyone else's bad messages and nobody would read it. Work daemons leave both unset.
     fallback: Handler | None = None
     on_malformed: MalformedHook | None = None
+    # A service whose deliveries call for another consumption strategy brings a ``Runner`` subclass
+    # (the monitor: batched acks, no per-message task, since it sees every message of the bus).
+    runner: type[Runner] | None = None
 
     def handler(self, model: type[M]) -> Callable[[Callable[[M, Context[Any]], Awaitable[None]]], Any]:
         def register(func: Callable[[M, Context[Any]], Awaitable[None]]) -> Any:

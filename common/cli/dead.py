@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import typer
 from aio_pika.abc import AbstractRobustConnection
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.bus import dead as deadletters
 from common.bus.connection import connect
 from common.cli import app
-from common.cli._util import UserError, console, print_json, settings_from
+from common.cli._util import UserError, console, err_console, print_json, settings_from
 from common.config import Settings
 
 T = TypeVar("T")
@@ -41,6 +43,19 @@ def _with_broker(settings: Settings, work: Callable[[AbstractRobustConnection], 
             await connection.close()
 
     return asyncio.run(go())
+
+
+@contextmanager
+def _counting(label: str) -> Iterator[Callable[[int], None] | None]:
+    """A running count on stderr while dead letters are moved (10,000 take several seconds);
+    nothing when stderr is not a terminal, so scripts and ``--json`` output stay clean."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn(label + " {task.completed}"), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.update(task, completed=n)
 
 
 def _queues(settings: Settings, queue: str | None) -> list[str]:
@@ -123,12 +138,20 @@ def retry(
 ) -> None:
     """Send dead letters back to their work queue with a fresh attempt count (after fixing the cause)."""
     settings = settings_from(ctx)
-    moved = _with_broker(
-        settings,
-        lambda c: deadletters.take(
-            c, settings, _queues(settings, queue), reason=reason, message_id=message_id, requeue_to_work=True
-        ),
-    )
+    queues = _queues(settings, queue)
+    with _counting("sent back") as progress:
+        moved = _with_broker(
+            settings,
+            lambda c: deadletters.take(
+                c,
+                settings,
+                queues,
+                reason=reason,
+                message_id=message_id,
+                requeue_to_work=True,
+                progress=progress,
+            ),
+        )
     if json_out:
         print_json({"retried": moved})
     else:
@@ -150,12 +173,19 @@ def purge(
     if not yes:
         what = f"reason {reason!r}" if reason else "every reason"
         typer.confirm(f"Delete dead letters of {what} from {', '.join(queues)}?", abort=True)
-    removed = _with_broker(
-        settings,
-        lambda c: deadletters.take(
-            c, settings, queues, reason=reason, message_id=message_id, requeue_to_work=False
-        ),
-    )
+    with _counting("purged") as progress:
+        removed = _with_broker(
+            settings,
+            lambda c: deadletters.take(
+                c,
+                settings,
+                queues,
+                reason=reason,
+                message_id=message_id,
+                requeue_to_work=False,
+                progress=progress,
+            ),
+        )
     if json_out:
         print_json({"purged": removed})
     else:

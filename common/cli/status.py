@@ -103,6 +103,8 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
     else:
         parts.append(Text("monitor not running: showing what the broker and the catalogue tell", "yellow"))
     parts.append(_daemons(doc["daemons"]))
+    if doc.get("throughput"):
+        parts.append(_throughput(doc["throughput"][-1]))
     parts.append(render_queues(doc["queues"], detail=False, missing=False))
     parts.append(_failures(doc["failures"]))
     parts.append(_endpoints(doc["endpoints"]))
@@ -158,6 +160,13 @@ def _daemons(daemons: list[dict[str, Any]] | None) -> RenderableType:
     if not daemons:
         table.add_row("(no heartbeat seen yet)", *[""] * 9)
     return table
+
+
+def _throughput(point: dict[str, Any]) -> RenderableType:
+    """The latest rates (the dashboard draws them over time)."""
+    rates = [f"bus {point['messages']:g} msg/s"]
+    rates += [f"{daemon} {rate:g}/s" for daemon, rate in point["processed"].items()]
+    return Text(f"throughput over the last {point['seconds']:.0f} s: " + ", ".join(rates))
 
 
 def _failures(groups: list[dict[str, Any]] | None) -> RenderableType:

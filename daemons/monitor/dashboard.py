@@ -1,5 +1,9 @@
 """The live dashboard: one static page polling ``/api/status`` every 2 s. No build step, no external
 assets (sites often run without internet access); kept in a module so packaging needs no data files.
+
+It shows what ``spool status`` shows, plus throughput over time: an inline SVG chart of the
+monitor's own samples (``throughput`` in the document: messages/s on the bus and work done/s per
+daemon, one point per poll, the last 30 minutes at the default interval), drawn by the page itself.
 """
 
 PAGE = """<!doctype html>
@@ -19,12 +23,16 @@ PAGE = """<!doctype html>
   .dead, .down, .bad { color: #c0262d; font-weight: 600; }
   .muted { color: #777; } .err { font-family: monospace; font-size: 12px; white-space: pre-wrap; }
   #missing { color: #b46900; }
+  #throughput svg { border: 1px solid #ddd; background: #fcfcfc; }
+  .legend { display: inline-block; margin-right: 1.2em; }
+  .swatch { display: inline-block; width: .8em; height: .8em; margin-right: .3em; vertical-align: -.05em; }
 </style>
 </head>
 <body>
 <h1>Spool monitor</h1>
 <div id="meta" class="muted">loading...</div>
 <div id="missing"></div>
+<h2>Throughput</h2><div id="throughput"></div>
 <h2>Daemons</h2><div id="daemons"></div>
 <h2>Queues</h2><div id="queues"></div>
 <h2>Failures by cause</h2><div id="failures"></div>
@@ -47,11 +55,42 @@ function holders(hs) {
   const one = (h) => (h.daemon || h.connection) + "@" + (h.host || "?") + " (" + h.unacked + ")";
   return hs.map(one).join(", ");
 }
+const COLOURS = ["#1f6feb", "#17803d", "#b46900", "#8250df", "#c0262d", "#0a7c86"];
+const rate = (v) => (v >= 100 ? v.toFixed(0) : v.toFixed(1)) + "/s";
+function chart(points) {
+  if (points === null || points === undefined) return '<p class="muted">unknown without the monitor</p>';
+  if (!points.length) return '<p class="muted">no samples yet (one per poll)</p>';
+  const series = [["bus messages", points.map((p) => p.messages)]];
+  const daemons = [...new Set(points.flatMap((p) => Object.keys(p.processed)))].sort();
+  for (const d of daemons) series.push([d + " processed", points.map((p) => p.processed[d] || 0)]);
+  const W = 720, H = 160, P = 6, n = points.length;
+  const top = Math.max(1, ...series.flatMap(([, v]) => v));
+  const x = (i) => (n === 1 ? W - P : P + ((W - 2 * P) * i) / (n - 1));
+  const y = (v) => H - P - ((H - 2 * P) * v) / top;
+  let svg = '<svg width="' + W + '" height="' + H + '" viewBox="0 0 ' + W + " " + H + '" role="img">' +
+    '<text x="' + (W - P) + '" y="14" text-anchor="end" font-size="11" fill="#777">' + esc(rate(top)) +
+    "</text>";
+  const legend = [];
+  series.forEach(([name, values], k) => {
+    const colour = COLOURS[k % COLOURS.length];
+    const pts = values.map((v, i) => x(i).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
+    svg += '<polyline data-series="' + esc(name) + '" fill="none" stroke="' + colour +
+      '" stroke-width="1.5" points="' + pts + '"/>';
+    legend.push('<span class="legend" data-series="' + esc(name) + '" data-peak="' + Math.max(...values) +
+      '"><span class="swatch" style="background:' + colour + '"></span>' + esc(name) + ": now " +
+      esc(rate(values[values.length - 1])) + ", peak " + esc(rate(Math.max(...values))) + "</span>");
+  });
+  const span = points.reduce((a, p) => a + p.seconds, 0);
+  return svg + "</svg><div>" + legend.join("") + '</div><div class="muted">last ' +
+    esc((span / 60).toFixed(1)) + " min, one point per " + esc(points[points.length - 1].seconds.toFixed(0)) +
+    " s</div>";
+}
 function render(s) {
   const m = s.monitor;
   document.getElementById("meta").textContent =
     "as of " + s.time + " - monitor on " + m.host + " (pid " + m.pid + ", " + m.version + ")";
   document.getElementById("missing").textContent = s.missing.length ? "missing: " + s.missing.join("; ") : "";
+  document.getElementById("throughput").innerHTML = chart(s.throughput);
   document.getElementById("daemons").innerHTML = table(
     ["daemon", "state", "host", "pid", "version", "heartbeat (s ago)", "in flight", "processed", "retried",
      "dead"],

@@ -3,9 +3,11 @@
 Its queue ``<prefix>.monitor`` is bound to ``#`` (newest million kept, ``drop-head``). One handler
 takes every known message type (``Service.any_message``); what it cannot read is counted and acked
 (``Service.malformed_hook``) instead of dead-lettered, since a monitor that parked every message it
-does not understand would fill a queue nobody reads. Alerts are published after the state is
-updated; one that cannot be published waits for the next message or poll, so a broker hiccup
-neither loses it nor makes the runner retry (and count twice) the message that raised it.
+does not understand would fill a queue nobody reads. In production the deliveries are taken by the
+monitor's own runner (``consumer.MonitorRunner``: batched acks, no per-message context), which
+calls the same ``MonitorResources.observe`` as the handler. Alerts are published by a task of
+their own after the state is updated; one that cannot be published waits for the next message or
+poll, so a broker hiccup neither loses it nor holds up (or repeats) the counting.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from common.bus.service import Context, Service
 from common.config import Settings
 from common.errors import SpoolError
 from common.messages import AlertRaised, Message
+from daemons.monitor.consumer import MonitorRunner
 from daemons.monitor.metrics import build_registry
 from daemons.monitor.poller import Poller
 from daemons.monitor.report import Observed, status_document
@@ -40,6 +43,19 @@ class MonitorResources:
     web: WebServer
     poller: Poller
     pending_alerts: list[AlertRaised] = field(default_factory=list)
+    flushing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    def observe(self, msg: Message) -> None:
+        """Account for one message and start publishing the alerts it raised. Synchronous: the
+        monitor's runner relies on observing deliveries in order, without waiting in between."""
+        alerts = self.state.observe(msg)
+        if alerts:
+            self.pending_alerts.extend(alerts)
+            self.start_flush()
+
+    def start_flush(self) -> None:
+        if self.pending_alerts and (self.flushing is None or self.flushing.done()):
+            self.flushing = asyncio.get_running_loop().create_task(self.flush_alerts())
 
     async def flush_alerts(self) -> None:
         """Publish waiting alerts in order; stop at the first failure and keep the rest."""
@@ -76,26 +92,27 @@ async def open_monitor_resources(settings: Settings, publisher: Publisher) -> As
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+        if res.flushing is not None:
+            with suppress(asyncio.CancelledError):
+                await res.flushing
         await web.stop()
         await res.poller.close()
 
 
 async def _poll(res: MonitorResources, interval: float) -> None:
     while True:
+        res.state.sample()
         await res.poller.once()
-        await res.flush_alerts()
+        res.start_flush()
         await asyncio.sleep(interval)
 
 
-service = Service("monitor", resources=open_monitor_resources)
+service = Service("monitor", resources=open_monitor_resources, runner=MonitorRunner)
 
 
 @service.any_message
 async def observe(msg: Message, ctx: Context[MonitorResources]) -> None:
-    res = ctx.resources
-    res.pending_alerts.extend(res.state.observe(msg))
-    if res.pending_alerts:
-        await res.flush_alerts()
+    ctx.resources.observe(msg)
 
 
 @service.malformed_hook

@@ -1,8 +1,8 @@
 """What the monitor knows, as one JSON document: ``/api/status``, and what ``spool status`` shows.
 
 The same keys are produced by ``common.status.direct_status`` when the monitor is not running
-(with ``daemons``, ``events`` and ``alerts`` then ``null`` and ``missing`` saying why), so the CLI
-renders one shape. ``None`` always means "not known", never zero.
+(with ``daemons``, ``events``, ``throughput`` and ``alerts`` then ``null`` and ``missing`` saying
+why), so the CLI renders one shape. ``None`` always means "not known", never zero.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def status_document(
         },
         "moved_bytes": _moved(state),
         "tape_mounts": state.tape_mounts,
+        "messages": state.messages,
+        "processed": dict(sorted(state.processed.items())),
+        "throughput": state.throughput(),
         "alerts": list(reversed(state.alerts)),
         "missing": missing,
     }

@@ -14,8 +14,14 @@ Decisions:
   thousand failures of one cause are one line with a count, first and last time and one example
   with its full error text; a rare cause is its own line, never averaged away.
 - **One alert per new group**, not per file: the first failure of a (daemon, reason, endpoint)
-  raises one ``alert.raised``. The state is in memory; a restarted monitor alerts again once for
-  each cause it sees anew.
+  raises one ``alert.raised`` (kind ``endpoint_paused`` when the fact is the replicator's breaker
+  pausing an endpoint, else ``new_failure_reason``). The state is in memory; a restarted monitor
+  alerts again once for each cause it sees anew.
+- **Throughput over time** comes from the monitor's own samples (``sample``, once per poll) of two
+  monotonic totals: messages it saw, and work each daemon reported done in its heartbeats. A
+  heartbeat carries its process's running count, so the monitor adds the increase since the
+  instance's previous heartbeat; a restarted process is a new instance and starts from zero, and
+  the work an instance did before the monitor started is not counted as throughput now.
 - Counting is at-least-once like the bus: a message redelivered to the monitor is counted twice.
 """
 
@@ -25,17 +31,21 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from itertools import pairwise
+from typing import Any, Literal
 
 from common.messages import AlertRaised, DaemonHeartbeat, FileIngested, Message, ReplicaCreated, utcnow
 
 Liveness = Literal["alive", "late", "dead"]
 NEW_FAILURE_REASON = "new_failure_reason"
+ENDPOINT_PAUSED = "endpoint_paused"
 # Failure facts that do not name their daemon: who publishes them.
 PUBLISHED_BY = {"endpoint.paused": "replicator"}
 # Fields naming the endpoint (storage) a failure fact is about, in order of preference.
 ENDPOINT_FIELDS = ("storage", "destination", "endpoint")
 MAX_ERROR_TEXT = 4000
+# Samples kept for the throughput chart: 30 minutes at the default 5 s poll interval.
+HISTORY_POINTS = 360
 
 
 def liveness(age: float, interval: float, late: float, dead: float) -> Liveness:
@@ -114,11 +124,22 @@ class FailureFact:
     message_id: str | None
 
 
+# Message classes with a ``reason`` field, looked up once per class: most messages the monitor sees
+# have none, and a missing attribute on a pydantic model is an exception raised and caught.
+_HAS_REASON: dict[type[Message], bool] = {}
+
+
 def failure_fact(msg: Message) -> FailureFact | None:
     """A message stating that something failed (``file.failed``, ``endpoint.paused``, ...): any
     model with a ``reason`` code. Alerts carry a reason too but are the monitor's own echo."""
+    cls = type(msg)
+    has_reason = _HAS_REASON.get(cls)
+    if has_reason is None:
+        has_reason = _HAS_REASON[cls] = "reason" in cls.model_fields and cls is not AlertRaised
+    if not has_reason:
+        return None
     reason = getattr(msg, "reason", None)
-    if not isinstance(reason, str) or isinstance(msg, AlertRaised):
+    if not isinstance(reason, str):
         return None
     daemon = getattr(msg, "daemon", None) or PUBLISHED_BY.get(msg.ROUTING_KEY) or msg.source
     endpoint = next((v for f in ENDPOINT_FIELDS if isinstance(v := getattr(msg, f, None), str)), None)
@@ -131,6 +152,15 @@ def failure_fact(msg: Message) -> FailureFact | None:
 def is_tape_mount(routing_key: str) -> bool:
     """Tape mount events (``tape.mounted``, ``tape.mount``): counted, whatever their payload."""
     return routing_key.startswith("tape.mount")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Running totals at one moment; the chart plots the rate between consecutive samples."""
+
+    time: datetime
+    messages: int  # every message the monitor saw (malformed ones included)
+    processed: dict[str, int]  # per daemon: work reported done in heartbeats since the monitor started
 
 
 @dataclass
@@ -147,11 +177,22 @@ class MonitorState:
     tape_mounts: int = 0
     alerts: deque[AlertRaised] = field(default_factory=lambda: deque(maxlen=100))
     alerts_raised: Counter[str] = field(default_factory=Counter)
+    messages: int = 0
+    processed: dict[str, int] = field(default_factory=dict)  # per daemon, see ``Sample``
+    history: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+    started: datetime | None = None  # the clock's time at creation unless given
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.clock()
 
     # --- input ---------------------------------------------------------------------------------
     def observe(self, msg: Message) -> list[AlertRaised]:
-        """Account for one message; return the alerts it raises (at most one)."""
+        """Account for one message; return the alerts it raises (at most one).
+
+        On the monitor's hot path (every message of the pipeline): cheap checks first."""
         key = msg.ROUTING_KEY
+        self.messages += 1
         self.events[key] += 1
         if isinstance(msg, DaemonHeartbeat):
             self._heartbeat(msg)
@@ -162,10 +203,11 @@ class MonitorState:
         fact = failure_fact(msg)
         if fact is None:
             return []
-        alert = self._failure(fact, msg.time)
+        alert = self._failure(fact, msg.time, paused=key == "endpoint.paused")
         return [alert] if alert is not None else []
 
     def observe_malformed(self, routing_key: str, reason: str, error: str) -> None:
+        self.messages += 1
         self.malformed[reason] += 1
         self.last_malformed = {
             "routing_key": routing_key, "reason": reason, "error": error[:MAX_ERROR_TEXT],
@@ -178,6 +220,11 @@ class MonitorState:
         known = self.instances.get(key)
         if known is not None and known.last_heartbeat > sent:
             return  # an older heartbeat arriving late (concurrent handlers, redelivery)
+        if known is not None:
+            done = max(0, beat.processed - known.processed)
+        else:  # first heartbeat of this instance: its work since the monitor started, if any
+            done = beat.processed if self.started is not None and beat.started >= self.started else 0
+        self.processed[beat.daemon] = self.processed.get(beat.daemon, 0) + done
         self.instances[key] = Instance(
             daemon=beat.daemon, instance=beat.instance, host=beat.host, pid=beat.pid,
             version=beat.version, started=beat.started, last_heartbeat=sent,
@@ -185,7 +232,7 @@ class MonitorState:
             retried=_int(beat.details.get("retried")), queue=_str(beat.details.get("queue")),
         )  # fmt: skip
 
-    def _failure(self, fact: FailureFact, when: datetime) -> AlertRaised | None:
+    def _failure(self, fact: FailureFact, when: datetime, *, paused: bool = False) -> AlertRaised | None:
         key = (fact.daemon, fact.reason, fact.endpoint)
         group = self.failures.get(key)
         if group is not None:
@@ -202,9 +249,16 @@ class MonitorState:
             error=fact.error,
         )  # fmt: skip
         where = f" on {fact.endpoint}" if fact.endpoint else ""
+        if paused:
+            kind = ENDPOINT_PAUSED
+            summary = f"endpoint {fact.endpoint} paused by the {fact.daemon}: {fact.reason}: "
+            summary += fact.error[:300]
+        else:
+            kind = NEW_FAILURE_REASON
+            summary = f"{fact.daemon}: new failure reason {fact.reason}{where}: {fact.error[:300]}"
         alert = AlertRaised(
-            kind=NEW_FAILURE_REASON,
-            summary=f"{fact.daemon}: new failure reason {fact.reason}{where}: {fact.error[:300]}",
+            kind=kind,
+            summary=summary,
             daemon=fact.daemon, reason=fact.reason, endpoint=fact.endpoint,
             example=fact.example or fact.message_id, error=fact.error,
         )  # fmt: skip
@@ -212,7 +266,32 @@ class MonitorState:
         self.alerts_raised[alert.kind] += 1
         return alert
 
+    def sample(self, now: datetime | None = None) -> Sample:
+        """Record the running totals now (called once per poll) for ``throughput``."""
+        point = Sample(now or self.clock(), self.messages, dict(self.processed))
+        self.history.append(point)
+        return point
+
     # --- views ---------------------------------------------------------------------------------
+    def throughput(self) -> list[dict[str, Any]]:
+        """Rates between consecutive samples, oldest first: messages/s on the bus and, per daemon,
+        work done/s. A daemon absent from the earlier sample starts from zero."""
+        points: list[dict[str, Any]] = []
+        samples = list(self.history)
+        for before, after in pairwise(samples):
+            seconds = (after.time - before.time).total_seconds()
+            if seconds <= 0:
+                continue
+            processed = {
+                daemon: round((n - before.processed.get(daemon, 0)) / seconds, 1)
+                for daemon, n in sorted(after.processed.items())
+            }
+            points.append({
+                "time": after.time, "seconds": round(seconds, 3),
+                "messages": round((after.messages - before.messages) / seconds, 1), "processed": processed,
+            })  # fmt: skip
+        return points
+
     def daemons(self, now: datetime | None = None) -> list[InstanceView]:
         now = now or self.clock()
         t = self.thresholds

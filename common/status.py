@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Connection, and_, func, select
 
 from common.bus.queue_stats import queue_report
-from common.catalogue import Catalogue, EndpointInfo
-from common.catalogue.schema import requests as rq
 from common.config import Settings
 
-# Request states that are failures, final or not yet.
-FAILURE_STATES = ("failed", "retrying")
-# Failure groups read from the catalogue at most (causes, not files: a night has a handful).
-MAX_GROUPS = 500
+if TYPE_CHECKING:
+    from common.catalogue import EndpointInfo
+
 # Seconds `spool status` waits for the monitor before showing what it can get directly.
 MONITOR_TIMEOUT = 3.0
 
@@ -108,6 +104,11 @@ async def _from_catalogue(
     settings: Settings,
 ) -> tuple[list[EndpointInfo] | None, list[dict[str, Any]] | None, str | None]:
     """Endpoint states and failure groups, and what is missing (``None``: nothing)."""
+    # The catalogue (SQLAlchemy, Alembic) is imported only here: with the monitor running,
+    # `spool status` never needs it, and importing it is most of the command's start-up time.
+    from common.catalogue import Catalogue
+    from common.catalogue.failures import MAX_GROUPS, failure_groups
+
     try:
         catalogue = await Catalogue.open(settings.catalogue.url)
         try:
@@ -120,37 +121,3 @@ async def _from_catalogue(
         return None, None, f"failures and endpoint states (catalogue unavailable: {text})"
     gap = f"failure causes beyond the {MAX_GROUPS} biggest" if len(failures) >= MAX_GROUPS else None
     return endpoints, failures, gap
-
-
-def failure_groups(conn: Connection) -> list[dict[str, Any]]:
-    """Failed and retrying requests as failure groups (the monitor's shape), biggest first, each
-    with its newest failure as the example. One grouped query, then one look-up per group that
-    walks the (state, updated) index from the newest end."""
-    updated = rq.c.updated
-    grouped = (
-        select(
-            rq.c.kind, rq.c.reason, rq.c.state, func.count().label("n"),
-            func.min(updated, type_=updated.type).label("first"),
-            func.max(updated, type_=updated.type).label("last"),
-        )
-        .where(rq.c.state.in_(FAILURE_STATES))
-        .group_by(rq.c.kind, rq.c.reason, rq.c.state)
-        .order_by(func.count().desc())
-        .limit(MAX_GROUPS)
-    )  # fmt: skip
-    groups = []
-    for kind, reason, state, n, first, last in conn.execute(grouped).all():
-        same_reason = rq.c.reason.is_(None) if reason is None else rq.c.reason == reason
-        example = conn.execute(
-            select(rq.c.id, rq.c.name, rq.c.path, rq.c.error)
-            .where(and_(rq.c.state == state, rq.c.kind == kind, same_reason))
-            .order_by(updated.desc())
-            .limit(1)
-        ).first()
-        request_id, name, path, error = example if example is not None else (None, None, None, None)
-        groups.append({
-            "daemon": kind, "reason": reason or "unknown", "endpoint": None, "state": state, "count": n,
-            "first": first, "last": last, "example": name or path or request_id, "message_id": request_id,
-            "error": error or "",
-        })  # fmt: skip
-    return sorted(groups, key=lambda g: (-g["count"], -g["last"].timestamp()))

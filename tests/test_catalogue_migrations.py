@@ -113,3 +113,9 @@ def test_plain_urls_pick_the_asyncio_driver(given: str, expected: str) -> None:
 def test_unsupported_urls_are_refused() -> None:
     with pytest.raises(ValueError, match="unsupported catalogue URL"):
         normalise_url("mysql://u@h/db")
+
+
+def test_the_head_revision_constant_is_alembics_head() -> None:
+    from common.catalogue.engine import HEAD_REVISION
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION

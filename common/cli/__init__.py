@@ -6,13 +6,13 @@ and a non-zero exit code, never a traceback: ``main`` is the one place that maps
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Annotated
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
 from common.cli._util import UserError, err_console, settings_from
 from common.errors import ConfigError, SpoolError
@@ -65,23 +65,63 @@ def run(
     raise typer.Exit(run_loop(run_services(services, settings, once=once)))
 
 
-# Sub-command modules register themselves on ``app``.
-from common.cli import dead, publish, query, recall, replication, status, tape  # noqa: E402,F401
-from common.cli import demo as _demo  # noqa: E402,F401
+# Sub-command modules register themselves on ``app`` when imported. Importing every one costs
+# about a second (SQLAlchemy, Alembic, aio-pika, aiohttp, ...), which an operator feels on each
+# `spool status`; so ``main`` imports only the module of the command being run, and all of them
+# for `spool --help` or an unknown command. (Whoever drives ``app`` without ``main`` calls
+# ``load_commands()`` first.)
+COMMAND_MODULES: dict[str, str] = {
+    "ingest": "publish",
+    **dict.fromkeys(("show", "ls", "find", "datasets", "lineage", "trace"), "query"),
+    "dead": "dead",
+    "demo": "demo",
+    **dict.fromkeys(("status", "queues"), "status"),
+    **dict.fromkeys(("rule", "rse"), "replication"),
+    "recall": "recall",
+    **dict.fromkeys(("tape", "drive"), "tape"),
+}
+_OPTIONS_WITH_VALUE = {"--config", "-c"}
+
+
+def load_commands(argv: Sequence[str] | None = None) -> None:
+    """Register the sub-commands ``argv`` needs (every one when it names none of them)."""
+    wanted = set(COMMAND_MODULES.values())
+    args = list(argv or [])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _OPTIONS_WITH_VALUE:
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        if arg in COMMAND_MODULES:
+            wanted = {COMMAND_MODULES[arg]}
+        break
+    for module in sorted(wanted):
+        importlib.import_module(f"common.cli.{module}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point. Typer (standalone mode) handles usage errors and exits; Spool's own errors
     propagate out of it and are turned into one line here."""
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        app(args=list(argv) if argv is not None else None)
+        load_commands(args)
+        app(args=args)
     except (ConfigError, UserError) as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     except SpoolError as exc:
         err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(3)
-    except SQLAlchemyError as exc:
+    except Exception as exc:
+        # SQLAlchemy is imported only by commands that use the catalogue: if it is not loaded,
+        # the error cannot be one of its own.
+        sa_exc = sys.modules.get("sqlalchemy.exc")
+        if sa_exc is None or not isinstance(exc, sa_exc.SQLAlchemyError):
+            raise
         err_console.print(
             f"[red]error (catalogue):[/red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True
         )

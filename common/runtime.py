@@ -128,7 +128,13 @@ class Process:
                     in_flight=runner.in_flight,
                     processed=runner.stats.processed,
                     failed=runner.stats.dead,
-                    details={"retried": runner.stats.retried, "queue": runner.queue_name},
+                    details={
+                        "retried": runner.stats.retried,
+                        "queue": runner.queue_name,
+                        "retried_by_reason": dict(runner.stats.retried_by_reason),
+                        "dead_by_reason": dict(runner.stats.dead_by_reason),
+                        "handling": runner.stats.handling.as_dict(),
+                    },
                 )
                 try:
                     await publisher.publish(beat)

@@ -239,3 +239,17 @@ async def test_every_log_line_about_a_message_carries_its_context(settings, brok
     for e in lines:
         assert (e["daemon"], e["attempt"], e["file"]) == ("ingest", 1, "/land/logged")
         assert e["correlation_id"] == "ev-log"
+
+
+def test_handling_times_fill_a_cumulative_histogram_shape() -> None:
+    from common.bus.consumer import HANDLING_BUCKETS, HandlingTimes
+
+    h = HandlingTimes()
+    for seconds in (0.0005, 0.001, 0.02, 400.0):
+        h.observe(seconds)
+    doc = h.as_dict()
+    assert doc["buckets"] == list(HANDLING_BUCKETS) and len(doc["counts"]) == len(HANDLING_BUCKETS) + 1
+    assert doc["counts"][0] == 2  # <= 1 ms (the bound is inclusive, as Prometheus' "le")
+    assert doc["counts"][HANDLING_BUCKETS.index(0.025)] == 1
+    assert doc["counts"][-1] == 1  # beyond the last bound: +Inf
+    assert doc["sum"] == 0.0005 + 0.001 + 0.02 + 400.0

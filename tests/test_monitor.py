@@ -9,7 +9,7 @@ import asyncio
 import signal
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from common.messages import (
     FileFailed,
     FileIngested,
     ReplicaRequest,
+    TapeMounted,
 )
 from daemons.monitor.handlers import service as monitor_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
@@ -312,11 +313,29 @@ async def test_metrics_endpoint_exposes_counters_and_gauges(settings, broker, to
                 FileIngested(name="a", dataset="d", size=1000, adler32="00000001", storage="disk1", pfn="a"),
                 FileIngested(name="b", dataset="d", size=24, adler32="00000001", storage="disk1", pfn="b"),
                 FileFailed(daemon="ingest", reason="file_missing", error="gone", attempts=1, name="c"),
+                TapeMounted(library="default", drive="DR01", cartridge="A00001", purpose="archive"),
+                DaemonHeartbeat(
+                    daemon="replicator",
+                    instance="r1",
+                    host="node7",
+                    pid=42,
+                    version="t",
+                    started=datetime.now(UTC),
+                    processed=3,
+                    failed=1,
+                    details={
+                        "retried": 2,
+                        "retried_by_reason": {"disk_full": 2},
+                        "dead_by_reason": {"no_source": 1},
+                        "handling": {"buckets": [0.1, 1.0], "counts": [2, 3, 1], "sum": 9.5},
+                    },
+                ),
             ],
         )
         await wait_for(
             lambda: _is(res.state.events["file.failed"] == 1 and res.state.events["file.ingested"] == 2)
         )
+        await wait_for(lambda: _is(res.state.events["tape.mounted"] == 1))
         await wait_for(lambda: _is(res.state.events[DaemonHeartbeat.ROUTING_KEY] > 0))
         # the first look may predate the monitor's own consumer: wait for one that shows it
         await wait_for(lambda: _is(_consumers(res, "monitor") == 1))
@@ -331,7 +350,19 @@ async def test_metrics_endpoint_exposes_counters_and_gauges(settings, broker, to
     key = ("spool_failures_total", (("daemon", "ingest"), ("endpoint", ""), ("reason", "file_missing")))
     assert samples[key] == 1
     assert samples[("spool_daemon_instances", (("daemon", "monitor"), ("state", "alive")))] == 1
-    assert samples[("spool_tape_mounts_total", ())] == 0
+    assert samples[("spool_tape_mounts_total", ())] == 1
+    replicator = (("daemon", "replicator"), ("host", "node7"), ("instance", "r1"))
+    assert samples[("spool_retries_total", (*replicator, ("reason", "disk_full")))] == 2
+    assert samples[("spool_dead_letters_total", (*replicator, ("reason", "no_source")))] == 1
+    histogram = [
+        (dict(labels), v) for (n, labels), v in samples.items() if n == "spool_handling_seconds_bucket"
+    ]
+    buckets = {labels["le"]: v for labels, v in histogram if labels["daemon"] == "replicator"}
+    assert buckets == {"0.1": 2, "1.0": 5, "+Inf": 6}
+    assert samples[("spool_handling_seconds_sum", (("daemon", "replicator"),))] == 9.5
+    monitor_handling = [v for (n, labels), v in samples.items() if n == "spool_handling_seconds_count"
+                        and dict(labels)["daemon"] == "monitor"]  # fmt: skip
+    assert monitor_handling and monitor_handling[0] >= 0
     assert ("spool_alerts_total", (("kind", "new_failure_reason"),)) in samples
     monitor_queue = (("daemon", "monitor"), ("queue", settings.queue("monitor")))
     assert ("spool_queue_ready_messages", monitor_queue) in samples

@@ -18,9 +18,11 @@ gone) the original is left unacked and comes back after reconnecting.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import socket
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +55,30 @@ class Stats:
     in_flight: int = 0
     # Malformed deliveries acked without a dead letter (services with ``on_malformed`` only).
     ignored: int = 0
+    retried_by_reason: Counter[str] = field(default_factory=Counter)
+    dead_by_reason: Counter[str] = field(default_factory=Counter)
+    handling: HandlingTimes = field(default_factory=lambda: HandlingTimes())
+
+
+# Upper bounds (seconds) of the handling-time histogram: a 1 KiB ingest takes milliseconds, a
+# 2 GB copy minutes.
+HANDLING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+@dataclass
+class HandlingTimes:
+    """A cumulative histogram of handler durations, carried by heartbeats to the monitor's
+    ``spool_handling_seconds`` (Prometheus' histogram shape: counts per upper bound, sum, count)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(HANDLING_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(HANDLING_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"buckets": list(HANDLING_BUCKETS), "counts": list(self.counts), "sum": self.total}
 
 
 class ReasonThrottle:
@@ -188,13 +214,16 @@ class Runner:
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
             **self.service.describe(msg),
         ):  # fmt: skip
+            started = time.perf_counter()
             try:
                 await handler(msg, ctx)
             except asyncio.CancelledError:
                 raise  # stopping: leave unacked, the broker requeues it
             except Exception as exc:
+                self.stats.handling.observe(time.perf_counter() - started)
                 await self._failed(delivery, msg, exc, attempt, routing_key, ctx)
                 return
+        self.stats.handling.observe(time.perf_counter() - started)
         await self._settle(delivery)
         self.stats.processed += 1
 
@@ -232,9 +261,11 @@ class Runner:
             return
         if decision.action == "dead":
             self.stats.dead += 1
+            self.stats.dead_by_reason[decision.reason] += 1
             await self._announce_failure(msg, decision, attempt, delivery)
         else:
             self.stats.retried += 1
+            self.stats.retried_by_reason[decision.reason] += 1
         await self._settle(delivery)
 
     async def _ignore_malformed(

@@ -5,8 +5,9 @@ update, liveness (which depends on *now*) is always current, and nothing is kept
 
 Per-instance counters (``processed``, ``retried``, ``dead_lettered``) are the heartbeat's own
 monotonic counts, labelled by ``daemon`` and ``instance`` (a restarted process is a new instance,
-hence a new series): sum them by ``daemon`` in PromQL. A handling-time histogram is not exported:
-neither heartbeats nor events carry handling times yet.
+hence a new series): sum them by ``daemon`` in PromQL. Retries and dead letters by reason, and
+the handling-time histogram ``spool_handling_seconds``, come from the runner's counts that every
+heartbeat carries; the histogram is summed over a daemon's known instances.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from daemons.monitor.report import Observed
@@ -30,6 +31,7 @@ class MonitorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._daemons()
+        yield from self._reasons_and_handling()
         yield from self._events()
         yield from self._queues()
 
@@ -55,6 +57,36 @@ class MonitorCollector(Collector):
             for state in LIVENESS:
                 count.add_metric([daemon, state], per_state.get((daemon, state), 0))
         yield from (processed, retried, dead, in_flight, age, count)
+
+    def _reasons_and_handling(self) -> Iterator[Metric]:
+        per = ["daemon", "instance", "host", "reason"]
+        retries = _counter("spool_retries", "Messages sent to a retry tier, by reason (heartbeats).", per)
+        dead = _counter("spool_dead_letters", "Messages dead-lettered, by reason (heartbeats).", per)
+        handling = HistogramMetricFamily(
+            "spool_handling_seconds", "Time handlers took per message (heartbeats).", labels=["daemon"]
+        )
+        summed: dict[str, tuple[list[float], list[int], float]] = {}
+        for i in self.state.instances.values():
+            for reason, n in sorted(i.retried_by_reason.items()):
+                retries.add_metric([i.daemon, i.instance, i.host, reason], n)
+            for reason, n in sorted(i.dead_by_reason.items()):
+                dead.add_metric([i.daemon, i.instance, i.host, reason], n)
+            h = i.handling
+            if h is None:
+                continue
+            known = summed.get(i.daemon)
+            if known is None:
+                summed[i.daemon] = (h["buckets"], list(h["counts"]), h["sum"])
+            elif known[0] == h["buckets"]:  # instances of one version share the buckets
+                summed[i.daemon] = (known[0], [a + b for a, b in zip(known[1], h["counts"], strict=True)],
+                                    known[2] + h["sum"])  # fmt: skip
+        for daemon, (bounds, counts, total) in sorted(summed.items()):
+            cumulative, running = [], 0
+            for bound, n in zip([*(str(b) for b in bounds), "+Inf"], counts, strict=True):
+                running += n
+                cumulative.append((bound, running))
+            handling.add_metric([daemon], cumulative, sum_value=total)
+        yield from (retries, dead, handling)
 
     def _events(self) -> Iterator[Metric]:
         s = self.state

@@ -79,6 +79,11 @@ class Instance:
     dead_lettered: int = 0
     retried: int = 0
     queue: str | None = None
+    # From the heartbeat's details (the runner's counts): retries and dead letters by reason, and
+    # the handling-time histogram {"buckets": [...], "counts": [...], "sum": s}.
+    retried_by_reason: dict[str, int] = field(default_factory=dict)
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+    handling: dict[str, Any] | None = None
 
 
 @dataclass
@@ -230,6 +235,9 @@ class MonitorState:
             version=beat.version, started=beat.started, last_heartbeat=sent,
             in_flight=beat.in_flight, processed=beat.processed, dead_lettered=beat.failed,
             retried=_int(beat.details.get("retried")), queue=_str(beat.details.get("queue")),
+            retried_by_reason=_counts(beat.details.get("retried_by_reason")),
+            dead_by_reason=_counts(beat.details.get("dead_by_reason")),
+            handling=_histogram(beat.details.get("handling")),
         )  # fmt: skip
 
     def _failure(self, fact: FailureFact, when: datetime, *, paused: bool = False) -> AlertRaised | None:
@@ -325,6 +333,24 @@ class MonitorState:
 
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): _int(v) for k, v in value.items()}
+
+
+def _histogram(value: object) -> dict[str, Any] | None:
+    """A heartbeat's handling histogram if well formed (counts one longer than buckets)."""
+    if not isinstance(value, dict):
+        return None
+    buckets, counts, total = value.get("buckets"), value.get("counts"), value.get("sum")
+    if not (isinstance(buckets, list) and isinstance(counts, list) and isinstance(total, int | float)):
+        return None
+    if len(counts) != len(buckets) + 1 or not all(isinstance(b, int | float) for b in buckets):
+        return None
+    return {"buckets": [float(b) for b in buckets], "counts": [_int(c) for c in counts], "sum": float(total)}
 
 
 def _str(value: object) -> str | None:

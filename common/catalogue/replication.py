@@ -349,37 +349,13 @@ def _locked_storages(conn: Connection, file_ids: Sequence[int]) -> dict[int, set
 
 # --- the replicator's view of one copy ---------------------------------------------------------
 def replica_task(conn: Connection, name: str, storage: str) -> ReplicaTask | None:
-    row = conn.execute(select(f.c.id, f.c.size, f.c.adler32).where(f.c.name == name)).first()
-    if row is None:
-        return None
-    fid, size, adler = row
-    sid = storage_ids_sync(conn, {storage})[storage]
-    now = utcnow()
-    dest = conn.execute(
-        select(r.c.state, r.c.pfn, r.c.priority).where(r.c.file_id == fid, r.c.storage_id == sid)
-    ).first()
-    needed = bool(conn.scalar(select(_live_lock(fid, sid, now))))
-    sources = conn.execute(
-        select(ep.c.name, r.c.pfn)
-        .join(ep, ep.c.id == r.c.storage_id)
-        .where(r.c.file_id == fid, r.c.state == "available", ep.c.kind == "disk", r.c.storage_id != sid)
-        .order_by(ep.c.name)
-    ).all()
-    return ReplicaTask(
-        name=name,
-        size=size,
-        adler32=adler,
-        state=dest.state if dest else None,
-        pfn=dest.pfn if dest else None,
-        needed=needed,
-        priority=dest.priority if dest else 3,
-        sources=tuple(Source(st, pfn) for st, pfn in sources),
-    )
+    """What the replicator needs to know about one copy (``replica_tasks`` for one pair)."""
+    return replica_tasks(conn, [(name, storage)])[0]
 
 
 def replica_tasks(conn: Connection, items: Sequence[tuple[str, str]]) -> list[ReplicaTask | None]:
-    """``replica_task`` for many (name, destination) pairs in one transaction and a handful of
-    statements: the replicator's handlers ask together (a batcher), not one round trip each."""
+    """What the replicator needs to know about each (name, destination) pair, in one transaction
+    and a handful of statements: its handlers ask together (a batcher), not one round trip each."""
     now = utcnow()
     ids = _file_ids(conn, [n for n, _ in items])
     sids = storage_ids_sync(conn, {st for _, st in items})

@@ -80,6 +80,52 @@ def _stream(
             raise write_error(exc) from None
 
 
+def _through_temp(
+    cancelled: threading.Event,
+    src: int,
+    temp: Path,
+    final: Path,
+    *,
+    read_error: ErrorFactory,
+    write_error: ErrorFactory,
+    check: Callable[[int, str], None],
+    durable: bool,
+    exclusive: bool,
+) -> tuple[int, str]:
+    """Stream ``src`` into ``temp``, let ``check(size, adler32)`` judge it, make it durable, rename
+    it onto ``final``; ``temp`` is removed on any failure, ``src`` closed in every case."""
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            dst = os.open(temp, flags, 0o644)
+        except OSError as exc:
+            raise write_error(exc) from None
+        try:
+            total, actual = _stream(cancelled, src, dst, read_error, write_error)
+            check(total, actual)
+            try:
+                if durable:
+                    os.fsync(dst)
+            except OSError as exc:
+                raise write_error(exc) from None
+        finally:
+            os.close(dst)
+        try:
+            os.replace(temp, final)
+            if durable:
+                fsync_dir(final.parent)
+        except OSError as exc:
+            raise write_error(exc) from None
+        return total, actual
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(src)
+
+
 def write_data(
     cancelled: threading.Event,
     source: Path,
@@ -97,44 +143,22 @@ def write_data(
     def tape_error(exc: OSError) -> Exception:
         return Retryable("tape_write_error", f"writing {final}: {exc.strerror or exc}")
 
+    def check(total: int, actual: str) -> None:
+        if total != size:
+            raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
+        if actual != adler32:
+            raise Permanent("checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}")
+
     try:
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise Permanent("file_missing", f"source {source} does not exist") from None
     except OSError as exc:
         raise source_error(exc) from None
-    try:
-        try:
-            dst = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise tape_error(exc) from None
-        try:
-            total, actual = _stream(cancelled, src, dst, source_error, tape_error)
-            if total != size:
-                raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
-            if actual != adler32:
-                raise Permanent(
-                    "checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}"
-                )
-            try:
-                if durable:
-                    os.fsync(dst)
-            except OSError as exc:
-                raise tape_error(exc) from None
-        finally:
-            os.close(dst)
-        try:
-            os.replace(temp, final)
-            if durable:
-                fsync_dir(final.parent)
-        except OSError as exc:
-            raise tape_error(exc) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    finally:
-        os.close(src)
+    _through_temp(
+        cancelled, src, temp, final, read_error=source_error, write_error=tape_error, check=check,
+        durable=durable, exclusive=False,
+    )  # fmt: skip
 
 
 def read_data(
@@ -161,40 +185,19 @@ def read_data(
     def dest_error(exc: OSError) -> Exception:
         return Retryable("storage_io_error", f"writing {dest}: {exc.strerror or exc}")
 
+    def check(total: int, actual: str) -> None:
+        if total != size:
+            raise Permanent("tape_read_error", f"{vid} fseq {fseq}: read {total} bytes of {size}")
+        if actual != expected and not keep_mismatch:
+            raise TapeChecksumMismatch(vid, fseq, expected, actual)
+
     try:
         src = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise media_error(exc) from None
     tmp = dest.with_name(f".{dest.name}.tape-tmp-{secrets.token_hex(6)}")
-    try:
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise dest_error(exc) from None
-        try:
-            total, actual = _stream(cancelled, src, dst, media_error, dest_error)
-            if total != size:
-                raise Permanent("tape_read_error", f"{vid} fseq {fseq}: read {total} bytes of {size}")
-            if actual != expected and not keep_mismatch:
-                raise TapeChecksumMismatch(vid, fseq, expected, actual)
-            try:
-                if durable:
-                    os.fsync(dst)
-            except OSError as exc:
-                raise dest_error(exc) from None
-        finally:
-            os.close(dst)
-        try:
-            os.replace(tmp, dest)
-            if durable:
-                fsync_dir(dest.parent)
-        except OSError as exc:
-            raise dest_error(exc) from None
-        return ReadResult(total, actual)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        os.close(src)
+    total, actual = _through_temp(
+        cancelled, src, tmp, dest, read_error=media_error, write_error=dest_error, check=check,
+        durable=durable, exclusive=True,
+    )  # fmt: skip
+    return ReadResult(total, actual)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -190,3 +190,26 @@ def start_daemon(config: Path, daemon: str, log: Path, *extra: str) -> subproces
             stdout=out, stderr=out, cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount small tmpfs file systems under tmp_path (root only); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, *options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        target = tmp_path / name
+        target.mkdir()
+        # 64 KiB unless the test gives a size (a later size= would also win, but say it once).
+        opts = ",".join(options if any(o.startswith("size=") for o in options) else ("size=64k", *options))
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"mount -t tmpfs not permitted here: {res.stderr.decode().strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], check=False)

@@ -80,28 +80,6 @@ def make_source(tmp_path: Path) -> Callable[[bytes, str], Path]:
     return make
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Mount small tmpfs file systems under tmp_path (root only); unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(name: str, *options: str) -> Path:
-        if not IS_ROOT:
-            pytest.skip("mounting a tmpfs needs root")
-        target = tmp_path / name
-        target.mkdir()
-        opts = ",".join(("size=64k", *options))
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True)
-        if res.returncode != 0:
-            pytest.skip(f"mount -t tmpfs not permitted here: {res.stderr.decode().strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
 # --- confinement -----------------------------------------------------------------------------
 
 

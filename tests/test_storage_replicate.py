@@ -65,29 +65,6 @@ def replica(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Mount small tmpfs file systems under tmp_path (root only); unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        if not IS_ROOT:
-            pytest.skip("mounting a tmpfs needs root")
-        target = tmp_path / name
-        target.mkdir()
-        res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True
-        )
-        if res.returncode != 0:
-            pytest.skip(f"mount -t tmpfs not permitted here: {res.stderr.decode().strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
 def assert_side(err: SpoolError, side: frozenset[str]) -> None:
     assert err.reason in side, f"{err.reason} is not in {sorted(side)}"
 
@@ -332,7 +309,7 @@ async def test_min_free_bytes_counts_copies_in_progress(
     mount_tmpfs: Callable[..., Path], replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On a private tmpfs nobody else writes to, so free space is exactly what the copies leave.
-    root = mount_tmpfs("reserve", "16m")
+    root = mount_tmpfs("reserve", "size=16m")
     free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
     size = 2 * MiB
     # Room for one copy above the reserve, not for two.
@@ -363,7 +340,7 @@ async def test_min_free_bytes_counts_copies_in_progress(
 async def test_full_file_system_is_disk_full_and_leaves_nothing(
     mount_tmpfs: Callable[..., Path], replica: Callable[..., Path]
 ) -> None:
-    root = mount_tmpfs("small", "1m")
+    root = mount_tmpfs("small", "size=1m")
     storage = PosixStorage("small", root)
     data = os.urandom(2 * MiB)  # twice the file system
     with pytest.raises(Retryable) as err:
@@ -387,7 +364,7 @@ async def test_full_file_system_is_disk_full_and_leaves_nothing(
 async def test_read_only_destination_is_destination_not_writable(
     mount_tmpfs: Callable[..., Path], replica: Callable[..., Path], where: str
 ) -> None:
-    root = mount_tmpfs("ro", "1m")
+    root = mount_tmpfs("ro", "size=1m")
     (root / "night1").mkdir()
     res = subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True)
     if res.returncode != 0:

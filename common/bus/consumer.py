@@ -12,7 +12,9 @@ For each delivery: decode (undecodable / invalid -> dead letter at once), call t
 
 The copy is confirmed by the broker *before* the original is acked, so a crash in between gives a
 duplicate (handled by idempotent handlers), never a loss. If the copy cannot be published (broker
-gone) the original is left unacked and comes back after reconnecting.
+gone) the original is left unacked and comes back after reconnecting. Acks are coalesced per
+channel (``common.bus.acks``): one frame for a run of finished deliveries, sent within
+milliseconds, and flushed when the runner drains.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 from structlog.contextvars import bound_contextvars
 
 from common import codec
 from common.bus import headers as H
+from common.bus.acks import AckWindow
 from common.bus.publisher import AmqpPublisher, copy_of
 from common.bus.retry import UNEXPECTED, Decision, classify, decide
 from common.bus.service import Context, Service
@@ -101,8 +107,21 @@ class ReasonThrottle:
         return False, 0
 
 
+class Delivery:
+    """One delivery as the runner needs it: body, AMQP properties, tag, and where to ack it."""
+
+    __slots__ = ("acks", "body", "properties", "routing_key", "tag")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        self.body: bytes = message.body
+        self.properties: Basic.Properties = message.header.properties
+        self.routing_key: str | None = message.routing_key
+        self.tag: int = message.delivery_tag or 0
+        self.acks: AckWindow | None = None
+
+
 class Runner:
-    """Consumes one service's work queue with bounded prefetch and concurrency."""
+    """Consumes one service's work queue with bounded prefetch and concurrency; acks coalesced."""
 
     def __init__(
         self,
@@ -122,27 +141,49 @@ class Runner:
         self._limit = asyncio.Semaphore(settings.daemon(service.name).concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queue: AbstractQueue | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._acks: AckWindow | None = None
         self._tag: str | None = None
         self._throttle = ReasonThrottle()
         self._log = structlog.get_logger(service.name)
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
-        # Declared (not merely looked up) on the robust channel: aio-pika restores the consumer of
-        # a declared queue after the broker restarts, and only of a declared one.
+        # Declared (not merely looked up) on the robust channel: aio-pika declares it again after
+        # the broker restarts, before the reopen callback below consumes from it again.
         self._queue = await self.channel.declare_queue(
             self.queue_name, durable=True, arguments=work_queue_arguments(self.settings, self.service.name)
         )
-        self._tag = await self._queue.consume(self._on_message)
+        await self._consume()
+        if isinstance(self.channel, AbstractRobustChannel):
+            self.channel.reopen_callbacks.add(self._on_reopen)
         log.info("consuming", queue=self.queue_name, daemon=self.service.name)
 
+    async def _consume(self) -> None:
+        """Consume on the underlying aiormq channel: per delivery no aio-pika message object and no
+        second task (aiormq already runs each delivery in a task of its own)."""
+        underlay = await self.channel.get_underlay_channel()
+        self._underlay = underlay
+        self._acks = self._ack_window(underlay)
+        ok = await underlay.basic_consume(self.queue_name, self._deliver)
+        self._tag = ok.consumer_tag
+
+    def _ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
+        return AckWindow(channel)
+
+    async def _on_reopen(self, _channel: Any) -> None:
+        """The robust channel came back (reconnection, or a channel error): its unacked messages are
+        back in the queue, and aio-pika restores only the consumers it created itself."""
+        if self._tag is not None:  # still meant to consume (not stopping)
+            await self._consume()
+
     async def stop_consuming(self) -> None:
-        if self._queue is not None and self._tag is not None:
+        if self._underlay is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                await self._underlay.basic_cancel(self._tag)
             except Exception as exc:  # broker already gone: nothing more will arrive anyway
                 log.warning("cancel_failed", queue=self.queue_name, error=repr(exc))
-            self._tag = None
+        self._tag = None
 
     async def drain(self, grace: float) -> None:
         """Let in-flight handlers finish within ``grace``; the rest is cancelled and requeued."""
@@ -153,8 +194,16 @@ class Runner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        await self._flush_acks()
         if not self.channel.is_closed:
             await self.channel.close()  # the broker requeues whatever is still unacked
+
+    async def _flush_acks(self) -> None:
+        if self._acks is not None and not self._acks.channel.is_closed:
+            try:
+                await self._acks.flush()
+            except Exception as exc:  # channel gone meanwhile: the broker requeued them
+                log.warning("ack_failed", error=repr(exc))
 
     async def queue_depth(self) -> int:
         """Messages ready in the work queue now (a fresh declare-ok, not a cached one)."""
@@ -167,9 +216,16 @@ class Runner:
         return len(self._tasks)
 
     # --- per delivery ---------------------------------------------------------------------------
-    async def _on_message(self, delivery: AbstractIncomingMessage) -> None:
+    async def _deliver(self, message: DeliveredMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
+        delivery = Delivery(message)
+        acks = self._acks
+        if acks is None or acks.channel is not message.channel:
+            acks = None  # from a channel replaced meanwhile: its tags mean nothing on the new one
+        else:
+            acks.delivered(delivery.tag)
+        delivery.acks = acks
         self._tasks.add(task)
         try:
             async with self._limit:
@@ -184,8 +240,9 @@ class Runner:
             reply_to=reply_to,
         )  # fmt: skip
 
-    async def _handle(self, delivery: AbstractIncomingMessage) -> None:
-        headers = delivery.headers or {}
+    async def _handle(self, delivery: Delivery) -> None:
+        props = delivery.properties
+        headers = props.headers or {}
         attempt = _as_int(headers.get(H.ATTEMPT), 1)
         routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
         try:
@@ -195,13 +252,13 @@ class Runner:
                 raise InvalidMessage(
                     codec.UNKNOWN_TYPE, f"{self.service.name} has no handler for {routing_key!r}"
                 )
-            msg = codec.decode(delivery.body, delivery.content_type, routing_key, delivery.message_id)
+            msg = codec.decode(delivery.body, props.content_type, routing_key, props.message_id)
         except Exception as exc:  # undecodable / invalid: straight to the runner's verdict
             with bound_contextvars(
-                daemon=self.service.name, message_id=delivery.message_id, attempt=attempt,
-                correlation_id=delivery.correlation_id,
+                daemon=self.service.name, message_id=props.message_id, attempt=attempt,
+                correlation_id=props.correlation_id,
             ):  # fmt: skip
-                ctx = self._context(attempt, delivery.correlation_id)
+                ctx = self._context(attempt, props.correlation_id)
                 if self.service.on_malformed is not None:
                     await self._ignore_malformed(delivery, exc, routing_key, ctx)
                 else:
@@ -209,7 +266,7 @@ class Runner:
             return
         # One binding per message (it is on the hot path): every line logged while handling it,
         # by the handler or by the runner, carries these fields.
-        ctx = self._context(attempt, delivery.correlation_id or msg.id, delivery.reply_to)
+        ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to)
         with bound_contextvars(
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
             **self.service.describe(msg),
@@ -229,7 +286,7 @@ class Runner:
 
     async def _failed(
         self,
-        delivery: AbstractIncomingMessage,
+        delivery: Delivery,
         msg: Message | None,
         exc: Exception,
         attempt: int,
@@ -269,7 +326,7 @@ class Runner:
         await self._settle(delivery)
 
     async def _ignore_malformed(
-        self, delivery: AbstractIncomingMessage, exc: Exception, routing_key: str, ctx: Context[Any]
+        self, delivery: Delivery, exc: Exception, routing_key: str, ctx: Context[Any]
     ) -> None:
         """An observer's verdict on what it cannot read: counted by its hook, acked, never parked."""
         assert self.service.on_malformed is not None
@@ -305,7 +362,7 @@ class Runner:
             log.warning(event, **fields)
 
     async def _announce_failure(
-        self, msg: Message | None, decision: Decision, attempt: int, delivery: AbstractIncomingMessage
+        self, msg: Message | None, decision: Decision, attempt: int, delivery: Delivery
     ) -> None:
         event = FileFailed(
             daemon=self.service.name,
@@ -315,34 +372,37 @@ class Runner:
             name=getattr(msg, "name", None),
             path=getattr(msg, "path", None),
             dataset=getattr(msg, "dataset", None),
-            message_id=msg.id if msg else delivery.message_id,
+            message_id=msg.id if msg else delivery.properties.message_id,
             endpoint=getattr(msg, "destination", None) or getattr(msg, "storage", None),
         )
         try:
-            await self.publisher.publish(event, correlation_id=delivery.correlation_id)
+            await self.publisher.publish(event, correlation_id=delivery.properties.correlation_id)
         except SpoolError as exc:
             log.warning("file_failed_event_not_published", error=exc.message)
 
-    async def _settle(self, delivery: AbstractIncomingMessage, requeue: bool = False) -> None:
-        """Ack (or requeue); a closed channel means the broker already requeued it."""
+    async def _settle(self, delivery: Delivery, requeue: bool = False) -> None:
+        """Ack (coalesced with its neighbours) or requeue; a closed channel means the broker
+        already requeued it."""
         try:
+            if delivery.acks is None:  # its channel is gone: nothing to settle on the new one
+                return
             if requeue:
-                await delivery.nack(requeue=True)
+                await delivery.acks.nack(delivery.tag, requeue=True)
             else:
-                await delivery.ack()
+                delivery.acks.ack(delivery.tag)
         except Exception as exc:
             log.warning("settle_failed", error=repr(exc), requeue=requeue)
 
 
 def _copy_with_headers(
-    delivery: AbstractIncomingMessage,
+    delivery: Delivery,
     routing_key: str,
     decision: Decision,
     attempt: int,
     daemon: str,
     queue: str,
 ) -> aio_pika.Message:
-    headers = {k: v for k, v in (delivery.headers or {}).items() if k != "x-death"}
+    headers = {k: v for k, v in (delivery.properties.headers or {}).items() if k != "x-death"}
     headers[H.ROUTING_KEY] = routing_key
     headers[H.REASON] = decision.reason
     headers[H.ERROR] = decision.error[:MAX_ERROR_TEXT]
@@ -358,7 +418,7 @@ def _copy_with_headers(
                 H.TIME: datetime.now(UTC).isoformat(),
             }
         )
-    return copy_of(delivery, headers)
+    return copy_of(delivery.body, delivery.properties, headers)
 
 
 def _as_int(value: Any, default: int) -> int:

@@ -177,4 +177,4 @@ def _revived(msg: AbstractIncomingMessage) -> aio_pika.Message:
     for key in (H.ATTEMPTS, H.TIME, H.HOST):
         headers.pop(key, None)
     headers[H.ROUTING_KEY] = _original_routing_key(msg)
-    return copy_of(msg, headers)
+    return copy_of(msg.body, msg.properties, headers)

@@ -14,12 +14,14 @@ from typing import Any, Protocol
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractExchange
+from pamqp.commands import Basic
 
 from common import codec
-from common.bus import headers as H
 from common.errors import Retryable
 from common.messages import Message
+
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 class Publisher(Protocol):
@@ -55,27 +57,31 @@ class AmqpPublisher:
         return cls(channel, exchange, app_id)
 
     async def publish(self, msg: Message, *, correlation_id: str | None = None) -> None:
-        message = aio_pika.Message(
-            codec.encode(msg),
+        # Properties built directly (pamqp), not through ``aio_pika.Message``, whose per-attribute
+        # checks showed in ingest profiles. No attempt header: absent means attempt 1.
+        properties = Basic.Properties(
             content_type=codec.MSGPACK,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=msg.id,
             correlation_id=correlation_id or msg.correlation_id,
-            type=msg.ROUTING_KEY,
+            message_type=msg.ROUTING_KEY,
             app_id=self._app_id,
             timestamp=msg.time,
-            headers={H.ATTEMPT: 1},
         )
-        await self._send(self._exchange, message, msg.ROUTING_KEY)
+        await self._send(self._exchange.name, codec.encode(msg), properties, msg.ROUTING_KEY)
 
     async def publish_raw(self, queue: str, message: aio_pika.Message) -> None:
         """Send straight to a queue through the default exchange (retry tiers, dead letters)."""
-        await self._send(self._channel.default_exchange, message, queue)
+        await self._send("", message.body, message.properties, queue)
 
-    async def _send(self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
+    async def _send(self, exchange: str, body: bytes, properties: Basic.Properties, routing_key: str) -> None:
         try:
-            confirmation = await exchange.publish(message, routing_key=routing_key, mandatory=True)
-        except aio_pika.exceptions.DeliveryError as exc:
+            # The robust channel's current aiormq channel (a new one after a reconnection).
+            channel = await self._channel.get_underlay_channel()
+            confirmation = await channel.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
+            )
+        except aiormq.exceptions.DeliveryError as exc:  # returned as unroutable (or nacked)
             raise Retryable("unroutable", f"broker returned {routing_key!r}: {exc}") from None
         except (
             aiormq.exceptions.AMQPError,
@@ -83,7 +89,7 @@ class AmqpPublisher:
             ConnectionError,
         ) as exc:
             raise Retryable("broker_unavailable", f"publish of {routing_key!r} failed: {exc!r}") from None
-        if confirmation is not None and not _is_ack(confirmation):
+        if confirmation is not None and not isinstance(confirmation, Basic.Ack):
             raise Retryable("publish_nacked", f"broker did not confirm {routing_key!r}: {confirmation!r}")
 
     async def close(self) -> None:
@@ -91,28 +97,22 @@ class AmqpPublisher:
             await self._channel.close()
 
 
-def copy_of(delivery: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def copy_of(body: bytes, properties: Basic.Properties, headers: dict[str, Any]) -> aio_pika.Message:
     """A persistent copy of a received message with new headers (retry tiers, dead letters, revival).
 
     Body and AMQP properties are kept as they came, so a message looks the same in every queue it
     passes through; only Spool's headers tell its story.
     """
     return aio_pika.Message(
-        delivery.body,
+        body,
         headers=headers,
-        content_type=delivery.content_type,
-        content_encoding=delivery.content_encoding,
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=delivery.message_id,
-        correlation_id=delivery.correlation_id,
-        type=delivery.type,
-        app_id=delivery.app_id,
-        timestamp=delivery.timestamp,
-        reply_to=delivery.reply_to,
+        message_id=properties.message_id,
+        correlation_id=properties.correlation_id,
+        type=properties.message_type,
+        app_id=properties.app_id,
+        timestamp=properties.timestamp,
+        reply_to=properties.reply_to,
     )
-
-
-def _is_ack(confirmation: object) -> bool:
-    from pamqp import commands
-
-    return isinstance(confirmation, commands.Basic.Ack)

@@ -58,3 +58,16 @@ def test_dataset_must_match_a_naming_pattern():
 )
 def test_existing_name_is_duplicate_only_with_the_same_content(size, adler, verdict):
     assert steps.compare_existing(size, adler, 10, "0000000a") == verdict
+
+
+def test_is_within_compares_whole_components_and_accepts_the_filesystem_root():
+    from common.storage.paths import is_within, relative_to
+
+    assert is_within("/data/landing/run1/f.fits", "/data/landing")
+    assert is_within("/data/landing", "/data/landing")
+    assert not is_within("/data/landing2/f.fits", "/data/landing")  # shares the prefix only
+    assert not is_within("/data", "/data/landing")
+    assert is_within("/etc/passwd", "/")  # an area at "/" holds everything
+    assert relative_to("/data/landing/run1/f.fits", "/data/landing") == "run1/f.fits"
+    assert relative_to("/data/landing", "/data/landing") == "."
+    assert relative_to("/etc/passwd", "/") == "etc/passwd"

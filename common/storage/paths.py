@@ -70,12 +70,30 @@ def resolve_inside(root: Path, path: str | os.PathLike[str]) -> Path:
     Raises ``Permanent("path_outside_area")`` for a NUL byte, an escape through ``..``, an absolute
     path elsewhere, or a symlink inside the area pointing outside it.
     """
-    raw = os.fspath(path)
-    if "\x00" in raw or "\x00" in os.fspath(root):
-        raise Permanent(PATH_OUTSIDE_AREA, f"path {raw!r} contains a NUL byte")
-    real_root = Path(real_dir(os.fspath(root)))
-    # os.path.join keeps an absolute ``raw`` as it is and anchors a relative one at the root.
-    real = Path(_realpath(os.path.join(real_root, raw)))
-    if real != real_root and not real.is_relative_to(real_root):
-        raise Permanent(PATH_OUTSIDE_AREA, f"path {raw!r} resolves to {real}, outside {real_root}")
+    return Path(inside(os.fspath(root), os.fspath(path)))
+
+
+def inside(root: str, path: str) -> str:
+    """``resolve_inside`` on strings: the per-file form (no pathlib parsing on the hot path)."""
+    if "\x00" in path or "\x00" in root:
+        raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} contains a NUL byte")
+    real_root = real_dir(root)
+    # os.path.join keeps an absolute ``path`` as it is and anchors a relative one at the root.
+    real = _realpath(os.path.join(real_root, path))
+    if not is_within(real, real_root):
+        raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} resolves to {real}, outside {real_root}")
     return real
+
+
+def is_within(real: str, real_root: str) -> bool:
+    """Whether the normalised path ``real`` is ``real_root`` or lies below it (string test)."""
+    if real == real_root or real_root == "/":
+        return real.startswith("/")
+    return real.startswith(real_root) and real[len(real_root) : len(real_root) + 1] == "/"
+
+
+def relative_to(real: str, real_root: str) -> str:
+    """``real`` relative to ``real_root`` for a path ``is_within`` it (``.`` for the root itself)."""
+    if real == real_root:
+        return "."
+    return real[len(real_root) + 1 :] if real_root != "/" else real[1:]

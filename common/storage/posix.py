@@ -55,7 +55,7 @@ import structlog
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
-from common.storage.paths import _realpath, real_dir, resolve_inside
+from common.storage.paths import _realpath, is_within, real_dir, resolve_inside
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -123,7 +123,7 @@ class _Aborted(Exception):
 _NOT_CANCELLED = threading.Event()
 
 
-def _source_error(exc: OSError, path: Path) -> SpoolError:
+def _source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent("file_missing", f"source {path} does not exist")
     if exc.errno == errno.ELOOP:
@@ -413,7 +413,7 @@ class PosixStorage:
             # other answer goes through resolve_inside, which decides and words the error.
             root = real_dir(root_text)
             real = _realpath(os.path.join(root, raw))
-            if real.startswith(root) and real[len(root) : len(root) + 1] == "/":
+            if real != root and is_within(real, root):
                 return Path(real)
         path = resolve_inside(self.root, relpath)
         if os.fspath(path) == real_dir(root_text):  # both are normalised real paths
@@ -431,7 +431,7 @@ class PosixStorage:
     # --- copying -------------------------------------------------------------------------------
     async def put_from(
         self,
-        source: Path,
+        source: str | os.PathLike[str],
         relpath: str,
         *,
         expected_size: int | None = None,
@@ -454,13 +454,15 @@ class PosixStorage:
             # Small and announced as small: copying here costs less than handing it to a thread,
             # whose GIL hand-offs on every syscall dominated ingest of 1 KiB files. A file larger
             # than announced fails its size check right after fstat, before any byte is copied.
-            return self._copy_sync(threading.Event(), Path(source), relpath, expected_size, expected, fsync)
-        return await self._in_thread(self._copy_sync, Path(source), relpath, expected_size, expected, fsync)
+            return self._copy_sync(_NOT_CANCELLED, os.fspath(source), relpath, expected_size, expected, fsync)
+        return await self._in_thread(
+            self._copy_sync, os.fspath(source), relpath, expected_size, expected, fsync
+        )
 
     def _copy_sync(
         self,
         cancelled: threading.Event,
-        source: Path,
+        source: str,
         relpath: str,
         expected_size: int | None,
         expected_adler32: str | None,
@@ -480,8 +482,9 @@ class PosixStorage:
                 raise Permanent(
                     "size_mismatch", f"source {source} has {st.st_size} bytes, expected {expected_size}"
                 )
-            with contextlib.suppress(AttributeError, OSError):  # a hint: larger read-ahead
-                os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if st.st_size > self.chunk_size:  # a hint (larger read-ahead), worth its syscall beyond one read
+                with contextlib.suppress(AttributeError, OSError):
+                    os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             size, adler = self._stream_to(
                 cancelled, src, source, dest, expected_size, expected_adler32, fsync
             )
@@ -493,7 +496,7 @@ class PosixStorage:
         self,
         cancelled: threading.Event,
         src: int,
-        source: Path,
+        source: str,
         dest: Path,
         expected_size: int | None,
         expected_adler32: str | None,

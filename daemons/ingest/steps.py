@@ -13,7 +13,7 @@ from typing import Literal
 
 from common.config import DatasetSettings
 from common.errors import Permanent
-from common.storage.paths import real_dir, resolve_inside
+from common.storage.paths import inside, real_dir, relative_to
 
 Verdict = Literal["new", "duplicate", "conflict"]
 
@@ -21,7 +21,7 @@ Verdict = Literal["new", "duplicate", "conflict"]
 @dataclass(frozen=True)
 class Located:
     area: str
-    source: Path  # resolved absolute path of the file in its landing area
+    source: str  # resolved absolute path of the file in its landing area (a string: per file)
     relpath: str  # path relative to the landing area: the default logical name
 
 
@@ -31,12 +31,12 @@ def locate(path: str, landing_areas: Mapping[str, Path]) -> Located:
     Symlinks are resolved first, so a link inside an area pointing outside it is refused too.
     """
     for area, root in landing_areas.items():
+        root_text = os.fspath(root)
         try:
-            source = resolve_inside(root, path)
+            source = inside(root_text, path)
         except Permanent:
             continue
-        relpath = os.path.relpath(source, real_dir(os.fspath(root)))
-        return Located(area, source, relpath)
+        return Located(area, source, relative_to(source, real_dir(root_text)))
     raise Permanent(
         "path_outside_area", f"{path} is not inside any landing area ({', '.join(landing_areas)})"
     )

@@ -17,7 +17,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -91,9 +99,12 @@ class StorageEndpoint(_Strict):
     # "file": fsync of each file and its directory (for file systems where syncfs is costly, e.g.
     # one shared with unrelated heavy writers).
     durability: Literal["batch", "file"] = "batch"
-    # Files announced with a size up to this many bytes are copied on the daemon's event loop
-    # instead of a worker thread (cheaper for small files). 0 for mounts that may hang.
-    inline_copy_bytes: int = Field(default=65536, ge=0)
+    # Files announced with a size up to this many bytes are copied several to one worker-thread
+    # hand-off instead of one hand-off each (cheaper for small files). 0: every copy on its own.
+    # (Spelled ``inline_copy_bytes`` before, when small copies ran on the event loop: still read.)
+    batch_copy_bytes: int = Field(
+        default=65536, ge=0, validation_alias=AliasChoices("batch_copy_bytes", "inline_copy_bytes")
+    )
     # Replicator: copies written to this endpoint at once (its per-destination concurrency limit).
     max_transfers: int = Field(default=8, ge=1)
     # A copy that would leave less free space than this is refused as ``disk_full`` (a reserve for

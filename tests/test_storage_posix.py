@@ -543,12 +543,51 @@ async def test_sync_flushes_the_endpoint_file_system_without_error(tmp_path: Pat
     storage.close()
 
 
-async def test_small_file_copied_inline_is_verified_like_any_other(tmp_path: Path) -> None:
+async def test_small_file_copied_in_a_batch_is_verified_like_any_other(tmp_path: Path) -> None:
+    # The former spelling of the setting is still read.
     storage = PosixStorage("d", StorageEndpoint(root=tmp_path / "root", inline_copy_bytes=1024))
+    assert storage.endpoint.batch_copy_bytes == 1024
     src = tmp_path / "small.bin"
     src.write_bytes(b"x" * 100)
     with pytest.raises(Permanent) as err:
         await storage.put_from(src, "s.bin", expected_size=100, expected_adler32="00000001")
     assert err.value.reason == "checksum_mismatch"
+    assert not list((tmp_path / "root").rglob("*spool-tmp*"))
+    storage.close()
+
+
+async def test_small_copies_batched_together_fail_one_by_one(tmp_path: Path) -> None:
+    """Concurrent small copies share worker-thread hand-offs; a bad one fails alone, with its reason."""
+    storage = PosixStorage("d", StorageEndpoint(root=tmp_path / "root", batch_copy_bytes=4096))
+    sources = []
+    for i in range(200):
+        src = tmp_path / "in" / f"f{i}.bin"
+        src.parent.mkdir(exist_ok=True)
+        data = os.urandom(100 + i)
+        src.write_bytes(data)
+        sources.append((src, len(data), f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"))
+    bad = {17: "size", 90: "checksum"}
+
+    async def copy(i: int) -> object:
+        src, size, adler = sources[i]
+        if bad.get(i) == "size":
+            size += 1
+        if bad.get(i) == "checksum":
+            adler = "00000001"
+        return await storage.put_from(
+            src, f"out/f{i}.bin", expected_size=size, expected_adler32=adler, fsync=False
+        )
+
+    results = await asyncio.gather(*(copy(i) for i in range(200)), return_exceptions=True)
+    failed = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+    assert {i: getattr(r, "reason", r) for i, r in failed.items()} == {
+        17: "size_mismatch",
+        90: "checksum_mismatch",
+    }
+    for i, (src, _, _) in enumerate(sources):
+        copied = tmp_path / "root" / "out" / f"f{i}.bin"
+        assert copied.exists() == (i not in bad)
+        if i not in bad:
+            assert copied.read_bytes() == src.read_bytes()
     assert not list((tmp_path / "root").rglob("*spool-tmp*"))
     storage.close()

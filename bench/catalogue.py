@@ -1,23 +1,36 @@
-"""Throughput of ``Catalogue.register_ingested``: the catalogue's share of the ingest budget.
+"""Throughput of ``Catalogue.register_ingested`` and ``ingest_known``: the catalogue's share of ingest.
 
 Each record carries 2 metadata keys and 1 parent, as a typical DL0 file does. Records are built
-before the clock starts; the figure covers only the catalogue (one transaction per batch).
+before the clock starts; the figures cover only the catalogue (one transaction per batch). Each
+batch is first asked about with ``ingest_known`` (as ingest does before copying: nothing is known
+yet), then registered; at the end every batch is asked about again, now that all are known.
 
-    .venv/bin/python bench/catalogue.py --files 20000 --batch 256
-    .venv/bin/python bench/catalogue.py --url postgresql+asyncpg://postgres@127.0.0.1/spool_bench
+CPU seconds come from ``time.process_time`` (every thread of the process, so the SQLite worker
+thread too, but not the PostgreSQL server): unlike wall time it is stable on a shared machine, and
+the ingest daemon is bound by its own CPU (the GIL), not by the database's.
+
+    .venv/bin/python -P bench/catalogue.py --files 20000 --batch 256
+    .venv/bin/python -P bench/catalogue.py --files 20000 --batch 256 --varied
+    .venv/bin/python -P bench/catalogue.py --url postgresql+asyncpg://postgres@127.0.0.1/spool_bench
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from common.catalogue import Catalogue, IngestRecord
+from common.catalogue import Catalogue, FileInfo, IngestRecord
 from common.config import StorageEndpoint
+
+T = TypeVar("T")
 
 
 def make_records(n: int, tag: str) -> list[IngestRecord]:
@@ -40,31 +53,83 @@ def make_records(n: int, tag: str) -> list[IngestRecord]:
     ]
 
 
-async def run(url: str, files: int, batch: int) -> float:
+@dataclass
+class Timer:
+    """Wall and CPU time accumulated over the calls of one kind."""
+
+    label: str
+    wall: float = 0.0
+    cpu: float = 0.0
+    records: int = 0
+
+    async def time(self, call: Awaitable[T], n: int) -> T:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = await call
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+        self.records += n
+        return out
+
+    def report(self) -> str:
+        rate = self.records / self.wall if self.wall else float("inf")
+        cpu_us = 1e6 * self.cpu / self.records if self.records else 0.0
+        return (
+            f"{self.label:<22} {self.records} records: {self.wall:6.2f} s wall, {rate:9,.0f} records/s,"
+            f" {self.cpu:6.2f} s CPU, {cpu_us:6.1f} us CPU/record"
+        )
+
+
+def batches(records: Sequence[IngestRecord], size: int, varied: bool) -> list[Sequence[IngestRecord]]:
+    """Batches of ``size``, or (``varied``) of sizes drawn from 1..size, as a daemon that is not
+    saturated sends them: every size then needs its own statements, prepared or cached."""
+    out: list[Sequence[IngestRecord]] = []
+    rnd = random.Random(1)
+    i = 0
+    while i < len(records):
+        n = rnd.randint(1, size) if varied else size
+        out.append(records[i : i + n])
+        i += n
+    return out
+
+
+async def run(url: str, files: int, batch: int, varied: bool) -> None:
     records = make_records(files, uuid.uuid4().hex[:8])
+    register, unknown, known = (
+        Timer("register_ingested"),
+        Timer("ingest_known (new)"),
+        Timer("ingest_known (known)"),
+    )
     async with await Catalogue.open(url) as cat:
         await cat.sync_endpoints({"disk1": StorageEndpoint(root=Path("/data/disk1"))})
-        start = time.perf_counter()
-        for i in range(0, files, batch):
-            outcomes = await cat.register_ingested(records[i : i + batch])
+
+        def ask(b: Sequence[IngestRecord]) -> Awaitable[tuple[set[str], dict[str, FileInfo]]]:
+            return cat.ingest_known([r.event_id for r in b], [r.name for r in b])
+
+        for b in batches(records, batch, varied):
+            done, found = await unknown.time(ask(b), len(b))
+            assert not done and not found
+            outcomes = await register.time(cat.register_ingested(b), len(b))
             assert all(o.outcome == "registered" for o in outcomes), outcomes[0]
-        elapsed = time.perf_counter() - start
-    rate = files / elapsed
-    print(f"{files} records in batches of {batch}: {elapsed:.2f} s, {rate:,.0f} records/s ({cat.backend})")
-    return rate
+        for b in batches(records, batch, varied):
+            done, found = await known.time(ask(b), len(b))
+            assert len(done) == len(found) == len(b)
+    print(f"{cat.backend}, batches of {'1 to ' if varied else ''}{batch}:")
+    for t in (register, unknown, known):
+        print("  " + t.report())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--files", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--varied", action="store_true", help="batch sizes drawn from 1..--batch")
     p.add_argument("--url", default=None, help="catalogue URL (default: a SQLite file in a temp dir)")
     args = p.parse_args()
     if args.url:
-        asyncio.run(run(args.url, args.files, args.batch))
+        asyncio.run(run(args.url, args.files, args.batch, args.varied))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(f"sqlite+aiosqlite:///{tmp}/catalogue.db", args.files, args.batch))
+        asyncio.run(run(f"sqlite+aiosqlite:///{tmp}/catalogue.db", args.files, args.batch, args.varied))
 
 
 if __name__ == "__main__":

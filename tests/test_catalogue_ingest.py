@@ -6,10 +6,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from sqlalchemy import Connection, Engine, event, select, text
 
-from common.catalogue import Catalogue, IngestRecord, UnknownStorageError
+from common.catalogue import Catalogue, IngestRecord, MetaFilter, UnknownStorageError
+from common.catalogue import schema as s
+from common.catalogue.filters import typed_value
+from common.catalogue.sql import upsert_sync
+from common.messages import MetaValue
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
 
 
@@ -181,3 +191,204 @@ async def test_concurrent_writers_register_each_name_exactly_once(catalogue_url:
 
 async def test_empty_batch_is_a_no_op(catalogue: Catalogue) -> None:
     assert await catalogue.register_ingested([]) == []
+
+
+# --- The driver-level path: rows as the SQLAlchemy Core statements wrote them -------------------
+#
+# ``ingest.register`` sends SQL text and pre-converted values to the driver. These tests hold it
+# to the Core statements it replaced, on both backends: the same raw values (types included), read
+# back identically through the ordinary queries, and no column left to a default.
+
+AWKWARD_METADATA: dict[str, MetaValue] = {
+    "run": 12345,
+    "big": 2**62 + 1,  # beyond 32 bits, and beyond the integers a double holds exactly
+    "negative": -(2**63),
+    "ratio": 0.1,
+    "tiny": 5e-324,
+    "flag": True,
+    "off": False,
+    "label": 'ünïcödé € 😀 "quoted" \\ back\nslash',
+    "zero_padded": "012",  # reads as a number: value_num and value_str
+    "exp": "1e3",
+    "nothing": None,
+}
+_RAW_QUERIES = {
+    "files": "SELECT dataset_id, size, adler32, meta, created FROM files WHERE id = :id",
+    "file_metadata": "SELECT key, value_num, value_int, value_str FROM file_metadata WHERE file_id = :id",
+    "provenance": "SELECT parent_name FROM provenance WHERE child_id = :id",
+    "replicas": "SELECT storage_id, pfn, state, cartridge, fseq, created, updated, tombstone, priority"
+    " FROM replicas WHERE file_id = :id",
+    "requests": "SELECT kind, path, dataset, state, attempts, reason, error, created, updated"
+    " FROM requests WHERE name = :name",
+    "events": "SELECT time, daemon, type, outcome, attempt, storage, detail FROM events WHERE name = :name",
+}
+
+
+def _awkward(name: str) -> IngestRecord:
+    """A record whose stored rows differ from another's only by ``name`` (in the event id too)."""
+    return rec(name, metadata=AWKWARD_METADATA, parents=["p/one", "p/two"], source=None, attempt=3,
+               pfn="/srv/disk1/same", path="/landing/same")  # fmt: skip
+
+
+def _core_insert(conn: Connection, r: IngestRecord, now: datetime) -> None:
+    """What ``ingest.register`` sent through SQLAlchemy Core before it went to the driver."""
+    ds = conn.execute(select(s.datasets.c.id).where(s.datasets.c.name == r.dataset)).scalar_one()
+    ep = s.storage_endpoints
+    sid = conn.execute(select(ep.c.id).where(ep.c.name == r.storage)).scalar_one()
+    file = {"name": r.name, "dataset_id": ds, "size": r.size, "adler32": r.adler32, "meta": r.metadata}
+    fid = conn.execute(s.files.insert().returning(s.files.c.id), [file | {"created": now}]).scalar_one()
+    typed = [
+        dict(zip(("value_num", "value_int", "value_str"), typed_value(v), strict=True))
+        for v in r.metadata.values()
+    ]
+    conn.execute(
+        s.file_metadata.insert(),
+        [{"file_id": fid, "key": k} | m for k, m in zip(r.metadata, typed, strict=True)],
+    )
+    conn.execute(s.provenance.insert(), [{"child_id": fid, "parent_name": p} for p in r.parents])
+    replica = {"file_id": fid, "storage_id": sid, "pfn": r.pfn, "state": "available", "cartridge": None}
+    conn.execute(s.replicas.insert(), [replica | {"fseq": None, "created": now, "updated": now}])
+    request: dict[str, Any] = {"id": r.event_id, "kind": "ingest", "name": r.name, "path": r.path}
+    request |= {"dataset": r.dataset, "state": "done", "attempts": r.attempt, "reason": None, "error": None}
+    request |= {"created": now, "updated": now}
+    upsert_sync(
+        conn, s.requests, [request], ["id"], ["state", "attempts", "name", "path", "dataset", "updated"]
+    )
+    detail = {"event_id": r.event_id, "path": r.path, "source": r.source, "pfn": r.pfn}
+    event = {"name": r.name, "time": now, "daemon": "ingest", "type": "file.ingested", "outcome": "ok"}
+    conn.execute(s.events.insert(), [event | {"attempt": r.attempt, "storage": r.storage, "detail": detail}])
+
+
+def _raw_rows(conn: Connection, name: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+    """Every row stored for one file as the driver returns it (``text()``: no type processing),
+    the file's name masked wherever it appears."""
+    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar_one()
+    out = {}
+    for table, sql in _RAW_QUERIES.items():
+        rows = conn.execute(text(sql), {"id": fid, "name": name})
+        out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
+    return out
+
+
+def _masked(value: Any, name: str) -> tuple[str, Any]:
+    """``value`` with its type (1, 1.0 and True are equal in Python, not stored alike) and
+    ``name`` masked; asyncpg hands JSON columns over decoded."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+    return type(value).__name__, text.replace(name, "<name>") if isinstance(text, str) else text
+
+
+async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue: Catalogue) -> None:
+    [out] = await catalogue.register_ingested([_awkward("file-by-driver")])
+    assert out.file is not None
+    now = out.file.created
+
+    def compare(conn: Connection) -> None:
+        _core_insert(conn, _awkward("file-by-core"), now)
+        by_driver, by_core = _raw_rows(conn, "file-by-driver"), _raw_rows(conn, "file-by-core")
+        for table, rows in by_core.items():
+            assert rows, table
+            assert by_driver[table] == rows, table
+
+    await catalogue.run(compare, write=True)
+
+
+async def test_driver_level_rows_read_back_through_the_ordinary_queries(catalogue: Catalogue) -> None:
+    [out] = await catalogue.register_ingested([_awkward("a")])
+    assert out.file is not None
+    now = out.file.created
+    assert now.tzinfo is UTC or now.utcoffset() == UTC.utcoffset(None)
+
+    view = await catalogue.show_file("a")
+    assert view is not None
+    assert view.metadata == AWKWARD_METADATA
+    assert {k: type(v) for k, v in view.metadata.items()} == {k: type(v) for k, v in AWKWARD_METADATA.items()}
+    assert view.created == now and view.created.utcoffset() is not None
+    assert view.parents == ["p/one", "p/two"]
+    [replica] = view.replicas
+    assert (replica.state, replica.pfn, replica.cartridge, replica.fseq) == (
+        "available",
+        "/srv/disk1/same",
+        None,
+        None,
+    )
+    assert replica.created == replica.updated == now
+    assert (await catalogue.lookup_files(["a"]))["a"] == out.file
+    assert await catalogue.ingest_known(["ev-a", "ev-b"], ["a", "b"]) == ({"ev-a"}, {"a": out.file})
+
+    label = MetaFilter("label", "=", (str(AWKWARD_METADATA["label"]),))
+    for query in ("big=4611686018427387905", "negative<=-9223372036854775808", "ratio=0.1", "tiny>0",
+                  "flag=true", "off=false", label, "zero_padded=12", 'zero_padded="012"', "exp=1000",
+                  "run=12345"):  # fmt: skip
+        assert [f.name for f in await catalogue.find_files([query])] == ["a"], query
+    assert await catalogue.find_files(["big=4611686018427387904"]) == []
+
+    [ev] = await catalogue.history("a")
+    assert ev.time == now and ev.time.utcoffset() is not None
+    assert ev.detail == {
+        "event_id": "ev-a",
+        "path": "/landing/same",
+        "source": None,
+        "pfn": "/srv/disk1/same",
+    }
+    req = (await catalogue.request_state(["ev-a"]))["ev-a"]
+    assert (req.kind, req.state, req.attempts, req.reason, req.error) == ("ingest", "done", 3, None, None)
+    assert req.created == req.updated == now
+
+
+@pytest.fixture
+def statements() -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) any engine sends while the test runs."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        sent.append((statement.strip(), parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+async def test_every_insert_of_a_batch_names_every_column_but_the_generated_id(
+    catalogue: Catalogue, statements: list[tuple[str, Any]]
+) -> None:
+    """No column is left to a default: SQLAlchemy's Python-side defaults do not apply to SQL text."""
+    await catalogue.register_ingested([rec("a", metadata={"run": 1}, parents=["p"], dataset="new-ds")])
+
+    written: dict[str, set[str]] = {}
+    for sql, _ in statements:
+        if match := re.match(r'INSERT INTO "?(\w+)"? \(([^)]*)\)', sql):
+            written[match[1]] = {c.strip().strip('"') for c in match[2].split(",")}
+    tables = ("files", "file_metadata", "provenance", "replicas", "requests", "events")
+    assert written.keys() >= set(tables)
+    for name in tables:
+        table = s.metadata.tables[name]
+        generated = {c.name for c in table.primary_key.columns if c.autoincrement is True}
+        assert written[name] == {c.name for c in table.columns} - generated, name
+
+
+async def test_every_lookup_of_a_batch_probes_a_unique_key_on_sqlite(
+    catalogue: Catalogue, statements: list[tuple[str, Any]]
+) -> None:
+    """Without statistics SQLite may prefer a non-unique index to a long ``IN`` list on a unique
+    key: ``state = 'done' AND id IN (256 ids)`` walked every done request, at every batch."""
+    if catalogue.backend != "sqlite":
+        pytest.skip("SQLite's query planner")
+    await catalogue.register_ingested([rec(f"f{i:03d}") for i in range(256)])
+    statements.clear()
+    # Half duplicates, half new files in a new dataset: every lookup of ``register`` runs.
+    outs = await catalogue.register_ingested(
+        [rec(f"f{i:03d}", event_id=f"again-{i}", dataset="ds2") for i in range(128, 384)]
+    )
+    assert {o.outcome for o in outs} == {"registered", "duplicate"}
+    selects = [(sql, params) for sql, params in statements if sql.startswith("SELECT")]
+    assert len(selects) >= 5
+
+    def plans(conn: Connection) -> list[list[str]]:
+        explain = [conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params) for sql, params in selects]
+        return [[row[-1] for row in rows] for rows in explain]
+
+    unique = r"SEARCH \w+ USING (INTEGER PRIMARY KEY|(COVERING )?INDEX sqlite_autoindex_\w+) \(.*\)"
+    for (sql, _), plan in zip(selects, await catalogue.run(plans), strict=True):
+        assert all(re.fullmatch(unique, step) for step in plan), (sql[:80], plan)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
+from itertools import chain
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Column, Connection, Dialect, Row, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
-
-from common.catalogue import schema as s
 
 T = TypeVar("T")
 
@@ -83,11 +85,12 @@ def insert_ignore_sync(
         conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
 
 
+# Once per batch on every daemon's hot path: driver-level (see below), not a Core statement.
+_STORAGE_IDS_SQL = "SELECT name, id FROM storage_endpoints WHERE name IN ({})"
+
+
 def storage_ids_sync(conn: Connection, names: set[str]) -> dict[str, int]:
-    ep = s.storage_endpoints
-    ids: dict[str, int] = {
-        n: i for n, i in conn.execute(select(ep.c.name, ep.c.id).where(ep.c.name.in_(names)))
-    }
+    ids: dict[str, int] = {name: sid for name, sid in select_in(conn, _STORAGE_IDS_SQL, sorted(names))}
     missing = names - ids.keys()
     if missing:
         raise UnknownStorageError(f"unknown storage endpoint(s): {', '.join(sorted(missing))}")
@@ -114,3 +117,220 @@ async def insert_ignore(
 
 async def storage_ids(conn: AsyncConnection, names: set[str]) -> dict[str, int]:
     return await conn.run_sync(storage_ids_sync, names)
+
+
+# --- Driver-level execution for the hot paths -------------------------------------------------
+#
+# Why: for ingest's batches SQLAlchemy Core spent more CPU than SQLite itself (cache keys, bind
+# parameter processing per row, ``construct_params``), and the ingest daemon is bound by its own
+# CPU. These helpers send SQL text built once per dialect and plain tuples through
+# ``exec_driver_sql``, which keeps SQLAlchemy's connection, transaction and error wrapping
+# (``DBAPIError``, so ``is_transient_conflict`` still applies) but skips compilation and binds.
+# Values must be exactly what the column types' bind processors would have sent: callers convert
+# the few that need it with ``bind_processor`` (datetimes: once per batch) or ``json_processor``.
+#
+# Statement sizes come from a short ladder (powers of two), whatever the batch size: SQLite's
+# statement cache and asyncpg's prepared statements then serve every batch, where preparing a new
+# 256-row INSERT cost three times as much as running it.
+
+# Rows per multi-row INSERT, and values per ``IN (...)``: a power of two, far below both backends'
+# cap on bound parameters (SQLite 32766, PostgreSQL 32767).
+MAX_ROWS = 512
+
+Processor = Callable[[Any], Any]
+AnyRow = Row[*tuple[Any, ...]]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def bind_processor(column: Column[Any], dialect: Dialect) -> Processor:
+    """What SQLAlchemy does to a Python value bound to ``column`` on ``dialect``."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect) or _identity
+
+
+def result_processor(column: Column[Any], dialect: Dialect) -> Processor:
+    """What SQLAlchemy does to a value of ``column`` read back, for rows of ``exec_driver_sql``.
+
+    Only for types whose processor does not depend on the driver's type code (none is passed).
+    """
+    return column.type.dialect_impl(dialect).result_processor(dialect, None) or _identity
+
+
+# The json module's own string escaper (C): what ``json.dumps`` writes for every string.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+# Checks that the shortcut below writes what a column's JSON processor writes (see ``json_processor``).
+_JSON_PROBE = {"s": 'é"\\\n\u2028😀', "i": -(2**63), "f": 0.1, "t": True, "b": False, "n": None}
+
+
+def _flat_json(obj: dict[Any, Any]) -> str | None:
+    """``json.dumps(obj)`` for a dict of str keys to str / int / float / bool / None, else None.
+
+    Ingest writes two such objects a file (metadata, event detail); ``json.dumps`` spends most of
+    its time setting up its encoder, which here is a few ``is`` tests.
+    """
+    parts = []
+    for key, value in obj.items():
+        cls = value.__class__
+        if key.__class__ is not str:
+            return None
+        if cls is str:
+            text = _json_string(value)
+        elif value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif cls is int:
+            text = int.__repr__(value)
+        elif cls is float and math.isfinite(value):
+            text = float.__repr__(value)
+        else:
+            return None
+        parts.append(f"{_json_string(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def json_processor(column: Column[Any], dialect: Dialect) -> Processor:
+    """``bind_processor`` for a JSON column, with a shortcut for flat objects (``_flat_json``).
+
+    The shortcut is taken only if it writes what the column's own processor writes for a probe
+    value (it would not with a custom ``json_serializer``, for one); anything it does not cover
+    goes to that processor.
+    """
+    process = bind_processor(column, dialect)
+    if process(_JSON_PROBE) != _flat_json(_JSON_PROBE):
+        return process
+
+    def fast(value: Any) -> Any:
+        text = _flat_json(value) if value.__class__ is dict else None
+        return process(value) if text is None else text
+
+    return fast
+
+
+def literal(column: Column[Any], dialect: Dialect, value: Any) -> str:
+    """``value`` as an SQL literal for ``column``, rendered by SQLAlchemy: for the code's own
+    constants, so that they cost no parameter and the statement text stays the same."""
+    if value is None:
+        return "NULL"
+    render = column.type.dialect_impl(dialect).literal_processor(dialect)
+    if render is None:
+        raise TypeError(f"no SQL literal for {column}")
+    return render(value)
+
+
+def _markers(dialect: Dialect, shared: int, count: int) -> tuple[list[str], list[str]]:
+    """Parameter markers for ``exec_driver_sql``: ``shared`` ones, which a statement may repeat (the
+    first parameters), and ``count`` more, each used once. pysqlite: ``?1`` .. ``?k`` then ``?`` (which
+    numbers on from the largest so far); asyncpg: ``$1``, ``$2``...
+
+    Only the shared markers are numbered on SQLite: preparing a statement with hundreds of ``?NNN``
+    takes time quadratic in their number (measured: 9 us a row at 256 rows, against 1 us).
+    """
+    if dialect.paramstyle == "qmark":
+        return [f"?{i}" for i in range(1, shared + 1)], ["?"] * count
+    if dialect.paramstyle == "numeric_dollar":
+        numbers = [f"${i}" for i in range(1, shared + count + 1)]
+        return numbers[:shared], numbers[shared:]
+    raise NotImplementedError(f"paramstyle {dialect.paramstyle!r}")
+
+
+def _ladder(count: int) -> Iterator[int]:
+    """Sizes that add up to ``count``: ``MAX_ROWS`` as often as it fits, then powers of two."""
+    full, rest = divmod(count, MAX_ROWS)
+    yield from [MAX_ROWS] * full
+    size = MAX_ROWS // 2
+    while rest:
+        if rest >= size:
+            yield size
+            rest -= size
+        size //= 2
+
+
+@lru_cache(maxsize=512)
+def insert_sql(
+    dialect: Dialect,
+    table: Table,
+    shared: tuple[str, ...],
+    columns: tuple[str, ...],
+    constants: tuple[tuple[str, str], ...],
+    rows: int,
+    tail: str,
+) -> str:
+    """``INSERT INTO table (shared, columns, constant columns) VALUES (...), ... tail`` for ``rows``
+    rows: the ``shared`` columns' parameters (bound once) in every row, then one parameter per
+    column, then the ``(column, SQL literal)`` constants."""
+    quote = dialect.identifier_preparer.quote
+    width = len(columns)
+    common, marks = _markers(dialect, len(shared), rows * width)
+    fixed = [sql for _, sql in constants]
+    values = ", ".join(
+        "(" + ", ".join(common + marks[i : i + width] + fixed) + ")" for i in range(0, len(marks), width)
+    )
+    names = ", ".join(quote(c) for c in shared + columns + tuple(c for c, _ in constants))
+    return f"INSERT INTO {quote(table.name)} ({names}) VALUES {values}{tail}"
+
+
+def upsert_tail(dialect: Dialect, keys: Sequence[str], update: Sequence[str]) -> str:
+    """`` ON CONFLICT (keys) DO UPDATE SET c = excluded.c, ...`` (the same on both backends)."""
+    quote = dialect.identifier_preparer.quote
+    sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in update)
+    return f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {sets}"
+
+
+def returning_tail(dialect: Dialect, columns: Sequence[str]) -> str:
+    return " RETURNING " + ", ".join(map(dialect.identifier_preparer.quote, columns))
+
+
+def insert_rows(
+    conn: Connection,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    shared: Mapping[str, Any] | None = None,
+    constants: Mapping[str, Any] | None = None,
+    tail: str = "",
+) -> list[AnyRow]:
+    """Insert ``rows`` (values in ``columns`` order), in order; the rows a ``RETURNING`` tail
+    produced. Every row also takes the ``shared`` values (bound once per statement: a batch's
+    timestamp) and the ``constants`` (the code's own, written into the SQL as literals).
+
+    Values must be bind-processed already. Multi-row statements rather than executemany: asyncpg's
+    executemany plans and executes row by row, and SQLite runs one multi-row statement faster than
+    as many single-row ones.
+    """
+    dialect = conn.dialect
+    common = tuple((shared or {}).values())
+    names = tuple(shared or ())
+    fixed = tuple((c, literal(table.c[c], dialect, v)) for c, v in (constants or {}).items())
+    out: list[AnyRow] = []
+    start = 0
+    for size in _ladder(len(rows)):
+        sql = insert_sql(dialect, table, names, columns, fixed, size, tail)
+        result = conn.exec_driver_sql(sql, (*common, *chain.from_iterable(rows[start : start + size])))
+        if result.returns_rows:
+            out.extend(result.all())
+        start += size
+    return out
+
+
+@lru_cache(maxsize=512)
+def _in_sql(dialect: Dialect, template: str, count: int) -> str:
+    return template.format(", ".join(_markers(dialect, 0, count)[1]))
+
+
+def select_in(conn: Connection, template: str, values: Sequence[Any]) -> Iterator[AnyRow]:
+    """Rows of ``template`` (SQL text with one ``IN ({})``, its only parameters) for ``values``.
+
+    Each list is padded to a power of two with its last value (``IN`` does not care), so that
+    a few statement texts serve every batch size.
+    """
+    for start in range(0, len(values), MAX_ROWS):
+        part = list(values[start : start + MAX_ROWS])
+        size = 1 << (len(part) - 1).bit_length()
+        part += part[-1:] * (size - len(part))
+        yield from conn.exec_driver_sql(_in_sql(conn.dialect, template, size), tuple(part)).all()

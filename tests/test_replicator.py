@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import msgpack
@@ -159,8 +160,9 @@ async def test_copies_expire_with_their_rule_lifetime(tmp_path, tag, broker):
 
 
 async def test_vanished_source_is_marked_bad_and_another_source_is_used(tmp_path, tag, broker):
-    # One copy at a time to disk3, so no source is ever "busy" and disk1 is always tried first.
-    disk3 = 'root = "storage/disk3"\nattributes = { site = "PIC" }\nmax_transfers = 1'
+    # One copy at a time to disk3 (none batched), so no source is ever "busy" and disk1 is always
+    # tried first.
+    disk3 = 'root = "storage/disk3"\nattributes = { site = "PIC" }\nmax_transfers = 1\nbatch_copy_bytes = 0'
     path = replication_config(
         tmp_path, tag, **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"', "storage.disk3": disk3}
     )
@@ -259,34 +261,50 @@ async def _depth_is(broker, name: str, n: int) -> bool:  # type: ignore[no-untyp
     return await queue_depth(broker, name) == n
 
 
-async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(tmp_path, tag, broker, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True], ids=["one_copy_a_stream", "small_copies_batched"])
+async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
+    tmp_path, tag, broker, monkeypatch, batched
+):
+    """Counted where the bytes move (the worker threads), so a batch of small copies made one after
+    another counts as the one stream it is."""
+    import threading
+
     from common.storage.posix import PosixStorage
 
     disk2 = 'root = "storage/disk2"\nattributes = { site = "CNAF" }\nmax_transfers = 2'
+    if not batched:
+        disk2 += "\nbatch_copy_bytes = 0"
     settings = load_settings(
         replication_config(
             tmp_path, tag, **{"storage.disk2": disk2, "rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'}
         )
     )
-    active, peak = 0, 0
-    real = PosixStorage.copy_verified
+    active, peak, copies = 0, 0, 0
+    lock = threading.Lock()
+    real = PosixStorage._replicate_sync
 
-    async def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
+    def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal active, peak, copies
+        if self.name != "disk2":
+            return real(self, *args, **kwargs)
+        with lock:
+            active += 1
+            copies += 1
+            peak = max(peak, active)
         try:
-            await asyncio.sleep(0.05)
-            return await real(self, *args, **kwargs)
+            time.sleep(0.05)
+            return real(self, *args, **kwargs)
         finally:
-            active -= 1
+            with lock:
+                active -= 1
 
-    monkeypatch.setattr(PosixStorage, "copy_verified", slow_copy)
+    monkeypatch.setattr(PosixStorage, "_replicate_sync", slow_copy)
     files = make_files(settings, 20)
     async with running(SERVICES, settings):
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _copies(settings, 20, "disk2"), timeout=60)
-    assert peak == 2
+    assert copies >= 20
+    assert peak == (1 if batched else 2)
 
 
 async def test_evict_frees_redundant_copies_but_never_a_last_or_held_one(tmp_path, tag, broker):

@@ -414,6 +414,9 @@ class PosixStorage:
         self.chunk_size = chunk_size
         self._executor: ThreadPoolExecutor | None = None
         self._small: MicroBatcher[_Job, Any] | None = None
+        # Set by a caller limiting concurrent transfers to this endpoint (the replicator's
+        # max_transfers): a batch of small operations, run one after another, holds one slot.
+        self.transfer_slots: asyncio.Semaphore | None = None
         # Bytes announced by copy_verified calls in progress: they count against min_free_bytes
         # before they are written (several copies checking free space at once would overshoot).
         self._pending_bytes = 0
@@ -612,9 +615,7 @@ class PosixStorage:
             source = Path(source)
         if expected_size < 0:
             raise Permanent("invalid_size", f"expected size {expected_size} is negative")
-        if not fsync and expected_size <= self.endpoint.batch_copy_bytes:
-            # As put_from's small copies. Not with fsync=True: each fsync takes milliseconds, and
-            # the batch would hold every copy in it behind all of them.
+        if self.batches_copy(expected_size, fsync):
             return await self._batched(self._replicate_sync, source, relpath, expected_size, expected, fsync)
         return await self._in_thread(self._replicate_sync, source, relpath, expected_size, expected, fsync)
 
@@ -966,8 +967,16 @@ class PosixStorage:
             raise outcome.error
         return outcome  # type: ignore[no-any-return]
 
+    def batches_copy(self, size: int, fsync: bool) -> bool:
+        """Whether ``copy_verified`` of ``size`` bytes goes in a batch of small operations. Not with
+        fsync: each fsync takes milliseconds, and a batch would hold every copy behind all of them."""
+        return not fsync and size <= self.endpoint.batch_copy_bytes
+
     async def _run_small(self, jobs: Sequence[_Job]) -> list[Any]:
-        return await self._in_thread(_run_each, jobs)
+        if self.transfer_slots is None:
+            return await self._in_thread(_run_each, jobs)
+        async with self.transfer_slots:
+            return await self._in_thread(_run_each, jobs)
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(cancelled_event, *args)`` in this endpoint's pool; cancellation stops it early."""

@@ -7,7 +7,8 @@ Order of work for one request, so that a kill at any instruction loses nothing:
    available -> verify the bytes; good: re-announce and stop; bad: mark it and copy again
    no rule wants it any more -> cancel (drop the row) and stop
 3. the endpoint must be writable (operator state, circuit breaker)    -> park in the catalogue, ack
-4. wait for one of the destination's ``max_transfers`` slots
+4. wait for one of the destination's ``max_transfers`` slots (a small copy goes in a batch of
+   small copies made one after another, and the batch holds one slot: ``PosixStorage._batched``)
 5. copy from the best source (``steps.rank_sources``): temp name, kernel copy, read-back
    checksum, atomic rename; a missing / corrupt source is marked ``bad`` and the next one tried
 6. record the copy available (batched, after one syncfs of the endpoint: group commit)
@@ -132,6 +133,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             tasks=MicroBatcher(catalogue.replica_tasks, max_size=batch.batch_size, max_wait=batch.batch_wait),
             slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
         )
+        for name, storage in storages.items():
+            storage.transfer_slots = resources.slots[name]
         await health.start()
         rep = settings.replication
         tasks = [
@@ -224,9 +227,12 @@ async def _replicate_one(
         if admission == "wait":
             await _park(ctx, name, msg, "endpoint not writable")
             return
+        fsync = ctx.settings.storage[dest.name].durability == "file"
+        # A small copy takes its slot with its batch (see the module docstring, step 4).
+        slot = contextlib.nullcontext() if dest.batches_copy(task.size, fsync) else res.slots[msg.destination]
         try:
-            async with res.slots[msg.destination]:
-                copied, source = await _copy_from_best(ctx, task, dest)
+            async with slot:
+                copied, source = await _copy_from_best(ctx, task, dest, fsync)
         except SpoolError as err:
             if err.reason in steps.ENDPOINT_FAILURES:
                 if await res.health.failure(msg.destination, err):
@@ -266,7 +272,7 @@ async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaReques
 
 
 async def _copy_from_best(
-    ctx: Context[ReplicatorResources], task: ReplicaTask, dest: PosixStorage
+    ctx: Context[ReplicatorResources], task: ReplicaTask, dest: PosixStorage, fsync: bool
 ) -> tuple[CopyResult, str]:
     res = ctx.resources
     ranked = steps.rank_sources(task.sources, dest.name, ctx.settings.storage, res.health.states, res.reading)
@@ -286,7 +292,7 @@ async def _copy_from_best(
                 task.pfn or task.name,
                 expected_size=task.size,
                 expected_adler32=task.adler32,
-                fsync=ctx.settings.storage[dest.name].durability == "file",
+                fsync=fsync,
             )
             return copied, source.storage
         except SpoolError as err:

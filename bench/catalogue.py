@@ -1,4 +1,5 @@
 """Throughput of ``Catalogue.register_ingested`` and ``ingest_known``: the catalogue's share of ingest.
+With ``--replication``, the replicator's share instead (see ``run_replication``).
 
 Each record carries 2 metadata keys and 1 parent, as a typical DL0 file does. Records are built
 before the clock starts; the figures cover only the catalogue (one transaction per batch). Each
@@ -12,6 +13,11 @@ the ingest daemon is bound by its own CPU (the GIL), not by the database's.
     .venv/bin/python -P bench/catalogue.py --files 20000 --batch 256
     .venv/bin/python -P bench/catalogue.py --files 20000 --batch 256 --varied
     .venv/bin/python -P bench/catalogue.py --url postgresql+asyncpg://postgres@127.0.0.1/spool_bench
+    .venv/bin/python -P bench/catalogue.py --replication --files 10000 [--no-rule] [--varied]
+    .venv/bin/python -P bench/catalogue.py --replication --files 10000 --url postgresql+asyncpg://...
+
+``--replication`` needs an empty catalogue (its rule selects every file): on PostgreSQL, a new
+database for each run.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from common.catalogue import Catalogue, FileInfo, IngestRecord
+from common.catalogue import Catalogue, CopyRecord, FileInfo, IngestRecord
+from common.catalogue.policy import Rule, endpoint_attributes
 from common.config import StorageEndpoint
 
 T = TypeVar("T")
@@ -118,18 +125,72 @@ async def run(url: str, files: int, batch: int, varied: bool) -> None:
         print("  " + t.report())
 
 
+async def run_replication(url: str, files: int, batch: int, varied: bool, rule: bool) -> None:
+    """The replicator's catalogue work for ``files`` files registered on disk1 (untimed): a rule
+    asking for a copy on disk2 evaluated over them (``files_for_rule`` pages and ``plan_copies``,
+    as ``daemons.replicator.rules`` does; skipped with ``--no-rule``: the copies then have no row
+    yet), ``replica_tasks`` for every (file, disk2), and ``record_copies`` of every copy made, both
+    in batches of ``--batch`` (the daemon's micro-batchers; ``--varied``: of 1 to ``--batch``)."""
+    records = make_records(files, uuid.uuid4().hex[:8])
+    disks = {name: StorageEndpoint(root=Path(f"/data/{name}")) for name in ("disk1", "disk2")}
+    table = {name: endpoint_attributes(name, e.kind, e.attributes) for name, e in disks.items()}
+    evaluate, plan, tasks, made = (
+        Timer("files_for_rule"),
+        Timer("plan_copies"),
+        Timer("replica_tasks"),
+        Timer("record_copies"),
+    )
+    async with await Catalogue.open(url) as cat:
+        if await cat.list_files(limit=1):
+            raise SystemExit(f"{url}: not an empty catalogue")
+        await cat.sync_endpoints(disks)
+        for b in batches(records, batch, False):
+            await cat.register_ingested(b)
+        if rule:
+            to_disk2 = Rule(f"bench-{uuid.uuid4().hex[:8]}", endpoints="disk2", datasets=".*")
+            await cat.add_rule(to_disk2)
+            after = 0
+            while page := await evaluate.time(cat.files_for_rule(to_disk2, after_id=after, limit=1000), 0):
+                evaluate.records += len(page)
+                items = [(n, ds, meta) for _, n, ds, meta in page]
+                wanted = await plan.time(cat.plan_copies(items, [to_disk2], table), len(page))
+                assert all(len(w) == 1 for w in wanted), wanted[0]
+                after = page[-1][0]
+        for b in batches(records, batch, varied):
+            answers = await tasks.time(cat.replica_tasks([(r.name, "disk2") for r in b]), len(b))
+            assert all(t is not None and t.needed == rule and len(t.sources) == 1 for t in answers)
+        for b in batches(records, batch, varied):
+            copies = [CopyRecord(f"rep-{r.event_id}", r.name, "disk2", r.pfn, 1, "disk1") for r in b]
+            await made.time(cat.record_copies(copies), len(b))
+        usage = {u.name: u.replicas for u in await cat.endpoint_usage()}
+        assert usage["disk2"] == {"available": files}, usage
+    sizes = f"{'1 to ' if varied else ''}{batch}"
+    print(f"{cat.backend}, {files} files, batches of {sizes}{'' if rule else ', no rule'}:")
+    for t in (evaluate, plan, tasks, made) if rule else (tasks, made):
+        print("  " + t.report())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--files", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--varied", action="store_true", help="batch sizes drawn from 1..--batch")
     p.add_argument("--url", default=None, help="catalogue URL (default: a SQLite file in a temp dir)")
+    p.add_argument("--replication", action="store_true", help="time the replicator's catalogue work")
+    p.add_argument("--no-rule", action="store_true", help="--replication without a rule (no queued rows)")
     args = p.parse_args()
+
+    def bench(url: str) -> None:
+        if args.replication:
+            asyncio.run(run_replication(url, args.files, args.batch, args.varied, not args.no_rule))
+        else:
+            asyncio.run(run(url, args.files, args.batch, args.varied))
+
     if args.url:
-        asyncio.run(run(args.url, args.files, args.batch, args.varied))
+        bench(args.url)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(run(f"sqlite+aiosqlite:///{tmp}/catalogue.db", args.files, args.batch, args.varied))
+        bench(f"sqlite+aiosqlite:///{tmp}/catalogue.db")
 
 
 if __name__ == "__main__":

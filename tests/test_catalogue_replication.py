@@ -6,13 +6,20 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import Connection, bindparam, func, or_, select, text, update
 
-from common.catalogue import Catalogue, CopyRecord
-from common.catalogue.policy import Rule, endpoint_attributes
+from common.catalogue import Catalogue, CopyRecord, ReplicaTask, Source, policy, replication
+from common.catalogue import schema as s
+from common.catalogue.policy import Placement, Rule, endpoint_attributes
+from common.catalogue.sql import insert_ignore_sync, upsert_sync
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
+from tests.test_catalogue_ingest import _masked, statements  # noqa: F401
 
 TABLE = {n: endpoint_attributes(n, e.kind, e.attributes) for n, e in ENDPOINTS.items()}
 TO_PIC = Rule("to-pic", endpoints="site=PIC", datasets=".*")
@@ -31,7 +38,10 @@ async def copied(cat: Catalogue, name: str, storage: str) -> None:
 
 async def test_plan_locks_copies_and_is_idempotent(catalogue: Catalogue) -> None:
     await catalogue.register_ingested([rec("a"), rec("b", dataset="lst1.20261123.run012345.dl1")])
-    items = [("a", "lst1.20261123.run012345.dl0", {}), ("b", "lst1.20261123.run012345.dl1", {})]
+    items: list[tuple[str, str, dict[str, Any]]] = [
+        ("a", "lst1.20261123.run012345.dl0", {}),
+        ("b", "lst1.20261123.run012345.dl1", {}),
+    ]
     gone = Rule("gone", endpoints="disk2", datasets=".*")  # removed since the caller loaded it
     assert await catalogue.plan_copies(items, [gone], TABLE) == [[], []]
     await catalogue.add_rule(TO_PIC)
@@ -190,3 +200,408 @@ async def test_replica_tasks_in_bulk_answer_like_one_at_a_time(catalogue: Catalo
         "available",
         None,
     ]
+
+
+# --- The driver-level paths: what the SQLAlchemy Core statements did ----------------------------
+#
+# ``plan_copies``, ``replica_tasks`` and ``record_copies`` send SQL text and pre-converted values to
+# the driver. These tests hold them to the Core code they replaced (kept below as references), on
+# both backends: the same raw values written (types included), the same answers, no column left to
+# a default, and (SQLite) every lookup on an index of the file.
+
+NOW = datetime(2026, 12, 1, 12, 0, 0, 123456, tzinfo=UTC)
+SLOW = Rule("slow", endpoints="disk2", datasets=".*", priority=6, lifetime=3600.5)
+ARCHIVE = Rule("archive", endpoints="kind=tape", datasets=".*")
+
+
+@pytest.fixture
+def fixed_now(monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """``replication``'s clock stopped at ``NOW`` (so that the Core references can use the same)."""
+    monkeypatch.setattr(replication, "utcnow", lambda: NOW)
+    return NOW
+
+
+def _core_record_copies(conn: Connection, records: Sequence[CopyRecord], now: datetime) -> None:
+    """``record_copies`` as it was in Core statements (77251ba), with the time given."""
+    f, r, ep = s.files, s.replicas, s.storage_endpoints
+    names = [c.name for c in records]
+    ids = {n: i for i, n in conn.execute(select(f.c.id, f.c.name).where(f.c.name.in_(names)))}
+    sids = {n: i for n, i in conn.execute(select(ep.c.name, ep.c.id))}
+    wanted = {
+        (ids[c.name], sids[c.storage]): c
+        for c in sorted(records, key=lambda c: (c.name, c.storage))
+        if c.name in ids
+    }
+    rows = conn.execute(select(r.c.file_id, r.c.storage_id).where(r.c.file_id.in_([k[0] for k in wanted])))
+    existing = {(fid, sid) for fid, sid in rows if (fid, sid) in wanted}
+    set_available = (
+        update(r)
+        .where(r.c.file_id == bindparam("fid"), r.c.storage_id == bindparam("sid"))
+        .values(state="available", pfn=bindparam("new_pfn"), updated=now,
+                tombstone=func.coalesce(r.c.tombstone, now))
+    )  # fmt: skip
+    params = [{"fid": k[0], "sid": k[1], "new_pfn": c.pfn} for k, c in wanted.items() if k in existing]
+    if params:
+        conn.execute(set_available, params)
+    new_rows = [
+        {"file_id": fid, "storage_id": sid, "pfn": c.pfn, "state": "available", "cartridge": None,
+         "fseq": None, "created": now, "updated": now, "tombstone": now, "priority": 3}
+        for (fid, sid), c in wanted.items()
+        if (fid, sid) not in existing
+    ]  # fmt: skip
+    if new_rows:
+        conn.execute(r.insert(), new_rows)
+    request_rows = [
+        {"id": c.request_id, "kind": "replica", "name": c.name, "path": None, "dataset": None,
+         "state": "done", "attempts": c.attempt, "reason": None, "error": None,
+         "created": now, "updated": now}
+        for c in records
+    ]  # fmt: skip
+    upsert_sync(conn, s.requests, request_rows, ["id"], ["state", "attempts", "updated"])
+    conn.execute(
+        s.events.insert(),
+        [
+            {"name": c.name, "time": now, "daemon": "replicator", "type": "replica.created",
+             "outcome": "ok", "attempt": c.attempt, "storage": c.storage,
+             "detail": {"request_id": c.request_id, "source": c.source, "pfn": c.pfn}}
+            for c in records
+        ],
+    )  # fmt: skip
+
+
+def _core_replica_tasks(
+    conn: Connection, items: Sequence[tuple[str, str]], now: datetime
+) -> list[ReplicaTask | None]:
+    """``replica_tasks`` as it was in Core statements (77251ba), with the time given."""
+    f, r, ep, lk = s.files, s.replicas, s.storage_endpoints, s.locks
+    ids = {n: i for i, n in conn.execute(select(f.c.id, f.c.name).where(f.c.name.in_([n for n, _ in items])))}
+    sids = {n: i for n, i in conn.execute(select(ep.c.name, ep.c.id))}
+    fids = sorted(set(ids.values()))
+    info = {fid: (size, adler) for fid, size, adler in conn.execute(
+        select(f.c.id, f.c.size, f.c.adler32).where(f.c.id.in_(fids))
+    )}  # fmt: skip
+    dest: dict[tuple[int, int], tuple[str, str, int]] = {}
+    sources: dict[int, list[tuple[int, str, str]]] = {}
+    rows = conn.execute(
+        select(r.c.file_id, r.c.storage_id, r.c.state, r.c.pfn, r.c.priority, ep.c.name, ep.c.kind)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(r.c.file_id.in_(fids))
+        .order_by(ep.c.name)
+    )
+    for fid, sid, state, pfn, prio, ep_name, kind in rows:
+        dest[(fid, sid)] = (state, pfn, prio)
+        if state == "available" and kind == "disk":
+            sources.setdefault(fid, []).append((sid, ep_name, pfn))
+    live = {(fid, sid) for fid, sid in conn.execute(
+        select(lk.c.file_id, lk.c.storage_id).where(
+            lk.c.file_id.in_(fids), or_(lk.c.expires.is_(None), lk.c.expires > now)
+        )
+    )}  # fmt: skip
+    out: list[ReplicaTask | None] = []
+    for name, storage in items:
+        fid = ids.get(name)
+        if fid is None:
+            out.append(None)
+            continue
+        sid, row = sids[storage], dest.get((fid, sids[storage]))
+        out.append(
+            ReplicaTask(
+                name=name, size=info[fid][0], adler32=info[fid][1],
+                state=row[0] if row else None, pfn=row[1] if row else None,
+                needed=(fid, sid) in live, priority=row[2] if row else 3,
+                sources=tuple(Source(n, pfn) for s_id, n, pfn in sources.get(fid, []) if s_id != sid),
+            )
+        )  # fmt: skip
+    return out
+
+
+def _core_plan_rows(
+    conn: Connection, name: str, placements: Sequence[tuple[Rule, str]], now: datetime
+) -> None:
+    """The lock and queued-replica rows ``plan_copies`` wrote through Core for a file without copies
+    on the placements' endpoints."""
+    fid = conn.execute(select(s.files.c.id).where(s.files.c.name == name)).scalar_one()
+    ep = s.storage_endpoints
+    sids = {n: i for n, i in conn.execute(select(ep.c.name, ep.c.id))}
+    locks = [
+        {"rule_id": rule.id, "file_id": fid, "storage_id": sids[st], "created": now,
+         "expires": now + timedelta(seconds=rule.lifetime) if rule.lifetime is not None else None}
+        for rule, st in placements
+    ]  # fmt: skip
+    replicas = [
+        {"file_id": fid, "storage_id": sids[st], "pfn": name, "state": "queued", "cartridge": None,
+         "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": rule.priority}
+        for rule, st in placements
+    ]  # fmt: skip
+    insert_ignore_sync(conn, s.locks, locks, ["rule_id", "file_id", "storage_id"])
+    insert_ignore_sync(conn, s.replicas, replicas, ["file_id", "storage_id"])
+
+
+_RAW_QUERIES = {
+    "replicas": "SELECT storage_id, pfn, state, cartridge, fseq, created, updated, tombstone, priority"
+    " FROM replicas WHERE file_id = :id",
+    "locks": "SELECT rule_id, storage_id, expires, created FROM locks WHERE file_id = :id",
+    "requests": "SELECT id, kind, name, path, dataset, state, attempts, reason, error, created, updated"
+    " FROM requests WHERE name = :name",
+    "events": "SELECT name, time, daemon, type, outcome, attempt, storage, detail"
+    " FROM events WHERE name = :name",
+}
+
+
+def _raw_rows(conn: Connection, name: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+    """Every row stored about one file as the driver returns it (``text()``: no type processing),
+    its name masked wherever it appears (see ``test_catalogue_ingest``)."""
+    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar()
+    out = {}
+    for table, sql in _RAW_QUERIES.items():
+        rows = conn.execute(text(sql), {"id": fid, "name": name})
+        out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
+    return out
+
+
+def _copy(
+    name: str, storage: str = "disk2", pfn: str | None = None, request: str = "req", attempt: int = 2
+) -> CopyRecord:
+    return CopyRecord(f"{request}-{name}", name, storage, pfn or f"/srv/{storage}/{name}", attempt, "disk1")
+
+
+async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
+    catalogue: Catalogue, fixed_now: datetime
+) -> None:
+    # Each case twice: recorded by ``record_copies`` (-drv) and by the Core statements (-core).
+    kinds = ("queued", "none", "tombstoned", "bad", "failed-before")
+    pairs = [(f"{k}-drv", f"{k}-core") for k in kinds]
+    await catalogue.register_ingested([rec(n) for pair in pairs for n in pair])
+    await catalogue.add_rule(SLOW)
+    await catalogue.plan_copies([(n, "d", {}) for n in pairs[0]], [SLOW], TABLE)  # queued, priority 6
+    earlier = NOW - timedelta(days=1)
+    tombstoned = pairs[2]
+
+    def prepare(conn: Connection) -> None:
+        _core_record_copies(conn, [_copy(n, request="old") for n in tombstoned], earlier)
+        for n in pairs[3]:
+            replication.set_replica_state(conn, n, "disk1", "bad")
+        failed = [
+            {"id": f"req-{n}", "kind": "replica", "name": n, "path": None, "dataset": None,
+             "state": "retrying", "attempts": 1, "reason": "io_error", "error": "boom",
+             "created": earlier, "updated": earlier}
+            for n in pairs[4]
+        ]  # fmt: skip
+        upsert_sync(conn, s.requests, failed, ["id"], ["state"])
+
+    await catalogue.run(prepare, write=True)
+
+    def batch(suffix: str) -> list[CopyRecord]:
+        ks = [f"{k}-{suffix}" for k in kinds]
+        return [
+            _copy(ks[1], pfn="/first", request="first"),
+            _copy(ks[0]),
+            _copy(ks[1]),  # the same copy twice in a batch: the later one counts
+            _copy(ks[2], pfn="/elsewhere"),
+            _copy(ks[3], storage="disk1"),
+            _copy(ks[4]),
+            _copy(f"gone-{suffix}"),  # not in the catalogue: request and history only
+            _copy(ks[0], storage="tape1", attempt=5),  # a request id twice: the last attempt counts
+        ]
+
+    await catalogue.record_copies(batch("drv"))
+
+    def compare(conn: Connection) -> None:
+        _core_record_copies(conn, batch("core"), NOW)
+        for drv, core in [*pairs, ("gone-drv", "gone-core")]:
+            by_driver, by_core = _raw_rows(conn, drv), _raw_rows(conn, core)
+            assert by_driver == {t: [tuple(_unmask(v, "drv", "core") for v in row) for row in rows]
+                                 for t, rows in by_core.items()}, drv  # fmt: skip
+            assert by_driver["requests"] and by_driver["events"], drv
+
+    await catalogue.run(compare, write=True)
+    views = {n: await catalogue.show_file(n) for n, _ in pairs}
+    replicas = {n: {x.storage: x for x in v.replicas} for n, v in views.items() if v is not None}
+    assert (replicas["queued-drv"]["disk2"].state, replicas["queued-drv"]["disk2"].pfn) == (
+        "available", "/srv/disk2/queued-drv",
+    )  # fmt: skip
+    assert replicas["none-drv"]["disk2"].pfn == "/srv/disk2/none-drv"
+    assert replicas["bad-drv"]["disk1"].state == "available"
+    # Copies the replicator made (or remade) are reapable once unlocked; the tombstone is kept.
+    reapable = {(x.name, x.storage) for x in await catalogue.reapable()}
+    assert {("none-drv", "disk2"), ("tombstoned-drv", "disk2")} <= reapable
+    assert ("queued-drv", "disk2") not in reapable  # locked by "slow"
+    req = (await catalogue.request_state(["req-failed-before-drv"]))["req-failed-before-drv"]
+    assert (req.state, req.attempts, req.reason, req.error, req.created) == (
+        "done",
+        2,
+        "io_error",
+        "boom",
+        earlier,
+    )
+
+
+def _unmask(value: tuple[str, Any], drv: str, core: str) -> tuple[str, Any]:
+    """A masked value of a -core file as it reads for the -drv one (names embed the suffix)."""
+    kind, v = value
+    return kind, v.replace(core, drv) if isinstance(v, str) else v
+
+
+async def test_driver_level_plan_rows_equal_the_rows_core_statements_wrote(
+    catalogue: Catalogue, fixed_now: datetime
+) -> None:
+    await catalogue.register_ingested([rec("p-drv"), rec("p-core")])
+    for rule in (SLOW, ARCHIVE):
+        await catalogue.add_rule(rule)
+    [wanted] = await catalogue.plan_copies([("p-drv", "d", {})], [SLOW, ARCHIVE], TABLE)
+    assert [(w.storage, w.kind, w.priority, w.rule_id) for w in wanted] == [
+        ("disk2", "disk", 6, "slow"),  # the higher priority first
+        ("tape1", "tape", 3, "archive"),
+    ]
+
+    def compare(conn: Connection) -> None:
+        _core_plan_rows(conn, "p-core", [(SLOW, "disk2"), (ARCHIVE, "tape1")], NOW)
+        by_driver, by_core = _raw_rows(conn, "p-drv"), _raw_rows(conn, "p-core")
+        for table in ("replicas", "locks"):
+            assert by_driver[table] == by_core[table], table
+        assert len(by_driver["locks"]) == 2 and len(by_driver["replicas"]) == 3
+
+    await catalogue.run(compare, write=True)
+    # Read back through the ordinary queries.
+    task = await catalogue.replica_task("p-drv", "disk2")
+    assert task is not None and (task.state, task.needed, task.priority) == ("queued", True, 6)
+    [view] = [v for v in await catalogue.rule_views() if v.rule.id == "slow"]
+    assert view.replicas == {"queued": 2}  # p-drv's and p-core's
+
+
+async def test_driver_level_replica_tasks_answer_like_the_core_statements(
+    catalogue: Catalogue, fixed_now: datetime
+) -> None:
+    names = [f"t{i}" for i in range(7)]
+    await catalogue.register_ingested([rec(n, size=100 + i, adler32=f"{i:08x}") for i, n in enumerate(names)])
+    for rule in (SLOW, ARCHIVE):
+        await catalogue.add_rule(rule)
+    await catalogue.plan_copies([(n, "d", {}) for n in names[:4]], [SLOW, ARCHIVE], TABLE)
+    await catalogue.record_copies([_copy("t0"), _copy("t1", storage="tape1"), _copy("t5")])
+    await catalogue.park("t2", "disk2", 8)
+    await catalogue.set_replica_state("t3", "disk1", "bad")
+
+    def locks(conn: Connection) -> None:
+        ids = {n: i for i, n in conn.execute(select(s.files.c.id, s.files.c.name))}
+        ep = s.storage_endpoints
+        sids = {n: i for n, i in conn.execute(select(ep.c.name, ep.c.id))}
+        rows = [
+            ("t4", "disk2", NOW - timedelta(microseconds=1)),  # expired
+            ("t5", "disk2", NOW),  # expires now: no longer live
+            ("t6", "disk2", NOW + timedelta(microseconds=1)),
+            ("t6", "disk1", None),
+        ]
+        conn.execute(
+            s.locks.insert(),
+            [{"rule_id": "slow", "file_id": ids[n], "storage_id": sids[st], "expires": e, "created": NOW}
+             for n, st, e in rows],
+        )  # fmt: skip
+
+    await catalogue.run(locks, write=True)
+    pairs = [(n, st) for n in [*names, "nope"] for st in ENDPOINTS] + [("t0", "disk2"), ("t6", "disk2")]
+    fast = await catalogue.replica_tasks(pairs)
+    assert fast == await catalogue.run(_core_replica_tasks, pairs, NOW)
+    by_pair = dict(zip(pairs, fast, strict=True))
+    t0 = by_pair[("t0", "tape1")]
+    assert t0 is not None and [x.storage for x in t0.sources] == ["disk1", "disk2"]  # by endpoint name
+    assert [by_pair[(n, "disk2")].needed for n in ("t4", "t5", "t6")] == [False, False, True]  # type: ignore[union-attr]
+    assert by_pair[("nope", "disk1")] is None
+    # Many files, more than one statement's worth.
+    many = [rec(f"m{i:04d}") for i in range(1100)]
+    for i in range(0, len(many), 256):
+        await catalogue.register_ingested(many[i : i + 256])
+    pairs = [(r.name, "disk2") for r in many]
+    assert await catalogue.replica_tasks(pairs) == await catalogue.run(_core_replica_tasks, pairs, NOW)
+
+
+def _old_plan(
+    rules: Sequence[Rule], endpoints: Any, *, file_name: str, dataset: str, metadata: Any, have: Any
+) -> list[Placement]:
+    """``policy.plan`` before it ranked the rules once for many files."""
+    chosen: set[str] = set(have)
+    out: list[Placement] = []
+    selected = [(x, x.expression.select(endpoints)) for x in rules if x.selects(dataset, metadata)]
+    for rule, candidates in sorted(selected, key=lambda rc: (len(rc[1]), -rc[0].priority, rc[0].id)):
+        ranked = sorted(candidates, key=lambda e: (e not in chosen, policy._spread_key(file_name, e)))
+        for storage in ranked[: rule.copies]:
+            chosen.add(storage)
+            out.append(Placement(rule.id, storage, rule.lifetime, rule.priority))
+    return out
+
+
+def test_placement_with_rules_ranked_once_is_the_placement_per_file() -> None:
+    table = {f"d{i}": {"name": f"d{i}", "kind": "disk", "site": "A" if i % 2 else "B"} for i in range(6)}
+    table["t"] = {"name": "t", "kind": "tape", "site": "A"}
+    rules = [
+        Rule("two-anywhere", endpoints="kind=disk", datasets=".*", copies=2),
+        Rule("one-at-A", endpoints="site=A", datasets=r".*\.dl0", priority=5),
+        Rule("tape", endpoints="kind=tape", metadata=("run>=3",)),
+        Rule("b-pair", endpoints="site=B&kind=disk", datasets=".*", copies=2, lifetime=60.0),
+        Rule("same-rank", endpoints="site=B&kind=disk", datasets=".*", copies=1),
+        Rule("d3", endpoints="d3", datasets="x"),
+    ]
+    ranked = policy.rank_rules(rules, table)
+    for i in range(200):
+        for dataset, have in (("a.dl0", set()), ("a.dl1", {"d3"}), ("x", {"d0", "t"})):
+            kw: dict[str, Any] = {"file_name": f"f{i}", "dataset": dataset, "metadata": {"run": i % 5}}
+            kw["have"] = have
+            expected = _old_plan(rules, table, **kw)
+            assert policy.plan_ranked(ranked, **kw) == expected
+            assert policy.plan(rules, table, **kw) == expected
+
+
+async def test_every_insert_names_every_column_but_the_generated_id(
+    catalogue: Catalogue, statements: list[tuple[str, Any]]
+) -> None:
+    """No column is left to a default: SQLAlchemy's Python-side defaults do not apply to SQL text."""
+    await catalogue.register_ingested([rec("a")])
+    await catalogue.add_rule(SLOW)
+    statements.clear()
+    await catalogue.plan_copies([("a", "d", {})], [SLOW], TABLE)
+    await catalogue.record_copies([_copy("a"), _copy("a", storage="tape1")])
+    written: dict[str, list[set[str]]] = {}
+    for sql, _ in statements:
+        if match := re.match(r'INSERT INTO "?(\w+)"? \(([^)]*)\)', sql):
+            written.setdefault(match[1], []).append({c.strip().strip('"') for c in match[2].split(",")})
+    assert {t: len(cols) for t, cols in written.items()} == {
+        "locks": 1,
+        "replicas": 2,
+        "requests": 1,
+        "events": 1,
+    }
+    for name, column_sets in written.items():
+        table = s.metadata.tables[name]
+        generated = {c.name for c in table.primary_key.columns if c.autoincrement is True}
+        for columns in column_sets:
+            assert columns == {c.name for c in table.columns} - generated, name
+
+
+async def test_every_lookup_probes_an_index_of_the_file_on_sqlite(
+    catalogue: Catalogue, statements: list[tuple[str, Any]]
+) -> None:
+    """The replicator's lookups go by file (unique keys; the locks' (file_id, storage_id) index),
+    never through a state or time index that would walk a growing part of a table."""
+    if catalogue.backend != "sqlite":
+        pytest.skip("SQLite's query planner")
+    names = [f"f{i:03d}" for i in range(300)]
+    for i in range(0, len(names), 150):
+        await catalogue.register_ingested([rec(n) for n in names[i : i + 150]])
+    await catalogue.add_rule(SLOW)
+    statements.clear()
+    await catalogue.plan_copies([(n, "d", {}) for n in names], [SLOW], TABLE)
+    await catalogue.replica_tasks([(n, "disk2") for n in names])
+    await catalogue.record_copies([_copy(n) for n in names])
+    selects = [(sql, params) for sql, params in statements if sql.startswith("SELECT")]
+    assert len(selects) >= 10
+
+    def plans(conn: Connection) -> list[list[str]]:
+        explain = [conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params) for sql, params in selects]
+        return [[row[-1] for row in rows] for rows in explain]
+
+    index = (
+        r"SEARCH \w+ USING (INTEGER PRIMARY KEY|(COVERING )?INDEX"
+        r" (sqlite_autoindex_\w+|ix_locks_file_id_storage_id)) \(.*\)"
+        r"|USE TEMP B-TREE FOR ORDER BY"
+    )
+    for (sql, _), plan in zip(selects, await catalogue.run(plans), strict=True):
+        assert all(re.fullmatch(index, step) for step in plan), (sql[:80], plan)

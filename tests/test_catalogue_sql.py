@@ -11,7 +11,15 @@ from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.dialects.sqlite import pysqlite
 
 from common.catalogue import schema as s
-from common.catalogue.sql import MAX_ROWS, _flat_json, _ladder, bind_processor, json_processor
+from common.catalogue.sql import (
+    MAX_ROWS,
+    _flat_json,
+    _ladder,
+    bind_processor,
+    ignore_tail,
+    json_processor,
+    upsert_tail,
+)
 
 DIALECTS = [pysqlite.dialect(), asyncpg.dialect()]
 
@@ -75,3 +83,17 @@ def test_ladder_adds_up_with_few_statement_sizes(count: int) -> None:
     assert sum(sizes) == count
     assert all(0 < n <= MAX_ROWS and n & (n - 1) == 0 for n in sizes)  # powers of two
     assert len(set(sizes)) == len(sizes) - sizes.count(MAX_ROWS) + min(1, sizes.count(MAX_ROWS))
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+def test_conflict_tails_read_the_same_on_both_backends(dialect: Any) -> None:
+    tail = upsert_tail(
+        dialect, ("file_id", "storage_id"), ("state", "pfn"), table=s.replicas, fill=("tombstone",)
+    )
+    assert tail == (
+        " ON CONFLICT (file_id, storage_id) DO UPDATE SET state = excluded.state, pfn = excluded.pfn,"
+        " tombstone = coalesce(replicas.tombstone, excluded.tombstone)"
+    )
+    assert ignore_tail(dialect, ("rule_id", "file_id")) == " ON CONFLICT (rule_id, file_id) DO NOTHING"
+    with pytest.raises(TypeError, match="table"):
+        upsert_tail(dialect, ("id",), (), fill=("tombstone",))

@@ -210,6 +210,8 @@ def place(rule: Rule, file_name: str, candidates: Sequence[str], have: Collectio
     ``candidates``: endpoints the rule names; ``have``: endpoints that already hold a copy of the
     file or are already chosen for it by another rule. Those are reused first.
     """
+    if len(candidates) < 2:
+        return list(candidates)  # nothing to rank (copies >= 1)
     ranked = sorted(candidates, key=lambda ep: (ep not in have, _spread_key(file_name, ep)))
     return ranked[: rule.copies]
 
@@ -222,6 +224,40 @@ class Placement:
     priority: int
 
 
+def rank_rules(
+    rules: Iterable[Rule], endpoints: Mapping[str, Mapping[str, str]]
+) -> list[tuple[Rule, list[str]]]:
+    """Each rule with the endpoints it names, in placement order: the most constrained rules
+    (fewest endpoints to choose from) first, so that broader overlapping rules then find a copy
+    they can share: "one copy offsite" and "one copy at PIC" make one copy at PIC, not one at PIC
+    and one elsewhere.
+
+    None of it depends on the file: a caller placing many files ranks once (``plan_ranked``).
+    """
+    pairs = [(rule, rule.expression.select(endpoints)) for rule in rules]
+    return sorted(pairs, key=lambda rc: (len(rc[1]), -rc[0].priority, rc[0].id))
+
+
+def plan_ranked(
+    ranked: Sequence[tuple[Rule, Sequence[str]]],
+    *,
+    file_name: str,
+    dataset: str,
+    metadata: Mapping[str, MetaValue],
+    have: Collection[str],
+) -> list[Placement]:
+    """``plan`` with the rules ranked already (``rank_rules``)."""
+    chosen: set[str] = set(have)
+    out: list[Placement] = []
+    for rule, candidates in ranked:
+        if not rule.selects(dataset, metadata):
+            continue
+        for storage in place(rule, file_name, candidates, chosen):
+            chosen.add(storage)
+            out.append(Placement(rule.id, storage, rule.lifetime, rule.priority))
+    return out
+
+
 def plan(
     rules: Iterable[Rule],
     endpoints: Mapping[str, Mapping[str, str]],
@@ -231,19 +267,6 @@ def plan(
     metadata: Mapping[str, MetaValue],
     have: Collection[str],
 ) -> list[Placement]:
-    """Every (rule, endpoint) lock the file needs.
-
-    The most constrained rules (fewest endpoints to choose from) are placed first, so that broader
-    overlapping rules then find a copy they can share: "one copy offsite" and "one copy at PIC"
-    make one copy at PIC, not one at PIC and one elsewhere.
-    """
-    chosen: set[str] = set(have)
-    out: list[Placement] = []
-    selected = [
-        (rule, rule.expression.select(endpoints)) for rule in rules if rule.selects(dataset, metadata)
-    ]
-    for rule, candidates in sorted(selected, key=lambda rc: (len(rc[1]), -rc[0].priority, rc[0].id)):
-        for storage in place(rule, file_name, candidates, chosen):
-            chosen.add(storage)
-            out.append(Placement(rule.id, storage, rule.lifetime, rule.priority))
-    return out
+    """Every (rule, endpoint) lock the file needs (rules placed in ``rank_rules`` order)."""
+    ranked = rank_rules(rules, endpoints)
+    return plan_ranked(ranked, file_name=file_name, dataset=dataset, metadata=metadata, have=have)

@@ -85,8 +85,14 @@ def insert_ignore_sync(
         conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=list(keys)), list(rows))
 
 
-# Once per batch on every daemon's hot path: driver-level (see below), not a Core statement.
+# Once per batch on every daemon's hot path: driver-level (see below), not Core statements.
 _STORAGE_IDS_SQL = "SELECT name, id FROM storage_endpoints WHERE name IN ({})"
+_FILE_IDS_SQL = "SELECT name, id FROM files WHERE name IN ({})"
+
+
+def file_ids_sync(conn: Connection, names: Sequence[str]) -> dict[str, int]:
+    """Name -> id of the files registered among ``names``."""
+    return {name: fid for name, fid in select_in(conn, _FILE_IDS_SQL, list(dict.fromkeys(names)))}
 
 
 def storage_ids_sync(conn: Connection, names: set[str]) -> dict[str, int]:
@@ -274,11 +280,28 @@ def insert_sql(
     return f"INSERT INTO {quote(table.name)} ({names}) VALUES {values}{tail}"
 
 
-def upsert_tail(dialect: Dialect, keys: Sequence[str], update: Sequence[str]) -> str:
-    """`` ON CONFLICT (keys) DO UPDATE SET c = excluded.c, ...`` (the same on both backends)."""
+def upsert_tail(
+    dialect: Dialect,
+    keys: Sequence[str],
+    update: Sequence[str],
+    *,
+    table: Table | None = None,
+    fill: Sequence[str] = (),
+) -> str:
+    """`` ON CONFLICT (keys) DO UPDATE SET c = excluded.c, ...`` (the same on both backends); the
+    ``fill`` columns of ``table`` take the proposed value only where the stored one is NULL."""
     quote = dialect.identifier_preparer.quote
-    sets = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in update)
-    return f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {sets}"
+    sets = [f"{quote(c)} = excluded.{quote(c)}" for c in update]
+    if fill:
+        if table is None:
+            raise TypeError("fill needs the table")
+        sets += [f"{quote(c)} = coalesce({quote(table.name)}.{quote(c)}, excluded.{quote(c)})" for c in fill]
+    return f" ON CONFLICT ({', '.join(map(quote, keys))}) DO UPDATE SET {', '.join(sets)}"
+
+
+def ignore_tail(dialect: Dialect, keys: Sequence[str]) -> str:
+    """`` ON CONFLICT (keys) DO NOTHING``: keep the existing row on a key clash (both backends)."""
+    return f" ON CONFLICT ({', '.join(map(dialect.identifier_preparer.quote, keys))}) DO NOTHING"
 
 
 def returning_tail(dialect: Dialect, columns: Sequence[str]) -> str:

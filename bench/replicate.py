@@ -264,7 +264,7 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
         log={"level": "warning", "format": "json"},
     )
     catalogue = await Catalogue.open(settings.catalogue.url)
-    process = Process([service], settings)
+    process = Process([service], settings, tune_gc=True)  # as ``spool run`` does
     task: asyncio.Task[int] | None = None
     try:
         await catalogue.sync_endpoints(settings.storage)

@@ -11,6 +11,7 @@ unacked) -> close resources -> close the connection. A second signal exits at on
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -38,10 +39,15 @@ log = structlog.get_logger("spool.runtime")
 class Process:
     """Owns the connection, the publisher and one ``Runner`` per service."""
 
-    def __init__(self, services: Sequence[Service], settings: Settings, *, once: bool = False) -> None:
+    def __init__(
+        self, services: Sequence[Service], settings: Settings, *, once: bool = False, tune_gc: bool = False
+    ) -> None:
         self.services = list(services)
         self.settings = settings
         self.once = once
+        # A daemon process of its own (``spool run``) tunes the garbage collector; a process
+        # embedding the services (tests, benchmarks) decides for itself.
+        self.tune_gc = tune_gc
         self.stop_requested = asyncio.Event()
         self.runners: list[Runner] = []
         self.instance = uuid.uuid4().hex[:12]
@@ -72,6 +78,8 @@ class Process:
                     await runner.start()
                     self.runners.append(runner)
                 self._install_signal_handlers()
+                if self.tune_gc:
+                    tune_gc()
                 systemd.ready()
                 background = [asyncio.create_task(self._heartbeats(publisher))]
                 if (interval := systemd.watchdog_interval()) is not None:
@@ -160,6 +168,26 @@ class Process:
         self.stop_requested.set()
 
 
+# Allocations between two young-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Collect garbage less often, and never walk what start-up built.
+
+    A daemon allocates a few hundred short-lived objects per message (frames, futures, models, SQL
+    rows); with the default thresholds the collector ran every few messages and, now and then,
+    walked every long-lived object (SQLAlchemy metadata, pydantic schemas, caches): a third of the
+    catalogue's CPU per record in one profile, and pauses that starve the worker threads of the
+    GIL. Measured with ``bench/ingest.py`` (30,000 files, 2 cores): 771-774 -> 932-944 files/s,
+    daemon CPU 1.14 -> 0.93 ms a file. ``gc.freeze`` moves everything alive once the services are
+    open out of the collector's sight; reference counting still frees what becomes unreferenced.
+    """
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, max(gen1, 20), max(gen2, 100))
+
+
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run a daemon's main coroutine on uvloop when it is installed (a dependency on Linux).
 
@@ -174,4 +202,5 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def run_services(services: Sequence[Service], settings: Settings, *, once: bool = False) -> int:
-    return await Process(services, settings, once=once).run()
+    """Run ``services`` as this process's daemon (``spool run``), garbage collector tuned."""
+    return await Process(services, settings, once=once, tune_gc=True).run()

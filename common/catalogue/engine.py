@@ -112,9 +112,11 @@ def _tune_sqlite(engine: Engine, cache_kib: int = 32_000) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         for pragma in (
+            # The busy timeout first: switching a new file to WAL takes a lock, and daemons
+            # opening it together failed with "database is locked" while none was set yet.
+            f"busy_timeout={BUSY_TIMEOUT_MS}",
             "journal_mode=WAL",
             "synchronous=NORMAL",
-            f"busy_timeout={BUSY_TIMEOUT_MS}",
             "foreign_keys=ON",
             "temp_store=MEMORY",
             f"cache_size=-{cache_kib}",  # page cache per connection, in KiB

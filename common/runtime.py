@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -34,6 +34,7 @@ from common.errors import SpoolError
 from common.messages import DaemonHeartbeat
 
 log = structlog.get_logger("spool.runtime")
+T = TypeVar("T")
 
 
 class Process:
@@ -188,7 +189,7 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, max(gen1, 20), max(gen2, 100))
 
 
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run a daemon's main coroutine on uvloop when it is installed (a dependency on Linux).
 
     Measured with ingest on the 2-core development machine: 437 -> 582 files/s from the event loop

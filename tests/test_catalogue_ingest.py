@@ -259,12 +259,14 @@ def _core_insert(conn: Connection, r: IngestRecord, now: datetime) -> None:
     conn.execute(s.events.insert(), [event | {"attempt": r.attempt, "storage": r.storage, "detail": detail}])
 
 
-def _raw_rows(conn: Connection, name: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
-    """Every row stored for one file as the driver returns it (``text()``: no type processing),
-    the file's name masked wherever it appears."""
-    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar_one()
+def raw_rows(
+    conn: Connection, name: str, queries: dict[str, str] = _RAW_QUERIES
+) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+    """Every row ``queries`` select for one file as the driver returns it (``text()``: no type
+    processing), the file's name masked wherever it appears."""
+    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar()
     out = {}
-    for table, sql in _RAW_QUERIES.items():
+    for table, sql in queries.items():
         rows = conn.execute(text(sql), {"id": fid, "name": name})
         out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
     return out
@@ -284,7 +286,7 @@ async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue:
 
     def compare(conn: Connection) -> None:
         _core_insert(conn, _awkward("file-by-core"), now)
-        by_driver, by_core = _raw_rows(conn, "file-by-driver"), _raw_rows(conn, "file-by-core")
+        by_driver, by_core = raw_rows(conn, "file-by-driver"), raw_rows(conn, "file-by-core")
         for table, rows in by_core.items():
             assert rows, table
             assert by_driver[table] == rows, table

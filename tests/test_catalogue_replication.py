@@ -12,14 +12,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, bindparam, func, or_, select, text, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from common.catalogue import Catalogue, CopyRecord, ReplicaTask, Source, policy, replication
 from common.catalogue import schema as s
 from common.catalogue.policy import Placement, Rule, endpoint_attributes
 from common.catalogue.sql import insert_ignore_sync, upsert_sync
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
-from tests.test_catalogue_ingest import _masked, statements  # noqa: F401
+from tests.test_catalogue_ingest import raw_rows, statements  # noqa: F401
 
 TABLE = {n: endpoint_attributes(n, e.kind, e.attributes) for n, e in ENDPOINTS.items()}
 TO_PIC = Rule("to-pic", endpoints="site=PIC", datasets=".*")
@@ -348,17 +348,6 @@ _RAW_QUERIES = {
 }
 
 
-def _raw_rows(conn: Connection, name: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
-    """Every row stored about one file as the driver returns it (``text()``: no type processing),
-    its name masked wherever it appears (see ``test_catalogue_ingest``)."""
-    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar()
-    out = {}
-    for table, sql in _RAW_QUERIES.items():
-        rows = conn.execute(text(sql), {"id": fid, "name": name})
-        out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
-    return out
-
-
 def _copy(
     name: str, storage: str = "disk2", pfn: str | None = None, request: str = "req", attempt: int = 2
 ) -> CopyRecord:
@@ -409,7 +398,7 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
     def compare(conn: Connection) -> None:
         _core_record_copies(conn, batch("core"), NOW)
         for drv, core in [*pairs, ("gone-drv", "gone-core")]:
-            by_driver, by_core = _raw_rows(conn, drv), _raw_rows(conn, core)
+            by_driver, by_core = raw_rows(conn, drv, _RAW_QUERIES), raw_rows(conn, core, _RAW_QUERIES)
             assert by_driver == {t: [tuple(_unmask(v, "drv", "core") for v in row) for row in rows]
                                  for t, rows in by_core.items()}, drv  # fmt: skip
             assert by_driver["requests"] and by_driver["events"], drv
@@ -456,7 +445,7 @@ async def test_driver_level_plan_rows_equal_the_rows_core_statements_wrote(
 
     def compare(conn: Connection) -> None:
         _core_plan_rows(conn, "p-core", [(SLOW, "disk2"), (ARCHIVE, "tape1")], NOW)
-        by_driver, by_core = _raw_rows(conn, "p-drv"), _raw_rows(conn, "p-core")
+        by_driver, by_core = raw_rows(conn, "p-drv", _RAW_QUERIES), raw_rows(conn, "p-core", _RAW_QUERIES)
         for table in ("replicas", "locks"):
             assert by_driver[table] == by_core[table], table
         assert len(by_driver["locks"]) == 2 and len(by_driver["replicas"]) == 3

@@ -475,7 +475,7 @@ class PosixStorage:
             except ValueError as exc:
                 raise Permanent("invalid_checksum", str(exc)) from None
         path = os.fspath(source)
-        if expected_size is not None and expected_size <= self.endpoint.batch_copy_bytes:
+        if expected_size is not None and self.batches_copy(expected_size, fsync):
             # Small and announced as small: copied with others in one thread hand-off (see
             # ``_batched``). A file larger than announced fails its size check right after fstat.
             return await self._batched(self._copy_sync, path, relpath, expected_size, expected, fsync)
@@ -968,7 +968,7 @@ class PosixStorage:
         return outcome  # type: ignore[no-any-return]
 
     def batches_copy(self, size: int, fsync: bool) -> bool:
-        """Whether ``copy_verified`` of ``size`` bytes goes in a batch of small operations. Not with
+        """Whether a copy of ``size`` bytes goes in a batch of small operations. Not with
         fsync: each fsync takes milliseconds, and a batch would hold every copy behind all of them."""
         return not fsync and size <= self.endpoint.batch_copy_bytes
 

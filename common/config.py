@@ -105,6 +105,10 @@ class StorageEndpoint(_Strict):
     batch_copy_bytes: int = Field(
         default=65536, ge=0, validation_alias=AliasChoices("batch_copy_bytes", "inline_copy_bytes")
     )
+    # Where those batches run. "process": a helper process of the daemon (common/storage/
+    # copy_process.py), so their system calls never wait for the event loop's GIL; "thread": a
+    # worker thread of the daemon (no extra process; tests that patch the copy code in-process).
+    small_copies: Literal["process", "thread"] = "process"
     # Replicator: copies written to this endpoint at once (its per-destination concurrency limit).
     max_transfers: int = Field(default=8, ge=1)
     # A copy that would leave less free space than this is refused as ``disk_full`` (a reserve for

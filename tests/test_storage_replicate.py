@@ -52,6 +52,15 @@ def storage(tmp_path: Path) -> Iterator[PosixStorage]:
 
 
 @pytest.fixture
+def threaded_storage(tmp_path: Path) -> Iterator[PosixStorage]:
+    """Batches of small copies in a worker thread, where a monkeypatch of ``posix`` reaches them
+    (the default, the copy process, imports its own)."""
+    s = PosixStorage("disk2", StorageEndpoint(root=tmp_path / "disk2", small_copies="thread"))
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def replica(tmp_path: Path) -> Callable[..., Path]:
     """Write a source replica on "another endpoint" (a directory beside the destination root)."""
     src_dir = tmp_path / "disk1" / "night1"
@@ -246,10 +255,11 @@ def corrupting_copy(src: int, dst: int, limit: int, cancelled: threading.Event) 
     return len(data)
 
 
-@pytest.mark.parametrize("size", [1024, 3 * MiB], ids=["inline", "thread"])
+@pytest.mark.parametrize("size", [1024, 3 * MiB], ids=["batched", "alone"])
 async def test_corrupted_destination_copy_is_retryable_checksum_mismatch(
-    storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, size: int
+    threaded_storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
+    storage = threaded_storage
     previous = os.urandom(100)
     await storage.copy_verified(
         replica(previous, "prev"), "d/f.dat", expected_size=100, expected_adler32=adler(previous)

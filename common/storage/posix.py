@@ -56,6 +56,7 @@ from common.batching import MicroBatcher
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
+from common.storage.copy_process import CopyProcess, Failed
 from common.storage.paths import _realpath, is_within, real_dir, resolve_inside
 
 T = TypeVar("T")
@@ -119,19 +120,14 @@ class _Aborted(Exception):
     """Raised inside the worker thread when the awaiting task was cancelled."""
 
 
-# Small operations gathered into one worker-thread call (``PosixStorage._batched``).
+# Small operations gathered into one hand-off (``PosixStorage._batched``): named, so that a batch
+# can go to the copy process as well as to a worker thread.
 SMALL_BATCH = 64
 _Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    """One operation of a batch that raised: handed back to its caller, not to the whole batch."""
-
-    error: Exception
-
-
-def _run_each(cancelled: threading.Event, jobs: Sequence[_Job]) -> list[Any]:
+def run_each(cancelled: threading.Event, jobs: Sequence[_Job]) -> list[Any]:
+    """Run a batch's operations one after another; one that raises becomes its own ``Failed``."""
     out: list[Any] = []
     for fn, args in jobs:
         try:
@@ -139,7 +135,7 @@ def _run_each(cancelled: threading.Event, jobs: Sequence[_Job]) -> list[Any]:
         except _Aborted:
             raise  # cancelled: the whole batch stops (each operation removed its temp file)
         except Exception as exc:
-            out.append(_Failed(exc))
+            out.append(Failed(exc))
     return out
 
 
@@ -413,7 +409,8 @@ class PosixStorage:
         self.io_threads = io_threads
         self.chunk_size = chunk_size
         self._executor: ThreadPoolExecutor | None = None
-        self._small: MicroBatcher[_Job, Any] | None = None
+        self._small: MicroBatcher[tuple[str, tuple[Any, ...]], Any] | None = None
+        self._copier: CopyProcess | None = None  # small_copies = "process": started on first use
         # Set by a caller limiting concurrent transfers to this endpoint (the replicator's
         # max_transfers): a batch of small operations, run one after another, holds one slot.
         self.transfer_slots: asyncio.Semaphore | None = None
@@ -478,7 +475,7 @@ class PosixStorage:
         if expected_size is not None and self.batches_copy(expected_size, fsync):
             # Small and announced as small: copied with others in one thread hand-off (see
             # ``_batched``). A file larger than announced fails its size check right after fstat.
-            return await self._batched(self._copy_sync, path, relpath, expected_size, expected, fsync)
+            return await self._batched("copy", path, relpath, expected_size, expected, fsync)
         return await self._in_thread(self._copy_sync, path, relpath, expected_size, expected, fsync)
 
     def _copy_sync(
@@ -616,7 +613,7 @@ class PosixStorage:
         if expected_size < 0:
             raise Permanent("invalid_size", f"expected size {expected_size} is negative")
         if self.batches_copy(expected_size, fsync):
-            return await self._batched(self._replicate_sync, source, relpath, expected_size, expected, fsync)
+            return await self._batched("replicate", source, relpath, expected_size, expected, fsync)
         return await self._in_thread(self._replicate_sync, source, relpath, expected_size, expected, fsync)
 
     def _replicate_sync(
@@ -856,7 +853,7 @@ class PosixStorage:
         """
         expected = _expected_adler32(expected_adler32)
         if expected_size <= self.endpoint.batch_copy_bytes:
-            return await self._batched(self._verify_sync, relpath, expected_size, expected)
+            return await self._batched("verify", relpath, expected_size, expected)
         return await self._in_thread(self._verify_sync, relpath, expected_size, expected)
 
     def _verify_sync(
@@ -951,32 +948,42 @@ class PosixStorage:
         return removed
 
     # --- threads -------------------------------------------------------------------------------
-    async def _batched(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(cancelled, *args)`` in a worker thread together with other small operations.
+    async def _batched(self, op: str, *args: object) -> Any:
+        """Run the small operation ``op`` (``"copy"``, ``"replicate"``, ``"verify"``) in a batch.
 
         Why: a 1 KiB copy is a dozen system calls, and file creation on a busy ext4 took 0.1-0.3 ms
         of them. Run on the event loop (as small copies once were), that kernel time stopped the
-        daemon's only Python thread; handed to a thread one by one, the hand-offs cost as much as
-        the copy. Gathered (every operation submitted while the previous batch runs goes in the
-        next one), the kernel work runs beside the event loop for one hand-off per batch.
+        daemon's only Python thread; handed over one by one, the hand-offs cost as much as the
+        copy. Gathered (every operation submitted while the previous batch runs goes in the next
+        one), the kernel work runs beside the event loop for one hand-off per batch: to the
+        endpoint's copy process (``small_copies = "process"``, see ``copy_process``), or to a
+        worker thread (``"thread"``), which must take the GIL back after every system call.
         """
         if self._small is None:
             self._small = MicroBatcher(self._run_small, max_size=SMALL_BATCH, max_wait=0)
-        outcome = await self._small.submit((fn, args))
-        if isinstance(outcome, _Failed):
+        outcome = await self._small.submit((op, args))
+        if isinstance(outcome, Failed):
             raise outcome.error
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     def batches_copy(self, size: int, fsync: bool) -> bool:
         """Whether a copy of ``size`` bytes goes in a batch of small operations. Not with
         fsync: each fsync takes milliseconds, and a batch would hold every copy behind all of them."""
         return not fsync and size <= self.endpoint.batch_copy_bytes
 
-    async def _run_small(self, jobs: Sequence[_Job]) -> list[Any]:
+    async def _run_small(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         if self.transfer_slots is None:
-            return await self._in_thread(_run_each, jobs)
+            return await self._run_batch(jobs)
         async with self.transfer_slots:
-            return await self._in_thread(_run_each, jobs)
+            return await self._run_batch(jobs)
+
+    async def _run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        if self.endpoint.small_copies == "process":
+            if self._copier is None:
+                self._copier = CopyProcess(self.name, self.endpoint, self.chunk_size)
+            return await self._copier.run(jobs)
+        ops = {"copy": self._copy_sync, "replicate": self._replicate_sync, "verify": self._verify_sync}
+        return await self._in_thread(run_each, [(ops[op], args) for op, args in jobs])
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(cancelled_event, *args)`` in this endpoint's pool; cancellation stops it early."""
@@ -996,8 +1003,12 @@ class PosixStorage:
             raise
 
     def close(self) -> None:
-        """Stop the worker threads (waits for running operations). The object stays usable."""
+        """Stop the worker threads and the copy process (waits for running operations). The object
+        stays usable: both start again on demand."""
         self._small = None  # bound to the event loop that made it
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

@@ -1,0 +1,255 @@
+"""The copy process (``common/storage/copy_process.py``) that runs an endpoint's small copies.
+
+Real processes throughout: the copier is found as a child of this process, stopped with SIGSTOP to
+hold a batch in flight, killed with SIGKILL, sent SIGTERM; and a daemon-like parent is killed to
+show the copier does not outlive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.config import StorageEndpoint
+from common.errors import Permanent, Retryable
+from common.storage import CopyResult, PosixStorage, is_temp_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def adler(data: bytes) -> str:
+    return f"{zlib.adler32(data):08x}"
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def landing(tmp_path: Path) -> Path:
+    d = tmp_path / "landing"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[PosixStorage]:
+    s = PosixStorage("disk1", StorageEndpoint(root=tmp_path / "disk1"))
+    assert s.endpoint.small_copies == "process"  # the default
+    yield s
+    s.close()
+
+
+def small_file(landing: Path, name: str, size: int = 1024) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = landing / name
+    path.write_bytes(data)
+    return path, data
+
+
+async def put(storage: PosixStorage, src: Path, data: bytes, relpath: str) -> CopyResult:
+    return await storage.put_from(
+        src, relpath, expected_size=len(data), expected_adler32=adler(data), fsync=False
+    )
+
+
+def copier_pid(storage: PosixStorage) -> int:
+    assert storage._copier is not None and storage._copier.pid is not None
+    return storage._copier.pid
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if is_temp_name(p.name)] if root.exists() else []
+
+
+async def test_small_copies_run_in_a_child_process_and_come_back_verified(
+    storage: PosixStorage, landing: Path
+) -> None:
+    files = [small_file(landing, f"f{i}.dat", 100 + i) for i in range(150)]
+    results = await asyncio.gather(*(put(storage, p, d, f"night/{p.name}") for p, d in files))
+    pid = copier_pid(storage)
+    assert pid != os.getpid()
+    assert os.readlink(f"/proc/{pid}/exe") == os.readlink("/proc/self/exe")
+    with open(f"/proc/{pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # our child
+    for (src, data), res in zip(files, results, strict=True):
+        assert res.pfn == f"night/{src.name}"
+        assert res.adler32 == adler(data) and res.size == len(data)
+        assert res.path.read_bytes() == data
+    # verify() of small files goes the same way, and says what is wrong.
+    assert (
+        await storage.verify("night/f0.dat", expected_size=100, expected_adler32=adler(files[0][1])) is None
+    )
+    assert await storage.verify("night/f0.dat", expected_size=100, expected_adler32="00000001") is not None
+    assert await storage.verify("night/none.dat", expected_size=100, expected_adler32="00000001") == "missing"
+    assert storage._copier is not None and storage._copier.started == 1
+
+
+async def test_errors_cross_the_process_boundary_with_their_class_and_reason(
+    storage: PosixStorage, landing: Path, tmp_path: Path
+) -> None:
+    good, data = small_file(landing, "good.dat")
+    bad_sum, bad_data = small_file(landing, "bad.dat")
+    outcomes = await asyncio.gather(
+        put(storage, good, data, "a/good.dat"),
+        storage.put_from(landing / "none.dat", "a/none.dat", expected_size=10, fsync=False),
+        storage.put_from(
+            bad_sum, "a/bad.dat", expected_size=len(bad_data), expected_adler32="00000001", fsync=False
+        ),
+        storage.put_from(good, "a/short.dat", expected_size=len(data) - 1, fsync=False),
+        storage.copy_verified(
+            tmp_path / "gone.dat", "a/gone.dat", expected_size=5, expected_adler32="1", fsync=False
+        ),
+        return_exceptions=True,
+    )
+    ok, missing, checksum, size, source = outcomes
+    assert isinstance(ok, CopyResult) and ok.adler32 == adler(data)
+    assert isinstance(missing, Permanent) and missing.reason == "file_missing"
+    assert isinstance(checksum, Permanent) and checksum.reason == "checksum_mismatch"
+    assert "expected 00000001" in checksum.message
+    assert isinstance(size, Permanent) and size.reason == "size_mismatch"
+    assert isinstance(source, Permanent) and source.reason == "source_missing"
+    assert temp_files(storage.root) == []
+
+
+async def test_a_copier_killed_between_batches_is_replaced(storage: PosixStorage, landing: Path) -> None:
+    src, data = small_file(landing, "a.dat")
+    await put(storage, src, data, "x/a.dat")
+    first = copier_pid(storage)
+    os.kill(first, signal.SIGKILL)
+    assert wait_gone(first)
+    res = await put(storage, src, data, "x/b.dat")
+    assert res.path.read_bytes() == data
+    assert copier_pid(storage) != first
+    assert storage._copier is not None and storage._copier.started == 2
+
+
+async def test_a_copier_killed_during_a_batch_fails_that_batch_as_retryable_only(
+    storage: PosixStorage, landing: Path
+) -> None:
+    src, data = small_file(landing, "a.dat")
+    await put(storage, src, data, "x/warm.dat")
+    pid = copier_pid(storage)
+    os.kill(pid, signal.SIGSTOP)  # the batch below is written to the pipe, never answered
+    batch = [asyncio.create_task(put(storage, src, data, f"x/held{i}.dat")) for i in range(5)]
+    await asyncio.sleep(0.3)
+    assert not any(t.done() for t in batch)
+    os.kill(pid, signal.SIGKILL)
+    outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 10)
+    for err in outcomes:
+        assert isinstance(err, Retryable), err
+        assert err.reason == "storage_io_error"
+        assert "copy process of disk1 exited" in err.message
+    res = await put(storage, src, data, "x/after.dat")  # the next batch gets a new copier
+    assert res.path.read_bytes() == data
+    assert copier_pid(storage) != pid
+
+
+async def test_a_cancelled_batch_does_not_answer_for_the_next_one(
+    storage: PosixStorage, landing: Path
+) -> None:
+    # The answers of a batch whose callers gave up stay in step: the next batch gets its own.
+    src, data = small_file(landing, "a.dat")
+    other, other_data = small_file(landing, "b.dat", 2048)
+    await put(storage, src, data, "x/warm.dat")
+    pid = copier_pid(storage)
+    os.kill(pid, signal.SIGSTOP)
+    given_up = [asyncio.create_task(put(storage, src, data, f"x/old{i}.dat")) for i in range(3)]
+    await asyncio.sleep(0.2)
+    for t in given_up:
+        t.cancel()
+    await asyncio.gather(*given_up, return_exceptions=True)
+    os.kill(pid, signal.SIGCONT)
+    res = await asyncio.wait_for(put(storage, other, other_data, "x/new.dat"), 10)
+    assert (res.pfn, res.size, res.adler32) == ("x/new.dat", 2048, adler(other_data))
+    assert copier_pid(storage) == pid
+
+
+async def test_sigterm_does_not_stop_the_copier_its_daemon_needs_it_to_drain(
+    storage: PosixStorage, landing: Path
+) -> None:
+    src, data = small_file(landing, "a.dat")
+    await put(storage, src, data, "x/a.dat")
+    pid = copier_pid(storage)
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    await asyncio.sleep(0.2)
+    assert alive(pid)
+    await put(storage, src, data, "x/b.dat")
+    assert copier_pid(storage) == pid
+
+
+async def test_close_ends_the_copier_and_the_storage_starts_another_on_demand(
+    storage: PosixStorage, landing: Path
+) -> None:
+    src, data = small_file(landing, "a.dat")
+    await put(storage, src, data, "x/a.dat")
+    pid = copier_pid(storage)
+    storage.close()
+    assert not alive(pid)  # exited and reaped by close itself
+    await put(storage, src, data, "x/b.dat")
+    assert copier_pid(storage) != pid
+
+
+async def test_thread_mode_starts_no_process(tmp_path: Path, landing: Path) -> None:
+    storage = PosixStorage("t", StorageEndpoint(root=tmp_path / "t", small_copies="thread"))
+    src, data = small_file(landing, "a.dat")
+    res = await put(storage, src, data, "x/a.dat")
+    assert res.path.read_bytes() == data
+    assert storage._copier is None
+    storage.close()
+
+
+def test_the_copier_dies_with_its_parent_killed_by_sigkill(tmp_path: Path, landing: Path) -> None:
+    # A daemon killed with SIGKILL must not leave its copier writing behind its successor.
+    src, data = small_file(landing, "a.dat")
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from common.storage import PosixStorage
+
+        async def main():
+            s = PosixStorage("d", {str(tmp_path / "d")!r})
+            await s.put_from({str(src)!r}, "a.dat", expected_size={len(data)}, fsync=False)
+            print(s._copier.pid, flush=True)
+            time.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait(10)
+        assert wait_gone(child), f"copier {child} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()

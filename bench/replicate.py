@@ -155,10 +155,34 @@ class Timing:
 
 
 def cpu_now() -> float:
-    """CPU seconds of this process (all threads) and of its finished children."""
+    """CPU seconds of this process (all threads) and of its children, finished or running (the
+    storage's copy process runs until the storage closes)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + running_children_cpu()
+
+
+def running_children_cpu() -> float:
+    """utime + stime of this process's live children, from /proc (0 where there is none)."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile: counted in RUSAGE_CHILDREN once reaped
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # A measurement copies ``ds`` into the (not yet existing) directory ``dest`` and times it.

@@ -15,6 +15,11 @@ duplicate (handled by idempotent handlers), never a loss. If the copy cannot be 
 gone) the original is left unacked and comes back after reconnecting. Acks are coalesced per
 channel (``common.bus.acks``): one frame for a run of finished deliveries, sent within
 milliseconds, and flushed when the runner drains.
+
+A consumer cancelled by the broker itself (its queue deleted by an operator, say) is logged as
+``consumer_cancelled_by_broker``; the runner then declares its daemon's queues and bindings again
+and consumes again, retrying with a backoff for as long as the broker refuses. Without this the
+daemon would go on running and sending heartbeats while receiving nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import asyncio
 import bisect
 import socket
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -42,7 +48,7 @@ from common.bus.acks import AckWindow
 from common.bus.publisher import AmqpPublisher, copy_of
 from common.bus.retry import UNEXPECTED, Decision, classify, decide
 from common.bus.service import Context, Service
-from common.bus.topology import work_queue_arguments
+from common.bus.topology import declare_topology, work_queue_arguments
 from common.config import Settings
 from common.errors import InvalidMessage, SpoolError
 from common.messages import FileFailed, Message
@@ -51,6 +57,13 @@ log = structlog.get_logger("spool.consumer")
 HOST = socket.gethostname()
 # Header values are truncated: a dead letter must stay small whatever the exception text.
 MAX_ERROR_TEXT = 2000
+# After the broker cancelled the consumer: first attempt to consume again after this many seconds,
+# doubling up to the maximum while the broker refuses. Never given up: exiting would not help, the
+# broker is what has to change (systemd restarts are for crashes).
+RECOVERY_DELAY = 1.0
+RECOVERY_MAX_DELAY = 30.0
+# A declaration that takes longer (broker unreachable meanwhile) counts as a failed attempt.
+RECOVERY_ATTEMPT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -61,6 +74,8 @@ class Stats:
     in_flight: int = 0
     # Malformed deliveries acked without a dead letter (services with ``on_malformed`` only).
     ignored: int = 0
+    # Consumers the broker cancelled (queue deleted, ...); each was re-created.
+    cancelled_by_broker: int = 0
     retried_by_reason: Counter[str] = field(default_factory=Counter)
     dead_by_reason: Counter[str] = field(default_factory=Counter)
     handling: HandlingTimes = field(default_factory=lambda: HandlingTimes())
@@ -144,6 +159,10 @@ class Runner:
         self._underlay: aiormq.abc.AbstractChannel | None = None
         self._acks: AckWindow | None = None
         self._tag: str | None = None
+        # One consumer per runner: start, reopen, recovery and stop take turns (see ``_consume``).
+        self._consume_lock = asyncio.Lock()
+        self._stopping = False
+        self._recovery: asyncio.Task[None] | None = None
         self._throttle = ReasonThrottle()
         self._log = structlog.get_logger(service.name)
 
@@ -163,10 +182,22 @@ class Runner:
         """Consume on the underlying aiormq channel: per delivery no aio-pika message object and no
         second task (aiormq already runs each delivery in a task of its own)."""
         underlay = await self.channel.get_underlay_channel()
-        self._underlay = underlay
-        self._acks = self._ack_window(underlay)
-        ok = await underlay.basic_consume(self.queue_name, self._deliver)
-        self._tag = ok.consumer_tag
+        # Under the lock, so a reopen and a recovery never create two consumers, and a stop never
+        # cancels a basic.consume half-way (aiormq closes the channel on a cancelled RPC).
+        async with self._consume_lock:
+            if self._stopping or (self._tag is not None and _has_consumer(underlay, self._tag)):
+                return
+            if self._acks is None or self._acks.channel is not underlay:
+                # Tags count per channel. On the same channel (consuming again after a broker
+                # cancel) the window goes on: a second one's multiple acks would cover the first's.
+                self._acks = self._ack_window(underlay)
+            self._underlay = underlay
+            # aiormq's hook for a Basic.Cancel sent by the broker (a set: added once per channel).
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            # The tag (aiormq's format) is known before the RPC: the broker's Basic.Cancel may be
+            # read right after the ConsumeOk, before this task resumes.
+            self._tag = f"ctag{underlay.number}.{uuid.uuid4().hex}"
+            await underlay.basic_consume(self.queue_name, self._deliver, consumer_tag=self._tag)
 
     def _ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
         return AckWindow(channel)
@@ -177,10 +208,88 @@ class Runner:
         if self._tag is not None:  # still meant to consume (not stopping)
             await self._consume()
 
-    async def stop_consuming(self) -> None:
-        if self._underlay is not None and self._tag is not None:
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """The broker cancelled a consumer of this channel. Called from aiormq's channel reader, so
+        the recovery runs in a task of its own: its RPCs need that reader."""
+        if self._stopping or frame.consumer_tag != self._tag:
+            return  # stopping, or a consumer this runner has replaced
+        self.stats.cancelled_by_broker += 1
+        log.error(
+            "consumer_cancelled_by_broker", queue=self.queue_name, daemon=self.service.name,
+            consumer_tag=frame.consumer_tag, in_flight=self.in_flight,
+        )  # fmt: skip
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Declare the daemon's queues again and consume, with a backoff, until it works or the
+        runner stops."""
+        delay = RECOVERY_DELAY
+        attempt = 1
+        while True:
+            # A pause first: whoever deleted the queue may be re-creating it, and the broker may
+            # still be removing it.
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
             try:
-                await self._underlay.basic_cancel(self._tag)
+                await self._declare_again()
+                await self._consume()
+            except Exception as exc:
+                delay = min(delay * 2, RECOVERY_MAX_DELAY)
+                log.error(
+                    "consumer_recovery_failed", queue=self.queue_name, daemon=self.service.name,
+                    attempt=attempt, retry_in=delay,
+                    error=exc.message if isinstance(exc, SpoolError) else repr(exc),
+                )  # fmt: skip
+                attempt += 1
+                continue
+            if self.consuming:  # else stopping meanwhile
+                log.info(
+                    "consumer_recovered", queue=self.queue_name, daemon=self.service.name, attempts=attempt
+                )
+            return
+
+    async def _declare_again(self) -> None:
+        """The daemon's exchange, queues and bindings, as at start (a deleted queue lost its
+        bindings too), and only its own: another daemon's queue deleted on purpose stays deleted.
+
+        On a plain channel of its own: a refusal (PRECONDITION_FAILED for a queue re-created with
+        other arguments) closes that channel, not the consuming one, and a robust channel would
+        reopen itself after it.
+        """
+        # aio-pika has no public way from a channel to its connection, and ``Process`` gives the
+        # runner only its channel.
+        connection = cast(aio_pika.Channel, self.channel)._connection
+        async with (
+            asyncio.timeout(RECOVERY_ATTEMPT_TIMEOUT),
+            aio_pika.Channel(connection, publisher_confirms=False) as channel,
+        ):
+            await declare_topology(channel, self.settings, [self.service.name])
+
+    @property
+    def consuming(self) -> bool:
+        """Whether a consumer of this runner is registered on its current channel."""
+        underlay, tag = self._underlay, self._tag
+        return (
+            underlay is not None
+            and tag is not None
+            and not underlay.is_closed
+            and _has_consumer(underlay, tag)
+        )
+
+    async def stop_consuming(self) -> None:
+        self._stopping = True
+        async with self._consume_lock:  # lets a basic.consume under way finish (see ``_consume``)
+            recovery, self._recovery = self._recovery, None
+            if recovery is not None:
+                recovery.cancel()
+        if recovery is not None:
+            await asyncio.gather(recovery, return_exceptions=True)
+        underlay, tag = self._underlay, self._tag
+        if underlay is not None and tag is not None and _has_consumer(underlay, tag):
+            try:
+                await underlay.basic_cancel(tag)
             except Exception as exc:  # broker already gone: nothing more will arrive anyway
                 log.warning("cancel_failed", queue=self.queue_name, error=repr(exc))
         self._tag = None
@@ -419,6 +528,12 @@ def _copy_with_headers(
             }
         )
     return copy_of(delivery.body, delivery.properties, headers)
+
+
+def _has_consumer(channel: aiormq.abc.AbstractChannel, tag: str) -> bool:
+    """``tag`` consumes on ``channel``. aiormq drops a tag from ``consumers`` (on its ``Channel``,
+    not the abstract one) when the broker cancels it."""
+    return tag in cast(aiormq.Channel, channel).consumers
 
 
 def _as_int(value: Any, default: int) -> int:

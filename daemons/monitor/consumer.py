@@ -14,10 +14,11 @@ context, and one ack frame written to the socket per message. So this runner:
 - publishes alerts from their own task (``MonitorResources.observe``), so a slow confirm never
   holds up counting.
 
-Consumption on the underlying aiormq channel, re-creation of the consumer after a reconnection
-and the final flush of acks on drain are the base ``Runner``'s. At-least-once holds as before: a
-message is acked only after it was counted; acks still pending when a channel dies are
-redelivered by the broker and counted again, as any redelivery always was.
+Consumption on the underlying aiormq channel, re-creation of the consumer after a reconnection or
+after the broker cancelled it (its queue deleted), and the final flush of acks on drain are the
+base ``Runner``'s. At-least-once holds as before: a message is acked only after it was counted;
+acks still pending when a channel dies are redelivered by the broker and counted again, as any
+redelivery always was.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Concurrent handlers each ``await batcher.submit(item)``. At most one batch runs at a time; items
 that arrive meanwhile wait and go together in the next batch as soon as the running one ends (or
-after ``max_wait`` when nothing is running, or at once when ``max_size`` items are waiting). So the
+after ``max_wait`` when nothing is running, or at once when ``max_size`` items are waiting).
+``concurrency=2`` lets a second batch start while one runs: for a consumer that serves batches in
+order anyway (a copy process), so its next batch is already there when it finishes one. So the
 busier the daemon, the larger the batches: with SQLite, one transaction registers hundreds of
 files instead of hundreds of transactions queueing for the single write lock.
 """
@@ -24,18 +26,20 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_size: int = 256,
         max_wait: float = 0.01,
+        concurrency: int = 1,
     ) -> None:
         self._func = func
         self._max_size = max_size
         self._max_wait = max_wait
+        self._concurrency = concurrency
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._running: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._running is None:
+        if len(self._running) < self._concurrency:
             if len(self._pending) >= self._max_size:
                 self._flush()
             elif self._timer is None:
@@ -46,10 +50,11 @@ class MicroBatcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._running is not None or not self._pending:
-            return  # the running batch flushes what waits when it ends
+        if len(self._running) >= self._concurrency or not self._pending:
+            return  # a running batch flushes what waits when it ends
         batch, self._pending = self._pending[: self._max_size], self._pending[self._max_size :]
-        self._running = asyncio.create_task(self._run(batch))
+        task = asyncio.create_task(self._run(batch))
+        self._running.add(task)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
@@ -67,12 +72,12 @@ class MicroBatcher(Generic[T, R]):
                 if not fut.done():
                     fut.set_result(result)
         finally:
-            self._running = None
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             if self._pending:
                 self._flush()  # group commit: what arrived meanwhile goes now, without waiting
 
     async def close(self) -> None:
         """Flush what is pending and wait until every batch has run (after handlers drained)."""
         self._flush()
-        while self._running is not None:
-            await asyncio.gather(self._running, return_exceptions=True)
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)

@@ -163,7 +163,7 @@ async def test_a_copier_killed_during_a_batch_fails_that_batch_as_retryable_only
     for err in outcomes:
         assert isinstance(err, Retryable), err
         assert err.reason == "storage_io_error"
-        assert "copy process of disk1 exited" in err.message
+        assert "copy process of disk1 failed" in err.message and "exited with code -9" in err.message
     res = await put(storage, src, data, "x/after.dat")  # the next batch gets a new copier
     assert res.path.read_bytes() == data
     assert copier_pid(storage) != pid
@@ -253,3 +253,23 @@ def test_the_copier_dies_with_its_parent_killed_by_sigkill(tmp_path: Path, landi
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+async def test_batches_sent_before_earlier_ones_are_answered_get_their_own_answers(
+    storage: PosixStorage, landing: Path
+) -> None:
+    files = [small_file(landing, f"f{i}.dat", 200 + i) for i in range(9)]
+    await put(storage, *files[0], "x/warm.dat")
+    pid = copier_pid(storage)
+    os.kill(pid, signal.SIGSTOP)  # batches pile up in the pipe (two sent, the rest waiting)
+    groups = []
+    for g in range(3):
+        groups.append(
+            [asyncio.create_task(put(storage, p, d, f"x/{g}/{p.name}")) for p, d in files[g * 3 : g * 3 + 3]]
+        )
+        await asyncio.sleep(0.1)  # a batch of its own
+    os.kill(pid, signal.SIGCONT)
+    for g, tasks in enumerate(groups):
+        for (src, data), res in zip(files[g * 3 : g * 3 + 3], await asyncio.gather(*tasks), strict=True):
+            assert (res.pfn, res.size, res.adler32) == (f"x/{g}/{src.name}", len(data), adler(data))
+    assert copier_pid(storage) == pid

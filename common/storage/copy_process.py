@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,7 +76,12 @@ def _frame(obj: Any) -> bytes:
 
 # --- parent side ---------------------------------------------------------------------------------
 class CopyProcess:
-    """The parent's handle on one copy process; ``run`` sends a batch and returns its outcomes."""
+    """The parent's handle on one copy process; ``run`` sends a batch and returns its outcomes.
+
+    Batches may be sent while earlier ones are still being served (the process keeps its stdin's
+    order, and one reader task pairs each answer with the oldest batch waiting), so the next batch
+    is already in the pipe when the process finishes one.
+    """
 
     def __init__(self, name: str, endpoint: Any, chunk_size: int) -> None:
         self._hello = {"name": name, "endpoint": endpoint.model_dump(mode="json"), "chunk_size": chunk_size}
@@ -83,7 +89,11 @@ class CopyProcess:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_transport: asyncio.BaseTransport | None = None
-        self._lock = asyncio.Lock()
+        self._answers: asyncio.Task[None] | None = None
+        # Batches sent and not answered yet, oldest first: (their answer, how many jobs).
+        self._waiting: deque[tuple[asyncio.Future[list[Any]], int]] = deque()
+        self._send_lock = asyncio.Lock()
+        self._writes: set[asyncio.Task[None]] = set()
         self.started = 0  # processes started so far (a restart after a death counts)
 
     @property
@@ -93,29 +103,62 @@ class CopyProcess:
     async def run(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Outcomes of ``jobs`` (``[operation, args]``): values, ``CopyResult``s or ``Failed``.
 
-        Cancelling the caller does not cut the exchange short (the answer would stay in the pipe
-        and be read as the next batch's): the batch finishes in the background, as a copy already
+        Cancelling the caller does not cut the exchange short (the answer is still read, so it is
+        never taken for another batch's): the batch finishes in the background, as a copy already
         in the kernel would.
         """
-        return await asyncio.shield(asyncio.ensure_future(self._exchange(jobs)))
+        return await asyncio.shield(self._send(jobs))
 
-    async def _exchange(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        async with self._lock:
+    def _send(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> asyncio.Future[list[Any]]:
+        answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        writing = asyncio.ensure_future(self._write(jobs, answer))
+        self._writes.add(writing)  # a reference, so the task is not collected while it runs
+        writing.add_done_callback(self._writes.discard)
+        return answer
+
+    async def _write(
+        self, jobs: Sequence[tuple[str, Sequence[Any]]], answer: asyncio.Future[list[Any]]
+    ) -> None:
+        async with self._send_lock:
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     await self._start()
-                assert self._reader is not None and self._writer is not None
+                assert self._writer is not None
+                self._waiting.append((answer, len(jobs)))
                 self._writer.write(_frame([[op, list(args)] for op, args in jobs]))
                 await self._writer.drain()
-                outcomes = await self._read()
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                why = self._stop(f"{type(exc).__name__}: {exc}")
-                error = Retryable("storage_io_error", f"the copy process of {self._hello['name']} {why}")
-                return [Failed(error) for _ in jobs]
-            if len(outcomes) != len(jobs):  # a protocol bug: never pair answers with the wrong copies
-                self._stop("answered out of step")
-                raise RuntimeError(f"copy process answered {len(outcomes)} outcomes for {len(jobs)} jobs")
-            return [_decode(o) for o in outcomes]
+                self._fail(f"{type(exc).__name__}: {exc}", extra=answer, jobs=len(jobs))
+            except Exception as exc:  # a bug: its callers hear of it rather than wait for ever
+                if not answer.done():
+                    answer.set_exception(exc)
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                outcomes = await self._read()
+                answer, jobs = self._waiting.popleft()
+                if len(outcomes) != jobs:  # a protocol bug: never pair answers with the wrong copies
+                    self._fail("answered out of step", extra=answer, jobs=jobs)
+                    return
+                if not answer.done():
+                    answer.set_result([_decode(o) for o in outcomes])
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug (an answer that does not decode): nobody waits for ever
+            self._fail(f"unreadable answer: {type(exc).__name__}: {exc}")
+
+    def _fail(self, why: str, *, extra: asyncio.Future[list[Any]] | None = None, jobs: int = 0) -> None:
+        """The process is gone or out of step: every batch waiting fails, each copy ``Retryable``."""
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        if extra is not None and all(extra is not a for a, _ in waiting):
+            waiting.append((extra, jobs))
+        what = self._stop(why, from_reader=asyncio.current_task() is self._answers)
+        error = Retryable("storage_io_error", f"the copy process of {self._hello['name']} {what}")
+        for answer, n in waiting:
+            if not answer.done():
+                answer.set_result([Failed(error) for _ in range(n)])
 
     async def _read(self) -> Any:
         assert self._reader is not None
@@ -140,10 +183,14 @@ class CopyProcess:
         answer = await asyncio.wait_for(self._read(), START_TIMEOUT)
         if answer != "ready":
             raise EOFError(f"unexpected greeting {answer!r}")
+        self._answers = asyncio.ensure_future(self._read_answers())
 
-    def _stop(self, why: str) -> str:
+    def _stop(self, why: str, *, from_reader: bool = False) -> str:
         """Close the pipes and make sure the process is gone; returns what happened, for errors."""
         proc, self._proc = self._proc, None
+        answers, self._answers = self._answers, None
+        if answers is not None and not from_reader:
+            answers.cancel()
         transports = [self._writer.transport if self._writer else None, self._read_transport]
         self._reader = self._writer = self._read_transport = None
         for transport in transports:
@@ -155,19 +202,17 @@ class CopyProcess:
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:  # now, not on the loop's next turn: EOF tells the child to exit
                 pipe.close()
-        if proc.poll() is None:
-            try:
-                proc.wait(timeout=2)  # stdin closed: it exits after its current operation
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            return why
-        code = proc.returncode
-        return f"exited (code {code}) during the batch" if code is not None else why
+        try:
+            code = proc.wait(timeout=2)  # stdin closed: it exits after its current operation
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        return f"failed ({why}; the process exited with code {code})"
 
     def close(self) -> None:
         """Let the process exit (EOF on its stdin) and reap it. Call with no batch in flight."""
         self._stop("closed")
+        self._waiting.clear()
 
 
 def _spawn() -> subprocess.Popen[bytes]:

@@ -123,6 +123,7 @@ class _Aborted(Exception):
 # Small operations gathered into one hand-off (``PosixStorage._batched``): named, so that a batch
 # can go to the copy process as well as to a worker thread.
 SMALL_BATCH = 64
+PIPELINED_BATCHES = 2  # batches sent to a copy process before the first is answered
 _Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
@@ -960,7 +961,12 @@ class PosixStorage:
         worker thread (``"thread"``), which must take the GIL back after every system call.
         """
         if self._small is None:
-            self._small = MicroBatcher(self._run_small, max_size=SMALL_BATCH, max_wait=0)
+            # The copy process serves batches in order: a second one sent meanwhile keeps it busy.
+            # Worker threads would run two at once, and fight the event loop for the GIL.
+            pipelined = PIPELINED_BATCHES if self.endpoint.small_copies == "process" else 1
+            self._small = MicroBatcher(
+                self._run_small, max_size=SMALL_BATCH, max_wait=0, concurrency=pipelined
+            )
         outcome = await self._small.submit((op, args))
         if isinstance(outcome, Failed):
             raise outcome.error

@@ -78,9 +78,12 @@ class AmqpPublisher:
         try:
             # The robust channel's current aiormq channel (a new one after a reconnection).
             channel = await self._channel.get_underlay_channel()
+            # wait=False: not also a future for "written to the socket"; the broker's confirm is
+            # what counts, and a channel that dies first fails it (raised below).
             confirmation = await channel.basic_publish(
-                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True
-            )
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True,
+                wait=False,
+            )  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:  # returned as unroutable (or nacked)
             raise Retryable("unroutable", f"broker returned {routing_key!r}: {exc}") from None
         except (

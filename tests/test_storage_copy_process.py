@@ -82,6 +82,13 @@ def copier_pid(storage: PosixStorage) -> int:
     return storage._copier.pid
 
 
+async def started_copier(storage: PosixStorage, landing: Path) -> tuple[Path, bytes, int]:
+    """One small copy made, so the copier runs: (its source, the bytes, the copier's pid)."""
+    src, data = small_file(landing, "a.dat")
+    await put(storage, src, data, "x/warm.dat")
+    return src, data, copier_pid(storage)
+
+
 def temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if is_temp_name(p.name)] if root.exists() else []
 
@@ -137,9 +144,7 @@ async def test_errors_cross_the_process_boundary_with_their_class_and_reason(
 
 
 async def test_a_copier_killed_between_batches_is_replaced(storage: PosixStorage, landing: Path) -> None:
-    src, data = small_file(landing, "a.dat")
-    await put(storage, src, data, "x/a.dat")
-    first = copier_pid(storage)
+    src, data, first = await started_copier(storage, landing)
     os.kill(first, signal.SIGKILL)
     assert wait_gone(first)
     res = await put(storage, src, data, "x/b.dat")
@@ -151,9 +156,7 @@ async def test_a_copier_killed_between_batches_is_replaced(storage: PosixStorage
 async def test_a_copier_killed_during_a_batch_fails_that_batch_as_retryable_only(
     storage: PosixStorage, landing: Path
 ) -> None:
-    src, data = small_file(landing, "a.dat")
-    await put(storage, src, data, "x/warm.dat")
-    pid = copier_pid(storage)
+    src, data, pid = await started_copier(storage, landing)
     os.kill(pid, signal.SIGSTOP)  # the batch below is written to the pipe, never answered
     batch = [asyncio.create_task(put(storage, src, data, f"x/held{i}.dat")) for i in range(5)]
     await asyncio.sleep(0.3)
@@ -173,10 +176,8 @@ async def test_a_cancelled_batch_does_not_answer_for_the_next_one(
     storage: PosixStorage, landing: Path
 ) -> None:
     # The answers of a batch whose callers gave up stay in step: the next batch gets its own.
-    src, data = small_file(landing, "a.dat")
+    src, data, pid = await started_copier(storage, landing)
     other, other_data = small_file(landing, "b.dat", 2048)
-    await put(storage, src, data, "x/warm.dat")
-    pid = copier_pid(storage)
     os.kill(pid, signal.SIGSTOP)
     given_up = [asyncio.create_task(put(storage, src, data, f"x/old{i}.dat")) for i in range(3)]
     await asyncio.sleep(0.2)
@@ -192,9 +193,7 @@ async def test_a_cancelled_batch_does_not_answer_for_the_next_one(
 async def test_sigterm_does_not_stop_the_copier_its_daemon_needs_it_to_drain(
     storage: PosixStorage, landing: Path
 ) -> None:
-    src, data = small_file(landing, "a.dat")
-    await put(storage, src, data, "x/a.dat")
-    pid = copier_pid(storage)
+    src, data, pid = await started_copier(storage, landing)
     os.kill(pid, signal.SIGTERM)
     os.kill(pid, signal.SIGINT)
     await asyncio.sleep(0.2)
@@ -206,9 +205,7 @@ async def test_sigterm_does_not_stop_the_copier_its_daemon_needs_it_to_drain(
 async def test_close_ends_the_copier_and_the_storage_starts_another_on_demand(
     storage: PosixStorage, landing: Path
 ) -> None:
-    src, data = small_file(landing, "a.dat")
-    await put(storage, src, data, "x/a.dat")
-    pid = copier_pid(storage)
+    src, data, pid = await started_copier(storage, landing)
     storage.close()
     assert not alive(pid)  # exited and reaped by close itself
     await put(storage, src, data, "x/b.dat")

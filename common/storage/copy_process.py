@@ -55,7 +55,12 @@ from common.errors import Permanent, Retryable, SpoolError
 
 HEADER = 4
 OPERATIONS = ("copy", "replicate", "verify")
-CHILD_COMMAND = "from common.storage.copy_process import main; main()"
+# The child imports ``common`` from where this process did (a source checkout run from elsewhere,
+# say), added to its path only when missing: PYTHONPATH would put it before the standard library.
+CHILD_COMMAND = (
+    "import sys; root = sys.argv[2]; root in sys.path or sys.path.insert(0, root); "
+    "from common.storage.copy_process import main; main()"
+)
 START_TIMEOUT = 30.0  # seconds for the child to import and answer "ready" (a loaded machine)
 _IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
 
@@ -216,15 +221,11 @@ class CopyProcess:
 
 
 def _spawn() -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    # The child imports ``common`` from where this process did, whatever its working directory.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_IMPORT_ROOT, env.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
         # -c, not -m: run as __main__ this module would be a second copy of itself.
-        [sys.executable, "-c", CHILD_COMMAND, str(os.getpid())],
+        [sys.executable, "-c", CHILD_COMMAND, str(os.getpid()), _IMPORT_ROOT],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
         close_fds=True,
     )
 

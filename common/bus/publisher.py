@@ -10,7 +10,7 @@ round trip per message in sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aio_pika
 import aiormq
@@ -80,7 +80,7 @@ class AmqpPublisher:
             channel = await self._channel.get_underlay_channel()
             # wait=False: not also a future for "written to the socket"; the broker's confirm is
             # what counts, and a channel that dies first fails it (raised below).
-            confirmation = await channel.basic_publish(
+            confirmation = await cast(aiormq.Channel, channel).basic_publish(  # ``wait``: not in the ABC
                 body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True,
                 wait=False,
             )  # fmt: skip

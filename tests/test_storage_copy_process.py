@@ -270,3 +270,27 @@ async def test_batches_sent_before_earlier_ones_are_answered_get_their_own_answe
         for (src, data), res in zip(files[g * 3 : g * 3 + 3], await asyncio.gather(*tasks), strict=True):
             assert (res.pfn, res.size, res.adler32) == (f"x/{g}/{src.name}", len(data), adler(data))
     assert copier_pid(storage) == pid
+
+
+async def test_a_copier_found_dead_before_its_eof_is_read_still_fails_what_it_owed(
+    storage: PosixStorage, landing: Path
+) -> None:
+    # Whichever comes first, the reader's EOF or the next batch finding the process gone, the batch
+    # the dead process owed fails as retryable and the next one is copied by a new process.
+    src, data, pid = await started_copier(storage, landing)
+    os.kill(pid, signal.SIGSTOP)
+    owed = asyncio.create_task(put(storage, src, data, "x/owed.dat"))
+    await asyncio.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)  # blocking: the event loop has not seen the EOF yet
+    # Straight to the copy process: its write is queued before the loop next reads the pipe.
+    assert storage._copier is not None
+    after = asyncio.ensure_future(
+        storage._copier.run([("copy", (str(src), "x/after.dat", len(data), adler(data), False))])
+    )
+    with pytest.raises(Retryable) as err:
+        await asyncio.wait_for(owed, 10)
+    assert err.value.reason == "storage_io_error"
+    [result] = await asyncio.wait_for(after, 10)
+    assert isinstance(result, CopyResult) and result.path.read_bytes() == data
+    assert copier_pid(storage) != pid

@@ -7,8 +7,8 @@ mostly waiting for the GIL: it set the daemon's pace. A process has its own inte
 loop only packs a batch, writes it to a pipe and reads the answers back.
 
 One process per endpoint (``PosixStorage`` starts it on its first batch, ``small_copies =
-"process"``), one batch at a time. The protocol on its stdin / stdout is length-prefixed msgpack
-frames (4 bytes big-endian, then the body):
+"process"``), serving batches in the order they arrive; two may be in the pipe at once. The
+protocol on its stdin / stdout is length-prefixed msgpack frames (4 bytes big-endian, then the body):
 
 - first the parent sends ``{"name", "endpoint", "chunk_size"}``, the child answers ``"ready"``;
 - then each request is a list of ``[operation, args]`` (operations: ``OPERATIONS``), answered by a
@@ -171,7 +171,9 @@ class CopyProcess:
         return msgpack.unpackb(await self._reader.readexactly(int.from_bytes(head, "big")), raw=False)
 
     async def _start(self) -> None:
-        self._stop("was replaced")
+        if self._proc is not None or self._waiting:
+            # Found dead before its reader saw the EOF: what it still owed fails, as on the EOF.
+            self._fail("exited")
         # In a thread: fork and exec take milliseconds, which the event loop should not wait out.
         self._proc = proc = await asyncio.to_thread(_spawn)
         self.started += 1

@@ -4,7 +4,7 @@ One run measures, on the same broker with the same client settings:
 
 1. **raw round trip**: N CloudEvent-sized messages published exactly as ``spool ingest`` publishes
    (``common.bus.external.publish_cloudevents``: persistent, mandatory, confirms pipelined in
-   windows) to a durable quorum queue, consumed by a separate process with the daemon's prefetch,
+   a sliding window) to a durable quorum queue, consumed by a separate process with the daemon's prefetch,
    acking each message; timed from the first publish to the last ack;
 2. **Spool ingest**: N small files written to a landing area (not timed), their ``file.ready``
    CloudEvents (size and adler32 included) published the same way, the ingest daemon running as a

@@ -275,8 +275,8 @@ async def test_batches_sent_before_earlier_ones_are_answered_get_their_own_answe
 async def test_a_copier_found_dead_before_its_eof_is_read_still_fails_what_it_owed(
     storage: PosixStorage, landing: Path
 ) -> None:
-    # Whichever comes first, the reader's EOF or the next batch finding the process gone, the batch
-    # the dead process owed fails as retryable and the next one is copied by a new process.
+    # The next batch finds the process gone before the reader has seen its EOF: the batch the dead
+    # process owed still fails as retryable (it used to wait for ever), and a new process copies.
     src, data, pid = await started_copier(storage, landing)
     os.kill(pid, signal.SIGSTOP)
     owed = asyncio.create_task(put(storage, src, data, "x/owed.dat"))

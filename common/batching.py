@@ -2,11 +2,12 @@
 
 Concurrent handlers each ``await batcher.submit(item)``. At most one batch runs at a time; items
 that arrive meanwhile wait and go together in the next batch as soon as the running one ends (or
-after ``max_wait`` when nothing is running, or at once when ``max_size`` items are waiting).
-``concurrency=2`` lets a second batch start while one runs: for a consumer that serves batches in
-order anyway (a copy process), so its next batch is already there when it finishes one. So the
+after ``max_wait`` when nothing is running, or at once when ``max_size`` items are waiting). So the
 busier the daemon, the larger the batches: with SQLite, one transaction registers hundreds of
 files instead of hundreds of transactions queueing for the single write lock.
+
+``concurrency=2`` lets a second batch start while one runs: for a consumer that serves batches in
+order anyway (a copy process), so its next batch is already there when it finishes one.
 """
 
 from __future__ import annotations

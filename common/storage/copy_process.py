@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -293,11 +293,7 @@ def serve(stream_in: BinaryIO, stream_out: BinaryIO) -> None:
         hello["name"], StorageEndpoint.model_validate(hello["endpoint"]), chunk_size=hello["chunk_size"]
     )
     never = threading.Event()  # a batch is not cancelled midway: it is a few milliseconds long
-    ops: dict[str, Callable[..., Any]] = {
-        "copy": storage._copy_sync,
-        "replicate": lambda c, source, *a: storage._replicate_sync(c, Path(source), *a),
-        "verify": storage._verify_sync,
-    }
+    ops = storage.small_operations
     stream_out.write(_frame("ready"))
     stream_out.flush()
     while True:

@@ -267,7 +267,7 @@ def _buffer(size: int) -> mmap.mmap:
     return buf
 
 
-def _replica_source_error(exc: OSError, path: Path) -> SpoolError:
+def _replica_source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
     """Like ``_source_error``, with reason codes the replicator can tell from destination ones."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent(SOURCE_MISSING, f"source replica {path} does not exist")
@@ -412,6 +412,13 @@ class PosixStorage:
         self._executor: ThreadPoolExecutor | None = None
         self._small: MicroBatcher[tuple[str, tuple[Any, ...]], Any] | None = None
         self._copier: CopyProcess | None = None  # small_copies = "process": started on first use
+        # The operations a batch of small ones may hold, by the name a batch (and the copy
+        # process, which runs this same table on its own instance) knows them by.
+        self.small_operations: dict[str, Callable[..., Any]] = {
+            "copy": self._copy_sync,
+            "replicate": self._replicate_sync,
+            "verify": self._verify_sync,
+        }
         # Set by a caller limiting concurrent transfers to this endpoint (the replicator's
         # max_transfers): a batch of small operations, run one after another, holds one slot.
         self.transfer_slots: asyncio.Semaphore | None = None
@@ -474,8 +481,8 @@ class PosixStorage:
                 raise Permanent("invalid_checksum", str(exc)) from None
         path = os.fspath(source)
         if expected_size is not None and self.batches_copy(expected_size, fsync):
-            # Small and announced as small: copied with others in one thread hand-off (see
-            # ``_batched``). A file larger than announced fails its size check right after fstat.
+            # Small and announced as small: copied with others in one hand-off (see ``_batched``).
+            # A file larger than announced fails its size check right after fstat.
             return await self._batched("copy", path, relpath, expected_size, expected, fsync)
         return await self._in_thread(self._copy_sync, path, relpath, expected_size, expected, fsync)
 
@@ -588,8 +595,8 @@ class PosixStorage:
         there. Nothing is left under a temporary name on failure or cancellation.
 
         Copies run in the endpoint's worker threads (cancelling stops them at the next chunk);
-        small ones (``batch_copy_bytes``) not fsync-ed go several to a thread hand-off, as
-        ``put_from``'s do.
+        small ones (``batch_copy_bytes``) not fsync-ed go several to one hand-off (the endpoint's
+        copy process by default), as ``put_from``'s do.
         With ``fsync=False`` a copy of ``EARLY_WRITEBACK_BYTES`` or more starts its own writeback.
 
         Errors (``SpoolError``; the reason says which side is at fault, see ``SOURCE_REASONS`` and
@@ -620,7 +627,7 @@ class PosixStorage:
     def _replicate_sync(
         self,
         cancelled: threading.Event,
-        source: Path,
+        source: str | os.PathLike[str],
         relpath: str,
         expected_size: int,
         expected_adler32: str,
@@ -660,7 +667,7 @@ class PosixStorage:
         self,
         cancelled: threading.Event,
         src: int,
-        source: Path,
+        source: str | os.PathLike[str],
         dest: Path,
         expected_size: int,
         expected_adler32: str,
@@ -718,7 +725,13 @@ class PosixStorage:
                 self._pending_bytes -= size
 
     def _fill(
-        self, cancelled: threading.Event, src: int, dst: int, source: Path, dest: Path, size: int
+        self,
+        cancelled: threading.Event,
+        src: int,
+        dst: int,
+        source: str | os.PathLike[str],
+        dest: Path,
+        size: int,
     ) -> None:
         """Copy the source into the temporary file: by the kernel, by read/write where it cannot."""
         # Exactly the expected bytes: a source grown since its fstat still yields a good copy of
@@ -766,7 +779,7 @@ class PosixStorage:
         self,
         cancelled: threading.Event,
         src: int,
-        source: Path,
+        source: str | os.PathLike[str],
         dest: Path,
         size: int,
         adler: str,
@@ -988,7 +1001,7 @@ class PosixStorage:
             if self._copier is None:
                 self._copier = CopyProcess(self.name, self.endpoint, self.chunk_size)
             return await self._copier.run(jobs)
-        ops = {"copy": self._copy_sync, "replicate": self._replicate_sync, "verify": self._verify_sync}
+        ops = self.small_operations
         return await self._in_thread(run_each, [(ops[op], args) for op, args in jobs])
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:

@@ -137,14 +137,36 @@ class ReplicaRequest(Message):
         return [self.name] if self.name is not None else list(self.names)
 
 
-class ReplicaCreated(Message):
-    ROUTING_KEY: ClassVar[str] = "replica.created"
+class CreatedCopy(BaseModel):
+    """One verified copy announced by ``replica.created``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    storage: str
     pfn: str
     size: int
     adler32: str
+
+
+class ReplicaCreated(Message):
+    """Event: verified copies on ``storage``, durable and recorded ``available``.
+
+    One event per ``replica.request``: a bulk request's copies are announced together, so
+    ``copies`` lists one entry per file (one entry for a single-file request). One message per
+    few hundred copies, not one per copy, is what lets the bus keep up with small files: each
+    event is confirmed by the monitor's quorum queue. A redelivered request announces its copies
+    again; a consumer keys on (name, storage), not on the event id.
+    """
+
+    ROUTING_KEY: ClassVar[str] = "replica.created"
+
+    storage: str
+    copies: list[CreatedCopy] = Field(min_length=1, max_length=10_000)
+
+    @property
+    def size(self) -> int:
+        """Bytes of every copy announced."""
+        return sum(c.size for c in self.copies)
 
 
 class TapeArchive(Message):

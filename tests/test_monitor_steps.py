@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from common.messages import (
     AlertRaised,
+    CreatedCopy,
     DaemonHeartbeat,
     EndpointPaused,
     FileFailed,
@@ -153,12 +154,17 @@ def test_the_monitors_own_alerts_are_not_failures(state: MonitorState) -> None:
     assert len(state.failure_groups()) == 1 and state.events["alert.raised"] == 1
 
 
+def copy(name: str, size: int) -> CreatedCopy:
+    return CreatedCopy(name=name, pfn=name, size=size, adler32="00000001")
+
+
 def test_events_and_moved_bytes_are_counted_by_type_and_storage(state: MonitorState) -> None:
     state.observe(FileIngested(name="a", dataset="d", size=100, adler32="00000001", storage="disk1", pfn="a"))
-    state.observe(ReplicaCreated(name="a", storage="disk2", pfn="a", size=100, adler32="00000001"))
-    state.observe(ReplicaCreated(name="b", storage="disk2", pfn="b", size=50, adler32="00000001"))
+    state.observe(ReplicaCreated(storage="disk2", copies=[copy("a", 100)]))
+    # A bulk request's copies arrive in one event: every copy's bytes count.
+    state.observe(ReplicaCreated(storage="disk2", copies=[copy("b", 50), copy("c", 25)]))
     assert state.events == {"file.ingested": 1, "replica.created": 2}
-    assert state.moved_bytes == {("file.ingested", "disk1"): 100, ("replica.created", "disk2"): 150}
+    assert state.moved_bytes == {("file.ingested", "disk1"): 100, ("replica.created", "disk2"): 175}
 
 
 def test_malformed_messages_are_counted_by_reason_with_the_last_one_kept(state: MonitorState) -> None:

@@ -69,13 +69,15 @@ async def test_config_rule_places_one_verified_copy_per_file_spread_over_matchin
     for src, content in files:
         name = name_of(settings, src)
         assert on_disk(settings, placed[name][0], name) == content
-    events = []
+    announced = []  # (storage, copy) of every replica.created; a bulk request's copies in one
     while (m := await created.get(fail=False)) is not None:
-        events.append(msgpack.unpackb(m.body))
+        event = msgpack.unpackb(m.body)
+        announced += [(event["storage"], c) for c in event["copies"]]
     # At least one announcement per copy (a request repeated while the rule was first evaluated
-    # is answered by verifying the copy and announcing it again).
-    assert {e["name"] for e in events} == set(placed)
-    assert {e["adler32"] for e in events} == {adler(c) for _, c in files}
+    # is answered by verifying the copy and announcing it again), each naming where it is.
+    assert {c["name"] for _, c in announced} == set(placed)
+    assert all(storage == placed[c["name"]][0] for storage, c in announced)
+    assert {c["adler32"] for _, c in announced} == {adler(c) for _, c in files}
     assert temp_files(settings.storage["disk2"].root) == []
     assert await queue_depth(broker, settings.dead_queue("replicator")) == 0
     # `spool show` lists the replicas with their states; `spool rse list` counts them.
@@ -352,10 +354,20 @@ async def test_bulk_request_copies_together_and_a_bad_file_continues_alone(tmp_p
     async with running(SERVICES, settings):
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _copies(settings, 5, "disk2"), timeout=60)
+        channel = await broker.channel()
+        created_events = await channel.declare_queue(exclusive=True)
+        await created_events.bind(settings.bus.exchange, "replica.created")
         bulk = ReplicaRequest(names=[*names[:2], "no/such/file"], destination="disk2")
         await publish_raw(broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack")
         await wait_for(lambda: _dead(broker, settings, 1), timeout=30)
-    channel = await broker.channel()
+    # The bulk request's two copies are announced in one event; the bad file is not in any.
+    events = []
+    while (m := await created_events.get(fail=False)) is not None:
+        events.append(msgpack.unpackb(m.body))
+    listed = [sorted(c["name"] for c in e["copies"]) for e in events]
+    assert listed.count(sorted(names[:2])) == 1, listed
+    assert not any("no/such/file" in names_ for names_ in listed)
+    assert all(e["storage"] == "disk2" for e in events)
     dead = await (await channel.get_queue(settings.dead_queue("replicator"))).get(fail=False)
     assert dead is not None
     body = msgpack.unpackb(dead.body)

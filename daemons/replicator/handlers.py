@@ -12,7 +12,7 @@ Order of work for one request, so that a kill at any instruction loses nothing:
 5. copy from the best source (``steps.rank_sources``): temp name, kernel copy, read-back
    checksum, atomic rename; a missing / corrupt source is marked ``bad`` and the next one tried
 6. record the copy available (batched, after one syncfs of the endpoint: group commit)
-7. publish ``replica.created``; the runner acks.
+7. publish ``replica.created`` (one per request, listing a bulk request's copies); the runner acks.
 
 A kill during 5 leaves a temp file (removed at start-up); after 5 a verified file nobody recorded:
 the redelivery copies it again over itself. Background loops in the same process: endpoint health
@@ -37,7 +37,7 @@ from common.catalogue import Catalogue, CopyRecord, ReplicaTask
 from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
-from common.messages import Message, ReplicaCreated, ReplicaRequest
+from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest
 from common.placement import config_rules
 from common.storage import PosixStorage, open_storage
 from common.storage.posix import CopyResult
@@ -166,19 +166,25 @@ service = Service("replicator", resources=open_resources, describe=_describe)
 async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> None:
     steps.destination(msg.destination, ctx.settings.storage)
     if msg.name is not None:
-        await _replicate_one(msg.name, msg, ctx, msg.id)
+        await _announce(ctx, msg.destination, [await _replicate_one(msg.name, msg, ctx, msg.id)])
         return
-    # Bulk: every file at once (the destination's slots bound the copies); a file that fails
-    # continues as a single-file request, with retries and a dead letter of its own.
+    # Bulk: every file at once (the destination's slots bound the copies); one replica.created
+    # for the copies made. A file that fails continues as a single-file request, with retries and
+    # a dead letter of its own.
     outcomes = await asyncio.gather(
         *(_replicate_one(name, msg, ctx, _item_id(msg.id, name)) for name in msg.names),
         return_exceptions=True,
     )
-    failed = [(n, o) for n, o in zip(msg.names, outcomes, strict=True) if isinstance(o, BaseException)]
-    for name, exc in failed:
-        if isinstance(exc, asyncio.CancelledError):
-            raise exc  # stopping: the whole message goes back to the queue
-        reason = exc.reason if isinstance(exc, SpoolError) else type(exc).__name__
+    for outcome in outcomes:
+        if isinstance(outcome, asyncio.CancelledError):
+            raise outcome  # stopping: the whole message goes back to the queue
+    # Announced before the failures are re-sent: if the announcement fails, the whole request is
+    # retried (made copies are verified and announced again, the failures copied again).
+    await _announce(ctx, msg.destination, [o for o in outcomes if not isinstance(o, BaseException)])
+    for name, outcome in zip(msg.names, outcomes, strict=True):
+        if not isinstance(outcome, BaseException):
+            continue
+        reason = outcome.reason if isinstance(outcome, SpoolError) else type(outcome).__name__
         ctx.log.info("bulk_item_resent_alone", file=name, reason=reason)
         await ctx.publisher.publish(
             ReplicaRequest(
@@ -199,7 +205,9 @@ def _item_id(request_id: str, name: str) -> str:
 
 async def _replicate_one(
     name: str, msg: ReplicaRequest, ctx: Context[ReplicatorResources], request_id: str
-) -> None:
+) -> CreatedCopy | None:
+    """Make (or verify) one copy; returns what to announce, ``None`` when nothing was made
+    (cancelled, parked, a bad copy nobody wants)."""
     res = ctx.resources
     dest = res.storages[msg.destination]
     async with res.copy_lock(name, msg.destination):
@@ -208,13 +216,12 @@ async def _replicate_one(
         if act == "cancel":
             await res.catalogue.cancel_copy(name, msg.destination)
             ctx.log.info("copy_cancelled", file=name, why="no rule wants this copy any more")
-            return
+            return None
         if act == "verify":
             assert task.pfn is not None
             problem = await dest.verify(task.pfn, expected_size=task.size, expected_adler32=task.adler32)
             if problem is None:
-                await _announce(ctx, task, msg.destination, task.pfn)
-                return
+                return _created(task, task.pfn)
             ctx.log.warning("copy_corrupt", file=name, problem=problem)
             await res.catalogue.set_replica_state(name, msg.destination, "bad")
             await res.catalogue.record_event(
@@ -222,11 +229,11 @@ async def _replicate_one(
                 attempt=ctx.attempt, storage=msg.destination, detail={"problem": problem},
             )  # fmt: skip
             if not task.needed:
-                return  # nobody wants it: do not repair it
+                return None  # nobody wants it: do not repair it
         admission = res.health.admit(msg.destination)
         if admission == "wait":
             await _park(ctx, name, msg, "endpoint not writable")
-            return
+            return None
         fsync = ctx.settings.storage[dest.name].durability == "file"
         # A small copy takes its slot with its batch (see the module docstring, step 4).
         slot = contextlib.nullcontext() if dest.batches_copy(task.size, fsync) else res.slots[msg.destination]
@@ -237,7 +244,7 @@ async def _replicate_one(
             if err.reason in steps.ENDPOINT_FAILURES:
                 if await res.health.failure(msg.destination, err):
                     await _park(ctx, name, msg, f"{err.reason}: {err.message}")
-                    return
+                    return None
             elif admission == "probe":
                 res.health.release_probe(msg.destination)
             raise
@@ -256,7 +263,7 @@ async def _replicate_one(
                 source=source,
             )
         )
-    await _announce(ctx, task, msg.destination, copied.pfn)
+    return _created(task, copied.pfn)
 
 
 async def _task(res: ReplicatorResources, name: str, destination: str) -> ReplicaTask:
@@ -323,11 +330,18 @@ async def _mark_source_bad(
     )  # fmt: skip
 
 
-async def _announce(ctx: Context[ReplicatorResources], task: ReplicaTask, storage: str, pfn: str) -> None:
-    await ctx.publisher.publish(
-        ReplicaCreated(name=task.name, storage=storage, pfn=pfn, size=task.size, adler32=task.adler32),
-        correlation_id=ctx.correlation_id,
-    )
+def _created(task: ReplicaTask, pfn: str) -> CreatedCopy:
+    return CreatedCopy(name=task.name, pfn=pfn, size=task.size, adler32=task.adler32)
+
+
+async def _announce(
+    ctx: Context[ReplicatorResources], storage: str, copies: Sequence[CreatedCopy | None]
+) -> None:
+    made = [c for c in copies if c is not None]
+    if made:
+        await ctx.publisher.publish(
+            ReplicaCreated(storage=storage, copies=made), correlation_id=ctx.correlation_id
+        )
 
 
 @service.failure_hook

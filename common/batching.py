@@ -47,6 +47,30 @@ class MicroBatcher(Generic[T, R]):
                 self._timer = asyncio.get_running_loop().call_later(self._max_wait, self._flush)
         return await future
 
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """``submit`` of each item, for a caller that has many at once: they join the pending
+        batch together (filling whole batches at once), and one await waits for them all. The
+        first failure is raised, after every item's batch has run."""
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        while len(self._running) < self._concurrency and len(self._pending) >= self._max_size:
+            self._flush()
+        if self._pending and len(self._running) < self._concurrency and self._timer is None:
+            self._timer = loop.call_later(self._max_wait, self._flush)
+        try:
+            await asyncio.wait(futures)
+        except asyncio.CancelledError:
+            for future in futures:  # as a cancelled ``submit``: the batch runs, nobody waits
+                future.cancel()
+            raise
+        failures = [e for e in (f.exception() for f in futures) if e is not None]  # all retrieved
+        if failures:
+            raise failures[0]
+        return [f.result() for f in futures]
+
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

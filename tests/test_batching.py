@@ -1,5 +1,7 @@
 import asyncio
 
+import pytest
+
 from common.batching import MicroBatcher
 
 
@@ -53,3 +55,31 @@ async def test_close_with_nothing_pending_returns():
         return list(items)
 
     await MicroBatcher(echo).close()
+
+
+async def test_submit_many_fills_whole_batches_and_answers_in_order():
+    calls = []
+
+    async def double(items):
+        calls.append(len(items))
+        return [i * 2 for i in items]
+
+    b = MicroBatcher(double, max_size=4, max_wait=60, concurrency=2)
+    assert await asyncio.wait_for(b.submit_many(list(range(10))), 2) == [i * 2 for i in range(10)]
+    assert calls == [4, 4, 2]  # two full batches at once, the rest as soon as one ended
+    assert await b.submit_many([]) == []
+
+
+async def test_submit_many_raises_the_first_failure_after_all_batches_ran():
+    seen = []
+
+    async def picky(items):
+        seen.extend(items)
+        if 1 in items:
+            raise OSError("disk")
+        return list(items)
+
+    b = MicroBatcher(picky, max_size=2, max_wait=0)
+    with pytest.raises(OSError, match="disk"):
+        await b.submit_many([0, 1, 2, 3])
+    assert seen == [0, 1, 2, 3]

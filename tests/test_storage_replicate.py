@@ -590,3 +590,87 @@ async def test_verify_describes_what_is_wrong(
     with pytest.raises(Permanent) as err:
         await storage.verify(res.pfn, expected_size=size, expected_adler32="zz")
     assert err.value.reason == "invalid_checksum"
+
+
+# --- many copies at once (a bulk request) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+async def test_copy_verified_many_answers_each_copy_and_raises_for_none(tmp_path: Path, mode: str) -> None:
+    """Good copies land verified; each bad one is answered with the error ``copy_verified`` would
+    raise, classified by side, and nothing is left under a temporary name."""
+    storage = PosixStorage("disk2", StorageEndpoint(root=tmp_path / "disk2", small_copies=mode))
+    source_root = tmp_path / "disk1"
+    (source_root / "night1").mkdir(parents=True)
+    outside = tmp_path / "elsewhere.dat"
+    outside.write_bytes(b"secret")
+    blobs = {f"night1/f{i}.dat": os.urandom(1000 + i) for i in range(150)}  # more than one batch
+    for name, data in blobs.items():
+        (source_root / name).write_bytes(data)
+    (source_root / "night1" / "inside-link.dat").symlink_to(source_root / "night1" / "f0.dat")
+    (source_root / "night1" / "outside-link.dat").symlink_to(outside)
+    good = [posix.ReplicaCopy(str(source_root), n, f"copy/{n}", len(d), adler(d)) for n, d in blobs.items()]
+    f0 = blobs["night1/f0.dat"]
+    bad = {
+        "missing": posix.ReplicaCopy(str(source_root), "night1/nope.dat", "copy/nope", 1, "00000001"),
+        "escapes": posix.ReplicaCopy(
+            str(source_root), "../elsewhere.dat", "copy/escapes", 6, adler(b"secret")
+        ),
+        "link out": posix.ReplicaCopy(
+            str(source_root), "night1/outside-link.dat", "copy/out", 6, adler(b"secret")
+        ),
+        "wrong sum": posix.ReplicaCopy(str(source_root), "night1/f1.dat", "copy/wrong", 1001, "00000001"),
+        "dest escapes": posix.ReplicaCopy(
+            str(source_root), "night1/f2.dat", "../../x", 1002, adler(blobs["night1/f2.dat"])
+        ),
+    }
+    linked = posix.ReplicaCopy(str(source_root), "night1/inside-link.dat", "copy/linked", len(f0), adler(f0))
+    try:
+        outcomes = await storage.copy_verified_many([*good, *bad.values(), linked])
+    finally:
+        storage.close()
+    for copy, out in zip(good, outcomes, strict=False):
+        assert isinstance(out, CopyResult) and out.pfn == copy.relpath
+        assert (storage.root / copy.relpath).read_bytes() == blobs[copy.source_pfn]
+    errors = dict(zip(bad, outcomes[len(good) : len(good) + len(bad)], strict=True))
+    assert {k: (type(e).__name__, e.reason) for k, e in errors.items()} == {  # type: ignore[union-attr]
+        "missing": ("Permanent", "source_missing"),
+        "escapes": ("Permanent", "source_corrupt"),
+        "link out": ("Permanent", "source_corrupt"),
+        "wrong sum": ("Permanent", "source_corrupt"),
+        "dest escapes": ("Permanent", "path_outside_area"),
+    }
+    assert "outside" in errors["escapes"].message  # type: ignore[union-attr]
+    assert isinstance(outcomes[-1], CopyResult)  # a symlink inside the source endpoint is followed
+    assert (storage.root / "copy/linked").read_bytes() == f0
+    assert not (tmp_path / "x").exists() and not (storage.root / "copy" / "out").exists()
+    assert leftovers(storage.root) == []
+
+
+async def test_copy_verified_many_replaces_a_symlink_at_the_destination(
+    storage: PosixStorage, tmp_path: Path
+) -> None:
+    """The destination's last component is renamed onto: a symlink planted there is replaced,
+    its target (outside the endpoint) untouched."""
+    victim = tmp_path / "victim.dat"
+    victim.write_bytes(b"keep me")
+    (storage.root / "copy").mkdir(parents=True)
+    (storage.root / "copy" / "f.dat").symlink_to(victim)
+    src = tmp_path / "disk1" / "f.dat"
+    src.parent.mkdir()
+    src.write_bytes(b"new bytes")
+    [out] = await storage.copy_verified_many(
+        [posix.ReplicaCopy(str(src.parent), "f.dat", "copy/f.dat", 9, adler(b"new bytes"))]
+    )
+    assert isinstance(out, CopyResult)
+    assert not (storage.root / "copy" / "f.dat").is_symlink()
+    assert (storage.root / "copy" / "f.dat").read_bytes() == b"new bytes"
+    assert victim.read_bytes() == b"keep me"
+
+
+async def test_copy_verified_many_refuses_a_copy_that_is_not_small(
+    storage: PosixStorage, tmp_path: Path
+) -> None:
+    big = storage.endpoint.batch_copy_bytes + 1
+    with pytest.raises(ValueError, match="not a small copy"):
+        await storage.copy_verified_many([posix.ReplicaCopy(str(tmp_path), "f", "f", big, "00000001")])

@@ -54,7 +54,7 @@ import common
 from common.errors import Permanent, Retryable, SpoolError
 
 HEADER = 4
-OPERATIONS = ("copy", "replicate", "verify")
+OPERATIONS = ("copy", "replicate", "replicate_from", "verify")
 # The child imports ``common`` from where this process did (a source checkout run from elsewhere,
 # say), added to its path only when missing: PYTHONPATH would put it before the standard library.
 CHILD_COMMAND = (

@@ -106,6 +106,61 @@ class CopyResult:
     adler32: str
 
 
+def resolve_below(root: str | os.PathLike[str], relpath: str | os.PathLike[str], name: str) -> Path:
+    """Absolute path of ``relpath`` strictly below the endpoint ``root`` (``PosixStorage.resolve``);
+    ``Permanent("path_outside_area")`` if it escapes or names the root."""
+    raw = os.fspath(relpath)
+    root_text = os.fspath(root)
+    if "\x00" not in raw and "\x00" not in root_text:
+        # Fast path for the common case, per file: the very string resolve_inside would compute,
+        # accepted when it lies strictly below the root, tested on the string instead of by
+        # three pathlib constructions (half the cost of resolving, ~15 us a file here). Any
+        # other answer goes through resolve_inside, which decides and words the error.
+        real_root = real_dir(root_text)
+        real = _realpath(os.path.join(real_root, raw))
+        if real != real_root and is_within(real, real_root):
+            return Path(real)
+    path = resolve_inside(Path(root_text), relpath)
+    if os.fspath(path) == real_dir(root_text):  # both are normalised real paths
+        raise Permanent("path_outside_area", f"path {raw!r} names the root of {name}")
+    return path
+
+
+def _below_parent(root: str | os.PathLike[str], relpath: str) -> str | None:
+    """``relpath`` under ``root`` with its directories resolved (cached), its final component as
+    written; ``None`` when only the full resolution can say (``..``, a NUL, an escape, the root)."""
+    if "\x00" in relpath or ".." in relpath.split("/"):
+        return None
+    real_root = real_dir(os.fspath(root))
+    parent, name = os.path.split(os.path.normpath(os.path.join(real_root, relpath)))
+    if name in ("", "."):
+        return None
+    real_parent = real_dir(parent)
+    if not is_within(real_parent, real_root):
+        return None
+    return os.path.join(real_parent, name)
+
+
+def _is_symlink(path: str) -> bool:
+    try:
+        return stat_mod.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCopy:
+    """One copy of ``PosixStorage.copy_verified_many``: a source replica (its endpoint's root and
+    its pfn there, resolved by the worker) to ``relpath`` here, with the catalogue's size and
+    adler32."""
+
+    source_root: str
+    source_pfn: str
+    relpath: str
+    size: int
+    adler32: str
+
+
 def is_temp_name(name: str) -> bool:
     """True for the name of a temporary file left by ``put_from`` (a basename, not a path)."""
     return _TEMP_RE.fullmatch(name) is not None
@@ -332,11 +387,12 @@ class _TempFile:
 
     __slots__ = ("created", "dest", "fd", "path")
 
-    def __init__(self, dest: Path, flags: int) -> None:
-        self.dest = dest
+    def __init__(self, dest: str | os.PathLike[str], flags: int) -> None:
+        # Strings, not Paths: built for every file, and pathlib's parsing showed in profiles.
+        self.dest = dest = os.fspath(dest)
         self.created: list[Path] = []
-        # A string, not a Path: built for every file, and pathlib's parsing showed in profiles.
-        self.path = os.path.join(os.path.dirname(dest), temp_name_for(dest.name))
+        parent, name = os.path.split(dest)
+        self.path = os.path.join(parent, temp_name_for(name))
         flags |= os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             # Optimistically: the directory usually exists (a night's files share a few), and
@@ -348,9 +404,9 @@ class _TempFile:
         except OSError as exc:
             raise _destination_error(exc, self.path) from None
         try:
-            self.created = _makedirs(dest.parent)
+            self.created = _makedirs(Path(parent))
         except OSError as exc:
-            raise _destination_error(exc, dest.parent) from None
+            raise _destination_error(exc, parent) from None
         try:
             self.fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
@@ -366,7 +422,7 @@ class _TempFile:
             os.close(fd)  # network file systems report deferred write errors here
             os.rename(self.path, self.dest)
             if fsync:
-                _fsync_dir(self.dest.parent)
+                _fsync_dir(Path(os.path.dirname(self.dest)))
                 for parent in {d.parent for d in self.created}:
                     _fsync_dir(parent)
         except OSError as exc:
@@ -417,6 +473,7 @@ class PosixStorage:
         self.small_operations: dict[str, Callable[..., Any]] = {
             "copy": self._copy_sync,
             "replicate": self._replicate_sync,
+            "replicate_from": self._replicate_from_sync,
             "verify": self._verify_sync,
         }
         # Set by a caller limiting concurrent transfers to this endpoint (the replicator's
@@ -433,29 +490,15 @@ class PosixStorage:
     # --- paths ---------------------------------------------------------------------------------
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
         """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root."""
-        raw = os.fspath(relpath)
-        root_text = os.fspath(self.root)
-        if "\x00" not in raw and "\x00" not in root_text:
-            # Fast path for the common case, per file: the very string resolve_inside would compute,
-            # accepted when it lies strictly below the root, tested on the string instead of by
-            # three pathlib constructions (half the cost of resolving, ~15 us a file here). Any
-            # other answer goes through resolve_inside, which decides and words the error.
-            root = real_dir(root_text)
-            real = _realpath(os.path.join(root, raw))
-            if real != root and is_within(real, root):
-                return Path(real)
-        path = resolve_inside(self.root, relpath)
-        if os.fspath(path) == real_dir(root_text):  # both are normalised real paths
-            raise Permanent("path_outside_area", f"path {raw!r} names the root of {self.name}")
-        return path
+        return resolve_below(self.root, relpath, self.name)
 
-    def pfn_of(self, path: Path) -> str:
+    def pfn_of(self, path: str | os.PathLike[str]) -> str:
         """The path of a resolved ``path`` relative to the endpoint root, as stored in the catalogue."""
         root = real_dir(os.fspath(self.root))
         text = os.fspath(path)
         if text.startswith(root) and text[len(root) : len(root) + 1] == "/":
             return text[len(root) + 1 :]  # the common case, without pathlib's parsing (per file)
-        return path.relative_to(root).as_posix()
+        return Path(path).relative_to(root).as_posix()
 
     # --- copying -------------------------------------------------------------------------------
     async def put_from(
@@ -624,6 +667,58 @@ class PosixStorage:
             return await self._batched("replicate", source, relpath, expected_size, expected, fsync)
         return await self._in_thread(self._replicate_sync, source, relpath, expected_size, expected, fsync)
 
+    async def copy_verified_many(self, copies: Sequence[ReplicaCopy]) -> list[CopyResult | SpoolError]:
+        """``copy_verified`` (``fsync=False``) of many small copies at once, for a bulk request.
+
+        Every copy must be one ``batches_copy`` accepts (small, no fsync): they join the batches
+        of small operations together, one await for all. Each outcome is the ``CopyResult`` or
+        the ``SpoolError`` that ``copy_verified`` would have raised, in order; nothing raises for
+        one copy. The source path is resolved in the worker, off the event loop (a ``lstat`` per
+        file); a pfn escaping its endpoint's root is ``source_corrupt``, that replica unusable.
+        """
+        jobs: list[tuple[str, tuple[Any, ...]]] = []
+        for c in copies:
+            if not self.batches_copy(c.size, False):
+                raise ValueError(f"{c.relpath}: {c.size} bytes is not a small copy of {self.name}")
+            adler32 = _expected_adler32(c.adler32)
+            jobs.append(("replicate_from", (c.source_root, c.source_pfn, c.relpath, c.size, adler32)))
+        outcomes = await self._batched_many(jobs)
+        return [o.error if isinstance(o, Failed) else o for o in outcomes]  # type: ignore[misc]
+
+    def _replicate_from_sync(
+        self,
+        cancelled: threading.Event,
+        source_root: str,
+        source_pfn: str,
+        relpath: str,
+        expected_size: int,
+        expected_adler32: str,
+    ) -> CopyResult:
+        # The final components are not looked at here (a lstat each, a tenth of this function):
+        # the source is opened with O_NOFOLLOW, and a symlink there (ELOOP) is resolved the full
+        # way and opened again; the destination is renamed onto, which replaces a symlink there.
+        source = _below_parent(source_root, source_pfn)
+        dest = _below_parent(self.root, relpath)
+        if source is None:
+            source = self._source_the_full_way(source_root, source_pfn)
+        if dest is None:
+            dest = os.fspath(self.resolve(relpath))
+        try:
+            return self._replicate_to(cancelled, source, dest, expected_size, expected_adler32, False)
+        except Permanent as err:
+            if err.reason != SOURCE_CORRUPT or not _is_symlink(source):
+                raise
+        # A symlink in the source endpoint: followed, like resolve does, if it stays inside it.
+        real = self._source_the_full_way(source_root, source_pfn)
+        return self._replicate_to(cancelled, real, dest, expected_size, expected_adler32, False)
+
+    @staticmethod
+    def _source_the_full_way(source_root: str, source_pfn: str) -> str:
+        try:
+            return os.fspath(resolve_below(source_root, source_pfn, "its source endpoint"))
+        except Permanent as err:  # the catalogue's pfn escapes its root: that copy is unusable
+            raise Permanent(SOURCE_CORRUPT, f"source replica {source_pfn!r}: {err.message}") from None
+
     def _replicate_sync(
         self,
         cancelled: threading.Event,
@@ -634,6 +729,17 @@ class PosixStorage:
         fsync: bool,
     ) -> CopyResult:
         dest = self.resolve(relpath)  # here, not on the event loop: lstat can block on a mount
+        return self._replicate_to(cancelled, source, dest, expected_size, expected_adler32, fsync)
+
+    def _replicate_to(
+        self,
+        cancelled: threading.Event,
+        source: str | os.PathLike[str],
+        dest: str | os.PathLike[str],
+        expected_size: int,
+        expected_adler32: str,
+        fsync: bool,
+    ) -> CopyResult:
         try:
             # O_NONBLOCK: a FIFO planted at the source path must not hang the open.
             src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -661,14 +767,16 @@ class PosixStorage:
                 self._copy_and_check(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
         finally:
             os.close(src)
-        return CopyResult(pfn=self.pfn_of(dest), path=dest, size=expected_size, adler32=expected_adler32)
+        return CopyResult(
+            pfn=self.pfn_of(dest), path=Path(dest), size=expected_size, adler32=expected_adler32
+        )
 
     def _copy_and_check(
         self,
         cancelled: threading.Event,
         src: int,
         source: str | os.PathLike[str],
-        dest: Path,
+        dest: str | os.PathLike[str],
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
@@ -692,10 +800,10 @@ class PosixStorage:
             raise
 
     @contextlib.contextmanager
-    def _reserve(self, dest: Path, size: int) -> Iterator[None]:
+    def _reserve(self, dest: str | os.PathLike[str], size: int) -> Iterator[None]:
         """Refuse a copy of ``size`` bytes that would eat into ``min_free_bytes``; count it meanwhile."""
         reserve = self.endpoint.min_free_bytes
-        probe = dest.parent
+        probe = Path(dest).parent
         while True:  # the directories of a first copy do not exist yet: ask their nearest ancestor
             try:
                 st = os.statvfs(probe)
@@ -730,7 +838,7 @@ class PosixStorage:
         src: int,
         dst: int,
         source: str | os.PathLike[str],
-        dest: Path,
+        dest: str | os.PathLike[str],
         size: int,
     ) -> None:
         """Copy the source into the temporary file: by the kernel, by read/write where it cannot."""
@@ -780,7 +888,7 @@ class PosixStorage:
         cancelled: threading.Event,
         src: int,
         source: str | os.PathLike[str],
-        dest: Path,
+        dest: str | os.PathLike[str],
         size: int,
         adler: str,
         expected_size: int,
@@ -973,6 +1081,18 @@ class PosixStorage:
         endpoint's copy process (``small_copies = "process"``, see ``copy_process``), or to a
         worker thread (``"thread"``), which must take the GIL back after every system call.
         """
+        outcome = await self._small_batcher().submit((op, args))
+        if isinstance(outcome, Failed):
+            raise outcome.error
+        return outcome
+
+    async def _batched_many(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """``_batched`` of many operations at once; outcomes (values or ``Failed``) in order."""
+        if not jobs:
+            return []
+        return await self._small_batcher().submit_many(jobs)
+
+    def _small_batcher(self) -> MicroBatcher[tuple[str, tuple[Any, ...]], Any]:
         if self._small is None:
             # The copy process serves batches in order: a second one sent meanwhile keeps it busy.
             # Worker threads would run two at once, and fight the event loop for the GIL.
@@ -980,10 +1100,7 @@ class PosixStorage:
             self._small = MicroBatcher(
                 self._run_small, max_size=SMALL_BATCH, max_wait=0, concurrency=pipelined
             )
-        outcome = await self._small.submit((op, args))
-        if isinstance(outcome, Failed):
-            raise outcome.error
-        return outcome
+        return self._small
 
     def batches_copy(self, size: int, fsync: bool) -> bool:
         """Whether a copy of ``size`` bytes goes in a batch of small operations. Not with

@@ -17,6 +17,10 @@ Order of work for one request, so that a kill at any instruction loses nothing:
 A kill during 5 leaves a temp file (removed at start-up); after 5 a verified file nobody recorded:
 the redelivery copies it again over itself. Background loops in the same process: endpoint health
 (``health``), new rules (``rules``) and the reaper (``reaper``).
+
+A bulk request (``names``) takes the same steps for all its files at once where nothing needs
+deciding (``_copy_together``: every free lock, one catalogue read, the small copies due in whole
+batches, one record); each file left over takes them on its own (``_replicate_one``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -33,16 +38,17 @@ from typing import Any
 from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
-from common.catalogue import Catalogue, CopyRecord, ReplicaTask
+from common.catalogue import Catalogue, CopyRecord, ReplicaTask, Source
 from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest
 from common.placement import config_rules
 from common.storage import PosixStorage, open_storage
-from common.storage.posix import CopyResult
+from common.storage.posix import CopyResult, ReplicaCopy
 from daemons.replicator import steps
 from daemons.replicator.health import EndpointHealth
+from daemons.replicator.locks import KeyedLocks
 from daemons.replicator.reaper import reap
 from daemons.replicator.rules import evaluate_new_rules
 
@@ -59,24 +65,9 @@ class ReplicatorResources:
     tasks: MicroBatcher[tuple[str, str], ReplicaTask | None]
     slots: dict[str, asyncio.Semaphore]
     reading: Counter[str] = field(default_factory=Counter)  # copies reading from each source now
-    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-    _lock_users: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-    @asynccontextmanager
-    async def copy_lock(self, name: str, storage: str) -> AsyncIterator[None]:
-        """One copy of a file to an endpoint at a time in this process (duplicate requests wait,
-        then find the copy made)."""
-        key = (name, storage)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._lock_users[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[key] -= 1
-            if not self._lock_users[key]:
-                del self._lock_users[key]
-                del self._locks[key]
+    # One copy of a file to an endpoint at a time in this process (duplicate requests wait, then
+    # find the copy made).
+    locks: KeyedLocks[tuple[str, str]] = field(default_factory=KeyedLocks)
 
 
 def _describe(msg: Message) -> dict[str, Any]:
@@ -168,13 +159,9 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
     if msg.name is not None:
         await _announce(ctx, msg.destination, [await _replicate_one(msg.name, msg, ctx, msg.id)])
         return
-    # Bulk: every file at once (the destination's slots bound the copies); one replica.created
-    # for the copies made. A file that fails continues as a single-file request, with retries and
-    # a dead letter of its own.
-    outcomes = await asyncio.gather(
-        *(_replicate_one(name, msg, ctx, _item_id(msg.id, name)) for name in msg.names),
-        return_exceptions=True,
-    )
+    # Bulk: one replica.created for the copies made. A file that fails continues as a single-file
+    # request, with retries and a dead letter of its own.
+    outcomes = await _replicate_bulk(msg, ctx)
     for outcome in outcomes:
         if isinstance(outcome, asyncio.CancelledError):
             raise outcome  # stopping: the whole message goes back to the queue
@@ -198,6 +185,96 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
         )
 
 
+async def _replicate_bulk(
+    msg: ReplicaRequest, ctx: Context[ReplicatorResources]
+) -> list[CreatedCopy | BaseException | None]:
+    """The outcome for each file of a bulk request: first the small copies that can go straight
+    all together (``_copy_together``), then every other file on its own (``_replicate_one``, all
+    at once: the destination's slots bound the copies)."""
+    res = ctx.resources
+    claimed = res.locks.claim_free([(name, msg.destination) for name in dict.fromkeys(msg.names)])
+    try:
+        done = await _copy_together([name for name, _ in claimed], msg, ctx)
+    finally:
+        res.locks.release(claimed)
+    rest = [name for name in msg.names if name not in done]
+    alone = iter(
+        await asyncio.gather(
+            *(_replicate_one(name, msg, ctx, _item_id(msg.id, name)) for name in rest),
+            return_exceptions=True,
+        )
+    )
+    return [done[name] if name in done else next(alone) for name in msg.names]
+
+
+async def _copy_together(
+    names: Sequence[str], msg: ReplicaRequest, ctx: Context[ReplicatorResources]
+) -> dict[str, CreatedCopy]:
+    """The common case of a bulk request, without a task, a lock wait or a future per file: one
+    catalogue read for all, the copies that are plainly due (no row yet or ``queued``, small, a
+    source to read, the endpoint writable) in whole batches (``copy_verified_many``), one record.
+
+    ``names`` are locked by the caller. Anything else — a copy to verify or cancel, a large one,
+    an endpoint paused or down, a copy that failed here — is left out of the answer, and goes the
+    single-file way, which decides it (so a failed copy is tried once more there, from the best
+    source again, and only its failures there count for the endpoint's circuit breaker).
+    """
+    res = ctx.resources
+    destination = msg.destination
+    dest = res.storages[destination]
+    if not names or not res.health.writable(destination) or dest.endpoint.durability == "file":
+        return {}
+    picked: list[tuple[ReplicaTask, Source]] = []
+    for task in await res.catalogue.replica_tasks([(name, destination) for name in names]):
+        if task is None or steps.action(task) != "copy" or not dest.batches_copy(task.size, False):
+            continue
+        ranked = steps.rank_sources(
+            task.sources, destination, ctx.settings.storage, res.health.states, res.reading
+        )
+        if ranked:
+            picked.append((task, ranked[0]))
+    if not picked:
+        return {}
+    copies = [
+        ReplicaCopy(
+            source_root=os.fspath(res.storages[source.storage].root),
+            source_pfn=source.pfn,
+            relpath=task.pfn or task.name,
+            size=task.size,
+            adler32=task.adler32,
+        )
+        for task, source in picked
+    ]
+    reading = Counter(source.storage for _, source in picked)
+    res.reading.update(reading)
+    try:
+        outcomes = await dest.copy_verified_many(copies)
+    finally:
+        res.reading.subtract(reading)
+    made = [
+        (task, source, out)
+        for (task, source), out in zip(picked, outcomes, strict=True)
+        if isinstance(out, CopyResult)
+    ]
+    if not made:
+        return {}
+    await res.health.success(destination)
+    await res.registrar.submit_many(
+        [
+            CopyRecord(
+                request_id=_item_id(msg.id, task.name),
+                name=task.name,
+                storage=destination,
+                pfn=out.pfn,
+                attempt=ctx.attempt,
+                source=source.storage,
+            )
+            for task, source, out in made
+        ]
+    )
+    return {task.name: _created(task, out.pfn) for task, _, out in made}
+
+
 def _item_id(request_id: str, name: str) -> str:
     """A request id per file of a bulk request (the catalogue's request key stays short)."""
     return f"{request_id}-{hashlib.blake2b(name.encode(), digest_size=8).hexdigest()}"
@@ -210,7 +287,7 @@ async def _replicate_one(
     (cancelled, parked, a bad copy nobody wants)."""
     res = ctx.resources
     dest = res.storages[msg.destination]
-    async with res.copy_lock(name, msg.destination):
+    async with res.locks.hold((name, msg.destination)):
         task = await _task(res, name, msg.destination)
         act = steps.action(task)
         if act == "cancel":

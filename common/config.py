@@ -109,6 +109,8 @@ class StorageEndpoint(_Strict):
     # copy_process.py), so their system calls never wait for the event loop's GIL; "thread": a
     # worker thread of the daemon (no extra process; tests that patch the copy code in-process).
     small_copies: Literal["process", "thread"] = "process"
+    # How many such processes (each serves its batches in order, one core at most).
+    copy_processes: int = Field(default=1, ge=1, le=64)
     # Replicator: copies written to this endpoint at once (its per-destination concurrency limit).
     max_transfers: int = Field(default=8, ge=1)
     # A copy that would leave less free space than this is refused as ``disk_full`` (a reserve for

@@ -300,7 +300,7 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
     )
     active, peak, copies = 0, 0, 0
     lock = threading.Lock()
-    real = PosixStorage._replicate_sync
+    real = PosixStorage._replicate_to  # where every replication copy goes
 
     def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal active, peak, copies
@@ -317,7 +317,7 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
             with lock:
                 active -= 1
 
-    monkeypatch.setattr(PosixStorage, "_replicate_sync", slow_copy)
+    monkeypatch.setattr(PosixStorage, "_replicate_to", slow_copy)
     files = make_files(settings, 20)
     async with running(SERVICES, settings):
         await publish_ready(broker, settings, files)

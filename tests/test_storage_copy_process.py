@@ -78,8 +78,8 @@ async def put(storage: PosixStorage, src: Path, data: bytes, relpath: str) -> Co
 
 
 def copier_pid(storage: PosixStorage) -> int:
-    assert storage._copier is not None and storage._copier.pid is not None
-    return storage._copier.pid
+    assert storage._copiers and storage._copiers[0].pid is not None
+    return storage._copiers[0].pid
 
 
 async def started_copier(storage: PosixStorage, landing: Path) -> tuple[Path, bytes, int]:
@@ -113,7 +113,25 @@ async def test_small_copies_run_in_a_child_process_and_come_back_verified(
     )
     assert await storage.verify("night/f0.dat", expected_size=100, expected_adler32="00000001") is not None
     assert await storage.verify("night/none.dat", expected_size=100, expected_adler32="00000001") == "missing"
-    assert storage._copier is not None and storage._copier.started == 1
+    assert storage._copiers and storage._copiers[0].started == 1
+
+
+async def test_copy_processes_share_the_batches_and_never_exceed_their_number(
+    tmp_path: Path, landing: Path
+) -> None:
+    storage = PosixStorage("disk1", StorageEndpoint(root=tmp_path / "disk1", copy_processes=2))
+    try:
+        files = [small_file(landing, f"f{i}.dat", 100 + i) for i in range(600)]  # many batches
+        results = await asyncio.gather(*(put(storage, p, d, f"night/{p.name}") for p, d in files))
+        assert len(storage._copiers) == 2
+        pids = {c.pid for c in storage._copiers}
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert all(c.started == 1 for c in storage._copiers)  # both served, neither restarted
+        for (_src, data), res in zip(files, results, strict=True):
+            assert res.path.read_bytes() == data
+    finally:
+        storage.close()
+    assert storage._copiers == []
 
 
 async def test_errors_cross_the_process_boundary_with_their_class_and_reason(
@@ -150,7 +168,7 @@ async def test_a_copier_killed_between_batches_is_replaced(storage: PosixStorage
     res = await put(storage, src, data, "x/b.dat")
     assert res.path.read_bytes() == data
     assert copier_pid(storage) != first
-    assert storage._copier is not None and storage._copier.started == 2
+    assert storage._copiers and storage._copiers[0].started == 2
 
 
 async def test_a_copier_killed_during_a_batch_fails_that_batch_as_retryable_only(
@@ -217,7 +235,7 @@ async def test_thread_mode_starts_no_process(tmp_path: Path, landing: Path) -> N
     src, data = small_file(landing, "a.dat")
     res = await put(storage, src, data, "x/a.dat")
     assert res.path.read_bytes() == data
-    assert storage._copier is None
+    assert storage._copiers == []
     storage.close()
 
 
@@ -232,7 +250,7 @@ def test_the_copier_dies_with_its_parent_killed_by_sigkill(tmp_path: Path, landi
         async def main():
             s = PosixStorage("d", {str(tmp_path / "d")!r})
             await s.put_from({str(src)!r}, "a.dat", expected_size={len(data)}, fsync=False)
-            print(s._copier.pid, flush=True)
+            print(s._copiers[0].pid, flush=True)
             time.sleep(60)
 
         asyncio.run(main())
@@ -284,9 +302,9 @@ async def test_a_copier_found_dead_before_its_eof_is_read_still_fails_what_it_ow
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)  # blocking: the event loop has not seen the EOF yet
     # Straight to the copy process: its write is queued before the loop next reads the pipe.
-    assert storage._copier is not None
+    assert storage._copiers
     after = asyncio.ensure_future(
-        storage._copier.run([("copy", (str(src), "x/after.dat", len(data), adler(data), False))])
+        storage._copiers[0].run([("copy", (str(src), "x/after.dat", len(data), adler(data), False))])
     )
     with pytest.raises(Retryable) as err:
         await asyncio.wait_for(owed, 10)

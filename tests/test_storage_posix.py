@@ -12,6 +12,9 @@ permission bits, so each cause of "not writable" gets its own genuine mechanism:
 Each skips with its reason where the mechanism is unavailable.
 """
 
+# The temp_kind fixture, imported from storage_fixtures, reappears as a test parameter:
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -40,6 +43,7 @@ from common.storage import (
     resolve_inside,
 )
 from common.storage.posix import temp_name_for
+from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parent.parent
@@ -47,10 +51,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def adler(data: bytes) -> str:
     return f"{zlib.adler32(data):08x}"
-
-
-def leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if is_temp_name(p.name)] if root.exists() else []
 
 
 @pytest.fixture
@@ -443,19 +443,22 @@ def test_cleanup_temp_on_a_missing_root_is_zero(tmp_path: Path) -> None:
     assert PosixStorage("none", tmp_path / "missing").cleanup_temp() == 0
 
 
-async def test_cancelled_copy_removes_its_temp_file(tmp_path: Path, make_source: Callable[..., Path]) -> None:
+async def test_cancelled_copy_removes_its_temp_file(
+    tmp_path: Path, make_source: Callable[..., Path], temp_kind: str
+) -> None:
     storage = PosixStorage("slow", tmp_path / "slow", chunk_size=4096)  # many chunks: time to cancel
     src = make_source(os.urandom(64 * 1024 * 1024))
     task = asyncio.create_task(storage.put_from(src, "big.dat", fsync=False))
     deadline = time.monotonic() + 10
-    while not leftovers(storage.root):
+    while not writing(storage.root):
         assert not task.done(), "copy finished before it could be cancelled"
         assert time.monotonic() < deadline
         await asyncio.sleep(0.001)
+    assert bool(leftovers(storage.root)) == (temp_kind == "named")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert leftovers(storage.root) == []
+    assert leftovers(storage.root) == [] and unnamed_files_open(storage.root) == []
     assert not storage.exists("big.dat")
     storage.close()
 

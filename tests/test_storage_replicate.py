@@ -11,6 +11,9 @@ small tmpfs mounts (root only, skipped with the reason otherwise). As root, perm
 apply, so "not writable" is a read-only remount rather than a ``chmod``.
 """
 
+# The temp_kind fixture, imported from storage_fixtures, reappears as a test parameter:
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +32,9 @@ import pytest
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage import CopyResult, PosixStorage, is_temp_name, posix
+from common.storage import CopyResult, PosixStorage, posix
 from common.storage.posix import DESTINATION_REASONS, REQUEST_REASONS, SOURCE_REASONS
+from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
 MiB = 1024 * 1024
@@ -38,10 +42,6 @@ MiB = 1024 * 1024
 
 def adler(data: bytes) -> str:
     return f"{zlib.adler32(data):08x}"
-
-
-def leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if is_temp_name(p.name)] if root.exists() else []
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ async def test_expected_checksum_in_another_spelling_is_accepted(
 
 
 async def test_existing_file_is_replaced_atomically(
-    storage: PosixStorage, replica: Callable[..., Path]
+    storage: PosixStorage, replica: Callable[..., Path], temp_kind: str
 ) -> None:
     old = os.urandom(3 * MiB)
     await storage.copy_verified(
@@ -503,7 +503,7 @@ def test_kernel_copy_stops_when_cancelled(tmp_path: Path) -> None:
 
 
 async def test_cancelled_copy_removes_its_temp_file(
-    storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, temp_kind: str
 ) -> None:
     real_copy = posix._kernel_copy
 
@@ -520,14 +520,15 @@ async def test_cancelled_copy_removes_its_temp_file(
         storage.copy_verified(replica(data), "big.dat", expected_size=len(data), expected_adler32=adler(data))
     )
     deadline = time.monotonic() + 10
-    while not leftovers(storage.root):
+    while not writing(storage.root):
         assert not task.done(), "copy finished before it could be cancelled"
         assert time.monotonic() < deadline
         await asyncio.sleep(0.001)
+    assert bool(leftovers(storage.root)) == (temp_kind == "named")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert leftovers(storage.root) == []
+    assert leftovers(storage.root) == [] and unnamed_files_open(storage.root) == []
     assert not storage.exists("big.dat")
 
 

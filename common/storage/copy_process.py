@@ -6,8 +6,10 @@ files/s, the copy thread was busy 92 % of the run and spent 1.3 ms of wall time 
 mostly waiting for the GIL: it set the daemon's pace. A process has its own interpreter; the event
 loop only packs a batch, writes it to a pipe and reads the answers back.
 
-One process per endpoint (``PosixStorage`` starts it on its first batch, ``small_copies =
-"process"``), serving batches in the order they arrive; two may be in the pipe at once. The
+``copy_processes`` per endpoint (default one; ``PosixStorage`` starts one on a batch that finds
+every running one busy, ``small_copies = "process"``), each serving its batches in the order they
+arrive, two in its pipe at once. On two cores a second process did not help (the daemon, the
+copier and the broker already share them); on a node with more cores it may. The
 protocol on its stdin / stdout is length-prefixed msgpack frames (4 bytes big-endian, then the body):
 
 - first the parent sends ``{"name", "endpoint", "chunk_size"}``, the child answers ``"ready"``;
@@ -100,6 +102,11 @@ class CopyProcess:
         self._send_lock = asyncio.Lock()
         self._writes: set[asyncio.Task[None]] = set()
         self.started = 0  # processes started so far (a restart after a death counts)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent (or being sent) and not answered yet."""
+        return len(self._waiting) + len(self._writes)
 
     @property
     def pid(self) -> int | None:

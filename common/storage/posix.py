@@ -5,12 +5,14 @@ leave a truncated file under a real name. Hence every copy is:
 
 1. streamed through one reused 1 MiB buffer, updating adler32 as each chunk passes (one read of
    the source, no second pass),
-2. written to a temporary name in the destination directory (``.<basename>.spool-tmp-<hex>``, so
-   it is on the same file system and ``rename`` is atomic, and ``cleanup_temp`` can find it),
-3. compared with the expected size and checksum, ``fsync``-ed, then renamed onto the final name,
-   and the directory is ``fsync``-ed so the rename itself survives a power cut.
+2. written to an unnamed file in the destination directory (``O_TMPFILE``; where the file system
+   has none, a temporary name ``.<basename>.spool-tmp-<hex>`` there, on the same file system so
+   that ``rename`` is atomic, and ``cleanup_temp`` can find it),
+3. compared with the expected size and checksum, ``fsync``-ed, then linked under (renamed onto)
+   the final name, and the directory is ``fsync``-ed so that survives a power cut.
 
-On any failure the temporary file is removed. Blocking I/O runs in a per-endpoint thread pool so
+On any failure the temporary file is removed (an unnamed one frees itself, even on a kill).
+Blocking I/O runs in a per-endpoint thread pool so
 the event loop stays free and a slow mount cannot starve other endpoints (or the process-wide
 default executor, which has only ``cpu + 4`` threads). Cancelling the awaiting task stops the copy
 at its next chunk and removes the temporary file before the ``CancelledError`` propagates.
@@ -376,41 +378,93 @@ def _expected_adler32(text: str) -> str:
         raise Permanent("invalid_checksum", str(exc)) from None
 
 
-class _TempFile:
-    """The temporary file a copy is written to, next to its final name ``dest``.
+# Where they can, copies are written to an unnamed file (O_TMPFILE) that is linked under its final
+# name once complete: the same atomic appearance as a temporary name and a rename, with one
+# directory update instead of three (create; rename's removal and insertion) — a quarter less
+# kernel time per small file on ext4 here — and a process killed mid-copy leaves nothing behind
+# (the kernel frees an unlinked inode). The link goes through /proc/self/fd (linkat with
+# AT_SYMLINK_FOLLOW needs no privilege; AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH). Where the
+# file system (NFS, older kernels) or /proc does not allow it: a temporary name and a rename.
+_O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP)
+_no_tmpfile_dirs: set[str] = set()  # directories where O_TMPFILE was refused (bounded below)
+_proc_fd_dir: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/fd, -1 if none)
+_proc_lock = threading.Lock()
 
-    ``commit`` makes it durable (optionally) and renames it onto ``dest``; ``discard`` closes and
-    removes it. Every copy method goes through this one class, so the crash-safety rules of the
-    module docstring (same directory, atomic rename, directory fsync, nothing left on failure) are
-    written once.
+
+def _proc_fds() -> int | None:
+    """A descriptor of this process's /proc/self/fd (per process: a forked child opens its own)."""
+    global _proc_fd_dir
+    with _proc_lock:
+        if _proc_fd_dir is None or _proc_fd_dir[0] != os.getpid():
+            try:
+                fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            _proc_fd_dir = (os.getpid(), fd)
+        return _proc_fd_dir[1] if _proc_fd_dir[1] >= 0 else None
+
+
+class _TempFile:
+    """The file a copy is written to before it appears under its final name ``dest``.
+
+    Unnamed (O_TMPFILE, see above) where the file system allows, else a temporary name next to
+    ``dest`` (``path``). ``commit`` makes it durable (optionally) and puts it at ``dest``
+    atomically: by linking the unnamed file there, or through a temporary name renamed onto
+    ``dest`` when a file exists there already or no unnamed file could be made. ``discard`` closes
+    it and removes any temporary name. Every copy method goes through this one class, so the
+    crash-safety rules of the module docstring (same directory, atomic appearance, directory
+    fsync, nothing left on failure) are written once.
     """
 
-    __slots__ = ("created", "dest", "fd", "path")
+    __slots__ = ("created", "dest", "fd", "parent", "path")
 
     def __init__(self, dest: str | os.PathLike[str], flags: int) -> None:
         # Strings, not Paths: built for every file, and pathlib's parsing showed in profiles.
         self.dest = dest = os.fspath(dest)
         self.created: list[Path] = []
-        parent, name = os.path.split(dest)
-        self.path = os.path.join(parent, temp_name_for(name))
-        flags |= os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self.parent = parent = os.path.dirname(dest)
+        self.path: str | None = None  # the temporary name, when there is one
+        self.fd: int | None = None
         try:
             # Optimistically: the directory usually exists (a night's files share a few), and
             # asking first would cost a stat per file. ENOENT says a directory is missing.
-            self.fd: int | None = os.open(self.path, flags, 0o644)
+            self._open(flags)
             return
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _destination_error(exc, self.path) from None
+            raise _destination_error(exc, self.where) from None
         try:
             self.created = _makedirs(Path(parent))
         except OSError as exc:
             raise _destination_error(exc, parent) from None
         try:
-            self.fd = os.open(self.path, flags, 0o644)
+            self._open(flags)
         except OSError as exc:
-            raise _destination_error(exc, self.path) from None
+            raise _destination_error(exc, self.where) from None
+
+    @property
+    def where(self) -> str:
+        """The file being written, for messages."""
+        return self.path or os.path.join(self.parent, "(unnamed file)")
+
+    def _open(self, flags: int) -> None:
+        if _O_TMPFILE and self.parent not in _no_tmpfile_dirs and _proc_fds() is not None:
+            try:
+                self.fd = os.open(self.parent, flags | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE:
+                    raise
+                if len(_no_tmpfile_dirs) > 4096:
+                    _no_tmpfile_dirs.clear()
+                _no_tmpfile_dirs.add(self.parent)
+        self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
+        self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def _link(self, fd: int, to: str) -> None:
+        os.link(str(fd), to, src_dir_fd=_proc_fds(), follow_symlinks=True)
 
     def commit(self, fsync: bool) -> None:
         fd = self.fd
@@ -418,11 +472,21 @@ class _TempFile:
         try:
             if fsync:
                 os.fsync(fd)
-            self.fd = None
-            os.close(fd)  # network file systems report deferred write errors here
-            os.rename(self.path, self.dest)
+            if self.path is None:
+                try:
+                    self._link(fd, self.dest)
+                except FileExistsError:  # replacing a file: rename is the atomic way
+                    self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
+                    self._link(fd, self.path)
+                    os.rename(self.path, self.dest)
+                self.fd = None
+                os.close(fd)
+            else:
+                self.fd = None
+                os.close(fd)  # network file systems report deferred write errors here
+                os.rename(self.path, self.dest)
             if fsync:
-                _fsync_dir(Path(os.path.dirname(self.dest)))
+                _fsync_dir(Path(self.parent))
                 for parent in {d.parent for d in self.created}:
                     _fsync_dir(parent)
         except OSError as exc:
@@ -432,10 +496,11 @@ class _TempFile:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             with contextlib.suppress(OSError):  # the error being handled matters more
-                os.close(fd)
-        # Fails only if already renamed or the directory vanished; cleanup_temp gets the rest.
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+                os.close(fd)  # an unnamed file is freed by the kernel here
+        if self.path is not None:
+            # Fails only if already renamed or the directory vanished; cleanup_temp gets the rest.
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 class PosixStorage:
@@ -467,7 +532,8 @@ class PosixStorage:
         self.chunk_size = chunk_size
         self._executor: ThreadPoolExecutor | None = None
         self._small: MicroBatcher[tuple[str, tuple[Any, ...]], Any] | None = None
-        self._copier: CopyProcess | None = None  # small_copies = "process": started on first use
+        # small_copies = "process": ``copy_processes`` of them, each started on first use.
+        self._copiers: list[CopyProcess] = []
         # The operations a batch of small ones may hold, by the name a batch (and the copy
         # process, which runs this same table on its own instance) knows them by.
         self.small_operations: dict[str, Callable[..., Any]] = {
@@ -791,7 +857,7 @@ class PosixStorage:
             try:
                 size, adler = _adler32_fd(tmp.fd, _buffer(self.chunk_size), cancelled)
             except OSError as exc:
-                raise _destination_error(exc, tmp.path) from None
+                raise _destination_error(exc, tmp.where) from None
             if size != expected_size or adler != expected_adler32:
                 raise self._blame(cancelled, src, source, dest, size, adler, expected_size, expected_adler32)
             tmp.commit(fsync)
@@ -1096,7 +1162,8 @@ class PosixStorage:
         if self._small is None:
             # The copy process serves batches in order: a second one sent meanwhile keeps it busy.
             # Worker threads would run two at once, and fight the event loop for the GIL.
-            pipelined = PIPELINED_BATCHES if self.endpoint.small_copies == "process" else 1
+            process = self.endpoint.small_copies == "process"
+            pipelined = PIPELINED_BATCHES * self.endpoint.copy_processes if process else 1
             self._small = MicroBatcher(
                 self._run_small, max_size=SMALL_BATCH, max_wait=0, concurrency=pipelined
             )
@@ -1115,11 +1182,19 @@ class PosixStorage:
 
     async def _run_batch(self, jobs: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         if self.endpoint.small_copies == "process":
-            if self._copier is None:
-                self._copier = CopyProcess(self.name, self.endpoint, self.chunk_size)
-            return await self._copier.run(jobs)
+            return await self._least_busy_copier().run(jobs)
         ops = self.small_operations
         return await self._in_thread(run_each, [(ops[op], args) for op, args in jobs])
+
+    def _least_busy_copier(self) -> CopyProcess:
+        """The copy process with the fewest batches in its pipe (a new one while fewer than
+        ``copy_processes`` run and every one has work)."""
+        idle = min(self._copiers, key=lambda c: c.in_flight, default=None)
+        if idle is not None and (idle.in_flight == 0 or len(self._copiers) >= self.endpoint.copy_processes):
+            return idle
+        copier = CopyProcess(self.name, self.endpoint, self.chunk_size)
+        self._copiers.append(copier)
+        return copier
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(cancelled_event, *args)`` in this endpoint's pool; cancellation stops it early."""
@@ -1142,9 +1217,9 @@ class PosixStorage:
         """Stop the worker threads and the copy process (waits for running operations). The object
         stays usable: both start again on demand."""
         self._small = None  # bound to the event loop that made it
-        if self._copier is not None:
-            self._copier.close()
-            self._copier = None
+        for copier in self._copiers:
+            copier.close()
+        self._copiers = []
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

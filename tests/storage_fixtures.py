@@ -1,0 +1,43 @@
+"""Helpers of the storage tests: what a copy in progress leaves on disk, and both ways of writing one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+from common.storage import is_temp_name, posix
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if is_temp_name(p.name)] if root.exists() else []
+
+
+def unnamed_files_open(root: Path) -> list[str]:
+    """Unnamed files (O_TMPFILE) this process has open under ``root``: the kernel shows them as
+    ``<dir>/#<inode> (deleted)``; they vanish when their descriptor closes."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(root.resolve())) and target.endswith("(deleted)"):
+                found.append(target)
+    return found
+
+
+def writing(root: Path) -> bool:
+    """A copy is being written under ``root``: a temporary name, or an unnamed file."""
+    return bool(leftovers(root) or unnamed_files_open(root))
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Copies written to an unnamed file (O_TMPFILE, where the file system has it) or, as on a
+    file system without it, to a temporary name."""
+    if request.param == "named":
+        monkeypatch.setattr(posix, "_O_TMPFILE", 0)
+    elif not posix._O_TMPFILE:
+        pytest.skip("no O_TMPFILE here")
+    return request.param

@@ -8,7 +8,9 @@ or ``--dir``): **large**, 16 files x 256 MiB (byte throughput), and **small**, 1
   ``sync -f DST`` (``syncfs`` of the file system), timed separately;
 - ``copy_verified``: every file copied by ``PosixStorage.copy_verified`` with the expected size
   and adler32 (the catalogue's, computed when the sources were written), ``max_transfers`` copies
-  at once (asyncio tasks, as the replicator runs them; default 8 from ``StorageEndpoint``), made
+  at once (asyncio tasks, as the replicator runs them; default 8 from ``StorageEndpoint``); small
+  files (all within ``batch_copy_bytes``, no fsync) as the replicator copies a bulk request's,
+  ``max_transfers`` calls of ``copy_verified_many`` with 256 files each at once; made
   durable the way the endpoint's ``durability`` asks: ``batch`` (the default) copies with
   ``fsync=False`` and calls ``storage.sync()`` (one ``syncfs``) at the end, like ``sync -f`` after
   ``cp``; ``file`` fsyncs each file and its directory, and needs no sync afterwards. With
@@ -52,6 +54,7 @@ if sys.path and sys.path[0] and __file__.startswith(sys.path[0]) and __name__ ==
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import StorageEndpoint
+from common.placement import BULK
 from common.storage import PosixStorage, posix
 
 SELF = Path(__file__).resolve()
@@ -217,12 +221,19 @@ async def measure_copy_verified_nowb(ds: DataSet, dest: Path, args: argparse.Nam
 async def copy_all(
     ds: DataSet, dest: Path, args: argparse.Namespace, *, per_file_fsync: bool, early_writeback: bool
 ) -> Timing:
-    endpoint = StorageEndpoint(root=dest, durability=args.durability, max_transfers=args.concurrency)
+    endpoint = StorageEndpoint(
+        root=dest,
+        durability=args.durability,
+        max_transfers=args.concurrency,
+        copy_processes=args.copy_processes,
+    )
     storage = PosixStorage("bench-dst", endpoint, io_threads=endpoint.max_transfers)
     todo = iter(ds.files)
     saved = posix.EARLY_WRITEBACK_BYTES
     if not early_writeback:
         posix.EARLY_WRITEBACK_BYTES = sys.maxsize
+
+    together = not per_file_fsync and all(storage.batches_copy(f.size, False) for f in ds.files)
 
     async def worker() -> None:
         # Workers pulling from one iterator: the replicator's per-endpoint limit, without 10,000
@@ -233,10 +244,20 @@ async def copy_all(
                 expected_size=f.size, expected_adler32=f.adler32, fsync=per_file_fsync,
             )  # fmt: skip
 
+    async def bulk_worker() -> None:
+        # Small copies as the replicator makes those of a bulk request: BULK at once.
+        while chunk := list(itertools.islice(todo, BULK)):
+            copies = [posix.ReplicaCopy(str(ds.root), f.relpath, f.relpath, f.size, f.adler32) for f in chunk]
+            for outcome in await storage.copy_verified_many(copies):
+                if not isinstance(outcome, posix.CopyResult):
+                    raise SystemExit(f"BENCHMARK BROKE: {outcome}")
+
     try:
         c0 = cpu_now()
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(endpoint.max_transfers)))
+        await asyncio.gather(
+            *((bulk_worker if together else worker)() for _ in range(endpoint.max_transfers))
+        )
         t1 = time.perf_counter()
         if not per_file_fsync:
             await storage.sync()  # the batch's group commit: one syncfs before recording replicas
@@ -250,7 +271,8 @@ async def copy_all(
     else:
         how = "fsync=False, then storage.sync() (syncfs)"
         how += "" if early_writeback else ", early writeback off"
-    return Timing(t1 - t0, t2 - t1, cpu, f"{endpoint.max_transfers} at once, {how}")
+    unit = f"bulks of {BULK} (copy_verified_many)" if together else "copies"
+    return Timing(t1 - t0, t2 - t1, cpu, f"{endpoint.max_transfers} {unit} at once, {how}")
 
 
 async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
@@ -282,7 +304,12 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
         bus={"url": args.amqp_url, "exchange": f"spool-bench-{tag}", "queue_prefix": f"bench{tag}"},
         storage={
             "src": {"root": ds.root},
-            "dst": {"root": dest, "max_transfers": args.concurrency, "durability": args.durability},
+            "dst": {
+                "root": dest,
+                "max_transfers": args.concurrency,
+                "durability": args.durability,
+                "copy_processes": args.copy_processes,
+            },
         },
         replication={"poll_interval": 0.05, "reaper_interval": 3600},
         daemons={"replicator": {"prefetch": 512, "concurrency": 256}},
@@ -529,6 +556,10 @@ def main() -> None:
         "--durability", choices=["batch", "file"], default=default.durability,
         help=f"batch: one syncfs at the end; file: fsync per file (default: {default.durability})",
     )  # fmt: skip
+    p.add_argument(
+        "--copy-processes", type=int, default=default.copy_processes,
+        help=f"copy processes of the destination (default {default.copy_processes})",
+    )  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement, best counts (default 3)")
     p.add_argument(
         "--amqp-url", default=os.environ.get("SPOOL_AMQP_URL", "amqp://guest:guest@localhost:5672/"),
@@ -540,7 +571,17 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
     args = p.parse_args()
-    if min(args.large_files, args.large_mib, args.small_files, args.small_kib, args.concurrency) < 1:
+    if (
+        min(
+            args.large_files,
+            args.large_mib,
+            args.small_files,
+            args.small_kib,
+            args.concurrency,
+            args.copy_processes,
+        )
+        < 1
+    ):
         p.error("counts, sizes and --concurrency must be positive")
     if args.repeat < 1:
         p.error("--repeat must be positive")

@@ -40,6 +40,7 @@ from common.storage import (
     is_temp_name,
     normalise_adler32,
     open_storage,
+    posix,
     resolve_inside,
 )
 from common.storage.posix import temp_name_for
@@ -594,3 +595,15 @@ async def test_small_copies_batched_together_fail_one_by_one(tmp_path: Path) -> 
             assert copied.read_bytes() == src.read_bytes()
     assert not list((tmp_path / "root").rglob("*spool-tmp*"))
     storage.close()
+
+
+def test_a_forked_child_links_through_its_own_proc_fd_directory() -> None:
+    """The descriptor of /proc/self/fd names the process that opened it: a forked child (that
+    then copies files) must open its own, or it would link its parent's descriptors."""
+    assert posix._proc_fds() is not None
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        os._exit(0 if posix._proc_fd_dir is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert posix._proc_fd_dir is not None  # the parent keeps its own

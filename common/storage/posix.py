@@ -784,6 +784,10 @@ class PosixStorage:
         # way and opened again; the destination is renamed onto, which replaces a symlink there.
         source = _below_parent(source_root, source_pfn)
         dest = _below_parent(self.root, relpath)
+        if source is not None and dest is not None:
+            made = self._replicate_plainly(source, dest, expected_size, expected_adler32)
+            if made is not None:
+                return made
         if source is None:
             source = self._source_the_full_way(source_root, source_pfn)
         if dest is None:
@@ -796,6 +800,48 @@ class PosixStorage:
         # A symlink in the source endpoint: followed, like resolve does, if it stays inside it.
         real = self._source_the_full_way(source_root, source_pfn)
         return self._replicate_to(cancelled, real, dest, expected_size, expected_adler32, False)
+
+    def _replicate_plainly(self, source: str, dest: str, size: int, adler32: str) -> CopyResult | None:
+        """The copy of ``_replicate_to`` when all goes well, in the fewest steps: a new unnamed
+        file, one kernel copy, one read-back, one link; ``None`` as soon as anything is not plain
+        (an error, a mismatch, a file already at ``dest``, no unnamed files, a reserve to keep),
+        and the caller makes the copy the careful way, which says what is wrong. Nothing is left
+        behind by an attempt given up: the unnamed file goes with its descriptor.
+
+        Why: most of the copy process's time is its system calls, but a fifth was the Python
+        around them (per small file, tens of microseconds of calls, checks and objects).
+        """
+        proc = _proc_fds()
+        buf = _buffer(self.chunk_size)
+        if not _O_TMPFILE or proc is None or size > len(buf) or self.endpoint.min_free_bytes > 0:
+            return None
+        parent = os.path.dirname(dest)
+        if parent in _no_tmpfile_dirs:
+            return None
+        try:
+            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(src)
+            if not stat_mod.S_ISREG(st.st_mode) or st.st_size != size:
+                return None
+            tmp = os.open(parent, os.O_RDWR | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+            try:
+                if size and (_copy_file_range is None or _copy_file_range(src, tmp, size) != size):
+                    return None
+                if os.preadv(tmp, [buf], 0) != size:
+                    return None
+                if format_adler32(_adler32(memoryview(buf)[:size], ADLER32_START)) != adler32:
+                    return None
+                os.link(str(tmp), dest, src_dir_fd=proc, follow_symlinks=True)
+            finally:
+                os.close(tmp)
+        except OSError:
+            return None
+        finally:
+            os.close(src)
+        return CopyResult(pfn=self.pfn_of(dest), path=Path(dest), size=size, adler32=adler32)
 
     @staticmethod
     def _source_the_full_way(source_root: str, source_pfn: str) -> str:

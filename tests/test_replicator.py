@@ -300,24 +300,28 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
     )
     active, peak, copies = 0, 0, 0
     lock = threading.Lock()
-    real = PosixStorage._replicate_to  # where every replication copy goes
 
-    def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal active, peak, copies
-        if self.name != "disk2":
-            return real(self, *args, **kwargs)
-        with lock:
-            active += 1
-            copies += 1
-            peak = max(peak, active)
-        try:
-            time.sleep(0.05)
-            return real(self, *args, **kwargs)
-        finally:
+    def counted(real):  # type: ignore[no-untyped-def]
+        def slow_copy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal active, peak, copies
+            if self.name != "disk2":
+                return real(self, *args, **kwargs)
             with lock:
-                active -= 1
+                active += 1
+                copies += 1
+                peak = max(peak, active)
+            try:
+                time.sleep(0.05)
+                return real(self, *args, **kwargs)
+            finally:
+                with lock:
+                    active -= 1
 
-    monkeypatch.setattr(PosixStorage, "_replicate_to", slow_copy)
+        return slow_copy
+
+    # The two operations a replication copy enters by: alone, or as part of a bulk request.
+    for op in ("_replicate_sync", "_replicate_from_sync"):
+        monkeypatch.setattr(PosixStorage, op, counted(getattr(PosixStorage, op)))
     files = make_files(settings, 20)
     async with running(SERVICES, settings):
         await publish_ready(broker, settings, files)

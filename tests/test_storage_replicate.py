@@ -675,3 +675,28 @@ async def test_copy_verified_many_refuses_a_copy_that_is_not_small(
     big = storage.endpoint.batch_copy_bytes + 1
     with pytest.raises(ValueError, match="not a small copy"):
         await storage.copy_verified_many([posix.ReplicaCopy(str(tmp_path), "f", "f", big, "00000001")])
+
+
+async def test_copy_verified_many_detects_a_corrupted_destination_copy(
+    threaded_storage: PosixStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes that land wrong (injected where every replication copy moves them) are caught by the
+    read-back, whichever way the copy went: checksum_mismatch, the destination's fault."""
+    real_copy = posix._kernel_copy
+
+    def corrupting_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> int:
+        n = real_copy(src, dst, limit, cancelled)
+        os.pwrite(dst, b"\xff", 0)
+        return n
+
+    monkeypatch.setattr(posix, "_kernel_copy", corrupting_copy)
+    source = tmp_path / "disk1"
+    source.mkdir()
+    (source / "f.dat").write_bytes(b"\x00" * 1000)
+    [out] = await threaded_storage.copy_verified_many(
+        [posix.ReplicaCopy(str(source), "f.dat", "copy/f.dat", 1000, adler(b"\x00" * 1000))]
+    )
+    assert isinstance(out, Retryable) and out.reason == "checksum_mismatch"
+    assert_side(out, DESTINATION_REASONS)
+    assert not (threaded_storage.root / "copy" / "f.dat").exists()
+    assert leftovers(threaded_storage.root) == []

@@ -785,7 +785,7 @@ class PosixStorage:
         source = _below_parent(source_root, source_pfn)
         dest = _below_parent(self.root, relpath)
         if source is not None and dest is not None:
-            made = self._replicate_plainly(source, dest, expected_size, expected_adler32)
+            made = self._replicate_plainly(cancelled, source, dest, expected_size, expected_adler32)
             if made is not None:
                 return made
         if source is None:
@@ -801,7 +801,9 @@ class PosixStorage:
         real = self._source_the_full_way(source_root, source_pfn)
         return self._replicate_to(cancelled, real, dest, expected_size, expected_adler32, False)
 
-    def _replicate_plainly(self, source: str, dest: str, size: int, adler32: str) -> CopyResult | None:
+    def _replicate_plainly(
+        self, cancelled: threading.Event, source: str, dest: str, size: int, adler32: str
+    ) -> CopyResult | None:
         """The copy of ``_replicate_to`` when all goes well, in the fewest steps: a new unnamed
         file, one kernel copy, one read-back, one link; ``None`` as soon as anything is not plain
         (an error, a mismatch, a file already at ``dest``, no unnamed files, a reserve to keep),
@@ -828,7 +830,7 @@ class PosixStorage:
                 return None
             tmp = os.open(parent, os.O_RDWR | _O_TMPFILE | os.O_CLOEXEC, 0o644)
             try:
-                if size and (_copy_file_range is None or _copy_file_range(src, tmp, size) != size):
+                if size and _kernel_copy(src, tmp, size, cancelled) != size:
                     return None
                 if os.preadv(tmp, [buf], 0) != size:
                     return None

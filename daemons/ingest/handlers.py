@@ -5,13 +5,14 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
 1. validate (dataset name, landing area, logical name)            -> Permanent on bad input
 2. under a per-name lock: is the event id done, is the name known? -> duplicate: re-publish, stop
                                                                    -> other checksum: name_conflict
-3. copy into the first disk endpoint (temp name, verify, rename)   -> Retryable while not writable
+3. copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
 5. evaluate the replication rules: lock the copies they want      -> batched, one transaction
 6. publish one request per missing copy and ``file.ingested``, then the runner acks.
 
 A kill after 3 leaves a verified file at its final path and no catalogue row: the redelivery copies
-it again over itself and registers it. A kill during 3 leaves a temp file, removed at start-up.
+it again over itself and registers it. A kill during 3 leaves nothing (an unnamed file) or a temp
+file (where the file system has no unnamed files), removed at start-up.
 """
 
 from __future__ import annotations

@@ -9,14 +9,15 @@ Order of work for one request, so that a kill at any instruction loses nothing:
 3. the endpoint must be writable (operator state, circuit breaker)    -> park in the catalogue, ack
 4. wait for one of the destination's ``max_transfers`` slots (a small copy goes in a batch of
    small copies made one after another, and the batch holds one slot: ``PosixStorage._batched``)
-5. copy from the best source (``steps.rank_sources``): temp name, kernel copy, read-back
-   checksum, atomic rename; a missing / corrupt source is marked ``bad`` and the next one tried
+5. copy from the best source (``steps.rank_sources``): unnamed file (or temp name), kernel copy,
+   read-back checksum, atomic link (or rename); a missing / corrupt source is marked ``bad`` and
+   the next one tried
 6. record the copy available (batched, after one syncfs of the endpoint: group commit)
 7. publish ``replica.created`` (one per request, listing a bulk request's copies); the runner acks.
 
-A kill during 5 leaves a temp file (removed at start-up); after 5 a verified file nobody recorded:
-the redelivery copies it again over itself. Background loops in the same process: endpoint health
-(``health``), new rules (``rules``) and the reaper (``reaper``).
+A kill during 5 leaves nothing (an unnamed file) or a temp file (removed at start-up); after 5 a
+verified file nobody recorded: the redelivery copies it again over itself. Background loops in the
+same process: endpoint health (``health``), new rules (``rules``) and the reaper (``reaper``).
 
 A bulk request (``names``) takes the same steps for all its files at once where nothing needs
 deciding (``_copy_together``: every free lock, one catalogue read, the small copies due in whole

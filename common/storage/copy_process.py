@@ -103,11 +103,15 @@ class CopyProcess:
         self._send_lock = asyncio.Lock()
         self._writes: set[asyncio.Task[None]] = set()
         self.started = 0  # processes started so far (a restart after a death counts)
+        self._owed = 0  # batches whose answer has not come (``in_flight``)
 
     @property
     def in_flight(self) -> int:
         """Batches sent (or being sent) and not answered yet."""
-        return len(self._waiting) + len(self._writes)
+        return self._owed
+
+    def _answered(self, _answer: asyncio.Future[list[Any]]) -> None:
+        self._owed -= 1
 
     @property
     def pid(self) -> int | None:
@@ -124,6 +128,8 @@ class CopyProcess:
 
     def _send(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> asyncio.Future[list[Any]]:
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._owed += 1
+        answer.add_done_callback(self._answered)
         writing = asyncio.ensure_future(self._write(jobs, answer))
         self._writes.add(writing)  # a reference, so the task is not collected while it runs
         writing.add_done_callback(self._writes.discard)

@@ -44,14 +44,22 @@ def real_dir(path: str) -> str:
     return real
 
 
-def _realpath(path: str) -> str:
-    """``os.path.realpath`` with the parent directory taken from the cache."""
+def real_parent(path: str) -> str | None:
+    """``path`` with its directories resolved (``real_dir``, cached) and its final component as
+    written; ``None`` where only ``os.path.realpath`` can say (a ``..``, no final component)."""
     if ".." in path.split("/"):
-        return os.path.realpath(path)  # ".." after a symlink must be resolved the kernel's way
+        return None  # ".." after a symlink must be resolved the kernel's way
     parent, name = os.path.split(os.path.normpath(path))
     if name in ("", "."):
+        return None
+    return os.path.join(real_dir(parent), name)
+
+
+def _realpath(path: str) -> str:
+    """``os.path.realpath`` with the parent directory taken from the cache."""
+    candidate = real_parent(path)
+    if candidate is None:
         return os.path.realpath(path)
-    candidate = os.path.join(real_dir(parent), name)
     try:
         if stat.S_ISLNK(os.lstat(candidate).st_mode):
             return os.path.realpath(candidate)

@@ -59,7 +59,7 @@ from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
 from common.storage.copy_process import CopyProcess, Failed
-from common.storage.paths import _realpath, is_within, real_dir, resolve_inside
+from common.storage.paths import _realpath, is_within, real_dir, real_parent, resolve_inside
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -131,16 +131,13 @@ def resolve_below(root: str | os.PathLike[str], relpath: str | os.PathLike[str],
 def _below_parent(root: str | os.PathLike[str], relpath: str) -> str | None:
     """``relpath`` under ``root`` with its directories resolved (cached), its final component as
     written; ``None`` when only the full resolution can say (``..``, a NUL, an escape, the root)."""
-    if "\x00" in relpath or ".." in relpath.split("/"):
+    if "\x00" in relpath:
         return None
     real_root = real_dir(os.fspath(root))
-    parent, name = os.path.split(os.path.normpath(os.path.join(real_root, relpath)))
-    if name in ("", "."):
+    path = real_parent(os.path.join(real_root, relpath))
+    if path is None or not is_within(os.path.dirname(path), real_root):
         return None
-    real_parent = real_dir(parent)
-    if not is_within(real_parent, real_root):
-        return None
-    return os.path.join(real_parent, name)
+    return path
 
 
 def _is_symlink(path: str) -> bool:
@@ -356,16 +353,8 @@ def _kernel_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> 
     return total
 
 
-def _adler32_fd(
-    fd: int, buf: mmap.mmap, cancelled: threading.Event, *, written: int | None = None
-) -> tuple[int, str]:
-    """(size, adler32) of an open file read from offset 0 to its end. ``OSError`` unclassified.
-
-    ``written``: the file is one this process just wrote, that many bytes, and nobody else can
-    write to (an unnamed file): a read shorter than the buffer that brings the total to exactly
-    that is taken as the end, without the read that would say so (a system call per small copy).
-    A short read before the end can only make the checksum disagree, never agree falsely.
-    """
+def _adler32_fd(fd: int, buf: mmap.mmap, cancelled: threading.Event) -> tuple[int, str]:
+    """(size, adler32) of an open file read from offset 0 to its end. ``OSError`` unclassified."""
     view = memoryview(buf)
     value = ADLER32_START
     total = 0
@@ -377,8 +366,6 @@ def _adler32_fd(
             return total, format_adler32(value)
         value = _adler32(view[:n], value)
         total += n
-        if total == written and n < len(buf):
-            return total, format_adler32(value)
 
 
 def _expected_adler32(text: str) -> str:
@@ -922,8 +909,7 @@ class PosixStorage:
             if not fsync and expected_size >= EARLY_WRITEBACK_BYTES and _SYNC_FILE_RANGE is not None:
                 _SYNC_FILE_RANGE(tmp.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
             try:
-                written = expected_size if tmp.path is None else None  # unnamed: only ours
-                size, adler = _adler32_fd(tmp.fd, _buffer(self.chunk_size), cancelled, written=written)
+                size, adler = _adler32_fd(tmp.fd, _buffer(self.chunk_size), cancelled)
             except OSError as exc:
                 raise _destination_error(exc, tmp.where) from None
             if size != expected_size or adler != expected_adler32:

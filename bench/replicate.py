@@ -31,10 +31,12 @@ Page cache: the sources are written, flushed with ``sync`` and stay in the page 
 sides read warm sources (24 GB of RAM hold the default data sets several times over); every
 destination is deleted after its measurement and ``sync`` runs (untimed) before the next one, so
 neither side pays for the other's writeback; with many files the copies are kept until the data
-set is done instead (see ``keeps_copies``: on ext4, creating files just after deleting thousands
-costs several times more). The order of the measurements rotates between repetitions; the best
-of ``--repeat`` runs counts. Everything generated is deleted at the end. For the same reason,
-leave half a minute between two runs of this script (or after deleting many files).
+set is done instead (see ``keeps_copies``: on ext4 without a journal, creating files within about
+six minutes of deleting thousands costs several times more). Before each measurement, memory for
+its page cache is touched and freed (``warm_memory``: on a virtual machine, fresh memory costs
+more than the copying). The order of the measurements rotates between repetitions; the best of
+``--repeat`` runs counts. Everything generated is deleted at the end: for the reason above, leave
+six minutes between two runs of this script (or after deleting many files on that file system).
 
 The elapsed figures of one run vary by 2-10x on a machine where others run tests (file creation
 waits for the journal, the disk is shared): repeat (``--repeat``) and compare within one run.
@@ -56,6 +58,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -193,6 +196,23 @@ def running_children_cpu() -> float:
 Measure = Callable[[DataSet, Path, argparse.Namespace], Awaitable[Timing]]
 
 
+def warm_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh anonymous memory and free it again, just before a measurement.
+
+    On a virtual machine whose host backs guest memory lazily (and takes back what the guest's
+    free-page reporting returns: pages free for a second or two), the first write to a page costs
+    far more than the copy into it. Measured here: 2 GB written into the page cache took 5.0 s
+    with cold memory, 0.9 s right after 3 GB of anonymous memory was touched and freed. A
+    measurement's page cache lands on whatever the previous one left, so without this the order of
+    the measurements decided a 2-5x difference. Freed right before the clock starts, these pages
+    are what the measured copies get, as on a machine with real memory.
+    """
+    zeros = bytes(MiB)
+    with mmap.mmap(-1, nbytes) as m:
+        for offset in range(0, nbytes - MiB + 1, MiB):
+            m[offset : offset + MiB] = zeros
+
+
 def syncfs(path: Path) -> None:
     subprocess.run(["sync", "-f", str(path)], check=True)
 
@@ -277,7 +297,13 @@ async def copy_all(
 
 async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) -> Timing:
     """The replicator daemon end to end: a rule asks for every file at ``dest``; timed from the
-    rule's creation to the last copy recorded available in the catalogue.
+    moment the rule is due to the last copy recorded available in the catalogue.
+
+    Due: a new rule waits, on purpose, three poll intervals after its creation before it is
+    evaluated (``rules.settle_time``: ingest must see it first), here 0.15 s. That wait is a fixed
+    latency, not copying: in a run of 10,000 small files it was an eighth of the time, in one of
+    100,000 it would be nothing, so the clock starts when it is over. The time from the rule's
+    creation is in the note (and the JSON).
 
     The files are registered as replicas of a source endpoint rooted at the data set (a fresh
     SQLite catalogue next to the copies); the daemon runs in this process (its CPU is counted),
@@ -296,6 +322,7 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
     from common.config import Settings
     from common.runtime import Process
     from daemons.replicator.handlers import service
+    from daemons.replicator.rules import settle_time
 
     tag = uuid.uuid4().hex[:8]
     state = dest.parent / f"state-{dest.name}"
@@ -345,8 +372,9 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
         # usage report (sizes by endpoint and state) every 50 ms took an eighth of the process's
         # CPU, shared with the daemon measured here.
         watch = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        t0 = time.perf_counter()
+        created = time.perf_counter()
         await catalogue.add_rule(Rule("bench", endpoints="dst", datasets=".*"))
+        t0 = created + settle_time(settings).total_seconds()
         while await asyncio.to_thread(count_available, watch, "dst") < len(ds.files):
             if task.done():
                 task.result()
@@ -365,7 +393,8 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
         await connection.close()
         shutil.rmtree(state, ignore_errors=True)
     note = (
-        f"daemon end to end: rule -> {len(ds.files)} requests -> copies recorded, {args.concurrency} at once"
+        f"daemon end to end: rule due -> {len(ds.files)} requests -> copies recorded, {args.concurrency}"
+        f" at once ({t1 - created:.2f} s from the rule's creation)"
     )
     return Timing(t1 - t0, 0.0, cpu, note)
 
@@ -408,12 +437,15 @@ async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[st
     names = list(MEASUREMENTS)
     keep = keeps_copies(len(ds.files))
     kept: list[Path] = []
+    # The copies' page cache, with room for the replicator's catalogue and the daemon itself.
+    warm_bytes = ds.total_bytes * 5 // 4 + 256 * MiB
     try:
         for rep in range(args.repeat):
             order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 dest = work / f"dst-{ds.name}-{name.replace(' ', '-')}-{rep}"
                 os.sync()  # untimed: nothing left over (sources, the previous copies) to flush
+                warm_memory(warm_bytes)  # untimed: the copies' page cache on warm memory
                 timing = await MEASUREMENTS[name](ds, dest, args)
                 say(
                     f"{ds.name}: {name:<19} copy {timing.copy_seconds:7.2f} s, + sync "

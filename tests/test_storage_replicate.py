@@ -94,7 +94,7 @@ async def test_good_copy_is_verified_and_lands_under_its_final_name(
     )
     assert result == CopyResult(
         pfn="night1/run1/file.dat",
-        path=storage.resolve("night1/run1/file.dat"),
+        location=str(storage.resolve("night1/run1/file.dat")),
         size=size,
         adler32=adler(data),
     )

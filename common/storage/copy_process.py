@@ -48,13 +48,15 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
 
 import common
 from common.errors import Permanent, Retryable, SpoolError
+
+if TYPE_CHECKING:
+    from common.storage.posix import CopyResult
 
 HEADER = 4
 OPERATIONS = ("copy", "replicate", "replicate_from", "verify")
@@ -246,12 +248,22 @@ def _spawn() -> subprocess.Popen[bytes]:
     )
 
 
-def _decode(outcome: list[Any]) -> Any:
-    from common.storage.posix import CopyResult  # here: posix imports this module
+def _copy_result() -> type[CopyResult]:
+    global _CopyResult
+    if _CopyResult is None:
+        from common.storage.posix import CopyResult  # here: posix imports this module
 
+        _CopyResult = CopyResult
+    return _CopyResult
+
+
+_CopyResult: type[CopyResult] | None = None
+
+
+def _decode(outcome: list[Any]) -> Any:
     tag = outcome[0]
     if tag == "c":
-        return CopyResult(pfn=outcome[1], path=Path(outcome[2]), size=outcome[3], adler32=outcome[4])
+        return _copy_result()(pfn=outcome[1], location=outcome[2], size=outcome[3], adler32=outcome[4])
     if tag == "v":
         return outcome[1]
     if tag == "e":
@@ -262,10 +274,8 @@ def _decode(outcome: list[Any]) -> Any:
 
 # --- child side ----------------------------------------------------------------------------------
 def _encode(value: Any) -> list[Any]:
-    from common.storage.posix import CopyResult
-
-    if isinstance(value, CopyResult):
-        return ["c", value.pfn, os.fspath(value.path), value.size, value.adler32]
+    if isinstance(value, _copy_result()):
+        return ["c", value.pfn, value.location, value.size, value.adler32]
     if isinstance(value, Failed):
         exc = value.error
         if isinstance(exc, SpoolError):

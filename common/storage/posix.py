@@ -100,12 +100,18 @@ KERNEL_COPY_CHUNK = 16 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class CopyResult:
-    """A verified replica: ``pfn`` is the path inside the endpoint, ``path`` the absolute one."""
+    """A verified replica: ``pfn`` is the path inside the endpoint, ``location`` the absolute one."""
 
     pfn: str
-    path: Path
+    # Text: a Path made per small copy, in the copy process and again in its parent, cost more
+    # than the checks of the copy.
+    location: str
     size: int
     adler32: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
 
 def resolve_below(root: str | os.PathLike[str], relpath: str | os.PathLike[str], name: str) -> Path:
@@ -177,7 +183,13 @@ class _Aborted(Exception):
 # Small operations gathered into one hand-off (``PosixStorage._batched``): named, so that a batch
 # can go to the copy process as well as to a worker thread.
 SMALL_BATCH = 64
-PIPELINED_BATCHES = 2  # batches sent to a copy process before the first is answered
+# Batches sent to a copy process before the first is answered: enough that the process is not
+# left idle while the event loop is busy elsewhere (a rule's page of requests to plan, a
+# catalogue write holding the GIL for tens of milliseconds), few enough that a stop does not
+# wait long for what is queued: about PIPELINED_BYTES of small copies, at least 2 batches.
+# Measured (10,000 x 64 KiB, tmpfs): 2 batches 7,800 files/s, 8-24 batches 8,400-8,900.
+PIPELINED_BYTES = 64 * 1024 * 1024
+MIN_PIPELINED_BATCHES = 2
 _Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
@@ -632,7 +644,7 @@ class PosixStorage:
             )
         finally:
             os.close(src)
-        return CopyResult(pfn=self.pfn_of(dest), path=dest, size=size, adler32=adler)
+        return CopyResult(pfn=self.pfn_of(dest), location=os.fspath(dest), size=size, adler32=adler)
 
     def _stream_to(
         self,
@@ -830,7 +842,7 @@ class PosixStorage:
             return None
         finally:
             os.close(src)
-        return CopyResult(pfn=self.pfn_of(dest), path=Path(dest), size=size, adler32=adler32)
+        return CopyResult(pfn=self.pfn_of(dest), location=dest, size=size, adler32=adler32)
 
     @staticmethod
     def _source_the_full_way(source_root: str, source_pfn: str) -> str:
@@ -888,7 +900,7 @@ class PosixStorage:
         finally:
             os.close(src)
         return CopyResult(
-            pfn=self.pfn_of(dest), path=Path(dest), size=expected_size, adler32=expected_adler32
+            pfn=self.pfn_of(dest), location=os.fspath(dest), size=expected_size, adler32=expected_adler32
         )
 
     def _copy_and_check(
@@ -1217,11 +1229,16 @@ class PosixStorage:
             # The copy process serves batches in order: a second one sent meanwhile keeps it busy.
             # Worker threads would run two at once, and fight the event loop for the GIL.
             process = self.endpoint.small_copies == "process"
-            pipelined = PIPELINED_BATCHES * self.endpoint.copy_processes if process else 1
+            pipelined = self.pipelined_batches() * self.endpoint.copy_processes if process else 1
             self._small = MicroBatcher(
                 self._run_small, max_size=SMALL_BATCH, max_wait=0, concurrency=pipelined
             )
         return self._small
+
+    def pipelined_batches(self) -> int:
+        """Batches of small copies one copy process is sent ahead (see ``PIPELINED_BYTES``)."""
+        batch_bytes = SMALL_BATCH * max(1, self.endpoint.batch_copy_bytes)
+        return max(MIN_PIPELINED_BATCHES, PIPELINED_BYTES // batch_bytes)
 
     def batches_copy(self, size: int, fsync: bool) -> bool:
         """Whether a copy of ``size`` bytes goes in a batch of small operations. Not with

@@ -24,9 +24,14 @@ log = get_logger("spool.replicator")
 PAGE = 1000
 
 
+def settle_time(settings: Settings) -> timedelta:
+    """How long a new rule waits before it is evaluated: three of ingest's rule-cache reloads."""
+    return timedelta(seconds=3 * settings.replication.poll_interval)
+
+
 async def evaluate_new_rules(catalogue: Catalogue, publisher: Publisher, settings: Settings) -> int:
     """Evaluate every rule that is due; returns how many copies were requested."""
-    settle = timedelta(seconds=3 * settings.replication.poll_interval)
+    settle = settle_time(settings)
     requested = 0
     endpoints = endpoint_table(settings)
     due = await catalogue.new_rules(datetime.now(UTC) - settle)

@@ -31,7 +31,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common daemons
+	$(VENV)/bin/mypy common daemons bench
 
 bench: venv services
 	$(PY) bench/ingest.py

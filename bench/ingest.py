@@ -477,7 +477,7 @@ async def spool_ingest(
         db_path = settings.catalogue.url.split("///", 1)[1]
         db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         # (With a backlog the daemon may have registered files already: the state dir was empty.)
-        if not backlog and await asyncio.to_thread(count_files, db):
+        if not backlog and (await asyncio.to_thread(count_files, db)) > 0:
             raise BenchError(f"the catalogue {db_path} is not empty")
 
         progress = Progress()

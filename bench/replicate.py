@@ -326,21 +326,23 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
 
     tag = uuid.uuid4().hex[:8]
     state = dest.parent / f"state-{dest.name}"
-    settings = Settings(
-        state_dir=state,
-        bus={"url": args.amqp_url, "exchange": f"spool-bench-{tag}", "queue_prefix": f"bench{tag}"},
-        storage={
-            "src": {"root": ds.root},
-            "dst": {
-                "root": dest,
-                "max_transfers": args.concurrency,
-                "durability": args.durability,
-                "copy_processes": args.copy_processes,
+    settings = Settings.model_validate(
+        {
+            "state_dir": state,
+            "bus": {"url": args.amqp_url, "exchange": f"spool-bench-{tag}", "queue_prefix": f"bench{tag}"},
+            "storage": {
+                "src": {"root": ds.root},
+                "dst": {
+                    "root": dest,
+                    "max_transfers": args.concurrency,
+                    "durability": args.durability,
+                    "copy_processes": args.copy_processes,
+                },
             },
-        },
-        replication={"poll_interval": 0.05, "reaper_interval": 3600},
-        daemons={"replicator": {"prefetch": 512, "concurrency": 256}},
-        log={"level": "warning", "format": "json"},
+            "replication": {"poll_interval": 0.05, "reaper_interval": 3600},
+            "daemons": {"replicator": {"prefetch": 512, "concurrency": 256}},
+            "log": {"level": "warning", "format": "json"},
+        }
     )
     catalogue = await Catalogue.open(settings.catalogue.url)
     process = Process([service], settings, tune_gc=True)  # as ``spool run`` does

@@ -34,8 +34,10 @@ neither side pays for the other's writeback; with many files the copies are kept
 set is done instead (see ``keeps_copies``: on ext4 without a journal, creating files within about
 six minutes of deleting thousands costs several times more). Before each measurement, memory for
 its page cache is touched and freed (``warm_memory``: on a virtual machine, fresh memory costs
-more than the copying). The order of the measurements rotates between repetitions; the best of
-``--repeat`` runs counts. Everything generated is deleted at the end: for the reason above, leave
+more than the copying). The order of the measurements rotates between repetitions, and by default
+each comes first once (the first copies of an invocation were often the fastest: file creation
+grew dearer as the file system filled, even with warm memory); the best of ``--repeat`` runs
+counts. Everything generated is deleted at the end: for the reason above, leave
 six minutes between two runs of this script (or after deleting many files on that file system).
 
 The elapsed figures of one run vary by 2-10x on a machine where others run tests (file creation
@@ -594,7 +596,10 @@ def main() -> None:
         "--copy-processes", type=int, default=default.copy_processes,
         help=f"copy processes of the destination (default {default.copy_processes})",
     )  # fmt: skip
-    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement, best counts (default 3)")
+    p.add_argument(
+        "--repeat", type=int, default=len(MEASUREMENTS),
+        help=f"runs of each measurement, best counts (default {len(MEASUREMENTS)}: each comes first once)",
+    )  # fmt: skip
     p.add_argument(
         "--amqp-url", default=os.environ.get("SPOOL_AMQP_URL", "amqp://guest:guest@localhost:5672/"),
         help="broker for the replicator measurement",

@@ -311,8 +311,9 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
     SQLite catalogue next to the copies); the daemon runs in this process (its CPU is counted),
     against the real RabbitMQ with an exchange and queues of its own, deleted afterwards. It
     evaluates the new rule (``replication.poll_interval`` 0.05 s, so the rule waits 0.15 s to
-    settle), publishes one ``replica.request`` per file, and copies them with ``copy_verified``,
-    ``max_transfers`` at once, syncing and recording in batches. ``sync_seconds`` is 0: the daemon
+    settle), publishes bulk ``replica.request``s (``BULK`` files each), and copies them as it
+    copies any bulk request (small files in batches to the copy process, larger ones with
+    ``copy_verified``, ``max_transfers`` at once), syncing and recording in batches. ``sync_seconds`` is 0: the daemon
     makes every copy durable before recording it.
     """
     import uuid

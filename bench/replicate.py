@@ -313,8 +313,8 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
     evaluates the new rule (``replication.poll_interval`` 0.05 s, so the rule waits 0.15 s to
     settle), publishes bulk ``replica.request``s (``BULK`` files each), and copies them as it
     copies any bulk request (small files in batches to the copy process, larger ones with
-    ``copy_verified``, ``max_transfers`` at once), syncing and recording in batches. ``sync_seconds`` is 0: the daemon
-    makes every copy durable before recording it.
+    ``copy_verified``, ``max_transfers`` at once), syncing and recording in batches.
+    ``sync_seconds`` is 0: the daemon makes every copy durable before recording it.
     """
     import uuid
 

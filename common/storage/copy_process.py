@@ -8,9 +8,10 @@ loop only packs a batch, writes it to a pipe and reads the answers back.
 
 ``copy_processes`` per endpoint (default one; ``PosixStorage`` starts one on a batch that finds
 every running one busy, ``small_copies = "process"``), each serving its batches in the order they
-arrive, two in its pipe at once. On two cores a second process did not help (the daemon, the
-copier and the broker already share them); on a node with more cores it may. The
-protocol on its stdin / stdout is length-prefixed msgpack frames (4 bytes big-endian, then the body):
+arrive, with about ``posix.PIPELINED_BYTES`` of small copies in its pipe. On two cores a second
+process did not help (the daemon, the copier and the broker already share them); on a node with
+more cores it may. The protocol on its stdin / stdout is length-prefixed msgpack frames (4 bytes
+big-endian, then the body):
 
 - first the parent sends ``{"name", "endpoint", "chunk_size"}``, the child answers ``"ready"``;
 - then each request is a list of ``[operation, args]`` (operations: ``OPERATIONS``), answered by a

@@ -423,6 +423,11 @@ def _forget_proc_fds() -> None:
 os.register_at_fork(after_in_child=_forget_proc_fds)
 
 
+def _link_unnamed(fd: int, to: str) -> None:
+    """Give the unnamed file open as ``fd`` the name ``to`` (``FileExistsError`` if taken)."""
+    os.link(str(fd), to, src_dir_fd=_proc_fds(), follow_symlinks=True)
+
+
 class _TempFile:
     """The file a copy is written to before it appears under its final name ``dest``.
 
@@ -481,9 +486,6 @@ class _TempFile:
         self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
         self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
-    def _link(self, fd: int, to: str) -> None:
-        os.link(str(fd), to, src_dir_fd=_proc_fds(), follow_symlinks=True)
-
     def commit(self, fsync: bool) -> None:
         fd = self.fd
         assert fd is not None, "temporary file already closed"
@@ -492,10 +494,10 @@ class _TempFile:
                 os.fsync(fd)
             if self.path is None:
                 try:
-                    self._link(fd, self.dest)
+                    _link_unnamed(fd, self.dest)
                 except FileExistsError:  # replacing a file: rename is the atomic way
                     self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
-                    self._link(fd, self.path)
+                    _link_unnamed(fd, self.path)
                     os.rename(self.path, self.dest)
                 self.fd = None
                 os.close(fd)
@@ -812,9 +814,8 @@ class PosixStorage:
         Why: most of the copy process's time is its system calls, but a fifth was the Python
         around them (per small file, tens of microseconds of calls, checks and objects).
         """
-        proc = _proc_fds()
         buf = _buffer(self.chunk_size)
-        if not _O_TMPFILE or proc is None or size > len(buf) or self.endpoint.min_free_bytes > 0:
+        if not _O_TMPFILE or _proc_fds() is None or size > len(buf) or self.endpoint.min_free_bytes > 0:
             return None
         parent = os.path.dirname(dest)
         if parent in _no_tmpfile_dirs:
@@ -835,7 +836,7 @@ class PosixStorage:
                     return None
                 if format_adler32(_adler32(memoryview(buf)[:size], ADLER32_START)) != adler32:
                     return None
-                os.link(str(tmp), dest, src_dir_fd=proc, follow_symlinks=True)
+                _link_unnamed(tmp, dest)
             finally:
                 os.close(tmp)
         except OSError:
@@ -1226,7 +1227,7 @@ class PosixStorage:
 
     def _small_batcher(self) -> MicroBatcher[tuple[str, tuple[Any, ...]], Any]:
         if self._small is None:
-            # The copy process serves batches in order: a second one sent meanwhile keeps it busy.
+            # The copy process serves batches in order: those sent ahead keep it busy.
             # Worker threads would run two at once, and fight the event loop for the GIL.
             process = self.endpoint.small_copies == "process"
             pipelined = self.pipelined_batches() * self.endpoint.copy_processes if process else 1

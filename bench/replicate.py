@@ -275,6 +275,7 @@ async def copy_all(
                     raise SystemExit(f"BENCHMARK BROKE: {outcome}")
 
     try:
+        await storage.start_copy_process()  # as a daemon does when it starts (small copies only)
         c0 = cpu_now()
         t0 = time.perf_counter()
         await asyncio.gather(
@@ -371,6 +372,8 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
             if task.done():
                 task.result()
             await asyncio.sleep(0.05)
+        # Started: its copy process too (the daemon starts it in the background, as it consumes).
+        await process.runners[0].resources.storages["dst"].start_copy_process()
         c0 = cpu_now()
         db_path = settings.catalogue.url.split("///", 1)[1]
         # Watched with one indexed count on a connection of its own: the catalogue's endpoint

@@ -116,6 +116,42 @@ async def test_small_copies_run_in_a_child_process_and_come_back_verified(
     assert storage._copiers and storage._copiers[0].started == 1
 
 
+async def test_the_copy_process_can_be_started_before_the_first_copy_and_then_serves_it(
+    storage: PosixStorage, landing: Path
+) -> None:
+    await storage.start_copy_process()  # as a daemon does when it starts
+    pid = copier_pid(storage)
+    assert alive(pid)
+    await storage.start_copy_process()  # running already: nothing more
+    src, data = small_file(landing, "a.dat")
+    assert (await put(storage, src, data, "x/a.dat")).path.read_bytes() == data
+    assert copier_pid(storage) == pid and storage._copiers[0].started == 1 and len(storage._copiers) == 1
+
+
+async def test_a_copy_process_that_cannot_start_does_not_fail_its_daemon(
+    storage: PosixStorage, landing: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.storage import copy_process
+
+    real_spawn = copy_process._spawn
+
+    def broken_spawn() -> subprocess.Popen[bytes]:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(copy_process, "_spawn", broken_spawn)
+    await storage.start_copy_process()  # logged, not raised
+    assert storage._copiers and storage._copiers[0].pid is None
+    monkeypatch.setattr(copy_process, "_spawn", real_spawn)
+    src, data = small_file(landing, "a.dat")
+    assert (await put(storage, src, data, "x/a.dat")).path.read_bytes() == data  # started on demand
+
+
+async def test_thread_mode_has_no_copy_process_to_start(tmp_path: Path) -> None:
+    s = PosixStorage("disk1", StorageEndpoint(root=tmp_path / "d", small_copies="thread"))
+    await s.start_copy_process()
+    assert s._copiers == []
+
+
 async def test_copy_processes_share_the_batches_and_never_exceed_their_number(
     tmp_path: Path, landing: Path
 ) -> None:

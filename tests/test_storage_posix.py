@@ -136,6 +136,30 @@ def test_paths_inside_the_area_resolve_to_absolute_real_paths(area: Path, tmp_pa
     assert resolve_inside(link_root, str(link_root / "night1" / "a.fits")) == area / "night1" / "a.fits"
 
 
+def test_the_cached_parent_resolution_answers_as_the_full_one(area: Path, tmp_path: Path) -> None:
+    """``_below_parent`` keeps its answer per directory part; every case answers as uncached,
+    the first time and from the cache (escapes, ``..``, NUL bytes, symlinked directories)."""
+    from common.storage.posix import _below_parent, _below_parent_uncached
+
+    (area / "night" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (area / "out").symlink_to(tmp_path / "elsewhere")
+    (area / "alias").symlink_to(area / "night")
+    cases = [
+        "night/a.fits", "a.fits", "/a.fits", f"{area}/night/a.fits", "/etc/passwd", "../a.fits",
+        "night/../a.fits", "night/./a.fits", "night//a.fits", "./a.fits", "night/sub/a.fits",
+        "out/a.fits", "alias/a.fits", "night/", "night/.", "night/..", ".", "", "ni\x00ght/a.fits",
+        "night/a\x00.fits", "missing/a.fits", "night/sub/../../a.fits",
+    ]  # fmt: skip
+    for root in (str(area), f"{area}/"):
+        for relpath in cases:
+            expected = _below_parent_uncached(root, relpath)
+            assert _below_parent(root, relpath) == expected, (root, relpath)
+            assert _below_parent(root, relpath) == expected, (root, relpath)  # cached now
+    assert _below_parent(str(area), "out/a.fits") is None  # outside the area
+    assert _below_parent(str(area), "alias/a.fits") == str(area / "night" / "a.fits")
+
+
 def test_storage_refuses_the_root_itself_and_escapes(storage: PosixStorage) -> None:
     for bad in ("", ".", "a/..", "../disk2/x", "/etc/passwd"):
         with pytest.raises(Permanent) as err:

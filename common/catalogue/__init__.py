@@ -417,6 +417,11 @@ class Catalogue:
             write=False,
         )
 
+    async def endpoint_states(self) -> dict[str, str]:
+        """Operator state by endpoint name: ``endpoints`` without the rest of each row (polled
+        every ``poll_interval``; the full rows, attributes decoded, cost ten times more)."""
+        return await self._transaction(replication.endpoint_states, write=False)
+
     async def waiting_count(self, storage: str) -> int:
         return await self._transaction(replication.waiting_count, storage, write=False)
 

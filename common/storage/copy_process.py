@@ -129,6 +129,12 @@ class CopyProcess:
         """
         return await asyncio.shield(self._send(jobs))
 
+    async def start(self) -> None:
+        """Start the process now, if it is not running (``run`` starts it on demand otherwise)."""
+        async with self._send_lock:
+            if self._proc is None or self._proc.poll() is not None:
+                await self._start()
+
     def _send(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> asyncio.Future[list[Any]]:
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._owed += 1

@@ -59,7 +59,15 @@ from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32, normalise_adler32
 from common.storage.copy_process import CopyProcess, Failed
-from common.storage.paths import _realpath, is_within, real_dir, real_parent, resolve_inside
+from common.storage.paths import (
+    _DIR_CACHE_MAX,
+    DIR_CACHE_SECONDS,
+    _realpath,
+    is_within,
+    real_dir,
+    real_parent,
+    resolve_inside,
+)
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -136,7 +144,32 @@ def resolve_below(root: str | os.PathLike[str], relpath: str | os.PathLike[str],
 
 def _below_parent(root: str | os.PathLike[str], relpath: str) -> str | None:
     """``relpath`` under ``root`` with its directories resolved (cached), its final component as
-    written; ``None`` when only the full resolution can say (``..``, a NUL, an escape, the root)."""
+    written; ``None`` when only the full resolution can say (``..``, a NUL, an escape, the root).
+
+    The answer for the directory part is kept (as long as ``real_dir`` keeps a directory): the
+    copy process asks twice per small copy, and the string work was a tenth of a copy's CPU.
+    """
+    cut = relpath.rfind("/") + 1
+    prefix, name = relpath[:cut], relpath[cut:]  # "a/b/" and "c"; "/" and "c" (absolute); "" and "c"
+    if name in ("", ".", "..") or "\x00" in name:
+        return _below_parent_uncached(root, relpath)
+    key = (root, prefix)
+    now = time.monotonic()
+    hit = _parent_cache.get(key)
+    if hit is None or hit[0] <= now:
+        # The parent's answer does not depend on the final component: asked with a stand-in.
+        found = _below_parent_uncached(root, prefix + "x")
+        if len(_parent_cache) >= _DIR_CACHE_MAX:
+            _parent_cache.clear()
+        hit = _parent_cache[key] = (now + DIR_CACHE_SECONDS, None if found is None else found[:-1])
+    return None if hit[1] is None else hit[1] + name
+
+
+# (root, a relpath up to its last "/") -> (expiry, the resolved parent directory + "/", or None).
+_parent_cache: dict[tuple[str | os.PathLike[str], str], tuple[float, str | None]] = {}
+
+
+def _below_parent_uncached(root: str | os.PathLike[str], relpath: str) -> str | None:
     if "\x00" in relpath:
         return None
     real_root = real_dir(os.fspath(root))
@@ -1257,6 +1290,27 @@ class PosixStorage:
             return await self._least_busy_copier().run(jobs)
         ops = self.small_operations
         return await self._in_thread(run_each, [(ops[op], args) for op, args in jobs])
+
+    async def start_copy_process(self) -> None:
+        """Start the endpoint's first copy process now rather than on its first batch of small
+        copies (``small_copies = "process"``; nothing otherwise): a daemon calls it at start-up.
+        Returns once it is running (at once if it was; after a start in progress, if one was).
+
+        Why: the process imports the configuration and storage modules, about 0.25 s of CPU here,
+        and the first batch waited that out. In a run of 10,000 small copies (1.3 s) that was a
+        sixth of the time. A start that fails is logged, not raised: the first batch tries again,
+        and its copies fail (retryably) if the process still cannot run.
+        """
+        if self.endpoint.small_copies != "process":
+            return
+        if not self._copiers:
+            self._copiers.append(CopyProcess(self.name, self.endpoint, self.chunk_size))
+        copier = self._copiers[0]
+        try:
+            await copier.start()
+        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            log.warning("copy_process_start_failed", storage=self.name, error=f"{type(exc).__name__}: {exc}")
+            copier.close()
 
     def _least_busy_copier(self) -> CopyProcess:
         """The copy process with the fewest batches in its pipe (a new one while fewer than

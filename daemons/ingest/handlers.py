@@ -128,9 +128,13 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             rulebook=rulebook,
             per_file_fsync=per_file_fsync,
         )
+        # In the background: the first small copies find the copy process (almost) ready.
+        starting = asyncio.create_task(storage.start_copy_process())
         try:
             yield resources
         finally:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
             await resources.planner.close()
             await resources.registrar.close()
             await resources.lookups.close()

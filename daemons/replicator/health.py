@@ -128,7 +128,7 @@ class EndpointHealth:
                 await self._send_probe(name)
 
     async def _read_states(self) -> None:
-        self.states = {e.name: e.state for e in await self.catalogue.endpoints()}
+        self.states = await self.catalogue.endpoint_states()
 
     async def _send_probe(self, name: str) -> None:
         """Cool-down over: re-send one parked copy; whichever copy arrives first is the probe."""

@@ -14,10 +14,36 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+ALONE = -1  # the index of a ``submit``'s item: its own future, not a place in a list
+
+
+class _Waiters(Generic[R]):
+    """The caller's side of a ``submit_many``: one future for all its items, completed once
+    every item's batch has run. (One future per item, each awaited and each given its result,
+    cost 1.2 us an item, most of a bulk request's batching: 0.2 us this way.)"""
+
+    __slots__ = ("error", "future", "left", "results")
+
+    def __init__(self, future: asyncio.Future[list[R]], count: int) -> None:
+        self.future = future
+        self.results: list[R] = [None] * count  # type: ignore[list-item]  # filled in below
+        self.left = count
+        self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        """Every item has its result (or its batch failed): the caller may go on."""
+        if self.future.done():  # a cancelled caller waits no more
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.results)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -33,18 +59,22 @@ class MicroBatcher(Generic[T, R]):
         self._max_size = max_size
         self._max_wait = max_wait
         self._concurrency = concurrency
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        # Items waiting for a batch, each with where its result goes: the future of a ``submit``
+        # (index ``ALONE``), or its place among the results of a ``submit_many`` (``_Waiters``;
+        # typed Any: told apart by the index, per item, cheaper than isinstance or cast).
+        self._pending: list[tuple[T, Any, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((item, future, ALONE))
         if len(self._running) < self._concurrency:
             if len(self._pending) >= self._max_size:
                 self._flush()
             elif self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self._max_wait, self._flush)
+                self._timer = loop.call_later(self._max_wait, self._flush)
         return await future
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
@@ -54,22 +84,14 @@ class MicroBatcher(Generic[T, R]):
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
-        self._pending.extend(zip(items, futures, strict=True))
+        waiters: _Waiters[R] = _Waiters(loop.create_future(), len(items))
+        self._pending.extend((item, waiters, i) for i, item in enumerate(items))
         while len(self._running) < self._concurrency and len(self._pending) >= self._max_size:
             self._flush()
         if self._pending and len(self._running) < self._concurrency and self._timer is None:
             self._timer = loop.call_later(self._max_wait, self._flush)
-        try:
-            await asyncio.wait(futures)
-        except asyncio.CancelledError:
-            for future in futures:  # as a cancelled ``submit``: the batch runs, nobody waits
-                future.cancel()
-            raise
-        failures = [e for e in (f.exception() for f in futures) if e is not None]  # all retrieved
-        if failures:
-            raise failures[0]
-        return [f.result() for f in futures]
+        # Cancelled, the caller stops waiting; its items still run (nobody reads their results).
+        return await waiters.future
 
     def _flush(self) -> None:
         if self._timer is not None:
@@ -81,21 +103,37 @@ class MicroBatcher(Generic[T, R]):
         task = asyncio.create_task(self._run(batch))
         self._running.add(task)
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _run(self, batch: list[tuple[T, Any, int]]) -> None:
         try:
-            results = await self._func([item for item, _ in batch])
+            results = await self._func([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # every waiter must hear about the failure, cancellation included
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batch cancelled"))
+            error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
+            for _, sink, index in batch:
+                if index == ALONE:
+                    if not sink.done():
+                        sink.set_exception(error)
+                    continue
+                waiters = sink
+                if waiters.error is None:
+                    waiters.error = error
+                waiters.left -= 1
+                if not waiters.left:
+                    waiters.finish()
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+            for (_, sink, index), result in zip(batch, results, strict=True):
+                if index == ALONE:
+                    if not sink.done():
+                        sink.set_result(result)
+                    continue
+                waiters = sink
+                waiters.results[index] = result
+                waiters.left -= 1
+                if not waiters.left:
+                    waiters.finish()
         finally:
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             if self._pending:

@@ -83,3 +83,40 @@ async def test_submit_many_raises_the_first_failure_after_all_batches_ran():
     with pytest.raises(OSError, match="disk"):
         await b.submit_many([0, 1, 2, 3])
     assert seen == [0, 1, 2, 3]
+
+
+async def test_single_and_many_submissions_share_batches_and_each_gets_its_own_results():
+    calls = []
+
+    async def double(items):
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        return [i * 2 for i in items]
+
+    b = MicroBatcher(double, max_size=3, max_wait=60)
+    one, many, other = await asyncio.wait_for(
+        asyncio.gather(b.submit(100), b.submit_many([1, 2, 3, 4]), b.submit(200)), 2
+    )
+    assert (one, many, other) == (200, [2, 4, 6, 8], 400)
+    assert calls == [[100, 1, 2], [3, 4, 200]]  # a submit_many spread over two batches
+
+
+async def test_a_cancelled_submit_many_lets_its_batch_run_and_the_batcher_go_on():
+    started, release, ran = asyncio.Event(), asyncio.Event(), []
+
+    async def slow(items):
+        started.set()
+        await release.wait()
+        ran.extend(items)
+        return list(items)
+
+    b = MicroBatcher(slow, max_size=2, max_wait=0)
+    waiting = asyncio.create_task(b.submit_many([1, 2, 3]))
+    await started.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    release.set()
+    assert await asyncio.wait_for(b.submit_many([4]), 2) == [4]
+    await b.close()
+    assert ran == [1, 2, 3, 4]  # nobody waited for 1-3 any more; they ran all the same

@@ -43,6 +43,7 @@ from common.catalogue.replication import (
     EndpointUsage,
     Reapable,
     ReplicaTask,
+    RuleFile,
     RuleView,
     Source,
     Wanted,
@@ -71,6 +72,7 @@ __all__ = [
     "ReplicaInfo",
     "ReplicaTask",
     "RequestInfo",
+    "RuleFile",
     "RuleView",
     "Source",
     "UnknownStorageError",
@@ -373,10 +375,11 @@ class Catalogue:
         await self._transaction(replication.activate_rule, rule_id, write=True)
 
     async def files_for_rule(
-        self, rule: Rule, *, after_id: int, limit: int
-    ) -> list[tuple[int, str, str, dict[str, Any]]]:
+        self, rule: Rule, *, after: tuple[int, int] = (0, 0), limit: int, metadata: bool = True
+    ) -> list[RuleFile]:
         return await self._transaction(
-            lambda c: replication.files_for_rule(c, rule, after_id=after_id, limit=limit), write=False
+            lambda c: replication.files_for_rule(c, rule, after=after, limit=limit, metadata=metadata),
+            write=False,
         )
 
     async def plan_copies(

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -279,27 +279,51 @@ def activate_rule(conn: Connection, rule_id: str) -> None:
     conn.execute(update(ru).where(ru.c.id == rule_id).values(state="active", updated=utcnow()))
 
 
+class RuleFile(NamedTuple):
+    """A file a rule selects (``files_for_rule``)."""
+
+    id: int
+    name: str
+    dataset: str
+    metadata: dict[str, MetaValue]
+    dataset_id: int
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Where the next page starts: pass it as ``after``."""
+        return (self.dataset_id, self.id)
+
+
 def files_for_rule(
-    conn: Connection, rule: Rule, *, after_id: int, limit: int
-) -> list[tuple[int, str, str, dict[str, MetaValue]]]:
-    """(id, name, dataset, metadata) of files the rule selects, by id, after ``after_id``.
+    conn: Connection, rule: Rule, *, after: tuple[int, int] = (0, 0), limit: int, metadata: bool = True
+) -> list[RuleFile]:
+    """Up to ``limit`` files the rule selects, after ``after`` (the last file's ``cursor`` of the
+    previous page): dataset by dataset, in file id order within each (no dataset pattern: all
+    files, by id).
 
     The dataset pattern is a Python regular expression (SQLite has no REGEXP), so it is applied to
     the dataset names here (thousands, not millions) and the files are then fetched by dataset id.
+    One dataset per statement, each an index range (``dataset_id = ? AND id > ?``): asked for
+    several datasets at once and ordered by id, the database read every remaining file of them
+    and sorted them for each page, so a rule over a dataset of n files cost n^2 / 2,000 reads.
+    ``metadata=False``: every file's metadata is ``{}``, not read (decoding it was a twentieth of
+    a rule's evaluation, and placing files needs it only for rules with metadata filters).
     """
-    dataset_ids = [i for i, name in conn.execute(select(d.c.id, d.c.name)) if rule.dataset_matches(name)]
-    if not dataset_ids:
-        return []
-    stmt = (
-        select(f.c.id, f.c.name, d.c.name, f.c.meta)
-        .join(d, d.c.id == f.c.dataset_id)
-        .where(f.c.id > after_id, *conditions(list(rule.filters), f.c.id))
-        .order_by(f.c.id)
-        .limit(limit)
-    )
-    if rule.datasets is not None:
-        stmt = stmt.where(f.c.dataset_id.in_(dataset_ids))
-    return [(fid, name, ds, dict(meta or {})) for fid, name, ds, meta in conn.execute(stmt)]
+    names = {i: name for i, name in conn.execute(select(d.c.id, d.c.name))}
+    meta = f.c.meta if metadata else literal_column("NULL")
+    base = select(f.c.id, f.c.name, f.c.dataset_id, meta).where(*conditions(list(rule.filters), f.c.id))
+    after_ds, after_id = after
+    if rule.datasets is None:
+        stmt = base.where(f.c.id > after_id).order_by(f.c.id).limit(limit)
+        return [RuleFile(i, n, names[ds], dict(m or {}), ds) for i, n, ds, m in conn.execute(stmt)]
+    out: list[RuleFile] = []
+    for ds in sorted(i for i, name in names.items() if i >= after_ds and rule.dataset_matches(name)):
+        start = after_id if ds == after_ds else 0
+        stmt = base.where(f.c.dataset_id == ds, f.c.id > start).order_by(f.c.id).limit(limit - len(out))
+        out += [RuleFile(i, n, names[ds], dict(m or {}), ds) for i, n, _, m in conn.execute(stmt)]
+        if len(out) >= limit:
+            break
+    return out
 
 
 # --- planning copies -----------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class CopyProcess:
                     await self._start()
                 assert self._writer is not None
                 self._waiting.append((answer, len(jobs)))
-                self._writer.write(_frame([[op, list(args)] for op, args in jobs]))
+                self._writer.write(_frame(jobs))  # msgpack writes tuples as arrays: no copies
                 await self._writer.drain()
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 self._fail(f"{type(exc).__name__}: {exc}", extra=answer, jobs=len(jobs))

@@ -3,9 +3,10 @@
 A rule is stored ``new`` (by ``spool rule add`` or a changed config file). Ingest applies it to
 files it registers once its rule cache has reloaded (``replication.poll_interval``); this loop
 waits three poll intervals after the rule appeared, so that every file registered before ingest
-saw the rule is in the catalogue, then walks the files the rule selects in id order, locks their
-copies and publishes the requests, and finally marks the rule ``active``. A kill midway leaves the
-rule ``new``: the walk runs again from the start, and locks and requests are idempotent.
+saw the rule is in the catalogue, then walks the files the rule selects (dataset by dataset, in
+id order), locks their copies and publishes the requests, and finally marks the rule ``active``.
+A kill midway leaves the rule ``new``: the walk runs again from the start, and locks and requests
+are idempotent.
 """
 
 from __future__ import annotations
@@ -54,17 +55,20 @@ async def _evaluate(
     every: list[Rule],
     endpoints: dict[str, dict[str, str]],
 ) -> int:
-    after, files, requested = 0, 0, 0
+    after, files, requested = (0, 0), 0, 0
+    # The files' metadata is read only if some rule places by it.
+    metadata = any(r.filters for r in every)
     while True:
-        page = await catalogue.files_for_rule(rule, after_id=after, limit=PAGE)
+        page = await catalogue.files_for_rule(rule, after=after, limit=PAGE, metadata=metadata)
         if not page:
             break
-        wanted = await catalogue.plan_copies([(n, ds, meta) for _, n, ds, meta in page], every, endpoints)
+        items = [(x.name, x.dataset, x.metadata) for x in page]
+        wanted = await catalogue.plan_copies(items, every, endpoints)
         flat = [w for per_file in wanted for w in per_file]
         await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}", bulk=BULK)
         files += len(page)
         requested += len(flat)
-        after = page[-1][0]
+        after = page[-1].cursor
     await catalogue.activate_rule(rule.id)
     log.info("rule_evaluated", rule=rule.id, files=files, requested=requested)
     return requested

@@ -352,13 +352,13 @@ async def test_a_copier_found_dead_before_its_eof_is_read_still_fails_what_it_ow
 
 def test_batches_sent_ahead_are_bounded_by_their_bytes(tmp_path: Path) -> None:
     """The copy process is sent several batches ahead (so it is not left idle while the event loop
-    is busy), about PIPELINED_BYTES of small copies: 16 batches of 64 x 64 KiB by default, never
+    is busy), about PIPELINED_BYTES of small copies: 4 batches of 256 x 64 KiB by default, never
     fewer than two, whatever the endpoint counts as small."""
     from common.storage import posix
 
     default = PosixStorage("d", StorageEndpoint(root=tmp_path))
     assert default.pipelined_batches() * posix.SMALL_BATCH * 65536 == posix.PIPELINED_BYTES
-    assert default.pipelined_batches() == 16
+    assert default.pipelined_batches() == 4
     large = PosixStorage("l", StorageEndpoint(root=tmp_path, batch_copy_bytes=8 * 2**20))
     assert large.pipelined_batches() == posix.MIN_PIPELINED_BATCHES == 2
     two = PosixStorage("t", StorageEndpoint(root=tmp_path, copy_processes=2))

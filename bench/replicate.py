@@ -30,15 +30,15 @@ they vary much less than elapsed times.
 Page cache: the sources are written, flushed with ``sync`` and stay in the page cache, so both
 sides read warm sources (24 GB of RAM hold the default data sets several times over); every
 destination is deleted after its measurement and ``sync`` runs (untimed) before the next one, so
-neither side pays for the other's writeback; with many files the copies are kept until the data
-set is done instead (see ``keeps_copies``: on ext4 without a journal, creating files within about
-six minutes of deleting thousands costs several times more). Before each measurement, memory for
-its page cache is touched and freed (``warm_memory``: on a virtual machine, fresh memory costs
-more than the copying). The order of the measurements rotates between repetitions, and by default
-each comes first once (the first copies of an invocation were often the fastest: file creation
-grew dearer as the file system filled, even with warm memory); the best of ``--repeat`` runs
-counts. Everything generated is deleted at the end: for the reason above, leave
-six minutes between two runs of this script (or after deleting many files on that file system).
+neither side pays for the other's writeback; with many files the copies are kept until the data set
+is done instead, except in memory (see ``keeps_copies``: on ext4 without a journal, creating files
+within about six minutes of deleting thousands costs several times more). Before each measurement,
+memory for its page cache is touched and freed (``warm_memory``: on a virtual machine, fresh memory
+costs more than the copying). The order of the measurements rotates between repetitions, and by
+default each comes first once (the first copies of an invocation were often the fastest: file
+creation grew dearer as the file system filled, even with warm memory); the best of ``--repeat``
+runs counts. Everything generated is deleted at the end: for the reason above, leave six minutes
+between two runs of this script (or after deleting many files on that file system).
 
 The elapsed figures of one run vary by 2-10x on a machine where others run tests (file creation
 waits for the journal, the disk is shared): repeat (``--repeat``) and compare within one run.
@@ -427,23 +427,43 @@ BASELINE = "cp"
 JUDGED = {("copy_verified", "durable"), ("copy_verified nowb", "copied"), ("replicator", "durable")}
 
 
-def keeps_copies(count: int) -> bool:
+def keeps_copies(count: int, where: Path) -> bool:
     """Whether a case keeps its copies until it ends instead of deleting each after its run.
 
     ext4 does not reuse an inode freed in the last ~30 s: every file creation scans past them
     (``recently_deleted`` under ``ext4_create``). Right after 10,000 copies were deleted, that
     scan was over half of the CPU time of the next 10,000 creations, and whichever measurement
     came next looked several times slower. A few large files do not matter (and would need tens
-    of GB if kept).
+    of GB if kept). Not in memory (tmpfs): no such scan there, and 16 kept copies of the small
+    set filled most of ``/dev/shm`` (half the RAM), the later runs slowed by memory reclaim.
     """
-    return count >= DEFER_DELETE_FILES
+    return count >= DEFER_DELETE_FILES and fs_type(where) not in IN_MEMORY
+
+
+IN_MEMORY = frozenset({"tmpfs", "ramfs"})
+
+
+def fs_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (its longest mount point in /proc/self/mounts)."""
+    real, best, kind = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if len(fields) > 2 and inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[str, list[Timing]]:
     """Each measurement ``--repeat`` times, the order rotated between repetitions."""
     runs: dict[str, list[Timing]] = {name: [] for name in MEASUREMENTS}
     names = list(MEASUREMENTS)
-    keep = keeps_copies(len(ds.files))
+    keep = keeps_copies(len(ds.files), work)
     kept: list[Path] = []
     # The copies' page cache, with room for the replicator's catalogue and the daemon itself.
     warm_bytes = ds.total_bytes * 5 // 4 + 256 * MiB
@@ -559,7 +579,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "dir": str(work), "cpus": os.cpu_count(), "cases": {},
     }  # fmt: skip
     for name, count, size in cases:
-        copies = len(MEASUREMENTS) * args.repeat if keeps_copies(count) else 1
+        copies = len(MEASUREMENTS) * args.repeat if keeps_copies(count, work) else 1
         need = (1 + copies) * count * size + 256 * MiB
         free = shutil.disk_usage(work).free
         if free < need:

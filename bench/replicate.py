@@ -459,6 +459,38 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+def drop_kept_copies_from_memory(ds: DataSet) -> None:
+    """Free the page cache, dentries and inodes the kept copies hold (``drop_caches``, after the
+    caller's ``sync``: they are clean), then read the sources back in, so that every measurement
+    starts from the same memory: sources cached, nothing else.
+
+    Why: with copies kept, each 10,000-file measurement found the caches of all the earlier ones
+    in memory and ran slower than the one before, whatever it was (``cp -r`` 0.4 s in the first
+    place, 2.1-2.3 s later in the same invocation; the replicator 1.7 s, then 2.7-2.8): the order
+    decided the comparison. Five ``cp -r`` of the set one after another took 1.8-3.8 s each; with
+    this before each, 0.6-1.0 s. Needs root (``/proc/sys/vm/drop_caches``); without it, a note is
+    printed once and the caches stay.
+    """
+    global _cannot_drop
+    if _cannot_drop:
+        return
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("3\n")
+    except OSError as exc:
+        _cannot_drop = True
+        say(f"note: cannot drop caches between measurements ({exc.strerror}); later ones may run slower")
+        return
+    buf = bytearray(MiB)
+    for f in ds.files:
+        with open(ds.root / f.relpath, "rb", buffering=0) as src:
+            while src.readinto(buf):
+                pass
+
+
+_cannot_drop = False
+
+
 async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[str, list[Timing]]:
     """Each measurement ``--repeat`` times, the order rotated between repetitions."""
     runs: dict[str, list[Timing]] = {name: [] for name in MEASUREMENTS}
@@ -473,6 +505,8 @@ async def run_case(ds: DataSet, work: Path, args: argparse.Namespace) -> dict[st
             for name in order:
                 dest = work / f"dst-{ds.name}-{name.replace(' ', '-')}-{rep}"
                 os.sync()  # untimed: nothing left over (sources, the previous copies) to flush
+                if keep:
+                    drop_kept_copies_from_memory(ds)  # untimed, see there
                 warm_memory(warm_bytes)  # untimed: the copies' page cache on warm memory
                 timing = await MEASUREMENTS[name](ds, dest, args)
                 say(

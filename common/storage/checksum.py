@@ -16,6 +16,7 @@ CHUNK_SIZE = 1024 * 1024
 ADLER32_START = 1  # zlib.adler32's initial value (the checksum of zero bytes)
 
 _HEX = re.compile(r"[0-9a-f]{1,8}")
+_CANONICAL_DIGITS = "0123456789abcdef"
 
 
 def format_adler32(value: int) -> str:
@@ -28,6 +29,8 @@ def normalise_adler32(text: str) -> str:
 
     Raises ``ValueError`` when the text is not 1-8 hex digits (an optional ``0x`` is accepted).
     """
+    if len(text) == 8 and not text.strip(_CANONICAL_DIGITS):
+        return text  # canonical already (the catalogue's own values): per copy, no regex
     t = text.strip().lower().removeprefix("0x")
     if not _HEX.fullmatch(t):
         raise ValueError(f"adler32 must be 1-8 hexadecimal digits, got {text!r}")

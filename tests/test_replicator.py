@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -28,6 +30,7 @@ from tests.replication_fixtures import (
     publish_ready,
     replica_states,
     replication_config,
+    replication_settings,
     temp_files,
 )
 from tests.test_cli import spool
@@ -85,6 +88,34 @@ async def test_config_rule_places_one_verified_copy_per_file_spread_over_matchin
     assert sorted(r["storage"] for r in shown["replicas"]) == sorted(["disk1", placed[shown["name"]][0]])
     rses = {r["name"]: r for r in json.loads(spool(path, "rse", "list", "--json").stdout)}
     assert rses["disk2"]["replicas"]["available"] + rses["disk3"]["replicas"]["available"] == 40
+
+
+async def test_the_copy_processes_start_with_the_daemons_before_any_copy(tmp_path, tag, broker):
+    """Ingest's endpoint and every disk endpoint of the replicator have their copy process
+    running once the daemons started, with nothing copied yet (its imports are not paid by the
+    first copies)."""
+    settings = replication_settings(tmp_path, tag)
+
+    def running_copiers(process: Any) -> dict[str, bool]:
+        out = {}
+        for runner in process.runners:
+            res = runner.resources
+            stores = res.storages.items() if hasattr(res, "storages") else [(res.storage_name, res.storage)]
+            for name, storage in stores:
+                pid = storage._copiers[0].pid if storage._copiers else None
+                out[f"{runner.service.name}:{name}"] = pid is not None and os.path.exists(f"/proc/{pid}")
+        return out
+
+    async with running(SERVICES, settings) as process:
+        await wait_for(lambda: _all_true(running_copiers(process)), timeout=30)
+        assert set(running_copiers(process)) == {
+            "ingest:disk1", "replicator:disk1", "replicator:disk2", "replicator:disk3",
+        }  # fmt: skip
+    assert not any(temp_files(settings.storage[n].root) for n in ("disk1", "disk2", "disk3"))
+
+
+async def _all_true(flags: dict[str, bool]) -> bool:
+    return bool(flags) and all(flags.values())
 
 
 async def _copies(settings: Settings, n: int, storage: str | None = None) -> bool:

@@ -8,6 +8,7 @@ show the copier does not outlive it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -365,3 +366,31 @@ def test_batches_sent_ahead_are_bounded_by_their_bytes(tmp_path: Path) -> None:
     assert two._small_batcher()._concurrency == 2 * default.pipelined_batches()
     for storage in (default, large, two):
         storage.close()
+
+
+def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path: Path) -> None:
+    """A parent that stopped (or gave up on it) closes its end: the copier's next answer meets a
+    broken pipe, and it returns instead of dying with a traceback on the daemon's stderr."""
+    import io
+
+    from common.storage import copy_process
+
+    class ClosedPipe(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: object) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    endpoint = StorageEndpoint(root=tmp_path / "d")
+    hello = {"name": "d", "endpoint": endpoint.model_dump(mode="json"), "chunk_size": 65536}
+    src = tmp_path / "a.dat"
+    src.write_bytes(b"x" * 100)
+    batch = [["replicate", [str(src), "a.dat", 100, adler(b"x" * 100), False]]]
+    stream_in = io.BytesIO(copy_process._frame(hello) + copy_process._frame(batch))
+    thresholds = gc.get_threshold()  # serve tunes the collector, as in its own process
+    try:
+        copy_process.serve(stream_in, ClosedPipe())  # type: ignore[arg-type]  # returns, raises nothing
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgpack
+import structlog
 
 import common
 from common.errors import Permanent, Retryable, SpoolError
@@ -329,16 +330,22 @@ def serve(stream_in: BinaryIO, stream_out: BinaryIO) -> None:
     # sight, and collections rarer. It ran every few copies here, 4 % of the process's time.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    stream_out.write(_frame("ready"))
-    stream_out.flush()
-    while True:
-        try:
-            jobs = _read_frame(stream_in)
-        except EOFError:
-            return
-        outcomes = run_each(never, [(ops[op], tuple(args)) for op, args in jobs])
-        stream_out.write(_frame([_encode(o) for o in outcomes]))
+    try:
+        stream_out.write(_frame("ready"))
         stream_out.flush()
+        while True:
+            try:
+                jobs = _read_frame(stream_in)
+            except EOFError:
+                return
+            outcomes = run_each(never, [(ops[op], tuple(args)) for op, args in jobs])
+            stream_out.write(_frame([_encode(o) for o in outcomes]))
+            stream_out.flush()
+    except BrokenPipeError:
+        # The parent closed its end (it stopped, or gave up on this process): nobody waits for
+        # the answer. The copies made are whole files under their names or nothing; what was
+        # not recorded is copied again on redelivery.
+        structlog.get_logger("spool.storage").info("copy_process_parent_gone", storage=hello["name"])
 
 
 def main() -> None:
@@ -352,7 +359,7 @@ def main() -> None:
     from common.logging import configure_logging
 
     configure_logging(LogSettings(format="json", level=os.environ.get("SPOOL_LOG__LEVEL", "info")))
-    import structlog
-
     structlog.contextvars.bind_contextvars(process="copier")
     serve(sys.stdin.buffer, protocol_out)
+    with contextlib.suppress(BrokenPipeError):  # what is still buffered, for a parent gone
+        protocol_out.close()

@@ -147,7 +147,9 @@ def _below_parent(root: str | os.PathLike[str], relpath: str) -> str | None:
     written; ``None`` when only the full resolution can say (``..``, a NUL, an escape, the root).
 
     The answer for the directory part is kept (as long as ``real_dir`` keeps a directory): the
-    copy process asks twice per small copy, and the string work was a tenth of a copy's CPU.
+    copy process asks twice per small copy, and the string work was a tenth of a copy's CPU. Kept
+    on top of ``real_dir``'s own cache, a directory swapped for a symlink is seen within twice
+    ``DIR_CACHE_SECONDS`` (the race ``common.storage.paths`` describes, a few seconds longer).
     """
     cut = relpath.rfind("/") + 1
     prefix, name = relpath[:cut], relpath[cut:]  # "a/b/" and "c"; "/" and "c" (absolute); "" and "c"

@@ -36,9 +36,14 @@ class _Waiters(Generic[R]):
         self.left = count
         self.error: BaseException | None = None
 
-    def finish(self) -> None:
-        """Every item has its result (or its batch failed): the caller may go on."""
-        if self.future.done():  # a cancelled caller waits no more
+    def settle(self, index: int, result: R | None, error: BaseException | None) -> None:
+        """One item's outcome (its result, or its batch's error); the last one lets the caller go on."""
+        if error is None:
+            self.results[index] = result  # type: ignore[assignment]
+        elif self.error is None:
+            self.error = error
+        self.left -= 1
+        if self.left or self.future.done():  # more to come; or a cancelled caller waits no more
             return
         if self.error is not None:
             self.future.set_exception(self.error)
@@ -109,35 +114,30 @@ class MicroBatcher(Generic[T, R]):
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # every waiter must hear about the failure, cancellation included
-            error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
-            for _, sink, index in batch:
-                if index == ALONE:
-                    if not sink.done():
-                        sink.set_exception(error)
-                    continue
-                waiters = sink
-                if waiters.error is None:
-                    waiters.error = error
-                waiters.left -= 1
-                if not waiters.left:
-                    waiters.finish()
+            self._settle(batch, None, exc if isinstance(exc, Exception) else RuntimeError("batch cancelled"))
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, sink, index), result in zip(batch, results, strict=True):
-                if index == ALONE:
-                    if not sink.done():
-                        sink.set_result(result)
-                    continue
-                waiters = sink
-                waiters.results[index] = result
-                waiters.left -= 1
-                if not waiters.left:
-                    waiters.finish()
+            self._settle(batch, results, None)
         finally:
             self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             if self._pending:
                 self._flush()  # group commit: what arrived meanwhile goes now, without waiting
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[T, Any, int]], results: Sequence[R] | None, error: Exception | None
+    ) -> None:
+        """Hand each item its result (``results``) or the batch's ``error``."""
+        for k, (_, sink, index) in enumerate(batch):
+            result = None if results is None else results[k]
+            if index != ALONE:
+                sink.settle(index, result, error)
+            elif not sink.done():
+                if error is not None:
+                    sink.set_exception(error)
+                else:
+                    sink.set_result(result)
 
     async def close(self) -> None:
         """Flush what is pending and wait until every batch has run (after handlers drained)."""

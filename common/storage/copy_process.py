@@ -133,8 +133,12 @@ class CopyProcess:
     async def start(self) -> None:
         """Start the process now, if it is not running (``run`` starts it on demand otherwise)."""
         async with self._send_lock:
-            if self._proc is None or self._proc.poll() is not None:
-                await self._start()
+            await self._start_if_stopped()
+
+    async def _start_if_stopped(self) -> None:
+        """Start the process unless it runs (the caller holds the send lock)."""
+        if self._proc is None or self._proc.poll() is not None:
+            await self._start()
 
     def _send(self, jobs: Sequence[tuple[str, Sequence[Any]]]) -> asyncio.Future[list[Any]]:
         answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -150,8 +154,7 @@ class CopyProcess:
     ) -> None:
         async with self._send_lock:
             try:
-                if self._proc is None or self._proc.poll() is not None:
-                    await self._start()
+                await self._start_if_stopped()
                 assert self._writer is not None
                 self._waiting.append((answer, len(jobs)))
                 self._writer.write(_frame(jobs))  # msgpack writes tuples as arrays: no copies

@@ -429,9 +429,7 @@ _CREATED_COPIES = TypeAdapter(list[CreatedCopy])
 
 
 def _created(task: ReplicaTask, pfn: str) -> CreatedCopy:
-    # One copy, unvalidated: every value comes from the catalogue, checked when the file was
-    # registered (a bulk request's copies go through ``_CREATED_COPIES``, cheaper still per copy).
-    return CreatedCopy.model_construct(name=task.name, pfn=pfn, size=task.size, adler32=task.adler32)
+    return CreatedCopy(name=task.name, pfn=pfn, size=task.size, adler32=task.adler32)
 
 
 async def _announce(

@@ -80,9 +80,42 @@ class CatalogueSettings(_Strict):
 class StorageEndpoint(_Strict):
     kind: Literal["disk", "tape"] = "disk"
     # posix: a directory (disk). simulated: a pool of a simulated tape library (tape).
-    backend: Literal["posix", "simulated"] = "posix"
+    # xrootd: a remote XRootD endpoint (``url = "root://host:port//base"``: EOS, dCache, XRootD).
+    # https: a remote WebDAV endpoint (``url = "davs://host:port/base"`` or ``https://``: dCache,
+    # StoRM, XrdHttp). See common/storage/interface.py for what every backend promises.
+    backend: Literal["posix", "simulated", "xrootd", "https"] = "posix"
     # Disk: the directory. Tape: unused (the library has its own root); may be left out.
     root: Path = Path("")
+    # Remote backends: the endpoint's base URL. Credentials never go here (see token_file / cert).
+    url: str | None = None
+    # Remote backends: the endpoint can copy server to server (XRootD TPC, HTTP-TPC COPY).
+    tpc: bool = False
+    # Remote backends: a bearer token read from this file (re-read when the file changes).
+    token_file: Path | None = None
+    # Remote backends: an X.509 client certificate and key (PEM; one file may hold both).
+    cert: Path | None = None
+    key: Path | None = None
+    # Remote backends: the CA certificates to trust (a PEM file or a hashed directory); None: the
+    # system's.
+    ca_path: Path | None = None
+    # https: hosts a redirect may lead to (dCache redirects to its pool nodes); none: the URL's own.
+    redirect_hosts: list[str] = Field(default_factory=list)
+    # Remote backends: a transfer may take size / min_rate seconds, never less than
+    # transfer_timeout_floor; past that it is cancelled (``transfer_timeout``, retryable).
+    min_rate: float = Field(default=1_000_000.0, gt=0)
+    transfer_timeout_floor: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> StorageEndpoint:
+        schemes = {"xrootd": ("root://", "xroot://"), "https": ("davs://", "https://")}
+        if self.backend in schemes:
+            if not self.url or not self.url.startswith(schemes[self.backend]):
+                raise ValueError(
+                    f"backend {self.backend!r} needs url = '{schemes[self.backend][0]}host:port/...'"
+                )
+            if "@" in self.url.split("//", 2)[1].split("/", 1)[0]:
+                raise ValueError("credentials do not belong in the url: use token_file or cert / key")
+        return self
     # Tape only: the library (``[tape_libraries.<name>]``; "default" is created under state_dir
     # when not configured) and its tape pool (default: the endpoint's name). Several copies of a
     # file go to several tape endpoints, i.e. pools, so they never share a cartridge.

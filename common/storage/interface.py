@@ -113,7 +113,7 @@ class StorageBackend(Protocol):
         """Remove ``relpath``; False when it was not there."""
         ...
 
-    async def free_bytes(self) -> int | None:
+    async def free_space(self) -> int | None:
         """Free space where the protocol tells it; None when it does not."""
         ...
 
@@ -121,4 +121,6 @@ class StorageBackend(Protocol):
         """Every file below ``prefix`` (temporaries of copies in progress excluded)."""
         ...
 
-    async def close(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release connections, processes and threads of the backend."""
+        ...

@@ -25,7 +25,7 @@ demo: venv services
 	$(VENV)/bin/spool --config config/spool.toml demo
 
 test: venv
-	bash .ci/services.sh rabbitmq postgres chromium
+	bash .ci/services.sh rabbitmq postgres chromium xrootd
 	$(VENV)/bin/pytest -q
 
 lint: venv

@@ -82,6 +82,12 @@ class StorageBackend(Protocol):
     # "file", "root" or "https": which pairs can copy server to server.
     scheme: str
 
+    def local_path(self, relpath: str) -> Path | None:
+        """The file on this node's file system when the endpoint is mounted here (posix), confined
+        under its root at the moment of the call; None for a remote endpoint. Lets a remote backend
+        upload straight from a posix source (or download straight into a posix destination)."""
+        ...
+
     def url(self, relpath: str) -> str:
         """Where ``relpath`` lives, for people (logs, events, ``spool show``); no credentials."""
         ...

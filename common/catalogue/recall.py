@@ -10,9 +10,13 @@ States of a recall file and who moves them (all in ``daemons/recall``)::
 
 A recall is ``active`` until every file is done or failed; the transaction that settles its last
 file also moves it to ``done`` (or ``failed`` when some file failed), so exactly one process
-decides completion. Publishing is an outbox: ``announced`` flags on both tables are set only after
-the event went out, and whatever is done but not announced is published again at start-up under
-the same message ids (consumers drop duplicates by id).
+decides completion. Settling locks the request row before recounting its files (``_settle``):
+on PostgreSQL two deliveries committing together otherwise each missed the other's row and left
+the recall ``active`` for ever (issue 14); ``complete_settled`` sweeps for any such recall.
+
+Publishing is an outbox: ``announced`` flags on both tables are set only after the event went
+out, and whatever is done but not announced is published again at start-up under the same
+message ids (consumers drop duplicates by id).
 
 The chosen tape copy of a queued file (``storage``, ``cartridge``, ``fseq``) is the scheduler's
 plan, written before a mount so the mount loop can find "the next file of this cartridge ahead of
@@ -409,8 +413,16 @@ def deliver(conn: Connection, dl: Delivery) -> Settled | None:
     """
     now = utcnow()
     sid = storage_ids_sync(conn, {dl.destination})[dl.destination]
+    # Race (PostgreSQL): read unlocked, the copy could be claimed by the reaper (``deleting``) or
+    # re-pinned by another delivery before the update below, which then turned a copy being
+    # deleted back to ``available`` or shortened a pin. Locked (``FOR UPDATE``, as the reaper's
+    # ``begin_delete`` locks a file's copies), the state and tombstone decided on are the ones
+    # written over. A row not there yet is not locked: a concurrent insert fails on the unique
+    # key and the transaction is run again (``Catalogue.run``).
     row = conn.execute(
-        select(r.c.id, r.c.state, r.c.tombstone).where(r.c.file_id == dl.file_id, r.c.storage_id == sid)
+        select(r.c.id, r.c.state, r.c.tombstone)
+        .where(r.c.file_id == dl.file_id, r.c.storage_id == sid)
+        .with_for_update()
     ).first()
     if row is not None and row.state == "deleting":
         return None
@@ -498,14 +510,30 @@ def tape_copy_bad(conn: Connection, file_id: int, storage: str, reason: str, err
 
 def _settle(conn: Connection, recall_ids: Iterable[str]) -> tuple[Completion, ...]:
     """Refresh the counters of active recalls; complete those with nothing left (in this
-    transaction, so one process only ever decides a completion)."""
-    ids = list(dict.fromkeys(recall_ids))
+    transaction, so one process only ever decides a completion).
+
+    Race (issue 14): on PostgreSQL (READ COMMITTED) two transactions settling files of one recall
+    at once (a disk copy served by the handler, a tape read by a mount) each recounted without the
+    other's uncommitted row, and the last to commit wrote a counter one short: the recall stayed
+    ``active`` for ever. Fix: lock the request rows (``SELECT ... FOR UPDATE``, in id order so two
+    settlers never deadlock) *before* recounting. The lock is held to commit and the count is a
+    later statement, so it sees every settlement committed before ours, and whoever settles after
+    us waits and sees ours: the last one always counts them all. A request another settler
+    completed meanwhile no longer matches ``state = 'active'`` when we get the lock (PostgreSQL
+    re-checks the row), so completion is decided once. SQLite serialises writers; the clause is
+    rendered as nothing there.
+    """
+    ids = sorted(set(recall_ids))
     if not ids:
         return ()
     now = utcnow()
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
     heads: dict[str, Any] = {}
     for part in chunks(ids):
+        stmt = select(rc).where(rc.c.id.in_(part), rc.c.state == "active").order_by(rc.c.id).with_for_update()
+        for row in conn.execute(stmt):
+            heads[row.id] = row
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for part in chunks(list(heads)):
         stmt = (
             select(rf.c.recall_id, rf.c.state, func.count())
             .where(rf.c.recall_id.in_(part))
@@ -513,8 +541,6 @@ def _settle(conn: Connection, recall_ids: Iterable[str]) -> tuple[Completion, ..
         )
         for rid, state, n in conn.execute(stmt):
             counts[rid][state] = int(n)
-        for row in conn.execute(select(rc).where(rc.c.id.in_(part), rc.c.state == "active")):
-            heads[row.id] = row
     out = []
     for rid, head in heads.items():
         done, failed = counts[rid].get("done", 0), counts[rid].get("failed", 0)
@@ -522,10 +548,28 @@ def _settle(conn: Connection, recall_ids: Iterable[str]) -> tuple[Completion, ..
         complete = done + failed >= head.files
         if complete:
             values.update(state="failed" if failed else "done", completed=now)
-        conn.execute(update(rc).where(rc.c.id == rid, rc.c.state == "active").values(**values))
-        if complete:
+        res = conn.execute(update(rc).where(rc.c.id == rid, rc.c.state == "active").values(**values))
+        if complete and res.rowcount:
             out.append(_completion(conn, rid, values["state"], head))
     return tuple(out)
+
+
+def complete_settled(conn: Connection, limit: int = 1000) -> tuple[Completion, ...]:
+    """The sweep: complete ``active`` recalls none of whose files is queued or staging.
+
+    Repairs what the race above left in existing catalogues (a counter one short, so the last
+    delivery never completed the request), and anything else that ever leaves a recall with
+    nothing to do. Through ``_settle``, as a delivery would: the counters are recounted from the
+    file rows under the row lock, and the completion goes out through the outbox (``announced``
+    stays False until the caller publishes it).
+    """
+    open_files = select(rf.c.recall_id).where(
+        rf.c.recall_id == rc.c.id, rf.c.state.in_(("queued", "staging"))
+    )
+    stuck = conn.scalars(
+        select(rc.c.id).where(rc.c.state == "active", ~open_files.exists()).order_by(rc.c.id).limit(limit)
+    ).all()
+    return _settle(conn, stuck)
 
 
 def _completion(conn: Connection, recall_id: str, state: str, head: Any) -> Completion:

@@ -51,6 +51,9 @@ from daemons.recall.steps import CartridgeKey, Mount
 log = get_logger("spool.recall")
 
 PLAN_LIMIT = 100_000  # queued files looked at per pass, most urgent first
+# How often ``run`` sweeps for active recalls with nothing left to do (``sweep``): a cheap query,
+# and a recall it repairs has waited for a bug, not for the operator.
+SWEEP_INTERVAL = 60.0
 # Failures of a disk source that make that copy useless (as the replicator judges them).
 DISK_SOURCE_BAD = frozenset({"source_missing", "source_corrupt", "path_outside_area", "not_a_file"})
 
@@ -90,21 +93,48 @@ class Scheduler:
         self.writable: set[str] = set(self.reserve)
         self._throttle = ReasonThrottle()  # one log line per cause per minute, however many repeat
         self._wake = asyncio.Event()
+        self.sweep_interval = SWEEP_INTERVAL
+        self._next_sweep = 0.0  # monotonic time of the next sweep in ``run``
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Reclaim what a killed process left: staging rows, staging files, unpublished events."""
+        """Reclaim what a killed process left: staging rows, staging files, unpublished events,
+        and recalls left ``active`` with nothing to do (``sweep``)."""
         reclaimed = await self.catalogue.run(db.recover, write=True)
         if reclaimed:
             log.warning("recall_reads_reclaimed", files=reclaimed)
         for storage in self.storages.values():
             await asyncio.to_thread(delivery.clean_staging, storage, storage.endpoint.stale_temp_age)
         await self.announcer.flush()
+        await self.sweep()
+
+    async def sweep(self) -> int:
+        """Complete active recalls none of whose files is left to serve; returns how many.
+
+        Before issue 14 was fixed, two deliveries committing together on PostgreSQL could leave a
+        recall ``active`` with every file done and its counter one short, for ever (a restart did
+        not look). The catalogue recounts and completes them as a delivery would, and the
+        completion goes out through the outbox; one log line per repaired request says so.
+        """
+        self._next_sweep = time.monotonic() + self.sweep_interval
+        completed = await self.catalogue.run(db.complete_settled, write=True)
+        for c in completed:
+            log.warning(
+                "recall_stuck_repaired",
+                recall=c.recall_id,
+                state=c.state,
+                files=c.files,
+                failed=len(c.failed),
+            )
+        await self.announcer.publish(db.Settled(completed=completed))
+        return len(completed)
 
     async def run(self) -> None:
         """Passes until cancelled; an error is logged and the next pass tries again."""
         while True:
             try:
+                if time.monotonic() >= self._next_sweep:
+                    await self.sweep()
                 await self.pass_once()
             except asyncio.CancelledError:
                 raise

@@ -52,8 +52,9 @@ class CircuitBreaker:
     def cooldown_elapsed(self) -> bool:
         return self.opened_at is not None and self.clock() - self.opened_at >= self.current_cooldown
 
-    def record_failure(self, reason: str, error: str) -> bool:
-        """Count an endpoint failure; True when this failure opened the breaker."""
+    def record_failure(self, reason: str, error: str, *, at_once: bool = False) -> bool:
+        """Count an endpoint failure; True when this failure opened the breaker. ``at_once``: a
+        failure no retry mends (credentials refused) opens a closed breaker by itself."""
         self.last_reason, self.last_error = reason, error
         if self.state == "half_open":
             # The probe failed: back off longer before the next one.
@@ -64,7 +65,7 @@ class CircuitBreaker:
         if self.state == "open":
             return False  # a copy admitted before the breaker opened, finishing late
         self.failures += 1
-        if self.failures >= self.failures_to_open:
+        if at_once or self.failures >= self.failures_to_open:
             self.current_cooldown = self.cooldown
             self._open()
             return True

@@ -32,6 +32,7 @@ from common.logging import get_logger
 from common.messages import EndpointPaused, EndpointResumed
 from common.placement import BULK, publish_wanted
 from daemons.replicator.breaker import Admission, CircuitBreaker
+from daemons.replicator.steps import PAUSE_AT_ONCE
 
 log = get_logger("spool.replicator")
 
@@ -72,10 +73,12 @@ class EndpointHealth:
     async def failure(self, name: str, err: SpoolError) -> bool:
         """Count a failure of endpoint ``name``; True when it is now paused (park the copy)."""
         breaker = self.breakers[name]
-        if breaker.record_failure(err.reason, err.message):
+        at_once = err.reason in PAUSE_AT_ONCE
+        if breaker.record_failure(err.reason, err.message, at_once=at_once):
+            failures = 1 if at_once else breaker.failures_to_open
             log.warning(
                 "endpoint_paused", storage=name, reason=err.reason, error=err.message,
-                failures=breaker.failures_to_open, cooldown=breaker.current_cooldown,
+                failures=failures, cooldown=breaker.current_cooldown,
             )  # fmt: skip
             await self.catalogue.set_health(name, "paused", f"{err.reason}: {err.message}")
             await self.publisher.publish(
@@ -83,7 +86,7 @@ class EndpointHealth:
                     storage=name,
                     reason=err.reason,
                     error=err.message,
-                    failures=breaker.failures_to_open,
+                    failures=failures,
                     cooldown=breaker.current_cooldown,
                 )
             )

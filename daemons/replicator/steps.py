@@ -20,10 +20,24 @@ Action = Literal["copy", "verify", "cancel"]
 SOURCE_BAD = frozenset({"source_missing", "source_corrupt"})
 # The source could not be read this time: try another source, else retry later.
 SOURCE_TRANSIENT = frozenset({"source_io_error"})
-# The destination endpoint failed: counts towards its circuit breaker.
+# The destination endpoint failed: counts towards its circuit breaker. The last three come from
+# remote endpoints (common/storage/xrootd.py, https.py): the server is unreachable or answers 5xx,
+# a transfer passed its deadline (a hung server, a stalled third-party copy), credentials refused.
 ENDPOINT_FAILURES = frozenset(
-    {"destination_not_writable", "disk_full", "storage_io_error", "checksum_mismatch"}
+    {
+        "destination_not_writable",
+        "disk_full",
+        "storage_io_error",
+        "checksum_mismatch",
+        "endpoint_unavailable",
+        "transfer_timeout",
+        "auth_failed",
+    }
 )
+# Failures no retry can mend: the endpoint is paused at the first one (one alert), instead of
+# burning the breaker's count of attempts against it. An operator fixes the token or certificate;
+# the breaker's probe finds the endpoint working again.
+PAUSE_AT_ONCE = frozenset({"auth_failed"})
 
 
 def destination(name: str, storage: Mapping[str, StorageEndpoint]) -> StorageEndpoint:
@@ -57,13 +71,15 @@ def rank_sources(
     states: Mapping[str, str],
     busy: Mapping[str, int],
 ) -> list[Source]:
-    """Readable sources, best first: same site as the destination, then the least busy (copies
-    this process is reading from it now), then by name so the order is stable.
+    """Readable sources, best first: a source the destination can copy from server to server
+    (third-party copy: no byte crosses this node), then same site as the destination, then the
+    least busy (copies this process is reading from it now), then by name so the order is stable.
 
     An endpoint an operator marked ``down`` is not read; ``readonly`` still is. Sources on
     endpoints no longer configured are skipped (their root is unknown).
     """
-    site = storage[dest].attributes.get("site") if dest in storage else None
+    target = storage.get(dest)
+    site = target.attributes.get("site") if target is not None else None
     usable = [
         s
         for s in sources
@@ -72,8 +88,25 @@ def rank_sources(
     return sorted(
         usable,
         key=lambda s: (
+            target is None or not third_party_possible(storage[s.storage], target),
             site is None or storage[s.storage].attributes.get("site") != site,
             busy.get(s.storage, 0),
             s.storage,
         ),
     )
+
+
+def third_party_possible(source: StorageEndpoint, dest: StorageEndpoint) -> bool:
+    """Can ``dest`` fetch a file of ``source`` server to server?
+
+    XRootD: both ends XRootD and the destination configured ``tpc = true`` (its server runs the
+    copy). HTTP: both ends WebDAV and both configured ``tpc = true`` (the destination pulls with
+    ``COPY`` + ``Source:``, so the source must serve it to a third party). Mixed protocols go
+    through this node. The backends decide the same way (``can_pull_from``); this is the ranking's
+    view of it, from configuration alone.
+    """
+    if source.backend != dest.backend or not dest.tpc:
+        return False
+    if dest.backend == "xrootd":
+        return True
+    return dest.backend == "https" and source.tpc

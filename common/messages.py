@@ -29,6 +29,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+# The namespace of the message ids derived from facts (recall's since it had them first).
+_FACT_NAMESPACE = uuid.UUID("6f1d8a52-3c1e-4f5e-9a53-2f0d4b3c9e71")
+
+
+def fact_id(*parts: str) -> str:
+    """The message id of one fact (event type, then what identifies it: file, storage...): the
+    same however often, by whichever path, the event is published, so consumers drop duplicates."""
+    return uuid.uuid5(_FACT_NAMESPACE, "\x1f".join(parts)).hex
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -306,6 +307,22 @@ class Event(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(Json)
 
 
+class OutboxRow(Base):
+    """An event stating a fact, written in the transaction that records the fact and published
+    after the commit (``common.catalogue.outbox``); ``sent`` is set once the broker confirmed it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index(None, "sent", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)  # publish order
+    id: Mapped[str] = mapped_column(String(256), unique=True)  # the message id (derived from the fact)
+    routing_key: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack, as published (``common.codec``)
+    correlation_id: Mapped[str | None] = mapped_column(String(256))
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent: Mapped[datetime | None] = mapped_column(UTCDateTime)  # NULL: not confirmed yet
+
+
 # Core handles on the tables: the hot paths use Core statements (bulk, no unit of work).
 metadata = Base.metadata
 datasets = cast(Table, Dataset.__table__)
@@ -320,3 +337,4 @@ rules = cast(Table, Rule.__table__)
 recalls = cast(Table, Recall.__table__)
 recall_files = cast(Table, RecallFile.__table__)
 locks = cast(Table, Lock.__table__)
+outbox = cast(Table, OutboxRow.__table__)

@@ -12,6 +12,10 @@ and who moves them:
     failed     no usable disk source (the reason is the file's     (tape writer)
                last error, request kind ``archive``)
 
+Events stating these facts (``file.archived``, a tape ``file.failed``) are written to the outbox
+(``common.catalogue.outbox``) in the transaction that records the fact; the tape daemon's relay
+publishes them after the commit, so a broker outage or a kill never loses one.
+
 The message that asked for the copy is acked once the row is ``queued``: the wait for a mount,
 and the mount itself, are catalogue state, never a message held past the broker's consumer
 timeout. The age that the mount policy compares is the row's ``created`` time, i.e. when the copy
@@ -30,9 +34,11 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, update
 
+from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.replication import Source
 from common.catalogue.sql import chunks, insert_ignore_sync, storage_ids_sync, upsert_sync, utcnow
+from common.messages import FileArchived, FileFailed, fact_id
 
 f, r, ep = s.files, s.replicas, s.storage_endpoints
 
@@ -105,6 +111,19 @@ def archive_request_id(name: str, storage: str) -> str:
     (the file's last error); hashed, as names may be longer than the id column."""
     digest = hashlib.sha1(f"{storage}\x00{name}".encode()).hexdigest()[:24]
     return f"archive-{digest}"
+
+
+def archived_event(a: Archived, correlation_id: str | None = None) -> FileArchived:
+    """``file.archived`` for a copy on tape; its id names the fact (file, endpoint, cartridge,
+    fseq), so the writer's outbox row and the handler's re-announcement are one event to consumers."""
+    return FileArchived(
+        id=fact_id("file.archived", a.storage, a.name, a.cartridge, str(a.fseq)),
+        name=a.name,
+        storage=a.storage,
+        cartridge=a.cartridge,
+        fseq=a.fseq,
+        correlation_id=correlation_id,
+    )
 
 
 def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> TapeCopy | None:
@@ -234,18 +253,23 @@ def requeue(conn: Connection, replica_ids: Sequence[int]) -> int:
     return n
 
 
-def mark_failed(conn: Connection, replica_id: int) -> None:
-    conn.execute(
+def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = None) -> bool:
+    """The copy failed for good; ``event`` (its ``file.failed``) goes to the outbox with it.
+    False, recording nothing, when the copy is no longer ``archiving``."""
+    res = conn.execute(
         update(r)
         .where(r.c.id == replica_id, r.c.state == "archiving")
         .values(state="failed", cartridge=None, fseq=None, updated=utcnow())
     )
+    if res.rowcount and event is not None:
+        outbox.add(conn, [event])
+    return bool(res.rowcount)
 
 
 def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
     """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
-    request done, one ``file.archived`` history row each. Returns the records applied: a copy
-    that is no longer ``archiving`` (cancelled meanwhile) is left alone."""
+    request done, one ``file.archived`` history row and outbox event each. Returns the records
+    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone."""
     now = utcnow()
     applied: list[Archived] = []
     for a in records:
@@ -271,6 +295,7 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
           "attempt": 1, "storage": a.storage, "detail": {"cartridge": a.cartridge, "fseq": a.fseq}}
          for a in applied],
     )  # fmt: skip
+    outbox.add(conn, [archived_event(a) for a in applied])
     return applied
 
 

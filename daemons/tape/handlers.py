@@ -4,7 +4,13 @@ The handler does not hold the message while the copy waits for a mount (minutes 
 the broker's consumer timeout): it makes sure the copy is ``queued`` in the catalogue, the queue
 of its tape endpoint (= pool), and acks. The scheduler (``scheduler``) decides when a queue is
 worth a mount and writes it in batches (``writer``). A redelivered or repeated request finds the
-copy queued, being written, or on tape; in the last case it announces ``file.archived`` again.
+copy queued, being written, or on tape; in the last case it announces ``file.archived`` again,
+under the message id of the fact (``db.archived_event``), so consumers see it once.
+
+Events the daemon states outside this handler (``file.archived`` of a batch or of reconciliation,
+a tape ``file.failed``, ``tape.mounted``) go through the catalogue's outbox, which the relay
+(``daemons.relay``) publishes: started before the scheduler (what a predecessor left unsent goes
+out first), stopped after it (the last batch's events get their chance).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
-from common.messages import FileArchived, Message, TapeArchive
+from common.messages import Message, TapeArchive
 from common.storage import PosixStorage, open_storage
 from common.tape import TapeLibrary, open_library
+from daemons.relay import OutboxRelay
 from daemons.tape import steps
 from daemons.tape.scheduler import Scheduler
 
@@ -36,6 +43,7 @@ class TapeResources:
     targets: dict[str, steps.TapeTarget]
     libraries: dict[str, TapeLibrary]
     scheduler: Scheduler
+    relay: OutboxRelay
 
 
 def _describe(msg: Message) -> dict[str, Any]:
@@ -59,11 +67,14 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             if endpoint.kind == "disk":
                 storages[name] = open_storage(name, endpoint)
                 stack.callback(storages[name].close)
-        scheduler = Scheduler(settings, catalogue, publisher, libraries, targets, storages)
+        relay = OutboxRelay(catalogue, publisher)
+        stack.push_async_callback(relay.close, settings.bus.stop_grace)
+        await relay.start()
+        scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages)
         stack.push_async_callback(scheduler.close, settings.bus.stop_grace)
         await scheduler.start()
         log.info("tape_ready", endpoints={n: f"{t.library}/{t.pool}" for n, t in targets.items()})
-        yield TapeResources(catalogue, targets, libraries, scheduler)
+        yield TapeResources(catalogue, targets, libraries, scheduler, relay)
 
 
 service = Service("tape", resources=open_resources, describe=_describe)
@@ -77,10 +88,8 @@ async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
     if copy is None:
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
     if copy.state == "available" and copy.cartridge is not None and copy.fseq is not None:
-        await ctx.publisher.publish(
-            FileArchived(name=msg.name, storage=target.storage, cartridge=copy.cartridge, fseq=copy.fseq),
-            correlation_id=ctx.correlation_id,
-        )
+        on_tape = db.Archived(0, msg.name, target.storage, copy.cartridge, copy.fseq)
+        await ctx.publisher.publish(db.archived_event(on_tape), correlation_id=ctx.correlation_id)
         return
     ctx.log.debug("archive_queued", state=copy.state, pool=target.pool)
 

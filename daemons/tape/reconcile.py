@@ -5,7 +5,7 @@ writer dies (SIGKILL, power cut), the library's own recovery (on its next open) 
 that was not committed, so a cartridge lists exactly the files wholly written and verified. Hence:
 
 - the file is committed on that cartridge under its name -> record it ``available`` with that fseq
-  (it is never written a second time) and announce ``file.archived``;
+  (it is never written a second time), its ``file.archived`` in the outbox (same transaction);
 - otherwise -> back to ``queued``; the next batch writes it.
 
 Which rows are a dead writer's: those of endpoints with no batch running in this process, whose
@@ -21,15 +21,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from common.bus.publisher import Publisher
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.messages import FileArchived
 from common.tape import TapeLibrary
+from daemons.relay import OutboxRelay
 from daemons.tape import steps
-from daemons.tape.writer import announce
 
 log = get_logger("spool.tape")
 
@@ -45,7 +43,7 @@ async def held_cartridges(library: TapeLibrary) -> set[str]:
 
 async def reconcile(
     catalogue: Catalogue,
-    publisher: Publisher,
+    relay: OutboxRelay,
     libraries: Mapping[str, TapeLibrary],
     targets: Mapping[str, steps.TapeTarget],
     storages: Sequence[str],
@@ -84,8 +82,6 @@ async def reconcile(
     requeued = await catalogue.run(db.requeue, lost, write=True) if lost else 0
     if applied or requeued:
         log.warning("archive_reconciled", recorded_from_tape=len(applied), requeued=requeued)
-    for a in applied:
-        await announce(
-            publisher, FileArchived(name=a.name, storage=a.storage, cartridge=a.cartridge, fseq=a.fseq)
-        )
+    if applied:
+        relay.kick()
     return len(applied), requeued

@@ -19,7 +19,6 @@ import asyncio
 import time
 from collections.abc import Mapping
 
-from common.bus.publisher import Publisher
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from common.config import Settings
@@ -28,6 +27,7 @@ from common.logging import get_logger
 from common.messages import utcnow
 from common.storage import PosixStorage
 from common.tape import TapeLibrary
+from daemons.relay import OutboxRelay
 from daemons.tape import steps
 from daemons.tape.reconcile import reconcile
 from daemons.tape.writer import Env, run_batch
@@ -40,17 +40,17 @@ class Scheduler:
         self,
         settings: Settings,
         catalogue: Catalogue,
-        publisher: Publisher,
+        relay: OutboxRelay,
         libraries: Mapping[str, TapeLibrary],
         targets: Mapping[str, steps.TapeTarget],
         storages: dict[str, PosixStorage],
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
-        self.publisher = publisher
+        self.relay = relay
         self.libraries = libraries
         self.targets = targets
-        self.env = Env(settings, catalogue, publisher, storages)
+        self.env = Env(settings, catalogue, relay, storages)
         self.active: dict[str, asyncio.Task[None]] = {}  # endpoint -> its running batch
         self.last_served: dict[str, float] = {}
         self._complaint: dict[str, str] = {}  # endpoint -> reason last logged (no repeats)
@@ -58,7 +58,7 @@ class Scheduler:
 
     async def start(self) -> None:
         """Settle what a killed predecessor left half done, then start the loop."""
-        await reconcile(self.catalogue, self.publisher, self.libraries, self.targets, list(self.targets))
+        await reconcile(self.catalogue, self.relay, self.libraries, self.targets, list(self.targets))
         if self.targets:
             self._loop = asyncio.create_task(self._run(), name="tape-scheduler")
 
@@ -76,7 +76,7 @@ class Scheduler:
         idle = [s for s in self.targets if s not in self.active]
         if not idle:
             return
-        await reconcile(self.catalogue, self.publisher, self.libraries, self.targets, idle)
+        await reconcile(self.catalogue, self.relay, self.libraries, self.targets, idle)
         states = {e.name: e.state for e in await self.catalogue.endpoints()}
         online = [s for s in idle if states.get(s, "online") == "online"]
         stats = await self.catalogue.run(db.queue_stats, online)

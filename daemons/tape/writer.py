@@ -7,8 +7,9 @@ Order of work, so that a kill at any instruction loses nothing and writes nothin
 3. mount (working around broken drives and cartridges that will not load)
 4. per file, in order: write it from its first usable disk copy; the library verifies size and
    adler32 while writing and returns the file sequence number once the file is committed
-5. record written files ``available`` with cartridge + fseq (in groups: ``Recorder``), then
-   publish ``file.archived`` for each
+5. record written files ``available`` with cartridge + fseq (in groups: ``Recorder``), their
+   ``file.archived`` written to the outbox in the same transaction; the relay publishes them
+   after the commit (a broker outage delays them, a kill leaves them for the next start)
 6. at the end, or on any error: record what was written, put the copies not written back into
    the queue, release the drive (the cartridge stays mounted for the pool's next batch).
 
@@ -20,8 +21,8 @@ queue. The batch never records a file the library has not committed.
 A cartridge that fills up mid-batch is closed (state ``full``) and the batch continues on the next
 one of the pool; what was written before is recorded first, so catalogue rows always name the
 cartridge their file is on or is being written to. A file whose disk copies are all missing or
-corrupt fails (``failed``, the reason is the file's last error, ``file.failed`` is published);
-the batch goes on with the next file.
+corrupt fails (``failed``, the reason is the file's last error, ``file.failed`` goes through the
+outbox); the batch goes on with the next file. ``tape.mounted`` goes through the outbox too.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bus.publisher import Publisher
-from common.catalogue import Catalogue, Source
+from common.catalogue import Catalogue, Source, outbox
 from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
-from common.messages import FileArchived, FileFailed, Message, TapeMounted
+from common.messages import FileFailed, TapeMounted
 from common.storage import PosixStorage
 from common.tape import TapeLibrary
+from daemons.relay import OutboxRelay
 from daemons.tape import steps
 from daemons.tape.drives import Mount, MountFailures
 
@@ -55,27 +56,19 @@ class Env:
 
     settings: Settings
     catalogue: Catalogue
-    publisher: Publisher
+    relay: OutboxRelay  # publishes the events the catalogue's outbox holds
     storages: dict[str, PosixStorage]
     failures: MountFailures = field(default_factory=MountFailures)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def announce(publisher: Publisher, msg: Message) -> None:
-    """Publish an event; the catalogue already holds the fact, so a broker hiccup is only logged."""
-    try:
-        await publisher.publish(msg)
-    except SpoolError as exc:
-        log.warning("event_not_published", type=msg.ROUTING_KEY, reason=exc.reason, error=exc.message)
-
-
 class Recorder:
     """Written files, recorded in groups of ``every`` (or every ``RECORD_INTERVAL`` s) in one
-    transaction, then announced."""
+    transaction with their ``file.archived`` events (outbox), which the relay then publishes."""
 
-    def __init__(self, catalogue: Catalogue, publisher: Publisher, every: int) -> None:
+    def __init__(self, catalogue: Catalogue, relay: OutboxRelay, every: int) -> None:
         self.catalogue = catalogue
-        self.publisher = publisher
+        self.relay = relay
         self.every = every
         self.buffer: list[db.Archived] = []
         self._last = time.monotonic()
@@ -91,13 +84,9 @@ class Recorder:
         self._last = time.monotonic()
         if not self.buffer:
             return
-        applied = await self.catalogue.run(db.record_archived, list(self.buffer), write=True)
+        await self.catalogue.run(db.record_archived, list(self.buffer), write=True)
         self.buffer.clear()
-        for a in applied:
-            await announce(
-                self.publisher,
-                FileArchived(name=a.name, storage=a.storage, cartridge=a.cartridge, fseq=a.fseq),
-            )
+        self.relay.kick()
 
 
 class Batch:
@@ -108,23 +97,22 @@ class Batch:
         self.target = target
         self.library = library
         policy = env.settings.tape
-        self.recorder = Recorder(env.catalogue, env.publisher, policy.record_every)
+        self.recorder = Recorder(env.catalogue, env.relay, policy.record_every)
         self.pending: dict[int, db.BatchFile] = {}  # taken, neither written nor failed yet
         self.written = 0
         self.failed = 0
         self.mount: Mount | None = None
 
     async def _mounted(self, drive: str, vid: str) -> None:
-        await announce(
-            self.env.publisher,
-            TapeMounted(
-                library=self.target.library,
-                drive=drive,
-                cartridge=vid,
-                purpose="archive",
-                request=self.mount.request if self.mount else None,
-            ),
+        mounted = TapeMounted(
+            library=self.target.library,
+            drive=drive,
+            cartridge=vid,
+            purpose="archive",
+            request=self.mount.request if self.mount else None,
         )
+        await self.env.catalogue.run(outbox.add, [mounted], write=True)
+        self.env.relay.kick()
 
     async def run(self, why: str) -> int:
         """Write the batch; returns the number of files written (0: no drive, or nothing queued)."""
@@ -246,15 +234,16 @@ class Batch:
         storage = self.target.storage
         log.error("archive_failed", file=f.name, storage=storage, reason=reason, error=error)
         cat = self.env.catalogue
-        await cat.run(db.mark_failed, f.replica_id, write=True)
+        text = f"{storage}: {error}"
+        event = FileFailed(
+            daemon="tape", reason=reason, error=text, attempts=1, name=f.name, endpoint=storage
+        )  # fmt: skip
+        await cat.run(db.mark_failed, f.replica_id, event, write=True)
+        self.env.relay.kick()
         await cat.record_failure(
             request_id=db.archive_request_id(f.name, storage), kind="archive", daemon="tape",
-            reason=reason, error=f"{storage}: {error}", attempts=1, final=True, name=f.name,
+            reason=reason, error=text, attempts=1, final=True, name=f.name,
         )  # fmt: skip
-        await announce(
-            self.env.publisher,
-            FileFailed(daemon="tape", reason=reason, error=f"{storage}: {error}", attempts=1, name=f.name),
-        )
 
     async def _finish(self) -> None:
         """Record what was written, queue again what was not, give the drive back. Each step runs

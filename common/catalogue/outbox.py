@@ -1,0 +1,119 @@
+"""The outbox: an event stating a fact is written in the transaction that records the fact, and
+published after the commit (``daemons.relay``), so a broker outage or a kill between the two
+delays the event but never loses it.
+
+Why: facts recorded outside a message handler (a tape batch writing files, reconciliation at
+start, periodic loops) have no message to leave unacked when the publish fails; before this table
+the tape daemon logged a warning and dropped the event (253 ``file.archived`` lost over four fault
+runs). A row is inserted with the fact, published with publisher confirms, marked ``sent`` once
+confirmed; a row still unsent is published again at start and periodically, under the same message
+id (stored in the row, derived from the fact where another path may announce it too), so a
+consumer that drops duplicates by id sees each fact once. Sent rows are kept for
+``SENT_RETENTION`` (also a window in which the same fact added again is not sent twice), then pruned.
+
+Audit of every event stating a fact (``common/messages.py``) and how it reaches the bus:
+
+========================  ==============================================  =====================
+event                     published by                                    path
+========================  ==============================================  =====================
+file.ingested             ingest handler, before the ack                  (a) handler; id from
+                                                                          name + storage + adler32
+replica.created           replicator handler, before the ack (bulk too)   (a) handler; id from
+                                                                          storage + copies
+file.archived             tape writer after a flush; reconcile at start   (b) **this outbox**
+                          and on every tick                               (``tape.record_archived``)
+file.archived (again)     tape handler, copy already on tape              (a) handler; same id as
+                                                                          the outbox row
+file.failed (tape)        tape writer: no usable disk source              (b) **this outbox**
+                                                                          (``tape.mark_failed``)
+file.failed (runner)      consumer runner, message dead-lettered          (a) before the ack
+                                                                          (``common.bus.consumer``)
+tape.mounted (tape)       tape writer, cartridge loaded                   (b) **this outbox**
+tape.mounted (recall)     recall scheduler, cartridge loaded              (b) not yet: dropped
+                                                                          on a broker outage
+file.recalled,            recall handler and scheduler                    (b) recall's own outbox
+recall.completed                                                          (``announced`` flags)
+endpoint.paused/resumed   replicator circuit breaker (handler + poll)     (b) not yet (the
+                                                                          breaker is in memory)
+alert.raised              monitor, from what it observed                  in-memory queue,
+                                                                          retried (not a
+                                                                          catalogue fact)
+daemon.heartbeat          every daemon, periodically                      not a fact: the next
+                                                                          one replaces it
+========================  ==============================================  =====================
+
+(a) published inside a message handler before the ack: a broker outage fails the handler and
+the message is redelivered, so the event is sent at least once; its id must be the same on every
+redelivery (``common.messages.fact_id``). (b) published outside that path: through an outbox.
+
+Every function takes a synchronous ``Connection`` inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, func, select, update
+
+from common import codec
+from common.catalogue import schema as s
+from common.catalogue.sql import chunks, insert_ignore_sync, utcnow
+from common.messages import Message
+
+o = s.outbox
+SENT_RETENTION = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An unsent row: what to publish, as it was recorded."""
+
+    seq: int
+    id: str
+    routing_key: str
+    body: bytes
+    correlation_id: str | None
+
+
+def add(conn: Connection, messages: Sequence[Message], correlation_id: str | None = None) -> None:
+    """Queue events in the caller's transaction; a message id already queued (or sent within the
+    retention) is kept as it is: the same fact is announced once."""
+    now = utcnow()
+    rows = [
+        {"id": m.id, "routing_key": m.ROUTING_KEY, "body": codec.encode(m),
+         "correlation_id": correlation_id or m.correlation_id, "created": now, "sent": None}
+        for m in messages
+    ]  # fmt: skip
+    for part in chunks(rows):
+        insert_ignore_sync(conn, o, part, ["id"])
+
+
+def unsent(conn: Connection, limit: int) -> list[Pending]:
+    """The oldest ``limit`` rows not confirmed yet, in the order they were recorded."""
+    stmt = (
+        select(o.c.seq, o.c.id, o.c.routing_key, o.c.body, o.c.correlation_id)
+        .where(o.c.sent.is_(None))
+        .order_by(o.c.seq)
+        .limit(limit)
+    )
+    return [Pending(int(q), i, k, bytes(b), c) for q, i, k, b, c in conn.execute(stmt)]
+
+
+def mark_sent(conn: Connection, seqs: Sequence[int]) -> None:
+    now = utcnow()
+    for part in chunks(list(seqs)):
+        conn.execute(update(o).where(o.c.seq.in_(part), o.c.sent.is_(None)).values(sent=now))
+
+
+def backlog(conn: Connection) -> int:
+    """How many rows wait for the broker."""
+    return int(conn.scalar(select(func.count()).select_from(o).where(o.c.sent.is_(None))) or 0)
+
+
+def prune(conn: Connection, before: datetime | None = None) -> int:
+    """Delete rows sent before ``before`` (default: ``SENT_RETENTION`` ago); returns how many."""
+    cutoff = before if before is not None else utcnow() - SENT_RETENTION
+    res = conn.execute(delete(o).where(o.c.sent.is_not(None), o.c.sent < cutoff))
+    return int(res.rowcount)

@@ -9,8 +9,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import pytest
 
+from common.catalogue import tape as db
 from common.config import Settings, load_settings
 from common.tape import SimulatedLibraryConfig, open_library
 from daemons.ingest.handlers import service as ingest_service
@@ -21,6 +23,7 @@ from tests.replication_fixtures import count_on, make_files, name_of, publish_re
 from tests.tape_fixtures import (
     LIBRARY,
     as_json,
+    bind,
     library_call,
     listed,
     names_on_tape,
@@ -146,6 +149,7 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
     async with running([ingest_service], settings):
         await publish_ready(broker, settings, files)
         await wait_for(lambda: _count(settings, n, "queued"), timeout=60)
+    archived = await bind(broker, settings, "file.archived")
     log = tmp_path / "tape.log"
     proc = start_daemon(path, "tape", log)
     try:
@@ -180,6 +184,16 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
     assert not [p for p in root.rglob("*.tmp")]
     assert Counter(d["status"] for d in as_json(spool(path, "drive", "list", "--json"))) == {"idle": 2}
     assert await queue_depth(broker, settings.dead_queue("tape")) == 0
+    # Every file was announced despite the kills (through the outbox), each under the id of its
+    # fact: a file announced twice (killed between publish and ``sent``) is a duplicate by id.
+    ids: dict[str, set[str]] = {}
+    while (m := await archived.get(fail=False)) is not None:
+        ids.setdefault(msgpack.unpackb(m.body)["name"], set()).add(str(m.message_id))
+    assert sorted(ids) == names
+    assert ids == {
+        name: {db.archived_event(db.Archived(0, name, "tape1", str(vid), int(fseq or 0))).id}
+        for name, (_, vid, fseq) in copies.items()
+    }
 
 
 async def _drive_writing(config: Path) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, select, update
@@ -25,7 +26,7 @@ from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.catalogue import schema as s
-from common.config import RecallSettings
+from common.config import RecallSettings, StorageEndpoint
 from common.messages import RecallCompleted
 from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
@@ -116,6 +117,25 @@ async def test_concurrent_deliveries_and_failures_complete_it_once_as_failed(
             f"round {round_}"
         )
         assert [(c.state, c.failed) for c in completions] == [("failed", tuple(lost))], f"round {round_}"
+
+
+async def test_two_tape_copies_found_bad_at_once_leave_exactly_one_reader_with_nothing_left(
+    catalogue: Catalogue, second: Catalogue
+) -> None:
+    await catalogue.sync_endpoints({**ENDPOINTS, "tape2": StorageEndpoint(kind="tape", root=Path("/t2"))})
+    ids = await _files(catalogue, ROUNDS * 2)
+    for fseq, name in enumerate(sorted(ids), start=1):
+        for storage, vid in (("tape1", "A00001"), ("tape2", "A00005")):
+            await catalogue.set_replica(
+                name=name, storage=storage, pfn=f"{vid}/{fseq}", state="available", cartridge=vid, fseq=fseq
+            )
+    for name, fid in sorted(ids.items()):
+        others = await asyncio.gather(
+            catalogue.run(db.tape_copy_bad, fid, "tape1", "tape_checksum_mismatch", "bad", write=True),
+            second.run(db.tape_copy_bad, fid, "tape2", "tape_checksum_mismatch", "bad", write=True),
+        )
+        # The second to commit sees the first's copy bad: one of them fails the file for good.
+        assert sorted(others) == [False, True], name
 
 
 def _make_stuck(conn: Connection, rid: str, done: int) -> None:

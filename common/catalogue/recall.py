@@ -497,6 +497,17 @@ def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: 
 def tape_copy_bad(conn: Connection, file_id: int, storage: str, reason: str, error: str) -> bool:
     """Mark a tape copy ``bad`` (its data did not verify); True if another tape copy is usable."""
     sid = storage_ids_sync(conn, {storage})[storage]
+    # Race (PostgreSQL): two reads of one file from two cartridges (two destinations) failing at
+    # once each saw the other copy still usable and both put their files back in the queue for a
+    # copy that was bad too (the next pass then failed them: a wasted pass, not a wrong outcome).
+    # The file's tape copies are locked first, in storage order, so the second sees the first's.
+    conn.execute(
+        select(r.c.id)
+        .join(ep, ep.c.id == r.c.storage_id)
+        .where(r.c.file_id == file_id, ep.c.kind == "tape")
+        .order_by(r.c.storage_id)
+        .with_for_update(of=r)
+    )
     conn.execute(
         update(r)
         .where(r.c.file_id == file_id, r.c.storage_id == sid, r.c.state == "available")

@@ -15,6 +15,9 @@ It ends when nothing is left ahead, after ``batch_max_files``, or when the desti
 stays full for ``buffer_wait`` seconds (backpressure: the drive is released, the files stay
 queued, nothing fails). The cartridge stays in the drive, so a later mount of it costs nothing.
 
+Sweep (at start and every ``SWEEP_INTERVAL``): an ``active`` recall with no file left to serve
+is completed as a delivery would complete it (issue 14 left such recalls on PostgreSQL).
+
 Kill safety: a file is ``staging`` while read; a kill leaves it so and ``start`` puts it back.
 A copy is recorded and its recall files settled in one transaction after the bytes are in place
 under their final name, so a restart never delivers a file twice; events go through the

@@ -14,6 +14,8 @@ so the same tests there guard the single-writer path.
 from __future__ import annotations
 
 import asyncio
+import os
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ from common.catalogue import recall as db
 from common.catalogue import schema as s
 from common.config import RecallSettings, StorageEndpoint
 from common.messages import RecallCompleted
+from common.storage import PosixStorage
 from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
@@ -136,6 +139,50 @@ async def test_two_tape_copies_found_bad_at_once_leave_exactly_one_reader_with_n
         )
         # The second to commit sees the first's copy bad: one of them fails the file for good.
         assert sorted(others) == [False, True], name
+
+
+async def test_the_daemon_serving_one_recall_from_disk_on_several_paths_completes_it_once(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    """The production shape of issue 14: the handler's ``serve_recall`` and the scheduler's pass
+    deliver files of the same recall at once (from disk copies: copied, then already there)."""
+    endpoints = {
+        "landing": StorageEndpoint(root=tmp_path / "landing"),
+        "buffer": StorageEndpoint(root=tmp_path / "buffer"),
+    }
+    await catalogue.sync_endpoints(endpoints)
+    blobs = {f"run2/f{i:03d}.fits": os.urandom(2000) for i in range(FILES)}
+    for name, data in blobs.items():
+        (tmp_path / "landing" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "landing" / name).write_bytes(data)
+    await catalogue.register_ingested(
+        [
+            rec(n, size=len(b), adler32=f"{zlib.adler32(b):08x}", storage="landing", pfn=n)
+            for n, b in blobs.items()
+        ]
+    )
+    storages = {n: PosixStorage(n, ep) for n, ep in endpoints.items()}
+    publisher = RecordingPublisher()
+    scheduler = Scheduler(
+        catalogue=catalogue, libraries={}, storages=storages, endpoints=endpoints,
+        settings=RecallSettings(), announcer=Announcer(catalogue, publisher),
+    )  # fmt: skip
+    try:
+        for round_ in range(ROUNDS):
+            rid = f"d{round_}"
+            spec = db.RecallSpec(id=rid, destination="buffer", priority=3, names=tuple(blobs))
+            await catalogue.run(db.create_recall, spec, write=True)
+            await asyncio.gather(
+                scheduler.serve_recall(rid), scheduler.pass_once(), scheduler.serve_recall(rid)
+            )
+
+            view = await catalogue.run(db.status, rid)
+            assert view is not None and (view.state, view.done) == ("done", FILES), f"round {round_}"
+            done = [m.request_id for m in publisher.of_type(RecallCompleted)]
+            assert done.count(rid) == 1, f"round {round_}"
+    finally:
+        for storage in storages.values():
+            storage.close()
 
 
 def _make_stuck(conn: Connection, rid: str, done: int) -> None:

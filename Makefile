@@ -7,7 +7,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
 	done)
 
-.PHONY: demo test venv services lint bench clean
+.PHONY: demo test venv services lint bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
@@ -35,6 +35,12 @@ lint: venv
 
 bench: venv services
 	$(PY) bench/ingest.py
+
+# Long chaos runs (docs/chaos.md): 20,000 files through SIGKILLs, SIGTERMs and outages of a
+# private RabbitMQ node, on SQLite then on a fresh PostgreSQL database; ~10-20 minutes in all.
+chaos: venv
+	bash .ci/services.sh rabbitmq postgres
+	$(PY) -m bench.chaos --catalogue both
 
 clean:
 	rm -rf var

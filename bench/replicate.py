@@ -79,7 +79,7 @@ import msgpack
 
 from common.config import StorageEndpoint
 from common.placement import BULK
-from common.storage import PosixStorage, posix
+from common.storage import PosixStorage, copy_engine, posix
 
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
@@ -254,9 +254,9 @@ async def copy_all(
     )
     storage = PosixStorage("bench-dst", endpoint, io_threads=endpoint.max_transfers)
     todo = iter(ds.files)
-    saved = posix.EARLY_WRITEBACK_BYTES
+    saved = copy_engine.EARLY_WRITEBACK_BYTES
     if not early_writeback:
-        posix.EARLY_WRITEBACK_BYTES = sys.maxsize
+        copy_engine.EARLY_WRITEBACK_BYTES = sys.maxsize
 
     together = not per_file_fsync and all(storage.batches_copy(f.size, False) for f in ds.files)
 
@@ -291,7 +291,7 @@ async def copy_all(
         cpu = cpu_now() - c0
     finally:
         storage.close()
-        posix.EARLY_WRITEBACK_BYTES = saved
+        copy_engine.EARLY_WRITEBACK_BYTES = saved
     if per_file_fsync:
         how = "fsync per file and directory"
     else:

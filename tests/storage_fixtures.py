@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.storage import is_temp_name, posix
+from common.storage import copy_engine, is_temp_name, tempfiles
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -37,7 +37,9 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Copies written to an unnamed file (O_TMPFILE, where the file system has it) or, as on a
     file system without it, to a temporary name."""
     if request.param == "named":
-        monkeypatch.setattr(posix, "_O_TMPFILE", 0)
-    elif not posix._O_TMPFILE:
+        # Both modules that open unnamed files: the temporary files and the copy engine's shortcut.
+        monkeypatch.setattr(tempfiles, "_O_TMPFILE", 0)
+        monkeypatch.setattr(copy_engine, "_O_TMPFILE", 0)
+    elif not tempfiles._O_TMPFILE:
         pytest.skip("no O_TMPFILE here")
     return request.param

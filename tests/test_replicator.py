@@ -317,7 +317,7 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
     another counts as the one stream it is."""
     import threading
 
-    from common.storage.posix import PosixStorage
+    from common.storage.copy_engine import CopyEngine
 
     disk2 = 'root = "storage/disk2"\nattributes = { site = "CNAF" }\nmax_transfers = 2'
     if not batched:
@@ -351,8 +351,8 @@ async def test_copies_to_one_endpoint_never_exceed_its_max_transfers(
         return slow_copy
 
     # The two operations a replication copy enters by: alone, or as part of a bulk request.
-    for op in ("_replicate_sync", "_replicate_from_sync"):
-        monkeypatch.setattr(PosixStorage, op, counted(getattr(PosixStorage, op)))
+    for op in ("replicate_sync", "replicate_from_sync"):
+        monkeypatch.setattr(CopyEngine, op, counted(getattr(CopyEngine, op)))
     files = make_files(settings, 20)
     async with running(SERVICES, settings):
         await publish_ready(broker, settings, files)

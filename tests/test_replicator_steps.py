@@ -62,10 +62,10 @@ def test_sources_same_site_first_then_least_busy_and_never_down() -> None:
 
 
 def test_reason_classes_match_the_storage_layer() -> None:
-    from common.storage import posix
+    from common.storage import reasons
 
-    assert posix.SOURCE_REASONS <= steps.SOURCE_BAD | steps.SOURCE_TRANSIENT
-    assert posix.DESTINATION_REASONS <= steps.ENDPOINT_FAILURES
+    assert reasons.SOURCE_REASONS <= steps.SOURCE_BAD | steps.SOURCE_TRANSIENT
+    assert reasons.DESTINATION_REASONS <= steps.ENDPOINT_FAILURES
 
 
 def test_replica_request_is_one_file_or_a_bulk_list() -> None:

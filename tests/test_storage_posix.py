@@ -40,10 +40,10 @@ from common.storage import (
     is_temp_name,
     normalise_adler32,
     open_storage,
-    posix,
     resolve_inside,
+    tempfiles,
 )
-from common.storage.posix import temp_name_for
+from common.storage.tempfiles import temp_name_for
 from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
@@ -139,7 +139,7 @@ def test_paths_inside_the_area_resolve_to_absolute_real_paths(area: Path, tmp_pa
 def test_the_cached_parent_resolution_answers_as_the_full_one(area: Path, tmp_path: Path) -> None:
     """``_below_parent`` keeps its answer per directory part; every case answers as uncached,
     the first time and from the cache (escapes, ``..``, NUL bytes, symlinked directories)."""
-    from common.storage.posix import _below_parent, _below_parent_uncached
+    from common.storage.paths import _below_parent, _below_parent_uncached
 
     (area / "night" / "sub").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
@@ -624,10 +624,10 @@ async def test_small_copies_batched_together_fail_one_by_one(tmp_path: Path) -> 
 def test_a_forked_child_links_through_its_own_proc_fd_directory() -> None:
     """The descriptor of /proc/self/fd names the process that opened it: a forked child (that
     then copies files) must open its own, or it would link its parent's descriptors."""
-    assert posix._proc_fds() is not None
+    assert tempfiles._proc_fds() is not None
     pid = os.fork()
     if pid == 0:  # the child: report through the exit code only
-        os._exit(0 if posix._proc_fd_dir is None else 1)
+        os._exit(0 if tempfiles._proc_fd_dir is None else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert posix._proc_fd_dir is not None  # the parent keeps its own
+    assert tempfiles._proc_fd_dir is not None  # the parent keeps its own

@@ -32,8 +32,8 @@ import pytest
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage import CopyResult, PosixStorage, posix
-from common.storage.posix import DESTINATION_REASONS, REQUEST_REASONS, SOURCE_REASONS
+from common.storage import CopyResult, PosixStorage, copy_engine, kernel, posix
+from common.storage.reasons import DESTINATION_REASONS, REQUEST_REASONS, SOURCE_REASONS
 from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
@@ -226,8 +226,8 @@ async def test_unreadable_source_is_retryable_source_io_error(
             eio()
         return real_readv(fd, buffers)
 
-    monkeypatch.setattr(posix, "_copy_file_range", eio)
-    monkeypatch.setattr(posix.os, "readv", readv)
+    monkeypatch.setattr(kernel, "_copy_file_range", eio)
+    monkeypatch.setattr(copy_engine.os, "readv", readv)
     with pytest.raises(Retryable) as err:
         await storage.copy_verified(src, "f.dat", expected_size=len(data), expected_adler32=adler(data))
     assert err.value.reason == "source_io_error"
@@ -264,7 +264,7 @@ async def test_corrupted_destination_copy_is_retryable_checksum_mismatch(
     await storage.copy_verified(
         replica(previous, "prev"), "d/f.dat", expected_size=100, expected_adler32=adler(previous)
     )
-    monkeypatch.setattr(posix, "_kernel_copy", corrupting_copy)
+    monkeypatch.setattr(copy_engine, "_kernel_copy", corrupting_copy)
     data = os.urandom(size)
     with pytest.raises(Retryable) as err:
         await storage.copy_verified(
@@ -288,7 +288,7 @@ async def test_truncated_destination_copy_is_checksum_mismatch(
         os.lseek(dst, 0, os.SEEK_END)
         return 1000
 
-    monkeypatch.setattr(posix, "_kernel_copy", short_copy)
+    monkeypatch.setattr(copy_engine, "_kernel_copy", short_copy)
     data = os.urandom(5000)
     with pytest.raises(Retryable) as err:
         await storage.copy_verified(replica(data), "f.dat", expected_size=5000, expected_adler32=adler(data))
@@ -327,14 +327,14 @@ async def test_min_free_bytes_counts_copies_in_progress(
     data = os.urandom(size)
     src = replica(data)
     entered, release = threading.Event(), threading.Event()
-    real_copy = posix._kernel_copy
+    real_copy = kernel._kernel_copy
 
     def held_copy(s: int, d: int, limit: int, cancelled: threading.Event) -> int:
         entered.set()
         release.wait(10)
         return real_copy(s, d, limit, cancelled)
 
-    monkeypatch.setattr(posix, "_kernel_copy", held_copy)
+    monkeypatch.setattr(copy_engine, "_kernel_copy", held_copy)
     first = asyncio.create_task(
         storage.copy_verified(src, "a.dat", expected_size=size, expected_adler32=adler(data))
     )
@@ -410,7 +410,7 @@ async def test_copy_falls_back_to_read_write_where_the_kernel_copy_fails(
             return real(src, dst, min(count, 100_000))
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(posix, "_copy_file_range", partial)
+    monkeypatch.setattr(kernel, "_copy_file_range", partial)
     data = os.urandom(3 * MiB + 5)
     result = await storage.copy_verified(
         replica(data), "f.dat", expected_size=len(data), expected_adler32=adler(data)
@@ -431,15 +431,15 @@ async def test_large_copy_starts_its_writeback_only_when_not_fsynced(
         calls.append((fd, offset, nbytes, flags))
         return 0
 
-    monkeypatch.setattr(posix, "_SYNC_FILE_RANGE", recording)
-    monkeypatch.setattr(posix, "EARLY_WRITEBACK_BYTES", MiB)
+    monkeypatch.setattr(copy_engine, "_SYNC_FILE_RANGE", recording)
+    monkeypatch.setattr(copy_engine, "EARLY_WRITEBACK_BYTES", MiB)
     small, large = os.urandom(MiB - 1), os.urandom(2 * MiB)
     for name, data in (("small", small), ("large", large)):
         res = await storage.copy_verified(
             replica(data, name), name, expected_size=len(data), expected_adler32=adler(data), fsync=fsync
         )
         assert res.path.read_bytes() == data
-    assert [c[1:] for c in calls] == ([] if fsync else [(0, 0, posix._SYNC_FILE_RANGE_WRITE)])
+    assert [c[1:] for c in calls] == ([] if fsync else [(0, 0, kernel._SYNC_FILE_RANGE_WRITE)])
 
 
 def test_adler32_in_use_agrees_with_zlib() -> None:
@@ -447,23 +447,23 @@ def test_adler32_in_use_agrees_with_zlib() -> None:
     data = os.urandom(3 * MiB + 17)
     value = 1
     for start in range(0, len(data), 700_001):
-        value = posix._adler32(data[start : start + 700_001], value)
+        value = kernel._adler32(data[start : start + 700_001], value)
     assert value == zlib.adler32(data)
-    assert posix._adler32(b"", 0xFFFFFFFF) == zlib.adler32(b"", 0xFFFFFFFF)
+    assert kernel._adler32(b"", 0xFFFFFFFF) == zlib.adler32(b"", 0xFFFFFFFF)
 
 
 def test_copy_buffers_are_page_aligned() -> None:
     # The kernel copies page-cache pages into them: unaligned, that ran several times slower.
-    buf = posix._buffer(MiB)
+    buf = kernel._buffer(MiB)
     address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     assert address % mmap.PAGESIZE == 0
-    assert posix._buffer(MiB) is buf  # reused by the thread
+    assert kernel._buffer(MiB) is buf  # reused by the thread
 
 
 async def test_copy_works_without_copy_file_range(
     storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(posix, "_copy_file_range", None)
+    monkeypatch.setattr(kernel, "_copy_file_range", None)
     data = os.urandom(MiB + 1)
     result = await storage.copy_verified(
         replica(data), "f.dat", expected_size=len(data), expected_adler32=adler(data)
@@ -477,7 +477,7 @@ async def test_kernel_copy_error_on_a_full_destination_is_not_retried_by_read_wr
     def full(src: int, dst: int, count: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(posix, "_copy_file_range", full)
+    monkeypatch.setattr(kernel, "_copy_file_range", full)
     data = os.urandom(MiB)
     with pytest.raises(Retryable) as err:
         await storage.copy_verified(
@@ -494,8 +494,8 @@ def test_kernel_copy_stops_when_cancelled(tmp_path: Path) -> None:
     cancelled = threading.Event()
     cancelled.set()
     try:
-        with pytest.raises(posix._Aborted):
-            posix._kernel_copy(src, dst, 1000, cancelled)
+        with pytest.raises(kernel._Aborted):
+            kernel._kernel_copy(src, dst, 1000, cancelled)
     finally:
         os.close(src)
         os.close(dst)
@@ -505,16 +505,16 @@ def test_kernel_copy_stops_when_cancelled(tmp_path: Path) -> None:
 async def test_cancelled_copy_removes_its_temp_file(
     storage: PosixStorage, replica: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, temp_kind: str
 ) -> None:
-    real_copy = posix._kernel_copy
+    real_copy = kernel._kernel_copy
 
     def slow_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> int:
         real_copy(src, dst, 1024, cancelled)
         while True:  # stands for a long copy: the loop checks the event between chunks
             if cancelled.is_set():
-                raise posix._Aborted()
+                raise kernel._Aborted()
             time.sleep(0.001)
 
-    monkeypatch.setattr(posix, "_kernel_copy", slow_copy)
+    monkeypatch.setattr(copy_engine, "_kernel_copy", slow_copy)
     data = os.urandom(2 * MiB)
     task = asyncio.create_task(
         storage.copy_verified(replica(data), "big.dat", expected_size=len(data), expected_adler32=adler(data))
@@ -682,14 +682,14 @@ async def test_copy_verified_many_detects_a_corrupted_destination_copy(
 ) -> None:
     """Bytes that land wrong (injected where every replication copy moves them) are caught by the
     read-back, whichever way the copy went: checksum_mismatch, the destination's fault."""
-    real_copy = posix._kernel_copy
+    real_copy = kernel._kernel_copy
 
     def corrupting_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> int:
         n = real_copy(src, dst, limit, cancelled)
         os.pwrite(dst, b"\xff", 0)
         return n
 
-    monkeypatch.setattr(posix, "_kernel_copy", corrupting_copy)
+    monkeypatch.setattr(copy_engine, "_kernel_copy", corrupting_copy)
     source = tmp_path / "disk1"
     source.mkdir()
     (source / "f.dat").write_bytes(b"\x00" * 1000)

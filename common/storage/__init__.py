@@ -13,8 +13,10 @@ from typing import Protocol, runtime_checkable
 from common.config import StorageEndpoint
 from common.errors import Permanent
 from common.storage.checksum import adler32_of_bytes, adler32_of_file, format_adler32, normalise_adler32
+from common.storage.copy_engine import CopyResult
 from common.storage.paths import resolve_inside
-from common.storage.posix import CopyResult, PosixStorage, is_temp_name
+from common.storage.posix import PosixStorage
+from common.storage.tempfiles import is_temp_name
 
 __all__ = [
     "CopyResult",

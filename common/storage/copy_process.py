@@ -30,9 +30,14 @@ Lifetime and faults:
   dead process was writing stays until the next start-up's ``cleanup_temp``.
 - Its log lines (JSON on stderr, which it shares with the daemon) carry ``process="copier"``.
 
-What does not cross: monkeypatches of ``common.storage.posix`` made in the parent (tests that
-corrupt bytes use ``small_copies = "thread"``), and ``min_free_bytes`` accounting, which each
-process keeps for its own copies (small ones: at most ``batch_copy_bytes`` each).
+What does not cross: monkeypatches of the copy engine's modules (``copy_engine``, ``kernel``,
+``tempfiles``) made in the parent (tests that corrupt bytes use ``small_copies = "thread"``), and
+``min_free_bytes`` accounting, which each process's ``CopyEngine`` keeps for its own copies (small
+ones: at most ``batch_copy_bytes`` each).
+
+The child runs the copy engine (``copy_engine.CopyEngine.operations``) with ``run_each``, as a
+worker thread of the backend does; it never builds a ``PosixStorage``, and this module does not
+import the backend (which imports it).
 """
 
 from __future__ import annotations
@@ -48,17 +53,17 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
 
 import msgpack
 import structlog
 
 import common
+from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-
-if TYPE_CHECKING:
-    from common.storage.posix import CopyResult
+from common.storage.copy_engine import CopyEngine, CopyResult
+from common.storage.kernel import _Aborted
 
 HEADER = 4
 OPERATIONS = ("copy", "replicate", "replicate_from", "verify")
@@ -79,6 +84,22 @@ class Failed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def run_each(cancelled: threading.Event, jobs: Sequence[_Job]) -> list[Any]:
+    """Run a batch's operations one after another; one that raises becomes its own ``Failed``."""
+    out: list[Any] = []
+    for fn, args in jobs:
+        try:
+            out.append(fn(cancelled, *args))
+        except _Aborted:
+            raise  # cancelled: the whole batch stops (each operation removed its temp file)
+        except Exception as exc:
+            out.append(Failed(exc))
+    return out
 
 
 def _frame(obj: Any) -> bytes:
@@ -259,22 +280,10 @@ def _spawn() -> subprocess.Popen[bytes]:
     )
 
 
-def _copy_result() -> type[CopyResult]:
-    global _CopyResult
-    if _CopyResult is None:
-        from common.storage.posix import CopyResult  # here: posix imports this module
-
-        _CopyResult = CopyResult
-    return _CopyResult
-
-
-_CopyResult: type[CopyResult] | None = None
-
-
 def _decode(outcome: list[Any]) -> Any:
     tag = outcome[0]
     if tag == "c":
-        return _copy_result()(pfn=outcome[1], location=outcome[2], size=outcome[3], adler32=outcome[4])
+        return CopyResult(pfn=outcome[1], location=outcome[2], size=outcome[3], adler32=outcome[4])
     if tag == "v":
         return outcome[1]
     if tag == "e":
@@ -285,7 +294,7 @@ def _decode(outcome: list[Any]) -> Any:
 
 # --- child side ----------------------------------------------------------------------------------
 def _encode(value: Any) -> list[Any]:
-    if isinstance(value, _copy_result()):
+    if isinstance(value, CopyResult):
         return ["c", value.pfn, value.location, value.size, value.adler32]
     if isinstance(value, Failed):
         exc = value.error
@@ -320,15 +329,10 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(stream_in: BinaryIO, stream_out: BinaryIO) -> None:
     """Answer batches until EOF on ``stream_in``."""
-    from common.config import StorageEndpoint
-    from common.storage.posix import PosixStorage, run_each
-
     hello = _read_frame(stream_in)
-    storage = PosixStorage(
-        hello["name"], StorageEndpoint.model_validate(hello["endpoint"]), chunk_size=hello["chunk_size"]
-    )
+    engine = CopyEngine(hello["name"], StorageEndpoint.model_validate(hello["endpoint"]), hello["chunk_size"])
     never = threading.Event()  # a batch is not cancelled midway: it is a few milliseconds long
-    ops = storage.small_operations
+    ops = engine.operations
     # As the daemon does (common.runtime.tune_gc): what start-up built out of the collector's
     # sight, and collections rarer. It ran every few copies here, 4 % of the process's time.
     gc.freeze()

@@ -47,8 +47,8 @@ from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest
 from common.placement import config_rules
-from common.storage import PosixStorage, open_storage
-from common.storage.posix import CopyResult, ReplicaCopy
+from common.storage import CopyResult, PosixStorage, open_storage
+from common.storage.posix import ReplicaCopy
 from daemons.replicator import steps
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks

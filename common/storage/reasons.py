@@ -1,0 +1,65 @@
+"""Reason codes of the posix backend's errors, and the errno -> ``SpoolError`` mapping.
+
+Why a module of its own: the copy engine, the temporary files and the backend all turn an
+``OSError`` into a classified error, and the replicator acts on *which side* is at fault (a bad
+source replica is marked bad and another source tried; a destination problem is retried or trips
+the endpoint's breaker). Written once here, the three agree.
+
+Source problems a retry cannot fix are ``Permanent``; anything about the destination (read-only,
+full, I/O error) is ``Retryable``, because an operator can fix the endpoint and the work should
+then simply resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from common.errors import Permanent, Retryable, SpoolError
+
+_NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+# --- reason codes of copy_verified ---------------------------------------------------------------
+# Source side: the replica being copied *from*. Permanent ones mean "this source replica is bad or
+# gone, mark it so and pick another"; source_io_error (Retryable) may be a flaky mount.
+SOURCE_MISSING = "source_missing"  # Permanent: no file at the source path
+SOURCE_CORRUPT = "source_corrupt"  # Permanent: wrong size or checksum, or not a regular file
+SOURCE_IO_ERROR = "source_io_error"  # Retryable: the source could not be read
+# Destination side: this endpoint. All Retryable: an operator can fix the endpoint.
+DESTINATION_NOT_WRITABLE = "destination_not_writable"
+DISK_FULL = "disk_full"  # ENOSPC / EDQUOT, or the copy would eat into min_free_bytes
+STORAGE_IO_ERROR = "storage_io_error"
+CHECKSUM_MISMATCH = "checksum_mismatch"  # the written copy differs from a source that is good
+SOURCE_REASONS = frozenset({SOURCE_MISSING, SOURCE_CORRUPT, SOURCE_IO_ERROR})
+DESTINATION_REASONS = frozenset({DESTINATION_NOT_WRITABLE, DISK_FULL, STORAGE_IO_ERROR, CHECKSUM_MISMATCH})
+# Neither side: the request itself is wrong (Permanent); retrying or another source cannot help.
+REQUEST_REASONS = frozenset({"invalid_checksum", "invalid_size", "path_outside_area"})
+
+
+def _source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return Permanent("file_missing", f"source {path} does not exist")
+    if exc.errno == errno.ELOOP:
+        return Permanent("not_a_file", f"source {path} is a symbolic link, not a regular file")
+    if exc.errno == errno.ENXIO:  # a socket or a device without a driver
+        return Permanent("not_a_file", f"source {path} is not a regular file")
+    return Retryable("source_io_error", f"reading source {path}: {exc.strerror or exc}")
+
+
+def _destination_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    text = exc.strerror or str(exc)
+    if exc.errno in _NOT_WRITABLE:
+        return Retryable("destination_not_writable", f"cannot write {path}: {text}")
+    if exc.errno in _FULL:
+        return Retryable("disk_full", f"no space left writing {path}: {text}")
+    return Retryable("storage_io_error", f"writing {path}: {text}")
+
+
+def _replica_source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    """Like ``_source_error``, with reason codes the replicator can tell from destination ones."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return Permanent(SOURCE_MISSING, f"source replica {path} does not exist")
+    if exc.errno in (errno.ELOOP, errno.ENXIO):  # O_NOFOLLOW on a symlink; a socket or device
+        return Permanent(SOURCE_CORRUPT, f"source replica {path} is not a regular file")
+    return Retryable(SOURCE_IO_ERROR, f"reading source replica {path}: {exc.strerror or exc}")

@@ -1,0 +1,161 @@
+"""A private RabbitMQ node for one chaos run: the machine's shared broker on 5672 serves other
+people, and a run stops its broker several times on purpose.
+
+Everything the node writes (Mnesia, logs, config, pid file, Erlang cookie) lives in a directory
+of its own; its AMQP and distribution ports are free ones picked at start, on the loopback
+interface only. ``rabbitmqctl`` finds the node by its name (``spool-chaos-<id>@localhost``) and
+authenticates with the cookie in the directory (``HOME`` points there for both the node and the
+CLI). Measured on the 2-core development machine: the node boots in 6-7 s, ``stop_app`` takes
+~1 s and ``start_app`` ~1.6 s, so an outage costs about 3 s more than the pause asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+# The Debian wrapper in /usr/sbin switches to the rabbitmq user when run as root, which drops
+# HOME and with it the private cookie: call the scripts it wraps when they are there.
+_LIB_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def _tool(name: str) -> str:
+    if (_LIB_BIN / name).exists():
+        return str(_LIB_BIN / name)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: apt-get install rabbitmq-server")
+    return found
+
+
+def available() -> str | None:
+    """Why a private node cannot be started here, or None when it can."""
+    try:
+        _tool("rabbitmq-server")
+        _tool("rabbitmqctl")
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateBroker:
+    """Start with ``start()``; ``stop_app`` / ``start_app`` make an outage; ``close()`` always."""
+
+    def __init__(self, base: Path, tag: str) -> None:
+        self.dir = base / "rabbitmq"
+        self.node = f"spool-chaos-{tag}@localhost"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.boot_seconds = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        d = self.dir
+        return {
+            **os.environ,
+            "HOME": str(d / "home"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # not /etc's (the shared node's)
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),  # management off
+            "RABBITMQ_PID_FILE": str(d / "pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def _prepare(self) -> None:
+        for sub in ("home", "mnesia", "log"):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
+            (self.dir / sub).mkdir(parents=True)
+        cookie = self.dir / "home" / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        (self.dir / "rabbitmq.conf").write_text("loopback_users = none\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        (self.dir / "pid").unlink(missing_ok=True)
+
+    def start(self, attempts: int = 3, timeout: float = 120.0) -> None:
+        """Boot the node and wait until it serves AMQP; new ports on each try (a port picked free
+        can be taken by someone else before the node listens on it)."""
+        for attempt in range(1, attempts + 1):
+            self.port, self.dist_port = free_port(), free_port()
+            self._prepare()
+            t0 = time.monotonic()
+            with (self.dir / "server.log").open("ab") as out:
+                self.process = subprocess.Popen(
+                    [_tool("rabbitmq-server")], env=self._env(), stdout=out, stderr=out,
+                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir,
+                )  # fmt: skip
+            pid_file = str(self.dir / "pid")
+            waited = self.ctl("wait", pid_file, "--timeout", str(int(timeout)), timeout=timeout + 10)
+            if waited == 0 and self._serves():
+                self.boot_seconds = time.monotonic() - t0
+                return
+            self._kill()
+            if attempt == attempts:
+                tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"private RabbitMQ node {self.node} did not start:\n{tail}")
+
+    def _serves(self, seconds: float = 30.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> int:
+        """``rabbitmqctl -n <node> ARGS``; its return code (a timeout counts as failure)."""
+        try:
+            done = subprocess.run(
+                [_tool("rabbitmqctl"), "-q", "-n", self.node, *args], env=self._env(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return -1
+        return done.returncode
+
+    def stop_app(self) -> bool:
+        return self.ctl("stop_app") == 0
+
+    def start_app(self) -> bool:
+        return self.ctl("start_app") == 0 and self.ctl("await_startup", timeout=120) == 0
+
+    def _kill(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+        self.process = None
+
+    def close(self) -> None:
+        """Stop the node (politely, then by force) and remove what it wrote."""
+        if self.process is not None and self.process.poll() is None:
+            self.ctl("shutdown", timeout=60)
+        self._kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,274 @@
+"""What must hold after a chaos run, checked at the source: the catalogue by SQL, the bytes on
+disk and in the simulated library's cartridges, the witness queue's events, the daemons' exits.
+
+Each check returns a ``Check`` (name, ok, a one-line figure, up to a few examples of what is
+wrong); the harness prints them all and fails when one fails.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from common.config import Settings
+from common.storage import is_temp_name
+
+from .events import Seen
+from .fleet import Exit
+from .workload import Night, Recall
+
+PENDING = ("queued", "waiting", "archiving", "copying", "staging")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    figure: str
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        head = f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {self.figure}"
+        return "\n".join([head, *(f"        {p}" for p in self.problems[:5])])
+
+
+def check(name: str, figure: str, problems: Iterable[str]) -> Check:
+    found = list(problems)
+    more = [f"... and {len(found) - 5} more"] if len(found) > 5 else []
+    return Check(name, not found, figure, found[:5] + more)
+
+
+def adler(path: Path) -> str:
+    value = 1
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            value = zlib.adler32(chunk, value)
+    return f"{value:08x}"
+
+
+@dataclass
+class Snapshot:
+    """What the catalogue says, read in one go."""
+
+    files: list[tuple[str, int, str, str]]  # name, size, adler32, dataset
+    replicas: list[tuple[str, str, str, str, str | None, int | None]]  # name, storage, state, pfn, vid, fseq
+    recalls: dict[str, tuple[str, int, int, int]]  # id -> state, files, done, failed
+    recall_files: dict[str, dict[str, str]]  # id -> name -> state
+    failed_requests: list[tuple[str, str | None, str | None]]  # kind, name, reason
+
+
+async def snapshot(url: str) -> Snapshot:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as c:
+
+            async def rows(sql: str) -> list[Any]:
+                return list((await c.execute(text(sql))).all())
+
+            files = await rows(
+                "SELECT f.name, f.size, f.adler32, d.name FROM files f JOIN datasets d ON d.id = f.dataset_id"
+            )
+            replicas = await rows(
+                "SELECT f.name, e.name, r.state, r.pfn, r.cartridge, r.fseq FROM replicas r "
+                "JOIN files f ON f.id = r.file_id JOIN storage_endpoints e ON e.id = r.storage_id"
+            )
+            recall_rows = await rows("SELECT id, state, files, done, failed FROM recalls")
+            recalls = {r[0]: tuple(r[1:]) for r in recall_rows}
+            recall_files: dict[str, dict[str, str]] = defaultdict(dict)
+            for rid, name, state in await rows("SELECT recall_id, name, state FROM recall_files"):
+                recall_files[rid][name] = state
+            failed = await rows("SELECT kind, name, reason FROM requests WHERE state = 'failed'")
+    finally:
+        await engine.dispose()
+    return Snapshot(
+        [tuple(r) for r in files], [tuple(r) for r in replicas], recalls, dict(recall_files),
+        [tuple(r) for r in failed],
+    )  # fmt: skip
+
+
+def wanted(night: Night, recalls: list[Recall]) -> set[tuple[str, str]]:
+    """(name, storage) of every copy that must be available at the end."""
+    out = set()
+    for f in night.files:
+        out |= {(f.name, "disk1"), (f.name, "tape1")}  # ingest's copy (recalled back where evicted)
+        if f.dataset.endswith(".dl0"):
+            out.add((f.name, "disk2"))
+    for r in recalls:
+        out |= {(n, r.destination) for n in r.names}
+    return out
+
+
+def settled(snap: Snapshot, night: Night, recalls: list[Recall]) -> bool:
+    """The run's work is done as far as the catalogue tells (what the harness waits for)."""
+    available = {(n, s) for n, s, st, *_ in snap.replicas if st == "available"}
+    pending = any(st in PENDING for _, _, st, *_ in snap.replicas)
+    active = any(snap.recalls.get(r.id, ("active",))[0] == "active" for r in recalls)
+    registered = len(snap.files) >= len(night.files)
+    return registered and wanted(night, recalls) <= available and not pending and not active
+
+
+def catalogue_checks(snap: Snapshot, night: Night, recalls: list[Recall], settings: Settings) -> list[Check]:
+    out = []
+    expected = {f.name: f for f in night.files}
+    names = [n for n, *_ in snap.files]
+    dup = [n for n in set(names) if names.count(n) > 1] if len(names) != len(set(names)) else []
+    wrong = [n for n, size, a, ds in snap.files if n in expected and (size, a, ds) != (
+        expected[n].size, expected[n].adler32, expected[n].dataset)]  # fmt: skip
+    missing = sorted(set(expected) - set(names))
+    out.append(check(
+        "every file registered once, as announced", f"{len(set(names))} of {len(expected)} files",
+        [f"missing {n}" for n in missing] + [f"registered twice {n}" for n in dup]
+        + [f"size/checksum/dataset differ: {n}" for n in wrong]
+        + [f"unknown file {n}" for n in set(names) - set(expected)],
+    ))  # fmt: skip
+    want = wanted(night, recalls)
+    available = {(n, s) for n, s, st, *_ in snap.replicas if st == "available"}
+    per: dict[str, int] = defaultdict(int)
+    for _, s in want & available:
+        per[s] += 1
+    out.append(check(
+        "every copy the rules (and recalls) want is available",
+        f"{len(want & available)} of {len(want)} ({', '.join(f'{s} {n}' for s, n in sorted(per.items()))})",
+        [f"missing {n} on {s}" for n, s in sorted(want - available)],
+    ))  # fmt: skip
+    states: dict[str, int] = defaultdict(int)
+    for _, _, st, *_ in snap.replicas:
+        states[st] += 1
+    out.append(check(
+        "no copy pending or failed", ", ".join(f"{st} {n}" for st, n in sorted(states.items())),
+        [f"{n} on {s}: {st}" for n, s, st, *_ in snap.replicas if st in (*PENDING, "failed")],
+    ))  # fmt: skip
+    out.append(check(
+        "no request failed", f"{len(snap.failed_requests)} failed",
+        [f"{kind} {name}: {reason}" for kind, name, reason in snap.failed_requests],
+    ))  # fmt: skip
+    problems = []
+    for r in recalls:
+        state = snap.recalls.get(r.id)
+        files = snap.recall_files.get(r.id, {})
+        if state is None:
+            problems.append(f"{r.kind} recall {r.id} ({r.dataset}) not recorded")
+        elif state[0] != "done" or state[3] or state[2] != state[1] or state[1] != len(r.names):
+            problems.append(f"{r.kind} recall {r.id} ({r.dataset}): state {state[0]}, files {state[1]}, "
+                            f"done {state[2]}, failed {state[3]}, expected {len(r.names)}")  # fmt: skip
+        elif any(st != "done" for st in files.values()) or set(files) != set(r.names):
+            problems.append(f"{r.kind} recall {r.id}: files not all done")
+    kinds = ", ".join(f"{sum(r.kind == k for r in recalls)} {k}" for k in ("tape", "disk"))
+    evicted = sum(r.evicted for r in recalls)
+    out.append(check(
+        "every recall completed", f"{len(recalls)} recalls ({kinds}; {evicted} disk copies evicted first), "
+        f"{sum(len(r.names) for r in recalls)} files", problems,
+    ))  # fmt: skip
+    out.append(disk_bytes(snap, settings))
+    return out
+
+
+def disk_bytes(snap: Snapshot, settings: Settings) -> Check:
+    """Every available disk copy is on disk with the catalogue's size and adler32."""
+    sums = {n: (size, a) for n, size, a, _ in snap.files}
+    problems, checked = [], 0
+    for name, storage, state, pfn, _, _ in snap.replicas:
+        ep = settings.storage[storage]
+        if state != "available" or ep.kind != "disk":
+            continue
+        path = Path(pfn) if Path(pfn).is_absolute() else ep.root / pfn
+        checked += 1
+        if not path.is_file():
+            problems.append(f"{name} on {storage}: {path} missing")
+        elif (path.stat().st_size, adler(path)) != sums[name]:
+            problems.append(f"{name} on {storage}: bytes differ from the catalogue")
+    return check("disk copies byte-identical (adler32 vs catalogue)", f"{checked} copies read", problems)
+
+
+async def tape_checks(snap: Snapshot, settings: Settings) -> list[Check]:
+    """Per file and pool one committed file on tape, where the catalogue says, with its bytes."""
+    from common.tape import open_library
+
+    lib = await open_library(settings.tape_libraries["default"])
+    try:
+        on_tape: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (pool, name) -> places
+        for cart in await lib.list_cartridges():
+            for f in await lib.list_files(cart.vid):
+                on_tape[(cart.pool or "?", f.name)].append((cart.vid, f.fseq))
+        sums = {n: a for n, _, a, _ in snap.files}
+        twice = [f"{n} in pool {pool} at {at}" for (pool, n), at in on_tape.items() if len(at) > 1]
+        problems, read = [], 0
+        for name, storage, state, _, vid, fseq in snap.replicas:
+            if state != "available" or settings.storage[storage].kind != "tape":
+                continue
+            pool = settings.storage[storage].pool or storage
+            if on_tape.get((pool, name), [None])[0] != (vid, fseq):
+                problems.append(f"{name}: catalogue says {vid}#{fseq}, library {on_tape.get((pool, name))}")
+                continue
+            read += 1
+            if adler(lib.data_path(vid or "", fseq or 0)) != sums[name]:
+                problems.append(f"{name}: bytes on {vid}#{fseq} differ from the catalogue")
+        root = settings.tape_libraries["default"].root
+    finally:
+        await lib.close()
+    files_on_tape = sum(len(p) for p in on_tape.values())
+    return [
+        check("no file written to tape twice (per file and pool)", f"{files_on_tape} files on tape", twice),
+        check("tape copies where the catalogue says, byte-identical", f"{read} read back", problems),
+        leftovers(settings, root),
+    ]
+
+
+def leftovers(settings: Settings, library_root: Path) -> Check:
+    found = []
+    for name, ep in settings.storage.items():
+        if ep.kind != "disk" or not ep.root.exists():
+            continue
+        for p in ep.root.rglob("*"):
+            if is_temp_name(p.name) or (".spool-recall" in p.parts and p.is_file()):
+                found.append(f"{name}: {p.relative_to(ep.root)}")
+    found += [f"library: {p.relative_to(library_root)}" for p in library_root.rglob("*.tmp")]
+    return check("no temporary file left in any storage root or the library", f"{len(found)} found", found)
+
+
+def event_checks(seen: Seen, night: Night, recalls: list[Recall]) -> Check:
+    """Every fact announced at least once (keyed by what it states)."""
+    rule_copies = {(f.name, "disk2") for f in night.files if f.dataset.endswith(".dl0")}
+    want: dict[str, tuple[set[Any], set[Any]]] = {
+        "file.ingested": ({f.name for f in night.files}, seen.ingested),
+        "replica.created": (rule_copies, seen.created),
+        "file.archived": ({(f.name, "tape1") for f in night.files}, seen.archived),
+        "file.recalled": ({(r.id, n) for r in recalls for n in r.names}, seen.recalled),
+        "recall.completed": ({r.id for r in recalls}, seen.completed),
+    }
+    figure = ", ".join(f"{k} {len(w & s)}/{len(w)}" for k, (w, s) in want.items())
+    problems = [
+        f"{k}: {len(w - s)} never published, e.g. {sorted(w - s)[:3]}" for k, (w, s) in want.items() if w - s
+    ]
+    dups = sum(seen.duplicates.values())
+    return check("every fact published at least once (witness queue on '#')",
+                 f"{figure}; {dups} messages seen twice under one id", problems)  # fmt: skip
+
+
+def exit_check(exits: list[Exit], term_codes: list[tuple[str, int]], final: dict[str, int | None]) -> Check:
+    unexpected = [e for e in exits if not e.expected]
+    tail = [f"{e.daemon} exited {e.code} at {e.at:.0f} s{' (broker down)' if e.during_outage else ''}: "
+            f"{_last_line(e.log_tail)}" for e in unexpected]  # fmt: skip
+    bad_terms = [f"{d} exited {c} after SIGTERM" for d, c in term_codes if c != 0]
+    bad_final = [f"{d} exited {c} at the final SIGTERM" for d, c in final.items() if c != 0]
+    expected = len(exits) - len(unexpected)
+    return check(
+        "daemons exit only when told (3 while the broker is down), 0 after SIGTERM",
+        f"{len(unexpected)} unexpected exits, {expected} exits 3 during outages, "
+        f"{len(term_codes)} SIGTERMs answered", tail + bad_terms + bad_final,
+    )  # fmt: skip
+
+
+def _last_line(log: str) -> str:
+    lines = [ln for ln in log.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:240]
+    return lines[-1][:240] if lines else "(empty log)"

@@ -85,6 +85,18 @@ class OutboxRelay:
         """Something was committed to the outbox: publish it now (not at the next interval)."""
         self._wake.set()
 
+    async def send_now(self) -> None:
+        """Publish what the caller just committed before returning (the broker willing), so its
+        event is out as the caller goes on; during an outage only kick the loop: never wait."""
+        if self.outage:
+            self.kick()
+            return
+        try:
+            await self.flush()
+        except Exception as exc:  # the catalogue hiccuped: the loop tries again
+            log.error("outbox_flush_failed", error=repr(exc))
+            self.kick()
+
     async def close(self, grace: float = 5.0) -> None:
         """Stop the loop and try once more, within ``grace`` seconds, to send what is waiting;
         what is still unsent then goes out at the next start."""

@@ -14,7 +14,12 @@ Transitions and their effects:
 
 Breakers live in each replicator process (a site running several shares the catalogue's health
 column for display only); at start every parked copy of a writable endpoint is re-sent, which also
-recovers copies parked by a process that died.
+recovers copies parked by a process that died, and an endpoint a dead process left ``paused`` is
+announced ``endpoint.resumed`` (the new breaker starts closed), so every pause seen on the bus ends.
+
+The events are facts of this process's breaker stated outside any message's ack: each is written
+to the catalogue's outbox with the health it reports, in one transaction, and published by the
+relay (``daemons.relay``) at once; a broker outage delays them, never drops them.
 """
 
 from __future__ import annotations
@@ -24,19 +29,28 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from sqlalchemy import Connection
+
 from common.bus.publisher import Publisher
-from common.catalogue import Catalogue, Wanted
+from common.catalogue import Catalogue, Wanted, outbox, replication
 from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.messages import EndpointPaused, EndpointResumed
+from common.messages import EndpointPaused, EndpointResumed, Message
 from common.placement import BULK, publish_wanted
+from daemons.relay import OutboxRelay
 from daemons.replicator.breaker import Admission, CircuitBreaker
 from daemons.replicator.steps import PAUSE_AT_ONCE
 
 log = get_logger("spool.replicator")
 
 _RESEND_PAGE = 500
+
+
+def _health_changed(conn: Connection, storage: str, health: str, reason: str | None, event: Message) -> None:
+    """An endpoint's health and the event stating it, in one transaction."""
+    replication.set_health(conn, storage, health, reason)
+    outbox.add(conn, [event])
 
 
 class EndpointHealth:
@@ -51,6 +65,7 @@ class EndpointHealth:
         rep = settings.replication
         self.catalogue = catalogue
         self.publisher = publisher
+        self.relay = OutboxRelay(catalogue, publisher)
         self.breakers = {
             name: CircuitBreaker(rep.breaker_failures, rep.breaker_cooldown, rep.breaker_max_cooldown, clock)
             for name, ep in settings.storage.items()
@@ -80,16 +95,16 @@ class EndpointHealth:
                 "endpoint_paused", storage=name, reason=err.reason, error=err.message,
                 failures=failures, cooldown=breaker.current_cooldown,
             )  # fmt: skip
-            await self.catalogue.set_health(name, "paused", f"{err.reason}: {err.message}")
-            await self.publisher.publish(
-                EndpointPaused(
-                    storage=name,
-                    reason=err.reason,
-                    error=err.message,
-                    failures=failures,
-                    cooldown=breaker.current_cooldown,
-                )
+            event = EndpointPaused(
+                storage=name,
+                reason=err.reason,
+                error=err.message,
+                failures=failures,
+                cooldown=breaker.current_cooldown,
             )
+            why = f"{err.reason}: {err.message}"
+            await self.catalogue.run(_health_changed, name, "paused", why, event, write=True)
+            await self.relay.send_now()
         elif breaker.state == "open":
             log.info(
                 "endpoint_probe_failed", storage=name, reason=err.reason, cooldown=breaker.current_cooldown
@@ -102,10 +117,9 @@ class EndpointHealth:
         if breaker.record_success():
             waiting = await self.catalogue.waiting_count(name)
             log.info("endpoint_resumed", storage=name, paused_seconds=round(paused_for, 1), waiting=waiting)
-            await self.catalogue.set_health(name, "ok", None)
-            await self.publisher.publish(
-                EndpointResumed(storage=name, paused_seconds=paused_for, waiting=waiting)
-            )
+            event = EndpointResumed(storage=name, paused_seconds=paused_for, waiting=waiting)
+            await self.catalogue.run(_health_changed, name, "ok", None, event, write=True)
+            await self.relay.send_now()
             self.resend(name)
 
     def release_probe(self, name: str) -> None:
@@ -113,10 +127,26 @@ class EndpointHealth:
 
     # --- the poll loop -------------------------------------------------------------------------
     async def start(self) -> None:
-        """First look: operator states, fresh (closed) breakers, parked copies re-sent."""
+        """First look: events a predecessor left unsent published, operator states, fresh (closed)
+        breakers (a pause left by a predecessor ends with ``endpoint.resumed``), parked copies
+        re-sent."""
+        await self.relay.start()
         await self._read_states()
+        left = {e.name: e for e in await self.catalogue.endpoints()}
         for name in self.breakers:
-            await self.catalogue.set_health(name, "ok", None)
+            ep = left.get(name)
+            if ep is not None and ep.health == "paused":
+                since = ep.health_since or datetime.now(UTC)
+                event = EndpointResumed(
+                    storage=name,
+                    paused_seconds=max(0.0, (datetime.now(UTC) - since).total_seconds()),
+                    waiting=await self.catalogue.waiting_count(name),
+                )
+                log.info("endpoint_resumed", storage=name, why="breaker_reset_at_start")
+                await self.catalogue.run(_health_changed, name, "ok", None, event, write=True)
+                self.relay.kick()
+            else:
+                await self.catalogue.set_health(name, "ok", None)
             if self.writable(name):
                 self.resend(name)
 
@@ -178,3 +208,4 @@ class EndpointHealth:
         for task in self._resending.values():
             task.cancel()
         await asyncio.gather(*self._resending.values(), return_exceptions=True)
+        await self.relay.close()

@@ -25,9 +25,11 @@ from sqlalchemy import Connection, select, update
 from structlog.testing import capture_logs
 
 from common.bus.publisher import RecordingPublisher
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, CopyRecord, replication
 from common.catalogue import recall as db
 from common.catalogue import schema as s
+from common.catalogue.engine import writer
+from common.catalogue.policy import Rule, endpoint_attributes
 from common.config import RecallSettings, StorageEndpoint
 from common.messages import RecallCompleted
 from common.storage import PosixStorage
@@ -36,6 +38,7 @@ from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
 
 PIN = datetime(2030, 1, 1, tzinfo=UTC)
+TABLE = {n: endpoint_attributes(n, e.kind, e.attributes) for n, e in ENDPOINTS.items()}
 FILES = 24  # per recall: more than one engine's pool, so deliveries overlap on many connections
 ROUNDS = 6  # the old code failed in most rounds on PostgreSQL; six make a pass by luck unlikely
 
@@ -183,6 +186,30 @@ async def test_the_daemon_serving_one_recall_from_disk_on_several_paths_complete
     finally:
         for storage in storages.values():
             storage.close()
+
+
+async def test_a_copy_a_rule_is_placing_right_now_is_not_claimed_by_the_reaper(
+    catalogue: Catalogue, second: Catalogue
+) -> None:
+    """The reaper's claim waits for a placement in flight and then sees its lock (PostgreSQL:
+    the uncommitted lock was invisible, the copy was deleted under the rule that wanted it)."""
+    await catalogue.register_ingested([rec("x")])
+    await catalogue.record_copies([CopyRecord("req-x", "x", "disk2", "x", 1, "disk1")])
+    (item,) = await catalogue.reapable()  # tombstoned at once, no rule holds it
+    rule = Rule("late", endpoints="disk2", datasets=".*")
+    await catalogue.add_rule(rule)
+
+    async with writer(second.engine).connect() as conn:
+        tx = await conn.begin()
+        wanted = await conn.run_sync(replication.plan_copies, [("x", "d", {})], [rule], TABLE)
+        assert wanted == [[]]  # the copy is there: a lock, nothing to request
+        claim = asyncio.create_task(catalogue.begin_delete(item.replica_id))
+        await asyncio.sleep(0.5)
+        assert not claim.done()  # waits for the placement
+        await tx.commit()
+    assert await claim is False
+    view = await catalogue.show_file("x")
+    assert view is not None and {(x.storage, x.state) for x in view.replicas} >= {("disk2", "available")}
 
 
 def _make_stuck(conn: Connection, rid: str, done: int) -> None:

@@ -441,7 +441,9 @@ class Catalogue:
         return await self._transaction(replication.reapable, limit, write=False)
 
     async def begin_delete(self, replica_id: int) -> bool:
-        return await self._transaction(replication.begin_delete, replica_id, write=True)
+        # Retried: on PostgreSQL its row locks (file, then copies) can deadlock with a writer
+        # taking them the other way round; the loser runs again (idempotent: it re-reads).
+        return await self._retrying_write(replication.begin_delete, replica_id)
 
     async def finish_delete(
         self, item: Reapable, *, by: str = "replicator", why: str = "no rule needs it"

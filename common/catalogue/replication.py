@@ -718,6 +718,16 @@ def begin_delete(conn: Connection, replica_id: int) -> bool:
     if row.state == "deleting":
         return True
     if conn.dialect.name == "postgresql":
+        # Race (PostgreSQL, READ COMMITTED): locking the file's copies covers the count of other
+        # copies below, not the live-lock check: a rule placing this copy (``plan_copies``)
+        # *inserts* its lock, an uncommitted insert is invisible here, so the claim went ahead
+        # and the rule was left holding a deleted copy, with no request to make it again. The
+        # file row is locked first: FOR UPDATE conflicts with the FOR KEY SHARE that inserting
+        # a row referencing the file (the lock) holds until commit, so a placement that wrote
+        # its lock makes us wait, then see it. Not covered: a placement that finds the copy
+        # ``deleting`` (in ``_PRESENT``; SQLite too), or that read it just before our claim and
+        # writes its lock just after: it locks a copy about to go and requests nothing.
+        conn.execute(select(f.c.id).where(f.c.id == row.file_id).with_for_update())
         conn.execute(select(r.c.id).where(r.c.file_id == row.file_id).with_for_update())
     now = utcnow()
     if conn.scalar(select(_live_lock(row.file_id, row.storage_id, now))):

@@ -30,7 +30,7 @@ from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome,
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
-from common.messages import FileIngested, FileReady, Message
+from common.messages import FileIngested, FileReady, Message, fact_id
 from common.placement import BULK, RuleBook, config_rules, publish_wanted
 from common.storage import PosixStorage, open_storage
 from common.storage.checksum import adler32_of_file
@@ -160,8 +160,10 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
         if await res.rulebook.rules():
             wanted = await res.planner.submit((info.name, info.dataset, dict(msg.metadata)))
     await publish_wanted(ctx.publisher, wanted, correlation_id=ctx.correlation_id)
+    # The id names the fact, so the event re-published on a redelivery is a duplicate by id.
     await ctx.publisher.publish(
         FileIngested(
+            id=fact_id("file.ingested", res.storage_name, info.name, info.adler32),
             name=info.name,
             dataset=info.dataset,
             size=info.size,

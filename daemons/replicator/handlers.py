@@ -45,7 +45,7 @@ from common.catalogue import Catalogue, CopyRecord, ReplicaTask, Source
 from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
-from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest
+from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
 from common.placement import config_rules
 from common.storage import CopyResult, PosixStorage, open_storage
 from common.storage.posix import ReplicaCopy
@@ -437,8 +437,11 @@ async def _announce(
 ) -> None:
     made = [c for c in copies if c is not None]
     if made:
+        # The id names the fact (the endpoint and the copies), so the event re-published on a
+        # redelivery is a duplicate by id.
+        fact = fact_id("replica.created", storage, *sorted(c.name for c in made))
         await ctx.publisher.publish(
-            ReplicaCreated(storage=storage, copies=made), correlation_id=ctx.correlation_id
+            ReplicaCreated(id=fact, storage=storage, copies=made), correlation_id=ctx.correlation_id
         )
 
 

@@ -1,0 +1,46 @@
+"""Events published inside a handler, before the ack (at-least-once through redelivery), carry
+the id of their fact: a redelivered message re-publishes the same event under the same id, so
+consumers drop the duplicate. The handlers are called as plain functions (no broker)."""
+
+from __future__ import annotations
+
+from common.bus.publisher import RecordingPublisher
+from common.bus.service import Context
+from common.messages import CreatedCopy, FileIngested, FileReady, ReplicaCreated
+from daemons.ingest.handlers import ingest_file
+from daemons.ingest.handlers import open_resources as ingest_resources
+from daemons.replicator.handlers import _announce
+
+DATASET = "lst1.20261123.run012345.dl0"
+
+
+async def test_a_redelivered_file_ready_re_announces_file_ingested_under_the_same_id(settings):
+    src = settings.landing_areas["lst1"] / "r/a.fits"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(b"hello")
+    other = settings.landing_areas["lst1"] / "r/b.fits"
+    other.write_bytes(b"other")
+    publisher = RecordingPublisher()
+    async with ingest_resources(settings, publisher) as resources:
+        ctx = Context(daemon="ingest", settings=settings, publisher=publisher, resources=resources)
+        msg = FileReady(path=str(src), dataset=DATASET)
+        await ingest_file(msg, ctx)
+        await ingest_file(msg, ctx)  # redelivered
+        await ingest_file(FileReady(path=str(src), dataset=DATASET), ctx)  # the instrument said it twice
+        await ingest_file(FileReady(path=str(other), dataset=DATASET), ctx)
+    first, again, twice, b = publisher.of_type(FileIngested)
+    assert first.id == again.id == twice.id != b.id
+
+
+async def test_a_redelivered_replica_request_re_announces_replica_created_under_the_same_id(settings):
+    publisher = RecordingPublisher()
+    ctx = Context(daemon="replicator", settings=settings, publisher=publisher, resources=None)
+    a = CreatedCopy(name="r/a.fits", pfn="r/a.fits", size=5, adler32="062c0215")
+    b = CreatedCopy(name="r/b.fits", pfn="r/b.fits", size=5, adler32="06610220")
+    await _announce(ctx, "disk2", [a, None, b])
+    await _announce(ctx, "disk2", [b, a])  # the bulk request again: its copies found made
+    await _announce(ctx, "disk3", [a, b])  # the same files elsewhere: another fact
+    await _announce(ctx, "disk2", [a])
+    one, again, elsewhere, alone = publisher.of_type(ReplicaCreated)
+    assert one.id == again.id
+    assert len({one.id, elsewhere.id, alone.id}) == 3

@@ -10,11 +10,15 @@ a real HTTP server on a real socket, answering what dCache or a broken peer woul
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import shutil
 import ssl
+import tempfile
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +29,12 @@ from structlog.testing import capture_logs
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage.devserver import LocalXrootd
-from common.storage.https import HttpsStorage, parse_adler32_digest, temp_name_for
+from common.storage.devserver import LocalXrootd, XrootdUnavailable
+from common.storage.https import HttpsStorage, parse_adler32_digest
 from common.storage.https_errors import exception_error, status_error, tpc_failure_error
-from common.storage.posix import is_temp_name
+from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.webdav_xml import UnsafeXml, parse_multistatus
-from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
+from tests.xrootd_fixtures import XROOTD_REQUIRED, remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 
 def _adler(data: bytes) -> str:
@@ -647,3 +651,133 @@ def test_token_holder_repr_hides_the_token(tmp_path: Path) -> None:
     (tmp_path / "t").write_text("zzz-secret")
     holder = _BearerToken(tmp_path / "t")
     assert holder.value() == "zzz-secret" and "zzz-secret" not in repr(holder)
+
+
+# -- bearer tokens checked by a real server: XrdHttp with the macaroons plugin ---------------------
+MACAROON_SECRET = b"spool-test-macaroon-secret-of-48-bytes-long....."
+MACAROON_SITE = "spooltest"
+
+
+class MacaroonXrootd(LocalXrootd):
+    """A second server whose exports need a bearer token (a macaroon) to be written: anonymous
+    clients may read ``site-a`` only (``acc.authdb``); a valid macaroon grants what it names."""
+
+    def _config(self) -> str:
+        assert self.base is not None
+        secret = self.base / "macaroon-secret"
+        secret.write_text(base64.b64encode(MACAROON_SECRET).decode() + "\n")
+        authdb = self.base / "authdb"
+        authdb.write_text("u * /site-a lr\n")
+        return super()._config() + (
+            f"all.sitename {MACAROON_SITE}\n"
+            "ofs.authorize 1\n"
+            "ofs.authlib libXrdMacaroons.so\n"
+            f"macaroons.secretkey {secret}\n"
+            f"acc.authdb {authdb}\n"
+        )
+
+
+def mint_macaroon(path: str, activities: str, *, key: bytes = MACAROON_SECRET, hours: float = 1.0) -> str:
+    from pymacaroons import Macaroon
+
+    before = datetime.now(UTC) + timedelta(hours=hours)
+    m = Macaroon(location=MACAROON_SITE, identifier=os.urandom(8).hex(), key=key)
+    m.add_first_party_caveat(f"activity:{activities}")
+    m.add_first_party_caveat(f"path:{path}")
+    m.add_first_party_caveat(f"before:{before:%Y-%m-%dT%H:%M:%SZ}")
+    return str(m.serialize())
+
+
+@pytest.fixture(scope="module")
+def macaroon_server(xrootd_server: LocalXrootd) -> Iterator[MacaroonXrootd]:
+    pytest.importorskip("pymacaroons")
+    if not Path("/usr/lib/x86_64-linux-gnu/libXrdMacaroons-5.so").exists() and not XROOTD_REQUIRED:
+        pytest.skip("libXrdMacaroons is not installed (xrootd-server-plugins)")
+    base = Path(tempfile.mkdtemp(prefix="spool-xrootd-mac-"))
+    # The same CA as the session's server: each trusts the other in third-party copies.
+    shutil.copytree(xrootd_server.pki, base / "pki")
+    server = MacaroonXrootd(base=base)
+    try:
+        server.start()
+    except XrootdUnavailable as exc:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+        if XROOTD_REQUIRED:
+            raise
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _token_backend(server: LocalXrootd, site: str, token_file: Path | None, **ep: Any) -> HttpsStorage:
+    endpoint = StorageEndpoint(
+        backend="https",
+        url=f"davs://127.0.0.1:{server.https_port}/{site}",
+        ca_path=server.ca_file,
+        token_file=token_file,
+        **ep,
+    )
+    return HttpsStorage(site, endpoint)
+
+
+async def test_a_token_the_server_accepts_writes_a_wrong_or_missing_one_is_auth_failed(
+    macaroon_server: MacaroonXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    local, size, adler = _write(tmp_path / "f", os.urandom(50_000))
+    token_file = tmp_path / "token"
+    forged = mint_macaroon("/site-a", "UPLOAD,MANAGE,DELETE,DOWNLOAD,READ_METADATA", key=b"x" * 48)
+    token_file.write_text(forged + "\n")
+    backend = _token_backend(macaroon_server, "site-a", token_file)
+    anonymous = _token_backend(macaroon_server, "site-a", None)
+    try:
+        with capture_logs() as logs, pytest.raises(Retryable) as info:
+            await backend.upload(local, f"{remote_dir}/f", size=size, adler32=adler)
+        assert info.value.reason == "auth_failed", info.value
+        assert forged not in f"{info.value} {info.value!r} {logs} {backend!r}"
+        with pytest.raises(Retryable) as info:
+            await anonymous.upload(local, f"{remote_dir}/f", size=size, adler32=adler)
+        assert info.value.reason == "auth_failed"
+        assert _files_below(macaroon_server.path("site-a", remote_dir)) == []
+
+        # The token file is renewed (by an external agent): the same backend uses the new token.
+        token_file.write_text(mint_macaroon("/site-a", "UPLOAD,MANAGE,DELETE,DOWNLOAD,READ_METADATA") + "\n")
+        os.utime(token_file, ns=(1, 1))
+        done = await backend.upload(local, f"{remote_dir}/f", size=size, adler32=adler)
+        assert done.adler32 == adler
+        assert macaroon_server.path("site-a", f"{remote_dir}/f").read_bytes() == local.read_bytes()
+        assert await backend.delete(f"{remote_dir}/f") is True
+    finally:
+        await backend.aclose()
+        await anonymous.aclose()
+
+
+async def test_third_party_copy_hands_the_source_token_to_the_pulling_server(
+    macaroon_server: MacaroonXrootd,
+    xrootd_server: LocalXrootd,
+    remote_dir: str,
+    tmp_path: Path,
+) -> None:
+    local, size, adler = _write(tmp_path / "f", os.urandom(500_000))
+    token_file = tmp_path / "token"
+    token_file.write_text(mint_macaroon("/site-b", "UPLOAD,MANAGE,DELETE,DOWNLOAD,READ_METADATA,LIST") + "\n")
+    # site-b of the token server: nothing without the token, not even reading.
+    source = _token_backend(macaroon_server, "site-b", token_file, tpc=True)
+    dest = _token_backend(xrootd_server, "site-a", None, tpc=True)
+    try:
+        await source.upload(local, f"{remote_dir}/f", size=size, adler32=adler)
+        done = await dest.copy_from(source, f"{remote_dir}/f", f"{remote_dir}/g", size=size, adler32=adler)
+        assert done.mode == "tpc"
+        assert xrootd_server.path("site-a", f"{remote_dir}/g").read_bytes() == local.read_bytes()
+
+        token_file.write_text(mint_macaroon("/elsewhere", "DOWNLOAD,READ_METADATA") + "\n")
+        os.utime(token_file, ns=(2, 2))
+        with pytest.raises(Retryable) as info:
+            await dest.copy_from(source, f"{remote_dir}/f", f"{remote_dir}/h", size=size, adler32=adler)
+        assert info.value.reason == "auth_failed", info.value
+        assert _files_below(xrootd_server.path("site-a", remote_dir)) == ["g"]
+    finally:
+        await source.aclose()
+        await dest.aclose()

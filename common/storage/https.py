@@ -39,7 +39,6 @@ import builtins
 import contextlib
 import errno
 import os
-import secrets
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,7 +54,7 @@ from common.errors import ConfigError, Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, format_adler32, normalise_adler32
 from common.storage.https_errors import NoAnswer, Side, exception_error, status_error, tpc_failure_error
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
-from common.storage.posix import is_temp_name
+from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.transfer import stream_via_node
 from common.storage.webdav_xml import (
     LIST_REQUEST,
@@ -71,16 +70,9 @@ log = structlog.get_logger("spool.storage")
 PATH_OUTSIDE_AREA = "path_outside_area"
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_TEMP_MARKER = ".spool-tmp-"  # the posix backend's convention (is_temp_name): list and cleanup skip
-_TEMP_BASENAME_MAX = 200
 _WRITE_CHUNK = 4 * 1024 * 1024
 _ERROR_BODY_BYTES = 64 * 1024
 TpcMode = Literal["pull", "push"]
-
-
-def temp_name_for(basename: str) -> str:
-    """A fresh hidden temporary name beside ``basename`` (the posix backend's convention)."""
-    return f".{basename[:_TEMP_BASENAME_MAX]}{_TEMP_MARKER}{secrets.token_hex(6)}"
 
 
 def parse_adler32_digest(values: builtins.list[str]) -> str | None:

@@ -781,3 +781,82 @@ async def test_third_party_copy_hands_the_source_token_to_the_pulling_server(
     finally:
         await source.aclose()
         await dest.aclose()
+
+
+async def test_a_cancelled_upload_leaves_no_temporary(
+    make: Make, xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    a = make("site-a")
+    local, size, adler = _write(tmp_path / "big", os.urandom(200 * 1024 * 1024))
+    directory = xrootd_server.path("site-a", remote_dir)
+    task = asyncio.create_task(a.upload(local, f"{remote_dir}/big", size=size, adler32=adler))
+    for _ in range(2000):
+        if task.done() or (directory.exists() and any(p.stat().st_size > 0 for p in directory.glob(".*"))):
+            break
+        await asyncio.sleep(0.005)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await a.aclose()  # waits for the temporary's removal
+    assert _files_below(directory) == []
+
+
+async def test_an_untrusted_server_certificate_is_auth_failed(
+    xrootd_server: LocalXrootd, remote_dir: str
+) -> None:
+    # The system's CAs do not know the test CA: the TLS handshake refuses the server.
+    endpoint = StorageEndpoint(backend="https", url=f"https://127.0.0.1:{xrootd_server.https_port}/site-a")
+    backend = HttpsStorage("untrusted", endpoint)
+    try:
+        with pytest.raises(Retryable) as info:
+            await backend.stat(f"{remote_dir}/f")
+        assert info.value.reason == "auth_failed", info.value
+    finally:
+        await backend.aclose()
+
+
+async def test_the_client_certificate_is_presented(xrootd_server: LocalXrootd, tmp_path: Path) -> None:
+    """A server that requires a client certificate (X.509 auth, as grid sites do) gets ours."""
+    subjects: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        subjects.append(str(dict(x[0] for x in peer["subject"])["commonName"]) if peer else "")
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(xrootd_server.ca_file))
+    ctx.load_cert_chain(xrootd_server.pki / "host.pem", xrootd_server.pki / "host.key")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"https://127.0.0.1:{port}/base"
+    with_cert = HttpsStorage(
+        "cert",
+        StorageEndpoint(
+            backend="https",
+            url=url,
+            ca_path=xrootd_server.ca_file,
+            cert=xrootd_server.pki / "host.pem",
+            key=xrootd_server.pki / "host.key",
+        ),
+    )
+    without = HttpsStorage("nocert", StorageEndpoint(backend="https", url=url, ca_path=xrootd_server.ca_file))
+    try:
+        assert await with_cert.stat("f") is None
+        assert subjects == ["localhost"]
+        with pytest.raises(Retryable) as info:
+            await without.stat("f")
+        # TLS 1.3 refuses a missing client certificate after the handshake: the client sees only
+        # a closed connection, which cannot be told from an outage.
+        assert info.value.reason == "endpoint_unavailable"
+        assert subjects == ["localhost"]
+    finally:
+        await with_cert.aclose()
+        await without.aclose()
+        await runner.cleanup()

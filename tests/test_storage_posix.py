@@ -215,7 +215,7 @@ async def test_copy_is_verified_and_lands_under_its_final_name(
         adler32=adler(data),
     )
     assert result.path.read_bytes() == data
-    assert storage.exists(result.pfn) and storage.stat(result.pfn) == size
+    assert storage.exists(result.pfn) and storage.size_of(result.pfn) == size
     assert await storage.checksum(result.pfn) == adler(data)
     assert leftovers(storage.root) == []
 
@@ -502,7 +502,7 @@ async def test_inspecting_a_missing_replica_is_file_missing(storage: PosixStorag
     storage.root.mkdir()
     assert storage.exists("nope") is False
     with pytest.raises(Permanent) as err:
-        storage.stat("nope")
+        storage.size_of("nope")
     assert err.value.reason == "file_missing"
     with pytest.raises(Permanent) as err:
         await storage.checksum("nope")

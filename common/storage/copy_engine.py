@@ -358,6 +358,53 @@ class CopyEngine:
             pfn=self.pfn_of(dest), location=os.fspath(dest), size=expected_size, adler32=expected_adler32
         )
 
+    def pull_sync(
+        self,
+        cancelled: threading.Event,
+        source_root: str,
+        source_pfn: str,
+        relpath: str,
+        expected_size: int,
+        expected_adler32: str,
+    ) -> CopyResult:
+        """``replicate_sync`` (fsync-ed) of another posix endpoint's file, its pfn resolved here
+        the full way (``PosixStorage.copy_from``); a pfn escaping its root is ``source_corrupt``."""
+        source = self._source_the_full_way(source_root, source_pfn)
+        return self.replicate_sync(cancelled, source, relpath, expected_size, expected_adler32, True)
+
+    def download_sync(
+        self,
+        cancelled: threading.Event,
+        relpath: str,
+        local: str,
+        expected_size: int,
+        expected_adler32: str,
+    ) -> None:
+        """Copy the file at ``relpath`` here to ``local``, a path anywhere on this node, as
+        ``replicate_sync`` copies (kernel copy, read-back, atomic, fsync-ed), this endpoint being
+        the source: its reason codes are the source's. ``min_free_bytes`` (this endpoint's
+        reserve) does not apply to a file written elsewhere."""
+        source = os.fspath(self.resolve(relpath))
+        try:
+            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _replica_source_error(exc, source) from None
+        try:
+            try:
+                st = os.fstat(src)
+            except OSError as exc:
+                raise _replica_source_error(exc, source) from None
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
+            if st.st_size != expected_size:
+                raise Permanent(
+                    SOURCE_CORRUPT,
+                    f"source replica {source} has {st.st_size} bytes, expected {expected_size}",
+                )
+            self._copy_and_check(cancelled, src, source, local, expected_size, expected_adler32, True)
+        finally:
+            os.close(src)
+
     def _copy_and_check(
         self,
         cancelled: threading.Event,

@@ -33,7 +33,7 @@ import os
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +47,10 @@ from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import CHUNK_SIZE, normalise_adler32
 from common.storage.copy_engine import CopyEngine, CopyResult
 from common.storage.copy_process import CopyProcess, Failed, run_each
-from common.storage.kernel import _sync_root
-from common.storage.paths import resolve_below
-from common.storage.reasons import _destination_error
+from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend
+from common.storage.kernel import _adler32_fd, _buffer, _sync_root
+from common.storage.paths import is_within, resolve_below
+from common.storage.reasons import STORAGE_IO_ERROR, _destination_error
 from common.storage.tempfiles import is_temp_name
 
 T = TypeVar("T")
@@ -95,15 +96,25 @@ def _expected_adler32(text: str) -> str:
         raise Permanent("invalid_checksum", str(exc)) from None
 
 
+def _plain(_cancelled: threading.Event, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` run by ``PosixStorage._in_thread``, which passes a cancellation event first."""
+    return fn(*args)
+
+
 class PosixStorage:
     """A disk endpoint rooted at a directory. Paths given to it are relative to the root (pfns).
 
     Constructed as ``PosixStorage(name, endpoint)`` from the configuration, or
     ``PosixStorage(name, root)`` in tools and tests. The root is not created here: ``put_from``
     creates the destination directories (root included) on first write.
+
+    It serves ``interface.StorageBackend`` (``scheme = "file"``) over the same code: see the
+    section "the StorageBackend interface" below. The daemons' fast paths (``put_from``,
+    ``copy_verified``, ``copy_verified_many`` with batch durability and ``sync``) stay as they are.
     """
 
     backend = "posix"
+    scheme = "file"
 
     def __init__(
         self,
@@ -247,14 +258,14 @@ class PosixStorage:
         return [o.error if isinstance(o, Failed) else o for o in outcomes]  # type: ignore[misc]
 
     # --- inspection ----------------------------------------------------------------------------
-    # exists/stat/free_bytes are plain calls (a few syscalls each); on a network mount that may
+    # exists/size_of/free_bytes are plain calls (a few syscalls each); on a network mount that may
     # hang, call them through asyncio.to_thread.
     def exists(self, relpath: str) -> bool:
         """True when a regular file is present at ``relpath``."""
         return self.resolve(relpath).is_file()
 
-    def stat(self, relpath: str) -> int:
-        """Size in bytes of the file at ``relpath``."""
+    def size_of(self, relpath: str) -> int:
+        """Size in bytes of the file at ``relpath`` (``Permanent("file_missing")`` if none)."""
         path = self.resolve(relpath)
         try:
             st = os.stat(path)
@@ -346,6 +357,101 @@ class PosixStorage:
                 except OSError as exc:  # a read-only endpoint must not stop the daemon starting
                     log.warning("temp_cleanup_failed", storage=self.name, path=path, error=str(exc))
         return removed
+
+    # --- the StorageBackend interface (common/storage/interface.py) ------------------------------
+    # Adapters over the methods above. Every copy made through them is durable when it returns
+    # (fsync of the file and its directory): the interface has no ``sync``, so a caller may record
+    # the copy at once. Errors are those of the method adapted (``put_from``'s for ``upload``,
+    # ``copy_verified``'s for ``download`` and ``copy_from``).
+    def local_path(self, relpath: str) -> Path:
+        """The file on this node: ``resolve`` (confined below the root, symlinks followed)."""
+        return self.resolve(relpath)
+
+    def url(self, relpath: str) -> str:
+        """``file://`` and the path below the root, folded as written (no file system access);
+        ``Permanent("path_outside_area")`` for a path leaving the root, as ``resolve`` says."""
+        root = os.fspath(self.root)
+        path = os.path.normpath(os.path.join(root, relpath))
+        if "\x00" in path or path == root or not is_within(path, root):
+            self.resolve(relpath)  # raises, and words the error
+        return f"file://{path}"
+
+    async def stat(self, relpath: str, *, checksum: bool = False) -> ObjectStat | None:
+        """Size (and adler32, read back, when asked) of the file at ``relpath``; None if none.
+
+        ``Permanent("not_a_file")`` for a directory, a socket or the like;
+        ``Retryable("storage_io_error")`` when it cannot be read.
+        """
+        return await self._in_thread(self._stat_sync, relpath, checksum)
+
+    def _stat_sync(self, cancelled: threading.Event, relpath: str, checksum: bool) -> ObjectStat | None:
+        path = self.resolve(relpath)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink swapped in; a socket
+                raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file") from None
+            raise Retryable(STORAGE_IO_ERROR, f"stat {path}: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file")
+            if not checksum:
+                return ObjectStat(st.st_size)
+            size, adler = _adler32_fd(fd, _buffer(self.chunk_size), cancelled)  # one open: one file
+            return ObjectStat(size, adler)
+        except OSError as exc:
+            raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    async def upload(self, local: Path, relpath: str, *, size: int, adler32: str) -> CopyDone:
+        """``put_from`` of a file of this node, fsync-ed."""
+        done = await self.put_from(local, relpath, expected_size=size, expected_adler32=adler32, fsync=True)
+        return CopyDone(done.pfn, done.size, done.adler32, "local")
+
+    async def download(self, relpath: str, local: Path, *, size: int, adler32: str) -> CopyDone:
+        """Copy ``relpath`` to ``local`` (anywhere on this node) as ``copy_verified`` copies,
+        this endpoint being the source (``source_missing``, ``source_corrupt`` ...)."""
+        expected = _expected_adler32(adler32)
+        if size < 0:
+            raise Permanent("invalid_size", f"expected size {size} is negative")
+        await self._in_thread(self._engine.download_sync, relpath, os.fspath(local), size, expected)
+        return CopyDone(relpath, size, expected, "local")
+
+    def can_pull_from(self, source: StorageBackend) -> bool:
+        """Any posix endpoint: both are file systems of this node (the kernel copies)."""
+        return isinstance(source, PosixStorage)
+
+    async def copy_from(
+        self, source: StorageBackend, source_relpath: str, relpath: str, *, size: int, adler32: str
+    ) -> CopyDone:
+        """From a posix endpoint: ``copy_verified`` (the kernel copy, read back, fsync-ed), the
+        source resolved in the worker. From a remote one: its ``download`` into the file here."""
+        expected = _expected_adler32(adler32)
+        if size < 0:
+            raise Permanent("invalid_size", f"expected size {size} is negative")
+        if isinstance(source, PosixStorage):
+            root = os.fspath(source.root)
+            done = await self._in_thread(
+                self._engine.pull_sync, root, source_relpath, relpath, size, expected
+            )
+            return CopyDone(done.pfn, done.size, done.adler32, "local")
+        path = await self._in_thread(_plain, self.resolve, relpath)  # lstat: off the event loop
+        got = await source.download(source_relpath, path, size=size, adler32=expected)
+        return CopyDone(self.pfn_of(path), got.size, got.adler32, got.mode)
+
+    async def free_space(self) -> int:
+        """``free_bytes`` (statvfs of the root), from a worker thread."""
+        return await self._in_thread(_plain, self.free_bytes)
+
+    async def aclose(self) -> None:
+        """``close``, waiting for the worker threads off the event loop."""
+        executor = self._release()
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     # --- threads -------------------------------------------------------------------------------
     async def _batched(self, op: str, *args: object) -> Any:
@@ -454,10 +560,53 @@ class PosixStorage:
     def close(self) -> None:
         """Stop the worker threads and the copy process (waits for running operations). The object
         stays usable: both start again on demand."""
+        executor = self._release()
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _release(self) -> ThreadPoolExecutor | None:
+        """Stop the copy processes and forget the batcher and the pool, returned to be shut down."""
         self._small = None  # bound to the event loop that made it
         for copier in self._copiers:
             copier.close()
         self._copiers = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        executor, self._executor = self._executor, None
+        return executor
+
+    # Last in the class: a method named ``list`` shadows the builtin in the annotations after it.
+    async def list(self, prefix: str = "") -> AsyncIterator[ListedFile]:
+        """Every regular file below ``prefix`` (a directory; "" for the whole endpoint), sorted
+        by name within each directory; temporaries of copies in progress and symbolic links are
+        left out. One directory is read per hand-off to a worker thread."""
+        lead = prefix.strip("/").removeprefix("./")
+        lead = "" if lead == "." else lead
+        top = os.fspath(self.resolve(lead)) if lead else os.fspath(self.root)
+        stack = [(top, self.pfn_of(top) + "/" if lead else "")]
+        while stack:
+            path, rel = stack.pop()
+            files, dirs = await self._in_thread(_plain, _read_dir, path)
+            for name, size in files:
+                yield ListedFile(rel + name, size)
+            stack.extend((os.path.join(path, d), f"{rel}{d}/") for d in reversed(dirs))
+
+
+def _read_dir(path: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(regular files with their sizes, subdirectories) of a directory, each sorted by name; a
+    directory gone meanwhile (or a file named as one) is empty; ``Retryable("storage_io_error")``
+    if it cannot be read."""
+    files: list[tuple[str, int]] = []
+    dirs: list[str] = []
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(entry.name)
+                elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
+                    files.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    except OSError as exc:
+        raise Retryable(STORAGE_IO_ERROR, f"listing {path}: {exc.strerror or exc}") from None
+    files.sort()
+    dirs.sort()
+    return files, dirs

@@ -3,45 +3,281 @@
 Per-message context (daemon, message id, correlation id, file name, attempt) is bound with
 ``structlog.contextvars.bound_contextvars`` by the consumer runner, so every line a handler logs
 carries it without passing a logger around.
+
+The libraries (aio-pika, aiormq, asyncio, SQLAlchemy, ...) log through the standard library. Their
+records go through the same processors (structlog's ``ProcessorFormatter`` with a
+``foreign_pre_chain``), so they are the same JSON lines as Spool's own, with ``level``,
+``timestamp``, ``logger`` and ``daemon``; a traceback is one JSON field, never lines of its own.
+Two things keep a broker restart from burying the operator in them:
+
+- **Folding**: identical records (logger, level, text) within ``REPEAT_WINDOW`` seconds give one
+  line; the count of the others is a later line with ``similar_since_last_line=N`` (the same
+  ``ReasonThrottle`` the consumer folds its own failures with). At one broker restart aio-pika
+  wrote the same warning 64 times within a millisecond.
+- **Expected broker errors are warnings without a traceback**: a lost connection, a closed channel,
+  a refused reconnection are what a robust connection exists for; the exception's one-line text is
+  kept in ``error``. Anything else keeps its level and its traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import threading
+import time
+from collections.abc import Hashable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import IO, Any, TextIO
 
 import structlog
 
 from common.config import LogSettings
 
+# Seconds within which identical library records are folded into one line (as the consumer's).
+REPEAT_WINDOW = 60.0
+# The libraries whose connection errors are expected at a broker restart.
+BROKER_LIBRARIES = ("aiormq", "aio_pika", "pamqp", "asyncio")
+# RabbitMQ's reply code when it closes connections on shutdown / restart (CONNECTION_FORCED).
+CONNECTION_FORCED = 320
+EventDict = MutableMapping[str, Any]
 
-def configure_logging(settings: LogSettings | None = None, daemon: str | None = None) -> None:
+
+class ReasonThrottle:
+    """One log line per reason per window, with a count of what was folded into it.
+
+    Thousands of identical retries must not drown the one line that matters. ``admit`` says
+    whether to log now and how many were folded since the last line; ``due`` hands over the
+    counts of windows that ended with lines folded (and forgets expired reasons), for a caller
+    that reports them without waiting for the reason to come back.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._seen: dict[Hashable, tuple[float, int]] = {}
+
+    def admit(self, reason: Hashable) -> tuple[bool, int]:
+        now = time.monotonic()
+        start, folded = self._seen.get(reason, (0.0, 0))
+        if now - start >= self.window:
+            self._seen[reason] = (now, 0)
+            return True, folded
+        self._seen[reason] = (start, folded + 1)
+        return False, 0
+
+    def due(self, *, everything: bool = False) -> list[tuple[Hashable, int]]:
+        now = time.monotonic()
+        ended = [r for r, (start, _) in self._seen.items() if everything or now - start >= self.window]
+        counts = [(r, self._seen.pop(r)[1]) for r in ended]
+        return [(r, n) for r, n in counts if n]
+
+
+class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes standard-library records, identical ones within ``window`` folded into one line.
+
+    The count of what was folded comes as a copy of the last folded record carrying
+    ``similar_since_last_line``, written once its window ended (checked as records arrive, at
+    most once a second) and when the handler closes (process exit).
+    """
+
+    def __init__(self, stream: IO[str], window: float = REPEAT_WINDOW) -> None:
+        super().__init__(stream)
+        self.throttle = ReasonThrottle(window)
+        self._folded: dict[Hashable, logging.LogRecord] = {}
+        self._fold_lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "similar_since_last_line", None) is not None:
+            return bool(super().handle(record))  # a count, written as it comes
+        try:
+            key = (record.name, record.levelno, record.getMessage())
+        except Exception:  # a malformed record: let the standard machinery report it
+            return bool(super().handle(record))
+        with self._fold_lock:
+            admitted, folded = self.throttle.admit(key)
+            if not admitted:
+                self._folded[key] = record
+            elif folded:  # came back after its window, before a sweep reported the count
+                self._folded.pop(key, None)
+                record.similar_since_last_line = folded
+            counts = self._sweep(time.monotonic())
+        for count in counts:
+            super().handle(count)
+        return bool(super().handle(record)) if admitted else False
+
+    def _sweep(self, now: float, *, everything: bool = False) -> list[logging.LogRecord]:
+        if not everything and now < self._next_sweep:
+            return []
+        self._next_sweep = now + min(1.0, self.throttle.window)
+        counts = []
+        for key, n in self.throttle.due(everything=everything):
+            last = self._folded.pop(key, None)
+            if last is not None:
+                count = logging.makeLogRecord({**last.__dict__, "exc_info": None, "exc_text": None})
+                count.similar_since_last_line = n
+                counts.append(count)
+        return counts
+
+    def close(self) -> None:
+        with self._fold_lock:
+            counts = self._sweep(time.monotonic(), everything=True)
+        for count in counts:
+            super().handle(count)
+        super().close()
+
+
+# --- expected broker errors -------------------------------------------------------------------
+def _is_broker_error(exc: BaseException) -> bool:
+    """A connection to the broker lost, refused or closed, or a channel closed with it."""
+    import aiormq.exceptions as amqp  # the CLI imports this module without needing aiormq
+
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if isinstance(
+            current,
+            OSError  # ConnectionResetError, ConnectionRefusedError, TimeoutError, ...
+            | asyncio.IncompleteReadError
+            | amqp.AMQPConnectionError
+            | amqp.ChannelInvalidStateError
+            | amqp.ChannelClosed,
+        ):
+            return True
+        if isinstance(current, RuntimeError) and str(current).rstrip().endswith("closed"):
+            return True  # aio-pika's "<Connection ...> closed" / "<Channel ...> closed"
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the text`` -- what an operator needs of an expected error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _calm_broker_errors(logger: Any, method: str, event: EventDict) -> EventDict:
+    """Expected broker errors of the AMQP libraries: warning level, the error's text, no traceback."""
+    # The formatter hands the record's arguments over (``pass_foreign_args``); never rendered.
+    args = event.pop("positional_args", None)
+    record: logging.LogRecord | None = event.get("_record")
+    if record is None or not record.name.startswith(BROKER_LIBRARIES) or record.levelno < logging.WARNING:
+        return event
+    args = args if isinstance(args, tuple) else ()
+    # aio-pika's callback errors carry the exception as an argument, not as exc_info.
+    exc = (
+        record.exc_info[1]
+        if record.exc_info
+        else next((a for a in args if isinstance(a, BaseException)), None)
+    )
+    expected = exc is not None and _is_broker_error(exc)
+    if not expected and isinstance(record.msg, str) and record.msg.startswith("Unexpected connection close"):
+        expected = any(
+            a == CONNECTION_FORCED for a in args if isinstance(a, int)
+        )  # broker shutdown / restart
+    if not expected:
+        return event
+    event.pop("exc_info", None)
+    if exc is not None:
+        event["error"] = one_line(exc)
+    if record.levelno > logging.WARNING:
+        event["level"] = "warning"
+    return event
+
+
+def _add_logger_name(logger: Any, method: str, event: EventDict) -> EventDict:
+    record: logging.LogRecord | None = event.get("_record")
+    name = record.name if record is not None else getattr(logger, "name", None)
+    if name:
+        event["logger"] = name
+    return event
+
+
+class _NamedPrintLogger(structlog.PrintLogger):
+    """structlog's print logger, knowing the name it was asked for (``get_logger(name)``)."""
+
+    def __init__(self, file: TextIO, name: str | None) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def configure_logging(
+    settings: LogSettings | None = None, daemon: str | None = None, *, repeat_window: float = REPEAT_WINDOW
+) -> None:
     settings = settings or LogSettings()
     level = logging.getLevelNamesMapping().get(settings.level.upper(), logging.INFO)
     as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
-    processors: list[structlog.types.Processor] = [
+    stream = sys.stderr
+
+    def add_daemon(logger: Any, method: str, event: EventDict) -> EventDict:
+        if daemon:  # also on records of threads that do not carry the context variables
+            event.setdefault("daemon", daemon)
+        return event
+
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_daemon,
         structlog.processors.add_log_level,
+        _add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
-        renderer,
     ]
     structlog.configure(
-        processors=processors,
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: _NamedPrintLogger(stream, args[0] if args else None),
         cache_logger_on_first_use=False,
     )
     if daemon:
         structlog.contextvars.bind_contextvars(daemon=daemon)
-    # Libraries log through the standard library; keep their noise at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+
+    handler = FoldingHandler(stream, repeat_window)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                *shared,
+                structlog.stdlib.ExtraAdder(allow=["similar_since_last_line"]),
+                _calm_broker_errors,
+            ],
+            pass_foreign_args=True,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.StackInfoRenderer(),
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
     )
+    root = logging.getLogger()
+    for old in list(root.handlers):  # configured again (tests, the copy process): one handler
+        if isinstance(old, FoldingHandler) or getattr(old, "stream", None) is stream:
+            root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries' records below WARNING are noise to an operator (unless Spool's own level is higher).
+    root.setLevel(max(level, logging.WARNING))
+
+
+@contextmanager
+def libraries_quiet(names: tuple[str, ...] = ("aio_pika", "aiormq", "asyncio")) -> Iterator[None]:
+    """Silence the AMQP libraries for a block whose broker trouble is reported by Spool itself in
+    one line (a daemon's start-up): their lines would only repeat it, with tracebacks."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels, strict=True):
+            lg.setLevel(old)
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

@@ -1,7 +1,9 @@
 """Running one or several services in one process, and stopping them in order.
 
 Start: connect (robust) -> declare the topology -> open each service's resources -> start
-consuming -> tell systemd READY=1 -> heartbeats and watchdog pings.
+consuming -> tell systemd READY=1 -> heartbeats and watchdog pings. A broker that is unreachable,
+or closes the connection at any step before consuming, ends the start with one
+``Retryable`` (``broker_unreachable`` / ``broker_unavailable``; exit code 3 under ``spool run``).
 
 Stop (SIGTERM / SIGINT, or the ``once`` pass finished): stop taking messages -> let in-flight
 handlers finish within ``bus.stop_grace`` -> close the channels (the broker requeues whatever is
@@ -17,11 +19,13 @@ import signal
 import socket
 import uuid
 from collections.abc import Coroutine, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack, suppress
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import aiormq
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 
 from common import __version__, systemd
 from common.bus.connection import connect
@@ -30,7 +34,8 @@ from common.bus.publisher import AmqpPublisher
 from common.bus.service import Service
 from common.bus.topology import declare_topology
 from common.config import Settings
-from common.errors import SpoolError
+from common.errors import Retryable, SpoolError
+from common.logging import libraries_quiet, one_line
 from common.messages import DaemonHeartbeat
 
 log = structlog.get_logger("spool.runtime")
@@ -60,49 +65,86 @@ class Process:
 
     async def run(self) -> int:
         names = "+".join(s.name for s in self.services)
-        connection = await connect(self.settings.bus, name=f"spool-{names}@{socket.gethostname()}")
+        # Until the services consume, broker trouble ends the process with one line of Spool's own
+        # (``Retryable``: exit code 3 under ``spool run``); the AMQP libraries' lines (with their
+        # tracebacks) would only repeat it.
+        with ExitStack() as quiet:
+            quiet.enter_context(libraries_quiet())
+            connection = await connect(self.settings.bus, name=f"spool-{names}@{socket.gethostname()}")
+            # aio-pika logs the loss and each failed attempt (warnings); the recovery is ours to say.
+            connection.reconnect_callbacks.add(
+                lambda _connection: log.info("broker_reconnected", services=names)
+            )
+            try:
+                async with AsyncExitStack() as stack:
+                    publisher = await self._start(connection, stack, names)
+                    quiet.close()
+                    await self._serve(publisher, names)
+            finally:
+                self._remove_signal_handlers()
+                await connection.close()
+        log.info("stopped", services=names)
+        return 0
+
+    async def _start(
+        self, connection: AbstractRobustConnection, stack: AsyncExitStack, names: str
+    ) -> AmqpPublisher:
+        """Declare the topology, open the publisher, each service's resources and channel, consume.
+
+        A broker that closes or drops the connection meanwhile (a node shutting down, a restart)
+        fails whichever step was under way with whatever aio-pika raises there (``ConnectionClosed``,
+        ``RuntimeError: ... closed``, ``ChannelInvalidStateError``, ...): all of them become one
+        ``Retryable('broker_unavailable')`` naming the step. No retry here: systemd (or whoever
+        runs the daemon) starts it again, from a clean state, after ``RestartSec``.
+        """
+        step = "declaring the topology"
         try:
             setup = await connection.channel()
             await declare_topology(setup, self.settings)
             await setup.close()
+            step = "opening the publisher's channel"
             publisher = await AmqpPublisher.create(connection, self.settings.bus.exchange, f"spool-{names}")
-            async with AsyncExitStack() as stack:
-                for service in self.services:
-                    resources = None
-                    if service.resources is not None:
-                        resources = await stack.enter_async_context(
-                            service.resources(self.settings, publisher)
-                        )
-                    channel = await connection.channel()
-                    runner_class = service.runner or Runner
-                    runner = runner_class(service, self.settings, channel, publisher, resources)
-                    await runner.start()
-                    self.runners.append(runner)
-                self._install_signal_handlers()
-                if self.tune_gc:
-                    tune_gc()
-                systemd.ready()
-                background = [asyncio.create_task(self._heartbeats(publisher))]
-                if (interval := systemd.watchdog_interval()) is not None:
-                    background.append(asyncio.create_task(self._watchdog(interval)))
-                if self.once:
-                    background.append(asyncio.create_task(self._stop_when_idle()))
-                log.info("started", services=names, instance=self.instance, once=self.once)
-                await self.stop_requested.wait()
-                systemd.stopping()
-                log.info("stopping", services=names)
-                for runner in self.runners:
-                    await runner.stop_consuming()
-                await asyncio.gather(*(r.drain(self.settings.bus.stop_grace) for r in self.runners))
-                for task in background:
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
-            await publisher.close()
-        finally:
-            self._remove_signal_handlers()
-            await connection.close()
-        log.info("stopped", services=names)
-        return 0
+            stack.push_async_callback(_close_quietly, publisher)  # last: resources may publish
+            for service in self.services:
+                resources = None
+                if service.resources is not None:
+                    step = f"opening the resources of {service.name}"
+                    resources = await stack.enter_async_context(service.resources(self.settings, publisher))
+                step = f"opening the channel of {service.name}"
+                channel = await connection.channel()
+                step = f"starting the consumer of {service.name}"
+                runner_class = service.runner or Runner
+                runner = runner_class(service, self.settings, channel, publisher, resources)
+                await runner.start()
+                self.runners.append(runner)
+        except (Exception, asyncio.CancelledError) as exc:
+            if not _broker_gone(exc, connection):
+                raise
+            detail = exc.message if isinstance(exc, SpoolError) else one_line(exc)
+            raise Retryable("broker_unavailable", f"RabbitMQ went away while {step}: {detail}") from None
+        return publisher
+
+    async def _serve(self, publisher: AmqpPublisher, names: str) -> None:
+        """Consume until asked to stop, then stop taking messages and drain."""
+        self._install_signal_handlers()
+        if self.tune_gc:
+            tune_gc()
+        systemd.ready()
+        background = [asyncio.create_task(self._heartbeats(publisher))]
+        if (interval := systemd.watchdog_interval()) is not None:
+            background.append(asyncio.create_task(self._watchdog(interval)))
+        if self.once:
+            background.append(asyncio.create_task(self._stop_when_idle()))
+        log.info("started", services=names, instance=self.instance, once=self.once)
+        await self.stop_requested.wait()
+        systemd.stopping()
+        log.info("stopping", services=names)
+        for runner in self.runners:
+            await runner.stop_consuming()
+        await asyncio.gather(*(r.drain(self.settings.bus.stop_grace) for r in self.runners))
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
 
     # --- signals ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -167,6 +209,26 @@ class Process:
                     busy = True
             quiet = 0 if busy else quiet + 1
         self.stop_requested.set()
+
+
+def _broker_gone(exc: BaseException, connection: AbstractRobustConnection) -> bool:
+    """Whether ``exc`` is the broker's doing: a connection-level error, or any error raised while
+    the connection is closed or being replaced (aio-pika raises ``RuntimeError`` and others then).
+    A task cancelled from outside is not: it is being stopped."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return False
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError | ConnectionError | asyncio.IncompleteReadError):
+        return True
+    transport = connection.transport
+    return connection.is_closed or transport is None or transport.connection.is_closed
+
+
+async def _close_quietly(publisher: AmqpPublisher) -> None:
+    """Close the publisher's channel; on a connection already gone there is nothing to close."""
+    with suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+        await publisher.close()
 
 
 # Allocations between two young-generation collections (CPython's default is 700).

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from common.config import BusSettings
 from common.errors import Retryable
+
+RECONNECT_INTERVAL = 2  # seconds between the robust connection's attempts once it was up
+# What connecting can fail with (aio-pika's own list: AMQP and socket errors, and a RuntimeError
+# or StopAsyncIteration for a connection closed half-way through the handshake), and a timeout.
+CONNECT_ERRORS = (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, TimeoutError)
 
 
 async def connect(bus: BusSettings, *, name: str = "spool") -> AbstractRobustConnection:
@@ -16,20 +23,28 @@ async def connect(bus: BusSettings, *, name: str = "spool") -> AbstractRobustCon
 
     After the first success aio-pika's robust connection re-opens channels, re-declares queues and
     restarts consumers by itself when the broker comes back, so daemons survive broker restarts.
+    A first try that fails (refused, closed during the handshake, ``bus.connect_timeout`` passed)
+    stops the connection's reconnection task, so nothing keeps trying (and logging) behind the
+    caller's back.
     """
+    url = make_url(bus.url, reconnect_interval=RECONNECT_INTERVAL)
+    connection = aio_pika.RobustConnection(
+        url, client_properties={"connection_name": name}, reconnect_interval=RECONNECT_INTERVAL
+    )
     try:
-        return await asyncio.wait_for(
-            aio_pika.connect_robust(
-                bus.url,
-                client_properties={"connection_name": name},
-                reconnect_interval=2,
-            ),
-            timeout=bus.connect_timeout,
-        )
-    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-        raise Retryable(
-            "broker_unreachable", f"cannot reach RabbitMQ at {_redact(bus.url)}: {exc or type(exc).__name__}"
-        ) from None
+        await asyncio.wait_for(connection.connect(), timeout=bus.connect_timeout)
+    except CONNECT_ERRORS as exc:
+        await _close_quietly(connection)
+        detail = f"cannot reach RabbitMQ at {_redact(bus.url)}: {str(exc) or type(exc).__name__}"
+        raise Retryable("broker_unreachable", detail) from None
+    return connection
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    try:
+        await connection.close()
+    except (*CONNECT_ERRORS, aiormq.exceptions.AMQPError):
+        pass
 
 
 def _redact(url: str) -> str:

@@ -51,6 +51,7 @@ from common.bus.service import Context, Service
 from common.bus.topology import declare_topology, work_queue_arguments
 from common.config import Settings
 from common.errors import InvalidMessage, SpoolError
+from common.logging import ReasonThrottle  # also imported from here by daemons
 from common.messages import FileFailed, Message
 
 log = structlog.get_logger("spool.consumer")
@@ -100,26 +101,6 @@ class HandlingTimes:
 
     def as_dict(self) -> dict[str, Any]:
         return {"buckets": list(HANDLING_BUCKETS), "counts": list(self.counts), "sum": self.total}
-
-
-class ReasonThrottle:
-    """One log line per reason per window, with a count of what was folded into it.
-
-    Thousands of identical retries must not drown the one line that matters.
-    """
-
-    def __init__(self, window: float = 60.0) -> None:
-        self.window = window
-        self._seen: dict[str, tuple[float, int]] = {}
-
-    def admit(self, reason: str) -> tuple[bool, int]:
-        now = time.monotonic()
-        start, folded = self._seen.get(reason, (0.0, 0))
-        if now - start >= self.window:
-            self._seen[reason] = (now, 0)
-            return True, folded
-        self._seen[reason] = (start, folded + 1)
-        return False, 0
 
 
 class Delivery:

@@ -50,7 +50,7 @@ def run(
     once: Annotated[bool, typer.Option(help="Handle what is queued, then exit.")] = False,
 ) -> None:
     """Run one daemon, or all of them in one process, until SIGTERM."""
-    from common.logging import configure_logging
+    from common.logging import configure_logging, get_logger
     from common.runtime import run_loop, run_services
     from daemons import registry
 
@@ -62,7 +62,14 @@ def run(
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.NOTSET)
     configure_logging(settings.log, daemon=None if daemon == "all" else daemon)
-    raise typer.Exit(run_loop(run_services(services, settings, once=once)))
+    try:
+        code = run_loop(run_services(services, settings, once=once))
+    except SpoolError as exc:
+        # A daemon's stderr is its log: the one line that says why it stopped is a log line too
+        # (JSON when not on a terminal). Exit code 3 as for every broker / catalogue failure.
+        get_logger("spool.cli").error("daemon_failed", reason=exc.reason, error=exc.message, exit_code=3)
+        raise typer.Exit(3) from None
+    raise typer.Exit(code)
 
 
 # Sub-command modules register themselves on ``app`` when imported. Importing every one costs

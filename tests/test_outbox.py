@@ -23,7 +23,8 @@ from common.catalogue import outbox as db
 from common.catalogue import schema as s
 from common.catalogue.sql import utcnow
 from common.config import Settings
-from common.messages import FileArchived, FileFailed, fact_id
+from common.messages import FileArchived, FileFailed, TapeMounted, fact_id
+from daemons.recall.announce import Announcer
 from daemons.relay import OutboxRelay
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
 from tests.conftest import wait_for
@@ -189,3 +190,16 @@ async def test_sent_rows_are_pruned_after_the_retention_unsent_ones_never(cat):
     assert await cat.run(db.prune, write=True) == 0  # sent just now: kept for the retention
     assert await cat.run(db.prune, utcnow() + timedelta(seconds=1), write=True) == 1
     assert [r.id for r in await cat.run(db.unsent, 10)] == [archived(2).id, archived(3).id]
+
+
+async def test_a_recall_mount_while_the_broker_is_away_is_announced_when_recall_catches_up(
+    cat, dead, live, listener
+):
+    announcer = Announcer(cat, dead)
+    mounted = TapeMounted(library="default", drive="DR01", cartridge="A00001", purpose="recall")
+    await announcer.mounted(mounted)  # the broker is away: recorded, not lost, and no error
+    assert announcer.behind and await cat.run(db.backlog) == 1
+    announcer.publisher = announcer.relay.publisher = live
+    await announcer.flush()  # what the recall scheduler does on its next pass when behind
+    assert not announcer.behind
+    assert await received(listener, 1) == [("tape.mounted", mounted.id)]

@@ -6,6 +6,11 @@ the same message id (derived from the request id and the file name), so a consum
 duplicates by id, as the CloudEvents contract asks, sees each fact once. When the broker is
 unreachable the outcome stays unannounced and ``flush`` publishes it later.
 
+Recall's other fact, ``tape.mounted``, has no row of its own: it goes through the catalogue's
+generic outbox (``common.catalogue.outbox``), published by a relay that ``flush`` drives too.
+The two outboxes keep one contract (committed first, published after, again at start, same id);
+recall's stays flags on its own rows because completion and the ``reply_to`` reply hang on them.
+
 The reply to a request's AMQP ``reply_to`` is a CloudEvents JSON ``recall.completed`` (the
 requester may not speak msgpack) sent through the default exchange, with the request's
 correlation id. A reply queue that no longer exists is logged and given up: the requester left.
@@ -14,21 +19,20 @@ correlation id. A reply queue that no longer exists is logged and given up: the 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Protocol, runtime_checkable
 
 import aio_pika
 
 from common import codec
 from common.bus.publisher import Publisher
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, outbox
 from common.catalogue import recall as db
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.messages import FileRecalled, RecallCompleted
+from common.messages import FileRecalled, RecallCompleted, TapeMounted, fact_id
+from daemons.relay import OutboxRelay
 
 log = get_logger("spool.recall")
-_NAMESPACE = uuid.UUID("6f1d8a52-3c1e-4f5e-9a53-2f0d4b3c9e71")
 FLUSH_BATCH = 5000
 
 
@@ -41,7 +45,7 @@ class RawPublisher(Protocol):
 
 def stable_id(*parts: str) -> str:
     """The same message id for the same fact, however many times it is published."""
-    return uuid.uuid5(_NAMESPACE, "\x1f".join(parts)).hex
+    return fact_id(*parts)
 
 
 def file_recalled(x: db.Recalled) -> FileRecalled:
@@ -69,6 +73,7 @@ class Announcer:
         self.catalogue = catalogue
         self.publisher = publisher
         self.behind = False  # something could not be published: ``flush`` retries it
+        self.relay = OutboxRelay(catalogue, publisher)  # the generic outbox (``tape.mounted``)
 
     async def publish(self, settled: db.Settled) -> bool:
         """Publish and flag as announced; False (and ``behind``) when the broker refused."""
@@ -91,9 +96,19 @@ class Announcer:
             )
         return True
 
+    async def mounted(self, msg: TapeMounted) -> None:
+        """A cartridge was loaded: ``tape.mounted`` committed to the outbox, then published."""
+        await self.catalogue.run(outbox.add, [msg], write=True)
+        await self.relay.send_now()
+        self.behind = self.behind or self.relay.outage
+
     async def flush(self) -> None:
         """Publish whatever is settled but unannounced (after a restart, or a broker outage)."""
         self.behind = False
+        await self.relay.flush()
+        if self.relay.outage:
+            self.behind = True
+            return
         while True:
             settled = await self.catalogue.run(db.unannounced, FLUSH_BATCH)
             if not await self.publish(settled):

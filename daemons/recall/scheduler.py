@@ -262,14 +262,11 @@ class Scheduler:
         self.retry_at[key] = time.monotonic() + self.settings.retry_delay
 
     async def _announce_mount(self, library: str, drive: str, vid: str) -> None:
-        """``tape.mounted`` for the monitor's mount count; a broker hiccup only loses a count."""
+        """``tape.mounted`` for the monitor's mount count, through the outbox (never lost)."""
         msg = TapeMounted(
             library=library, drive=drive, cartridge=vid, purpose="recall", request=f"recall {vid}"
         )
-        try:
-            await self.announcer.publisher.publish(msg)
-        except SpoolError as exc:
-            log.warning("event_not_published", type=msg.ROUTING_KEY, reason=exc.reason, error=exc.message)
+        await self.announcer.mounted(msg)
 
     # --- one mount ---------------------------------------------------------------------------
     async def _mount(self, mount: Mount, library: TapeLibrary, drive: str) -> None:

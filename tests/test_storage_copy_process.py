@@ -394,3 +394,45 @@ def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+@pytest.mark.parametrize("loop_factory", ["uvloop", "asyncio"])
+def test_closing_a_copy_process_never_closes_a_descriptor_opened_after(
+    tmp_path: Path, loop_factory: str
+) -> None:
+    """The loop closes a pipe's descriptor on its next turn (uvloop the number itself), after the
+    child was told to exit: a descriptor opened in between (the next copy process's pipe, a copy's
+    file) must not be the one it closes."""
+    import fcntl
+
+    import uvloop
+
+    from common.storage.copy_process import CopyProcess
+
+    def is_open(fd: int) -> bool:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+            return True
+        except OSError:
+            return False
+
+    async def main() -> list[int]:
+        opened: list[int] = []
+        for _ in range(2):
+            copier = CopyProcess("disk1", StorageEndpoint(root=tmp_path / "disk1"), 1024 * 1024)
+            await copier.start()
+            pid = copier.pid
+            assert pid is not None
+            copier.close()
+            assert wait_gone(pid, timeout=1.5)  # EOF reached it at once (no 2 s wait, no kill)
+            r, w = os.pipe()  # the lowest free numbers: those the copier's pipes had
+            opened += [r, w]
+            await asyncio.sleep(0.05)  # the loop's turns that close the copier's transports
+            assert is_open(r) and is_open(w)
+        return opened
+
+    factory = uvloop.new_event_loop if loop_factory == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        opened = runner.run(main())
+    for fd in opened:
+        os.close(fd)

@@ -246,17 +246,38 @@ class CopyProcess:
         answers, self._answers = self._answers, None
         if answers is not None and not from_reader:
             answers.cancel()
-        transports = [self._writer.transport if self._writer else None, self._read_transport]
-        self._reader = self._writer = self._read_transport = None
-        for transport in transports:
-            if transport is not None:
-                with contextlib.suppress(RuntimeError):  # its event loop is closed (sync teardown)
-                    transport.close()  # first: it takes the descriptor out of the loop's selector
+        writer, self._writer = self._writer, None
+        pairs = [  # each transport with the pipe it was made on
+            (writer.transport if writer else None, proc.stdin if proc else None),
+            (self._read_transport, proc.stdout if proc else None),
+        ]
+        self._reader = self._read_transport = None
+        null: int | None = None
+        try:
+            for transport, pipe in pairs:
+                if transport is not None:
+                    try:
+                        transport.close()  # first: it takes the descriptor out of the loop's selector
+                    except RuntimeError:  # its event loop is closed (sync teardown): closed below
+                        transport = None
+                if pipe is None or pipe.closed:  # closed by its transport already (an EOF)
+                    continue
+                if transport is None:
+                    pipe.close()  # now, not on the loop's next turn: EOF tells the child to exit
+                    continue
+                # The transport closes the pipe on the loop's next turn; the child must have its
+                # EOF now. The pipe is released at once, its number kept on /dev/null until then:
+                # freed now, the number would go to the next descriptor opened (the next copy
+                # process's pipe, a copy's file), which the loop would then close (uvloop closes
+                # the number itself).
+                if null is None:
+                    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                os.dup2(null, pipe.fileno(), inheritable=False)
+        finally:
+            if null is not None:
+                os.close(null)
         if proc is None:
             return why
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:  # now, not on the loop's next turn: EOF tells the child to exit
-                pipe.close()
         try:
             code = proc.wait(timeout=2)  # stdin closed: it exits after its current operation
         except subprocess.TimeoutExpired:

@@ -1,15 +1,21 @@
 """Events published inside a handler, before the ack (at-least-once through redelivery), carry
 the id of their fact: a redelivered message re-publishes the same event under the same id, so
-consumers drop the duplicate. The handlers are called as plain functions (no broker)."""
+consumers drop the duplicate. The handlers are called as plain functions (no broker); the
+runner's ``file.failed`` is checked against the real broker."""
 
 from __future__ import annotations
 
+import pytest
+
 from common.bus.publisher import RecordingPublisher
 from common.bus.service import Context
+from common.bus.topology import declare_topology
 from common.messages import CreatedCopy, FileIngested, FileReady, ReplicaCreated
 from daemons.ingest.handlers import ingest_file
 from daemons.ingest.handlers import open_resources as ingest_resources
 from daemons.replicator.handlers import _announce
+from tests.conftest import publish_raw, queue_depth, running, wait_for
+from tests.test_bus_runner import event, make_service
 
 DATASET = "lst1.20261123.run012345.dl0"
 
@@ -44,3 +50,31 @@ async def test_a_redelivered_replica_request_re_announces_replica_created_under_
     one, again, elsewhere, alone = publisher.of_type(ReplicaCreated)
     assert one.id == again.id
     assert len({one.id, elsewhere.id, alone.id}) == 3
+
+
+@pytest.mark.integration
+async def test_a_message_dead_lettered_again_announces_file_failed_under_the_same_id(settings, broker):
+    channel = await broker.channel()
+    await declare_topology(channel, settings)
+    failed = await channel.declare_queue(exclusive=True)
+    await failed.bind(settings.bus.exchange, "file.failed")
+    async with running([make_service([])], settings):
+        # The same event (same id) twice, as after a redelivery: two dead letters, one fact.
+        await publish_raw(broker, settings, "file.ready", event("permanent", id_="ev-1"))
+        await publish_raw(broker, settings, "file.ready", event("permanent", id_="ev-1"))
+        await publish_raw(broker, settings, "file.ready", event("permanent", id_="ev-2"))
+        await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 3))
+        ids: list[str] = []
+
+        async def three() -> bool:
+            while (m := await failed.get(fail=False)) is not None:
+                ids.append(str(m.message_id))
+            return len(ids) == 3
+
+        await wait_for(three)
+    await channel.close()
+    assert ids[0] == ids[1] != ids[2]
+
+
+async def _depth_is(broker, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return await queue_depth(broker, name) == n

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import socket
 import time
 import uuid
@@ -52,7 +53,7 @@ from common.bus.topology import declare_topology, work_queue_arguments
 from common.config import Settings
 from common.errors import InvalidMessage, SpoolError
 from common.logging import ReasonThrottle  # also imported from here by daemons
-from common.messages import FileFailed, Message
+from common.messages import FileFailed, Message, fact_id
 
 log = structlog.get_logger("spool.consumer")
 HOST = socket.gethostname()
@@ -400,6 +401,10 @@ class Runner:
             else self.settings.dead_queue(self.service.name)
         )
         try:
+            if decision.action == "dead":
+                # Before the dead letter and the ack: a broker outage requeues the message and
+                # the redelivery announces it again, under the same id (at least once, never lost).
+                await self._announce_failure(msg, decision, attempt, delivery)
             await self.publisher.publish_raw(target, copy)
         except SpoolError as pub_exc:
             log.error("cannot_park_message", target=target, error=pub_exc.message)
@@ -409,7 +414,6 @@ class Runner:
         if decision.action == "dead":
             self.stats.dead += 1
             self.stats.dead_by_reason[decision.reason] += 1
-            await self._announce_failure(msg, decision, attempt, delivery)
         else:
             self.stats.retried += 1
             self.stats.retried_by_reason[decision.reason] += 1
@@ -454,7 +458,12 @@ class Runner:
     async def _announce_failure(
         self, msg: Message | None, decision: Decision, attempt: int, delivery: Delivery
     ) -> None:
+        """``file.failed``; raises when the broker did not take it (the caller requeues). Its id
+        names the fact (daemon, failed message, attempt): the same on every redelivery."""
+        message_id = msg.id if msg else delivery.properties.message_id
+        about = message_id or hashlib.sha1(delivery.body).hexdigest()
         event = FileFailed(
+            id=fact_id("file.failed", self.service.name, about, str(attempt)),
             daemon=self.service.name,
             reason=decision.reason,
             error=decision.error[:MAX_ERROR_TEXT],
@@ -462,13 +471,16 @@ class Runner:
             name=getattr(msg, "name", None),
             path=getattr(msg, "path", None),
             dataset=getattr(msg, "dataset", None),
-            message_id=msg.id if msg else delivery.properties.message_id,
+            message_id=message_id,
             endpoint=getattr(msg, "destination", None) or getattr(msg, "storage", None),
         )
         try:
             await self.publisher.publish(event, correlation_id=delivery.properties.correlation_id)
         except SpoolError as exc:
-            log.warning("file_failed_event_not_published", error=exc.message)
+            if exc.reason != "unroutable":
+                raise
+            # Nobody is bound (the monitor's queue was deleted): keeping the message would loop.
+            log.warning("file_failed_event_unroutable", error=exc.message)
 
     async def _settle(self, delivery: Delivery, requeue: bool = False) -> None:
         """Ack (coalesced with its neighbours) or requeue; a closed channel means the broker

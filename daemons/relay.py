@@ -17,6 +17,11 @@ warning (not one per event), tries again every ``retry`` seconds and says
 reconnect) counts as an outage after ``publish_timeout``. Besides kicks, the loop looks at the
 outbox every ``interval`` seconds, so rows another process of the same daemon left are sent too,
 and prunes rows sent long ago.
+
+The outbox is one table for the whole catalogue, and any relay publishes any unsent row: events
+a node left behind go out even if that node never comes back (on one host, ``spool run`` with
+several daemons runs several relays over it). Two relays may now and then send the same row;
+it carries the same message id both times.
 """
 
 from __future__ import annotations

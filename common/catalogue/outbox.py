@@ -13,34 +13,40 @@ consumer that drops duplicates by id sees each fact once. Sent rows are kept for
 
 Audit of every event stating a fact (``common/messages.py``) and how it reaches the bus:
 
-========================  ==============================================  =====================
-event                     published by                                    path
-========================  ==============================================  =====================
-file.ingested             ingest handler, before the ack                  (a) handler; id from
-                                                                          name + storage + adler32
-replica.created           replicator handler, before the ack (bulk too)   (a) handler; id from
-                                                                          storage + copies
-file.archived             tape writer after a flush; reconcile at start   (b) **this outbox**
-                          and on every tick                               (``tape.record_archived``)
-file.archived (again)     tape handler, copy already on tape              (a) handler; same id as
-                                                                          the outbox row
-file.failed (tape)        tape writer: no usable disk source              (b) **this outbox**
-                                                                          (``tape.mark_failed``)
-file.failed (runner)      consumer runner, message dead-lettered          (a) before the ack
-                                                                          (``common.bus.consumer``)
-tape.mounted (tape)       tape writer, cartridge loaded                   (b) **this outbox**
-tape.mounted (recall)     recall scheduler, cartridge loaded              (b) not yet: dropped
-                                                                          on a broker outage
-file.recalled,            recall handler and scheduler                    (b) recall's own outbox
-recall.completed                                                          (``announced`` flags)
-endpoint.paused/resumed   replicator circuit breaker (handler + poll)     (b) not yet (the
-                                                                          breaker is in memory)
-alert.raised              monitor, from what it observed                  in-memory queue,
-                                                                          retried (not a
-                                                                          catalogue fact)
-daemon.heartbeat          every daemon, periodically                      not a fact: the next
-                                                                          one replaces it
-========================  ==============================================  =====================
+=======================  =============================================  ===========================
+event                    published by                                   path, message id
+=======================  =============================================  ===========================
+file.ingested            ingest handler, before the ack                 (a) id: endpoint, name,
+                                                                        adler32
+replica.created          replicator handler, before the ack (bulk too)  (a) id: endpoint, names
+file.archived            tape writer after a flush; reconcile at start  (b) **outbox**, with the
+                         and on every scheduler tick                    copy (``record_archived``);
+                                                                        id: endpoint, name,
+                                                                        cartridge, fseq
+file.archived (again)    tape handler: the copy is already on tape      (a) the same id
+file.failed (tape)       tape writer: no usable disk source             (b) **outbox**, with the
+                                                                        copy (``mark_failed``)
+file.failed (runner)     consumer runner, dead letter                   (a) published before the
+                                                                        dead letter and the ack;
+                                                                        id: daemon, message, attempt
+tape.mounted             tape writer; recall scheduler (cartridge       (b) **outbox** (own
+                         loaded)                                        transaction: the fact is
+                                                                        the library's)
+endpoint.paused/resumed  replicator circuit breaker (handler, poll,     (b) **outbox**, with the
+                         start)                                         endpoint's health column
+file.recalled,           recall handler and scheduler                   (b) recall's own outbox
+recall.completed                                                        (``announced`` flags on its
+                                                                        rows, ``daemons.recall.
+                                                                        announce``); id: request,
+                                                                        name
+alert.raised             monitor, from what it observed                 in-memory queue retried
+                                                                        (not a catalogue fact)
+daemon.heartbeat         every daemon, periodically                     not a fact: the next
+                                                                        one replaces it
+=======================  =============================================  ===========================
+
+Commands (``replica.request``, ``tape.archive``) are not facts: they are published before the ack
+of the message that caused them, or re-sent from catalogue state (parked copies, rules).
 
 (a) published inside a message handler before the ack: a broker outage fails the handler and
 the message is redelivered, so the event is sent at least once; its id must be the same on every

@@ -141,7 +141,9 @@ class PrivateBroker:
         return self.ctl("stop_app") == 0
 
     def start_app(self) -> bool:
-        return self.ctl("start_app") == 0 and self.ctl("await_startup", timeout=120) == 0
+        """Start the app again; True once it serves AMQP. (``rabbitmqctl await_startup`` after it
+        took up to 50 s to return on a loaded machine; the port is what clients see.)"""
+        return self.ctl("start_app", timeout=120) == 0 and self._serves()
 
     def _kill(self) -> None:
         if self.process is None:

@@ -64,7 +64,9 @@ class Fleet:
     t0: float = field(default_factory=time.monotonic)
     daemons: dict[str, Daemon] = field(default_factory=dict)
     exits: list[Exit] = field(default_factory=list)
-    term_codes: list[tuple[str, int]] = field(default_factory=list)  # exit codes after our SIGTERMs
+    # After each SIGTERM of ours: daemon, exit code, and whether it was serving (had its handler)
+    # or still starting (then SIGTERM's default action ends it: -15, nothing taken yet).
+    term_codes: list[tuple[str, int, bool]] = field(default_factory=list)
     outage_until: float = 0.0  # monotonic; exits before this (plus a grace) count as in the outage
 
     def __post_init__(self) -> None:
@@ -167,15 +169,26 @@ class Fleet:
                 found.append(f"{name} had no SIGTERM handler (its run had ended; stuck): {stack}")
         return found
 
-    async def stop_all(self, grace: float) -> dict[str, int | None]:
-        """SIGTERM every daemon and wait; one still running after ``grace`` s is killed."""
-        for name in DAEMONS:
-            self.signal(name, signal.SIGTERM)
-        codes: dict[str, int | None] = {}
-        for name in DAEMONS:
-            codes[name] = await self.wait_exit(name, grace)
-            if codes[name] is None and self.signal(name, signal.SIGKILL):
+    def terminate(self, name: str) -> bool | None:
+        """SIGTERM a running daemon; whether it was serving, None when it was not running."""
+        if not self.running(name):
+            return None
+        serving = self.handles_sigterm(name)
+        self.signal(name, signal.SIGTERM)
+        return serving
+
+    async def stop_all(self, grace: float) -> list[tuple[str, int, bool]]:
+        """SIGTERM every running daemon and wait; one still running after ``grace`` s is killed
+        (its code then -999). Returns (daemon, code, serving) as ``term_codes``."""
+        signalled = {name: self.terminate(name) for name in DAEMONS}
+        codes = []
+        for name, serving in signalled.items():
+            if serving is None:
+                continue
+            code = await self.wait_exit(name, grace)
+            if code is None and self.signal(name, signal.SIGKILL):
                 await self.wait_exit(name, 10)
+            codes.append((name, -999 if code is None else code, serving))
         return codes
 
     def kill_all(self) -> None:

@@ -398,14 +398,15 @@ async def _kill(fleet: Fleet, faults: Faults, name: str, delay: float) -> None:
 
 
 async def _term(fleet: Fleet, faults: Faults, name: str, delay: float) -> None:
-    if not fleet.signal(name, signal.SIGTERM):
+    serving = fleet.terminate(name)
+    if serving is None:
         return
     faults.terms[name] += 1
     code = await fleet.wait_exit(name, 60)
     if code is None:  # did not drain in time: a finding, and the run goes on
         fleet.signal(name, signal.SIGKILL)
         code = await fleet.wait_exit(name, 10)
-    fleet.term_codes.append((name, -999 if code is None else code))
+    fleet.term_codes.append((name, -999 if code is None else code, serving))
     fleet.schedule_restart(name, delay)
 
 

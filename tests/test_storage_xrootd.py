@@ -437,3 +437,31 @@ async def test_server_stopped_during_an_upload_is_retryable_and_leaves_no_final_
             assert exc.reason == "endpoint_unavailable" and time.monotonic() - restarted < 30
             await asyncio.sleep(0.5)
     print(f"answered again {time.monotonic() - restarted:.1f} s after the restart")
+
+
+async def test_an_empty_file_round_trips(xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path) -> None:
+    ep = storage(xrootd_server, "site-a")
+    await ep.upload(write(tmp_path, "empty", b""), f"{remote_dir}/empty", size=0, adler32=adler(b""))
+    assert xrootd_server.path("site-a", f"{remote_dir}/empty").read_bytes() == b""
+    await ep.download(f"{remote_dir}/empty", tmp_path / "back", size=0, adler32=adler(b""))
+    assert (tmp_path / "back").read_bytes() == b""
+
+
+async def test_a_copy_from_a_mounted_posix_endpoint_is_uploaded_from_its_file(
+    xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    from common.storage.posix import PosixStorage
+
+    area = tmp_path / "area"
+    area.mkdir()
+    data = os.urandom(100_000)
+    (area / "f").write_bytes(data)
+    posix = PosixStorage("disk", StorageEndpoint(root=area, small_copies="thread"))
+    ep = storage(xrootd_server, "site-b", tpc=True)
+    try:
+        assert not ep.can_pull_from(posix)
+        done = await ep.copy_from(posix, "f", f"{remote_dir}/f", size=len(data), adler32=adler(data))
+    finally:
+        await posix.aclose()
+    assert done.mode == "local"
+    assert xrootd_server.path("site-b", f"{remote_dir}/f").read_bytes() == data

@@ -44,6 +44,7 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -61,8 +62,12 @@ from common.storage.xrootd_errors import (
     ERR_CHECKSUM_ERROR,
     ERR_ERROR_RESPONSE,
     ERR_NOT_FOUND,
+    ERR_NOT_SUPPORTED,
+    ERR_QUERY_NOT_SUPPORTED,
+    KXR_ARG_INVALID,
     KXR_CHKSUM_ERR,
     KXR_NOT_FOUND,
+    KXR_UNSUPPORTED,
     Side,
     classify,
     describe,
@@ -193,6 +198,15 @@ def _checksum_error(status: Any) -> bool:
     )
 
 
+def _unanswered(status: Any) -> bool:
+    """A query this server does not answer (rather than one that failed)."""
+    code = int(getattr(status, "code", 0) or 0)
+    server = getattr(status, "errno", 0)
+    return code in (ERR_NOT_SUPPORTED, ERR_QUERY_NOT_SUPPORTED) or (
+        code == ERR_ERROR_RESPONSE and server in (KXR_UNSUPPORTED, KXR_NOT_FOUND, KXR_ARG_INVALID)
+    )
+
+
 def _parse_adler32(response: Any) -> str | None:
     text = response.decode(errors="replace") if isinstance(response, bytes) else str(response or "")
     m = _CKSUM_RE.search(text.replace("\x00", " "))
@@ -275,6 +289,17 @@ class XrootdStorage:
         self.base = "/" + "/".join(p for p in base.split("/") if p)
         self._fs = xrd.FileSystem(self.server)
         self._token = _Token(endpoint.token_file)
+        self._tpc_pool: ThreadPoolExecutor | None = None
+
+    def _tpc_threads(self) -> ThreadPoolExecutor:
+        """Threads for ``CopyProcess.run`` (it blocks, waiting on the servers, GIL released): as
+        many as copies this endpoint takes at once. The loop's default executor (cores + 4
+        threads) would cap third-party copies below ``max_transfers`` on a small node."""
+        if self._tpc_pool is None:
+            self._tpc_pool = ThreadPoolExecutor(
+                max_workers=max(self.endpoint.max_transfers, 1), thread_name_prefix=f"xrootd-tpc-{self.name}"
+            )
+        return self._tpc_pool
 
     # -- names ----------------------------------------------------------------------------------
     def _path(self, relpath: str) -> str:
@@ -383,6 +408,25 @@ class XrootdStorage:
     async def _upload(self, local: Path, path: str, size: int, expected: str, clock: _Clock) -> None:
         if await self._already_there(path, size, expected, clock):
             return
+        reader = _LocalReader(local)
+        try:
+            # The source's first bytes before anything is created there: a missing or unreadable
+            # local file is reported as the source's fault with nothing to clean up.
+            first = await asyncio.to_thread(reader.read, CHUNK)
+            await self._upload_from(reader, first, local, path, size, expected, clock)
+        finally:
+            reader.close()
+
+    async def _upload_from(
+        self,
+        reader: _LocalReader,
+        first: bytes,
+        local: Path,
+        path: str,
+        size: int,
+        expected: str,
+        clock: _Clock,
+    ) -> None:
         tmp = f"{path.rsplit('/', 1)[0]}/{temp_name_for(path.rsplit('/', 1)[1])}"
         f = xrd.File()
         opened = False
@@ -394,13 +438,14 @@ class XrootdStorage:
             if not status.ok:
                 raise classify(status, side="destination", what=self._where(path))
             opened = True
-            sent, local_adler = await self._send(f, local, path, clock)
+            sent = await self._send(f, reader, first, path, clock)
             opened = False
             status, _ = await _submit(f.close, timeout=clock.left())
             if not status.ok:
                 raise classify(status, side="destination", what=self._where(path))
             if sent != size:
                 raise Permanent("source_corrupt", f"{local} has {sent} bytes, expected {size}")
+            local_adler = format_adler32(reader.adler)
             note = (
                 ""
                 if local_adler == expected
@@ -415,26 +460,21 @@ class XrootdStorage:
             await self._discard(tmp)
             raise
 
-    async def _send(self, f: Any, local: Path, path: str, clock: _Clock) -> tuple[int, str]:
-        """Write ``local`` into the open file, IN_FLIGHT requests outstanding; its length and the
-        adler32 of the bytes read (computed in the reading thread, for the error message)."""
-        reader = _LocalReader(local)
+    async def _send(self, f: Any, reader: _LocalReader, data: bytes, path: str, clock: _Clock) -> int:
+        """Write the rest of ``reader``'s file (``data`` read already) into the open file,
+        IN_FLIGHT requests outstanding; the number of bytes written. The reader keeps the adler32
+        of what it read (for the error message of a mismatch)."""
         pending: deque[asyncio.Future[tuple[Any, Any]]] = deque()
         offset = 0
-        try:
-            while True:
-                data = await asyncio.to_thread(reader.read, CHUNK)
-                if not data:
-                    break
-                while len(pending) >= IN_FLIGHT:
-                    await self._written(pending.popleft(), path)
-                pending.append(_submit(f.write, data, offset, len(data), timeout=clock.left(), keep=data))
-                offset += len(data)
-            while pending:
+        while data:
+            while len(pending) >= IN_FLIGHT:
                 await self._written(pending.popleft(), path)
-        finally:
-            reader.close()
-        return offset, format_adler32(reader.adler)
+            pending.append(_submit(f.write, data, offset, len(data), timeout=clock.left(), keep=data))
+            offset += len(data)
+            data = await asyncio.to_thread(reader.read, CHUNK)
+        while pending:
+            await self._written(pending.popleft(), path)
+        return offset
 
     async def _written(self, fut: asyncio.Future[tuple[Any, Any]], path: str) -> None:
         status, _ = await fut
@@ -542,10 +582,13 @@ class XrootdStorage:
             tpctimeout=clock.left(), inittimeout=min(clock.left(), 60), retry=0,
         )  # fmt: skip
         cancel = _Cancel()
-        run = asyncio.ensure_future(asyncio.to_thread(_run_copy, process, cancel))
+        loop = asyncio.get_running_loop()
+        run = loop.run_in_executor(self._tpc_threads(), _run_copy, process, cancel)
         try:
             try:
-                status, results = await asyncio.wait_for(asyncio.shield(run), limit)
+                status, results = await asyncio.wait_for(
+                    asyncio.shield(run), max(0.0, clock.at - loop.time())
+                )
             except TimeoutError:
                 cancel.stop.set()
                 with contextlib.suppress(Exception):
@@ -634,8 +677,8 @@ class XrootdStorage:
             self._fs.query, QueryCode.SPACE, self._arg(self.base), timeout=clock.left()
         )
         if not status.ok:
-            if int(getattr(status, "code", 0) or 0) == ERR_ERROR_RESPONSE:
-                return None  # not supported / not answered for this path: unknown
+            if _unanswered(status):
+                return None  # this server does not tell
             raise classify(status, side="destination", what=self._where(self.base))
         text = response.decode(errors="replace") if isinstance(response, bytes) else str(response or "")
         m = _FREE_RE.search(text)
@@ -660,8 +703,12 @@ class XrootdStorage:
             yield ListedFile(f"{lead}/{entry.name}" if lead else entry.name, int(info.size))
 
     async def aclose(self) -> None:
-        """Nothing of ours to release: the client library's connections belong to the process
-        (shared by every FileSystem / File of a server) and close when it exits."""
+        """Stop the third-party copy threads (after the copies in them end). The client library's
+        connections belong to the process (shared by every FileSystem / File of a server) and
+        close when it exits."""
+        pool, self._tpc_pool = self._tpc_pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True)
 
     def __repr__(self) -> str:
         return f"XrootdStorage({self.name!r}, {self.server}/{self.base})"

@@ -10,10 +10,10 @@ records go through the same processors (structlog's ``ProcessorFormatter`` with 
 ``timestamp``, ``logger`` and ``daemon``; a traceback is one JSON field, never lines of its own.
 Two things keep a broker restart from burying the operator in them:
 
-- **Folding**: identical records (logger, level, text) within ``REPEAT_WINDOW`` seconds give one
-  line; the count of the others is a later line with ``similar_since_last_line=N`` (the same
-  ``ReasonThrottle`` the consumer folds its own failures with). At one broker restart aio-pika
-  wrote the same warning 64 times within a millisecond.
+- **Folding**: identical records (logger, level, text but object addresses) within
+  ``REPEAT_WINDOW`` seconds give one line; the count of the others is a later line with
+  ``similar_since_last_line=N`` (the same ``ReasonThrottle`` the consumer folds its own failures
+  with). At one broker restart aio-pika wrote the same warning 64 times within a millisecond.
 - **Expected broker errors are warnings without a traceback**: a lost connection, a closed channel,
   a refused reconnection are what a robust connection exists for; the exception's one-line text is
   kept in ``error``. Anything else keeps its level and its traceback.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import threading
 import time
@@ -41,6 +42,9 @@ BROKER_LIBRARIES = ("aiormq", "aio_pika", "pamqp", "asyncio")
 # RabbitMQ's reply code when it closes connections on shutdown / restart (CONNECTION_FORCED).
 CONNECTION_FORCED = 320
 EventDict = MutableMapping[str, Any]
+# Object addresses in a library's text ("<RobustChannel object at 0x7f...>") do not make it another
+# record: one per channel is still the same message.
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
 class ReasonThrottle:
@@ -91,13 +95,14 @@ class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if getattr(record, "similar_since_last_line", None) is not None:
             return bool(super().handle(record))  # a count, written as it comes
         try:
-            key = (record.name, record.levelno, record.getMessage())
+            text = record.getMessage()
         except Exception:  # a malformed record: let the standard machinery report it
             return bool(super().handle(record))
+        key = (record.name, record.levelno, _ADDRESS.sub("0x", text))
         with self._fold_lock:
             admitted, folded = self.throttle.admit(key)
             if not admitted:
-                self._folded[key] = record
+                self._folded[key] = _frozen(record, text)
             elif folded:  # came back after its window, before a sweep reported the count
                 self._folded.pop(key, None)
                 record.similar_since_last_line = folded
@@ -114,9 +119,8 @@ class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         for key, n in self.throttle.due(everything=everything):
             last = self._folded.pop(key, None)
             if last is not None:
-                count = logging.makeLogRecord({**last.__dict__, "exc_info": None, "exc_text": None})
-                count.similar_since_last_line = n
-                counts.append(count)
+                last.similar_since_last_line = n
+                counts.append(last)
         return counts
 
     def close(self) -> None:
@@ -125,6 +129,20 @@ class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         for count in counts:
             super().handle(count)
         super().close()
+
+
+def _frozen(record: logging.LogRecord, text: str) -> logging.LogRecord:
+    """A copy of ``record`` kept for its count line: its text rendered now (the objects it names
+    may be half torn down by the time the count is written) and no traceback (its first line had
+    it); the exception itself stays, for ``_calm_broker_errors``."""
+    exc = record.exc_info[1] if record.exc_info else _argument_exception(record.args)
+    fields = {"msg": text, "args": None, "exc_info": None, "exc_text": None, "spool_exception": exc}
+    return logging.makeLogRecord({**record.__dict__, **fields})
+
+
+def _argument_exception(args: object) -> BaseException | None:
+    """aio-pika's callback errors carry the exception as an argument, not as exc_info."""
+    return next((a for a in args if isinstance(a, BaseException)), None) if isinstance(args, tuple) else None
 
 
 # --- expected broker errors -------------------------------------------------------------------
@@ -164,18 +182,11 @@ def _calm_broker_errors(logger: Any, method: str, event: EventDict) -> EventDict
     record: logging.LogRecord | None = event.get("_record")
     if record is None or not record.name.startswith(BROKER_LIBRARIES) or record.levelno < logging.WARNING:
         return event
-    args = args if isinstance(args, tuple) else ()
-    # aio-pika's callback errors carry the exception as an argument, not as exc_info.
-    exc = (
-        record.exc_info[1]
-        if record.exc_info
-        else next((a for a in args if isinstance(a, BaseException)), None)
-    )
+    exc = record.exc_info[1] if record.exc_info else _argument_exception(args)
+    exc = exc or getattr(record, "spool_exception", None)  # a count line's (``_frozen``)
     expected = exc is not None and _is_broker_error(exc)
-    if not expected and isinstance(record.msg, str) and record.msg.startswith("Unexpected connection close"):
-        expected = any(
-            a == CONNECTION_FORCED for a in args if isinstance(a, int)
-        )  # broker shutdown / restart
+    if not expected and str(event.get("event", "")).startswith("Unexpected connection close"):
+        expected = f"reply_code={CONNECTION_FORCED}" in event["event"]  # broker shutdown / restart
     if not expected:
         return event
     event.pop("exc_info", None)

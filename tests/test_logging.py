@@ -120,6 +120,15 @@ def test_identical_library_warnings_are_folded_and_the_count_follows(captured):
     assert "similar_since_last_line" not in captured.records()[-1]
 
 
+def test_records_differing_only_in_object_addresses_are_folded(captured):
+    configure_logging(LogSettings(format="json"), daemon="ingest")
+    for address in ("0x7f0236b9cdd0", "0x7f0235a669d0", "0x7f0235a56440"):
+        logging.getLogger("aio_pika.tools").warning("Callback <RobustChannel object at %s> error", address)
+    assert [r["event"] for r in captured.records()] == [
+        "Callback <RobustChannel object at 0x7f0236b9cdd0> error"
+    ]
+
+
 def test_counts_still_folded_are_written_when_logging_shuts_down(captured):
     configure_logging(LogSettings(format="json"), daemon="ingest")
     for _ in range(5):
@@ -129,6 +138,36 @@ def test_counts_still_folded_are_written_when_logging_shuts_down(captured):
         handler.close()
     last = captured.records()[-1]
     assert last["event"] == "Connection attempt failed: refused" and last["similar_since_last_line"] == 4
+
+
+def test_a_count_line_is_written_after_the_objects_its_record_named_are_torn_down(captured):
+    class Callback:  # as aio-pika's OneShotCallback, whose repr fails once it has run
+        def __init__(self) -> None:
+            self.callback = "on_close"
+
+        def __repr__(self) -> str:
+            return f"<OneShotCallback: cb={self.callback}>"
+
+    configure_logging(LogSettings(format="json"), daemon="ingest")
+    callback = Callback()
+    for _ in range(3):
+        logging.getLogger("aio_pika.tools").error(
+            "Callback %r error: %s: %s", callback, "RuntimeError", RuntimeError("<Connection> closed")
+        )
+    del callback.callback
+    for handler in logging.getLogger().handlers:
+        handler.close()
+    first, count = captured.records()
+    assert (
+        count["event"]
+        == first["event"]
+        == "Callback <OneShotCallback: cb=on_close> error: RuntimeError: <Connection> closed"
+    )
+    assert count["similar_since_last_line"] == 2
+    assert (
+        count["level"] == first["level"] == "warning"
+        and count["error"] == "RuntimeError: <Connection> closed"
+    )
 
 
 @pytest.mark.parametrize(
@@ -271,7 +310,7 @@ async def test_daemon_stderr_stays_json_lines_through_a_broker_connection_cut(
             await reading
     assert daemon.returncode == 0
 
-    records = [json.loads(line) for line in lines]  # every line is one JSON document
+    records = [_json(line) for line in lines]  # every line is one JSON document
     for record in records:
         assert record.keys() >= SPOOL_FIELDS, record
         assert record["daemon"] == "ingest"
@@ -284,6 +323,14 @@ async def test_daemon_stderr_stays_json_lines_through_a_broker_connection_cut(
     assert max(lines_per_text.values()) == 1, lines_per_text
     folded = [r for r in library if "similar_since_last_line" in r]
     assert folded and all(r["similar_since_last_line"] >= 1 for r in folded)
+
+
+def _json(line: str) -> dict[str, Any]:
+    try:
+        record: dict[str, Any] = json.loads(line)
+    except json.JSONDecodeError:
+        pytest.fail(f"not a JSON line: {line!r}")
+    return record
 
 
 async def _logged(lines: list[str], event: str) -> bool:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +38,7 @@ from tests.tcp_proxy import (
     CONFIRM_SELECT,
     QUEUE_DECLARE,
     TcpProxy,
+    ThreadedTcpProxy,
 )
 
 pytestmark = pytest.mark.integration
@@ -116,6 +118,20 @@ async def test_broker_closing_during_start_up_exits_3_with_one_line(config_file,
         assert proxy.fired.is_set()
     record = _the_one_line(code, lines)
     assert record["reason"] == reason and step in record["error"], record
+
+
+@pytest.mark.slow
+def test_threaded_proxy_serves_synchronous_callers_the_same_cut(config_file):
+    with ThreadedTcpProxy(*_upstream()) as proxy:
+        proxy.cut_on(CHANNEL_OPEN, 2, forced=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest"],
+            cwd=ROOT, capture_output=True, text=True, timeout=90,
+            env={**os.environ, "SPOOL_BUS__URL": proxy.url(AMQP_URL), "SPOOL_LOG__LEVEL": "warning"},
+        )  # fmt: skip
+        assert proxy.proxy.fired.is_set()
+    record = _the_one_line(done.returncode, done.stderr.splitlines())
+    assert "opening the publisher's channel" in record["error"]
 
 
 async def test_resources_publishing_when_the_broker_goes_away_fail_the_start_with_broker_unavailable(

@@ -69,8 +69,11 @@ log = structlog.get_logger("spool.storage")
 
 PATH_OUTSIDE_AREA = "path_outside_area"
 MAX_REDIRECTS = 5
+# Files this large are looked for under their final name before a copy (see _already_there).
+PRECHECK_BYTES = 4 * 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _WRITE_CHUNK = 4 * 1024 * 1024
+_READ_BUFFER = 4 * 1024 * 1024
 _ERROR_BODY_BYTES = 64 * 1024
 TpcMode = Literal["pull", "push"]
 
@@ -174,6 +177,14 @@ def _open_source(local: Path, size: int) -> IO[bytes]:
     return f
 
 
+def _write_summed(f: IO[bytes], pieces: builtins.list[bytes], value: int) -> int:
+    """Append ``pieces`` to ``f``; the adler32 carried on over them (a worker thread's job)."""
+    for piece in pieces:
+        value = zlib.adler32(piece, value)
+    f.write(b"".join(pieces))
+    return value
+
+
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The response body, at most ``limit`` bytes (``UnsafeXml`` beyond: never held in memory)."""
     chunks: builtins.list[bytes] = []
@@ -215,6 +226,7 @@ class HttpsStorage:
         stall_seconds: float = 120.0,
         metadata_timeout: float | None = None,
         max_redirects: int = MAX_REDIRECTS,
+        precheck_bytes: int = PRECHECK_BYTES,
     ) -> None:
         if endpoint.backend != "https" or not endpoint.url:
             raise ConfigError(f"storage.{name}: the https backend needs backend = 'https' and a url")
@@ -223,6 +235,7 @@ class HttpsStorage:
         self.tpc_mode: TpcMode = tpc_mode
         self.stall_seconds = stall_seconds
         self.max_redirects = max_redirects
+        self.precheck_bytes = precheck_bytes
         self._metadata_timeout = metadata_timeout or endpoint.transfer_timeout_floor
         parts = urlsplit(endpoint.url)
         if parts.hostname is None or parts.query or parts.fragment:
@@ -289,6 +302,9 @@ class HttpsStorage:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._metadata_timeout),
                 trust_env=False,
                 auto_decompress=False,
+                # aiohttp pauses the socket at 64 KiB buffered by default: downloads ran at a
+                # third of the speed of uploads here.
+                read_bufsize=_READ_BUFFER,
             )
         return self._session_obj
 
@@ -552,22 +568,34 @@ class HttpsStorage:
             if resp.status != 200:
                 raise await _refuse(resp, "source", what)
             f = await asyncio.to_thread(open, tmp, "wb")
+            # Written and checksummed in a worker thread while the next piece arrives: the
+            # network and the local disk work at the same time (one piece in flight at most).
+            pending: asyncio.Future[int] | None = None
+            value, got, pieces, held = ADLER32_START, 0, [], 0
             try:
-                value, got, buf = ADLER32_START, 0, bytearray()
                 try:
                     async for chunk in resp.content.iter_chunked(1024 * 1024):
-                        value = zlib.adler32(chunk, value)
                         got += len(chunk)
-                        buf += chunk
-                        if len(buf) >= _WRITE_CHUNK:
-                            await asyncio.to_thread(f.write, bytes(buf))
-                            buf.clear()
+                        pieces.append(chunk)
+                        held += len(chunk)
+                        if held >= _WRITE_CHUNK:
+                            if pending is not None:
+                                value = await pending
+                            pending = asyncio.ensure_future(
+                                asyncio.to_thread(_write_summed, f, pieces, value)
+                            )
+                            pieces, held = [], 0
                 except aiohttp.ClientError as exc:  # a local write's OSError is the caller's
                     raise exception_error(exc, side="source", what=what, transfer=True) from None
-                await asyncio.to_thread(f.write, bytes(buf))
+                if pending is not None:
+                    value, pending = await pending, None
+                value = await asyncio.to_thread(_write_summed, f, pieces, value)
                 await asyncio.to_thread(f.flush)
                 await asyncio.to_thread(os.fsync, f.fileno())
             finally:
+                if pending is not None:  # the thread still holds the file: let it finish first
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(pending)
                 await asyncio.to_thread(f.close)
         return got, format_adler32(value)
 
@@ -607,7 +635,16 @@ class HttpsStorage:
 
     # -- copies ---------------------------------------------------------------------------------
     async def _already_there(self, final: str, size: int, want: str) -> bool:
-        """An earlier delivery of this very copy completed: nothing to do (idempotent)."""
+        """An earlier delivery of this very copy completed: nothing to do (idempotent).
+
+        Asked only for files of ``precheck_bytes`` or more. A smaller file is simply written
+        again (the verified MOVE over an identical file is the same success): the HEAD that
+        finds nothing, the usual case, makes XrdHttp close the connection, and the next request
+        pays a new TLS handshake. Measured here, 10 kB uploads 8 at a time: 158 files/s with the
+        HEAD, 388 without.
+        """
+        if size < self.precheck_bytes:
+            return False
         st = await self._head(final, checksum=True)
         return st is not None and st.size == size and st.adler32 == want
 
@@ -651,8 +688,25 @@ class HttpsStorage:
                 ) from None
             raise
 
+    async def _server_checksum(self, url: str) -> ObjectStat | None:
+        """HEAD with ``Want-Digest``, asked again (twice at most) when the server fails to answer.
+
+        XrdHttp answers ``500 Failed to create initial checksum request`` (with a body, which a
+        HEAD must not have: aiohttp reports a protocol error) when its checksum jobs are busy;
+        seen here with 8 uploads at once. Losing a whole copy to that would be a waste.
+        """
+        for delay in (0.2, 1.0, None):
+            try:
+                return await self._head(url, checksum=True, side="destination")
+            except SpoolError as err:
+                if delay is None or err.reason not in ("endpoint_unavailable", "storage_io_error"):
+                    raise
+                log.info("https_checksum_retry", storage=self.name, url=self._public(url), error=err.message)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def _verify(self, temp: str, size: int, want: str) -> None:
-        st = await self._head(temp, checksum=True, side="destination")
+        st = await self._server_checksum(temp)
         where = self._public(temp)
         if st is None:
             raise Retryable("storage_io_error", f"{where} vanished after it was written")

@@ -309,7 +309,14 @@ async def test_round_trip_upload_stat_list_download_delete(
     assert await a.stat(f"{remote_dir}/x/none") is None
 
     # Idempotent redelivery: the same copy again is a success; a different file is replaced.
+    # Files from precheck_bytes up are looked for first and not sent again; smaller ones are.
+    on_disk = xrootd_server.path("site-a", f"{remote_dir}/x/f.fits")
+    first = on_disk.stat()
+    looks_first = make("site-a", backend={"precheck_bytes": 0})
+    await looks_first.upload(local, f"{remote_dir}/x/f.fits", size=size, adler32=adler)
+    assert (on_disk.stat().st_ino, on_disk.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
     await a.upload(local, f"{remote_dir}/x/f.fits", size=size, adler32=adler)
+    assert on_disk.stat().st_ino != first.st_ino and on_disk.read_bytes() == data
     other, osize, oadler = _write(tmp_path / "g", os.urandom(1000))
     await a.upload(other, f"{remote_dir}/x/f.fits", size=osize, adler32=oadler)
     assert xrootd_server.path("site-a", f"{remote_dir}/x/f.fits").read_bytes() == other.read_bytes()

@@ -867,3 +867,40 @@ async def test_the_client_certificate_is_presented(xrootd_server: LocalXrootd, t
         await with_cert.aclose()
         await without.aclose()
         await runner.cleanup()
+
+
+async def test_posix_endpoints_copy_to_and_from_https_straight_through_this_node(
+    make: Make, xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    from common.storage.posix import PosixStorage
+
+    (tmp_path / "posix").mkdir()
+    posix = PosixStorage("local", tmp_path / "posix")
+    b = make("site-b", tpc=True)
+    data = os.urandom(700_000)
+    _, size, adler = _write(tmp_path / "posix" / "f", data)
+    try:
+        assert not b.can_pull_from(posix)
+        up = await b.copy_from(posix, "f", f"{remote_dir}/f", size=size, adler32=adler)
+        assert up.mode == "local"
+        assert xrootd_server.path("site-b", f"{remote_dir}/f").read_bytes() == data
+        down = await posix.copy_from(b, f"{remote_dir}/f", "back/f", size=size, adler32=adler)
+        assert (tmp_path / "posix" / "back" / "f").read_bytes() == data and down.adler32 == adler
+    finally:
+        await posix.aclose()
+
+
+async def test_a_download_that_stops_moving_is_transfer_timeout_and_leaves_nothing(
+    make: Make, tiny: Tiny, tmp_path: Path
+) -> None:
+    stalled = make("slow", url=tiny.url("/stall"), backend={"stall_seconds": 1.0})
+    with pytest.raises(Retryable) as info:
+        await stalled.download("f", tmp_path / "out" / "f", size=50 * 1024 * 1024, adler32="00000001")
+    assert info.value.reason == "transfer_timeout", info.value
+    overdue = make(
+        "slow", url=tiny.url("/stall"), transfer_timeout_floor=1.0, backend={"stall_seconds": 60.0}
+    )
+    with pytest.raises(Retryable) as info:
+        await overdue.download("f", tmp_path / "out" / "f", size=1000, adler32="00000001")
+    assert info.value.reason == "transfer_timeout", info.value
+    assert os.listdir(tmp_path / "out") == []

@@ -8,8 +8,11 @@ an error text or a repr).
 
 Every copy is atomic and verified by the *server's* checksum, never by reading the copy back:
 
-- upload: ``PUT`` to a hidden temporary name beside the final one, ``HEAD`` with
-  ``Want-Digest: adler32`` (RFC 3230), then ``MOVE`` with ``Overwrite: T``;
+- upload: ``MKCOL`` of missing parents (cached), ``PUT`` to a hidden temporary name beside the
+  final one (``common.storage.tempfiles``' convention, so ``list`` and cleanups skip it), ``HEAD``
+  with ``Want-Digest: adler32`` (RFC 3230), ``MOVE`` with ``Overwrite: T``, one ``HEAD`` that the
+  file is there. A copy already under its final name with the right checksum is a success
+  (files from ``precheck_bytes`` up are looked for first and not sent again);
 - download: ``GET`` into a local temporary, adler32 computed on the way, renamed when it matches;
 - third-party copy between two endpoints configured ``tpc = true``: ``COPY`` into the temporary
   name, pull mode by default (``Source:`` on the destination) or push (``Destination:`` on the
@@ -26,8 +29,9 @@ any request: a relpath with ``..``, ``.``, an empty component, a NUL or a leadin
 
 Errors are classified in ``common.storage.https_errors`` (one table for the statuses).
 
-Configuration that is not (yet) in ``StorageEndpoint``: ``tpc_mode`` ("pull" or "push": how
-third-party copies *into* this endpoint are made) and ``stall_seconds`` are constructor arguments.
+Configuration that is not (yet) in ``StorageEndpoint`` is given to the constructor: ``tpc_mode``
+("pull" or "push": how third-party copies *into* this endpoint are made), ``stall_seconds`` (no
+progress for this long cancels a transfer), ``precheck_bytes``.
 """
 
 from __future__ import annotations
@@ -686,6 +690,9 @@ class HttpsStorage:
                 raise Retryable(
                     "storage_io_error", f"{err.message}; the server is up: it failed to store the file"
                 ) from None
+            raise
+        except Exception:
+            await self._discard(temp)  # unforeseen: still nothing left behind
             raise
 
     async def _server_checksum(self, url: str) -> ObjectStat | None:

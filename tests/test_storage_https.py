@@ -14,6 +14,7 @@ import base64
 import os
 import shutil
 import ssl
+import subprocess
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -823,6 +824,22 @@ async def test_an_untrusted_server_certificate_is_auth_failed(
         await backend.aclose()
 
 
+def _client_certificate(server: LocalXrootd, directory: Path, name: str) -> None:
+    """A client certificate ``CN=name`` signed by the test CA, written to cert.pem / key.pem."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    (directory / "client.cnf").write_text("extendedKeyUsage=clientAuth\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", "new.key",
+            "-out", "new.csr")  # fmt: skip
+    ca, ca_key = str(server.ca_file), str(server.pki / "ca.key")
+    openssl("x509", "-req", "-in", "new.csr", "-CA", ca, "-CAkey", ca_key, "-CAserial", "ca.srl",
+            "-CAcreateserial", "-days", "1", "-extfile", "client.cnf", "-out", "new.pem")  # fmt: skip
+    os.replace(directory / "new.key", directory / "key.pem")
+    os.replace(directory / "new.pem", directory / "cert.pem")
+
+
 async def test_the_client_certificate_is_presented(xrootd_server: LocalXrootd, tmp_path: Path) -> None:
     """A server that requires a client certificate (X.509 auth, as grid sites do) gets ours."""
     subjects: list[str] = []
@@ -843,14 +860,16 @@ async def test_the_client_certificate_is_presented(xrootd_server: LocalXrootd, t
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     url = f"https://127.0.0.1:{port}/base"
+    shutil.copy(xrootd_server.pki / "host.pem", tmp_path / "cert.pem")
+    shutil.copy(xrootd_server.pki / "host.key", tmp_path / "key.pem")
     with_cert = HttpsStorage(
         "cert",
         StorageEndpoint(
             backend="https",
             url=url,
             ca_path=xrootd_server.ca_file,
-            cert=xrootd_server.pki / "host.pem",
-            key=xrootd_server.pki / "host.key",
+            cert=tmp_path / "cert.pem",
+            key=tmp_path / "key.pem",
         ),
     )
     without = HttpsStorage("nocert", StorageEndpoint(backend="https", url=url, ca_path=xrootd_server.ca_file))
@@ -863,6 +882,11 @@ async def test_the_client_certificate_is_presented(xrootd_server: LocalXrootd, t
         # a closed connection, which cannot be told from an outage.
         assert info.value.reason == "endpoint_unavailable"
         assert subjects == ["localhost"]
+
+        # The certificate is renewed in place (a grid proxy): the next connection presents it.
+        _client_certificate(xrootd_server, tmp_path, "renewed")
+        assert await with_cert.stat("f") is None
+        assert subjects == ["localhost", "renewed"]
     finally:
         await with_cert.aclose()
         await without.aclose()

@@ -2,9 +2,9 @@
 
 One ``aiohttp.ClientSession`` per endpoint (pooled TLS connections, bounded), trusting ``ca_path``
 (a PEM file or a hashed directory) or the system's CAs, presenting the X.509 ``cert`` / ``key``
-when configured, and a bearer token read from ``token_file`` (read again whenever the file's
-mtime changes, so a token renewed by an external agent is picked up; it never appears in a log,
-an error text or a repr).
+when configured (loaded again when those files change: renewed proxies), and a bearer token read
+from ``token_file`` (read again whenever the file's mtime changes, so a token renewed by an
+external agent is picked up; it never appears in a log, an error text or a repr).
 
 Every copy is atomic and verified by the *server's* checksum, never by reading the copy back:
 
@@ -251,6 +251,8 @@ class HttpsStorage:
         self._base_path = unquote(base_path)  # how PROPFIND hrefs spell it
         self._allowed_hosts = {parts.hostname.lower(), *(h.lower() for h in endpoint.redirect_hosts)}
         self._ssl = _ssl_context(endpoint, name)
+        self._cert_stamp = self._credential_stamp()
+        self._retired: builtins.list[aiohttp.ClientSession] = []
         self._token = _BearerToken(endpoint.token_file) if endpoint.token_file is not None else None
         self._session_obj: aiohttp.ClientSession | None = None
         self._known_dirs: set[tuple[str, ...]] = set()
@@ -294,7 +296,31 @@ class HttpsStorage:
         return None
 
     # -- HTTP -----------------------------------------------------------------------------------
+    def _credential_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """When the client certificate / key files last changed (empty without a certificate)."""
+        stamps = []
+        for path in (self.endpoint.cert, self.endpoint.key):
+            if path is not None:
+                try:
+                    st = os.stat(path)
+                    stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+                except OSError:
+                    stamps.append((0, 0, 0))
+        return tuple(stamps)
+
     def _session(self) -> aiohttp.ClientSession:
+        if self.endpoint.cert is not None and (stamp := self._credential_stamp()) != self._cert_stamp:
+            # A renewed certificate (grid proxies are renewed every few hours): new connections
+            # present it; transfers in flight finish on the old session, closed at aclose.
+            try:
+                self._ssl = _ssl_context(self.endpoint, self.name)
+            except ConfigError as exc:
+                raise Retryable("auth_failed", str(exc)) from None  # half-written: next time
+            self._cert_stamp = stamp
+            if self._session_obj is not None:
+                self._retired.append(self._session_obj)
+                self._session_obj = None
+                log.info("https_certificate_reloaded", storage=self.name)
         if self._session_obj is None or self._session_obj.closed:
             connector = aiohttp.TCPConnector(
                 ssl=self._ssl,
@@ -633,6 +659,9 @@ class HttpsStorage:
     async def aclose(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        for retired in self._retired:
+            await retired.close()
+        self._retired.clear()
         if self._session_obj is not None:
             await self._session_obj.close()
             self._session_obj = None

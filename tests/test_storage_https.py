@@ -505,6 +505,7 @@ class Tiny:
     port: int = 0
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Authorization
     redirect_to: str = ""
+    door_to: str = ""
     good_token: str = "good-token"
 
     def url(self, path: str) -> str:
@@ -520,6 +521,8 @@ async def tiny(xrootd_server: LocalXrootd) -> AsyncIterator[Tiny]:
         kind, _, rest = request.path.lstrip("/").partition("/")
         if kind == "redirect":
             return web.Response(status=302, headers={"Location": state.redirect_to + rest})
+        if kind.startswith("site-") and state.door_to:  # a door: every request to a pool node
+            return web.Response(status=307, headers={"Location": state.door_to + request.path_qs})
         if kind == "loop":
             return web.Response(status=307, headers={"Location": request.path})
         if kind == "auth":
@@ -572,6 +575,14 @@ async def test_redirects_are_followed_only_to_trusted_hosts(
     assert st is not None and st.adler32 == adler
     done = await door.download(f"{remote_dir}/f", tmp_path / "out", size=size, adler32=adler)
     assert done.size == size and (tmp_path / "out").read_bytes() == local.read_bytes()
+
+    # A door that sends every request on with 307 (dCache's way for PUT): the body is sent again.
+    tiny.door_to = f"https://localhost:{xrootd_server.https_port}"
+    door_all = make("site-a", url=tiny.url("/site-a"), redirect_hosts=["localhost"])
+    big, bsize, badler = _write(tmp_path / "big", os.urandom(3_000_000))
+    await door_all.upload(big, f"{remote_dir}/via-door/f", size=bsize, adler32=badler)
+    assert xrootd_server.path("site-a", f"{remote_dir}/via-door/f").read_bytes() == big.read_bytes()
+    assert {m for m, p, _ in tiny.seen if p.startswith("/site-a/")} >= {"PUT", "HEAD", "MOVE", "MKCOL"}
 
     untrusting = make("door2", url=tiny.url("/redirect"))  # localhost is not in redirect_hosts
     with pytest.raises(Retryable) as info:

@@ -169,6 +169,9 @@ def test_third_party_failure_lines_map_to_reasons(
 def test_error_texts_blank_bearer_tokens() -> None:
     err = status_error(403, "denied for Authorization: Bearer s3cr3t-token", side="destination", what="PUT x")
     assert "s3cr3t" not in err.message and "<redacted>" in err.message
+    exc = aiohttp.ClientPayloadError("broken at url='https://pool.example:2880/f?authz=s3cr3t&x=1'")
+    err = exception_error(exc, side="source", what="GET https://door/f", transfer=True)
+    assert "s3cr3t" not in err.message and "https://pool.example:2880/f?<redacted>" in err.message
 
 
 @pytest.mark.parametrize(

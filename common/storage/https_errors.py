@@ -77,12 +77,16 @@ _SERVER_ERROR: dict[Side, str] = {
 }
 
 _BEARER = re.compile(r"\b(bearer)\s+[^\s\"',;)]+", re.IGNORECASE)
+# A URL's query: dCache's redirects to pool nodes carry a token there, XrdHttp's "authz=".
+_QUERY = re.compile(r"(\w+://[^\s'\"?]+)\?[^\s'\"]*")
 
 
 def redact(text: str, limit: int = 300) -> str:
-    """A server's text fit for a message: one line, bounded, any bearer token blanked."""
+    """A server's or a client library's text fit for a message: one line, bounded, bearer
+    tokens and URL queries blanked."""
     flat = " ".join(text.split())
     flat = _BEARER.sub(r"\1 <redacted>", flat)
+    flat = _QUERY.sub(r"\1?<redacted>", flat)
     return flat[:limit] + ("..." if len(flat) > limit else "")
 
 

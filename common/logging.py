@@ -22,8 +22,10 @@ Two things keep a broker restart from burying the operator in them:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ REPEAT_WINDOW = 60.0
 BROKER_LIBRARIES = ("aiormq", "aio_pika", "pamqp", "asyncio")
 # RabbitMQ's reply code when it closes connections on shutdown / restart (CONNECTION_FORCED).
 CONNECTION_FORCED = 320
+NETWORK_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ECONNREFUSED}
 EventDict = MutableMapping[str, Any]
 # Object addresses in a library's text ("<RobustChannel object at 0x7f...>") do not make it another
 # record: one per channel is still the same message.
@@ -147,26 +150,29 @@ def _argument_exception(args: object) -> BaseException | None:
 
 # --- expected broker errors -------------------------------------------------------------------
 def _is_broker_error(exc: BaseException) -> bool:
-    """A connection to the broker lost, refused or closed, or a channel closed with it."""
+    """A connection to the broker lost, refused or closed, or a channel closed with it. The
+    exception itself decides, not what it was raised during: a bug met while handling a lost
+    connection is still a bug."""
     import aiormq.exceptions as amqp  # the CLI imports this module without needing aiormq
 
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 5:
-        if isinstance(
-            current,
-            OSError  # ConnectionResetError, ConnectionRefusedError, TimeoutError, ...
-            | asyncio.IncompleteReadError
-            | amqp.AMQPConnectionError
-            | amqp.ChannelInvalidStateError
-            | amqp.ChannelClosed,
-        ):
-            return True
-        if isinstance(current, RuntimeError) and str(current).rstrip().endswith("closed"):
-            return True  # aio-pika's "<Connection ...> closed" / "<Channel ...> closed"
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+    if isinstance(exc, asyncio.CancelledError):  # aiormq cancels its waiters because of the loss
+        inner = exc.__cause__
+        return inner is not None and _is_broker_error(inner)
+    if isinstance(
+        exc,
+        ConnectionError  # reset, refused, aborted, broken pipe
+        | TimeoutError
+        | socket.gaierror
+        | asyncio.IncompleteReadError
+        | amqp.AMQPConnectionError
+        | amqp.ChannelInvalidStateError
+        | amqp.ChannelClosed,
+    ):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in NETWORK_ERRNOS
+    # aio-pika's "<Connection ...> closed" / "<Channel ...> closed"
+    return isinstance(exc, RuntimeError) and str(exc).rstrip().endswith("closed")
 
 
 def one_line(exc: BaseException) -> str:

@@ -219,16 +219,23 @@ def test_unexpected_exceptions_keep_their_traceback_in_one_json_field(captured):
     logging.getLogger("aiormq.channel").error(
         "Consumer callback failed", exc_info=_raised(ValueError("a bug"))
     )
+    # A bug met while handling a lost connection is still a bug.
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            raise KeyError("tag") from None
+    except KeyError as bug:
+        logging.getLogger("aio_pika.robust_channel").error("Restore failed", exc_info=bug)
     # A broker error logged by another library than the AMQP ones is not calmed either.
     logging.getLogger("sqlalchemy.pool").error("pool reset failed", exc_info=_raised(ConnectionResetError()))
 
-    first, second = captured.lines()
-    record = json.loads(first)
-    assert record["level"] == "error"
-    assert record["exception"].startswith("Traceback") and "ValueError: a bug" in record["exception"]
-    assert (
-        json.loads(second)["level"] == "error" and "ConnectionResetError" in json.loads(second)["exception"]
-    )
+    lines = captured.lines()
+    records = [json.loads(line) for line in lines]
+    assert len(lines) == 3 and [r["level"] for r in records] == ["error", "error", "error"]
+    assert records[0]["exception"].startswith("Traceback") and "ValueError: a bug" in records[0]["exception"]
+    assert "KeyError: 'tag'" in records[1]["exception"]
+    assert "ConnectionResetError" in records[2]["exception"]
 
 
 def test_on_a_console_library_records_are_console_lines(captured):

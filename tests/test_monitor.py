@@ -205,7 +205,8 @@ async def test_the_monitor_resumes_counting_after_its_channel_is_closed_by_the_b
         await wait_for(lambda: _idle(process))  # acked: nothing of the first batch comes back
         with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # the broker closes the channel
             await runner.channel.declare_queue(f"no-such-queue-{settings.bus.queue_prefix}", passive=True)
-        await publish_many(broker, settings, batch)
+        again = [_failed("ingest", "file_missing", "gone", f"g{i}") for i in range(100)]  # new ids
+        await publish_many(broker, settings, again)
         await wait_for(lambda: _is(res.state.events["file.failed"] == 200), timeout=60)
         assert not process.stop_requested.is_set()
     assert res.state.failures[("ingest", "file_missing", None)].count == 200

@@ -10,9 +10,10 @@ import pytest
 from common.bus.publisher import RecordingPublisher
 from common.bus.service import Context
 from common.bus.topology import declare_topology
-from common.messages import CreatedCopy, FileIngested, FileReady, ReplicaCreated
+from common.messages import CreatedCopy, FileArchived, FileIngested, FileReady, ReplicaCreated, fact_id
 from daemons.ingest.handlers import ingest_file
 from daemons.ingest.handlers import open_resources as ingest_resources
+from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.replicator.handlers import _announce
 from tests.conftest import publish_raw, queue_depth, running, wait_for
 from tests.test_bus_runner import event, make_service
@@ -78,3 +79,15 @@ async def test_a_message_dead_lettered_again_announces_file_failed_under_the_sam
 
 async def _depth_is(broker, name: str, n: int) -> bool:  # type: ignore[no-untyped-def]
     return await queue_depth(broker, name) == n
+
+
+def test_the_monitor_counts_an_event_sent_again_under_its_id_once():
+    state = MonitorState(Thresholds(1.0, 3, 10, 60))
+    archived = FileArchived(
+        id=fact_id("file.archived", "tape1", "a", "A00001", "1"), name="a", storage="tape1",
+        cartridge="A00001", fseq=1,
+    )  # fmt: skip
+    other = archived.model_copy(update={"id": fact_id("file.archived", "tape1", "b", "A00001", "2")})
+    for msg in (archived, archived, other, archived):  # the outbox sent ``archived`` again twice
+        state.observe(msg)
+    assert (state.events["file.archived"], state.duplicates, state.messages) == (2, 2, 4)

@@ -71,6 +71,7 @@ def status_document(
         "moved_bytes": _moved(state),
         "tape_mounts": state.tape_mounts,
         "messages": state.messages,
+        "duplicates": state.duplicates,
         "processed": dict(sorted(state.processed.items())),
         "throughput": state.throughput(),
         "alerts": list(reversed(state.alerts)),

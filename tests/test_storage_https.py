@@ -526,6 +526,16 @@ async def tiny(xrootd_server: LocalXrootd) -> AsyncIterator[Tiny]:
             return web.Response(status=302, headers={"Location": state.redirect_to + rest})
         if kind.startswith("site-") and state.door_to:  # a door: every request to a pool node
             return web.Response(status=307, headers={"Location": state.door_to + request.path_qs})
+        if kind in ("quota", "bomb") and request.method == "PROPFIND":  # what dCache answers
+            doctype = '<!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">]>' if kind == "bomb" else ""
+            body = (
+                f'<?xml version="1.0" encoding="utf-8"?>{doctype}<d:multistatus xmlns:d="DAV:">'
+                f"<d:response><d:href>/{kind}/</d:href><d:propstat><d:prop>"
+                "<d:quota-available-bytes>987654321</d:quota-available-bytes>"
+                "<d:quota-used-bytes>12345</d:quota-used-bytes></d:prop>"
+                "<d:status>HTTP/1.1 200 OK</d:status></d:propstat></d:response></d:multistatus>"
+            )
+            return web.Response(status=207, text=body, content_type="application/xml")
         if kind == "loop":
             return web.Response(status=307, headers={"Location": request.path})
         if kind == "auth":
@@ -942,3 +952,13 @@ async def test_a_download_that_stops_moving_is_transfer_timeout_and_leaves_nothi
         await overdue.download("f", tmp_path / "out" / "f", size=1000, adler32="00000001")
     assert info.value.reason == "transfer_timeout", info.value
     assert os.listdir(tmp_path / "out") == []
+
+
+async def test_free_space_is_the_servers_quota_and_a_doctype_answer_is_refused(
+    make: Make, tiny: Tiny
+) -> None:
+    assert await make("quota", url=tiny.url("/quota")).free_space() == 987654321
+    assert [m for m, p, _ in tiny.seen] == ["PROPFIND"]
+    with pytest.raises(Retryable) as info:
+        await make("bomb", url=tiny.url("/bomb")).free_space()
+    assert info.value.reason == "storage_io_error" and "DOCTYPE" in info.value.message

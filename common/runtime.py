@@ -219,8 +219,9 @@ def _broker_gone(exc: BaseException, connection: AbstractRobustConnection) -> bo
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             return False
-    if isinstance(exc, aiormq.exceptions.AMQPConnectionError | ConnectionError | asyncio.IncompleteReadError):
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError):
         return True
+    # Anything else (a ConnectionRefusedError may be the catalogue's) only with the connection gone.
     transport = connection.transport
     return connection.is_closed or transport is None or transport.connection.is_closed
 

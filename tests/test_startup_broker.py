@@ -162,3 +162,16 @@ async def test_resources_publishing_when_the_broker_goes_away_fail_the_start_wit
     assert failed.value.reason == "broker_unavailable"
     assert "opening the resources of ingest" in failed.value.message
     assert not published.is_set() and process.runners == []
+
+
+async def test_a_resource_failing_while_the_broker_is_up_is_not_blamed_on_the_broker(
+    settings: Settings, broker
+):
+    @asynccontextmanager
+    async def catalogue_down(settings: Settings, publisher: Publisher) -> AsyncIterator[None]:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        yield None
+
+    process = Process([Service("ingest", resources=catalogue_down)], settings)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.wait_for(process.run(), timeout=60)

@@ -122,7 +122,7 @@ async def test_broker_closing_during_start_up_exits_3_with_one_line(config_file,
 
 
 @pytest.mark.slow
-def test_threaded_proxy_serves_synchronous_callers_the_same_cut(config_file):
+def test_threaded_proxy_serves_synchronous_callers_the_same_cut(config_file, broker):
     with ThreadedTcpProxy(*_upstream()) as proxy:
         proxy.cut_on(CHANNEL_OPEN, 2, forced=True)
         done = subprocess.run(

@@ -90,6 +90,13 @@ class StorageEndpoint(_Strict):
     url: str | None = None
     # Remote backends: the endpoint can copy server to server (XRootD TPC, HTTP-TPC COPY).
     tpc: bool = False
+    # https: how a third-party copy *into* this endpoint is made. "pull": COPY on this endpoint
+    # with ``Source:`` (its server fetches; the default, what dCache and XrdHttp do best); "push":
+    # COPY on the source with ``Destination:`` (for a destination that cannot fetch).
+    tpc_mode: Literal["pull", "push"] = "pull"
+    # Remote backends: a transfer with no progress for this long is cancelled as stalled (a hung
+    # server, a third-party copy whose performance markers stopped moving), whatever its deadline.
+    stall_seconds: float = Field(default=120.0, gt=0)
     # Remote backends: a bearer token read from this file (re-read when the file changes).
     token_file: Path | None = None
     # Remote backends: an X.509 client certificate and key (PEM; one file may hold both).

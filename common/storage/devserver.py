@@ -180,7 +180,7 @@ oss.localroot {self.data}
 xrd.port {self.port}
 all.adminpath {self.base / "run"}
 all.pidpath {self.base / "run"}
-xrootd.chksum adler32
+xrootd.chksum max 32 adler32
 ofs.tpc pgm {shutil.which("xrdcp") or "/usr/bin/xrdcp"} --server
 xrd.tls {self.pki / "host.pem"} {self.pki / "host.key"}
 xrd.tlsca certdir {self.ca_dir}

@@ -29,9 +29,9 @@ any request: a relpath with ``..``, ``.``, an empty component, a NUL or a leadin
 
 Errors are classified in ``common.storage.https_errors`` (one table for the statuses).
 
-Configuration that is not (yet) in ``StorageEndpoint`` is given to the constructor: ``tpc_mode``
-("pull" or "push": how third-party copies *into* this endpoint are made), ``stall_seconds`` (no
-progress for this long cancels a transfer), ``precheck_bytes``.
+``tpc_mode`` ("pull" or "push": how third-party copies *into* this endpoint are made) and
+``stall_seconds`` (no progress for this long cancels a transfer) come from the endpoint's settings;
+the constructor may override them (tests), and takes ``precheck_bytes``.
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ class HttpsStorage:
         name: str,
         endpoint: StorageEndpoint,
         *,
-        tpc_mode: TpcMode = "pull",
-        stall_seconds: float = 120.0,
+        tpc_mode: TpcMode | None = None,
+        stall_seconds: float | None = None,
         metadata_timeout: float | None = None,
         max_redirects: int = MAX_REDIRECTS,
         precheck_bytes: int = PRECHECK_BYTES,
@@ -236,8 +236,9 @@ class HttpsStorage:
             raise ConfigError(f"storage.{name}: the https backend needs backend = 'https' and a url")
         self.name = name
         self.endpoint = endpoint
-        self.tpc_mode: TpcMode = tpc_mode
-        self.stall_seconds = stall_seconds
+        # The endpoint's settings unless a caller (a test) overrides them.
+        self.tpc_mode: TpcMode = tpc_mode or endpoint.tpc_mode
+        self.stall_seconds = stall_seconds or endpoint.stall_seconds
         self.max_redirects = max_redirects
         self.precheck_bytes = precheck_bytes
         self._metadata_timeout = metadata_timeout or endpoint.transfer_timeout_floor

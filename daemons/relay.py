@@ -4,7 +4,7 @@ A daemon that records facts outside its message handlers runs one relay. Order o
 a kill at each step leaves:
 
 1. the fact and its event are committed together (the caller), then the caller ``kick``\\s the relay
-   — killed here: the row is unsent, the next start publishes it (``start`` flushes first);
+   — killed here: the row is unsent, the next start publishes it (``start`` looks at once);
 2. the relay reads the oldest unsent rows (``batch`` at most) and publishes them, ``window`` at a
    time, each awaited until the broker confirms it — killed here: unconfirmed rows are still
    unsent and go out again at the next start, under the same message id;
@@ -79,11 +79,10 @@ class OutboxRelay:
         return self._outage_since is not None
 
     async def start(self) -> None:
-        """Publish what a predecessor left unsent, then keep publishing in the background."""
-        try:
-            await self.flush()
-        except Exception as exc:  # the catalogue hiccuped: the loop tries again
-            log.error("outbox_flush_failed", error=repr(exc))
+        """Start publishing in the background, beginning with what a predecessor left unsent
+        (the oldest rows go first). Does not wait for it: a large backlog, or a broker that is
+        away, must not hold up the daemon's start."""
+        self._wake.set()
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     def kick(self) -> None:

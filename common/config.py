@@ -337,8 +337,10 @@ class Settings(BaseSettings):
                         f"storage.{name}.library: no tape library {ep.library!r} "
                         f"(configured: {', '.join(self.tape_libraries) or 'none'})"
                     )
-            elif ep.backend != "posix" or ep.root == Path(""):
-                raise ValueError(f"storage.{name}: a disk endpoint needs backend 'posix' and a root")
+            elif ep.backend == "simulated":
+                raise ValueError(f"storage.{name}: backend 'simulated' is a tape library (kind = 'tape')")
+            elif ep.backend == "posix" and ep.root == Path(""):
+                raise ValueError(f"storage.{name}: a posix disk endpoint needs a root (its directory)")
             if not ep.root.is_absolute():
                 ep.root = self.state_dir / ep.root
         for lib in self.tape_libraries.values():

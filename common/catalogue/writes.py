@@ -29,7 +29,8 @@ async def sync_endpoints(conn: AsyncConnection, endpoints: Mapping[str, StorageE
             "name": name,
             "kind": e.kind,
             "backend": e.backend,
-            "root": str(e.root),
+            # Where it is, for people: a remote endpoint's url (credentials are never in it).
+            "root": e.url if e.url and e.backend in ("xrootd", "https") else str(e.root),
             "attributes": dict(e.attributes),
             "state": "online",
             "updated": now,

@@ -14,6 +14,7 @@ from common.config import StorageEndpoint
 from common.errors import Permanent
 from common.storage.checksum import adler32_of_bytes, adler32_of_file, format_adler32, normalise_adler32
 from common.storage.copy_engine import CopyResult
+from common.storage.interface import StorageBackend
 from common.storage.paths import resolve_inside
 from common.storage.posix import PosixStorage
 from common.storage.tempfiles import is_temp_name
@@ -22,6 +23,7 @@ __all__ = [
     "CopyResult",
     "PosixStorage",
     "Storage",
+    "StorageBackend",
     "adler32_of_bytes",
     "adler32_of_file",
     "format_adler32",
@@ -62,14 +64,26 @@ class Storage(Protocol):
     def cleanup_temp(self, older_than: float = 0) -> int: ...
 
 
-def open_storage(name: str, endpoint: StorageEndpoint) -> PosixStorage:
-    """The backend object for a configured disk endpoint.
+def open_storage(name: str, endpoint: StorageEndpoint) -> StorageBackend:
+    """The backend object for a configured disk endpoint: ``posix`` (a directory on this node),
+    ``xrootd`` (``root://``) or ``https`` (WebDAV). All serve ``StorageBackend``; the posix one
+    also has the fast local copy paths the daemons use when both ends are mounted here.
 
     Tape endpoints are refused: their root holds a tape library (cartridges, drives), which only
     the tape backend may write; a plain file copy into it would bypass the library's bookkeeping.
     """
-    if endpoint.kind == "disk" and endpoint.backend == "posix":
-        return PosixStorage(name, endpoint)
+    if endpoint.kind == "disk":
+        if endpoint.backend == "posix":
+            return PosixStorage(name, endpoint)
+        if endpoint.backend == "xrootd":
+            # Imported here: the XRootD client library is loaded only by nodes that use it.
+            from common.storage.xrootd import XrootdStorage
+
+            return XrootdStorage(name, endpoint)
+        if endpoint.backend == "https":
+            from common.storage.https import HttpsStorage
+
+            return HttpsStorage(name, endpoint)
     raise Permanent(
         "unknown_storage",
         f"storage {name!r}: no disk backend for kind={endpoint.kind!r} backend={endpoint.backend!r}",

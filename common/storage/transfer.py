@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common.storage.interface import CopyDone, StorageBackend
+from common.storage.posix import PosixStorage
 
 
 async def stream_via_node(
@@ -38,3 +39,22 @@ async def stream_via_node(
         await source.download(source_relpath, local, size=size, adler32=adler32)
         done = await dest.upload(local, relpath, size=size, adler32=adler32)
     return CopyDone(done.relpath, done.size, done.adler32, "streamed")
+
+
+async def verify_stored(storage: StorageBackend, relpath: str, *, size: int, adler32: str) -> str | None:
+    """None when the copy at ``relpath`` is the expected file, else what is wrong (for logs).
+
+    Mounted here: read back (``PosixStorage.verify``). Remote: the server's size and adler32 (never
+    the bytes over the network). A server that cannot tell a checksum is trusted on the size: a
+    good copy is not destroyed for want of an answer.
+    """
+    if isinstance(storage, PosixStorage):
+        return await storage.verify(relpath, expected_size=size, expected_adler32=adler32)
+    found = await storage.stat(relpath, checksum=True)
+    if found is None:
+        return "missing"
+    if found.size != size:
+        return f"{found.size} bytes, expected {size}"
+    if found.adler32 is not None and found.adler32 != adler32.lower().rjust(8, "0"):
+        return f"adler32 {found.adler32}, expected {adler32}"
+    return None

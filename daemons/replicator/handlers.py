@@ -47,8 +47,9 @@ from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
 from common.placement import config_rules
-from common.storage import CopyResult, PosixStorage, open_storage
+from common.storage import CopyResult, PosixStorage, StorageBackend, open_storage
 from common.storage.posix import ReplicaCopy
+from common.storage.transfer import verify_stored
 from daemons.replicator import steps
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
@@ -61,7 +62,7 @@ log = get_logger("spool.replicator")
 @dataclass
 class ReplicatorResources:
     catalogue: Catalogue
-    storages: dict[str, PosixStorage]
+    storages: dict[str, StorageBackend]
     health: EndpointHealth
     registrar: MicroBatcher[CopyRecord, None]
     # (name, destination) -> what the catalogue knows of that copy; handlers ask together.
@@ -95,7 +96,7 @@ async def _every(seconds: float, what: str, fn: Callable[[], Awaitable[Any]]) ->
 @asynccontextmanager
 async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[ReplicatorResources]:
     catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
-    storages: dict[str, PosixStorage] = {}
+    storages: dict[str, StorageBackend] = {}
     tasks: list[asyncio.Task[None]] = []
     health = EndpointHealth(settings, catalogue, publisher)
     try:
@@ -104,20 +105,23 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         for name, endpoint in settings.storage.items():
             if endpoint.kind != "disk":
                 continue
-            storages[name] = open_storage(name, endpoint)
-            removed = await asyncio.to_thread(storages[name].cleanup_temp, endpoint.stale_temp_age)
+            storage = storages[name] = open_storage(name, endpoint)
+            if not isinstance(storage, PosixStorage):
+                continue  # a remote endpoint: its copies leave no temporary behind on failure
+            removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
             if removed:
                 log.info("removed_stale_temp_files", storage=name, count=removed)
             # In the background: the daemon consumes meanwhile, and its first small copies find
             # the copy process (almost) ready instead of waiting for its imports.
-            tasks.append(asyncio.create_task(storages[name].start_copy_process()))
+            tasks.append(asyncio.create_task(storage.start_copy_process()))
 
         async def durable_record(records: Sequence[CopyRecord]) -> list[None]:
             # Group commit: copies written without their own fsync reach the disk before any is
             # recorded available (one syncfs per endpoint touched by the batch).
             for name in {r.storage for r in records}:
-                if settings.storage[name].durability == "batch":
-                    await storages[name].sync()
+                storage = storages[name]
+                if isinstance(storage, PosixStorage) and settings.storage[name].durability == "batch":
+                    await storage.sync()
             await catalogue.record_copies(records)
             return [None] * len(records)
 
@@ -131,7 +135,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
         )
         for name, storage in storages.items():
-            storage.transfer_slots = resources.slots[name]
+            if isinstance(storage, PosixStorage):
+                storage.transfer_slots = resources.slots[name]
         await health.start()
         rep = settings.replication
         tasks += [
@@ -152,7 +157,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         await asyncio.gather(*tasks, return_exceptions=True)
         await health.close()
         for storage in storages.values():
-            storage.close()
+            await storage.aclose()
         await catalogue.close()
 
 
@@ -228,6 +233,8 @@ async def _copy_together(
     res = ctx.resources
     destination = msg.destination
     dest = res.storages[destination]
+    if not isinstance(dest, PosixStorage):
+        return {}  # a remote destination: each copy its own transfer (``_copy_from_best``)
     if not names or not res.health.writable(destination) or dest.endpoint.durability == "file":
         return {}
     picked: list[tuple[ReplicaTask, Source]] = []
@@ -244,13 +251,13 @@ async def _copy_together(
             )
             best_of[where] = ranked[0].storage if ranked else None
         best = best_of[where]
-        if best is not None:
+        if best is not None and isinstance(res.storages.get(best), PosixStorage):
             picked.append((task, next(s for s in task.sources if s.storage == best)))
     if not picked:
         return {}
     copies = [
         ReplicaCopy(
-            source_root=os.fspath(res.storages[source.storage].root),
+            source_root=os.fspath(_posix(res.storages[source.storage]).root),
             source_pfn=source.pfn,
             relpath=task.pfn or task.name,
             size=task.size,
@@ -312,7 +319,7 @@ async def _replicate_one(
             return None
         if act == "verify":
             assert task.pfn is not None
-            problem = await dest.verify(task.pfn, expected_size=task.size, expected_adler32=task.adler32)
+            problem = await verify_stored(dest, task.pfn, size=task.size, adler32=task.adler32)
             if problem is None:
                 return _created(task, task.pfn)
             ctx.log.warning("copy_corrupt", file=name, problem=problem)
@@ -329,7 +336,8 @@ async def _replicate_one(
             return None
         fsync = ctx.settings.storage[dest.name].durability == "file"
         # A small copy takes its slot with its batch (see the module docstring, step 4).
-        slot = contextlib.nullcontext() if dest.batches_copy(task.size, fsync) else res.slots[msg.destination]
+        batched = isinstance(dest, PosixStorage) and dest.batches_copy(task.size, fsync)
+        slot = contextlib.nullcontext() if batched else res.slots[msg.destination]
         try:
             async with slot:
                 copied, source = await _copy_from_best(ctx, task, dest, fsync)
@@ -351,12 +359,12 @@ async def _replicate_one(
                 request_id=request_id,
                 name=name,
                 storage=msg.destination,
-                pfn=copied.pfn,
+                pfn=copied,
                 attempt=ctx.attempt,
                 source=source,
             )
         )
-    return _created(task, copied.pfn)
+    return _created(task, copied)
 
 
 async def _task(res: ReplicatorResources, name: str, destination: str) -> ReplicaTask:
@@ -372,29 +380,34 @@ async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaReques
 
 
 async def _copy_from_best(
-    ctx: Context[ReplicatorResources], task: ReplicaTask, dest: PosixStorage, fsync: bool
-) -> tuple[CopyResult, str]:
+    ctx: Context[ReplicatorResources], task: ReplicaTask, dest: StorageBackend, fsync: bool
+) -> tuple[str, str]:
+    """Copy from the best source that works; returns (where the copy is inside ``dest``, the
+    source endpoint). Both ends mounted here: the verified kernel copy. Otherwise the destination
+    backend's ``copy_from`` (third-party when the pair can, else through this node)."""
     res = ctx.resources
     ranked = steps.rank_sources(task.sources, dest.name, ctx.settings.storage, res.health.states, res.reading)
     transient: SpoolError | None = None
     tried: list[str] = []
+    relpath = task.pfn or task.name
     for source in ranked:
         tried.append(source.storage)
         res.reading[source.storage] += 1
+        src = res.storages[source.storage]
         try:
-            try:
-                path = res.storages[source.storage].resolve(source.pfn)
-            except SpoolError as err:  # a catalogue pfn escaping its root: that copy is unusable
+            try:  # a catalogue pfn escaping its root: that copy is unusable
+                path = src.resolve(source.pfn) if isinstance(src, PosixStorage) else src.url(source.pfn)
+            except SpoolError as err:
                 await _mark_source_bad(ctx, task.name, source.storage, err)
                 continue
-            copied = await dest.copy_verified(
-                path,
-                task.pfn or task.name,
-                expected_size=task.size,
-                expected_adler32=task.adler32,
-                fsync=fsync,
-            )
-            return copied, source.storage
+            if isinstance(dest, PosixStorage) and isinstance(path, os.PathLike):
+                copied = await dest.copy_verified(
+                    path, relpath, expected_size=task.size, expected_adler32=task.adler32, fsync=fsync
+                )
+                return copied.pfn, source.storage
+            done = await dest.copy_from(src, source.pfn, relpath, size=task.size, adler32=task.adler32)
+            ctx.log.debug("copied", file=task.name, source=source.storage, mode=done.mode, size=done.size)
+            return done.relpath, source.storage
         except SpoolError as err:
             if err.reason in steps.SOURCE_BAD:
                 await _mark_source_bad(ctx, task.name, source.storage, err)
@@ -409,6 +422,11 @@ async def _copy_from_best(
         raise Retryable(transient.reason, f"{transient.message} (sources tried: {', '.join(tried)})")
     tried_text = f"tried {', '.join(tried)}" if tried else "no available copy on a readable disk endpoint"
     raise Permanent("no_source", f"no usable source replica of {task.name} ({tried_text})")
+
+
+def _posix(storage: StorageBackend) -> PosixStorage:
+    assert isinstance(storage, PosixStorage)  # checked by the caller
+    return storage
 
 
 async def _mark_source_bad(

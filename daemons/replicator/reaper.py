@@ -15,14 +15,14 @@ from collections.abc import Mapping
 from common.catalogue import Catalogue
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.storage import PosixStorage
+from common.storage import StorageBackend
 
 log = get_logger("spool.replicator")
 
 BATCH = 500
 
 
-async def reap(catalogue: Catalogue, storages: Mapping[str, PosixStorage]) -> int:
+async def reap(catalogue: Catalogue, storages: Mapping[str, StorageBackend]) -> int:
     """One pass; returns the number of copies deleted."""
     expired = await catalogue.expire_locks()
     if expired:

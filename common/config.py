@@ -123,6 +123,7 @@ class StorageEndpoint(_Strict):
             if "@" in self.url.split("//", 2)[1].split("/", 1)[0]:
                 raise ValueError("credentials do not belong in the url: use token_file or cert / key")
         return self
+
     # Tape only: the library (``[tape_libraries.<name>]``; "default" is created under state_dir
     # when not configured) and its tape pool (default: the endpoint's name). Several copies of a
     # file go to several tape endpoints, i.e. pools, so they never share a cartridge.

@@ -64,7 +64,7 @@ async def copies_on(settings: Settings, storage: str, n: int) -> bool:
 async def test_every_pair_of_backends_through_the_replicator(
     tmp_path: Path,
     tag: str,
-    broker,  # noqa: ANN001
+    broker,
     xrootd_server: LocalXrootd,  # noqa: F811
     remote_dir: str,  # noqa: F811
 ) -> None:
@@ -115,7 +115,8 @@ async def test_every_pair_of_backends_through_the_replicator(
             assert (directory / name).read_bytes() == content, f"{name} on {endpoint}"
         assert (settings.storage["disk2"].root / name).read_bytes() == content
     for directory in server_dirs.values():  # no temporary left behind on the servers
-        assert sorted(p.name for p in directory.rglob("*") if p.is_file()) == sorted(Path(n).name for n in names)
+        left = sorted(p.name for p in directory.rglob("*") if p.is_file())
+        assert left == sorted(Path(n).name for n in names)
     assert temp_files(settings.storage["disk2"].root) == []
     # `spool rse list` shows a remote endpoint by its url.
     rses = {r["name"]: r for r in json.loads(spool(path, "rse", "list", "--json").stdout)}

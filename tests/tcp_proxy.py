@@ -84,16 +84,20 @@ class _Link:
                 # close(), not abort(): what was written (the Close frame) still goes out first.
                 writer.close()
 
+    def _method(self) -> tuple[int, int]:
+        """(class id, method id) of the method frame at the start of the buffer."""
+        class_id, method_id = struct.unpack_from(">HH", self.buffer, FRAME_HEADER.size)
+        return class_id, method_id
+
     def upstream_chunk(self, data: bytes) -> bytes | None:
-        """The bytes to forward to the broker, or None when a trigger fired (the link is closed)."""
-        trigger = self.proxy._trigger
-        if trigger is None:
-            return data
+        """The complete frames to forward to the broker, or None when a trigger fired (the link is
+        closed). Frames are followed from the first byte, so a trigger armed mid-connection is
+        matched on frame boundaries."""
         self.buffer += data
         out = bytearray()
         if not self.header_seen:
             if len(self.buffer) < PROTOCOL_HEADER_SIZE:
-                return bytes(out)
+                return b""
             out += self.buffer[:PROTOCOL_HEADER_SIZE]
             self.buffer = self.buffer[PROTOCOL_HEADER_SIZE:]
             self.header_seen = True
@@ -102,19 +106,20 @@ class _Link:
             end = FRAME_HEADER.size + size + 1
             if len(self.buffer) < end:
                 break
-            if kind == FRAME_METHOD and size >= 4:
-                method = struct.unpack_from(">HH", self.buffer, FRAME_HEADER.size)
-                if method == trigger.method:
-                    trigger.seen += 1
-                    if trigger.seen == trigger.nth:
-                        if not trigger.after_reply:
-                            self.proxy._fire(self, trigger, bytes(out))
-                            return None
-                        self.cut_after_reply = trigger  # the broker's next bytes, then the cut
-                        self.proxy._trigger = None
-                        out += self.buffer
-                        self.buffer = b""
-                        return bytes(out)
+            trigger = self.proxy._trigger
+            if (
+                trigger is not None
+                and kind == FRAME_METHOD
+                and size >= 4
+                and self._method() == trigger.method
+            ):
+                trigger.seen += 1
+                if trigger.seen == trigger.nth:
+                    self.proxy._trigger = None
+                    if not trigger.after_reply:
+                        self.proxy._fire(self, trigger, bytes(out))
+                        return None
+                    self.cut_after_reply = trigger  # the broker's next bytes, then the cut
             out += self.buffer[:end]
             self.buffer = self.buffer[end:]
         return bytes(out)

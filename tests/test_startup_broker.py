@@ -31,7 +31,7 @@ from common.config import Settings
 from common.errors import Retryable
 from common.messages import DaemonHeartbeat
 from common.runtime import Process
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, write_config
 from tests.tcp_proxy import (
     BASIC_CONSUME,
     BASIC_PUBLISH,
@@ -45,6 +45,22 @@ from tests.tcp_proxy import (
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION_START_OK = (10, 11)  # the client's first method: the handshake
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, tag: str) -> Path:
+    """The suite's test configuration with small copies in a thread of the daemon: a copy process
+    is another process writing to the same stderr, with a start-up race of its own (a parent
+    leaving before its first frame gives an EOFError traceback), which is not what is tested."""
+    state = tmp_path / "state"
+    (state / "landing").mkdir(parents=True)
+    path = write_config(tmp_path / "spool.toml", state, tag)
+    text = path.read_text()
+    assert 'root = "storage/disk1"\n' in text
+    path.write_text(
+        text.replace('root = "storage/disk1"\n', 'root = "storage/disk1"\nsmall_copies = "thread"\n')
+    )
+    return path
 
 
 def _upstream() -> tuple[str, int]:

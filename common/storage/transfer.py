@@ -16,11 +16,19 @@ backend's ``copy_from``:
 
 from __future__ import annotations
 
+import asyncio
+import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
+from common.errors import Permanent
+from common.storage.checksum import normalise_adler32
 from common.storage.interface import CopyDone, StorageBackend
+from common.storage.kernel import _adler32_fd, _buffer
 from common.storage.posix import PosixStorage
+from common.storage.reasons import _source_error
 
 
 async def stream_via_node(
@@ -58,3 +66,49 @@ async def verify_stored(storage: StorageBackend, relpath: str, *, size: int, adl
     if found.adler32 is not None and found.adler32 != adler32.lower().rjust(8, "0"):
         return f"adler32 {found.adler32}, expected {adler32}"
     return None
+
+
+async def upload_checked(
+    storage: StorageBackend,
+    source: str | os.PathLike[str],
+    relpath: str,
+    *,
+    expected_size: int | None,
+    expected_adler32: str | None,
+) -> CopyDone:
+    """Ingest's copy of a landing-area file into a remote endpoint: the file's size and adler32
+    read here first (checked against what the event announced, as the posix copy checks them:
+    ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``, which the server's
+    checksum verifies. Reading the file once more than a local copy does is the price of knowing
+    the checksum before any byte leaves the node; the second read comes from the page cache.
+    A file changed between the two reads fails the server's check and is retried.
+    """
+    expected = None
+    if expected_adler32 is not None:
+        try:
+            expected = normalise_adler32(expected_adler32)
+        except ValueError as exc:
+            raise Permanent("invalid_checksum", str(exc)) from None
+    size, adler32 = await asyncio.to_thread(_landing_checksum, source)
+    if expected_size is not None and size != expected_size:
+        raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
+    if expected is not None and adler32 != expected:
+        raise Permanent("checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}")
+    return await storage.upload(Path(source), relpath, size=size, adler32=adler32)
+
+
+def _landing_checksum(source: str | os.PathLike[str]) -> tuple[int, str]:
+    """Size and adler32 of a landing file, opened as every untrusted path is: never following a
+    symbolic link, never blocking (a FIFO), a regular file only."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _source_error(exc, source) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Permanent("not_a_file", f"source {source} is not a regular file")
+        return _adler32_fd(fd, _buffer(1 << 20), threading.Event())
+    except OSError as exc:
+        raise _source_error(exc, source) from None
+    finally:
+        os.close(fd)

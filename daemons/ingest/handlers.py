@@ -6,6 +6,7 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
 2. under a per-name lock: is the event id done, is the name known? -> duplicate: re-publish, stop
                                                                    -> other checksum: name_conflict
 3. copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
+   (remote: the checksum read here, uploaded to a temporary name, the server's checksum, renamed)
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
 5. evaluate the replication rules: lock the copies they want      -> batched, one transaction
 6. publish one request per missing copy and ``file.ingested``, then the runner acks.
@@ -32,8 +33,9 @@ from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message, fact_id
 from common.placement import BULK, RuleBook, config_rules, publish_wanted
-from common.storage import PosixStorage, open_storage
+from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.checksum import adler32_of_file
+from common.storage.transfer import upload_checked
 from daemons.ingest import steps
 
 log = get_logger("spool.ingest")
@@ -54,7 +56,7 @@ class _NameLock:
 @dataclass
 class IngestResources:
     catalogue: Catalogue
-    storage: PosixStorage
+    storage: StorageBackend
     storage_name: str
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
@@ -92,9 +94,10 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
-        removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
-        if removed:
-            log.info("removed_stale_temp_files", storage=storage_name, count=removed)
+        if isinstance(storage, PosixStorage):
+            removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
+            if removed:
+                log.info("removed_stale_temp_files", storage=storage_name, count=removed)
 
         async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
             done, files = await catalogue.ingest_known([k[0] for k in keys], [k[1] for k in keys])
@@ -105,7 +108,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
 
         async def durable_register(records: Sequence[IngestRecord]) -> Sequence[RegisterOutcome]:
             # Group commit: the copies of the whole batch reach the disk before any is recorded.
-            if not per_file_fsync:
+            # (A remote endpoint's server has its file before our upload returns.)
+            if not per_file_fsync and isinstance(storage, PosixStorage):
                 await storage.sync()
             return await catalogue.register_ingested(records)
 
@@ -129,7 +133,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             per_file_fsync=per_file_fsync,
         )
         # In the background: the first small copies find the copy process (almost) ready.
-        starting = asyncio.create_task(storage.start_copy_process())
+        starting = asyncio.create_task(
+            storage.start_copy_process() if isinstance(storage, PosixStorage) else asyncio.sleep(0)
+        )
         try:
             yield resources
         finally:
@@ -138,7 +144,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             await resources.planner.close()
             await resources.registrar.close()
             await resources.lookups.close()
-            storage.close()
+            await storage.aclose()
     finally:
         await catalogue.close()
 
@@ -192,7 +198,7 @@ async def _ingest_locked(
             raise _conflict(name, known.file, msg.size, adler)
         # Same content again: record the event id as done (through registration) and re-publish.
         size, adler32 = known.file.size, known.file.adler32
-    else:
+    elif isinstance(res.storage, PosixStorage):
         copied = await res.storage.put_from(
             located.source,
             name,
@@ -201,6 +207,11 @@ async def _ingest_locked(
             fsync=res.per_file_fsync,
         )
         size, adler32 = copied.size, copied.adler32
+    else:  # a remote first endpoint: uploaded, verified by the server's checksum
+        uploaded = await upload_checked(
+            res.storage, located.source, name, expected_size=msg.size, expected_adler32=msg.adler32
+        )
+        size, adler32 = uploaded.size, uploaded.adler32
     record = IngestRecord(
         event_id=msg.id,
         name=name,

@@ -465,3 +465,23 @@ async def test_a_copy_from_a_mounted_posix_endpoint_is_uploaded_from_its_file(
         await posix.aclose()
     assert done.mode == "local"
     assert xrootd_server.path("site-b", f"{remote_dir}/f").read_bytes() == data
+
+
+async def test_a_directory_the_server_may_not_write_is_an_authorization_failure(
+    xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    """The server answers EACCES on its disk as kXR_NotAuthorized, like a refused token."""
+    locked = xrootd_server.path("site-a", f"{remote_dir}/locked")
+    locked.mkdir(parents=True)
+    owner = xrootd_server.path("site-a").stat()
+    os.chown(locked, owner.st_uid, owner.st_gid)  # the server's user (xrootd when we are root)
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(Retryable) as err:
+            await storage(xrootd_server, "site-a").upload(
+                write(tmp_path, "f", b"abc"), f"{remote_dir}/locked/f", size=3, adler32=adler(b"abc")
+            )
+    finally:
+        locked.chmod(0o755)
+    assert err.value.reason == "auth_failed"
+    assert list(locked.iterdir()) == []

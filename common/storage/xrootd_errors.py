@@ -9,9 +9,14 @@ marked bad and another source tried; a destination that is full trips its breake
 status maps to different reasons for a source and for a destination: ``side`` says which.
 
 Servers of the 5.x line answer several write refusals with the catch-all kXR_FSError (3005) and
-the errno's text ("file path marked read/only", "no space left on device", "permission
-denied"): for 3005 the text decides. Messages are scrubbed of any ``authz=`` CGI before they go
-into an error (a token must never reach a log).
+the errno's text ("file path marked read/only", "no space left on device"): for 3005 the text
+decides. kXR_NotAuthorized (3010) is ``auth_failed`` even where the text says "permission
+denied": the server answers an authorization library's refusal (a token without the write scope)
+and a POSIX EACCES on its own disk (a directory it may not write) with the same code and words,
+so they cannot be told apart; either way the endpoint is paused until an operator looks.
+
+Messages are scrubbed of any ``authz=`` CGI before they go into an error (a token must never
+reach a log).
 """
 
 from __future__ import annotations

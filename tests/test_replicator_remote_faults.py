@@ -22,6 +22,7 @@ from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SERVICES = [ingest_service, replicator_service]
+SERVER_GONE = ("endpoint_unavailable", "transfer_timeout")
 
 
 def remote_settings(tmp_path: Path, tag: str, url: str, **extra: str) -> Settings:
@@ -68,7 +69,8 @@ async def test_server_stopped_pauses_the_endpoint_and_everything_completes_when_
             await publish_ready(broker, settings, files)
             await wait_for(lambda: health_is(settings, "remote", "paused"), timeout=120)
             _, reason = await health_of(settings, "remote")
-            assert reason is not None and reason.startswith("endpoint_unavailable")
+            # Refused at once, or the client library's reconnection attempts outlast the deadline.
+            assert reason is not None and reason.startswith(SERVER_GONE)
             xrootd_server.start()
             await wait_for(lambda: _copied(settings, 20), timeout=180)
             await wait_for(lambda: health_is(settings, "remote", "ok"), timeout=60)
@@ -77,7 +79,7 @@ async def test_server_stopped_pauses_the_endpoint_and_everything_completes_when_
         if xrootd_server.process is None or xrootd_server.process.poll() is not None:
             xrootd_server.start()
     kinds = [k for k, _ in events]
-    assert kinds[0] == "endpoint.paused" and events[0][1]["reason"] == "endpoint_unavailable"
+    assert kinds[0] == "endpoint.paused" and events[0][1]["reason"] in SERVER_GONE
     assert "endpoint.resumed" in kinds
     assert await queue_depth(broker, settings.dead_queue("replicator")) == 0
     assert await max_attempts(settings) <= 2  # the breaker stopped the attempts, none went dead

@@ -21,6 +21,7 @@ import signal
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ async def run_chaos(opts: Options) -> Report:
     say = opts.say
     for noisy in ("aio_pika", "aiormq"):  # the harness's own reconnections during outages
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # aio-pika's __del__ of a connection the broker dropped during an outage
+    warnings.filterwarnings("ignore", message="coroutine 'Connection.close' was never awaited")
     say(f"chaos: seed {seed} (--seed {seed} replays the schedule); {opts.files} files, {opts.catalogue}")
     work = Path(tempfile.mkdtemp(prefix="spool-chaos-", dir=opts.workdir))
     broker = PrivateBroker(work, uuid.uuid4().hex[:8])

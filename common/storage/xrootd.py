@@ -63,6 +63,7 @@ from common.storage.xrootd_errors import (
     ERR_ERROR_RESPONSE,
     ERR_NOT_FOUND,
     ERR_NOT_SUPPORTED,
+    ERR_OPERATION_EXPIRED,
     ERR_QUERY_NOT_SUPPORTED,
     KXR_ARG_INVALID,
     KXR_CHKSUM_ERR,
@@ -184,18 +185,18 @@ class _Clock:
         return max(1, min(65535, math.ceil(self.at - self.loop.time())))
 
 
-def _not_found(status: Any) -> bool:
+def _is(status: Any, client_code: int, server_code: int) -> bool:
+    """Whether ``status`` is the client's ``client_code`` or the server's ``server_code``."""
     code = int(getattr(status, "code", 0) or 0)
-    return code == ERR_NOT_FOUND or (
-        code == ERR_ERROR_RESPONSE and getattr(status, "errno", 0) == KXR_NOT_FOUND
-    )
+    return code == client_code or (code == ERR_ERROR_RESPONSE and getattr(status, "errno", 0) == server_code)
+
+
+def _not_found(status: Any) -> bool:
+    return _is(status, ERR_NOT_FOUND, KXR_NOT_FOUND)
 
 
 def _checksum_error(status: Any) -> bool:
-    code = int(getattr(status, "code", 0) or 0)
-    return code == ERR_CHECKSUM_ERROR or (
-        code == ERR_ERROR_RESPONSE and getattr(status, "errno", 0) == KXR_CHKSUM_ERR
-    )
+    return _is(status, ERR_CHECKSUM_ERROR, KXR_CHKSUM_ERR)
 
 
 def _unanswered(status: Any) -> bool:
@@ -346,10 +347,25 @@ class XrootdStorage:
         return ObjectStat(size=int(info.size), adler32=adler)
 
     async def _server_adler32(self, path: str, clock: _Clock, *, side: Side) -> str | None:
-        """The server's adler32 of ``path`` (``query checksum``); None when there is no file."""
-        status, response = await _submit(
-            self._fs.query, QueryCode.CHECKSUM, self._arg(path), timeout=clock.left()
-        )
+        """The server's adler32 of ``path`` (``query checksum``); None when there is no file.
+
+        A server limits the checksums it computes at once and answers the others "wait N
+        seconds" (kXR_wait); when N goes past the request's timeout the client gives up at once
+        with "Operation expired" (measured here: 25-33 of 6,000 uploads, 16 at a time). Such an
+        answer, come back well before the deadline, is asked again after a short pause (the
+        server's N is advice for the slowest case: a slot frees when any checksum ends).
+        """
+        pause = 0.1
+        while True:
+            started = clock.loop.time()
+            status, response = await _submit(
+                self._fs.query, QueryCode.CHECKSUM, self._arg(path), timeout=clock.left()
+            )
+            expired_early = _is(status, ERR_OPERATION_EXPIRED, -1) and clock.loop.time() - started < 1.0
+            if not expired_early or clock.at - clock.loop.time() < pause + 1.0:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
         if not status.ok:
             if _not_found(status):
                 return None

@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 services:
-	bash .ci/services.sh rabbitmq
+	bash .ci/services.sh rabbitmq xrootd
 
 demo: venv services
 	$(VENV)/bin/spool --config config/spool.toml demo

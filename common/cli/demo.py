@@ -15,6 +15,12 @@
 7. prints a summary and stops the daemons with SIGTERM. Exit code 1 if any event is unaccounted
    for, if a good file failed / a bad one was accepted, if a rule's copy is missing, or if the
    recall did not bring back every file intact.
+
+Where Debian's ``xrootd-server`` is installed (``make demo`` installs it where it may, as it does
+RabbitMQ), the offsite disk endpoint of the config (the first disk endpoint after ingest's) becomes a
+real XRootD site for the run: a local server (``common/storage/devserver.py``) and the endpoint
+switched to ``backend = "xrootd"`` for the daemons (through ``SPOOL_STORAGE__<NAME>__*``), so the
+night's offsite copies go over ``root://``. Without it the demo says so and keeps the posix site.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from common.cli.publish import file_ready_event, publish_events
 from common.codec import to_cloudevent
 from common.config import Settings
 from common.messages import FileReady, MetaValue, RecallRequest, new_id
+from common.storage.devserver import LocalXrootd, XrootdUnavailable
 
 EXPECTED_BAD = {"checksum_mismatch", "path_outside_area", "bad_dataset_name"}
 
@@ -172,6 +179,7 @@ def demo(
     log_path = settings.state_dir / "demo-daemons.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    remote = _remote_site(settings, env, seed)
     with log_path.open("ab") as log_file:
         cmd = [sys.executable, "-m", "common.cli"]
         if ctx.obj.get("config"):
@@ -196,7 +204,37 @@ def demo(
                 daemons.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 daemons.kill()
+            if remote is not None:
+                remote.cleanup()
     raise typer.Exit(_summary(result, good, bad))
+
+
+def _remote_site(settings: Settings, env: dict[str, str], seed: int) -> LocalXrootd | None:
+    """Make the offsite endpoint a real XRootD site for this run (see the module docstring)."""
+    first = settings.first_disk()[0]
+    posix_disks = [n for n, ep in settings.storage.items() if ep.kind == "disk" and ep.backend == "posix"]
+    offsite = next((n for n in posix_disks if n != first), None)
+    if offsite is None:
+        return None
+    server = LocalXrootd()
+    try:
+        server.start()
+    except XrootdUnavailable as exc:
+        server.cleanup()
+        why = str(exc).splitlines()[0]
+        console.print(
+            f"[yellow]no XRootD server here ({why}): offsite copies stay on the posix endpoint "
+            f"{offsite}[/yellow] (apt-get install xrootd-server xrootd-client)"
+        )
+        return None
+    url = f"{server.root_url('site-b')}/demo-{seed}"
+    prefix = f"SPOOL_STORAGE__{offsite.upper()}__"
+    env.update({f"{prefix}BACKEND": "xrootd", f"{prefix}URL": url, f"{prefix}TPC": "true"})
+    settings.storage[offsite] = settings.storage[offsite].model_copy(
+        update={"backend": "xrootd", "url": url, "tpc": True}
+    )
+    console.print(f"offsite endpoint [bold]{offsite}[/bold] is a real XRootD site for this run: {url}")
+    return server
 
 
 async def _evict_and_recall(settings: Settings, good: list[dict[str, Any]]) -> dict[str, Any]:

@@ -445,10 +445,15 @@ class Catalogue:
         # taking them the other way round; the loser runs again (idempotent: it re-reads).
         return await self._retrying_write(replication.begin_delete, replica_id)
 
+    async def begin_evict(self, replica_id: int) -> bool:
+        """An operator's claim (``spool rse evict``): whatever the copy's tombstone."""
+        return await self._retrying_write(replication.begin_evict, replica_id)
+
     async def finish_delete(
         self, item: Reapable, *, by: str = "replicator", why: str = "no rule needs it"
-    ) -> None:
-        await self._transaction(lambda c: replication.finish_delete(c, item, by=by, why=why), write=True)
+    ) -> bool:
+        """True when a live lock held the copy by then: it was asked for again (outbox)."""
+        return await self._retrying_write(lambda c: replication.finish_delete(c, item, by=by, why=why))
 
     async def copies_on(
         self, storage: str, *, dataset: str | None = None, names: Sequence[str] = ()

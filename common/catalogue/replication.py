@@ -7,7 +7,8 @@ The states of a replica row and who moves them:
     available verified copy in place                                   (ingest, replicator)
     bad       the copy is missing or corrupt; a lock may ask for repair (replicator)
     failed    copying it failed for good (reason in the request row)    (replicator)
-    deleting  the reaper is removing it                                (reaper)
+    deleting  the reaper is removing it                                (reaper; back to queued
+                                                                        if a lock appeared)
 
 A *lock* (rule x file x endpoint) is a rule's claim on a copy. While a live lock exists (no
 ``expires`` or a future one) the copy stays. A replica the replicator made carries a ``tombstone``
@@ -37,6 +38,7 @@ from sqlalchemy import (
     update,
 )
 
+from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
 from common.catalogue.policy import Rule, plan_ranked, rank_rules
@@ -54,11 +56,13 @@ from common.catalogue.sql import (
     upsert_tail,
     utcnow,
 )
-from common.messages import MetaValue
+from common.messages import MetaValue, ReplicaRequest
 
 f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
 
-# Replica states a new placement does not need to ask for again.
+# Replica states a new placement does not need to ask for again. ``deleting`` among them: the
+# reaper owns such a copy until its bytes are gone (a copy asked for now could be written and then
+# deleted by the reaper); ``finish_delete`` asks for it again if a live lock holds it by then.
 _PRESENT = ("available", "queued", "waiting", "deleting")
 
 # The per-file work of the replicator and of rule evaluation (``plan_copies``, ``replica_tasks``,
@@ -86,6 +90,8 @@ _TASK_REPLICAS_SQL = (
 # Whether a lock is live is decided in Python, against the bound form of the time (the driver's
 # values compare as the database compares them: text on SQLite, timestamptz on PostgreSQL).
 _TASK_LOCKS_SQL = "SELECT file_id, storage_id, expires FROM locks WHERE file_id IN ({})"
+# PostgreSQL: a placement's files, locked against the reaper's claim and finish (see ``plan_copies``).
+_KEY_SHARE_FILES_SQL = "SELECT id FROM files WHERE id IN ({}) ORDER BY id FOR KEY SHARE"
 
 # Columns bound per row; with the batch's timestamps (bound once) and the constants (SQL literals)
 # they name every column but the autoincrement id (a test holds them to the schema).
@@ -344,6 +350,18 @@ def plan_copies(
         return [[] for _ in items]
     now = utcnow()
     ids = file_ids_sync(conn, [name for name, _, _ in items])
+    if conn.dialect.name == "postgresql" and ids:
+        # Race (PostgreSQL, READ COMMITTED): the copies read below, unlocked, and the locks written
+        # after them could straddle the reaper's claim (``begin_delete``) or its end
+        # (``finish_delete``): a copy read ``available`` or ``deleting`` was then claimed or
+        # deleted before our lock was visible, and the rule held a copy gone for good, with
+        # nothing requested. Both lock the file row ``FOR UPDATE``, which conflicts with ``FOR KEY
+        # SHARE``: taken here, before the read, they wait for this placement's commit and then
+        # see its locks; a claim or end already under way makes this wait, then read its outcome.
+        # (Inserting a lock takes the same share lock on its file: placements do not wait for
+        # one another.)
+        for _ in select_in(conn, _KEY_SHARE_FILES_SQL, sorted(ids.values())):
+            pass
     current = _replica_states(conn, list(ids.values()))
     locked = _locked_storages(conn, list(ids.values()))
     sids = storage_ids_sync(conn, set(endpoints))
@@ -690,7 +708,7 @@ def copies_on(
     conn: Connection, storage: str, *, dataset: str | None = None, names: Sequence[str] = ()
 ) -> list[Reapable]:
     """Available copies on ``storage`` of a dataset's files, or of the named files (``spool rse
-    evict``); the caller claims each with ``begin_delete``, which refuses the last copy and a
+    evict``); the caller claims each with ``begin_evict``, which refuses the last copy and a
     copy a rule holds."""
     stmt = (
         select(r.c.id, f.c.name, ep.c.name, r.c.pfn)
@@ -710,8 +728,28 @@ def copies_on(
 
 
 def begin_delete(conn: Connection, replica_id: int) -> bool:
-    """Claim one copy for deletion, re-checking under the write lock (PostgreSQL: row locks on
-    the file's copies) that it is still unneeded and not the last one."""
+    """The reaper's claim of one copy ``reapable`` listed: re-checked here, in the claim's own
+    transaction, that the copy is still reapable (its tombstone still passed, no live lock, not
+    the last available copy); the listing is older than the claim by up to a whole pass.
+
+    Race: a recall that delivered to this copy after the listing pinned it (tombstone moved into
+    the future) and announced ``file.recalled``; the claim did not look at the tombstone and the
+    copy was deleted under the recall. ``recall.deliver`` locks the copy's row; the claim below
+    waits for it (PostgreSQL) and compares the tombstone in the update that claims the copy."""
+    return _claim(conn, replica_id, expired_only=True)
+
+
+def begin_evict(conn: Connection, replica_id: int) -> bool:
+    """An operator's claim of one copy (``spool rse evict``): as the reaper's, but whatever the
+    copy's tombstone: a copy ingest made (never tombstoned) or one a recall pinned is the
+    operator's to free. Still never the last available copy, never one a live lock holds."""
+    return _claim(conn, replica_id, expired_only=False)
+
+
+def _claim(conn: Connection, replica_id: int, *, expired_only: bool) -> bool:
+    """Claim one copy for deletion (state ``deleting``), re-checking under the write lock
+    (PostgreSQL: row locks on the file and its copies) that it is still unneeded and not the
+    last one. True too for a copy already ``deleting`` (a killed claimant's: finish it)."""
     row = conn.execute(select(r.c.file_id, r.c.storage_id, r.c.state).where(r.c.id == replica_id)).first()
     if row is None:
         return False
@@ -722,12 +760,11 @@ def begin_delete(conn: Connection, replica_id: int) -> bool:
         # copies below, not the live-lock check: a rule placing this copy (``plan_copies``)
         # *inserts* its lock, an uncommitted insert is invisible here, so the claim went ahead
         # and the rule was left holding a deleted copy, with no request to make it again. The
-        # file row is locked first: FOR UPDATE conflicts with the FOR KEY SHARE that inserting
-        # a row referencing the file (the lock) holds until commit, so a placement that wrote
-        # its lock makes us wait, then see it. Not covered: a placement that finds the copy
-        # ``deleting`` (in ``_PRESENT``; SQLite too), or that read it just before our claim and
-        # writes its lock just after: it locks a copy about to go and requests nothing.
-        conn.execute(select(f.c.id).where(f.c.id == row.file_id).with_for_update())
+        # file row is locked first: FOR UPDATE conflicts with the FOR KEY SHARE that a placement
+        # takes on its files before reading their copies (and that inserting a lock row holds),
+        # so a placement under way makes us wait, then see its lock. Locking the copies also
+        # waits for a delivery pinning this one (``recall.deliver`` locks its row).
+        _lock_file(conn, row.file_id)
         conn.execute(select(r.c.id).where(r.c.file_id == row.file_id).with_for_update())
     now = utcnow()
     if conn.scalar(select(_live_lock(row.file_id, row.storage_id, now))):
@@ -737,16 +774,62 @@ def begin_delete(conn: Connection, replica_id: int) -> bool:
     )
     if not others:
         return False
-    res = conn.execute(
-        update(r).where(r.c.id == replica_id, r.c.state == "available").values(state="deleting", updated=now)
-    )
-    return bool(res.rowcount)
+    # Compared in the update: the row as it is now (locked on PostgreSQL; SQLite's writer lock).
+    claim = update(r).where(r.c.id == replica_id, r.c.state == "available")
+    if expired_only:
+        claim = claim.where(r.c.tombstone.is_not(None), r.c.tombstone <= now)
+    return bool(conn.execute(claim.values(state="deleting", updated=now)).rowcount)
+
+
+def _lock_file(conn: Connection, file_id: int) -> None:
+    conn.execute(select(f.c.id).where(f.c.id == file_id).with_for_update())
 
 
 def finish_delete(
     conn: Connection, item: Reapable, *, by: str = "replicator", why: str = "no rule needs it"
-) -> None:
-    conn.execute(delete(r).where(r.c.id == item.replica_id))
+) -> bool:
+    """The copy's bytes are gone: drop its row and add a history row. Returns True when the copy
+    was asked for again instead: a live lock holds it now.
+
+    Race (SQLite too): a placement meeting the copy while it is ``deleting`` records its lock and
+    asks for nothing (the copy counts as present, see ``_PRESENT``); the row then went and the rule
+    held a copy missing for good. Here, with the bytes gone, such a copy goes back to ``queued``
+    (no tombstone, as a copy a placement asks for) and a ``replica.request`` for it goes to the
+    outbox in this transaction: any relay publishes it, a kill loses nothing. PostgreSQL: the file
+    row is locked first, as in the claim, so a placement under way is waited for and its lock seen.
+    """
+    row = conn.execute(
+        select(r.c.file_id, r.c.storage_id, r.c.priority).where(r.c.id == item.replica_id)
+    ).first()
+    lock = None
+    if row is not None:
+        if conn.dialect.name == "postgresql":
+            _lock_file(conn, row.file_id)
+        now = utcnow()
+        lock = conn.scalar(
+            select(lk.c.rule_id)
+            .where(
+                lk.c.file_id == row.file_id,
+                lk.c.storage_id == row.storage_id,
+                or_(lk.c.expires.is_(None), lk.c.expires > now),
+            )
+            .order_by(lk.c.rule_id)
+            .limit(1)
+        )
+    if lock is None:
+        conn.execute(delete(r).where(r.c.id == item.replica_id))
+    else:
+        assert row is not None
+        conn.execute(
+            update(r)
+            .where(r.c.id == item.replica_id)
+            .values(state="queued", tombstone=None, cartridge=None, fseq=None, updated=utcnow())
+        )
+        again = ReplicaRequest(name=item.name, destination=item.storage, rule_id=lock, priority=row.priority)
+        outbox.add(conn, [again])
+    detail: dict[str, Any] = {"pfn": item.pfn, "why": why}
+    if lock is not None:
+        detail["requested_again_for"] = lock
     conn.execute(
         s.events.insert().values(
             name=item.name,
@@ -756,6 +839,7 @@ def finish_delete(
             outcome="ok",
             attempt=1,
             storage=item.storage,
-            detail={"pfn": item.pfn, "why": why},
+            detail=detail,
         )
     )
+    return lock is not None

@@ -136,11 +136,17 @@ def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> T
     if fid is None:
         return None
     sid = storage_ids_sync(conn, {storage})[storage]
-    row = conn.execute(
-        select(r.c.state, r.c.cartridge, r.c.fseq, r.c.priority).where(
-            r.c.file_id == fid, r.c.storage_id == sid
-        )
-    ).first()
+    where = (r.c.file_id == fid, r.c.storage_id == sid)
+    # Race (PostgreSQL, READ COMMITTED): read unlocked, the copy could be re-queued by another
+    # handler and taken into a batch (``archiving``) between this read and the update below, which
+    # then put it back to ``queued``: the batch's ``record_archived`` matched nothing and the file
+    # was written to tape a second time. The row is locked (``FOR UPDATE``, as ``recall.deliver``
+    # locks its copy): another handler, and ``take_batch``, wait for our commit, and the state
+    # decided on (and returned: the handler announces a copy already on tape) is the one written
+    # over. Not a compare-and-set on the updates: a lost race would then need a re-read and a
+    # second decision, and the returned state could still be one that no longer holds.
+    locked = select(r.c.state, r.c.cartridge, r.c.fseq, r.c.priority).where(*where).with_for_update()
+    row = conn.execute(locked).first()
     now = utcnow()
     if row is None:
         insert_ignore_sync(
@@ -149,8 +155,11 @@ def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> T
               "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": priority}],
             ["file_id", "storage_id"],
         )  # fmt: skip
-        return TapeCopy("queued", None, None)
-    where = (r.c.file_id == fid, r.c.storage_id == sid)
+        # Ours, or a concurrent creator's (the insert waited for it, then kept its row): decide on
+        # what is there, as if it had been read above.
+        row = conn.execute(locked).first()
+        if row is None:  # the file was removed meanwhile
+            return None
     if row.state in _REQUEUE_FROM:
         conn.execute(
             update(r)

@@ -286,7 +286,7 @@ async def evict_copies(
     kept: list[str] = []
     try:
         for item in await c.copies_on(name, dataset=dataset, names=names):
-            if not await c.begin_delete(item.replica_id):
+            if not await c.begin_evict(item.replica_id):
                 kept.append(item.name)
                 continue
             await storage.delete(item.pfn)

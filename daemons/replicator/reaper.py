@@ -2,9 +2,13 @@
 
 Never the last available copy of a file, never a copy another rule still holds a live lock on
 (both re-checked in the transaction that claims the copy), never a copy ingest made (those carry
-no tombstone). Order, so that a kill at any point leaves nothing inconsistent:
+no tombstone), never a copy whose tombstone moved into the future since the pass listed it (a
+recall pinned it: also re-checked in the claim). Order, so that a kill at any point leaves
+nothing inconsistent:
 claim (state ``deleting``) -> delete the bytes -> delete the row and add a history row.
-A copy left ``deleting`` by a kill is picked up again on the next pass.
+A copy left ``deleting`` by a kill is picked up again on the next pass. A copy a rule's placement
+locked while it was ``deleting`` is not dropped at the end but asked for again (``queued``, a
+``replica.request`` through the outbox).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ async def reap(catalogue: Catalogue, storages: Mapping[str, StorageBackend]) -> 
                 "reap_failed", file=item.name, storage=item.storage, reason=err.reason, error=err.message
             )
             continue
-        await catalogue.finish_delete(item)
+        if await catalogue.finish_delete(item):
+            log.info("reaped_copy_requested_again", file=item.name, storage=item.storage)
         deleted += 1
         await asyncio.sleep(0)
     if deleted:

@@ -4,6 +4,8 @@ the rule held a copy missing for good, with nothing requested)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from common.catalogue import Catalogue
@@ -44,7 +46,7 @@ async def test_a_copy_a_rule_locked_while_the_reaper_deleted_it_is_made_again(tm
         (item, *_) = await cat.reapable()
         assert await cat.begin_delete(item.replica_id)
         await cat.add_rule(late)
-        items = [(n, DATASET, {}) for n in names]
+        items: list[tuple[str, str, dict[str, Any]]] = [(n, DATASET, {}) for n in names]
         assert await cat.plan_copies(items, [late], endpoint_table(settings)) == [[], [], []]
         await cat.activate_rule("late")
     target = settings.storage["disk2"].root / item.name

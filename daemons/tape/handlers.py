@@ -28,7 +28,7 @@ from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import Message, TapeArchive
-from common.storage import PosixStorage, open_storage
+from common.storage import StorageBackend, open_storage
 from common.tape import TapeLibrary, open_library
 from daemons.relay import OutboxRelay
 from daemons.tape import steps
@@ -62,11 +62,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             library = await open_library(settings.tape_libraries[name])
             stack.push_async_callback(library.close)
             libraries[name] = library
-        storages: dict[str, PosixStorage] = {}
+        storages: dict[str, StorageBackend] = {}
         for name, endpoint in settings.storage.items():
-            if endpoint.kind == "disk":
+            if endpoint.kind == "disk":  # posix or remote: ``writer`` stages a remote copy here
                 storages[name] = open_storage(name, endpoint)
-                stack.callback(storages[name].close)
+                stack.push_async_callback(storages[name].aclose)
         relay = OutboxRelay(catalogue, publisher)
         stack.push_async_callback(relay.close, settings.bus.stop_grace)
         await relay.start()

@@ -25,10 +25,10 @@ from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
 from common.messages import utcnow
-from common.storage import PosixStorage
+from common.storage import StorageBackend
 from common.tape import TapeLibrary
 from daemons.relay import OutboxRelay
-from daemons.tape import steps
+from daemons.tape import staging, steps
 from daemons.tape.reconcile import reconcile
 from daemons.tape.writer import Env, run_batch
 
@@ -43,21 +43,25 @@ class Scheduler:
         relay: OutboxRelay,
         libraries: Mapping[str, TapeLibrary],
         targets: Mapping[str, steps.TapeTarget],
-        storages: dict[str, PosixStorage],
+        storages: Mapping[str, StorageBackend],
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.relay = relay
         self.libraries = libraries
         self.targets = targets
-        self.env = Env(settings, catalogue, relay, storages)
+        self.env = Env(settings, catalogue, relay, storages, staging.staging_dir(settings.state_dir))
         self.active: dict[str, asyncio.Task[None]] = {}  # endpoint -> its running batch
         self.last_served: dict[str, float] = {}
         self._complaint: dict[str, str] = {}  # endpoint -> reason last logged (no repeats)
         self._loop: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Settle what a killed predecessor left half done, then start the loop."""
+        """Settle what a killed predecessor left half done (copies ``archiving``, staging files),
+        then start the loop."""
+        removed = await asyncio.to_thread(staging.clean, self.env.staging)
+        if removed:
+            log.info("tape_staging_cleaned", files=removed)
         await reconcile(self.catalogue, self.relay, self.libraries, self.targets, list(self.targets))
         if self.targets:
             self._loop = asyncio.create_task(self._run(), name="tape-scheduler")

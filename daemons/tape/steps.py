@@ -25,6 +25,12 @@ SOURCE_BAD = frozenset(
 )
 # ... and those that may pass (keep the copy queued for a later batch).
 SOURCE_TRANSIENT = frozenset({"source_io_error"})
+# Errors fetching a disk copy (resolving a mounted one, downloading a remote one: ``staging``)
+# that condemn that copy; any other one (the endpoint down, a timeout, refused credentials, a
+# download that did not match while the server's checksum does) leaves it for a later batch.
+DOWNLOAD_BAD = frozenset(
+    {"source_missing", "source_corrupt", "not_a_file", "path_outside_area", "unknown_storage"}
+)
 # The mounted cartridge takes no more: close it / leave it, and continue on another one.
 CARTRIDGE_DONE = frozenset({"cartridge_full", "cartridge_not_writable"})
 

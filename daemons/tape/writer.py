@@ -5,8 +5,9 @@ Order of work, so that a kill at any instruction loses nothing and writes nothin
 1. take the queue head (``steps.batch_size``), pick a cartridge and claim a drive (``drives.Mount``)
 2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them
 3. mount (working around broken drives and cartridges that will not load)
-4. per file, in order: write it from its first usable disk copy; the library verifies size and
-   adler32 while writing and returns the file sequence number once the file is committed
+4. per file, in order: write it from its first usable disk copy (a mounted one first; a remote
+   one is downloaded to a node-local staging file first, ``staging``); the library verifies size
+   and adler32 while writing and returns the file sequence number once the file is committed
 5. record written files ``available`` with cartridge + fseq (in groups: ``Recorder``), their
    ``file.archived`` written to the outbox in the same transaction; the relay publishes them
    after the commit (a broker outage delays them, a kill leaves them for the next start)
@@ -16,7 +17,8 @@ Order of work, so that a kill at any instruction loses nothing and writes nothin
 Killed between 4 and 5, a file is committed on tape but the catalogue still says ``archiving`` on
 that cartridge: start-up reconciliation (``reconcile``) finds it there and records it. Killed
 during 4, the library drops the half-written file when it reopens, and the copy goes back to the
-queue. The batch never records a file the library has not committed.
+queue; a staging file left behind is removed at the next start. The batch never records a file
+the library has not committed.
 
 A cartridge that fills up mid-batch is closed (state ``full``) and the batch continues on the next
 one of the pool; what was written before is recorded first, so catalogue rows always name the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +41,10 @@ from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileFailed, TapeMounted
-from common.storage import PosixStorage
+from common.storage import StorageBackend
 from common.tape import TapeLibrary
 from daemons.relay import OutboxRelay
-from daemons.tape import steps
+from daemons.tape import staging, steps
 from daemons.tape.drives import Mount, MountFailures
 
 log = get_logger("spool.tape")
@@ -57,7 +60,8 @@ class Env:
     settings: Settings
     catalogue: Catalogue
     relay: OutboxRelay  # publishes the events the catalogue's outbox holds
-    storages: dict[str, PosixStorage]
+    storages: Mapping[str, StorageBackend]
+    staging: Path  # node-local directory of remote copies being written (``staging``)
     failures: MountFailures = field(default_factory=MountFailures)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -159,38 +163,29 @@ class Batch:
         await self.env.catalogue.run(db.point_to, list(self.pending), vid, write=True)
 
     async def _archive(self, f: db.BatchFile) -> None:
-        mount = self.mount
-        assert mount is not None
         transient: SpoolError | None = None
-        for source in f.sources:
+        for source in staging.prefer_local(f.sources, self.env.storages):
             try:
-                path = self._path(source)
+                path, staged = await self._source_file(f, source)
             except SpoolError as exc:
-                await self._source_bad(f, source, exc)
+                if exc.reason in steps.DOWNLOAD_BAD or isinstance(exc, Permanent):
+                    await self._source_bad(f, source, exc)
+                else:  # the endpoint or the network, not the copy: another source, or later
+                    log.warning(
+                        "archive_source_unreachable", file=f.name, source=source.storage,
+                        reason=exc.reason, error=exc.message,
+                    )  # fmt: skip
+                    transient = exc
                 continue
-            while True:
-                assert mount.drive is not None
-                try:
-                    fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32)
-                except SpoolError as exc:
-                    if exc.reason in steps.CARTRIDGE_DONE:
-                        if await self._too_large(f):
-                            return
-                        await self.recorder.flush()  # rows must name the cartridge their file is on
-                        await mount.close_cartridge(exc.reason, needed=f.size)
-                        continue
-                    if exc.reason in steps.SOURCE_BAD:
-                        await self._source_bad(f, source, exc)
-                        break
-                    if exc.reason in steps.SOURCE_TRANSIENT:
-                        transient = exc
-                        break
-                    raise
-                assert mount.vid is not None
-                del self.pending[f.replica_id]
-                self.written += 1
-                self.recorder.add(db.Archived(f.replica_id, f.name, self.target.storage, mount.vid, fseq))
-                return
+            try:
+                outcome = await self._write(f, source, path, staged)
+            finally:
+                if staged:
+                    await asyncio.to_thread(staging.discard, path)
+            if outcome is None:
+                return  # written, or failed for good
+            if isinstance(outcome, SpoolError):
+                transient = outcome
         if transient is not None:
             log.warning(
                 "archive_source_unreadable", file=f.name, reason=transient.reason, error=transient.message
@@ -199,11 +194,48 @@ class Batch:
         tried = ", ".join(s.storage for s in f.sources) or "none available"
         await self._fail(f, "no_source", f"no usable disk copy to archive from (tried: {tried})")
 
-    def _path(self, source: Source) -> Path:
+    async def _write(
+        self, f: db.BatchFile, source: Source, path: Path, staged: bool
+    ) -> SpoolError | bool | None:
+        """Write ``f`` from ``path``: None when done with the file (written, or failed for good),
+        False when this source is bad (the next one is tried), the error when it may pass.
+
+        A staging file was verified as it was downloaded: a source error reading it back is this
+        node's, not the remote copy's, which is therefore not marked bad."""
+        mount = self.mount
+        assert mount is not None
+        while True:
+            assert mount.drive is not None
+            try:
+                fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32)
+            except SpoolError as exc:
+                if exc.reason in steps.CARTRIDGE_DONE:
+                    if await self._too_large(f):
+                        return None
+                    await self.recorder.flush()  # rows must name the cartridge their file is on
+                    await mount.close_cartridge(exc.reason, needed=f.size)
+                    continue
+                if exc.reason in steps.SOURCE_BAD and not staged:
+                    await self._source_bad(f, source, exc)
+                    return False
+                if exc.reason in steps.SOURCE_TRANSIENT or exc.reason in steps.SOURCE_BAD:
+                    return exc
+                raise
+            assert mount.vid is not None
+            del self.pending[f.replica_id]
+            self.written += 1
+            self.recorder.add(db.Archived(f.replica_id, f.name, self.target.storage, mount.vid, fseq))
+            return None
+
+    async def _source_file(self, f: db.BatchFile, source: Source) -> tuple[Path, bool]:
+        """The file of this node to write (``staging.fetch``): a mounted copy, or a remote one
+        downloaded into the staging directory."""
         storage = self.env.storages.get(source.storage)
         if storage is None:
             raise Permanent("unknown_storage", f"disk endpoint {source.storage!r} is not configured here")
-        return storage.resolve(source.pfn)
+        return await staging.fetch(
+            storage, source, self.env.staging, tag=str(f.replica_id), size=f.size, adler32=f.adler32
+        )
 
     async def _too_large(self, f: db.BatchFile) -> bool:
         """A file larger than any cartridge would close every cartridge of the pool in turn."""

@@ -17,6 +17,7 @@ from common.cli import app
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import StorageEndpoint
+from common.errors import SpoolError
 from common.placement import endpoint_table
 from common.storage import open_storage
 
@@ -26,6 +27,8 @@ app.add_typer(rse_app, name="rse")
 app.add_typer(rule_app, name="rule")
 
 STATES = ("online", "readonly", "down")
+# Delete failures that are the endpoint's, not one copy's: ``rse evict`` stops at the first.
+ENDPOINT_DOWN = frozenset({"endpoint_unavailable", "auth_failed", "transfer_timeout"})
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -246,7 +249,9 @@ def rse_evict(
     """Delete copies on an endpoint to free space (e.g. a disk buffer once the data is on tape).
 
     Never a file's last available copy, never a copy a replication rule holds: those are kept and
-    listed. A file can be brought back with ``spool recall``."""
+    listed. A file can be brought back with ``spool recall``. Works for any disk endpoint, mounted
+    or remote (XRootD, WebDAV); a copy the endpoint refuses to delete is listed as failed (exit
+    code 1) and left ``deleting``: the replicator's reaper deletes it later."""
     settings = settings_from(ctx)
     endpoint = settings.storage.get(name)
     if endpoint is None or endpoint.kind != "disk":
@@ -262,6 +267,8 @@ def rse_evict(
     )
     if json_out:
         print_json(result)
+        if result.get("failed"):
+            raise typer.Exit(1)
         return
     console.print(f"{len(result['evicted'])} cop(ies) deleted from {name}")
     if result["kept"]:
@@ -269,6 +276,10 @@ def rse_evict(
             f"{len(result['kept'])} kept (the last copy, or held by a rule): "
             + ", ".join(result["kept"][:10])
         )
+    for failed in result.get("failed", [])[:10]:
+        console.print(f"[red]not deleted[/red] {failed['name']}: {failed['reason']}: {failed['error']}")
+    if result.get("failed"):
+        raise typer.Exit(1)
 
 
 async def evict_copies(
@@ -278,20 +289,36 @@ async def evict_copies(
     *,
     dataset: str | None = None,
     names: Sequence[str] = (),
-) -> dict[str, list[str]]:
+) -> dict[str, Any]:
     """Delete the copies on disk endpoint ``name`` that another available copy makes redundant and
-    no rule holds (claimed one by one with the same check as the reaper)."""
+    no rule holds (claimed one by one with the same check as the reaper), through the endpoint's
+    backend (posix, xrootd, https).
+
+    A delete the endpoint refuses is listed under ``failed`` (the key is there only then) and
+    its copy stays ``deleting``, as the reaper leaves its own: the reaper retries it. A failure of
+    the endpoint itself (unreachable, credentials refused, timed out) stops the eviction there:
+    the copies not reached are left alone rather than each waiting for the same timeout."""
     storage = open_storage(name, endpoint)
     evicted: list[str] = []
     kept: list[str] = []
+    failed: list[dict[str, str]] = []
     try:
         for item in await c.copies_on(name, dataset=dataset, names=names):
             if not await c.begin_evict(item.replica_id):
                 kept.append(item.name)
                 continue
-            await storage.delete(item.pfn)
+            try:
+                await storage.delete(item.pfn)
+            except SpoolError as err:
+                failed.append({"name": item.name, "reason": err.reason, "error": err.message})
+                if err.reason in ENDPOINT_DOWN:
+                    break
+                continue
             await c.finish_delete(item, by="operator", why="evicted")
             evicted.append(item.name)
     finally:
-        storage.close()
-    return {"evicted": evicted, "kept": kept}
+        await storage.aclose()
+    result: dict[str, Any] = {"evicted": evicted, "kept": kept}
+    if failed:
+        result["failed"] = failed
+    return result

@@ -34,7 +34,7 @@ from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import Message, RecallRequest
-from common.storage import PosixStorage, open_storage
+from common.storage import StorageBackend, open_storage
 from common.tape import TapeLibrary, open_library
 from daemons.recall import steps
 from daemons.recall.announce import Announcer
@@ -61,11 +61,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
         stack.push_async_callback(catalogue.close)
         await catalogue.sync_endpoints(settings.storage)
-        storages: dict[str, PosixStorage] = {}
+        storages: dict[str, StorageBackend] = {}
         for name, endpoint in settings.storage.items():
-            if endpoint.kind == "disk":
+            if endpoint.kind == "disk":  # posix or remote (``delivery`` stages reads for a remote one)
                 storages[name] = open_storage(name, endpoint)
-                stack.callback(storages[name].close)
+                stack.push_async_callback(storages[name].aclose)
         libraries: dict[str, TapeLibrary] = {}
         for name in sorted({ep.library for ep in settings.storage.values() if ep.kind == "tape"}):
             library = await open_library(settings.tape_libraries[name])
@@ -79,6 +79,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             endpoints=settings.storage,
             settings=settings.recall,
             announcer=announcer,
+            staging=settings.state_dir / "recall-staging",
         )
         await scheduler.start()
         task = asyncio.create_task(scheduler.run())

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from common.bus.consumer import ReasonThrottle
 from common.catalogue import Catalogue
@@ -45,7 +48,7 @@ from common.config import RecallSettings, StorageEndpoint
 from common.errors import SpoolError
 from common.logging import get_logger
 from common.messages import TapeMounted
-from common.storage import PosixStorage
+from common.storage import PosixStorage, StorageBackend
 from common.tape import TapeLibrary
 from daemons.recall import delivery, steps
 from daemons.recall.announce import Announcer
@@ -73,14 +76,18 @@ class Scheduler:
         *,
         catalogue: Catalogue,
         libraries: Mapping[str, TapeLibrary],
-        storages: Mapping[str, PosixStorage],
+        storages: Mapping[str, StorageBackend],
         endpoints: Mapping[str, StorageEndpoint],
         settings: RecallSettings,
         announcer: Announcer,
+        staging: Path | None = None,
     ) -> None:
         self.catalogue = catalogue
         self.libraries = libraries
         self.storages = storages
+        # Node-local staging of reads for remote destinations (``delivery``); the daemon passes
+        # ``<state_dir>/recall-staging``.
+        self.staging = staging or Path(tempfile.gettempdir()) / "spool-recall-staging"
         self.settings = settings
         self.announcer = announcer
         # tape endpoint -> its library; disk endpoint -> its reserve
@@ -106,8 +113,11 @@ class Scheduler:
         reclaimed = await self.catalogue.run(db.recover, write=True)
         if reclaimed:
             log.warning("recall_reads_reclaimed", files=reclaimed)
-        for storage in self.storages.values():
-            await asyncio.to_thread(delivery.clean_staging, storage, storage.endpoint.stale_temp_age)
+        for name, storage in self.storages.items():
+            age = storage.endpoint.stale_temp_age if isinstance(storage, PosixStorage) else 0.0
+            removed = await asyncio.to_thread(delivery.clean_staging, storage, self.staging, age)
+            if removed:
+                log.info("recall_staging_cleaned", storage=name, files=removed)
         await self.announcer.flush()
         await self.sweep()
 
@@ -213,9 +223,27 @@ class Scheduler:
         return [p for p in files if p.destination in self.storages]
 
     async def _room(self, destination: str) -> int:
+        """Bytes ``destination`` may still take. A remote endpoint whose protocol does not tell
+        its free space is not held back (unknown is not full: its own ``disk_full`` would requeue
+        the file); one that cannot be asked now takes nothing this time, like a full one."""
         if destination not in self.writable:
             return 0
-        free = await asyncio.to_thread(delivery.free_bytes, self.storages[destination])
+        storage = self.storages[destination]
+        if isinstance(storage, PosixStorage):
+            free = await delivery.free_space(storage)
+        else:
+            try:
+                free = await delivery.free_space(storage)
+            except SpoolError as err:
+                admitted, folded = self._throttle.admit(f"space:{destination}:{err.reason}")
+                if admitted:
+                    log.warning(
+                        "recall_free_space_unknown", storage=destination, reason=err.reason,
+                        error=err.message, similar_since_last_line=folded or None,
+                    )  # fmt: skip
+                return 0
+        if free is None:
+            return sys.maxsize
         return steps.room(free, self.reserve.get(destination, 0), self.in_flight[destination])
 
     async def _fail_lost(self, lost: Sequence[db.PendingFile]) -> None:
@@ -330,7 +358,8 @@ class Scheduler:
         keys = [i.key for i in items if i.destination == item.destination]
         await self.catalogue.run(db.set_state, keys, "staging", write=True)
         try:
-            pfn = await delivery.read_from_tape(library, drive, item, self.storages[item.destination])
+            dest = self.storages[item.destination]
+            pfn = await delivery.read_from_tape(library, drive, item, dest, self.staging)
         except SpoolError as err:
             if err.reason in steps.MEDIA_ERRORS:
                 await self._bad_copy(item, keys, err)

@@ -63,6 +63,7 @@ class Options:
     outage_share: float = 0.06  # of the faults, when the minimum below is met
     term_share: float = 0.1
     min_outages: int = 3
+    min_kills: int = 10
     settle_timeout: float = 900.0
     workdir: Path | None = None
     keep: bool = False
@@ -73,7 +74,7 @@ class Options:
     def short(cls, **kw: Any) -> Options:
         """The slow-test size: a few hundred files, outages of a few seconds, about two minutes."""
         base: dict[str, Any] = dict(files=600, datasets=6, rate=20.0, fault_gap=(1.0, 3.0), outage=(3.0, 6.0),
-                                    min_outages=2, settle_timeout=420.0)  # fmt: skip
+                                    min_outages=2, min_kills=3, settle_timeout=420.0)  # fmt: skip
         return cls(**{**base, **kw})
 
 
@@ -369,8 +370,9 @@ async def _faults(
     workload_done: Callable[[], bool],
 ) -> None:  # fmt: skip
     """The seeded schedule: until the workload is sent (and 10 s more), one fault every
-    ``fault_gap`` seconds; at least ``min_outages`` outages and one SIGTERM, spread over the
-    expected publishing time. Faults stop at twice that time plus a minute even if recalls are
+    ``fault_gap`` seconds, and at least ``min_outages`` outages (spread over the expected
+    publishing time), ``min_kills`` SIGKILLs and one SIGTERM whatever the machine's pace.
+    Faults stop at twice the publishing time plus a minute even if recalls are
     still to be sent: on a loaded machine a tape daemon killed every few seconds spends its life
     starting (10-20 s each time) and the recalls wait for tape, so the window could last forever."""
     t0 = time.monotonic()
@@ -379,13 +381,15 @@ async def _faults(
     done_at: float | None = None
     while True:
         now = time.monotonic()
-        if now > cap and len(faults.outages) >= opts.min_outages and any(faults.terms.values()):
+        enough = len(faults.outages) >= opts.min_outages and any(faults.terms.values())
+        enough = enough and sum(faults.kills.values()) >= opts.min_kills
+        if now > cap and enough:
             if not workload_done():
                 opts.say(f"  faults stopped at {now - t0:.0f} s, before every recall was sent (the cap)")
             return
         if workload_done():
             done_at = done_at or now
-            if now - done_at > 10 and len(faults.outages) >= opts.min_outages and any(faults.terms.values()):
+            if now - done_at > 10 and enough:
                 return
         await asyncio.sleep(rng.uniform(*opts.fault_gap))
         elapsed = time.monotonic() - t0

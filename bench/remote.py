@@ -120,6 +120,11 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repeat, alternating which tool goes first")
     ap.add_argument("--skip-tpc", action="store_true")
     ap.add_argument(
+        "--xrdcp-cksum",
+        action="store_true",
+        help="xrdcp verifies too (--cksum adler32: the source's and the destination's checksums compared)",
+    )
+    ap.add_argument(
         "--dir", type=Path, default=None, help="where the local files live (default: as --server-dir)"
     )
     ap.add_argument(
@@ -146,6 +151,8 @@ async def main() -> None:
         site_b = XrootdStorage("site-b", endpoint)
         site_a = XrootdStorage("site-a", StorageEndpoint(backend="xrootd", url=server.root_url("site-a")))
         n, size, par = args.files, args.size, args.parallel
+        verify = ["--cksum", "adler32"] if args.xrdcp_cksum else []
+        named = "xrdcp --cksum adler32" if args.xrdcp_cksum else "xrdcp"
 
         for rnd in range(args.rounds):
             order = ["xrdcp", "ours"] if rnd % 2 == 0 else ["ours", "xrdcp"]
@@ -153,7 +160,9 @@ async def main() -> None:
             took: dict[str, float] = {}
             for who in order:
                 if who == "xrdcp":
-                    took[who] = xrdcp("--parallel", str(par), *sources, f"{server.root_url('site-b')}/xrdcp/")
+                    took[who] = xrdcp(
+                        *verify, "--parallel", str(par), *sources, f"{server.root_url('site-b')}/xrdcp/"
+                    )
                     clear(server, "site-b", "xrdcp")
                 else:
                     jobs = [
@@ -162,7 +171,7 @@ async def main() -> None:
                     ]
                     took[who] = await ours(jobs, par)  # type: ignore[arg-type]
                     clear(server, "site-b", "ours")
-            report(f"xrdcp --parallel {par}", took["xrdcp"], n, size, None)
+            report(f"{named} --parallel {par}", took["xrdcp"], n, size, None)
             report("XrootdStorage.upload", took["ours"], n, size, took["xrdcp"])
 
         if args.skip_tpc:
@@ -177,6 +186,7 @@ async def main() -> None:
             for who in order:
                 if who == "xrdcp":
                     took[who] = xrdcp(
+                        *verify,
                         "--tpc",
                         "only",
                         "--parallel",
@@ -196,7 +206,7 @@ async def main() -> None:
                     ]
                     took[who] = await ours(jobs, par)  # type: ignore[arg-type]
                     clear(server, "site-b", "tpc-ours")
-            report(f"xrdcp --tpc only --parallel {par}", took["xrdcp"], n, size, None)
+            report(f"{named} --tpc only --parallel {par}", took["xrdcp"], n, size, None)
             report("XrootdStorage.copy_from (tpc)", took["ours"], n, size, took["xrdcp"])
         await site_a.aclose()
         await site_b.aclose()

@@ -6,6 +6,7 @@ and no temporary on the server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.recall_fixtures import (
     register,
     replica,
     request,
+    status,
 )
 from tests.test_cli import spool
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
@@ -156,3 +158,40 @@ async def test_files_with_a_disk_copy_are_copied_to_remote_destinations_without_
     assert json.loads(again.stdout) == {"evicted": names[1:], "kept": []}
     assert files_below(x1) == names[:1]
     assert [await replica(settings, n, "x1") for n in names[1:]] == [None] * 3  # rows gone
+
+
+async def test_a_destination_refusing_the_upload_keeps_the_files_queued_and_staging_empty(
+    tmp_path: Path,
+    tag: str,
+    broker,
+    xrootd_server: LocalXrootd,  # noqa: F811
+    remote_dir: str,  # noqa: F811
+) -> None:
+    path = remote_config(tmp_path, tag, xrootd_server, remote_dir)
+    settings = load_settings(path)
+    files = contents(3, size=50_000)
+    names = sorted(files)
+    await register(settings, files)
+    await archive(settings, {"A00001": names}, files)
+    remote = on_server(xrootd_server, remote_dir, "x1")
+    staging = settings.state_dir / "recall-staging" / "x1"
+    remote.chmod(0o555)  # the server may not write there: every upload is refused
+    try:
+        async with running([recall_service], settings):
+            events = await Events.watch(broker, settings)
+            rid = await request(broker, settings, names=names, destination="x1")
+            await asyncio.sleep(3)  # reads and refused uploads, retried every retry_delay
+            await events.poll()
+            assert events.recalled(rid) == []
+            view = await status(settings, rid)
+            assert view is not None and (view.state, view.done, view.failed) == ("active", 0, 0)
+            assert files_below(staging) == []  # each refused upload's staging file removed
+            remote.chmod(0o777)
+            done = await events.completion(rid)
+    finally:
+        remote.chmod(0o777)
+    assert (done["files"], done["failed"]) == (3, [])
+    for name in names:
+        assert (remote / name).read_bytes() == files[name]
+    assert files_below(remote) == names
+    assert files_below(staging) == []

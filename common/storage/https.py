@@ -485,7 +485,7 @@ class HttpsStorage:
         entries = await self._propfind(self._base + "/", 0, QUOTA_REQUEST)
         return entries[0].quota_available if entries else None
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ListedFile]:
+    async def list(self, prefix: str = "", *, temporaries: bool = False) -> AsyncIterator[ListedFile]:
         start = self._components(prefix, allow_root=True)
         pending = [start]
         seen: set[tuple[str, ...]] = set()
@@ -503,15 +503,15 @@ class HttpsStorage:
                     continue
                 parts = rel.split("/") if rel else []
                 if parts == here:
-                    if not entry.is_dir and not is_temp_name(parts[-1]):
-                        yield ListedFile(rel, entry.size or 0)  # the prefix names a file
+                    if not entry.is_dir and is_temp_name(parts[-1]) == temporaries:
+                        yield ListedFile(rel, entry.size or 0, entry.mtime)  # the prefix names a file
                     continue
                 if parts[: len(here)] != here or len(parts) <= len(here):
                     continue  # not below what was asked: ignored, never followed
                 if entry.is_dir:
                     pending.append(parts)
-                elif not is_temp_name(parts[-1]):
-                    yield ListedFile(rel, entry.size or 0)
+                elif is_temp_name(parts[-1]) == temporaries:
+                    yield ListedFile(rel, entry.size or 0, entry.mtime)
 
     def _relative(self, path: str) -> str | None:
         """A PROPFIND href's path relative to the base; None when it is not below it."""

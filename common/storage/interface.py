@@ -28,7 +28,7 @@ copy for ever.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -52,6 +52,9 @@ class ListedFile:
 
     relpath: str
     size: int
+    # Seconds since the epoch, when the listing tells it (the sweep of stale temporaries needs it);
+    # not part of what makes two listings equal.
+    mtime: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +126,9 @@ class StorageBackend(Protocol):
         """Free space where the protocol tells it; None when it does not."""
         ...
 
-    def list(self, prefix: str = "") -> AsyncIterator[ListedFile]:
-        """Every file below ``prefix`` (temporaries of copies in progress excluded)."""
+    def list(self, prefix: str = "", *, temporaries: bool = False) -> AsyncIterator[ListedFile]:
+        """Every file below ``prefix``, temporaries of copies in progress excluded; with
+        ``temporaries``, those temporaries alone (with their ``mtime``), for the start-up sweep."""
         ...
 
     async def aclose(self) -> None:

@@ -574,35 +574,37 @@ class PosixStorage:
         return executor
 
     # Last in the class: a method named ``list`` shadows the builtin in the annotations after it.
-    async def list(self, prefix: str = "") -> AsyncIterator[ListedFile]:
+    async def list(self, prefix: str = "", *, temporaries: bool = False) -> AsyncIterator[ListedFile]:
         """Every regular file below ``prefix`` (a directory; "" for the whole endpoint), sorted
-        by name within each directory; temporaries of copies in progress and symbolic links are
-        left out. One directory is read per hand-off to a worker thread."""
+        by name within each directory; temporaries of copies in progress (or, with
+        ``temporaries``, those alone) and symbolic links are left out. One directory is read per
+        hand-off to a worker thread. (``cleanup_temp`` is the posix sweep of temporaries.)"""
         lead = prefix.strip("/").removeprefix("./")
         lead = "" if lead == "." else lead
         top = os.fspath(self.resolve(lead)) if lead else os.fspath(self.root)
         stack = [(top, self.pfn_of(top) + "/" if lead else "")]
         while stack:
             path, rel = stack.pop()
-            files, dirs = await self._in_thread(_plain, _read_dir, path)
-            for name, size in files:
-                yield ListedFile(rel + name, size)
+            files, dirs = await self._in_thread(_plain, _read_dir, path, temporaries)
+            for name, size, mtime in files:
+                yield ListedFile(rel + name, size, mtime)
             stack.extend((os.path.join(path, d), f"{rel}{d}/") for d in reversed(dirs))
 
 
-def _read_dir(path: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """(regular files with their sizes, subdirectories) of a directory, each sorted by name; a
-    directory gone meanwhile (or a file named as one) is empty; ``Retryable("storage_io_error")``
-    if it cannot be read."""
-    files: list[tuple[str, int]] = []
+def _read_dir(path: str, temporaries: bool = False) -> tuple[list[tuple[str, int, float]], list[str]]:
+    """(regular files with their sizes and mtimes — temporaries alone with ``temporaries`` —,
+    subdirectories) of a directory, each sorted by name; a directory gone meanwhile (or a file
+    named as one) is empty; ``Retryable("storage_io_error")`` if it cannot be read."""
+    files: list[tuple[str, int, float]] = []
     dirs: list[str] = []
     try:
         with os.scandir(path) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.name)
-                elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
-                    files.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+                elif entry.is_file(follow_symlinks=False) and is_temp_name(entry.name) == temporaries:
+                    st = entry.stat(follow_symlinks=False)
+                    files.append((entry.name, st.st_size, st.st_mtime))
     except (FileNotFoundError, NotADirectoryError):
         return [], []
     except OSError as exc:

@@ -21,14 +21,18 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 
-from common.errors import Permanent
+from common.errors import Permanent, SpoolError
+from common.logging import get_logger
 from common.storage.checksum import normalise_adler32
 from common.storage.interface import CopyDone, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer
 from common.storage.posix import PosixStorage
 from common.storage.reasons import _source_error
+
+log = get_logger("spool.storage")
 
 
 async def stream_via_node(
@@ -112,3 +116,33 @@ def _landing_checksum(source: str | os.PathLike[str]) -> tuple[int, str]:
         raise _source_error(exc, source) from None
     finally:
         os.close(fd)
+
+
+async def remove_stale_temporaries(storage: StorageBackend, before: float) -> int:
+    """Delete the temporaries of copies a killed process left on a remote endpoint: those last
+    modified before ``before`` (seconds since the epoch). Returns how many were deleted.
+
+    Run by the replicator and ingest at start, in the background, with ``before`` = the process's
+    start minus the endpoint's ``stale_temp_age`` — so a copy this process has begun is never
+    touched, nor (with the age raised) one of another node writing to the same endpoint. One
+    listing of the endpoint: the same walk the posix endpoints' ``cleanup_temp`` makes.
+    A temporary whose age the server does not tell is left alone.
+    """
+    removed = 0
+    async for found in storage.list(temporaries=True):
+        if found.mtime is not None and found.mtime < before and await storage.delete(found.relpath):
+            removed += 1
+    return removed
+
+
+async def sweep_stale_temporaries(name: str, storage: StorageBackend, stale_temp_age: float) -> None:
+    """``remove_stale_temporaries`` of the temporaries older than now minus ``stale_temp_age``,
+    logged; an endpoint that cannot be listed now is logged and left for the next start."""
+    before = time.time() - stale_temp_age
+    try:
+        removed = await remove_stale_temporaries(storage, before)
+    except SpoolError as err:
+        log.warning("temp_sweep_failed", storage=name, reason=err.reason, error=err.message)
+        return
+    if removed:
+        log.info("removed_stale_temp_files", storage=name, count=removed)

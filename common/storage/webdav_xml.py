@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from urllib.parse import unquote, urlsplit
 
 # A directory of ~100k entries answers a few tens of MiB; anything larger is not a listing.
@@ -32,6 +33,8 @@ class DavEntry:
     is_dir: bool
     size: int | None
     quota_available: int | None = None
+    # getlastmodified (RFC 1123 date), as seconds since the epoch; None when not given / not a date.
+    mtime: float | None = None
 
 
 def _int(element: ET.Element | None) -> int | None:
@@ -40,6 +43,15 @@ def _int(element: ET.Element | None) -> int | None:
     try:
         return int(element.text.strip())
     except ValueError:
+        return None
+
+
+def _date(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text.strip()).timestamp()
+    except (TypeError, ValueError, IndexError):
         return None
 
 
@@ -66,6 +78,7 @@ def parse_multistatus(body: bytes, *, max_bytes: int = MAX_MULTISTATUS_BYTES) ->
         is_dir = False
         size: int | None = None
         quota: int | None = None
+        mtime: float | None = None
         for propstat in response.iter(f"{_DAV}propstat"):
             status = propstat.findtext(f"{_DAV}status") or ""
             if " 200 " not in f"{status} ":
@@ -78,7 +91,8 @@ def parse_multistatus(body: bytes, *, max_bytes: int = MAX_MULTISTATUS_BYTES) ->
                     is_dir = True
                 size = _int(prop.find(f"{_DAV}getcontentlength")) if size is None else size
                 quota = _int(prop.find(f"{_DAV}quota-available-bytes")) if quota is None else quota
-        entries.append(DavEntry(unquote(urlsplit(href.strip()).path), is_dir, size, quota))
+                mtime = _date(prop.findtext(f"{_DAV}getlastmodified")) if mtime is None else mtime
+        entries.append(DavEntry(unquote(urlsplit(href.strip()).path), is_dir, size, quota, mtime))
     return entries
 
 
@@ -90,5 +104,5 @@ QUOTA_REQUEST = (
 LIST_REQUEST = (
     b'<?xml version="1.0" encoding="utf-8"?>\n'
     b'<D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/><D:getcontentlength/>'
-    b"</D:prop></D:propfind>"
+    b"<D:getlastmodified/></D:prop></D:propfind>"
 )

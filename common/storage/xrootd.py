@@ -700,7 +700,9 @@ class XrootdStorage:
         m = _FREE_RE.search(text)
         return int(m.group(1)) if m else None
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ListedFile]:  # type: ignore[override]
+    async def list(  # type: ignore[override]
+        self, prefix: str = "", *, temporaries: bool = False
+    ) -> AsyncIterator[ListedFile]:
         top = self.base.rstrip("/") + ("/" + _confine(prefix.strip("/")) if prefix.strip("/") else "")
         lead = prefix.strip("/")
         clock = _Clock(self.endpoint.transfer_timeout_floor * 10)
@@ -714,9 +716,10 @@ class XrootdStorage:
             info = entry.statinfo
             if info is None or info.flags & StatInfoFlags.IS_DIR:
                 continue
-            if is_temp_name(entry.name.rsplit("/", 1)[-1]):
+            if is_temp_name(entry.name.rsplit("/", 1)[-1]) != temporaries:
                 continue
-            yield ListedFile(f"{lead}/{entry.name}" if lead else entry.name, int(info.size))
+            mtime = float(info.modtime) if getattr(info, "modtime", None) else None
+            yield ListedFile(f"{lead}/{entry.name}" if lead else entry.name, int(info.size), mtime)
 
     async def aclose(self) -> None:
         """Stop the third-party copy threads (after the copies in them end). The client library's

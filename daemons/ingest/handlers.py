@@ -35,7 +35,7 @@ from common.messages import FileIngested, FileReady, Message, fact_id
 from common.placement import BULK, RuleBook, config_rules, publish_wanted
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.checksum import adler32_of_file
-from common.storage.transfer import upload_checked
+from common.storage.transfer import sweep_stale_temporaries, upload_checked
 from daemons.ingest import steps
 
 log = get_logger("spool.ingest")
@@ -94,10 +94,15 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
+        sweeping: asyncio.Task[None] | None = None
         if isinstance(storage, PosixStorage):
             removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
             if removed:
                 log.info("removed_stale_temp_files", storage=storage_name, count=removed)
+        else:  # a remote endpoint: the same sweep, in the background (a listing of the endpoint)
+            sweeping = asyncio.create_task(
+                sweep_stale_temporaries(storage_name, storage, endpoint.stale_temp_age)
+            )
 
         async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
             done, files = await catalogue.ingest_known([k[0] for k in keys], [k[1] for k in keys])
@@ -139,8 +144,10 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         try:
             yield resources
         finally:
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+            for task in (starting, sweeping):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(starting, *([sweeping] if sweeping else []), return_exceptions=True)
             await resources.planner.close()
             await resources.registrar.close()
             await resources.lookups.close()

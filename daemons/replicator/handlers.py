@@ -49,7 +49,7 @@ from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest
 from common.placement import config_rules
 from common.storage import CopyResult, PosixStorage, StorageBackend, open_storage
 from common.storage.posix import ReplicaCopy
-from common.storage.transfer import verify_stored
+from common.storage.transfer import sweep_stale_temporaries, verify_stored
 from daemons.replicator import steps
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
@@ -107,7 +107,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
                 continue
             storage = storages[name] = open_storage(name, endpoint)
             if not isinstance(storage, PosixStorage):
-                continue  # a remote endpoint: its copies leave no temporary behind on failure
+                # Temporaries a killed predecessor left on the server, found in the background
+                # (a listing of the endpoint); only those older than this start are touched.
+                sweep = sweep_stale_temporaries(name, storage, endpoint.stale_temp_age)
+                tasks.append(asyncio.create_task(sweep))
+                continue
             removed = await asyncio.to_thread(storage.cleanup_temp, endpoint.stale_temp_age)
             if removed:
                 log.info("removed_stale_temp_files", storage=name, count=removed)

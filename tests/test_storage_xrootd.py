@@ -312,9 +312,25 @@ async def test_a_corrupted_source_is_reported_as_such(
         await b.copy_from(a, rel, rel, size=len(data), adler32=adler(data))
     assert err.value.reason == "source_corrupt"
     assert leftovers(xrootd_server, "site-b", remote_dir) == []
-    with pytest.raises(Retryable) as err2:  # downloaded bytes are checked too
+    with pytest.raises(Permanent) as err2:  # downloaded bytes are checked too, the server asked why
         await a.download(rel, tmp_path / "out", size=len(data), adler32=adler(data))
-    assert err2.value.reason == "checksum_mismatch"
+    assert err2.value.reason == "source_corrupt"
+    assert list(tmp_path.glob("*out*")) == []
+
+
+async def test_a_download_whose_bytes_differ_from_the_servers_checksum_is_a_transfer_error(
+    xrootd_server: LocalXrootd, remote_dir: str, tmp_path: Path
+) -> None:
+    """The server's (cached) checksum is the expected one but the bytes received are not: not the
+    copy's fault as far as anyone can tell, so it is retried (source_io_error), not condemned."""
+    a = storage(xrootd_server, "site-a")
+    data = os.urandom(200_000)
+    rel = f"{remote_dir}/f"
+    await a.upload(write(tmp_path, "src", data), rel, size=len(data), adler32=adler(data))
+    flip_byte(xrootd_server.path("site-a", rel), keep_mtime=True)
+    with pytest.raises(Retryable) as err:
+        await a.download(rel, tmp_path / "out", size=len(data), adler32=adler(data))
+    assert err.value.reason == "source_io_error"
     assert list(tmp_path.glob("*out*")) == []
 
 

@@ -39,7 +39,6 @@ import contextlib
 import math
 import os
 import re
-import secrets
 import threading
 import zlib
 from collections import deque
@@ -57,6 +56,7 @@ from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, format_adler32, normalise_adler32
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
+from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.transfer import stream_via_node
 from common.storage.xrootd_errors import (
     ERR_CHECKSUM_ERROR,
@@ -85,26 +85,9 @@ CLEANUP_SECONDS = 10.0
 # After a third-party copy is told to stop, how long its worker thread may take to notice.
 CANCEL_GRACE_SECONDS = 30.0
 
-# The posix backend's temporary-name convention (``.<basename>.spool-tmp-<12 hex>``), spelled
-# here too so that this module does not depend on where posix keeps it; test_storage_xrootd
-# checks that ``is_temp_name`` recognises these names.
-TEMP_MARKER = ".spool-tmp-"
-_TEMP_RE = re.compile(r"\..+\.spool-tmp-[0-9a-f]{12}")
-_TEMP_BASENAME_MAX = 200
-
 _FILE_MODE = AccessMode.UR | AccessMode.UW | AccessMode.GR | AccessMode.OR
 _CKSUM_RE = re.compile(r"adler32[\s:]+([0-9a-fA-F]{1,8})\b")
 _FREE_RE = re.compile(r"oss\.free=(\d+)")
-
-
-def is_temp_name(name: str) -> bool:
-    """True for the basename of a copy's temporary file."""
-    return _TEMP_RE.fullmatch(name) is not None
-
-
-def temp_name_for(basename: str) -> str:
-    """A fresh temporary name beside ``basename``: hidden, recognisable, unique per attempt."""
-    return f".{basename[:_TEMP_BASENAME_MAX]}{TEMP_MARKER}{secrets.token_hex(6)}"
 
 
 # -- the client library's process-wide settings ---------------------------------------------------
@@ -540,11 +523,11 @@ class XrootdStorage:
             got_size = writer.size + (len(extra) if status.ok and extra else 0)
             got = format_adler32(writer.adler)
             if got_size != size or got != expected:
-                raise Retryable(
-                    "checksum_mismatch",
+                received = (
                     f"download of {self._where(path)}: {'at least ' if got_size > size else ''}{got_size} "
-                    f"bytes with adler32 {got}, expected {size} bytes with adler32 {expected}",
+                    f"bytes with adler32 {got}, expected {size} bytes with adler32 {expected}"
                 )
+                raise await self._bad_download(path, received, size, expected, clock)
             await asyncio.to_thread(writer.commit)
         except BaseException:
             if writer is not None:
@@ -555,6 +538,23 @@ class XrootdStorage:
                 await asyncio.wait_for(asyncio.shield(_submit(f.close, timeout=5)), 5)
 
     # -- copies between endpoints ---------------------------------------------------------------
+    async def _bad_download(
+        self, path: str, received: str, size: int, expected: str, clock: _Clock
+    ) -> SpoolError:
+        """The bytes received are not the expected file: is the server's copy bad (``source_corrupt``:
+        that copy is marked bad, another source read) or was it the transfer (``source_io_error``:
+        tried again)? The server's own size and adler32 decide. (A copy corrupted behind the
+        server's back with its mtime kept still shows the server's cached checksum: retried, not
+        condemned — the safe side.)"""
+        try:
+            held = await self._stat(path, checksum=True, side="source")
+        except SpoolError:
+            held = None
+        if held is not None and held.size == size and held.adler32 == expected:
+            return Retryable("source_io_error", f"{received}; the server holds the expected file")
+        what = f"{held.size} bytes adler32 {held.adler32}" if held is not None else "no such file"
+        return Permanent("source_corrupt", f"{received}; the server's copy has {what}")
+
     def can_pull_from(self, source: StorageBackend) -> bool:
         """XRootD third-party copy from another XRootD endpoint, when this (the destination)
         endpoint is configured ``tpc = true``."""
@@ -698,7 +698,13 @@ class XrootdStorage:
             raise classify(status, side="destination", what=self._where(self.base))
         text = response.decode(errors="replace") if isinstance(response, bytes) else str(response or "")
         m = _FREE_RE.search(text)
-        return int(m.group(1)) if m else None
+        if m is None:
+            return None
+        # XRootD answers "oss.space=0&oss.free=0" for a path that does not exist yet (a new
+        # endpoint's base): that is "not told", not "full" (a recall would wait for room for ever).
+        if int(m.group(1)) == 0 and re.search(r"oss\.space=0\b", text):
+            return None
+        return int(m.group(1))
 
     async def list(  # type: ignore[override]
         self, prefix: str = "", *, temporaries: bool = False

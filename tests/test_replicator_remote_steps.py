@@ -84,3 +84,10 @@ def test_refused_credentials_pause_the_endpoint_at_the_first_failure() -> None:
     other = CircuitBreaker(failures_to_open=5, cooldown=10, max_cooldown=60)
     assert not other.record_failure("endpoint_unavailable", "503", at_once=False)
     assert other.state == "closed"
+
+
+def test_a_copy_the_reaper_is_deleting_is_waited_for_not_made_again() -> None:
+    from common.catalogue import ReplicaTask
+
+    task = ReplicaTask("f", 1, "00000001", "deleting", "f", True, 3, ())
+    assert steps.action(task) == "wait"

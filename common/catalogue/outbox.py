@@ -46,7 +46,9 @@ daemon.heartbeat         every daemon, periodically                     not a fa
 =======================  =============================================  ===========================
 
 Commands (``replica.request``, ``tape.archive``) are not facts: they are published before the ack
-of the message that caused them, or re-sent from catalogue state (parked copies, rules).
+of the message that caused them, or re-sent from catalogue state (parked copies, rules). One
+exception goes through the outbox: the reaper's last step, when a rule locked a copy while it was
+being deleted, asks for it again (``replica.request``) in the transaction that re-queues it.
 
 (a) published inside a message handler before the ack: a broker outage fails the handler and
 the message is redelivered, so the event is sent at least once; its id must be the same on every

@@ -317,6 +317,8 @@ async def _replicate_one(
     async with res.locks.hold((name, msg.destination)):
         task = await _task(res, name, msg.destination)
         act = steps.action(task)
+        if act == "wait":
+            raise Retryable("copy_being_deleted", f"the reaper is deleting the copy of {name} there")
         if act == "cancel":
             await res.catalogue.cancel_copy(name, msg.destination)
             ctx.log.info("copy_cancelled", file=name, why="no rule wants this copy any more")

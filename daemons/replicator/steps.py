@@ -12,7 +12,7 @@ from common.catalogue import ReplicaTask, Source
 from common.config import StorageEndpoint
 from common.errors import Permanent
 
-Action = Literal["copy", "verify", "cancel"]
+Action = Literal["copy", "verify", "cancel", "wait"]
 
 # Reason codes of copy failures (raised by ``PosixStorage.copy_verified``), by who is at fault.
 # The source copy is gone or wrong: mark that replica ``bad`` and read another one. (A source pfn
@@ -56,7 +56,11 @@ def destination(name: str, storage: Mapping[str, StorageEndpoint]) -> StorageEnd
 
 def action(task: ReplicaTask) -> Action:
     """``verify`` an existing copy (a redelivery, or a repeated request after corruption),
-    ``cancel`` a copy no rule wants any more, else ``copy``."""
+    ``cancel`` a copy no rule wants any more, ``wait`` while the reaper deletes the copy (a copy
+    made now would be recorded available and then lose its bytes to the reaper; the reaper's last
+    step asks for the copy again when a rule still wants it), else ``copy``."""
+    if task.state == "deleting":
+        return "wait"
     if task.state == "available":
         return "verify"
     if not task.needed:

@@ -191,9 +191,10 @@ async def _run(
                 say(f"  {time.monotonic() - t0:5.0f} s  published {published[0]}  "
                     f"{await _progress(engine)}  {faults.line()}")  # fmt: skip
         await faulting
+        say(f"faults over after {time.monotonic() - t_pub:.0f} s: {faults.line()}")
         await publishing
         await recalling
-        say(f"faults over after {time.monotonic() - t_pub:.0f} s: {faults.line()}")
+        say(f"every event and recall sent after {time.monotonic() - t_pub:.0f} s")
         settled = await _settle(opts, engine, night, recalls.requested, settings, t0)
         if not settled:
             notes.append(f"not settled within {opts.settle_timeout:.0f} s: checked as it stood")

@@ -37,7 +37,7 @@ bench: venv services
 	$(PY) bench/ingest.py
 
 # Long chaos runs (docs/chaos.md): 20,000 files through SIGKILLs, SIGTERMs and outages of a
-# private RabbitMQ node, on SQLite then on a fresh PostgreSQL database; ~10-20 minutes in all.
+# private RabbitMQ node, on SQLite then on a fresh PostgreSQL database; ~25 minutes on 2 cores.
 chaos: venv
 	bash .ci/services.sh rabbitmq postgres
 	$(PY) -m bench.chaos --catalogue both

@@ -17,9 +17,9 @@ def _xrdcp(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_root_upload_checksum_and_third_party_copy(
-    xrootd_server: LocalXrootd,
-    remote_dir: str,
-    tmp_path: Path,  # noqa: F811
+    xrootd_server: LocalXrootd,  # noqa: F811
+    remote_dir: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     data = os.urandom(200_000)
     (tmp_path / "f").write_bytes(data)
@@ -36,9 +36,9 @@ def test_root_upload_checksum_and_third_party_copy(
 
 
 def test_read_only_and_full_exports_refuse_writes(
-    xrootd_server: LocalXrootd,
-    remote_dir: str,
-    tmp_path: Path,  # noqa: F811
+    xrootd_server: LocalXrootd,  # noqa: F811
+    remote_dir: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     (tmp_path / "big").write_bytes(os.urandom(xrootd_server.full_bytes + 1024))
     ro = _xrdcp(str(tmp_path / "big"), f"{xrootd_server.root_url('site-ro')}/{remote_dir}/big")
@@ -48,9 +48,9 @@ def test_read_only_and_full_exports_refuse_writes(
 
 
 def test_https_answers_with_the_adler32_digest(
-    xrootd_server: LocalXrootd,
-    remote_dir: str,
-    tmp_path: Path,  # noqa: F811
+    xrootd_server: LocalXrootd,  # noqa: F811
+    remote_dir: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     data = os.urandom(50_000)
     (tmp_path / "f").write_bytes(data)

@@ -26,7 +26,8 @@ from common.errors import Permanent, Retryable, SpoolError
 from common.storage import is_temp_name as posix_is_temp_name
 from common.storage.devserver import LocalXrootd
 from common.storage.interface import StorageBackend
-from common.storage.xrootd import XrootdStorage, _Token, temp_name_for
+from common.storage.xrootd import XrootdStorage, temp_name_for
+from common.storage.xrootd_auth import _Token
 from common.storage.xrootd_errors import classify
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401
 

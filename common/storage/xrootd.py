@@ -5,11 +5,10 @@ Why the bindings and not ``xrdcp`` processes: one process per file costs more th
 transfer, and the bindings give the server's statuses as numbers (``xrootd_errors`` classifies
 them), not as text on stderr.
 
-Never blocking the event loop: every request is issued in the bindings' asynchronous form
-(``callback=``); the callback, run on one of the client's own threads, hands the answer to an
-asyncio future with ``call_soon_threadsafe`` (``_submit``). Local file reads and writes go to a
-worker thread. The one call without an asynchronous form, ``CopyProcess.run`` (third-party
-copy), runs in a worker thread and is cancelled through its progress handler.
+Never blocking the event loop: every request goes through ``xrootd_client._submit`` (the
+bindings' asynchronous form, answered as an asyncio future); local file reads and writes
+(``xrootd_local``) go to a worker thread. Third-party copy (``xrootd_tpc``) runs the one call
+without an asynchronous form in threads of its own.
 
 Uploads are written with ``File.write``, 8 MiB requests, 4 in flight: measured on this machine
 (256 MiB from the page cache to the local test server's disk) 206 MB/s, against 120-127 MB/s for
@@ -24,177 +23,52 @@ then renamed (``mv``) onto the final name. Any failure, the deadline included, r
 temporary. A final file already holding the expected checksum and size is left as it is
 (redelivered requests succeed without a second transfer).
 
-Credentials: a bearer token (``token_file``, re-read when its mtime changes) travels as the
-``authz=Bearer%20<token>`` CGI of every request (the ZTN / SciTokens convention); it never appears
-in ``url()``, in errors or in logs (``xrootd_errors.scrub``). X.509 (GSI) is the client library's
-business: it reads ``X509_USER_PROXY`` or ``X509_USER_CERT`` / ``X509_USER_KEY`` and
-``X509_CERT_DIR`` from the environment; an endpoint's ``cert`` / ``key`` / ``ca_path`` are put
-there when set (one identity per process: the environment is process-wide).
+Credentials (``xrootd_auth``): a bearer token as the ``authz`` CGI of every request, never in
+``url()``, errors or logs; X.509 through the client library's ``X509_*`` environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
 import re
-import threading
-import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import structlog
 from XRootD import client as xrd
 from XRootD.client.flags import AccessMode, DirListFlags, OpenFlags, QueryCode, StatInfoFlags
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage.checksum import ADLER32_START, format_adler32, normalise_adler32
+from common.storage.checksum import format_adler32, normalise_adler32
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
 from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.transfer import stream_via_node
-from common.storage.xrootd_errors import (
-    ERR_CHECKSUM_ERROR,
-    ERR_ERROR_RESPONSE,
-    ERR_NOT_FOUND,
-    ERR_NOT_SUPPORTED,
-    ERR_OPERATION_EXPIRED,
-    ERR_QUERY_NOT_SUPPORTED,
-    KXR_ARG_INVALID,
-    KXR_CHKSUM_ERR,
-    KXR_NOT_FOUND,
-    KXR_UNSUPPORTED,
-    Side,
-    classify,
-    describe,
-    local_reason,
+from common.storage.xrootd_auth import _Token, _x509_environment
+from common.storage.xrootd_client import (
+    _Clock,
+    _configure_client,
+    _is,
+    _not_found,
+    _parse_adler32,
+    _submit,
+    _unanswered,
 )
-
-log = structlog.get_logger("spool.storage.xrootd")
+from common.storage.xrootd_errors import ERR_OPERATION_EXPIRED, Side, classify
+from common.storage.xrootd_local import _LocalReader, _LocalWriter
+from common.storage.xrootd_tpc import third_party_copy
 
 # Uploads and downloads: requests of CHUNK bytes, IN_FLIGHT of them outstanding (see above).
 CHUNK = 8 * 1024 * 1024
 IN_FLIGHT = 4
 # Cleanup (removing a temporary) after a failure: bounded, the error being reported matters more.
 CLEANUP_SECONDS = 10.0
-# After a third-party copy is told to stop, how long its worker thread may take to notice.
-CANCEL_GRACE_SECONDS = 30.0
 
 _FILE_MODE = AccessMode.UR | AccessMode.UW | AccessMode.GR | AccessMode.OR
-_CKSUM_RE = re.compile(r"adler32[\s:]+([0-9a-fA-F]{1,8})\b")
 _FREE_RE = re.compile(r"oss\.free=(\d+)")
-
-
-# -- the client library's process-wide settings ---------------------------------------------------
-_configured = False
-
-
-def _configure_client() -> None:
-    """Fail fast on a dead endpoint and notice soon that it is back: the client's defaults retry
-    a connection for minutes (``ConnectionWindow`` 120 s x ``ConnectionRetry`` 5) and, once a
-    connection broke, fail every request to that server at once for ``StreamErrorWindow``
-    (1800 s) before trying again. The replicator has its own retry tiers and breaker. Explicit
-    ``XRD_*`` environment variables win."""
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    for key, value in (("ConnectionWindow", 10), ("ConnectionRetry", 2), ("StreamErrorWindow", 10)):
-        if f"XRD_{key.upper()}" not in os.environ:
-            xrd.EnvPutInt(key, value)
-
-
-def _x509_environment(endpoint: StorageEndpoint) -> None:
-    """Hand an endpoint's certificate, key and CA directory to the client library (GSI reads the
-    ``X509_*`` environment). One identity per process: a second, different one is refused loudly."""
-    pairs = (("X509_USER_CERT", endpoint.cert), ("X509_USER_KEY", endpoint.key or endpoint.cert))
-    wanted = [(k, str(v)) for k, v in pairs if endpoint.cert is not None and v is not None]
-    if endpoint.ca_path is not None and endpoint.ca_path.is_dir():
-        wanted.append(("X509_CERT_DIR", str(endpoint.ca_path)))
-    for key, value in wanted:
-        current = os.environ.get(key)
-        if current is not None and current != value:
-            log.warning("x509_environment_conflict", variable=key, kept=current, ignored=value)
-            continue
-        os.environ[key] = value
-
-
-# -- callbacks to futures ---------------------------------------------------------------------------
-def _settle(fut: asyncio.Future[tuple[Any, Any]], value: tuple[Any, Any]) -> None:
-    if not fut.done():  # cancelled (deadline) before the server answered
-        fut.set_result(value)
-
-
-def _submit(
-    method: Callable[..., Any], *args: Any, timeout: int, keep: object = None
-) -> asyncio.Future[tuple[Any, Any]]:
-    """Issue ``method(*args, timeout=..., callback=...)`` and return a future of its
-    ``(status, response)``. The callback runs on a client thread; the future is settled on the
-    event loop. A request the client refuses to send settles at once with that status.
-
-    ``keep``: an object the request uses without a copy (``File.write`` sends straight from the
-    bytes' own buffer), held by the callback until the client is done with the request, even if
-    the caller stopped waiting (a deadline): freed earlier, the socket sends freed memory (seen
-    as EINVAL socket errors).
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[tuple[Any, Any]] = loop.create_future()
-
-    def done(status: Any, response: Any, _hosts: Any = None, _keep: object = keep) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(_settle, fut, (status, response))
-
-    sent = method(*args, timeout=timeout, callback=done)
-    if not sent.ok:
-        fut.set_result((sent, None))
-    return fut
-
-
-class _Clock:
-    """The deadline of one operation, in the event loop's time; XRootD wants whole seconds."""
-
-    __slots__ = ("at", "loop")
-
-    def __init__(self, seconds: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.at = self.loop.time() + seconds
-
-    def left(self) -> int:
-        return max(1, min(65535, math.ceil(self.at - self.loop.time())))
-
-
-def _is(status: Any, client_code: int, server_code: int) -> bool:
-    """Whether ``status`` is the client's ``client_code`` or the server's ``server_code``."""
-    code = int(getattr(status, "code", 0) or 0)
-    return code == client_code or (code == ERR_ERROR_RESPONSE and getattr(status, "errno", 0) == server_code)
-
-
-def _not_found(status: Any) -> bool:
-    return _is(status, ERR_NOT_FOUND, KXR_NOT_FOUND)
-
-
-def _checksum_error(status: Any) -> bool:
-    return _is(status, ERR_CHECKSUM_ERROR, KXR_CHKSUM_ERR)
-
-
-def _unanswered(status: Any) -> bool:
-    """A query this server does not answer (rather than one that failed)."""
-    code = int(getattr(status, "code", 0) or 0)
-    server = getattr(status, "errno", 0)
-    return code in (ERR_NOT_SUPPORTED, ERR_QUERY_NOT_SUPPORTED) or (
-        code == ERR_ERROR_RESPONSE and server in (KXR_UNSUPPORTED, KXR_NOT_FOUND, KXR_ARG_INVALID)
-    )
-
-
-def _parse_adler32(response: Any) -> str | None:
-    text = response.decode(errors="replace") if isinstance(response, bytes) else str(response or "")
-    m = _CKSUM_RE.search(text.replace("\x00", " "))
-    return normalise_adler32(m.group(1)) if m else None
 
 
 def _expected(adler32: str) -> str:
@@ -220,40 +94,6 @@ def _confine(relpath: str) -> str:
     return relpath
 
 
-class _Token:
-    """A bearer token from a file, re-read when the file's mtime changes (tokens are renewed by
-    an agent every few minutes; the daemon keeps running)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._stamp: int | None = None
-        self._cgi = ""
-
-    def cgi(self) -> str:
-        if self.path is None:
-            return ""
-        try:
-            stamp = os.stat(self.path).st_mtime_ns
-            if stamp != self._stamp:
-                token = self.path.read_text().strip()
-                self._cgi, self._stamp = f"authz=Bearer%20{quote(token, safe='')}", stamp
-        except OSError as exc:
-            raise Retryable(
-                "auth_failed", f"cannot read token file {self.path}: {exc.strerror or exc}"
-            ) from None
-        return self._cgi
-
-
-class _Cancel(xrd.utils.CopyProgressHandler):  # type: ignore[misc]
-    """Progress handler of a third-party copy: says stop once ``stop`` is set (the deadline)."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-
-    def should_cancel(self, job_id: int) -> bool:
-        return self.stop.is_set()
-
-
 class XrootdStorage:
     """One ``backend = "xrootd"`` endpoint (see the module docstring)."""
 
@@ -274,16 +114,6 @@ class XrootdStorage:
         self._fs = xrd.FileSystem(self.server)
         self._token = _Token(endpoint.token_file)
         self._tpc_pool: ThreadPoolExecutor | None = None
-
-    def _tpc_threads(self) -> ThreadPoolExecutor:
-        """Threads for ``CopyProcess.run`` (it blocks, waiting on the servers, GIL released): as
-        many as copies this endpoint takes at once. The loop's default executor (cores + 4
-        threads) would cap third-party copies below ``max_transfers`` on a small node."""
-        if self._tpc_pool is None:
-            self._tpc_pool = ThreadPoolExecutor(
-                max_workers=max(self.endpoint.max_transfers, 1), thread_name_prefix=f"xrootd-tpc-{self.name}"
-            )
-        return self._tpc_pool
 
     # -- names ----------------------------------------------------------------------------------
     def _path(self, relpath: str) -> str:
@@ -565,115 +395,12 @@ class XrootdStorage:
     ) -> CopyDone:
         if self.can_pull_from(source):
             assert isinstance(source, XrootdStorage)
-            return await self._third_party(source, source_relpath, relpath, size, _expected(adler32))
+            return await third_party_copy(self, source, source_relpath, relpath, size, _expected(adler32))
         self._path(relpath)  # refused before anything moves
         local = source.local_path(source_relpath)
         if local is not None:
             return await self.upload(local, relpath, size=size, adler32=adler32)
         return await stream_via_node(source, source_relpath, self, relpath, size=size, adler32=adler32)
-
-    async def _third_party(
-        self, source: XrootdStorage, source_relpath: str, relpath: str, size: int, expected: str
-    ) -> CopyDone:
-        path = self._path(relpath)
-        src = source._path(source_relpath)
-        limit = self._limit(size)
-        clock = _Clock(limit)
-        done = CopyDone(relpath, size, expected, "tpc")
-        if await self._already_there(path, size, expected, clock):
-            return done
-        found = await source._stat(src, checksum=False, side="source")
-        if found is None:
-            raise Permanent("source_missing", f"source {source._where(src)} does not exist")
-        if found.size != size:
-            raise Permanent(
-                "source_corrupt", f"source {source._where(src)} has {found.size} bytes, expected {size}"
-            )
-        tmp = f"{path.rsplit('/', 1)[0]}/{temp_name_for(path.rsplit('/', 1)[1])}"
-        process = xrd.CopyProcess()
-        process.add_job(
-            source._transfer_url(src), self._transfer_url(tmp),
-            force=False, mkdir=True, thirdparty="only",
-            checksummode="end2end", checksumtype="adler32", checksumpreset=expected,
-            tpctimeout=clock.left(), inittimeout=min(clock.left(), 60), retry=0,
-        )  # fmt: skip
-        cancel = _Cancel()
-        loop = asyncio.get_running_loop()
-        run = loop.run_in_executor(self._tpc_threads(), _run_copy, process, cancel)
-        try:
-            try:
-                status, results = await asyncio.wait_for(
-                    asyncio.shield(run), max(0.0, clock.at - loop.time())
-                )
-            except TimeoutError:
-                cancel.stop.set()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(run, CANCEL_GRACE_SECONDS)
-                raise Retryable(
-                    "transfer_timeout",
-                    f"third-party copy {source._where(src)} -> {self._where(path)} did not finish "
-                    f"within {limit:.0f} s",
-                ) from None
-            except asyncio.CancelledError:
-                cancel.stop.set()
-                raise
-            job = results[0] if results else {}
-            job_status = job.get("status", status)
-            if not status.ok or not job_status.ok:
-                failed = job_status if not job_status.ok else status
-                raise await self._tpc_error(failed, source, src, tmp, path, size, expected)
-            target = job.get("targetCheckSum", "")
-            if not target or _parse_adler32(target) != expected:
-                # end2end compared it already; a client that skipped the comparison is caught here.
-                await self._verify(tmp, path, size, expected, clock)
-            await self._commit(tmp, path, clock)
-        except BaseException:
-            await self._discard(tmp)
-            raise
-        return done
-
-    async def _tpc_error(
-        self, status: Any, source: XrootdStorage, src: str, tmp: str, path: str, size: int, expected: str
-    ) -> SpoolError:
-        """Which side a failed third-party copy is to blame on.
-
-        A checksum that is not the expected one: if the temporary is short, the copy did not
-        finish (a destination that filled up is reported so by some servers: the pulling
-        ``xrdcp --server`` dies of ENOSPC and the client only sees the checksum differ); if the
-        source's own server reports another checksum, the source is corrupt (Permanent);
-        otherwise the copy here went wrong.
-        """
-        text = describe(status)
-        if _checksum_error(status):
-            floor = self.endpoint.transfer_timeout_floor
-            with contextlib.suppress(SpoolError):
-                written = await self._stat(tmp, checksum=False, side="destination")
-                if written is not None and written.size < size:
-                    free = await self.free_space()
-                    full = free is not None and free < size - written.size
-                    return Retryable(
-                        "disk_full" if full else "storage_io_error",
-                        f"third-party copy to {self._where(path)} stopped after {written.size} of {size} "
-                        f"bytes{' (no space left)' if full else ''}: {text}",
-                    )
-            with contextlib.suppress(SpoolError):
-                at_source = await source._server_adler32(src, _Clock(floor), side="source")
-                if at_source is not None and at_source != expected:
-                    return Permanent(
-                        "source_corrupt",
-                        f"source {source._where(src)}: its server reports adler32 {at_source}, "
-                        f"expected {expected}",
-                    )
-            return Retryable(
-                "checksum_mismatch",
-                f"third-party copy to {self._where(path)}: {text} (expected adler32 {expected})",
-            )
-        lowered = text.lower()
-        side: Side = "destination"
-        if "(source)" in lowered or ("(destination)" not in lowered and _not_found(status)):
-            side = "source"
-        where = source._where(src) if side == "source" else self._where(path)
-        return classify(status, side=side, what=where)
 
     # -- the rest -------------------------------------------------------------------------------
     async def delete(self, relpath: str) -> bool:
@@ -737,88 +464,3 @@ class XrootdStorage:
 
     def __repr__(self) -> str:
         return f"XrootdStorage({self.name!r}, {self.server}/{self.base})"
-
-
-def _run_copy(process: Any, cancel: _Cancel) -> tuple[Any, list[dict[str, Any]]]:
-    """``CopyProcess.prepare`` + ``run`` (blocking: in a worker thread)."""
-    status = process.prepare()
-    if not status.ok:
-        return status, []
-    status, results = process.run(cancel)
-    return status, list(results or [])
-
-
-class _LocalReader:
-    """Sequential reads of a local file with a running adler32 (runs in worker threads)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-        self.adler = ADLER32_START
-
-    def read(self, n: int) -> bytes:
-        try:
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            data = os.read(self.fd, n)
-        except OSError as exc:
-            reason = local_reason(exc.errno or 0, str(exc).lower(), "source")
-            error = Permanent if reason == "source_missing" else Retryable
-            raise error(reason, f"reading {self.path}: {exc.strerror or exc}") from None
-        self.adler = zlib.adler32(data, self.adler)
-        return data
-
-    def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-
-
-class _LocalWriter:
-    """A download's local temporary beside its final name; ``commit`` fsyncs and renames it."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        self.tmp = final.parent / temp_name_for(final.name)
-        self.size = 0
-        self.adler = ADLER32_START
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.fd: int | None = os.open(
-                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def _error(self, exc: OSError) -> SpoolError:
-        reason = local_reason(exc.errno or 0, str(exc).lower(), "destination")
-        return Retryable(reason, f"writing {self.tmp}: {exc.strerror or exc}")
-
-    def write(self, data: bytes) -> None:
-        assert self.fd is not None
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as exc:
-            raise self._error(exc) from None
-        self.size += len(data)
-        self.adler = zlib.adler32(data, self.adler)
-
-    def commit(self) -> None:
-        assert self.fd is not None
-        try:
-            os.fsync(self.fd)
-            fd, self.fd = self.fd, None
-            os.close(fd)
-            os.replace(self.tmp, self.final)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def discard(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)

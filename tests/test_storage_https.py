@@ -678,7 +678,7 @@ async def test_stalled_or_overdue_third_party_copy_is_cancelled_as_transfer_time
 
 
 def test_token_holder_repr_hides_the_token(tmp_path: Path) -> None:
-    from common.storage.https import _BearerToken
+    from common.storage.https_auth import _BearerToken
 
     (tmp_path / "t").write_text("zzz-secret")
     holder = _BearerToken(tmp_path / "t")

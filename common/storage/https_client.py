@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,18 @@ MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _READ_BUFFER = 4 * 1024 * 1024
 _ERROR_BODY_BYTES = 64 * 1024
+
+
+# A request that met a connection the server had closed is sent again this many times.
+_STALE_RETRIES = 2
+_NOT_RESENT = frozenset({"COPY", "MOVE"})
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """A kept-alive connection the server had closed (before it read this request)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
 def parse_adler32_digest(values: builtins.list[str]) -> str | None:
@@ -234,17 +247,25 @@ class _WebDavClient:
         timeout = client_timeout or aiohttp.ClientTimeout(total=self._metadata_timeout)
         for _hop in range(self.max_redirects + 1):
             what = f"{method} {self._public(url)}"
-            try:
-                resp = await session.request(
-                    method,
-                    url,
-                    headers={**(headers or {}), **self._auth_headers()},
-                    data=body() if body is not None else None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise exception_error(exc, side=side, what=what, transfer=transfer) from None
+            for attempt in range(_STALE_RETRIES + 1):
+                try:
+                    resp = await session.request(
+                        method,
+                        url,
+                        headers={**(headers or {}), **self._auth_headers()},
+                        data=body() if body is not None else None,
+                        allow_redirects=False,
+                        timeout=timeout,
+                    )
+                    break
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    # XrdHttp closes a kept-alive connection after some error answers (a 500);
+                    # the next request on it from the pool meets a broken pipe / a disconnect
+                    # before the server read it. Sent again on another connection, except what
+                    # must not run twice (a third-party copy, a rename).
+                    if attempt < _STALE_RETRIES and method not in _NOT_RESENT and _stale_connection(exc):
+                        continue
+                    raise exception_error(exc, side=side, what=what, transfer=transfer) from None
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp

@@ -359,6 +359,7 @@ class Settings(BaseSettings):
             self.catalogue.url = f"sqlite+aiosqlite:///{self.state_dir / 'catalogue.db'}"
         if not any(ep.kind == "disk" for ep in self.storage.values()):
             raise ValueError("storage needs at least one endpoint of kind 'disk' (ingest copies there)")
+        _refuse_overlapping_directories(self)
         return self
 
     @classmethod
@@ -391,6 +392,48 @@ class Settings(BaseSettings):
 
     def first_disk(self) -> tuple[str, StorageEndpoint]:
         return next((n, ep) for n, ep in self.storage.items() if ep.kind == "disk")
+
+
+def _refuse_overlapping_directories(settings: Settings) -> None:
+    """Refuse directories that would lose data by sharing a tree, naming both keys.
+
+    Two disk endpoints on one directory let the reaper delete the only copy of a file while the
+    catalogue still counts two; a storage root inside a landing area (or around one) makes the
+    archive announce and ingest its own copies; a landing area inside another lets one instrument
+    announce the other's files; a tape library sharing a tree with either mixes cartridges with
+    data. Remote endpoints have no local root, and tape endpoints share their library's root, so
+    only posix disk roots, tape library roots and landing areas are compared. Paths are compared
+    after ``os.path.realpath`` (symlinked parents included; a missing tail is just normalised).
+    """
+    dirs: list[tuple[str, str, Path]] = []  # (kind, key, configured path)
+    for name, ep in settings.storage.items():
+        if ep.kind == "disk" and ep.backend == "posix":
+            dirs.append(("disk", f"storage.{name}.root", ep.root))
+    for name, lib in settings.tape_libraries.items():
+        dirs.append(("library", f"tape_libraries.{name}.root", lib.root))
+    for name, area in settings.landing_areas.items():
+        dirs.append(("landing", f"landing_areas.{name}", area))
+    for _, key, path in dirs:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{key} {path} exists and is not a directory")
+    real = [Path(os.path.realpath(path)) for _, _, path in dirs]
+    for i, (kind_a, key_a, path_a) in enumerate(dirs):
+        for j in range(i):
+            kind_b, key_b, path_b = dirs[j]
+            if kind_a == kind_b == "library":
+                continue  # libraries keep their own cartridges apart; not this check's business
+            a, b = real[i], real[j]
+            if a == b:
+                relation = "is the same directory as"
+            elif b in a.parents:
+                relation = "is inside"
+            elif a in b.parents:
+                relation = "contains"
+            else:
+                continue
+            shown_a = f"{path_a}" if a == path_a else f"{path_a} (really {a})"
+            shown_b = f"{path_b}" if b == path_b else f"{path_b} (really {b})"
+            raise ValueError(f"{key_a} {shown_a} {relation} {key_b} {shown_b}")
 
 
 # pydantic-settings builds sources inside the class; the chosen file travels through this slot.

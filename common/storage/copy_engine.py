@@ -93,6 +93,31 @@ class CopyResult:
         return Path(self.location)
 
 
+def _open_replica(source: str | os.PathLike[str], expected_size: int) -> int:
+    """The descriptor of a source replica that is a regular file of the expected size; its
+    failures are the source's (``_replica_source_error``, ``source_corrupt``)."""
+    try:
+        # O_NONBLOCK: a FIFO planted at the source path must not hang the open.
+        src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _replica_source_error(exc, source) from None
+    try:
+        st = os.fstat(src)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
+        if st.st_size != expected_size:
+            raise Permanent(
+                SOURCE_CORRUPT, f"source replica {source} has {st.st_size} bytes, expected {expected_size}"
+            )
+    except OSError as exc:
+        os.close(src)
+        raise _replica_source_error(exc, source) from None
+    except BaseException:
+        os.close(src)
+        raise
+    return src
+
+
 def _is_symlink(path: str) -> bool:
     try:
         return stat_mod.S_ISLNK(os.lstat(path).st_mode)
@@ -327,23 +352,8 @@ class CopyEngine:
         expected_adler32: str,
         fsync: bool,
     ) -> CopyResult:
+        src = _open_replica(source, expected_size)
         try:
-            # O_NONBLOCK: a FIFO planted at the source path must not hang the open.
-            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _replica_source_error(exc, source) from None
-        try:
-            try:
-                st = os.fstat(src)
-            except OSError as exc:
-                raise _replica_source_error(exc, source) from None
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
-            if st.st_size != expected_size:
-                raise Permanent(
-                    SOURCE_CORRUPT,
-                    f"source replica {source} has {st.st_size} bytes, expected {expected_size}",
-                )
             if expected_size > self.chunk_size:  # a hint, worth its syscall beyond one read
                 with contextlib.suppress(AttributeError, OSError):
                     os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -385,22 +395,8 @@ class CopyEngine:
         the source: its reason codes are the source's. ``min_free_bytes`` (this endpoint's
         reserve) does not apply to a file written elsewhere."""
         source = os.fspath(self.resolve(relpath))
+        src = _open_replica(source, expected_size)
         try:
-            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _replica_source_error(exc, source) from None
-        try:
-            try:
-                st = os.fstat(src)
-            except OSError as exc:
-                raise _replica_source_error(exc, source) from None
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
-            if st.st_size != expected_size:
-                raise Permanent(
-                    SOURCE_CORRUPT,
-                    f"source replica {source} has {st.st_size} bytes, expected {expected_size}",
-                )
             self._copy_and_check(cancelled, src, source, local, expected_size, expected_adler32, True)
         finally:
             os.close(src)

@@ -47,7 +47,6 @@ from common.errors import Permanent, Retryable, SpoolError
 from common.storage.checksum import ADLER32_START, format_adler32
 from common.storage.https_client import (
     MAX_REDIRECTS,
-    _expected,
     _refuse,
     _WebDavClient,
     parse_adler32_digest,
@@ -55,6 +54,7 @@ from common.storage.https_client import (
 from common.storage.https_errors import NoAnswer, exception_error
 from common.storage.https_tpc import TpcMode, third_party_copy
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
+from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.transfer import stream_via_node
 from common.storage.webdav_xml import LIST_REQUEST, QUOTA_REQUEST

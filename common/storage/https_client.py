@@ -85,13 +85,6 @@ def parse_adler32_digest(values: builtins.list[str]) -> str | None:
     return None
 
 
-def _expected(adler32: str) -> str:
-    try:
-        return normalise_adler32(adler32)
-    except ValueError as exc:
-        raise Permanent("invalid_checksum", str(exc)) from None
-
-
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The response body, at most ``limit`` bytes (``UnsafeXml`` beyond: never held in memory)."""
     chunks: builtins.list[bytes] = []

@@ -22,9 +22,10 @@ import aiohttp
 import structlog
 
 from common.errors import Retryable
-from common.storage.https_client import _expected, _refuse
+from common.storage.https_client import _refuse
 from common.storage.https_errors import Side, exception_error, tpc_failure_error
 from common.storage.interface import CopyDone
+from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import temp_name_for
 
 if TYPE_CHECKING:

@@ -51,6 +51,7 @@ from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBa
 from common.storage.kernel import _adler32_fd, _buffer, _sync_root
 from common.storage.paths import is_within, resolve_below
 from common.storage.reasons import STORAGE_IO_ERROR, _destination_error
+from common.storage.reasons import expected_adler32 as _expected_adler32
 from common.storage.tempfiles import is_temp_name
 
 T = TypeVar("T")
@@ -87,13 +88,6 @@ SMALL_BATCH = 256
 # 8,400-8,900; 4 batches of 256 by default now.
 PIPELINED_BYTES = 64 * 1024 * 1024
 MIN_PIPELINED_BATCHES = 2
-
-
-def _expected_adler32(text: str) -> str:
-    try:
-        return normalise_adler32(text)
-    except ValueError as exc:
-        raise Permanent("invalid_checksum", str(exc)) from None
 
 
 def _plain(_cancelled: threading.Event, fn: Callable[..., T], *args: Any) -> T:

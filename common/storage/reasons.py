@@ -16,6 +16,7 @@ import errno
 import os
 
 from common.errors import Permanent, Retryable, SpoolError
+from common.storage.checksum import normalise_adler32
 
 _NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -63,3 +64,12 @@ def _replica_source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolEr
     if exc.errno in (errno.ELOOP, errno.ENXIO):  # O_NOFOLLOW on a symlink; a socket or device
         return Permanent(SOURCE_CORRUPT, f"source replica {path} is not a regular file")
     return Retryable(SOURCE_IO_ERROR, f"reading source replica {path}: {exc.strerror or exc}")
+
+
+def expected_adler32(text: str) -> str:
+    """An expected checksum from a caller (catalogue, event) in canonical form;
+    ``Permanent("invalid_checksum")`` when it is not one (every backend refuses it alike)."""
+    try:
+        return normalise_adler32(text)
+    except ValueError as exc:
+        raise Permanent("invalid_checksum", str(exc)) from None

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
-from common.storage.checksum import normalise_adler32
 from common.storage.interface import CopyDone, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer
 from common.storage.posix import PosixStorage
 from common.storage.reasons import _source_error
+from common.storage.reasons import expected_adler32 as expected_adler32_of
 
 log = get_logger("spool.storage")
 
@@ -87,12 +87,7 @@ async def upload_checked(
     the checksum before any byte leaves the node; the second read comes from the page cache.
     A file changed between the two reads fails the server's check and is retried.
     """
-    expected = None
-    if expected_adler32 is not None:
-        try:
-            expected = normalise_adler32(expected_adler32)
-        except ValueError as exc:
-            raise Permanent("invalid_checksum", str(exc)) from None
+    expected = expected_adler32_of(expected_adler32) if expected_adler32 is not None else None
     size, adler32 = await asyncio.to_thread(_landing_checksum, source)
     if expected_size is not None and size != expected_size:
         raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import re
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ from XRootD.client.flags import AccessMode, DirListFlags, OpenFlags, QueryCode, 
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage.checksum import format_adler32, normalise_adler32
+from common.storage.checksum import format_adler32
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
+from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.transfer import stream_via_node
 from common.storage.xrootd_auth import _Token, _x509_environment
@@ -69,13 +70,6 @@ CLEANUP_SECONDS = 10.0
 
 _FILE_MODE = AccessMode.UR | AccessMode.UW | AccessMode.GR | AccessMode.OR
 _FREE_RE = re.compile(r"oss\.free=(\d+)")
-
-
-def _expected(adler32: str) -> str:
-    try:
-        return normalise_adler32(adler32)
-    except ValueError as exc:
-        raise Permanent("invalid_checksum", str(exc)) from None
 
 
 def _confine(relpath: str) -> str:
@@ -221,18 +215,26 @@ class XrootdStorage:
     async def upload(self, local: Path, relpath: str, *, size: int, adler32: str) -> CopyDone:
         path = self._path(relpath)
         expected = _expected(adler32)
+        await self._within_deadline(
+            f"upload to {self._where(path)}",
+            size,
+            lambda clock: self._upload(local, path, size, expected, clock),
+        )
+        return CopyDone(relpath, size, expected, "local")
+
+    async def _within_deadline(
+        self, what: str, size: int, transfer: Callable[[_Clock], Awaitable[None]]
+    ) -> None:
+        """Run a transfer under its deadline (``deadline_for``); past it, ``transfer_timeout``."""
         limit = self._limit(size)
         deadline = asyncio.timeout(limit)
         try:
             async with deadline:
-                await self._upload(local, path, size, expected, _Clock(limit))
+                await transfer(_Clock(limit))
         except TimeoutError:
             if not deadline.expired():
                 raise
-            raise Retryable(
-                "transfer_timeout", f"upload to {self._where(path)} did not finish within {limit:.0f} s"
-            ) from None
-        return CopyDone(relpath, size, expected, "local")
+            raise Retryable("transfer_timeout", f"{what} did not finish within {limit:.0f} s") from None
 
     async def _upload(self, local: Path, path: str, size: int, expected: str, clock: _Clock) -> None:
         if await self._already_there(path, size, expected, clock):
@@ -314,17 +316,11 @@ class XrootdStorage:
     async def download(self, relpath: str, local: Path, *, size: int, adler32: str) -> CopyDone:
         path = self._path(relpath)
         expected = _expected(adler32)
-        limit = self._limit(size)
-        deadline = asyncio.timeout(limit)
-        try:
-            async with deadline:
-                await self._download(path, local, size, expected, _Clock(limit))
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise Retryable(
-                "transfer_timeout", f"download of {self._where(path)} did not finish within {limit:.0f} s"
-            ) from None
+        await self._within_deadline(
+            f"download of {self._where(path)}",
+            size,
+            lambda clock: self._download(path, local, size, expected, clock),
+        )
         return CopyDone(relpath, size, expected, "local")
 
     async def _download(self, path: str, local: Path, size: int, expected: str, clock: _Clock) -> None:

@@ -59,6 +59,19 @@ class BusSettings(_Strict):
     # Grace period for in-flight handlers on SIGTERM before the channel is closed (broker requeues).
     stop_grace: float = Field(default=30.0, ge=0)
     connect_timeout: float = Field(default=10.0, gt=0)
+    # Broker users whose messages Spool trusts as its own: internal commands (replica.request,
+    # tape.archive, ...), Spool's x-spool-* headers and heartbeats. Spool's publishers set the AMQP
+    # ``user_id`` property and RabbitMQ refuses a ``user_id`` other than the connection's user, so
+    # a delivery carrying one of these names was sent by that user. Empty: the user of ``url``.
+    spool_users: list[str] = Field(default_factory=list)
+
+    def trusted_users(self) -> frozenset[str]:
+        """``spool_users``, or the user of ``url`` (``guest`` when it names none)."""
+        if self.spool_users:
+            return frozenset(self.spool_users)
+        from urllib.parse import unquote, urlsplit
+
+        return frozenset({unquote(urlsplit(self.url).username or "guest")})
 
     @field_validator("retry_tiers")
     @classmethod

@@ -325,6 +325,10 @@ class Settings(BaseSettings):
     )
     # Name -> directory where instruments drop files; file.ready paths must lie inside one.
     landing_areas: dict[str, Path] = Field(default_factory=lambda: {"default": Path("landing")})
+    # External broker users allowed to announce files in each landing area (``file.ready``'s
+    # AMQP user_id): a source announces only in its own area. An area not named here accepts any
+    # user; Spool's own users (``bus.trusted_users()``) may announce in every area.
+    landing_publishers: dict[str, list[str]] = Field(default_factory=dict)
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
     daemons: dict[str, DaemonSettings] = Field(default_factory=_default_daemons)
     # Replication rules loaded at start (id -> rule); `spool rule add` adds more at run time.

@@ -324,11 +324,17 @@ class Runner:
         finally:
             self._tasks.discard(task)
 
-    def _context(self, attempt: int, correlation_id: str | None, reply_to: str | None = None) -> Context[Any]:
+    def _context(
+        self,
+        attempt: int,
+        correlation_id: str | None,
+        reply_to: str | None = None,
+        user_id: str | None = None,
+    ) -> Context[Any]:
         return Context(
             daemon=self.service.name, settings=self.settings, publisher=self.publisher,
             resources=self.resources, log=self._log, attempt=attempt, correlation_id=correlation_id,
-            reply_to=reply_to,
+            reply_to=reply_to, user_id=user_id,
         )  # fmt: skip
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -357,7 +363,7 @@ class Runner:
             return
         # One binding per message (it is on the hot path): every line logged while handling it,
         # by the handler or by the runner, carries these fields.
-        ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to)
+        ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to, props.user_id)
         with bound_contextvars(
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
             **self.service.describe(msg),

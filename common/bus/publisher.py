@@ -43,10 +43,15 @@ class RecordingPublisher:
 
 
 class AmqpPublisher:
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, app_id: str) -> None:
+    def __init__(
+        self, channel: AbstractChannel, exchange: AbstractExchange, app_id: str, user_id: str | None = None
+    ) -> None:
         self._channel = channel
         self._exchange = exchange
         self._app_id = app_id
+        # The connection's user, as the AMQP ``user_id`` of every message: RabbitMQ refuses any
+        # other value, so consumers can tell Spool's own messages (``common.bus.trust``).
+        self._user_id = user_id
 
     @classmethod
     async def create(
@@ -54,7 +59,7 @@ class AmqpPublisher:
     ) -> AmqpPublisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(exchange_name, ensure=False)
-        return cls(channel, exchange, app_id)
+        return cls(channel, exchange, app_id, connection.url.user or "guest")
 
     async def publish(self, msg: Message, *, correlation_id: str | None = None) -> None:
         # Properties built directly (pamqp), not through ``aio_pika.Message``, whose per-attribute
@@ -67,6 +72,7 @@ class AmqpPublisher:
             message_type=msg.ROUTING_KEY,
             app_id=self._app_id,
             timestamp=msg.time,
+            user_id=self._user_id,
         )
         await self._send(self._exchange.name, codec.encode(msg), properties, msg.ROUTING_KEY)
 

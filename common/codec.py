@@ -12,6 +12,12 @@ bodies are accepted for a routing key that names a known type:
 
 Every failure raises ``InvalidMessage`` with one of the reason codes below, so the runner can
 dead-letter it with a precise cause.
+
+Hostile bodies are refused before they are parsed into Python objects: a body above
+``limits.MAX_BODY_BYTES``, JSON nested deeper than ``limits.MAX_JSON_DEPTH``, ``NaN`` /
+``Infinity`` or an integer of more than ``_MAX_INT_DIGITS`` digits is ``undecodable``. A decoded
+body is validated **strictly** (no ``"7"`` for 7, see ``common.messages``); the error text names at
+most five fields, each location cut short, never the value.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import msgpack
 from pydantic import ValidationError
 
+from common import limits
 from common.errors import InvalidMessage
 from common.messages import MODELS, Message
 
@@ -44,11 +51,23 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(msg.model_dump(mode="json"), use_bin_type=True)
 
 
+# 2**64 has 20 digits: a longer integer is refused by every bound, and converting thousands of
+# digits costs quadratic time (Python caps it at 4300 with a ValueError).
+_MAX_INT_DIGITS = 24
+_LOC_PART = 64  # characters of one part of a field location quoted in an error
+
+
 def decode(body: bytes, content_type: str | None, routing_key: str, message_id: str | None = None) -> Message:
     """Decode and validate one delivery into its model; raise ``InvalidMessage`` otherwise."""
+    if len(body) > limits.MAX_BODY_BYTES:
+        raise InvalidMessage(
+            UNDECODABLE, f"body is {len(body)} bytes, at most {limits.MAX_BODY_BYTES} accepted"
+        )
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype == MSGPACK:
         raw = _unpack(body)
+        if limits.nesting_exceeds(raw):
+            raise InvalidMessage(UNDECODABLE, f"msgpack nested deeper than {limits.MAX_JSON_DEPTH} levels")
         model = _model_for(routing_key)
         return _validate(model, raw, routing_key)
     raw = _parse_json(body)
@@ -121,19 +140,45 @@ def _unpack(body: bytes) -> Any:
 
 
 def _parse_json(body: bytes) -> Any:
+    if limits.json_depth_exceeds(body):
+        raise InvalidMessage(UNDECODABLE, f"JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidMessage(UNDECODABLE, f"body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage(UNDECODABLE, f"body is not acceptable JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
 
 
 def _validate(model: type[Message], raw: Any, routing_key: str) -> Message:
     if not isinstance(raw, dict):
         raise InvalidMessage(INVALID, f"{routing_key} body must be a map, got {type(raw).__name__}")
     try:
-        return model.model_validate(raw)
+        # Strict: what comes off the bus is never coerced (a string is not a number, nor a list).
+        return model.model_validate(raw, strict=True)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise InvalidMessage(INVALID, f"invalid {routing_key}: {problems}") from None
+    except RecursionError:  # a msgpack body nested deeper than Python validates
+        raise InvalidMessage(UNDECODABLE, f"{routing_key} body is nested too deeply") from None
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """A field location for an error text: each part cut short and without control characters
+    (an unknown key may be a megabyte of hostile text)."""
+    parts = []
+    for p in loc:
+        text = str(p)
+        text = "".join(c if c.isprintable() else "?" for c in text[:_LOC_PART])
+        parts.append(text + ("..." if len(str(p)) > _LOC_PART else ""))
+    return ".".join(parts) or "body"

@@ -8,21 +8,90 @@ Decision on unknown fields from outside: the ``data`` of an external event is **
 unknown field is rejected with reason ``invalid_message`` naming it. A misspelt ``adler32`` must not
 silently skip verification. Free-form facts belong in ``data.metadata``. CloudEvents extension
 attributes on the envelope (allowed by the spec) are accepted and ignored.
+
+Every field is bounded (``common.limits``) and, when a message is decoded (``common.codec``),
+typed strictly: ``size: "2558"``, ``size: true``, ``priority: "7"``, ``2.0`` for an integer or a
+string for a list are refused with ``invalid_message`` naming the field, never coerced. Only
+timestamps are parsed from text (ISO 8601: that is how JSON and Spool's msgpack carry them); a
+timestamp without a UTC offset is taken as UTC, so no consumer compares naive and aware times.
+Models built inside Spool are validated with the same bounds but lax types (a ``Path`` for a name).
+Text Spool writes itself (an error message, an alert summary) is truncated, not refused: a long
+error must not stop the failure being reported.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from common import limits
 
 SCHEMA_VERSION = 1
 
+
+def _truncated(v: Any) -> Any:
+    return limits.truncate(v) if isinstance(v, str) else v
+
+
+def _timestamp(v: Any) -> Any:
+    """ISO 8601 text -> datetime (strict mode refuses text otherwise); numbers stay refused."""
+    if isinstance(v, str):
+        if len(v) > limits.MAX_TIMESTAMP:
+            raise ValueError(f"timestamp is longer than {limits.MAX_TIMESTAMP} characters")
+        try:
+            return datetime.fromisoformat(v)
+        except ValueError:
+            raise ValueError("timestamp is not ISO 8601") from None
+    return v
+
+
+def _utc(v: datetime) -> datetime:
+    return v.replace(tzinfo=UTC) if v.tzinfo is None else v
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+# Bounded, non-empty strings without control characters.
+_CLEAN = AfterValidator(limits.no_control)
+Identifier = Annotated[str, Field(min_length=1, max_length=limits.MAX_ID), _CLEAN]
+# Lengths only: whether a name is a clean relative path, with components the file system can
+# hold, is ingest's decision (``name_too_long``, ``invalid_name``), recorded against the file.
+LogicalName = Annotated[str, Field(min_length=1, max_length=limits.MAX_NAME), _CLEAN]
+DatasetName = Annotated[str, Field(min_length=1, max_length=limits.MAX_DATASET), _CLEAN]
+EndpointName = Annotated[str, Field(min_length=1, max_length=limits.MAX_ENDPOINT), _CLEAN]
+ReasonCode = Annotated[str, Field(min_length=1, max_length=limits.MAX_REASON), _CLEAN]
+FreeText = Annotated[str, BeforeValidator(_truncated)]
+Timestamp = Annotated[datetime, BeforeValidator(_timestamp), AfterValidator(_utc)]
+Bytes = Annotated[int, Field(ge=0, le=limits.MAX_SIZE)]
+Count = Annotated[int, Field(ge=0, le=limits.MAX_COUNT)]
+Priority = Annotated[int, Field(ge=0, le=9)]
+Seconds = Annotated[float, Field(ge=0, le=limits.MAX_SECONDS), AfterValidator(_finite)]
+MetaKey = Annotated[str, Field(min_length=1, max_length=limits.MAX_META_KEY), _CLEAN]
+MetaInt = Annotated[int, Field(ge=limits.INT64_MIN, le=limits.INT64_MAX)]
+MetaFloat = Annotated[float, AfterValidator(_finite)]
+MetaStr = Annotated[str, Field(max_length=limits.MAX_META_STR)]
 # Metadata values are scalars so that "find by metadata" can compare them (=, <, >, in).
-MetaValue = str | int | float | bool | None
+# (``bool`` first: in lax mode ``True`` would otherwise be taken for the integer 1.)
+MetaValue = bool | MetaInt | MetaFloat | MetaStr | None
+Metadata = dict[MetaKey, MetaValue]
+NameList = list[LogicalName]
 
 
 def new_id() -> str:
@@ -43,17 +112,30 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _bounded_list(v: Any, limit: int, what: str) -> Any:
+    """Refuse an over-long list before its items are validated one by one."""
+    if isinstance(v, list) and len(v) > limit:
+        raise ValueError(f"{what} has {len(v)} entries, at most {limit} allowed")
+    return v
+
+
+def _check_names_bytes(names: list[str]) -> None:
+    total = sum(len(n.encode()) for n in names)
+    if total > limits.MAX_NAMES_BYTES:
+        raise ValueError(f"names total {total} bytes, at most {limits.MAX_NAMES_BYTES} allowed")
+
+
 class Message(BaseModel):
     """Common envelope fields. ``id`` is the event id used to drop duplicates."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     ROUTING_KEY: ClassVar[str] = ""
 
-    schema_version: int = SCHEMA_VERSION
-    id: str = Field(default_factory=new_id, min_length=1, max_length=256)
-    source: str = "spool"
-    time: datetime = Field(default_factory=utcnow)
-    correlation_id: str | None = None
+    schema_version: Annotated[int, Field(ge=0)] = SCHEMA_VERSION
+    id: Identifier = Field(default_factory=new_id)
+    source: Identifier = "spool"
+    time: Timestamp = Field(default_factory=utcnow)
+    correlation_id: Identifier | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -75,24 +157,50 @@ def normalise_adler32(v: Any) -> str | None:
     return v.lower().zfill(8)
 
 
+Adler32 = Annotated[str, BeforeValidator(normalise_adler32)]
+
+
+def check_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The whole of a file's metadata: key count and encoded size (each key and value is bounded
+    by its own type). Also used by ingest before any byte moves."""
+    if len(meta) > limits.MAX_META_KEYS:
+        raise ValueError(f"has {len(meta)} keys, at most {limits.MAX_META_KEYS} allowed")
+    size = limits.json_size(meta)
+    if size > limits.MAX_META_BYTES:
+        raise ValueError(f"is {size} bytes as JSON, at most {limits.MAX_META_BYTES} allowed")
+    return meta
+
+
 class FileReady(Message):
     """Command to ingest: an instrument says a file in a landing area is complete."""
 
     ROUTING_KEY: ClassVar[str] = "file.ready"
 
-    path: str = Field(min_length=1, max_length=4096)
-    dataset: str = Field(min_length=1, max_length=255)
+    path: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
+    dataset: DatasetName
     # Logical file name; defaults to the path relative to its landing area (decided by ingest).
-    name: str | None = Field(default=None, min_length=1, max_length=1024)
-    size: int | None = Field(default=None, ge=0)
-    adler32: str | None = None
-    metadata: dict[str, MetaValue] = Field(default_factory=dict)
-    parents: list[str] = Field(default_factory=list)
+    name: LogicalName | None = None
+    size: Bytes | None = None
+    adler32: Adler32 | None = None
+    metadata: Metadata = Field(default_factory=dict)
+    parents: NameList = Field(default_factory=list)
 
-    @field_validator("adler32", mode="before")
+    @field_validator("metadata", mode="before")
     @classmethod
-    def _norm_adler(cls, v: Any) -> str | None:
-        return normalise_adler32(v)
+    def _few_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and len(v) > limits.MAX_META_KEYS:
+            raise ValueError(f"has {len(v)} keys, at most {limits.MAX_META_KEYS} allowed")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(v)
+
+    @field_validator("parents", mode="before")
+    @classmethod
+    def _few_parents(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_PARENTS, "parents")
 
     @field_validator("path")
     @classmethod
@@ -101,6 +209,10 @@ class FileReady(Message):
             raise ValueError("path contains a NUL byte")
         if not v.startswith("/"):
             raise ValueError("path must be absolute")
+        limits.no_control(v)
+        total = limits.utf8_bytes(v)
+        if total > limits.MAX_PATH_BYTES:
+            raise ValueError(f"path is {total} bytes long, at most {limits.MAX_PATH_BYTES} allowed")
         return v
 
 
@@ -109,12 +221,12 @@ class FileIngested(Message):
 
     ROUTING_KEY: ClassVar[str] = "file.ingested"
 
-    name: str
-    dataset: str
-    size: int
-    adler32: str
-    storage: str
-    pfn: str
+    name: LogicalName
+    dataset: DatasetName
+    size: Bytes
+    adler32: Adler32
+    storage: EndpointName
+    pfn: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
 
 
 class ReplicaRequest(Message):
@@ -125,16 +237,28 @@ class ReplicaRequest(Message):
     applied to existing files, parked copies re-sent): one message carries up to a few hundred
     files, which divides the per-message cost of the bus. A file of a bulk request that cannot be
     copied at once continues as a single-file request of its own (its retries, dead letter and
-    reason are then its own).
+    reason are then its own). ``names`` holds at most ``limits.MAX_NAMES`` entries and
+    ``limits.MAX_NAMES_BYTES`` in all.
     """
 
     ROUTING_KEY: ClassVar[str] = "replica.request"
 
-    name: str | None = Field(default=None, min_length=1)
-    names: list[str] = Field(default_factory=list, max_length=10_000)
-    destination: str
-    rule_id: str | None = None
-    priority: int = Field(default=3, ge=0, le=9)
+    name: LogicalName | None = None
+    names: NameList = Field(default_factory=list)
+    destination: EndpointName
+    rule_id: Identifier | None = None
+    priority: Priority = 3
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _few_names(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_NAMES, "names")
+
+    @field_validator("names")
+    @classmethod
+    def _names_bytes(cls, v: list[str]) -> list[str]:
+        _check_names_bytes(v)
+        return v
 
     @model_validator(mode="after")
     def _one_form(self) -> ReplicaRequest:
@@ -152,10 +276,10 @@ class CreatedCopy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    pfn: str
-    size: int
-    adler32: str
+    name: LogicalName
+    pfn: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
+    size: Bytes
+    adler32: Adler32
 
 
 class ReplicaCreated(Message):
@@ -170,8 +294,13 @@ class ReplicaCreated(Message):
 
     ROUTING_KEY: ClassVar[str] = "replica.created"
 
-    storage: str
-    copies: list[CreatedCopy] = Field(min_length=1, max_length=10_000)
+    storage: EndpointName
+    copies: list[CreatedCopy] = Field(min_length=1, max_length=limits.MAX_NAMES)
+
+    @field_validator("copies", mode="before")
+    @classmethod
+    def _few_copies(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_NAMES, "copies")
 
     @property
     def size(self) -> int:
@@ -184,44 +313,75 @@ class TapeArchive(Message):
 
     ROUTING_KEY: ClassVar[str] = "tape.archive"
 
-    name: str
-    destination: str
-    rule_id: str | None = None
-    priority: int = Field(default=3, ge=0, le=9)
+    name: LogicalName
+    destination: EndpointName
+    rule_id: Identifier | None = None
+    priority: Priority = 3
 
 
 class FileArchived(Message):
     ROUTING_KEY: ClassVar[str] = "file.archived"
 
-    name: str
-    storage: str
-    cartridge: str
-    fseq: int
+    name: LogicalName
+    storage: EndpointName
+    cartridge: EndpointName
+    fseq: Count
 
 
 class RecallRequest(Message):
+    """Command to recall: bring ``names`` (or a ``dataset``) back to a disk endpoint.
+
+    ``names`` holds at most ``limits.MAX_NAMES`` entries and ``limits.MAX_NAMES_BYTES`` in all: a
+    bigger request is one dead letter (``invalid_message``), before anything reaches the catalogue.
+    """
+
     ROUTING_KEY: ClassVar[str] = "recall.request"
 
-    names: list[str] = Field(default_factory=list)
-    dataset: str | None = None
-    destination: str | None = None
-    priority: int = Field(default=3, ge=0, le=9)
+    names: NameList = Field(default_factory=list)
+    dataset: DatasetName | None = None
+    destination: EndpointName | None = None
+    priority: Priority = 3
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _few_names(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_NAMES, "names")
+
+    @field_validator("names")
+    @classmethod
+    def _names_bytes(cls, v: list[str]) -> list[str]:
+        _check_names_bytes(v)
+        return v
 
 
 class FileRecalled(Message):
     ROUTING_KEY: ClassVar[str] = "file.recalled"
 
-    name: str
-    storage: str
-    request_id: str
+    name: LogicalName
+    storage: EndpointName
+    request_id: Identifier
 
 
 class RecallCompleted(Message):
+    """Event (and reply on ``reply_to``): a recall request is settled.
+
+    ``reason`` / ``error`` are set when the request itself was refused after it reached the recall
+    daemon (``id_conflict``: its id was already used by a request with other content); ``failed``
+    then lists the names it asked for.
+    """
+
     ROUTING_KEY: ClassVar[str] = "recall.completed"
 
-    request_id: str
-    files: int
-    failed: list[str] = Field(default_factory=list)
+    request_id: Identifier
+    files: Count
+    failed: NameList = Field(default_factory=list)
+    reason: ReasonCode | None = None
+    error: FreeText | None = None
+
+    @field_validator("failed", mode="before")
+    @classmethod
+    def _few_failed(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_FAILED_NAMES, "failed")
 
 
 class FileFailed(Message):
@@ -229,17 +389,17 @@ class FileFailed(Message):
 
     ROUTING_KEY: ClassVar[str] = "file.failed"
 
-    daemon: str
-    reason: str
-    error: str
-    attempts: int
-    name: str | None = None
-    path: str | None = None
-    dataset: str | None = None
-    message_id: str | None = None
+    daemon: ReasonCode
+    reason: ReasonCode
+    error: FreeText
+    attempts: Count
+    name: FreeText | None = None
+    path: FreeText | None = None
+    dataset: FreeText | None = None
+    message_id: FreeText | None = None
     # The storage endpoint the failed work was for (a copy's destination), so the monitor groups
     # failures per endpoint: one full disk must not look like a cause spread over every file.
-    endpoint: str | None = None
+    endpoint: EndpointName | None = None
 
 
 class EndpointPaused(Message):
@@ -247,11 +407,11 @@ class EndpointPaused(Message):
 
     ROUTING_KEY: ClassVar[str] = "endpoint.paused"
 
-    storage: str
-    reason: str
-    error: str
-    failures: int
-    cooldown: float  # seconds until one probe copy is let through
+    storage: EndpointName
+    reason: ReasonCode
+    error: FreeText
+    failures: Count
+    cooldown: Seconds  # seconds until one probe copy is let through
 
 
 class EndpointResumed(Message):
@@ -259,9 +419,9 @@ class EndpointResumed(Message):
 
     ROUTING_KEY: ClassVar[str] = "endpoint.resumed"
 
-    storage: str
-    paused_seconds: float
-    waiting: int  # parked copies being re-sent
+    storage: EndpointName
+    paused_seconds: Seconds
+    waiting: Count  # parked copies being re-sent
 
 
 class TapeMounted(Message):
@@ -269,28 +429,37 @@ class TapeMounted(Message):
 
     ROUTING_KEY: ClassVar[str] = "tape.mounted"
 
-    library: str
-    drive: str
-    cartridge: str
-    purpose: str  # archive | recall
-    request: str | None = None
+    library: EndpointName
+    drive: EndpointName
+    cartridge: EndpointName
+    purpose: ReasonCode  # archive | recall
+    request: Identifier | None = None
 
 
 class DaemonHeartbeat(Message):
-    """Event: who is alive and what it holds right now."""
+    """Event: who is alive and what it holds right now. ``details`` is at most
+    ``limits.MAX_DETAILS_BYTES`` as JSON."""
 
     ROUTING_KEY: ClassVar[str] = "daemon.heartbeat"
 
-    daemon: str
-    instance: str
-    host: str
-    pid: int
-    version: str
-    started: datetime
-    in_flight: int = 0
-    processed: int = 0
-    failed: int = 0
+    daemon: ReasonCode
+    instance: Identifier
+    host: Identifier
+    pid: Count
+    version: Identifier
+    started: Timestamp
+    in_flight: Count = 0
+    processed: Count = 0
+    failed: Count = 0
     details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("details")
+    @classmethod
+    def _small_details(cls, v: dict[str, Any]) -> dict[str, Any]:
+        size = limits.json_size(v)
+        if size > limits.MAX_DETAILS_BYTES:
+            raise ValueError(f"is {size} bytes as JSON, at most {limits.MAX_DETAILS_BYTES} allowed")
+        return v
 
 
 class AlertRaised(Message):
@@ -299,14 +468,14 @@ class AlertRaised(Message):
 
     ROUTING_KEY: ClassVar[str] = "alert.raised"
 
-    kind: str  # "new_failure_reason"
-    severity: str = "warning"
-    summary: str
-    daemon: str | None = None  # the daemon the alert is about
-    reason: str | None = None
-    endpoint: str | None = None
-    example: str | None = None  # one file (or message id) that failed this way
-    error: str | None = None
+    kind: ReasonCode  # "new_failure_reason"
+    severity: ReasonCode = "warning"
+    summary: FreeText
+    daemon: ReasonCode | None = None  # the daemon the alert is about
+    reason: ReasonCode | None = None
+    endpoint: EndpointName | None = None
+    example: FreeText | None = None  # one file (or message id) that failed this way
+    error: FreeText | None = None
 
 
 MODELS: dict[str, type[Message]] = {

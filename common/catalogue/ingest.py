@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection
+from sqlalchemy import Column, Connection, text
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from common.catalogue import schema as s
@@ -50,6 +50,7 @@ DAEMON = "ingest"
 # (no statistics) walks the (state, updated) index, every done request, instead of probing the
 # primary key: at 20,000 files a quarter of the CPU ingest spent per file, and growing with the table.
 _REQUEST_STATE_SQL = "SELECT id, state FROM requests WHERE id IN ({})"
+_PRIOR_SQL = "SELECT id, kind, state, name, path, dataset FROM requests WHERE id IN ({})"
 _LOOKUP_SQL = (
     "SELECT files.id, files.name, datasets.name, files.size, files.adler32, files.created"
     " FROM files JOIN datasets ON datasets.id = files.dataset_id WHERE files.name IN ({})"
@@ -115,6 +116,59 @@ def _done_events(conn: Connection, ids: Sequence[str]) -> set[str]:
 def known(conn: Connection, ids: Sequence[str], names: Sequence[str]) -> tuple[set[str], dict[str, FileInfo]]:
     """What ingest asks before copying: which event ids are done, which names are registered."""
     return _done_events(conn, ids), {n: info for n, (_, info) in lookup(conn, names).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class PriorRequest:
+    """What the catalogue recorded under an event id before: its kind, state and what it was
+    about. ``name`` / ``path`` / ``dataset`` may be None (a failure recorded before they were
+    known)."""
+
+    kind: str
+    state: str
+    name: str | None
+    path: str | None
+    dataset: str | None
+
+    def differs(self, *, name: str | None, paths: Sequence[str], dataset: str) -> str | None:
+        """What makes an event with this id another event than the recorded one, or None.
+
+        Same id, same file (name, path, dataset) is a redelivery or a duplicate: idempotent. Any
+        difference means the id names two events (``id_conflict``). Paths are compared with every
+        spelling the caller knows (as sent and as resolved): the catalogue has recorded both.
+        """
+        if self.kind != "ingest":
+            return f"kind {self.kind}"
+        if name is not None and self.name is not None and self.name != name:
+            return f"name {self.name!r}"
+        if self.path is not None and self.path not in paths:
+            return f"path {self.path!r}"
+        if self.dataset is not None and self.dataset != dataset:
+            return f"dataset {self.dataset!r}"
+        return None
+
+
+def prior_requests(
+    conn: Connection, ids: Sequence[str], names: Sequence[str]
+) -> tuple[dict[str, PriorRequest], dict[str, FileInfo]]:
+    """What ingest asks before copying, in one round trip: what each event id was recorded as
+    (any state: a failed event's id is taken too), and which names are registered."""
+    rows = select_in(conn, _PRIOR_SQL, list(dict.fromkeys(ids)))
+    prior = {rid: PriorRequest(kind, state, name, path, ds) for rid, kind, state, name, path, ds in rows}
+    return prior, {n: info for n, (_, info) in lookup(conn, names).items()}
+
+
+_REPLICA_AT_SQL = (
+    "SELECT 1 FROM replicas JOIN files ON files.id = replicas.file_id"
+    " JOIN storage_endpoints ON storage_endpoints.id = replicas.storage_id"
+    " WHERE files.name = :name AND storage_endpoints.name = :storage AND replicas.pfn = :name"
+)
+
+
+def replica_recorded(conn: Connection, name: str, storage: str) -> bool:
+    """Whether the catalogue records a replica of ``name`` on ``storage`` at pfn ``name`` (in any
+    state): a copy there belongs to the catalogue and is not ingest's to remove."""
+    return conn.execute(text(_REPLICA_AT_SQL), {"name": name, "storage": storage}).first() is not None
 
 
 def _decide(

@@ -2,8 +2,13 @@
 
 Order of work for one event, chosen so that a kill at any instruction loses nothing:
 
-1. validate (dataset name, landing area, logical name)            -> Permanent on bad input
-2. under a per-name lock: is the event id done, is the name known? -> duplicate: re-publish, stop
+1. validate (landing area and who may announce in it, dataset name, logical name and its
+   component lengths; the message model already bounded metadata, parents and every field)
+                                                                   -> Permanent on bad input
+2. under a per-name lock: what was this event id recorded as, is the name known?
+                                                                   -> same event: re-publish, stop
+                                                                   -> id used for another file:
+                                                                      id_conflict
                                                                    -> other checksum: name_conflict
 3. copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
    (remote: the checksum read here, uploaded to a temporary name, the server's checksum, renamed)
@@ -11,23 +16,43 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
 5. evaluate the replication rules: lock the copies they want      -> batched, one transaction
 6. publish one request per missing copy and ``file.ingested``, then the runner acks.
 
+**Everything an event can be refused for is decided in 1 and 2, before any byte moves**: a refusal
+never leaves a copy behind and is never retried into another copy. A failure after 3 (the
+catalogue refuses the batch, another process registered the name) removes the copy 3 made, unless
+the catalogue records a replica at that place (then the copy is someone's registered file).
+
 A kill after 3 leaves a verified file at its final path and no catalogue row: the redelivery copies
 it again over itself and registers it. A kill during 3 leaves nothing (an unnamed file) or a temp
 file (where the file system has no unnamed files), removed at start-up.
+
+Reason codes decided here: ``area_not_permitted`` (the publisher may not announce in that landing
+area), ``name_too_long`` (a path or name component over 255 bytes, a name over 1024 characters,
+or ENAMETOOLONG from the file system), ``id_conflict`` (the event id was already used for another
+file), ``name_conflict``, ``file_missing``; and those of ``steps`` (``path_outside_area``,
+``invalid_name``, ``not_a_file``, ``bad_dataset_name``).
+
+A refused event is traceable by the logical name the file would have had (its ``name``, else the
+path relative to its landing area computed lexically) as well as by its absolute path: the failure
+is recorded in the history of both (``spool trace``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import limits
 from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
+from common.bus.trust import is_spool_user
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome, Wanted
+from common.catalogue import ingest as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
@@ -43,8 +68,12 @@ log = get_logger("spool.ingest")
 
 @dataclass
 class Known:
-    event_done: bool
+    prior: db.PriorRequest | None  # what the event id was recorded as, if anything
     file: FileInfo | None
+
+    @property
+    def event_done(self) -> bool:
+        return self.prior is not None and self.prior.state == "done"
 
 
 @dataclass
@@ -105,8 +134,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             )
 
         async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
-            done, files = await catalogue.ingest_known([k[0] for k in keys], [k[1] for k in keys])
-            return [Known(i in done, files.get(n)) for i, n in keys]
+            ids, names = [k[0] for k in keys], [k[1] for k in keys]
+            prior, files = await catalogue.run(db.prior_requests, ids, names)
+            return [Known(prior.get(i), files.get(n)) for i, n in keys]
 
         batch = settings.catalogue
         per_file_fsync = endpoint.durability == "file"
@@ -161,10 +191,22 @@ service = Service("ingest", resources=open_resources, describe=_describe)
 
 @service.handler(FileReady)
 async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
+    try:
+        await _ingest(msg, ctx)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # the file system's own verdict: never retried
+            raise Permanent("name_too_long", f"{msg.path}: {exc.strerror}") from None
+        raise
+
+
+async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
     settings, res = ctx.settings, ctx.resources
-    steps.check_dataset(msg.dataset, settings.datasets)
+    _check_path_length(msg.path)
     located = steps.locate(msg.path, settings.landing_areas)
+    check_publisher(located.area, ctx.user_id, settings)
+    steps.check_dataset(msg.dataset, settings.datasets)
     name = steps.logical_name(msg.name, located)
+    check_name_length(name)
     async with res.name_lock(name):
         info = await _ingest_locked(msg, ctx, located, name)
         # Replication policy: lock the copies the rules want and request the missing ones. Also on
@@ -188,11 +230,54 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
     )
 
 
+def check_publisher(area: str, user_id: str | None, settings: Settings) -> None:
+    """A landing area listed in ``landing_publishers`` takes announcements only from its listed
+    broker users (the AMQP ``user_id``, validated by RabbitMQ) and from Spool's own users. An area
+    listed with no users takes them from Spool's users only; an area not listed, from anyone."""
+    allowed = settings.landing_publishers.get(area)
+    if allowed is None or user_id in allowed or is_spool_user(user_id, settings.bus):
+        return
+    who = f"broker user {user_id!r}" if user_id else "a publisher without a user_id"
+    raise Permanent(
+        "area_not_permitted", f"{who} may not announce files in landing area {area!r} ({', '.join(allowed)})"
+    )
+
+
+def _check_path_length(path: str) -> None:
+    part = limits.too_long_component(path)
+    if part is not None:
+        raise Permanent(
+            "name_too_long",
+            f"a component of {path[:200]!r} is {len(part.encode(errors='surrogatepass'))} bytes, "
+            f"at most {limits.MAX_COMPONENT_BYTES} allowed",
+        )
+
+
+def check_name_length(name: str) -> None:
+    """A logical name becomes a path on every disk endpoint: its components must fit the file
+    system and the whole the catalogue's column. Decided before the copy, for good."""
+    if len(name) > limits.MAX_NAME:
+        raise Permanent(
+            "name_too_long", f"logical name is {len(name)} characters, at most {limits.MAX_NAME} allowed"
+        )
+    _check_path_length(name)
+
+
 async def _ingest_locked(
     msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
 ) -> FileInfo:
     res = ctx.resources
     known = await res.lookups.submit((msg.id, name))
+    if known.prior is not None:
+        # A failure row's name may be the lexical one (``failure_names``), which a symlinked
+        # directory makes differ from the resolved one: there the path decides, unless the event
+        # gave its name.
+        exact = known.prior.state == "done" or msg.name is not None
+        other = known.prior.differs(
+            name=name if exact else None, paths=(msg.path, located.source), dataset=msg.dataset
+        )
+        if other is not None:
+            raise _id_conflict(msg.id, other, name)
     if known.event_done and known.file is not None:
         ctx.log.info("duplicate_event", name=name)
         return known.file
@@ -205,7 +290,8 @@ async def _ingest_locked(
             raise _conflict(name, known.file, msg.size, adler)
         # Same content again: record the event id as done (through registration) and re-publish.
         size, adler32 = known.file.size, known.file.adler32
-    elif isinstance(res.storage, PosixStorage):
+        return await _register(msg, ctx, located, name, size, adler32, copied=False)
+    if isinstance(res.storage, PosixStorage):
         copied = await res.storage.put_from(
             located.source,
             name,
@@ -219,6 +305,22 @@ async def _ingest_locked(
             res.storage, located.source, name, expected_size=msg.size, expected_adler32=msg.adler32
         )
         size, adler32 = uploaded.size, uploaded.adler32
+    return await _register(msg, ctx, located, name, size, adler32, copied=True)
+
+
+async def _register(
+    msg: FileReady,
+    ctx: Context[IngestResources],
+    located: steps.Located,
+    name: str,
+    size: int,
+    adler32: str,
+    *,
+    copied: bool,
+) -> FileInfo:
+    """Register what was copied (or found registered); on failure, remove a copy this event made
+    that the catalogue does not record, so nothing unregistered stays in the storage root."""
+    res = ctx.resources
     record = IngestRecord(
         event_id=msg.id,
         name=name,
@@ -233,12 +335,38 @@ async def _ingest_locked(
         source=msg.source,
         attempt=ctx.attempt,
     )
-    outcome = await res.registrar.submit(record)
-    if outcome.outcome == "conflict":
-        # Another process registered the name between our lookup and our write.
-        raise _conflict(name, outcome.file, size, adler32)
-    assert outcome.file is not None
+    try:
+        outcome = await res.registrar.submit(record)
+        if outcome.outcome == "conflict":
+            # Another process registered the name between our lookup and our write.
+            raise _conflict(name, outcome.file, size, adler32)
+        if outcome.file is None:
+            # The event id was recorded done for another name in the same instant (a batch).
+            raise _id_conflict(msg.id, "another file", name)
+    except Exception:
+        if copied:
+            await _remove_unregistered(ctx, name)
+        raise
     return outcome.file
+
+
+async def _remove_unregistered(ctx: Context[IngestResources], name: str) -> None:
+    res = ctx.resources
+    try:
+        if await res.catalogue.run(db.replica_recorded, name, res.storage_name):
+            return  # the catalogue records a replica here: it is someone's file, not our leftover
+        await res.storage.delete(name)
+        ctx.log.info("unregistered_copy_removed", name=name, storage=res.storage_name)
+    except Exception as exc:  # the original failure is what the runner must see
+        ctx.log.warning("unregistered_copy_not_removed", name=name, error=repr(exc))
+
+
+def _id_conflict(event_id: str, other: str, name: str) -> Permanent:
+    return Permanent(
+        "id_conflict",
+        f"event id {event_id!r} was already used for {other}; this event is for {name!r}"
+        " (an event id names one event: send a new id)",
+    )
 
 
 async def _source_checksum(located: steps.Located) -> str:
@@ -256,14 +384,46 @@ def _conflict(name: str, existing: FileInfo | None, size: int | None, adler32: s
     )
 
 
+def lexical_name(msg: FileReady, settings: Settings) -> str | None:
+    """The logical name a refused file would have had, without touching the file system: its
+    ``name``, else its path relative to the landing area that holds it as written (a refused path
+    may be a FIFO, a symlink out of the area, or gone). None when no area holds it."""
+    if msg.name is not None:
+        return msg.name
+    path = os.path.normpath(msg.path)
+    for root in settings.landing_areas.values():
+        root_text = os.path.normpath(os.fspath(root))
+        if path.startswith(root_text.rstrip("/") + "/"):
+            return path[len(root_text.rstrip("/")) + 1 :]
+    return None
+
+
 @service.failure_hook
 async def record_failure(
     msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[IngestResources]
 ) -> None:
-    """Keep the last error per file in the catalogue (``spool show`` / ``spool trace`` read it)."""
+    """Keep the last error per file in the catalogue (``spool show`` / ``spool trace`` read it),
+    findable by the logical name the file would have had and by its absolute path.
+
+    An ``id_conflict`` leaves the request row alone (it describes the first event of that id) and
+    only adds the failure to the history of this event's file.
+    """
     if not isinstance(msg, FileReady):
         return  # undecodable: the dead-letter queue holds it with its reason
-    await ctx.resources.catalogue.record_failure(
+    catalogue = ctx.resources.catalogue
+    name = lexical_name(msg, ctx.settings)
+    if name is not None and len(name) > limits.MAX_NAME:
+        name = None  # longer than any name the catalogue holds: traceable by its path only
+    path = msg.path if len(msg.path) <= limits.MAX_NAME else None
+    state = "failed" if final else "retrying"
+    detail = {"request_id": msg.id, "kind": "ingest", "reason": err.reason, "error": err.message}
+    event = {"daemon": "ingest", "type": "file.failed" if final else "file.retry", "outcome": state}
+    if err.reason == "id_conflict":
+        for key in dict.fromkeys(n for n in (name, path) if n is not None):
+            await catalogue.record_event(name=key, attempt=attempt, detail=detail, **event)
+        return
+    # The request row, and the history under the logical name (else the path).
+    await catalogue.record_failure(
         request_id=msg.id,
         kind="ingest",
         daemon="ingest",
@@ -271,7 +431,9 @@ async def record_failure(
         error=err.message,
         attempts=attempt,
         final=final,
-        name=msg.name,
-        path=msg.path,
+        name=name,
+        path=path,
         dataset=msg.dataset,
     )
+    if name is not None and path is not None and name != path:  # and under the absolute path
+        await catalogue.record_event(name=path, attempt=attempt, detail=detail, **event)

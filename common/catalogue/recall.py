@@ -154,10 +154,12 @@ class Settled:
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    new: bool  # False: the request id was known (a redelivery)
+    new: bool  # False: the request id was known (a redelivery, or a conflict)
     files: int
     unknown: tuple[str, ...]
     settled: Settled = field(default_factory=Settled)
+    # The request id was known for a request with other content: what differs (``id_conflict``).
+    conflict: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,12 +211,16 @@ def create_recall(conn: Connection, spec: RecallSpec) -> Created | None:
     """Record a request and its files; None when it names a dataset the catalogue does not know.
 
     Idempotent on the request id: a redelivered message finds the recall and changes nothing.
+    The same id with other content (destination, dataset, priority, names) changes nothing either
+    and says what differs (``Created.conflict``): one id names one request.
     Unknown names become files ``failed`` with reason ``unknown_file``; the others are queued.
     A request with nothing left to do (every name unknown, an empty dataset) completes here.
     """
-    known = conn.execute(select(rc.c.files).where(rc.c.id == spec.id)).first()
+    known = conn.execute(
+        select(rc.c.files, rc.c.destination, rc.c.dataset, rc.c.priority).where(rc.c.id == spec.id)
+    ).first()
     if known is not None:
-        return Created(False, int(known.files), ())
+        return Created(False, int(known.files), (), conflict=_differs(conn, known, spec))
     ids: dict[str, int] = {}
     if spec.dataset is not None:
         ds = conn.scalar(select(d.c.id).where(d.c.name == spec.dataset))
@@ -248,6 +254,29 @@ def create_recall(conn: Connection, spec: RecallSpec) -> Created | None:
     _history(conn, [(n, "recall.failed", "failed", None, {"request_id": spec.id, "reason": UNKNOWN_FILE})
                     for n in unknown])  # fmt: skip
     return Created(True, len(wanted), unknown, Settled(completed=_settle(conn, [spec.id])))
+
+
+def _differs(conn: Connection, known: Any, spec: RecallSpec) -> str | None:
+    """What makes ``spec`` another request than the one recorded under its id, or None.
+
+    Names: a request by names must name the same set; a request by dataset recorded the dataset's
+    files of that moment plus its names, so its names must be among them (files added to the
+    dataset since do not make a redelivery a conflict).
+    """
+    for what, recorded, given in (
+        ("destination", known.destination, spec.destination),
+        ("dataset", known.dataset, spec.dataset),
+        ("priority", known.priority, spec.priority),
+    ):
+        if recorded != given:
+            return f"{what} {recorded!r} (this request: {given!r})"
+    recorded_names = set(conn.scalars(select(rf.c.name).where(rf.c.recall_id == spec.id)))
+    given_names = set(spec.names)
+    if spec.dataset is None and recorded_names != given_names:
+        return f"{len(recorded_names)} other names"
+    if not given_names <= recorded_names:
+        return f"names without {len(given_names - recorded_names)} of this request's"
+    return None
 
 
 def recover(conn: Connection) -> int:

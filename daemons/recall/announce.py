@@ -14,6 +14,11 @@ recall's stays flags on its own rows because completion and the ``reply_to`` rep
 The reply to a request's AMQP ``reply_to`` is a CloudEvents JSON ``recall.completed`` (the
 requester may not speak msgpack) sent through the default exchange, with the request's
 correlation id. A reply queue that no longer exists is logged and given up: the requester left.
+
+A request refused outright (``refuse``: an ``id_conflict``, an unknown destination or dataset) is
+answered the same way, with a ``recall.completed`` carrying ``reason`` and ``error``, so its sender
+is never left waiting; it goes only to ``reply_to`` (the request was never recorded, so no
+``recall.completed`` event describes it).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from common.catalogue import Catalogue, outbox
 from common.catalogue import recall as db
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.messages import FileRecalled, RecallCompleted, TapeMounted, fact_id
+from common.messages import FileRecalled, RecallCompleted, RecallRequest, TapeMounted, fact_id, new_id
 from daemons.relay import OutboxRelay
 
 log = get_logger("spool.recall")
@@ -116,22 +121,44 @@ class Announcer:
             if max(len(settled.recalled), len(settled.completed)) < FLUSH_BATCH:
                 return
 
-    async def _reply(self, c: db.Completion) -> None:
-        if c.reply_to is None or not isinstance(self.publisher, RawPublisher):
+    async def refuse(
+        self, msg: RecallRequest, reply_to: str | None, correlation_id: str | None, err: SpoolError
+    ) -> None:
+        """Answer a request refused outright on its ``reply_to`` (nothing when it has none)."""
+        if reply_to is None:
             return
-        event = codec.to_cloudevent(recall_completed(c))
+        answer = RecallCompleted(
+            id=new_id(),  # not the request's completion fact: a reply of its own
+            request_id=msg.id,
+            files=0,
+            failed=list(msg.names),
+            reason=err.reason,
+            error=err.message,
+            correlation_id=correlation_id,
+        )
+        await self._send_reply(reply_to, answer, correlation_id or msg.id)
+
+    async def _reply(self, c: db.Completion) -> None:
+        if c.reply_to is None:
+            return
+        await self._send_reply(c.reply_to, recall_completed(c), c.correlation_id or c.recall_id)
+
+    async def _send_reply(self, reply_to: str, answer: RecallCompleted, correlation_id: str) -> None:
+        if not isinstance(self.publisher, RawPublisher):
+            return
+        event = codec.to_cloudevent(answer)
         message = aio_pika.Message(
             json.dumps(event).encode(),
             content_type=codec.CLOUDEVENTS_JSON,
             message_id=event["id"],
-            correlation_id=c.correlation_id or c.recall_id,
+            correlation_id=correlation_id,
             type=RecallCompleted.ROUTING_KEY,
         )
         try:
-            await self.publisher.publish_raw(c.reply_to, message)
+            await self.publisher.publish_raw(reply_to, message)
         except SpoolError as exc:
             if exc.reason != "unroutable":
                 raise
             log.warning(
-                "recall_reply_undeliverable", recall=c.recall_id, reply_to=c.reply_to, error=exc.message
+                "recall_reply_undeliverable", recall=answer.request_id, reply_to=reply_to, error=exc.message
             )

@@ -12,7 +12,14 @@ Outcomes of a request:
 - neither names nor a dataset -> Permanent ``invalid_message``; an unknown dataset -> Permanent
   ``unknown_dataset`` (both dead-lettered: the request itself is wrong);
 - an unknown name -> that file is ``failed`` with reason ``unknown_file``; the rest proceeds and
-  the completion lists it among the failed.
+  the completion lists it among the failed;
+- an id already used by a request with other content (destination, dataset, priority, names) ->
+  Permanent ``id_conflict``; the first request is unchanged. The same id with the same content is
+  a redelivery: nothing new happens.
+
+A request refused outright is also answered on its ``reply_to`` (a ``recall.completed`` with
+``reason`` and ``error``), so its sender never waits for a reply that will not come. Its size is
+bounded by the message model (``common.limits``): an oversized request never reaches here.
 
 With no destination, the first disk endpoint of the configuration is used (where ingest puts files).
 """
@@ -97,6 +104,14 @@ service = Service("recall", resources=open_resources, describe=_describe)
 
 @service.handler(RecallRequest)
 async def recall(msg: RecallRequest, ctx: Context[RecallResources]) -> None:
+    try:
+        await _recall(msg, ctx)
+    except Permanent as err:
+        await ctx.resources.announcer.refuse(msg, ctx.reply_to, ctx.correlation_id, err)
+        raise
+
+
+async def _recall(msg: RecallRequest, ctx: Context[RecallResources]) -> None:
     res = ctx.resources
     destination = steps.destination(msg.destination, ctx.settings.storage)
     if not msg.names and msg.dataset is None:
@@ -113,6 +128,12 @@ async def recall(msg: RecallRequest, ctx: Context[RecallResources]) -> None:
     created = await res.catalogue.run(db.create_recall, spec, write=True)
     if created is None:
         raise Permanent("unknown_dataset", f"dataset {msg.dataset!r} is not in the catalogue")
+    if created.conflict is not None:
+        raise Permanent(
+            "id_conflict",
+            f"recall id {msg.id!r} was already used by a request with {created.conflict}"
+            " (an id names one request: send a new id)",
+        )
     if created.new:
         ctx.log.info("recall_requested", files=created.files, destination=destination, priority=msg.priority)
     if created.unknown:
@@ -131,8 +152,11 @@ async def recall(msg: RecallRequest, ctx: Context[RecallResources]) -> None:
 async def record_failure(
     msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[RecallResources]
 ) -> None:
-    """A request that cannot be accepted shows in ``spool recall status ID`` with its reason."""
-    if not isinstance(msg, RecallRequest):
+    """A request that cannot be accepted shows in ``spool recall status ID`` with its reason.
+
+    Not an ``id_conflict``: the id's record describes the first request, which stays as it was
+    (the refusal is in the dead-letter queue, the ``file.failed`` event and the reply)."""
+    if not isinstance(msg, RecallRequest) or err.reason == "id_conflict":
         return
     await ctx.resources.catalogue.record_failure(
         request_id=msg.id, kind="recall", daemon="recall", reason=err.reason, error=err.message,

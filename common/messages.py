@@ -188,8 +188,14 @@ class FileReady(Message):
     @field_validator("metadata", mode="before")
     @classmethod
     def _few_keys(cls, v: Any) -> Any:
-        if isinstance(v, dict) and len(v) > limits.MAX_META_KEYS:
-            raise ValueError(f"has {len(v)} keys, at most {limits.MAX_META_KEYS} allowed")
+        if isinstance(v, dict):
+            if len(v) > limits.MAX_META_KEYS:
+                raise ValueError(f"has {len(v)} keys, at most {limits.MAX_META_KEYS} allowed")
+            for value in v.values():
+                # An integer out of int64 would otherwise pass as a float (losing digits).
+                out = not limits.INT64_MIN <= value <= limits.INT64_MAX if type(value) is int else False
+                if out:
+                    raise ValueError("an integer value is outside the 64-bit range")
         return v
 
     @field_validator("metadata")

@@ -135,7 +135,9 @@ class Message(BaseModel):
     id: Identifier = Field(default_factory=new_id)
     source: Identifier = "spool"
     time: Timestamp = Field(default_factory=utcnow)
-    correlation_id: Identifier | None = None
+    # Bounded, not checked for control characters: it is copied from the AMQP property of a
+    # request (at most 255 bytes) into the events answering it, which must never fail to build.
+    correlation_id: Annotated[str, Field(max_length=limits.MAX_ID)] | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -387,7 +389,9 @@ class RecallCompleted(Message):
     @field_validator("failed", mode="before")
     @classmethod
     def _few_failed(cls, v: Any) -> Any:
-        return _bounded_list(v, limits.MAX_FAILED_NAMES, "failed")
+        # Spool writes this list (a dataset recall may fail more files than any request names):
+        # the first ``MAX_FAILED_NAMES`` are listed, ``spool recall status`` has them all.
+        return v[: limits.MAX_FAILED_NAMES] if isinstance(v, list) else v
 
 
 class FileFailed(Message):

@@ -291,3 +291,17 @@ async def test_spool_trace_finds_a_refused_file_by_its_logical_name(
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 0, err.decode()
     assert "file_missing" in out.decode()
+
+
+# --- the file system's own verdict ---------------------------------------------------------------
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_enametoolong_from_the_file_system_is_permanent(side):
+    import errno
+
+    from common.errors import Permanent
+    from common.storage import reasons
+
+    exc = OSError(errno.ENAMETOOLONG, "File name too long")
+    err = (reasons._source_error if side == "source" else reasons._destination_error)(exc, "/x/" + "y" * 5000)
+    assert isinstance(err, Permanent) and err.reason == "name_too_long"
+    assert len(err.message) < 500

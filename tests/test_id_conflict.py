@@ -53,7 +53,10 @@ async def files(settings: Settings) -> int:
 
 
 # --- file.ready ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("change", ["other_path", "other_name", "other_dataset", "other_path_after_failure"])
+@pytest.mark.parametrize(
+    "change",
+    ["other_path", "other_name", "other_dataset", "other_size", "other_adler32", "other_path_after_failure"],
+)
 async def test_a_file_ready_id_reused_for_another_file_is_an_id_conflict(
     settings: Settings, broker, topology, change
 ):
@@ -66,6 +69,8 @@ async def test_a_file_ready_id_reused_for_another_file_is_an_id_conflict(
         "other_path": {"path": str(second), "dataset": DATASET},
         "other_name": {"path": str(first), "dataset": DATASET, "name": "renamed/first.fits"},
         "other_dataset": {"path": str(first), "dataset": "lst1.20261124.run012346.dl0"},
+        "other_size": {"path": str(first), "dataset": DATASET, "size": 999},
+        "other_adler32": {"path": str(first), "dataset": DATASET, "adler32": "deadbeef"},
         "other_path_after_failure": {"path": str(second), "dataset": DATASET},
     }[change]
     expected_dead = (

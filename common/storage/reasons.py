@@ -38,7 +38,16 @@ DESTINATION_REASONS = frozenset({DESTINATION_NOT_WRITABLE, DISK_FULL, STORAGE_IO
 REQUEST_REASONS = frozenset({"invalid_checksum", "invalid_size", "path_outside_area"})
 
 
+def _name_too_long(exc: OSError, path: str | os.PathLike[str]) -> SpoolError | None:
+    """ENAMETOOLONG is the file system's verdict on the name itself: no retry changes it."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return Permanent("name_too_long", f"{os.fspath(path)[:300]}: {exc.strerror or exc}")
+    return None
+
+
 def _source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    if (too_long := _name_too_long(exc, path)) is not None:
+        return too_long
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent("file_missing", f"source {path} does not exist")
     if exc.errno == errno.ELOOP:
@@ -49,6 +58,8 @@ def _source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
 
 
 def _destination_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    if (too_long := _name_too_long(exc, path)) is not None:
+        return too_long
     text = exc.strerror or str(exc)
     if exc.errno in _NOT_WRITABLE:
         return Retryable("destination_not_writable", f"cannot write {path}: {text}")

@@ -279,6 +279,9 @@ async def _ingest_locked(
         if other is not None:
             raise _id_conflict(msg.id, other, name)
     if known.event_done and known.file is not None:
+        claims = _claims_differ(msg, known.file)
+        if claims is not None:
+            raise _id_conflict(msg.id, f"{name!r} with {claims}", name)
         ctx.log.info("duplicate_event", name=name)
         return known.file
     if known.file is not None:
@@ -359,6 +362,15 @@ async def _remove_unregistered(ctx: Context[IngestResources], name: str) -> None
         ctx.log.info("unregistered_copy_removed", name=name, storage=res.storage_name)
     except Exception as exc:  # the original failure is what the runner must see
         ctx.log.warning("unregistered_copy_not_removed", name=name, error=repr(exc))
+
+
+def _claims_differ(msg: FileReady, registered: FileInfo) -> str | None:
+    """A done event re-sent must claim what was registered under its id (size, checksum)."""
+    if msg.size is not None and msg.size != registered.size:
+        return f"size {registered.size}"
+    if msg.adler32 is not None and msg.adler32 != registered.adler32:
+        return f"adler32 {registered.adler32}"
+    return None
 
 
 def _id_conflict(event_id: str, other: str, name: str) -> Permanent:

@@ -195,7 +195,7 @@ async def ingest_file(msg: FileReady, ctx: Context[IngestResources]) -> None:
         await _ingest(msg, ctx)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:  # the file system's own verdict: never retried
-            raise Permanent("name_too_long", f"{msg.path}: {exc.strerror}") from None
+            raise Permanent("name_too_long", f"{msg.path[:300]}: {exc.strerror}") from None
         raise
 
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from common.messages import FileFailed, FileIngested, Message
-from daemons.monitor.dashboard import PAGE
+from daemons.monitor.dashboard import SCRIPT
 from daemons.monitor.handlers import service as monitor_service
 from daemons.monitor.web import STATUS_MAX_AGE
 from tests.conftest import running, wait_for
@@ -56,7 +56,7 @@ async def test_dashboard_is_served_and_renders_the_status_document(settings, bro
     if node is None:
         pytest.skip("node is not installed: the page's script was not run")
     script = tmp_path / "page.js"
-    script.write_text(PAGE.split("<script>")[1].split("</script>")[0])
+    script.write_text(SCRIPT)
     (tmp_path / "status.json").write_text(json.dumps(doc))
     (tmp_path / "harness.js").write_text(HARNESS)
     out = subprocess.run(

@@ -65,7 +65,7 @@ class MonitorRunner(Runner):
             self._malformed(routing_key, exc)
         else:
             try:
-                self.resources.observe(msg)
+                self.resources.observe(msg, props.user_id)
                 self.stats.processed += 1
             except Exception as exc:  # a bug in the bookkeeping must not stall the whole bus
                 self._bug(exc)

@@ -339,11 +339,14 @@ class MonitorSettings(_Strict):
             fd = os.open(self.token_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise ConfigError(f"{where}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError(f"{where}: not a regular file")
-            raw = f.read(MAX_TOKEN_LENGTH + 1)
+            raw = os.read(fd, MAX_TOKEN_LENGTH + 2)
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
         try:
             text = raw.decode("ascii").strip()
         except UnicodeDecodeError:

@@ -50,7 +50,9 @@ async def test_dashboard_is_served_and_renders_the_status_document(settings, bro
         await wait_for(lambda: _is(res.state.events["file.failed"] == 1))
         async with aiohttp.ClientSession() as session, session.get(base + "/") as response:
             assert response.status == 200 and response.content_type == "text/html"
-            assert "api/status" in await response.text()
+            assert 'src="dashboard.js"' in await response.text()
+        async with aiohttp.ClientSession() as session, session.get(base + "/dashboard.js") as response:
+            assert response.status == 200 and "api/status" in await response.text()
         doc = await get_json(base + "/api/status")
     node = shutil.which("node")
     if node is None:

@@ -23,6 +23,7 @@ Exposure (see ``common.config.MonitorSettings``):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
@@ -33,11 +34,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from common.errors import ConfigError
+from common.logging import ReasonThrottle
 from daemons.monitor.dashboard import PAGE, SCRIPT, STYLE
+
+log = structlog.get_logger("spool.monitor")
 
 # Seconds one computed /api/status is served for. The dashboard polls every 2 s; the figures behind
 # it (heartbeats, queue looks) change on the scale of seconds anyway.
@@ -94,6 +101,7 @@ class WebServer:
         self._status_at = 0.0
         self.status_computations = 0  # how often the document was built (tests, and curiosity)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.port: int | None = None
         self._token = None if token is None else token.encode()
         self._open_paths = frozenset({"/metrics"} if metrics_public else ())
@@ -114,24 +122,34 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen, or raise ``ConfigError`` naming the setting to change when the port is taken."""
-        runner = web.AppRunner(
-            self._app, access_log=None, keepalive_timeout=self._request_timeout, max_line_size=MAX_LINE,
-            max_field_size=MAX_FIELD, max_headers=MAX_HEADERS, lingering_time=min(2.0, self._request_timeout),
-        )  # fmt: skip
+        limits: dict[str, Any] = {
+            "access_log": None, "keepalive_timeout": self._request_timeout, "max_line_size": MAX_LINE,
+            "max_field_size": MAX_FIELD, "max_headers": MAX_HEADERS,
+            "lingering_time": min(2.0, self._request_timeout),
+        }  # fmt: skip
+        runner = web.AppRunner(self._app, **limits)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        server, loop = runner.server, asyncio.get_running_loop()
+        assert server is not None
         try:
-            await site.start()
+            # Our own protocol class (not TCPSite's default) so that answers to requests the HTTP
+            # parser refused carry the security headers too.
+            listener = await loop.create_server(
+                lambda: _Handler(server, loop=loop, **limits), host or None, port, reuse_address=True
+            )
         except OSError as exc:
             await runner.cleanup()
             why = "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)
             raise ConfigError(
                 f"monitor cannot listen on {host}:{port}: {why} (set monitor.http_port)"
             ) from None
-        self._runner = runner
-        self.port = runner.addresses[0][1] if runner.addresses else port  # the real one when port=0
+        self._runner, self._listener = runner, listener
+        self.port = listener.sockets[0].getsockname()[1] if listener.sockets else port  # the real one for 0
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -197,3 +215,31 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _secure(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer, errors included: the security headers (``SECURITY_HEADERS``)."""
     response.headers.update(SECURITY_HEADERS)
+
+
+_REFUSED_REQUESTS = ReasonThrottle()
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, with the security headers on the answers it makes itself (a
+    request its HTTP parser refused never reaches the application's signal) and one folded log
+    line per kind of refused request instead of a traceback each (anyone can send garbage)."""
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if not isinstance(exc, HttpProcessingError):
+            super().log_exception(*args, **kw)  # a fault of ours: the whole traceback
+            return
+        admitted, folded = _REFUSED_REQUESTS.admit(type(exc).__name__)
+        if admitted:
+            log.warning(
+                "http_request_refused", error=type(exc).__name__, status=exc.code,
+                similar_since_last_line=folded,
+            )  # fmt: skip

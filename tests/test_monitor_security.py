@@ -30,6 +30,7 @@ from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.monitor.web import WebServer, is_loopback
 from tests.conftest import running, wait_for
 from tests.monitor_fixtures import monitor_config, publish_many, resources_of
+from tests.test_monitor_browser import browser  # noqa: F401  (the fixture)
 
 TOKEN = "s3cret-token-0123456789abcdef"
 PATHS = ["/", "/api/status", "/dashboard.js", "/dashboard.css", "/metrics"]
@@ -389,3 +390,47 @@ async def test_spool_status_sends_the_token_to_a_protected_monitor(tmp_path, tag
 
 async def _is(value: bool) -> bool:
     return value
+
+
+@pytest.mark.integration
+async def test_the_protected_dashboard_works_in_chromium_under_its_csp(
+    tmp_path, tag, broker, browser, monkeypatch  # noqa: F811
+):
+    """A real browser: without the token the page is a 401; with it (Basic, as the browser's prompt
+    sends it) the page, its script and its style load under the strict CSP and show the monitor."""
+    monkeypatch.delenv("SPOOL_MONITOR_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config = monitor_config(tmp_path, tag, token_file=json.dumps(str(token_file)))
+    settings = load_settings(config)
+    from common.bus.topology import declare_topology
+
+    channel = await broker.channel()
+    await declare_topology(channel, settings)
+    await channel.close()
+    async with running([monitor_service], settings) as process:
+        url = f"http://127.0.0.1:{resources_of(process).web.port}/"
+        await asyncio.to_thread(browser.get, url)
+        refused = await asyncio.to_thread(browser.execute_script, "return document.body.innerText")
+        assert "as of" not in refused  # an empty page (behind the browser's login prompt) or the 401
+        await asyncio.to_thread(browser.execute_cdp_cmd, "Network.enable", {})
+        headers = {"headers": {"Authorization": _basic("operator", TOKEN)}}
+        await asyncio.to_thread(browser.execute_cdp_cmd, "Network.setExtraHTTPHeaders", headers)
+        await asyncio.to_thread(browser.get, url)
+        page: dict[str, Any] = {}
+
+        async def shows_the_monitor() -> bool:
+            page.update(await asyncio.to_thread(browser.execute_script, READ))
+            return "as of" in page["meta"] and "monitor" in page["daemons"]
+
+        await wait_for(shows_the_monitor, timeout=60, interval=0.5)
+    assert page["h1_size"] == "18.2px"  # dashboard.css applied (1.3em of 14px)
+
+
+READ = """
+return {
+  meta: document.getElementById("meta").innerText,
+  daemons: document.getElementById("daemons").innerText,
+  h1_size: getComputedStyle(document.querySelector("h1")).fontSize,
+};
+"""

@@ -394,7 +394,11 @@ async def _is(value: bool) -> bool:
 
 @pytest.mark.integration
 async def test_the_protected_dashboard_works_in_chromium_under_its_csp(
-    tmp_path, tag, broker, browser, monkeypatch  # noqa: F811
+    tmp_path,
+    tag,
+    broker,
+    browser,  # noqa: F811  (the fixture imported above)
+    monkeypatch,
 ):
     """A real browser: without the token the page is a 401; with it (Basic, as the browser's prompt
     sends it) the page, its script and its style load under the strict CSP and show the monitor."""

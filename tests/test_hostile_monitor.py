@@ -450,3 +450,12 @@ def _sample(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_a_malformed_message_with_a_huge_routing_key_and_error_stays_small(monitor):
+    """The routing key of a malformed delivery may come from a header anyone can set."""
+    for i in range(100):
+        monitor.state.observe_malformed("k" * 100_000, f"reason {i}" * 1000, "E" * 1_000_000)
+    assert len(monitor.web.status_body()) < 64 * 1024
+    assert len(monitor.state.malformed) <= 33  # reasons not shaped like one: "other"
+    monitor.still_answering_and_counting()

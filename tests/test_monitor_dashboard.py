@@ -48,6 +48,9 @@ async def test_dashboard_is_served_and_renders_the_status_document(settings, bro
             broker, settings, [FileFailed(daemon="ingest", reason="disk_full", error="<ENOSPC>", attempts=1)]
         )
         await wait_for(lambda: _is(res.state.events["file.failed"] == 1))
+        await wait_for(
+            lambda: _is(res.observed.queues is not None)
+        )  # the poller's first look, on a busy machine
         async with aiohttp.ClientSession() as session, session.get(base + "/") as response:
             assert response.status == 200 and response.content_type == "text/html"
             assert 'src="dashboard.js"' in await response.text()

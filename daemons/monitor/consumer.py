@@ -81,8 +81,8 @@ class MonitorRunner(Runner):
         admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
         if admitted:
             log.warning(
-                "malformed_ignored", reason=err.reason, error=err.message, routing_key=routing_key,
-                similar_since_last_line=folded,
+                "malformed_ignored", reason=err.reason, error=err.message[:500],
+                routing_key=routing_key[:255], similar_since_last_line=folded,
             )  # fmt: skip
         self.resources.state.observe_malformed(routing_key, err.reason, err.message)
 

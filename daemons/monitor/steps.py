@@ -268,8 +268,8 @@ class MonitorState:
     def _refuse(self, routing_key: str, refused: Refused) -> None:
         self.refused[refused.reason] += 1
         self.last_refused = {
-            "routing_key": routing_key, "reason": refused.reason, "error": refused.detail[:MAX_ERROR_TEXT],
-            "time": self.clock().isoformat(),
+            "routing_key": routing_key[:255], "reason": refused.reason,
+            "error": refused.detail[:MAX_ERROR_TEXT], "time": self.clock().isoformat(),
         }  # fmt: skip
         if self.on_refused is not None:
             self.on_refused(routing_key, refused)
@@ -286,7 +286,7 @@ class MonitorState:
         self.messages += 1
         self.malformed[self.labels.malformed(reason)] += 1
         self.last_malformed = {
-            "routing_key": routing_key, "reason": reason, "error": error[:MAX_ERROR_TEXT],
+            "routing_key": routing_key[:255], "reason": reason, "error": error[:MAX_ERROR_TEXT],
             "time": self.clock().isoformat(),
         }  # fmt: skip
 

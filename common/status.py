@@ -56,6 +56,9 @@ async def fetch_monitor_status(settings: Settings) -> dict[str, Any]:
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MONITOR_TIMEOUT)) as session,
             session.get(url, headers=headers) as response,
         ):
+            if response.status == 401:
+                why = "the token was refused" if token else "it needs a token"
+                raise MonitorUnreachable(f"{url}: {why} (monitor.token_file or SPOOL_MONITOR_TOKEN)")
             if response.status != 200:
                 raise MonitorUnreachable(f"{url} answered HTTP {response.status}")
             doc = await response.json(content_type=None)

@@ -244,6 +244,25 @@ async def test_a_half_sent_body_is_not_waited_for(server):
     assert elapsed < TIMEOUT + 3.5
 
 
+@pytest.mark.parametrize("server", [{"request_timeout": 30.0}], indirect=True)
+async def test_connections_beyond_the_bound_are_closed_at_once(server):
+    from daemons.monitor.web import MAX_CONNECTIONS
+
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CONNECTIONS)]
+    try:
+        await asyncio.sleep(0.2)  # the server has taken them all
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(100), timeout=5) == b""  # closed, not served
+        assert time.monotonic() - started < 2
+        writer.close()
+    finally:
+        for _, w in held:
+            w.close()
+    await asyncio.sleep(0.2)
+    assert (await _get(server, "/api/status")).status == 200  # room again
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -382,10 +401,20 @@ async def test_spool_status_sends_the_token_to_a_protected_monitor(tmp_path, tag
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        wrong = {**os.environ, "SPOOL_MONITOR_TOKEN": "not-the-token-0123456789"}
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "common.cli", "--config", str(config), "status", "--json",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=wrong,
+        )  # fmt: skip
+        refused_out, _ = await asyncio.wait_for(refused.communicate(), timeout=120)
     assert proc.returncode == 0, err.decode()
     doc = json.loads(out)
     assert doc["source"] == "monitor" and doc["failures"][0]["reason"] == "disk_full"
     assert TOKEN not in out.decode() + err.decode()
+    # With a wrong token: the direct view, saying why the monitor's was not had.
+    direct = json.loads(refused_out)
+    assert direct["source"] != "monitor" and "token was refused" in direct["monitor"]["error"]
+    assert "not-the-token" not in refused_out.decode()
 
 
 async def _is(value: bool) -> bool:

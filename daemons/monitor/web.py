@@ -18,7 +18,7 @@ Exposure (see ``common.config.MonitorSettings``):
   seconds (aiohttp's keep-alive timer runs from the connection's start and from each answer, and
   closes a connection whose next request is not complete by then: a client trickling header bytes
   is cut). Request lines and headers are bounded (``MAX_LINE``, ``MAX_HEADERS``), bodies refused
-  beyond ``MAX_BODY`` (no path takes one).
+  beyond ``MAX_BODY`` (no path takes one), and at most ``MAX_CONNECTIONS`` are served at once.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ MAX_FIELD = 4096
 MAX_HEADERS = 64
 MAX_BODY = 1024
 REQUEST_TIMEOUT = 10.0
+# Connections served at once; beyond, a new one is closed at once. Fifty open dashboards use fifty;
+# a flood of idle connections must not take the file descriptors the monitor's bus work needs.
+MAX_CONNECTIONS = 256
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -224,6 +227,17 @@ class _Handler(RequestHandler):
     """aiohttp's connection handler, with the security headers on the answers it makes itself (a
     request its HTTP parser refused never reaches the application's signal) and one folded log
     line per kind of refused request instead of a traceback each (anyone can send garbage)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._manager is not None and len(self._manager.connections) > MAX_CONNECTIONS:
+            admitted, folded = _REFUSED_REQUESTS.admit("too_many_connections")
+            if admitted:
+                log.warning(
+                    "http_connection_refused", reason="too_many_connections", limit=MAX_CONNECTIONS,
+                    similar_since_last_line=folded,
+                )  # fmt: skip
+            self.force_close()
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None

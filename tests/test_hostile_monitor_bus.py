@@ -150,7 +150,7 @@ async def test_a_forger_cannot_claim_spools_user_id(settings, broker, topology, 
     assert "phantom" not in _ingest_states(res)
 
 
-HOSTILE_BEATS = [
+HOSTILE_BEATS: list[dict[str, Any]] = [
     {"processed": 10**400},
     {"in_flight": -1},
     {"failed": 2**64},

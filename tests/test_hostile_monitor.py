@@ -357,6 +357,19 @@ def test_instances_are_bounded_and_dead_ones_make_room(monitor):
     monitor.still_answering_and_counting(metrics_bound=intake.MAX_INSTANCES * 1024)
 
 
+def test_metrics_stay_bounded_with_every_bound_reached_at_once(monitor):
+    """The worst a Spool user could make of /metrics: the most instances, longest labels, full maps."""
+    reasons = {f"reason_{i:03d}_{'x' * 50}": i + 1 for i in range(300)}
+    for i in range(intake.MAX_INSTANCES + 10):
+        beat = _beat(instance=f"{i:04d}" + "i" * 60, host="h" * 253, version="v" * 64,
+                     details={"retried_by_reason": reasons, "dead_by_reason": reasons})  # fmt: skip
+        monitor.feed("daemon.heartbeat", beat, packed=True)
+    size = len(monitor.metrics())
+    assert 1024 * 1024 < size < 3 * 1024 * 1024  # the bounds were all reached, and held
+    monitor.clock.now += timedelta(hours=1)  # dead now: room for the good heartbeat
+    monitor.still_answering_and_counting(metrics_bound=3 * 1024 * 1024)
+
+
 # --- whom to believe -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("routing_key", "data"),

@@ -22,8 +22,8 @@ Decisions (reason codes are stable):
 - ``naive_timestamp``: a time without a UTC offset is refused, not read as UTC: read on the wrong
   side of a time zone it would show a dead daemon alive for hours.
 - ``unknown_daemon``: a heartbeat for a daemon Spool does not have (``config.DAEMON_NAMES``).
-- ``field_too_long``: a heartbeat whose instance, host, version or queue is longer than
-  ``MAX_LABEL_LENGTH`` characters (they become label values).
+- ``field_too_long``: a heartbeat whose instance or version is longer than 64 characters, host
+  longer than 253 (a DNS name) or queue longer than 255 (an AMQP name): they become label values.
 - ``invalid_details``: a heartbeat whose details (retries and dead letters by reason, handling
   histogram) have the wrong shape or types.
 - ``too_many_instances``: a heartbeat of a new instance when ``MAX_INSTANCES`` are listed and none
@@ -67,16 +67,18 @@ TOO_MANY_INSTANCES = "too_many_instances"
 EXTERNAL_TYPES = frozenset({"file.ready", "recall.request"})
 # Every number in a fact lies in [0, MAX_NUMBER]: what a signed 64-bit counter holds.
 MAX_NUMBER = 2**63 - 1
-# Label-shaped strings (instance, host, version, queue, names) longer than this are refused or folded.
-MAX_LABEL_LENGTH = 200
+# Longest heartbeat identity strings (label values); Spool's own are far shorter.
+MAX_LENGTHS = {"instance": 64, "version": 64, "host": 253}
+MAX_QUEUE_NAME = 255
 # Free text kept per fact (an example file name); error texts have their own bound in steps.
 MAX_TEXT = 1024
 # Entries kept from one heartbeat map by reason; the rest are summed under OTHER.
-MAX_REASON_KEYS = 32
+MAX_REASON_KEYS = 16
 # Buckets of a heartbeat's handling histogram (Spool's runner sends about 15).
 MAX_HISTOGRAM_BUCKETS = 64
-# Instances listed at once; an ordinary site runs tens. About 500 bytes of /metrics each.
-MAX_INSTANCES = 256
+# Instances listed at once; an ordinary site runs tens. Worst case of /metrics per instance (two
+# full maps by reason, longest labels): about 17 kB; typically 2 kB.
+MAX_INSTANCES = 128
 # Distinct values of a label kept beyond the known ones.
 SPARE_REASONS = 200
 SPARE_STORAGES = 32
@@ -221,9 +223,9 @@ def check_fact(msg: Message, *, trusted: bool) -> None:
 def _check_heartbeat(beat: DaemonHeartbeat) -> None:
     if beat.daemon not in DAEMON_NAMES:
         raise Refused(UNKNOWN_DAEMON, f"heartbeat of an unknown daemon {_cut(beat.daemon, 60)!r}")
-    for name in ("instance", "host", "version"):
+    for name, limit in MAX_LENGTHS.items():
         value = getattr(beat, name)
-        if len(value) > MAX_LABEL_LENGTH:
+        if len(value) > limit:
             raise Refused(FIELD_TOO_LONG, f"heartbeat {name} is {len(value)} characters")
 
 
@@ -245,7 +247,7 @@ def read_details(details: dict[str, Any], reasons: Labels) -> Details:
     queue = details.get("queue")
     if queue is not None and not isinstance(queue, str):
         raise Refused(INVALID_DETAILS, f"details.queue is a {type(queue).__name__}")
-    if queue is not None and len(queue) > MAX_LABEL_LENGTH:
+    if queue is not None and len(queue) > MAX_QUEUE_NAME:
         raise Refused(FIELD_TOO_LONG, f"details.queue is {len(queue)} characters")
     return Details(
         retried=_count(details.get("retried", 0), "details.retried"),

@@ -336,6 +336,32 @@ def test_a_heartbeat_with_an_over_long_label_is_refused(monitor, field):
     monitor.still_answering_and_counting()
 
 
+@pytest.mark.parametrize(
+    ("routing_key", "data"),
+    [
+        ("daemon.heartbeat", _beat(host="\ud800")),
+        ("daemon.heartbeat", _beat(instance="a\udfff")),
+        ("daemon.heartbeat", _beat(version="\ud800")),
+        ("daemon.heartbeat", _beat(details={"queue": "q\ud800"})),
+        ("file.failed", {"daemon": "ingest", "reason": "r", "error": "\ud800", "attempts": 1}),
+        ("file.failed", {"daemon": "ingest", "reason": "r\ud800", "error": "e", "attempts": 1}),
+        ("file.ingested", _ingested("n\ud800")),
+        ("file.ingested", _ingested("n", storage="s\udc80")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_fact_with_text_that_is_not_unicode_is_refused(monitor, routing_key, data):
+    """A lone surrogate (valid JSON escape, not a character) cannot be written into /metrics."""
+    assert monitor.feed(routing_key, data) == "refused:invalid_text"
+    monitor.still_answering_and_counting()
+
+
+def test_a_reason_key_that_is_not_unicode_is_folded(monitor):
+    assert monitor.feed("daemon.heartbeat", _beat(details={"retried_by_reason": {"r\ud800": 2}})) == "counted"
+    assert monitor.state.instances[("ingest", "i1")].retried_by_reason == {"other": 2}
+    monitor.still_answering_and_counting()
+
+
 @pytest.mark.parametrize("daemon", ["nosuchdaemon", "", "x" * 10_000, "ingest\n"])
 def test_a_heartbeat_of_a_daemon_spool_does_not_have_is_refused(monitor, daemon):
     assert monitor.feed("daemon.heartbeat", _beat(daemon=daemon)) == "refused:unknown_daemon"

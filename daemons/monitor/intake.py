@@ -21,6 +21,8 @@ Decisions (reason codes are stable):
   finite range when exported.)
 - ``naive_timestamp``: a time without a UTC offset is refused, not read as UTC: read on the wrong
   side of a time zone it would show a dead daemon alive for hours.
+- ``invalid_text``: a text field that is not valid Unicode (a lone surrogate, ``"\\ud800"`` in
+  JSON): it could not be written into ``/metrics`` or a log line.
 - ``unknown_daemon``: a heartbeat for a daemon Spool does not have (``config.DAEMON_NAMES``).
 - ``field_too_long``: a heartbeat whose instance or version is longer than 64 characters, host
   longer than 253 (a DNS name) or queue longer than 255 (an AMQP name): they become label values.
@@ -62,6 +64,7 @@ UNKNOWN_DAEMON = "unknown_daemon"
 FIELD_TOO_LONG = "field_too_long"
 INVALID_DETAILS = "invalid_details"
 TOO_MANY_INSTANCES = "too_many_instances"
+INVALID_TEXT = "invalid_text"
 
 # The external contract: types anyone allowed on the exchange may publish (counted, not trusted).
 EXTERNAL_TYPES = frozenset({"file.ready", "recall.request"})
@@ -92,6 +95,7 @@ class Refused(Exception):
     """A fact the monitor does not believe: ``reason`` (a code above) and what was wrong."""
 
     def __init__(self, reason: str, detail: str) -> None:
+        detail = detail.encode("utf-8", "backslashreplace").decode()  # printable whatever it quotes
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -152,6 +156,7 @@ class _Plan:
     numbers: tuple[str, ...]
     times: tuple[str, ...]
     nested: tuple[str, ...]
+    texts: tuple[str, ...]
 
 
 _PLANS: dict[type[BaseModel], _Plan] = {}
@@ -160,18 +165,20 @@ _PLANS: dict[type[BaseModel], _Plan] = {}
 def _plan(cls: type[BaseModel]) -> _Plan:
     plan = _PLANS.get(cls)
     if plan is None:
-        numbers, times, nested = [], [], []
+        numbers, times, nested, texts = [], [], [], []
         for name, info in cls.model_fields.items():
             kinds = _kinds(info.annotation)
             if kinds & {int, float}:
                 numbers.append(name)
+            if str in kinds:
+                texts.append(name)
             if datetime in kinds:
                 times.append(name)
             if typing.get_origin(info.annotation) is list:
                 [item] = typing.get_args(info.annotation) or (None,)
                 if isinstance(item, type) and issubclass(item, BaseModel):
                     nested.append(name)
-        plan = _PLANS[cls] = _Plan(tuple(numbers), tuple(times), tuple(nested))
+        plan = _PLANS[cls] = _Plan(tuple(numbers), tuple(times), tuple(nested), tuple(texts))
     return plan
 
 
@@ -206,6 +213,13 @@ def check_fields(model: BaseModel, where: str = "") -> None:
         value = getattr(model, name)
         if isinstance(value, datetime) and value.utcoffset() is None:
             raise Refused(NAIVE_TIMESTAMP, f"{where}{name} {value.isoformat()} has no UTC offset")
+    for name in plan.texts:
+        value = getattr(model, name)
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Refused(INVALID_TEXT, f"{where}{name} is not valid Unicode") from None
     for name in plan.nested:
         for i, item in enumerate(getattr(model, name)):
             check_fields(item, f"{where}{name}[{i}].")
@@ -249,6 +263,11 @@ def read_details(details: dict[str, Any], reasons: Labels) -> Details:
         raise Refused(INVALID_DETAILS, f"details.queue is a {type(queue).__name__}")
     if queue is not None and len(queue) > MAX_QUEUE_NAME:
         raise Refused(FIELD_TOO_LONG, f"details.queue is {len(queue)} characters")
+    if queue is not None and not queue.isascii():
+        try:
+            queue.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused(INVALID_TEXT, "details.queue is not valid Unicode") from None
     return Details(
         retried=_count(details.get("retried", 0), "details.retried"),
         queue=queue,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,12 +281,30 @@ class LogSettings(_Strict):
 
 
 class MonitorSettings(_Strict):
-    """The monitor daemon (``[monitor]``) and where ``spool status`` finds it."""
+    """The monitor daemon (``[monitor]``) and where ``spool status`` finds it.
 
-    # Prometheus /metrics, /api/status and the dashboard. 0.0.0.0: scraped from other hosts, as
-    # exporters usually are; 127.0.0.1 keeps it local. Port 0 picks a free one (tests).
-    http_host: str = "0.0.0.0"
+    The monitor listens on 127.0.0.1 unless told otherwise. Listening on any other address needs
+    a token (``token_file``, or the ``SPOOL_MONITOR_TOKEN`` environment variable, which wins): the
+    monitor refuses to start without one, and with one, ``/api/status``, the dashboard and (unless
+    ``metrics_public``) ``/metrics`` answer only requests carrying it (``Authorization: Bearer
+    <token>``, or HTTP Basic with the token as password, which browsers prompt for). The token is
+    never in the config file itself, nor in any log line.
+    """
+
+    # Prometheus /metrics, /api/status and the dashboard. 127.0.0.1: this host only. Another
+    # address (0.0.0.0: every interface, as in a container) requires a token. Port 0 picks a free
+    # one (tests).
+    http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)
+    # A file holding the token (one line, at least 16 characters; e.g. `openssl rand -hex 32`),
+    # readable by the monitor and by those who run `spool status`.
+    token_file: Path | None = None
+    # /metrics without the token even when one is set (Prometheus on a trusted network). By default
+    # it needs the token too: Prometheus sends it with `authorization: {credentials_file: ...}`.
+    metrics_public: bool = False
+    # Seconds a connection may stay idle, or take to send a request's headers, before it is cut
+    # (slow or half-sent requests must not hold the monitor's connections).
+    http_request_timeout: float = Field(default=10.0, gt=0, le=600)
     # Where `spool status` reaches the monitor; empty: http://127.0.0.1:<http_port>.
     url: str = ""
     # RabbitMQ management API; empty: derived from bus.url (same host and credentials, port 15672,
@@ -305,6 +324,49 @@ class MonitorSettings(_Strict):
         if self.heartbeat_dead <= self.heartbeat_late:
             raise ValueError("heartbeat_dead must be greater than heartbeat_late")
         return self
+
+    def token(self) -> str | None:
+        """The monitor's token: ``SPOOL_MONITOR_TOKEN``, else the content of ``token_file``, else
+        ``None``. ``ConfigError`` (naming the source, never the content) when it cannot be used."""
+        env = os.environ.get(MONITOR_TOKEN_ENV)
+        if env is not None and env.strip():
+            return _valid_token(env.strip(), MONITOR_TOKEN_ENV)
+        if self.token_file is None:
+            return None
+        where = f"monitor.token_file {self.token_file}"
+        try:
+            # Non-blocking and checked for a regular file: a FIFO put there must not hang the start.
+            fd = os.open(self.token_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{where}: not a regular file")
+            raw = os.read(fd, MAX_TOKEN_LENGTH + 2)
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: the token must be ASCII") from None
+        return _valid_token(text, where)
+
+
+MONITOR_TOKEN_ENV = "SPOOL_MONITOR_TOKEN"
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_LENGTH = 1024
+_TOKEN_RE = re.compile(r"[!-~]+")  # printable ASCII, no spaces: it travels in an HTTP header
+
+
+def _valid_token(token: str, where: str) -> str:
+    if not MIN_TOKEN_LENGTH <= len(token) <= MAX_TOKEN_LENGTH or not _TOKEN_RE.fullmatch(token):
+        raise ConfigError(
+            f"{where}: the token must be {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} printable ASCII "
+            "characters without spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return token
 
 
 def _default_daemons() -> dict[str, DaemonSettings]:

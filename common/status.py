@@ -22,6 +22,7 @@ from pydantic_core import to_jsonable_python
 
 from common.bus.queue_stats import queue_report
 from common.config import Settings
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from common.catalogue import EndpointInfo
@@ -46,10 +47,18 @@ def monitor_url(settings: Settings) -> str:
 async def fetch_monitor_status(settings: Settings) -> dict[str, Any]:
     url = f"{monitor_url(settings)}/api/status"
     try:
+        token = settings.monitor.token()  # a monitor listening beyond this host needs it
+    except ConfigError as exc:
+        raise MonitorUnreachable(str(exc)) from None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MONITOR_TIMEOUT)) as session,
-            session.get(url) as response,
+            session.get(url, headers=headers) as response,
         ):
+            if response.status == 401:
+                why = "the token was refused" if token else "it needs a token"
+                raise MonitorUnreachable(f"{url}: {why} (monitor.token_file or SPOOL_MONITOR_TOKEN)")
             if response.status != 200:
                 raise MonitorUnreachable(f"{url} answered HTTP {response.status}")
             doc = await response.json(content_type=None)

@@ -7,6 +7,7 @@ import asyncio
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiohttp
@@ -59,6 +60,8 @@ async def publish_many(
     connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, messages: list[Message]
 ) -> None:
     """Publish Spool messages (msgpack) with confirms, a window of them at a time."""
+    # As a Spool publisher does: the AMQP user_id (the connection's user) that makes them Spool's facts.
+    user_id = unquote(urlsplit(settings.bus.url).username or "guest")
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
     window = 500
@@ -66,7 +69,9 @@ async def publish_many(
         await asyncio.gather(
             *(
                 exchange.publish(
-                    aio_pika.Message(codec.encode(m), content_type=codec.MSGPACK, message_id=m.id),
+                    aio_pika.Message(
+                        codec.encode(m), content_type=codec.MSGPACK, message_id=m.id, user_id=user_id
+                    ),
                     routing_key=m.ROUTING_KEY,
                 )
                 for m in messages[start : start + window]

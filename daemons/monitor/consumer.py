@@ -65,7 +65,7 @@ class MonitorRunner(Runner):
             self._malformed(routing_key, exc)
         else:
             try:
-                self.resources.observe(msg)
+                self.resources.observe(msg, props.user_id)
                 self.stats.processed += 1
             except Exception as exc:  # a bug in the bookkeeping must not stall the whole bus
                 self._bug(exc)
@@ -81,8 +81,8 @@ class MonitorRunner(Runner):
         admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
         if admitted:
             log.warning(
-                "malformed_ignored", reason=err.reason, error=err.message, routing_key=routing_key,
-                similar_since_last_line=folded,
+                "malformed_ignored", reason=err.reason, error=_printable(err.message[:500]),
+                routing_key=_printable(routing_key[:255]), similar_since_last_line=folded,
             )  # fmt: skip
         self.resources.state.observe_malformed(routing_key, err.reason, err.message)
 
@@ -90,3 +90,8 @@ class MonitorRunner(Runner):
         admitted, folded = self._throttle.admit("observe_failed")
         if admitted:
             log.error("observe_failed", exc_info=exc, similar_since_last_line=folded)
+
+
+def _printable(text: str) -> str:
+    """``text`` as a log line can carry it: a lone surrogate (valid in JSON) escaped, not raised."""
+    return text.encode("utf-8", "backslashreplace").decode()

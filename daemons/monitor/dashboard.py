@@ -1,6 +1,11 @@
 """The live dashboard: one static page polling ``/api/status`` every 2 s. No build step, no external
 assets (sites often run without internet access); kept in a module so packaging needs no data files.
 
+The page, its script (``/dashboard.js``) and its style (``/dashboard.css``) are served apart, and
+nothing is inline (no ``<script>`` body, no ``style=`` attribute): the Content-Security-Policy can
+then forbid inline script, so text from the bus that escaped the escaping still could not run.
+Everything shown from the status document goes through ``esc`` or ``textContent``.
+
 It shows what ``spool status`` shows, plus throughput over time: an inline SVG chart of the
 monitor's own samples (``throughput`` in the document: messages/s on the bus and work done/s per
 daemon, one point per poll, the last 30 minutes at the default interval), drawn by the page itself.
@@ -12,8 +17,24 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>Spool monitor</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+<link rel="stylesheet" href="dashboard.css">
+</head>
+<body>
+<h1>Spool monitor</h1>
+<div id="meta" class="muted">loading...</div>
+<div id="missing"></div>
+<h2>Throughput</h2><div id="throughput"></div>
+<h2>Daemons</h2><div id="daemons"></div>
+<h2>Queues</h2><div id="queues"></div>
+<h2>Failures by cause</h2><div id="failures"></div>
+<h2>Endpoints</h2><div id="endpoints"></div>
+<h2>Recent alerts</h2><div id="alerts"></div>
+<script src="dashboard.js"></script>
+</body>
+</html>
+"""
+
+STYLE = """  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
   h1 { font-size: 1.3em; margin: 0 0 .2em; }
   h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
   table { border-collapse: collapse; min-width: 40em; }
@@ -26,20 +47,15 @@ PAGE = """<!doctype html>
   #throughput svg { border: 1px solid #ddd; background: #fcfcfc; }
   .legend { display: inline-block; margin-right: 1.2em; }
   .swatch { display: inline-block; width: .8em; height: .8em; margin-right: .3em; vertical-align: -.05em; }
-</style>
-</head>
-<body>
-<h1>Spool monitor</h1>
-<div id="meta" class="muted">loading...</div>
-<div id="missing"></div>
-<h2>Throughput</h2><div id="throughput"></div>
-<h2>Daemons</h2><div id="daemons"></div>
-<h2>Queues</h2><div id="queues"></div>
-<h2>Failures by cause</h2><div id="failures"></div>
-<h2>Endpoints</h2><div id="endpoints"></div>
-<h2>Recent alerts</h2><div id="alerts"></div>
-<script>
-"use strict";
+  .c0 { background: #1f6feb; }
+  .c1 { background: #17803d; }
+  .c2 { background: #b46900; }
+  .c3 { background: #8250df; }
+  .c4 { background: #c0262d; }
+  .c5 { background: #0a7c86; }
+"""
+
+SCRIPT = """"use strict";
 const ENT = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"};
 const esc = (v) => String(v ?? "").replace(/[&<>"]/g, (c) => ENT[c]);
 const num = (v) => (v === null || v === undefined ? "?" : String(v));
@@ -77,7 +93,7 @@ function chart(points) {
     svg += '<polyline data-series="' + esc(name) + '" fill="none" stroke="' + colour +
       '" stroke-width="1.5" points="' + pts + '"/>';
     legend.push('<span class="legend" data-series="' + esc(name) + '" data-peak="' + Math.max(...values) +
-      '"><span class="swatch" style="background:' + colour + '"></span>' + esc(name) + ": now " +
+      '"><span class="swatch c' + (k % COLOURS.length) + '"></span>' + esc(name) + ": now " +
       esc(rate(values[values.length - 1])) + ", peak " + esc(rate(Math.max(...values))) + "</span>");
   });
   const span = points.reduce((a, p) => a + p.seconds, 0);
@@ -121,7 +137,4 @@ async function tick() {
 }
 tick();
 setInterval(tick, 2000);
-</script>
-</body>
-</html>
 """

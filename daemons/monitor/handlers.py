@@ -8,12 +8,16 @@ monitor's own runner (``consumer.MonitorRunner``: batched acks, no per-message c
 calls the same ``MonitorResources.observe`` as the handler. Alerts are published by a task of
 their own after the state is updated; one that cannot be published waits for the next message or
 poll, so a broker hiccup neither loses it nor holds up (or repeats) the counting.
+
+Every fact passes the monitor's door first (``intake``): Spool's facts count only when the
+delivery's AMQP ``user_id`` is one of Spool's users, and malformed ones are refused, counted and
+logged (one line per reason per minute, with how many were folded into it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,15 +26,18 @@ import structlog
 
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
+from common.bus.trust import is_spool_user
 from common.config import Settings
-from common.errors import SpoolError
+from common.errors import ConfigError, SpoolError
+from common.logging import ReasonThrottle
 from common.messages import AlertRaised, Message
 from daemons.monitor.consumer import MonitorRunner
+from daemons.monitor.intake import MonitorLabels, Refused
 from daemons.monitor.metrics import build_registry
 from daemons.monitor.poller import Poller
 from daemons.monitor.report import Observed, status_document
 from daemons.monitor.steps import MonitorState, Thresholds
-from daemons.monitor.web import WebServer
+from daemons.monitor.web import WebServer, is_loopback
 
 log = structlog.get_logger("spool.monitor")
 
@@ -42,13 +49,15 @@ class MonitorResources:
     publisher: Publisher
     web: WebServer
     poller: Poller
+    trusted: Callable[[str | None], bool] = field(default=lambda _user: True, repr=False)
     pending_alerts: list[AlertRaised] = field(default_factory=list)
     flushing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
-    def observe(self, msg: Message) -> None:
-        """Account for one message and start publishing the alerts it raised. Synchronous: the
-        monitor's runner relies on observing deliveries in order, without waiting in between."""
-        alerts = self.state.observe(msg)
+    def observe(self, msg: Message, user_id: str | None) -> None:
+        """Account for one message (``user_id``: the delivery's AMQP user_id) and start publishing
+        the alerts it raised. Synchronous: the monitor's runner relies on observing deliveries in
+        order, without waiting in between."""
+        alerts = self.state.observe(msg, trusted=self.trusted(user_id))
         if alerts:
             self.pending_alerts.extend(alerts)
             self.start_flush()
@@ -72,19 +81,70 @@ class MonitorResources:
 
 def make_state(settings: Settings) -> MonitorState:
     m = settings.monitor
-    return MonitorState(
-        Thresholds(settings.bus.heartbeat_interval, m.heartbeat_late, m.heartbeat_dead, m.forget_after)
+    state = MonitorState(
+        Thresholds(settings.bus.heartbeat_interval, m.heartbeat_late, m.heartbeat_dead, m.forget_after),
+        labels=MonitorLabels.create(storages=settings.storage),
     )
+    state.on_refused = _refusal_logger()
+    return state
+
+
+def _refusal_logger() -> Callable[[str, Refused], None]:
+    """One ``fact_refused`` line per reason per minute, with the count of those folded into it."""
+    throttle = ReasonThrottle()
+
+    def log_refusal(routing_key: str, refused: Refused) -> None:
+        admitted, folded = throttle.admit(refused.reason)
+        if admitted:
+            log.warning(
+                "fact_refused", reason=refused.reason, error=refused.detail[:500], routing_key=routing_key,
+                similar_since_last_line=folded,
+            )  # fmt: skip
+
+    return log_refusal
+
+
+def trust_of(settings: Settings) -> Callable[[str | None], bool]:
+    """``common.bus.trust.is_spool_user`` for this configuration, remembered per user_id (the
+    monitor asks for every message; the broker has few users)."""
+    known: dict[str | None, bool] = {}
+
+    def trusted(user_id: str | None) -> bool:
+        answer = known.get(user_id)
+        if answer is None:
+            answer = is_spool_user(user_id, settings.bus)
+            if len(known) < 256:
+                known[user_id] = answer
+        return answer
+
+    return trusted
+
+
+def make_web(settings: Settings, state: MonitorState, observed: Observed) -> WebServer:
+    """The HTTP side, or ``ConfigError`` (one line) when it would listen beyond this host unprotected."""
+    m = settings.monitor
+    token = m.token()
+    if token is None and not is_loopback(m.http_host):
+        raise ConfigError(
+            f"monitor.http_host = {m.http_host!r} listens beyond this host: set monitor.token_file "
+            "(or SPOOL_MONITOR_TOKEN) so /api/status and the dashboard need a token, or listen on 127.0.0.1"
+        )
+    return WebServer(
+        build_registry(state, observed), lambda: status_document(state, observed), token=token,
+        metrics_public=m.metrics_public, request_timeout=m.http_request_timeout,
+    )  # fmt: skip
 
 
 @asynccontextmanager
 async def open_monitor_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[MonitorResources]:
     state = make_state(settings)
     observed = Observed()
-    web = WebServer(build_registry(state, observed), lambda: status_document(state, observed))
+    web = make_web(settings, state, observed)
     await web.start(settings.monitor.http_host, settings.monitor.http_port)
-    log.info("monitor_listening", host=settings.monitor.http_host, port=web.port)
-    res = MonitorResources(state, observed, publisher, web, Poller(settings, state, observed))
+    log.info("monitor_listening", host=settings.monitor.http_host, port=web.port, token=web.protected)
+    res = MonitorResources(
+        state, observed, publisher, web, Poller(settings, state, observed), trusted=trust_of(settings)
+    )
     task = asyncio.create_task(_poll(res, settings.monitor.poll_interval))
     try:
         yield res
@@ -112,7 +172,7 @@ service = Service("monitor", resources=open_monitor_resources, runner=MonitorRun
 
 @service.any_message
 async def observe(msg: Message, ctx: Context[MonitorResources]) -> None:
-    ctx.resources.observe(msg)
+    ctx.resources.observe(msg, ctx.user_id)
 
 
 @service.malformed_hook

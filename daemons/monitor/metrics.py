@@ -12,6 +12,7 @@ heartbeat carries; the histogram is summed over a daemon's known instances.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -22,6 +23,7 @@ from daemons.monitor.report import Observed
 from daemons.monitor.steps import MonitorState
 
 LIVENESS = ("alive", "late", "dead")
+MAX_EXPORTED = 1e300
 
 
 class MonitorCollector(Collector):
@@ -47,15 +49,15 @@ class MonitorCollector(Collector):
         per_state: dict[tuple[str, str], int] = {}
         for v in views:
             key = [v.daemon, v.instance, v.host]
-            processed.add_metric(key, v.processed)
-            retried.add_metric(key, v.retried)
-            dead.add_metric(key, v.dead_lettered)
-            in_flight.add_metric(key, v.in_flight)
-            age.add_metric(key, v.age)
+            processed.add_metric(key, _v(v.processed))
+            retried.add_metric(key, _v(v.retried))
+            dead.add_metric(key, _v(v.dead_lettered))
+            in_flight.add_metric(key, _v(v.in_flight))
+            age.add_metric(key, _v(v.age))
             per_state[(v.daemon, v.state)] = per_state.get((v.daemon, v.state), 0) + 1
         for daemon in sorted({v.daemon for v in views}):
             for state in LIVENESS:
-                count.add_metric([daemon, state], per_state.get((daemon, state), 0))
+                count.add_metric([daemon, state], _v(per_state.get((daemon, state), 0)))
         yield from (processed, retried, dead, in_flight, age, count)
 
     def _reasons_and_handling(self) -> Iterator[Metric]:
@@ -68,9 +70,9 @@ class MonitorCollector(Collector):
         summed: dict[str, tuple[list[float], list[int], float]] = {}
         for i in self.state.instances.values():
             for reason, n in sorted(i.retried_by_reason.items()):
-                retries.add_metric([i.daemon, i.instance, i.host, reason], n)
+                retries.add_metric([i.daemon, i.instance, i.host, reason], _v(n))
             for reason, n in sorted(i.dead_by_reason.items()):
-                dead.add_metric([i.daemon, i.instance, i.host, reason], n)
+                dead.add_metric([i.daemon, i.instance, i.host, reason], _v(n))
             h = i.handling
             if h is None:
                 continue
@@ -84,45 +86,57 @@ class MonitorCollector(Collector):
             cumulative, running = [], 0
             for bound, n in zip([*(str(b) for b in bounds), "+Inf"], counts, strict=True):
                 running += n
-                cumulative.append((bound, running))
-            handling.add_metric([daemon], cumulative, sum_value=total)
+                cumulative.append((bound, _v(running)))
+            handling.add_metric([daemon], cumulative, sum_value=_v(total))
         yield from (retries, dead, handling)
 
     def _events(self) -> Iterator[Metric]:
         s = self.state
         events = _counter("spool_events", "Messages seen on the bus, by type.", ["type"])
         for key, n in sorted(s.events.items()):
-            events.add_metric([key], n)
+            events.add_metric([key], _v(n))
         malformed = _counter(
             "spool_malformed_events", "Undecodable / unknown / invalid messages ignored.", ["reason"]
         )
         for reason, n in sorted(s.malformed.items()):
-            malformed.add_metric([reason], n)
+            malformed.add_metric([reason], _v(n))
         failures = _counter(
             "spool_failures",
             "Failure facts (file.failed, endpoint.paused, ...) by daemon, reason and endpoint.",
             ["daemon", "reason", "endpoint"],
         )
         for g in s.failure_groups():
-            failures.add_metric([g.daemon, g.reason, g.endpoint or ""], g.count)
+            failures.add_metric([g.daemon, g.reason, g.endpoint or ""], _v(g.count))
         moved = _counter(
             "spool_moved_bytes",
             "Bytes of verified copies (file.ingested, replica.created).",
             ["event", "storage"],
         )
         for (event, storage), n in sorted(s.moved_bytes.items()):
-            moved.add_metric([event, storage], n)
+            moved.add_metric([event, storage], _v(n))
         mounts = _counter("spool_tape_mounts", "Tape mount events seen.", [])
-        mounts.add_metric([], s.tape_mounts)
+        mounts.add_metric([], _v(s.tape_mounts))
         alerts = _counter("spool_alerts", "Alerts raised by the monitor.", ["kind"])
         for kind, n in sorted(s.alerts_raised.items()):
-            alerts.add_metric([kind], n)
-        yield from (events, malformed, failures, moved, mounts, alerts)
+            alerts.add_metric([kind], _v(n))
+        refused = _counter(
+            "spool_refused_facts",
+            "Facts the monitor did not believe (see daemons/monitor/intake.py).",
+            ["reason"],
+        )
+        for reason, n in sorted(s.refused.items()):
+            refused.add_metric([reason], _v(n))
+        folded = _counter(
+            "spool_folded_label_values", "Label values counted under 'other' (beyond the bound).", ["label"]
+        )
+        for labels in s.labels.all():
+            folded.add_metric([labels.name], _v(labels.folded))
+        yield from (events, malformed, failures, moved, mounts, alerts, refused, folded)
 
     def _queues(self) -> Iterator[Metric]:
         report = self.observed.queues
         up = _gauge("spool_management_api_up", "1 when the RabbitMQ management API answered.", [])
-        up.add_metric([], 1 if report is not None and report.management.reachable else 0)
+        up.add_metric([], _v(1 if report is not None and report.management.reachable else 0))
         yield up
         if report is None:
             return
@@ -136,17 +150,30 @@ class MonitorCollector(Collector):
         dead = _gauge("spool_queue_dead_messages", "Messages in a dead-letter queue.", per)
         for q in report.queues:
             if q.ready is not None:
-                ready.add_metric([q.daemon, q.queue], q.ready)
+                ready.add_metric([q.daemon, q.queue], _v(q.ready))
             if q.in_flight is not None:
-                unacked.add_metric([q.daemon, q.queue], q.in_flight)
+                unacked.add_metric([q.daemon, q.queue], _v(q.in_flight))
             if q.consumers is not None:
-                consumers.add_metric([q.daemon, q.queue], q.consumers)
+                consumers.add_metric([q.daemon, q.queue], _v(q.consumers))
             for t in q.retry:
                 if t.waiting is not None:
-                    retrying.add_metric([q.daemon, t.queue, str(t.tier)], t.waiting)
+                    retrying.add_metric([q.daemon, t.queue, str(t.tier)], _v(t.waiting))
             if q.dead is not None:
-                dead.add_metric([q.daemon, q.dead_queue], q.dead)
+                dead.add_metric([q.daemon, q.dead_queue], _v(q.dead))
         yield from (ready, unacked, consumers, retrying, dead)
+
+
+def _v(value: float) -> float:
+    """A value Prometheus' text format can carry: finite, within the float range. The monitor's
+    facts are checked at its door (``intake``); its own sums are clamped here, the last guard of
+    /metrics answering at all."""
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return MAX_EXPORTED if isinstance(value, int) and value > 0 else 0.0
+    if math.isnan(number):
+        return 0.0
+    return max(-MAX_EXPORTED, min(MAX_EXPORTED, number))
 
 
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:

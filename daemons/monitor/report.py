@@ -68,6 +68,11 @@ def status_document(
             "by_reason": dict(state.malformed),
             "last": state.last_malformed,
         },
+        "refused": {
+            "total": sum(state.refused.values()),
+            "by_reason": dict(state.refused),
+            "last": state.last_refused,
+        },
         "moved_bytes": _moved(state),
         "tape_mounts": state.tape_mounts,
         "messages": state.messages,

@@ -23,18 +23,31 @@ Decisions:
   instance's previous heartbeat; a restarted process is a new instance and starts from zero, and
   the work an instance did before the monitor started is not counted as throughput now.
 - Counting is at-least-once like the bus: a message redelivered to the monitor is counted twice.
+- **What is believed**: every fact passes ``intake.check_fact`` first (Spool's own users only for
+  Spool's facts, numbers finite and in range, times with a UTC offset...). A refused fact changes
+  nothing but ``refused`` (by reason) and ``last_refused``. Labels (reasons, storages, daemons) are
+  bounded by ``intake.Labels``: beyond the known and the first few unknown values, ``other``.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import pairwise
 from typing import Any, Literal
 
 from common.messages import AlertRaised, DaemonHeartbeat, FileIngested, Message, ReplicaCreated, utcnow
+from daemons.monitor.intake import (
+    MAX_INSTANCES,
+    TOO_MANY_INSTANCES,
+    MonitorLabels,
+    Refused,
+    check_fact,
+    cut,
+    read_details,
+)
 
 Liveness = Literal["alive", "late", "dead"]
 NEW_FAILURE_REASON = "new_failure_reason"
@@ -151,7 +164,9 @@ def failure_fact(msg: Message) -> FailureFact | None:
     example = getattr(msg, "name", None) or getattr(msg, "path", None)
     message_id = getattr(msg, "message_id", None) or msg.id
     error = str(getattr(msg, "error", "") or "")
-    return FailureFact(str(daemon), reason, endpoint, error[:MAX_ERROR_TEXT], example, message_id)
+    return FailureFact(
+        str(daemon), reason, endpoint, error[:MAX_ERROR_TEXT], cut(example), cut(message_id, 256)
+    )
 
 
 def is_tape_mount(routing_key: str) -> bool:
@@ -209,41 +224,69 @@ class MonitorState:
     processed: dict[str, int] = field(default_factory=dict)  # per daemon, see ``Sample``
     history: deque[Sample] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     started: datetime | None = None  # the clock's time at creation unless given
+    labels: MonitorLabels = field(default_factory=MonitorLabels.create, repr=False)
+    refused: Counter[str] = field(default_factory=Counter)  # facts not believed, by reason
+    last_refused: dict[str, str] | None = None
+    # Told of each refusal (the handlers log them, folded per reason).
+    on_refused: Callable[[str, Refused], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.started is None:
             self.started = self.clock()
 
     # --- input ---------------------------------------------------------------------------------
-    def observe(self, msg: Message) -> list[AlertRaised]:
-        """Account for one message; return the alerts it raises (at most one).
+    def observe(self, msg: Message, *, trusted: bool = True) -> list[AlertRaised]:
+        """Account for one message; return the alerts it raises (at most one). ``trusted``: the
+        delivery came from one of Spool's broker users (see ``intake``).
 
         On the monitor's hot path (every message of the pipeline): cheap checks first."""
         key = msg.ROUTING_KEY
         self.messages += 1
-        if isinstance(msg, DaemonHeartbeat):
-            self.events[key] += 1
-            self._heartbeat(msg)
+        try:
+            check_fact(msg, trusted=trusted)
+            if isinstance(msg, DaemonHeartbeat):
+                self._heartbeat(msg)
+                self.events[key] += 1
+                return []
+        except Refused as refused:
+            self._refuse(key, refused)
             return []
         if self.recent.seen(msg.id):
             self.duplicates += 1
             return []
         self.events[key] += 1
         if isinstance(msg, FileIngested | ReplicaCreated):
-            self.moved_bytes[(key, msg.storage)] += msg.size
+            self.moved_bytes[(key, self.labels.storages(msg.storage))] += msg.size
         if is_tape_mount(key):
             self.tape_mounts += 1
         fact = failure_fact(msg)
         if fact is None:
             return []
-        alert = self._failure(fact, msg.time, paused=key == "endpoint.paused")
+        alert = self._failure(self._bounded(fact), msg.time, paused=key == "endpoint.paused")
         return [alert] if alert is not None else []
+
+    def _refuse(self, routing_key: str, refused: Refused) -> None:
+        self.refused[refused.reason] += 1
+        self.last_refused = {
+            "routing_key": routing_key[:255], "reason": refused.reason,
+            "error": refused.detail[:MAX_ERROR_TEXT], "time": self.clock().isoformat(),
+        }  # fmt: skip
+        if self.on_refused is not None:
+            self.on_refused(routing_key, refused)
+
+    def _bounded(self, fact: FailureFact) -> FailureFact:
+        """The fact with its labels bounded (``intake.Labels``): the failure table stays small."""
+        labels = self.labels
+        endpoint = None if fact.endpoint is None else labels.storages(fact.endpoint)
+        return replace(
+            fact, daemon=labels.daemons(fact.daemon), reason=labels.reasons(fact.reason), endpoint=endpoint
+        )
 
     def observe_malformed(self, routing_key: str, reason: str, error: str) -> None:
         self.messages += 1
-        self.malformed[reason] += 1
+        self.malformed[self.labels.malformed(reason)] += 1
         self.last_malformed = {
-            "routing_key": routing_key, "reason": reason, "error": error[:MAX_ERROR_TEXT],
+            "routing_key": routing_key[:255], "reason": reason, "error": error[:MAX_ERROR_TEXT],
             "time": self.clock().isoformat(),
         }  # fmt: skip
 
@@ -253,6 +296,9 @@ class MonitorState:
         known = self.instances.get(key)
         if known is not None and known.last_heartbeat > sent:
             return  # an older heartbeat arriving late (concurrent handlers, redelivery)
+        details = read_details(beat.details, self.labels.reasons)
+        if known is None and len(self.instances) >= MAX_INSTANCES and not self._make_room():
+            raise Refused(TOO_MANY_INSTANCES, f"{MAX_INSTANCES} instances listed, none of them dead")
         if known is not None:
             done = max(0, beat.processed - known.processed)
         else:  # first heartbeat of this instance: its work since the monitor started, if any
@@ -262,11 +308,24 @@ class MonitorState:
             daemon=beat.daemon, instance=beat.instance, host=beat.host, pid=beat.pid,
             version=beat.version, started=beat.started, last_heartbeat=sent,
             in_flight=beat.in_flight, processed=beat.processed, dead_lettered=beat.failed,
-            retried=_int(beat.details.get("retried")), queue=_str(beat.details.get("queue")),
-            retried_by_reason=_counts(beat.details.get("retried_by_reason")),
-            dead_by_reason=_counts(beat.details.get("dead_by_reason")),
-            handling=_histogram(beat.details.get("handling")),
+            retried=details.retried, queue=details.queue,
+            retried_by_reason=details.retried_by_reason or {}, dead_by_reason=details.dead_by_reason or {},
+            handling=details.handling,
         )  # fmt: skip
+
+    def _make_room(self) -> bool:
+        """Forget the dead instance heard from least recently, if any; whether one was."""
+        now = self.clock()
+        t = self.thresholds
+        dead = [
+            i for i in self.instances.values()
+            if liveness((now - i.last_heartbeat).total_seconds(), t.interval, t.late, t.dead) == "dead"
+        ]  # fmt: skip
+        if not dead:
+            return False
+        oldest = min(dead, key=lambda i: i.last_heartbeat)
+        del self.instances[(oldest.daemon, oldest.instance)]
+        return True
 
     def _failure(self, fact: FailureFact, when: datetime, *, paused: bool = False) -> AlertRaised | None:
         key = (fact.daemon, fact.reason, fact.endpoint)
@@ -357,29 +416,3 @@ class MonitorState:
         for key in gone:
             del self.instances[key]
         return [instance for _daemon, instance in gone]
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _counts(value: object) -> dict[str, int]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): _int(v) for k, v in value.items()}
-
-
-def _histogram(value: object) -> dict[str, Any] | None:
-    """A heartbeat's handling histogram if well formed (counts one longer than buckets)."""
-    if not isinstance(value, dict):
-        return None
-    buckets, counts, total = value.get("buckets"), value.get("counts"), value.get("sum")
-    if not (isinstance(buckets, list) and isinstance(counts, list) and isinstance(total, int | float)):
-        return None
-    if len(counts) != len(buckets) + 1 or not all(isinstance(b, int | float) for b in buckets):
-        return None
-    return {"buckets": [float(b) for b in buckets], "counts": [_int(c) for c in counts], "sum": float(total)}
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) else None

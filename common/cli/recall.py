@@ -12,17 +12,20 @@ import asyncio
 import json
 import os
 import socket
+import uuid
 from collections import Counter, defaultdict
 from typing import Annotated, Any
 
 import aio_pika
+import aiormq
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common import codec
-from common.bus.connection import connect
-from common.bus.topology import declare_topology
+from common.bus.connection import bus_user, connect
+from common.bus.external import declare_if_allowed
+from common.bus.permissions import reply_queue_prefix
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.cli import app
@@ -78,9 +81,10 @@ async def _request(
 ) -> dict[str, Any] | None:
     connection = await connect(settings.bus, name="spool-cli")
     try:
+        await declare_if_allowed(connection, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await declare_topology(channel, settings)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True) if wait else None
+        exchange = await channel.get_exchange(settings.bus.exchange, ensure=True)
+        replies = await _reply_queue(connection, channel, settings) if wait else None
         event = codec.to_cloudevent(msg)
         await exchange.publish(
             aio_pika.Message(
@@ -96,6 +100,25 @@ async def _request(
         return await _follow(settings, msg.id, replies, quiet=quiet)
     finally:
         await connection.close()
+
+
+async def _reply_queue(
+    connection: aio_pika.abc.AbstractRobustConnection,
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+) -> aio_pika.abc.AbstractQueue:
+    """This user's own reply queue, ``<queue_prefix>.reply.<user>.<random>``: the name the
+    recall daemon accepts as a ``reply_to`` and ``spool broker setup`` lets an external publisher
+    configure and read (a server-named ``amq.gen-*`` queue needs permissions it does not have)."""
+    user = bus_user(settings.bus)
+    name = f"{reply_queue_prefix(settings, user)}{uuid.uuid4().hex}"
+    try:
+        return await channel.declare_queue(name, exclusive=True, auto_delete=True)
+    except aiormq.exceptions.ChannelAccessRefused:
+        raise UserError(
+            f"RabbitMQ refused user {user!r} its reply queue {name!r}: it needs configure and read on "
+            f"'{reply_queue_prefix(settings, user)}*' (spool broker setup --publisher {user})"
+        ) from None
 
 
 async def _follow(

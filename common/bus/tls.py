@@ -56,6 +56,10 @@ def tls_failure(exc: BaseException) -> ssl.SSLError | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
+        # aiohttp wraps the handshake's error in one of its own that is also an SSLError.
+        inner = getattr(current, "certificate_error", None) or getattr(current, "os_error", None)
+        if isinstance(inner, ssl.SSLError):
+            return inner
         if isinstance(current, ssl.SSLError):
             return current
         seen.add(id(current))
@@ -65,6 +69,7 @@ def tls_failure(exc: BaseException) -> ssl.SSLError | None:
 
 def describe(error: ssl.SSLError) -> str:
     """One line for the operator: what the handshake said, without the C file and line."""
-    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
-        return f"certificate verify failed: {error.verify_message}"
-    return str(error.reason or error).lower().replace("_", " ")
+    verify_message = getattr(error, "verify_message", None)
+    if isinstance(error, ssl.SSLCertVerificationError) and verify_message:
+        return f"certificate verify failed: {verify_message}"
+    return str(getattr(error, "reason", None) or error).lower().replace("_", " ")

@@ -1,19 +1,24 @@
 """PostgreSQL TLS: libpq's ``sslmode`` / ``sslrootcert`` / ``sslcert`` / ``sslkey`` (URL or catalogue
 settings) reach asyncpg as its ``ssl`` argument, and a server without TLS under ``sslmode=require``
-is one clear line, never a traceback. (The shared server runs without TLS.)"""
+is one clear line, never a traceback (the shared server runs without TLS); against a private server
+with TLS started here, verify-full connects encrypted and a wrong CA or name is refused in one line."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event
 
+from bench.chaos.broker import free_port
 from common.catalogue import Catalogue
 from common.catalogue.engine import create_engine, ssl_argument
 from common.config import CatalogueSettings, load_settings
@@ -115,3 +120,67 @@ def test_the_cli_says_it_in_one_line(tmp_path: Path, tag: str) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "does not offer TLS" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="module")
+def tls_postgres() -> Iterator[tuple[int, Path]]:
+    """A private PostgreSQL with TLS on (the shared one is left alone): (port, directory with the
+    PKI of ``make_pki``). initdb and start take about 2 s."""
+    bindir = _pg_bin()
+    if bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the PostgreSQL TLS test must run on CI: no initdb (apt-get install postgresql)")
+        pytest.skip("no PostgreSQL server binaries (initdb)")
+    base = Path(tempfile.mkdtemp(prefix="spool-pgtls-"))
+    base.chmod(0o755)
+    make_pki(base / "pki")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root; the server must own its key
+        as_user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(["chown", "-R", "postgres", str(base)], check=True)
+    port = free_port()
+    data = base / "data"
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"]
+    subprocess.run([*as_user, *initdb], check=True, capture_output=True)
+    options = (
+        f"-p {port} -c listen_addresses=127.0.0.1,127.0.0.2 -c unix_socket_directories={base} -c ssl=on "
+        f"-c ssl_cert_file={base / 'pki/server.pem'} -c ssl_key_file={base / 'pki/server.key'} -c fsync=off"
+    )
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data)]
+    subprocess.run(
+        [*pg_ctl, "-o", options, "-w", "-l", str(base / "log"), "start"], check=True, capture_output=True
+    )
+    try:
+        yield port, base / "pki"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_verify_full_against_a_server_with_tls_connects_and_wrong_trust_is_refused(
+    tls_postgres,
+) -> None:
+    port, pki = tls_postgres
+    base = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+    catalogue = await Catalogue.open(f"{base}?sslmode=verify-full&sslrootcert={pki / 'ca.pem'}")
+    try:
+        # The session really is encrypted (the server says so).
+        async with catalogue.engine.connect() as conn:
+            on = await conn.exec_driver_sql("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            assert on.scalar() is True
+    finally:
+        await catalogue.close()
+    with pytest.raises(ConfigError, match="certificate verify failed"):
+        await Catalogue.open(f"{base}?sslmode=verify-full&sslrootcert={pki / 'wrong-ca.pem'}")
+    other_name = f"postgresql+asyncpg://postgres@127.0.0.2:{port}/postgres"
+    with pytest.raises(ConfigError, match="sslmode=verify-full"):
+        await Catalogue.open(f"{other_name}?sslmode=verify-full&sslrootcert={pki / 'ca.pem'}")
+    # verify-ca checks the chain, not the name; require encrypts without checking.
+    for query in (f"sslmode=verify-ca&sslrootcert={pki / 'ca.pem'}", "sslmode=require"):
+        opened = await Catalogue.open(f"{other_name}?{query}")
+        await opened.close()

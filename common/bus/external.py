@@ -52,6 +52,7 @@ async def publish_cloudevents(
     window: int = 256,
     on_sent: Callable[[int], None] | None = None,
     reply_to: str | None = None,
+    user_id: str | None = None,
 ) -> int:
     """Publish every event (confirmed, mandatory); return how many were sent.
 
@@ -99,6 +100,9 @@ async def publish_cloudevents(
                 message_id=str(event["id"]),
                 delivery_mode=PERSISTENT,
                 reply_to=reply_to,
+                # The connection's user: RabbitMQ refuses any other, so ingest knows who announced
+                # (``landing_publishers``: a source announces only in its own landing area).
+                user_id=user_id,
             )
             publish = underlay.basic_publish(
                 json.dumps(event).encode(), exchange=exchange_name, routing_key=event["type"],

@@ -115,9 +115,12 @@ def _tls_errors_in_one_line(engine: AsyncEngine, u: URL, mode: str) -> None:
         try:
             return dialect.connect(*cargs, **cparams)
         except ssl.SSLError as exc:
-            reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"certificate verify failed: {exc.verify_message}"
+            else:
+                reason = str(exc.reason or exc).lower().replace("_", " ")
             raise ConfigError(
-                f"TLS with PostgreSQL at {u.host}:{u.port or 5432} failed (sslmode={mode}): {reason or exc}"
+                f"TLS with PostgreSQL at {u.host}:{u.port or 5432} failed (sslmode={mode}): {reason}"
             ) from None
         except ConnectionError as exc:
             if "SSL" not in str(exc):

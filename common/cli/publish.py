@@ -43,11 +43,15 @@ def _typed(raw: str) -> MetaValue:
 
 
 def expand(paths: list[Path]) -> Iterator[Path]:
+    """Regular files only: a FIFO or a device named on the command line would block the checksum
+    (or never end), and is no file to archive."""
     for p in paths:
         if p.is_dir():
             yield from sorted(q for q in p.rglob("*") if q.is_file())
-        elif p.exists():
+        elif p.is_file():
             yield p
+        elif p.exists():
+            raise UserError(f"{p} is not a regular file")
         else:
             raise UserError(f"{p} does not exist")
 
@@ -133,8 +137,9 @@ async def publish_events(settings: Settings, events: list[dict[str, Any]], *, qu
     connection = await connect(settings.bus, name="spool-cli")
     try:
         await declare_if_allowed(connection, settings)
+        user = bus_user(settings.bus)
         if quiet:
-            return await publish_cloudevents(connection, settings.bus.exchange, events)
+            return await publish_cloudevents(connection, settings.bus.exchange, events, user_id=user)
         with Progress(
             TextColumn("publishing"),
             BarColumn(),
@@ -145,8 +150,9 @@ async def publish_events(settings: Settings, events: list[dict[str, Any]], *, qu
         ) as bar:
             task = bar.add_task("publish", total=len(events))
             return await publish_cloudevents(
-                connection, settings.bus.exchange, events, on_sent=lambda n: bar.update(task, completed=n)
-            )
+                connection, settings.bus.exchange, events, user_id=user,
+                on_sent=lambda n: bar.update(task, completed=n),
+            )  # fmt: skip
     finally:
         await connection.close()
 

@@ -32,6 +32,7 @@ from common.cli import app
 from common.cli._util import UserError, console, print_json, settings_from
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import Settings
+from common.errors import Permanent, Retryable
 from common.messages import RecallRequest, new_id
 
 _DETAIL = ("failures", "waiting", "cartridges")  # per-file parts, left out of ``list --json``
@@ -83,18 +84,30 @@ async def _request(
     try:
         await declare_if_allowed(connection, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.get_exchange(settings.bus.exchange, ensure=True)
+        try:  # passive: needs no permission
+            exchange = await channel.get_exchange(settings.bus.exchange, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise Retryable(
+                "exchange_missing", f"{exc}: start a daemon or run `spool broker declare`"
+            ) from None
         replies = await _reply_queue(connection, channel, settings) if wait else None
         event = codec.to_cloudevent(msg)
-        await exchange.publish(
-            aio_pika.Message(
-                json.dumps(event).encode(), content_type=codec.CLOUDEVENTS_JSON, message_id=msg.id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, correlation_id=msg.id,
-                reply_to=replies.name if replies else None,
-            ),
-            routing_key=msg.ROUTING_KEY,
-            mandatory=True,
-        )  # fmt: skip
+        try:
+            await exchange.publish(
+                aio_pika.Message(
+                    json.dumps(event).encode(), content_type=codec.CLOUDEVENTS_JSON, message_id=msg.id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT, correlation_id=msg.id,
+                    reply_to=replies.name if replies else None, user_id=bus_user(settings.bus),
+                ),
+                routing_key=msg.ROUTING_KEY,
+                mandatory=True,
+            )  # fmt: skip
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise Permanent("publish_refused", f"RabbitMQ refused the recall.request: {exc}") from None
+        except aiormq.exceptions.DeliveryError as exc:
+            raise Retryable(
+                "unroutable", f"no queue took the recall.request (is the topology declared?): {exc}"
+            ) from None
         if replies is None:
             return None
         return await _follow(settings, msg.id, replies, quiet=quiet)

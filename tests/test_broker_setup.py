@@ -20,6 +20,7 @@ import aiormq
 import pytest
 
 from common.bus import permissions
+from common.bus.topology import declare_topology
 from common.catalogue import Catalogue
 from common.config import DAEMON_NAMES, Settings, load_settings
 from daemons.ingest.handlers import service as ingest_service
@@ -174,6 +175,18 @@ async def test_setup_applies_least_privilege_users_and_spool_works_with_them(set
         ingest_url, lambda ch: ch.declare_queue(settings.queue("tape"), durable=True)
     )
 
+    # Each daemon user declares its own queues exactly as its daemon does, and publishes each
+    # routing key it needs (the monitor's queue, bound to "#", takes them all).
+    for daemon in DAEMON_NAMES:
+        user = f"{p}-{daemon}"
+
+        async def work(ch: aio_pika.abc.AbstractChannel, d: str = daemon, u: str = user) -> None:
+            await declare_topology(ch, settings, [d])
+            for key in permissions.DAEMON_PUBLISHES[d]:
+                await _publish(x, key, user_id=u)(ch)
+
+        assert await _refused(_url(secrets, user), work) == "", daemon
+
     # The ingest daemon as its own user; alice announces a file with `spool ingest` in her area.
     daemon_settings = settings.model_copy(update={"bus": settings.bus.model_copy(update={"url": ingest_url})})
     landing = settings.landing_areas["lst1"]
@@ -319,3 +332,13 @@ def test_setup_print_emits_exact_regexes_for_each_user(vhost_config, tmp_path):
     assert re.fullmatch(alice.topic_write, "file.ready") and not re.fullmatch(
         alice.topic_write, "tape.archive"
     )
+
+
+def test_every_routing_key_has_a_publisher_user() -> None:
+    """A message type added without a user allowed to publish it would be refused by the broker
+    under least privilege: every key is a daemon's or the external contract's."""
+    from common.messages import MODELS
+
+    published = {k for keys in permissions.DAEMON_PUBLISHES.values() for k in keys}
+    assert set(MODELS) <= published | set(permissions.EXTERNAL_PUBLISHES)
+    assert set(permissions.EXTERNAL_PUBLISHES) <= set(MODELS)

@@ -20,6 +20,7 @@ import aiormq
 import pytest
 
 from common.bus import permissions
+from common.bus.management import ManagementClient, ManagementUnreachable, endpoint_for
 from common.bus.topology import declare_topology
 from common.catalogue import Catalogue
 from common.config import DAEMON_NAMES, Settings, load_settings
@@ -186,6 +187,15 @@ async def test_setup_applies_least_privilege_users_and_spool_works_with_them(set
                 await _publish(x, key, user_id=u)(ch)
 
         assert await _refused(_url(secrets, user), work) == "", daemon
+
+    # The monitor's user reads queue figures from the management API (tag monitoring); alice not.
+    monitor_bus = settings.bus.model_copy(update={"url": _url(secrets, f"{p}-monitor")})
+    async with ManagementClient(endpoint_for(monitor_bus)) as api:
+        assert settings.queue("ingest") in (await api.snapshot([settings.queue("ingest")])).queues
+    alice_bus = settings.bus.model_copy(update={"url": alice})
+    async with ManagementClient(endpoint_for(alice_bus)) as api:
+        with pytest.raises(ManagementUnreachable, match="401"):
+            await api.snapshot([settings.queue("ingest")])
 
     # The ingest daemon as its own user; alice announces a file with `spool ingest` in her area.
     daemon_settings = settings.model_copy(update={"bus": settings.bus.model_copy(update={"url": ingest_url})})

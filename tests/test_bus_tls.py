@@ -189,7 +189,12 @@ async def test_a_missing_client_certificate_is_refused_by_the_broker(tls_broker:
     bus = _bus(tls_broker, tls_cert=None, tls_key=None)
     with pytest.raises(Retryable) as refused:
         await connect(bus)
-    assert refused.value.reason == "broker_tls_failed" and "certificate required" in refused.value.message
+    # TLS 1.3: the client's handshake ends before the broker checks its certificate; the broker's
+    # alert ("certificate required") usually arrives as the reason, sometimes only as the reset.
+    if refused.value.reason == "broker_tls_failed":
+        assert "certificate required" in refused.value.message
+    else:
+        assert refused.value.reason == "broker_unreachable", refused.value
     assert "\n" not in refused.value.message
 
 

@@ -23,6 +23,12 @@ apt_install() {
 }
 
 ensure_rabbitmq() {
+  # tests/test_bus_tls.py generates its certificates with the openssl CLI and starts a private
+  # node of this rabbitmq-server (with its management plugin) on a TLS listener.
+  if ! command -v openssl >/dev/null && may_install; then
+    echo "services: installing openssl"
+    apt_install openssl || return 1
+  fi
   port_open 5672 && return 0
   if ! command -v rabbitmq-server >/dev/null; then
     if may_install; then

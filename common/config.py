@@ -65,6 +65,32 @@ class BusSettings(_Strict):
     # ``user_id`` property and RabbitMQ refuses a ``user_id`` other than the connection's user, so
     # a delivery carrying one of these names was sent by that user. Empty: the user of ``url``.
     spool_users: list[str] = Field(default_factory=list)
+    # TLS (``url = "amqps://..."``, RabbitMQ's TLS listener, usually port 5671): the CA
+    # certificates that sign the broker's certificate (a PEM file; None: the system's), and a
+    # client certificate and its key (PEM; one file may hold both) when the broker asks for one.
+    # The broker's name is checked against its certificate unless tls_check_hostname is false.
+    # The management API (https with amqps) is verified with the same CA.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _tls_needs_amqps(self) -> BusSettings:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(self.url)
+        given = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(self, k) is not None]
+        if given and parts.scheme != "amqps":
+            raise ValueError(f"{', '.join(given)} set but url is {parts.scheme}:// (plain): use amqps://")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls_key needs tls_cert (the client certificate it belongs to)")
+        # aio-pika also reads TLS options from the URL's query (cafile, no_verify_ssl, ...); one
+        # place for them, and no way to switch verification off by a URL.
+        in_url = sorted(set(parse_qs(parts.query)) & _URL_TLS_OPTIONS)
+        if in_url:
+            raise ValueError(f"TLS options in url ({', '.join(in_url)}): use tls_ca, tls_cert, tls_key")
+        return self
 
     def trusted_users(self) -> frozenset[str]:
         """``spool_users``, or the user of ``url`` (``guest`` when it names none)."""
@@ -82,6 +108,10 @@ class BusSettings(_Strict):
         return v
 
 
+_PG_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+_URL_TLS_OPTIONS = {"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"}
+
+
 class CatalogueSettings(_Strict):
     # Empty means "<state_dir>/catalogue.db" (SQLite, WAL). PostgreSQL: postgresql+asyncpg://...
     url: str = ""
@@ -89,6 +119,35 @@ class CatalogueSettings(_Strict):
     batch_size: int = Field(default=256, ge=1)
     batch_wait: float = Field(default=0.01, ge=0)
     echo: bool = False
+    # PostgreSQL TLS, as libpq names it (the same keys may be given in the URL's query instead:
+    # ``?sslmode=verify-full&sslrootcert=/etc/spool/pg-ca.pem``). sslmode: disable | allow |
+    # prefer | require | verify-ca | verify-full; sslrootcert: the CA file that signs the server's
+    # certificate; sslcert / sslkey: a client certificate and its key. See
+    # ``common.catalogue.engine.ssl_argument`` for what each mode checks.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_into_url(self) -> CatalogueSettings:
+        """Fold the TLS keys into the URL's query: every ``Catalogue.open(settings.catalogue.url)``
+        then connects as configured, and the URL alone says how."""
+        given = {k: str(v) for k in _PG_TLS_KEYS if (v := getattr(self, k)) is not None}
+        if not given:
+            return self
+        if not self.url.startswith(("postgresql", "postgres")):
+            raise ValueError(f"{', '.join(given)} apply to a PostgreSQL catalogue url only")
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        parts = urlsplit(self.url)
+        query = dict(parse_qsl(parts.query))
+        for key, value in given.items():
+            if key in query and query[key] != value:
+                raise ValueError(f"{key} is {value!r} here but {query[key]!r} in url: give it once")
+            query[key] = value
+        self.url = urlunsplit(parts._replace(query=urlencode(query)))
+        return self
 
 
 class StorageEndpoint(_Strict):

@@ -32,7 +32,7 @@ from common.bus.connection import connect
 from common.bus.consumer import Runner
 from common.bus.publisher import AmqpPublisher
 from common.bus.service import Service
-from common.bus.topology import declare_topology
+from common.bus.topology import declare_for
 from common.config import Settings
 from common.errors import Retryable, SpoolError
 from common.logging import libraries_quiet, one_line
@@ -99,9 +99,7 @@ class Process:
         """
         step = "declaring the topology"
         try:
-            setup = await connection.channel()
-            await declare_topology(setup, self.settings)
-            await setup.close()
+            await declare_for(connection, self.settings, [s.name for s in self.services])
             step = "opening the publisher's channel"
             publisher = await AmqpPublisher.create(connection, self.settings.bus.exchange, f"spool-{names}")
             stack.push_async_callback(_close_quietly, publisher)  # last: resources may publish

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.connection import make_url
 
+from common.bus import tls
 from common.config import BusSettings
 from common.errors import Retryable
 
@@ -29,12 +31,23 @@ async def connect(bus: BusSettings, *, name: str = "spool") -> AbstractRobustCon
     """
     url = make_url(bus.url, reconnect_interval=RECONNECT_INTERVAL)
     connection = aio_pika.RobustConnection(
-        url, client_properties={"connection_name": name}, reconnect_interval=RECONNECT_INTERVAL
+        url,
+        client_properties={"connection_name": name},
+        reconnect_interval=RECONNECT_INTERVAL,
+        # amqps: always our context (bus.tls_*), never aio-pika's from URL options.
+        ssl_context=tls.client_context(bus) if tls.is_tls(bus) else None,
     )
     try:
         await asyncio.wait_for(connection.connect(), timeout=bus.connect_timeout)
     except CONNECT_ERRORS as exc:
         await _close_quietly(connection)
+        if (failure := tls.tls_failure(exc)) is not None:
+            # A handshake refused is a certificate or CA problem, not a broker that is away.
+            raise Retryable(
+                "broker_tls_failed",
+                f"TLS with RabbitMQ at {_redact(bus.url)} failed: {tls.describe(failure)}"
+                f" (bus.tls_ca = {bus.tls_ca or 'the system CAs'})",
+            ) from None
         detail = f"cannot reach RabbitMQ at {_redact(bus.url)}: {str(exc) or type(exc).__name__}"
         raise Retryable("broker_unreachable", detail) from None
     return connection
@@ -55,3 +68,8 @@ def _redact(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}"
     return url
+
+
+def bus_user(bus: BusSettings) -> str:
+    """The broker user ``bus.url`` connects as (RabbitMQ's default ``guest`` when it names none)."""
+    return unquote(urlsplit(bus.url).username or "guest")

@@ -18,9 +18,30 @@ from aio_pika.abc import AbstractRobustConnection
 from pamqp.commands import Basic
 
 from common.codec import CLOUDEVENTS_JSON
-from common.errors import Retryable
+from common.config import Settings
+from common.errors import Permanent, Retryable
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+async def declare_if_allowed(connection: AbstractRobustConnection, settings: Settings) -> bool:
+    """Declare Spool's exchange and queues when this broker user may; whether it could.
+
+    A file announced before ingest ever ran then waits in ingest's queue. An external publisher
+    (``spool broker setup``) may configure nothing but its reply queues: for it the topology is
+    the daemons' business, and the publish checks the exchange passively instead. A plain channel,
+    since the refusal closes it (a robust one would reopen itself).
+    """
+    from common.bus.topology import declare_topology
+
+    channel = aio_pika.Channel(connection)
+    await channel
+    try:
+        await declare_topology(channel, settings)
+    except aiormq.exceptions.ChannelAccessRefused:
+        return False
+    await channel.close()
+    return True
 
 
 async def publish_cloudevents(
@@ -31,6 +52,7 @@ async def publish_cloudevents(
     window: int = 256,
     on_sent: Callable[[int], None] | None = None,
     reply_to: str | None = None,
+    user_id: str | None = None,
 ) -> int:
     """Publish every event (confirmed, mandatory); return how many were sent.
 
@@ -57,7 +79,13 @@ async def publish_cloudevents(
                 errors.append(exc)
 
     try:
-        await channel.get_exchange(exchange_name, ensure=True)  # a clear error if it is missing
+        try:  # passive: needs no permission, and a clear error if the exchange is missing
+            await channel.get_exchange(exchange_name, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise Retryable(
+                "exchange_missing",
+                f"{exc}: start a daemon or run `spool broker declare` to create exchange {exchange_name!r}",
+            ) from None
         # Straight on the aiormq channel with pamqp properties: aio-pika's message objects and
         # per-publish checks were most of this loop's CPU, on the cores the daemons need.
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -72,6 +100,9 @@ async def publish_cloudevents(
                 message_id=str(event["id"]),
                 delivery_mode=PERSISTENT,
                 reply_to=reply_to,
+                # The connection's user: RabbitMQ refuses any other, so ingest knows who announced
+                # (``landing_publishers``: a source announces only in its own landing area).
+                user_id=user_id,
             )
             publish = underlay.basic_publish(
                 json.dumps(event).encode(), exchange=exchange_name, routing_key=event["type"],
@@ -85,6 +116,11 @@ async def publish_cloudevents(
         for fut in in_flight:  # cancelled or failed midway: nobody is left waiting on them
             fut.cancel()
         await channel.close()
+    refused = next((e for e in errors if isinstance(e, aiormq.exceptions.ChannelAccessRefused)), None)
+    if refused is not None:  # the broker's permissions say no: trying again will not help
+        raise Permanent(
+            "publish_refused", f"RabbitMQ refused the publish ({confirmed} were sent before): {refused}"
+        )
     if errors:
         raise Retryable(
             "publish_failed",

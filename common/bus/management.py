@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl as ssl_module
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
+
+from common.config import BusSettings
 
 DEFAULT_PORT = 15672
 DEFAULT_TLS_PORT = 15671
@@ -50,6 +53,9 @@ class ManagementEndpoint:
     vhost: str
     user: str = field(repr=False)
     password: str = field(repr=False)
+    # https: the context that verifies the API's certificate (``bus.tls_ca``, the broker's CA);
+    # None: the system's CAs.
+    ssl: ssl_module.SSLContext | None = field(default=None, repr=False, compare=False)
 
     def api(self, path: str) -> str:
         return f"{self.base}/api/{path}"
@@ -59,10 +65,26 @@ class ManagementEndpoint:
         return quote(self.vhost, safe="")
 
 
+def endpoint_for(bus: BusSettings, override: str = "") -> ManagementEndpoint:
+    """``derive_endpoint`` for ``bus``, verifying an https API with the broker's TLS settings
+    (``bus.tls_ca``: the management listener's certificate is usually the broker's own)."""
+    endpoint = derive_endpoint(bus.url, override)
+    if endpoint.base.startswith("https://"):
+        from common.bus.tls import client_context
+        from common.errors import ConfigError
+
+        try:
+            endpoint = replace(endpoint, ssl=client_context(bus))
+        except ConfigError as exc:  # callers report a bad endpoint as a ValueError, in one line
+            raise ValueError(str(exc)) from None
+    return endpoint
+
+
 def derive_endpoint(amqp_url: str, override: str = "") -> ManagementEndpoint:
     """The management endpoint for a broker URL: same host and credentials, port 15672 (15671 and
     https for amqps), same vhost. ``override`` (``monitor.management_url``) replaces scheme, host,
-    port and, when it carries them, the credentials; the vhost always comes from the AMQP URL."""
+    port and, when it carries them, the credentials; the vhost always comes from the AMQP URL.
+    ``endpoint_for`` adds the TLS context an https endpoint is verified with."""
     amqp = urlsplit(amqp_url)
     vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
     user = unquote(amqp.username) if amqp.username else "guest"
@@ -124,6 +146,8 @@ class ManagementClient:
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Basic {token}"},
             timeout=aiohttp.ClientTimeout(total=timeout),
+            # An https endpoint is always verified: its context, else the system's CAs.
+            connector=aiohttp.TCPConnector(ssl=endpoint.ssl if endpoint.ssl is not None else True),
         )
 
     async def close(self) -> None:
@@ -151,6 +175,36 @@ class ManagementClient:
         figures = {q["name"]: _figures(q) for q in queues if q.get("name") in wanted}
         return Snapshot(figures, holders_by_queue(consumers, channels, connections, wanted))
 
+    async def put(self, path: str, body: Mapping[str, Any]) -> None:
+        """Create or replace an object (``broker setup --apply``); errors as ``ManagementUnreachable``."""
+        await self._call("PUT", path, body)
+
+    async def delete(self, path: str) -> bool:
+        """Delete an object; False when it did not exist."""
+        try:
+            await self._call("DELETE", path, None)
+        except ManagementUnreachable as exc:
+            if "(404)" in exc.detail:
+                return False
+            raise
+        return True
+
+    async def _call(self, method: str, path: str, body: Mapping[str, Any] | None) -> None:
+        url = self.endpoint.api(path)
+        try:
+            async with self._session.request(method, url, json=body) as response:
+                if response.status >= 400:
+                    text = (await response.text())[:300]
+                    who = f"user {self.endpoint.user!r}"
+                    raise ManagementUnreachable(
+                        f"{self.endpoint.base}: {method} {path} refused for {who}: HTTP {response.status}"
+                        f" {' '.join(text.split())} ({response.status})"
+                    )
+        except ManagementUnreachable:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise ManagementUnreachable(f"{self.endpoint.base}: {_one_line(exc)}") from None
+
     async def _get(self, path: str) -> list[dict[str, Any]]:
         url = self.endpoint.api(path)
         try:
@@ -169,10 +223,19 @@ class ManagementClient:
         except ManagementUnreachable:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise ManagementUnreachable(f"{self.endpoint.base}: {exc or type(exc).__name__}") from None
+            raise ManagementUnreachable(f"{self.endpoint.base}: {_one_line(exc)}") from None
         if not isinstance(body, list):
             raise ManagementUnreachable(f"{self.endpoint.base}: unexpected answer to {path}")
         return body
+
+
+def _one_line(exc: BaseException) -> str:
+    """A client error in one line; a certificate refused says so (aiohttp wraps the SSL error)."""
+    from common.bus.tls import describe, tls_failure
+
+    if (failure := tls_failure(exc)) is not None:
+        return f"TLS failed: {describe(failure)}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _figures(q: Mapping[str, Any]) -> QueueFigures:

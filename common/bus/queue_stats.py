@@ -16,7 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from common.bus.connection import connect
-from common.bus.management import Holder, ManagementClient, ManagementUnreachable, Snapshot, derive_endpoint
+from common.bus.management import Holder, ManagementClient, ManagementUnreachable, Snapshot, endpoint_for
 from common.bus.topology import BINDINGS
 from common.config import Settings
 from common.errors import SpoolError
@@ -135,7 +135,7 @@ async def _from_management(
     settings: Settings, client: ManagementClient | None, names: list[str]
 ) -> tuple[SourceState, Snapshot | None]:
     try:
-        endpoint = derive_endpoint(settings.bus.url, settings.monitor.management_url)
+        endpoint = endpoint_for(settings.bus, settings.monitor.management_url)
     except ValueError as exc:
         return SourceState(False, settings.monitor.management_url, f"management API unreachable: {exc}"), None
     own = client is None

@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from common.bus.connection import bus_user
 from common.config import Settings
 from common.errors import ConfigError
 
@@ -106,3 +108,40 @@ async def delete_topology(channel: AbstractChannel, settings: Settings) -> None:
         for name in names:
             await channel.queue_delete(name)
     await channel.exchange_delete(settings.bus.exchange)
+
+
+async def declare_for(connection: AbstractConnection, settings: Settings, own: Sequence[str]) -> None:
+    """Declare the exchange and the queues of ``own`` (must succeed), then every other daemon's
+    queues as far as this broker user may.
+
+    With one broker user for everything (``guest``, the demo) the whole topology is declared, as
+    ``declare_topology`` always did. Under least privilege (``spool broker setup``) a daemon user
+    may configure only its own queues: the others' are declared by their daemons and by
+    ``spool broker setup --apply`` / ``spool broker declare`` (the operator user), so a refusal
+    there is expected, not an error. A refusal closes the channel, so plain (not robust) channels
+    are used: a robust one would reopen itself behind our back.
+    """
+    channel = await _plain_channel(connection)
+    try:
+        await declare_topology(channel, settings, own)
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        user = bus_user(settings.bus)
+        raise ConfigError(
+            f"RabbitMQ refused user {user!r} to declare the queues of {'+'.join(own)} ({exc}); "
+            "run it with its own user from `spool broker setup`"
+        ) from None
+    for daemon in (d for d in BINDINGS if d not in own):
+        if channel.is_closed:
+            channel = await _plain_channel(connection)
+        try:
+            await declare_topology(channel, settings, [daemon])
+        except aiormq.exceptions.ChannelAccessRefused:
+            continue
+    if not channel.is_closed:
+        await channel.close()
+
+
+async def _plain_channel(connection: AbstractConnection) -> AbstractChannel:
+    channel = aio_pika.Channel(connection)
+    await channel
+    return channel

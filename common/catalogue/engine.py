@@ -12,6 +12,8 @@ PostgreSQL) so that daemons starting together do not race to create the same tab
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +23,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
+
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -55,8 +59,83 @@ def _is_sqlite_file(u: URL) -> bool:
     return u.get_backend_name() == "sqlite" and db not in ("", ":memory:") and not db.startswith("file:")
 
 
+# libpq's TLS keys, accepted in a PostgreSQL URL's query (or as ``catalogue.*`` settings, which
+# config folds into the URL); asyncpg takes none of them as such, only ``ssl``.
+PG_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def ssl_argument(query: Mapping[str, str]) -> ssl.SSLContext | str | bool | None:
+    """asyncpg's ``ssl`` for libpq's ``sslmode`` / ``sslrootcert`` / ``sslcert`` / ``sslkey``.
+
+    As libpq: ``disable`` no TLS; ``allow`` / ``prefer`` TLS if the server offers it, unverified;
+    ``require`` TLS or no connection, the certificate checked against ``sslrootcert`` when one is
+    given (else not at all); ``verify-ca`` the certificate must chain to ``sslrootcert`` (else the
+    system CAs); ``verify-full`` and its name must be the host's. ``sslcert`` / ``sslkey``: a
+    client certificate. None when no key is given (asyncpg's default, ``prefer``).
+    """
+    if not any(k in query for k in PG_TLS_KEYS):
+        return None
+    mode = query.get("sslmode", "prefer")
+    if mode not in PG_SSLMODES:
+        raise ConfigError(f"catalogue sslmode {mode!r} is not one of {', '.join(PG_SSLMODES)}")
+    if mode == "disable":
+        return False
+    root, cert, key = query.get("sslrootcert"), query.get("sslcert"), query.get("sslkey")
+    if mode in ("allow", "prefer") and not cert:
+        return mode
+    verify = mode in ("verify-ca", "verify-full") or (mode == "require" and root is not None)
+    try:
+        context = (
+            ssl.create_default_context(cafile=root) if verify else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        )
+        context.check_hostname = mode == "verify-full"
+        if not verify:
+            context.verify_mode = ssl.CERT_NONE
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        what = f"sslrootcert {root}" if root and not cert else f"sslcert {cert} / sslkey {key}"
+        raise ConfigError(f"catalogue {what}: {getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+def _split_tls(u: URL) -> tuple[URL, ssl.SSLContext | str | bool | None]:
+    """The URL without libpq's TLS keys, and asyncpg's ``ssl`` argument made of them."""
+    query = {k: v if isinstance(v, str) else v[-1] for k, v in u.query.items()}
+    return u.difference_update_query(PG_TLS_KEYS), ssl_argument(query)
+
+
+def _tls_errors_in_one_line(engine: AsyncEngine, u: URL, mode: str) -> None:
+    """A server refusing TLS, or a certificate refused, becomes one ``ConfigError`` line: asyncpg
+    raises them as plain ``ConnectionError`` / ``SSLError``, which SQLAlchemy passes on raw."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except ssl.SSLError as exc:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"certificate verify failed: {exc.verify_message}"
+            else:
+                reason = str(exc.reason or exc).lower().replace("_", " ")
+            raise ConfigError(
+                f"TLS with PostgreSQL at {u.host}:{u.port or 5432} failed (sslmode={mode}): {reason}"
+            ) from None
+        except ConnectionError as exc:
+            if "SSL" not in str(exc):
+                raise
+            raise ConfigError(
+                f"PostgreSQL at {u.host}:{u.port or 5432} does not offer TLS, and sslmode={mode} requires it"
+            ) from None
+
+
 def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
     u = normalise_url(url)
+    tls: ssl.SSLContext | str | bool | None = None
+    mode = str(u.query.get("sslmode", "prefer"))
+    if u.get_backend_name() == "postgresql":
+        u, tls = _split_tls(u)
     if _is_sqlite_file(u):
         Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"echo": echo}
@@ -71,7 +150,11 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
             max_overflow=10,
             connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
         )
+        if tls is not None:
+            kwargs["connect_args"]["ssl"] = tls
     engine = create_async_engine(u, **kwargs)
+    if tls is not None and tls is not False:
+        _tls_errors_in_one_line(engine, u, mode)
     if u.get_backend_name() == "sqlite":
         _tune_sqlite(engine.sync_engine)
     else:

@@ -81,6 +81,7 @@ COMMAND_MODULES: dict[str, str] = {
     "ingest": "publish",
     **dict.fromkeys(("show", "ls", "find", "datasets", "lineage", "trace"), "query"),
     "dead": "dead",
+    "broker": "broker",
     "demo": "demo",
     **dict.fromkeys(("status", "queues"), "status"),
     **dict.fromkeys(("rule", "rse"), "replication"),

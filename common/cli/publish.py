@@ -12,8 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from common.bus.connection import connect
-from common.bus.topology import declare_topology
+from common.bus.connection import bus_user, connect
 from common.cli import app
 from common.cli._util import UserError, console, print_json, settings_from
 from common.config import Settings
@@ -44,13 +43,73 @@ def _typed(raw: str) -> MetaValue:
 
 
 def expand(paths: list[Path]) -> Iterator[Path]:
+    """Regular files only: a FIFO or a device named on the command line would block the checksum
+    (or never end), and is no file to archive."""
     for p in paths:
         if p.is_dir():
             yield from sorted(q for q in p.rglob("*") if q.is_file())
-        elif p.exists():
+        elif p.is_file():
             yield p
+        elif p.exists():
+            raise UserError(f"{p} is not a regular file")
         else:
             raise UserError(f"{p} does not exist")
+
+
+def files_to_announce(paths: list[Path], settings: Settings) -> list[Path]:
+    """The files ``paths`` name (directories taken recursively), all inside landing areas.
+
+    Checked before any file is read and before anything is published, so ``spool ingest /etc``
+    puts nothing on the bus (no size, no checksum of a file outside): each argument first, so a
+    directory outside is never walked, then each file found (a symlink inside a landing area to a
+    file outside is outside). Inside means both lexically (the path as given, ``..`` resolved as
+    text) and really (``realpath``: symlinked directories followed) under the same landing area.
+    An external publisher bound to areas (``landing_publishers``) is held to its own areas, as
+    ingest would hold it. One refusal names the count and the first path: one line, exit 1.
+    """
+    areas = [(name, Path(os.path.abspath(root)), Path(os.path.realpath(root)))
+             for name, root in settings.landing_areas.items()]  # fmt: skip
+    user = bus_user(settings.bus)
+    foreign = _foreign_areas(settings, user)
+
+    def refuse(outside: list[Path]) -> UserError:
+        known = ", ".join(f"{name} = {lexical}" for name, lexical, _ in areas) or "none configured"
+        return UserError(
+            f"{len(outside)} path(s) outside every landing area, e.g. {outside[0]} (landing areas: {known}); "
+            "nothing was published"
+        )
+
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{p} does not exist")
+        area = _area_of(p, areas)
+        if area is None:
+            raise refuse([p])
+        if area in foreign:
+            raise UserError(
+                f"{p} is in landing area {area!r}, where broker user {user!r} may not announce "
+                f"(landing_publishers.{area}); nothing was published"
+            )
+    found = [Path(os.path.abspath(f)) for f in expand(paths)]
+    outside = [f for f in found if _area_of(f, areas) in (None, *foreign)]
+    if outside:
+        raise refuse(outside)
+    return found
+
+
+def _area_of(path: Path, areas: list[tuple[str, Path, Path]]) -> str | None:
+    lexical, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))
+    for name, area_lexical, area_real in areas:
+        if lexical.is_relative_to(area_lexical) and real.is_relative_to(area_real):
+            return name
+    return None
+
+
+def _foreign_areas(settings: Settings, user: str) -> set[str]:
+    """Landing areas bound to other publishers than ``user`` (none for Spool's own users)."""
+    if user in settings.bus.trusted_users():
+        return set()
+    return {area for area, users in settings.landing_publishers.items() if user not in users}
 
 
 def file_ready_event(
@@ -58,7 +117,7 @@ def file_ready_event(
 ) -> dict[str, Any]:
     from common.codec import to_cloudevent
 
-    absolute = path.absolute()
+    absolute = Path(os.path.abspath(path))
     msg = FileReady(
         id=new_id(),
         source=source,
@@ -73,15 +132,14 @@ def file_ready_event(
 
 
 async def publish_events(settings: Settings, events: list[dict[str, Any]], *, quiet: bool = False) -> int:
-    from common.bus.external import publish_cloudevents
+    from common.bus.external import declare_if_allowed, publish_cloudevents
 
     connection = await connect(settings.bus, name="spool-cli")
     try:
-        channel = await connection.channel()
-        await declare_topology(channel, settings)
-        await channel.close()
+        await declare_if_allowed(connection, settings)
+        user = bus_user(settings.bus)
         if quiet:
-            return await publish_cloudevents(connection, settings.bus.exchange, events)
+            return await publish_cloudevents(connection, settings.bus.exchange, events, user_id=user)
         with Progress(
             TextColumn("publishing"),
             BarColumn(),
@@ -92,8 +150,9 @@ async def publish_events(settings: Settings, events: list[dict[str, Any]], *, qu
         ) as bar:
             task = bar.add_task("publish", total=len(events))
             return await publish_cloudevents(
-                connection, settings.bus.exchange, events, on_sent=lambda n: bar.update(task, completed=n)
-            )
+                connection, settings.bus.exchange, events, user_id=user,
+                on_sent=lambda n: bar.update(task, completed=n),
+            )  # fmt: skip
     finally:
         await connection.close()
 
@@ -116,7 +175,7 @@ def ingest(
     source = f"spool-cli@{socket.gethostname()}:{os.getpid()}"
     events = [
         file_ready_event(p, dataset, checksum=checksum, meta=metadata, parents=parent, source=source)
-        for p in expand(paths)
+        for p in files_to_announce(paths, settings)
     ]
     if not events:
         raise UserError("no files to ingest")

@@ -12,23 +12,27 @@ import asyncio
 import json
 import os
 import socket
+import uuid
 from collections import Counter, defaultdict
 from typing import Annotated, Any
 
 import aio_pika
+import aiormq
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common import codec
-from common.bus.connection import connect
-from common.bus.topology import declare_topology
+from common.bus.connection import bus_user, connect
+from common.bus.external import declare_if_allowed
+from common.bus.permissions import reply_queue_prefix
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.cli import app
 from common.cli._util import UserError, console, print_json, settings_from
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import Settings
+from common.errors import Permanent, Retryable
 from common.messages import RecallRequest, new_id
 
 _DETAIL = ("failures", "waiting", "cartridges")  # per-file parts, left out of ``list --json``
@@ -78,24 +82,56 @@ async def _request(
 ) -> dict[str, Any] | None:
     connection = await connect(settings.bus, name="spool-cli")
     try:
+        await declare_if_allowed(connection, settings)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await declare_topology(channel, settings)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True) if wait else None
+        try:  # passive: needs no permission
+            exchange = await channel.get_exchange(settings.bus.exchange, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise Retryable(
+                "exchange_missing", f"{exc}: start a daemon or run `spool broker declare`"
+            ) from None
+        replies = await _reply_queue(connection, channel, settings) if wait else None
         event = codec.to_cloudevent(msg)
-        await exchange.publish(
-            aio_pika.Message(
-                json.dumps(event).encode(), content_type=codec.CLOUDEVENTS_JSON, message_id=msg.id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, correlation_id=msg.id,
-                reply_to=replies.name if replies else None,
-            ),
-            routing_key=msg.ROUTING_KEY,
-            mandatory=True,
-        )  # fmt: skip
+        try:
+            await exchange.publish(
+                aio_pika.Message(
+                    json.dumps(event).encode(), content_type=codec.CLOUDEVENTS_JSON, message_id=msg.id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT, correlation_id=msg.id,
+                    reply_to=replies.name if replies else None, user_id=bus_user(settings.bus),
+                ),
+                routing_key=msg.ROUTING_KEY,
+                mandatory=True,
+            )  # fmt: skip
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise Permanent("publish_refused", f"RabbitMQ refused the recall.request: {exc}") from None
+        except aiormq.exceptions.DeliveryError as exc:
+            raise Retryable(
+                "unroutable", f"no queue took the recall.request (is the topology declared?): {exc}"
+            ) from None
         if replies is None:
             return None
         return await _follow(settings, msg.id, replies, quiet=quiet)
     finally:
         await connection.close()
+
+
+async def _reply_queue(
+    connection: aio_pika.abc.AbstractRobustConnection,
+    channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+) -> aio_pika.abc.AbstractQueue:
+    """This user's own reply queue, ``<queue_prefix>.reply.<user>.<random>``: the name the
+    recall daemon accepts as a ``reply_to`` and ``spool broker setup`` lets an external publisher
+    configure and read (a server-named ``amq.gen-*`` queue needs permissions it does not have)."""
+    user = bus_user(settings.bus)
+    name = f"{reply_queue_prefix(settings, user)}{uuid.uuid4().hex}"
+    try:
+        return await channel.declare_queue(name, exclusive=True, auto_delete=True)
+    except aiormq.exceptions.ChannelAccessRefused:
+        raise UserError(
+            f"RabbitMQ refused user {user!r} its reply queue {name!r}: it needs configure and read on "
+            f"'{reply_queue_prefix(settings, user)}*' (spool broker setup --publisher {user})"
+        ) from None
 
 
 async def _follow(

@@ -9,7 +9,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from common.bus.connection import connect
-from common.bus.management import ManagementClient, derive_endpoint
+from common.bus.management import ManagementClient, endpoint_for
 from common.bus.queue_stats import queue_report
 from common.catalogue import Catalogue
 from common.config import Settings
@@ -49,7 +49,7 @@ class Poller:
         if self._management is None:
             m = self.settings.monitor
             try:
-                endpoint = derive_endpoint(self.settings.bus.url, m.management_url)
+                endpoint = endpoint_for(self.settings.bus, m.management_url)
                 self._management = ManagementClient(endpoint, timeout=m.management_timeout)
             except ValueError:
                 pass  # queue_report names the bad setting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import typer
 from aio_pika.abc import AbstractRobustConnection
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.bus import dead as deadletters
 from common.bus.connection import connect
@@ -102,19 +104,44 @@ def list_(
 
 @dead_app.command()
 def show(ctx: typer.Context, message_id: str, queue: QueueOpt = None, json_out: JsonOpt = False) -> None:
-    """One dead letter in full: headers and body."""
+    """One dead letter in full: headers and body. MESSAGE_ID is its AMQP message id or the event id
+    inside its body (a CloudEvent's ``id``), whichever the operator has at hand."""
     settings = settings_from(ctx)
     letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue)))
     match = next((d for d in letters if d.message_id == message_id), None)
     if match is None:
-        raise UserError(f"no dead letter with message id {message_id!r}")
+        match = next((d for d in letters if event_id(d) == message_id), None)
+    if match is None:
+        raise UserError(f"no dead letter with message id or event id {message_id!r}")
     data: dict[str, Any] = match.summary()
+    data["event_id"] = event_id(match)
     data["body"] = _body_text(match)
     if json_out:
         print_json(data)
         return
     for key, value in data.items():
-        console.print(f"[bold]{key:>12}[/bold]  {value}", highlight=False)
+        console.print(Text.assemble((f"{key:>12}", "bold"), f"  {value}"), highlight=False)
+
+
+MAX_ID_BODY = 1 << 20  # bodies above this are not decoded to look for an id
+
+
+def event_id(letter: deadletters.DeadLetter) -> str | None:
+    """The event id inside a dead letter's body: a CloudEvent's (or a bare JSON payload's) ``id``,
+    or a Spool message's; None when the body has none or cannot be read (it may be why it died)."""
+    if len(letter.body) > MAX_ID_BODY:
+        return None
+    try:
+        if letter.content_type == "application/msgpack":
+            import msgpack
+
+            doc = msgpack.unpackb(letter.body, raw=False)
+        else:
+            doc = json.loads(letter.body)
+    except Exception:  # undecodable bodies are dead letters too; they have no event id
+        return None
+    found = doc.get("id") if isinstance(doc, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def _body_text(letter: deadletters.DeadLetter) -> Any:

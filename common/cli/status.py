@@ -24,7 +24,7 @@ from rich.text import Text
 
 from common.bus.queue_stats import queue_report
 from common.cli import app
-from common.cli._util import console, print_json, settings_from
+from common.cli._util import console, print_error, print_json, settings_from
 from common.status import gather_status
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -70,6 +70,9 @@ def _show(
             console.print(render(doc))
         if not saw_something(doc):
             raise typer.Exit(3)  # nothing answered: scripts must not read this as "all empty"
+        if (problem := _undeclared(doc)) is not None:
+            print_error(problem, "error (queue_missing)")
+            raise typer.Exit(3)
         return
     try:
         if json_out:
@@ -88,6 +91,16 @@ def _show(
 
 def _queues_seen(doc: dict[str, Any]) -> bool:
     return bool(doc["amqp"]["reachable"] or doc["management"]["reachable"])
+
+
+def _undeclared(doc: dict[str, Any]) -> str | None:
+    """The broker answered but none of Spool's work queues exist (no daemon ever started with this
+    ``queue_prefix``): said in one line, and a non-zero exit, rather than a table of ``?``."""
+    queues = doc.get("queues", doc)
+    if not queues["amqp"]["reachable"] or any(q["ready"] is not None for q in queues["queues"]):
+        return None
+    names = ", ".join(q["queue"] for q in queues["queues"])
+    return f"no Spool queue exists yet ({names}): queues are declared when a daemon first starts"
 
 
 def _status_seen(doc: dict[str, Any]) -> bool:

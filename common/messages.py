@@ -132,6 +132,10 @@ class ReplicaRequest(Message):
 
     name: str | None = Field(default=None, min_length=1)
     names: list[str] = Field(default_factory=list, max_length=10_000)
+    # Bulk form: the correlation id of each of ``names`` (same order), so each file's events keep
+    # the id its ``file.ready`` had although one message carries files of many events. Empty: the
+    # message's own correlation id applies to every file.
+    correlation_ids: list[str | None] = Field(default_factory=list, max_length=10_000)
     destination: str
     rule_id: str | None = None
     priority: int = Field(default=3, ge=0, le=9)
@@ -140,7 +144,17 @@ class ReplicaRequest(Message):
     def _one_form(self) -> ReplicaRequest:
         if (self.name is None) == (not self.names):
             raise ValueError("give either name or names (a non-empty list), not both")
+        if self.correlation_ids and len(self.correlation_ids) != len(self.names):
+            raise ValueError("correlation_ids must have one entry per name of names")
+        if any(c is not None and len(c) > 256 for c in self.correlation_ids):
+            raise ValueError("a correlation id is at most 256 characters")
         return self
+
+    def correlation_of(self, index: int, default: str | None) -> str | None:
+        """The correlation id of ``names[index]`` (``default``: the message's)."""
+        if self.correlation_ids and self.correlation_ids[index] is not None:
+            return self.correlation_ids[index]
+        return default
 
     @property
     def files(self) -> list[str]:
@@ -156,6 +170,9 @@ class CreatedCopy(BaseModel):
     pfn: str
     size: int
     adler32: str
+    # The file's correlation id (its ``file.ready``'s) when it differs from the event's own: the
+    # copies of a bulk request come from many events.
+    correlation_id: str | None = Field(default=None, max_length=256)
 
 
 class ReplicaCreated(Message):

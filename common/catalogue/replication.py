@@ -123,6 +123,8 @@ class Wanted:
     kind: str
     priority: int
     rule_id: str
+    # The file's correlation id (its file.ready's), carried onto the request (see placement).
+    correlation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +537,7 @@ class CopyRecord:
     pfn: str
     attempt: int
     source: str
+    correlation_id: str | None = None  # the file's (its file.ready's), kept on its history row
 
 
 def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
@@ -589,7 +592,10 @@ def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
                 c.name,
                 c.attempt,
                 c.storage,
-                detail({"request_id": c.request_id, "source": c.source, "pfn": c.pfn}),
+                detail(
+                    {"request_id": c.request_id, "source": c.source, "pfn": c.pfn}
+                    | ({"correlation_id": c.correlation_id} if c.correlation_id else {})
+                ),
             )
             for c in records
         ],

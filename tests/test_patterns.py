@@ -145,3 +145,16 @@ def _refused(text: str) -> bool:
     with pytest.raises(PolicyError):
         EndpointExpression.parse(text)
     return True
+
+
+def test_metadata_filters_parse_in_linear_time_and_are_bounded() -> None:
+    from common.catalogue.filters import MAX_FILTER_LENGTH, parse_filter
+
+    # The old pattern backtracked quadratically on spaces inside a value (30,000: 13 s).
+    text = "run=x" + " " * (MAX_FILTER_LENGTH - 10) + "y"
+    parsed, took = _timed(parse_filter, text)
+    assert took < GENEROUS and parsed.key == "run" and parsed.values[0].startswith("x")
+    with pytest.raises(ValueError, match="longer than"):
+        parse_filter("run=" + " " * MAX_FILTER_LENGTH + "1")
+    assert str(parse_filter("  run >= 12000 ")) == "run>=12000"
+    assert parse_filter('name = " a b "').values == (" a b ",)

@@ -130,6 +130,8 @@ CORRELATIONS = Correlations()  # one tape daemon per process: its handlers and i
 def ingest_correlations(conn: Connection, names: Sequence[str]) -> dict[str, str]:
     """Each file's ingest event id (its file.ready's id, the correlation id it started with)."""
     out: dict[str, str] = {}
+    if not names:
+        return out
     rq = s.requests
     for part in chunks(sorted(set(names)), 500):
         stmt = (
@@ -337,10 +339,10 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
             applied.append(a)
     if not applied:
         return applied
-    missing = [a.name for a in applied if a.correlation_id is None]
-    if missing:
-        found = ingest_correlations(conn, missing)
-        applied = [a if a.correlation_id else replace(a, correlation_id=found.get(a.name)) for a in applied]
+    # Each file's correlation id: the writer's, else its ingest event id (the records returned are
+    # those given, as applied).
+    found = ingest_correlations(conn, [a.name for a in applied if a.correlation_id is None])
+    correlated = [a if a.correlation_id else replace(a, correlation_id=found.get(a.name)) for a in applied]
     upsert_sync(
         conn, s.requests,
         [{"id": archive_request_id(a.name, a.storage), "kind": "archive", "name": a.name, "path": None,
@@ -353,9 +355,9 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
         [{"name": a.name, "time": now, "daemon": "tape", "type": "file.archived", "outcome": "ok",
           "attempt": 1, "storage": a.storage,
           "detail": {"cartridge": a.cartridge, "fseq": a.fseq, "correlation_id": a.correlation_id}}
-         for a in applied],
+         for a in correlated],
     )  # fmt: skip
-    outbox.add(conn, [archived_event(a, a.correlation_id) for a in applied])
+    outbox.add(conn, [archived_event(a, a.correlation_id) for a in correlated])
     return applied
 
 

@@ -157,6 +157,23 @@ def test_commands_before_the_queues_exist_are_one_line(tmp_path, tag, command) -
     assert f"t{tag}." in line
 
 
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["rule", "add", "--nope"], "No such option: --nope"),
+        (["rule", "add", "--datasets", "x"], "Missing option '--endpoints'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["dead", "show"], "Missing argument"),
+        (["rule", "add", "--endpoints", "disk1", "--copies", "many"], "Invalid value for '--copies'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_command_line_mistakes_are_one_line(tmp_path, tag, command, expected) -> None:
+    result = spool(_config(tmp_path, tag), *command)
+    line = assert_one_line_failure(result, expected, "--help)")
+    assert result.returncode == 2 and line.startswith("error: ")
+
+
 def test_an_unexpected_error_is_one_line_too_and_debug_shows_the_traceback(tmp_path, tag) -> None:
     """A bug (no known class) still ends in one line; SPOOL_DEBUG=1 gives the traceback."""
     config = _config(tmp_path, tag)

@@ -15,6 +15,11 @@ from typing import Annotated
 
 import typer
 
+try:  # typer >= 0.24 carries its own copy of Click's exceptions
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer, on Click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
+
 from common.cli._util import UserError, print_error, settings_from
 from common.cli.errors import EXIT_BUG, bug, classify
 
@@ -125,9 +130,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(argv) if argv is not None else sys.argv[1:]
     try:
         load_commands(args)
-        app(args=args)
+        # Not standalone: usage mistakes (an unknown option, a missing one) come here too, and are
+        # one line like every other mistake, not Click's box of usage text.
+        code = app(args=args, prog_name="spool", standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except NoArgsIsHelpError:
+        app(args=[*args, "--help"], prog_name="spool")  # a group alone: its help, as before
+    except ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        print_error(exc.format_message() + (f" ({ctx.command_path} --help)" if ctx is not None else ""))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print_error("aborted")
+        sys.exit(1)
     except Exception as exc:
         known = classify(exc)
         if known is None:
@@ -136,3 +152,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             known = bug(exc)
         print_error(known.message, "error" if known.reason is None else f"error ({known.reason})")
         sys.exit(known.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n when not standalone

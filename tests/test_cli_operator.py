@@ -274,6 +274,13 @@ async def test_dead_show_finds_a_dead_letter_by_message_id_or_cloudevent_id(tmp_
         assert doc["message_id"] == message_id and doc["event_id"] == event_id
         assert doc["reason"] == "bad_dataset_name"
     assert_one_line_failure(spool(config, "dead", "show", "no-such-id"), "no dead letter")
+    # retry / purge --id take the CloudEvent id too.
+    assert json.loads(spool(config, "dead", "purge", "--id", "no-such-id", "--yes", "--json").stdout) == {
+        "purged": 0
+    }
+    purged = spool(config, "dead", "purge", "--id", event_id, "--yes", "--json")
+    assert json.loads(purged.stdout) == {"purged": 1}, purged.stderr
+    assert json.loads(spool(config, "dead", "list", "--json").stdout) == []
 
 
 async def _listed(config: Path, name: str) -> bool:

@@ -67,6 +67,21 @@ def _queues(settings: Settings, queue: str | None) -> list[str]:
         raise UserError(str(exc)) from None
 
 
+def _find(letters: list[deadletters.DeadLetter], wanted: str) -> deadletters.DeadLetter | None:
+    """The dead letter ``wanted`` names: by AMQP message id, else by the event id in its body."""
+    found = next((d for d in letters if d.message_id == wanted), None)
+    return found or next((d for d in letters if event_id(d) == wanted), None)
+
+
+def _message_id(settings: Settings, queues: list[str], given: str | None) -> str | None:
+    """``--id`` of retry / purge, which may be a CloudEvent id: the AMQP message id it names."""
+    if given is None:
+        return None
+    letters = _with_broker(settings, lambda c: deadletters.browse(c, queues))
+    found = _find(letters, given)
+    return found.message_id if found is not None and found.message_id else given
+
+
 @dead_app.command("list")
 def list_(
     ctx: typer.Context,
@@ -108,9 +123,7 @@ def show(ctx: typer.Context, message_id: str, queue: QueueOpt = None, json_out: 
     inside its body (a CloudEvent's ``id``), whichever the operator has at hand."""
     settings = settings_from(ctx)
     letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue)))
-    match = next((d for d in letters if d.message_id == message_id), None)
-    if match is None:
-        match = next((d for d in letters if event_id(d) == message_id), None)
+    match = _find(letters, message_id)
     if match is None:
         raise UserError(f"no dead letter with message id or event id {message_id!r}")
     data: dict[str, Any] = match.summary()
@@ -160,12 +173,15 @@ def retry(
     ctx: typer.Context,
     queue: QueueOpt = None,
     reason: ReasonOpt = None,
-    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    message_id: Annotated[
+        str | None, typer.Option("--id", help="Only this message (AMQP message id or CloudEvent id).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Send dead letters back to their work queue with a fresh attempt count (after fixing the cause)."""
     settings = settings_from(ctx)
     queues = _queues(settings, queue)
+    message_id = _message_id(settings, queues, message_id)
     with _counting("sent back") as progress:
         moved = _with_broker(
             settings,
@@ -190,13 +206,16 @@ def purge(
     ctx: typer.Context,
     queue: QueueOpt = None,
     reason: ReasonOpt = None,
-    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    message_id: Annotated[
+        str | None, typer.Option("--id", help="Only this message (AMQP message id or CloudEvent id).")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Delete dead letters for good."""
     settings = settings_from(ctx)
     queues = _queues(settings, queue)
+    message_id = _message_id(settings, queues, message_id)
     if not yes:
         what = f"reason {reason!r}" if reason else "every reason"
         typer.confirm(f"Delete dead letters of {what} from {', '.join(queues)}?", abort=True)

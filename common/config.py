@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,6 +36,7 @@ from pydantic_settings import (
 )
 
 from common.errors import ConfigError
+from common.patterns import NamePattern, PatternError, compile_pattern
 from common.tape.config import SimulatedLibraryConfig
 
 DEFAULT_CONFIG_PATH = Path("config/spool.toml")
@@ -233,23 +235,31 @@ class StorageEndpoint(_Strict):
 
 
 class DatasetSettings(_Strict):
-    # A dataset name must fully match one of these regular expressions.
+    # A dataset name must fully match one of these regular expressions. They run on RE2 (linear
+    # time, see common.patterns): a pattern RE2 refuses (backreferences, lookaround) fails the load.
     patterns: list[str] = Field(
         default_factory=lambda: [r"[a-z0-9]+\.\d{8}\.run\d{6}\.(dl0|dl1|dl2|dl3|r0|r1)"]
     )
+    _compiled: list[NamePattern] = PrivateAttr(default_factory=list)
 
     @field_validator("patterns")
     @classmethod
     def _compiles(cls, v: list[str]) -> list[str]:
         for p in v:
             try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from exc
+                compile_pattern(p)
+            except PatternError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
+    def model_post_init(self, context: Any, /) -> None:
+        self._compiled = [compile_pattern(p) for p in self.patterns]
+
     def matches(self, name: str) -> bool:
-        return any(re.fullmatch(p, name) for p in self.patterns)
+        """Whether ``name`` fully matches one of the patterns (names over 255 characters never do)."""
+        if [p.text for p in self._compiled] != self.patterns:  # reassigned after validation (tests)
+            self._compiled = [compile_pattern(p) for p in self.patterns]
+        return any(p.fullmatch(name) for p in self._compiled)
 
 
 class DaemonSettings(_Strict):

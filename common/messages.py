@@ -253,6 +253,12 @@ class ReplicaRequest(Message):
 
     name: LogicalName | None = None
     names: NameList = Field(default_factory=list)
+    # Bulk form: the correlation id of each of ``names`` (same order), so each file's events keep
+    # the id its ``file.ready`` had although one message carries files of many events. Empty: the
+    # message's own correlation id applies to every file.
+    correlation_ids: list[Annotated[str, Field(max_length=limits.MAX_ID)] | None] = Field(
+        default_factory=list
+    )
     destination: EndpointName
     rule_id: Identifier | None = None
     priority: Priority = 3
@@ -261,6 +267,11 @@ class ReplicaRequest(Message):
     @classmethod
     def _few_names(cls, v: Any) -> Any:
         return _bounded_list(v, limits.MAX_NAMES, "names")
+
+    @field_validator("correlation_ids", mode="before")
+    @classmethod
+    def _few_correlation_ids(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_NAMES, "correlation_ids")
 
     @field_validator("names")
     @classmethod
@@ -272,7 +283,15 @@ class ReplicaRequest(Message):
     def _one_form(self) -> ReplicaRequest:
         if (self.name is None) == (not self.names):
             raise ValueError("give either name or names (a non-empty list), not both")
+        if self.correlation_ids and len(self.correlation_ids) != len(self.names):
+            raise ValueError("correlation_ids must have one entry per name of names")
         return self
+
+    def correlation_of(self, index: int, default: str | None) -> str | None:
+        """The correlation id of ``names[index]`` (``default``: the message's)."""
+        if self.correlation_ids and self.correlation_ids[index] is not None:
+            return self.correlation_ids[index]
+        return default
 
     @property
     def files(self) -> list[str]:
@@ -288,6 +307,9 @@ class CreatedCopy(BaseModel):
     pfn: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
     size: Bytes
     adler32: Adler32
+    # The file's correlation id (its ``file.ready``'s) when it differs from the event's own: the
+    # copies of a bulk request come from many events.
+    correlation_id: Annotated[str, Field(max_length=limits.MAX_ID)] | None = None
 
 
 class ReplicaCreated(Message):

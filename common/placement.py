@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from common.bus.publisher import Publisher
@@ -61,11 +62,24 @@ class RuleBook:
                     self._loaded = time.monotonic()
         return self._rules
 
-    async def plan(self, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[list[Wanted]]:
+    async def plan(
+        self,
+        items: Sequence[tuple[str, str, Mapping[str, Any]]],
+        *,
+        correlation_ids: Sequence[str | None] | None = None,
+    ) -> list[list[Wanted]]:
+        """The copies each of ``items`` (name, dataset, metadata) still needs; each carries the
+        file's correlation id from ``correlation_ids`` (same order), so the requests keep it."""
         rules = await self.rules()
         if not rules:
             return [[] for _ in items]
-        return await self.catalogue.plan_copies(items, rules, self.endpoints)
+        wanted = await self.catalogue.plan_copies(items, rules, self.endpoints)
+        if correlation_ids is None:
+            return wanted
+        return [
+            [replace(w, correlation_id=cid) for w in ws]
+            for ws, cid in zip(wanted, correlation_ids, strict=True)
+        ]
 
 
 BULK = 256  # files per bulk replica.request
@@ -78,7 +92,7 @@ def request_for(wanted: Wanted, *, correlation_id: str | None = None) -> Replica
         destination=wanted.storage,
         rule_id=wanted.rule_id or None,
         priority=wanted.priority,
-        correlation_id=correlation_id,
+        correlation_id=wanted.correlation_id or correlation_id,
     )
 
 
@@ -87,7 +101,11 @@ def requests_for(
 ) -> list[ReplicaRequest | TapeArchive]:
     """Messages for many wanted copies: disk copies grouped per destination into bulk
     ``replica.request``s of up to ``bulk`` files (highest priority first, the message carrying the
-    highest priority of its files); tape copies one ``tape.archive`` each."""
+    highest priority of its files); tape copies one ``tape.archive`` each.
+
+    Each request carries the correlation id of its file (``Wanted.correlation_id``, else
+    ``correlation_id``); a bulk one lists them per file (``correlation_ids``) when they differ
+    from the message's own, which is then ``correlation_id`` or, if all its files share one, that."""
     out: list[ReplicaRequest | TapeArchive] = []
     by_destination: dict[str, list[Wanted]] = {}
     for w in wanted:
@@ -102,12 +120,15 @@ def requests_for(
             if len(part) == 1:
                 out.append(request_for(part[0], correlation_id=correlation_id))
                 continue
+            ids = [w.correlation_id or correlation_id for w in part]
+            shared = ids[0] if len(set(ids)) == 1 else correlation_id
             out.append(
                 ReplicaRequest(
                     names=[w.name for w in part],
+                    correlation_ids=[] if len(set(ids)) == 1 else ids,
                     destination=destination,
                     priority=part[0].priority,
-                    correlation_id=correlation_id,
+                    correlation_id=shared,
                 )
             )
     return out
@@ -126,5 +147,5 @@ async def publish_wanted(
     messages = requests_for(wanted, correlation_id=correlation_id, bulk=bulk)
     for i in range(0, len(messages), window):
         await asyncio.gather(
-            *(publisher.publish(m, correlation_id=correlation_id) for m in messages[i : i + window])
+            *(publisher.publish(m, correlation_id=m.correlation_id) for m in messages[i : i + window])
         )

@@ -16,7 +16,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.catalogue import ingest, queries, replication, writes
@@ -51,6 +51,7 @@ from common.catalogue.replication import (
 from common.catalogue.sql import UnknownStorageError, is_transient_conflict
 from common.catalogue.writes import EndpointState
 from common.config import StorageEndpoint
+from common.errors import ConfigError, Retryable
 
 __all__ = [
     "Catalogue",
@@ -86,6 +87,12 @@ __all__ = [
 # fail on the unique key (or, rarely, a deadlock); run it again and it sees the other's row.
 _REGISTER_TRIES = 3
 T = TypeVar("T")
+
+
+def _os_text(exc: OSError) -> str:
+    """``Connection refused``, ``No such file or directory: /proc/x`` (no errno, no quotes)."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}: {exc.filename}" if exc.filename is not None else text
 
 
 class Catalogue:
@@ -136,9 +143,22 @@ class Catalogue:
     @classmethod
     async def open(cls, url: str, *, echo: bool = False) -> Catalogue:
         """Connect and migrate to head (idempotent; safe when several daemons start at once)."""
-        engine = create_engine(url, echo=echo)
+        # An unusable URL is a config mistake and an unreachable database (closed port, missing
+        # state_dir) is named as the catalogue's: one line for the operator, never a traceback.
+        try:
+            engine = create_engine(url, echo=echo)
+        except (ValueError, ArgumentError) as exc:  # unknown driver, unparseable URL
+            raise ConfigError(f"catalogue.url: {exc}") from None
+        except OSError as exc:
+            raise Retryable("catalogue_unavailable", f"cannot open the catalogue: {_os_text(exc)}") from None
         try:
             await migrate(engine)
+        except OSError as exc:
+            await engine.dispose()
+            where = engine.url.render_as_string(hide_password=True)
+            raise Retryable(
+                "catalogue_unavailable", f"cannot reach the catalogue at {where}: {_os_text(exc)}"
+            ) from None
         except BaseException:
             await engine.dispose()
             raise

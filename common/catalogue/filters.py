@@ -26,7 +26,11 @@ from common.messages import MetaValue
 Op = Literal["=", "!=", "<", "<=", ">", ">=", "in", "not in"]
 Scalar = str | int | float
 
-_FILTER_RE = re.compile(r"\s*([^=!<>\s]+)\s*(==|!=|<=|>=|=|<|>)\s*(.*?)\s*", re.DOTALL)
+# Linear by construction: the value is everything after the operator, stripped in code. A lazy
+# value group followed by ``\s*`` backtracked quadratically on spaces inside a value (30,000
+# characters: 13 s with the GIL held).
+_FILTER_RE = re.compile(r"\s*([^=!<>\s]+)\s*(==|!=|<=|>=|=|<|>)(.*)", re.DOTALL)
+MAX_FILTER_LENGTH = 4096  # a filter is operator input (spool find, rules): refused beyond this
 _NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _INT_RE = re.compile(r"[+-]?\d+")
 _EXACT_FLOAT = 2**53  # beyond this a double no longer holds every integer
@@ -88,10 +92,12 @@ def _scalar(text: str) -> Scalar:
 
 def parse_filter(text: str) -> MetaFilter:
     """Parse ``key<op>value``; raise ``ValueError`` with the reason on anything else."""
+    if len(text) > MAX_FILTER_LENGTH:
+        raise ValueError(f"metadata filter {text[:40]!r}... is longer than {MAX_FILTER_LENGTH} characters")
     m = _FILTER_RE.fullmatch(text)
     if not m:
         raise ValueError(f"not a metadata filter: {text!r} (expected key=value, key>=value, key=a,b ...)")
-    key, op, raw = m.group(1), m.group(2), m.group(3)
+    key, op, raw = m.group(1), m.group(2), m.group(3).strip()
     if raw == "":
         raise ValueError(f'{text!r}: missing value (use {key}="" for an empty string)')
     if op == "==":

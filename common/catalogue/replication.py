@@ -41,7 +41,7 @@ from sqlalchemy import (
 from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
-from common.catalogue.policy import Rule, plan_ranked, rank_rules
+from common.catalogue.policy import PolicyError, Rule, plan_ranked, rank_rules
 from common.catalogue.sql import (
     bind_processor,
     check_fits,
@@ -56,7 +56,10 @@ from common.catalogue.sql import (
     upsert_tail,
     utcnow,
 )
+from common.logging import get_logger
 from common.messages import MetaValue, ReplicaRequest
+
+_log = get_logger(__name__)
 
 f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
 
@@ -120,6 +123,8 @@ class Wanted:
     kind: str
     priority: int
     rule_id: str
+    # The file's correlation id (its file.ready's), carried onto the request (see placement).
+    correlation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +194,22 @@ def _same_definition(a: Rule, b: Rule) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
+def _usable(rows: Iterable[Any]) -> Iterable[tuple[Any, Rule]]:
+    """``(row, rule)`` for each stored rule that still compiles.
+
+    A rule stored before dataset patterns ran on RE2 may use a backreference or lookaround: it is
+    skipped (logged as ``rule_unusable``, once per load) rather than failing every daemon that
+    loads the rules; ``spool rule remove <id>`` still removes it.
+    """
+    for row in rows:
+        try:
+            yield row, _rule_of(row)
+        except PolicyError as exc:
+            _log.error("rule_unusable", rule_id=row.id, reason=str(exc))
+
+
 def load_rules(conn: Connection) -> list[Rule]:
-    return [_rule_of(row) for row in conn.execute(select(ru).order_by(ru.c.id))]
+    return [rule for _, rule in _usable(conn.execute(select(ru).order_by(ru.c.id)))]
 
 
 def sync_config_rules(conn: Connection, rules: Sequence[Rule]) -> list[str]:
@@ -271,14 +290,14 @@ def rule_views(conn: Connection) -> list[RuleView]:
     for rule_id, state, n in conn.execute(stmt):
         counts.setdefault(rule_id, {})[state] = int(n)
     return [
-        RuleView(_rule_of(row), row.created, counts.get(row.id, {}))
-        for row in conn.execute(select(ru).order_by(ru.c.id))
+        RuleView(rule, row.created, counts.get(row.id, {}))
+        for row, rule in _usable(conn.execute(select(ru).order_by(ru.c.id)))
     ]
 
 
 def new_rules(conn: Connection, created_before: datetime) -> list[Rule]:
     stmt = select(ru).where(ru.c.state == "new", ru.c.updated <= created_before).order_by(ru.c.id)
-    return [_rule_of(row) for row in conn.execute(stmt)]
+    return [rule for _, rule in _usable(conn.execute(stmt))]
 
 
 def activate_rule(conn: Connection, rule_id: str) -> None:
@@ -518,6 +537,7 @@ class CopyRecord:
     pfn: str
     attempt: int
     source: str
+    correlation_id: str | None = None  # the file's (its file.ready's), kept on its history row
 
 
 def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
@@ -572,7 +592,10 @@ def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
                 c.name,
                 c.attempt,
                 c.storage,
-                detail({"request_id": c.request_id, "source": c.source, "pfn": c.pfn}),
+                detail(
+                    {"request_id": c.request_id, "source": c.source, "pfn": c.pfn}
+                    | ({"correlation_id": c.correlation_id} if c.correlation_id else {})
+                ),
             )
             for c in records
         ],

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -94,6 +94,54 @@ class Archived:
     storage: str
     cartridge: str
     fseq: int
+    # The file's correlation id (its file.ready's), when the writer knows it; else
+    # ``record_archived`` takes the file's ingest event id from the catalogue.
+    correlation_id: str | None = None
+
+
+class Correlations:
+    """Correlation id of each tape copy asked for, (name, endpoint) -> id, from ``tape.archive``
+    until the writer records the copy: the writer works on catalogue rows, which do not carry it.
+
+    Bounded (oldest forgotten first); a copy whose id was forgotten or never seen here (a restart
+    in between) gets its file's ingest event id in ``record_archived``, the file.ready's own id.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._ids: dict[tuple[str, str], str] = {}
+
+    def remember(self, name: str, storage: str, correlation_id: str | None) -> None:
+        if correlation_id is None:
+            return
+        key = (name, storage)
+        self._ids.pop(key, None)
+        self._ids[key] = correlation_id
+        while len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
+
+    def take(self, name: str, storage: str) -> str | None:
+        return self._ids.pop((name, storage), None)
+
+
+CORRELATIONS = Correlations()  # one tape daemon per process: its handlers and its writer share it
+
+
+def ingest_correlations(conn: Connection, names: Sequence[str]) -> dict[str, str]:
+    """Each file's ingest event id (its file.ready's id, the correlation id it started with)."""
+    out: dict[str, str] = {}
+    if not names:
+        return out
+    rq = s.requests
+    for part in chunks(sorted(set(names)), 500):
+        stmt = (
+            select(rq.c.name, rq.c.id)
+            .where(rq.c.kind == "ingest", rq.c.name.in_(part))
+            .order_by(rq.c.created.desc())  # the first ingest wins: written last below
+        )
+        for name, event_id in conn.execute(stmt):
+            out[name] = event_id
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +339,10 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
             applied.append(a)
     if not applied:
         return applied
+    # Each file's correlation id: the writer's, else its ingest event id (the records returned are
+    # those given, as applied).
+    found = ingest_correlations(conn, [a.name for a in applied if a.correlation_id is None])
+    correlated = [a if a.correlation_id else replace(a, correlation_id=found.get(a.name)) for a in applied]
     upsert_sync(
         conn, s.requests,
         [{"id": archive_request_id(a.name, a.storage), "kind": "archive", "name": a.name, "path": None,
@@ -301,10 +353,11 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
     conn.execute(
         s.events.insert(),
         [{"name": a.name, "time": now, "daemon": "tape", "type": "file.archived", "outcome": "ok",
-          "attempt": 1, "storage": a.storage, "detail": {"cartridge": a.cartridge, "fseq": a.fseq}}
-         for a in applied],
+          "attempt": 1, "storage": a.storage,
+          "detail": {"cartridge": a.cartridge, "fseq": a.fseq, "correlation_id": a.correlation_id}}
+         for a in correlated],
     )  # fmt: skip
-    outbox.add(conn, [archived_event(a) for a in applied])
+    outbox.add(conn, [archived_event(a, a.correlation_id) for a in correlated])
     return applied
 
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Annotated
 
 import typer
 
-from common.cli._util import UserError, err_console, settings_from
-from common.errors import ConfigError, SpoolError
+try:  # typer >= 0.24 carries its own copy of Click's exceptions
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer, on Click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
+
+from common.cli._util import UserError, print_error, settings_from
+from common.cli.errors import EXIT_BUG, bug, classify
 
 app = typer.Typer(
     name="spool",
@@ -64,11 +70,19 @@ def run(
     configure_logging(settings.log, daemon=None if daemon == "all" else daemon)
     try:
         code = run_loop(run_services(services, settings, once=once))
-    except SpoolError as exc:
+    except Exception as exc:
         # A daemon's stderr is its log: the one line that says why it stopped is a log line too
-        # (JSON when not on a terminal). Exit code 3 as for every broker / catalogue failure.
-        get_logger("spool.cli").error("daemon_failed", reason=exc.reason, error=exc.message, exit_code=3)
-        raise typer.Exit(3) from None
+        # (JSON when not on a terminal). Operator mistakes (catalogue, state_dir, broker) are
+        # classified as the CLI's are; a bug keeps its traceback, inside that one JSON line.
+        known = classify(exc)
+        log = get_logger("spool.cli")
+        if known is None:
+            log.error("daemon_failed", reason="internal_error", exit_code=EXIT_BUG, exc_info=exc)
+            raise typer.Exit(EXIT_BUG) from None
+        log.error(
+            "daemon_failed", reason=known.reason or "config", error=known.message, exit_code=known.exit_code
+        )
+        raise typer.Exit(known.exit_code) from None
     raise typer.Exit(code)
 
 
@@ -112,27 +126,31 @@ def load_commands(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point. Typer (standalone mode) handles usage errors and exits; Spool's own errors
-    propagate out of it and are turned into one line here."""
+    """Entry point. Typer (standalone mode) handles usage errors and exits; every other failure
+    propagates out of it and is turned into one line here (``common.cli.errors.classify``)."""
     args = list(argv) if argv is not None else sys.argv[1:]
     try:
         load_commands(args)
-        app(args=args)
-    except (ConfigError, UserError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
-    except SpoolError as exc:
-        err_console.print(f"[red]error ({exc.reason}):[/red] {exc.message}", highlight=False, soft_wrap=True)
-        sys.exit(3)
-    except Exception as exc:
-        # SQLAlchemy is imported only by commands that use the catalogue: if it is not loaded,
-        # the error cannot be one of its own.
-        sa_exc = sys.modules.get("sqlalchemy.exc")
-        if sa_exc is None or not isinstance(exc, sa_exc.SQLAlchemyError):
-            raise
-        err_console.print(
-            f"[red]error (catalogue):[/red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True
-        )
-        sys.exit(3)
+        # Not standalone: usage mistakes (an unknown option, a missing one) come here too, and are
+        # one line like every other mistake, not Click's box of usage text.
+        code = app(args=args, prog_name="spool", standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except NoArgsIsHelpError:
+        app(args=[*args, "--help"], prog_name="spool")  # a group alone: its help, as before
+    except ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        print_error(exc.format_message() + (f" ({ctx.command_path} --help)" if ctx is not None else ""))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print_error("aborted")
+        sys.exit(1)
+    except Exception as exc:
+        known = classify(exc)
+        if known is None:
+            if os.environ.get("SPOOL_DEBUG"):
+                raise
+            known = bug(exc)
+        print_error(known.message, "error" if known.reason is None else f"error ({known.reason})")
+        sys.exit(known.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n when not standalone

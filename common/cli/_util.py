@@ -12,11 +12,32 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from common.config import Settings, load_settings
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: what the CLI prints is mostly data (error messages, names, reasons from the bus and
+# the catalogue), and Rich would read ``[bold]`` in it as markup - dropping it, or failing on a
+# stray ``[/]``. Styling is given explicitly instead (``Text``, ``styled``, ``style=``).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def styled(text: object, style: str) -> Text:
+    """``text`` (data, printed as it is) in ``style``; join pieces with ``Text.assemble``."""
+    return Text(str(text), style)
+
+
+def one_line(text: object) -> str:
+    """A message on one line: an error is one line on stderr, whatever the message held."""
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def print_error(message: object, label: str = "error") -> None:
+    """The one line a failed command leaves on stderr: ``error: ...`` (label red), no markup."""
+    err_console.print(
+        Text.assemble((f"{label}:", "red"), " ", one_line(message)), highlight=False, soft_wrap=True
+    )
 
 
 class UserError(Exception):

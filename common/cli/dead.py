@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import typer
 from aio_pika.abc import AbstractRobustConnection
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.bus import dead as deadletters
 from common.bus.connection import connect
@@ -65,6 +67,21 @@ def _queues(settings: Settings, queue: str | None) -> list[str]:
         raise UserError(str(exc)) from None
 
 
+def _find(letters: list[deadletters.DeadLetter], wanted: str) -> deadletters.DeadLetter | None:
+    """The dead letter ``wanted`` names: by AMQP message id, else by the event id in its body."""
+    found = next((d for d in letters if d.message_id == wanted), None)
+    return found or next((d for d in letters if event_id(d) == wanted), None)
+
+
+def _message_id(settings: Settings, queues: list[str], given: str | None) -> str | None:
+    """``--id`` of retry / purge, which may be a CloudEvent id: the AMQP message id it names."""
+    if given is None:
+        return None
+    letters = _with_broker(settings, lambda c: deadletters.browse(c, queues))
+    found = _find(letters, given)
+    return found.message_id if found is not None and found.message_id else given
+
+
 @dead_app.command("list")
 def list_(
     ctx: typer.Context,
@@ -102,19 +119,42 @@ def list_(
 
 @dead_app.command()
 def show(ctx: typer.Context, message_id: str, queue: QueueOpt = None, json_out: JsonOpt = False) -> None:
-    """One dead letter in full: headers and body."""
+    """One dead letter in full: headers and body. MESSAGE_ID is its AMQP message id or the event id
+    inside its body (a CloudEvent's ``id``), whichever the operator has at hand."""
     settings = settings_from(ctx)
     letters = _with_broker(settings, lambda c: deadletters.browse(c, _queues(settings, queue)))
-    match = next((d for d in letters if d.message_id == message_id), None)
+    match = _find(letters, message_id)
     if match is None:
-        raise UserError(f"no dead letter with message id {message_id!r}")
+        raise UserError(f"no dead letter with message id or event id {message_id!r}")
     data: dict[str, Any] = match.summary()
+    data["event_id"] = event_id(match)
     data["body"] = _body_text(match)
     if json_out:
         print_json(data)
         return
     for key, value in data.items():
-        console.print(f"[bold]{key:>12}[/bold]  {value}", highlight=False)
+        console.print(Text.assemble((f"{key:>12}", "bold"), f"  {value}"), highlight=False)
+
+
+MAX_ID_BODY = 1 << 20  # bodies above this are not decoded to look for an id
+
+
+def event_id(letter: deadletters.DeadLetter) -> str | None:
+    """The event id inside a dead letter's body: a CloudEvent's (or a bare JSON payload's) ``id``,
+    or a Spool message's; None when the body has none or cannot be read (it may be why it died)."""
+    if len(letter.body) > MAX_ID_BODY:
+        return None
+    try:
+        if letter.content_type == "application/msgpack":
+            import msgpack
+
+            doc = msgpack.unpackb(letter.body, raw=False)
+        else:
+            doc = json.loads(letter.body)
+    except Exception:  # undecodable bodies are dead letters too; they have no event id
+        return None
+    found = doc.get("id") if isinstance(doc, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def _body_text(letter: deadletters.DeadLetter) -> Any:
@@ -133,12 +173,15 @@ def retry(
     ctx: typer.Context,
     queue: QueueOpt = None,
     reason: ReasonOpt = None,
-    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    message_id: Annotated[
+        str | None, typer.Option("--id", help="Only this message (AMQP message id or CloudEvent id).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Send dead letters back to their work queue with a fresh attempt count (after fixing the cause)."""
     settings = settings_from(ctx)
     queues = _queues(settings, queue)
+    message_id = _message_id(settings, queues, message_id)
     with _counting("sent back") as progress:
         moved = _with_broker(
             settings,
@@ -163,13 +206,16 @@ def purge(
     ctx: typer.Context,
     queue: QueueOpt = None,
     reason: ReasonOpt = None,
-    message_id: Annotated[str | None, typer.Option("--id", help="Only this message.")] = None,
+    message_id: Annotated[
+        str | None, typer.Option("--id", help="Only this message (AMQP message id or CloudEvent id).")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Delete dead letters for good."""
     settings = settings_from(ctx)
     queues = _queues(settings, queue)
+    message_id = _message_id(settings, queues, message_id)
     if not yes:
         what = f"reason {reason!r}" if reason else "every reason"
         typer.confirm(f"Delete dead letters of {what} from {', '.join(queues)}?", abort=True)

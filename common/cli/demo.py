@@ -39,12 +39,13 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.bus import dead as deadletters
 from common.bus.connection import connect
 from common.catalogue import Catalogue
 from common.cli import app
-from common.cli._util import console, settings_from
+from common.cli._util import console, settings_from, styled
 from common.cli.publish import file_ready_event, publish_events
 from common.codec import to_cloudevent
 from common.config import Settings
@@ -172,7 +173,11 @@ def demo(
     settings = settings_from(ctx)
     landing = next(iter(settings.landing_areas.values()))
     seed = int(time.time()) % 1_000_000
-    console.print(f"state under [bold]{settings.state_dir}[/bold]; catalogue {settings.catalogue.url}")
+    console.print(
+        Text.assemble(
+            "state under ", (str(settings.state_dir), "bold"), f"; catalogue {settings.catalogue.url}"
+        )
+    )
     console.print(f"writing {files} files in {datasets} datasets under {landing} ...")
     good = make_night(landing, files, datasets, seed)
     bad = bad_events(landing, seed)
@@ -223,8 +228,11 @@ def _remote_site(settings: Settings, env: dict[str, str], seed: int) -> LocalXro
         server.cleanup()
         why = str(exc).splitlines()[0]
         console.print(
-            f"[yellow]no XRootD server here ({why}): offsite copies stay on the posix endpoint "
-            f"{offsite}[/yellow] (apt-get install xrootd-server xrootd-client)"
+            styled(
+                f"no XRootD server here ({why}): offsite copies stay on the posix endpoint {offsite}",
+                "yellow",
+            ),
+            "(apt-get install xrootd-server xrootd-client)",
         )
         return None
     url = f"{server.root_url('site-b')}/demo-{seed}"
@@ -233,7 +241,9 @@ def _remote_site(settings: Settings, env: dict[str, str], seed: int) -> LocalXro
     settings.storage[offsite] = settings.storage[offsite].model_copy(
         update={"backend": "xrootd", "url": url, "tpc": True}
     )
-    console.print(f"offsite endpoint [bold]{offsite}[/bold] is a real XRootD site for this run: {url}")
+    console.print(
+        Text.assemble("offsite endpoint ", (offsite, "bold"), f" is a real XRootD site for this run: {url}")
+    )
     return server
 
 
@@ -303,6 +313,8 @@ def _summary(result: dict[str, Any], good: list[dict[str, Any]], bad: list[dict[
     if rec is not None:
         ok = ok and rec["evicted"] > 0 and not rec["failed"] and rec["intact"] == rec["files"]
     console.print(
-        "[green]every file accounted for[/green]" if ok else "[red]something was lost or misjudged[/red]"
+        styled("every file accounted for", "green")
+        if ok
+        else styled("something was lost or misjudged", "red")
     )
     return 0 if ok else 1

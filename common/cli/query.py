@@ -8,10 +8,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from common.catalogue import Catalogue, parse_filter
 from common.cli import app
-from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from
+from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.config import Settings
 
 T = TypeVar("T")
@@ -38,7 +39,7 @@ def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     if json_out:
         print_json(view)
         return
-    console.print(f"[bold]{view.name}[/bold]")
+    console.print(styled(view.name, "bold"))
     console.print(f"  dataset   {view.dataset}")
     console.print(f"  size      {view.size} ({fmt_bytes(view.size)})")
     console.print(f"  adler32   {view.adler32}")
@@ -58,7 +59,11 @@ def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     console.print(table)
     if view.last_error is not None and view.last_error.reason:
         e = view.last_error
-        console.print(f"  last error [red]{e.reason}[/red] ({e.state}, {e.attempts} attempts): {e.error}")
+        console.print(
+            Text.assemble(
+                "  last error ", (str(e.reason), "red"), f" ({e.state}, {e.attempts} attempts): {e.error}"
+            )
+        )
 
 
 @app.command("ls")

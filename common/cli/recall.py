@@ -29,7 +29,7 @@ from common.bus.permissions import reply_queue_prefix
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.cli import app
-from common.cli._util import UserError, console, print_json, settings_from
+from common.cli._util import UserError, console, print_json, settings_from, styled
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import Settings
 from common.errors import Permanent, Retryable
@@ -206,7 +206,7 @@ def status(ctx: typer.Context, recall_id: str, json_out: JsonOpt = False) -> Non
     if json_out:
         print_json(doc)
         return
-    console.print(f"[bold]recall {doc['id']}[/bold]  {doc['state']}", highlight=False)
+    console.print(styled(f"recall {doc['id']}", "bold"), f" {doc['state']}", highlight=False)
     if "cartridges" not in doc:
         console.print(f"  refused: {doc['reason']}: {doc['error']}", highlight=False)
         return
@@ -224,7 +224,8 @@ def status(ctx: typer.Context, recall_id: str, json_out: JsonOpt = False) -> Non
         )  # fmt: skip
     console.print(table)
     for f in doc["failures"]:
-        console.print(f"  [red]failed[/red] {f['name']}: {f['reason']} ({f['error']})", highlight=False)
+        line = f"{f['name']}: {f['reason']} ({f['error']})"
+        console.print(" ", styled("failed", "red"), line, highlight=False)
 
 
 @recall_app.command("list")

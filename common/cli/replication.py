@@ -10,11 +10,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from common.catalogue import Catalogue
 from common.catalogue.policy import PolicyError, Rule, check_rule
 from common.cli import app
-from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from
+from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import StorageEndpoint
 from common.errors import SpoolError
@@ -81,8 +82,8 @@ def rse_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         reps = r["replicas"]
         health = r["health"]
         if health != "ok":
-            health = f"[red]{health}[/red] {_since(r['health_since'])}"
-        state = r["state"] if r["state"] == "online" else f"[yellow]{r['state']}[/yellow]"
+            health = Text.assemble((health, "red"), f" {_since(r['health_since'])}")
+        state = r["state"] if r["state"] == "online" else styled(r["state"], "yellow")
         table.add_row(
             r["name"], r["kind"], state, health, str(reps.get("available", 0)), str(reps.get("queued", 0)),
             str(reps.get("waiting", 0)), str(reps.get("bad", 0) + reps.get("failed", 0)),
@@ -277,7 +278,9 @@ def rse_evict(
             + ", ".join(result["kept"][:10])
         )
     for failed in result.get("failed", [])[:10]:
-        console.print(f"[red]not deleted[/red] {failed['name']}: {failed['reason']}: {failed['error']}")
+        console.print(
+            Text.assemble(("not deleted", "red"), f" {failed['name']}: {failed['reason']}: {failed['error']}")
+        )
     if result.get("failed"):
         raise typer.Exit(1)
 

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from common.bus.queue_stats import queue_report
 from common.cli import app
-from common.cli._util import console, print_json, settings_from
+from common.cli._util import console, print_error, print_json, settings_from
 from common.status import gather_status
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -68,8 +68,11 @@ def _show(
             print_json(doc)
         else:
             console.print(render(doc))
-        if not saw_something(doc):
-            raise typer.Exit(3)  # nothing answered: scripts must not read this as "all empty"
+        problem = _problem(doc)
+        if problem is not None:
+            print_error(problem[1], f"error ({problem[0]})")
+        if problem is not None or not saw_something(doc):
+            raise typer.Exit(3)  # scripts must not read what could not be seen as "all empty"
         return
     try:
         if json_out:
@@ -88,6 +91,26 @@ def _show(
 
 def _queues_seen(doc: dict[str, Any]) -> bool:
     return bool(doc["amqp"]["reachable"] or doc["management"]["reachable"])
+
+
+def _problem(doc: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, one line) when the broker - the heart of the system - cannot be read: down, or
+    none of Spool's queues declared yet. What else answered is still shown above that line."""
+    queues = doc["queues"] if isinstance(doc.get("queues"), dict) else doc  # status, or queues
+    if not queues["amqp"]["reachable"]:
+        return "broker_unreachable", queues["amqp"]["error"] or "RabbitMQ did not answer"
+    missing = _undeclared(doc)
+    return None if missing is None else ("queue_missing", missing)
+
+
+def _undeclared(doc: dict[str, Any]) -> str | None:
+    """The broker answered but none of Spool's work queues exist (no daemon ever started with this
+    ``queue_prefix``): said in one line, and a non-zero exit, rather than a table of ``?``."""
+    queues = doc["queues"] if isinstance(doc.get("queues"), dict) else doc  # status, or queues
+    if not queues["amqp"]["reachable"] or any(q["ready"] is not None for q in queues["queues"]):
+        return None
+    names = ", ".join(q["queue"] for q in queues["queues"])
+    return f"no Spool queue exists yet ({names}): queues are declared when a daemon first starts"
 
 
 def _status_seen(doc: dict[str, Any]) -> bool:

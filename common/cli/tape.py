@@ -16,11 +16,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from common.cli import app
-from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from
+from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.cli.query import JsonOpt
 from common.config import LogSettings, Settings
 from common.logging import configure_logging
@@ -116,7 +117,7 @@ def tape_list(
     table = Table(*(["library"] if several else []), "vid", "pool", "state", "used / capacity", "fill",
                   "files", "catalogued", "drive")  # fmt: skip
     for r in rows:
-        state = r["state"] if r["state"] not in ("suspect", "disabled") else f"[red]{r['state']}[/red]"
+        state = r["state"] if r["state"] not in ("suspect", "disabled") else styled(r["state"], "red")
         table.add_row(
             *([r["library"]] if several else []), r["vid"], r["pool"] or "-", state,
             f"{fmt_bytes(r['used_bytes'])} / {fmt_bytes(r['capacity'])}", f"{r['fill']:.1f}%",
@@ -152,7 +153,7 @@ def drive_list(ctx: typer.Context, library: LibraryOpt = None, json_out: JsonOpt
     several = len({r["library"] for r in rows}) > 1
     table = Table(*(["library"] if several else []), "drive", "status", "cartridge", "request", "since")
     for r in rows:
-        status = r["status"] if r["status"] != "broken" else "[red]broken[/red]"
+        status: str | Text = r["status"] if r["status"] != "broken" else styled("broken", "red")
         if r["claimed"] and r["status"] == "idle":
             status = "idle (claimed)"
         since = r["since"]

@@ -90,7 +90,7 @@ class IngestResources:
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
     # (name, dataset, metadata) -> the copies its replication rules still need.
-    planner: MicroBatcher[tuple[str, str, dict[str, Any]], list[Wanted]]
+    planner: MicroBatcher[tuple[str, str, dict[str, Any], str | None], list[Wanted]]
     rulebook: RuleBook
     per_file_fsync: bool = True
     _locks: dict[str, _NameLock] = field(default_factory=dict)
@@ -148,12 +148,15 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
                 await storage.sync()
             return await catalogue.register_ingested(records)
 
-        async def plan_and_request(items: Sequence[tuple[str, str, dict[str, Any]]]) -> list[list[Wanted]]:
+        async def plan_and_request(
+            items: Sequence[tuple[str, str, dict[str, Any], str | None]],
+        ) -> list[list[Wanted]]:
             # The disk copies a whole batch wants go out now as bulk replica.requests (one message
             # per destination and few hundred files, not one per file); each handler then
             # publishes only its tape requests. The handlers ack after this returns: a kill in
             # between redelivers the events, whose duplicates plan and request again.
-            wanted = await rulebook.plan(items)
+            # Each file's requests keep its file.ready's correlation id (item[3]).
+            wanted = await rulebook.plan([i[:3] for i in items], correlation_ids=[i[3] for i in items])
             await publish_wanted(publisher, [w for ws in wanted for w in ws if w.kind == "disk"], bulk=BULK)
             return [[w for w in ws if w.kind != "disk"] for ws in wanted]
 
@@ -213,7 +216,9 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
         # a duplicate, so a kill between registering and publishing loses no request.
         wanted: list[Wanted] = []
         if await res.rulebook.rules():
-            wanted = await res.planner.submit((info.name, info.dataset, dict(msg.metadata)))
+            wanted = await res.planner.submit(
+                (info.name, info.dataset, dict(msg.metadata), ctx.correlation_id)
+            )
     await publish_wanted(ctx.publisher, wanted, correlation_id=ctx.correlation_id)
     # The id names the fact, so the event re-published on a redelivery is a duplicate by id.
     await ctx.publisher.publish(

@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,19 +172,30 @@ service = Service("replicator", resources=open_resources, describe=_describe)
 async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> None:
     steps.destination(msg.destination, ctx.settings.storage)
     if msg.name is not None:
-        await _announce(ctx, msg.destination, [await _replicate_one(msg.name, msg, ctx, msg.id)])
+        await _announce(
+            ctx, msg.destination, [await _replicate_one(msg.name, msg, ctx, msg.id, ctx.correlation_id)]
+        )
         return
     # Bulk: one replica.created for the copies made. A file that fails continues as a single-file
-    # request, with retries and a dead letter of its own.
+    # request, with retries and a dead letter of its own - except names the catalogue does not
+    # know: those are one outcome for the whole request (see ``_unknown_names``).
     outcomes = await _replicate_bulk(msg, ctx)
     for outcome in outcomes:
         if isinstance(outcome, asyncio.CancelledError):
             raise outcome  # stopping: the whole message goes back to the queue
+    correlation = {name: msg.correlation_of(i, ctx.correlation_id) for i, name in enumerate(msg.names)}
+    made = [o for o in outcomes if isinstance(o, CreatedCopy)]
+    if msg.correlation_ids:  # files of several events: each copy names its own
+        made = [c.model_copy(update={"correlation_id": correlation[c.name]}) for c in made]
     # Announced before the failures are re-sent: if the announcement fails, the whole request is
     # retried (made copies are verified and announced again, the failures copied again).
-    await _announce(ctx, msg.destination, [o for o in outcomes if not isinstance(o, BaseException)])
+    await _announce(ctx, msg.destination, made)
+    unknown: list[str] = []
     for name, outcome in zip(msg.names, outcomes, strict=True):
         if not isinstance(outcome, BaseException):
+            continue
+        if isinstance(outcome, Permanent) and outcome.reason == UNKNOWN_FILE:
+            unknown.append(name)
             continue
         reason = outcome.reason if isinstance(outcome, SpoolError) else type(outcome).__name__
         ctx.log.info("bulk_item_resent_alone", file=name, reason=reason)
@@ -194,10 +205,34 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
                 destination=msg.destination,
                 rule_id=msg.rule_id,
                 priority=msg.priority,
-                correlation_id=ctx.correlation_id,
+                correlation_id=correlation[name],
             ),
-            correlation_id=ctx.correlation_id,
+            correlation_id=correlation[name],
         )
+    if unknown:
+        raise _unknown_names(unknown, len(msg.names))
+
+
+UNKNOWN_FILE = "unknown_file"
+UNKNOWN_SAMPLE = 10  # names quoted in the one error of a bulk request with unknown names
+
+
+def _unknown_names(unknown: Sequence[str], total: int) -> Permanent:
+    """One permanent failure for all the unknown names of a bulk request.
+
+    Decision: a bulk ``replica.request`` naming files the catalogue does not know is one mistake of
+    its sender, not one per name. Its known files are copied (and announced) first; then the
+    request dead-letters once, with one ``file.failed``, reason ``unknown_file``, giving the count
+    and the first few names (``spool dead show`` has the whole list in the body). Re-sending each
+    unknown name alone made 10,000 dead letters and 10,000 events of one request, and queued them
+    before real copies.
+    """
+    sample = ", ".join(repr(n[:200]) for n in unknown[:UNKNOWN_SAMPLE])
+    more = f" and {len(unknown) - UNKNOWN_SAMPLE} more" if len(unknown) > UNKNOWN_SAMPLE else ""
+    return Permanent(
+        UNKNOWN_FILE,
+        f"{len(unknown)} of the {total} files of this bulk request are not in the catalogue: {sample}{more}",
+    )
 
 
 async def _replicate_bulk(
@@ -208,26 +243,36 @@ async def _replicate_bulk(
     at once: the destination's slots bound the copies)."""
     res = ctx.resources
     claimed = res.locks.claim_free([(name, msg.destination) for name in dict.fromkeys(msg.names)])
+    unknown: set[str] = set()
+    correlation = {name: msg.correlation_of(i, ctx.correlation_id) for i, name in enumerate(msg.names)}
     try:
-        done = await _copy_together([name for name, _ in claimed], msg, ctx)
+        done = await _copy_together([name for name, _ in claimed], msg, ctx, unknown, correlation)
     finally:
         res.locks.release(claimed)
-    rest = [name for name in msg.names if name not in done]
+    rest = [name for name in msg.names if name not in done and name not in unknown]
     alone = iter(
         await asyncio.gather(
-            *(_replicate_one(name, msg, ctx, _item_id(msg.id, name)) for name in rest),
+            *(_replicate_one(name, msg, ctx, _item_id(msg.id, name), correlation[name]) for name in rest),
             return_exceptions=True,
         )
     )
-    return [done[name] if name in done else next(alone) for name in msg.names]
+    not_known = Permanent(UNKNOWN_FILE, "not in the catalogue")  # one object: counted, not raised
+    return [
+        done[name] if name in done else not_known if name in unknown else next(alone) for name in msg.names
+    ]
 
 
 async def _copy_together(
-    names: Sequence[str], msg: ReplicaRequest, ctx: Context[ReplicatorResources]
+    names: Sequence[str],
+    msg: ReplicaRequest,
+    ctx: Context[ReplicatorResources],
+    unknown: set[str],
+    correlation: Mapping[str, str | None],
 ) -> dict[str, CreatedCopy]:
     """The common case of a bulk request, without a task, a lock wait or a future per file: one
     catalogue read for all, the copies that are plainly due (no row yet or ``queued``, small, a
     source to read, the endpoint writable) in whole batches (``copy_verified_many``), one record.
+    Names the catalogue read finds unknown are added to ``unknown`` (no single-file lookup again).
 
     ``names`` are locked by the caller. Anything else — a copy to verify or cancel, a large one,
     an endpoint paused or down, a copy that failed here — is left out of the answer, and goes the
@@ -245,8 +290,13 @@ async def _copy_together(
     # The files of a bulk request mostly have their copies on the same endpoints: the ranking
     # depends only on those (and on states and load, fixed meanwhile), so it is made once per set.
     best_of: dict[tuple[str, ...], str | None] = {}
-    for task in await res.catalogue.replica_tasks([(name, destination) for name in names]):
-        if task is None or steps.action(task) != "copy" or not dest.batches_copy(task.size, False):
+    for name, task in zip(
+        names, await res.catalogue.replica_tasks([(n, destination) for n in names]), strict=True
+    ):
+        if task is None:
+            unknown.add(name)
+            continue
+        if steps.action(task) != "copy" or not dest.batches_copy(task.size, False):
             continue
         where = tuple(s.storage for s in task.sources)
         if where not in best_of:
@@ -292,6 +342,7 @@ async def _copy_together(
                 pfn=out.pfn,
                 attempt=ctx.attempt,
                 source=source.storage,
+                correlation_id=correlation.get(task.name),
             )
             for task, source, out in made
         ]
@@ -308,7 +359,11 @@ def _item_id(request_id: str, name: str) -> str:
 
 
 async def _replicate_one(
-    name: str, msg: ReplicaRequest, ctx: Context[ReplicatorResources], request_id: str
+    name: str,
+    msg: ReplicaRequest,
+    ctx: Context[ReplicatorResources],
+    request_id: str,
+    correlation_id: str | None = None,
 ) -> CreatedCopy | None:
     """Make (or verify) one copy; returns what to announce, ``None`` when nothing was made
     (cancelled, parked, a bad copy nobody wants)."""
@@ -368,6 +423,7 @@ async def _replicate_one(
                 pfn=copied,
                 attempt=ctx.attempt,
                 source=source,
+                correlation_id=correlation_id or ctx.correlation_id,
             )
         )
     return _created(task, copied)
@@ -376,7 +432,7 @@ async def _replicate_one(
 async def _task(res: ReplicatorResources, name: str, destination: str) -> ReplicaTask:
     task = await res.tasks.submit((name, destination))
     if task is None:
-        raise Permanent("unknown_file", f"{name} is not in the catalogue")
+        raise Permanent(UNKNOWN_FILE, f"{name} is not in the catalogue")
     return task
 
 

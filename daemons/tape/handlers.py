@@ -84,12 +84,19 @@ service = Service("tape", resources=open_resources, describe=_describe)
 async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
     res = ctx.resources
     target = steps.destination(msg.destination, res.targets, ctx.settings.storage)
+    # The writer records the copy later, from catalogue rows: it finds the correlation id here
+    # (remembered first: the writer may take the copy as soon as it is queued).
+    db.CORRELATIONS.remember(msg.name, target.storage, ctx.correlation_id)
     copy = await res.catalogue.run(db.ensure_queued, msg.name, target.storage, msg.priority, write=True)
     if copy is None:
+        db.CORRELATIONS.take(msg.name, target.storage)
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
     if copy.state == "available" and copy.cartridge is not None and copy.fseq is not None:
+        db.CORRELATIONS.take(msg.name, target.storage)  # on tape already: the writer will not ask
         on_tape = db.Archived(0, msg.name, target.storage, copy.cartridge, copy.fseq)
-        await ctx.publisher.publish(db.archived_event(on_tape), correlation_id=ctx.correlation_id)
+        await ctx.publisher.publish(
+            db.archived_event(on_tape, ctx.correlation_id), correlation_id=ctx.correlation_id
+        )
         return
     ctx.log.debug("archive_queued", state=copy.state, pool=target.pool)
 

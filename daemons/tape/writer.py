@@ -224,7 +224,9 @@ class Batch:
             assert mount.vid is not None
             del self.pending[f.replica_id]
             self.written += 1
-            self.recorder.add(db.Archived(f.replica_id, f.name, self.target.storage, mount.vid, fseq))
+            storage = self.target.storage
+            correlation = db.CORRELATIONS.take(f.name, storage)  # the tape.archive's (its file.ready's)
+            self.recorder.add(db.Archived(f.replica_id, f.name, storage, mount.vid, fseq, correlation))
             return None
 
     async def _source_file(self, f: db.BatchFile, source: Source) -> tuple[Path, bool]:

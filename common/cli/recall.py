@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common import codec
+from common.bus.admission import reply_queue_name
 from common.bus.connection import connect
 from common.bus.topology import declare_topology
 from common.catalogue import Catalogue
@@ -80,7 +81,9 @@ async def _request(
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await declare_topology(channel, settings)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True) if wait else None
+        # A reply queue by the documented pattern: recall refuses to reply anywhere else.
+        reply_queue = reply_queue_name(settings.bus.queue_prefix, f"recall-{msg.id}")
+        replies = await channel.declare_queue(reply_queue, exclusive=True, auto_delete=True) if wait else None
         event = codec.to_cloudevent(msg)
         await exchange.publish(
             aio_pika.Message(

@@ -13,8 +13,9 @@ unacked) -> close resources -> close the connection. A second signal exits at on
 of a FIFO, a hung network file system, a syscall that never returns), and the interpreter waits
 for such threads at exit. So a daemon process of its own (``spool run``) arms a watchdog thread
 when the stop begins: ``bus.stop_grace`` + ``STOP_BOUND`` seconds later, if the process is still
-there, it logs one ``stop_overran`` line naming what was still running (messages in flight per
-daemon, and every other thread with the function it is in), flushes the logs and ends the process
+there, it logs one ``stop_overran`` line naming what was still running (per daemon, the ids of
+the messages whose handlers were cancelled at the end of the grace; every other thread, with the
+function it is in), flushes the logs and ends the process
 with ``os._exit(EXIT_STOP_OVERRAN)``. The broker requeues whatever was unacked; systemd sees a
 distinct exit code. A process embedding the services (tests, benchmarks) is not ended for them.
 """
@@ -176,8 +177,10 @@ class Process:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
 
-    def _in_flight(self) -> dict[str, int]:
-        return {runner.service.name: runner.in_flight for runner in self.runners}
+    def _in_flight(self) -> dict[str, Any]:
+        """Per daemon: the messages whose handlers were cancelled at the end of the grace (their
+        threads may still run), or how many are in flight if the grace has not ended."""
+        return {r.service.name: r.abandoned[:20] or r.in_flight for r in self.runners}
 
     # --- signals ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

@@ -149,6 +149,8 @@ class Runner:
         self._recovery: asyncio.Task[None] | None = None
         self._throttle = ReasonThrottle()
         self._log = structlog.get_logger(service.name)
+        # Message ids of the handlers still running when the stop's grace ended (cancelled).
+        self.abandoned: list[str] = []
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
@@ -283,6 +285,8 @@ class Runner:
         if self._tasks:
             log.info("draining", daemon=self.service.name, in_flight=len(self._tasks), grace=grace)
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            # Named by their message ids (``_deliver``): what a stop that overruns names.
+            self.abandoned = sorted(task.get_name() for task in pending)
             for task in pending:
                 task.cancel()
             if pending:
@@ -313,6 +317,7 @@ class Runner:
         task = asyncio.current_task()
         assert task is not None
         delivery = Delivery(message)
+        task.set_name(delivery.properties.message_id or f"delivery-{delivery.tag}")
         acks = self._acks
         if acks is None or acks.channel is not message.channel:
             acks = None  # from a channel replaced meanwhile: its tags mean nothing on the new one

@@ -258,37 +258,49 @@ def cap_line(logger: Any, method: str, event: EventDict) -> EventDict:
     traceback, whose end names the error), its tail, with a marker saying how much was cut. A
     field that is not text and must be cut becomes the cut text of its JSON.
     """
-    sizes = {key: _size(value) for key, value in event.items()}
-    if sum(sizes.values()) + 4 * len(sizes) <= MAX_LINE - 64:
+    budget = MAX_LINE - 128
+    if _rendered_size(event) <= budget:
         return event  # the common case: nothing to do beyond measuring
-    capped: EventDict = {}
     keys = list(event)
-    for key in keys[:MAX_FIELDS]:
-        short = key if len(key) <= MAX_KEY else _cut(key, MAX_KEY)
-        capped[short] = event[key]
+    capped: EventDict = {(k if len(k) <= MAX_KEY else _cut(k, MAX_KEY)): event[k] for k in keys[:MAX_FIELDS]}
     if len(keys) > MAX_FIELDS:
         capped["fields_cut"] = len(keys) - MAX_FIELDS
-    sizes = {key: _size(value) for key, value in capped.items()}
-    room = MAX_LINE - 256 - sum(len(key) + 6 for key in capped)
-    shares = _shares(sizes, max(room, MIN_FIELD * len(capped)))
-    for key, share in shares.items():
-        value = capped[key]
-        text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-        # JSON escapes make a character cost up to 6: cut on the rendered size, not the length.
-        limit = max(MIN_FIELD, share * len(text) // max(sizes[key], 1))
-        capped[key] = _cut(text, limit, keep_tail=key == "exception")
+    originals = {k: v if isinstance(v, str) else _json(v) for k, v in capped.items()}
+    room = budget - sum(len(k) + 6 for k in capped)
+    # Cut from the originals, tighter each round while escapes made the estimate short.
+    for _ in range(6):
+        sizes = {k: _size(v) for k, v in capped.items()}
+        if sum(sizes.values()) <= room:
+            break
+        shares = _shares({k: _size(v) for k, v in originals.items()}, max(room, MIN_FIELD * len(capped)))
+        for key, share in shares.items():
+            text = originals[key]
+            limit = max(MIN_FIELD, share * len(text) // max(_size(text), 1))
+            capped[key] = _cut(text, limit, keep_tail=key == "exception")
+        room = room * 3 // 4
     return capped
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value) + 2 if value.isascii() and value.isprintable() else len(json.dumps(value))
-    if value is None or isinstance(value, bool | int | float):
-        return 8
+def _rendered_size(event: EventDict) -> int:
+    return sum(_size(value) + len(key) + 6 for key, value in event.items())
+
+
+def _json(value: Any) -> str:
     try:
-        return len(json.dumps(value, default=str))
+        return json.dumps(value, default=str)
     except (TypeError, ValueError, RecursionError):
-        return len(repr(value))
+        return repr(value)
+
+
+def _size(value: Any) -> int:
+    """The length of ``value`` rendered as JSON (``JSONRenderer`` escapes non-ASCII)."""
+    if isinstance(value, str):
+        if value.isascii() and value.isprintable():
+            return len(value) + 2 + value.count('"') + value.count("\\")
+        return len(json.dumps(value))
+    if value is None or isinstance(value, bool | int | float):
+        return 24
+    return len(_json(value))
 
 
 def _shares(sizes: dict[str, int], room: int) -> dict[str, int]:

@@ -336,3 +336,46 @@ def test_reply_queue_names():
     for bad in bad_reply_tos("spool").values():
         assert not is_reply_queue(bad, "spool"), bad
     assert not is_reply_queue("spool.reply.é", "spool")
+
+
+# --- spool dead retry ------------------------------------------------------------------------------
+async def test_reviving_an_outsiders_dead_letter_does_not_make_it_trusted(
+    settings, broker, topology, outsider, vhost
+):
+    from common.bus.dead import dead_queues, take
+
+    daemon = Recorder([FileReady.ROUTING_KEY, "replica.request"])
+    channel = await broker.channel()
+    queue = await channel.get_queue(settings.queue("ingest"))
+    await queue.bind(settings.bus.exchange, routing_key="replica.request")
+    await channel.close()
+    body = cloudevent({"name": "run1/a.fits", "destination": "disk1"}, type_="replica.request")
+    async with running([daemon.service], settings):
+        await send(outsider, settings.bus.exchange, "replica.request", body, user_id=vhost["outsider"])
+        await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
+        # The operator (a Spool user) revives it: it comes back as the outsider's, refused again.
+        assert await take(broker, settings, dead_queues(settings, "ingest"), requeue_to_work=True) == 1
+        await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
+    [dead] = await dead_letters(broker, settings)
+    assert (dead.headers[H.REASON], dead.headers[H.SENDER]) == ("not_permitted", vhost["outsider"])
+    assert [seen for seen in daemon.seen if seen[2] != "guest"] == []
+
+
+async def test_spool_headers_forged_on_a_message_in_a_dead_queue_are_not_believed_on_revival(
+    settings, broker, topology, outsider, vhost
+):
+    """A message that reached a dead-letter queue as its sender sent it (as the broker's delivery
+    limit dead-letters it) names another work queue, routing key and sender: all ignored."""
+    from common.bus.dead import dead_queues, take
+
+    daemon = Recorder([FileReady.ROUTING_KEY, "tape.archive"])
+    forged = {H.QUEUE: settings.queue("tape"), H.ROUTING_KEY: "tape.archive", H.SENDER: "guest"}
+    body = cloudevent({"name": "run1/a.fits", "pool": "p"}, type_="tape.archive")
+    await send(outsider, "", settings.dead_queue("ingest"), body, user_id=vhost["outsider"], headers=forged)
+    async with running([daemon.service], settings):
+        assert await take(broker, settings, dead_queues(settings, "ingest"), requeue_to_work=True) == 1
+        await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
+    assert await queue_depth(broker, settings.queue("tape")) == 0  # not sent to the forged queue
+    [dead] = await dead_letters(broker, settings)
+    assert dead.headers[H.SENDER] == vhost["outsider"] and dead.headers[H.REASON] == "not_permitted"
+    assert [seen for seen in daemon.seen if seen[0] == "tape.archive"] == []

@@ -46,7 +46,6 @@ from pamqp.commands import Basic
 
 from common.bus import headers as H
 from common.bus.publisher import DIRECT_REPLY_TO
-from common.bus.trust import is_spool_user
 from common.config import BusSettings
 from common.errors import Permanent
 from common.messages import FileReady, RecallRequest
@@ -69,15 +68,17 @@ class Sender:
     headers_trusted: bool  # the delivery itself came from a Spool user: its x-spool-* are Spool's
 
 
-def sender_of(properties: Basic.Properties, bus: BusSettings) -> Sender:
+def sender_of(properties: Basic.Properties, bus: BusSettings | frozenset[str]) -> Sender:
+    """``bus``: the settings, or their ``trusted_users()`` computed once (the runner's hot path)."""
+    trusted = bus if isinstance(bus, frozenset) else bus.trusted_users()
     publisher = properties.user_id
-    if not is_spool_user(publisher, bus):
+    if publisher is None or publisher not in trusted:  # = common.bus.trust.is_spool_user
         return Sender(publisher, False, False)
     headers = properties.headers or {}
     if H.SENDER not in headers:
         return Sender(publisher, True, True)
     original = _text(headers[H.SENDER]) or None
-    return Sender(original, is_spool_user(original, bus), True)
+    return Sender(original, original is not None and original in trusted, True)
 
 
 def spool_headers_of(properties: Basic.Properties, sender: Sender) -> dict[str, Any]:

@@ -149,6 +149,7 @@ class Runner:
         self._recovery: asyncio.Task[None] | None = None
         self._throttle = ReasonThrottle()
         self._log = structlog.get_logger(service.name)
+        self._trusted = settings.bus.trusted_users()  # Spool's broker users (common.bus.admission)
         # Message ids of the handlers still running when the stop's grace ended (cancelled).
         self.abandoned: list[str] = []
 
@@ -346,7 +347,7 @@ class Runner:
 
     async def _handle(self, delivery: Delivery) -> None:
         props = delivery.properties
-        sender = delivery.sender = admission.sender_of(props, self.settings.bus)
+        sender = delivery.sender = admission.sender_of(props, self._trusted)
         attempt = admission.attempt_of(props, sender)
         routing_key = admission.routing_key_of(props, delivery.routing_key, sender)
         try:

@@ -145,14 +145,17 @@ async def take(
     """Remove matching dead letters; when ``requeue_to_work`` send each back to its work queue first.
 
     Each message is re-published with a confirm *before* it is acked in the dead queue, so a failure
-    halfway leaves a duplicate at worst, never a loss.
+    halfway leaves a duplicate at worst, never a loss. Only the messages in a queue when it is
+    opened are looked at: one that fails again at once and comes back meanwhile waits for the next
+    run, instead of going round for ever.
     """
     moved = 0
     for queue_name in queues:
         channel = await connection.channel(publisher_confirms=True)
         try:
             queue = await channel.get_queue(queue_name, ensure=True)
-            while True:
+            present = (await queue.declare()).message_count or 0
+            for _ in range(present):
                 msg = await queue.get(no_ack=False, fail=False)
                 if msg is None:
                     break

@@ -255,6 +255,25 @@ async def test_an_internal_command_from_spools_user_is_handled(settings, broker,
     assert await queue_depth(broker, settings.dead_queue("ingest")) == 0
 
 
+async def test_spools_own_internal_command_stays_trusted_through_its_retries(settings, broker, topology):
+    """A retry copy names its Spool sender: each attempt is handled, the retries are counted."""
+    daemon = Recorder([FileReady.ROUTING_KEY, "replica.request"], fail=True)
+    channel = await broker.channel()
+    queue = await channel.get_queue(settings.queue("ingest"))
+    await queue.bind(settings.bus.exchange, routing_key="replica.request")
+    await channel.close()
+    body = cloudevent({"name": "run1/a.fits", "destination": "disk1"}, type_="replica.request")
+    async with running([daemon.service], settings):
+        await send(broker, settings.bus.exchange, "replica.request", body, user_id="guest")
+        await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
+    attempts = range(1, settings.bus.max_attempts + 1)
+    assert [s for s in daemon.seen if s[0] == "replica.request"] == [
+        ("replica.request", n, "guest", None) for n in attempts
+    ]
+    [dead] = await dead_letters(broker, settings)
+    assert (dead.headers[H.REASON], dead.headers[H.SENDER]) == ("endpoint_down", "guest")
+
+
 async def _handled(daemon: Recorder, n: int) -> bool:
     return len(daemon.seen) >= n
 

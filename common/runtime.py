@@ -18,6 +18,8 @@ the messages whose handlers were cancelled at the end of the grace; every other 
 function it is in), flushes the logs and ends the process
 with ``os._exit(EXIT_STOP_OVERRAN)``. The broker requeues whatever was unacked; systemd sees a
 distinct exit code. A process embedding the services (tests, benchmarks) is not ended for them.
+The stop begins on the event loop, so a loop that is itself stuck (a blocking call on it) never
+begins one: that is what the systemd watchdog (``WatchdogSec``; its pings stop) ends.
 """
 
 from __future__ import annotations

@@ -398,3 +398,21 @@ async def test_spool_headers_forged_on_a_message_in_a_dead_queue_are_not_believe
     [dead] = await dead_letters(broker, settings)
     assert dead.headers[H.SENDER] == vhost["outsider"] and dead.headers[H.REASON] == "not_permitted"
     assert [seen for seen in daemon.seen if seen[0] == "tape.archive"] == []
+
+
+def test_a_daemon_whose_broker_user_is_not_a_spool_user_refuses_to_start(tmp_path, tag):
+    """Its retry copies would be untrusted and its commands refused: one line, exit code 2."""
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    (state / "landing").mkdir(parents=True)
+    config = write_config(tmp_path / "spool.toml", state, tag)
+    config.write_text(config.read_text().replace("[bus]\n", '[bus]\nspool_users = ["spool-daemons"]\n'))
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "--config", str(config), "run", "ingest"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "bus.spool_users" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

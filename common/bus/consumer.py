@@ -442,7 +442,7 @@ class Runner:
         assert self.service.on_malformed is not None
         err = classify(exc)
         self.stats.ignored += 1
-        admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
+        admitted, folded = self._throttle.admit(f"ignored:{err.reason}", exc)
         if admitted:
             fields: dict[str, Any] = {"reason": err.reason, "error": err.message, "routing_key": routing_key}
             if folded:
@@ -455,7 +455,8 @@ class Runner:
         await self._settle(delivery)
 
     def _log_failure(self, decision: Decision, err: SpoolError, attempt: int, exc: Exception) -> None:
-        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}")
+        # The first exception of each type is written whole even within its reason's window.
+        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}", exc)
         if not admitted:
             return
         event = "dead_lettered" if decision.action == "dead" else "retrying"

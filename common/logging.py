@@ -25,7 +25,9 @@ is always let through, whole with its traceback, whatever its reason's window sa
 **Every line is capped** at ``MAX_LINE`` characters (``cap_line``, the last step before
 rendering), whatever a field holds: a message's 30 MB name list, an exception's text, a library's
 repr. The largest fields are cut first, each keeping its head (and, for a traceback, its tail:
-the exception itself) and saying how much was cut: ``...[12345 chars cut]``.
+the exception itself) and saying how much was cut: ``...[12345 chars cut]``. An exception nobody
+caught (in a thread, or ending the process) is written as such a line too (``thread_failed``,
+``uncaught_exception``), not as a raw traceback.
 """
 
 from __future__ import annotations
@@ -425,6 +427,24 @@ def configure_logging(
     root.addHandler(handler)
     # Libraries' records below WARNING are noise to an operator (unless Spool's own level is higher).
     root.setLevel(max(level, logging.WARNING))
+    # An exception nobody caught (in a thread, or ending the process) is a log line like any
+    # other, capped, rather than a raw traceback of any length on stderr.
+    threading.excepthook = _log_thread_exception
+    sys.excepthook = _log_uncaught_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    structlog.get_logger("spool.thread").error("thread_failed", thread=thread, exc_info=args.exc_value)
+
+
+def _log_uncaught_exception(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("spool").critical("uncaught_exception", exc_info=exc.with_traceback(tb))
 
 
 @contextmanager

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,7 @@ def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
     """As ``tests/test_logging.py``'s: stderr captured, the logging configuration restored."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    hooks = sys.excepthook, threading.excepthook
     libraries = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)
@@ -43,6 +46,7 @@ def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
             logging.getLogger(name).setLevel(old)
         structlog.reset_defaults()
         structlog.contextvars.clear_contextvars()
+        sys.excepthook, threading.excepthook = hooks
 
 
 CUT = re.compile(r"\.\.\.\[(\d+) chars cut\]")
@@ -122,6 +126,20 @@ def test_a_console_line_is_capped_too(captured):
     structlog.get_logger("spool.ingest").warning("refused", path="p" * 1_000_000)
     [line] = captured.lines()
     assert len(line) <= MAX_LINE + 200 and "chars cut]" in line  # the console adds its colours
+
+
+def test_an_exception_nobody_caught_in_a_thread_is_a_capped_line(captured):
+    configure_logging(LogSettings(format="json"), daemon="ingest")
+
+    def fail() -> None:
+        raise ValueError("x" * 1_000_000)
+
+    thread = threading.Thread(target=fail, name="copier")
+    thread.start()
+    thread.join()
+    _line, record = only_line(captured)
+    assert (record["event"], record["thread"], record["level"]) == ("thread_failed", "copier", "error")
+    assert "ValueError: xxx" in record["exception"] and cut_of(record["exception"]) > 900_000
 
 
 def test_ordinary_lines_are_left_as_they_are(captured):

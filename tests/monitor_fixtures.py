@@ -12,6 +12,7 @@ import aio_pika
 import aiohttp
 
 from common import codec
+from common.bus.publisher import connection_user
 from common.config import Settings
 from common.messages import Message
 from tests.conftest import write_config
@@ -58,7 +59,9 @@ async def get_text(url: str) -> str:
 async def publish_many(
     connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, messages: list[Message]
 ) -> None:
-    """Publish Spool messages (msgpack) with confirms, a window of them at a time."""
+    """Publish Spool messages (msgpack) with confirms, a window of them at a time, as Spool's own
+    publishers do: with the connection's user as ``user_id`` (``common.bus.admission``)."""
+    user_id = connection_user(connection)
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
     window = 500
@@ -66,7 +69,9 @@ async def publish_many(
         await asyncio.gather(
             *(
                 exchange.publish(
-                    aio_pika.Message(codec.encode(m), content_type=codec.MSGPACK, message_id=m.id),
+                    aio_pika.Message(
+                        codec.encode(m), content_type=codec.MSGPACK, message_id=m.id, user_id=user_id
+                    ),
                     routing_key=m.ROUTING_KEY,
                 )
                 for m in messages[start : start + window]

@@ -17,12 +17,24 @@ Two things keep a broker restart from burying the operator in them:
 - **Expected broker errors are warnings without a traceback**: a lost connection, a closed channel,
   a refused reconnection are what a robust connection exists for; the exception's one-line text is
   kept in ``error``. Anything else keeps its level and its traceback.
+
+Folding never hides a bug: the **first occurrence of each distinct exception type** (per process)
+is always let through, whole with its traceback, whatever its reason's window says
+(``first_of_its_type``); only its repeats are folded.
+
+**Every line is capped** at ``MAX_LINE`` characters (``cap_line``, the last step before
+rendering), whatever a field holds: a message's 30 MB name list, an exception's text, a library's
+repr. The largest fields are cut first, each keeping its head (and, for a traceback, its tail:
+the exception itself) and saying how much was cut: ``...[12345 chars cut]``. An exception nobody
+caught (in a thread, or ending the process) is written as such a line too (``thread_failed``,
+``uncaught_exception``), not as a raw traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import re
 import socket
@@ -49,6 +61,34 @@ EventDict = MutableMapping[str, Any]
 # record: one per channel is still the same message.
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
+# The longest line written (characters of the rendered line, a few less for the renderer's own).
+MAX_LINE = 8192
+# At most this many fields per line, and this long a field name; the rest is cut and counted.
+MAX_FIELDS = 48
+MAX_KEY = 64
+# Each field is left at least this long when fields must share the line.
+MIN_FIELD = 64
+# Distinct exception types remembered per process (a bound for a process that meets many).
+MAX_EXCEPTION_TYPES = 1024
+_seen_exception_types: set[str] = set()
+_seen_lock = threading.Lock()
+
+
+def first_of_its_type(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the first exception of its type this process met (and remember it).
+
+    Folding lets such a one through whole: the one traceback of a new bug must not be folded into
+    the count line of an older one with the same reason.
+    """
+    if exc is None:
+        return False
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    with _seen_lock:
+        if kind in _seen_exception_types or len(_seen_exception_types) >= MAX_EXCEPTION_TYPES:
+            return False
+        _seen_exception_types.add(kind)
+        return True
+
 
 class ReasonThrottle:
     """One log line per reason per window, with a count of what was folded into it.
@@ -63,11 +103,18 @@ class ReasonThrottle:
         self.window = window
         self._seen: dict[Hashable, tuple[float, int]] = {}
 
-    def admit(self, reason: Hashable) -> tuple[bool, int]:
+    def admit(self, reason: Hashable, exc: BaseException | None = None) -> tuple[bool, int]:
+        """``exc``: the exception the line is about; by default the one being handled, if any
+        (called from an ``except`` block). The first of its type is always admitted."""
         now = time.monotonic()
         start, folded = self._seen.get(reason, (0.0, 0))
+        current = exc if exc is not None else sys.exc_info()[1]
         if now - start >= self.window:
             self._seen[reason] = (now, 0)
+            first_of_its_type(current)  # logged now: its type is seen
+            return True, folded
+        if first_of_its_type(current):
+            self._seen[reason] = (start, 0)  # the window goes on; its count restarts after this line
             return True, folded
         self._seen[reason] = (start, folded + 1)
         return False, 0
@@ -102,8 +149,9 @@ class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # a malformed record: let the standard machinery report it
             return bool(super().handle(record))
         key = (record.name, record.levelno, _ADDRESS.sub("0x", text))
+        exc = record.exc_info[1] if record.exc_info else _argument_exception(record.args)
         with self._fold_lock:
-            admitted, folded = self.throttle.admit(key)
+            admitted, folded = self.throttle.admit(key, exc)
             if not admitted:
                 self._folded[key] = _frozen(record, text)
             elif folded:  # came back after its window, before a sweep reported the count
@@ -203,6 +251,103 @@ def _calm_broker_errors(logger: Any, method: str, event: EventDict) -> EventDict
     return event
 
 
+# --- capped lines ------------------------------------------------------------------------------
+def cap_line(logger: Any, method: str, event: EventDict) -> EventDict:
+    """Cut the event's fields so its rendered line stays within ``MAX_LINE`` characters.
+
+    Sizes are measured as JSON text. Small fields are kept whole; the line's room is shared among
+    the large ones (the largest cut most), each cut keeping its head and, for ``exception`` (a
+    traceback, whose end names the error), its tail, with a marker saying how much was cut. A
+    field that is not text and must be cut becomes the cut text of its JSON.
+    """
+    budget = MAX_LINE - 128
+    if _quick_size(event) <= budget or _rendered_size(event) <= budget:
+        return event  # the common case: nothing to do beyond measuring
+    keys = list(event)
+    capped: EventDict = {(k if len(k) <= MAX_KEY else _cut(k, MAX_KEY)): event[k] for k in keys[:MAX_FIELDS]}
+    if len(keys) > MAX_FIELDS:
+        capped["fields_cut"] = len(keys) - MAX_FIELDS
+    originals = {k: v if isinstance(v, str) else _json(v) for k, v in capped.items()}
+    room = budget - sum(len(k) + 6 for k in capped)
+    # Cut from the originals, tighter each round while escapes made the estimate short.
+    for _ in range(6):
+        sizes = {k: _size(v) for k, v in capped.items()}
+        if sum(sizes.values()) <= room:
+            break
+        shares = _shares({k: _size(v) for k, v in originals.items()}, max(room, MIN_FIELD * len(capped)))
+        for key, share in shares.items():
+            text = originals[key]
+            limit = max(MIN_FIELD, share * len(text) // max(_size(text), 1))
+            capped[key] = _cut(text, limit, keep_tail=key == "exception")
+        room = room * 3 // 4
+    return capped
+
+
+def _quick_size(event: EventDict) -> int:
+    """An upper bound of the rendered size, cheap for the usual short line: a character of text
+    renders as at most 12 (an escaped surrogate pair); anything but text and numbers counts as a
+    full line (measured exactly then)."""
+    total = 0
+    for key, value in event.items():
+        kind = type(value)
+        if kind is str:
+            total += 12 * len(value) + len(key) + 8
+        elif kind is int or kind is float or kind is bool or value is None:
+            total += 32 + len(key)
+        else:
+            return MAX_LINE
+    return total
+
+
+def _rendered_size(event: EventDict) -> int:
+    return sum(_size(value) + len(key) + 6 for key, value in event.items())
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+
+
+def _size(value: Any) -> int:
+    """The length of ``value`` rendered as JSON (``JSONRenderer`` escapes non-ASCII)."""
+    if isinstance(value, str):
+        if value.isascii() and value.isprintable():
+            return len(value) + 2 + value.count('"') + value.count("\\")
+        return len(json.dumps(value))
+    if value is None or isinstance(value, bool | int | float):
+        return 24
+    return len(_json(value))
+
+
+def _shares(sizes: dict[str, int], room: int) -> dict[str, int]:
+    """The size each too-large field is cut to: fields below an equal share keep theirs, their
+    unused share goes to the others (water filling)."""
+    remaining = dict(sizes)
+    while remaining:
+        share = room // len(remaining)
+        small = {k: v for k, v in remaining.items() if v <= share}
+        if not small:
+            return {k: max(share, MIN_FIELD) for k in remaining}
+        for k, v in small.items():
+            room -= v
+            del remaining[k]
+    return {}
+
+
+def _cut(text: str, limit: int, *, keep_tail: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    marker_room = 32
+    keep = max(limit - marker_room, 16)
+    cut = len(text) - keep
+    if keep_tail:
+        head, tail = keep // 2, keep - keep // 2
+        return f"{text[:head]}...[{cut} chars cut]...{text[len(text) - tail :]}"
+    return f"{text[:keep]}...[{cut} chars cut]"
+
+
 def _add_logger_name(logger: Any, method: str, event: EventDict) -> EventDict:
     record: logging.LogRecord | None = event.get("_record")
     name = record.name if record is not None else getattr(logger, "name", None)
@@ -247,6 +392,7 @@ def configure_logging(
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            cap_line,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -269,6 +415,7 @@ def configure_logging(
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.StackInfoRenderer(),
                 structlog.processors.format_exc_info,
+                cap_line,
                 renderer,
             ],
         )
@@ -280,6 +427,24 @@ def configure_logging(
     root.addHandler(handler)
     # Libraries' records below WARNING are noise to an operator (unless Spool's own level is higher).
     root.setLevel(max(level, logging.WARNING))
+    # An exception nobody caught (in a thread, or ending the process) is a log line like any
+    # other, capped, rather than a raw traceback of any length on stderr.
+    threading.excepthook = _log_thread_exception
+    sys.excepthook = _log_uncaught_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    structlog.get_logger("spool.thread").error("thread_failed", thread=thread, exc_info=args.exc_value)
+
+
+def _log_uncaught_exception(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("spool").critical("uncaught_exception", exc_info=exc.with_traceback(tb))
 
 
 @contextmanager

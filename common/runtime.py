@@ -8,15 +8,31 @@ or closes the connection at any step before consuming, ends the start with one
 Stop (SIGTERM / SIGINT, or the ``once`` pass finished): stop taking messages -> let in-flight
 handlers finish within ``bus.stop_grace`` -> close the channels (the broker requeues whatever is
 unacked) -> close resources -> close the connection. A second signal exits at once.
+
+**A stop always ends.** A worker thread can be stuck where no cancellation reaches it (``open()``
+of a FIFO, a hung network file system, a syscall that never returns), and the interpreter waits
+for such threads at exit. So a daemon process of its own (``spool run``) arms a watchdog thread
+when the stop begins: ``bus.stop_grace`` + ``STOP_BOUND`` seconds later, if the process is still
+there, it logs one ``stop_overran`` line naming what was still running (per daemon, the ids of
+the messages whose handlers were cancelled at the end of the grace; every other thread, with the
+function it is in), flushes the logs and ends the process
+with ``os._exit(EXIT_STOP_OVERRAN)``. The broker requeues whatever was unacked; systemd sees a
+distinct exit code. A process embedding the services (tests, benchmarks) is not ended for them.
+The stop begins on the event loop, so a loop that is itself stuck (a blocking call on it) never
+begins one: that is what the systemd watchdog (``WatchdogSec``; its pings stop) ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import socket
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack, ExitStack, suppress
@@ -30,16 +46,21 @@ from aio_pika.abc import AbstractRobustConnection
 from common import __version__, systemd
 from common.bus.connection import connect
 from common.bus.consumer import Runner
-from common.bus.publisher import AmqpPublisher
+from common.bus.publisher import AmqpPublisher, connection_user
 from common.bus.service import Service
 from common.bus.topology import declare_for
+from common.bus.trust import is_spool_user
 from common.config import Settings
-from common.errors import Retryable, SpoolError
+from common.errors import ConfigError, Retryable, SpoolError
 from common.logging import libraries_quiet, one_line
 from common.messages import DaemonHeartbeat
 
 log = structlog.get_logger("spool.runtime")
 T = TypeVar("T")
+# Seconds a stop may take beyond ``bus.stop_grace`` (closing channels, resources, the connection)
+# before the watchdog ends the process, and the exit code it ends it with (EX_SOFTWARE).
+STOP_BOUND = 5.0
+EXIT_STOP_OVERRAN = 70
 
 
 class Process:
@@ -51,9 +72,11 @@ class Process:
         self.services = list(services)
         self.settings = settings
         self.once = once
-        # A daemon process of its own (``spool run``) tunes the garbage collector; a process
-        # embedding the services (tests, benchmarks) decides for itself.
+        # A daemon process of its own (``spool run``) tunes the garbage collector and ends itself
+        # when a stop overruns; a process embedding the services (tests, benchmarks) decides for
+        # itself.
         self.tune_gc = tune_gc
+        self.bounded_stop = tune_gc
         self.stop_requested = asyncio.Event()
         self.runners: list[Runner] = []
         self.instance = uuid.uuid4().hex[:12]
@@ -97,6 +120,14 @@ class Process:
         ``Retryable('broker_unavailable')`` naming the step. No retry here: systemd (or whoever
         runs the daemon) starts it again, from a clean state, after ``RestartSec``.
         """
+        user = connection_user(connection)
+        if not is_spool_user(user, self.settings.bus):
+            # Its retry copies and commands would be treated as external (attempts never counted,
+            # commands refused): refuse to start rather than loop.
+            raise ConfigError(
+                f"the daemon's broker user {user!r} (bus.url) is not one of bus.spool_users "
+                f"({', '.join(sorted(self.settings.bus.trusted_users()))})"
+            )
         step = "declaring the topology"
         try:
             await declare_for(connection, self.settings, [s.name for s in self.services])
@@ -137,12 +168,19 @@ class Process:
         await self.stop_requested.wait()
         systemd.stopping()
         log.info("stopping", services=names)
+        if self.bounded_stop:
+            arm_stop_watchdog(self.settings.bus.stop_grace + STOP_BOUND, self._in_flight)
         for runner in self.runners:
             await runner.stop_consuming()
         await asyncio.gather(*(r.drain(self.settings.bus.stop_grace) for r in self.runners))
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+    def _in_flight(self) -> dict[str, Any]:
+        """Per daemon: the messages whose handlers were cancelled at the end of the grace (their
+        threads may still run), or how many are in flight if the grace has not ended."""
+        return {r.service.name: r.abandoned[:20] or r.in_flight for r in self.runners}
 
     # --- signals ---------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -207,6 +245,62 @@ class Process:
                     busy = True
             quiet = 0 if busy else quiet + 1
         self.stop_requested.set()
+
+
+def arm_stop_watchdog(seconds: float, in_flight: Any = dict) -> threading.Thread:
+    """End the process ``seconds`` from now, unless it ended before (see the module docstring).
+
+    A daemon thread: it does not keep the process alive, it keeps running while the interpreter
+    waits for the other threads at exit, and it needs neither the event loop nor a free worker.
+    ``in_flight`` is called then, for the ``stop_overran`` line.
+    """
+    deadline = time.monotonic() + seconds
+
+    def watch() -> None:
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(left)
+        try:
+            log.error(
+                "stop_overran", seconds=seconds, exit_code=EXIT_STOP_OVERRAN,
+                in_flight=_safely(in_flight), threads=_still_running(),
+            )  # fmt: skip
+        finally:
+            _flush_logs()
+            os._exit(EXIT_STOP_OVERRAN)
+
+    thread = threading.Thread(target=watch, name="spool-stop-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def _safely(call: Any) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # the loop's state may be torn down: the line matters more
+        return repr(exc)
+
+
+def _still_running() -> list[str]:
+    """Every other thread alive, with the function (file:line) it is in: what blocked the stop."""
+    frames = sys._current_frames()
+    me = threading.get_ident()
+    running = []
+    for thread in threading.enumerate():
+        if thread.ident == me:
+            continue
+        frame = frames.get(thread.ident or -1)
+        where = f" in {frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+        running.append(f"{thread.name}{where}")
+    return running
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        with suppress(Exception):
+            handler.flush()
+    for stream in (sys.stderr, sys.stdout):
+        with suppress(Exception):
+            stream.flush()
 
 
 def _broker_gone(exc: BaseException, connection: AbstractRobustConnection) -> bool:

@@ -119,11 +119,19 @@ async def publish_raw(
     body: bytes,
     content_type: str | None = "application/cloudevents+json",
     message_id: str | None = None,
+    *,
+    as_spool: bool = False,
 ) -> None:
+    """Publish as an external publisher would (no ``user_id``), or ``as_spool``: with the
+    connection's user as ``user_id``, as Spool's own publishers do (internal commands)."""
+    from common.bus.publisher import connection_user
+
+    user_id = connection_user(connection) if as_spool else None
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
     await exchange.publish(
-        aio_pika.Message(body, content_type=content_type, message_id=message_id), routing_key=routing_key
+        aio_pika.Message(body, content_type=content_type, message_id=message_id, user_id=user_id),
+        routing_key=routing_key,
     )
     await channel.close()
 

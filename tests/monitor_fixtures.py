@@ -7,12 +7,12 @@ import asyncio
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiohttp
 
 from common import codec
+from common.bus.publisher import connection_user
 from common.config import Settings
 from common.messages import Message
 from tests.conftest import write_config
@@ -59,9 +59,9 @@ async def get_text(url: str) -> str:
 async def publish_many(
     connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, messages: list[Message]
 ) -> None:
-    """Publish Spool messages (msgpack) with confirms, a window of them at a time."""
-    # As a Spool publisher does: the AMQP user_id (the connection's user) that makes them Spool's facts.
-    user_id = unquote(urlsplit(settings.bus.url).username or "guest")
+    """Publish Spool messages (msgpack) with confirms, a window of them at a time, as Spool's own
+    publishers do: with the connection's user as ``user_id`` (``common.bus.admission``)."""
+    user_id = connection_user(connection)
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
     window = 500

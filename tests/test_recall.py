@@ -117,7 +117,7 @@ async def test_the_completion_is_sent_to_reply_to_as_a_cloudevent(tmp_path, tag,
     await register(settings, files)
     await archive(settings, {"A00001": sorted(files)}, files)
     channel = await broker.channel()
-    replies = await channel.declare_queue(exclusive=True)
+    replies = await channel.declare_queue(f"{settings.bus.queue_prefix}.reply.pipeline", exclusive=True)
 
     async with running([recall_service], settings):
         rid = await request(

@@ -269,7 +269,9 @@ async def test_corrupted_copy_is_detected_on_a_repeated_request_and_replaced(tmp
         data[100] ^= 0xFF  # bit rot after the transfer, same size
         copy.write_bytes(bytes(data))
         request = ReplicaRequest(name=name, destination="disk2")
-        await publish_raw(broker, settings, request.ROUTING_KEY, encode(request), "application/msgpack")
+        await publish_raw(
+            broker, settings, request.ROUTING_KEY, encode(request), "application/msgpack", as_spool=True
+        )
         await wait_for(lambda: _content_is(copy, files[0][1]), timeout=30)
     async with await Catalogue.open(settings.catalogue.url) as c:
         types = [(e.type, e.storage) for e in await c.history(name)]
@@ -393,7 +395,9 @@ async def test_bulk_request_copies_together_and_a_bad_file_continues_alone(tmp_p
         created_events = await channel.declare_queue(exclusive=True)
         await created_events.bind(settings.bus.exchange, "replica.created")
         bulk = ReplicaRequest(names=[*names[:2], "no/such/file"], destination="disk2")
-        await publish_raw(broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack")
+        await publish_raw(
+            broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack", as_spool=True
+        )
         await wait_for(lambda: _dead(broker, settings, 1), timeout=30)
     # The bulk request's two copies are announced in one event; the bad file is not in any.
     events = []

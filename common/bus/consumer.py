@@ -44,6 +44,7 @@ from pamqp.commands import Basic
 from structlog.contextvars import bound_contextvars
 
 from common import codec
+from common.bus import admission
 from common.bus import headers as H
 from common.bus.acks import AckWindow
 from common.bus.publisher import AmqpPublisher, copy_of
@@ -107,7 +108,7 @@ class HandlingTimes:
 class Delivery:
     """One delivery as the runner needs it: body, AMQP properties, tag, and where to ack it."""
 
-    __slots__ = ("acks", "body", "properties", "routing_key", "tag")
+    __slots__ = ("acks", "body", "properties", "routing_key", "sender", "tag")
 
     def __init__(self, message: DeliveredMessage) -> None:
         self.body: bytes = message.body
@@ -115,6 +116,7 @@ class Delivery:
         self.routing_key: str | None = message.routing_key
         self.tag: int = message.delivery_tag or 0
         self.acks: AckWindow | None = None
+        self.sender: admission.Sender | None = None  # set first thing by ``Runner._handle``
 
 
 class Runner:
@@ -147,6 +149,9 @@ class Runner:
         self._recovery: asyncio.Task[None] | None = None
         self._throttle = ReasonThrottle()
         self._log = structlog.get_logger(service.name)
+        self._trusted = settings.bus.trusted_users()  # Spool's broker users (common.bus.admission)
+        # Message ids of the handlers still running when the stop's grace ended (cancelled).
+        self.abandoned: list[str] = []
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.settings.daemon(self.service.name).prefetch)
@@ -281,6 +286,8 @@ class Runner:
         if self._tasks:
             log.info("draining", daemon=self.service.name, in_flight=len(self._tasks), grace=grace)
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            # Named by their message ids (``_deliver``): what a stop that overruns names.
+            self.abandoned = sorted(task.get_name() for task in pending)
             for task in pending:
                 task.cancel()
             if pending:
@@ -311,6 +318,7 @@ class Runner:
         task = asyncio.current_task()
         assert task is not None
         delivery = Delivery(message)
+        task.set_name(delivery.properties.message_id or f"delivery-{delivery.tag}")
         acks = self._acks
         if acks is None or acks.channel is not message.channel:
             acks = None  # from a channel replaced meanwhile: its tags mean nothing on the new one
@@ -339,10 +347,12 @@ class Runner:
 
     async def _handle(self, delivery: Delivery) -> None:
         props = delivery.properties
-        headers = props.headers or {}
-        attempt = _as_int(headers.get(H.ATTEMPT), 1)
-        routing_key = str(headers.get(H.ROUTING_KEY) or delivery.routing_key or "")
+        sender = delivery.sender = admission.sender_of(props, self._trusted)
+        attempt = admission.attempt_of(props, sender)
+        routing_key = admission.routing_key_of(props, delivery.routing_key, sender)
         try:
+            # Who may send what, and where replies may go, before anything reads the body.
+            admission.check(routing_key, props, sender, self.settings.bus)
             route = self.service.routes.get(routing_key)
             handler = route.handler if route is not None else self.service.fallback
             if handler is None:
@@ -355,7 +365,7 @@ class Runner:
                 daemon=self.service.name, message_id=props.message_id, attempt=attempt,
                 correlation_id=props.correlation_id,
             ):  # fmt: skip
-                ctx = self._context(attempt, props.correlation_id)
+                ctx = self._context(attempt, props.correlation_id, user_id=sender.user_id)
                 if self.service.on_malformed is not None:
                     await self._ignore_malformed(delivery, exc, routing_key, ctx)
                 else:
@@ -363,7 +373,7 @@ class Runner:
             return
         # One binding per message (it is on the hot path): every line logged while handling it,
         # by the handler or by the runner, carries these fields.
-        ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to, props.user_id)
+        ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to, sender.user_id)
         with bound_contextvars(
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
             **self.service.describe(msg),
@@ -432,7 +442,7 @@ class Runner:
         assert self.service.on_malformed is not None
         err = classify(exc)
         self.stats.ignored += 1
-        admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
+        admitted, folded = self._throttle.admit(f"ignored:{err.reason}", exc)
         if admitted:
             fields: dict[str, Any] = {"reason": err.reason, "error": err.message, "routing_key": routing_key}
             if folded:
@@ -445,7 +455,8 @@ class Runner:
         await self._settle(delivery)
 
     def _log_failure(self, decision: Decision, err: SpoolError, attempt: int, exc: Exception) -> None:
-        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}")
+        # The first exception of each type is written whole even within its reason's window.
+        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}", exc)
         if not admitted:
             return
         event = "dead_lettered" if decision.action == "dead" else "retrying"
@@ -510,7 +521,10 @@ def _copy_with_headers(
     daemon: str,
     queue: str,
 ) -> aio_pika.Message:
-    headers = {k: v for k, v in (delivery.properties.headers or {}).items() if k != "x-death"}
+    sender = delivery.sender
+    assert sender is not None
+    headers = admission.spool_headers_of(delivery.properties, sender)
+    headers[H.SENDER] = sender.user_id or ""  # the copy is published by Spool, not from Spool
     headers[H.ROUTING_KEY] = routing_key
     headers[H.REASON] = decision.reason
     headers[H.ERROR] = decision.error[:MAX_ERROR_TEXT]
@@ -526,17 +540,11 @@ def _copy_with_headers(
                 H.TIME: datetime.now(UTC).isoformat(),
             }
         )
-    return copy_of(delivery.body, delivery.properties, headers)
+    expiration = decision.delay if decision.action == "retry" else None  # jittered: see retry.py
+    return copy_of(delivery.body, delivery.properties, headers, expiration=expiration)
 
 
 def _has_consumer(channel: aiormq.abc.AbstractChannel, tag: str) -> bool:
     """``tag`` consumes on ``channel``. aiormq drops a tag from ``consumers`` (on its ``Channel``,
     not the abstract one) when the broker cancels it."""
     return tag in cast(aiormq.Channel, channel).consumers
-
-
-def _as_int(value: Any, default: int) -> int:
-    try:
-        return max(1, int(value))
-    except (TypeError, ValueError):
-        return default

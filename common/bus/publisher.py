@@ -22,6 +22,7 @@ from common.errors import Retryable
 from common.messages import Message
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's pseudo-queue (and its generated names)
 
 
 class Publisher(Protocol):
@@ -59,7 +60,7 @@ class AmqpPublisher:
     ) -> AmqpPublisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(exchange_name, ensure=False)
-        return cls(channel, exchange, app_id, connection.url.user or "guest")
+        return cls(channel, exchange, app_id, connection_user(connection))
 
     async def publish(self, msg: Message, *, correlation_id: str | None = None) -> None:
         # Properties built directly (pamqp), not through ``aio_pika.Message``, whose per-attribute
@@ -77,17 +78,32 @@ class AmqpPublisher:
         await self._send(self._exchange.name, codec.encode(msg), properties, msg.ROUTING_KEY)
 
     async def publish_raw(self, queue: str, message: aio_pika.Message) -> None:
-        """Send straight to a queue through the default exchange (retry tiers, dead letters)."""
-        await self._send("", message.body, message.properties, queue)
+        """Send straight to a queue through the default exchange (retry tiers, dead letters,
+        replies), as this connection's user like every message (a copy names its original sender
+        in a header: ``common.bus.admission``)."""
+        properties = message.properties
+        properties.user_id = self._user_id
+        # RabbitMQ (3.10 measured) returns a reply to a direct reply-to name as unroutable although
+        # it delivered it: not ``mandatory`` there (a requester gone meanwhile loses its reply).
+        mandatory = not queue.startswith(DIRECT_REPLY_TO)
+        await self._send("", message.body, properties, queue, mandatory=mandatory)
 
-    async def _send(self, exchange: str, body: bytes, properties: Basic.Properties, routing_key: str) -> None:
+    async def _send(
+        self,
+        exchange: str,
+        body: bytes,
+        properties: Basic.Properties,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+    ) -> None:
         try:
             # The robust channel's current aiormq channel (a new one after a reconnection).
             channel = await self._channel.get_underlay_channel()
             # wait=False: not also a future for "written to the socket"; the broker's confirm is
             # what counts, and a channel that dies first fails it (raised below).
             confirmation = await cast(aiormq.Channel, channel).basic_publish(  # ``wait``: not in the ABC
-                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=True,
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory,
                 wait=False,
             )  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:  # returned as unroutable (or nacked)
@@ -106,11 +122,25 @@ class AmqpPublisher:
             await self._channel.close()
 
 
-def copy_of(body: bytes, properties: Basic.Properties, headers: dict[str, Any]) -> aio_pika.Message:
+def connection_user(connection: aio_pika.abc.AbstractConnection) -> str:
+    """The broker user a connection logged in as (RabbitMQ's default, ``guest``, when unnamed)."""
+    return cast(aio_pika.Connection, connection).url.user or "guest"
+
+
+def copy_of(
+    body: bytes,
+    properties: Basic.Properties,
+    headers: dict[str, Any],
+    *,
+    expiration: float | None = None,
+    user_id: str | None = None,
+) -> aio_pika.Message:
     """A persistent copy of a received message with new headers (retry tiers, dead letters, revival).
 
     Body and AMQP properties are kept as they came, so a message looks the same in every queue it
-    passes through; only Spool's headers tell its story.
+    passes through; only Spool's headers tell its story. Not the ``user_id``: the copy is published
+    by whoever copies it (``user_id``, or the publisher's own in ``publish_raw``), and carries the
+    original's in ``x-spool-sender``. ``expiration`` (seconds) is the retry's jittered delay.
     """
     return aio_pika.Message(
         body,
@@ -124,4 +154,6 @@ def copy_of(body: bytes, properties: Basic.Properties, headers: dict[str, Any]) 
         app_id=properties.app_id,
         timestamp=properties.timestamp,
         reply_to=properties.reply_to,
+        expiration=expiration,
+        user_id=user_id,
     )

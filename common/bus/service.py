@@ -44,8 +44,10 @@ class Context(Generic[R]):
     correlation_id: str | None = None
     # The AMQP ``reply_to`` of the delivery: where the sender wants the outcome (recall.completed).
     reply_to: str | None = None
-    # The AMQP ``user_id`` of the delivery (validated by RabbitMQ): who sent it. ``None`` when the
-    # publisher set none; ``common.bus.trust.is_spool_user`` says whether it is one of Spool's own.
+    # Who sent the message: the AMQP ``user_id`` of the delivery (validated by RabbitMQ), or, on
+    # Spool's own retry / dead-letter copies, the original publisher's (``common.bus.admission``).
+    # ``None`` when the publisher set none; ``common.bus.trust.is_spool_user`` says whether it is
+    # one of Spool's own.
     user_id: str | None = None
 
 

@@ -135,7 +135,7 @@ PACKABLE = [v for v in BAD_NUMBERS if not isinstance(v, int) or -(2**63) <= v < 
 )
 def test_a_heartbeat_with_a_number_out_of_range_is_not_believed(monitor, field, value, packed):
     outcome = monitor.feed("daemon.heartbeat", _beat(**{field: value}), packed=packed)
-    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message")
+    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message", "malformed:undecodable")
     assert not monitor.state.instances and monitor.state.processed == {}
     monitor.still_answering_and_counting()
 
@@ -212,7 +212,7 @@ def test_a_heartbeat_with_malformed_details_is_refused_whole(monitor, details):
 )
 def test_an_event_with_a_number_out_of_range_is_not_believed(monitor, routing_key, data):
     outcome = monitor.feed(routing_key, data)
-    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message")
+    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message", "malformed:undecodable")
     assert not monitor.state.moved_bytes and not monitor.state.failures
     assert monitor.state.events[routing_key] == 0
     monitor.still_answering_and_counting()

@@ -13,13 +13,17 @@ go through the descriptor of the parent directory obtained the same way (``mkdir
 
 Decisions (an operator's expectations):
 
-- **The root is opened afresh for each operation** (``O_DIRECTORY | O_NOFOLLOW``, from its
-  configured path resolved once at start: the root's own path is the operator's, trusted), not
-  kept as a descriptor. A descriptor held for the process's life would go on writing into a
-  directory the operator has since replaced or mounted over (a storage mount that came up after
-  the daemon), and a forked copy process would need it passed along. It costs one ``open`` and
-  one ``close`` per operation (measured: within the noise of ingest's rate, see
-  ``docs-containment``). A root itself replaced by a symlink is refused (``O_NOFOLLOW``).
+- **The root is not kept open: its real path is walked afresh by each operation**, together
+  with the relative path, in one ``openat2`` from this process's descriptor of ``/`` with
+  ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``. The root's path is the
+  operator's, resolved once at start (``paths.real_root``), so it has no symlink; with ``..``
+  refused and no symlink followed anywhere, the walk cannot leave the root, and a root (or any
+  of its parents) replaced by a symlink since start is refused too. Why not a descriptor of the
+  root held for the process's life: it would go on writing into a directory the operator has
+  since replaced or mounted over (a storage mount that came up after the daemon), and the copy
+  process (a fresh interpreter) would need it passed along. Why not open the root per operation
+  and then ``openat2`` beneath it: the same guarantee for one more ``open`` and ``close`` per
+  file, which showed in the copy process's profile (ingest's hot path).
 - **A symlink anywhere below the root is refused** with ``path_outside_area``, whether it points
   inside the area or out: Spool never follows one, so a path through one does not name a file
   *in* the area. (A link pointing inside used to be accepted; the kernel cannot tell the two apart
@@ -50,6 +54,7 @@ import os
 import stat as stat_mod
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from common.errors import Permanent
 
@@ -95,12 +100,21 @@ _has_openat2: bool | None = None  # probed on first use
 _probe_lock = threading.Lock()
 
 
+# (flags, mode) -> the open_how argument: a handful of combinations, built once (per file, the
+# struct and its reference were a measurable share of the Python around the call).
+_hows: dict[tuple[int, int], Any] = {}
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
 def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-    how = _OpenHow(flags, mode if creates else 0, _RESOLVE)
+    key = (flags, mode if creates else 0)
+    how = _hows.get(key)
+    if how is None:
+        how = _hows[key] = ctypes.byref(_OpenHow(key[0], key[1], _RESOLVE))
     raw = os.fsencode(path)
     for _ in range(8):  # EAGAIN: a rename raced the walk (RESOLVE_BENEATH re-checks); try again
-        fd = _syscall(_SYS_OPENAT2, dirfd, raw, ctypes.byref(how), ctypes.sizeof(how))  # type: ignore[misc]
+        fd = _syscall(_SYS_OPENAT2, dirfd, raw, how, _HOW_SIZE)  # type: ignore[misc]
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
@@ -170,15 +184,36 @@ def is_refused(exc: OSError) -> bool:
 
 
 # --- opening -------------------------------------------------------------------------------------
+_slash_fd: int | None = None  # this process's descriptor of "/" (see the module docstring)
+_slash_lock = threading.Lock()
+
+
+def _slash() -> int:
+    global _slash_fd
+    if _slash_fd is None:
+        with _slash_lock:
+            if _slash_fd is None:
+                _slash_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _slash_fd
+
+
+def _under_slash(path: str) -> str:
+    if not path.startswith("/") or "\x00" in path or ".." in path.split("/"):
+        raise OSError(errno.EXDEV, "not a clean absolute path", path)
+    return path.lstrip("/") or "."
+
+
 def open_root(root: str) -> int:
-    """A descriptor of the root directory (its last component not a symlink)."""
-    return os.open(root, _DIR_FLAGS)
+    """A descriptor of the root directory: its real path, no symlink at any component."""
+    return openat(_slash(), _under_slash(root), _DIR_FLAGS)
 
 
 def openat(dirfd: int, rel: str, flags: int, mode: int = 0o644) -> int:
     """Open ``rel`` (clean, relative: see ``relative``) beneath ``dirfd``, no symlink followed."""
     if has_openat2():
-        return _openat2(dirfd, rel, flags | os.O_CLOEXEC, mode)
+        # RESOLVE_NO_SYMLINKS covers the last component too, and says ELOOP where O_NOFOLLOW with
+        # O_DIRECTORY would say ENOTDIR.
+        return _openat2(dirfd, rel, (flags | os.O_CLOEXEC) & ~os.O_NOFOLLOW, mode)
     return _walk_open(dirfd, rel, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
 
 
@@ -219,29 +254,19 @@ def _walk_open(dirfd: int, rel: str, flags: int, mode: int) -> int:
 
 
 def open_beneath(root: str, rel: str, flags: int, mode: int = 0o644) -> int:
-    """``openat`` from a fresh descriptor of ``root``."""
-    rootfd = open_root(root)
-    try:
-        return openat(rootfd, rel, flags, mode)
-    finally:
-        os.close(rootfd)
+    """Open ``rel`` beneath ``root`` (a real path): ``open_path`` of the two joined."""
+    return open_path(root.rstrip("/") + "/" + rel, flags, mode)
 
 
-def open_path(path: str, flags: int) -> int:
+def open_path(path: str, flags: int, mode: int = 0o644) -> int:
     """Open an absolute ``path`` with **no symlink followed at any component**, from ``/``.
 
-    For the absolute paths handed between modules (a landing-area file located by ingest, a
-    replica ``PosixStorage.resolve`` named): each is a root resolved at start (symlink-free)
-    joined with a relative path without ``..``, so a walk that follows no symlink cannot leave
-    that root, and needs no knowledge of which root it was (the copy process gets bare paths).
+    For a root's real path joined with a relative path without ``..`` (``relative``, and the
+    absolute paths handed between modules: a landing-area file located by ingest, a replica
+    ``PosixStorage.resolve`` named), a walk that follows no symlink cannot leave that root; it
+    needs no knowledge of which root it was (the copy process gets bare paths).
     """
-    if not path.startswith("/") or "/../" in path + "/" or "\x00" in path:
-        raise OSError(errno.EXDEV, "not a clean absolute path", path)
-    rootfd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return openat(rootfd, path.lstrip("/"), flags)
-    finally:
-        os.close(rootfd)
+    return openat(_slash(), _under_slash(path), flags, mode)
 
 
 def check_regular(fd: int) -> os.stat_result:
@@ -330,6 +355,12 @@ def parent_of(root: str, rel: str, *, create: bool = False, make_root: bool = Fa
     """
     head, _, name = rel.rpartition("/")
     try:
+        # One call for the usual case (the directory exists): root and head walked together.
+        return Parent(open_path(f"{root}/{head}" if head else root, _DIR_FLAGS), name, [])
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
         rootfd = open_root(root)
     except FileNotFoundError:
         if not make_root:
@@ -338,15 +369,6 @@ def parent_of(root: str, rel: str, *, create: bool = False, make_root: bool = Fa
         rootfd = open_root(root)
     if not head:
         return Parent(rootfd, name, [])
-    try:
-        return Parent(openat(rootfd, head, _DIR_FLAGS), name, [])
-    except FileNotFoundError:
-        if not create:
-            os.close(rootfd)
-            raise
-    except BaseException:
-        os.close(rootfd)
-        raise
     return _make_dirs(rootfd, head, name)
 
 

@@ -412,7 +412,9 @@ class CopyEngine:
         (its directory is not followed if a symlink, its parents are the operator's)."""
         rel = self.below(relpath)
         src = _open_replica(self.real_root, expected_size, rel)
-        local = os.path.abspath(local)
+        local = os.path.join(
+            os.path.realpath(os.path.dirname(os.path.abspath(local))), os.path.basename(local)
+        )
         try:
             self._copy_and_check(
                 cancelled, src, self.real_root + "/" + rel, os.path.dirname(local),

@@ -54,7 +54,7 @@ from common.storage.kernel import _adler32_fd, _buffer, _sync_root
 from common.storage.paths import is_within
 from common.storage.reasons import STORAGE_IO_ERROR, _destination_error
 from common.storage.reasons import expected_adler32 as _expected_adler32
-from common.storage.tempfiles import is_temp_name
+from common.storage.tempfiles import destination_refused, is_temp_name
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -476,9 +476,17 @@ class PosixStorage:
                 self._engine.pull_sync, root, source_relpath, relpath, size, expected
             )
             return CopyDone(done.pfn, done.size, done.adler32, "local")
-        path = await self._in_thread(_plain, self.resolve, relpath)  # lstat: off the event loop
-        got = await source.download(source_relpath, path, size=size, adler32=expected)
-        return CopyDone(self.pfn_of(path), got.size, got.adler32, got.mode)
+        rel = self._engine.below(relpath)
+        # The directory is opened (made where missing) beneath the root with no symlink followed,
+        # and the remote backend writes through that descriptor (/proc/self/fd): its temporary
+        # file and rename cannot be redirected by a directory swapped for a link meanwhile.
+        parent = await self._in_thread(_plain, _destination_parent, self._engine.real_root, rel)
+        try:
+            local = Path(f"/proc/self/fd/{parent.fd}/{parent.name}")
+            got = await source.download(source_relpath, local, size=size, adler32=expected)
+        finally:
+            parent.close()
+        return CopyDone(rel, got.size, got.adler32, got.mode)
 
     async def free_space(self) -> int:
         """``free_bytes`` (statvfs of the root), from a worker thread."""
@@ -628,6 +636,15 @@ class PosixStorage:
             for name, size, mtime in files:
                 yield ListedFile(lead_rel + name, size, mtime)
             stack.extend(f"{lead_rel}{d}" for d in reversed(dirs))
+
+
+def _destination_parent(root: str, rel: str) -> confined.Parent:
+    """The directory of a copy's destination, open (``confined.parent_of``, created where missing);
+    a symlink on the way is the destination's ``path_outside_area``."""
+    try:
+        return confined.parent_of(root, rel, create=True, make_root=True)
+    except OSError as exc:
+        raise destination_refused(exc, f"{root}/{rel}") from None
 
 
 def _read_dir(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
+from common.storage import confined
 from common.storage.interface import CopyDone, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer
 from common.storage.posix import PosixStorage
@@ -88,29 +88,40 @@ async def upload_checked(
     A file changed between the two reads fails the server's check and is retried.
     """
     expected = expected_adler32_of(expected_adler32) if expected_adler32 is not None else None
-    size, adler32 = await asyncio.to_thread(_landing_checksum, source)
-    if expected_size is not None and size != expected_size:
-        raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
-    if expected is not None and adler32 != expected:
-        raise Permanent("checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}")
-    return await storage.upload(Path(source), relpath, size=size, adler32=adler32)
-
-
-def _landing_checksum(source: str | os.PathLike[str]) -> tuple[int, str]:
-    """Size and adler32 of a landing file, opened as every untrusted path is: never following a
-    symbolic link, never blocking (a FIFO), a regular file only."""
+    fd = await asyncio.to_thread(_open_landing, source)
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        size, adler32 = await asyncio.to_thread(_landing_checksum, fd, source)
+        if expected_size is not None and size != expected_size:
+            raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
+        if expected is not None and adler32 != expected:
+            raise Permanent(
+                "checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}"
+            )
+        # The backend reopens the file it is given: the one checked above, through its descriptor
+        # (issue 16), so no name is looked up again between the check and the upload.
+        return await storage.upload(Path(f"/proc/self/fd/{fd}"), relpath, size=size, adler32=adler32)
+    finally:
+        os.close(fd)
+
+
+def _open_landing(source: str | os.PathLike[str]) -> int:
+    """A landing file, opened as every untrusted path is (``confined.open_regular``): no symlink
+    followed at any component, never blocking (a FIFO), a regular file only."""
+    try:
+        fd, _st = confined.open_regular(os.path.abspath(source))
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
     except OSError as exc:
         raise _source_error(exc, source) from None
+    return fd
+
+
+def _landing_checksum(fd: int, source: str | os.PathLike[str]) -> tuple[int, str]:
+    """Size and adler32 of an open landing file."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Permanent("not_a_file", f"source {source} is not a regular file")
         return _adler32_fd(fd, _buffer(1 << 20), threading.Event())
     except OSError as exc:
         raise _source_error(exc, source) from None
-    finally:
-        os.close(fd)
 
 
 async def remove_stale_temporaries(storage: StorageBackend, before: float) -> int:

@@ -73,7 +73,8 @@ def _open_staging(storage: StorageBackend, local: Path, *, create: bool) -> int:
         directory = local / storage.name
         if create:
             directory.parent.mkdir(parents=True, exist_ok=True)
-        root, name = os.fspath(directory.parent), directory.name
+        # The daemon's own directory (its state_dir may sit behind a symlink): resolved here.
+        root, name = os.path.realpath(directory.parent), directory.name
     rootfd = confined.open_root(root)
     try:
         try:

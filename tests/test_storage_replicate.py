@@ -238,7 +238,8 @@ async def test_unreadable_source_is_retryable_source_io_error(
 
 
 async def test_empty_replica_is_copied_without_reading_the_source(storage: PosixStorage) -> None:
-    # /proc/<pid>/mem (not /proc/self: a symlink, refused) is a regular file of size 0 whose reads fail: an empty copy never reads.
+    # /proc/<pid>/mem (not /proc/self: a symlink, refused) is a regular file of size 0 whose
+    # reads fail: an empty copy never reads.
     res = await storage.copy_verified(
         Path(f"/proc/{os.getpid()}/mem"), "e.dat", expected_size=0, expected_adler32="1"
     )

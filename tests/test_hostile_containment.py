@@ -373,3 +373,80 @@ async def test_symlinked_intermediate_and_final_components_are_refused_by_ingest
 async def _is(value: object, expected: int) -> bool:
     assert asyncio.iscoroutine(value)
     return await value == expected
+
+
+# --- the replicator through the bus --------------------------------------------------------------
+@pytest.mark.integration
+async def test_replicator_symlinked_destination_keeps_the_source_available(
+    tmp_path: Path, tag, broker
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16: a symlinked destination path made a healthy *source* copy be marked ``bad``."""
+    from common.config import load_settings
+    from daemons.replicator.handlers import service as replicator_service
+    from tests.replication_fixtures import (
+        make_files,
+        name_of,
+        publish_ready,
+        replica_states,
+        replication_config,
+    )
+
+    rule = {"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'}
+    settings = load_settings(replication_config(tmp_path, tag, **rule))
+    night = make_files(settings, 1, prefix="night")
+    day = make_files(settings, 1, prefix="day")
+    bad, good = name_of(settings, night[0][0]), name_of(settings, day[0][0])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    disk2 = settings.storage["disk2"].root
+    disk2.mkdir(parents=True, exist_ok=True)
+    (disk2 / "night").symlink_to(outside)  # a directory of the destination path
+    async with running([ingest_service, replicator_service], settings):
+        await publish_ready(broker, settings, night)
+        await wait_for(lambda: _is(queue_depth(broker, settings.dead_queue("replicator")), 1), timeout=60)
+        await publish_ready(broker, settings, day)  # the daemon still copies a good file
+        await wait_for(lambda: _state_is(settings, good, "disk2", "available"), timeout=60)
+    states = await replica_states(settings)
+    assert states[(bad, "disk1")] == "available"  # the healthy source: not marked bad
+    assert states.get((bad, "disk2")) != "available"
+    assert (disk2 / good).read_bytes() == day[0][1]
+    assert list(outside.iterdir()) == []
+    assert leftovers(disk2) == []
+    from common.bus import headers as H
+
+    channel = await broker.channel()
+    dead = await (await channel.get_queue(settings.dead_queue("replicator"))).get(fail=False)
+    assert dead is not None and dead.headers[H.REASON] == "path_outside_area"
+    await dead.nack(requeue=True)
+    await channel.close()
+
+
+async def _state_is(settings: Settings, name: str, storage: str, state: str) -> bool:
+    from tests.replication_fixtures import replica_states
+
+    return (await replica_states(settings)).get((name, storage)) == state
+
+
+async def test_recall_from_disk_into_a_symlinked_destination_is_not_the_sources_fault(
+    resolver: str, tmp_path: Path, outside: Path
+) -> None:
+    from daemons.recall.scheduler import DISK_SOURCE_BAD
+
+    src = PosixStorage("disk1", tmp_path / "disk1")
+    dst = PosixStorage("disk2", tmp_path / "disk2")
+    (src.root / "night").mkdir(parents=True)
+    (src.root / "night" / "f").write_bytes(b"payload")
+    dst.root.mkdir()
+    (dst.root / "night").symlink_to(outside)
+    try:
+        with pytest.raises(Permanent) as err:
+            await delivery.copy_from_disk(src, "night/f", dst, "night/f", 7, adler(b"payload"))
+        assert err.value.reason not in DISK_SOURCE_BAD  # the scheduler marks no source bad
+        assert err.value.reason == "path_outside_area"
+        with pytest.raises(Permanent) as err:  # a pfn escaping the source root: that copy's fault
+            await delivery.copy_from_disk(src, "../x", dst, "day/f", 7, adler(b"payload"))
+        assert err.value.reason in DISK_SOURCE_BAD
+    finally:
+        src.close()
+        dst.close()
+    assert untouched(outside)

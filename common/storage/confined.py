@@ -31,8 +31,8 @@ Decisions (an operator's expectations):
   errno to the *side* at fault: ``source_corrupt`` for a source replica, ``path_outside_area`` for
   the destination (never the source's fault).
 - **``..`` and absolute paths leaving the root** are ``path_outside_area`` before any system call
-  (``relative``); ``RESOLVE_BENEATH`` would refuse an escape too (``EXDEV``), this says it first
-  and the same way on every kernel.
+  (``paths``, which names files; this module only opens them); a ``..`` reaching here anyway is
+  refused (``EXDEV``), as ``RESOLVE_BENEATH`` would refuse an escape.
 - **Untrusted files are opened ``O_NONBLOCK`` and ``fstat``-checked** to be regular before a
   byte is read (``open_regular``): a FIFO, a socket, a device or a directory is
   ``NotARegularFile`` (the callers' ``not_a_file`` / ``source_corrupt``), and no open can block
@@ -40,8 +40,7 @@ Decisions (an operator's expectations):
 
 Errors are ``OSError`` with the kernel's errno (``ELOOP``: a symlink; ``EXDEV``: an escape;
 ``ENOENT``, ``ENOTDIR`` ...) for the caller to classify, since only the caller knows whose file
-it is; ``is_refused`` tells the containment ones apart. ``Permanent("path_outside_area")`` comes
-only from ``relative`` (the path as written is wrong).
+it is; ``is_refused`` tells the containment ones apart.
 """
 
 from __future__ import annotations
@@ -55,8 +54,6 @@ import stat as stat_mod
 import threading
 from collections.abc import Iterator
 from typing import Any
-
-from common.errors import Permanent
 
 PATH_OUTSIDE_AREA = "path_outside_area"
 
@@ -154,30 +151,6 @@ def use_walk_only(walk: bool) -> None:
     _has_openat2 = False if walk else None
 
 
-# --- paths as written ----------------------------------------------------------------------------
-def relative(root: str, path: str) -> str:
-    """``path`` (relative to ``root``, or absolute and lexically below it) as ``a/b/c``.
-
-    ``Permanent("path_outside_area")`` for a NUL byte, a ``..`` component, an absolute path not
-    below ``root``, or one naming the root itself (nothing here opens the root as a file).
-    Lexical only: what the components *are* is for the kernel to say at the open.
-    """
-    if "\x00" in path:
-        raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} contains a NUL byte")
-    rel = path
-    if path.startswith("/"):
-        base = root.rstrip("/") + "/"
-        if not path.startswith(base) and path.rstrip("/") != root.rstrip("/"):
-            raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} is not below {root}")
-        rel = path[len(base) :]
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} has a '..' component")
-    if not parts:
-        raise Permanent(PATH_OUTSIDE_AREA, f"path {path!r} names the root {root}, not a file below it")
-    return "/".join(parts)
-
-
 def is_refused(exc: OSError) -> bool:
     """The kernel refused the path for containment: a symlink on it, or an escape."""
     return exc.errno in REFUSED_ERRNOS
@@ -209,7 +182,7 @@ def open_root(root: str) -> int:
 
 
 def openat(dirfd: int, rel: str, flags: int, mode: int = 0o644) -> int:
-    """Open ``rel`` (clean, relative: see ``relative``) beneath ``dirfd``, no symlink followed."""
+    """Open ``rel`` (clean and relative: ``paths.below``) beneath ``dirfd``, no symlink followed."""
     if has_openat2():
         # RESOLVE_NO_SYMLINKS covers the last component too, and says ELOOP where O_NOFOLLOW with
         # O_DIRECTORY would say ENOTDIR.
@@ -261,7 +234,7 @@ def open_beneath(root: str, rel: str, flags: int, mode: int = 0o644) -> int:
 def open_path(path: str, flags: int, mode: int = 0o644) -> int:
     """Open an absolute ``path`` with **no symlink followed at any component**, from ``/``.
 
-    For a root's real path joined with a relative path without ``..`` (``relative``, and the
+    For a root's real path joined with a relative path without ``..`` (``paths.below``, and the
     absolute paths handed between modules: a landing-area file located by ingest, a replica
     ``PosixStorage.resolve`` named), a walk that follows no symlink cannot leave that root; it
     needs no knowledge of which root it was (the copy process gets bare paths).
@@ -426,8 +399,3 @@ def open_dir_beneath(root: str, rel: str) -> int:
     if not rel:
         return open_root(root)
     return open_beneath(root, rel, _DIR_FLAGS)
-
-
-def real_root(path: str | os.PathLike[str]) -> str:
-    """A configured root resolved once (at start): the root's own path is the operator's."""
-    return os.path.realpath(os.fspath(path))

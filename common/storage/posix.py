@@ -171,8 +171,10 @@ class PosixStorage:
         """Copy ``source`` to ``relpath`` on this endpoint, verified, atomically; see the module doc.
 
         An existing file at ``relpath`` is replaced atomically (a redelivered message re-copies).
-        ``source`` should already be resolved (e.g. by ``resolve_inside`` on a landing area): a
-        symbolic link as its last component is refused as ``not_a_file``.
+        ``source`` is an absolute path made of a root's real path and a relative one (ingest's
+        ``locate``): it is opened with no symlink followed at any component (``confined``), a
+        symlink on it being ``path_outside_area``, a FIFO, socket, device or directory
+        ``not_a_file`` (opened non-blocking, never waited on).
         """
         expected: str | None = None
         if expected_adler32 is not None:

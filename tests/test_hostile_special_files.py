@@ -204,3 +204,23 @@ async def test_a_registered_name_re_announced_as_a_fifo_does_not_block_ingest(
         await publish_raw(broker, settings, "file.ready", _ready(area / "night" / "good.fits"))
         await wait_for(lambda: _is(_files(settings), 2))
     assert await _dead(broker, settings) == ["not_a_file"] * 12
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_remote_backends_local_reads_refuse_special_files_without_blocking(tmp_path: Path, kind: str) -> None:
+    """The XRootD and HTTPS backends' opens of a local file (an upload's source: a posix
+    replica, a staging file, a landing file) are non-blocking and regular-file checked too."""
+    from common.storage.https import _open_source
+    from common.storage.xrootd_local import _LocalReader
+
+    make_special(tmp_path / "odd", kind)
+    with pytest.raises(Permanent) as err:
+        _open_source(tmp_path / "odd", 0)
+    assert err.value.reason == "source_corrupt"
+    reader = _LocalReader(tmp_path / "odd")
+    try:
+        with pytest.raises(Permanent) as err:
+            reader.read(10)
+        assert err.value.reason == "source_corrupt"
+    finally:
+        reader.close()

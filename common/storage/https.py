@@ -34,6 +34,7 @@ import builtins
 import contextlib
 import errno
 import os
+import stat
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -78,7 +79,12 @@ def _local_write_error(exc: OSError, path: Path) -> SpoolError:
 def _open_source(local: Path, size: int) -> IO[bytes]:
     """The local file to upload, checked to have the announced size (blocking, small)."""
     try:
-        f = open(local, "rb")  # noqa: SIM115  (handed to aiohttp, closed by the caller)
+        # Non-blocking, and a regular file only (issue 16): a FIFO must not hang the thread.
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise Permanent("source_corrupt", f"source {local} is not a regular file")
+        f = open(fd, "rb")  # noqa: SIM115  (handed to aiohttp, closed by the caller)
     except FileNotFoundError:
         raise Permanent("source_missing", f"source {local} does not exist") from None
     except OSError as exc:

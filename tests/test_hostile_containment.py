@@ -450,3 +450,33 @@ async def test_recall_from_disk_into_a_symlinked_destination_is_not_the_sources_
         src.close()
         dst.close()
     assert untouched(outside)
+
+
+async def test_a_remote_backend_uploads_a_posix_replica_through_its_confined_descriptor(
+    resolver: str, tmp_path: Path, outside: Path
+) -> None:
+    """XRootD / HTTPS destinations read a posix source through ``transfer.local_source``: the
+    replica opened beneath its root without a symlink, handed over as /proc/self/fd/N."""
+    from common.storage.transfer import local_source
+
+    storage = PosixStorage("disk1", tmp_path / "disk1")
+    (storage.root / "night").mkdir(parents=True)
+    (storage.root / "night" / "f").write_bytes(b"replica")
+    (storage.root / "out").symlink_to(outside)
+    os.mkfifo(storage.root / "night" / "fifo")
+    try:
+        async with local_source(storage, "night/f") as local:
+            assert local is not None and local.read_bytes() == b"replica"
+        for pfn, reason in (
+            ("out/secret", "source_corrupt"),
+            ("night/fifo", "source_corrupt"),
+            ("night/nope", "source_missing"),
+            ("../x", "source_corrupt"),
+        ):
+            with pytest.raises(Permanent) as err:
+                async with local_source(storage, pfn):
+                    raise AssertionError("never reached")
+            assert err.value.reason == reason, pfn
+    finally:
+        storage.close()
+    assert untouched(outside)

@@ -57,7 +57,7 @@ from common.storage.https_tpc import TpcMode, third_party_copy
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
 from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import is_temp_name, temp_name_for
-from common.storage.transfer import stream_via_node
+from common.storage.transfer import local_source, stream_via_node
 from common.storage.webdav_xml import LIST_REQUEST, QUOTA_REQUEST
 
 log = structlog.get_logger("spool.storage")
@@ -313,10 +313,10 @@ class HttpsStorage(_WebDavClient):
     ) -> CopyDone:
         if isinstance(source, HttpsStorage) and self.can_pull_from(source):
             return await third_party_copy(self, source, source_relpath, relpath, size=size, adler32=adler32)
-        local = source.local_path(source_relpath)
-        if local is not None:
-            done = await self.upload(local, relpath, size=size, adler32=adler32)
-            return CopyDone(done.relpath, done.size, done.adler32, "local")
+        async with local_source(source, source_relpath) as local:  # confined (issue 16)
+            if local is not None:
+                done = await self.upload(local, relpath, size=size, adler32=adler32)
+                return CopyDone(done.relpath, done.size, done.adler32, "local")
         return await stream_via_node(source, source_relpath, self, relpath, size=size, adler32=adler32)
 
     async def aclose(self) -> None:

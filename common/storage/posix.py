@@ -52,7 +52,7 @@ from common.storage.copy_process import CopyProcess, Failed, run_each
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer, _sync_root
 from common.storage.paths import is_within
-from common.storage.reasons import STORAGE_IO_ERROR, _destination_error
+from common.storage.reasons import STORAGE_IO_ERROR, _destination_error, _replica_source_error
 from common.storage.reasons import expected_adler32 as _expected_adler32
 from common.storage.tempfiles import destination_refused, is_temp_name
 
@@ -445,6 +445,27 @@ class PosixStorage:
             raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
+
+    async def open_replica(self, relpath: str) -> int:
+        """A descriptor of the replica at ``relpath``, opened beneath the root with no symlink
+        followed, non-blocking, a regular file (``confined``); errors are a *source*'s
+        (``source_missing``, ``source_corrupt``, ``source_io_error``): for a remote backend
+        uploading from here (``transfer.local_source``). The caller closes it."""
+        return await self._in_thread(_plain, self._open_replica_sync, relpath)
+
+    def _open_replica_sync(self, relpath: str) -> int:
+        try:
+            rel = self._engine.below(relpath)
+        except Permanent as err:
+            raise Permanent("source_corrupt", f"source replica {relpath!r}: {err.message}") from None
+        path = f"{self._engine.real_root}/{rel}"
+        try:
+            fd, _st = confined.open_regular_beneath(self._engine.real_root, rel)
+        except confined.NotARegularFile as exc:
+            raise Permanent("source_corrupt", f"source replica {path} is {exc.what}") from None
+        except OSError as exc:
+            raise _replica_source_error(exc, path) from None
+        return fd
 
     async def upload(self, local: Path, relpath: str, *, size: int, adler32: str) -> CopyDone:
         """``put_from`` of a file of this node, fsync-ed."""

@@ -17,10 +17,12 @@ backend's ``copy_from``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from common.errors import Permanent, SpoolError
@@ -70,6 +72,25 @@ async def verify_stored(storage: StorageBackend, relpath: str, *, size: int, adl
     if found.adler32 is not None and found.adler32 != adler32.lower().rjust(8, "0"):
         return f"adler32 {found.adler32}, expected {adler32}"
     return None
+
+
+@contextlib.asynccontextmanager
+async def local_source(source: StorageBackend, relpath: str) -> AsyncIterator[Path | None]:
+    """The file of a mounted (posix) ``source`` for a remote backend to upload, or None.
+
+    Opened beneath its root with no symlink followed, non-blocking, and only if a regular file
+    (``PosixStorage.open_replica``), then handed over as ``/proc/self/fd/<n>``: the backend's
+    own open reopens exactly that file, so no name is looked up again between the check and the
+    read (issue 16). Errors are the source's (``source_missing``, ``source_corrupt``).
+    """
+    if not isinstance(source, PosixStorage):
+        yield None
+        return
+    fd = await source.open_replica(relpath)
+    try:
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 async def upload_checked(

@@ -65,12 +65,17 @@ def test_url_names_the_file_below_the_root_without_touching_it(storage: PosixSto
         assert err.value.reason == "path_outside_area"
 
 
-def test_local_path_is_the_confined_real_path(storage: PosixStorage, tmp_path: Path) -> None:
+async def test_local_path_is_the_confined_real_path(storage: PosixStorage, tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.dat").write_bytes(b"x")
     (storage.root / "out").symlink_to(tmp_path / "elsewhere")
     assert storage.local_path("a/b.dat") == storage.root.resolve() / "a" / "b.dat"
+    # Issue 16: a name (checked lexically); the symlink is refused when the file is opened.
     with pytest.raises(Permanent) as err:
-        storage.local_path("out/x.dat")
+        storage.local_path("../x.dat")
+    assert err.value.reason == "path_outside_area"
+    with pytest.raises(Permanent) as err:
+        await storage.stat("out/x.dat")
     assert err.value.reason == "path_outside_area"
 
 

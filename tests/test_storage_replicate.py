@@ -238,8 +238,11 @@ async def test_unreadable_source_is_retryable_source_io_error(
 
 
 async def test_empty_replica_is_copied_without_reading_the_source(storage: PosixStorage) -> None:
-    # /proc/self/mem is a regular file of size 0 whose reads fail: an empty copy never reads.
-    res = await storage.copy_verified(Path("/proc/self/mem"), "e.dat", expected_size=0, expected_adler32="1")
+    # /proc/<pid>/mem (not /proc/self: a symlink, refused) is a regular file of size 0 whose
+    # reads fail: an empty copy never reads.
+    res = await storage.copy_verified(
+        Path(f"/proc/{os.getpid()}/mem"), "e.dat", expected_size=0, expected_adler32="1"
+    )
     assert (res.size, res.adler32, res.path.read_bytes()) == (0, "00000001", b"")
 
 
@@ -642,8 +645,9 @@ async def test_copy_verified_many_answers_each_copy_and_raises_for_none(tmp_path
         "dest escapes": ("Permanent", "path_outside_area"),
     }
     assert "outside" in errors["escapes"].message  # type: ignore[union-attr]
-    assert isinstance(outcomes[-1], CopyResult)  # a symlink inside the source endpoint is followed
-    assert (storage.root / "copy/linked").read_bytes() == f0
+    # Issue 16: a symlink in the source endpoint is never followed, even one pointing inside it.
+    assert (type(outcomes[-1]).__name__, outcomes[-1].reason) == ("Permanent", "source_corrupt")  # type: ignore[union-attr]
+    assert not (storage.root / "copy/linked").exists()
     assert not (tmp_path / "x").exists() and not (storage.root / "copy" / "out").exists()
     assert leftovers(storage.root) == []
 

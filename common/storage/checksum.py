@@ -12,6 +12,9 @@ import os
 import re
 import zlib
 
+from common.errors import Permanent
+from common.storage import confined
+
 CHUNK_SIZE = 1024 * 1024
 ADLER32_START = 1  # zlib.adler32's initial value (the checksum of zero bytes)
 
@@ -44,13 +47,29 @@ def adler32_of_bytes(data: bytes | bytearray | memoryview) -> str:
 def adler32_of_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> str:
     """Checksum a file, reading it in ``chunk_size`` pieces into one reused buffer.
 
-    Blocking: call it from a worker thread in async code. ``OSError`` propagates unclassified; the
-    caller knows whether the file is a source or a replica and so which reason applies.
+    The file is untrusted (a landing-area file, a replica): opened with no symlink followed at any
+    component, non-blocking, and read only if it is a regular file (``confined.open_regular``), so
+    a FIFO re-announced under a registered name cannot block the thread for ever.
+    ``Permanent("path_outside_area")`` for a symlink on the path, ``Permanent("not_a_file")`` for
+    a FIFO, socket, device or directory. Blocking: call it from a worker thread in async code.
+    Other ``OSError``s (``FileNotFoundError`` ...) propagate unclassified; the caller knows whether
+    the file is a source or a replica and so which reason applies.
     """
+    text = os.path.abspath(os.fspath(path))
+    try:
+        fd, _st = confined.open_regular(text)
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"{text} is {exc.what}, not a regular file") from None
+    except OSError as exc:
+        if confined.is_refused(exc):
+            raise Permanent(
+                confined.PATH_OUTSIDE_AREA, f"{text}: a symbolic link on the path (not followed)"
+            ) from None
+        raise
     buf = bytearray(chunk_size)
     view = memoryview(buf)
     value = ADLER32_START
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             value = zlib.adler32(view[:n], value)
     return format_adler32(value)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat as stat_mod
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import structlog
 
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
+from common.storage import confined
 from common.storage.checksum import ADLER32_START, format_adler32
 from common.storage.kernel import (
     _NO_KERNEL_COPY,
@@ -54,7 +54,7 @@ from common.storage.kernel import (
     _buffer,
     _kernel_copy,
 )
-from common.storage.paths import _below_parent, real_dir, resolve_below
+from common.storage.paths import below, real_root
 from common.storage.reasons import (
     _FULL,
     _NOT_WRITABLE,
@@ -66,7 +66,13 @@ from common.storage.reasons import (
     _replica_source_error,
     _source_error,
 )
-from common.storage.tempfiles import _O_TMPFILE, _link_unnamed, _no_tmpfile_dirs, _proc_fds, _TempFile
+from common.storage.tempfiles import (
+    _O_TMPFILE,
+    _link_unnamed,
+    _no_tmpfile_dirs,
+    _proc_fds,
+    _TempFile,
+)
 
 log = structlog.get_logger("spool.storage")
 
@@ -93,36 +99,39 @@ class CopyResult:
         return Path(self.location)
 
 
-def _open_replica(source: str | os.PathLike[str], expected_size: int) -> int:
+def _open_replica(source: str, expected_size: int, rel: str | None = None) -> int:
     """The descriptor of a source replica that is a regular file of the expected size; its
-    failures are the source's (``_replica_source_error``, ``source_corrupt``)."""
+    failures are the source's (``_replica_source_error``, ``source_corrupt``). ``source`` is the
+    replica's absolute path, or (with ``rel``) its endpoint's root and ``rel`` beneath it; either
+    way no symlink is followed at any component and the open does not block (``confined``)."""
     try:
-        # O_NONBLOCK: a FIFO planted at the source path must not hang the open.
-        src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if rel is None:
+            src, st = confined.open_regular(source)
+        else:
+            src, st = confined.open_regular_beneath(source, rel)
+    except confined.NotARegularFile as exc:
+        raise Permanent(
+            SOURCE_CORRUPT, f"source replica {source} is {exc.what}, not a regular file"
+        ) from None
     except OSError as exc:
-        raise _replica_source_error(exc, source) from None
-    try:
-        st = os.fstat(src)
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise Permanent(SOURCE_CORRUPT, f"source replica {source} is not a regular file")
-        if st.st_size != expected_size:
-            raise Permanent(
-                SOURCE_CORRUPT, f"source replica {source} has {st.st_size} bytes, expected {expected_size}"
-            )
-    except OSError as exc:
+        raise _replica_source_error(exc, source if rel is None else f"{source}/{rel}") from None
+    if st.st_size != expected_size:
         os.close(src)
-        raise _replica_source_error(exc, source) from None
-    except BaseException:
-        os.close(src)
-        raise
+        raise Permanent(
+            SOURCE_CORRUPT, f"source replica {source} has {st.st_size} bytes, expected {expected_size}"
+        )
     return src
 
 
-def _is_symlink(path: str) -> bool:
+def _open_source(source: str) -> tuple[int, os.stat_result]:
+    """An ingest source (a landing-area file, absolute), opened as ``confined.open_regular``:
+    ``not_a_file`` for a FIFO and the like, ``path_outside_area`` for a symlink on the path."""
     try:
-        return stat_mod.S_ISLNK(os.lstat(path).st_mode)
-    except OSError:
-        return False
+        return confined.open_regular(source)
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
+    except OSError as exc:
+        raise _source_error(exc, source) from None
 
 
 class CopyEngine:
@@ -149,13 +158,23 @@ class CopyEngine:
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
 
+    @property
+    def real_root(self) -> str:
+        """The root's real path (resolved once: the operator's path)."""
+        return real_root(self.root)
+
+    def below(self, relpath: str | os.PathLike[str]) -> str:
+        """``relpath`` as a clean path strictly below the root (``paths.below``)."""
+        return below(self.root, relpath, self.name)
+
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
-        """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root."""
-        return resolve_below(self.root, relpath, self.name)
+        """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root.
+        A name only: opens go through ``confined``, which refuses symlinks on the path."""
+        return Path(self.real_root + "/" + self.below(relpath))
 
     def pfn_of(self, path: str | os.PathLike[str]) -> str:
         """The path of a resolved ``path`` relative to the endpoint root, as stored in the catalogue."""
-        root = real_dir(os.fspath(self.root))
+        root = self.real_root
         text = os.fspath(path)
         if text.startswith(root) and text[len(root) : len(root) + 1] == "/":
             return text[len(root) + 1 :]  # the common case, without pathlib's parsing (per file)
@@ -170,16 +189,10 @@ class CopyEngine:
         expected_adler32: str | None,
         fsync: bool,
     ) -> CopyResult:
-        # Resolved here, not on the event loop: on a hung network mount even lstat blocks.
-        dest = self.resolve(relpath)
+        # Opened here, not on the event loop: on a hung network mount even an open blocks.
+        rel = self.below(relpath)
+        src, st = _open_source(source)
         try:
-            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _source_error(exc, source) from None
-        try:
-            st = os.fstat(src)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise Permanent("not_a_file", f"source {source} is not a regular file")
             if expected_size is not None and st.st_size != expected_size:
                 raise Permanent(
                     "size_mismatch", f"source {source} has {st.st_size} bytes, expected {expected_size}"
@@ -187,24 +200,23 @@ class CopyEngine:
             if st.st_size > self.chunk_size:  # a hint (larger read-ahead), worth its syscall beyond one read
                 with contextlib.suppress(AttributeError, OSError):
                     os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            size, adler = self._stream_to(
-                cancelled, src, source, dest, expected_size, expected_adler32, fsync
-            )
+            size, adler = self._stream_to(cancelled, src, source, rel, expected_size, expected_adler32, fsync)
         finally:
             os.close(src)
-        return CopyResult(pfn=self.pfn_of(dest), location=os.fspath(dest), size=size, adler32=adler)
+        return CopyResult(pfn=rel, location=self.real_root + "/" + rel, size=size, adler32=adler)
 
     def _stream_to(
         self,
         cancelled: threading.Event,
         src: int,
         source: str,
-        dest: Path,
+        rel: str,
         expected_size: int | None,
         expected_adler32: str | None,
         fsync: bool,
     ) -> tuple[int, str]:
-        tmp = _TempFile(dest, os.O_WRONLY)
+        tmp = _TempFile(self.real_root, rel, os.O_WRONLY)
+        dest = tmp.dest
         assert tmp.fd is not None
         dst = tmp.fd
         try:
@@ -259,36 +271,29 @@ class CopyEngine:
         expected_size: int,
         expected_adler32: str,
     ) -> CopyResult:
-        # The final components are not looked at here (a lstat each, a tenth of this function):
-        # the source is opened with O_NOFOLLOW, and a symlink there (ELOOP) is resolved the full
-        # way and opened again; the destination is renamed onto, which replaces a symlink there.
-        source = _below_parent(source_root, source_pfn)
-        dest = _below_parent(self.root, relpath)
-        if source is not None and dest is not None:
-            made = self._replicate_plainly(cancelled, source, dest, expected_size, expected_adler32)
+        """A bulk request's copy: the source opened beneath its endpoint's root (``source_root``),
+        the destination beneath this one's, neither through a symlink (``confined``)."""
+        src = self._open_source_replica(source_root, source_pfn, expected_size)
+        source = f"{source_root}/{source_pfn}"
+        try:
+            rel = self.below(relpath)
+            made = self._replicate_plainly(cancelled, src, rel, expected_size, expected_adler32)
             if made is not None:
                 return made
-        if source is None:
-            source = self._source_the_full_way(source_root, source_pfn)
-        if dest is None:
-            dest = os.fspath(self.resolve(relpath))
-        try:
-            return self._replicate_to(cancelled, source, dest, expected_size, expected_adler32, False)
-        except Permanent as err:
-            if err.reason != SOURCE_CORRUPT or not _is_symlink(source):
-                raise
-        # A symlink in the source endpoint: followed, like resolve does, if it stays inside it.
-        real = self._source_the_full_way(source_root, source_pfn)
-        return self._replicate_to(cancelled, real, dest, expected_size, expected_adler32, False)
+            os.lseek(src, 0, os.SEEK_SET)  # the careful way starts again from the first byte
+            return self._replicate_fd(cancelled, src, source, rel, expected_size, expected_adler32, False)
+        finally:
+            os.close(src)
 
     def _replicate_plainly(
-        self, cancelled: threading.Event, source: str, dest: str, size: int, adler32: str
+        self, cancelled: threading.Event, src: int, rel: str, size: int, adler32: str
     ) -> CopyResult | None:
-        """The copy of ``_replicate_to`` when all goes well, in the fewest steps: a new unnamed
+        """The copy of ``_replicate_fd`` when all goes well, in the fewest steps: a new unnamed
         file, one kernel copy, one read-back, one link; ``None`` as soon as anything is not plain
-        (an error, a mismatch, a file already at ``dest``, no unnamed files, a reserve to keep),
-        and the caller makes the copy the careful way, which says what is wrong. Nothing is left
-        behind by an attempt given up: the unnamed file goes with its descriptor.
+        (an error, a mismatch, a file already at ``rel``, a missing directory, no unnamed files,
+        a reserve to keep), and the caller makes the copy the careful way, which says what is
+        wrong. Nothing is left behind by an attempt given up: the unnamed file goes with its
+        descriptor (the caller rewinds ``src`` for the careful way).
 
         Why: most of the copy process's time is its system calls, but a fifth was the Python
         around them (per small file, tens of microseconds of calls, checks and objects).
@@ -296,18 +301,15 @@ class CopyEngine:
         buf = _buffer(self.chunk_size)
         if not _O_TMPFILE or _proc_fds() is None or size > len(buf) or self.endpoint.min_free_bytes > 0:
             return None
-        parent = os.path.dirname(dest)
-        if parent in _no_tmpfile_dirs:
+        root = self.real_root
+        if os.path.dirname(root + "/" + rel) in _no_tmpfile_dirs:
             return None
         try:
-            src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            parent = confined.parent_of(root, rel)
         except OSError:
             return None
         try:
-            st = os.fstat(src)
-            if not stat_mod.S_ISREG(st.st_mode) or st.st_size != size:
-                return None
-            tmp = os.open(parent, os.O_RDWR | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+            tmp = os.open(".", os.O_RDWR | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=parent.fd)
             try:
                 if size and _kernel_copy(src, tmp, size, cancelled) != size:
                     return None
@@ -315,21 +317,24 @@ class CopyEngine:
                     return None
                 if format_adler32(_adler32(memoryview(buf)[:size], ADLER32_START)) != adler32:
                     return None
-                _link_unnamed(tmp, dest)
+                _link_unnamed(tmp, parent.name, parent.fd)
             finally:
                 os.close(tmp)
         except OSError:
             return None
         finally:
-            os.close(src)
-        return CopyResult(pfn=self.pfn_of(dest), location=dest, size=size, adler32=adler32)
+            parent.close()
+        return CopyResult(pfn=rel, location=root + "/" + rel, size=size, adler32=adler32)
 
     @staticmethod
-    def _source_the_full_way(source_root: str, source_pfn: str) -> str:
+    def _open_source_replica(source_root: str, source_pfn: str, expected_size: int) -> int:
+        """A source replica named by its endpoint's root and pfn, opened beneath that root; a pfn
+        escaping it (the catalogue's!) is ``source_corrupt``: that copy is unusable."""
         try:
-            return os.fspath(resolve_below(source_root, source_pfn, "its source endpoint"))
-        except Permanent as err:  # the catalogue's pfn escapes its root: that copy is unusable
+            rel = below(source_root, source_pfn, "its source endpoint")
+        except Permanent as err:
             raise Permanent(SOURCE_CORRUPT, f"source replica {source_pfn!r}: {err.message}") from None
+        return _open_replica(real_root(source_root), expected_size, rel)
 
     def replicate_sync(
         self,
@@ -340,33 +345,38 @@ class CopyEngine:
         expected_adler32: str,
         fsync: bool,
     ) -> CopyResult:
-        dest = self.resolve(relpath)  # here, not on the event loop: lstat can block on a mount
-        return self._replicate_to(cancelled, source, dest, expected_size, expected_adler32, fsync)
+        """Copy the replica at the absolute path ``source`` (another endpoint's ``resolve``) to
+        ``relpath`` here; both opened with no symlink followed (``confined``)."""
+        rel = self.below(relpath)
+        text = os.fspath(source)
+        src = _open_replica(text, expected_size)
+        try:
+            return self._replicate_fd(cancelled, src, text, rel, expected_size, expected_adler32, fsync)
+        finally:
+            os.close(src)
 
-    def _replicate_to(
+    def _replicate_fd(
         self,
         cancelled: threading.Event,
-        source: str | os.PathLike[str],
-        dest: str | os.PathLike[str],
+        src: int,
+        source: str,
+        rel: str,
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
     ) -> CopyResult:
-        src = _open_replica(source, expected_size)
-        try:
-            if expected_size > self.chunk_size:  # a hint, worth its syscall beyond one read
-                with contextlib.suppress(AttributeError, OSError):
-                    os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if self.endpoint.min_free_bytes > 0:
-                with self._reserve(dest, expected_size):
-                    self._copy_and_check(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
-            else:
-                self._copy_and_check(cancelled, src, source, dest, expected_size, expected_adler32, fsync)
-        finally:
-            os.close(src)
-        return CopyResult(
-            pfn=self.pfn_of(dest), location=os.fspath(dest), size=expected_size, adler32=expected_adler32
-        )
+        if expected_size > self.chunk_size:  # a hint, worth its syscall beyond one read
+            with contextlib.suppress(AttributeError, OSError):
+                os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        root = self.real_root
+        if self.endpoint.min_free_bytes > 0:
+            with self._reserve(root + "/" + rel, expected_size):
+                self._copy_and_check(
+                    cancelled, src, source, root, rel, expected_size, expected_adler32, fsync
+                )
+        else:
+            self._copy_and_check(cancelled, src, source, root, rel, expected_size, expected_adler32, fsync)
+        return CopyResult(pfn=rel, location=root + "/" + rel, size=expected_size, adler32=expected_adler32)
 
     def pull_sync(
         self,
@@ -377,10 +387,15 @@ class CopyEngine:
         expected_size: int,
         expected_adler32: str,
     ) -> CopyResult:
-        """``replicate_sync`` (fsync-ed) of another posix endpoint's file, its pfn resolved here
-        the full way (``PosixStorage.copy_from``); a pfn escaping its root is ``source_corrupt``."""
-        source = self._source_the_full_way(source_root, source_pfn)
-        return self.replicate_sync(cancelled, source, relpath, expected_size, expected_adler32, True)
+        """``replicate_sync`` (fsync-ed) of another posix endpoint's file, opened beneath its root
+        (``PosixStorage.copy_from``); a pfn escaping its root is ``source_corrupt``."""
+        rel = self.below(relpath)
+        src = self._open_source_replica(source_root, source_pfn, expected_size)
+        try:
+            source = f"{source_root}/{source_pfn}"
+            return self._replicate_fd(cancelled, src, source, rel, expected_size, expected_adler32, True)
+        finally:
+            os.close(src)
 
     def download_sync(
         self,
@@ -393,11 +408,18 @@ class CopyEngine:
         """Copy the file at ``relpath`` here to ``local``, a path anywhere on this node, as
         ``replicate_sync`` copies (kernel copy, read-back, atomic, fsync-ed), this endpoint being
         the source: its reason codes are the source's. ``min_free_bytes`` (this endpoint's
-        reserve) does not apply to a file written elsewhere."""
-        source = os.fspath(self.resolve(relpath))
-        src = _open_replica(source, expected_size)
+        reserve) does not apply to a file written elsewhere. ``local`` is the daemon's own path
+        (its directory is not followed if a symlink, its parents are the operator's)."""
+        rel = self.below(relpath)
+        src = _open_replica(self.real_root, expected_size, rel)
+        local = os.path.join(
+            os.path.realpath(os.path.dirname(os.path.abspath(local))), os.path.basename(local)
+        )
         try:
-            self._copy_and_check(cancelled, src, source, local, expected_size, expected_adler32, True)
+            self._copy_and_check(
+                cancelled, src, self.real_root + "/" + rel, os.path.dirname(local),
+                os.path.basename(local), expected_size, expected_adler32, True,
+            )  # fmt: skip
         finally:
             os.close(src)
 
@@ -406,13 +428,15 @@ class CopyEngine:
         cancelled: threading.Event,
         src: int,
         source: str | os.PathLike[str],
-        dest: str | os.PathLike[str],
+        droot: str,
+        drel: str,
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
     ) -> None:
         # O_RDWR: the same descriptor reads the copy back, without a second open.
-        tmp = _TempFile(dest, os.O_RDWR)
+        tmp = _TempFile(droot, drel, os.O_RDWR)
+        dest = tmp.dest
         try:
             assert tmp.fd is not None
             self._fill(cancelled, src, tmp.fd, source, dest, expected_size)
@@ -433,17 +457,13 @@ class CopyEngine:
     def _reserve(self, dest: str | os.PathLike[str], size: int) -> Iterator[None]:
         """Refuse a copy of ``size`` bytes that would eat into ``min_free_bytes``; count it meanwhile."""
         reserve = self.endpoint.min_free_bytes
-        probe = Path(dest).parent
-        while True:  # the directories of a first copy do not exist yet: ask their nearest ancestor
-            try:
-                st = os.statvfs(probe)
-                break
-            except (FileNotFoundError, NotADirectoryError):
-                if probe.parent == probe:
-                    raise
-                probe = probe.parent
-            except OSError as exc:
-                raise Retryable(STORAGE_IO_ERROR, f"statvfs {probe}: {exc.strerror or exc}") from None
+        probe = self.real_root  # the endpoint's file system (statvfs of the root, followed by nothing below)
+        try:
+            st = os.statvfs(probe)
+        except FileNotFoundError:
+            st = os.statvfs(os.path.dirname(probe) or "/")  # a first copy creates the root
+        except OSError as exc:
+            raise Retryable(STORAGE_IO_ERROR, f"statvfs {probe}: {exc.strerror or exc}") from None
         free = st.f_bavail * st.f_frsize
         with self._pending_lock:
             # Bytes already written by the copies in progress are counted twice (in ``free`` and
@@ -543,16 +563,23 @@ class CopyEngine:
         )
 
     def checksum_sync(self, cancelled: threading.Event, relpath: str) -> str:
-        path = self.resolve(relpath)
+        rel = self.below(relpath)
+        path = self.real_root + "/" + rel
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, _st = confined.open_regular_beneath(self.real_root, rel)
+        except confined.NotARegularFile as exc:
+            raise Permanent(
+                "not_a_file", f"{path} on {self.name} is {exc.what}, not a regular file"
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise Permanent("file_missing", f"{path} does not exist on {self.name}") from None
+            if confined.is_refused(exc):
+                raise Permanent(
+                    "path_outside_area", f"{path} on {self.name}: a symbolic link on the path"
+                ) from None
             raise Retryable("storage_io_error", f"reading {path}: {exc.strerror or exc}") from None
         try:
-            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
-                raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file")
             buf = _buffer(self.chunk_size)
             view = memoryview(buf)
             value = ADLER32_START
@@ -572,19 +599,19 @@ class CopyEngine:
     def verify_sync(
         self, cancelled: threading.Event, relpath: str, expected_size: int, expected_adler32: str
     ) -> str | None:
-        path = self.resolve(relpath)
+        rel = self.below(relpath)
+        path = self.real_root + "/" + rel
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, st = confined.open_regular_beneath(self.real_root, rel)
+        except confined.NotARegularFile:
+            return "not a regular file"
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return "missing"
-            if exc.errno in (errno.ELOOP, errno.ENXIO):
-                return "not a regular file"
+            if confined.is_refused(exc):
+                return "not a regular file (a symbolic link on the path)"
             raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
         try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
-                return "not a regular file"
             if st.st_size != expected_size:
                 return f"size {st.st_size} != {expected_size}"
             size, adler = _adler32_fd(fd, _buffer(self.chunk_size), cancelled)

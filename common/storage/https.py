@@ -34,6 +34,7 @@ import builtins
 import contextlib
 import errno
 import os
+import stat
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -56,7 +57,7 @@ from common.storage.https_tpc import TpcMode, third_party_copy
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
 from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import is_temp_name, temp_name_for
-from common.storage.transfer import stream_via_node
+from common.storage.transfer import local_source, stream_via_node
 from common.storage.webdav_xml import LIST_REQUEST, QUOTA_REQUEST
 
 log = structlog.get_logger("spool.storage")
@@ -78,7 +79,12 @@ def _local_write_error(exc: OSError, path: Path) -> SpoolError:
 def _open_source(local: Path, size: int) -> IO[bytes]:
     """The local file to upload, checked to have the announced size (blocking, small)."""
     try:
-        f = open(local, "rb")  # noqa: SIM115  (handed to aiohttp, closed by the caller)
+        # Non-blocking, and a regular file only (issue 16): a FIFO must not hang the thread.
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise Permanent("source_corrupt", f"source {local} is not a regular file")
+        f = open(fd, "rb")  # noqa: SIM115  (handed to aiohttp, closed by the caller)
     except FileNotFoundError:
         raise Permanent("source_missing", f"source {local} does not exist") from None
     except OSError as exc:
@@ -307,10 +313,10 @@ class HttpsStorage(_WebDavClient):
     ) -> CopyDone:
         if isinstance(source, HttpsStorage) and self.can_pull_from(source):
             return await third_party_copy(self, source, source_relpath, relpath, size=size, adler32=adler32)
-        local = source.local_path(source_relpath)
-        if local is not None:
-            done = await self.upload(local, relpath, size=size, adler32=adler32)
-            return CopyDone(done.relpath, done.size, done.adler32, "local")
+        async with local_source(source, source_relpath) as local:  # confined (issue 16)
+            if local is not None:
+                done = await self.upload(local, relpath, size=size, adler32=adler32)
+                return CopyDone(done.relpath, done.size, done.adler32, "local")
         return await stream_via_node(source, source_relpath, self, relpath, size=size, adler32=adler32)
 
     async def aclose(self) -> None:

@@ -6,7 +6,8 @@ their own, each with one job:
 - ``copy_engine``: the blocking work of one verified, atomic copy or check (``CopyEngine``),
 - ``tempfiles``: where a copy is written before it has its final name,
 - ``kernel``: the kernel calls the copies make (``copy_file_range``, ``syncfs``, the read-back),
-- ``paths``: confining a ``relpath`` below the root,
+- ``paths``: naming a ``relpath`` below the root (lexically),
+- ``confined``: opening, creating, deleting beneath the root with no symlink followed,
 - ``reasons``: the reason codes and how an ``errno`` maps to them,
 - ``copy_process``: the helper process that runs batches of small copies.
 
@@ -44,15 +45,16 @@ import structlog
 from common.batching import MicroBatcher
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
+from common.storage import confined
 from common.storage.checksum import CHUNK_SIZE, normalise_adler32
 from common.storage.copy_engine import CopyEngine, CopyResult
 from common.storage.copy_process import CopyProcess, Failed, run_each
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer, _sync_root
-from common.storage.paths import is_within, resolve_below
-from common.storage.reasons import STORAGE_IO_ERROR, _destination_error
+from common.storage.paths import is_within
+from common.storage.reasons import STORAGE_IO_ERROR, _destination_error, _replica_source_error
 from common.storage.reasons import expected_adler32 as _expected_adler32
-from common.storage.tempfiles import is_temp_name
+from common.storage.tempfiles import destination_refused, is_temp_name
 
 T = TypeVar("T")
 log = structlog.get_logger("spool.storage")
@@ -146,8 +148,11 @@ class PosixStorage:
 
     # --- paths ---------------------------------------------------------------------------------
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
-        """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root."""
-        return resolve_below(self.root, relpath, self.name)
+        """Absolute path of ``relpath`` inside the root; ``Permanent`` if it escapes or is the root.
+
+        A name, checked lexically (no ``..``, nothing outside): every open, create and delete of it
+        goes through ``confined``, which refuses a symlink at any component at that moment."""
+        return self._engine.resolve(relpath)
 
     def pfn_of(self, path: str | os.PathLike[str]) -> str:
         """The path of a resolved ``path`` relative to the endpoint root, as stored in the catalogue."""
@@ -166,8 +171,10 @@ class PosixStorage:
         """Copy ``source`` to ``relpath`` on this endpoint, verified, atomically; see the module doc.
 
         An existing file at ``relpath`` is replaced atomically (a redelivered message re-copies).
-        ``source`` should already be resolved (e.g. by ``resolve_inside`` on a landing area): a
-        symbolic link as its last component is refused as ``not_a_file``.
+        ``source`` is an absolute path made of a root's real path and a relative one (ingest's
+        ``locate``): it is opened with no symlink followed at any component (``confined``), a
+        symlink on it being ``path_outside_area``, a FIFO, socket, device or directory
+        ``not_a_file`` (opened non-blocking, never waited on).
         """
         expected: str | None = None
         if expected_adler32 is not None:
@@ -255,17 +262,26 @@ class PosixStorage:
     # exists/size_of/free_bytes are plain calls (a few syscalls each); on a network mount that may
     # hang, call them through asyncio.to_thread.
     def exists(self, relpath: str) -> bool:
-        """True when a regular file is present at ``relpath``."""
-        return self.resolve(relpath).is_file()
+        """True when a regular file is present at ``relpath`` (reached without a symlink)."""
+        rel = self._engine.below(relpath)
+        try:
+            return stat_mod.S_ISREG(confined.lstat_beneath(self._engine.real_root, rel).st_mode)
+        except OSError:
+            return False
 
     def size_of(self, relpath: str) -> int:
         """Size in bytes of the file at ``relpath`` (``Permanent("file_missing")`` if none)."""
-        path = self.resolve(relpath)
+        rel = self._engine.below(relpath)
+        path = self._engine.real_root + "/" + rel
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
+            st = confined.lstat_beneath(self._engine.real_root, rel)
+        except (FileNotFoundError, NotADirectoryError):
             raise Permanent("file_missing", f"{path} does not exist on {self.name}") from None
         except OSError as exc:
+            if confined.is_refused(exc):
+                raise Permanent(
+                    "path_outside_area", f"{path} on {self.name}: a symbolic link on the path"
+                ) from None
             raise Retryable("storage_io_error", f"stat {path}: {exc.strerror or exc}") from None
         if not stat_mod.S_ISREG(st.st_mode):
             raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file")
@@ -295,15 +311,31 @@ class PosixStorage:
         return await self._in_thread(self._delete_sync, relpath)
 
     def _delete_sync(self, cancelled: threading.Event, relpath: str) -> bool:
-        path = self.resolve(relpath)
+        """``unlinkat`` in the file's directory, opened beneath the root without a symlink
+        (``confined``): a directory swapped for a link never makes a delete land elsewhere. A
+        symlink at the name itself is removed (the link, never its target)."""
+        rel = self._engine.below(relpath)
+        path = self._engine.real_root + "/" + rel
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            with confined.parent_dir(self._engine.real_root, rel) as parent:
+                try:
+                    os.unlink(parent.name, dir_fd=parent.fd)
+                except OSError as exc:
+                    # Linux says EISDIR for a directory, POSIX allows EPERM.
+                    if exc.errno == errno.EPERM and stat_mod.S_ISDIR(
+                        os.stat(parent.name, dir_fd=parent.fd, follow_symlinks=False).st_mode
+                    ):
+                        raise IsADirectoryError(errno.EISDIR, "is a directory") from None
+                    raise
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        except IsADirectoryError:
+            raise Permanent("not_a_file", f"{path} on {self.name} is a directory") from None
         except OSError as exc:
-            # Linux says EISDIR for a directory, POSIX allows EPERM.
-            if exc.errno == errno.EISDIR or (exc.errno == errno.EPERM and path.is_dir()):
-                raise Permanent("not_a_file", f"{path} on {self.name} is a directory") from None
+            if confined.is_refused(exc):
+                raise Permanent(
+                    "path_outside_area", f"{path} on {self.name}: a symbolic link on the path"
+                ) from None
             raise _destination_error(exc, path) from None
         return True
 
@@ -333,23 +365,31 @@ class PosixStorage:
         copies in progress elsewhere are left alone. Walks the whole tree: call it at start-up,
         from a worker thread if the endpoint is large.
         """
-        if not self.root.is_dir():
-            return 0
+        try:
+            rootfd = confined.open_root(self._engine.real_root)
+        except OSError:
+            return 0  # no root yet (or not a directory: the configuration check says so)
         deadline = time.time() - older_than
         removed = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                if not is_temp_name(name):
-                    continue
-                path = os.path.join(dirpath, name)
-                try:
-                    if os.lstat(path).st_mtime <= deadline:
-                        os.unlink(path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:  # a read-only endpoint must not stop the daemon starting
-                    log.warning("temp_cleanup_failed", storage=self.name, path=path, error=str(exc))
+        try:
+            # fwalk: every directory is entered by descriptor, never through a symlink, and each
+            # unlink is relative to it: a directory swapped for a link cannot redirect a delete.
+            for dirpath, _dirs, files, dirfd in os.fwalk(".", dir_fd=rootfd):
+                for name in files:
+                    if not is_temp_name(name):
+                        continue
+                    path = os.path.join(self._engine.real_root, dirpath, name)
+                    try:
+                        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                        if stat_mod.S_ISREG(st.st_mode) and st.st_mtime <= deadline:
+                            os.unlink(name, dir_fd=dirfd)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:  # a read-only endpoint must not stop the daemon starting
+                        log.warning("temp_cleanup_failed", storage=self.name, path=path, error=str(exc))
+        finally:
+            os.close(rootfd)
         return removed
 
     # --- the StorageBackend interface (common/storage/interface.py) ------------------------------
@@ -358,7 +398,8 @@ class PosixStorage:
     # the copy at once. Errors are those of the method adapted (``put_from``'s for ``upload``,
     # ``copy_verified``'s for ``download`` and ``copy_from``).
     def local_path(self, relpath: str) -> Path:
-        """The file on this node: ``resolve`` (confined below the root, symlinks followed)."""
+        """The file on this node: ``resolve`` (a name below the root; open it through
+        ``confined.open_regular``, which follows no symlink)."""
         return self.resolve(relpath)
 
     def url(self, relpath: str) -> str:
@@ -379,19 +420,23 @@ class PosixStorage:
         return await self._in_thread(self._stat_sync, relpath, checksum)
 
     def _stat_sync(self, cancelled: threading.Event, relpath: str, checksum: bool) -> ObjectStat | None:
-        path = self.resolve(relpath)
+        rel = self._engine.below(relpath)
+        path = self._engine.real_root + "/" + rel
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd, st = confined.open_regular_beneath(self._engine.real_root, rel)
+        except confined.NotARegularFile as exc:
+            raise Permanent(
+                "not_a_file", f"{path} on {self.name} is {exc.what}, not a regular file"
+            ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return None
-            if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink swapped in; a socket
-                raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file") from None
+            if confined.is_refused(exc):
+                raise Permanent(
+                    "path_outside_area", f"{path} on {self.name}: a symbolic link on the path"
+                ) from None
             raise Retryable(STORAGE_IO_ERROR, f"stat {path}: {exc.strerror or exc}") from None
         try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise Permanent("not_a_file", f"{path} on {self.name} is not a regular file")
             if not checksum:
                 return ObjectStat(st.st_size)
             size, adler = _adler32_fd(fd, _buffer(self.chunk_size), cancelled)  # one open: one file
@@ -400,6 +445,27 @@ class PosixStorage:
             raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
+
+    async def open_replica(self, relpath: str) -> int:
+        """A descriptor of the replica at ``relpath``, opened beneath the root with no symlink
+        followed, non-blocking, a regular file (``confined``); errors are a *source*'s
+        (``source_missing``, ``source_corrupt``, ``source_io_error``): for a remote backend
+        uploading from here (``transfer.local_source``). The caller closes it."""
+        return await self._in_thread(_plain, self._open_replica_sync, relpath)
+
+    def _open_replica_sync(self, relpath: str) -> int:
+        try:
+            rel = self._engine.below(relpath)
+        except Permanent as err:
+            raise Permanent("source_corrupt", f"source replica {relpath!r}: {err.message}") from None
+        path = f"{self._engine.real_root}/{rel}"
+        try:
+            fd, _st = confined.open_regular_beneath(self._engine.real_root, rel)
+        except confined.NotARegularFile as exc:
+            raise Permanent("source_corrupt", f"source replica {path} is {exc.what}") from None
+        except OSError as exc:
+            raise _replica_source_error(exc, path) from None
+        return fd
 
     async def upload(self, local: Path, relpath: str, *, size: int, adler32: str) -> CopyDone:
         """``put_from`` of a file of this node, fsync-ed."""
@@ -433,9 +499,17 @@ class PosixStorage:
                 self._engine.pull_sync, root, source_relpath, relpath, size, expected
             )
             return CopyDone(done.pfn, done.size, done.adler32, "local")
-        path = await self._in_thread(_plain, self.resolve, relpath)  # lstat: off the event loop
-        got = await source.download(source_relpath, path, size=size, adler32=expected)
-        return CopyDone(self.pfn_of(path), got.size, got.adler32, got.mode)
+        rel = self._engine.below(relpath)
+        # The directory is opened (made where missing) beneath the root with no symlink followed,
+        # and the remote backend writes through that descriptor (/proc/self/fd): its temporary
+        # file and rename cannot be redirected by a directory swapped for a link meanwhile.
+        parent = await self._in_thread(_plain, _destination_parent, self._engine.real_root, rel)
+        try:
+            local = Path(f"/proc/self/fd/{parent.fd}/{parent.name}")
+            got = await source.download(source_relpath, local, size=size, adler32=expected)
+        finally:
+            parent.close()
+        return CopyDone(rel, got.size, got.adler32, got.mode)
 
     async def free_space(self) -> int:
         """``free_bytes`` (statvfs of the root), from a worker thread."""
@@ -575,24 +649,47 @@ class PosixStorage:
         hand-off to a worker thread. (``cleanup_temp`` is the posix sweep of temporaries.)"""
         lead = prefix.strip("/").removeprefix("./")
         lead = "" if lead == "." else lead
-        top = os.fspath(self.resolve(lead)) if lead else os.fspath(self.root)
-        stack = [(top, self.pfn_of(top) + "/" if lead else "")]
+        top = self._engine.below(lead) if lead else ""
+        root = self._engine.real_root
+        stack = [top]
         while stack:
-            path, rel = stack.pop()
-            files, dirs = await self._in_thread(_plain, _read_dir, path, temporaries)
+            rel = stack.pop()
+            files, dirs = await self._in_thread(_plain, _read_dir, root, rel, temporaries)
+            lead_rel = rel + "/" if rel else ""
             for name, size, mtime in files:
-                yield ListedFile(rel + name, size, mtime)
-            stack.extend((os.path.join(path, d), f"{rel}{d}/") for d in reversed(dirs))
+                yield ListedFile(lead_rel + name, size, mtime)
+            stack.extend(f"{lead_rel}{d}" for d in reversed(dirs))
 
 
-def _read_dir(path: str, temporaries: bool = False) -> tuple[list[tuple[str, int, float]], list[str]]:
+def _destination_parent(root: str, rel: str) -> confined.Parent:
+    """The directory of a copy's destination, open (``confined.parent_of``, created where missing);
+    a symlink on the way is the destination's ``path_outside_area``."""
+    try:
+        return confined.parent_of(root, rel, create=True, make_root=True)
+    except OSError as exc:
+        raise destination_refused(exc, f"{root}/{rel}") from None
+
+
+def _read_dir(
+    root: str, rel: str, temporaries: bool = False
+) -> tuple[list[tuple[str, int, float]], list[str]]:
     """(regular files with their sizes and mtimes — temporaries alone with ``temporaries`` —,
-    subdirectories) of a directory, each sorted by name; a directory gone meanwhile (or a file
-    named as one) is empty; ``Retryable("storage_io_error")`` if it cannot be read."""
+    subdirectories) of the directory ``rel`` beneath ``root`` (``""``: the root), each sorted by
+    name; a directory gone meanwhile, named as a file, or reached through a symlink (``confined``)
+    is empty; ``Retryable("storage_io_error")`` if it cannot be read."""
     files: list[tuple[str, int, float]] = []
     dirs: list[str] = []
+    path = f"{root}/{rel}" if rel else root
     try:
-        with os.scandir(path) as entries:
+        dirfd = confined.open_dir_beneath(root, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    except OSError as exc:
+        if confined.is_refused(exc):
+            return [], []
+        raise Retryable(STORAGE_IO_ERROR, f"listing {path}: {exc.strerror or exc}") from None
+    try:
+        with os.scandir(dirfd) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.name)
@@ -603,6 +700,8 @@ def _read_dir(path: str, temporaries: bool = False) -> tuple[list[tuple[str, int
         return [], []
     except OSError as exc:
         raise Retryable(STORAGE_IO_ERROR, f"listing {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dirfd)
     files.sort()
     dirs.sort()
     return files, dirs

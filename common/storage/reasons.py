@@ -35,6 +35,9 @@ CHECKSUM_MISMATCH = "checksum_mismatch"  # the written copy differs from a sourc
 SOURCE_REASONS = frozenset({SOURCE_MISSING, SOURCE_CORRUPT, SOURCE_IO_ERROR})
 DESTINATION_REASONS = frozenset({DESTINATION_NOT_WRITABLE, DISK_FULL, STORAGE_IO_ERROR, CHECKSUM_MISMATCH})
 # Neither side: the request itself is wrong (Permanent); retrying or another source cannot help.
+# ``path_outside_area`` is also what a symlink on the *destination* path is (``confined``): the
+# destination's problem, never the source's (a healthy source copy is not marked bad for it).
+# A symlink on a source replica's path is ``source_corrupt``: that copy cannot be read safely.
 REQUEST_REASONS = frozenset({"invalid_checksum", "invalid_size", "path_outside_area"})
 
 
@@ -46,12 +49,14 @@ def _name_too_long(exc: OSError, path: str | os.PathLike[str]) -> SpoolError | N
 
 
 def _source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolError:
+    """An ingest source (a landing-area file): a symlink anywhere on its path (``ELOOP``; an
+    escape, ``EXDEV``) is ``path_outside_area``, as ``common.storage.confined`` decides."""
     if (too_long := _name_too_long(exc, path)) is not None:
         return too_long
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent("file_missing", f"source {path} does not exist")
-    if exc.errno == errno.ELOOP:
-        return Permanent("not_a_file", f"source {path} is a symbolic link, not a regular file")
+    if exc.errno in (errno.ELOOP, errno.EXDEV):
+        return Permanent("path_outside_area", f"source {path}: a symbolic link on the path (not followed)")
     if exc.errno == errno.ENXIO:  # a socket or a device without a driver
         return Permanent("not_a_file", f"source {path} is not a regular file")
     return Retryable("source_io_error", f"reading source {path}: {exc.strerror or exc}")
@@ -72,8 +77,10 @@ def _replica_source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolEr
     """Like ``_source_error``, with reason codes the replicator can tell from destination ones."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return Permanent(SOURCE_MISSING, f"source replica {path} does not exist")
-    if exc.errno in (errno.ELOOP, errno.ENXIO):  # O_NOFOLLOW on a symlink; a socket or device
-        return Permanent(SOURCE_CORRUPT, f"source replica {path} is not a regular file")
+    if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENXIO):  # a symlink on the path; a socket
+        return Permanent(
+            SOURCE_CORRUPT, f"source replica {path} is not a regular file reached without a symlink"
+        )
     return Retryable(SOURCE_IO_ERROR, f"reading source replica {path}: {exc.strerror or exc}")
 
 

@@ -17,9 +17,9 @@ import os
 import re
 import secrets
 import threading
-from pathlib import Path
 
-from common.storage.kernel import _fsync_dir
+from common.errors import Permanent, SpoolError
+from common.storage import confined
 from common.storage.reasons import _destination_error
 
 TEMP_MARKER = ".spool-tmp-"
@@ -36,26 +36,6 @@ def is_temp_name(name: str) -> bool:
 def temp_name_for(basename: str) -> str:
     """A fresh temporary name next to ``basename``; hidden, recognisable, unique per attempt."""
     return f".{basename[:_TEMP_BASENAME_MAX]}{TEMP_MARKER}{secrets.token_hex(6)}"
-
-
-def _makedirs(path: Path) -> list[Path]:
-    """``mkdir -p`` that returns the directories it created (their parents need an fsync)."""
-    missing: list[Path] = []
-    p = path
-    while not p.is_dir():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    created: list[Path] = []
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o755)
-            created.append(d)
-        except FileExistsError:
-            if not d.is_dir():  # a concurrent copy made it: fine; a file there: not fine
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(d)) from None
-    return created
 
 
 # Where they can, copies are written to an unnamed file (O_TMPFILE) that is linked under its final
@@ -94,59 +74,67 @@ def _forget_proc_fds() -> None:
 os.register_at_fork(after_in_child=_forget_proc_fds)
 
 
-def _link_unnamed(fd: int, to: str) -> None:
-    """Give the unnamed file open as ``fd`` the name ``to`` (``FileExistsError`` if taken)."""
-    os.link(str(fd), to, src_dir_fd=_proc_fds(), follow_symlinks=True)
+def _link_unnamed(fd: int, name: str, dir_fd: int) -> None:
+    """Give the unnamed file open as ``fd`` the name ``name`` in the directory open as ``dir_fd``
+    (``FileExistsError`` if taken; an existing symlink there is not followed)."""
+    os.link(str(fd), name, src_dir_fd=_proc_fds(), dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def destination_refused(exc: OSError, where: str) -> SpoolError:
+    """An ``OSError`` on the destination side, classified; a symlink on the destination path
+    (``confined``) is ``path_outside_area`` for the *destination*: never a source's fault."""
+    if confined.is_refused(exc):
+        return Permanent(
+            confined.PATH_OUTSIDE_AREA, f"destination {where}: a symbolic link on the path (not followed)"
+        )
+    return _destination_error(exc, where)
 
 
 class _TempFile:
-    """The file a copy is written to before it appears under its final name ``dest``.
+    """The file a copy is written to before it appears as ``rel`` beneath ``root``.
 
-    Unnamed (O_TMPFILE, see above) where the file system allows, else a temporary name next to
-    ``dest`` (``path``). ``commit`` makes it durable (optionally) and puts it at ``dest``
-    atomically: by linking the unnamed file there, or through a temporary name renamed onto
-    ``dest`` when a file exists there already or no unnamed file could be made. ``discard`` closes
-    it and removes any temporary name. Every copy method goes through this one class, so the
-    crash-safety rules of the module docstring (same directory, atomic appearance, directory
-    fsync, nothing left on failure) are written once.
+    The destination directory is opened beneath the root with no symlink followed (created where
+    missing: ``confined.parent_of``), and every later step goes through its descriptor: the
+    unnamed file (O_TMPFILE, see above) where the file system allows, else a temporary name there
+    (``path``). ``commit`` makes it durable (optionally) and puts it at ``rel`` atomically: by
+    linking the unnamed file there, or through a temporary name renamed onto it when a file
+    exists there already or no unnamed file could be made. ``discard`` closes it and removes any
+    temporary name. Every copy method goes through this one class, so the crash-safety rules of
+    the module docstring (same directory, atomic appearance, directory fsync, nothing left on
+    failure) and containment (a directory swapped for a symlink is never written through) are
+    written once.
     """
 
-    __slots__ = ("created", "dest", "fd", "parent", "path")
+    __slots__ = ("dest", "dir", "fd", "parent", "path")
 
-    def __init__(self, dest: str | os.PathLike[str], flags: int) -> None:
+    def __init__(self, root: str, rel: str, flags: int) -> None:
         # Strings, not Paths: built for every file, and pathlib's parsing showed in profiles.
-        self.dest = dest = os.fspath(dest)
-        self.created: list[Path] = []
-        self.parent = parent = os.path.dirname(dest)
+        self.dest = dest = root + "/" + rel
+        self.parent = os.path.dirname(dest)  # for messages and the O_TMPFILE memory
         self.path: str | None = None  # the temporary name, when there is one
         self.fd: int | None = None
         try:
-            # Optimistically: the directory usually exists (a night's files share a few), and
-            # asking first would cost a stat per file. ENOENT says a directory is missing.
-            self._open(flags)
-            return
-        except FileNotFoundError:
-            pass
+            self.dir = confined.parent_of(root, rel, create=True, make_root=True)
         except OSError as exc:
-            raise _destination_error(exc, self.where) from None
-        try:
-            self.created = _makedirs(Path(parent))
-        except OSError as exc:
-            raise _destination_error(exc, parent) from None
+            raise destination_refused(exc, dest) from None
         try:
             self._open(flags)
         except OSError as exc:
-            raise _destination_error(exc, self.where) from None
+            self.dir.close()
+            raise destination_refused(exc, self.where) from None
 
     @property
     def where(self) -> str:
         """The file being written, for messages."""
-        return self.path or os.path.join(self.parent, "(unnamed file)")
+        return (
+            os.path.join(self.parent, self.path) if self.path else os.path.join(self.parent, "(unnamed file)")
+        )
 
     def _open(self, flags: int) -> None:
+        dir_fd = self.dir.fd
         if _O_TMPFILE and self.parent not in _no_tmpfile_dirs and _proc_fds() is not None:
             try:
-                self.fd = os.open(self.parent, flags | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+                self.fd = os.open(".", flags | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_TMPFILE:
@@ -154,34 +142,41 @@ class _TempFile:
                 if len(_no_tmpfile_dirs) > 4096:
                     _no_tmpfile_dirs.clear()
                 _no_tmpfile_dirs.add(self.parent)
-        self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
-        self.fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.path = temp_name_for(self.dir.name)
+        self.fd = os.open(
+            self.path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
+        )
 
     def commit(self, fsync: bool) -> None:
         fd = self.fd
         assert fd is not None, "temporary file already closed"
+        dir_fd, name = self.dir.fd, self.dir.name
         try:
             if fsync:
                 os.fsync(fd)
             if self.path is None:
                 try:
-                    _link_unnamed(fd, self.dest)
+                    _link_unnamed(fd, name, dir_fd)
                 except FileExistsError:  # replacing a file: rename is the atomic way
-                    self.path = os.path.join(self.parent, temp_name_for(os.path.basename(self.dest)))
-                    _link_unnamed(fd, self.path)
-                    os.rename(self.path, self.dest)
+                    self.path = temp_name_for(name)
+                    _link_unnamed(fd, self.path, dir_fd)
+                    os.rename(self.path, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 self.fd = None
                 os.close(fd)
             else:
                 self.fd = None
                 os.close(fd)  # network file systems report deferred write errors here
-                os.rename(self.path, self.dest)
+                os.rename(self.path, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self.path = None
             if fsync:
-                _fsync_dir(Path(self.parent))
-                for parent in {d.parent for d in self.created}:
-                    _fsync_dir(parent)
+                os.fsync(dir_fd)
+                for created_in in self.dir.created_in:
+                    os.fsync(created_in)
         except OSError as exc:
             raise _destination_error(exc, self.dest) from None
+        finally:
+            if self.fd is None and self.path is None:
+                self.dir.close()
 
     def discard(self) -> None:
         if self.fd is not None:
@@ -191,4 +186,6 @@ class _TempFile:
         if self.path is not None:
             # Fails only if already renamed or the directory vanished; cleanup_temp gets the rest.
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                os.unlink(self.path, dir_fd=self.dir.fd)
+            self.path = None
+        self.dir.close()

@@ -17,15 +17,17 @@ backend's ``copy_from``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import stat
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
+from common.storage import confined
 from common.storage.interface import CopyDone, StorageBackend
 from common.storage.kernel import _adler32_fd, _buffer
 from common.storage.posix import PosixStorage
@@ -72,6 +74,25 @@ async def verify_stored(storage: StorageBackend, relpath: str, *, size: int, adl
     return None
 
 
+@contextlib.asynccontextmanager
+async def local_source(source: StorageBackend, relpath: str) -> AsyncIterator[Path | None]:
+    """The file of a mounted (posix) ``source`` for a remote backend to upload, or None.
+
+    Opened beneath its root with no symlink followed, non-blocking, and only if a regular file
+    (``PosixStorage.open_replica``), then handed over as ``/proc/self/fd/<n>``: the backend's
+    own open reopens exactly that file, so no name is looked up again between the check and the
+    read (issue 16). Errors are the source's (``source_missing``, ``source_corrupt``).
+    """
+    if not isinstance(source, PosixStorage):
+        yield None
+        return
+    fd = await source.open_replica(relpath)
+    try:
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 async def upload_checked(
     storage: StorageBackend,
     source: str | os.PathLike[str],
@@ -88,29 +109,40 @@ async def upload_checked(
     A file changed between the two reads fails the server's check and is retried.
     """
     expected = expected_adler32_of(expected_adler32) if expected_adler32 is not None else None
-    size, adler32 = await asyncio.to_thread(_landing_checksum, source)
-    if expected_size is not None and size != expected_size:
-        raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
-    if expected is not None and adler32 != expected:
-        raise Permanent("checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}")
-    return await storage.upload(Path(source), relpath, size=size, adler32=adler32)
-
-
-def _landing_checksum(source: str | os.PathLike[str]) -> tuple[int, str]:
-    """Size and adler32 of a landing file, opened as every untrusted path is: never following a
-    symbolic link, never blocking (a FIFO), a regular file only."""
+    fd = await asyncio.to_thread(_open_landing, source)
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        size, adler32 = await asyncio.to_thread(_landing_checksum, fd, source)
+        if expected_size is not None and size != expected_size:
+            raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
+        if expected is not None and adler32 != expected:
+            raise Permanent(
+                "checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}"
+            )
+        # The backend reopens the file it is given: the one checked above, through its descriptor
+        # (issue 16), so no name is looked up again between the check and the upload.
+        return await storage.upload(Path(f"/proc/self/fd/{fd}"), relpath, size=size, adler32=adler32)
+    finally:
+        os.close(fd)
+
+
+def _open_landing(source: str | os.PathLike[str]) -> int:
+    """A landing file, opened as every untrusted path is (``confined.open_regular``): no symlink
+    followed at any component, never blocking (a FIFO), a regular file only."""
+    try:
+        fd, _st = confined.open_regular(os.path.abspath(source))
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
     except OSError as exc:
         raise _source_error(exc, source) from None
+    return fd
+
+
+def _landing_checksum(fd: int, source: str | os.PathLike[str]) -> tuple[int, str]:
+    """Size and adler32 of an open landing file."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Permanent("not_a_file", f"source {source} is not a regular file")
         return _adler32_fd(fd, _buffer(1 << 20), threading.Event())
     except OSError as exc:
         raise _source_error(exc, source) from None
-    finally:
-        os.close(fd)
 
 
 async def remove_stale_temporaries(storage: StorageBackend, before: float) -> int:

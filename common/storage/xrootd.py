@@ -47,7 +47,7 @@ from common.storage.checksum import format_adler32
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend, deadline_for
 from common.storage.reasons import expected_adler32 as _expected
 from common.storage.tempfiles import is_temp_name, temp_name_for
-from common.storage.transfer import stream_via_node
+from common.storage.transfer import local_source, stream_via_node
 from common.storage.xrootd_auth import _Token, _x509_environment
 from common.storage.xrootd_client import (
     _Clock,
@@ -393,9 +393,9 @@ class XrootdStorage:
             assert isinstance(source, XrootdStorage)
             return await third_party_copy(self, source, source_relpath, relpath, size, _expected(adler32))
         self._path(relpath)  # refused before anything moves
-        local = source.local_path(source_relpath)
-        if local is not None:
-            return await self.upload(local, relpath, size=size, adler32=adler32)
+        async with local_source(source, source_relpath) as local:  # confined (issue 16)
+            if local is not None:
+                return await self.upload(local, relpath, size=size, adler32=adler32)
         return await stream_via_node(source, source_relpath, self, relpath, size=size, adler32=adler32)
 
     # -- the rest -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -31,7 +32,10 @@ class _LocalReader:
     def read(self, n: int) -> bytes:
         try:
             if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                # Non-blocking, and a regular file only (issue 16): a FIFO must not hang the thread.
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                    raise Permanent("source_corrupt", f"source {self.path} is not a regular file")
             data = os.read(self.fd, n)
         except OSError as exc:
             reason = local_reason(exc.errno or 0, str(exc).lower(), "source")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.errors import Permanent, Retryable
+from common.storage import confined
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32
 from common.tape.library import ReadResult, TapeChecksumMismatch
 from common.tape.store import fsync_dir
@@ -149,11 +150,18 @@ def write_data(
         if actual != adler32:
             raise Permanent("checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}")
 
+    # A disk replica (``PosixStorage.resolve``'s name) or a staging file: untrusted bytes, opened
+    # with no symlink followed at any component and non-blocking, and only if a regular file
+    # (``confined``): a FIFO planted in a storage root cannot hang a drive's thread.
     try:
-        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        src, _st = confined.open_regular(os.path.abspath(source))
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
     except FileNotFoundError:
         raise Permanent("file_missing", f"source {source} does not exist") from None
     except OSError as exc:
+        if confined.is_refused(exc):
+            raise Permanent("path_outside_area", f"source {source}: a symbolic link on the path") from None
         raise source_error(exc) from None
     _through_temp(
         cancelled, src, temp, final, read_error=source_error, write_error=tape_error, check=check,

@@ -1,6 +1,9 @@
 """Pure decisions of ingest: where a file is, what it is called, whether it is new.
 
-No I/O beyond resolving paths, so each rule is unit-tested directly.
+No I/O (a landing area's own path is resolved once, the operator's), so each rule is unit-tested
+directly. Where a file is is decided on the name as written (``locate``); whether that name leads
+to a regular file in the area without a symlink is decided by the kernel when the file is opened
+(``common.storage.confined``), never here.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Literal
 
 from common.config import DatasetSettings
 from common.errors import Permanent
-from common.storage.paths import inside, real_dir, relative_to
+from common.storage.paths import inside, real_root, relative_to
 
 Verdict = Literal["new", "duplicate", "conflict"]
 
@@ -21,14 +24,20 @@ Verdict = Literal["new", "duplicate", "conflict"]
 @dataclass(frozen=True)
 class Located:
     area: str
-    source: str  # resolved absolute path of the file in its landing area (a string: per file)
+    # The area's real path joined with ``relpath`` (a string: per file). Opened with no symlink
+    # followed at any component (``confined.open_regular``), so it cannot lead out of the area.
+    source: str
     relpath: str  # path relative to the landing area: the default logical name
 
 
 def locate(path: str, landing_areas: Mapping[str, Path]) -> Located:
-    """Find the landing area holding ``path``; escaping every area is ``path_outside_area``.
+    """Find the landing area holding ``path`` lexically; escaping every area is
+    ``path_outside_area``.
 
-    Symlinks are resolved first, so a link inside an area pointing outside it is refused too.
+    An absolute path is matched against each area's configured path and its real path; a relative
+    one is taken in the first area. ``..`` components are refused. Symlinks are not resolved (no
+    cache of resolved names to go stale): the copy opens the file with none followed, so a link
+    anywhere below the area, pointing out of it or not, is refused at that moment.
     """
     for area, root in landing_areas.items():
         root_text = os.fspath(root)
@@ -36,7 +45,7 @@ def locate(path: str, landing_areas: Mapping[str, Path]) -> Located:
             source = inside(root_text, path)
         except Permanent:
             continue
-        return Located(area, source, relative_to(source, real_dir(root_text)))
+        return Located(area, source, relative_to(source, real_root(root_text)))
     raise Permanent(
         "path_outside_area", f"{path} is not inside any landing area ({', '.join(landing_areas)})"
     )

@@ -8,6 +8,13 @@ file's name and the directory fsync-ed. A kill at any instruction leaves either 
 final name or a complete, verified file; leftovers in the staging directory are removed at
 start-up.
 
+Containment (issue 16): the staging directory and the destination are reached by descriptor
+from the root, never through a symlink (``common.storage.confined``). A ``.spool-recall`` planted
+as a symlink (or a file) is refused: start-up deletes nothing through it (a warning,
+``recall_staging_refused``) and a read is refused with ``path_outside_area`` (the destination's
+problem: no tape copy is blamed). The library writes through ``/proc/self/fd/<staging dir>``, the
+directory already opened, so no name is looked up again between the check and the write.
+
 From tape to a remote destination (XRootD, WebDAV): the same read and checks into a node-local
 staging directory (``<local>/<endpoint>/``, the daemon's ``<state_dir>/recall-staging``), then
 ``upload`` (atomic on the server, verified by the server's checksum), and the staging file removed
@@ -25,14 +32,24 @@ does not tell: the scheduler then does not hold reads back for it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
+import structlog
+
 from common.catalogue.recall import ReadItem
-from common.storage import PosixStorage, StorageBackend
+from common.errors import Permanent, SpoolError
+from common.storage import PosixStorage, StorageBackend, confined
+from common.storage.paths import below, real_root
+from common.storage.tempfiles import destination_refused
 from common.tape import TapeChecksumMismatch, TapeLibrary
+
+log = structlog.get_logger("spool.recall")
 
 STAGING_DIR = ".spool-recall"
 
@@ -44,25 +61,68 @@ def staging_dir(storage: StorageBackend, local: Path) -> Path:
     return local / storage.name
 
 
+def _open_staging(storage: StorageBackend, local: Path, *, create: bool) -> int:
+    """The staging directory, open: a posix endpoint's ``.spool-recall`` beneath its root, with
+    neither followed if a symlink (``ELOOP``); else the node-local one (its last component not
+    followed). With ``create``, made where missing. ``FileNotFoundError`` without."""
+    if isinstance(storage, PosixStorage):
+        root, name = real_root(storage.root), STAGING_DIR
+        if create:
+            os.makedirs(root, 0o755, exist_ok=True)  # the operator's root, made on first write
+    else:
+        directory = local / storage.name
+        if create:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+        # The daemon's own directory (its state_dir may sit behind a symlink): resolved here.
+        root, name = os.path.realpath(directory.parent), directory.name
+    rootfd = confined.open_root(root)
+    try:
+        try:
+            return _open_dir(name, rootfd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=rootfd)
+        return _open_dir(name, rootfd)
+    finally:
+        os.close(rootfd)
+
+
+def _open_dir(name: str, dirfd: int) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except NotADirectoryError:
+        raise OSError(errno.ELOOP, f"{name} is a symbolic link or a file, not a directory") from None
+
+
 def clean_staging(storage: StorageBackend, local: Path, older_than: float = 0.0) -> int:
     """Remove what interrupted reads left in the staging directory; returns how many files.
     ``older_than`` spares a shared (posix) endpoint's reads by others; the node-local directory
-    of a remote endpoint is this daemon's alone and is emptied."""
+    of a remote endpoint is this daemon's alone and is emptied. Only regular files directly in
+    the directory are removed, each by ``unlinkat`` in the directory opened without following a
+    symlink: a ``.spool-recall`` symlink (to anywhere) makes it delete nothing."""
     directory = staging_dir(storage, local)
-    if not directory.is_dir():
+    try:
+        dirfd = _open_staging(storage, local, create=False)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("recall_staging_refused", storage=storage.name, path=str(directory), error=str(exc))
         return 0
     deadline = time.time() - (older_than if isinstance(storage, PosixStorage) else 0.0)
     removed = 0
-    for entry in os.scandir(directory):
-        try:
-            if (
-                entry.is_file(follow_symlinks=False)
-                and entry.stat(follow_symlinks=False).st_mtime <= deadline
-            ):
-                os.unlink(entry.path)
-                removed += 1
-        except FileNotFoundError:
-            continue
+    try:
+        for name in os.listdir(dirfd):
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_mtime <= deadline:
+                    os.unlink(name, dir_fd=dirfd)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    finally:
+        os.close(dirfd)
     return removed
 
 
@@ -88,38 +148,55 @@ async def read_from_tape(
     Raises ``TapeChecksumMismatch`` when the bytes are not the catalogue's file (the library's
     own check, or ours against the catalogue), other ``SpoolError``s as the library classifies them
     (and, for a remote destination, as its ``upload`` does: ``disk_full``, ``endpoint_unavailable``
-    ...: none of them is the tape copy's fault).
+    ...: none of them is the tape copy's fault). A symlink on the staging or destination path is
+    ``path_outside_area`` (the destination's).
     """
-    final = storage.resolve(item.name) if isinstance(storage, PosixStorage) else None
-    directory = staging_dir(storage, local)
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    temp = directory / f"{item.file_id}.{secrets.token_hex(6)}"
+    rel = below(storage.root, item.name, storage.name) if isinstance(storage, PosixStorage) else None
     try:
-        result = await library.read(drive, item.copy.fseq, temp, verify=True)
-        if result.size != item.size or result.adler32 != item.adler32:
-            raise TapeChecksumMismatch(item.copy.cartridge, item.copy.fseq, item.adler32, result.adler32)
-        if final is not None:
-            await asyncio.to_thread(_place, temp, final)
-        else:
+        dirfd = await asyncio.to_thread(_open_staging, storage, local, create=True)
+    except OSError as exc:
+        raise destination_refused(exc, os.fspath(staging_dir(storage, local))) from None
+    name = f"{item.file_id}.{secrets.token_hex(6)}"
+    # The directory opened above, by descriptor: the library's writes cannot be redirected.
+    temp = Path(f"/proc/self/fd/{dirfd}/{name}")
+    try:
+        try:
+            result = await library.read(drive, item.copy.fseq, temp, verify=True)
+            if result.size != item.size or result.adler32 != item.adler32:
+                raise TapeChecksumMismatch(item.copy.cartridge, item.copy.fseq, item.adler32, result.adler32)
+            if rel is not None:
+                assert isinstance(storage, PosixStorage)
+                await asyncio.to_thread(_place, dirfd, name, real_root(storage.root), rel)
+                return rel
             done = await storage.upload(temp, item.name, size=item.size, adler32=item.adler32)
-    except BaseException:
-        await asyncio.to_thread(temp.unlink, missing_ok=True)
-        raise
-    if final is not None:
-        assert isinstance(storage, PosixStorage)
-        return storage.pfn_of(final)
-    await asyncio.to_thread(temp.unlink, missing_ok=True)
+        finally:
+            await asyncio.to_thread(_unlink_quietly, dirfd, name)
+    finally:
+        os.close(dirfd)
     return done.relpath
 
 
-def _place(temp: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(temp, final)
-    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _unlink_quietly(dirfd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dirfd)
+
+
+def _place(dirfd: int, name: str, root: str, rel: str) -> None:
+    """Rename the staged file onto ``rel`` beneath ``root`` (directories made, none followed if a
+    symlink), then fsync the directory."""
     try:
-        os.fsync(fd)
+        parent = confined.parent_of(root, rel, create=True, make_root=True)
+    except OSError as exc:
+        raise destination_refused(exc, f"{root}/{rel}") from None
+    try:
+        os.rename(name, parent.name, src_dir_fd=dirfd, dst_dir_fd=parent.fd)
+        os.fsync(parent.fd)
+        for created_in in parent.created_in:
+            os.fsync(created_in)
+    except OSError as exc:
+        raise destination_refused(exc, f"{root}/{rel}") from None
     finally:
-        os.close(fd)
+        parent.close()
 
 
 async def copy_from_disk(
@@ -127,8 +204,12 @@ async def copy_from_disk(
 ) -> str:
     """Copy an available disk replica to ``dest`` under ``name``, verified; returns its pfn."""
     if isinstance(source, PosixStorage) and isinstance(dest, PosixStorage):
+        try:
+            path = source.resolve(pfn)
+        except SpoolError as err:  # the catalogue's pfn escapes its root: that copy is unusable
+            raise Permanent("source_corrupt", f"source replica {pfn!r}: {err.message}") from None
         copied = await dest.copy_verified(
-            source.resolve(pfn), name, expected_size=size, expected_adler32=adler32, fsync=True
+            path, name, expected_size=size, expected_adler32=adler32, fsync=True
         )
         return copied.pfn
     done = await dest.copy_from(source, pfn, name, size=size, adler32=adler32)

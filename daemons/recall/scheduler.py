@@ -60,8 +60,11 @@ PLAN_LIMIT = 100_000  # queued files looked at per pass, most urgent first
 # How often ``run`` sweeps for active recalls with nothing left to do (``sweep``): a cheap query,
 # and a recall it repairs has waited for a bug, not for the operator.
 SWEEP_INTERVAL = 60.0
-# Failures of a disk source that make that copy useless (as the replicator judges them).
-DISK_SOURCE_BAD = frozenset({"source_missing", "source_corrupt", "path_outside_area", "not_a_file"})
+# Failures of a disk source that make that copy useless (as the replicator judges them). Not
+# ``path_outside_area``: since issue 16 that is the *destination* path's (a symlink on it), and a
+# healthy source copy must not be marked bad for it (``delivery.copy_from_disk`` turns a source
+# pfn escaping its root into ``source_corrupt``).
+DISK_SOURCE_BAD = frozenset({"source_missing", "source_corrupt"})
 
 
 @dataclass(frozen=True, slots=True)

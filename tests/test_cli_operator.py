@@ -297,3 +297,24 @@ async def _dead_ids(config: Path) -> list[tuple[str, str]]:
     if result.returncode != 0:
         return []
     return [(d["message_id"], d["reason"]) for d in json.loads(result.stdout)]
+
+
+# --- values a message may not carry, given on the command line --------------------------------------
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ([arg for i in range(70) for arg in ("--meta", f"k{i}=1")], "metadata"),
+        (["--meta", "k=" + "v" * 600], "metadata"),
+        (["--dataset", "d" * 300], "dataset"),
+    ],
+    ids=["70-metadata-keys", "long-metadata-value", "long-dataset"],
+)
+def test_spool_ingest_refuses_values_beyond_the_message_bounds_in_one_line(
+    tmp_path: Path, tag: str, extra: list[str], field: str
+) -> None:
+    config = _config(tmp_path, tag)
+    landed = tmp_path / "state" / "landing" / "f.dat"
+    landed.write_bytes(b"x")
+    args = ["ingest", str(landed), *(["--dataset", DATASET] if "--dataset" not in extra else []), *extra]
+    line = assert_one_line_failure(spool(config, *args), field)
+    assert "nothing" in line or "invalid_message" in line

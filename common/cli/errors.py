@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from common.cli._util import UserError, one_line
 from common.errors import ConfigError, SpoolError
@@ -44,6 +45,10 @@ def classify(exc: BaseException) -> OperatorError | None:
         return OperatorError(exc.reason, one_line(exc.message), EXIT_UNAVAILABLE)
     # Libraries are looked up only if already imported: a command that never loaded SQLAlchemy or
     # aiormq cannot fail with their errors, and importing them costs start-up time.
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(exc, pydantic.ValidationError):
+        # Values given to a command that a message may not carry (bounds of common.limits).
+        return OperatorError("invalid_message", _validation_text(exc), EXIT_USAGE)
     sa_exc = sys.modules.get("sqlalchemy.exc")
     if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
         return OperatorError("catalogue", _first_line(exc), EXIT_UNAVAILABLE)
@@ -62,6 +67,15 @@ def classify(exc: BaseException) -> OperatorError | None:
     if isinstance(exc, OSError):
         return OperatorError("os_error", _os_text(exc), EXIT_UNAVAILABLE)
     return None
+
+
+def _validation_text(exc: Any) -> str:
+    """``metadata: at most 64 keys; names: ...`` from a pydantic ``ValidationError`` (3 at most)."""
+    parts = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()))[:64] or 'value'}: {e.get('msg', '')}"
+        for e in exc.errors()[:3]
+    ]
+    return one_line("; ".join(parts))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -124,7 +124,9 @@ def file_ready_event(
         path=str(absolute),
         dataset=dataset,
         size=absolute.stat().st_size,
-        adler32=adler32_of_file(absolute) if checksum else None,
+        adler32=adler32_of_file(Path(os.path.realpath(absolute)))
+        if checksum
+        else None,  # area checked before
         metadata=meta,
         parents=parents,
     )

@@ -2,7 +2,9 @@
 
 Daemons obtain an endpoint with ``open_storage(name, settings.storage[name])`` and talk to it only
 through the ``Storage`` protocol, so a later backend (an LTFS-mounted cartridge, an object store)
-slots in without touching them. Paths from messages are confined with ``resolve_inside``.
+slots in without touching them. Paths from messages are named with ``common.storage.paths``
+(no ``..``, nothing outside the root) and opened with ``common.storage.confined`` (beneath the
+root, no symlink followed, at the moment of each open).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import aio_pika
 
 from common import codec
+from common.bus.admission import is_reply_queue
 from common.bus.publisher import Publisher
 from common.catalogue import Catalogue, outbox
 from common.catalogue import recall as db
@@ -74,9 +75,12 @@ def recall_completed(c: db.Completion) -> RecallCompleted:
 
 
 class Announcer:
-    def __init__(self, catalogue: Catalogue, publisher: Publisher) -> None:
+    def __init__(self, catalogue: Catalogue, publisher: Publisher, queue_prefix: str = "spool") -> None:
         self.catalogue = catalogue
         self.publisher = publisher
+        # Replies go only to reply queues (``common.bus.admission``): the runner refuses a request
+        # with another ``reply_to``, and a ``reply_to`` stored before that rule is checked again here.
+        self.queue_prefix = queue_prefix
         self.behind = False  # something could not be published: ``flush`` retries it
         self.relay = OutboxRelay(catalogue, publisher)  # the generic outbox (``tape.mounted``)
 
@@ -145,6 +149,12 @@ class Announcer:
 
     async def _send_reply(self, reply_to: str, answer: RecallCompleted, correlation_id: str) -> None:
         if not isinstance(self.publisher, RawPublisher):
+            return
+        if not is_reply_queue(reply_to, self.queue_prefix):
+            log.warning(
+                "recall_reply_refused", recall=answer.request_id, reply_to=reply_to[:300],
+                error="reply_to is not a reply queue: nothing sent",
+            )  # fmt: skip
             return
         event = codec.to_cloudevent(answer)
         message = aio_pika.Message(

@@ -30,7 +30,9 @@ STAGING_DIR = "tape-staging"
 
 
 def staging_dir(state_dir: Path) -> Path:
-    return state_dir / STAGING_DIR
+    # Resolved once: the staging files are opened with no symlink followed (common.storage.confined)
+    # and a state_dir behind a symlinked parent is the operator's choice, not an attack.
+    return Path(os.path.realpath(state_dir)) / STAGING_DIR
 
 
 def clean(directory: Path) -> int:

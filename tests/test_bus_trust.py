@@ -9,14 +9,11 @@ runner must hold against). Both are removed afterwards.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
-import aiohttp
 import aiormq
 import pytest
 from pamqp.commands import Basic
@@ -26,12 +23,11 @@ from common.bus.admission import EXTERNAL_ROUTING_KEYS, is_reply_queue
 from common.bus.service import Context, Service
 from common.errors import Retryable
 from common.messages import MODELS, FileReady
-from tests.conftest import AMQP_URL, cloudevent, queue_depth, running, wait_for, write_config
+from tests.broker_users import connect_as, on_vhost, private_vhost
+from tests.conftest import cloudevent, queue_depth, running, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
-MANAGEMENT = "http://127.0.0.1:15672/api"
-GUEST = {"Authorization": aiohttp.encode_basic_auth("guest", "guest")}
 CLOUDEVENTS = "application/cloudevents+json"
 INTERNAL_ROUTING_KEYS = sorted(set(MODELS) - EXTERNAL_ROUTING_KEYS)
 
@@ -39,22 +35,8 @@ INTERNAL_ROUTING_KEYS = sorted(set(MODELS) - EXTERNAL_ROUTING_KEYS)
 @pytest.fixture
 async def vhost(tag: str) -> AsyncIterator[dict[str, str]]:
     """A vhost of the test's own, and an outsider user allowed to publish anything on it."""
-    name, outsider, password = f"spool-trust-{tag}", f"outsider-{tag}", uuid.uuid4().hex
-    everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    async with aiohttp.ClientSession(headers=GUEST, raise_for_status=True) as http:
-        await http.put(f"{MANAGEMENT}/vhosts/{quote(name, safe='')}")
-        await http.put(f"{MANAGEMENT}/permissions/{quote(name, safe='')}/guest", json=everything)
-        await http.put(f"{MANAGEMENT}/users/{outsider}", json={"password": password, "tags": ""})
-        await http.put(
-            f"{MANAGEMENT}/permissions/{quote(name, safe='')}/{outsider}",
-            json={"configure": f"^{outsider}", "write": ".*", "read": f"^{outsider}"},
-        )
-        try:
-            yield {"name": name, "outsider": outsider, "password": password}
-        finally:
-            async with aiohttp.ClientSession(headers=GUEST) as cleanup:
-                await cleanup.delete(f"{MANAGEMENT}/vhosts/{quote(name, safe='')}")
-                await cleanup.delete(f"{MANAGEMENT}/users/{outsider}")
+    async with private_vhost(tag) as made:
+        yield made
 
 
 @pytest.fixture
@@ -62,17 +44,12 @@ def config_file(tmp_path: Path, tag: str, vhost: dict[str, str]) -> Path:
     """conftest's configuration, on the test's vhost (overrides conftest's ``config_file``)."""
     state = tmp_path / "state"
     (state / "landing").mkdir(parents=True)
-    path = write_config(tmp_path / "spool.toml", state, tag)
-    url = f"{AMQP_URL.rstrip('/')}/{quote(vhost['name'], safe='')}"
-    path.write_text(path.read_text().replace(f'url = "{AMQP_URL}"', f'url = "{url}"'))
-    return path
+    return on_vhost(write_config(tmp_path / "spool.toml", state, tag), vhost["name"])
 
 
 @pytest.fixture
 async def outsider(settings, vhost) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    parsed = aio_pika.connection.make_url(settings.bus.url)
-    url = parsed.with_user(vhost["outsider"]).with_password(vhost["password"])
-    connection = await aio_pika.connect(str(url))
+    connection = await connect_as(settings.bus.url, vhost["outsider"], vhost["password"])
     try:
         yield connection
     finally:

@@ -18,6 +18,7 @@ from common.bus import headers as H
 from common.catalogue import Catalogue
 from common.config import Settings, load_settings
 from daemons.ingest.handlers import service as ingest_service
+from tests.broker_users import connect_as, on_vhost, private_vhost
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -174,22 +175,23 @@ async def _count_is(settings: Settings, n: int) -> bool:
 
 
 # --- landing-area publishers ---------------------------------------------------------------------
-def publisher_settings(tmp_path: Path, tag: str, spool_users: list[str], publishers: str) -> Settings:
+# The daemon runs as guest (a Spool user, as it must be to start); the announcements come from a
+# real second broker user ("outsider"), from guest, or with no user_id at all.
+def publisher_settings(tmp_path: Path, tag: str, vhost: str, publishers: str) -> Settings:
     state = tmp_path / "state"
     (state / "landing").mkdir(parents=True, exist_ok=True)
     (state / "open").mkdir(parents=True, exist_ok=True)
-    path = write_config(tmp_path / "spool.toml", state, tag)
-    text = path.read_text()
-    users = ", ".join(f'"{u}"' for u in spool_users)
-    text = text.replace("[bus]\n", f"[bus]\nspool_users = [{users}]\n", 1)
-    text = text.replace('lst1 = "landing"\n', 'lst1 = "landing"\nopen = "open"\n', 1)
+    path = on_vhost(write_config(tmp_path / "spool.toml", state, tag), vhost)
+    text = path.read_text().replace('lst1 = "landing"\n', 'lst1 = "landing"\nopen = "open"\n', 1)
     # A top-level key: it goes before every table.
     path.write_text(f"landing_publishers = {{ {publishers} }}\n" + text)
     return load_settings(path)
 
 
-async def publish_as(broker, settings: Settings, body: bytes, user_id: str | None) -> None:
-    channel = await broker.channel(publisher_confirms=True)
+async def publish_as(
+    connection: aio_pika.abc.AbstractConnection, settings: Settings, body: bytes, user_id: str | None
+) -> None:
+    channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange(settings.bus.exchange)
     await exchange.publish(
         aio_pika.Message(body, content_type="application/cloudevents+json", user_id=user_id),
@@ -199,43 +201,56 @@ async def publish_as(broker, settings: Settings, body: bytes, user_id: str | Non
 
 
 @pytest.mark.parametrize(
-    ("spool_users", "publishers", "user_id", "area", "outcome"),
+    ("publishers", "sender", "area", "outcome"),
     [
-        # guest is not a Spool user here and not listed for lst1: refused.
-        (["spool-daemon"], 'lst1 = ["daq-lst1"]', "guest", "lst1", "area_not_permitted"),
-        (["spool-daemon"], 'lst1 = ["daq-lst1"]', None, "lst1", "area_not_permitted"),
+        # The outsider is not listed for lst1: refused; with no user_id at all, too.
+        ('lst1 = ["daq-lst1"]', "outsider", "lst1", "area_not_permitted"),
+        ('lst1 = ["daq-lst1"]', "anonymous", "lst1", "area_not_permitted"),
         # An area listed with nobody: only Spool's users.
-        (["spool-daemon"], "lst1 = []", "guest", "lst1", "area_not_permitted"),
+        ("lst1 = []", "outsider", "lst1", "area_not_permitted"),
         # Listed: accepted.
-        (["spool-daemon"], 'lst1 = ["guest"]', "guest", "lst1", "ingested"),
+        ('lst1 = ["{outsider}"]', "outsider", "lst1", "ingested"),
         # A Spool user may announce in every area.
-        (["guest"], 'lst1 = ["daq-lst1"]', "guest", "lst1", "ingested"),
+        ('lst1 = ["daq-lst1"]', "spool", "lst1", "ingested"),
         # An area not listed takes anyone.
-        (["spool-daemon"], 'lst1 = ["daq-lst1"]', "guest", "open", "ingested"),
-        (["spool-daemon"], 'lst1 = ["daq-lst1"]', None, "open", "ingested"),
+        ('lst1 = ["daq-lst1"]', "outsider", "open", "ingested"),
+        ('lst1 = ["daq-lst1"]', "anonymous", "open", "ingested"),
     ],
 )
 async def test_a_landing_area_takes_announcements_only_from_its_publishers(
-    tmp_path, tag, broker, spool_users, publishers, user_id, area, outcome
+    tmp_path, tag, publishers, sender, area, outcome
 ):
-    settings = publisher_settings(tmp_path, tag, spool_users, publishers)
-    src = settings.landing_areas[area] / "run012345/f.fits"
-    src.parent.mkdir(parents=True)
-    src.write_bytes(b"announced")
-    async with running([ingest_service], settings):
-        await publish_as(broker, settings, cloudevent(ready(src)), user_id)
-        if outcome == "ingested":
-            await wait_for(lambda: _count_is(settings, 1))
-        else:
-            await wait_for(lambda: depth_is(broker, settings.dead_queue("ingest"), 1))
-            assert stored_files(settings) == []
-            # The daemon goes on: a file in the open area is still ingested.
-            good = settings.landing_areas["open"] / "good.fits"
-            good.write_bytes(b"good")
-            await publish_as(broker, settings, cloudevent(ready(good)), user_id)
-            await wait_for(lambda: _count_is(settings, 1))
-    reasons = await dead_reasons(broker, settings)
-    assert reasons == ([] if outcome == "ingested" else [outcome])
+    async with private_vhost(tag, "spool-areas") as vhost:
+        listed = publishers.replace("{outsider}", vhost["outsider"])
+        settings = publisher_settings(tmp_path, tag, vhost["name"], listed)
+        src = settings.landing_areas[area] / "run012345/f.fits"
+        src.parent.mkdir(parents=True)
+        src.write_bytes(b"announced")
+        spool = await aio_pika.connect(settings.bus.url)
+        outsider = await connect_as(settings.bus.url, vhost["outsider"], vhost["password"])
+        connection, user_id = {
+            "outsider": (outsider, vhost["outsider"]),
+            "anonymous": (outsider, None),
+            "spool": (spool, "guest"),
+        }[sender]
+        try:
+            async with running([ingest_service], settings):
+                await publish_as(connection, settings, cloudevent(ready(src)), user_id)
+                if outcome == "ingested":
+                    await wait_for(lambda: _count_is(settings, 1))
+                else:
+                    await wait_for(lambda: depth_is(spool, settings.dead_queue("ingest"), 1))
+                    assert stored_files(settings) == []
+                    # The daemon goes on: a file in the open area is still ingested.
+                    good = settings.landing_areas["open"] / "good.fits"
+                    good.write_bytes(b"good")
+                    await publish_as(connection, settings, cloudevent(ready(good)), user_id)
+                    await wait_for(lambda: _count_is(settings, 1))
+            reasons = await dead_reasons(spool, settings)
+            assert reasons == ([] if outcome == "ingested" else [outcome])
+        finally:
+            await outsider.close()
+            await spool.close()
 
 
 # --- traceable by the logical name it would have had ---------------------------------------------

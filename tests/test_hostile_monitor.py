@@ -90,6 +90,12 @@ class Monitor:
         assert any(v.instance == "good" and v.state == "alive" for v in self.state.daemons())
 
 
+def not_believed(outcome: str, *reasons: str) -> bool:
+    """Refused at the monitor's door for one of ``reasons``, or already by the codec (strict and
+    bounded since issue 16: a forged fact need not get as far as the monitor's own checks)."""
+    return outcome in {f"refused:{r}" for r in reasons} or outcome.startswith("malformed:")
+
+
 def _no_constant(name: str) -> None:
     raise AssertionError(f"/api/status holds {name}: not JSON a browser can parse")
 
@@ -135,7 +141,7 @@ PACKABLE = [v for v in BAD_NUMBERS if not isinstance(v, int) or -(2**63) <= v < 
 )
 def test_a_heartbeat_with_a_number_out_of_range_is_not_believed(monitor, field, value, packed):
     outcome = monitor.feed("daemon.heartbeat", _beat(**{field: value}), packed=packed)
-    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message", "malformed:undecodable")
+    assert not_believed(outcome, "number_out_of_range")
     assert not monitor.state.instances and monitor.state.processed == {}
     monitor.still_answering_and_counting()
 
@@ -168,7 +174,7 @@ def test_a_heartbeat_with_a_number_out_of_range_is_not_believed(monitor, field, 
 )
 def test_a_heartbeat_with_malformed_details_is_refused_whole(monitor, details):
     outcome = monitor.feed("daemon.heartbeat", _beat(details=details))
-    assert outcome in ("refused:number_out_of_range", "refused:invalid_details", "refused:field_too_long")
+    assert not_believed(outcome, "number_out_of_range", "invalid_details", "field_too_long")
     assert not monitor.state.instances
     monitor.still_answering_and_counting()
 
@@ -212,18 +218,21 @@ def test_a_heartbeat_with_malformed_details_is_refused_whole(monitor, details):
 )
 def test_an_event_with_a_number_out_of_range_is_not_believed(monitor, routing_key, data):
     outcome = monitor.feed(routing_key, data)
-    assert outcome in ("refused:number_out_of_range", "malformed:invalid_message", "malformed:undecodable")
+    assert not_believed(outcome, "number_out_of_range")
     assert not monitor.state.moved_bytes and not monitor.state.failures
     assert monitor.state.events[routing_key] == 0
     monitor.still_answering_and_counting()
 
 
 def test_moved_bytes_up_to_the_bound_still_export_as_finite_numbers(monitor):
-    for i in range(50):
-        assert monitor.feed("file.ingested", _ingested(f"big{i}", size=2**63 - 1)) == "counted"
+    # The largest size a message may carry (common.limits), until the sum is past 2**63.
+    biggest, n = 2**50, 9_000
+    for i in range(n):
+        assert monitor.feed("file.ingested", _ingested(f"big{i}", size=biggest), packed=True) == "counted"
     samples = {s.name: s.value for f in text_string_to_metric_families(monitor.metrics()) for s in f.samples
                if s.name == "spool_moved_bytes_total"}  # fmt: skip
-    assert samples["spool_moved_bytes_total"] == pytest.approx(50 * (2**63 - 1))
+    assert samples["spool_moved_bytes_total"] == pytest.approx(n * biggest)
+    assert n * biggest > 2**63
     monitor.still_answering_and_counting()
 
 
@@ -231,13 +240,14 @@ def test_moved_bytes_up_to_the_bound_still_export_as_finite_numbers(monitor):
 NAIVE = ["2026-11-23T02:00:00", "2026-11-23T02:00:00.123456", "2026-11-23 02:00"]
 
 
+# One rule for every consumer (common.messages): a time without a UTC offset is read as UTC when
+# decoded, so the monitor never compares naive and aware times (it raised a TypeError).
 @pytest.mark.parametrize("value", NAIVE)
 @pytest.mark.parametrize("field", ["time", "started"])
-def test_a_heartbeat_with_a_naive_timestamp_is_refused_not_a_type_error(monitor, field, value):
+def test_a_heartbeat_with_a_naive_timestamp_is_read_as_utc_not_a_type_error(monitor, field, value):
     assert monitor.feed("daemon.heartbeat", _beat()) == "counted"  # an aware one already listed
-    outcome = monitor.feed("daemon.heartbeat", _beat(instance="naive", **{field: value}))
-    assert outcome == "refused:naive_timestamp"
-    assert [v.instance for v in monitor.state.daemons()] == ["i1"]
+    assert monitor.feed("daemon.heartbeat", _beat(instance="naive", **{field: value})) == "counted"
+    assert sorted(v.instance for v in monitor.state.daemons()) == ["i1", "naive"]
     monitor.still_answering_and_counting()
 
 
@@ -251,18 +261,19 @@ def test_a_heartbeat_with_a_naive_timestamp_is_refused_not_a_type_error(monitor,
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_an_event_with_a_naive_timestamp_is_refused(monitor, routing_key, data, value):
-    assert monitor.feed(routing_key, {**data, "time": value}) == "refused:naive_timestamp"
-    assert not monitor.state.failures and monitor.state.events[routing_key] == 0
+def test_an_event_with_a_naive_timestamp_is_read_as_utc(monitor, routing_key, data, value):
+    assert monitor.feed(routing_key, {**data, "time": value}) == "counted"
+    assert monitor.state.events[routing_key] == 1
     monitor.still_answering_and_counting()
 
 
-def test_a_cloudevent_time_without_an_offset_is_refused(monitor):
+def test_a_cloudevent_time_without_an_offset_is_read_as_utc(monitor):
     event = {"specversion": "1.0", "id": "x1", "source": "s", "type": "file.failed", "time": NAIVE[0],
              "data": {"daemon": "ingest", "reason": "disk_full", "error": "e", "attempts": 1}}  # fmt: skip
     msg = codec.decode(json.dumps(event).encode(), codec.CLOUDEVENTS_JSON, "file.failed")
+    assert msg.time.utcoffset() == timedelta(0)
     monitor.state.observe(msg)
-    assert monitor.state.refused == {"naive_timestamp": 1} and not monitor.state.failures
+    assert monitor.state.refused == {} and monitor.state.failures
 
 
 @pytest.mark.parametrize("offset", ["+05:30", "-11:00", "Z", "+00:00"])
@@ -272,8 +283,17 @@ def test_a_timestamp_with_any_utc_offset_is_believed(monitor, offset):
 
 
 # --- cardinality ---------------------------------------------------------------------------------
-def test_a_heartbeat_with_a_hundred_thousand_reason_keys_leaves_metrics_small(monitor):
+def test_a_heartbeat_with_a_hundred_thousand_reason_keys_is_not_believed(monitor):
     reasons = {f"reason_{i}": i for i in range(100_000)}
+    beat = _beat(details={"retried_by_reason": reasons, "dead_by_reason": reasons})
+    assert not_believed(monitor.feed("daemon.heartbeat", beat, packed=True), "invalid_details")
+    assert not monitor.state.instances
+    assert len(monitor.metrics()) < METRICS_BOUND
+    monitor.still_answering_and_counting()
+
+
+def test_a_heartbeat_with_thousands_of_reason_keys_is_folded_to_the_largest(monitor):
+    reasons = {f"reason_{i}": i for i in range(1_500)}  # as many as a heartbeat may carry
     beat = _beat(details={"retried_by_reason": reasons, "dead_by_reason": reasons})
     assert monitor.feed("daemon.heartbeat", beat, packed=True) == "counted"
     [instance] = monitor.state.instances.values()
@@ -282,7 +302,7 @@ def test_a_heartbeat_with_a_hundred_thousand_reason_keys_leaves_metrics_small(mo
     assert instance.retried_by_reason["other"] > 0
     assert len(monitor.metrics()) < METRICS_BOUND
     folded = _sample(monitor.metrics(), "spool_folded_label_values_total", label="reason")
-    assert folded >= 100_000 - intake.MAX_REASON_KEYS
+    assert folded >= 1_500 - intake.MAX_REASON_KEYS
     monitor.still_answering_and_counting()
 
 
@@ -318,21 +338,19 @@ def test_ten_thousand_failure_reasons_storages_and_daemons_are_bounded(monitor):
 
 
 @pytest.mark.parametrize("field", ["reason", "endpoint", "daemon"])
-def test_a_megabyte_label_in_a_failure_is_folded_and_its_texts_cut(monitor, field):
+def test_a_megabyte_label_in_a_failure_is_not_believed(monitor, field):
     fact = {"daemon": "ingest", "reason": "disk_full", "error": "E" * 1_000_000, "attempts": 1,
             "endpoint": "disk1", "name": "N" * 1_000_000, field: "L" * 1_000_000}  # fmt: skip
-    assert monitor.feed("file.failed", fact) == "counted"
-    [group] = monitor.state.failures.values()
-    assert getattr(group, field) == "other"
-    assert len(group.error) <= 4000 and len(group.example or "") <= intake.MAX_TEXT + 3
+    assert not_believed(monitor.feed("file.failed", fact), "field_too_long")
+    assert not monitor.state.failures
     assert len(monitor.metrics()) < METRICS_BOUND
-    assert len(monitor.web.status_body()) < 64 * 1024
     monitor.still_answering_and_counting()
 
 
 @pytest.mark.parametrize("field", ["instance", "host", "version"])
 def test_a_heartbeat_with_an_over_long_label_is_refused(monitor, field):
-    assert monitor.feed("daemon.heartbeat", _beat(**{field: "x" * 100_000})) == "refused:field_too_long"
+    assert not_believed(monitor.feed("daemon.heartbeat", _beat(**{field: "x" * 100_000})), "field_too_long")
+    assert not monitor.state.instances
     monitor.still_answering_and_counting()
 
 
@@ -352,19 +370,21 @@ def test_a_heartbeat_with_an_over_long_label_is_refused(monitor, field):
 )
 def test_a_fact_with_text_that_is_not_unicode_is_refused(monitor, routing_key, data):
     """A lone surrogate (valid JSON escape, not a character) cannot be written into /metrics."""
-    assert monitor.feed(routing_key, data) == "refused:invalid_text"
+    assert not_believed(monitor.feed(routing_key, data), "invalid_text")
     monitor.still_answering_and_counting()
 
 
-def test_a_reason_key_that_is_not_unicode_is_folded(monitor):
-    assert monitor.feed("daemon.heartbeat", _beat(details={"retried_by_reason": {"r\ud800": 2}})) == "counted"
-    assert monitor.state.instances[("ingest", "i1")].retried_by_reason == {"other": 2}
+def test_a_reason_key_that_is_not_unicode_is_not_believed(monitor):
+    outcome = monitor.feed("daemon.heartbeat", _beat(details={"retried_by_reason": {"r\ud800": 2}}))
+    assert not_believed(outcome, "invalid_text") or outcome == "counted"
+    if outcome == "counted":  # believed only with the key folded away
+        assert monitor.state.instances[("ingest", "i1")].retried_by_reason == {"other": 2}
     monitor.still_answering_and_counting()
 
 
 @pytest.mark.parametrize("daemon", ["nosuchdaemon", "", "x" * 10_000, "ingest\n"])
 def test_a_heartbeat_of_a_daemon_spool_does_not_have_is_refused(monitor, daemon):
-    assert monitor.feed("daemon.heartbeat", _beat(daemon=daemon)) == "refused:unknown_daemon"
+    assert not_believed(monitor.feed("daemon.heartbeat", _beat(daemon=daemon)), "unknown_daemon")
     assert not monitor.state.instances
     monitor.still_answering_and_counting()
 
@@ -428,15 +448,15 @@ def test_the_external_contract_is_counted_from_anyone(monitor, routing_key, data
 
 def test_refusals_are_counted_by_reason_in_metrics_and_status(monitor):
     monitor.feed("daemon.heartbeat", _beat(), trusted=False)
-    monitor.feed("daemon.heartbeat", _beat(processed=-1))
-    monitor.feed("file.failed", {"daemon": "ingest", "reason": "r", "error": "e", "attempts": 1,
-                                 "time": NAIVE[0]})  # fmt: skip
+    monitor.feed("file.ingested", _ingested("forged"), trusted=False)
+    for i in range(intake.MAX_INSTANCES + 1):  # the last one finds no room
+        monitor.feed("daemon.heartbeat", _beat(instance=f"i{i}"), packed=True)
     text = monitor.metrics()
-    for reason in ("untrusted_sender", "number_out_of_range", "naive_timestamp"):
-        assert _sample(text, "spool_refused_facts_total", reason=reason) == 1
+    assert _sample(text, "spool_refused_facts_total", reason="untrusted_sender") == 2
+    assert _sample(text, "spool_refused_facts_total", reason="too_many_instances") == 1
     doc = monitor.status()
     assert doc["refused"]["total"] == 3
-    assert doc["refused"]["last"]["reason"] == "naive_timestamp"
+    assert doc["refused"]["last"]["reason"] == "too_many_instances"
 
 
 def test_every_refusal_is_logged_and_repeats_are_folded():

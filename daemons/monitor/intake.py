@@ -19,8 +19,10 @@ Decisions (reason codes are stable):
   another; a fact that does is a bug or a forgery, and believing the rest of it would make the
   totals lie. Refused rather than clamped. (Totals the monitor adds up itself are clamped to the
   finite range when exported.)
-- ``naive_timestamp``: a time without a UTC offset is refused, not read as UTC: read on the wrong
-  side of a time zone it would show a dead daemon alive for hours.
+- ``naive_timestamp``: a time without a UTC offset. Off the bus this cannot reach the monitor:
+  ``common.messages`` reads such a time as UTC when it decodes (one rule for every consumer), so
+  a naive ``time`` is believed as UTC. Kept for facts built in code: comparing it with aware
+  times would raise a TypeError.
 - ``invalid_text``: a text field that is not valid Unicode (a lone surrogate, ``"\\ud800"`` in
   JSON): it could not be written into ``/metrics`` or a log line.
 - ``unknown_daemon``: a heartbeat for a daemon Spool does not have (``config.DAEMON_NAMES``).

@@ -147,6 +147,11 @@ async def publish_recall(
     await channel.close()
 
 
+def reply_queue(settings: Settings) -> str:
+    """A reply queue by the pattern recall answers on (``common.bus.admission``)."""
+    return f"{settings.bus.queue_prefix}.reply.{uuid.uuid4().hex}"
+
+
 async def next_reply(queue: aio_pika.abc.AbstractQueue) -> dict[str, Any]:
     got: list[aio_pika.abc.AbstractIncomingMessage] = []
 
@@ -176,7 +181,7 @@ async def test_a_recall_id_reused_with_other_content_is_refused_and_answered(tmp
     catalogue_files = contents(2)
     await register(settings, catalogue_files, keep_on_disk=list(catalogue_files))
     channel = await broker.channel()
-    replies = await channel.declare_queue(exclusive=True)
+    replies = await channel.declare_queue(reply_queue(settings), exclusive=True)
     events = None
     rid = uuid.uuid4().hex
     first = {"names": ["run42/f000.fits", "run42/f001.fits"], "destination": "disk2", "priority": 3}
@@ -235,7 +240,7 @@ async def test_a_recall_id_resent_with_the_same_content_is_a_redelivery(tmp_path
 async def test_a_recall_refused_outright_is_answered_on_reply_to(tmp_path, tag, broker, data, reason):
     settings = recall_settings(tmp_path, tag)
     channel = await broker.channel()
-    replies = await channel.declare_queue(exclusive=True)
+    replies = await channel.declare_queue(reply_queue(settings), exclusive=True)
     rid = uuid.uuid4().hex
     async with running([recall_service], settings):
         await publish_recall(broker, settings, rid, data, reply_to=replies.name)

@@ -15,6 +15,7 @@ import aio_pika
 import msgpack
 import pytest
 
+from common.bus.publisher import connection_user
 from common.catalogue import Catalogue
 from common.codec import encode
 from common.config import Settings, load_settings
@@ -88,9 +89,10 @@ async def test_files_keep_their_file_ready_correlation_id_through_bulk_replicas_
         single = ReplicaRequest(name=name, destination="disk2")
         channel = await broker.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(settings.bus.exchange)
-        message = aio_pika.Message(
-            encode(single), content_type="application/msgpack", correlation_id="again-1"
-        )
+        message = aio_pika.Message(  # as Spool's own publishers send it: an internal command
+            encode(single), content_type="application/msgpack", correlation_id="again-1",
+            user_id=connection_user(broker),
+        )  # fmt: skip
         await exchange.publish(message, routing_key=single.ROUTING_KEY)
         await channel.close()
         await wait_for(lambda: _announced(created, name, "again-1"), timeout=30)
@@ -130,7 +132,9 @@ async def test_a_bulk_request_of_unknown_names_is_one_dead_letter_and_its_known_
         unknown = [f"nowhere/{i:04d}.fits" for i in range(1000)]
         names = [*unknown[:500], *known, *unknown[500:]]
         bulk = ReplicaRequest(names=names, destination="disk2", correlation_ids=[ids.get(n) for n in names])
-        await publish_raw(broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack")
+        await publish_raw(
+            broker, settings, bulk.ROUTING_KEY, encode(bulk), "application/msgpack", as_spool=True
+        )
         await wait_for(lambda: _dead(broker, settings, 1), timeout=60)
         # Nothing else is left to do: no single-file request per unknown name was queued.
         assert await queue_depth(broker, settings.queue("replicator")) == 0

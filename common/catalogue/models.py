@@ -73,6 +73,15 @@ class IngestRecord(BaseModel):
             raise ValueError("adler32 is required")
         return out
 
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        # Before the type's own (lax) validation, which would take an integer beyond 64 bits as
+        # a float and lose its digits.
+        if isinstance(v, dict):
+            check_metadata(v)
+        return v
+
     @field_validator("metadata")
     @classmethod
     def _meta(cls, v: dict[str, MetaValue]) -> dict[str, MetaValue]:

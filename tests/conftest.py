@@ -160,6 +160,21 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def dead_reasons(
+    connection: aio_pika.abc.AbstractRobustConnection, settings: Settings, daemon: str = "ingest"
+) -> list[str]:
+    """The reason of every letter in ``daemon``'s dead-letter queue, oldest first (left there)."""
+    from common.bus import headers as H
+
+    channel = await connection.channel()
+    queue = await channel.get_queue(settings.dead_queue(daemon))
+    reasons = []
+    while (m := await queue.get(no_ack=False, fail=False)) is not None:
+        reasons.append(m.headers[H.REASON])
+    await channel.close()
+    return reasons
+
+
 async def queue_depth(connection: aio_pika.abc.AbstractRobustConnection, name: str) -> int:
     channel = await connection.channel()
     try:

@@ -26,6 +26,7 @@ from daemons.ingest import steps
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall import delivery
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.conftest import dead_reasons as _dead
 from tests.storage_fixtures import leftovers
 
 DATASET = "lst1.20261123.run012345.dl0"
@@ -292,18 +293,6 @@ def _item(name: str, content: bytes) -> object:
 # --- ingest through the bus ----------------------------------------------------------------------
 def _ready(path: Path | str) -> bytes:
     return cloudevent({"path": str(path), "dataset": DATASET})
-
-
-async def _dead(broker, settings: Settings) -> list[str]:  # type: ignore[no-untyped-def]
-    from common.bus import headers as H
-
-    channel = await broker.channel()
-    queue = await channel.get_queue(settings.dead_queue("ingest"))
-    reasons = []
-    while (m := await queue.get(no_ack=False, fail=False)) is not None:
-        reasons.append(m.headers[H.REASON])
-    await channel.close()
-    return reasons
 
 
 async def _files(settings: Settings) -> int:

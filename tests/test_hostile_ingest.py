@@ -14,12 +14,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from common.bus import headers as H
 from common.catalogue import Catalogue
 from common.config import Settings, load_settings
 from daemons.ingest.handlers import service as ingest_service
 from tests.broker_users import connect_as, on_vhost, private_vhost
-from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for, write_config
+from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
@@ -43,16 +42,6 @@ def ready(path: Path | str, **data: Any) -> dict[str, Any]:
 def stored_files(settings: Settings) -> list[str]:
     root = settings.storage["disk1"].root
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
-
-
-async def dead_reasons(broker, settings: Settings) -> list[str]:
-    channel = await broker.channel()
-    queue = await channel.get_queue(settings.dead_queue("ingest"))
-    reasons = []
-    while (m := await queue.get(no_ack=False, fail=False)) is not None:
-        reasons.append(m.headers[H.REASON])
-    await channel.close()
-    return reasons
 
 
 async def depth_is(broker, name: str, n: int) -> bool:

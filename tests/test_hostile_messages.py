@@ -15,7 +15,6 @@ import msgpack
 import pytest
 
 from common import codec, limits
-from common.bus import headers as H
 from common.catalogue import Catalogue
 from common.config import Settings
 from common.errors import InvalidMessage
@@ -30,6 +29,7 @@ from common.messages import (
 )
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.conftest import dead_reasons as _dead_reasons
 
 DATASET = "lst1.20261123.run012345.dl0"
 READY = {"path": "/landing/run1/f.fits", "dataset": DATASET}
@@ -310,13 +310,3 @@ async def _depth(broker, name: str, n: int) -> bool:
 async def _registered(settings: Settings, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
         return (await c.counts()).files == n
-
-
-async def _dead_reasons(broker, settings: Settings) -> list[str]:
-    channel = await broker.channel()
-    queue = await channel.get_queue(settings.dead_queue("ingest"))
-    reasons = []
-    while (m := await queue.get(no_ack=False, fail=False)) is not None:
-        reasons.append(m.headers[H.REASON])
-    await channel.close()
-    return reasons

@@ -27,6 +27,7 @@ from common.storage.checksum import adler32_of_file
 from common.tape.data import write_data
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.conftest import dead_reasons as _dead
 from tests.storage_fixtures import leftovers
 
 DATASET = "lst1.20261123.run012345.dl0"
@@ -142,18 +143,6 @@ def _ready(path: Path | str, **data: object) -> bytes:
 async def _files(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
         return (await c.counts()).files
-
-
-async def _dead(broker, settings: Settings) -> list[str]:  # type: ignore[no-untyped-def]
-    from common.bus import headers as H
-
-    channel = await broker.channel()
-    queue = await channel.get_queue(settings.dead_queue("ingest"))
-    reasons = []
-    while (m := await queue.get(no_ack=False, fail=False)) is not None:
-        reasons.append(m.headers[H.REASON])
-    await channel.close()
-    return reasons
 
 
 async def _is(value: object, expected: int) -> bool:

@@ -13,12 +13,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from common.bus import headers as H
 from common.catalogue import Catalogue
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall.handlers import service as recall_service
-from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for
 from tests.recall_fixtures import DATASET as RECALL_DATASET
 from tests.recall_fixtures import Events, contents, recall_settings, register, status
 
@@ -31,16 +30,6 @@ def make_file(settings: Settings, rel: str, content: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
-
-
-async def dead_reasons(broker, settings: Settings, daemon: str) -> list[str]:
-    channel = await broker.channel()
-    queue = await channel.get_queue(settings.dead_queue(daemon))
-    reasons = []
-    while (m := await queue.get(no_ack=False, fail=False)) is not None:
-        reasons.append(m.headers[H.REASON])
-    await channel.close()
-    return reasons
 
 
 async def depth_is(broker, name: str, n: int) -> bool:

@@ -50,11 +50,21 @@ async def test_close_flushes_pending_items():
     assert await pending == "x"
 
 
-async def test_close_with_nothing_pending_returns():
+async def test_close_with_nothing_pending_returns_at_once_without_running_a_batch():
+    calls = []
+
     async def echo(items):
+        calls.append(list(items))
         return list(items)
 
-    await MicroBatcher(echo).close()
+    batcher = MicroBatcher(echo, max_wait=60)
+    await asyncio.wait_for(batcher.close(), 1)
+    assert calls == []
+    # Still usable afterwards, and a later close waits for what was submitted.
+    pending = asyncio.ensure_future(batcher.submit(7))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batcher.close(), 1)
+    assert pending.done() and pending.result() == 7 and calls == [[7]]
 
 
 async def test_submit_many_fills_whole_batches_and_answers_in_order():

@@ -192,10 +192,19 @@ async def test_publish_of_an_unroutable_message_is_an_error_not_silence(settings
 async def test_publisher_confirms_reach_the_work_queue_as_msgpack(settings, broker):
     seen: list[tuple[str, int]] = []
     async with running([make_service(seen)], settings) as process:
-        await process.runners[0].publisher.publish(
-            FileReady(path="/a", dataset="d", metadata={"behave": "ok"})
-        )
+        # A second queue bound to the same key shows the message as it travelled.
+        channel = await broker.channel()
+        side = await channel.declare_queue(exclusive=True)
+        await side.bind(settings.bus.exchange, FileReady.ROUTING_KEY)
+        sent = FileReady(path="/a", dataset="d", metadata={"behave": "ok"})
+        await process.runners[0].publisher.publish(sent)  # returns once the broker confirmed
+        copy = await _get(side)
         await wait_for(lambda: _true(seen == [("ok", 1)]))
+        await channel.close()
+    assert copy.content_type == "application/msgpack"
+    body = msgpack.unpackb(copy.body)
+    assert (body["id"], body["path"], body["metadata"]) == (sent.id, "/a", {"behave": "ok"})
+    assert copy.message_id == sent.id and copy.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
 
 
 # --- helpers ------------------------------------------------------------------------------------

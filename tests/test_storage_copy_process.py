@@ -368,7 +368,7 @@ def test_batches_sent_ahead_are_bounded_by_their_bytes(tmp_path: Path) -> None:
         storage.close()
 
 
-def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path: Path) -> None:
+def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
     """A parent that stopped (or gave up on it) closes its end: the copier's next answer meets a
     broken pipe, and it returns instead of dying with a traceback on the daemon's stderr."""
     import io
@@ -390,10 +390,12 @@ def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path
     stream_in = io.BytesIO(copy_process._frame(hello) + copy_process._frame(batch))
     thresholds = gc.get_threshold()  # serve tunes the collector, as in its own process
     try:
-        copy_process.serve(stream_in, ClosedPipe())  # type: ignore[arg-type]  # returns, raises nothing
+        returned = copy_process.serve(stream_in, ClosedPipe())  # type: ignore[arg-type]
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+    assert returned is None  # it returned (raised nothing) ...
+    assert capfd.readouterr().err == ""  # ... and wrote no traceback
 
 
 @pytest.mark.parametrize("loop_factory", ["uvloop", "asyncio"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,7 @@ from common.storage.checksum import adler32_of_file
 from daemons.ingest import steps
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall import delivery
-from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
-from tests.conftest import dead_reasons as _dead
+from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for
 from tests.storage_fixtures import leftovers
 
 DATASET = "lst1.20261123.run012345.dl0"
@@ -329,7 +328,7 @@ async def test_landing_dir_swapped_for_a_symlink_after_a_good_file_is_refused(
         (area / "good.fits").write_bytes(b"good")
         await publish_raw(broker, settings, "file.ready", _ready(area / "good.fits"))
         await wait_for(lambda: _is(_files(settings), 2))
-    assert await _dead(broker, settings) == ["path_outside_area"]
+    assert await dead_reasons(broker, settings) == ["path_outside_area"]
     assert not (disk / "night" / "secret").exists()
     assert sorted(p.relative_to(disk).as_posix() for p in disk.rglob("*") if p.is_file()) == [
         "good.fits",
@@ -354,7 +353,7 @@ async def test_symlinked_intermediate_and_final_components_are_refused_by_ingest
         await wait_for(lambda: _is(queue_depth(broker, settings.dead_queue("ingest")), len(bad)))
         await publish_raw(broker, settings, "file.ready", _ready(area / "night" / "real.fits"))
         await wait_for(lambda: _is(_files(settings), 1))
-    assert await _dead(broker, settings) == ["path_outside_area"] * len(bad)
+    assert await dead_reasons(broker, settings) == ["path_outside_area"] * len(bad)
     assert leftovers(settings.storage["disk1"].root) == []
     assert untouched(outside)
 
@@ -392,7 +391,11 @@ async def test_replicator_symlinked_destination_keeps_the_source_available(
     (disk2 / "night").symlink_to(outside)  # a directory of the destination path
     async with running([ingest_service, replicator_service], settings):
         await publish_ready(broker, settings, night)
-        await wait_for(lambda: _is(queue_depth(broker, settings.dead_queue("replicator")), 1), timeout=60)
+        # One dead letter, or two: the rule, evaluated over files already registered when it is
+        # first seen, may ask for the same copy again (each is refused the same way).
+        await wait_for(
+            lambda: _at_least(queue_depth(broker, settings.dead_queue("replicator")), 1), timeout=60
+        )
         await publish_ready(broker, settings, day)  # the daemon still copies a good file
         await wait_for(lambda: _state_is(settings, good, "disk2", "available"), timeout=60)
     states = await replica_states(settings)
@@ -401,13 +404,12 @@ async def test_replicator_symlinked_destination_keeps_the_source_available(
     assert (disk2 / good).read_bytes() == day[0][1]
     assert list(outside.iterdir()) == []
     assert leftovers(disk2) == []
-    from common.bus import headers as H
+    reasons = await dead_reasons(broker, settings, "replicator")
+    assert reasons and set(reasons) == {"path_outside_area"}, reasons
 
-    channel = await broker.channel()
-    dead = await (await channel.get_queue(settings.dead_queue("replicator"))).get(fail=False)
-    assert dead is not None and dead.headers[H.REASON] == "path_outside_area"
-    await dead.nack(requeue=True)
-    await channel.close()
+
+async def _at_least(depth: Awaitable[int], n: int) -> bool:
+    return await depth >= n
 
 
 async def _state_is(settings: Settings, name: str, storage: str, state: str) -> bool:

@@ -33,6 +33,10 @@ MAX_NAME_LENGTH = 255
 MAX_PROGRAM_BYTES = 8 << 20  # RE2's own default; stated so a change is deliberate
 
 
+# Names whose verdict a pattern remembers (each at most MAX_NAME_LENGTH characters).
+MAX_CACHED_VERDICTS = 4096
+
+
 class PatternError(ValueError):
     """A pattern refused: not valid for RE2, or too large. The message names the pattern."""
 
@@ -57,11 +61,19 @@ class NamePattern:
 
     text: str
     _compiled: Any = field(repr=False, compare=False)
+    # Verdicts by name: a pattern's answer for a name never changes, a night has few dataset
+    # names, and one match through the RE2 wrapper cost ~100 us (a tenth of ingest's CPU per
+    # file, docs/benchmarks.md). Bounded: cleared when full, so a flood of names costs a match each.
+    _verdicts: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
     def fullmatch(self, name: str) -> bool:
-        if len(name) > MAX_NAME_LENGTH:
-            return False
-        return self._compiled.fullmatch(name) is not None
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            verdict = len(name) <= MAX_NAME_LENGTH and self._compiled.fullmatch(name) is not None
+            if len(self._verdicts) >= MAX_CACHED_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[name] = verdict
+        return verdict
 
 
 def compile_pattern(text: str) -> NamePattern:

@@ -158,3 +158,16 @@ def test_metadata_filters_parse_in_linear_time_and_are_bounded() -> None:
         parse_filter("run=" + " " * MAX_FILTER_LENGTH + "1")
     assert str(parse_filter("  run >= 12000 ")) == "run>=12000"
     assert parse_filter('name = " a b "').values == (" a b ",)
+
+
+def test_remembered_verdicts_are_the_engines_and_stay_bounded() -> None:
+    from common.patterns import MAX_CACHED_VERDICTS
+
+    pattern = compile_pattern(r"lst1\.\d{8}\.run\d+")
+    names = [f"lst1.2026112{i % 10}.run{i}" for i in range(MAX_CACHED_VERDICTS + 10)] + ["x", "lst1.x"]
+    first = [pattern.fullmatch(n) for n in names]
+    again = [pattern.fullmatch(n) for n in names]  # from memory where remembered
+    fresh = compile_pattern(r"lst1\.\d{8}\.run\d+")
+    assert first == again == [fresh.fullmatch(n) for n in names]
+    assert first[:3] == [True, True, True] and first[-2:] == [False, False]
+    assert len(pattern._verdicts) <= MAX_CACHED_VERDICTS

@@ -154,8 +154,9 @@ HOSTILE_BEATS: list[dict[str, Any]] = [
     {"processed": 10**400},
     {"in_flight": -1},
     {"failed": 2**64},
-    {"time": "2026-11-23T02:00:00"},
-    {"started": "2026-11-23T02:00:00"},
+    # Without a UTC offset (read as UTC), and recent: a heartbeat weeks old would be forgotten.
+    {"time": datetime.now(UTC).replace(tzinfo=None).isoformat()},
+    {"started": datetime.now(UTC).replace(tzinfo=None).isoformat()},
     {"details": {"retried_by_reason": {f"reason_{i}": 1 for i in range(100_000)}}},
     {"details": {"handling": {"buckets": [0.1], "counts": [1, 2], "sum": float("nan")}}},
     {"host": "\ud800"},  # a lone surrogate: valid JSON, not writable into /metrics

@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import msgpack
 import pytest
+import sqlalchemy as sa
 
 from common.bus.publisher import connection_user
 from common.catalogue import Catalogue
@@ -73,6 +74,9 @@ async def test_files_keep_their_file_ready_correlation_id_through_bulk_replicas_
     async with running([ingest_service, replicator_service, tape_service], settings):
         created = await bind(broker, settings, "replica.created")
         archived = await bind(broker, settings, "file.archived")
+        # The configured rules evaluated (over no file yet) first: a rule evaluated over files
+        # already registered asks for their copies as ``rule-<id>``, a race with ingest's own.
+        await wait_for(lambda: _rules_active(settings), timeout=30)
         ids = await _publish_ready_correlated(broker, settings, files)
         names = set(ids)
         await wait_for(lambda: _available(settings, "disk2", names), timeout=60)
@@ -101,6 +105,16 @@ async def test_files_keep_their_file_ready_correlation_id_through_bulk_replicas_
             history = {e.type: e.detail or {} for e in await catalogue.history(name)}
             assert history["replica.created"].get("correlation_id") == cid, history
             assert history["file.archived"].get("correlation_id") == cid, history
+
+
+async def _rules_active(settings: Settings) -> bool:
+    from common.catalogue import schema
+
+    async with await Catalogue.open(settings.catalogue.url) as catalogue:
+        states = await catalogue.run(
+            lambda conn: list(conn.execute(sa.select(schema.rules.c.state)).scalars())
+        )
+    return bool(states) and set(states) == {"active"}
 
 
 _seen: dict[str, str | None] = {}

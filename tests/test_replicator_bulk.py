@@ -170,3 +170,31 @@ async def test_a_bulk_request_of_unknown_names_is_one_dead_letter_and_its_known_
 
 async def _dead(broker: Any, settings: Settings, n: int) -> bool:
     return await queue_depth(broker, settings.dead_queue("replicator")) >= n
+
+
+async def test_a_rule_met_after_its_files_were_registered_keeps_each_files_correlation_id(
+    tmp_path, tag, broker
+):
+    """A rule evaluated over files already in the catalogue asks for their copies under each
+    file's own correlation id (its file.ready's event id), not the rule's."""
+    before = load_settings(replication_config(tmp_path, tag))  # no rule yet: one copy, disk1
+    files = make_files(before, 6, size=100)
+    ids: dict[str, str] = {}
+    async with running([ingest_service], before):
+        channel = await broker.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(before.bus.exchange)
+        for path, content in files:
+            event_id = "ev-" + uuid.uuid4().hex
+            ids[name_of(before, path)] = event_id
+            data = {"path": str(path), "dataset": DATASET, "size": len(content), "adler32": adler(content)}
+            message = aio_pika.Message(
+                cloudevent(data, id_=event_id), content_type="application/cloudevents+json"
+            )
+            await exchange.publish(message, routing_key="file.ready")
+        await channel.close()
+        await wait_for(lambda: _available(before, "disk1", set(ids)), timeout=60)
+    settings = load_settings(replication_config(tmp_path, tag, **TO_DISK2))  # the rule arrives
+    created = await bind(broker, settings, "replica.created")
+    async with running([replicator_service], settings):
+        await wait_for(lambda: _available(settings, "disk2", set(ids)), timeout=60)
+    assert _copy_correlations(await _drain(created)) == ids

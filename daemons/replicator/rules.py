@@ -11,11 +11,13 @@ are idempotent.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from common.bus.publisher import Publisher
 from common.catalogue import Catalogue
 from common.catalogue.policy import Rule
+from common.catalogue.tape import ingest_correlations
 from common.config import Settings
 from common.logging import get_logger
 from common.placement import BULK, endpoint_table, publish_wanted
@@ -65,6 +67,10 @@ async def _evaluate(
         items = [(x.name, x.dataset, x.metadata) for x in page]
         wanted = await catalogue.plan_copies(items, every, endpoints)
         flat = [w for per_file in wanted for w in per_file]
+        # Each copy carries its file's correlation id (its file.ready's event id, what ingest and
+        # the tape writer use): the rule's own id only for a file ingest has no record of.
+        known = await catalogue.run(ingest_correlations, [w.name for w in flat]) if flat else {}
+        flat = [replace(w, correlation_id=w.correlation_id or known.get(w.name)) for w in flat]
         await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}", bulk=BULK)
         files += len(page)
         requested += len(flat)

@@ -128,10 +128,30 @@ ensure_xrootd() {
   fi
 }
 
+# A broker that refuses publishers (memory or disk alarm) makes every test that publishes hang:
+# say so now, in one line, instead of after an hour of timeouts.
+check_rabbitmq_alarms() {
+  command -v rabbitmq-diagnostics >/dev/null || return 0
+  if ! out=$(rabbitmq-diagnostics -q check_local_alarms 2>&1); then
+    echo "services: RabbitMQ has a resource alarm and blocks publishers: $out" >&2
+    echo "services: free disk space (df -h /var/lib/rabbitmq) or memory, then run this again" >&2
+    return 1
+  fi
+}
+
+# In CI the broker is the machine's own and nobody else's: queues that earlier test runs left
+# behind (hundreds per run, many of them quorum queues) are deleted before the tests start.
+clean_rabbitmq_leftovers() {
+  [ "${CI:-}" = "true" ] || return 0
+  port_open 15672 || return 0
+  python3 "$(dirname "$0")/../tests/broker_cleanup.py" --leftovers || true
+}
+
 status=0
 for svc in "$@"; do
   case "$svc" in
-    rabbitmq) { ensure_rabbitmq && ensure_management; } || status=1 ;;
+    rabbitmq) { ensure_rabbitmq && ensure_management && check_rabbitmq_alarms; } || status=1
+              clean_rabbitmq_leftovers ;;
     postgres) ensure_postgres || status=1 ;;
     chromium) ensure_chromium || status=1 ;;
     xrootd) ensure_xrootd || status=1 ;;

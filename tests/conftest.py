@@ -55,9 +55,28 @@ def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
     return path
 
 
+# Every tag handed out this session: its queues and exchange are deleted when the session ends.
+_TAGS: set[str] = set()
+
+
 @pytest.fixture
 def tag() -> str:
-    return uuid.uuid4().hex[:10]
+    value = uuid.uuid4().hex[:10]
+    _TAGS.add(value)
+    return value
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave the shared broker as found: what a test left behind (a daemon run in a subprocess,
+    a test failed half-way) would otherwise pile up run after run (``tests/broker_cleanup.py``)."""
+    if not _TAGS:
+        return
+    from tests.broker_cleanup import remove_tags
+
+    try:
+        remove_tags(AMQP_URL, _TAGS)
+    except (OSError, ValueError) as exc:
+        print(f"\nconftest: could not delete this session's queues: {exc}", file=sys.stderr)
 
 
 @pytest.fixture
@@ -75,7 +94,7 @@ def settings(config_file: Path) -> Settings:
 @pytest.fixture
 async def broker(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
     """A connection for the test itself; the test's queues and exchange are deleted afterwards."""
-    connection = await aio_pika.connect_robust(settings.bus.url)
+    connection = await aio_pika.connect_robust(settings.bus.url, timeout=60)
     try:
         yield connection
     finally:

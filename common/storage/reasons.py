@@ -16,12 +16,15 @@ import errno
 import os
 
 from common.errors import Permanent, Retryable, SpoolError
+from common.reasons import codes_blaming
 from common.storage.checksum import normalise_adler32
 
 _NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
 
 # --- reason codes of copy_verified ---------------------------------------------------------------
+# Which side of a copy a code blames is registered with the code (``blames`` in ``common.reasons``);
+# the sets are read from there, the names below are for the raise sites.
 # Source side: the replica being copied *from*. Permanent ones mean "this source replica is bad or
 # gone, mark it so and pick another"; source_io_error (Retryable) may be a flaky mount.
 SOURCE_MISSING = "source_missing"  # Permanent: no file at the source path
@@ -32,13 +35,13 @@ DESTINATION_NOT_WRITABLE = "destination_not_writable"
 DISK_FULL = "disk_full"  # ENOSPC / EDQUOT, or the copy would eat into min_free_bytes
 STORAGE_IO_ERROR = "storage_io_error"
 CHECKSUM_MISMATCH = "checksum_mismatch"  # the written copy differs from a source that is good
-SOURCE_REASONS = frozenset({SOURCE_MISSING, SOURCE_CORRUPT, SOURCE_IO_ERROR})
-DESTINATION_REASONS = frozenset({DESTINATION_NOT_WRITABLE, DISK_FULL, STORAGE_IO_ERROR, CHECKSUM_MISMATCH})
+SOURCE_REASONS = codes_blaming("source")
+DESTINATION_REASONS = codes_blaming("destination")
 # Neither side: the request itself is wrong (Permanent); retrying or another source cannot help.
 # ``path_outside_area`` is also what a symlink on the *destination* path is (``confined``): the
 # destination's problem, never the source's (a healthy source copy is not marked bad for it).
 # A symlink on a source replica's path is ``source_corrupt``: that copy cannot be read safely.
-REQUEST_REASONS = frozenset({"invalid_checksum", "invalid_size", "path_outside_area"})
+REQUEST_REASONS = codes_blaming("request")
 
 
 def _name_too_long(exc: OSError, path: str | os.PathLike[str]) -> SpoolError | None:

@@ -25,7 +25,7 @@ from common.config import CatalogueSettings, load_settings
 from common.errors import ConfigError
 from tests.catalogue_fixtures import PG_URL
 from tests.conftest import write_config
-from tests.test_bus_tls import make_pki
+from tests.tls_fixtures import make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 

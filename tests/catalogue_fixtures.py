@@ -57,7 +57,8 @@ async def pg_database() -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL half needs a server: an integration test (`make unit` runs the SQLite half only).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 async def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/var/catalogue.db"

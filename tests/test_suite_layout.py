@@ -27,7 +27,8 @@ def imported_test_modules(source: str) -> list[str]:
 
 
 def test_the_check_sees_every_spelling_of_importing_a_test_module() -> None:
-    assert imported_test_modules("from tests.test_cli import spool") == ["tests.test_cli", "tests.test_cli.spool"]
+    spelled = imported_test_modules("from tests.test_cli import spool")
+    assert spelled == ["tests.test_cli", "tests.test_cli.spool"]
     assert imported_test_modules("import tests.test_cli") == ["tests.test_cli"]
     assert imported_test_modules("from . import test_cli") == ["test_cli"]
     assert imported_test_modules("from .test_cli import spool") == ["test_cli", "test_cli.spool"]

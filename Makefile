@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (set up and run the sample night) and `make test`.
+# The two commands of the README: `make demo` (set up and run the sample night) and `make test`;
+# `make unit` runs the tests that need no service (no RabbitMQ, PostgreSQL, XRootD or Chromium).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
 	done)
 
-.PHONY: demo test venv services lint bench chaos clean
+.PHONY: demo test unit venv services lint bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
@@ -27,6 +28,9 @@ demo: venv services
 test: venv
 	bash .ci/services.sh rabbitmq postgres chromium xrootd
 	$(VENV)/bin/pytest -q
+
+unit: venv
+	$(VENV)/bin/pytest -q -m "not integration"
 
 lint: venv
 	$(VENV)/bin/ruff check .

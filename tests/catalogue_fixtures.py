@@ -3,20 +3,23 @@ database (created through asyncpg, dropped afterwards), so the two backends cann
 
 PostgreSQL comes from ``SPOOL_TEST_PG_URL`` (default: trust auth on 127.0.0.1:5432). When it
 cannot be reached the PostgreSQL half is skipped with the reason, unless ``SPOOL_TEST_PG_REQUIRED=1``
-in which case it fails.
+in which case it fails. Also: the raw rows a file left (as the driver returns them) and the
+statements sent while a test runs, for the tests holding the driver-level SQL to what it replaced.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import make_url
 
 from common.catalogue import Catalogue, IngestRecord
@@ -54,7 +57,8 @@ async def pg_database() -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL half needs a server: an integration test (`make unit` runs the SQLite half only).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 async def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/var/catalogue.db"
@@ -90,3 +94,38 @@ def rec(name: str, **kw: Any) -> IngestRecord:
     }
     fields.update(kw)
     return IngestRecord(**fields)
+
+
+def raw_rows(
+    conn: Connection, name: str, queries: dict[str, str]
+) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+    """Every row ``queries`` select for one file as the driver returns it (``text()``: no type
+    processing), the file's name masked wherever it appears."""
+    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar()
+    out = {}
+    for table, sql in queries.items():
+        rows = conn.execute(text(sql), {"id": fid, "name": name})
+        out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
+    return out
+
+
+def _masked(value: Any, name: str) -> tuple[str, Any]:
+    """``value`` with its type (1, 1.0 and True are equal in Python, not stored alike) and
+    ``name`` masked; asyncpg hands JSON columns over decoded."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+    return type(value).__name__, text.replace(name, "<name>") if isinstance(text, str) else text
+
+
+@pytest.fixture
+def statements() -> Iterator[list[tuple[str, Any]]]:
+    """The statements (and their parameters) any engine sends while the test runs."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        sent.append((statement.strip(), parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)

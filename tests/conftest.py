@@ -55,6 +55,20 @@ def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
     return path
 
 
+# Fixtures that start or reach a service (RabbitMQ, a private XRootD or PostgreSQL server): a test
+# using one, directly or through another fixture, is an integration test whatever its module says,
+# so `make unit` (``-m "not integration"``) never needs a service. The PostgreSQL half of the
+# catalogue tests is marked where it is parametrised (tests/catalogue_fixtures.py).
+SERVICE_FIXTURES = frozenset({"broker", "xrootd_server", "tls_postgres"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 # Every tag handed out this session: its queues and exchange are deleted when the session ends.
 _TAGS: set[str] = set()
 

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import uuid
-import zlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from common.catalogue import schema as s
 from common.config import Settings, load_settings
 from common.tape import SimulatedLibrary
 from tests.replication_fixtures import replication_config
+from tests.storage_fixtures import adler
 
 DATASET = "lst1.20261124.run000042.dl0"
 # Pool tape1 has A00001-A00004, pool tape2 A00005-A00006.
@@ -44,10 +44,6 @@ def recall_config(tmp_path: Path, tag: str, **extra: str) -> Path:
 
 def recall_settings(tmp_path: Path, tag: str, **extra: str) -> Settings:
     return load_settings(recall_config(tmp_path, tag, **extra))
-
-
-def adler(content: bytes) -> str:
-    return f"{zlib.adler32(content):08x}"
 
 
 def contents(n: int, size: int = 3000, prefix: str = "run42") -> dict[str, bytes]:

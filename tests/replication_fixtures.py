@@ -1,19 +1,25 @@
 """Shared set-up of the replication tests: three disk endpoints at three sites, helpers to ingest a
-batch of files and to read what the catalogue and the disks hold."""
+batch of files and to read what the catalogue, the disks and the bus hold; small file systems of
+their own for the fault tests (root only)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import uuid
-import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import msgpack
+import pytest
 
 from common.catalogue import Catalogue
 from common.config import Settings, load_settings
 from tests.conftest import cloudevent, publish_raw, write_config
+from tests.storage_fixtures import adler
 
 DATASET = "lst1.20261124.run000042.dl0"
 
@@ -41,10 +47,6 @@ def replication_config(tmp_path: Path, tag: str, **extra: str) -> Path:
 
 def replication_settings(tmp_path: Path, tag: str, **extra: str) -> Settings:
     return load_settings(replication_config(tmp_path, tag, **extra))
-
-
-def adler(content: bytes) -> str:
-    return f"{zlib.adler32(content):08x}"
 
 
 def make_files(
@@ -108,3 +110,49 @@ async def count_on(settings: Settings, storage: str, state: str = "available") -
     async with await Catalogue.open(settings.catalogue.url) as cat:
         usage = {u.name: u.replicas for u in await cat.endpoint_usage()}
     return usage.get(storage, {}).get(state, 0)
+
+
+async def registered(settings: Settings, n: int) -> bool:
+    """The catalogue holds ``n`` files."""
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        return (await c.counts()).files == n
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own for one endpoint (needs root; skipped otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+async def events_of(broker, settings: Settings, *keys: str):  # type: ignore[no-untyped-def]
+    channel = await broker.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    for key in keys:
+        await queue.bind(settings.bus.exchange, key)
+    return queue
+
+
+async def drain(queue) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def,type-arg]
+    out = []
+    while (m := await queue.get(fail=False)) is not None:
+        out.append((m.routing_key, msgpack.unpackb(m.body)))
+    return out
+
+
+async def max_attempts(settings: Settings) -> int:
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        rows = await c.failed_requests(limit=10_000, include_retrying=True)
+    return max((r.attempts for r in rows), default=0)

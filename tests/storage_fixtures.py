@@ -1,9 +1,11 @@
-"""Helpers of the storage tests: what a copy in progress leaves on disk, and both ways of writing one."""
+"""Helpers of the storage tests: what a copy in progress leaves on disk, both ways of writing one, and
+the adler32 every test checks copies against."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,8 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     elif not tempfiles._O_TMPFILE:
         pytest.skip("no O_TMPFILE here")
     return request.param
+
+
+def adler(data: bytes) -> str:
+    """The adler32 of ``data`` as Spool writes it: eight lower-case hex digits (zlib's, the reference)."""
+    return f"{zlib.adler32(data):08x}"

@@ -6,8 +6,6 @@ one clear line. Without ``rabbitmq-server`` the tests skip, except on CI (``CI=t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,33 +18,12 @@ from common.catalogue import Catalogue
 from common.config import BusSettings, Settings, load_settings
 from common.errors import ConfigError, Retryable
 from daemons.ingest.handlers import service as ingest_service
+from tests.cli_fixtures import spool
 from tests.conftest import running, wait_for, write_config
+from tests.tls_fixtures import make_pki
 
-REPO = Path(__file__).resolve().parent.parent
 DATASET = "lst1.20261123.run012345.dl0"
 pytestmark = pytest.mark.integration
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(d: Path) -> None:
-    """Two CAs; a server certificate (localhost, 127.0.0.1) and a client certificate from the first."""
-    d.mkdir(parents=True, exist_ok=True)
-    for ca in ("ca", "wrong-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                 f"/CN=Spool test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)  # fmt: skip
-    (d / "server.cnf").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    )
-    (d / "client.cnf").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
-    for who, cn in (("server", "localhost"), ("client", "spool-ingest")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{who}.key",
-                 "-out", f"{who}.csr", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{who}.cnf", "-out", f"{who}.pem", cwd=d)  # fmt: skip
-        (d / f"{who}.key").chmod(0o600)
 
 
 class TlsBroker(PrivateBroker):
@@ -125,13 +102,6 @@ def tls_config(tmp_path: Path, tag: str, tls_broker: TlsBroker) -> Path:
     )
     config.write_text(text)
     return config
-
-
-def spool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
 
 
 async def test_a_daemon_over_amqps_handles_a_message_announced_over_amqps(tls_config: Path) -> None:

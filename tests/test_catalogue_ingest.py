@@ -6,21 +6,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, event, select, text
+from sqlalchemy import Connection, select
 
 from common.catalogue import Catalogue, IngestRecord, MetaFilter, UnknownStorageError
 from common.catalogue import schema as s
 from common.catalogue.filters import typed_value
 from common.catalogue.sql import upsert_sync
 from common.messages import MetaValue
-from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
+from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, raw_rows, rec, statements  # noqa: F401
 
 
 async def test_registering_a_file_records_file_dataset_replica_request_and_history(
@@ -259,26 +257,6 @@ def _core_insert(conn: Connection, r: IngestRecord, now: datetime) -> None:
     conn.execute(s.events.insert(), [event | {"attempt": r.attempt, "storage": r.storage, "detail": detail}])
 
 
-def raw_rows(
-    conn: Connection, name: str, queries: dict[str, str] = _RAW_QUERIES
-) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
-    """Every row ``queries`` select for one file as the driver returns it (``text()``: no type
-    processing), the file's name masked wherever it appears."""
-    fid = conn.execute(text("SELECT id FROM files WHERE name = :name"), {"name": name}).scalar()
-    out = {}
-    for table, sql in queries.items():
-        rows = conn.execute(text(sql), {"id": fid, "name": name})
-        out[table] = sorted((tuple(_masked(v, name) for v in row) for row in rows), key=repr)
-    return out
-
-
-def _masked(value: Any, name: str) -> tuple[str, Any]:
-    """``value`` with its type (1, 1.0 and True are equal in Python, not stored alike) and
-    ``name`` masked; asyncpg hands JSON columns over decoded."""
-    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
-    return type(value).__name__, text.replace(name, "<name>") if isinstance(text, str) else text
-
-
 async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue: Catalogue) -> None:
     [out] = await catalogue.register_ingested([_awkward("file-by-driver")])
     assert out.file is not None
@@ -286,7 +264,8 @@ async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue:
 
     def compare(conn: Connection) -> None:
         _core_insert(conn, _awkward("file-by-core"), now)
-        by_driver, by_core = raw_rows(conn, "file-by-driver"), raw_rows(conn, "file-by-core")
+        by_driver = raw_rows(conn, "file-by-driver", _RAW_QUERIES)
+        by_core = raw_rows(conn, "file-by-core", _RAW_QUERIES)
         for table, rows in by_core.items():
             assert rows, table
             assert by_driver[table] == rows, table
@@ -335,21 +314,6 @@ async def test_driver_level_rows_read_back_through_the_ordinary_queries(catalogu
     req = (await catalogue.request_state(["ev-a"]))["ev-a"]
     assert (req.kind, req.state, req.attempts, req.reason, req.error) == ("ingest", "done", 3, None, None)
     assert req.created == req.updated == now
-
-
-@pytest.fixture
-def statements() -> Iterator[list[tuple[str, Any]]]:
-    """The statements (and their parameters) any engine sends while the test runs."""
-    sent: list[tuple[str, Any]] = []
-
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        sent.append((statement.strip(), parameters))
-
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
 
 
 async def test_every_insert_of_a_batch_names_every_column_but_the_generated_id(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from common.storage import PosixStorage
 from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
+from tests.storage_fixtures import adler
 
 PIN = datetime(2030, 1, 1, tzinfo=UTC)
 TABLE = {n: endpoint_attributes(n, e.kind, e.attributes) for n, e in ENDPOINTS.items()}
@@ -159,10 +159,7 @@ async def test_the_daemon_serving_one_recall_from_disk_on_several_paths_complete
         (tmp_path / "landing" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "landing" / name).write_bytes(data)
     await catalogue.register_ingested(
-        [
-            rec(n, size=len(b), adler32=f"{zlib.adler32(b):08x}", storage="landing", pfn=n)
-            for n, b in blobs.items()
-        ]
+        [rec(n, size=len(b), adler32=adler(b), storage="landing", pfn=n) for n, b in blobs.items()]
     )
     storages = {n: PosixStorage(n, ep) for n, ep in endpoints.items()}
     publisher = RecordingPublisher()

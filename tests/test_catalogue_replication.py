@@ -18,8 +18,7 @@ from common.catalogue import Catalogue, CopyRecord, ReplicaTask, Source, policy,
 from common.catalogue import schema as s
 from common.catalogue.policy import Placement, Rule, endpoint_attributes
 from common.catalogue.sql import insert_ignore_sync, upsert_sync
-from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, rec  # noqa: F401
-from tests.test_catalogue_ingest import raw_rows, statements  # noqa: F401
+from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url, raw_rows, rec, statements  # noqa: F401
 
 TABLE = {n: endpoint_attributes(n, e.kind, e.attributes) for n, e in ENDPOINTS.items()}
 TO_PIC = Rule("to-pic", endpoints="site=PIC", datasets=".*")

@@ -25,7 +25,7 @@ from common.config import CatalogueSettings, load_settings
 from common.errors import ConfigError
 from tests.catalogue_fixtures import PG_URL
 from tests.conftest import write_config
-from tests.test_bus_tls import make_pki
+from tests.tls_fixtures import make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,7 @@ def test_catalogue_settings_fold_into_the_url_and_conflicts_are_refused(tmp_path
         CatalogueSettings(url="sqlite:///x.db", sslmode="require")
 
 
+@pytest.mark.integration  # the shared PostgreSQL
 async def test_sslmode_require_against_a_server_without_tls_is_one_line() -> None:
     url = PG_URL + ("&" if "?" in PG_URL else "?") + "sslmode=require"
     try:
@@ -107,6 +108,7 @@ async def test_sslmode_require_against_a_server_without_tls_is_one_line() -> Non
         pytest.skip(f"PostgreSQL not reachable: {exc}")
 
 
+@pytest.mark.integration  # the shared PostgreSQL
 def test_the_cli_says_it_in_one_line(tmp_path: Path, tag: str) -> None:
     state = tmp_path / "state"
     (state / "landing").mkdir(parents=True)

@@ -5,32 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemons.ingest.handlers import service as ingest_service
+from tests.cli_fixtures import spool
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
 DATASET = "lst1.20261123.run012345.dl0"
-
-
-def spool(
-    config: Path, *args: str, input_: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        input=input_,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 async def test_ingest_command_publishes_events_that_the_daemon_registers(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import zlib
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
@@ -26,13 +25,9 @@ from daemons.ingest import steps
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall import delivery
 from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for
-from tests.storage_fixtures import leftovers
+from tests.storage_fixtures import adler, leftovers
 
 DATASET = "lst1.20261123.run012345.dl0"
-
-
-def adler(content: bytes) -> str:
-    return f"{zlib.adler32(content):08x}"
 
 
 @pytest.fixture(params=["openat2", "walk"])

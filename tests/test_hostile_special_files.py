@@ -13,7 +13,6 @@ import os
 import socket
 import stat
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +27,10 @@ from common.tape.data import write_data
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
 from tests.conftest import dead_reasons as _dead
-from tests.storage_fixtures import leftovers
+from tests.storage_fixtures import adler, leftovers
 
 DATASET = "lst1.20261123.run012345.dl0"
 KINDS = ["fifo", "socket", "device", "directory"]
-
-
-def adler(content: bytes) -> str:
-    return f"{zlib.adler32(content):08x}"
 
 
 def make_special(path: Path, kind: str) -> None:

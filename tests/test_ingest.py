@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from common.catalogue import Catalogue
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.storage_fixtures import adler
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
@@ -33,10 +33,6 @@ def make_file(settings: Settings, rel: str, content: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
-
-
-def adler(content: bytes) -> str:
-    return f"{zlib.adler32(content):08x}"
 
 
 def ready(path: Path | str, **data: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ that only records. No broker involved."""
 from __future__ import annotations
 
 import asyncio
-import zlib
 
 import pytest
 
@@ -13,6 +12,7 @@ from common.bus.service import Context
 from common.errors import Permanent
 from common.messages import FileIngested, FileReady
 from daemons.ingest.handlers import ingest_file, open_resources
+from tests.storage_fixtures import adler
 
 DATASET = "lst1.20261123.run012345.dl0"
 
@@ -33,10 +33,10 @@ def landed(settings, rel: str, content: bytes):
 
 async def test_new_file_publishes_file_ingested_with_verified_checksum(ctx, settings):
     src = landed(settings, "r/a.fits", b"hello")
-    await ingest_file(FileReady(path=str(src), dataset=DATASET, adler32=f"{zlib.adler32(b'hello'):08x}"), ctx)
+    await ingest_file(FileReady(path=str(src), dataset=DATASET, adler32=adler(b"hello")), ctx)
     [event] = ctx.publisher.of_type(FileIngested)
     assert (event.name, event.size, event.storage) == ("r/a.fits", 5, "disk1")
-    assert event.adler32 == f"{zlib.adler32(b'hello'):08x}"
+    assert event.adler32 == adler(b"hello")
 
 
 async def test_redelivered_event_republishes_without_copying_again(ctx, settings):

@@ -15,7 +15,8 @@ from common.config import Settings, load_settings
 from common.storage.devserver import LocalXrootd
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for, write_config
-from tests.replication_fixtures import DATASET, adler, make_files, name_of, publish_ready
+from tests.replication_fixtures import DATASET, make_files, name_of, publish_ready
+from tests.storage_fixtures import adler
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

@@ -4,6 +4,9 @@ identical ones are folded, expected broker errors are warnings without a traceba
 The unit tests log through real standard-library loggers into a captured stderr; the integration
 test cuts a real daemon's broker connection (``tests/tcp_proxy.py``) and reads its stderr."""
 
+# The fixture imported from logging_fixtures (not conftest) reappears as a test parameter:
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +17,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,49 +28,10 @@ import structlog
 from common.config import LogSettings, Settings
 from common.logging import ReasonThrottle, configure_logging
 from tests.conftest import AMQP_URL, cloudevent, queue_depth, wait_for
+from tests.logging_fixtures import LIBRARY_LOGGERS, captured  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
-LIBRARY_LOGGERS = ("aio_pika", "aiormq", "asyncio", "sqlalchemy")
 SPOOL_FIELDS = {"level", "timestamp", "logger", "daemon", "event"}
-
-
-class Captured:
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-        self.text = ""
-
-    def lines(self) -> list[str]:
-        self.text += self.capsys.readouterr().err
-        return self.text.splitlines()
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.lines()]
-
-
-@pytest.fixture
-def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
-    """stderr captured (``configure_logging`` writes to the ``sys.stderr`` of its call); the
-    logging configuration (root handlers and level, structlog, context variables, library levels)
-    restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    libraries = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
-    try:
-        yield Captured(capsys)
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-        for name, old in libraries.items():
-            logging.getLogger(name).setLevel(old)
-        structlog.reset_defaults()
-        structlog.contextvars.clear_contextvars()
 
 
 def _raised(exc: BaseException) -> BaseException:

@@ -2,14 +2,15 @@
 new exception type (class 11). Logged through the real configuration into a captured stderr, as in
 ``tests/test_logging.py``."""
 
+# The fixture imported from logging_fixtures (not conftest) reappears as a test parameter:
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import json
 import logging
 import re
-import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,34 +21,7 @@ from common.config import LogSettings
 from common.logging import MAX_LINE, ReasonThrottle, configure_logging
 from common.messages import FileReady
 from tests.conftest import cloudevent, publish_raw, running, wait_for
-from tests.test_logging import LIBRARY_LOGGERS, Captured
-
-
-@pytest.fixture
-def captured(capsys: pytest.CaptureFixture[str]) -> Iterator[Captured]:
-    """As ``tests/test_logging.py``'s: stderr captured, the logging configuration restored."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    hooks = sys.excepthook, threading.excepthook
-    libraries = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
-    try:
-        yield Captured(capsys)
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-        for name, old in libraries.items():
-            logging.getLogger(name).setLevel(old)
-        structlog.reset_defaults()
-        structlog.contextvars.clear_contextvars()
-        sys.excepthook, threading.excepthook = hooks
-
+from tests.logging_fixtures import Captured, captured  # noqa: F401
 
 CUT = re.compile(r"\.\.\.\[(\d+) chars cut\]")
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +19,13 @@ import pytest
 
 from daemons.ingest.handlers import service as ingest_service
 from daemons.monitor.handlers import service as monitor_service
+from tests.browser_fixtures import browser  # noqa: F401  (the fixture)
 from tests.conftest import cloudevent, publish_raw, running, wait_for
 from tests.monitor_fixtures import monitor_config, resources_of
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
 GOOD_FILES = 5
-ON_CI = os.environ.get("CI") == "true"
 
 # What the page shows, read in the browser: table text, one daemon's counts, the chart's series.
 READ_PAGE = """
@@ -46,51 +44,16 @@ return {
 """
 
 
-def _chromium() -> str | None:
-    return next((p for name in ("chromium", "chromium-browser") if (p := shutil.which(name))), None)
-
-
-def _why_not() -> str | None:
-    if _chromium() is None:
-        return "chromium is not installed (apt-get install chromium chromium-driver)"
-    if shutil.which("chromedriver") is None:
-        return "chromedriver is not installed (apt-get install chromium-driver)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
-    return None
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    why = _why_not()
-    if why is not None:
-        if ON_CI:
-            pytest.fail(f"the dashboard browser test must run on CI: {why}")
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(_chromium())
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    # The system driver, named explicitly: Selenium must not try to download one.
-    driver = webdriver.Chrome(service=Service(str(shutil.which("chromedriver"))), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 @pytest.fixture
 def config_file(tmp_path: Path, tag: str) -> Path:
     return monitor_config(tmp_path, tag)
 
 
 async def test_dashboard_in_chromium_shows_published_work_failures_and_throughput(
-    settings, broker, topology, browser
+    settings,
+    broker,
+    topology,
+    browser,  # noqa: F811  (the fixture imported above)
 ):
     folder = settings.landing_areas["lst1"] / "run012345"
     folder.mkdir(parents=True)

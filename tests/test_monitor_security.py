@@ -28,9 +28,9 @@ from daemons.monitor.handlers import service as monitor_service
 from daemons.monitor.report import Observed
 from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.monitor.web import WebServer, is_loopback
+from tests.browser_fixtures import browser  # noqa: F401  (the fixture)
 from tests.conftest import running, wait_for
 from tests.monitor_fixtures import monitor_config, publish_many, resources_of
-from tests.test_monitor_browser import browser  # noqa: F401  (the fixture)
 
 TOKEN = "s3cret-token-0123456789abcdef"
 PATHS = ["/", "/api/status", "/dashboard.js", "/dashboard.css", "/metrics"]

@@ -13,7 +13,7 @@ from common.catalogue import outbox
 from common.errors import Retryable
 from daemons.replicator.health import EndpointHealth
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
-from tests.test_outbox import cat, dead, listener, live, nothing_more, received  # noqa: F401
+from tests.outbox_fixtures import cat, dead, listener, live, nothing_more, received  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

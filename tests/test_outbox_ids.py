@@ -16,7 +16,7 @@ from daemons.ingest.handlers import open_resources as ingest_resources
 from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.replicator.handlers import _announce
 from tests.conftest import publish_raw, queue_depth, running, wait_for
-from tests.test_bus_runner import event, make_service
+from tests.runner_fixtures import event, make_service
 
 DATASET = "lst1.20261123.run012345.dl0"
 

@@ -27,7 +27,7 @@ from tests.recall_fixtures import (
     request,
     status,
 )
-from tests.test_replicator_faults import remount, tmpfs
+from tests.replication_fixtures import remount, tmpfs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ import pytest
 from common.config import load_settings
 from common.storage.devserver import LocalXrootd
 from daemons.recall.handlers import service as recall_service
+from tests.cli_fixtures import spool
 from tests.conftest import running
 from tests.recall_fixtures import (
     Events,
@@ -27,7 +28,6 @@ from tests.recall_fixtures import (
     request,
     status,
 )
-from tests.test_cli import spool
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

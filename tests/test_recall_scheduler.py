@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeTiming
 from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
 from tests.conftest import wait_for
+from tests.storage_fixtures import adler
 
 SIZE = 2000
 
@@ -55,11 +55,11 @@ async def _archive(tmp_path: Path, cat: Catalogue, lib: SimulatedLibrary, layout
             name = f"{vid}/{fseq}"
             data = os.urandom(SIZE)
             source.write_bytes(data)
-            adler = f"{zlib.adler32(data):08x}"
-            assert await lib.write("DR01", source, name, SIZE, adler) == fseq
+            checksum = adler(data)
+            assert await lib.write("DR01", source, name, SIZE, checksum) == fseq
             await cat.register_ingested(
                 [IngestRecord(event_id=name, name=name, dataset="lst1.20261124.run000001.dl0", size=SIZE,
-                              adler32=adler, storage="landing", pfn=name)]
+                              adler32=checksum, storage="landing", pfn=name)]
             )  # fmt: skip
             await cat.set_replica(name=name, storage="landing", pfn=name, state="deleted")
             await cat.set_replica(

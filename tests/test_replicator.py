@@ -20,10 +20,10 @@ from common.config import Settings, load_settings
 from common.messages import ReplicaRequest
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
+from tests.cli_fixtures import spool
 from tests.conftest import publish_raw, queue_depth, running, wait_for
 from tests.replication_fixtures import (
     DATASET,
-    adler,
     available_on,
     make_files,
     name_of,
@@ -33,7 +33,7 @@ from tests.replication_fixtures import (
     replication_settings,
     temp_files,
 )
-from tests.test_cli import spool
+from tests.storage_fixtures import adler
 
 pytestmark = pytest.mark.integration
 SERVICES = [ingest_service, replicator_service]

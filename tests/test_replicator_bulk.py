@@ -25,7 +25,8 @@ from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
 from daemons.tape.handlers import service as tape_service
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
-from tests.replication_fixtures import adler, available_on, make_files, name_of, replication_config
+from tests.replication_fixtures import available_on, make_files, name_of, replication_config
+from tests.storage_fixtures import adler
 from tests.tape_fixtures import bind, tape_config
 
 pytestmark = pytest.mark.integration

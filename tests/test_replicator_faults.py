@@ -5,14 +5,10 @@ the endpoint is well; nothing is copied twice, nothing is lost, no temporary fil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from common.catalogue import Catalogue
@@ -20,61 +16,27 @@ from common.config import Settings, load_settings
 from common.storage.checksum import adler32_of_file
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
+from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, start_daemon, wait_for
 from tests.replication_fixtures import (
     available_on,
     count_on,
+    drain,
+    events_of,
     make_files,
+    max_attempts,
     name_of,
     publish_ready,
+    registered,
+    remount,
     replication_config,
     temp_files,
+    tmpfs,
 )
-from tests.test_cli import spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 TO_DISK2 = {"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"'}
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small file system of its own for one endpoint (needs root; skipped otherwise)."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount(path: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
-
-
-async def events_of(broker, settings: Settings, *keys: str):  # type: ignore[no-untyped-def]
-    channel = await broker.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    for key in keys:
-        await queue.bind(settings.bus.exchange, key)
-    return queue
-
-
-async def drain(queue) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def,type-arg]
-    out = []
-    while (m := await queue.get(fail=False)) is not None:
-        out.append((m.routing_key, msgpack.unpackb(m.body)))
-    return out
-
-
-async def max_attempts(settings: Settings) -> int:
-    async with await Catalogue.open(settings.catalogue.url) as c:
-        rows = await c.failed_requests(limit=10_000, include_retrying=True)
-    return max((r.attempts for r in rows), default=0)
 
 
 async def all_copied(settings: Settings, n: int) -> bool:
@@ -170,7 +132,7 @@ async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tm
     files = make_files(settings, n, size=64 * 1024)
     async with running([ingest_service], settings):
         await publish_ready(broker, settings, files)
-        await wait_for(lambda: _registered(settings, n), timeout=120)
+        await wait_for(lambda: registered(settings, n), timeout=120)
     log = tmp_path / "replicator.log"
     proc = start_daemon(path, "replicator", log)
     try:
@@ -195,11 +157,6 @@ async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tm
         for info in await c.list_files(limit=n):
             assert adler32_of_file(root / info.name) == info.adler32
     assert counts.replicas == {"available": 2 * n}
-
-
-async def _registered(settings: Settings, n: int) -> bool:
-    async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files == n
 
 
 async def _copied_at_least(settings: Settings, n: int) -> bool:

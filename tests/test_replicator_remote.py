@@ -18,6 +18,7 @@ from common.config import Settings, load_settings
 from common.storage.devserver import LocalXrootd
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
+from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, wait_for
 from tests.replication_fixtures import (
     available_on,
@@ -27,7 +28,6 @@ from tests.replication_fixtures import (
     replication_config,
     temp_files,
 )
-from tests.test_cli import spool
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

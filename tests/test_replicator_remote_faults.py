@@ -16,8 +16,16 @@ from common.storage.devserver import LocalXrootd
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
 from tests.conftest import queue_depth, running, wait_for
-from tests.replication_fixtures import count_on, make_files, name_of, publish_ready, replication_config
-from tests.test_replicator_faults import drain, events_of, max_attempts
+from tests.replication_fixtures import (
+    count_on,
+    drain,
+    events_of,
+    make_files,
+    max_attempts,
+    name_of,
+    publish_ready,
+    replication_config,
+)
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -14,8 +14,14 @@ from common.config import load_settings
 from common.storage.devserver import LocalXrootd
 from daemons.ingest.handlers import service as ingest_service
 from tests.conftest import queue_depth, running, start_daemon, wait_for
-from tests.replication_fixtures import count_on, make_files, name_of, publish_ready, replication_config
-from tests.test_replicator_faults import _registered
+from tests.replication_fixtures import (
+    count_on,
+    make_files,
+    name_of,
+    publish_ready,
+    registered,
+    replication_config,
+)
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -50,7 +56,7 @@ async def test_replicator_killed_while_copying_to_a_remote_endpoint(
     files = make_files(settings, n, size=256 * 1024)
     async with running([ingest_service], settings):
         await publish_ready(broker, settings, files)
-        await wait_for(lambda: _registered(settings, n), timeout=120)
+        await wait_for(lambda: registered(settings, n), timeout=120)
     log = tmp_path / "replicator.log"
     proc = start_daemon(path, "replicator", log)
     try:

@@ -5,7 +5,6 @@ a missing file, classified errors), served by the posix backend's own copy code.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +14,7 @@ from common.errors import Permanent
 from common.storage import PosixStorage
 from common.storage.interface import CopyDone, ListedFile, ObjectStat, StorageBackend
 from common.storage.tempfiles import temp_name_for
-from tests.storage_fixtures import leftovers, unnamed_files_open
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
+from tests.storage_fixtures import adler, leftovers, unnamed_files_open
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,9 @@ import pytest
 from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable
 from common.storage import CopyResult, PosixStorage, is_temp_name
+from tests.storage_fixtures import adler
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 def alive(pid: int) -> bool:

@@ -16,7 +16,6 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,16 +34,13 @@ from common.storage.https import HttpsStorage, parse_adler32_digest
 from common.storage.https_errors import exception_error, status_error, tpc_failure_error
 from common.storage.tempfiles import is_temp_name, temp_name_for
 from common.storage.webdav_xml import UnsafeXml, parse_multistatus
+from tests.storage_fixtures import adler
 from tests.xrootd_fixtures import XROOTD_REQUIRED, remote_dir, xrootd_server  # noqa: F401  (fixtures)
-
-
-def _adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 def _write(path: Path, data: bytes) -> tuple[Path, int, str]:
     path.write_bytes(data)
-    return path, len(data), _adler(data)
+    return path, len(data), adler(data)
 
 
 def _files_below(directory: Path) -> list[str]:

@@ -44,14 +44,10 @@ from common.storage import (
     tempfiles,
 )
 from common.storage.tempfiles import temp_name_for
-from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
+from tests.storage_fixtures import adler, leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parent.parent
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from common.storage import open_storage
 from common.storage.devserver import LocalXrootd
 from common.storage.tempfiles import temp_name_for
 from common.storage.transfer import remove_stale_temporaries
+from tests.storage_fixtures import adler
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
@@ -39,9 +39,9 @@ async def test_stale_temporaries_are_removed_fresh_ones_and_files_kept(
     try:
         data = os.urandom(10_000)
         (tmp_path / "f").write_bytes(data)
-        adler = f"{zlib.adler32(data):08x}"
+        checksum = adler(data)
         for rel in ("run1/a.fits", "run1/deep/b.fits"):
-            await storage.upload(tmp_path / "f", rel, size=len(data), adler32=adler)
+            await storage.upload(tmp_path / "f", rel, size=len(data), adler32=checksum)
         on_disk = xrootd_server.path("site-a", remote_dir)
         stale = [on_disk / "run1" / temp_name_for("c.fits"), on_disk / "run1/deep" / temp_name_for("d.fits")]
         fresh = on_disk / "run1" / temp_name_for("e.fits")

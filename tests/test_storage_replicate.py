@@ -34,14 +34,10 @@ from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage import CopyResult, PosixStorage, copy_engine, kernel, posix
 from common.storage.reasons import DESTINATION_REASONS, REQUEST_REASONS, SOURCE_REASONS
-from tests.storage_fixtures import leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
+from tests.storage_fixtures import adler, leftovers, temp_kind, unnamed_files_open, writing  # noqa: F401
 
 IS_ROOT = os.geteuid() == 0
 MiB = 1024 * 1024
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 @pytest.fixture

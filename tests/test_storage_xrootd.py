@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,11 +28,8 @@ from common.storage.interface import StorageBackend
 from common.storage.xrootd import XrootdStorage, temp_name_for
 from common.storage.xrootd_auth import _Token
 from common.storage.xrootd_errors import classify
+from tests.storage_fixtures import adler
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 def storage(server: LocalXrootd, site: str, **kw: object) -> XrootdStorage:

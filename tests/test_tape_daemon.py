@@ -21,8 +21,10 @@ from common.messages import FileArchived, TapeArchive
 from daemons.ingest.handlers import service as ingest_service
 from daemons.tape.handlers import archive, open_resources
 from daemons.tape.handlers import service as tape_service
+from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, wait_for
-from tests.replication_fixtures import adler, count_on, make_files, name_of, publish_ready
+from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
+from tests.storage_fixtures import adler
 from tests.tape_fixtures import (
     LIBRARY,
     TAPE2,
@@ -37,7 +39,6 @@ from tests.tape_fixtures import (
     tape_config,
     tape_copies,
 )
-from tests.test_cli import spool
 
 pytestmark = pytest.mark.integration
 SERVICES = [ingest_service, tape_service]

@@ -18,6 +18,7 @@ from common.tape import SimulatedLibraryConfig, open_library
 from daemons.ingest.handlers import service as ingest_service
 from daemons.tape.drives import Mount, MountFailures
 from daemons.tape.handlers import service as tape_service
+from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, start_daemon, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.tape_fixtures import (
@@ -32,7 +33,6 @@ from tests.tape_fixtures import (
     tape_config,
     tape_copies,
 )
-from tests.test_cli import spool
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = [ingest_service, tape_service]

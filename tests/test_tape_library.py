@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,12 @@ from common.tape import (
     TapeLibrary,
     TapeTiming,
 )
+from tests.storage_fixtures import adler
 
 REPO = Path(__file__).resolve().parent.parent
 KB = 1000
 
 Factory = Callable[..., Awaitable[SimulatedLibrary]]
-
-
-def adler(data: bytes) -> str:
-    return f"{zlib.adler32(data):08x}"
 
 
 def config(root: Path, **overrides: Any) -> SimulatedLibraryConfig:

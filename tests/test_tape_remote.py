@@ -18,10 +18,10 @@ from common.storage.devserver import LocalXrootd
 from daemons.ingest.handlers import service as ingest_service
 from daemons.tape.handlers import service as tape_service
 from daemons.tape.staging import prefer_local, staging_dir
+from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.tape_fixtures import as_json, bind, drain, names_on_tape, on_tape, tape_config, tape_copies
-from tests.test_cli import spool
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration

@@ -78,8 +78,8 @@ log = structlog.get_logger("spool.storage")
 
 # Replication copies at least this large, when the caller makes them durable later (fsync=False),
 # start their own writeback as soon as the bytes are copied, before the read-back: the disk then
-# writes while the CPU checksums, and the caller's batch sync() finds little left to do. Measured
-# with 8 x 256 MiB: copies + syncfs took 2.6 s against 3.6 s without (cp -r + sync: 2.8 s).
+# writes while the CPU checksums, and the caller's batch sync() finds little left to do
+# (figures: docs/decisions.md#storage-batch-sizes-and-early-writeback).
 EARLY_WRITEBACK_BYTES = 8 * 1024 * 1024
 
 

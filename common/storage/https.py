@@ -336,8 +336,8 @@ class HttpsStorage(_WebDavClient):
         Asked only for files of ``precheck_bytes`` or more. A smaller file is simply written
         again (the verified MOVE over an identical file is the same success): the HEAD that
         finds nothing, the usual case, makes XrdHttp close the connection, and the next request
-        pays a new TLS handshake. Measured here, 10 kB uploads 8 at a time: 158 files/s with the
-        HEAD, 388 without.
+        pays a new TLS handshake, which costs more than writing a small file again
+        (docs/decisions.md#storage-batch-sizes-and-early-writeback).
         """
         if size < self.precheck_bytes:
             return False

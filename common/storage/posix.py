@@ -79,15 +79,13 @@ class ReplicaCopy:
 # can go to the copy process as well as to a worker thread. As many as a bulk request's files
 # (``common.placement.BULK``): each hand-off wakes the other side (a pipe write, on a virtual
 # machine a costly cross-CPU wake-up) and was a sixth of the event loop's time with 64 a batch
-# (10,000 x 64 KiB on tmpfs, the replicator end to end: 10,100-10,700 files/s with 64,
-# 10,300-12,200 with 256, in alternate runs).
+# (figures: docs/decisions.md#storage-batch-sizes-and-early-writeback).
 SMALL_BATCH = 256
 # Batches sent to a copy process before the first is answered: enough that the process is not
 # left idle while the event loop is busy elsewhere (a rule's page of requests to plan, a
 # catalogue write holding the GIL for tens of milliseconds), few enough that a stop does not
-# wait long for what is queued: about PIPELINED_BYTES of small copies, at least 2 batches.
-# Measured (10,000 x 64 KiB, tmpfs, 64 copies a batch): 2 batches 7,800 files/s, 8-24 batches
-# 8,400-8,900; 4 batches of 256 by default now.
+# wait long for what is queued: about PIPELINED_BYTES of small copies, at least 2 batches
+# (figures: docs/decisions.md#storage-batch-sizes-and-early-writeback).
 PIPELINED_BYTES = 64 * 1024 * 1024
 MIN_PIPELINED_BATCHES = 2
 

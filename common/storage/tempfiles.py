@@ -41,8 +41,8 @@ def temp_name_for(basename: str) -> str:
 # Where they can, copies are written to an unnamed file (O_TMPFILE) that is linked under its final
 # name once complete: the same atomic appearance as a temporary name and a rename, with one
 # directory update instead of three (create; rename's removal and insertion), and a process killed
-# mid-copy leaves nothing behind (the kernel frees an unlinked inode). Measured on this machine
-# class it is no faster per small file (ext4 and tmpfs, within their noise): what it buys is that.
+# mid-copy leaves nothing behind (the kernel frees an unlinked inode). It is no faster per small
+# file (docs/decisions.md#unnamed-files-for-copies-commonstoragetempfilespy): what it buys is that.
 # The link goes through /proc/self/fd (linkat with AT_SYMLINK_FOLLOW needs no privilege;
 # AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH). Where the file system (NFS, older kernels) or
 # /proc does not allow it: a temporary name and a rename.

@@ -44,13 +44,17 @@ async def ingest(settings: Settings) -> AsyncIterator[Context[IngestResources]]:
 
 
 @pytest.fixture
-async def ctx(settings: Settings, ingest: Context[IngestResources]) -> AsyncIterator[Context[ReplicatorResources]]:
+async def ctx(
+    settings: Settings, ingest: Context[IngestResources]
+) -> AsyncIterator[Context[ReplicatorResources]]:
     publisher = RecordingPublisher()
     async with open_resources(settings, publisher) as resources:
         yield Context(daemon="replicator", settings=settings, publisher=publisher, resources=resources)
 
 
-async def ingested(ingest: Context[Any], settings: Settings, rel: str, content: bytes) -> dict[str, ReplicaRequest]:
+async def ingested(
+    ingest: Context[Any], settings: Settings, rel: str, content: bytes
+) -> dict[str, ReplicaRequest]:
     """Ingest one file; returns the replica.requests ingest asked for it, by destination."""
     path = settings.landing_areas["lst1"] / rel
     path.parent.mkdir(parents=True, exist_ok=True)

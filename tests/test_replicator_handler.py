@@ -64,9 +64,10 @@ async def ingested(
 
 
 def resent(ctx: Context[Any]) -> list[ReplicaRequest]:
-    """The requests the handler re-sent (the replicator's rules loop, running alongside, publishes
-    requests of its own: those name their rule)."""
-    return [r for r in ctx.publisher.of_type(ReplicaRequest) if r.rule_id is None]
+    """The single-file requests the handler re-sent (rule_id None, as the bulk request's). The
+    replicator's rules loop, running alongside, publishes requests too: bulk ones, or single
+    ones naming their rule."""
+    return [r for r in ctx.publisher.of_type(ReplicaRequest) if r.name is not None and r.rule_id is None]
 
 
 def on_disk(settings: Settings, storage: str, name: str) -> bytes:

@@ -9,9 +9,11 @@ import pytest
 
 from common.bus.publisher import RecordingPublisher
 from common.bus.service import Context
+from common.config import load_settings
 from common.errors import Permanent
-from common.messages import FileIngested, FileReady
+from common.messages import FileIngested, FileReady, ReplicaRequest, TapeArchive
 from daemons.ingest.handlers import ingest_file, open_resources
+from tests.conftest import write_config
 from tests.storage_fixtures import adler
 
 DATASET = "lst1.20261123.run012345.dl0"
@@ -69,3 +71,42 @@ async def test_name_locks_do_not_accumulate_over_a_night(ctx, settings):
         src = landed(settings, f"r/n{i}.fits", b"n" * i)
         await ingest_file(FileReady(path=str(src), dataset=DATASET), ctx)
     assert ctx.resources._locks == {}
+
+
+async def test_the_copies_the_rules_want_are_requested_on_disk_and_tape_under_each_files_correlation_id(
+    tmp_path, tag
+):
+    """``batches.request_copies`` is where ingest asks for copies, disk and tape, each under its
+    file.ready's correlation id (disk ones in bulk requests when files come together)."""
+    rules = {
+        "storage.disk2": 'root = "storage/disk2"',
+        "storage.tape1": 'kind = "tape"\nroot = "storage/tape1"',
+        "rules.disk": 'datasets = ".*"\nendpoints = "disk2"',
+        "rules.tape": 'datasets = ".*"\nendpoints = "tape1"',
+    }
+    state = tmp_path / "state"
+    (state / "landing").mkdir(parents=True)
+    settings = load_settings(write_config(tmp_path / "spool.toml", state, tag, **rules))
+    publisher = RecordingPublisher()
+    async with open_resources(settings, publisher) as resources:
+        events = [
+            FileReady(path=str(landed(settings, f"r/w{i}.fits", b"w" * i)), dataset=DATASET) for i in range(3)
+        ]
+        await asyncio.gather(
+            *(
+                ingest_file(e, Context(daemon="ingest", settings=settings, publisher=publisher,
+                                       resources=resources, correlation_id=f"corr-{i}"))
+                for i, e in enumerate(events)
+            )
+        )  # fmt: skip
+    names = [f"r/w{i}.fits" for i in range(3)]
+    tape = publisher.of_type(TapeArchive)
+    assert sorted((t.name, t.destination, t.correlation_id) for t in tape) == [
+        (n, "tape1", f"corr-{i}") for i, n in enumerate(names)
+    ]
+    disk = publisher.of_type(ReplicaRequest)
+    assert {r.destination for r in disk} == {"disk2"}
+    asked = {
+        n: r.correlation_of(k, r.correlation_id) for r in disk for k, n in enumerate(r.names or [r.name])
+    }
+    assert asked == {n: f"corr-{i}" for i, n in enumerate(names)}

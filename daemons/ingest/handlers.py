@@ -13,8 +13,12 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
 3. copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
    (remote: the checksum read here, uploaded to a temporary name, the server's checksum, renamed)
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
-5. evaluate the replication rules: lock the copies they want      -> batched, one transaction
-6. publish one request per missing copy and ``file.ingested``, then the runner acks.
+5. evaluate the replication rules: lock the copies they want      -> batched, one transaction,
+   and publish the requests for the missing ones (bulk for disk)     then one publication
+6. publish ``file.ingested``, then the runner acks.
+
+The batched steps (2, 4, 5) are the functions of ``batches``, each serving all the handlers that
+asked meanwhile.
 
 **Everything an event can be refused for is decided in 1 and 2, before any byte moves**: a refusal
 never leaves a copy behind and is never retried into another copy. A failure after 3 (the
@@ -41,9 +45,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from common import limits
@@ -51,29 +56,20 @@ from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
-from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome, Wanted
+from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
 from common.catalogue import ingest as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message, fact_id
-from common.placement import BULK, RuleBook, config_rules, publish_wanted
+from common.placement import RuleBook, config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.checksum import adler32_of_file
 from common.storage.transfer import sweep_stale_temporaries, upload_checked
-from daemons.ingest import steps
+from daemons.ingest import batches, steps
+from daemons.ingest.batches import Known
 
 log = get_logger("spool.ingest")
-
-
-@dataclass
-class Known:
-    prior: db.PriorRequest | None  # what the event id was recorded as, if anything
-    file: FileInfo | None
-
-    @property
-    def event_done(self) -> bool:
-        return self.prior is not None and self.prior.state == "done"
 
 
 @dataclass
@@ -89,8 +85,8 @@ class IngestResources:
     storage_name: str
     lookups: MicroBatcher[tuple[str, str], Known]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
-    # (name, dataset, metadata) -> the copies its replication rules still need.
-    planner: MicroBatcher[tuple[str, str, dict[str, Any], str | None], list[Wanted]]
+    # A registered file -> the copies its replication rules want, locked and requested.
+    planner: MicroBatcher[batches.PlanItem, None]
     rulebook: RuleBook
     per_file_fsync: bool = True
     _locks: dict[str, _NameLock] = field(default_factory=dict)
@@ -133,40 +129,18 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
                 sweep_stale_temporaries(storage_name, storage, endpoint.stale_temp_age)
             )
 
-        async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
-            ids, names = [k[0] for k in keys], [k[1] for k in keys]
-            prior, files = await catalogue.run(db.prior_requests, ids, names)
-            return [Known(prior.get(i), files.get(n)) for i, n in keys]
-
         batch = settings.catalogue
         per_file_fsync = endpoint.durability == "file"
-
-        async def durable_register(records: Sequence[IngestRecord]) -> Sequence[RegisterOutcome]:
-            # Group commit: the copies of the whole batch reach the disk before any is recorded.
-            # (A remote endpoint's server has its file before our upload returns.)
-            if not per_file_fsync and isinstance(storage, PosixStorage):
-                await storage.sync()
-            return await catalogue.register_ingested(records)
-
-        async def plan_and_request(
-            items: Sequence[tuple[str, str, dict[str, Any], str | None]],
-        ) -> list[list[Wanted]]:
-            # The disk copies a whole batch wants go out now as bulk replica.requests (one message
-            # per destination and few hundred files, not one per file); each handler then
-            # publishes only its tape requests. The handlers ack after this returns: a kill in
-            # between redelivers the events, whose duplicates plan and request again.
-            # Each file's requests keep its file.ready's correlation id (item[3]).
-            wanted = await rulebook.plan([i[:3] for i in items], correlation_ids=[i[3] for i in items])
-            await publish_wanted(publisher, [w for ws in wanted for w in ws if w.kind == "disk"], bulk=BULK)
-            return [[w for w in ws if w.kind != "disk"] for ws in wanted]
-
+        lookup = partial(batches.lookup, catalogue)
+        durable_register = partial(batches.durable_register, catalogue, storage, per_file_fsync)
+        request_copies = partial(batches.request_copies, rulebook, publisher)
         resources = IngestResources(
             catalogue=catalogue,
             storage=storage,
             storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
             registrar=MicroBatcher(durable_register, max_size=batch.batch_size, max_wait=batch.batch_wait),
-            planner=MicroBatcher(plan_and_request, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            planner=MicroBatcher(request_copies, max_size=batch.batch_size, max_wait=batch.batch_wait),
             rulebook=rulebook,
             per_file_fsync=per_file_fsync,
         )
@@ -212,14 +186,11 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
     check_name_length(name)
     async with res.name_lock(name):
         info = await _ingest_locked(msg, ctx, located, name)
-        # Replication policy: lock the copies the rules want and request the missing ones. Also on
-        # a duplicate, so a kill between registering and publishing loses no request.
-        wanted: list[Wanted] = []
+        # Replication policy: lock the copies the rules want and request the missing ones
+        # (``batches.request_copies``). Also on a duplicate, so a kill between registering and
+        # publishing loses no request.
         if await res.rulebook.rules():
-            wanted = await res.planner.submit(
-                (info.name, info.dataset, dict(msg.metadata), ctx.correlation_id)
-            )
-    await publish_wanted(ctx.publisher, wanted, correlation_id=ctx.correlation_id)
+            await res.planner.submit((info.name, info.dataset, dict(msg.metadata), ctx.correlation_id))
     # The id names the fact, so the event re-published on a redelivery is a duplicate by id.
     await ctx.publisher.publish(
         FileIngested(

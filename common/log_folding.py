@@ -87,19 +87,20 @@ class FoldedLog:
         self.throttle = ReasonThrottle(window)
 
     def warning(
-        self, reason: Hashable, event: str, *, exc: BaseException | None = None, **fields: Any
+        self, key: Hashable, event: str, /, *, exc: BaseException | None = None, **fields: Any
     ) -> None:
-        self.log("warning", reason, event, exc=exc, **fields)
+        self.log("warning", key, event, exc=exc, **fields)
 
-    def error(self, reason: Hashable, event: str, *, exc: BaseException | None = None, **fields: Any) -> None:
-        self.log("error", reason, event, exc=exc, **fields)
+    def error(self, key: Hashable, event: str, /, *, exc: BaseException | None = None, **fields: Any) -> None:
+        self.log("error", key, event, exc=exc, **fields)
 
     def log(
-        self, level: str, reason: Hashable, event: str, *, exc: BaseException | None = None, **fields: Any
+        self, level: str, key: Hashable, event: str, /, *, exc: BaseException | None = None, **fields: Any
     ) -> None:
-        """``exc``: what the line is about (see ``ReasonThrottle.admit``); it is logged with its
-        traceback only if ``fields`` ask for it (``exc_info``)."""
-        admitted, folded = self.throttle.admit(reason, exc)
+        """``key``: what lines are folded by (a reason, for ``ReasonThrottle``); ``exc``: what the
+        line is about (see ``ReasonThrottle.admit``), written with its traceback only if
+        ``fields`` ask for it (``exc_info``)."""
+        admitted, folded = self.throttle.admit(key, exc)
         if not admitted:
             return
         if folded:

@@ -90,7 +90,8 @@ async def test_an_exception_is_logged_with_the_loops_name_and_the_rounds_go_on()
 async def test_the_failure_line_goes_through_the_callers_logger():
     work = Rounds(failing=(1,))
     with capture_logs() as logs:
-        task = asyncio.create_task(every(0.01, work, name="rules", log=structlog.get_logger("spool.replicator")))
+        replicator = structlog.get_logger("spool.replicator")
+        task = asyncio.create_task(every(0.01, work, name="rules", log=replicator))
         await work.until(2)
         await stopped(task)
     assert [line["event"] for line in logs] == ["background_failed"]

@@ -17,7 +17,6 @@ WORKDIR /opt/spool/src
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY daemons ./daemons
-COPY spool ./spool
 RUN pip install . && cd / && rm -rf /opt/spool/src
 
 # Non-root at run time. The state directory is created here, owned by spool, so a fresh named

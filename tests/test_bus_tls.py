@@ -129,7 +129,7 @@ def tls_config(tmp_path: Path, tag: str, tls_broker: TlsBroker) -> Path:
 
 def spool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "spool", "--config", str(config), *args],
+        [sys.executable, "-m", "daemons", "--config", str(config), *args],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
 

@@ -1,6 +1,6 @@
-"""``common`` is the layer under the daemons: nothing in it imports ``daemons`` (nor the ``spool``
-program, which puts the two together). The daemons ``spool run`` starts reach the CLI as an
-argument of ``common.cli.main``."""
+"""``common`` is the layer under the daemons: nothing in it imports ``daemons`` (where the
+``spool`` program, ``daemons.program``, puts the two together). The daemons ``spool run`` starts
+reach the CLI as an argument of ``common.cli.main``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 COMMON = Path(__file__).resolve().parents[1] / "common"
-ABOVE_COMMON = {"daemons", "spool"}
+ABOVE_COMMON = {"daemons"}
 
 
 def imports_from_above(path: Path) -> list[str]:
@@ -36,5 +36,5 @@ def test_nothing_in_common_imports_the_daemons():
 
 def test_the_check_finds_an_import_of_the_daemons(tmp_path: Path):
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from daemons import registry\n\nimport spool, json\n")
-    assert sorted(imports_from_above(module)) == ["daemons:2", "spool:4"]
+    module.write_text("def f():\n    from daemons import registry\n\nimport daemons.program, json\n")
+    assert sorted(imports_from_above(module)) == ["daemons.program:4", "daemons:2"]

@@ -291,7 +291,7 @@ async def test_daemon_stderr_stays_json_lines_through_a_broker_connection_cut(
     upstream = aio_pika.connection.make_url(AMQP_URL)
     async with TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5672) as proxy:
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "spool", "--config", str(config_file), "run", "ingest",
+            sys.executable, "-m", "daemons", "--config", str(config_file), "run", "ingest",
             cwd=Path(__file__).resolve().parent.parent, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "SPOOL_BUS__URL": proxy.url(AMQP_URL)},
         )  # fmt: skip

@@ -80,7 +80,7 @@ class Fleet:
         d = self.daemons[name]
         with self.log_path(name).open("ab") as out:
             d.process = subprocess.Popen(
-                [sys.executable, "-m", "spool", "--config", str(self.config), "run", name],
+                [sys.executable, "-m", "daemons", "--config", str(self.config), "run", name],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO,
                 env=daemon_env(),
             )  # fmt: skip

@@ -2,7 +2,7 @@
 
 ``common`` knows no daemon: the daemons ``spool run`` starts come from whoever calls ``main``
 (``main(argv, daemons=registry)``). The ``spool`` program itself (the console script,
-``python -m spool``: the ``spool`` package) passes ``daemons.registry``.
+``python -m daemons``: ``daemons.program``) passes ``daemons.registry``.
 
 Every user mistake (unreachable broker, bad config, unknown file) ends in one red line on stderr
 and a non-zero exit code, never a traceback: ``main`` is the one place that maps them.
@@ -80,7 +80,7 @@ def run(
     registry: DaemonRegistry | None = ctx.obj.get("daemons")
     if registry is None:
         raise UserError(
-            "this command knows no daemons: start them with the spool program (`python -m spool run`)"
+            "this command knows no daemons: start them with the spool program (`python -m daemons run`)"
         )
     settings = settings_from(ctx)
     try:

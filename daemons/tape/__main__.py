@@ -1,6 +1,6 @@
 """``python -m daemons.tape`` is ``spool run tape``."""
 
-from spool import main
+from daemons.program import main
 
 if __name__ == "__main__":
     main(["run", "tape"])

@@ -1,7 +1,7 @@
 """The ``spool`` program: the operator's commands (``common.cli``) and the daemons ``spool run``
 starts (``daemons.registry``), put together here because ``common`` never imports ``daemons``.
 
-The console script ``spool`` and ``python -m spool`` both run ``main``.
+The console script ``spool`` and ``python -m daemons`` both run ``main``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ One run measures, on the same broker with the same client settings:
    acking each message; timed from the first publish to the last ack;
 2. **Spool ingest**: N small files written to a landing area (not timed), their ``file.ready``
    CloudEvents (size and adler32 included) published the same way, the ingest daemon running as a
-   separate process (``python -m common.cli --config CFG run ingest``); timed from the first
+   separate process (``python -m daemons --config CFG run ingest``); timed from the first
    publish until the catalogue counts N files. The daemon's RSS (children included) is sampled
    every 0.1 s from its start to its exit.
 
@@ -462,7 +462,7 @@ async def spool_ingest(
     spawned = time.monotonic()
     with log.open("ab") as log_file:
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "common.cli", "--config", str(config), "run", "ingest",
+            sys.executable, "-m", "daemons", "--config", str(config), "run", "ingest",
             stdout=log_file, stderr=log_file, cwd=REPO,
         )  # fmt: skip
     sampler = ProcessSampler(daemon.pid)

@@ -1,5 +1,5 @@
 """Does the monitor keep up with the bus? Two ways to ask, each with the monitor as its own process
-(``python -m common.cli --config CFG run monitor``) and its CPU time and RSS sampled every 0.1 s.
+(``python -m daemons --config CFG run monitor``) and its CPU time and RSS sampled every 0.1 s.
 
 - ``backlog`` (default): N events queued first, then the monitor started; timed until
   ``/metrics`` has counted every one. The rate is its ceiling: from its start (imports,
@@ -151,7 +151,7 @@ class Bench:
     @asynccontextmanager
     async def monitor(self) -> AsyncIterator[Sampler]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(self.config), "run", "monitor"],
+            [sys.executable, "-m", "daemons", "--config", str(self.config), "run", "monitor"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=(self.state / "monitor.log").open("wb"),
         )  # fmt: skip
         sampler = Sampler(proc.pid)

@@ -2,7 +2,7 @@
 failed requests among them, and 10,000 dead letters in ``<prefix>.ingest.dead``.
 
 Each figure is the best and the median of ``--runs`` runs of the real command in a subprocess
-(``python -m common.cli --config CFG status --json``), wall time from start to exit, so it includes
+(``python -m daemons --config CFG status --json``), wall time from start to exit, so it includes
 the interpreter and the CLI's imports. Also timed, for comparison: the same command against an
 empty catalogue (what start-up alone costs), ``spool queues --json``, and ``gather_status`` in
 this process (the status itself, without start-up). First without the monitor (the CLI asks the
@@ -150,7 +150,7 @@ def timed_command(config: Path, args: list[str], runs: int) -> dict[str, Any]:
     for _ in range(runs):
         t0 = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "common.cli", "--config", str(config), *args],
+            [sys.executable, "-m", "daemons", "--config", str(config), *args],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         walls.append(time.monotonic() - t0)
@@ -208,7 +208,7 @@ async def run(files: int, dead: int, runs: int) -> dict[str, Any]:
             "gather_status in-process": await timed_gather(settings, runs),
         }
         monitor = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config), "run", "monitor"],
+            [sys.executable, "-m", "daemons", "--config", str(config), "run", "monitor"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=(root / "monitor.log").open("wb"),
         )  # fmt: skip
         try:

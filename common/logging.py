@@ -12,15 +12,16 @@ Two things keep a broker restart from burying the operator in them:
 
 - **Folding**: identical records (logger, level, text but object addresses) within
   ``REPEAT_WINDOW`` seconds give one line; the count of the others is a later line with
-  ``similar_since_last_line=N`` (the same ``ReasonThrottle`` the consumer folds its own failures
-  with). At one broker restart aio-pika wrote the same warning 64 times within a millisecond.
+  ``similar_since_last_line=N`` (``common.log_folding``, which folds Spool's own repeated
+  failure lines too). At one broker restart aio-pika wrote the same warning 64 times within a
+  millisecond.
 - **Expected broker errors are warnings without a traceback**: a lost connection, a closed channel,
   a refused reconnection are what a robust connection exists for; the exception's one-line text is
   kept in ``error``. Anything else keeps its level and its traceback.
 
 Folding never hides a bug: the **first occurrence of each distinct exception type** (per process)
 is always let through, whole with its traceback, whatever its reason's window says
-(``first_of_its_type``); only its repeats are folded.
+(``common.log_folding.first_of_its_type``); only its repeats are folded.
 
 **Every line is capped** at ``MAX_LINE`` characters (``cap_line``, the last step before
 rendering), whatever a field holds: a message's 30 MB name list, an exception's text, a library's
@@ -48,6 +49,7 @@ from typing import IO, Any, TextIO
 import structlog
 
 from common.config import LogSettings
+from common.log_folding import ReasonThrottle
 
 # Seconds within which identical library records are folded into one line (as the consumer's).
 REPEAT_WINDOW = 60.0
@@ -68,62 +70,6 @@ MAX_FIELDS = 48
 MAX_KEY = 64
 # Each field is left at least this long when fields must share the line.
 MIN_FIELD = 64
-# Distinct exception types remembered per process (a bound for a process that meets many).
-MAX_EXCEPTION_TYPES = 1024
-_seen_exception_types: set[str] = set()
-_seen_lock = threading.Lock()
-
-
-def first_of_its_type(exc: BaseException | None) -> bool:
-    """Whether ``exc`` is the first exception of its type this process met (and remember it).
-
-    Folding lets such a one through whole: the one traceback of a new bug must not be folded into
-    the count line of an older one with the same reason.
-    """
-    if exc is None:
-        return False
-    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    with _seen_lock:
-        if kind in _seen_exception_types or len(_seen_exception_types) >= MAX_EXCEPTION_TYPES:
-            return False
-        _seen_exception_types.add(kind)
-        return True
-
-
-class ReasonThrottle:
-    """One log line per reason per window, with a count of what was folded into it.
-
-    Thousands of identical retries must not drown the one line that matters. ``admit`` says
-    whether to log now and how many were folded since the last line; ``due`` hands over the
-    counts of windows that ended with lines folded (and forgets expired reasons), for a caller
-    that reports them without waiting for the reason to come back.
-    """
-
-    def __init__(self, window: float = 60.0) -> None:
-        self.window = window
-        self._seen: dict[Hashable, tuple[float, int]] = {}
-
-    def admit(self, reason: Hashable, exc: BaseException | None = None) -> tuple[bool, int]:
-        """``exc``: the exception the line is about; by default the one being handled, if any
-        (called from an ``except`` block). The first of its type is always admitted."""
-        now = time.monotonic()
-        start, folded = self._seen.get(reason, (0.0, 0))
-        current = exc if exc is not None else sys.exc_info()[1]
-        if now - start >= self.window:
-            self._seen[reason] = (now, 0)
-            first_of_its_type(current)  # logged now: its type is seen
-            return True, folded
-        if first_of_its_type(current):
-            self._seen[reason] = (start, 0)  # the window goes on; its count restarts after this line
-            return True, folded
-        self._seen[reason] = (start, folded + 1)
-        return False, 0
-
-    def due(self, *, everything: bool = False) -> list[tuple[Hashable, int]]:
-        now = time.monotonic()
-        ended = [r for r, (start, _) in self._seen.items() if everything or now - start >= self.window]
-        counts = [(r, self._seen.pop(r)[1]) for r in ended]
-        return [(r, n) for r, n in counts if n]
 
 
 class FoldingHandler(logging.StreamHandler):  # type: ignore[type-arg]

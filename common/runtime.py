@@ -54,6 +54,7 @@ from common.config import Settings
 from common.errors import ConfigError, Retryable, SpoolError
 from common.logging import libraries_quiet, one_line
 from common.messages import DaemonHeartbeat
+from common.periodic import every
 
 log = structlog.get_logger("spool.runtime")
 T = TypeVar("T")
@@ -159,9 +160,15 @@ class Process:
         if self.tune_gc:
             tune_gc()
         systemd.ready()
-        background = [asyncio.create_task(self._heartbeats(publisher))]
+        beats = every(
+            self.settings.bus.heartbeat_interval,
+            lambda: self._heartbeat(publisher),
+            name="heartbeats",
+            log=log,
+        )
+        background = [asyncio.create_task(beats)]
         if (interval := systemd.watchdog_interval()) is not None:
-            background.append(asyncio.create_task(self._watchdog(interval)))
+            background.append(asyncio.create_task(every(interval, _watchdog_ping, name="watchdog", log=log)))
         if self.once:
             background.append(asyncio.create_task(self._stop_when_idle()))
         log.info("started", services=names, instance=self.instance, once=self.once)
@@ -202,37 +209,31 @@ class Process:
         self.stop_requested.set()
 
     # --- background duties ----------------------------------------------------------------------
-    async def _heartbeats(self, publisher: AmqpPublisher) -> None:
-        while True:
-            for runner in self.runners:
-                beat = DaemonHeartbeat(
-                    daemon=runner.service.name,
-                    instance=self.instance,
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                    version=__version__,
-                    started=self.started,
-                    in_flight=runner.in_flight,
-                    processed=runner.stats.processed,
-                    failed=runner.stats.dead,
-                    details={
-                        "retried": runner.stats.retried,
-                        "queue": runner.queue_name,
-                        "retried_by_reason": dict(runner.stats.retried_by_reason),
-                        "dead_by_reason": dict(runner.stats.dead_by_reason),
-                        "handling": runner.stats.handling.as_dict(),
-                    },
-                )
-                try:
-                    await publisher.publish(beat)
-                except SpoolError as exc:
-                    log.warning("heartbeat_not_published", error=exc.message)
-            await asyncio.sleep(self.settings.bus.heartbeat_interval)
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            systemd.watchdog_ping()
-            await asyncio.sleep(interval)
+    async def _heartbeat(self, publisher: AmqpPublisher) -> None:
+        """One heartbeat per service (every ``bus.heartbeat_interval``): who is alive, its counts."""
+        for runner in self.runners:
+            beat = DaemonHeartbeat(
+                daemon=runner.service.name,
+                instance=self.instance,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                version=__version__,
+                started=self.started,
+                in_flight=runner.in_flight,
+                processed=runner.stats.processed,
+                failed=runner.stats.dead,
+                details={
+                    "retried": runner.stats.retried,
+                    "queue": runner.queue_name,
+                    "retried_by_reason": dict(runner.stats.retried_by_reason),
+                    "dead_by_reason": dict(runner.stats.dead_by_reason),
+                    "handling": runner.stats.handling.as_dict(),
+                },
+            )
+            try:
+                await publisher.publish(beat)
+            except SpoolError as exc:
+                log.warning("heartbeat_not_published", error=exc.message)
 
     async def _stop_when_idle(self) -> None:
         """``once`` mode: stop after the work queues stayed empty with nothing in flight."""
@@ -245,6 +246,10 @@ class Process:
                     busy = True
             quiet = 0 if busy else quiet + 1
         self.stop_requested.set()
+
+
+async def _watchdog_ping() -> None:
+    systemd.watchdog_ping()
 
 
 def arm_stop_watchdog(seconds: float, in_flight: Any = dict) -> threading.Thread:

@@ -15,7 +15,7 @@ def spool(
     config: Path, *args: str, input_: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "daemons", "--config", str(config), *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -242,7 +242,7 @@ def start_daemon(config: Path, daemon: str, log: Path, *extra: str) -> subproces
     """``spool run DAEMON`` as a real process (fault tests kill it), its output appended to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "--config", str(config), "run", daemon, *extra],
+            [sys.executable, "-m", "daemons", "--config", str(config), "run", daemon, *extra],
             stdout=out, stderr=out, cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip

@@ -41,7 +41,7 @@ def spool(config: Path, *args: str, env_file: Path | None = None) -> subprocess.
         key, _, value = env_file.read_text().strip().partition("=")
         env[key] = value.strip("'")
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "daemons", "--config", str(config), *args],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )  # fmt: skip
 

@@ -387,7 +387,7 @@ def test_a_daemon_whose_broker_user_is_not_a_spool_user_refuses_to_start(tmp_pat
     config = write_config(tmp_path / "spool.toml", state, tag)
     config.write_text(config.read_text().replace("[bus]\n", '[bus]\nspool_users = ["spool-daemons"]\n'))
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), "run", "ingest"],
+        [sys.executable, "-m", "daemons", "--config", str(config), "run", "ingest"],
         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr

@@ -117,7 +117,7 @@ def test_the_cli_says_it_in_one_line(tmp_path: Path, tag: str) -> None:
     )
     assert load_settings(config).catalogue.url.endswith("sslmode=require")
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), "ls"],
+        [sys.executable, "-m", "daemons", "--config", str(config), "ls"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "does not offer TLS" in done.stderr

@@ -37,7 +37,7 @@ def _env() -> dict[str, str]:
 
 def spool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "daemons", "--config", str(config), *args],
         capture_output=True, text=True, cwd=REPO, timeout=120, env=_env(),
     )  # fmt: skip
 
@@ -45,7 +45,7 @@ def spool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 async def aspool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``spool`` awaited: daemons under test run on this event loop and must keep working."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", "--config", str(config), *args,
+        sys.executable, "-m", "daemons", "--config", str(config), *args,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=_env(),
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)

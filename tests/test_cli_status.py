@@ -38,7 +38,7 @@ async def spool(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _argv(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", "--config", str(config), *args]
+    return [sys.executable, "-m", "daemons", "--config", str(config), *args]
 
 
 async def test_status_json_comes_from_the_monitor_when_it_runs(settings, config_file, broker, topology):

@@ -31,7 +31,7 @@ def demo_config(tmp_path: Path, tag: str) -> Path:
 
 def test_demo_accounts_for_every_file_copy_and_recall(tmp_path, tag):
     config = demo_config(tmp_path, tag)
-    command = [sys.executable, "-m", "common.cli", "--config", str(config), "demo"]
+    command = [sys.executable, "-m", "daemons", "--config", str(config), "demo"]
     done = subprocess.run(
         [*command, "--files", "60", "--datasets", "4"], capture_output=True, text=True, cwd=REPO, timeout=600
     )

@@ -287,7 +287,7 @@ async def test_spool_trace_finds_a_refused_file_by_its_logical_name(
         await publish_raw(broker, settings, "file.ready", cloudevent(ready(path)))
         await wait_for(lambda: depth_is(broker, settings.dead_queue("ingest"), 1))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", "--config", str(config_file), "trace",
+        sys.executable, "-m", "daemons", "--config", str(config_file), "trace",
         "run012345/never-written.fits", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parent.parent,

@@ -26,7 +26,8 @@ import pytest
 import structlog
 
 from common.config import LogSettings, Settings
-from common.logging import ReasonThrottle, configure_logging
+from common.log_folding import ReasonThrottle
+from common.logging import configure_logging
 from tests.conftest import AMQP_URL, cloudevent, queue_depth, wait_for
 from tests.logging_fixtures import LIBRARY_LOGGERS, captured  # noqa: F401
 from tests.tcp_proxy import TcpProxy
@@ -253,7 +254,7 @@ async def test_daemon_stderr_stays_json_lines_through_a_broker_connection_cut(
     upstream = aio_pika.connection.make_url(AMQP_URL)
     async with TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5672) as proxy:
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest",
+            sys.executable, "-m", "daemons", "--config", str(config_file), "run", "ingest",
             cwd=Path(__file__).resolve().parent.parent, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "SPOOL_BUS__URL": proxy.url(AMQP_URL)},
         )  # fmt: skip

@@ -18,7 +18,8 @@ import structlog
 
 from common.bus.service import Context, Service
 from common.config import LogSettings
-from common.logging import MAX_LINE, ReasonThrottle, configure_logging
+from common.log_folding import ReasonThrottle
+from common.logging import MAX_LINE, configure_logging
 from common.messages import FileReady
 from tests.conftest import cloudevent, publish_raw, running, wait_for
 from tests.logging_fixtures import Captured, captured  # noqa: F401

@@ -84,7 +84,7 @@ async def test_heartbeats_make_a_daemon_alive_and_a_killed_daemon_shows_dead(
         res = resources_of(process)
         with (tmp_path / "ingest.log").open("wb") as log:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest"],
+                [sys.executable, "-m", "daemons", "--config", str(config_file), "run", "ingest"],
                 cwd=REPO, stdout=log, stderr=log,
             )  # fmt: skip
             try:

@@ -367,7 +367,7 @@ async def test_spool_run_monitor_on_all_interfaces_without_a_token_exits_with_on
     config = monitor_config(tmp_path, "all", http_host='"0.0.0.0"')
     env = {k: v for k, v in os.environ.items() if k != "SPOOL_MONITOR_TOKEN"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", "--config", str(config), "run", "monitor",
+        sys.executable, "-m", "daemons", "--config", str(config), "run", "monitor",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
@@ -397,13 +397,13 @@ async def test_spool_status_sends_the_token_to_a_protected_monitor(tmp_path, tag
         await wait_for(lambda: _is(res.state.events["file.failed"] == 1))
         assert (await _get(res.web, "/api/status")).status == 401
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "common.cli", "--config", str(config), "status", "--json",
+            sys.executable, "-m", "daemons", "--config", str(config), "status", "--json",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
         wrong = {**os.environ, "SPOOL_MONITOR_TOKEN": "not-the-token-0123456789"}
         refused = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "common.cli", "--config", str(config), "status", "--json",
+            sys.executable, "-m", "daemons", "--config", str(config), "status", "--json",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=wrong,
         )  # fmt: skip
         refused_out, _ = await asyncio.wait_for(refused.communicate(), timeout=120)

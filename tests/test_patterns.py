@@ -117,7 +117,7 @@ def test_a_config_with_a_pattern_re2_refuses_does_not_load(tmp_path: Path, patte
 @pytest.mark.parametrize("pattern", [r"(a)\1", "(?<=a)b"])
 def test_spool_rule_add_refuses_the_pattern_in_one_line(config_file: Path, pattern: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config_file), "rule", "add", "--id", "r1",
+        [sys.executable, "-m", "daemons", "--config", str(config_file), "rule", "add", "--id", "r1",
          "--datasets", pattern, "--endpoints", "disk1"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
@@ -126,7 +126,7 @@ def test_spool_rule_add_refuses_the_pattern_in_one_line(config_file: Path, patte
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "rule r1: dataset pattern" in lines[0] and repr(pattern) in lines[0]
     listed = subprocess.run(
-        [sys.executable, "-m", "common.cli", "--config", str(config_file), "rule", "list", "--json"],
+        [sys.executable, "-m", "daemons", "--config", str(config_file), "rule", "list", "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert listed.returncode == 0 and "r1" not in listed.stdout

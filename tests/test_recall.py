@@ -143,7 +143,7 @@ async def test_the_completion_is_sent_to_reply_to_as_a_cloudevent(tmp_path, tag,
 
 
 def _spool(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", "--config", str(config), *args]
+    return [sys.executable, "-m", "daemons", "--config", str(config), *args]
 
 
 async def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

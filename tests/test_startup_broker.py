@@ -72,7 +72,7 @@ async def _run_daemon(config: Path, url: str, daemon: str = "ingest") -> tuple[i
     """``spool run DAEMON`` against ``url``; its exit code and stderr lines (warning level: the
     copy process's info line about its parent leaving is not what is asserted here)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "common.cli", "--config", str(config), "run", daemon,
+        sys.executable, "-m", "daemons", "--config", str(config), "run", daemon,
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "SPOOL_BUS__URL": url, "SPOOL_LOG__LEVEL": "warning"},
     )  # fmt: skip
@@ -142,7 +142,7 @@ def test_threaded_proxy_serves_synchronous_callers_the_same_cut(config_file, bro
     with ThreadedTcpProxy(*_upstream()) as proxy:
         proxy.cut_on(CHANNEL_OPEN, 2, forced=True)
         done = subprocess.run(
-            [sys.executable, "-m", "common.cli", "--config", str(config_file), "run", "ingest"],
+            [sys.executable, "-m", "daemons", "--config", str(config_file), "run", "ingest"],
             cwd=ROOT, capture_output=True, text=True, timeout=90,
             env={**os.environ, "SPOOL_BUS__URL": proxy.url(AMQP_URL), "SPOOL_LOG__LEVEL": "warning"},
         )  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("ingest", "replicator", "tape", "recall", "monitor")
-BROKER_UNREACHABLE = 3  # common.cli.main's exit code for an unreachable broker / catalogue
+BROKER_UNREACHABLE = 3  # spool.main's exit code for an unreachable broker / catalogue
 
 
 def daemon_env() -> dict[str, str]:
@@ -80,7 +80,7 @@ class Fleet:
         d = self.daemons[name]
         with self.log_path(name).open("ab") as out:
             d.process = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", "--config", str(self.config), "run", name],
+                [sys.executable, "-m", "daemons", "--config", str(self.config), "run", name],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO,
                 env=daemon_env(),
             )  # fmt: skip

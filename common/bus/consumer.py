@@ -53,7 +53,7 @@ from common.bus.service import Context, Service
 from common.bus.topology import declare_topology, work_queue_arguments
 from common.config import Settings
 from common.errors import InvalidMessage, SpoolError
-from common.logging import ReasonThrottle  # also imported from here by daemons
+from common.log_folding import FoldedLog
 from common.messages import FileFailed, Message, fact_id
 
 log = structlog.get_logger("spool.consumer")
@@ -120,7 +120,22 @@ class Delivery:
 
 
 class Runner:
-    """Consumes one service's work queue with bounded prefetch and concurrency; acks coalesced."""
+    """Consumes one service's work queue with bounded prefetch and concurrency; acks coalesced.
+
+    A service whose deliveries call for another way of consuming brings a subclass
+    (``Service(runner=...)``; the monitor's ``MonitorRunner``). The subclass overrides these,
+    and only these; queue, prefetch, reconnection, recovery after a broker cancel, stop and drain
+    stay this class's:
+
+    - ``deliver(message)``: what happens to one delivery; aiormq calls it in a task of its own.
+      A replacement settles each delivery on ``acks`` when that window is still the delivery's
+      channel's (``acks.channel is message.channel``; a delivery from a channel replaced
+      meanwhile is the broker's to redeliver): ``acks.delivered(tag)``, then ``acks.ack(tag)``;
+    - ``ack_window(channel)``: the ``AckWindow`` made for each new channel (how many acks one
+      frame covers, how long one may wait); read it as ``acks``;
+    - ``in_flight``: deliveries taken and not settled yet, which the heartbeats report and the
+      ``once`` mode waits for.
+    """
 
     def __init__(
         self,
@@ -141,13 +156,14 @@ class Runner:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._queue: AbstractQueue | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._acks: AckWindow | None = None
+        # The current channel's ack window (``ack_window``); a new one with each new channel.
+        self.acks: AckWindow | None = None
         self._tag: str | None = None
         # One consumer per runner: start, reopen, recovery and stop take turns (see ``_consume``).
         self._consume_lock = asyncio.Lock()
         self._stopping = False
         self._recovery: asyncio.Task[None] | None = None
-        self._throttle = ReasonThrottle()
+        self._folded = FoldedLog(log)  # one line per outcome and reason per minute
         self._log = structlog.get_logger(service.name)
         self._trusted = settings.bus.trusted_users()  # Spool's broker users (common.bus.admission)
         # Message ids of the handlers still running when the stop's grace ended (cancelled).
@@ -174,19 +190,20 @@ class Runner:
         async with self._consume_lock:
             if self._stopping or (self._tag is not None and _has_consumer(underlay, self._tag)):
                 return
-            if self._acks is None or self._acks.channel is not underlay:
+            if self.acks is None or self.acks.channel is not underlay:
                 # Tags count per channel. On the same channel (consuming again after a broker
                 # cancel) the window goes on: a second one's multiple acks would cover the first's.
-                self._acks = self._ack_window(underlay)
+                self.acks = self.ack_window(underlay)
             self._underlay = underlay
             # aiormq's hook for a Basic.Cancel sent by the broker (a set: added once per channel).
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             # The tag (aiormq's format) is known before the RPC: the broker's Basic.Cancel may be
             # read right after the ConsumeOk, before this task resumes.
             self._tag = f"ctag{underlay.number}.{uuid.uuid4().hex}"
-            await underlay.basic_consume(self.queue_name, self._deliver, consumer_tag=self._tag)
+            await underlay.basic_consume(self.queue_name, self.deliver, consumer_tag=self._tag)
 
-    def _ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
+    def ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
+        """The ack window of a new channel: ``common.bus.acks``' defaults (an extension point)."""
         return AckWindow(channel)
 
     async def _on_reopen(self, _channel: Any) -> None:
@@ -286,7 +303,7 @@ class Runner:
         if self._tasks:
             log.info("draining", daemon=self.service.name, in_flight=len(self._tasks), grace=grace)
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            # Named by their message ids (``_deliver``): what a stop that overruns names.
+            # Named by their message ids (``deliver``): what a stop that overruns names.
             self.abandoned = sorted(task.get_name() for task in pending)
             for task in pending:
                 task.cancel()
@@ -297,9 +314,9 @@ class Runner:
             await self.channel.close()  # the broker requeues whatever is still unacked
 
     async def _flush_acks(self) -> None:
-        if self._acks is not None and not self._acks.channel.is_closed:
+        if self.acks is not None and not self.acks.channel.is_closed:
             try:
-                await self._acks.flush()
+                await self.acks.flush()
             except Exception as exc:  # channel gone meanwhile: the broker requeued them
                 log.warning("ack_failed", error=repr(exc))
 
@@ -311,15 +328,17 @@ class Runner:
 
     @property
     def in_flight(self) -> int:
+        """Handlers running now (an extension point: see the class docstring)."""
         return len(self._tasks)
 
     # --- per delivery ---------------------------------------------------------------------------
-    async def _deliver(self, message: DeliveredMessage) -> None:
+    async def deliver(self, message: DeliveredMessage) -> None:
+        """Run the service's handler for one delivery and settle it (an extension point)."""
         task = asyncio.current_task()
         assert task is not None
         delivery = Delivery(message)
         task.set_name(delivery.properties.message_id or f"delivery-{delivery.tag}")
-        acks = self._acks
+        acks = self.acks
         if acks is None or acks.channel is not message.channel:
             acks = None  # from a channel replaced meanwhile: its tags mean nothing on the new one
         else:
@@ -442,12 +461,10 @@ class Runner:
         assert self.service.on_malformed is not None
         err = classify(exc)
         self.stats.ignored += 1
-        admitted, folded = self._throttle.admit(f"ignored:{err.reason}", exc)
-        if admitted:
-            fields: dict[str, Any] = {"reason": err.reason, "error": err.message, "routing_key": routing_key}
-            if folded:
-                fields["similar_since_last_line"] = folded
-            log.warning("malformed_ignored", **fields)
+        self._folded.warning(
+            f"ignored:{err.reason}", "malformed_ignored", exc=exc,
+            reason=err.reason, error=err.message, routing_key=routing_key,
+        )  # fmt: skip
         try:
             await self.service.on_malformed(routing_key, err, ctx)
         except Exception as hook_exc:  # counting must never block the queue
@@ -456,21 +473,14 @@ class Runner:
 
     def _log_failure(self, decision: Decision, err: SpoolError, attempt: int, exc: Exception) -> None:
         # The first exception of each type is written whole even within its reason's window.
-        admitted, folded = self._throttle.admit(f"{decision.action}:{decision.reason}", exc)
-        if not admitted:
-            return
         event = "dead_lettered" if decision.action == "dead" else "retrying"
         fields: dict[str, Any] = {"reason": decision.reason, "error": err.message, "attempt": attempt}
         if decision.action == "retry":
             fields["delay"] = decision.delay
-        if folded:
-            fields["similar_since_last_line"] = folded
         if err.reason == UNEXPECTED:
-            log.error(event, exc_info=exc, **fields)
-        elif decision.action == "dead":
-            log.error(event, **fields)
-        else:
-            log.warning(event, **fields)
+            fields["exc_info"] = exc
+        level = "error" if err.reason == UNEXPECTED or decision.action == "dead" else "warning"
+        self._folded.log(level, f"{decision.action}:{decision.reason}", event, exc=exc, **fields)
 
     async def _announce_failure(
         self, msg: Message | None, decision: Decision, attempt: int, delivery: Delivery

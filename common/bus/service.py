@@ -81,7 +81,8 @@ class Service:
     fallback: Handler | None = None
     on_malformed: MalformedHook | None = None
     # A service whose deliveries call for another consumption strategy brings a ``Runner`` subclass
-    # (the monitor: batched acks, no per-message task, since it sees every message of the bus).
+    # (the monitor: batched acks, no per-message task, since it sees every message of the bus),
+    # overriding the extension points ``Runner`` documents.
     runner: type[Runner] | None = None
 
     def handler(self, model: type[M]) -> Callable[[Callable[[M, Context[Any]], Awaitable[None]]], Any]:

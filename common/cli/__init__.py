@@ -1,5 +1,9 @@
 """``spool``: the operator's command line, a thin client of ``common``.
 
+``common`` knows no daemon: the daemons ``spool run`` starts come from whoever calls ``main``
+(``main(argv, daemons=registry)``). The ``spool`` program itself (the console script,
+``python -m daemons``: ``daemons.program``) passes ``daemons.registry``.
+
 Every user mistake (unreachable broker, bad config, unknown file) ends in one red line on stderr
 and a non-zero exit code, never a traceback: ``main`` is the one place that maps them.
 """
@@ -11,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
@@ -22,6 +26,20 @@ except ImportError:  # pragma: no cover - older typer, on Click itself
 
 from common.cli._util import UserError, print_error, settings_from
 from common.cli.errors import EXIT_BUG, bug, classify
+
+if TYPE_CHECKING:
+    from common.bus.service import Service
+
+
+class DaemonRegistry(Protocol):
+    """Which daemons ``spool run`` may start, by name (``daemons.registry`` is one)."""
+
+    def load(self, name: str) -> Service:
+        """The daemon called ``name``; ``KeyError`` (naming the known ones) if there is none."""
+
+    def load_all(self) -> list[Service]:
+        """Every daemon, in the order ``spool run all`` starts them."""
+
 
 app = typer.Typer(
     name="spool",
@@ -58,8 +76,12 @@ def run(
     """Run one daemon, or all of them in one process, until SIGTERM."""
     from common.logging import configure_logging, get_logger
     from common.runtime import run_loop, run_services
-    from daemons import registry
 
+    registry: DaemonRegistry | None = ctx.obj.get("daemons")
+    if registry is None:
+        raise UserError(
+            "this command knows no daemons: start them with the spool program (`python -m daemons run`)"
+        )
     settings = settings_from(ctx)
     try:
         services = registry.load_all() if daemon == "all" else [registry.load(daemon)]
@@ -125,15 +147,16 @@ def load_commands(argv: Sequence[str] | None = None) -> None:
         importlib.import_module(f"common.cli.{module}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point. Typer (standalone mode) handles usage errors and exits; every other failure
-    propagates out of it and is turned into one line here (``common.cli.errors.classify``)."""
+def main(argv: Sequence[str] | None = None, *, daemons: DaemonRegistry | None = None) -> None:
+    """Entry point; ``daemons``: what ``spool run`` may start (none: ``spool run`` refuses).
+    Typer (standalone mode) handles usage errors and exits; every other failure propagates out of
+    it and is turned into one line here (``common.cli.errors.classify``)."""
     args = list(argv) if argv is not None else sys.argv[1:]
     try:
         load_commands(args)
         # Not standalone: usage mistakes (an unknown option, a missing one) come here too, and are
         # one line like every other mistake, not Click's box of usage text.
-        code = app(args=args, prog_name="spool", standalone_mode=False)
+        code = app(args=args, prog_name="spool", standalone_mode=False, obj={"daemons": daemons})
     except KeyboardInterrupt:
         sys.exit(130)
     except NoArgsIsHelpError:

@@ -1,4 +1,5 @@
-"""``python -m common.cli`` is the ``spool`` command (used where the console script is not on PATH)."""
+"""``python -m common.cli``: the operator's commands without the daemons (``spool run`` refuses).
+The whole ``spool`` command is ``python -m daemons``."""
 
 from common.cli import main
 

@@ -186,7 +186,7 @@ def demo(
     env = dict(os.environ)
     remote = _remote_site(settings, env, seed)
     with log_path.open("ab") as log_file:
-        cmd = [sys.executable, "-m", "common.cli"]
+        cmd = [sys.executable, "-m", "daemons"]
         if ctx.obj.get("config"):
             cmd += ["--config", ctx.obj["config"]]
         daemons = subprocess.Popen([*cmd, "run", "all"], stdout=log_file, stderr=log_file, env=env)

@@ -1,6 +1,6 @@
 """``python -m daemons.ingest`` is ``spool run ingest``."""
 
-from common.cli import main
+from daemons.program import main
 
 if __name__ == "__main__":
     main(["run", "ingest"])

@@ -1,6 +1,6 @@
 """``python -m daemons.monitor`` is ``spool run monitor``."""
 
-from common.cli import main
+from daemons.program import main
 
 if __name__ == "__main__":
     main(["run", "monitor"])

@@ -14,14 +14,17 @@ context, and one ack frame written to the socket per message. So this runner:
 - publishes alerts from their own task (``MonitorResources.observe``), so a slow confirm never
   holds up counting.
 
-Consumption on the underlying aiormq channel, re-creation of the consumer after a reconnection or
-after the broker cancelled it (its queue deleted), and the final flush of acks on drain are the
-base ``Runner``'s. At-least-once holds as before: a message is acked only after it was counted;
+It overrides the base ``Runner``'s extension points (``deliver``, ``ack_window``, ``in_flight``)
+and nothing else: consumption on the underlying aiormq channel, re-creation of the consumer after a
+reconnection or after the broker cancelled it (its queue deleted), and the final flush of acks on
+drain are the base ``Runner``'s. At-least-once holds as before: a message is acked only after it was counted;
 acks still pending when a channel dies are redelivered by the broker and counted again, as any
 redelivery always was.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import aiormq
 import structlog
@@ -32,6 +35,7 @@ from common.bus import headers as H
 from common.bus.acks import AckWindow
 from common.bus.consumer import Runner
 from common.bus.retry import classify
+from common.log_folding import FoldedLog
 
 log = structlog.get_logger("spool.monitor")
 
@@ -44,17 +48,22 @@ ACK_DELAY = 0.05
 class MonitorRunner(Runner):
     """``Runner`` for the monitor service: same queue, prefetch, stop and drain contract."""
 
-    def _ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One line per cause per minute: the monitor sees every bad message of the whole bus.
+        self._lines = FoldedLog(log)
+
+    def ack_window(self, channel: aiormq.abc.AbstractChannel) -> AckWindow:
         prefetch = self.settings.daemon(self.service.name).prefetch
         return AckWindow(channel, every=max(1, min(ACK_EVERY, prefetch // 2)), delay=ACK_DELAY)
 
     @property
     def in_flight(self) -> int:
         """Deliveries counted but not acked yet (a batch, for at most ``ACK_DELAY``)."""
-        return len(self._acks) if self._acks is not None else 0
+        return len(self.acks) if self.acks is not None else 0
 
     # --- per delivery ---------------------------------------------------------------------------
-    async def _deliver(self, message: DeliveredMessage) -> None:
+    async def deliver(self, message: DeliveredMessage) -> None:
         """Observe one delivery. No ``await`` before the ack bookkeeping: see the module docstring."""
         props = message.header.properties
         headers = props.headers
@@ -69,7 +78,7 @@ class MonitorRunner(Runner):
                 self.stats.processed += 1
             except Exception as exc:  # a bug in the bookkeeping must not stall the whole bus
                 self._bug(exc)
-        acks = self._acks
+        acks = self.acks
         if acks is not None and acks.channel is message.channel:  # else: a replaced channel's
             tag = message.delivery_tag or 0
             acks.delivered(tag)
@@ -78,18 +87,14 @@ class MonitorRunner(Runner):
     def _malformed(self, routing_key: str, exc: Exception) -> None:
         err = classify(exc)
         self.stats.ignored += 1
-        admitted, folded = self._throttle.admit(f"ignored:{err.reason}")
-        if admitted:
-            log.warning(
-                "malformed_ignored", reason=err.reason, error=_printable(err.message[:500]),
-                routing_key=_printable(routing_key[:255]), similar_since_last_line=folded,
-            )  # fmt: skip
+        self._lines.warning(
+            f"ignored:{err.reason}", "malformed_ignored", exc=exc,
+            reason=err.reason, error=_printable(err.message[:500]), routing_key=_printable(routing_key[:255]),
+        )  # fmt: skip
         self.resources.state.observe_malformed(routing_key, err.reason, err.message)
 
     def _bug(self, exc: Exception) -> None:
-        admitted, folded = self._throttle.admit("observe_failed")
-        if admitted:
-            log.error("observe_failed", exc_info=exc, similar_since_last_line=folded)
+        self._lines.error("observe_failed", "observe_failed", exc=exc, exc_info=exc)
 
 
 def _printable(text: str) -> str:

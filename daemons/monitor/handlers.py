@@ -29,8 +29,9 @@ from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
 from common.config import Settings
 from common.errors import ConfigError, SpoolError
-from common.logging import ReasonThrottle
+from common.log_folding import ReasonThrottle
 from common.messages import AlertRaised, Message
+from common.periodic import every
 from daemons.monitor.consumer import MonitorRunner
 from daemons.monitor.intake import MonitorLabels, Refused
 from daemons.monitor.metrics import build_registry
@@ -77,6 +78,13 @@ class MonitorResources:
                 log.warning("alert_not_published_yet", summary=alert.summary, error=exc.message)
                 return
             log.warning("alert_raised", kind=alert.kind, summary=alert.summary)
+
+    async def poll(self) -> None:
+        """One look, every ``monitor.poll_interval``: a throughput sample, the queues and the
+        endpoints, and another try at the alerts not published yet."""
+        self.state.sample()
+        await self.poller.once()
+        self.start_flush()
 
 
 def make_state(settings: Settings) -> MonitorState:
@@ -145,7 +153,7 @@ async def open_monitor_resources(settings: Settings, publisher: Publisher) -> As
     res = MonitorResources(
         state, observed, publisher, web, Poller(settings, state, observed), trusted=trust_of(settings)
     )
-    task = asyncio.create_task(_poll(res, settings.monitor.poll_interval))
+    task = asyncio.create_task(every(settings.monitor.poll_interval, res.poll, name="monitor-poll", log=log))
     try:
         yield res
     finally:
@@ -157,14 +165,6 @@ async def open_monitor_resources(settings: Settings, publisher: Publisher) -> As
                 await res.flushing
         await web.stop()
         await res.poller.close()
-
-
-async def _poll(res: MonitorResources, interval: float) -> None:
-    while True:
-        res.state.sample()
-        await res.poller.once()
-        res.start_flush()
-        await asyncio.sleep(interval)
 
 
 service = Service("monitor", resources=open_monitor_resources, runner=MonitorRunner)

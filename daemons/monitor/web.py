@@ -41,7 +41,7 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from common.errors import ConfigError
-from common.logging import ReasonThrottle
+from common.log_folding import ReasonThrottle
 from daemons.monitor.dashboard import PAGE, SCRIPT, STYLE
 
 log = structlog.get_logger("spool.monitor")

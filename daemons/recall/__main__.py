@@ -1,6 +1,6 @@
 """``python -m daemons.recall`` is ``spool run recall``."""
 
-from common.cli import main
+from daemons.program import main
 
 if __name__ == "__main__":
     main(["run", "recall"])

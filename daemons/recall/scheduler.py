@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from common.bus.consumer import ReasonThrottle
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.catalogue.sql import utcnow
 from common.config import RecallSettings, StorageEndpoint
 from common.errors import SpoolError
+from common.log_folding import ReasonThrottle
 from common.logging import get_logger
 from common.messages import TapeMounted
+from common.periodic import every
 from common.storage import PosixStorage, StorageBackend
 from common.tape import TapeLibrary
 from daemons.recall import delivery, steps
@@ -146,24 +147,25 @@ class Scheduler:
         return len(completed)
 
     async def run(self) -> None:
-        """Passes until cancelled; an error is logged and the next pass tries again."""
-        while True:
-            try:
-                if time.monotonic() >= self._next_sweep:
-                    await self.sweep()
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                admitted, folded = self._throttle.admit(f"pass:{type(exc).__name__}")
-                if admitted:
-                    log.error(
-                        "recall_pass_failed", error=str(exc), error_type=type(exc).__name__, exc_info=exc,
-                        similar_since_last_line=folded or None,
-                    )  # fmt: skip
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+        """Passes until cancelled, every ``poll_interval`` or at once when woken; an error is
+        logged and the next pass tries again."""
+        await every(
+            self.settings.poll_interval, self._pass, name="recall-scheduler", wake=self._wake,
+            on_error=self._pass_failed,
+        )  # fmt: skip
+
+    async def _pass(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            await self.sweep()
+        await self.pass_once()
+
+    def _pass_failed(self, exc: Exception) -> None:
+        admitted, folded = self._throttle.admit(f"pass:{type(exc).__name__}", exc)
+        if admitted:
+            log.error(
+                "recall_pass_failed", error=str(exc), error_type=type(exc).__name__, exc_info=exc,
+                similar_since_last_line=folded or None,
+            )  # fmt: skip
 
     def wake(self) -> None:
         self._wake.set()

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
+from common.periodic import every
 from common.placement import config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.transfer import sweep_stale_temporaries, verify_stored
@@ -75,18 +76,6 @@ def _describe(msg: Message) -> dict[str, Any]:
     if name is None and getattr(msg, "names", None):
         name = f"{len(msg.names)} files"  # type: ignore[attr-defined]
     return {"file": name, "storage": getattr(msg, "destination", None)}
-
-
-async def _every(seconds: float, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
-    """Run ``fn`` every ``seconds``; an error is logged and the loop goes on (never kills the daemon)."""
-    while True:
-        try:
-            await fn()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.error("background_failed", loop=what, error=str(exc), error_type=type(exc).__name__)
-        await asyncio.sleep(seconds)
 
 
 @asynccontextmanager
@@ -140,11 +129,18 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         await health.start()
         rep = settings.replication
         tasks += [
-            asyncio.create_task(_every(rep.poll_interval, "health", health.poll)),
+            asyncio.create_task(every(rep.poll_interval, health.poll, name="health", log=log)),
             asyncio.create_task(
-                _every(rep.poll_interval, "rules", lambda: evaluate_new_rules(catalogue, publisher, settings))
+                every(
+                    rep.poll_interval,
+                    lambda: evaluate_new_rules(catalogue, publisher, settings),
+                    name="rules",
+                    log=log,
+                )
             ),
-            asyncio.create_task(_every(rep.reaper_interval, "reaper", lambda: reap(catalogue, storages))),
+            asyncio.create_task(
+                every(rep.reaper_interval, lambda: reap(catalogue, storages), name="reaper", log=log)
+            ),
         ]
         try:
             yield resources

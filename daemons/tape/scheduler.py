@@ -25,6 +25,7 @@ from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
 from common.messages import utcnow
+from common.periodic import every
 from common.storage import StorageBackend
 from common.tape import TapeLibrary
 from daemons.relay import OutboxRelay
@@ -64,17 +65,10 @@ class Scheduler:
             log.info("tape_staging_cleaned", files=removed)
         await reconcile(self.catalogue, self.relay, self.libraries, self.targets, list(self.targets))
         if self.targets:
-            self._loop = asyncio.create_task(self._run(), name="tape-scheduler")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next tick tries again; never kill the daemon
-                log.error("tape_scheduler_failed", error=str(exc), error_type=type(exc).__name__)
-            await asyncio.sleep(self.settings.tape.poll_interval)
+            loop = every(
+                self.settings.tape.poll_interval, self.tick, name="tape-scheduler", on_error=_tick_failed
+            )
+            self._loop = asyncio.create_task(loop, name="tape-scheduler")
 
     async def tick(self) -> None:
         idle = [s for s in self.targets if s not in self.active]
@@ -134,3 +128,8 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*batches, return_exceptions=True)
+
+
+def _tick_failed(exc: Exception) -> None:
+    """The next tick tries again (``every``): one line per failed tick."""
+    log.error("tape_scheduler_failed", error=str(exc), error_type=type(exc).__name__)

@@ -16,7 +16,7 @@ A *lock* (rule x file x endpoint) is a rule's claim on a copy. While a live lock
 never when it is the file's last available copy. Copies ingest made have no tombstone and stay.
 
 All functions take a synchronous ``Connection`` inside the caller's transaction (see
-``Catalogue._transaction``): the same code serves SQLite in a worker thread and PostgreSQL.
+``Catalogue.read`` and ``write``): the same code serves SQLite in a worker thread and PostgreSQL.
 """
 
 from __future__ import annotations

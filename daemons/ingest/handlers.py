@@ -118,8 +118,8 @@ def _describe(msg: Message) -> dict[str, Any]:
 async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[IngestResources]:
     catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
     try:
-        await catalogue.sync_endpoints(settings.storage)
-        await catalogue.sync_config_rules(config_rules(settings))
+        await catalogue.endpoints.sync(settings.storage)
+        await catalogue.replication.sync_config_rules(config_rules(settings))
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
@@ -135,7 +135,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
 
         async def lookup(keys: Sequence[tuple[str, str]]) -> list[Known]:
             ids, names = [k[0] for k in keys], [k[1] for k in keys]
-            prior, files = await catalogue.run(db.prior_requests, ids, names)
+            prior, files = await catalogue.ingest.prior_requests(ids, names)
             return [Known(prior.get(i), files.get(n)) for i, n in keys]
 
         batch = settings.catalogue
@@ -146,7 +146,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             # (A remote endpoint's server has its file before our upload returns.)
             if not per_file_fsync and isinstance(storage, PosixStorage):
                 await storage.sync()
-            return await catalogue.register_ingested(records)
+            return await catalogue.ingest.register(records)
 
         async def plan_and_request(
             items: Sequence[tuple[str, str, dict[str, Any], str | None]],
@@ -361,7 +361,7 @@ async def _register(
 async def _remove_unregistered(ctx: Context[IngestResources], name: str) -> None:
     res = ctx.resources
     try:
-        if await res.catalogue.run(db.replica_recorded, name, res.storage_name):
+        if await res.catalogue.ingest.replica_recorded(name, res.storage_name):
             return  # the catalogue records a replica here: it is someone's file, not our leftover
         await res.storage.delete(name)
         ctx.log.info("unregistered_copy_removed", name=name, storage=res.storage_name)
@@ -437,10 +437,10 @@ async def record_failure(
     event = {"daemon": "ingest", "type": "file.failed" if final else "file.retry", "outcome": state}
     if err.reason == "id_conflict":
         for key in dict.fromkeys(n for n in (name, path) if n is not None):
-            await catalogue.record_event(name=key, attempt=attempt, detail=detail, **event)
+            await catalogue.history.record_event(name=key, attempt=attempt, detail=detail, **event)
         return
     # The request row, and the history under the logical name (else the path).
-    await catalogue.record_failure(
+    await catalogue.history.record_failure(
         request_id=msg.id,
         kind="ingest",
         daemon="ingest",
@@ -453,4 +453,4 @@ async def record_failure(
         dataset=msg.dataset,
     )
     if name is not None and path is not None and name != path:  # and under the absolute path
-        await catalogue.record_event(name=path, attempt=attempt, detail=detail, **event)
+        await catalogue.history.record_event(name=path, attempt=attempt, detail=detail, **event)

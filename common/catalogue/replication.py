@@ -41,7 +41,8 @@ from sqlalchemy import (
 from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
-from common.catalogue.policy import PolicyError, Rule, plan_ranked, rank_rules
+from common.catalogue.planning import plan_file
+from common.catalogue.policy import PolicyError, Rule, rank_rules
 from common.catalogue.sql import (
     bind_processor,
     check_fits,
@@ -62,11 +63,6 @@ from common.messages import MetaValue, ReplicaRequest
 _log = get_logger(__name__)
 
 f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
-
-# Replica states a new placement does not need to ask for again. ``deleting`` among them: the
-# reaper owns such a copy until its bytes are gone (a copy asked for now could be written and then
-# deleted by the reaper); ``finish_delete`` asks for it again if a live lock holds it by then.
-_PRESENT = ("available", "queued", "waiting", "deleting")
 
 # The per-file work of the replicator and of rule evaluation (``plan_copies``, ``replica_tasks``,
 # ``record_copies``) goes to the driver as SQL text, as ingest's does (see ``sql.insert_rows``):
@@ -398,27 +394,20 @@ def plan_copies(
         if fid is None:
             out.append([])
             continue
-        states = current.get(fid, {})
-        have = {st for st, state in states.items() if state in _PRESENT} | locked.get(fid, set())
-        wanted: list[Wanted] = []
-        for p in plan_ranked(ranked, file_name=name, dataset=dataset, metadata=metadata, have=have):
-            sid = sids[p.storage]
+        plan = plan_file(
+            ranked, name=name, dataset=dataset, metadata=metadata,
+            states=current.get(fid, {}), locked=locked.get(fid, set()),
+        )  # fmt: skip
+        for p in plan.locks:
             if p.expires_in is None:
                 expires = None
             elif (expires := expires_at.get(p.expires_in)) is None:
                 expires = expires_at[p.expires_in] = expiry(now + timedelta(seconds=p.expires_in))
-            lock_rows.append((p.rule_id, fid, sid, expires))
-            state = states.get(p.storage)
-            if state is None:
-                replica_rows.append((fid, sid, name, p.priority))
-                states = {**states, p.storage: "queued"}
-            elif state in ("bad", "failed"):
-                requeue.append((fid, sid, p.priority))
-                states = {**states, p.storage: "queued"}
-            if states.get(p.storage) in ("queued",) and not any(w.storage == p.storage for w in wanted):
-                wanted.append(Wanted(name, p.storage, kinds[p.storage], p.priority, p.rule_id))
-        current[fid] = states
-        out.append(wanted)
+            lock_rows.append((p.rule_id, fid, sids[p.storage], expires))
+        replica_rows.extend((fid, sids[p.storage], name, p.priority) for p in plan.create)
+        requeue.extend((fid, sids[p.storage], p.priority) for p in plan.requeue)
+        current[fid] = plan.states
+        out.append([Wanted(name, p.storage, kinds[p.storage], p.priority, p.rule_id) for p in plan.request])
     dialect = conn.dialect
     stamp = bind_processor(lk.c.created, dialect)(now)  # every timestamp column is a UTCDateTime
     lock_tail = ignore_tail(dialect, ("rule_id", "file_id", "storage_id"))
@@ -815,7 +804,7 @@ def finish_delete(
     was asked for again instead: a live lock holds it now.
 
     Race (SQLite too): a placement meeting the copy while it is ``deleting`` records its lock and
-    asks for nothing (the copy counts as present, see ``_PRESENT``); the row then went and the rule
+    asks for nothing (the copy counts as present, see ``planning.PRESENT``); the row then went and the rule
     held a copy missing for good. Here, with the bytes gone, such a copy goes back to ``queued``
     (no tombstone, as a copy a placement asks for) and a ``replica.request`` for it goes to the
     outbox in this transaction: any relay publishes it, a kill loses nothing. PostgreSQL: the file

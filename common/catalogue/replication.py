@@ -41,7 +41,7 @@ from sqlalchemy import (
 from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
-from common.catalogue.planning import plan_file
+from common.catalogue.planning import Wanted, plan_batch
 from common.catalogue.policy import PolicyError, Rule, rank_rules
 from common.catalogue.sql import (
     bind_processor,
@@ -108,19 +108,6 @@ COPY_REQUEST_CONSTANTS: Mapping[str, Any] = {
 COPY_REQUEST_UPDATE = ("state", "attempts", "updated")
 COPY_EVENT_COLUMNS = ("name", "attempt", "storage", "detail")
 COPY_EVENT_CONSTANTS: Mapping[str, Any] = {"daemon": "replicator", "type": "replica.created", "outcome": "ok"}
-
-
-@dataclass(frozen=True, slots=True)
-class Wanted:
-    """A copy that should exist and does not yet: publish a request for it."""
-
-    name: str
-    storage: str
-    kind: str
-    priority: int
-    rule_id: str
-    # The file's correlation id (its file.ready's), carried onto the request (see placement).
-    correlation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,57 +364,37 @@ def plan_copies(
         # one another.)
         for _ in select_in(conn, _KEY_SHARE_FILES_SQL, sorted(ids.values())):
             pass
-    current = _replica_states(conn, list(ids.values()))
-    locked = _locked_storages(conn, list(ids.values()))
-    sids = storage_ids_sync(conn, set(endpoints))
-    kinds = {name: attrs.get("kind", "disk") for name, attrs in endpoints.items()}
-    ranked = rank_rules(rules, endpoints)  # the same for every file
     expiry = bind_processor(lk.c.expires, conn.dialect)
-    expires_at: dict[float, Any] = {}  # a rule's lifetime -> its locks' expiry time, bound
-
-    lock_rows: list[tuple[Any, ...]] = []
-    replica_rows: list[tuple[Any, ...]] = []
-    requeue: list[tuple[int, int, int]] = []
-    out: list[list[Wanted]] = []
-    for name, dataset, metadata in items:
-        fid = ids.get(name)
-        if fid is None:
-            out.append([])
-            continue
-        plan = plan_file(
-            ranked, name=name, dataset=dataset, metadata=metadata,
-            states=current.get(fid, {}), locked=locked.get(fid, set()),
-        )  # fmt: skip
-        for p in plan.locks:
-            if p.expires_in is None:
-                expires = None
-            elif (expires := expires_at.get(p.expires_in)) is None:
-                expires = expires_at[p.expires_in] = expiry(now + timedelta(seconds=p.expires_in))
-            lock_rows.append((p.rule_id, fid, sids[p.storage], expires))
-        replica_rows.extend((fid, sids[p.storage], name, p.priority) for p in plan.create)
-        requeue.extend((fid, sids[p.storage], p.priority) for p in plan.requeue)
-        current[fid] = plan.states
-        out.append([Wanted(name, p.storage, kinds[p.storage], p.priority, p.rule_id) for p in plan.request])
+    plan = plan_batch(
+        items,
+        rank_rules(rules, endpoints),  # the same for every file
+        file_ids=ids,
+        states=_replica_states(conn, list(ids.values())),
+        locked=_locked_storages(conn, list(ids.values())),
+        storage_ids=storage_ids_sync(conn, set(endpoints)),
+        kinds={name: attrs.get("kind", "disk") for name, attrs in endpoints.items()},
+        expires=lambda lifetime: expiry(now + timedelta(seconds=lifetime)),
+    )
     dialect = conn.dialect
     stamp = bind_processor(lk.c.created, dialect)(now)  # every timestamp column is a UTCDateTime
     lock_tail = ignore_tail(dialect, ("rule_id", "file_id", "storage_id"))
-    insert_rows(conn, lk, LOCK_COLUMNS, lock_rows, shared={"created": stamp}, tail=lock_tail)
+    insert_rows(conn, lk, LOCK_COLUMNS, plan.locks, shared={"created": stamp}, tail=lock_tail)
     insert_rows(
         conn,
         r,
         QUEUED_COLUMNS,
-        replica_rows,
+        plan.create,
         shared={"created": stamp, "updated": stamp},
         constants=QUEUED_CONSTANTS,
         tail=ignore_tail(dialect, ("file_id", "storage_id")),
     )
-    for fid, sid, prio in requeue:  # rare (bad or failed copies): Core statements
+    for fid, sid, prio in plan.requeue:  # rare (bad or failed copies): Core statements
         conn.execute(
             update(r)
             .where(r.c.file_id == fid, r.c.storage_id == sid)
             .values(state="queued", priority=prio, updated=now)
         )
-    return out
+    return plan.wanted
 
 
 def _replica_states(conn: Connection, file_ids: Sequence[int]) -> dict[int, dict[str, str]]:

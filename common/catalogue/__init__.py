@@ -103,7 +103,7 @@ __all__ = [
 
 # A concurrent writer (PostgreSQL, several ingest nodes) registering the same name makes the batch
 # fail on the unique key (or, rarely, a deadlock); run it again and it sees the other's row.
-_REGISTER_TRIES = 3
+_WRITE_TRIES = 3
 T = TypeVar("T")
 
 
@@ -124,6 +124,7 @@ class Catalogue:
         # SQLite file: hot batch transactions run whole in one thread on a plain engine (see engine).
         self._sync_engine = create_sync_sqlite_engine(engine.url) if self._write_lock else None
         self._sync_thread: ThreadPoolExecutor | None = None
+        # The ways in, one per domain (see the module docstring).
         self.ingest = IngestRepository(self)
         self.replication = ReplicationRepository(self)
         self.tape = TapeRepository(self)
@@ -145,11 +146,11 @@ class Catalogue:
         sees the other's committed rows."""
         if not retry:
             return await self._transaction(fn, *args, write=True)
-        for attempt in range(1, _REGISTER_TRIES + 1):
+        for attempt in range(1, _WRITE_TRIES + 1):
             try:
                 return await self._transaction(fn, *args, write=True)
             except DBAPIError as exc:
-                if attempt == _REGISTER_TRIES or not is_transient_conflict(exc):
+                if attempt == _WRITE_TRIES or not is_transient_conflict(exc):
                     raise
         raise AssertionError("unreachable")
 

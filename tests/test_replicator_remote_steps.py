@@ -82,7 +82,7 @@ def test_refused_credentials_pause_the_endpoint_at_the_first_failure() -> None:
     assert breaker.record_failure("auth_failed", "403 Forbidden", at_once=True)
     assert breaker.state == "open" and breaker.admit() == "wait"
     other = CircuitBreaker(failures_to_open=5, cooldown=10, max_cooldown=60)
-    assert not other.history.record_failure("endpoint_unavailable", "503", at_once=False)
+    assert not other.record_failure("endpoint_unavailable", "503", at_once=False)
     assert other.state == "closed"
 
 

@@ -1,4 +1,4 @@
-"""Throughput of ``Catalogue.register_ingested`` and ``ingest_known``: the catalogue's share of ingest.
+"""Throughput of ``catalogue.ingest.register`` and ``known``: the catalogue's share of ingest.
 With ``--replication``, the replicator's share instead (see ``run_replication``).
 
 Each record carries 2 metadata keys and 1 parent, as a typical DL0 file does. Records are built
@@ -107,15 +107,15 @@ async def run(url: str, files: int, batch: int, varied: bool) -> None:
         Timer("ingest_known (known)"),
     )
     async with await Catalogue.open(url) as cat:
-        await cat.sync_endpoints({"disk1": StorageEndpoint(root=Path("/data/disk1"))})
+        await cat.endpoints.sync({"disk1": StorageEndpoint(root=Path("/data/disk1"))})
 
         def ask(b: Sequence[IngestRecord]) -> Awaitable[tuple[set[str], dict[str, FileInfo]]]:
-            return cat.ingest_known([r.event_id for r in b], [r.name for r in b])
+            return cat.ingest.known([r.event_id for r in b], [r.name for r in b])
 
         for b in batches(records, batch, varied):
             done, found = await unknown.time(ask(b), len(b))
             assert not done and not found
-            outcomes = await register.time(cat.register_ingested(b), len(b))
+            outcomes = await register.time(cat.ingest.register(b), len(b))
             assert all(o.outcome == "registered" for o in outcomes), outcomes[0]
         for b in batches(records, batch, varied):
             done, found = await known.time(ask(b), len(b))
@@ -141,32 +141,32 @@ async def run_replication(url: str, files: int, batch: int, varied: bool, rule: 
         Timer("record_copies"),
     )
     async with await Catalogue.open(url) as cat:
-        if await cat.list_files(limit=1):
+        if await cat.queries.list_files(limit=1):
             raise SystemExit(f"{url}: not an empty catalogue")
-        await cat.sync_endpoints(disks)
+        await cat.endpoints.sync(disks)
         for b in batches(records, batch, False):
-            await cat.register_ingested(b)
+            await cat.ingest.register(b)
         if rule:
             to_disk2 = Rule(f"bench-{uuid.uuid4().hex[:8]}", endpoints="disk2", datasets=".*")
-            await cat.add_rule(to_disk2)
+            await cat.replication.add_rule(to_disk2)
             after = (0, 0)
             # As the replicator asks: without metadata when no rule places by it.
-            pages = lambda after: cat.files_for_rule(  # noqa: E731
+            pages = lambda after: cat.replication.files_for_rule(  # noqa: E731
                 to_disk2, after=after, limit=1000, metadata=bool(to_disk2.filters)
             )
             while page := await evaluate.time(pages(after), 0):
                 evaluate.records += len(page)
                 items = [(x.name, x.dataset, x.metadata) for x in page]
-                wanted = await plan.time(cat.plan_copies(items, [to_disk2], table), len(page))
+                wanted = await plan.time(cat.replication.plan_copies(items, [to_disk2], table), len(page))
                 assert all(len(w) == 1 for w in wanted), wanted[0]
                 after = page[-1].cursor
         for b in batches(records, batch, varied):
-            answers = await tasks.time(cat.replica_tasks([(r.name, "disk2") for r in b]), len(b))
+            answers = await tasks.time(cat.replication.replica_tasks([(r.name, "disk2") for r in b]), len(b))
             assert all(t is not None and t.needed == rule and len(t.sources) == 1 for t in answers)
         for b in batches(records, batch, varied):
             copies = [CopyRecord(f"rep-{r.event_id}", r.name, "disk2", r.pfn, 1, "disk1") for r in b]
-            await made.time(cat.record_copies(copies), len(b))
-        usage = {u.name: u.replicas for u in await cat.endpoint_usage()}
+            await made.time(cat.replication.record_copies(copies), len(b))
+        usage = {u.name: u.replicas for u in await cat.endpoints.usage()}
         assert usage["disk2"] == {"available": files}, usage
     sizes = f"{'1 to ' if varied else ''}{batch}"
     print(f"{cat.backend}, {files} files, batches of {sizes}{'' if rule else ', no rule'}:")

@@ -161,18 +161,18 @@ async def spool_run(
     lib = await SimulatedLibrary.open(cfg)
     storages = {n: PosixStorage(n, ep) for n, ep in endpoints.items() if ep.kind == "disk"}
     try:
-        await catalogue.sync_endpoints(endpoints)
+        await catalogue.endpoints.sync(endpoints)
         records = [
             IngestRecord(event_id=f"ev{i}", name=n, dataset=DATASET, size=size, adler32=adler,
                          storage="landing", pfn=n)
             for i, (n, size, adler) in enumerate(files)
         ]  # fmt: skip
         for i in range(0, len(records), 500):
-            await catalogue.register_ingested(records[i : i + 500])
-        await catalogue.run(_tape_copies, archived, write=True)
+            await catalogue.ingest.register(records[i : i + 500])
+        await catalogue.write(_tape_copies, archived)
         for i, a in enumerate(order):
             spec = db.RecallSpec(id=f"req{i:05d}", destination="buffer", priority=3, names=(a.name,))
-            await catalogue.run(db.create_recall, spec, write=True)
+            await catalogue.recall.create_recall(spec)
         scheduler = Scheduler(
             catalogue=catalogue, libraries={"bench": lib}, storages=storages, endpoints=endpoints,
             settings=RecallSettings(poll_interval=0.05), announcer=Announcer(catalogue, RecordingPublisher()),
@@ -183,7 +183,7 @@ async def spool_run(
         await scheduler.until_idle()
         wall = time.monotonic() - started
         figures = minus(await clocks(lib), before)
-        done = sum(v.state == "done" for v in await catalogue.run(db.list_recalls, len(order) + 1))
+        done = sum(v.state == "done" for v in await catalogue.recall.list_recalls(len(order) + 1))
     finally:
         await lib.close()
         for storage in storages.values():

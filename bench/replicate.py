@@ -356,7 +356,7 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
     process = Process([service], settings, tune_gc=True)  # as ``spool run`` does
     task: asyncio.Task[int] | None = None
     try:
-        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.endpoints.sync(settings.storage)
         records = [
             IngestRecord(
                 event_id=f"bench-{f.relpath}",
@@ -370,7 +370,7 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
             for f in ds.files
         ]
         for i in range(0, len(records), 1000):
-            await catalogue.register_ingested(records[i : i + 1000])
+            await catalogue.ingest.register(records[i : i + 1000])
         task = asyncio.create_task(process.run())
         while len(process.runners) < 1:
             if task.done():
@@ -388,7 +388,7 @@ async def measure_replicator(ds: DataSet, dest: Path, args: argparse.Namespace) 
         await queue.consume(announced.on_message, no_ack=True)
         c0 = cpu_now()
         created = time.perf_counter()
-        await catalogue.add_rule(Rule("bench", endpoints="dst", datasets=".*"))
+        await catalogue.replication.add_rule(Rule("bench", endpoints="dst", datasets=".*"))
         t0 = created + settle_time(settings).total_seconds()
         while not announced.all.is_set():
             if task.done():

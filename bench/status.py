@@ -9,7 +9,7 @@ this process (the status itself, without start-up). First without the monitor (t
 broker, the management API and the catalogue itself), then with the monitor running (the CLI
 fetches ``/api/status``).
 
-The catalogue is filled through ``Catalogue.register_ingested`` in batches of 5,000; the failures
+The catalogue is filled through ``catalogue.ingest.register`` in batches of 5,000; the failures
 are inserted in one statement; the dead letters are published raw to the dead queue with the
 headers the runner writes. Isolated like the tests (own exchange, prefix, state directory),
 cleaned up at the end. Prints figures; exit code 0 unless a command failed.
@@ -102,9 +102,9 @@ async def fill_catalogue(settings: Settings, files: int, failures: int) -> float
     t0 = time.monotonic()
     catalogue = await Catalogue.open(settings.catalogue.url)
     try:
-        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.endpoints.sync(settings.storage)
         for start in range(0, files, 5000):
-            await catalogue.register_ingested([record(i) for i in range(start, min(files, start + 5000))])
+            await catalogue.ingest.register([record(i) for i in range(start, min(files, start + 5000))])
         now = datetime.now(UTC)
         rows = []
         for i in range(failures):
@@ -120,7 +120,7 @@ async def fill_catalogue(settings: Settings, files: int, failures: int) -> float
             conn.execute(insert(requests), rows)
 
         if rows:
-            await catalogue.run(insert_failures, write=True)
+            await catalogue.write(insert_failures)
     finally:
         await catalogue.close()
     return time.monotonic() - t0

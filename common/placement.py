@@ -57,7 +57,7 @@ class RuleBook:
             async with self._reload:
                 if time.monotonic() - self._loaded >= self.max_age:
                     # Rules naming endpoints this node does not know cannot be placed here.
-                    loaded = await self.catalogue.load_rules()
+                    loaded = await self.catalogue.replication.load_rules()
                     self._rules = [r for r in loaded if r.expression.select(self.endpoints)]
                     self._loaded = time.monotonic()
         return self._rules
@@ -73,7 +73,7 @@ class RuleBook:
         rules = await self.rules()
         if not rules:
             return [[] for _ in items]
-        wanted = await self.catalogue.plan_copies(items, rules, self.endpoints)
+        wanted = await self.catalogue.replication.plan_copies(items, rules, self.endpoints)
         if correlation_ids is None:
             return wanted
         return [

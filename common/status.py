@@ -116,13 +116,13 @@ async def _from_catalogue(
     # The catalogue (SQLAlchemy, Alembic) is imported only here: with the monitor running,
     # `spool status` never needs it, and importing it is most of the command's start-up time.
     from common.catalogue import Catalogue
-    from common.catalogue.failures import MAX_GROUPS, failure_groups
+    from common.catalogue.failures import MAX_GROUPS
 
     try:
         catalogue = await Catalogue.open(settings.catalogue.url)
         try:
-            endpoints = await catalogue.endpoints()
-            failures = await catalogue.run(failure_groups)
+            endpoints = await catalogue.endpoints.all()
+            failures = await catalogue.queries.failure_groups()
         finally:
             await catalogue.close()
     except Exception as exc:  # SQLAlchemy / driver errors: say so, show the rest

@@ -135,12 +135,12 @@ class OutboxRelay:
         async with self._lock:
             total = 0
             while True:
-                rows = await self.catalogue.run(db.unsent, self.batch)
+                rows = await self.catalogue.outbox.unsent(self.batch)
                 if not rows:
                     break
                 sent, error = await self._publish(rows)
                 if sent:
-                    await self.catalogue.run(db.mark_sent, sent, write=True)
+                    await self.catalogue.outbox.mark_sent(sent)
                     total += len(sent)
                     self.published += len(sent)
                 if error is not None:
@@ -208,7 +208,7 @@ class OutboxRelay:
         if self._outage_since is not None:
             return
         self._outage_since = time.monotonic()
-        waiting = await self.catalogue.run(db.backlog)
+        waiting = await self.catalogue.outbox.backlog()
         log.warning("outbox_publish_postponed", reason=error.reason, error=error.message, waiting=waiting)
 
     def _resumed(self, published: int) -> None:
@@ -226,4 +226,4 @@ class OutboxRelay:
         if now - self._pruned_at < PRUNE_EVERY:
             return
         self._pruned_at = now
-        await self.catalogue.run(db.prune, write=True)
+        await self.catalogue.outbox.prune()

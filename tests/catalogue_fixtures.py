@@ -70,7 +70,7 @@ async def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 @pytest.fixture
 async def catalogue(catalogue_url: str) -> AsyncIterator[Catalogue]:
     cat = await Catalogue.open(catalogue_url)
-    await cat.sync_endpoints(ENDPOINTS)
+    await cat.endpoints.sync(ENDPOINTS)
     try:
         yield cat
     finally:

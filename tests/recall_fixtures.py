@@ -56,8 +56,8 @@ async def register(
     """Register the files as ingest would (a copy on disk1); only ``keep_on_disk`` keep that copy."""
     root = settings.storage["disk1"].root
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        await cat.sync_endpoints(settings.storage)
-        await cat.register_ingested(
+        await cat.endpoints.sync(settings.storage)
+        await cat.ingest.register(
             [
                 IngestRecord(event_id=uuid.uuid4().hex, name=n, dataset=DATASET, size=len(b),
                              adler32=adler(b), storage="disk1", pfn=n)
@@ -69,7 +69,7 @@ async def register(
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 (root / name).write_bytes(data)
             else:
-                await cat.set_replica(name=name, storage="disk1", pfn=name, state="deleted")
+                await cat.replication.set_replica(name=name, storage="disk1", pfn=name, state="deleted")
 
 
 async def archive(
@@ -83,13 +83,13 @@ async def archive(
     lib = await SimulatedLibrary.open(settings.tape_libraries["default"])
     try:
         async with await Catalogue.open(settings.catalogue.url) as cat:
-            await cat.sync_endpoints(settings.storage)
+            await cat.endpoints.sync(settings.storage)
             for vid, names in layout.items():
                 await lib.mount("DR01", vid)
                 for name in names:
                     source.write_bytes(files[name])
                     fseq = await lib.write("DR01", source, name, len(files[name]), adler(files[name]))
-                    await cat.set_replica(name=name, storage=pools[vid], pfn=f"{vid}/{fseq}",
+                    await cat.replication.set_replica(name=name, storage=pools[vid], pfn=f"{vid}/{fseq}",
                                           state="available", cartridge=vid, fseq=fseq)  # fmt: skip
                     fseqs[(vid, name)] = fseq
             await lib.unmount("DR01")
@@ -198,7 +198,7 @@ class Events:
 
 async def status(settings: Settings, recall_id: str) -> db.RecallView | None:
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return await cat.run(db.status, recall_id)
+        return await cat.recall.status(recall_id)
 
 
 def _replica_row(conn: Connection, name: str, storage: str) -> Any:
@@ -212,10 +212,10 @@ def _replica_row(conn: Connection, name: str, storage: str) -> Any:
 
 async def replica(settings: Settings, name: str, storage: str) -> Any:
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return await cat.run(_replica_row, name, storage)
+        return await cat.read(_replica_row, name, storage)
 
 
 async def recalled_history(settings: Settings, name: str) -> int:
     """``file.recalled`` rows in the file's history (one per delivery to a request)."""
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return sum(e.type == "file.recalled" for e in await cat.history(name))
+        return sum(e.type == "file.recalled" for e in await cat.queries.history(name))

@@ -87,8 +87,8 @@ async def replica_states(settings: Settings) -> dict[tuple[str, str], str]:
     """(file name, endpoint) -> replica state, for every replica in the catalogue."""
     out: dict[tuple[str, str], str] = {}
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        for info in await cat.list_files(limit=100_000):
-            view = await cat.show_file(info.name)
+        for info in await cat.queries.list_files(limit=100_000):
+            view = await cat.queries.show_file(info.name)
             assert view is not None
             for rep in view.replicas:
                 out[(info.name, rep.storage)] = rep.state
@@ -108,14 +108,14 @@ def temp_files(root: Path) -> list[Path]:
 async def count_on(settings: Settings, storage: str, state: str = "available") -> int:
     """Copies in ``state`` on ``storage`` (one query: cheap enough to poll)."""
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        usage = {u.name: u.replicas for u in await cat.endpoint_usage()}
+        usage = {u.name: u.replicas for u in await cat.endpoints.usage()}
     return usage.get(storage, {}).get(state, 0)
 
 
 async def registered(settings: Settings, n: int) -> bool:
     """The catalogue holds ``n`` files."""
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files == n
+        return (await c.queries.counts()).files == n
 
 
 @contextlib.contextmanager
@@ -154,5 +154,5 @@ async def drain(queue) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def
 
 async def max_attempts(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        rows = await c.failed_requests(limit=10_000, include_retrying=True)
+        rows = await c.queries.failed_requests(limit=10_000, include_retrying=True)
     return max((r.attempts for r in rows), default=0)

@@ -51,7 +51,7 @@ async def tape_copies(
 ) -> dict[str, tuple[str, str | None, int | None]]:
     """name -> (state, cartridge, fseq) of every copy on ``storage``."""
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return await cat.run(_copies, storage)
+        return await cat.read(_copies, storage)
 
 
 async def on_tape(settings: Settings, library: str = "default") -> dict[str, list[tuple[int, str]]]:

@@ -235,7 +235,7 @@ async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
 
 
 async def _registered(catalogue: Catalogue, n: int) -> bool:
-    return len(await catalogue.list_files()) == n
+    return len(await catalogue.queries.list_files()) == n
 
 
 async def test_recall_wait_uses_a_reply_queue_an_external_user_may_read(setup_done):

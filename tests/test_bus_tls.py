@@ -124,7 +124,7 @@ async def test_a_daemon_over_amqps_handles_a_message_announced_over_amqps(tls_co
 
 
 async def _registered(catalogue: Catalogue) -> bool:
-    return len(await catalogue.list_files()) == 1
+    return len(await catalogue.queries.list_files()) == 1
 
 
 @pytest.mark.parametrize(

@@ -25,12 +25,12 @@ async def test_registering_a_file_records_file_dataset_replica_request_and_histo
     catalogue: Catalogue,
 ) -> None:
     r = rec("a.fits", metadata={"run": 12345, "telescope": "LST1"}, parents=["raw/a.bin"], attempt=2)
-    [out] = await catalogue.register_ingested([r])
+    [out] = await catalogue.ingest.register([r])
 
     assert out.outcome == "registered"
     assert out.pfn == "/srv/disk1/a.fits"
     assert out.file is not None and (out.file.size, out.file.adler32) == (1000, "0badcafe")
-    view = await catalogue.show_file("a.fits")
+    view = await catalogue.queries.show_file("a.fits")
     assert view is not None
     assert view.dataset == "lst1.20261123.run012345.dl0"
     assert view.metadata == {"run": 12345, "telescope": "LST1"}
@@ -38,13 +38,13 @@ async def test_registering_a_file_records_file_dataset_replica_request_and_histo
     assert [(x.storage, x.state, x.pfn) for x in view.replicas] == [
         ("disk1", "available", "/srv/disk1/a.fits")
     ]
-    [ds] = await catalogue.list_datasets()
+    [ds] = await catalogue.queries.list_datasets()
     assert (ds.name, ds.state, ds.files, ds.bytes) == ("lst1.20261123.run012345.dl0", "open", 1, 1000)
-    req = (await catalogue.request_state(["ev-a.fits"]))["ev-a.fits"]
+    req = (await catalogue.queries.request_state(["ev-a.fits"]))["ev-a.fits"]
     assert (req.kind, req.state, req.name, req.path, req.attempts) == (
         "ingest", "done", "a.fits", "/landing/a.fits", 2,
     )  # fmt: skip
-    [ev] = await catalogue.history("a.fits")
+    [ev] = await catalogue.queries.history("a.fits")
     assert (ev.daemon, ev.type, ev.outcome, ev.storage, ev.attempt) == (
         "ingest", "file.ingested", "ok", "disk1", 2,
     )  # fmt: skip
@@ -52,51 +52,51 @@ async def test_registering_a_file_records_file_dataset_replica_request_and_histo
 
 
 async def test_duplicate_event_id_is_reported_as_duplicate(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a")])
-    [again] = await catalogue.register_ingested([rec("a")])
+    await catalogue.ingest.register([rec("a")])
+    [again] = await catalogue.ingest.register([rec("a")])
 
     assert again.outcome == "duplicate_event"
     assert again.file is not None and again.file.name == "a"
     assert again.pfn == "/srv/disk1/a"  # enough to re-announce file.ingested
-    assert len(await catalogue.history("a")) == 1  # a redelivery adds no noise
+    assert len(await catalogue.queries.history("a")) == 1  # a redelivery adds no noise
 
 
 async def test_same_name_and_checksum_under_a_new_event_id_is_a_duplicate_and_records_the_event(
     catalogue: Catalogue,
 ) -> None:
-    await catalogue.register_ingested([rec("a")])
-    [dup] = await catalogue.register_ingested([rec("a", event_id="second")])
+    await catalogue.ingest.register([rec("a")])
+    [dup] = await catalogue.ingest.register([rec("a", event_id="second")])
 
     assert dup.outcome == "duplicate"
-    assert (await catalogue.request_state(["second"]))["second"].state == "done"
-    assert [e.outcome for e in await catalogue.history("a")] == ["ok", "duplicate"]
-    [again] = await catalogue.register_ingested([rec("a", event_id="second")])
+    assert (await catalogue.queries.request_state(["second"]))["second"].state == "done"
+    assert [e.outcome for e in await catalogue.queries.history("a")] == ["ok", "duplicate"]
+    [again] = await catalogue.ingest.register([rec("a", event_id="second")])
     assert again.outcome == "duplicate_event"
 
 
 async def test_same_name_other_checksum_is_a_conflict_and_writes_nothing(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a", metadata={"run": 1})])
-    before = await catalogue.counts()
-    [conflict] = await catalogue.register_ingested(
+    await catalogue.ingest.register([rec("a", metadata={"run": 1})])
+    before = await catalogue.queries.counts()
+    [conflict] = await catalogue.ingest.register(
         [rec("a", event_id="other", adler32="00000001", metadata={"run": 2}, storage="disk2")]
     )
 
     assert conflict.outcome == "conflict"
     assert conflict.file is not None and conflict.file.adler32 == "0badcafe"  # what it clashes with
-    assert await catalogue.counts() == before
-    assert await catalogue.request_state(["other"]) == {}
-    view = await catalogue.show_file("a")
+    assert await catalogue.queries.counts() == before
+    assert await catalogue.queries.request_state(["other"]) == {}
+    view = await catalogue.queries.show_file("a")
     assert view is not None and view.metadata == {"run": 1} and len(view.replicas) == 1
 
 
 async def test_same_name_other_size_is_a_conflict(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a")])
-    [out] = await catalogue.register_ingested([rec("a", event_id="e2", size=1001)])
+    await catalogue.ingest.register([rec("a")])
+    [out] = await catalogue.ingest.register([rec("a", event_id="e2", size=1001)])
     assert out.outcome == "conflict"
 
 
 async def test_batch_with_same_name_twice_behaves_sequentially(catalogue: Catalogue) -> None:
-    outs = await catalogue.register_ingested(
+    outs = await catalogue.ingest.register(
         [
             rec("a", event_id="e1"),
             rec("a", event_id="e2"),  # same content: duplicate of e1
@@ -114,38 +114,38 @@ async def test_batch_with_same_name_twice_behaves_sequentially(catalogue: Catalo
         "registered",
     ]
     assert all(o.file is not None and o.file.adler32 == "0badcafe" for o in outs[:4])
-    counts = await catalogue.counts()
+    counts = await catalogue.queries.counts()
     assert counts.files == 2 and counts.replicas == {"available": 2}
-    assert set(await catalogue.request_state(["e1", "e2", "e3", "e4"])) == {"e1", "e2", "e4"}
+    assert set(await catalogue.queries.request_state(["e1", "e2", "e3", "e4"])) == {"e1", "e2", "e4"}
 
 
 async def test_outcomes_come_back_in_record_order(catalogue: Catalogue) -> None:
     names = [f"f{i:03d}" for i in range(50)][::-1]
-    outs = await catalogue.register_ingested([rec(n) for n in names])
+    outs = await catalogue.ingest.register([rec(n) for n in names])
     assert [o.name for o in outs] == names
 
 
 async def test_unknown_storage_rolls_back_the_whole_batch(catalogue: Catalogue) -> None:
     with pytest.raises(UnknownStorageError, match="nowhere"):
-        await catalogue.register_ingested([rec("a"), rec("b", storage="nowhere")])
-    assert (await catalogue.counts()).files == 0
-    assert await catalogue.lookup_files(["a", "b"]) == {}
+        await catalogue.ingest.register([rec("a"), rec("b", storage="nowhere")])
+    assert (await catalogue.queries.counts()).files == 0
+    assert await catalogue.ingest.lookup_files(["a", "b"]) == {}
 
 
 async def test_a_large_batch_is_registered_in_one_call(catalogue: Catalogue) -> None:
     records = [rec(f"big/{i:05d}", metadata={"i": i}, parents=[f"raw/{i}"]) for i in range(1300)]
-    outs = await catalogue.register_ingested(records)
+    outs = await catalogue.ingest.register(records)
 
     assert {o.outcome for o in outs} == {"registered"}
-    found = await catalogue.lookup_files([r.name for r in records] + ["missing"])
+    found = await catalogue.ingest.lookup_files([r.name for r in records] + ["missing"])
     assert len(found) == 1300 and "missing" not in found
-    assert len(await catalogue.request_state([r.event_id for r in records])) == 1300
-    assert len(await catalogue.find_files(["i>=1000"], limit=5000)) == 300
+    assert len(await catalogue.queries.request_state([r.event_id for r in records])) == 1300
+    assert len(await catalogue.queries.find_files(["i>=1000"], limit=5000)) == 300
 
 
 async def test_lookup_files_returns_only_registered_names(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a", dataset="ds1", size=5, adler32="1")])
-    found = await catalogue.lookup_files(["a", "b", "a"])
+    await catalogue.ingest.register([rec("a", dataset="ds1", size=5, adler32="1")])
+    found = await catalogue.ingest.lookup_files(["a", "b", "a"])
     assert list(found) == ["a"]
     assert (found["a"].dataset, found["a"].size, found["a"].adler32) == ("ds1", 5, "00000001")
 
@@ -153,15 +153,15 @@ async def test_lookup_files_returns_only_registered_names(catalogue: Catalogue) 
 async def test_success_after_failures_marks_request_done_and_keeps_the_last_reason(
     catalogue: Catalogue,
 ) -> None:
-    await catalogue.record_failure(
+    await catalogue.history.record_failure(
         request_id="ev-a", kind="ingest", daemon="ingest", reason="source_unreadable",
         error="EIO", attempts=1, final=False, path="/landing/a",
     )  # fmt: skip
-    await catalogue.register_ingested([rec("a", attempt=2)])
+    await catalogue.ingest.register([rec("a", attempt=2)])
 
-    req = (await catalogue.request_state(["ev-a"]))["ev-a"]
+    req = (await catalogue.queries.request_state(["ev-a"]))["ev-a"]
     assert (req.state, req.attempts, req.reason, req.name) == ("done", 2, "source_unreadable", "a")
-    view = await catalogue.show_file("a")
+    view = await catalogue.queries.show_file("a")
     assert view is not None and view.last_error is None  # nothing is failing now
 
 
@@ -169,26 +169,26 @@ async def test_concurrent_writers_register_each_name_exactly_once(catalogue_url:
     """Two processes (here: two engines) ingesting overlapping names at the same time."""
     one, two = await Catalogue.open(catalogue_url), await Catalogue.open(catalogue_url)
     try:
-        await one.sync_endpoints(ENDPOINTS)
+        await one.endpoints.sync(ENDPOINTS)
         names = [f"n{i:03d}" for i in range(200)]
         backwards = names[::-1]  # the other writer walks the names the other way, batches straddling
         batches_one = [[rec(n, event_id=f"1-{n}") for n in names[i : i + 20]] for i in range(0, 200, 20)]
         batches_two = [[rec(n, event_id=f"2-{n}") for n in backwards[i : i + 30]] for i in range(0, 200, 30)]
 
         async def run(cat: Catalogue, batches: list[list[IngestRecord]]) -> list[str]:
-            return [o.outcome for b in batches for o in await cat.register_ingested(b)]
+            return [o.outcome for b in batches for o in await cat.ingest.register(b)]
 
         a, b = await asyncio.gather(run(one, batches_one), run(two, batches_two))
         assert sorted(a + b).count("registered") == 200
         assert set(a + b) <= {"registered", "duplicate"}
-        assert (await one.counts()).files == 200
+        assert (await one.queries.counts()).files == 200
     finally:
         await one.close()
         await two.close()
 
 
 async def test_empty_batch_is_a_no_op(catalogue: Catalogue) -> None:
-    assert await catalogue.register_ingested([]) == []
+    assert await catalogue.ingest.register([]) == []
 
 
 # --- The driver-level path: rows as the SQLAlchemy Core statements wrote them -------------------
@@ -258,7 +258,7 @@ def _core_insert(conn: Connection, r: IngestRecord, now: datetime) -> None:
 
 
 async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue: Catalogue) -> None:
-    [out] = await catalogue.register_ingested([_awkward("file-by-driver")])
+    [out] = await catalogue.ingest.register([_awkward("file-by-driver")])
     assert out.file is not None
     now = out.file.created
 
@@ -270,16 +270,16 @@ async def test_driver_level_rows_equal_the_rows_core_statements_wrote(catalogue:
             assert rows, table
             assert by_driver[table] == rows, table
 
-    await catalogue.run(compare, write=True)
+    await catalogue.write(compare)
 
 
 async def test_driver_level_rows_read_back_through_the_ordinary_queries(catalogue: Catalogue) -> None:
-    [out] = await catalogue.register_ingested([_awkward("a")])
+    [out] = await catalogue.ingest.register([_awkward("a")])
     assert out.file is not None
     now = out.file.created
     assert now.tzinfo is UTC or now.utcoffset() == UTC.utcoffset(None)
 
-    view = await catalogue.show_file("a")
+    view = await catalogue.queries.show_file("a")
     assert view is not None
     assert view.metadata == AWKWARD_METADATA
     assert {k: type(v) for k, v in view.metadata.items()} == {k: type(v) for k, v in AWKWARD_METADATA.items()}
@@ -293,17 +293,17 @@ async def test_driver_level_rows_read_back_through_the_ordinary_queries(catalogu
         None,
     )
     assert replica.created == replica.updated == now
-    assert (await catalogue.lookup_files(["a"]))["a"] == out.file
-    assert await catalogue.ingest_known(["ev-a", "ev-b"], ["a", "b"]) == ({"ev-a"}, {"a": out.file})
+    assert (await catalogue.ingest.lookup_files(["a"]))["a"] == out.file
+    assert await catalogue.ingest.known(["ev-a", "ev-b"], ["a", "b"]) == ({"ev-a"}, {"a": out.file})
 
     label = MetaFilter("label", "=", (str(AWKWARD_METADATA["label"]),))
     for query in ("big=4611686018427387905", "negative<=-9223372036854775808", "ratio=0.1", "tiny>0",
                   "flag=true", "off=false", label, "zero_padded=12", 'zero_padded="012"', "exp=1000",
                   "run=12345"):  # fmt: skip
-        assert [f.name for f in await catalogue.find_files([query])] == ["a"], query
-    assert await catalogue.find_files(["big=4611686018427387904"]) == []
+        assert [f.name for f in await catalogue.queries.find_files([query])] == ["a"], query
+    assert await catalogue.queries.find_files(["big=4611686018427387904"]) == []
 
-    [ev] = await catalogue.history("a")
+    [ev] = await catalogue.queries.history("a")
     assert ev.time == now and ev.time.utcoffset() is not None
     assert ev.detail == {
         "event_id": "ev-a",
@@ -311,7 +311,7 @@ async def test_driver_level_rows_read_back_through_the_ordinary_queries(catalogu
         "source": None,
         "pfn": "/srv/disk1/same",
     }
-    req = (await catalogue.request_state(["ev-a"]))["ev-a"]
+    req = (await catalogue.queries.request_state(["ev-a"]))["ev-a"]
     assert (req.kind, req.state, req.attempts, req.reason, req.error) == ("ingest", "done", 3, None, None)
     assert req.created == req.updated == now
 
@@ -320,7 +320,7 @@ async def test_every_insert_of_a_batch_names_every_column_but_the_generated_id(
     catalogue: Catalogue, statements: list[tuple[str, Any]]
 ) -> None:
     """No column is left to a default: SQLAlchemy's Python-side defaults do not apply to SQL text."""
-    await catalogue.register_ingested([rec("a", metadata={"run": 1}, parents=["p"], dataset="new-ds")])
+    await catalogue.ingest.register([rec("a", metadata={"run": 1}, parents=["p"], dataset="new-ds")])
 
     written: dict[str, set[str]] = {}
     for sql, _ in statements:
@@ -341,10 +341,10 @@ async def test_every_lookup_of_a_batch_probes_a_unique_key_on_sqlite(
     key: ``state = 'done' AND id IN (256 ids)`` walked every done request, at every batch."""
     if catalogue.backend != "sqlite":
         pytest.skip("SQLite's query planner")
-    await catalogue.register_ingested([rec(f"f{i:03d}") for i in range(256)])
+    await catalogue.ingest.register([rec(f"f{i:03d}") for i in range(256)])
     statements.clear()
     # Half duplicates, half new files in a new dataset: every lookup of ``register`` runs.
-    outs = await catalogue.register_ingested(
+    outs = await catalogue.ingest.register(
         [rec(f"f{i:03d}", event_id=f"again-{i}", dataset="ds2") for i in range(128, 384)]
     )
     assert {o.outcome for o in outs} == {"registered", "duplicate"}
@@ -356,5 +356,5 @@ async def test_every_lookup_of_a_batch_probes_a_unique_key_on_sqlite(
         return [[row[-1] for row in rows] for rows in explain]
 
     unique = r"SEARCH \w+ USING (INTEGER PRIMARY KEY|(COVERING )?INDEX sqlite_autoindex_\w+) \(.*\)"
-    for (sql, _), plan in zip(selects, await catalogue.run(plans), strict=True):
+    for (sql, _), plan in zip(selects, await catalogue.read(plans), strict=True):
         assert all(re.fullmatch(unique, step) for step in plan), (sql[:80], plan)

@@ -36,8 +36,8 @@ async def test_migrations_idempotent(catalogue_url: str) -> None:
         async with await Catalogue.open(catalogue_url) as cat, cat.engine.connect() as conn:
             assert await conn.run_sync(_current) == head
     async with await Catalogue.open(catalogue_url) as cat:
-        await cat.sync_endpoints({})
-        assert (await cat.counts()).files == 0
+        await cat.endpoints.sync({})
+        assert (await cat.queries.counts()).files == 0
 
 
 async def test_migrated_schema_matches_the_models(catalogue_url: str) -> None:
@@ -50,7 +50,7 @@ async def test_migrated_schema_matches_the_models(catalogue_url: str) -> None:
 async def test_daemons_opening_together_migrate_once(catalogue_url: str) -> None:
     cats = await asyncio.gather(*(Catalogue.open(catalogue_url) for _ in range(4)))
     try:
-        assert {(await c.counts()).files for c in cats} == {0}
+        assert {(await c.queries.counts()).files for c in cats} == {0}
     finally:
         for c in cats:
             await c.close()
@@ -82,16 +82,16 @@ async def test_write_transactions_do_not_fail_when_sqlite_is_busy(tmp_path: Path
     url = f"sqlite+aiosqlite:///{tmp_path}/c.db"
     cats = [await Catalogue.open(url) for _ in range(3)]
     try:
-        await cats[0].sync_endpoints(ENDPOINTS)
+        await cats[0].endpoints.sync(ENDPOINTS)
 
         async def work(i: int, cat: Catalogue) -> None:
             for j in range(10):
-                await cat.register_ingested([rec(f"{i}-{j}-{k}") for k in range(20)])
-                await cat.record_failure(request_id=f"{i}-{j}", kind="ingest", daemon="ingest",
+                await cat.ingest.register([rec(f"{i}-{j}-{k}") for k in range(20)])
+                await cat.history.record_failure(request_id=f"{i}-{j}", kind="ingest", daemon="ingest",
                                          reason="x", error="e", attempts=1, final=False)  # fmt: skip
 
         await asyncio.gather(*(work(i, c) for i, c in enumerate(cats)))
-        assert (await cats[0].counts()).files == 600
+        assert (await cats[0].queries.counts()).files == 600
     finally:
         for c in cats:
             await c.close()

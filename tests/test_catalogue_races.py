@@ -56,8 +56,8 @@ async def second(catalogue_url: str, catalogue: Catalogue) -> AsyncIterator[Cata
 async def _files(cat: Catalogue, n: int = FILES) -> dict[str, int]:
     """Registered files (name -> id) whose only copy is the ingest one on disk1."""
     names = [f"run1/f{i:03d}.fits" for i in range(n)]
-    await cat.register_ingested([rec(x) for x in names])
-    found = await cat.run(_file_ids)
+    await cat.ingest.register([rec(x) for x in names])
+    found = await cat.read(_file_ids)
     return {x: found[x] for x in names}
 
 
@@ -67,7 +67,7 @@ def _file_ids(conn: Connection) -> dict[str, int]:
 
 async def _request(cat: Catalogue, rid: str, names: list[str]) -> None:
     spec = db.RecallSpec(id=rid, destination="disk2", priority=3, names=tuple(names))
-    created = await cat.run(db.create_recall, spec, write=True)
+    created = await cat.recall.create_recall(spec)
     assert created is not None and created.new
 
 
@@ -89,11 +89,11 @@ async def test_concurrent_deliveries_of_one_recall_complete_it_exactly_once(
         await _request(catalogue, rid, names)
         cats = (catalogue, second)
         results = await asyncio.gather(
-            *(cats[i % 2].run(db.deliver, _delivery(x, ids[x]), write=True) for i, x in enumerate(names))
+            *(cats[i % 2].recall.deliver(_delivery(x, ids[x])) for i, x in enumerate(names))
         )
 
         completions = _completions(list(results), rid)
-        view = await catalogue.run(db.status, rid)
+        view = await catalogue.recall.status(rid)
         assert view is not None
         assert (view.state, view.done, view.failed, view.queued) == ("done", FILES, 0, 0), f"round {round_}"
         assert [(c.state, c.files) for c in completions] == [("done", FILES)], f"round {round_}"
@@ -109,15 +109,15 @@ async def test_concurrent_deliveries_and_failures_complete_it_once_as_failed(
         rid = f"r{round_}"
         await _request(catalogue, rid, names)
         work = [
-            second.run(db.fail, [(rid, x)], "checksum_mismatch", "every tape copy failed", write=True)
+            second.recall.fail([(rid, x)], "checksum_mismatch", "every tape copy failed")
             if x in lost
-            else catalogue.run(db.deliver, _delivery(x, ids[x]), write=True)
+            else catalogue.recall.deliver(_delivery(x, ids[x]))
             for x in names
         ]
         results = await asyncio.gather(*work)
 
         completions = _completions(list(results), rid)
-        view = await catalogue.run(db.status, rid)
+        view = await catalogue.recall.status(rid)
         assert view is not None
         assert (view.state, view.done, view.failed) == ("failed", FILES - len(lost), len(lost)), (
             f"round {round_}"
@@ -128,17 +128,17 @@ async def test_concurrent_deliveries_and_failures_complete_it_once_as_failed(
 async def test_two_tape_copies_found_bad_at_once_leave_exactly_one_reader_with_nothing_left(
     catalogue: Catalogue, second: Catalogue
 ) -> None:
-    await catalogue.sync_endpoints({**ENDPOINTS, "tape2": StorageEndpoint(kind="tape", root=Path("/t2"))})
+    await catalogue.endpoints.sync({**ENDPOINTS, "tape2": StorageEndpoint(kind="tape", root=Path("/t2"))})
     ids = await _files(catalogue, ROUNDS * 2)
     for fseq, name in enumerate(sorted(ids), start=1):
         for storage, vid in (("tape1", "A00001"), ("tape2", "A00005")):
-            await catalogue.set_replica(
+            await catalogue.replication.set_replica(
                 name=name, storage=storage, pfn=f"{vid}/{fseq}", state="available", cartridge=vid, fseq=fseq
             )
     for name, fid in sorted(ids.items()):
         others = await asyncio.gather(
-            catalogue.run(db.tape_copy_bad, fid, "tape1", "tape_checksum_mismatch", "bad", write=True),
-            second.run(db.tape_copy_bad, fid, "tape2", "tape_checksum_mismatch", "bad", write=True),
+            catalogue.recall.tape_copy_bad(fid, "tape1", "tape_checksum_mismatch", "bad"),
+            second.recall.tape_copy_bad(fid, "tape2", "tape_checksum_mismatch", "bad"),
         )
         # The second to commit sees the first's copy bad: one of them fails the file for good.
         assert sorted(others) == [False, True], name
@@ -153,12 +153,12 @@ async def test_the_daemon_serving_one_recall_from_disk_on_several_paths_complete
         "landing": StorageEndpoint(root=tmp_path / "landing"),
         "buffer": StorageEndpoint(root=tmp_path / "buffer"),
     }
-    await catalogue.sync_endpoints(endpoints)
+    await catalogue.endpoints.sync(endpoints)
     blobs = {f"run2/f{i:03d}.fits": os.urandom(2000) for i in range(FILES)}
     for name, data in blobs.items():
         (tmp_path / "landing" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "landing" / name).write_bytes(data)
-    await catalogue.register_ingested(
+    await catalogue.ingest.register(
         [rec(n, size=len(b), adler32=adler(b), storage="landing", pfn=n) for n, b in blobs.items()]
     )
     storages = {n: PosixStorage(n, ep) for n, ep in endpoints.items()}
@@ -171,12 +171,12 @@ async def test_the_daemon_serving_one_recall_from_disk_on_several_paths_complete
         for round_ in range(ROUNDS):
             rid = f"d{round_}"
             spec = db.RecallSpec(id=rid, destination="buffer", priority=3, names=tuple(blobs))
-            await catalogue.run(db.create_recall, spec, write=True)
+            await catalogue.recall.create_recall(spec)
             await asyncio.gather(
                 scheduler.serve_recall(rid), scheduler.pass_once(), scheduler.serve_recall(rid)
             )
 
-            view = await catalogue.run(db.status, rid)
+            view = await catalogue.recall.status(rid)
             assert view is not None and (view.state, view.done) == ("done", FILES), f"round {round_}"
             done = [m.request_id for m in publisher.of_type(RecallCompleted)]
             assert done.count(rid) == 1, f"round {round_}"
@@ -190,22 +190,22 @@ async def test_a_copy_a_rule_is_placing_right_now_is_not_claimed_by_the_reaper(
 ) -> None:
     """The reaper's claim waits for a placement in flight and then sees its lock (PostgreSQL:
     the uncommitted lock was invisible, the copy was deleted under the rule that wanted it)."""
-    await catalogue.register_ingested([rec("x")])
-    await catalogue.record_copies([CopyRecord("req-x", "x", "disk2", "x", 1, "disk1")])
-    (item,) = await catalogue.reapable()  # tombstoned at once, no rule holds it
+    await catalogue.ingest.register([rec("x")])
+    await catalogue.replication.record_copies([CopyRecord("req-x", "x", "disk2", "x", 1, "disk1")])
+    (item,) = await catalogue.replication.reapable()  # tombstoned at once, no rule holds it
     rule = Rule("late", endpoints="disk2", datasets=".*")
-    await catalogue.add_rule(rule)
+    await catalogue.replication.add_rule(rule)
 
     async with writer(second.engine).connect() as conn:
         tx = await conn.begin()
         wanted = await conn.run_sync(replication.plan_copies, [("x", "d", {})], [rule], TABLE)
         assert wanted == [[]]  # the copy is there: a lock, nothing to request
-        claim = asyncio.create_task(catalogue.begin_delete(item.replica_id))
+        claim = asyncio.create_task(catalogue.replication.begin_delete(item.replica_id))
         await asyncio.sleep(0.5)
         assert not claim.done()  # waits for the placement
         await tx.commit()
     assert await claim is False
-    view = await catalogue.show_file("x")
+    view = await catalogue.queries.show_file("x")
     assert view is not None and {(x.storage, x.state) for x in view.replicas} >= {("disk2", "available")}
 
 
@@ -222,11 +222,11 @@ async def _stuck_recall(cat: Catalogue, rid: str) -> dict[str, int]:
     ids = await _files(cat, 5)
     await _request(cat, rid, sorted(ids))
     for name, fid in sorted(ids.items()):
-        settled = await cat.run(db.deliver, _delivery(name, fid), write=True)
+        settled = await cat.recall.deliver(_delivery(name, fid))
         assert settled is not None
-        await cat.run(db.mark_announced, settled, write=True)
-    await cat.run(_make_stuck, rid, 4, write=True)
-    view = await cat.run(db.status, rid)
+        await cat.recall.mark_announced(settled)
+    await cat.write(_make_stuck, rid, 4)
+    view = await cat.recall.status(rid)
     assert view is not None and (view.state, view.done, view.queued) == ("active", 4, 1)
     return ids
 
@@ -235,15 +235,15 @@ async def test_the_sweep_completes_a_recall_left_active_with_nothing_to_do(catal
     await _stuck_recall(catalogue, "stuck")
     await _request(catalogue, "busy", ["run1/f000.fits", "nope"])  # f000 queued: not the sweep's
 
-    (completion,) = await catalogue.run(db.complete_settled, write=True)
+    (completion,) = await catalogue.recall.complete_settled()
     assert (completion.recall_id, completion.state, completion.files) == ("stuck", "done", 5)
-    view = await catalogue.run(db.status, "stuck")
+    view = await catalogue.recall.status("stuck")
     assert view is not None and (view.state, view.done, view.queued) == ("done", 5, 0)
     assert view.completed is not None
     # Through the outbox, as any completion: unannounced until published.
-    assert (await catalogue.run(db.unannounced)).completed == (completion,)
-    assert await catalogue.run(db.complete_settled, write=True) == ()
-    busy = await catalogue.run(db.status, "busy")
+    assert (await catalogue.recall.unannounced()).completed == (completion,)
+    assert await catalogue.recall.complete_settled() == ()
+    busy = await catalogue.recall.status("busy")
     assert busy is not None and busy.state == "active"
 
 
@@ -264,7 +264,7 @@ async def test_recall_daemon_repairs_a_stuck_recall_at_start_and_announces_it_on
     assert [m.request_id for m in publisher.of_type(RecallCompleted)] == ["stuck"]
     repaired = [x for x in logs if x["event"] == "recall_stuck_repaired"]
     assert [(x["recall"], x["state"], x["files"]) for x in repaired] == [("stuck", "done", 5)]
-    assert await catalogue.run(db.unannounced) == db.Settled()
+    assert await catalogue.recall.unannounced() == db.Settled()
 
 
 async def test_recall_daemon_sweeps_periodically(catalogue: Catalogue) -> None:

@@ -23,11 +23,11 @@ from tests.race_fixtures import Interlude, second  # noqa: F401
 
 async def _failed_copy(cat: Catalogue, name: str) -> int:
     """A tape copy of ``name`` that failed (no usable disk source, say): the next ask re-queues it."""
-    await cat.register_ingested([rec(name)])
-    await cat.run(db.ensure_queued, name, "tape1", 3, write=True)
-    (head,) = await cat.run(db.queue_head, "tape1", 10)
-    assert await cat.run(db.take_batch, [head.replica_id], "A00001", write=True)
-    assert await cat.run(db.mark_failed, head.replica_id, write=True)
+    await cat.ingest.register([rec(name)])
+    await cat.tape.ensure_queued(name, "tape1", 3)
+    (head,) = await cat.tape.queue_head("tape1", 10)
+    assert await cat.tape.take_batch([head.replica_id], "A00001")
+    assert await cat.tape.mark_failed(head.replica_id)
     return head.replica_id
 
 
@@ -37,8 +37,8 @@ async def test_a_copy_asked_for_again_while_taken_into_a_batch_stays_in_the_batc
     rid = await _failed_copy(catalogue, "x")
 
     async def other_handler_then_scheduler() -> list[db.BatchFile]:
-        await second.run(db.ensure_queued, "x", "tape1", 3, write=True)
-        return await second.run(db.take_batch, [rid], "A00002", write=True)
+        await second.tape.ensure_queued("x", "tape1", 3)
+        return await second.tape.take_batch([rid], "A00002")
 
     others = Interlude(other_handler_then_scheduler)
 
@@ -46,15 +46,15 @@ async def test_a_copy_asked_for_again_while_taken_into_a_batch_stays_in_the_batc
         others.install(conn, "FROM replicas")  # right after it read the copy's state
         return db.ensure_queued(conn, "x", "tape1", 5)
 
-    copy = await catalogue.run(ask_again, write=True)
+    copy = await catalogue.write(ask_again)
     batch = await others.result()
 
     assert copy == db.TapeCopy("queued", None, None)  # it was failed when this ask decided
     assert [b.replica_id for b in batch] == [rid]  # and the scheduler took it after that
     written = db.Archived(rid, "x", "tape1", "A00002", 1)
-    assert await catalogue.run(db.record_archived, [written], write=True) == [written]
-    assert await catalogue.run(db.queue_head, "tape1", 10) == []  # nothing left to write again
-    view = await catalogue.show_file("x")
+    assert await catalogue.tape.record_archived([written]) == [written]
+    assert await catalogue.tape.queue_head("tape1", 10) == []  # nothing left to write again
+    view = await catalogue.queries.show_file("x")
     assert view is not None
     assert [(x.storage, x.state, x.cartridge, x.fseq) for x in view.replicas if x.storage == "tape1"] == [
         ("tape1", "available", "A00002", 1)
@@ -67,15 +67,15 @@ async def test_an_ask_that_waits_for_a_batch_being_taken_reports_the_copy_being_
     """The other order: the scheduler's batch is decided while the handler's ask waits; the ask
     then sees ``archiving`` and leaves it (the handler acks, the batch writes it)."""
     rid = await _failed_copy(catalogue, "y")
-    await catalogue.run(db.ensure_queued, "y", "tape1", 3, write=True)  # queued again
+    await catalogue.tape.ensure_queued("y", "tape1", 3)  # queued again
 
-    others = Interlude(lambda: second.run(db.ensure_queued, "y", "tape1", 5, write=True))
+    others = Interlude(lambda: second.tape.ensure_queued("y", "tape1", 5))
 
     def take(conn: Connection) -> list[db.BatchFile]:
         others.install(conn, "UPDATE replicas")  # the copy is ours (archiving), not committed
         return db.take_batch(conn, [rid], "A00003")
 
-    assert [b.replica_id for b in await catalogue.run(take, write=True)] == [rid]
+    assert [b.replica_id for b in await catalogue.write(take)] == [rid]
     assert await others.result() == db.TapeCopy("archiving", "A00003", None)
     written = db.Archived(rid, "y", "tape1", "A00003", 1)
-    assert await catalogue.run(db.record_archived, [written], write=True) == [written]
+    assert await catalogue.tape.record_archived([written]) == [written]

@@ -26,78 +26,84 @@ TO_TAPE = Rule("to-tape", endpoints="kind=tape", datasets=r".*\.dl0")
 
 
 async def states(cat: Catalogue, name: str) -> dict[str, str]:
-    view = await cat.show_file(name)
+    view = await cat.queries.show_file(name)
     assert view is not None
     return {r.storage: r.state for r in view.replicas}
 
 
 async def copied(cat: Catalogue, name: str, storage: str) -> None:
-    await cat.record_copies([CopyRecord(f"req-{name}-{storage}", name, storage, name, 1, "disk1")])
+    await cat.replication.record_copies(
+        [CopyRecord(f"req-{name}-{storage}", name, storage, name, 1, "disk1")]
+    )
 
 
 async def test_plan_locks_copies_and_is_idempotent(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a"), rec("b", dataset="lst1.20261123.run012345.dl1")])
+    await catalogue.ingest.register([rec("a"), rec("b", dataset="lst1.20261123.run012345.dl1")])
     items: list[tuple[str, str, dict[str, Any]]] = [
         ("a", "lst1.20261123.run012345.dl0", {}),
         ("b", "lst1.20261123.run012345.dl1", {}),
     ]
     gone = Rule("gone", endpoints="disk2", datasets=".*")  # removed since the caller loaded it
-    assert await catalogue.plan_copies(items, [gone], TABLE) == [[], []]
-    await catalogue.add_rule(TO_PIC)
-    await catalogue.add_rule(TO_TAPE)
-    first = await catalogue.plan_copies(items, [TO_PIC, TO_TAPE], TABLE)
+    assert await catalogue.replication.plan_copies(items, [gone], TABLE) == [[], []]
+    await catalogue.replication.add_rule(TO_PIC)
+    await catalogue.replication.add_rule(TO_TAPE)
+    first = await catalogue.replication.plan_copies(items, [TO_PIC, TO_TAPE], TABLE)
     assert [(w.storage, w.kind) for w in first[0]] == [("disk2", "disk"), ("tape1", "tape")]
     assert [(w.storage, w.kind) for w in first[1]] == [("disk2", "disk")]
     assert await states(catalogue, "a") == {"disk1": "available", "disk2": "queued", "tape1": "queued"}
     # A redelivered event asks again for what is still missing, and adds nothing.
-    again = await catalogue.plan_copies(items, [TO_PIC, TO_TAPE], TABLE)
+    again = await catalogue.replication.plan_copies(items, [TO_PIC, TO_TAPE], TABLE)
     assert again == first
     await copied(catalogue, "a", "disk2")
-    third = await catalogue.plan_copies(items[:1], [TO_PIC, TO_TAPE], TABLE)
+    third = await catalogue.replication.plan_copies(items[:1], [TO_PIC, TO_TAPE], TABLE)
     assert [w.storage for w in third[0]] == ["tape1"]
-    views = {v.rule.id: v.replicas for v in await catalogue.rule_views()}
+    views = {v.rule.id: v.replicas for v in await catalogue.replication.rule_views()}
     assert views == {"to-pic": {"available": 1, "queued": 1}, "to-tape": {"queued": 1}}
 
 
 async def test_rules_stored_evaluated_listed_and_removed(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec(f"f{i}", metadata={"run": i}) for i in range(5)])
+    await catalogue.ingest.register([rec(f"f{i}", metadata={"run": i}) for i in range(5)])
     rule = Rule("odd-runs", endpoints="disk2", metadata=("run>=3",))
-    await catalogue.add_rule(rule)
+    await catalogue.replication.add_rule(rule)
     with pytest.raises(KeyError, match="already exists"):
-        await catalogue.add_rule(rule)
-    assert [r.id for r in await catalogue.new_rules(datetime.now(UTC) + timedelta(seconds=1))] == ["odd-runs"]
-    page = await catalogue.files_for_rule(rule, limit=10)
+        await catalogue.replication.add_rule(rule)
+    assert [
+        r.id for r in await catalogue.replication.new_rules(datetime.now(UTC) + timedelta(seconds=1))
+    ] == ["odd-runs"]
+    page = await catalogue.replication.files_for_rule(rule, limit=10)
     assert [x.name for x in page] == ["f3", "f4"]
     assert [x.metadata for x in page] == [{"run": 3}, {"run": 4}]
     # Without metadata (no rule places by it): the same files, selected by it all the same.
-    bare = await catalogue.files_for_rule(rule, limit=10, metadata=False)
+    bare = await catalogue.replication.files_for_rule(rule, limit=10, metadata=False)
     assert bare == [x._replace(metadata={}) for x in page]
-    wanted = await catalogue.plan_copies([(x.name, x.dataset, x.metadata) for x in page], [rule], TABLE)
+    wanted = await catalogue.replication.plan_copies(
+        [(x.name, x.dataset, x.metadata) for x in page], [rule], TABLE
+    )
     assert sum(len(w) for w in wanted) == 2
     await copied(catalogue, "f3", "disk2")
-    await catalogue.activate_rule("odd-runs")
-    assert await catalogue.new_rules(datetime.now(UTC) + timedelta(seconds=1)) == []
-    (view,) = await catalogue.rule_views()
+    await catalogue.replication.activate_rule("odd-runs")
+    assert await catalogue.replication.new_rules(datetime.now(UTC) + timedelta(seconds=1)) == []
+    (view,) = await catalogue.replication.rule_views()
     assert view.replicas == {"available": 1, "queued": 1}
     # Removing releases both: the queued copy is cancelled, the made one becomes reapable.
-    assert await catalogue.remove_rule("odd-runs") == 2
+    assert await catalogue.replication.remove_rule("odd-runs") == 2
     assert await states(catalogue, "f4") == {"disk1": "available"}
-    assert [(r.name, r.storage) for r in await catalogue.reapable()] == [("f3", "disk2")]
+    assert [(r.name, r.storage) for r in await catalogue.replication.reapable()] == [("f3", "disk2")]
     with pytest.raises(KeyError):
-        await catalogue.remove_rule("odd-runs")
+        await catalogue.replication.remove_rule("odd-runs")
 
 
 async def test_a_rule_pages_through_every_file_it_selects_exactly_once(catalogue: Catalogue) -> None:
     """Pages of 4 over three datasets (interleaved ids, one not matched), with and without a
     metadata filter, and a rule with no dataset pattern: each selected file once, none other."""
     sets = ["a.20261123.run1.dl0", "b.20261123.run1.dl0", "c.20261123.run1.dl1"]
-    await catalogue.register_ingested(
+    await catalogue.ingest.register(
         [rec(f"f{i:02d}", dataset=sets[i % 3], metadata={"run": i}) for i in range(30)]
     )
 
     async def walk(rule: Rule) -> list[str]:
         after, names = (0, 0), []
-        while page := await catalogue.files_for_rule(rule, after=after, limit=4):
+        while page := await catalogue.replication.files_for_rule(rule, after=after, limit=4):
             assert len(page) <= 4
             names += [x.name for x in page]
             after = page[-1].cursor
@@ -119,10 +125,12 @@ async def test_a_rules_pages_read_index_ranges_not_whole_datasets_on_sqlite(
     every remaining file of the rule's datasets (quadratic in the dataset's size)."""
     if catalogue.backend != "sqlite":
         pytest.skip("SQLite's query planner")
-    await catalogue.register_ingested([rec(f"f{i:02d}") for i in range(20)])
+    await catalogue.ingest.register([rec(f"f{i:02d}") for i in range(20)])
     statements.clear()
-    page = await catalogue.files_for_rule(Rule("r", endpoints="disk2", datasets=".*"), after=(0, 0), limit=5)
-    await catalogue.files_for_rule(
+    page = await catalogue.replication.files_for_rule(
+        Rule("r", endpoints="disk2", datasets=".*"), after=(0, 0), limit=5
+    )
+    await catalogue.replication.files_for_rule(
         Rule("r", endpoints="disk2", datasets=".*"), after=page[-1].cursor, limit=5
     )
     reads = [(sql, p) for sql, p in statements if sql.startswith("SELECT files.id")]
@@ -131,116 +139,116 @@ async def test_a_rules_pages_read_index_ranges_not_whole_datasets_on_sqlite(
     def plans(conn: Connection) -> list[list[str]]:
         return [[row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", p)] for sql, p in reads]
 
-    for plan in await catalogue.run(plans):
+    for plan in await catalogue.read(plans):
         assert plan == ["SEARCH files USING INDEX ix_files_dataset_id (dataset_id=? AND rowid>?)"], plan
 
 
 async def test_config_rules_sync_adds_changes_and_removes_only_config_rules(catalogue: Catalogue) -> None:
     cli_rule = Rule("by-hand", endpoints="disk2", datasets=".*")
-    await catalogue.add_rule(cli_rule)
+    await catalogue.replication.add_rule(cli_rule)
     a = Rule("a", endpoints="disk2", datasets=".*", origin="config")
-    assert await catalogue.sync_config_rules([a]) == ["a"]
-    assert await catalogue.sync_config_rules([a]) == []  # unchanged: nothing to re-evaluate
+    assert await catalogue.replication.sync_config_rules([a]) == ["a"]
+    assert await catalogue.replication.sync_config_rules([a]) == []  # unchanged: nothing to re-evaluate
     changed = Rule("a", endpoints="disk2", datasets=".*", copies=1, priority=7, origin="config")
-    assert await catalogue.sync_config_rules([changed]) == ["a"]
-    assert {r.id: r.priority for r in await catalogue.load_rules()} == {"a": 7, "by-hand": 3}
-    assert await catalogue.sync_config_rules([]) == ["a"]
-    assert [r.id for r in await catalogue.load_rules()] == ["by-hand"]
+    assert await catalogue.replication.sync_config_rules([changed]) == ["a"]
+    assert {r.id: r.priority for r in await catalogue.replication.load_rules()} == {"a": 7, "by-hand": 3}
+    assert await catalogue.replication.sync_config_rules([]) == ["a"]
+    assert [r.id for r in await catalogue.replication.load_rules()] == ["by-hand"]
 
 
 async def test_reaper_never_takes_the_last_copy_nor_a_locked_one(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("x"), rec("y")])
+    await catalogue.ingest.register([rec("x"), rec("y")])
     keep = Rule("keep", endpoints="disk2", datasets=".*")
-    await catalogue.add_rule(keep)
-    await catalogue.plan_copies([("x", "d", {}), ("y", "d", {})], [keep], TABLE)
+    await catalogue.replication.add_rule(keep)
+    await catalogue.replication.plan_copies([("x", "d", {}), ("y", "d", {})], [keep], TABLE)
     await copied(catalogue, "x", "disk2")
     await copied(catalogue, "y", "disk2")
-    assert await catalogue.reapable() == []  # locked by "keep"
-    await catalogue.remove_rule("keep")
+    assert await catalogue.replication.reapable() == []  # locked by "keep"
+    await catalogue.replication.remove_rule("keep")
     # y's only other copy (the ingest one) goes bad: its disk2 copy is now the last one.
-    await catalogue.set_replica_state("y", "disk1", "bad")
-    items = await catalogue.reapable()
+    await catalogue.replication.set_replica_state("y", "disk1", "bad")
+    items = await catalogue.replication.reapable()
     assert [(r.name, r.storage) for r in items] == [("x", "disk2")]
-    assert await catalogue.begin_delete(items[0].replica_id)
-    await catalogue.finish_delete(items[0])
+    assert await catalogue.replication.begin_delete(items[0].replica_id)
+    await catalogue.replication.finish_delete(items[0])
     assert await states(catalogue, "x") == {"disk1": "available"}
     assert await states(catalogue, "y") == {"disk1": "bad", "disk2": "available"}
-    history = [e.type for e in await catalogue.history("x")]
+    history = [e.type for e in await catalogue.queries.history("x")]
     assert "replica.deleted" in history
 
 
 async def test_lifetime_ends_the_lock_then_the_copy_is_reapable(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("t")])
+    await catalogue.ingest.register([rec("t")])
     short = Rule("short", endpoints="disk2", datasets=".*", lifetime=0.3)
     forever = Rule("forever", endpoints="disk2", metadata=("run=1",))  # does not select "t"
-    await catalogue.add_rule(short)
-    await catalogue.add_rule(forever)
-    await catalogue.plan_copies([("t", "d", {})], [short, forever], TABLE)
+    await catalogue.replication.add_rule(short)
+    await catalogue.replication.add_rule(forever)
+    await catalogue.replication.plan_copies([("t", "d", {})], [short, forever], TABLE)
     await copied(catalogue, "t", "disk2")
-    assert await catalogue.reapable() == []
+    assert await catalogue.replication.reapable() == []
     await asyncio.sleep(0.4)
-    assert await catalogue.expire_locks() == 1
-    assert [r.name for r in await catalogue.reapable()] == ["t"]
+    assert await catalogue.replication.expire_locks() == 1
+    assert [r.name for r in await catalogue.replication.reapable()] == ["t"]
 
 
 async def test_a_copy_another_rule_holds_is_not_reaped(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("s")])
+    await catalogue.ingest.register([rec("s")])
     a = Rule("a", endpoints="disk2", datasets=".*")
     b = Rule("b", endpoints="site=PIC", datasets=".*")
-    await catalogue.add_rule(a)
-    await catalogue.add_rule(b)
-    wanted = await catalogue.plan_copies([("s", "d", {})], [a, b], TABLE)
+    await catalogue.replication.add_rule(a)
+    await catalogue.replication.add_rule(b)
+    wanted = await catalogue.replication.plan_copies([("s", "d", {})], [a, b], TABLE)
     assert [w.storage for w in wanted[0]] == ["disk2"]  # one copy serves both rules
     await copied(catalogue, "s", "disk2")
-    await catalogue.remove_rule("a")
-    assert await catalogue.reapable() == []
+    await catalogue.replication.remove_rule("a")
+    assert await catalogue.replication.reapable() == []
 
 
 async def test_parked_copies_page_by_priority_and_once_per_resume(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec(f"p{i}") for i in range(7)])
+    await catalogue.ingest.register([rec(f"p{i}") for i in range(7)])
     for i in range(7):
-        await catalogue.park(f"p{i}", "disk2", priority=i % 3)
-    assert await catalogue.waiting_count("disk2") == 7
+        await catalogue.replication.park(f"p{i}", "disk2", priority=i % 3)
+    assert await catalogue.replication.waiting_count("disk2") == 7
     cutoff = datetime.now(UTC)
     seen: list[tuple[int, str]] = []
     after = None
-    while rows := await catalogue.waiting("disk2", 3, parked_before=cutoff, after=after):
+    while rows := await catalogue.replication.waiting("disk2", 3, parked_before=cutoff, after=after):
         seen += [(p, n) for p, _, n in rows]
         after = (rows[-1][0], rows[-1][1])
     assert [p for p, _ in seen] == [2, 2, 1, 1, 0, 0, 0]
     assert sorted(n for _, n in seen) == [f"p{i}" for i in range(7)]
     await asyncio.sleep(0.01)
-    await catalogue.park("p0", "disk2", priority=0)  # parked again during the resume
-    rows = await catalogue.waiting("disk2", 10, parked_before=cutoff)
+    await catalogue.replication.park("p0", "disk2", priority=0)  # parked again during the resume
+    rows = await catalogue.replication.waiting("disk2", 10, parked_before=cutoff)
     assert "p0" not in [n for _, _, n in rows]
 
 
 async def test_replica_task_lists_sources_and_whether_a_rule_needs_the_copy(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("q")])
-    task = await catalogue.replica_task("q", "disk2")
+    await catalogue.ingest.register([rec("q")])
+    task = await catalogue.replication.replica_task("q", "disk2")
     assert task is not None
     assert (task.state, task.needed, [s.storage for s in task.sources]) == (None, False, ["disk1"])
     rule = Rule("r", endpoints="disk2", datasets=".*", priority=6)
-    await catalogue.add_rule(rule)
-    await catalogue.plan_copies([("q", "d", {})], [rule], TABLE)
-    task = await catalogue.replica_task("q", "disk2")
+    await catalogue.replication.add_rule(rule)
+    await catalogue.replication.plan_copies([("q", "d", {})], [rule], TABLE)
+    task = await catalogue.replication.replica_task("q", "disk2")
     assert task is not None and (task.state, task.needed, task.priority) == ("queued", True, 6)
-    assert await catalogue.replica_task("nope", "disk2") is None
-    usage = {u.name: u for u in await catalogue.endpoint_usage()}
+    assert await catalogue.replication.replica_task("nope", "disk2") is None
+    usage = {u.name: u for u in await catalogue.endpoints.usage()}
     assert usage["disk1"].replicas == {"available": 1} and usage["disk1"].bytes_available == 1000
     assert usage["disk2"].replicas == {"queued": 1}
 
 
 async def test_replica_tasks_in_bulk_answer_like_one_at_a_time(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec(f"m{i}") for i in range(6)])
+    await catalogue.ingest.register([rec(f"m{i}") for i in range(6)])
     rule = Rule("r", endpoints="disk2", datasets=".*")
-    await catalogue.add_rule(rule)
-    await catalogue.plan_copies([(f"m{i}", "d", {}) for i in range(3)], [rule], TABLE)
+    await catalogue.replication.add_rule(rule)
+    await catalogue.replication.plan_copies([(f"m{i}", "d", {}) for i in range(3)], [rule], TABLE)
     await copied(catalogue, "m0", "disk2")
-    await catalogue.park("m1", "disk2", 7)
+    await catalogue.replication.park("m1", "disk2", 7)
     pairs = [(f"m{i}", "disk2") for i in range(6)] + [("m0", "disk1"), ("nope", "disk2")]
-    bulk = await catalogue.replica_tasks(pairs)
-    assert bulk == [await catalogue.replica_task(n, s) for n, s in pairs]
+    bulk = await catalogue.replication.replica_tasks(pairs)
+    assert bulk == [await catalogue.replication.replica_task(n, s) for n, s in pairs]
     assert [t.state if t else None for t in bulk] == [
         "available",
         "waiting",
@@ -411,9 +419,11 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
     # Each case twice: recorded by ``record_copies`` (-drv) and by the Core statements (-core).
     kinds = ("queued", "none", "tombstoned", "bad", "failed-before")
     pairs = [(f"{k}-drv", f"{k}-core") for k in kinds]
-    await catalogue.register_ingested([rec(n) for pair in pairs for n in pair])
-    await catalogue.add_rule(SLOW)
-    await catalogue.plan_copies([(n, "d", {}) for n in pairs[0]], [SLOW], TABLE)  # queued, priority 6
+    await catalogue.ingest.register([rec(n) for pair in pairs for n in pair])
+    await catalogue.replication.add_rule(SLOW)
+    await catalogue.replication.plan_copies(
+        [(n, "d", {}) for n in pairs[0]], [SLOW], TABLE
+    )  # queued, priority 6
     earlier = NOW - timedelta(days=1)
     tombstoned = pairs[2]
 
@@ -429,7 +439,7 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
         ]  # fmt: skip
         upsert_sync(conn, s.requests, failed, ["id"], ["state"])
 
-    await catalogue.run(prepare, write=True)
+    await catalogue.write(prepare)
 
     def batch(suffix: str) -> list[CopyRecord]:
         ks = [f"{k}-{suffix}" for k in kinds]
@@ -444,7 +454,7 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
             _copy(ks[0], storage="tape1", attempt=5),  # a request id twice: the last attempt counts
         ]
 
-    await catalogue.record_copies(batch("drv"))
+    await catalogue.replication.record_copies(batch("drv"))
 
     def compare(conn: Connection) -> None:
         _core_record_copies(conn, batch("core"), NOW)
@@ -454,8 +464,8 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
                                  for t, rows in by_core.items()}, drv  # fmt: skip
             assert by_driver["requests"] and by_driver["events"], drv
 
-    await catalogue.run(compare, write=True)
-    views = {n: await catalogue.show_file(n) for n, _ in pairs}
+    await catalogue.write(compare)
+    views = {n: await catalogue.queries.show_file(n) for n, _ in pairs}
     replicas = {n: {x.storage: x for x in v.replicas} for n, v in views.items() if v is not None}
     assert (replicas["queued-drv"]["disk2"].state, replicas["queued-drv"]["disk2"].pfn) == (
         "available", "/srv/disk2/queued-drv",
@@ -463,10 +473,10 @@ async def test_driver_level_copy_rows_equal_the_rows_core_statements_wrote(
     assert replicas["none-drv"]["disk2"].pfn == "/srv/disk2/none-drv"
     assert replicas["bad-drv"]["disk1"].state == "available"
     # Copies the replicator made (or remade) are reapable once unlocked; the tombstone is kept.
-    reapable = {(x.name, x.storage) for x in await catalogue.reapable()}
+    reapable = {(x.name, x.storage) for x in await catalogue.replication.reapable()}
     assert {("none-drv", "disk2"), ("tombstoned-drv", "disk2")} <= reapable
     assert ("queued-drv", "disk2") not in reapable  # locked by "slow"
-    req = (await catalogue.request_state(["req-failed-before-drv"]))["req-failed-before-drv"]
+    req = (await catalogue.queries.request_state(["req-failed-before-drv"]))["req-failed-before-drv"]
     assert (req.state, req.attempts, req.reason, req.error, req.created) == (
         "done",
         2,
@@ -485,10 +495,10 @@ def _unmask(value: tuple[str, Any], drv: str, core: str) -> tuple[str, Any]:
 async def test_driver_level_plan_rows_equal_the_rows_core_statements_wrote(
     catalogue: Catalogue, fixed_now: datetime
 ) -> None:
-    await catalogue.register_ingested([rec("p-drv"), rec("p-core")])
+    await catalogue.ingest.register([rec("p-drv"), rec("p-core")])
     for rule in (SLOW, ARCHIVE):
-        await catalogue.add_rule(rule)
-    [wanted] = await catalogue.plan_copies([("p-drv", "d", {})], [SLOW, ARCHIVE], TABLE)
+        await catalogue.replication.add_rule(rule)
+    [wanted] = await catalogue.replication.plan_copies([("p-drv", "d", {})], [SLOW, ARCHIVE], TABLE)
     assert [(w.storage, w.kind, w.priority, w.rule_id) for w in wanted] == [
         ("disk2", "disk", 6, "slow"),  # the higher priority first
         ("tape1", "tape", 3, "archive"),
@@ -501,11 +511,11 @@ async def test_driver_level_plan_rows_equal_the_rows_core_statements_wrote(
             assert by_driver[table] == by_core[table], table
         assert len(by_driver["locks"]) == 2 and len(by_driver["replicas"]) == 3
 
-    await catalogue.run(compare, write=True)
+    await catalogue.write(compare)
     # Read back through the ordinary queries.
-    task = await catalogue.replica_task("p-drv", "disk2")
+    task = await catalogue.replication.replica_task("p-drv", "disk2")
     assert task is not None and (task.state, task.needed, task.priority) == ("queued", True, 6)
-    [view] = [v for v in await catalogue.rule_views() if v.rule.id == "slow"]
+    [view] = [v for v in await catalogue.replication.rule_views() if v.rule.id == "slow"]
     assert view.replicas == {"queued": 2}  # p-drv's and p-core's
 
 
@@ -513,13 +523,13 @@ async def test_driver_level_replica_tasks_answer_like_the_core_statements(
     catalogue: Catalogue, fixed_now: datetime
 ) -> None:
     names = [f"t{i}" for i in range(7)]
-    await catalogue.register_ingested([rec(n, size=100 + i, adler32=f"{i:08x}") for i, n in enumerate(names)])
+    await catalogue.ingest.register([rec(n, size=100 + i, adler32=f"{i:08x}") for i, n in enumerate(names)])
     for rule in (SLOW, ARCHIVE):
-        await catalogue.add_rule(rule)
-    await catalogue.plan_copies([(n, "d", {}) for n in names[:4]], [SLOW, ARCHIVE], TABLE)
-    await catalogue.record_copies([_copy("t0"), _copy("t1", storage="tape1"), _copy("t5")])
-    await catalogue.park("t2", "disk2", 8)
-    await catalogue.set_replica_state("t3", "disk1", "bad")
+        await catalogue.replication.add_rule(rule)
+    await catalogue.replication.plan_copies([(n, "d", {}) for n in names[:4]], [SLOW, ARCHIVE], TABLE)
+    await catalogue.replication.record_copies([_copy("t0"), _copy("t1", storage="tape1"), _copy("t5")])
+    await catalogue.replication.park("t2", "disk2", 8)
+    await catalogue.replication.set_replica_state("t3", "disk1", "bad")
 
     def locks(conn: Connection) -> None:
         ids = {n: i for i, n in conn.execute(select(s.files.c.id, s.files.c.name))}
@@ -537,10 +547,10 @@ async def test_driver_level_replica_tasks_answer_like_the_core_statements(
              for n, st, e in rows],
         )  # fmt: skip
 
-    await catalogue.run(locks, write=True)
+    await catalogue.write(locks)
     pairs = [(n, st) for n in [*names, "nope"] for st in ENDPOINTS] + [("t0", "disk2"), ("t6", "disk2")]
-    fast = await catalogue.replica_tasks(pairs)
-    assert fast == await catalogue.run(_core_replica_tasks, pairs, NOW)
+    fast = await catalogue.replication.replica_tasks(pairs)
+    assert fast == await catalogue.read(_core_replica_tasks, pairs, NOW)
     by_pair = dict(zip(pairs, fast, strict=True))
     t0 = by_pair[("t0", "tape1")]
     assert t0 is not None and [x.storage for x in t0.sources] == ["disk1", "disk2"]  # by endpoint name
@@ -549,9 +559,11 @@ async def test_driver_level_replica_tasks_answer_like_the_core_statements(
     # Many files, more than one statement's worth.
     many = [rec(f"m{i:04d}") for i in range(1100)]
     for i in range(0, len(many), 256):
-        await catalogue.register_ingested(many[i : i + 256])
+        await catalogue.ingest.register(many[i : i + 256])
     pairs = [(r.name, "disk2") for r in many]
-    assert await catalogue.replica_tasks(pairs) == await catalogue.run(_core_replica_tasks, pairs, NOW)
+    assert await catalogue.replication.replica_tasks(pairs) == await catalogue.read(
+        _core_replica_tasks, pairs, NOW
+    )
 
 
 def _old_plan(
@@ -594,11 +606,11 @@ async def test_every_insert_names_every_column_but_the_generated_id(
     catalogue: Catalogue, statements: list[tuple[str, Any]]
 ) -> None:
     """No column is left to a default: SQLAlchemy's Python-side defaults do not apply to SQL text."""
-    await catalogue.register_ingested([rec("a")])
-    await catalogue.add_rule(SLOW)
+    await catalogue.ingest.register([rec("a")])
+    await catalogue.replication.add_rule(SLOW)
     statements.clear()
-    await catalogue.plan_copies([("a", "d", {})], [SLOW], TABLE)
-    await catalogue.record_copies([_copy("a"), _copy("a", storage="tape1")])
+    await catalogue.replication.plan_copies([("a", "d", {})], [SLOW], TABLE)
+    await catalogue.replication.record_copies([_copy("a"), _copy("a", storage="tape1")])
     written: dict[str, list[set[str]]] = {}
     for sql, _ in statements:
         if match := re.match(r'INSERT INTO "?(\w+)"? \(([^)]*)\)', sql):
@@ -625,12 +637,12 @@ async def test_every_lookup_probes_an_index_of_the_file_on_sqlite(
         pytest.skip("SQLite's query planner")
     names = [f"f{i:03d}" for i in range(300)]
     for i in range(0, len(names), 150):
-        await catalogue.register_ingested([rec(n) for n in names[i : i + 150]])
-    await catalogue.add_rule(SLOW)
+        await catalogue.ingest.register([rec(n) for n in names[i : i + 150]])
+    await catalogue.replication.add_rule(SLOW)
     statements.clear()
-    await catalogue.plan_copies([(n, "d", {}) for n in names], [SLOW], TABLE)
-    await catalogue.replica_tasks([(n, "disk2") for n in names])
-    await catalogue.record_copies([_copy(n) for n in names])
+    await catalogue.replication.plan_copies([(n, "d", {}) for n in names], [SLOW], TABLE)
+    await catalogue.replication.replica_tasks([(n, "disk2") for n in names])
+    await catalogue.replication.record_copies([_copy(n) for n in names])
     selects = [(sql, params) for sql, params in statements if sql.startswith("SELECT")]
     assert len(selects) >= 10
 
@@ -643,5 +655,5 @@ async def test_every_lookup_probes_an_index_of_the_file_on_sqlite(
         r" (sqlite_autoindex_\w+|ix_locks_file_id_storage_id)) \(.*\)"
         r"|USE TEMP B-TREE FOR ORDER BY"
     )
-    for (sql, _), plan in zip(selects, await catalogue.run(plans), strict=True):
+    for (sql, _), plan in zip(selects, await catalogue.read(plans), strict=True):
         assert all(re.fullmatch(index, step) for step in plan), (sql[:80], plan)

@@ -13,61 +13,57 @@ from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 
 async def _queue(cat: Catalogue, *names: str, priority: int = 3) -> None:
     for name in names:
-        assert await cat.run(db.ensure_queued, name, "tape1", priority, write=True) == db.TapeCopy(
-            "queued", None, None
-        )
+        assert await cat.tape.ensure_queued(name, "tape1", priority) == db.TapeCopy("queued", None, None)
 
 
 async def test_copies_queue_once_and_the_queue_reports_count_bytes_age_priority(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a", size=100), rec("b", size=250), rec("c", size=50)])
-    assert await catalogue.run(db.ensure_queued, "nosuch", "tape1", 3, write=True) is None
+    await catalogue.ingest.register([rec("a", size=100), rec("b", size=250), rec("c", size=50)])
+    assert await catalogue.tape.ensure_queued("nosuch", "tape1", 3) is None
     await _queue(catalogue, "a", "b")
     await _queue(catalogue, "c", priority=7)
     await _queue(catalogue, "a")  # again: still one copy
-    [stats] = await catalogue.run(db.queue_stats, ["tape1"])
+    [stats] = await catalogue.tape.queue_stats(["tape1"])
     assert (stats.storage, stats.files, stats.bytes, stats.priority) == ("tape1", 3, 400, 7)
     assert stats.oldest is not None and stats.oldest.tzinfo is not None
-    head = await catalogue.run(db.queue_head, "tape1", 10)
+    head = await catalogue.tape.queue_head("tape1", 10)
     assert [c.size for c in head] == [50, 100, 250]  # priority first, then age
-    assert await catalogue.run(db.queue_stats, ["disk2"]) == []
+    assert await catalogue.tape.queue_stats(["disk2"]) == []
 
 
 async def test_a_batch_is_taken_once_moved_recorded_and_the_rest_requeued(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec(n) for n in "abcd"])
+    await catalogue.ingest.register([rec(n) for n in "abcd"])
     await _queue(catalogue, *"abcd")
-    ids = [c.replica_id for c in await catalogue.run(db.queue_head, "tape1", 10)]
-    batch = await catalogue.run(db.take_batch, ids[:3], "A00001", write=True)
+    ids = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
+    batch = await catalogue.tape.take_batch(ids[:3], "A00001")
     assert [f.name for f in batch] == ["a", "b", "c"]
     assert batch[0].sources == (db.Source("disk1", "/srv/disk1/a"),)
-    assert await catalogue.run(db.take_batch, ids[:3], "A00002", write=True) == []  # already taken
-    [stats] = await catalogue.run(db.queue_stats, ["tape1"])
+    assert await catalogue.tape.take_batch(ids[:3], "A00002") == []  # already taken
+    [stats] = await catalogue.tape.queue_stats(["tape1"])
     assert stats.files == 1
-    await catalogue.run(db.point_to, ids[1:3], "A00002", write=True)
-    flight = await catalogue.run(db.in_flight, ["tape1"])
+    await catalogue.tape.point_to(ids[1:3], "A00002")
+    flight = await catalogue.tape.in_flight(["tape1"])
     assert [(x.name, x.cartridge) for x in flight] == [("a", "A00001"), ("b", "A00002"), ("c", "A00002")]
     done = [db.Archived(ids[0], "a", "tape1", "A00001", 1), db.Archived(ids[1], "b", "tape1", "A00002", 1)]
-    assert await catalogue.run(db.record_archived, done, write=True) == done
-    assert await catalogue.run(db.record_archived, done, write=True) == []  # recorded once
-    assert await catalogue.run(db.requeue, [ids[2]], write=True) == 1
-    view = await catalogue.show_file("b")
+    assert await catalogue.tape.record_archived(done) == done
+    assert await catalogue.tape.record_archived(done) == []  # recorded once
+    assert await catalogue.tape.requeue([ids[2]]) == 1
+    view = await catalogue.queries.show_file("b")
     assert view is not None
     [tape] = [r for r in view.replicas if r.storage == "tape1"]
     assert (tape.state, tape.cartridge, tape.fseq) == ("available", "A00002", 1)
-    assert [e.type for e in await catalogue.history("b")][-1] == "file.archived"
-    assert await catalogue.run(db.files_per_cartridge) == {"A00001": 1, "A00002": 1}
-    assert await catalogue.run(db.ensure_queued, "b", "tape1", 3, write=True) == db.TapeCopy(
-        "available", "A00002", 1
-    )
-    [stats] = await catalogue.run(db.queue_stats, ["tape1"])
+    assert [e.type for e in await catalogue.queries.history("b")][-1] == "file.archived"
+    assert await catalogue.tape.files_per_cartridge() == {"A00001": 1, "A00002": 1}
+    assert await catalogue.tape.ensure_queued("b", "tape1", 3) == db.TapeCopy("available", "A00002", 1)
+    [stats] = await catalogue.tape.queue_stats(["tape1"])
     assert stats.files == 2  # c back in the queue, d never left it
 
 
 async def test_a_failed_copy_is_queued_again_when_asked_again(catalogue: Catalogue) -> None:
-    await catalogue.register_ingested([rec("a")])
+    await catalogue.ingest.register([rec("a")])
     await _queue(catalogue, "a")
-    [head] = await catalogue.run(db.queue_head, "tape1", 10)
-    await catalogue.run(db.take_batch, [head.replica_id], "A00001", write=True)
-    await catalogue.run(db.mark_failed, head.replica_id, write=True)
-    assert await catalogue.run(db.in_flight, ["tape1"]) == []
+    [head] = await catalogue.tape.queue_head("tape1", 10)
+    await catalogue.tape.take_batch([head.replica_id], "A00001")
+    await catalogue.tape.mark_failed(head.replica_id)
+    assert await catalogue.tape.in_flight(["tape1"]) == []
     await _queue(catalogue, "a")
-    assert len(await catalogue.run(db.queue_head, "tape1", 10)) == 1
+    assert len(await catalogue.tape.queue_head("tape1", 10)) == 1

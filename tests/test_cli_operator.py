@@ -214,7 +214,7 @@ async def test_every_command_prints_bracketed_data_literally(tmp_path, tag, brok
         await wait_for(lambda: _listed(config, name), timeout=60)
         await wait_for(lambda: _dead(config, 1), timeout=60)
     async with await Catalogue.open(settings.catalogue.url) as catalogue:
-        await catalogue.record_failure(
+        await catalogue.history.record_failure(
             request_id="req-markup", kind="replica", daemon="replicator", reason="disk_full",
             error=f"disk2: {MARKUP}", attempts=3, final=False, name=name,
         )  # fmt: skip

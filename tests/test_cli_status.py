@@ -70,13 +70,13 @@ async def test_status_without_the_monitor_says_so_and_shows_queues_and_catalogue
 ):
     await publish_raw(broker, settings, "file.ready", cloudevent({"path": "/l/1", "dataset": "d"}))
     async with await Catalogue.open(settings.catalogue.url) as catalogue:
-        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.endpoints.sync(settings.storage)
         for i in range(3):
-            await catalogue.record_failure(
+            await catalogue.history.record_failure(
                 request_id=f"r{i}", kind="ingest", daemon="ingest", reason="checksum_mismatch",
                 error=f"adler32 differs ({i})", attempts=1, final=True, name=f"f{i}",
             )  # fmt: skip
-        await catalogue.record_failure(
+        await catalogue.history.record_failure(
             request_id="r9", kind="ingest", daemon="ingest", reason="destination_not_writable",
             error="no write pools online", attempts=2, final=False, name="f9",
         )  # fmt: skip

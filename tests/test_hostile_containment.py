@@ -291,7 +291,7 @@ def _ready(path: Path | str) -> bytes:
 
 async def _files(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 @pytest.mark.integration

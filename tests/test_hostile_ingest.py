@@ -50,7 +50,7 @@ async def depth_is(broker, name: str, n: int) -> bool:
 
 async def files_count(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 async def ingest_good_file_after(broker, settings: Settings, n_registered: int = 1) -> None:
@@ -269,8 +269,8 @@ async def test_a_refused_file_is_traced_by_its_logical_name_and_its_path(
         await wait_for(lambda: depth_is(broker, settings.dead_queue("ingest"), 1))
         await ingest_good_file_after(broker, settings)
     async with await Catalogue.open(settings.catalogue.url) as c:
-        by_name = await c.history(logical)
-        by_path = await c.history(data["path"])
+        by_name = await c.queries.history(logical)
+        by_path = await c.queries.history(data["path"])
     for rows in (by_name, by_path):
         assert [(e.type, e.detail["reason"]) for e in rows] == [("file.failed", reason)]
     assert stored_files(settings) == [f for f in stored_files(settings) if f.startswith("run012345/good-")]

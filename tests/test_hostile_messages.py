@@ -309,4 +309,4 @@ async def _depth(broker, name: str, n: int) -> bool:
 
 async def _registered(settings: Settings, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files == n
+        return (await c.queries.counts()).files == n

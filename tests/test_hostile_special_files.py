@@ -137,7 +137,7 @@ def _ready(path: Path | str, **data: object) -> bytes:
 
 async def _files(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 async def _is(value: object, expected: int) -> bool:

@@ -38,7 +38,7 @@ async def depth_is(broker, name: str, n: int) -> bool:
 
 async def files(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 # --- file.ready ----------------------------------------------------------------------------------
@@ -80,10 +80,10 @@ async def test_a_file_ready_id_reused_for_another_file_is_an_id_conflict(
         await wait_for(lambda: _files_are(settings, registered))
     assert await dead_reasons(broker, settings, "ingest") == expected_dead
     async with await Catalogue.open(settings.catalogue.url) as c:
-        request = (await c.request_state(["ev-shared"]))["ev-shared"]
-        second_view = await c.show_file("run012345/second.fits")
-        renamed = await c.show_file("renamed/first.fits")
-        history = await c.history("run012345/second.fits")
+        request = (await c.queries.request_state(["ev-shared"]))["ev-shared"]
+        second_view = await c.queries.show_file("run012345/second.fits")
+        renamed = await c.queries.show_file("renamed/first.fits")
+        history = await c.queries.history("run012345/second.fits")
     # The first record is unchanged: its path, its state.
     assert request.path.endswith("first.fits" if change != "other_path_after_failure" else "missing.fits")
     assert request.reason != "id_conflict"
@@ -194,7 +194,7 @@ async def test_a_recall_id_reused_with_other_content_is_refused_and_answered(tmp
     assert view is not None
     assert (view.state, view.files, view.done, view.priority, view.destination) == ("done", 2, 2, 3, "disk2")
     async with await Catalogue.open(settings.catalogue.url) as c:
-        assert rid not in await c.request_state([rid])  # no failure recorded over it
+        assert rid not in await c.queries.request_state([rid])  # no failure recorded over it
     await channel.close()
 
 
@@ -263,6 +263,4 @@ async def test_a_recall_of_too_many_names_is_one_dead_letter_and_no_catalogue_gr
         "undecodable",
     ]
     async with await Catalogue.open(settings.catalogue.url) as c:
-        from common.catalogue import recall as db
-
-        assert [v.id for v in await c.run(db.list_recalls, 100)] == [ok]
+        assert [v.id for v in await c.recall.list_recalls(100)] == [ok]

@@ -51,7 +51,7 @@ async def dead_reasons(broker, settings) -> list[str]:
 
 async def registered(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 async def test_good_file_is_copied_verified_registered_and_announced(settings, broker, topology):
@@ -84,8 +84,8 @@ async def test_good_file_is_copied_verified_registered_and_announced(settings, b
     replica = settings.storage["disk1"].root / name
     assert replica.read_bytes() == content
     async with await Catalogue.open(settings.catalogue.url) as c:
-        view = await c.show_file(name)
-        found = await c.find_files([_filter("run>=12000")])
+        view = await c.queries.show_file(name)
+        found = await c.queries.find_files([_filter("run>=12000")])
     assert view is not None and view.metadata == {"run": 12345, "telescope": "LST1"}
     assert view.parents == ["raw/run012345.r0"]
     assert [(r.storage, r.state) for r in view.replicas] == [("disk1", "available")]
@@ -146,7 +146,7 @@ async def test_permanent_failure_is_recorded_as_the_files_last_error(settings, b
         )
         await wait_for(lambda: _depth_is(broker, settings.dead_queue("ingest"), 1))
     async with await Catalogue.open(settings.catalogue.url) as c:
-        state = (await c.request_state(["ev-c"]))["ev-c"]
+        state = (await c.queries.request_state(["ev-c"]))["ev-c"]
     assert (state.state, state.reason, state.path) == ("failed", "checksum_mismatch", str(src))
 
 
@@ -201,7 +201,7 @@ async def test_unwritable_destination_is_retried_with_backoff_then_succeeds(sett
             await publish_raw(broker, settings, "file.ready", cloudevent(ready(src), id_="ev-w"))
             await wait_for(lambda: _retried(process, 2))
             async with await Catalogue.open(settings.catalogue.url) as c:
-                state = (await c.request_state(["ev-w"]))["ev-w"]
+                state = (await c.queries.request_state(["ev-w"]))["ev-w"]
             assert (state.state, state.reason) == ("retrying", "destination_not_writable")
             subprocess.run([chattr, "-i", str(root)], check=True)
             await wait_for(lambda: _registered_is(settings, 1), timeout=20)

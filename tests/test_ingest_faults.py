@@ -62,13 +62,13 @@ async def night_being_ingested(
 
 async def registered(settings: Settings) -> int:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files
+        return (await c.queries.counts()).files
 
 
 async def assert_every_file_once_and_verified(settings: Settings, n: int) -> None:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        counts = await c.counts()
-        files = await c.list_files(dataset=DATASET, limit=n + 10)
+        counts = await c.queries.counts()
+        files = await c.queries.list_files(dataset=DATASET, limit=n + 10)
     assert counts.files == n
     assert counts.replicas.get("available") == n
     root = settings.storage["disk1"].root

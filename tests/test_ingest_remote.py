@@ -39,7 +39,7 @@ def remote_first(tmp_path: Path, tag: str, server: LocalXrootd, where: str, back
 
 async def registered(settings: Settings, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return (await cat.counts()).files == n
+        return (await cat.queries.counts()).files == n
 
 
 @pytest.mark.parametrize("backend", ["xrootd", "https"])
@@ -73,7 +73,7 @@ async def test_ingest_uploads_to_a_remote_first_endpoint_and_refuses_a_wrong_fil
     # Nothing of the refused file reached the server, and no temporary stayed.
     assert sorted(p.name for p in on_server.rglob("*") if p.is_file()) == sorted(p.name for p, _ in files)
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        shown = await cat.show_file(name_of(settings, files[0][0]))
+        shown = await cat.queries.show_file(name_of(settings, files[0][0]))
     assert shown is not None and shown.adler32 == adler(files[0][1])
     assert [r.storage for r in shown.replicas] == ["disk1"]
 

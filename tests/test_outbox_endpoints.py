@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from common.catalogue import outbox
 from common.errors import Retryable
 from daemons.replicator.health import EndpointHealth
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
@@ -19,13 +18,13 @@ pytestmark = pytest.mark.integration
 
 
 async def _health(cat, name: str) -> str:  # type: ignore[no-untyped-def]
-    return {e.name: e.health for e in await cat.endpoints()}[name]
+    return {e.name: e.health for e in await cat.endpoints.all()}[name]
 
 
 async def test_a_pause_while_the_broker_is_away_is_recorded_and_announced_once_it_is_back(
     cat, settings, dead, live, listener
 ):
-    await cat.sync_endpoints(settings.storage)
+    await cat.endpoints.sync(settings.storage)
     health = EndpointHealth(settings, cat, dead)
     await health.start()
     try:
@@ -35,7 +34,7 @@ async def test_a_pause_while_the_broker_is_away_is_recorded_and_announced_once_i
             if paused := await health.failure("disk1", err):  # never raises: the broker is away
                 break
         assert paused and await _health(cat, "disk1") == "paused"
-        assert await cat.run(outbox.backlog) == 1
+        assert await cat.outbox.backlog() == 1
         health.relay.publisher = live  # the broker is back
         assert await health.relay.flush() == 1
         [(key, _)] = await received(listener, 1)
@@ -48,8 +47,8 @@ async def test_a_pause_while_the_broker_is_away_is_recorded_and_announced_once_i
 async def test_a_pause_left_by_a_dead_process_ends_with_endpoint_resumed_at_start(
     cat, settings, live, listener
 ):
-    await cat.sync_endpoints(settings.storage)
-    await cat.set_health("disk1", "paused", "disk_full: no space left")
+    await cat.endpoints.sync(settings.storage)
+    await cat.endpoints.set_health("disk1", "paused", "disk_full: no space left")
     health = EndpointHealth(settings, cat, live)
     await health.start()
     try:

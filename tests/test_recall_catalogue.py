@@ -23,12 +23,14 @@ PIN = datetime(2030, 1, 1, tzinfo=UTC)
 
 async def archived(cat: Catalogue, *names: str, vid: str = "A00001", storage: str = "tape1") -> None:
     """Files whose only copies are on tape (fseq in the order given); their ingest copy is gone."""
-    await cat.sync_endpoints({**ENDPOINTS, "tape2": StorageEndpoint(kind="tape", root=Path("/t2"))})
-    await cat.register_ingested([rec(n) for n in names])
+    await cat.endpoints.sync({**ENDPOINTS, "tape2": StorageEndpoint(kind="tape", root=Path("/t2"))})
+    await cat.ingest.register([rec(n) for n in names])
     for fseq, name in enumerate(names, start=1):
-        await cat.set_replica(name=name, storage=storage, pfn=f"{vid}/{fseq}", state="available",
+        await cat.replication.set_replica(name=name, storage=storage, pfn=f"{vid}/{fseq}", state="available",
                               cartridge=vid, fseq=fseq)  # fmt: skip
-        await cat.set_replica(name=name, storage="disk1", pfn=f"/srv/disk1/{name}", state="deleted")
+        await cat.replication.set_replica(
+            name=name, storage="disk1", pfn=f"/srv/disk1/{name}", state="deleted"
+        )
 
 
 def spec(id_: str, *names: str, dataset: str | None = None, destination: str = "disk2") -> db.RecallSpec:
@@ -42,13 +44,13 @@ def delivery(name: str, fid: int, destination: str = "disk2") -> db.Delivery:
 
 async def test_a_request_is_recorded_once_and_unknown_names_fail_alone(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    first = await catalogue.run(db.create_recall, spec("r1", "a", "nope", "b", "a"), write=True)
-    again = await catalogue.run(db.create_recall, spec("r1", "a"), write=True)
+    first = await catalogue.recall.create_recall(spec("r1", "a", "nope", "b", "a"))
+    again = await catalogue.recall.create_recall(spec("r1", "a"))
 
     assert first is not None and again is not None
     assert (first.new, first.files, first.unknown, first.settled) == (True, 3, ("nope",), db.Settled())
     assert (again.new, again.files) == (False, 3)
-    view = await catalogue.run(db.status, "r1")
+    view = await catalogue.recall.status("r1")
     assert view is not None
     assert (view.state, view.files, view.failed, view.queued) == ("active", 3, 1, 2)
     assert {(x.name, x.state, x.reason) for x in view.file_states} == {
@@ -60,16 +62,13 @@ async def test_a_dataset_recall_takes_every_file_and_an_unknown_dataset_is_refus
     catalogue: Catalogue,
 ) -> None:
     await archived(catalogue, "a", "b", "c")
-    created = await catalogue.run(db.create_recall, spec("r1", dataset=DATASET), write=True)
+    created = await catalogue.recall.create_recall(spec("r1", dataset=DATASET))
     assert created is not None and created.files == 3
-    assert (
-        await catalogue.run(db.create_recall, spec("r2", dataset="lst1.20991231.run000001.dl0"), write=True)
-        is None
-    )
+    assert await catalogue.recall.create_recall(spec("r2", dataset="lst1.20991231.run000001.dl0")) is None
 
 
 async def test_a_request_of_nothing_but_unknown_names_completes_at_once(catalogue: Catalogue) -> None:
-    created = await catalogue.run(db.create_recall, spec("r1", "x", "y"), write=True)
+    created = await catalogue.recall.create_recall(spec("r1", "x", "y"))
     assert created is not None
     (completion,) = created.settled.completed
     assert (completion.state, completion.files, completion.failed) == ("failed", 2, ("x", "y"))
@@ -78,17 +77,17 @@ async def test_a_request_of_nothing_but_unknown_names_completes_at_once(catalogu
 
 async def test_pending_files_carry_their_usable_copies(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b", "c")
-    await catalogue.set_replica(
+    await catalogue.replication.set_replica(
         name="a", storage="tape2", pfn="B1/4", state="available", cartridge="B1", fseq=4
     )
-    await catalogue.set_replica(name="b", storage="disk1", pfn="/srv/disk1/b", state="available")
-    await catalogue.set_replica(
+    await catalogue.replication.set_replica(name="b", storage="disk1", pfn="/srv/disk1/b", state="available")
+    await catalogue.replication.set_replica(
         name="c", storage="tape1", pfn="A00001/3", state="bad", cartridge="A00001", fseq=3
     )
-    await catalogue.set_replica(name="c", storage="tape2", pfn="", state="queued")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b", "c"), write=True)
+    await catalogue.replication.set_replica(name="c", storage="tape2", pfn="", state="queued")
+    await catalogue.recall.create_recall(spec("r1", "a", "b", "c"))
 
-    files = {p.name: p for p in await catalogue.run(db.pending, 100)}
+    files = {p.name: p for p in await catalogue.recall.pending(100)}
     assert files["a"].tape == (db.TapeCopy("tape1", "A00001", 1), db.TapeCopy("tape2", "B1", 4))
     assert files["b"].disk == (db.DiskCopy("disk1", "/srv/disk1/b"),)
     assert (files["c"].tape, files["c"].blocked, files["c"].damaged) == ((), True, True)
@@ -97,17 +96,17 @@ async def test_pending_files_carry_their_usable_copies(catalogue: Catalogue) -> 
 
 async def test_the_next_file_of_a_cartridge_is_the_first_queued_beyond_the_head(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b", "c", "d")
-    await catalogue.run(db.create_recall, spec("r1", "d", "b"), write=True)
-    await catalogue.run(db.create_recall, spec("r2", "c", "b"), write=True)
-    files = await catalogue.run(db.pending, 100)
-    await catalogue.run(db.assign, [(p.recall_id, p.name, p.tape[0]) for p in files], write=True)
+    await catalogue.recall.create_recall(spec("r1", "d", "b"))
+    await catalogue.recall.create_recall(spec("r2", "c", "b"))
+    files = await catalogue.recall.pending(100)
+    await catalogue.recall.assign([(p.recall_id, p.name, p.tape[0]) for p in files])
 
-    first = await catalogue.run(db.next_on_cartridge, ["tape1"], "A00001", 0)
+    first = await catalogue.recall.next_on_cartridge(["tape1"], "A00001", 0)
     assert [(i.recall_id, i.name, i.copy.fseq) for i in first] == [("r1", "b", 2), ("r2", "b", 2)]
-    after = await catalogue.run(db.next_on_cartridge, ["tape1"], "A00001", 2)
+    after = await catalogue.recall.next_on_cartridge(["tape1"], "A00001", 2)
     assert [(i.name, i.copy.fseq) for i in after] == [("c", 3)]
-    assert await catalogue.run(db.next_on_cartridge, ["tape2"], "A00001", 0) == []
-    assert await catalogue.run(db.next_on_cartridge, ["tape1"], "A00001", 4) == []
+    assert await catalogue.recall.next_on_cartridge(["tape2"], "A00001", 0) == []
+    assert await catalogue.recall.next_on_cartridge(["tape1"], "A00001", 4) == []
 
 
 def _replica(conn: Connection, name: str, storage: str) -> tuple[str, datetime | None]:
@@ -122,105 +121,101 @@ def _replica(conn: Connection, name: str, storage: str) -> tuple[str, datetime |
 
 async def test_delivery_pins_the_copy_settles_every_request_and_completes_once(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b"), write=True)
-    await catalogue.run(db.create_recall, spec("r2", "a"), write=True)
-    await catalogue.run(db.create_recall, spec("r3", "a", destination="disk1"), write=True)
-    ids = {p.name: p.file_id for p in await catalogue.run(db.pending, 100)}
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    await catalogue.recall.create_recall(spec("r2", "a"))
+    await catalogue.recall.create_recall(spec("r3", "a", destination="disk1"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
 
-    first = await catalogue.run(db.deliver, delivery("a", ids["a"]), write=True)
+    first = await catalogue.recall.deliver(delivery("a", ids["a"]))
     assert first is not None
     assert [(x.recall_id, x.name, x.storage) for x in first.recalled] == [
         ("r1", "a", "disk2"),
         ("r2", "a", "disk2"),
     ]
     assert [(c.recall_id, c.state) for c in first.completed] == [("r2", "done")]
-    assert await catalogue.run(_replica, "a", "disk2") == ("available", PIN)
-    repeat = await catalogue.run(db.deliver, delivery("a", ids["a"]), write=True)
+    assert await catalogue.read(_replica, "a", "disk2") == ("available", PIN)
+    repeat = await catalogue.recall.deliver(delivery("a", ids["a"]))
     assert repeat == db.Settled()  # nothing waits for it any more: nothing to announce twice
 
-    second = await catalogue.run(db.deliver, delivery("b", ids["b"]), write=True)
+    second = await catalogue.recall.deliver(delivery("b", ids["b"]))
     assert second is not None and [c.recall_id for c in second.completed] == ["r1"]
-    view = await catalogue.run(db.status, "r1")
+    view = await catalogue.recall.status("r1")
     assert view is not None and (view.state, view.done, view.failed) == ("done", 2, 0)
     assert view.completed is not None
-    assert [x.name for x in (await catalogue.history("a")) if x.type == "file.recalled"] == ["a", "a"]
+    assert [x.name for x in (await catalogue.queries.history("a")) if x.type == "file.recalled"] == ["a", "a"]
 
 
 async def test_a_copy_ingest_made_stays_unpinned_and_a_later_pin_only_extends(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.set_replica(name="a", storage="disk1", pfn="/srv/disk1/a", state="available")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b", destination="disk1"), write=True)
-    await catalogue.run(db.create_recall, spec("r2", "b", destination="disk1"), write=True)
-    ids = {p.name: p.file_id for p in await catalogue.run(db.pending, 100)}
+    await catalogue.replication.set_replica(name="a", storage="disk1", pfn="/srv/disk1/a", state="available")
+    await catalogue.recall.create_recall(spec("r1", "a", "b", destination="disk1"))
+    await catalogue.recall.create_recall(spec("r2", "b", destination="disk1"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
 
-    await catalogue.run(db.deliver, delivery("a", ids["a"], "disk1"), write=True)
-    assert await catalogue.run(_replica, "a", "disk1") == ("available", None)
+    await catalogue.recall.deliver(delivery("a", ids["a"], "disk1"))
+    assert await catalogue.read(_replica, "a", "disk1") == ("available", None)
     later = db.Delivery(ids["b"], "b", "disk1", "b", PIN + timedelta(days=1), "x")
-    await catalogue.run(db.deliver, later, write=True)
-    await catalogue.run(db.deliver, db.Delivery(ids["b"], "b", "disk1", "b", PIN, "x"), write=True)
-    assert (await catalogue.run(_replica, "b", "disk1"))[1] == PIN + timedelta(days=1)
+    await catalogue.recall.deliver(later)
+    await catalogue.recall.deliver(db.Delivery(ids["b"], "b", "disk1", "b", PIN, "x"))
+    assert (await catalogue.read(_replica, "b", "disk1"))[1] == PIN + timedelta(days=1)
 
 
 async def test_failures_complete_a_request_as_failed_with_their_names(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b"), write=True)
-    ids = {p.name: p.file_id for p in await catalogue.run(db.pending, 100)}
-    await catalogue.run(db.deliver, delivery("a", ids["a"]), write=True)
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    await catalogue.recall.deliver(delivery("a", ids["a"]))
 
-    settled = await catalogue.run(
-        db.fail, [("r1", "b")], "checksum_mismatch", "A00001 fseq 2: ...", write=True
-    )
+    settled = await catalogue.recall.fail([("r1", "b")], "checksum_mismatch", "A00001 fseq 2: ...")
     (completion,) = settled.completed
     assert (completion.state, completion.failed) == ("failed", ("b",))
-    assert await catalogue.run(db.fail, [("r1", "b")], "again", "", write=True) == db.Settled()
+    assert await catalogue.recall.fail([("r1", "b")], "again", "") == db.Settled()
 
 
 async def test_the_outbox_holds_what_was_not_announced(catalogue: Catalogue) -> None:
     await archived(catalogue, "a")
-    await catalogue.run(db.create_recall, spec("r1", "a"), write=True)
-    (p,) = await catalogue.run(db.pending, 100)
-    settled = await catalogue.run(db.deliver, delivery("a", p.file_id), write=True)
+    await catalogue.recall.create_recall(spec("r1", "a"))
+    (p,) = await catalogue.recall.pending(100)
+    settled = await catalogue.recall.deliver(delivery("a", p.file_id))
     assert settled is not None
 
-    assert await catalogue.run(db.unannounced) == settled  # as if killed before publishing
-    await catalogue.run(db.mark_announced, settled, write=True)
-    assert await catalogue.run(db.unannounced) == db.Settled()
+    assert await catalogue.recall.unannounced() == settled  # as if killed before publishing
+    await catalogue.recall.mark_announced(settled)
+    assert await catalogue.recall.unannounced() == db.Settled()
 
 
 async def test_staging_rows_go_back_to_the_queue_at_start(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b"), write=True)
-    await catalogue.run(db.set_state, [("r1", "a")], "staging", write=True)
-    assert [p.name for p in await catalogue.run(db.pending, 100)] == ["b"]
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    await catalogue.recall.set_state([("r1", "a")], "staging")
+    assert [p.name for p in await catalogue.recall.pending(100)] == ["b"]
 
-    assert await catalogue.run(db.recover, write=True) == 1
-    assert [p.name for p in await catalogue.run(db.pending, 100)] == ["a", "b"]
+    assert await catalogue.recall.recover() == 1
+    assert [p.name for p in await catalogue.recall.pending(100)] == ["a", "b"]
 
 
 async def test_a_bad_tape_copy_says_whether_another_is_left(catalogue: Catalogue) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.set_replica(
+    await catalogue.replication.set_replica(
         name="a", storage="tape2", pfn="B1/1", state="available", cartridge="B1", fseq=1
     )
-    await catalogue.run(db.create_recall, spec("r1", "a", "b"), write=True)
-    ids = {p.name: p.file_id for p in await catalogue.run(db.pending, 100)}
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
 
-    assert await catalogue.run(db.tape_copy_bad, ids["a"], "tape1", "tape_checksum_mismatch", "x", write=True)
-    assert not await catalogue.run(
-        db.tape_copy_bad, ids["b"], "tape1", "tape_checksum_mismatch", "x", write=True
-    )
-    assert await catalogue.run(_replica, "a", "tape1") == ("bad", None)
-    assert [e.type for e in await catalogue.history("b")][-1] == "replica.bad"
+    assert await catalogue.recall.tape_copy_bad(ids["a"], "tape1", "tape_checksum_mismatch", "x")
+    assert not await catalogue.recall.tape_copy_bad(ids["b"], "tape1", "tape_checksum_mismatch", "x")
+    assert await catalogue.read(_replica, "a", "tape1") == ("bad", None)
+    assert [e.type for e in await catalogue.queries.history("b")][-1] == "replica.bad"
 
 
 async def test_a_recalled_copy_whose_pin_ran_out_is_reapable_while_the_tape_copy_stays(
     catalogue: Catalogue,
 ) -> None:
     await archived(catalogue, "a", "b")
-    await catalogue.run(db.create_recall, spec("r1", "a", "b"), write=True)
-    ids = {p.name: p.file_id for p in await catalogue.run(db.pending, 100)}
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
     expired = datetime.now(UTC) - timedelta(seconds=1)
-    await catalogue.run(db.deliver, db.Delivery(ids["a"], "a", "disk2", "a", expired, "x"), write=True)
-    await catalogue.run(db.deliver, delivery("b", ids["b"]), write=True)  # pinned until 2030
+    await catalogue.recall.deliver(db.Delivery(ids["a"], "a", "disk2", "a", expired, "x"))
+    await catalogue.recall.deliver(delivery("b", ids["b"]))  # pinned until 2030
 
-    assert [(x.name, x.storage) for x in await catalogue.reapable()] == [("a", "disk2")]
+    assert [(x.name, x.storage) for x in await catalogue.replication.reapable()] == [("a", "disk2")]

@@ -36,7 +36,7 @@ class Rig:
 
     async def recall(self, rid: str, *names: str, priority: int = 3) -> None:
         spec = db.RecallSpec(id=rid, destination="buffer", priority=priority, names=names)
-        await self.catalogue.run(db.create_recall, spec, write=True)
+        await self.catalogue.recall.create_recall(spec)
         self.scheduler.wake()
 
     def recalled(self) -> list[str]:
@@ -57,12 +57,12 @@ async def _archive(tmp_path: Path, cat: Catalogue, lib: SimulatedLibrary, layout
             source.write_bytes(data)
             checksum = adler(data)
             assert await lib.write("DR01", source, name, SIZE, checksum) == fseq
-            await cat.register_ingested(
+            await cat.ingest.register(
                 [IngestRecord(event_id=name, name=name, dataset="lst1.20261124.run000001.dl0", size=SIZE,
                               adler32=checksum, storage="landing", pfn=name)]
             )  # fmt: skip
-            await cat.set_replica(name=name, storage="landing", pfn=name, state="deleted")
-            await cat.set_replica(
+            await cat.replication.set_replica(name=name, storage="landing", pfn=name, state="deleted")
+            await cat.replication.set_replica(
                 name=name, storage="tape1", pfn=name, state="available", cartridge=vid, fseq=fseq
             )
     await lib.unmount("DR01")
@@ -82,7 +82,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         timing=timing, time_scale=0.0, durable=False,
     )  # fmt: skip
     cat = await Catalogue.open(f"sqlite+aiosqlite:///{tmp_path}/catalogue.db")
-    await cat.sync_endpoints(endpoints)
+    await cat.endpoints.sync(endpoints)
     lib = await SimulatedLibrary.open(config)
     await _archive(tmp_path, cat, lib, {"A00001": 10, "A00002": 3})
     await lib.close()
@@ -140,12 +140,12 @@ async def test_priority_orders_mounts(rig: Rig) -> None:
 
 
 async def test_a_destination_the_operator_took_offline_waits_then_receives(rig: Rig) -> None:
-    await rig.catalogue.set_endpoint_state("buffer", "readonly")
+    await rig.catalogue.endpoints.set_state("buffer", "readonly")
     await rig.recall("r", "A00002/1")
     for _ in range(3):
         await rig.scheduler.pass_once()
     assert rig.recalled() == []
 
-    await rig.catalogue.set_endpoint_state("buffer", "online")
+    await rig.catalogue.endpoints.set_state("buffer", "online")
     await rig.scheduler.until_idle()
     assert (rig.recalled(), rig.completed()) == (["A00002/1"], ["r"])

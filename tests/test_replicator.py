@@ -174,7 +174,7 @@ async def test_rule_added_at_run_time_copies_existing_files_and_removal_reaps_th
 
 async def _registered(settings: Settings, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return (await c.counts()).files == n
+        return (await c.queries.counts()).files == n
 
 
 async def test_copies_expire_with_their_rule_lifetime(tmp_path, tag, broker):
@@ -189,7 +189,7 @@ async def test_copies_expire_with_their_rule_lifetime(tmp_path, tag, broker):
         await wait_for(lambda: _copies(settings, 5, "disk2"), timeout=60)
         await wait_for(lambda: _copies(settings, 0, "disk2"), timeout=30)
     async with await Catalogue.open(settings.catalogue.url) as c:
-        history = [e.type for e in await c.history(name_of(settings, files[0][0]))]
+        history = [e.type for e in await c.queries.history(name_of(settings, files[0][0]))]
     assert history.index("replica.created") < history.index("replica.deleted")
 
 
@@ -217,7 +217,7 @@ async def test_vanished_source_is_marked_bad_and_another_source_is_used(tmp_path
     for (_src, content), name in zip(files, names, strict=True):
         assert on_disk(settings, "disk3", name) == content
     async with await Catalogue.open(settings.catalogue.url) as c:
-        history = await c.history(names[0])
+        history = await c.queries.history(names[0])
     bad = [e for e in history if e.type == "replica.bad"]
     assert bad and bad[0].storage == "disk1" and bad[0].detail["reason"] == "source_missing"
 
@@ -241,7 +241,7 @@ async def test_no_source_left_fails_with_reason_and_the_daemon_keeps_going(tmp_p
     assert 1 <= len(letters) <= 2
     assert {(d.reason, msgpack.unpackb(d.body)["name"]) for d in letters} == {("no_source", lost)}
     async with await Catalogue.open(settings.catalogue.url) as c:
-        view = await c.show_file(lost)
+        view = await c.queries.show_file(lost)
     assert view is not None and view.last_error is not None
     assert view.last_error.reason == "no_source" and view.last_error.state == "failed"
     assert {r.storage: r.state for r in view.replicas} == {"disk1": "bad", "disk2": "failed"}
@@ -274,7 +274,7 @@ async def test_corrupted_copy_is_detected_on_a_repeated_request_and_replaced(tmp
         )
         await wait_for(lambda: _content_is(copy, files[0][1]), timeout=30)
     async with await Catalogue.open(settings.catalogue.url) as c:
-        types = [(e.type, e.storage) for e in await c.history(name)]
+        types = [(e.type, e.storage) for e in await c.queries.history(name)]
     assert ("replica.bad", "disk2") in types
     assert types.count(("replica.created", "disk2")) == 2
 
@@ -416,5 +416,5 @@ async def test_bulk_request_copies_together_and_a_bad_file_continues_alone(tmp_p
     await dead.nack(requeue=True)
     await channel.close()
     async with await Catalogue.open(settings.catalogue.url) as c:
-        created = [e for e in await c.history(names[0]) if e.type == "replica.created"]
+        created = [e for e in await c.queries.history(names[0]) if e.type == "replica.created"]
     assert len(created) == 1  # the bulk request found the copy made and only re-announced it

@@ -103,7 +103,7 @@ async def test_files_keep_their_file_ready_correlation_id_through_bulk_replicas_
         await wait_for(lambda: _announced(created, name, "again-1"), timeout=30)
     async with await Catalogue.open(settings.catalogue.url) as catalogue:
         for name, cid in ids.items():
-            history = {e.type: e.detail or {} for e in await catalogue.history(name)}
+            history = {e.type: e.detail or {} for e in await catalogue.queries.history(name)}
             assert history["replica.created"].get("correlation_id") == cid, history
             assert history["file.archived"].get("correlation_id") == cid, history
 
@@ -112,7 +112,7 @@ async def _rules_active(settings: Settings) -> bool:
     from common.catalogue import schema
 
     async with await Catalogue.open(settings.catalogue.url) as catalogue:
-        states = await catalogue.run(
+        states = await catalogue.read(
             lambda conn: list(conn.execute(sa.select(schema.rules.c.state)).scalars())
         )
     return bool(states) and set(states) == {"active"}

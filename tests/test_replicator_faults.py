@@ -79,12 +79,12 @@ async def test_read_only_destination_pauses_the_endpoint_then_everything_complet
 
 async def _health_is(settings: Settings, name: str, health: str) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return {e.name: e.health for e in await c.endpoints()}[name] == health
+        return {e.name: e.health for e in await c.endpoints.all()}[name] == health
 
 
 async def _waiting(settings: Settings, name: str, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return await c.waiting_count(name) == n
+        return await c.replication.waiting_count(name) == n
 
 
 async def test_full_destination_disk_is_classified_paused_and_recovers(tmp_path, tag, broker):
@@ -122,7 +122,7 @@ async def test_endpoint_set_down_by_the_operator_waits_without_attempts(tmp_path
 
 async def _state_seen(settings: Settings) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as c:
-        return {e.name: e.state for e in await c.endpoints()}["disk2"] == "down"
+        return {e.name: e.state for e in await c.endpoints.all()}["disk2"] == "down"
 
 
 async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tmp_path, tag, broker):
@@ -153,8 +153,8 @@ async def test_replicator_killed_mid_run_every_copy_exactly_once_and_verified(tm
     on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert on_disk == sorted(name_of(settings, p) for p, _ in files)  # exactly once, no temp files
     async with await Catalogue.open(settings.catalogue.url) as c:
-        counts = await c.counts()
-        for info in await c.list_files(limit=n):
+        counts = await c.queries.counts()
+        for info in await c.queries.list_files(limit=n):
             assert adler32_of_file(root / info.name) == info.adler32
     assert counts.replicas == {"available": 2 * n}
 

@@ -42,13 +42,13 @@ async def test_a_copy_a_rule_locked_while_the_reaper_deleted_it_is_made_again(tm
     # stopped before deleting its bytes; a new rule's placement meets that copy ``deleting``.
     late = Rule("late", endpoints="disk2", datasets=".*")
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        assert await cat.remove_rule("cnaf") == 3
-        (item, *_) = await cat.reapable()
-        assert await cat.begin_delete(item.replica_id)
-        await cat.add_rule(late)
+        assert await cat.replication.remove_rule("cnaf") == 3
+        (item, *_) = await cat.replication.reapable()
+        assert await cat.replication.begin_delete(item.replica_id)
+        await cat.replication.add_rule(late)
         items: list[tuple[str, str, dict[str, Any]]] = [(n, DATASET, {}) for n in names]
-        assert await cat.plan_copies(items, [late], endpoint_table(settings)) == [[], [], []]
-        await cat.activate_rule("late")
+        assert await cat.replication.plan_copies(items, [late], endpoint_table(settings)) == [[], [], []]
+        await cat.replication.activate_rule("late")
     target = settings.storage["disk2"].root / item.name
     before = target.read_bytes()
 
@@ -60,7 +60,7 @@ async def test_a_copy_a_rule_locked_while_the_reaper_deleted_it_is_made_again(tm
     assert await available_on(settings, "disk2") == set(names)
     assert target.read_bytes() == before
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        history = [(e.type, e.storage) for e in await cat.history(item.name) if e.storage == "disk2"]
+        history = [(e.type, e.storage) for e in await cat.queries.history(item.name) if e.storage == "disk2"]
     assert history == [
         ("replica.created", "disk2"),
         ("replica.deleted", "disk2"),
@@ -74,12 +74,12 @@ async def _available(settings, names: set[str]) -> bool:
 
 async def _made_again(cat_url: str, name: str) -> bool:
     async with await Catalogue.open(cat_url) as cat:
-        history = [e.type for e in await cat.history(name) if e.storage == "disk2"]
+        history = [e.type for e in await cat.queries.history(name) if e.storage == "disk2"]
     return history.count("replica.created") == 2 and (await _state(cat_url, name)) == "available"
 
 
 async def _state(cat_url: str, name: str) -> str | None:
     async with await Catalogue.open(cat_url) as cat:
-        view = await cat.show_file(name)
+        view = await cat.queries.show_file(name)
     assert view is not None
     return next((x.state for x in view.replicas if x.storage == "disk2"), None)

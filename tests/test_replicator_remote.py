@@ -50,8 +50,8 @@ async def sources_of(settings: Settings, storage: str) -> set[str]:
     """The endpoints the copies on ``storage`` were made from (the catalogue's history)."""
     found: set[str] = set()
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        for info in await cat.list_files(limit=1000):
-            for event in await cat.history(info.name):
+        for info in await cat.queries.list_files(limit=1000):
+            for event in await cat.queries.history(info.name):
                 if event.type == "replica.created" and event.storage == storage and event.detail:
                     found.add(event.detail["source"])
     return found

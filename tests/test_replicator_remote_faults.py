@@ -46,7 +46,7 @@ def remote_settings(tmp_path: Path, tag: str, url: str, **extra: str) -> Setting
 
 async def health_of(settings: Settings, name: str) -> tuple[str, str | None]:
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        endpoint = {e.name: e for e in await cat.endpoints()}[name]
+        endpoint = {e.name: e for e in await cat.endpoints.all()}[name]
     return endpoint.health, endpoint.health_reason
 
 
@@ -151,4 +151,4 @@ async def _copied(settings: Settings, n: int) -> bool:
 
 async def _waiting(settings: Settings, name: str, n: int) -> bool:
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        return await cat.waiting_count(name) == n
+        return await cat.replication.waiting_count(name) == n

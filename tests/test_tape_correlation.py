@@ -7,7 +7,7 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from common.catalogue import Catalogue, outbox
+from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 
@@ -15,23 +15,23 @@ from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 async def test_archived_events_carry_the_writers_id_else_the_files_ingest_event_id(
     catalogue: Catalogue,
 ) -> None:
-    await catalogue.register_ingested([rec("a"), rec("b")])
+    await catalogue.ingest.register([rec("a"), rec("b")])
     for name in ("a", "b"):
-        await catalogue.run(db.ensure_queued, name, "tape1", 3, write=True)
-    ids = [c.replica_id for c in await catalogue.run(db.queue_head, "tape1", 10)]
-    await catalogue.run(db.take_batch, ids, "A00001", write=True)
+        await catalogue.tape.ensure_queued(name, "tape1", 3)
+    ids = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
+    await catalogue.tape.take_batch(ids, "A00001")
     done = [
         db.Archived(ids[0], "a", "tape1", "A00001", 1, "from-the-request"),
         db.Archived(ids[1], "b", "tape1", "A00001", 2),  # forgotten: a restart since tape.archive
     ]
-    assert await catalogue.run(db.record_archived, done, write=True) == done
-    rows = await catalogue.run(outbox.unsent, 10)
+    assert await catalogue.tape.record_archived(done) == done
+    rows = await catalogue.outbox.unsent(10)
     by_key = {row.routing_key: [] for row in rows}
     for row in rows:
         by_key[row.routing_key].append(row.correlation_id)
     assert sorted(by_key["file.archived"]) == ["ev-b", "from-the-request"]
     for name, expected in (("a", "from-the-request"), ("b", "ev-b")):
-        [archived] = [e for e in await catalogue.history(name) if e.type == "file.archived"]
+        [archived] = [e for e in await catalogue.queries.history(name) if e.type == "file.archived"]
         assert (archived.detail or {})["correlation_id"] == expected
 
 

@@ -112,10 +112,10 @@ async def test_below_every_threshold_the_queue_waits_for_the_age_of_its_oldest_r
     assert (await library_call(settings, "usage")).total.mounts == 1  # one mount for the four
     async with await Catalogue.open(settings.catalogue.url) as cat:
         for p, _ in files:
-            view = await cat.show_file(name_of(settings, p))
+            view = await cat.queries.show_file(name_of(settings, p))
             assert view is not None
             queued_at = next(r.created for r in view.replicas if r.storage == "tape1")
-            written = next(e.time for e in await cat.history(view.name) if e.type == "file.archived")
+            written = next(e.time for e in await cat.queries.history(view.name) if e.type == "file.archived")
             assert (written - queued_at).total_seconds() >= 2.9  # not before mount_max_age
 
 
@@ -172,7 +172,7 @@ async def test_pools_waiting_for_the_one_drive_take_turns(tmp_path, tag, broker)
         await wait_for(lambda: _count(settings, "tape1", 9), timeout=60)
         await wait_for(lambda: _count(settings, "tape2", 9), timeout=60)
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        order = await cat.run(_archived_order)
+        order = await cat.read(_archived_order)
     # Batches of three, one pool after the other: neither pool keeps the drive.
     assert order[:3] != order[3:6] and order == (order[:3] + order[3:6]) * 3
     assert {order[0], order[3]} == {"tape1", "tape2"} and len(set(order[:3])) == 1
@@ -236,7 +236,7 @@ async def ctx(tmp_path: Path, tag: str):
             event_id="e1", name="n/a.fits", dataset="lst1.20261124.run000042.dl0", size=3,
             adler32=adler(b"abc"), storage="disk1", pfn="n/a.fits",
         )  # fmt: skip
-        await resources.catalogue.register_ingested([rec])
+        await resources.catalogue.ingest.register([rec])
         yield Context(daemon="tape", settings=settings, publisher=publisher, resources=resources)
 
 
@@ -244,7 +244,7 @@ async def test_handler_queues_the_copy_once_and_keeps_the_higher_priority(ctx):
     await archive(TapeArchive(name="n/a.fits", destination="tape1", priority=2), ctx)
     await archive(TapeArchive(name="n/a.fits", destination="tape1", priority=6), ctx)
     await archive(TapeArchive(name="n/a.fits", destination="tape1", priority=1), ctx)
-    view = await ctx.resources.catalogue.show_file("n/a.fits")
+    view = await ctx.resources.catalogue.queries.show_file("n/a.fits")
     assert [(r.storage, r.state) for r in view.replicas] == [("disk1", "available"), ("tape1", "queued")]
     async with ctx.resources.catalogue.engine.connect() as conn:
         prio = (await conn.exec_driver_sql("select priority from replicas where state = 'queued'")).scalar()
@@ -254,7 +254,7 @@ async def test_handler_queues_the_copy_once_and_keeps_the_higher_priority(ctx):
 
 async def test_handler_re_announces_a_copy_already_on_tape(ctx):
     cat = ctx.resources.catalogue
-    await cat.set_replica(name="n/a.fits", storage="tape1", pfn="n/a.fits", state="available",
+    await cat.replication.set_replica(name="n/a.fits", storage="tape1", pfn="n/a.fits", state="available",
                           cartridge="A00002", fseq=7)  # fmt: skip
     await archive(TapeArchive(name="n/a.fits", destination="tape1"), ctx)
     [event] = ctx.publisher.of_type(FileArchived)

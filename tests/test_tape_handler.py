@@ -45,8 +45,8 @@ async def registered(settings: Settings, name: str, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     async with await Catalogue.open(settings.catalogue.url) as cat:
-        await cat.sync_endpoints(settings.storage)
-        await cat.register_ingested(
+        await cat.endpoints.sync(settings.storage)
+        await cat.ingest.register(
             [IngestRecord(event_id=uuid.uuid4().hex, name=name, dataset=DATASET, size=len(content),
                           adler32=adler(content), storage="disk1", pfn=name)]
         )  # fmt: skip

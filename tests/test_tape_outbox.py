@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Connection, select
 
 from common.bus.publisher import AmqpPublisher
-from common.catalogue import Catalogue, outbox
+from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.catalogue import tape as db
 from common.config import load_settings
@@ -36,25 +36,25 @@ def _queued_events(conn: Connection) -> list[tuple[str, str, dict[str, object]]]
 
 async def _take(cat: Catalogue, *names: str) -> list[int]:
     for name in names:
-        await cat.run(db.ensure_queued, name, "tape1", 3, write=True)
-    ids = [c.replica_id for c in await cat.run(db.queue_head, "tape1", 10)]
-    await cat.run(db.take_batch, ids, "A00001", write=True)
+        await cat.tape.ensure_queued(name, "tape1", 3)
+    ids = [c.replica_id for c in await cat.tape.queue_head("tape1", 10)]
+    await cat.tape.take_batch(ids, "A00001")
     return ids
 
 
 async def test_recording_a_file_on_tape_commits_its_file_archived_with_the_fact_id(catalogue: Catalogue):
-    await catalogue.register_ingested([rec("a"), rec("b")])
+    await catalogue.ingest.register([rec("a"), rec("b")])
     ids = await _take(catalogue, "a", "b")
     done = [db.Archived(ids[0], "a", "tape1", "A00001", 1), db.Archived(ids[1], "b", "tape1", "A00001", 2)]
-    await catalogue.run(db.record_archived, done, write=True)
-    await catalogue.run(db.record_archived, done, write=True)  # recorded once: announced once
-    queued = await catalogue.run(_queued_events)
+    await catalogue.tape.record_archived(done)
+    await catalogue.tape.record_archived(done)  # recorded once: announced once
+    queued = await catalogue.read(_queued_events)
     assert [(k, i) for k, i, _ in queued] == [("file.archived", db.archived_event(a).id) for a in done]
     assert [(b["name"], b["cartridge"], b["fseq"]) for _, _, b in queued] == [
         ("a", "A00001", 1),
         ("b", "A00001", 2),
     ]
-    assert await catalogue.run(outbox.backlog) == 2
+    assert await catalogue.outbox.backlog() == 2
     # The handler, asked again for a copy already on tape, re-announces it under the same id.
     again = db.archived_event(db.Archived(0, "a", "tape1", "A00001", 1))
     assert again.id == queued[0][1]
@@ -63,12 +63,12 @@ async def test_recording_a_file_on_tape_commits_its_file_archived_with_the_fact_
 
 
 async def test_a_failed_copy_commits_its_file_failed_and_only_when_it_moved(catalogue: Catalogue):
-    await catalogue.register_ingested([rec("a")])
+    await catalogue.ingest.register([rec("a")])
     [rid] = await _take(catalogue, "a")
     event = FileFailed(daemon="tape", reason="no_source", error="tape1: none", attempts=1, name="a")
-    assert await catalogue.run(db.mark_failed, rid, event, write=True)
-    assert not await catalogue.run(db.mark_failed, rid, event.model_copy(update={"id": "x"}), write=True)
-    assert [(k, i) for k, i, _ in await catalogue.run(_queued_events)] == [("file.failed", event.id)]
+    assert await catalogue.tape.mark_failed(rid, event)
+    assert not await catalogue.tape.mark_failed(rid, event.model_copy(update={"id": "x"}))
+    assert [(k, i) for k, i, _ in await catalogue.read(_queued_events)] == [("file.failed", event.id)]
 
 
 @pytest.mark.integration
@@ -89,12 +89,12 @@ async def test_a_batch_written_while_the_broker_is_away_announces_every_file_onc
     async with open_resources(settings, dead) as res:
         await wait_for(lambda: _count(settings, 6), timeout=60)
         assert res.relay.outage
-        assert await res.catalogue.run(outbox.backlog) >= 7  # six files and at least one mount
+        assert await res.catalogue.outbox.backlog() >= 7  # six files and at least one mount
         assert await events.get(fail=False) is None
 
         res.relay.publisher = await AmqpPublisher.create(broker, settings.bus.exchange, "tape")
         await res.relay.flush()  # the broker is back (the loop would retry within seconds)
-        assert await res.catalogue.run(outbox.backlog) == 0
+        assert await res.catalogue.outbox.backlog() == 0
     got = []
     while (m := await events.get(fail=False)) is not None:
         got.append((m.routing_key, m.message_id, msgpack.unpackb(m.body)))

@@ -22,7 +22,7 @@ The chosen tape copy of a queued file (``storage``, ``cartridge``, ``fseq``) is 
 plan, written before a mount so the mount loop can find "the next file of this cartridge ahead of
 the head" with one indexed query, including files of requests that arrived during the mount.
 
-Every function takes a synchronous ``Connection`` and runs through ``Catalogue.run``.
+Every function takes a synchronous ``Connection``; ``catalogue.recall`` (the repository) runs it.
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ def deliver(conn: Connection, dl: Delivery) -> Settled | None:
     # deleted back to ``available`` or shortened a pin. Locked (``FOR UPDATE``, as the reaper's
     # ``begin_delete`` locks a file's copies), the state and tombstone decided on are the ones
     # written over. A row not there yet is not locked: a concurrent insert fails on the unique
-    # key and the transaction is run again (``Catalogue.run``).
+    # key and the transaction is run again (``Catalogue.write``).
     row = conn.execute(
         select(r.c.id, r.c.state, r.c.tombstone)
         .where(r.c.file_id == dl.file_id, r.c.storage_id == sid)

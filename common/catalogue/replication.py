@@ -16,7 +16,7 @@ A *lock* (rule x file x endpoint) is a rule's claim on a copy. While a live lock
 never when it is the file's last available copy. Copies ingest made have no tombstone and stay.
 
 All functions take a synchronous ``Connection`` inside the caller's transaction (see
-``Catalogue._transaction``): the same code serves SQLite in a worker thread and PostgreSQL.
+``Catalogue.read`` and ``write``): the same code serves SQLite in a worker thread and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from sqlalchemy import (
 from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import conditions
-from common.catalogue.policy import PolicyError, Rule, plan_ranked, rank_rules
+from common.catalogue.planning import Wanted, plan_batch
+from common.catalogue.policy import PolicyError, Rule, rank_rules
 from common.catalogue.sql import (
     bind_processor,
     check_fits,
@@ -62,11 +63,6 @@ from common.messages import MetaValue, ReplicaRequest
 _log = get_logger(__name__)
 
 f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
-
-# Replica states a new placement does not need to ask for again. ``deleting`` among them: the
-# reaper owns such a copy until its bytes are gone (a copy asked for now could be written and then
-# deleted by the reaper); ``finish_delete`` asks for it again if a live lock holds it by then.
-_PRESENT = ("available", "queued", "waiting", "deleting")
 
 # The per-file work of the replicator and of rule evaluation (``plan_copies``, ``replica_tasks``,
 # ``record_copies``) goes to the driver as SQL text, as ingest's does (see ``sql.insert_rows``):
@@ -112,19 +108,6 @@ COPY_REQUEST_CONSTANTS: Mapping[str, Any] = {
 COPY_REQUEST_UPDATE = ("state", "attempts", "updated")
 COPY_EVENT_COLUMNS = ("name", "attempt", "storage", "detail")
 COPY_EVENT_CONSTANTS: Mapping[str, Any] = {"daemon": "replicator", "type": "replica.created", "outcome": "ok"}
-
-
-@dataclass(frozen=True, slots=True)
-class Wanted:
-    """A copy that should exist and does not yet: publish a request for it."""
-
-    name: str
-    storage: str
-    kind: str
-    priority: int
-    rule_id: str
-    # The file's correlation id (its file.ready's), carried onto the request (see placement).
-    correlation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,64 +364,37 @@ def plan_copies(
         # one another.)
         for _ in select_in(conn, _KEY_SHARE_FILES_SQL, sorted(ids.values())):
             pass
-    current = _replica_states(conn, list(ids.values()))
-    locked = _locked_storages(conn, list(ids.values()))
-    sids = storage_ids_sync(conn, set(endpoints))
-    kinds = {name: attrs.get("kind", "disk") for name, attrs in endpoints.items()}
-    ranked = rank_rules(rules, endpoints)  # the same for every file
     expiry = bind_processor(lk.c.expires, conn.dialect)
-    expires_at: dict[float, Any] = {}  # a rule's lifetime -> its locks' expiry time, bound
-
-    lock_rows: list[tuple[Any, ...]] = []
-    replica_rows: list[tuple[Any, ...]] = []
-    requeue: list[tuple[int, int, int]] = []
-    out: list[list[Wanted]] = []
-    for name, dataset, metadata in items:
-        fid = ids.get(name)
-        if fid is None:
-            out.append([])
-            continue
-        states = current.get(fid, {})
-        have = {st for st, state in states.items() if state in _PRESENT} | locked.get(fid, set())
-        wanted: list[Wanted] = []
-        for p in plan_ranked(ranked, file_name=name, dataset=dataset, metadata=metadata, have=have):
-            sid = sids[p.storage]
-            if p.expires_in is None:
-                expires = None
-            elif (expires := expires_at.get(p.expires_in)) is None:
-                expires = expires_at[p.expires_in] = expiry(now + timedelta(seconds=p.expires_in))
-            lock_rows.append((p.rule_id, fid, sid, expires))
-            state = states.get(p.storage)
-            if state is None:
-                replica_rows.append((fid, sid, name, p.priority))
-                states = {**states, p.storage: "queued"}
-            elif state in ("bad", "failed"):
-                requeue.append((fid, sid, p.priority))
-                states = {**states, p.storage: "queued"}
-            if states.get(p.storage) in ("queued",) and not any(w.storage == p.storage for w in wanted):
-                wanted.append(Wanted(name, p.storage, kinds[p.storage], p.priority, p.rule_id))
-        current[fid] = states
-        out.append(wanted)
+    plan = plan_batch(
+        items,
+        rank_rules(rules, endpoints),  # the same for every file
+        file_ids=ids,
+        states=_replica_states(conn, list(ids.values())),
+        locked=_locked_storages(conn, list(ids.values())),
+        storage_ids=storage_ids_sync(conn, set(endpoints)),
+        kinds={name: attrs.get("kind", "disk") for name, attrs in endpoints.items()},
+        expires=lambda lifetime: expiry(now + timedelta(seconds=lifetime)),
+    )
     dialect = conn.dialect
     stamp = bind_processor(lk.c.created, dialect)(now)  # every timestamp column is a UTCDateTime
     lock_tail = ignore_tail(dialect, ("rule_id", "file_id", "storage_id"))
-    insert_rows(conn, lk, LOCK_COLUMNS, lock_rows, shared={"created": stamp}, tail=lock_tail)
+    insert_rows(conn, lk, LOCK_COLUMNS, plan.locks, shared={"created": stamp}, tail=lock_tail)
     insert_rows(
         conn,
         r,
         QUEUED_COLUMNS,
-        replica_rows,
+        plan.create,
         shared={"created": stamp, "updated": stamp},
         constants=QUEUED_CONSTANTS,
         tail=ignore_tail(dialect, ("file_id", "storage_id")),
     )
-    for fid, sid, prio in requeue:  # rare (bad or failed copies): Core statements
+    for fid, sid, prio in plan.requeue:  # rare (bad or failed copies): Core statements
         conn.execute(
             update(r)
             .where(r.c.file_id == fid, r.c.storage_id == sid)
             .values(state="queued", priority=prio, updated=now)
         )
-    return out
+    return plan.wanted
 
 
 def _replica_states(conn: Connection, file_ids: Sequence[int]) -> dict[int, dict[str, str]]:
@@ -815,7 +771,7 @@ def finish_delete(
     was asked for again instead: a live lock holds it now.
 
     Race (SQLite too): a placement meeting the copy while it is ``deleting`` records its lock and
-    asks for nothing (the copy counts as present, see ``_PRESENT``); the row then went and the rule
+    asks for nothing (the copy counts as present, see ``planning.PRESENT``); the row then went and the rule
     held a copy missing for good. Here, with the bytes gone, such a copy goes back to ``queued``
     (no tombstone, as a copy a placement asks for) and a ``replica.request`` for it goes to the
     outbox in this transaction: any relay publishes it, a kill loses nothing. PostgreSQL: the file

@@ -21,7 +21,7 @@ and the mount itself, are catalogue state, never a message held past the broker'
 timeout. The age that the mount policy compares is the row's ``created`` time, i.e. when the copy
 was first wanted, so a copy put back into the queue after an interrupted batch keeps its place.
 
-All functions take a synchronous ``Connection`` inside the caller's transaction (``Catalogue.run``).
+All functions take a synchronous ``Connection`` inside the caller's transaction (``catalogue.tape``).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ async def _progress(
         ) as bar:
             task = bar.add_task("ingest", total=total)
             while True:
-                states = await catalogue.request_state(all_ids)
+                states = await catalogue.queries.request_state(all_ids)
                 ingested = {i for i, r in states.items() if r.state == "done"}
                 letters = await deadletters.browse(connection, [settings.dead_queue("ingest")])
                 dead = {d.message_id: d.reason for d in letters if d.message_id in good_ids | bad_ids}
@@ -140,7 +140,7 @@ async def _replication(settings: Settings, give_up_after: float) -> dict[str, An
         ) as bar:
             task = bar.add_task("replicate", total=None)
             while True:
-                usage = [u for u in await catalogue.endpoint_usage() if u.name in disks]
+                usage = [u for u in await catalogue.endpoints.usage() if u.name in disks]
                 made = sum(u.replicas.get("available", 0) for u in usage)
                 failed = sum(u.replicas.get("failed", 0) for u in usage)
                 pending = sum(
@@ -150,7 +150,7 @@ async def _replication(settings: Settings, give_up_after: float) -> dict[str, An
                 if not pending or time.monotonic() - started > give_up_after:
                     break
                 await asyncio.sleep(0.5)
-        rules = await catalogue.rule_views()
+        rules = await catalogue.replication.rule_views()
     finally:
         await catalogue.close()
     return {
@@ -266,7 +266,7 @@ async def _evict_and_recall(settings: Settings, good: list[dict[str, Any]]) -> d
         console.print(f"evicted {len(evicted['evicted'])} disk copies of {dataset}; recalling it from tape")
         msg = RecallRequest(source="spool-demo", dataset=dataset, destination=first, priority=5)
         completion = await _request(settings, msg, True, quiet=False) or {}
-        files = await catalogue.list_files(dataset=dataset, limit=100_000)
+        files = await catalogue.queries.list_files(dataset=dataset, limit=100_000)
         intact = sum(
             1
             for f in files

@@ -33,7 +33,7 @@ def with_catalogue(settings: Settings, work: Callable[[Catalogue], Awaitable[T]]
 @app.command()
 def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     """Everything about one file: size, checksum, metadata, provenance, replicas, last error."""
-    view = with_catalogue(settings_from(ctx), lambda c: c.show_file(name))
+    view = with_catalogue(settings_from(ctx), lambda c: c.queries.show_file(name))
     if view is None:
         raise UserError(f"no file named {name!r} in the catalogue")
     if json_out:
@@ -76,7 +76,7 @@ def ls(
 ) -> None:
     """List the files of a dataset, or under a name prefix."""
     files = with_catalogue(
-        settings_from(ctx), lambda c: c.list_files(dataset=dataset, prefix=prefix, limit=limit)
+        settings_from(ctx), lambda c: c.queries.list_files(dataset=dataset, prefix=prefix, limit=limit)
     )
     _print_files(files, json_out)
 
@@ -94,14 +94,16 @@ def find(
         parsed = [parse_filter(f) for f in filters]
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    files = with_catalogue(settings_from(ctx), lambda c: c.find_files(parsed, dataset=dataset, limit=limit))
+    files = with_catalogue(
+        settings_from(ctx), lambda c: c.queries.find_files(parsed, dataset=dataset, limit=limit)
+    )
     _print_files(files, json_out)
 
 
 @app.command()
 def datasets(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Datasets with their file counts and volume."""
-    rows = with_catalogue(settings_from(ctx), lambda c: c.list_datasets())
+    rows = with_catalogue(settings_from(ctx), lambda c: c.queries.list_datasets())
     if json_out:
         print_json(rows)
         return
@@ -125,7 +127,7 @@ def lineage(
         raise UserError("--direction is ancestors or descendants")
 
     async def work(c: Catalogue) -> Any:
-        return await (c.ancestors(name) if direction == "ancestors" else c.descendants(name))
+        return await (c.queries.ancestors(name) if direction == "ancestors" else c.queries.descendants(name))
 
     rows = with_catalogue(settings_from(ctx), work)
     if json_out:
@@ -139,7 +141,7 @@ def lineage(
 @app.command()
 def trace(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     """The life of a file: every recorded event, oldest first."""
-    rows = with_catalogue(settings_from(ctx), lambda c: c.history(name))
+    rows = with_catalogue(settings_from(ctx), lambda c: c.queries.history(name))
     if not rows:
         raise UserError(f"no history for {name!r}")
     if json_out:

@@ -151,12 +151,12 @@ async def _follow(
                     data = json.loads(reply.body).get("data") or {}
                     if data.get("request_id") == recall_id:
                         return dict(data)
-                view = await catalogue.run(db.status, recall_id)
+                view = await catalogue.recall.status(recall_id)
                 if view is not None:
                     note = f"{view.failed} failed" if view.failed else ""
                     bar.update(task, total=view.files, completed=view.done + view.failed, note=note)
                 else:
-                    refused = (await catalogue.request_state([recall_id])).get(recall_id)
+                    refused = (await catalogue.queries.request_state([recall_id])).get(recall_id)
                     if refused is not None and refused.state == "failed":
                         raise UserError(f"recall {recall_id} refused ({refused.reason}): {refused.error}")
                 await asyncio.sleep(0.5)
@@ -187,10 +187,10 @@ def _document(view: db.RecallView) -> dict[str, Any]:
 
 
 async def _status(c: Catalogue, recall_id: str) -> dict[str, Any] | None:
-    view = await c.run(db.status, recall_id)
+    view = await c.recall.status(recall_id)
     if view is not None:
         return _document(view)
-    refused = (await c.request_state([recall_id])).get(recall_id)
+    refused = (await c.queries.request_state([recall_id])).get(recall_id)
     if refused is None:
         return None
     return {"id": recall_id, "state": refused.state, "reason": refused.reason, "error": refused.error,
@@ -236,7 +236,7 @@ def list_(
     json_out: JsonOpt = False,
 ) -> None:
     """Recent recalls, newest first."""
-    views = with_catalogue(settings_from(ctx), lambda c: c.run(db.list_recalls, limit, active))
+    views = with_catalogue(settings_from(ctx), lambda c: c.recall.list_recalls(limit, active))
     if json_out:
         print_json(
             [{key: value for key, value in _document(view).items() if key not in _DETAIL} for view in views]

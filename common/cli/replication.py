@@ -55,9 +55,9 @@ def _since(t: datetime | None) -> str:
 
 # --- rse -----------------------------------------------------------------------------------------
 async def _endpoints(c: Catalogue) -> list[dict[str, Any]]:
-    usage = {u.name: u for u in await c.endpoint_usage()}
+    usage = {u.name: u for u in await c.endpoints.usage()}
     out = []
-    for e in await c.endpoints():
+    for e in await c.endpoints.all():
         u = usage.get(e.name)
         out.append(
             {
@@ -128,7 +128,7 @@ def rse_set(
 
     async def work(c: Catalogue) -> None:
         try:
-            await c.set_endpoint_state(name, state)  # type: ignore[arg-type]
+            await c.endpoints.set_state(name, state)  # type: ignore[arg-type]
         except KeyError:
             raise UserError(f"no storage endpoint named {name!r}") from None
 
@@ -168,7 +168,7 @@ def rule_add(
 
     async def work(c: Catalogue) -> None:
         try:
-            await c.add_rule(rule)
+            await c.replication.add_rule(rule)
         except KeyError as exc:
             raise UserError(str(exc.args[0])) from None
 
@@ -186,7 +186,7 @@ def _rule_row(view: Any) -> dict[str, Any]:
 @rule_app.command("list")
 def rule_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every rule with the state of the copies it holds."""
-    rows = [_rule_row(v) for v in with_catalogue(settings_from(ctx), lambda c: c.rule_views())]
+    rows = [_rule_row(v) for v in with_catalogue(settings_from(ctx), lambda c: c.replication.rule_views())]
     if json_out:
         print_json(rows)
         return
@@ -205,7 +205,7 @@ def rule_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 @rule_app.command("show")
 def rule_show(ctx: typer.Context, rule_id: str, json_out: JsonOpt = False) -> None:
     """One rule in full."""
-    rows = [_rule_row(v) for v in with_catalogue(settings_from(ctx), lambda c: c.rule_views())]
+    rows = [_rule_row(v) for v in with_catalogue(settings_from(ctx), lambda c: c.replication.rule_views())]
     found = [r for r in rows if r["id"] == rule_id]
     if not found:
         raise UserError(f"no rule with id {rule_id!r}")
@@ -230,7 +230,7 @@ def rule_remove(
 
     async def work(c: Catalogue) -> int:
         try:
-            return await c.remove_rule(rule_id)
+            return await c.replication.remove_rule(rule_id)
         except KeyError:
             raise UserError(f"no rule with id {rule_id!r}") from None
 
@@ -306,8 +306,8 @@ async def evict_copies(
     kept: list[str] = []
     failed: list[dict[str, str]] = []
     try:
-        for item in await c.copies_on(name, dataset=dataset, names=names):
-            if not await c.begin_evict(item.replica_id):
+        for item in await c.replication.copies_on(name, dataset=dataset, names=names):
+            if not await c.replication.begin_evict(item.replica_id):
                 kept.append(item.name)
                 continue
             try:
@@ -317,7 +317,7 @@ async def evict_copies(
                 if err.reason in ENDPOINT_DOWN:
                     break
                 continue
-            await c.finish_delete(item, by="operator", why="evicted")
+            await c.replication.finish_delete(item, by="operator", why="evicted")
             evicted.append(item.name)
     finally:
         await storage.aclose()

@@ -19,7 +19,6 @@ from rich.table import Table
 from rich.text import Text
 
 from common.catalogue import Catalogue
-from common.catalogue import tape as db
 from common.cli import app
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.cli.query import JsonOpt
@@ -72,7 +71,7 @@ def _each_library(
 def _catalogued(settings: Settings) -> dict[str, int]:
     async def go() -> dict[str, int]:
         async with await Catalogue.open(settings.catalogue.url) as c:
-            return await c.run(db.files_per_cartridge)
+            return await c.tape.files_per_cartridge()
 
     return asyncio.run(go())
 

@@ -40,7 +40,7 @@ class Known:
 async def lookup(catalogue: Catalogue, keys: Sequence[tuple[str, str]]) -> list[Known]:
     """(event id, logical name) -> what the catalogue knows of each, in one read."""
     ids, names = [k[0] for k in keys], [k[1] for k in keys]
-    prior, files = await catalogue.run(db.prior_requests, ids, names)
+    prior, files = await catalogue.ingest.prior_requests(ids, names)
     return [Known(prior.get(i), files.get(n)) for i, n in keys]
 
 
@@ -51,7 +51,7 @@ async def durable_register(
     # (A remote endpoint's server has its file before our upload returns.)
     if not per_file_fsync and isinstance(storage, PosixStorage):
         await storage.sync()
-    return await catalogue.register_ingested(records)
+    return await catalogue.ingest.register(records)
 
 
 async def request_copies(rulebook: RuleBook, publisher: Publisher, items: Sequence[PlanItem]) -> list[None]:

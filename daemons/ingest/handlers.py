@@ -57,7 +57,6 @@ from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
-from common.catalogue import ingest as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
@@ -114,8 +113,8 @@ def _describe(msg: Message) -> dict[str, Any]:
 async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[IngestResources]:
     catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
     try:
-        await catalogue.sync_endpoints(settings.storage)
-        await catalogue.sync_config_rules(config_rules(settings))
+        await catalogue.endpoints.sync(settings.storage)
+        await catalogue.replication.sync_config_rules(config_rules(settings))
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
@@ -332,7 +331,7 @@ async def _register(
 async def _remove_unregistered(ctx: Context[IngestResources], name: str) -> None:
     res = ctx.resources
     try:
-        if await res.catalogue.run(db.replica_recorded, name, res.storage_name):
+        if await res.catalogue.ingest.replica_recorded(name, res.storage_name):
             return  # the catalogue records a replica here: it is someone's file, not our leftover
         await res.storage.delete(name)
         ctx.log.info("unregistered_copy_removed", name=name, storage=res.storage_name)
@@ -408,10 +407,10 @@ async def record_failure(
     event = {"daemon": "ingest", "type": "file.failed" if final else "file.retry", "outcome": state}
     if err.reason == "id_conflict":
         for key in dict.fromkeys(n for n in (name, path) if n is not None):
-            await catalogue.record_event(name=key, attempt=attempt, detail=detail, **event)
+            await catalogue.history.record_event(name=key, attempt=attempt, detail=detail, **event)
         return
     # The request row, and the history under the logical name (else the path).
-    await catalogue.record_failure(
+    await catalogue.history.record_failure(
         request_id=msg.id,
         kind="ingest",
         daemon="ingest",
@@ -424,4 +423,4 @@ async def record_failure(
         dataset=msg.dataset,
     )
     if name is not None and path is not None and name != path:  # and under the absolute path
-        await catalogue.record_event(name=path, attempt=attempt, detail=detail, **event)
+        await catalogue.history.record_event(name=path, attempt=attempt, detail=detail, **event)

@@ -64,7 +64,7 @@ class Poller:
         try:
             if self._catalogue is None:
                 self._catalogue = await Catalogue.open(self.settings.catalogue.url)
-            self.observed.endpoints = await self._catalogue.endpoints()
+            self.observed.endpoints = await self._catalogue.endpoints.all()
             self.observed.catalogue_error = None
         except Exception as exc:  # SQLAlchemy / driver errors: shown in status, tried again next time
             text = str(exc).splitlines()[0] if str(exc) else repr(exc)

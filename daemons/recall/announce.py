@@ -31,7 +31,7 @@ import aio_pika
 from common import codec
 from common.bus.admission import is_reply_queue
 from common.bus.publisher import Publisher
-from common.catalogue import Catalogue, outbox
+from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.errors import SpoolError
 from common.logging import get_logger
@@ -98,7 +98,7 @@ class Announcer:
             log.warning("recall_announce_postponed", reason=exc.reason, error=exc.message)
             self.behind = True
             return False
-        await self.catalogue.run(db.mark_announced, settled, write=True)
+        await self.catalogue.recall.mark_announced(settled)
         for c in settled.completed:
             log.info(
                 "recall_completed", recall=c.recall_id, state=c.state, files=c.files, failed=len(c.failed)
@@ -107,7 +107,7 @@ class Announcer:
 
     async def mounted(self, msg: TapeMounted) -> None:
         """A cartridge was loaded: ``tape.mounted`` committed to the outbox, then published."""
-        await self.catalogue.run(outbox.add, [msg], write=True)
+        await self.catalogue.outbox.add([msg])
         await self.relay.send_now()
         self.behind = self.behind or self.relay.outage
 
@@ -119,7 +119,7 @@ class Announcer:
             self.behind = True
             return
         while True:
-            settled = await self.catalogue.run(db.unannounced, FLUSH_BATCH)
+            settled = await self.catalogue.recall.unannounced(FLUSH_BATCH)
             if not await self.publish(settled):
                 return
             if max(len(settled.recalled), len(settled.completed)) < FLUSH_BATCH:

@@ -67,7 +67,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     async with AsyncExitStack() as stack:
         catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
         stack.push_async_callback(catalogue.close)
-        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.endpoints.sync(settings.storage)
         storages: dict[str, StorageBackend] = {}
         for name, endpoint in settings.storage.items():
             if endpoint.kind == "disk":  # posix or remote (``delivery`` stages reads for a remote one)
@@ -125,7 +125,7 @@ async def _recall(msg: RecallRequest, ctx: Context[RecallResources]) -> None:
         reply_to=ctx.reply_to,
         correlation_id=ctx.correlation_id,
     )
-    created = await res.catalogue.run(db.create_recall, spec, write=True)
+    created = await res.catalogue.recall.create_recall(spec)
     if created is None:
         raise Permanent("unknown_dataset", f"dataset {msg.dataset!r} is not in the catalogue")
     if created.conflict is not None:
@@ -158,7 +158,7 @@ async def record_failure(
     (the refusal is in the dead-letter queue, the ``file.failed`` event and the reply)."""
     if not isinstance(msg, RecallRequest) or err.reason == "id_conflict":
         return
-    await ctx.resources.catalogue.record_failure(
+    await ctx.resources.catalogue.history.record_failure(
         request_id=msg.id, kind="recall", daemon="recall", reason=err.reason, error=err.message,
         attempts=attempt, final=final, dataset=msg.dataset,
         name=msg.names[0] if len(msg.names) == 1 else None,

@@ -114,7 +114,7 @@ class Scheduler:
     async def start(self) -> None:
         """Reclaim what a killed process left: staging rows, staging files, unpublished events,
         and recalls left ``active`` with nothing to do (``sweep``)."""
-        reclaimed = await self.catalogue.run(db.recover, write=True)
+        reclaimed = await self.catalogue.recall.recover()
         if reclaimed:
             log.warning("recall_reads_reclaimed", files=reclaimed)
         for name, storage in self.storages.items():
@@ -134,7 +134,7 @@ class Scheduler:
         completion goes out through the outbox; one log line per repaired request says so.
         """
         self._next_sweep = time.monotonic() + self.sweep_interval
-        completed = await self.catalogue.run(db.complete_settled, write=True)
+        completed = await self.catalogue.recall.complete_settled()
         for c in completed:
             log.warning(
                 "recall_stuck_repaired",
@@ -190,10 +190,10 @@ class Scheduler:
     async def pass_once(self) -> PassResult:
         if self.announcer.behind:
             await self.announcer.flush()
-        files = await self.catalogue.run(db.pending, PLAN_LIMIT)
+        files = await self.catalogue.recall.pending(PLAN_LIMIT)
         if not files:
             return PassResult(0, 0)
-        self.writable = {e.name for e in await self.catalogue.endpoints() if e.state == "online"}
+        self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
         files = await self._known_destinations(files)
         on_disk, on_tape, lost = steps.triage(steps.readable(files, self.tape_library))
         await self.serve_from_disk(on_disk)
@@ -206,7 +206,7 @@ class Scheduler:
         chosen = steps.choose_copies(on_tape, self.tape_library, heads=self.heads, loaded=loaded, avoid=avoid)
         changes = steps.changed_choices(on_tape, chosen)
         if changes:
-            await self.catalogue.run(db.assign, changes, write=True)
+            await self.catalogue.recall.assign(changes)
         space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
         plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
         return PassResult(len(files), await self._start_mounts(plan, set(loaded)))
@@ -222,9 +222,7 @@ class Scheduler:
         gone = [p.key for p in files if p.destination not in self.storages]
         if gone:
             error = "the destination is no longer a configured disk endpoint"
-            await self.announcer.publish(
-                await self.catalogue.run(db.fail, gone, "unknown_storage", error, write=True)
-            )
+            await self.announcer.publish(await self.catalogue.recall.fail(gone, "unknown_storage", error))
         return [p for p in files if p.destination in self.storages]
 
     async def _room(self, destination: str) -> int:
@@ -261,7 +259,7 @@ class Scheduler:
                 if damaged
                 else (db.NO_COPY, "no available copy on disk or tape, and none being archived")
             )
-            await self.announcer.publish(await self.catalogue.run(db.fail, keys, reason, error, write=True))
+            await self.announcer.publish(await self.catalogue.recall.fail(keys, reason, error))
 
     async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> int:
         started = 0
@@ -309,7 +307,7 @@ class Scheduler:
         mounted = False
         try:
             while reads < self.settings.batch_max_files:
-                items = await self.catalogue.run(db.next_on_cartridge, storages, mount.vid, self.heads[key])
+                items = await self.catalogue.recall.next_on_cartridge(storages, mount.vid, self.heads[key])
                 if not items:
                     break
                 if not await self._reserve_room(items[0].destination, items[0].size, mount.vid):
@@ -361,7 +359,7 @@ class Scheduler:
         for other destinations are served from this copy by the next pass)."""
         item = items[0]
         keys = [i.key for i in items if i.destination == item.destination]
-        await self.catalogue.run(db.set_state, keys, "staging", write=True)
+        await self.catalogue.recall.set_state(keys, "staging")
         try:
             dest = self.storages[item.destination]
             pfn = await delivery.read_from_tape(library, drive, item, dest, self.staging)
@@ -369,7 +367,7 @@ class Scheduler:
             if err.reason in steps.MEDIA_ERRORS:
                 await self._bad_copy(item, keys, err)
                 return
-            await self.catalogue.run(db.set_state, keys, "queued", write=True)
+            await self.catalogue.recall.set_state(keys, "queued")
             raise
         source = f"{item.copy.cartridge}/{item.copy.fseq} ({item.copy.storage})"
         await self._delivered(item.file_id, item.name, item.destination, pfn, source, keys)
@@ -380,14 +378,14 @@ class Scheduler:
             "recall_tape_copy_bad", file=item.name, vid=item.copy.cartridge, fseq=item.copy.fseq,
             storage=item.copy.storage, reason=err.reason, error=err.message,
         )  # fmt: skip
-        others = await self.catalogue.run(
-            db.tape_copy_bad, item.file_id, item.copy.storage, err.reason, err.message, write=True
+        others = await self.catalogue.recall.tape_copy_bad(
+            item.file_id, item.copy.storage, err.reason, err.message
         )
         if others:
-            await self.catalogue.run(db.set_state, keys, "queued", True, write=True)
+            await self.catalogue.recall.set_state(keys, "queued", True)
             return
         reason = "checksum_mismatch" if err.reason == "tape_checksum_mismatch" else err.reason
-        settled = await self.catalogue.run(db.fail, keys, reason, err.message, write=True)
+        settled = await self.catalogue.recall.fail(keys, reason, err.message)
         await self.announcer.publish(settled)
 
     async def _delivered(
@@ -400,18 +398,18 @@ class Scheduler:
         keys: Sequence[tuple[str, str]],
     ) -> None:
         pin_until = utcnow() + timedelta(seconds=self.settings.pin_seconds)
-        settled = await self.catalogue.run(
-            db.deliver, db.Delivery(file_id, name, destination, pfn, pin_until, source), write=True
+        settled = await self.catalogue.recall.deliver(
+            db.Delivery(file_id, name, destination, pfn, pin_until, source)
         )
         if settled is None:  # the reaper is deleting the destination's copy: try again later
-            await self.catalogue.run(db.set_state, keys, "queued", write=True)
+            await self.catalogue.recall.set_state(keys, "queued")
             return
         await self.announcer.publish(settled)
 
     # --- from disk ---------------------------------------------------------------------------
     async def serve_recall(self, recall_id: str) -> None:
         """Serve at once the files of one request that have a disk copy (the handler's part)."""
-        files = await self.catalogue.run(db.pending, PLAN_LIMIT, recall_id)
+        files = await self.catalogue.recall.pending(PLAN_LIMIT, recall_id)
         on_disk, _, _ = steps.triage(files)
         await self.serve_from_disk(on_disk)
 
@@ -462,8 +460,8 @@ class Scheduler:
 
     async def _disk_source_bad(self, name: str, storage: str, err: SpoolError) -> None:
         log.warning("recall_source_bad", file=name, source=storage, reason=err.reason, error=err.message)
-        await self.catalogue.set_replica_state(name, storage, "bad", only_from=("available",))
-        await self.catalogue.record_event(
+        await self.catalogue.replication.set_replica_state(name, storage, "bad", only_from=("available",))
+        await self.catalogue.history.record_event(
             name=name, daemon="recall", type="replica.bad", outcome="bad", storage=storage,
             detail={"reason": err.reason, "error": err.message},
         )  # fmt: skip

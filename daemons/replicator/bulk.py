@@ -122,7 +122,7 @@ async def _copy_together(
     # depends only on those (and on states and load, fixed meanwhile), so it is made once per set.
     best_of: dict[tuple[str, ...], str | None] = {}
     for name, task in zip(
-        names, await res.catalogue.replica_tasks([(n, destination) for n in names]), strict=True
+        names, await res.catalogue.replication.replica_tasks([(n, destination) for n in names]), strict=True
     ):
         if task is None:
             unknown.add(name)

@@ -85,8 +85,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     tasks: list[asyncio.Task[None]] = []
     health = EndpointHealth(settings, catalogue, publisher)
     try:
-        await catalogue.sync_endpoints(settings.storage)
-        await catalogue.sync_config_rules(config_rules(settings))
+        await catalogue.endpoints.sync(settings.storage)
+        await catalogue.replication.sync_config_rules(config_rules(settings))
         for name, endpoint in settings.storage.items():
             if endpoint.kind != "disk":
                 continue
@@ -111,7 +111,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
                 storage = storages[name]
                 if isinstance(storage, PosixStorage) and settings.storage[name].durability == "batch":
                     await storage.sync()
-            await catalogue.record_copies(records)
+            await catalogue.replication.record_copies(records)
             return [None] * len(records)
 
         batch = settings.catalogue
@@ -120,7 +120,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             storages=storages,
             health=health,
             registrar=MicroBatcher(durable_record, max_size=batch.batch_size, max_wait=batch.batch_wait),
-            tasks=MicroBatcher(catalogue.replica_tasks, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            tasks=MicroBatcher(
+                catalogue.replication.replica_tasks, max_size=batch.batch_size, max_wait=batch.batch_wait
+            ),
             slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
         )
         for name, storage in storages.items():
@@ -222,7 +224,7 @@ async def _replicate_one(
         if act == "wait":
             raise Retryable("copy_being_deleted", f"the reaper is deleting the copy of {name} there")
         if act == "cancel":
-            await res.catalogue.cancel_copy(name, msg.destination)
+            await res.catalogue.replication.cancel_copy(name, msg.destination)
             ctx.log.info("copy_cancelled", file=name, why="no rule wants this copy any more")
             return None
         if act == "verify":
@@ -231,8 +233,8 @@ async def _replicate_one(
             if problem is None:
                 return _created(task, task.pfn)
             ctx.log.warning("copy_corrupt", file=name, problem=problem)
-            await res.catalogue.set_replica_state(name, msg.destination, "bad")
-            await res.catalogue.record_event(
+            await res.catalogue.replication.set_replica_state(name, msg.destination, "bad")
+            await res.catalogue.history.record_event(
                 name=name, daemon="replicator", type="replica.bad", outcome="bad",
                 attempt=ctx.attempt, storage=msg.destination, detail={"problem": problem},
             )  # fmt: skip
@@ -284,7 +286,7 @@ async def _task(res: ReplicatorResources, name: str, destination: str) -> Replic
 
 
 async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaRequest, why: str) -> None:
-    await ctx.resources.catalogue.park(name, msg.destination, msg.priority)
+    await ctx.resources.catalogue.replication.park(name, msg.destination, msg.priority)
     ctx.log.info("copy_parked", file=name, why=why)
 
 
@@ -338,8 +340,8 @@ async def _mark_source_bad(
 ) -> None:
     ctx.log.warning("source_bad", source=storage, reason=err.reason, error=err.message)
     cat = ctx.resources.catalogue
-    await cat.set_replica_state(name, storage, "bad", only_from=("available",))
-    await cat.record_event(
+    await cat.replication.set_replica_state(name, storage, "bad", only_from=("available",))
+    await cat.history.record_event(
         name=name, daemon="replicator", type="replica.bad", outcome="bad", attempt=ctx.attempt,
         storage=storage, detail={"reason": err.reason, "error": err.message},
     )  # fmt: skip
@@ -370,12 +372,12 @@ async def record_failure(
     if not isinstance(msg, ReplicaRequest) or msg.name is None:
         return  # a bulk request failing as a whole is retried whole; its files have no error yet
     cat = ctx.resources.catalogue
-    await cat.record_failure(
+    await cat.history.record_failure(
         request_id=msg.id, kind="replica", daemon="replicator", reason=err.reason,
         error=f"{msg.destination}: {err.message}", attempts=attempt, final=final, name=msg.name,
     )  # fmt: skip
     if final:
         with contextlib.suppress(Exception):  # an unknown endpoint or file has no row to mark
-            await cat.set_replica_state(
+            await cat.replication.set_replica_state(
                 msg.name, msg.destination, "failed", only_from=("queued", "waiting", "bad")
             )

@@ -29,14 +29,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection
-
 from common.bus.publisher import Publisher
-from common.catalogue import Catalogue, Wanted, outbox, replication
+from common.catalogue import Catalogue, Wanted
 from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
-from common.messages import EndpointPaused, EndpointResumed, Message
+from common.messages import EndpointPaused, EndpointResumed
 from common.placement import BULK, publish_wanted
 from daemons.relay import OutboxRelay
 from daemons.replicator.breaker import Admission, CircuitBreaker
@@ -45,12 +43,6 @@ from daemons.replicator.steps import PAUSE_AT_ONCE
 log = get_logger("spool.replicator")
 
 _RESEND_PAGE = 500
-
-
-def _health_changed(conn: Connection, storage: str, health: str, reason: str | None, event: Message) -> None:
-    """An endpoint's health and the event stating it, in one transaction."""
-    replication.set_health(conn, storage, health, reason)
-    outbox.add(conn, [event])
 
 
 class EndpointHealth:
@@ -103,7 +95,7 @@ class EndpointHealth:
                 cooldown=breaker.current_cooldown,
             )
             why = f"{err.reason}: {err.message}"
-            await self.catalogue.run(_health_changed, name, "paused", why, event, write=True)
+            await self.catalogue.endpoints.health_changed(name, "paused", why, event)
             await self.relay.send_now()
         elif breaker.state == "open":
             log.info(
@@ -115,10 +107,10 @@ class EndpointHealth:
         breaker = self.breakers[name]
         paused_for = breaker.paused_for()
         if breaker.record_success():
-            waiting = await self.catalogue.waiting_count(name)
+            waiting = await self.catalogue.replication.waiting_count(name)
             log.info("endpoint_resumed", storage=name, paused_seconds=round(paused_for, 1), waiting=waiting)
             event = EndpointResumed(storage=name, paused_seconds=paused_for, waiting=waiting)
-            await self.catalogue.run(_health_changed, name, "ok", None, event, write=True)
+            await self.catalogue.endpoints.health_changed(name, "ok", None, event)
             await self.relay.send_now()
             self.resend(name)
 
@@ -132,7 +124,7 @@ class EndpointHealth:
         re-sent."""
         await self.relay.start()
         await self._read_states()
-        left = {e.name: e for e in await self.catalogue.endpoints()}
+        left = {e.name: e for e in await self.catalogue.endpoints.all()}
         for name in self.breakers:
             ep = left.get(name)
             if ep is not None and ep.health == "paused":
@@ -140,13 +132,13 @@ class EndpointHealth:
                 event = EndpointResumed(
                     storage=name,
                     paused_seconds=max(0.0, (datetime.now(UTC) - since).total_seconds()),
-                    waiting=await self.catalogue.waiting_count(name),
+                    waiting=await self.catalogue.replication.waiting_count(name),
                 )
                 log.info("endpoint_resumed", storage=name, why="breaker_reset_at_start")
-                await self.catalogue.run(_health_changed, name, "ok", None, event, write=True)
+                await self.catalogue.endpoints.health_changed(name, "ok", None, event)
                 self.relay.kick()
             else:
-                await self.catalogue.set_health(name, "ok", None)
+                await self.catalogue.endpoints.set_health(name, "ok", None)
             if self.writable(name):
                 self.resend(name)
 
@@ -161,7 +153,7 @@ class EndpointHealth:
                 await self._send_probe(name)
 
     async def _read_states(self) -> None:
-        self.states = await self.catalogue.endpoint_states()
+        self.states = await self.catalogue.endpoints.states()
 
     async def _send_probe(self, name: str) -> None:
         """Cool-down over: re-send one parked copy; whichever copy arrives first is the probe."""
@@ -169,7 +161,7 @@ class EndpointHealth:
         breaker = self.breakers[name]
         if sent is not None and self._clock() - sent < breaker.current_cooldown:
             return
-        rows = await self.catalogue.waiting(name, 1, parked_before=datetime.now(UTC))
+        rows = await self.catalogue.replication.waiting(name, 1, parked_before=datetime.now(UTC))
         if rows:
             prio, _, file_name = rows[0]
             self._probe_sent[name] = self._clock()
@@ -189,7 +181,9 @@ class EndpointHealth:
         sent = 0
         try:
             while True:
-                rows = await self.catalogue.waiting(name, _RESEND_PAGE, parked_before=cutoff, after=after)
+                rows = await self.catalogue.replication.waiting(
+                    name, _RESEND_PAGE, parked_before=cutoff, after=after
+                )
                 if not rows:
                     break
                 wanted = [Wanted(n, name, "disk", prio, "") for prio, _, n in rows]

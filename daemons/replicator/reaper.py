@@ -28,15 +28,15 @@ BATCH = 500
 
 async def reap(catalogue: Catalogue, storages: Mapping[str, StorageBackend]) -> int:
     """One pass; returns the number of copies deleted."""
-    expired = await catalogue.expire_locks()
+    expired = await catalogue.replication.expire_locks()
     if expired:
         log.info("locks_expired", count=expired)
     deleted = 0
-    for item in await catalogue.reapable(BATCH):
+    for item in await catalogue.replication.reapable(BATCH):
         storage = storages.get(item.storage)
         if storage is None:
             continue  # an endpoint this node does not serve
-        if not await catalogue.begin_delete(item.replica_id):
+        if not await catalogue.replication.begin_delete(item.replica_id):
             continue
         try:
             await storage.delete(item.pfn)
@@ -45,7 +45,7 @@ async def reap(catalogue: Catalogue, storages: Mapping[str, StorageBackend]) -> 
                 "reap_failed", file=item.name, storage=item.storage, reason=err.reason, error=err.message
             )
             continue
-        if await catalogue.finish_delete(item):
+        if await catalogue.replication.finish_delete(item):
             log.info("reaped_copy_requested_again", file=item.name, storage=item.storage)
         deleted += 1
         await asyncio.sleep(0)

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from common.bus.publisher import Publisher
 from common.catalogue import Catalogue
 from common.catalogue.policy import Rule
-from common.catalogue.tape import ingest_correlations
 from common.config import Settings
 from common.logging import get_logger
 from common.placement import BULK, endpoint_table, publish_wanted
@@ -37,12 +36,12 @@ async def evaluate_new_rules(catalogue: Catalogue, publisher: Publisher, setting
     settle = settle_time(settings)
     requested = 0
     endpoints = endpoint_table(settings)
-    due = await catalogue.new_rules(datetime.now(UTC) - settle)
+    due = await catalogue.replication.new_rules(datetime.now(UTC) - settle)
     if not due:
         return 0
     # Files are placed against every rule at once, exactly as ingest places them, so overlapping
     # rules share copies whatever order they were added in.
-    every = [r for r in await catalogue.load_rules() if r.expression.select(endpoints)]
+    every = [r for r in await catalogue.replication.load_rules() if r.expression.select(endpoints)]
     for rule in due:
         if not rule.expression.select(endpoints):
             continue  # names endpoints this node does not know: another node's rule
@@ -61,20 +60,20 @@ async def _evaluate(
     # The files' metadata is read only if some rule places by it.
     metadata = any(r.filters for r in every)
     while True:
-        page = await catalogue.files_for_rule(rule, after=after, limit=PAGE, metadata=metadata)
+        page = await catalogue.replication.files_for_rule(rule, after=after, limit=PAGE, metadata=metadata)
         if not page:
             break
         items = [(x.name, x.dataset, x.metadata) for x in page]
-        wanted = await catalogue.plan_copies(items, every, endpoints)
+        wanted = await catalogue.replication.plan_copies(items, every, endpoints)
         flat = [w for per_file in wanted for w in per_file]
         # Each copy carries its file's correlation id (its file.ready's event id, what ingest and
         # the tape writer use): the rule's own id only for a file ingest has no record of.
-        known = await catalogue.run(ingest_correlations, [w.name for w in flat]) if flat else {}
+        known = await catalogue.tape.ingest_correlations([w.name for w in flat]) if flat else {}
         flat = [replace(w, correlation_id=w.correlation_id or known.get(w.name)) for w in flat]
         await publish_wanted(publisher, flat, correlation_id=f"rule-{rule.id}", bulk=BULK)
         files += len(page)
         requested += len(flat)
         after = page[-1].cursor
-    await catalogue.activate_rule(rule.id)
+    await catalogue.replication.activate_rule(rule.id)
     log.info("rule_evaluated", rule=rule.id, files=files, requested=requested)
     return requested

@@ -56,7 +56,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     async with AsyncExitStack() as stack:
         catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
         stack.push_async_callback(catalogue.close)
-        await catalogue.sync_endpoints(settings.storage)
+        await catalogue.endpoints.sync(settings.storage)
         libraries: dict[str, TapeLibrary] = {}
         for name in sorted({t.library for t in targets.values()}):
             library = await open_library(settings.tape_libraries[name])
@@ -87,7 +87,7 @@ async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
     # The writer records the copy later, from catalogue rows: it finds the correlation id here
     # (remembered first: the writer may take the copy as soon as it is queued).
     db.CORRELATIONS.remember(msg.name, target.storage, ctx.correlation_id)
-    copy = await res.catalogue.run(db.ensure_queued, msg.name, target.storage, msg.priority, write=True)
+    copy = await res.catalogue.tape.ensure_queued(msg.name, target.storage, msg.priority)
     if copy is None:
         db.CORRELATIONS.take(msg.name, target.storage)
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
@@ -108,7 +108,7 @@ async def record_failure(
     """Keep the last error per file (``spool show``)."""
     if not isinstance(msg, TapeArchive):
         return
-    await ctx.resources.catalogue.record_failure(
+    await ctx.resources.catalogue.history.record_failure(
         request_id=db.archive_request_id(msg.name, msg.destination), kind="archive", daemon="tape",
         reason=err.reason, error=f"{msg.destination}: {err.message}", attempts=attempt, final=final,
         name=msg.name,

@@ -49,7 +49,7 @@ async def reconcile(
     storages: Sequence[str],
 ) -> tuple[int, int]:
     """Settle the orphaned ``archiving`` copies of ``storages``; returns (recorded, requeued)."""
-    rows = await catalogue.run(db.in_flight, list(storages))
+    rows = await catalogue.tape.in_flight(list(storages))
     if not rows:
         return 0, 0
     groups: dict[tuple[str, str | None], list[db.InFlight]] = defaultdict(list)
@@ -78,8 +78,8 @@ async def reconcile(
         written, missing = steps.split_in_flight(list(by_name), on_tape)
         found += [db.Archived(by_name[n].replica_id, n, storage, vid, fseq) for n, fseq in written.items()]
         lost += [by_name[n].replica_id for n in missing]
-    applied = await catalogue.run(db.record_archived, found, write=True) if found else []
-    requeued = await catalogue.run(db.requeue, lost, write=True) if lost else 0
+    applied = await catalogue.tape.record_archived(found) if found else []
+    requeued = await catalogue.tape.requeue(lost) if lost else 0
     if applied or requeued:
         log.warning("archive_reconciled", recorded_from_tape=len(applied), requeued=requeued)
     if applied:

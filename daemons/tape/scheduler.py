@@ -20,7 +20,6 @@ import time
 from collections.abc import Mapping
 
 from common.catalogue import Catalogue
-from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import SpoolError
 from common.logging import get_logger
@@ -75,9 +74,9 @@ class Scheduler:
         if not idle:
             return
         await reconcile(self.catalogue, self.relay, self.libraries, self.targets, idle)
-        states = {e.name: e.state for e in await self.catalogue.endpoints()}
+        states = {e.name: e.state for e in await self.catalogue.endpoints.all()}
         online = [s for s in idle if states.get(s, "online") == "online"]
-        stats = await self.catalogue.run(db.queue_stats, online)
+        stats = await self.catalogue.tape.queue_stats(online)
         queues = [
             steps.PoolQueue(
                 q.storage, self.targets[q.storage].library, q.files, q.bytes, q.oldest, q.priority

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.catalogue import Catalogue, Source, outbox
+from common.catalogue import Catalogue, Source
 from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
@@ -88,7 +88,7 @@ class Recorder:
         self._last = time.monotonic()
         if not self.buffer:
             return
-        await self.catalogue.run(db.record_archived, list(self.buffer), write=True)
+        await self.catalogue.tape.record_archived(list(self.buffer))
         self.buffer.clear()
         self.relay.kick()
 
@@ -115,14 +115,14 @@ class Batch:
             purpose="archive",
             request=self.mount.request if self.mount else None,
         )
-        await self.env.catalogue.run(outbox.add, [mounted], write=True)
+        await self.env.catalogue.outbox.add([mounted])
         self.env.relay.kick()
 
     async def run(self, why: str) -> int:
         """Write the batch; returns the number of files written (0: no drive, or nothing queued)."""
         policy = self.env.settings.tape
         cat = self.env.catalogue
-        head = await cat.run(db.queue_head, self.target.storage, policy.batch_max_files)
+        head = await cat.tape.queue_head(self.target.storage, policy.batch_max_files)
         n = steps.batch_size([c.size for c in head], policy.batch_max_files, policy.batch_max_bytes)
         if n == 0:
             return 0
@@ -140,7 +140,7 @@ class Batch:
             if not await mount.acquire(needed=chosen[0].size):
                 return 0
             assert mount.vid is not None
-            files = await cat.run(db.take_batch, [c.replica_id for c in chosen], mount.vid, write=True)
+            files = await cat.tape.take_batch([c.replica_id for c in chosen], mount.vid)
             self.pending = {f.replica_id: f for f in files}
             if not files:
                 return 0
@@ -160,7 +160,7 @@ class Batch:
 
     async def _moved_to(self, vid: str) -> None:
         """The batch continues on ``vid``: the copies not written yet now belong to it."""
-        await self.env.catalogue.run(db.point_to, list(self.pending), vid, write=True)
+        await self.env.catalogue.tape.point_to(list(self.pending), vid)
 
     async def _archive(self, f: db.BatchFile) -> None:
         transient: SpoolError | None = None
@@ -256,8 +256,8 @@ class Batch:
         cat = self.env.catalogue
         if exc.reason == "unknown_storage":
             return
-        await cat.set_replica_state(f.name, source.storage, "bad", only_from=("available",))
-        await cat.record_event(
+        await cat.replication.set_replica_state(f.name, source.storage, "bad", only_from=("available",))
+        await cat.history.record_event(
             name=f.name, daemon="tape", type="replica.bad", outcome="bad", storage=source.storage,
             detail={"reason": exc.reason, "error": exc.message},
         )  # fmt: skip
@@ -272,9 +272,9 @@ class Batch:
         event = FileFailed(
             daemon="tape", reason=reason, error=text, attempts=1, name=f.name, endpoint=storage
         )  # fmt: skip
-        await cat.run(db.mark_failed, f.replica_id, event, write=True)
+        await cat.tape.mark_failed(f.replica_id, event)
         self.env.relay.kick()
-        await cat.record_failure(
+        await cat.history.record_failure(
             request_id=db.archive_request_id(f.name, storage), kind="archive", daemon="tape",
             reason=reason, error=text, attempts=1, final=True, name=f.name,
         )  # fmt: skip
@@ -289,7 +289,7 @@ class Batch:
             log.error("archive_record_failed", storage=self.target.storage, error=repr(exc))
         if self.pending:
             try:
-                n = await self.env.catalogue.run(db.requeue, list(self.pending), write=True)
+                n = await self.env.catalogue.tape.requeue(list(self.pending))
                 log.info("archive_requeued", storage=self.target.storage, files=n)
             except Exception as exc:
                 log.error("archive_requeue_failed", storage=self.target.storage, error=repr(exc))

@@ -1,0 +1,52 @@
+"""``catalogue.endpoints``: the storage endpoints, their operator state and their health."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sqlalchemy import Connection
+
+from common.catalogue import outbox, queries, replication, writes
+from common.catalogue.models import EndpointInfo
+from common.catalogue.replication import EndpointUsage
+from common.catalogue.repositories import Repository
+from common.catalogue.writes import EndpointState
+from common.config import StorageEndpoint
+from common.messages import Message
+
+
+class EndpointRepository(Repository):
+    __slots__ = ()
+
+    async def sync(self, endpoints: Mapping[str, StorageEndpoint]) -> None:
+        """Make the catalogue's endpoint rows match the configuration."""
+        async with self._catalogue.begin() as conn:
+            await writes.sync_endpoints(conn, endpoints)
+
+    async def set_state(self, name: str, state: EndpointState) -> None:
+        async with self._catalogue.begin() as conn:
+            await writes.set_endpoint_state(conn, name, state)
+
+    async def all(self) -> list[EndpointInfo]:
+        async with self._catalogue.connect() as conn:
+            return await queries.endpoints(conn)
+
+    async def states(self) -> dict[str, str]:
+        """Operator state by endpoint name: ``all`` without the rest of each row (polled every
+        ``poll_interval``; the full rows, attributes decoded, cost ten times more)."""
+        return await self._catalogue.read(replication.endpoint_states)
+
+    async def set_health(self, storage: str, health: str, reason: str | None = None) -> None:
+        await self._catalogue.write(replication.set_health, storage, health, reason, retry=False)
+
+    async def health_changed(self, storage: str, health: str, reason: str | None, event: Message) -> None:
+        """An endpoint's health and the event stating it, in one transaction."""
+        await self._catalogue.write(_health_changed, storage, health, reason, event)
+
+    async def usage(self) -> list[EndpointUsage]:
+        return await self._catalogue.read(replication.endpoint_usage)
+
+
+def _health_changed(conn: Connection, storage: str, health: str, reason: str | None, event: Message) -> None:
+    replication.set_health(conn, storage, health, reason)
+    outbox.add(conn, [event])

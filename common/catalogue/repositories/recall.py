@@ -1,0 +1,54 @@
+"""``catalogue.recall``: recall requests and their files (states in ``common.catalogue.recall``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.catalogue import recall as db
+from common.catalogue.repositories import Repository
+
+
+class RecallRepository(Repository):
+    __slots__ = ()
+
+    async def create_recall(self, spec: db.RecallSpec) -> db.Created | None:
+        return await self._catalogue.write(db.create_recall, spec)
+
+    async def recover(self) -> int:
+        return await self._catalogue.write(db.recover)
+
+    async def pending(self, limit: int, recall_id: str | None = None) -> list[db.PendingFile]:
+        return await self._catalogue.read(db.pending, limit, recall_id)
+
+    async def assign(self, plan: Sequence[tuple[str, str, db.TapeCopy | None]]) -> None:
+        await self._catalogue.write(db.assign, plan)
+
+    async def next_on_cartridge(self, storages: Sequence[str], vid: str, after: int) -> list[db.ReadItem]:
+        return await self._catalogue.read(db.next_on_cartridge, storages, vid, after)
+
+    async def set_state(self, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False) -> None:
+        await self._catalogue.write(db.set_state, keys, state, forget_copy)
+
+    async def deliver(self, dl: db.Delivery) -> db.Settled | None:
+        return await self._catalogue.write(db.deliver, dl)
+
+    async def fail(self, keys: Sequence[tuple[str, str]], reason: str, error: str) -> db.Settled:
+        return await self._catalogue.write(db.fail, keys, reason, error)
+
+    async def tape_copy_bad(self, file_id: int, storage: str, reason: str, error: str) -> bool:
+        return await self._catalogue.write(db.tape_copy_bad, file_id, storage, reason, error)
+
+    async def complete_settled(self, limit: int = 1000) -> tuple[db.Completion, ...]:
+        return await self._catalogue.write(db.complete_settled, limit)
+
+    async def mark_announced(self, settled: db.Settled) -> None:
+        await self._catalogue.write(db.mark_announced, settled)
+
+    async def unannounced(self, limit: int = 10_000) -> db.Settled:
+        return await self._catalogue.read(db.unannounced, limit)
+
+    async def status(self, recall_id: str) -> db.RecallView | None:
+        return await self._catalogue.read(db.status, recall_id)
+
+    async def list_recalls(self, limit: int, active_only: bool = False) -> list[db.RecallView]:
+        return await self._catalogue.read(db.list_recalls, limit, active_only)

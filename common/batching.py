@@ -26,7 +26,7 @@ ALONE = -1  # the index of a ``submit``'s item: its own future, not a place in a
 class _Waiters(Generic[R]):
     """The caller's side of a ``submit_many``: one future for all its items, completed once
     every item's batch has run. (One future per item, each awaited and each given its result,
-    cost 1.2 us an item, most of a bulk request's batching: 0.2 us this way.)"""
+    was most of a bulk request's batching cost: docs/benchmarks-history.md.)"""
 
     __slots__ = ("error", "future", "left", "results")
 

@@ -340,9 +340,9 @@ def tune_gc() -> None:
     rows); with the default thresholds the collector ran every few messages and, now and then,
     walked every long-lived object (SQLAlchemy metadata, pydantic schemas, caches): a third of the
     catalogue's CPU per record in one profile, and pauses that starve the worker threads of the
-    GIL. Measured with ``bench/ingest.py`` (30,000 files, 2 cores): 771-774 -> 932-944 files/s,
-    daemon CPU 1.14 -> 0.93 ms a file. ``gc.freeze`` moves everything alive once the services are
-    open out of the collector's sight; reference counting still frees what becomes unreferenced.
+    GIL (figures: docs/decisions.md, "Garbage collector tuning"). ``gc.freeze`` moves everything
+    alive once the services are open out of the collector's sight; reference counting still frees
+    what becomes unreferenced.
     """
     gc.freeze()
     _gen0, gen1, gen2 = gc.get_threshold()
@@ -352,8 +352,7 @@ def tune_gc() -> None:
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run a daemon's main coroutine on uvloop when it is installed (a dependency on Linux).
 
-    Measured with ingest on the 2-core development machine: 437 -> 582 files/s from the event loop
-    alone; the daemons are event-loop bound (AMQP frames, futures, callbacks).
+    The daemons are event-loop bound (AMQP frames, futures, callbacks): docs/decisions.md, "uvloop".
     """
     try:
         import uvloop

@@ -118,8 +118,9 @@ class Catalogue:
         self._engine = engine
         self._writer = writer(engine)
         # SQLite has a single writer. Concurrent BEGIN IMMEDIATEs from one process would wait in
-        # SQLite's busy handler, which sleeps in steps of up to 100 ms; measured with ingest, that
-        # turned 3-record batches into 280 ms each. Queue the writers here instead: in order, no sleep.
+        # SQLite's busy handler, which sleeps in steps of up to 100 ms: small batches then took
+        # hundreds of ms each. Queue the writers here instead: in order, no sleep
+        # (docs/decisions.md, "SQLite settings of the catalogue").
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         # SQLite file: hot batch transactions run whole in one thread on a plain engine (see engine).
         self._sync_engine = create_sync_sqlite_engine(engine.url) if self._write_lock else None

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
-# Page cache of the connection that writes ingest batches: the catalogue outgrows 32 MB at about
-# 25,000 files, after which registration slowed by a factor of 3-4 (measured up to 200,000 files).
+# Page cache of the connection that writes ingest batches: registration slowed several times once
+# the catalogue outgrew a smaller cache (docs/decisions.md, "SQLite settings of the catalogue").
 WRITER_CACHE_KIB = 64_000
 WRITE_OPTION = "spool_write"  # execution option marking a write transaction
 _PG_MIGRATION_LOCK = 0x5350_4F4F_4C  # arbitrary constant: "SPOOL"
@@ -142,8 +142,8 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
     if u.get_backend_name() == "postgresql":
         # asyncpg prepares every statement and PostgreSQL switches a prepared statement to a
         # generic plan after five runs; planned while tables were small, ``name IN (...)`` then
-        # stays a sequential scan as the catalogue grows (measured: 80 ms per 256-name lookup at
-        # 20,000 files). A custom plan per execution keeps the unique indexes in use.
+        # stays a sequential scan as the catalogue grows (docs/decisions.md, "SQLite settings of
+        # the catalogue"). A custom plan per execution keeps the unique indexes in use.
         kwargs.update(
             pool_pre_ping=True,
             pool_size=10,
@@ -175,8 +175,8 @@ def create_sync_sqlite_engine(url: URL) -> Engine | None:
     if not _is_sqlite_file(url):
         return None
     # One connection kept open (the engine is used by one worker thread): a new connection per
-    # batch re-ran the PRAGMAs, re-parsed the schema and started with a cold page cache, measured
-    # 3-30 % slower. Its cache is larger than the async engine's: it carries ingest's writes.
+    # batch re-ran the PRAGMAs, re-parsed the schema and started with a cold page cache (slower:
+    # docs/decisions.md). Its cache is larger than the async engine's: it carries ingest's writes.
     sync = sa_create_engine(
         url.set(drivername="sqlite"),
         poolclass=QueuePool,

@@ -10,10 +10,8 @@ bindings' asynchronous form, answered as an asyncio future); local file reads an
 (``xrootd_local``) go to a worker thread. Third-party copy (``xrootd_tpc``) runs the one call
 without an asynchronous form in threads of its own.
 
-Uploads are written with ``File.write``, 8 MiB requests, 4 in flight: measured on this machine
-(256 MiB from the page cache to the local test server's disk) 206 MB/s, against 120-127 MB/s for
-``xrdcp`` and 97-146 MB/s for the bindings' ``CopyProcess``; see ``bench/remote.py`` for the
-small-file figures.
+Uploads are written with ``File.write``, 8 MiB requests, 4 in flight: faster than ``xrdcp`` and
+the bindings' ``CopyProcess`` in ``bench/remote.py`` (figures: docs/benchmarks.md).
 
 Atomicity (the interface's promise): a copy is written under a hidden temporary name beside its
 final one (``.<name>.spool-tmp-<hex>``, the posix backend's convention, so ``is_temp_name``
@@ -158,7 +156,7 @@ class XrootdStorage:
 
         A server limits the checksums it computes at once and answers the others "wait N
         seconds" (kXR_wait); when N goes past the request's timeout the client gives up at once
-        with "Operation expired" (measured here: 25-33 of 6,000 uploads, 16 at a time). Such an
+        with "Operation expired" (seen under load on the test server). Such an
         answer, come back well before the deadline, is asked again after a short pause (the
         server's N is advice for the slowest case: a slot frees when any checksum ends).
         """

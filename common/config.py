@@ -98,9 +98,14 @@ class BusSettings(_Strict):
         """``spool_users``, or the user of ``url`` (``guest`` when it names none)."""
         if self.spool_users:
             return frozenset(self.spool_users)
+        return frozenset({self.user})
+
+    @property
+    def user(self) -> str:
+        """The broker user ``url`` connects as (RabbitMQ's default ``guest`` when it names none)."""
         from urllib.parse import unquote, urlsplit
 
-        return frozenset({unquote(urlsplit(self.url).username or "guest")})
+        return unquote(urlsplit(self.url).username or "guest")
 
     @field_validator("retry_tiers")
     @classmethod

@@ -119,10 +119,20 @@ def _bounded_list(v: Any, limit: int, what: str) -> Any:
     return v
 
 
-def _check_names_bytes(names: list[str]) -> None:
+def _names_within_bytes(names: list[str]) -> list[str]:
     total = sum(len(n.encode()) for n in names)
     if total > limits.MAX_NAMES_BYTES:
         raise ValueError(f"names total {total} bytes, at most {limits.MAX_NAMES_BYTES} allowed")
+    return names
+
+
+# The names a command may carry (a bulk replica.request, a recall.request): at most MAX_NAMES
+# entries, refused before each is validated, and MAX_NAMES_BYTES in all.
+BoundedNames = Annotated[
+    NameList,
+    BeforeValidator(lambda v: _bounded_list(v, limits.MAX_NAMES, "names")),
+    AfterValidator(_names_within_bytes),
+]
 
 
 class Message(BaseModel):
@@ -252,7 +262,7 @@ class ReplicaRequest(Message):
     ROUTING_KEY: ClassVar[str] = "replica.request"
 
     name: LogicalName | None = None
-    names: NameList = Field(default_factory=list)
+    names: BoundedNames = Field(default_factory=list)
     # Bulk form: the correlation id of each of ``names`` (same order), so each file's events keep
     # the id its ``file.ready`` had although one message carries files of many events. Empty: the
     # message's own correlation id applies to every file.
@@ -263,21 +273,10 @@ class ReplicaRequest(Message):
     rule_id: Identifier | None = None
     priority: Priority = 3
 
-    @field_validator("names", mode="before")
-    @classmethod
-    def _few_names(cls, v: Any) -> Any:
-        return _bounded_list(v, limits.MAX_NAMES, "names")
-
     @field_validator("correlation_ids", mode="before")
     @classmethod
     def _few_correlation_ids(cls, v: Any) -> Any:
         return _bounded_list(v, limits.MAX_NAMES, "correlation_ids")
-
-    @field_validator("names")
-    @classmethod
-    def _names_bytes(cls, v: list[str]) -> list[str]:
-        _check_names_bytes(v)
-        return v
 
     @model_validator(mode="after")
     def _one_form(self) -> ReplicaRequest:
@@ -367,21 +366,10 @@ class RecallRequest(Message):
 
     ROUTING_KEY: ClassVar[str] = "recall.request"
 
-    names: NameList = Field(default_factory=list)
+    names: BoundedNames = Field(default_factory=list)
     dataset: DatasetName | None = None
     destination: EndpointName | None = None
     priority: Priority = 3
-
-    @field_validator("names", mode="before")
-    @classmethod
-    def _few_names(cls, v: Any) -> Any:
-        return _bounded_list(v, limits.MAX_NAMES, "names")
-
-    @field_validator("names")
-    @classmethod
-    def _names_bytes(cls, v: list[str]) -> list[str]:
-        _check_names_bytes(v)
-        return v
 
 
 class FileRecalled(Message):

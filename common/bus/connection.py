@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -68,8 +67,3 @@ def _redact(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}"
     return url
-
-
-def bus_user(bus: BusSettings) -> str:
-    """The broker user ``bus.url`` connects as (RabbitMQ's default ``guest`` when it names none)."""
-    return unquote(urlsplit(bus.url).username or "guest")

@@ -24,7 +24,6 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from common.bus.connection import bus_user
 from common.config import Settings
 from common.errors import ConfigError
 
@@ -125,7 +124,7 @@ async def declare_for(connection: AbstractConnection, settings: Settings, own: S
     try:
         await declare_topology(channel, settings, own)
     except aiormq.exceptions.ChannelAccessRefused as exc:
-        user = bus_user(settings.bus)
+        user = settings.bus.user
         raise ConfigError(
             f"RabbitMQ refused user {user!r} to declare the queues of {'+'.join(own)} ({exc}); "
             "run it with its own user from `spool broker setup`"

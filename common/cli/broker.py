@@ -27,7 +27,7 @@ from common.bus.broker_setup import (
     url_for,
     write_user_files,
 )
-from common.bus.connection import bus_user, connect
+from common.bus.connection import connect
 from common.bus.management import ManagementEndpoint, ManagementUnreachable, endpoint_for
 from common.bus.topology import declare_topology
 from common.cli import app
@@ -124,7 +124,7 @@ async def _declare(settings: Settings, url: str) -> None:
         await declare_topology(channel, settings)
         await channel.close()
     except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise UserError(f"RabbitMQ refused user {bus_user(bus)!r} to declare Spool's queues: {exc}") from None
+        raise UserError(f"RabbitMQ refused user {bus.user!r} to declare Spool's queues: {exc}") from None
     finally:
         await connection.close()
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from common.bus.connection import bus_user, connect
+from common.bus.connection import connect
 from common.cli import app
 from common.cli._util import UserError, console, print_json, settings_from
 from common.config import Settings
@@ -69,7 +69,7 @@ def files_to_announce(paths: list[Path], settings: Settings) -> list[Path]:
     """
     areas = [(name, Path(os.path.abspath(root)), Path(os.path.realpath(root)))
              for name, root in settings.landing_areas.items()]  # fmt: skip
-    user = bus_user(settings.bus)
+    user = settings.bus.user
     foreign = _foreign_areas(settings, user)
 
     def refuse(outside: list[Path]) -> UserError:
@@ -139,7 +139,7 @@ async def publish_events(settings: Settings, events: list[dict[str, Any]], *, qu
     connection = await connect(settings.bus, name="spool-cli")
     try:
         await declare_if_allowed(connection, settings)
-        user = bus_user(settings.bus)
+        user = settings.bus.user
         if quiet:
             return await publish_cloudevents(connection, settings.bus.exchange, events, user_id=user)
         with Progress(

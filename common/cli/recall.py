@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common import codec
-from common.bus.connection import bus_user, connect
+from common.bus.connection import connect
 from common.bus.external import declare_if_allowed
 from common.bus.permissions import reply_queue_prefix
 from common.catalogue import Catalogue
@@ -97,7 +97,7 @@ async def _request(
                 aio_pika.Message(
                     json.dumps(event).encode(), content_type=codec.CLOUDEVENTS_JSON, message_id=msg.id,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT, correlation_id=msg.id,
-                    reply_to=replies.name if replies else None, user_id=bus_user(settings.bus),
+                    reply_to=replies.name if replies else None, user_id=settings.bus.user,
                 ),
                 routing_key=msg.ROUTING_KEY,
                 mandatory=True,
@@ -123,7 +123,7 @@ async def _reply_queue(
     """This user's own reply queue, ``<queue_prefix>.reply.<user>.<random>``: the name the
     recall daemon accepts as a ``reply_to`` and ``spool broker setup`` lets an external publisher
     configure and read (a server-named ``amq.gen-*`` queue needs permissions it does not have)."""
-    user = bus_user(settings.bus)
+    user = settings.bus.user
     name = f"{reply_queue_prefix(settings, user)}{uuid.uuid4().hex}"
     try:
         return await channel.declare_queue(name, exclusive=True, auto_delete=True)

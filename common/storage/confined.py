@@ -52,7 +52,7 @@ import errno
 import os
 import stat as stat_mod
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 PATH_OUTSIDE_AREA = "path_outside_area"
@@ -269,23 +269,18 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     """Open an untrusted absolute ``path`` for reading: no symlink at any component
     (``open_path``), non-blocking, and a regular file (``NotARegularFile`` otherwise, the
     descriptor closed). A socket's open fails with ``ENXIO``: also ``NotARegularFile``."""
-    try:
-        fd = open_path(path, READ_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            raise NotARegularFile("a socket or a device without a driver") from None
-        raise
-    try:
-        return fd, check_regular(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+    return _regular(open_path, path, READ_FLAGS)
 
 
 def open_regular_beneath(root: str, rel: str) -> tuple[int, os.stat_result]:
     """``open_regular`` of ``rel`` beneath ``root``."""
+    return _regular(open_beneath, root, rel, READ_FLAGS)
+
+
+def _regular(opener: Callable[..., int], *args: Any) -> tuple[int, os.stat_result]:
+    """``opener(*args)``, then the regular-file check; the descriptor is closed on any failure."""
     try:
-        fd = open_beneath(root, rel, READ_FLAGS)
+        fd = opener(*args)
     except OSError as exc:
         if exc.errno == errno.ENXIO:
             raise NotARegularFile("a socket or a device without a driver") from None

@@ -770,4 +770,3 @@ def test_grouping_flushes_saves_a_back_hitch_per_file() -> None:
     assert t.batch_write_seconds(sizes, flush_every=4) == pytest.approx(10 * 1.1 + 3 * 2.0)
     assert t.batch_write_seconds([], flush_every=4) == 0.0
     assert t.flush_seconds() == 2.0 and t.file_seconds(100) == pytest.approx(1.1)
-

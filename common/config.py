@@ -325,8 +325,15 @@ class TapeSettings(_Strict):
     # Failed mounts of one cartridge (on any drive) before it is marked ``suspect`` and another
     # cartridge of the pool is taken.
     mount_failures_before_suspect: int = Field(default=3, ge=1)
-    # Files written are recorded in the catalogue (and announced) in groups of at most this many,
-    # or every second; a kill before that loses nothing: start-up finds them on the cartridge.
+    # Files are written behind buffered tape marks and made durable by a synchronous one (a
+    # flush, one back-hitch of the drive) every ``flush_files`` files or ``flush_bytes`` bytes,
+    # whichever comes first, and at the end of a batch: CTA's defaults (``taped
+    # ArchiveFlushBytesFiles 32000000000,200``). Only then are they recorded; a kill before a
+    # flush loses the files written since the last one, which are written again.
+    flush_files: int = Field(default=200, ge=1)
+    flush_bytes: int = Field(default=32_000_000_000, ge=1)
+    # Files made durable by a flush are recorded in the catalogue (and announced) right after it,
+    # at most this many per catalogue transaction.
     record_every: int = Field(default=64, ge=1)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 from sqlalchemy import Connection, select
 
@@ -16,17 +18,23 @@ from common.bus.service import Context
 from common.catalogue import Catalogue, IngestRecord
 from common.catalogue import schema as s
 from common.config import Settings, load_settings
-from common.errors import Permanent
+from common.errors import Permanent, Retryable
 from common.messages import FileArchived, TapeArchive
+from common.storage import open_storage
+from common.tape import TapeLibrary, open_library
 from daemons.ingest.handlers import service as ingest_service
+from daemons.relay import OutboxRelay
+from daemons.tape import steps, writer
 from daemons.tape.handlers import archive, open_resources
 from daemons.tape.handlers import service as tape_service
+from daemons.tape.writer import Env
 from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.storage_fixtures import adler
 from tests.tape_fixtures import (
     LIBRARY,
+    POLICY,
     TAPE2,
     as_json,
     bind,
@@ -270,3 +278,75 @@ async def test_handler_refuses_unknown_files_and_non_tape_destinations(ctx, name
     with pytest.raises(Permanent) as err:
         await archive(TapeArchive(name=name, destination=destination), ctx)
     assert err.value.reason == reason
+
+
+class _FlushFails:
+    """The library, whose synchronous tape marks fail ``times`` times after the first ``ok``
+    (a drive that breaks between writes and their flush)."""
+
+    def __init__(self, library: TapeLibrary, ok: int, times: int) -> None:
+        self._library, self.ok, self.times = library, ok, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._library, name)
+
+    async def flush(self, drive_id: str) -> list[int]:
+        if self.ok:
+            self.ok -= 1
+            return await self._library.flush(drive_id)
+        if self.times:
+            self.times -= 1
+            raise Retryable("drive_broken", f"drive {drive_id} broke before the tape mark")
+        return await self._library.flush(drive_id)
+
+
+async def test_files_written_but_not_flushed_are_queued_again_and_written_once(tmp_path, tag, broker):
+    """Flushes every 2 files; the second flush fails (and its retry at the end of the batch): the
+    2 flushed files are recorded, the 2 written after them are dropped from the cartridge and go
+    back to the queue with the rest. The next batch writes them again, reusing their fseqs."""
+    policy = POLICY.replace("mount_min_files = 5", "mount_min_files = 1000") + "\nflush_files = 2"
+    settings = load_settings(tape_config(tmp_path, tag, policy=policy))
+    files = make_files(settings, 6, size=3000)
+    async with running([ingest_service], settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _count(settings, "tape1", 6, "queued"), timeout=60)
+    target = steps.targets(settings.storage)["tape1"]
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    library = await open_library(settings.tape_libraries["default"])
+    storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
+    try:
+        relay = OutboxRelay(catalogue, RecordingPublisher())
+        env = Env(settings, catalogue, relay, storages, tmp_path / "staging")
+        flaky = _FlushFails(library, ok=1, times=2)
+        with pytest.raises(Retryable, match="before the tape mark"):
+            await writer.run_batch(env, target, flaky, "test")  # type: ignore[arg-type]
+        assert await count_on(settings, "tape1") == 2  # what the first flush covered
+        assert await count_on(settings, "tape1", "queued") == 4  # two written, never flushed
+        tapes = await on_tape(settings)
+        assert sum(len(on_cart) for on_cart in tapes.values()) == 2  # the unflushed ones are gone
+        first = await tape_copies(settings)
+
+        assert await writer.run_batch(env, target, library, "test") == 4
+        copies = await tape_copies(settings)
+        tapes = await on_tape(settings)
+        assert {st for st, _, _ in copies.values()} == {"available"} and len(copies) == 6
+        assert placed(copies) == listed(tapes)
+        assert names_on_tape(tapes) == sorted(copies)  # each on tape once
+        for vid, on_cart in tapes.items():  # the dropped fseqs were reused: no gap
+            assert [fseq for fseq, _ in on_cart] == list(range(1, len(on_cart) + 1)), vid
+        assert {n: c for n, c in copies.items() if first[n][0] == "available"} == {
+            n: c for n, c in first.items() if c[0] == "available"
+        }  # the flushed ones were recorded once and never moved
+        announced = Counter(e.name for e in await catalogue.read(_archived_in_outbox))
+        assert announced == Counter(list(copies))  # each file.archived once
+    finally:
+        for storage in storages.values():
+            await storage.aclose()
+        await library.close()
+        await catalogue.close()
+
+
+def _archived_in_outbox(conn: Connection) -> list[Any]:
+    o = s.outbox
+    rows = conn.execute(select(o.c.body).where(o.c.routing_key == "file.archived"))
+    return [FileArchived.model_validate(msgpack.unpackb(b)) for (b,) in rows]

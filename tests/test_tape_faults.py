@@ -133,7 +133,8 @@ async def test_a_cartridge_that_keeps_failing_to_mount_is_marked_suspect_and_ano
 async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp_path, tag, broker):
     n = 40
     # Durable, and slow enough that a batch lasts seconds: a 4 kB file takes 0.2 s to write, a
-    # mount 0.5 s. Files are recorded in groups of 5, so kills land between write and record too.
+    # mount 0.5 s, a flush (synchronous tape mark) 2 s. Files are flushed and recorded in groups
+    # of 5, so a kill lands between the writes and their flush.
     slow = (
         LIBRARY.replace("time_scale = 0", "time_scale = 1").replace("durable = false", "durable = true")
         + "\ntiming = { mount_seconds = 0.5, unmount_seconds = 0.5, locate_average_seconds = 0.5,"
@@ -141,7 +142,7 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
     )
     policy = (
         "mount_min_files = 5\nmount_min_bytes = 1000000000\nmount_max_age = 0.5\npoll_interval = 0.1\n"
-        "record_every = 5"
+        "record_every = 5\nflush_files = 5"
     )
     path = tape_config(tmp_path, tag, library=slow, policy=policy)
     settings = load_settings(path)
@@ -155,9 +156,9 @@ async def test_tape_daemon_killed_mid_batch_archives_every_file_exactly_once(tmp
     try:
         # An operator sees the drive at work: what it does, with which cartridge, for whom.
         await wait_for(lambda: _drive_writing(path), timeout=60, interval=0)
-        # First kill: files committed on tape that the catalogue does not record yet. Second: in
-        # the middle of the batch, whatever it is doing.
-        for ready in (lambda: _unrecorded(settings, 2), lambda: _at_least(settings, 21)):
+        # First kill: files written on tape but not flushed (the library drops them, they are
+        # queued and written again). Second: in the middle of the batch, whatever it is doing.
+        for ready in (lambda: _unflushed(settings, 2), lambda: _at_least(settings, 21)):
             await wait_for(ready, timeout=120, interval=0.05)
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(timeout=10) == -signal.SIGKILL
@@ -205,10 +206,11 @@ async def _drive_writing(config: Path) -> bool:
     )  # fmt: skip
 
 
-async def _unrecorded(settings: Settings, n: int) -> bool:
-    """At least ``n`` files are committed on tape but not yet recorded in the catalogue."""
-    committed = len(names_on_tape(await on_tape(settings)))  # first: records only follow commits
-    return committed - await count_on(settings, "tape1") >= n
+async def _unflushed(settings: Settings, n: int) -> bool:
+    """At least ``n`` files are written on tape (their data is there) but not flushed yet."""
+    root = settings.tape_libraries["default"].root
+    data = sum(1 for p in root.glob("cartridges/*/*") if p.name.isdigit())  # first: commits follow
+    return data - len(names_on_tape(await on_tape(settings))) >= n
 
 
 async def _at_least(settings: Settings, n: int) -> bool:

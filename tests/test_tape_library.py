@@ -215,18 +215,22 @@ async def test_locate_time_is_proportional_to_distance_from_the_head(
 
 
 async def test_each_operation_charges_its_modelled_duration(open_lib: Factory, tmp_path: Path) -> None:
-    timing = TapeTiming(mount_seconds=16, unmount_seconds=56, write_rate=1000.0, read_rate=500.0)
+    timing = TapeTiming(
+        mount_seconds=16, unmount_seconds=56, write_rate=1000.0, read_rate=500.0,
+        file_overhead_seconds=0.5, sync_seconds=3.0,
+    )  # fmt: skip
     lib = await open_lib(timing=timing)
     await lib.mount("DR01", "A00001")
-    await put(lib, "DR01", tmp_path, "f", b"z" * 2000)
+    await put(lib, "DR01", tmp_path, "f", b"z" * 2000)  # a write with its synchronous tape mark
     await lib.read("DR01", 1, tmp_path / "out")
     await lib.unmount("DR01")
 
     u = (await lib.usage()).drives["DR01"]
-    assert (u.mount_seconds, u.write_seconds, u.unmount_seconds, u.mounts, u.unmounts) == (16, 2.0, 56, 1, 1)
+    assert (u.mount_seconds, u.write_seconds, u.unmount_seconds, u.mounts, u.unmounts) == (16, 2.5, 56, 1, 1)
+    assert (u.flush_seconds, u.flushes) == (3.0, 1)
     assert u.read_seconds == pytest.approx(4.0)
     assert u.locate_seconds == pytest.approx(3 * 60.0 * 2000 / (10 * KB))  # back to fseq 1 to read
-    assert u.total_seconds == pytest.approx(16 + 2 + 4 + 56 + u.locate_seconds)
+    assert u.total_seconds == pytest.approx(16 + 2.5 + 3 + 4 + 56 + u.locate_seconds)
     assert (u.files_written, u.bytes_written, u.files_read, u.bytes_read) == (1, 2000, 1, 2000)
     assert (await lib.usage()).total == u  # the other drive did nothing
 
@@ -612,3 +616,157 @@ async def test_closed_library_refuses_work(open_lib: Factory) -> None:
 def as_protocol(lib: SimulatedLibrary) -> TapeLibrary:
     """Checked by mypy: the simulator implements every method of the protocol with its signature."""
     return lib
+
+
+# --- buffered writes: a synchronous tape mark every so many files ------------------------------
+
+
+async def buffered(lib: SimulatedLibrary, drive: str, tmp_path: Path, name: str, data: bytes) -> int:
+    src = source(tmp_path, name, data)
+    return await lib.write(drive, src, name, len(data), adler(data), flush=False)
+
+
+async def test_buffered_files_are_listed_and_readable_only_after_the_flush(
+    open_lib: Factory, tmp_path: Path
+) -> None:
+    lib = await open_lib()
+    await lib.mount("DR01", "A00001")
+    assert [await buffered(lib, "DR01", tmp_path, f"f{n}", b"x" * 10) for n in range(3)] == [1, 2, 3]
+    assert await lib.list_files("A00001") == []  # on the tape, not durable: not reported
+    assert await reasons(lib.read("DR01", 1, tmp_path / "out")) == (Permanent, "unknown_fseq")
+    (cart,) = [c for c in await lib.list_cartridges() if c.vid == "A00001"]
+    assert (cart.used_bytes, cart.next_fseq, cart.files) == (30, 4, 0)  # space is taken already
+
+    assert await lib.flush("DR01") == [1, 2, 3]
+    assert [f.fseq for f in await lib.list_files("A00001")] == [1, 2, 3]
+    assert await lib.flush("DR01") == []  # nothing new: no tape mark, nothing charged
+    await lib.read("DR01", 2, tmp_path / "out")
+    (cart,) = [c for c in await lib.list_cartridges() if c.vid == "A00001"]
+    assert cart.files == 3
+
+
+async def test_a_flush_syncs_the_journal_once_for_the_whole_group(open_lib: Factory, tmp_path: Path) -> None:
+    lib = await open_lib()
+    await lib.mount("DR01", "A00001")
+    before = lib.journal_syncs
+    for n in range(5):
+        await buffered(lib, "DR01", tmp_path, f"f{n}", b"y" * 10)
+    assert lib.journal_syncs == before  # buffered: no fsync at all
+    await lib.flush("DR01")
+    assert lib.journal_syncs == before + 1
+    await put(lib, "DR01", tmp_path, "sync", b"z")  # the default: a synchronous tape mark per file
+    assert lib.journal_syncs == before + 2
+
+
+async def test_a_flush_is_charged_once_as_a_back_hitch(open_lib: Factory, tmp_path: Path) -> None:
+    timing = TapeTiming(write_rate=1000.0, file_overhead_seconds=0.5, sync_seconds=3.0)
+    lib = await open_lib(timing=timing)
+    await lib.mount("DR01", "A00001")
+    for n in range(4):
+        await buffered(lib, "DR01", tmp_path, f"f{n}", b"w" * 1000)
+    await lib.flush("DR01")
+    u = (await lib.usage()).drives["DR01"]
+    assert u.write_seconds == pytest.approx(4 * (1.0 + 0.5))
+    assert (u.flush_seconds, u.flushes, u.files_written) == (3.0, 1, 4)
+
+
+async def test_releasing_the_drive_drops_what_was_not_flushed(open_lib: Factory, tmp_path: Path) -> None:
+    lib = await open_lib()
+    drive = await lib.claim_drive("writer")
+    assert drive is not None
+    await lib.mount(drive, "A00001")
+    await buffered(lib, drive, tmp_path, "kept", b"k")
+    await lib.flush(drive)
+    await buffered(lib, drive, tmp_path, "lost", b"l")
+    await lib.release_drive(drive)
+    assert [f.name for f in await lib.list_files("A00001")] == ["kept"]
+    assert not lib.data_path("A00001", 2).exists()
+    assert await put(lib, drive, tmp_path, "next", b"n") == 2  # the fseq is reused
+
+
+async def test_a_failed_write_keeps_the_files_buffered_before_it(open_lib: Factory, tmp_path: Path) -> None:
+    lib = await open_lib()
+    await lib.mount("DR01", "A00001")
+    await buffered(lib, "DR01", tmp_path, "good", b"g")
+    bad = source(tmp_path, "bad", b"bad")
+    assert await reasons(lib.write("DR01", bad, "bad", 3, "00000001", flush=False)) == (
+        Permanent,
+        "checksum_mismatch",
+    )
+    assert await lib.flush("DR01") == [1]
+    assert [f.name for f in await lib.list_files("A00001")] == ["good"]
+
+
+async def test_unmounting_flushes_first(open_lib: Factory, tmp_path: Path) -> None:
+    lib = await open_lib()
+    await lib.mount("DR01", "A00001")
+    await buffered(lib, "DR01", tmp_path, "f", b"f")
+    await lib.unmount("DR01")
+    assert [f.name for f in await lib.list_files("A00001")] == ["f"]
+    assert (await lib.usage()).drives["DR01"].flushes == 1
+
+
+CHILD_BUFFERED = """
+import asyncio, os, signal, sys, zlib
+from pathlib import Path
+from common.tape import SimulatedLibrary, SimulatedLibraryConfig
+
+async def main(root: str, src: str) -> None:
+    cfg = SimulatedLibraryConfig(root=Path(root), drives=2, pools={"raw": 2}, scratch_cartridges=2,
+                                 capacity_bytes=10_000, time_scale=0.0)
+    lib = await SimulatedLibrary.open(cfg)
+    drive = await lib.claim_drive("writer")
+    await lib.mount(drive, "A00001")
+    data = Path(src).read_bytes()
+    for n in range(4):
+        await lib.write(drive, Path(src), f"f{n}", len(data), f"{zlib.adler32(data):08x}", flush=False)
+        if n == 1:
+            await lib.flush(drive)
+    os.kill(os.getpid(), signal.SIGKILL)  # two files flushed, two only written
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_kill_between_writes_and_flush_loses_the_unflushed_files(
+    open_lib: Factory, tmp_path: Path
+) -> None:
+    src = source(tmp_path, "data", b"d" * 100)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD_BUFFERED, str(tmp_path / "lib"), str(src)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    assert (tmp_path / "lib" / "cartridges" / "A00001" / "00000004").exists()  # data was there
+
+    lib = await open_lib()
+    assert [(f.fseq, f.name) for f in await lib.list_files("A00001")] == [(1, "f0"), (2, "f1")]
+    assert not lib.data_path("A00001", 3).exists() and not lib.data_path("A00001", 4).exists()
+    (cart,) = [c for c in await lib.list_cartridges() if c.vid == "A00001"]
+    assert (cart.used_bytes, cart.next_fseq, cart.files) == (200, 3, 2)
+
+
+def test_speed_matching_keeps_the_host_rate_down_to_the_minimum_then_back_hitches() -> None:
+    t = TapeTiming(write_rate=400.0, min_stream_rate=200.0, buffer_bytes=1000, sync_seconds=2.0)
+    assert t.stream_rate(None) == 400.0  # the drive is the limit
+    assert t.stream_rate(800.0) == 400.0
+    assert t.stream_rate(300.0) == 300.0  # speed matching: slows down to the host, no loss
+    assert t.stream_rate(200.0) == 200.0
+    # Fed at 100 B/s a 1000-byte buffer takes 10 s to fill, and each one costs a 2 s back-hitch.
+    assert t.stream_rate(100.0) == pytest.approx(1000 / 12)
+    slow = t.model_copy(update={"feed_rate": 100.0})
+    assert slow.write_seconds(1000) == pytest.approx(12.0)
+
+
+def test_a_drive_slower_than_the_minimum_streaming_rate_is_never_penalised() -> None:
+    t = TapeTiming(write_rate=1000.0)  # far below the LTO-9 177 MB/s floor (a test's toy drive)
+    assert t.write_seconds(2000) == 2.0
+
+
+def test_grouping_flushes_saves_a_back_hitch_per_file() -> None:
+    t = TapeTiming(write_rate=100.0, file_overhead_seconds=0.1, sync_seconds=2.0)
+    sizes = [100] * 10
+    assert t.batch_write_seconds(sizes, flush_every=1) == pytest.approx(10 * 1.1 + 10 * 2.0)
+    assert t.batch_write_seconds(sizes, flush_every=4) == pytest.approx(10 * 1.1 + 3 * 2.0)
+    assert t.batch_write_seconds([], flush_every=4) == 0.0
+    assert t.flush_seconds() == 2.0 and t.file_seconds(100) == pytest.approx(1.1)

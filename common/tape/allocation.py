@@ -56,6 +56,7 @@ def release_drive(t: Txn, drive_id: str) -> None:
         return
     if d.claim != t.session:
         raise Permanent("not_claimed", f"drive {drive_id} is claimed by another session, not this one")
+    t.discard_unflushed(d)
     d.claim = None
     if d.op is None:
         d.request = None

@@ -44,9 +44,10 @@ class SimulatedLibraryConfig(BaseModel):
     # Real seconds slept per simulated second: 1.0 behaves like the hardware, 0.001 turns a 16 s
     # mount into 16 ms for tests, 0 does not sleep at all (the simulated clocks still advance).
     time_scale: float = Field(default=1.0, ge=0)
-    # fsync state, journals and data before an operation returns, as a real drive flushes its
-    # buffer at a file mark: a fseq handed to the catalogue must survive a power cut. False trades
-    # that for ~10x more small-file operations per second (benchmarks of scheduling only).
+    # fsync state, journals and data before a flush (or a write with ``flush=True``) returns, as a
+    # real drive writes out its buffer at a synchronous tape mark: a fseq handed to the catalogue
+    # must survive a power cut. Buffered writes are never synced on their own. False trades that
+    # for more small-file operations per second (benchmarks of scheduling only).
     durable: bool = True
 
     @model_validator(mode="after")

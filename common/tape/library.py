@@ -40,6 +40,17 @@ invalid_state
 
 The two media errors mark the cartridge ``suspect`` (readable, never appended to again): a
 recall daemon should try another copy, an operator should look at the cartridge.
+
+Writes are buffered as on a real drive: ``write(..., flush=False)`` puts the file on the tape
+behind a buffered tape mark and returns its fseq, but the file is not durable yet and is not
+listed (``list_files``) nor readable; ``flush(drive_id)`` writes a synchronous tape mark that makes
+everything this session wrote on the mounted cartridge since the last flush durable at once (one
+back-hitch, ``TapeTiming.sync_seconds``). Only then may a caller record the files as on tape. What
+was written but not flushed is lost when the writer dies, when it releases the drive, or when the
+flush fails: a writer records nothing before the flush and writes those files again. ``write``
+with the default ``flush=True`` is a write followed by a flush (a synchronous tape mark per file,
+the slow way). Unloading a cartridge (``unmount``, or ``mount`` of another) flushes first, as a
+drive writes out its buffer before it unloads.
 """
 
 from __future__ import annotations
@@ -54,9 +65,11 @@ from common.errors import Permanent
 CartridgeState = Literal["scratch", "filling", "full", "suspect", "disabled"]
 DriveStatus = Literal["idle", "mounting", "locating", "writing", "reading", "unmounting", "broken"]
 # "writing": space and fseq are reserved and the data is on its way; only ever seen by another
-# process, or after a crash (then it is dropped on the next open). "committed": the data is
-# complete and durable, and ``write`` has returned its fseq.
-FileState = Literal["writing", "committed"]
+# process, or after a crash (then it is dropped on the next open). "written": the data is complete
+# behind a buffered tape mark, ``write(flush=False)`` returned its fseq, but no synchronous tape
+# mark followed yet (dropped like "writing" if its writer dies or gives the drive up).
+# "committed": the data is complete and durable (flushed).
+FileState = Literal["writing", "written", "committed"]
 
 
 class TapeFile(BaseModel):
@@ -105,6 +118,8 @@ class DriveUsage(BaseModel):
     write_seconds: float = 0.0
     read_seconds: float = 0.0
     unmount_seconds: float = 0.0
+    flush_seconds: float = 0.0  # synchronous tape marks (back-hitches)
+    flushes: int = 0
     mounts: int = 0
     unmounts: int = 0
     files_written: int = 0
@@ -120,6 +135,7 @@ class DriveUsage(BaseModel):
             + self.write_seconds
             + self.read_seconds
             + self.unmount_seconds
+            + self.flush_seconds
         )
 
     def plus(self, other: DriveUsage) -> DriveUsage:
@@ -174,8 +190,10 @@ class TapeChecksumMismatch(Permanent):
 class TapeLibrary(Protocol):
     """The narrow interface of a tape library. Every method may raise ``Retryable``/``Permanent``.
 
-    A typical write: ``claim_drive`` → ``allocate_cartridge`` → ``mount`` → ``write`` (n times) →
-    ``release_drive`` (the cartridge stays in the drive, so the next batch for it costs no mount).
+    A typical write: ``claim_drive`` → ``allocate_cartridge`` → ``mount`` → ``write(flush=False)``
+    (n times, a ``flush`` every so many files and at the end; record files only after the flush
+    that covered them) → ``release_drive`` (the cartridge stays in the drive, so the next batch
+    for it costs no mount; what was not flushed is dropped).
     A typical recall: ``claim_drive(vid=...)`` → ``mount`` → ``read`` in fseq order → release.
     """
 
@@ -197,7 +215,9 @@ class TapeLibrary(Protocol):
         """
         ...
 
-    async def release_drive(self, drive_id: str) -> None: ...
+    async def release_drive(self, drive_id: str) -> None:
+        """Give the drive up; files written on it since the last flush are dropped."""
+        ...
 
     async def allocate_cartridge(
         self, pool: str, needed_bytes: int, *, exclude_vids: frozenset[str] | set[str] = frozenset()
@@ -213,8 +233,18 @@ class TapeLibrary(Protocol):
 
     async def position(self, drive_id: str, fseq: int) -> None: ...
 
-    async def write(self, drive_id: str, source: Path, name: str, size: int, adler32: str) -> int:
-        """Append ``source`` at the end of data of the mounted cartridge; returns its fseq."""
+    async def write(
+        self, drive_id: str, source: Path, name: str, size: int, adler32: str, *, flush: bool = True
+    ) -> int:
+        """Append ``source`` at the end of data of the mounted cartridge; returns its fseq.
+
+        With ``flush=False`` the file is not durable (nor listed, nor readable) until ``flush``.
+        """
+        ...
+
+    async def flush(self, drive_id: str) -> list[int]:
+        """Make what this session wrote on the drive's cartridge since the last flush durable
+        (one synchronous tape mark); returns those fseqs in order (empty: nothing to flush)."""
         ...
 
     async def read(self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True) -> ReadResult: ...

@@ -7,7 +7,9 @@ where a real library would leave them:
 - a drive that was *locating, reading, writing or unmounting* keeps its cartridge mounted: a real
   drive does not eject a tape because a host died, and the next user saves a mount;
 - a file still *writing* is dropped, whether or not its bytes were complete: ``write`` never
-  returned its fseq, so nobody recorded it and the caller will write it again. Its fseq is
+  returned its fseq, so nobody recorded it and the caller will write it again. So is a file
+  *written* behind a buffered tape mark but never flushed: no caller records a file before the
+  flush that commits it. Their fseqs are
   **reused** by the next write, as on a real tape, where appending resumes after the last
   complete file mark and overwrites the partial file;
 - temp data of dead sessions and data files no journal entry claims are removed;

@@ -15,6 +15,8 @@ Decisions a daemon author should know:
   the caller to judge. Either way the cartridge becomes ``suspect``.
 - ``write`` verifies the source against the announced size and adler32 while copying (one pass),
   so a file on tape is known to be what the catalogue says.
+- ``write(flush=False)`` is buffered: no fsync at all until ``flush``, which fsyncs the group's
+  data and commits it with one journal fsync (see ``common.tape.library`` for the contract).
 - ``mount`` of the cartridge already in the drive is free (no time, no mount counted); mounting
   another cartridge into an occupied drive unloads the old one first (charged as an unmount).
 - Cancelling an operation aborts it cleanly: a half-written file is dropped, a half-done mount is
@@ -159,7 +161,7 @@ class SimulatedLibrary:
                     log.warning("tape_library_reconciled", root=str(self.root), note=note)
             result = fn(txn)
             if txn.dirty:
-                self._store.save(state)
+                self._store.save(state, sync=txn.sync)
             return result
 
     async def _sleep(self, seconds: float, started: float) -> None:
@@ -194,6 +196,11 @@ class SimulatedLibrary:
         for d in drives:
             total = total.plus(d.usage)
         return LibraryUsage(drives={d.drive_id: d.usage for d in drives}, total=total)
+
+    @property
+    def journal_syncs(self) -> int:
+        """Journal fsyncs this object made: one per flush, not one per file (tests count them)."""
+        return self._store.journal_syncs
 
     def data_path(self, vid: str, fseq: int) -> Path:
         """Where the bytes of ``vid``/``fseq`` live (tests damage them to simulate bad media)."""
@@ -262,12 +269,15 @@ class SimulatedLibrary:
             await self._abort(drive_id, op)
             raise
 
-    async def write(self, drive_id: str, source: Path, name: str, size: int, adler32: str) -> int:
+    async def write(
+        self, drive_id: str, source: Path, name: str, size: int, adler32: str, *, flush: bool = True
+    ) -> int:
         """Append ``source`` after the last file of the mounted cartridge; returns its fseq.
 
         Raises ``cartridge_full`` (Retryable) before moving any byte when it does not fit, and
         ``size_mismatch``/``checksum_mismatch`` (Permanent) when the source is not what was
-        announced; in both cases nothing is recorded on the cartridge.
+        announced; in both cases nothing is recorded on the cartridge. With ``flush=False`` the
+        file waits for ``flush`` to become durable and visible.
         """
         try:
             expected = normalise_adler32(adler32)
@@ -277,13 +287,28 @@ class SimulatedLibrary:
             raise Permanent("invalid_size", f"size {size} of {name} is negative")
         op = _op_id()
         try:
-            plan = await self._txn(Txn.begin_write, drive_id, op, name, size, expected)
+            plan = await self._txn(Txn.begin_write, drive_id, op, name, size, expected, flush)
             started = time.monotonic()
-            await run_to_completion(
-                write_data, Path(source), plan.path, plan.data, size, expected, self.config.durable
-            )
+            durable = self.config.durable and flush
+            await run_to_completion(write_data, Path(source), plan.path, plan.data, size, expected, durable)
+            sync = self.timing.flush_seconds() if flush else 0.0
+            await self._sleep(plan.seconds + sync, started)
+            return await self._txn(Txn.finish_write, plan, flush)
+        except BaseException:
+            await self._abort(drive_id, op)
+            raise
+
+    async def flush(self, drive_id: str) -> list[int]:
+        """Commit what this session wrote on the drive's cartridge since the last flush."""
+        op = _op_id()
+        try:
+            plan = await self._txn(Txn.begin_flush, drive_id, op)
+            if plan is None:
+                return []
+            started = time.monotonic()
+            await asyncio.to_thread(self._store.sync_data, plan.vid, plan.fseqs)
             await self._sleep(plan.seconds, started)
-            return await self._txn(Txn.finish_write, plan)
+            return await self._txn(Txn.finish_flush, plan)
         except BaseException:
             await self._abort(drive_id, op)
             raise

@@ -15,6 +15,11 @@ rewriting a growing list would make filling a cartridge quadratic. A line torn b
 journal's last one; it is ignored and truncated under the lock. ``library.json`` stays small
 (a header per cartridge) and is replaced atomically.
 
+Buffered writes (``write(flush=False)``) append their ``reserve`` and ``written`` lines without
+fsync; the flush fsyncs the group's data files, then appends their ``commit`` lines with one fsync
+(``journal_syncs`` counts them). Lines lost to a power cut are lines of files not committed yet,
+which recovery drops anyway; headers in ``library.json`` are recomputed from the journals.
+
 Several processes may share a library (the tape and the recall daemons each open it). Every
 transaction holds the ``lock`` file and re-reads the state, so nobody works from a stale copy.
 A session lock file tells the living from the dead: the kernel drops a flock when its process dies,
@@ -67,6 +72,9 @@ class CartridgeFiles:
             f = TapeFile.model_validate(record["file"])
             self.files[f.fseq] = f
             self.writers[f.fseq] = record["session"]
+        elif op == "written":
+            fseq = record["fseq"]
+            self.files[fseq] = self.files[fseq].model_copy(update={"state": "written"})
         elif op == "commit":
             fseq = record["fseq"]
             self.files[fseq] = self.files[fseq].model_copy(
@@ -78,6 +86,10 @@ class CartridgeFiles:
             self.writers.pop(record["fseq"], None)
         else:
             raise ValueError(f"unknown journal record {record!r}")
+
+    def unflushed(self, session: str, *, states: tuple[str, ...] = ("written",)) -> list[int]:
+        """Fseqs ``session`` wrote and did not flush yet (in ``states``), in order."""
+        return sorted(n for n, s in self.writers.items() if s == session and self.files[n].state in states)
 
     def committed(self) -> list[TapeFile]:
         return sorted((f for f in self.files.values() if f.state == "committed"), key=lambda f: f.fseq)
@@ -128,6 +140,7 @@ class Store:
         self._session_fd: int | None = None
         self.session: str | None = None
         self._journals: dict[str, CartridgeFiles] = {}
+        self.journal_syncs = 0  # fsyncs of journals: one per flush (tests count them)
 
     # --- the library lock ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -151,8 +164,10 @@ class Store:
             raise RuntimeError(f"{self.state_path}: state version {state.version}, expected {STATE_VERSION}")
         return state
 
-    def save(self, state: LibraryState) -> None:
-        write_atomically(self.state_path, state.model_dump_json(indent=1).encode(), self.durable)
+    def save(self, state: LibraryState, *, sync: bool = True) -> None:
+        """Replace the state file; ``sync=False`` keeps it atomic but not durable (buffered writes:
+        the headers are recomputed from the journals after a crash)."""
+        write_atomically(self.state_path, state.model_dump_json(indent=1).encode(), self.durable and sync)
 
     def initialise(self, state: LibraryState) -> None:
         """Create the directories and empty journals, then the state file last (it marks success)."""
@@ -178,6 +193,18 @@ class Store:
 
     def data_path(self, vid: str, fseq: int) -> Path:
         return self.cartridge_dir(vid) / f"{fseq:08d}"
+
+    def sync_data(self, vid: str, fseqs: list[int]) -> None:
+        """Make the data of ``fseqs`` durable: each file, then the directory once."""
+        if not self.durable or not fseqs:
+            return
+        for n in fseqs:
+            fd = os.open(self.data_path(vid, n), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(self.cartridge_dir(vid))
 
     def temp_path(self, vid: str, fseq: int, session: str) -> Path:
         return self.cartridge_dir(vid) / f".{fseq:08d}.{session}{TEMP_SUFFIX}"
@@ -205,8 +232,9 @@ class Store:
         cf.consumed += len(complete)
         return cf
 
-    def append(self, vid: str, *records: dict[str, Any]) -> CartridgeFiles:
-        """Append records durably (under the lock), dropping a tail torn by an earlier crash."""
+    def append(self, vid: str, *records: dict[str, Any], sync: bool = True) -> CartridgeFiles:
+        """Append records (under the lock), dropping a tail torn by an earlier crash; durably
+        (one fsync for all of them) unless ``sync`` is False."""
         cf = self.journal(vid)
         path = self.cartridge_dir(vid) / JOURNAL
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
@@ -218,8 +246,9 @@ class Store:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.durable:
+            if self.durable and sync:
                 os.fsync(fd)
+                self.journal_syncs += 1
         finally:
             os.close(fd)
         for r in records:

@@ -8,6 +8,11 @@ that will not finish (cancellation, a source error); it is keyed by the operatio
 no-op when the operation never began or already finished. Aborted operations are not charged.
 
 Checks come before any change in each method, so an exception leaves the state untouched.
+
+Buffered writes: ``finish_write`` without ``flush`` leaves the file ``written`` (complete, not
+durable, not listed); ``begin_flush``/``finish_flush`` commit every file this session wrote on the
+cartridge since the last flush, with one journal fsync. Such a transaction sets ``sync`` False: its
+state save need not reach the disk either (headers are rebuilt from the journals at open).
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ class MovePlan:
 
 
 @dataclass(frozen=True, slots=True)
+class FlushPlan:
+    """A synchronous tape mark: ``fseqs`` (their data in ``data``) become durable."""
+
+    op: str
+    drive_id: str
+    vid: str
+    fseqs: list[int]
+    data: list[Path]
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class TransferPlan:
     """A read or a write of ``file``; ``seconds`` is locate + transfer."""
 
@@ -73,6 +90,7 @@ class Txn:
         assert store.session is not None
         self.session: str = store.session
         self.dirty = False
+        self.sync = True  # False: the state save may skip fsync (buffered writes)
         self.alive = functools.cache(store.alive)
         self.notes: list[str] = []
 
@@ -152,6 +170,7 @@ class Txn:
             raise Retryable("cartridge_disabled", f"{vid} is disabled")
         unloaded = d.vid
         if unloaded is not None:
+            self.flush_before_unload(d)
             self.cartridge(unloaded).drive = None
         fail = cart.fail_mounts > 0
         if fail:
@@ -183,6 +202,7 @@ class Txn:
         d = self.usable(drive_id)
         if d.vid is None:
             return None
+        self.flush_before_unload(d)
         self._start(d, "unmounting", op)
         return MovePlan(op, drive_id, d.vid, self.timing.unmount_seconds)
 
@@ -209,7 +229,9 @@ class Txn:
         self._end(d, plan.op)
 
     # --- write ---------------------------------------------------------------------------------
-    def begin_write(self, drive_id: str, op: str, name: str, size: int, adler32: str) -> TransferPlan:
+    def begin_write(
+        self, drive_id: str, op: str, name: str, size: int, adler32: str, flush: bool = True
+    ) -> TransferPlan:
         d = self.usable(drive_id)
         cart = self.mounted(d)
         if cart.state == "full":
@@ -232,7 +254,10 @@ class Txn:
             state="writing",
             written_at=time.time(),
         )
-        self.store.append(cart.vid, {"op": "reserve", "session": self.session, "file": f.model_dump()})
+        # Not synced: a reservation lost to a power cut is a file recovery would drop anyway.
+        record = {"op": "reserve", "session": self.session, "file": f.model_dump()}
+        self.store.append(cart.vid, record, sync=False)
+        self.sync = flush
         cart.used_bytes, cart.next_fseq = f.end, f.fseq + 1
         if cart.state == "scratch":
             cart.state = "filling"
@@ -243,15 +268,16 @@ class Txn:
             cart.vid,
             f,
             self.timing.locate_seconds(d.head, f.offset, cart.capacity),
-            self.timing.write_seconds(size),
+            self.timing.file_seconds(size),
             self.store.data_path(cart.vid, f.fseq),
             self.store.temp_path(cart.vid, f.fseq, self.session),
         )
 
-    def finish_write(self, plan: TransferPlan) -> int:
+    def finish_write(self, plan: TransferPlan, flush: bool = True) -> int:
+        """The file is on the tape behind a buffered tape mark; with ``flush`` a synchronous one
+        follows (its data was synced by the copy), committing it and whatever preceded it."""
         d, cart = self.drive(plan.drive_id), self.cartridge(plan.vid)
-        self.store.append(plan.vid, {"op": "commit", "fseq": plan.file.fseq, "at": time.time()})
-        cart.files += 1
+        self.store.append(plan.vid, {"op": "written", "fseq": plan.file.fseq}, sync=False)
         if cart.used_bytes >= cart.capacity:
             cart.state = "full"
         u = d.usage
@@ -260,8 +286,55 @@ class Txn:
         u.files_written += 1
         u.bytes_written += plan.file.size
         d.head = plan.file.end
+        if flush:
+            self._commit(d, cart, synced={plan.file.fseq})
+        else:
+            self.sync = False
         self._end(d, plan.op)
         return plan.file.fseq
+
+    # --- flush ---------------------------------------------------------------------------------
+    def begin_flush(self, drive_id: str, op: str) -> FlushPlan | None:
+        """What a synchronous tape mark on the drive would commit; None: nothing to flush."""
+        d = self.usable(drive_id)
+        cart = self.mounted(d)
+        fseqs = self.store.journal(cart.vid).unflushed(self.session)
+        if not fseqs:
+            return None
+        self._start(d, "writing", op)
+        data = [self.store.data_path(cart.vid, n) for n in fseqs]
+        return FlushPlan(op, drive_id, cart.vid, fseqs, data, self.timing.flush_seconds())
+
+    def finish_flush(self, plan: FlushPlan) -> list[int]:
+        d, cart = self.drive(plan.drive_id), self.cartridge(plan.vid)
+        committed = self._commit(d, cart, synced=set(plan.fseqs))
+        self._end(d, plan.op)
+        return committed
+
+    def flush_before_unload(self, d: Drive) -> None:
+        """A drive writes out its buffer before it unloads: commit this session's pending files."""
+        if d.vid is not None and self.store.journal(d.vid).unflushed(self.session):
+            self._commit(d, self.cartridge(d.vid), synced=set())
+
+    def discard_unflushed(self, d: Drive) -> None:
+        """The writer gives the drive up without a flush: what it wrote since is lost."""
+        if d.vid is not None and d.op is None:
+            drop_files(self.state, self.store, d.vid, self.store.journal(d.vid).unflushed(self.session))
+
+    def _commit(self, d: Drive, cart: Cartridge, synced: set[int]) -> list[int]:
+        """Commit this session's written files on ``cart``: their data (unless ``synced``), then
+        one journal fsync; charged as one synchronous tape mark."""
+        fseqs = self.store.journal(cart.vid).unflushed(self.session)
+        if not fseqs:
+            return []
+        self.store.sync_data(cart.vid, [n for n in fseqs if n not in synced])
+        now = time.time()
+        self.store.append(cart.vid, *({"op": "commit", "fseq": n, "at": now} for n in fseqs))
+        cart.files += len(fseqs)
+        d.usage.flush_seconds += self.timing.flush_seconds()
+        d.usage.flushes += 1
+        self.sync, self.dirty = True, True
+        return fseqs
 
     # --- read ----------------------------------------------------------------------------------
     def begin_read(self, drive_id: str, fseq: int, op: str, dest: Path) -> TransferPlan:
@@ -303,6 +376,7 @@ class Txn:
             self.cartridge(d.vid).drive = None
             d.vid, d.head = None, 0
         elif d.status == "writing" and d.vid is not None:
-            mine = [n for n, s in self.store.journal(d.vid).writers.items() if s == self.session]
+            # Only the file on its way: what this session wrote before stays for its flush.
+            mine = self.store.journal(d.vid).unflushed(self.session, states=("writing",))
             drop_files(self.state, self.store, d.vid, mine)
         self._end(d, op)

@@ -6,17 +6,22 @@ Order of work, so that a kill at any instruction loses nothing and writes nothin
 2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them
 3. mount (working around broken drives and cartridges that will not load)
 4. per file, in order: write it from its first usable disk copy (a mounted one first; a remote
-   one is downloaded to a node-local staging file first, ``staging``); the library verifies size
-   and adler32 while writing and returns the file sequence number once the file is committed
-5. record written files ``available`` with cartridge + fseq (in groups: ``Recorder``), their
+   one is downloaded to a node-local staging file first, ``staging``) behind a buffered tape mark
+   (``write(flush=False)``); the library verifies size and adler32 while writing and returns the
+   file sequence number, but the file is not durable yet
+5. every ``flush_files`` files or ``flush_bytes`` bytes (``[tape]``, CTA's defaults), before a
+   cartridge change and at the end: flush (one synchronous tape mark makes the group durable),
+   then record the group ``available`` with cartridge + fseq (``Recorder``), their
    ``file.archived`` written to the outbox in the same transaction; the relay publishes them
    after the commit (a broker outage delays them, a kill leaves them for the next start)
-6. at the end, or on any error: record what was written, put the copies not written back into
-   the queue, release the drive (the cartridge stays mounted for the pool's next batch).
+6. at the end, or on any error: flush and record what was written, put the copies not made
+   durable back into the queue, release the drive (the cartridge stays mounted for the pool's
+   next batch; the library drops whatever a failed flush left behind).
 
-Killed between 4 and 5, a file is committed on tape but the catalogue still says ``archiving`` on
-that cartridge: start-up reconciliation (``reconcile``) finds it there and records it. Killed
-during 4, the library drops the half-written file when it reopens, and the copy goes back to the
+Killed between 5's flush and its record, a file is committed on tape but the catalogue still says
+``archiving`` on that cartridge: start-up reconciliation (``reconcile``) finds it there and records
+it. Killed during 4 or before 5's flush, the library drops the files written since the last flush
+when it reopens (they were never committed), and reconciliation puts their copies back in the
 queue; a staging file left behind is removed at the next start. The batch never records a file
 the library has not committed.
 
@@ -30,7 +35,6 @@ outbox); the batch goes on with the next file. ``tape.mounted`` goes through the
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +53,6 @@ from daemons.tape.drives import Mount, MountFailures
 
 log = get_logger("spool.tape")
 
-# Written files are recorded at least this often (seconds), however few they are.
-RECORD_INTERVAL = 1.0
-
 
 @dataclass
 class Env:
@@ -67,30 +68,33 @@ class Env:
 
 
 class Recorder:
-    """Written files, recorded in groups of ``every`` (or every ``RECORD_INTERVAL`` s) in one
-    transaction with their ``file.archived`` events (outbox), which the relay then publishes."""
+    """Files a flush made durable, recorded at most ``every`` per transaction with their
+    ``file.archived`` events (outbox), which the relay then publishes."""
 
     def __init__(self, catalogue: Catalogue, relay: OutboxRelay, every: int) -> None:
         self.catalogue = catalogue
         self.relay = relay
         self.every = every
         self.buffer: list[db.Archived] = []
-        self._last = time.monotonic()
 
     def add(self, record: db.Archived) -> None:
         self.buffer.append(record)
 
-    async def maybe_flush(self) -> None:
-        if len(self.buffer) >= self.every or time.monotonic() - self._last >= RECORD_INTERVAL:
-            await self.flush()
-
     async def flush(self) -> None:
-        self._last = time.monotonic()
-        if not self.buffer:
-            return
-        await self.catalogue.tape.record_archived(list(self.buffer))
-        self.buffer.clear()
-        self.relay.kick()
+        while self.buffer:
+            group = self.buffer[: self.every]
+            await self.catalogue.tape.record_archived(group)
+            del self.buffer[: len(group)]
+            self.relay.kick()
+
+
+@dataclass(frozen=True, slots=True)
+class Unflushed:
+    """A file on the tape behind a buffered tape mark, waiting for the flush that commits it."""
+
+    file: db.BatchFile
+    vid: str
+    fseq: int
 
 
 class Batch:
@@ -102,7 +106,8 @@ class Batch:
         self.library = library
         policy = env.settings.tape
         self.recorder = Recorder(env.catalogue, env.relay, policy.record_every)
-        self.pending: dict[int, db.BatchFile] = {}  # taken, neither written nor failed yet
+        self.pending: dict[int, db.BatchFile] = {}  # taken, neither durable on tape nor failed yet
+        self.unflushed: list[Unflushed] = []  # written since the last flush (still pending)
         self.written = 0
         self.failed = 0
         self.mount: Mount | None = None
@@ -153,10 +158,33 @@ class Batch:
                 if self.env.stopping.is_set():
                     break
                 await self._archive(f)
-                await self.recorder.maybe_flush()
+                await self._maybe_flush()
         finally:
             await self._finish()
         return self.written
+
+    async def _maybe_flush(self) -> None:
+        policy = self.env.settings.tape
+        size = sum(u.file.size for u in self.unflushed)
+        if len(self.unflushed) >= policy.flush_files or size >= policy.flush_bytes:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """One synchronous tape mark for what was written since the last one, then its records:
+        nothing is recorded that the library has not made durable."""
+        if not self.unflushed:
+            return
+        assert self.mount is not None and self.mount.drive is not None
+        await self.library.flush(self.mount.drive)
+        storage = self.target.storage
+        for u in self.unflushed:
+            f = u.file
+            del self.pending[f.replica_id]
+            self.written += 1
+            correlation = db.CORRELATIONS.take(f.name, storage)  # the tape.archive's (its file.ready's)
+            self.recorder.add(db.Archived(f.replica_id, f.name, storage, u.vid, u.fseq, correlation))
+        self.unflushed.clear()
+        await self.recorder.flush()
 
     async def _moved_to(self, vid: str) -> None:
         """The batch continues on ``vid``: the copies not written yet now belong to it."""
@@ -207,12 +235,12 @@ class Batch:
         while True:
             assert mount.drive is not None
             try:
-                fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32)
+                fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32, flush=False)
             except SpoolError as exc:
                 if exc.reason in steps.CARTRIDGE_DONE:
                     if await self._too_large(f):
                         return None
-                    await self.recorder.flush()  # rows must name the cartridge their file is on
+                    await self._flush()  # rows must name the cartridge their file is on
                     await mount.close_cartridge(exc.reason, needed=f.size)
                     continue
                 if exc.reason in steps.SOURCE_BAD and not staged:
@@ -222,11 +250,7 @@ class Batch:
                     return exc
                 raise
             assert mount.vid is not None
-            del self.pending[f.replica_id]
-            self.written += 1
-            storage = self.target.storage
-            correlation = db.CORRELATIONS.take(f.name, storage)  # the tape.archive's (its file.ready's)
-            self.recorder.add(db.Archived(f.replica_id, f.name, storage, mount.vid, fseq, correlation))
+            self.unflushed.append(Unflushed(f, mount.vid, fseq))
             return None
 
     async def _source_file(self, f: db.BatchFile, source: Source) -> tuple[Path, bool]:
@@ -280,9 +304,15 @@ class Batch:
         )  # fmt: skip
 
     async def _finish(self) -> None:
-        """Record what was written, queue again what was not, give the drive back. Each step runs
-        even if another fails: written files stay ``archiving`` when they could not be recorded,
-        and reconciliation records them from the cartridge later."""
+        """Flush and record what was written, queue again what was not, give the drive back. Each
+        step runs even if another fails: files a failed flush left are queued again (releasing the
+        drive drops them from the cartridge); flushed files stay ``archiving`` when they could not
+        be recorded, and reconciliation records them from the cartridge later."""
+        try:
+            await self._flush()
+        except Exception as exc:
+            log.error("archive_flush_failed", storage=self.target.storage, error=repr(exc))
+            self.unflushed.clear()  # still pending: queued again below
         try:
             await self.recorder.flush()
         except Exception as exc:

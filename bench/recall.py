@@ -151,7 +151,7 @@ def minus(after: Clocks, before: Clocks) -> Figures:
 async def spool_run(
     work: Path, cfg: SimulatedLibraryConfig, archived: list[Archived], files: list[tuple[str, int, str]],
     order: list[Archived],
-) -> tuple[Figures, float, int]:  # fmt: skip
+) -> tuple[Figures, float, float, int]:  # fmt: skip
     endpoints = {
         "landing": StorageEndpoint(root=work / "landing"),
         "buffer": StorageEndpoint(root=work / "buffer"),
@@ -178,10 +178,10 @@ async def spool_run(
             settings=RecallSettings(poll_interval=0.05), announcer=Announcer(catalogue, RecordingPublisher()),
         )  # fmt: skip
         before = await clocks(lib)
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         await scheduler.start()
         await scheduler.until_idle()
-        wall = time.monotonic() - started
+        wall, cpu = time.monotonic() - started, time.process_time() - cpu
         figures = minus(await clocks(lib), before)
         done = sum(v.state == "done" for v in await catalogue.recall.list_recalls(len(order) + 1))
     finally:
@@ -189,7 +189,7 @@ async def spool_run(
         for storage in storages.values():
             storage.close()
         await catalogue.close()
-    return figures, wall, done
+    return figures, wall, cpu, done
 
 
 async def fcfs_run(work: Path, cfg: SimulatedLibraryConfig, order: list[Archived]) -> Figures:
@@ -230,13 +230,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         order = rng.sample(archived, args.recall)  # random files, in random request order
         lower_bound = len({a.vid for a in order})
         print(f"recalling {len(order)} files ({lower_bound} cartridges) ...", file=sys.stderr)
-        spool, wall, done = await spool_run(work, cfg, archived, files, order)
+        spool, wall, cpu, done = await spool_run(work, cfg, archived, files, order)
         fcfs = await fcfs_run(work, cfg.model_copy(update={"root": work / "library-fcfs"}), order)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
         "files": len(archived), "cartridges": args.cartridges, "drives": args.drives, "recalled": len(order),
         "requests_done": done, "wall_seconds": round(wall, 1),
+        "cpu_ms_per_file": round(cpu * 1000 / len(order), 2),
         "spool": {"mounts": spool.mounts, "drive_seconds": round(spool.seconds, 1),
                   "busiest_drive_seconds": round(spool.busiest_drive, 1)},
         "lower_bound_mounts": lower_bound,
@@ -251,7 +252,8 @@ def report(r: dict[str, Any]) -> None:
     sp, fc = r["spool"], r["fcfs"]
     print(
         f"{r['files']} files on {r['cartridges']} cartridges, {r['drives']} drives; "
-        f"{r['recalled']} recalled ({r['requests_done']} requests done, {r['wall_seconds']} s wall)"
+        f"{r['recalled']} recalled ({r['requests_done']} requests done, {r['wall_seconds']} s wall, "
+        f"{r['cpu_ms_per_file']} ms CPU per file)"
     )
     print(
         f"  spool : {sp['mounts']:5d} mounts  {sp['drive_seconds']:10.1f} s drive time "

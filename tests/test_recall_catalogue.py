@@ -6,6 +6,7 @@ with pinning, completion decided once, the outbox, recovery after a kill."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -273,3 +274,38 @@ async def test_the_sweep_repairs_a_counter_left_short_that_deliveries_only_add_t
 
 def _counter_short(conn: Connection, recall_id: str) -> None:
     conn.execute(s.recalls.update().where(s.recalls.c.id == recall_id).values(done=0))
+
+
+async def test_the_summary_counts_what_the_file_states_list(catalogue: Catalogue) -> None:
+    """``spool recall status`` counts in the catalogue: the same cartridges, states (in the order
+    the per-file listing met them), failures and waiting files as the per-file view."""
+    names = [f"s{i:02d}" for i in range(12)]
+    await archived(catalogue, *names[:6])
+    await archived(catalogue, *names[6:], vid="A00002")
+    await catalogue.recall.create_recall(spec("r1", *reversed(names), "nowhere"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    plan = [
+        ("r1", n, db.TapeCopy("tape1", "A00001" if i < 6 else "A00002", i % 6 + 1))
+        for i, n in enumerate(names)
+    ]
+    await catalogue.recall.assign(plan[:10])  # s10, s11: no copy chosen yet
+    await catalogue.recall.set_state([("r1", "s04"), ("r1", "s07")], "staging")
+    for n in ("s01", "s03", "s08"):
+        await catalogue.recall.deliver(delivery(n, ids[n]))
+    await catalogue.recall.fail([("r1", "s00"), ("r1", "s09")], "no_copy", "gone")
+
+    full = await catalogue.recall.status("r1")
+    got = await catalogue.recall.summary("r1", with_waiting=True)
+    assert full is not None and got is not None
+    per_cartridge: dict[str, dict[str, int]] = {}
+    for x in full.file_states:
+        counts = per_cartridge.setdefault(x.cartridge or "-", {})
+        counts[x.state] = counts.get(x.state, 0) + 1
+    assert [(k, list(v.items())) for k, v in sorted(per_cartridge.items())] == [
+        (k, list(v.items())) for k, v in got.cartridges.items()
+    ]
+    assert got.failures == tuple(x for x in full.file_states if x.state == "failed")
+    assert got.waiting == tuple(x for x in full.file_states if x.state in ("queued", "staging"))
+    assert got.view == replace(full, file_states=())
+    assert (await catalogue.recall.summary("r1")).waiting is None  # type: ignore[union-attr]
+    assert await catalogue.recall.summary("nope") is None

@@ -738,6 +738,48 @@ def status(conn: Connection, recall_id: str) -> RecallView | None:
     return _view(row, tuple(FileState(*x) for x in conn.execute(stmt)))
 
 
+@dataclass(frozen=True, slots=True)
+class RecallSummary:
+    """``spool recall status`` of one request, counted in the catalogue: a 100,000-file request
+    is a few grouped rows, not 100,000 file states."""
+
+    view: RecallView  # without file_states
+    cartridges: dict[str, dict[str, int]]  # cartridge ("-": none planned) -> state -> files
+    failures: tuple[FileState, ...]
+    waiting: tuple[FileState, ...] | None  # queued and staging files, when asked for
+
+
+def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> RecallSummary | None:
+    row = conn.execute(select(rc).where(rc.c.id == recall_id)).first()
+    if row is None:
+        return None
+    # States of a cartridge in the order they first appear in (fseq, name) order, as the per-file
+    # view listed them: one file per fseq on a cartridge, so (min fseq, min name) gives that order.
+    groups = conn.execute(
+        select(rf.c.cartridge, rf.c.state, func.count(), func.min(rf.c.fseq), func.min(rf.c.name))
+        .where(rf.c.recall_id == recall_id)
+        .group_by(rf.c.cartridge, rf.c.state)
+    ).all()
+    cartridges: dict[str, dict[str, int]] = {}
+    first_seen = sorted(groups, key=lambda g: (g[0] or "-", g[3] is None, g[3] or 0, g[4]))
+    for cartridge, state, n, _, _ in first_seen:
+        cartridges.setdefault(cartridge or "-", {})[state] = int(n)
+    detail = select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
+    order = (rf.c.cartridge, rf.c.fseq, rf.c.name)
+    failures = conn.execute(
+        detail.where(rf.c.recall_id == recall_id, rf.c.state == "failed").order_by(*order)
+    ).all()
+    waiting = None
+    if with_waiting:
+        waiting = conn.execute(
+            detail.where(rf.c.recall_id == recall_id, rf.c.state.in_(("queued", "staging"))).order_by(*order)
+        ).all()
+    return RecallSummary(
+        _view(row), dict(sorted(cartridges.items())), tuple(FileState(*x) for x in failures),
+        None if waiting is None else tuple(FileState(*x) for x in waiting),
+    )  # fmt: skip
+
+
 def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:
     stmt = select(rc).order_by(rc.c.created.desc(), rc.c.id).limit(limit)
     if active_only:

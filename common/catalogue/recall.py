@@ -765,19 +765,15 @@ def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> Rec
     for cartridge, state, n, _, _ in first_seen:
         cartridges.setdefault(cartridge or "-", {})[state] = int(n)
     detail = select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
-    order = (rf.c.cartridge, rf.c.fseq, rf.c.name)
-    failures = conn.execute(
-        detail.where(rf.c.recall_id == recall_id, rf.c.state == "failed").order_by(*order)
-    ).all()
-    waiting = None
-    if with_waiting:
-        waiting = conn.execute(
-            detail.where(rf.c.recall_id == recall_id, rf.c.state.in_(("queued", "staging"))).order_by(*order)
-        ).all()
+    # The files not done, in one pass over the request's rows (``!=``, not an IN on the state, so
+    # the request's key leads the plan rather than the state index across every request).
+    wanted = rf.c.state != "done" if with_waiting else rf.c.state == "failed"
+    stmt = detail.where(rf.c.recall_id == recall_id, wanted).order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
+    rows = [FileState(*x) for x in conn.execute(stmt)]
+    waiting = tuple(x for x in rows if x.state in ("queued", "staging")) if with_waiting else None
     return RecallSummary(
-        _view(row), dict(sorted(cartridges.items())), tuple(FileState(*x) for x in failures),
-        None if waiting is None else tuple(FileState(*x) for x in waiting),
-    )  # fmt: skip
+        _view(row), dict(sorted(cartridges.items())), tuple(x for x in rows if x.state == "failed"), waiting
+    )
 
 
 def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:

@@ -6,6 +6,7 @@ with pinning, completion decided once, the outbox, recovery after a kill."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -219,3 +220,92 @@ async def test_a_recalled_copy_whose_pin_ran_out_is_reapable_while_the_tape_copy
     await catalogue.recall.deliver(delivery("b", ids["b"]))  # pinned until 2030
 
     assert [(x.name, x.storage) for x in await catalogue.replication.reapable()] == [("a", "disk2")]
+
+
+async def test_a_large_request_with_mixed_outcomes_is_counted_and_completed_once(
+    catalogue: Catalogue,
+) -> None:
+    """Counters are added to, not recounted: failures and deliveries in any mix, keys repeated or
+    already settled, still make the request's counters its files' states, and complete it once."""
+    names = [f"m{i:03d}" for i in range(30)]
+    await archived(catalogue, *names)
+    await catalogue.recall.create_recall(spec("r1", *names, "nowhere"))  # one unknown: failed at once
+    await catalogue.recall.create_recall(spec("r2", "m000", "m001"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    await catalogue.recall.assign(
+        [("r1", n, db.TapeCopy("tape1", "A00001", i + 1)) for i, n in enumerate(names)]
+    )
+    await catalogue.recall.set_state([("r1", n) for n in names[:10]], "staging")
+
+    settled = await catalogue.recall.fail(
+        [("r1", n) for n in names[5:15]] + [("r1", "m005"), ("r1", "nowhere")], "no_copy", "gone"
+    )
+    assert settled == db.Settled()  # 10 failed, the unknown one was failed already
+    for n in names[:5] + names[15:29]:
+        assert await catalogue.recall.deliver(delivery(n, ids[n])) is not None
+    view = await catalogue.recall.status("r1")
+    assert view is not None and (view.state, view.done, view.failed, view.queued) == ("active", 19, 11, 1)
+    planned = {f.cartridge for f in view.file_states if f.name != "nowhere"}
+    assert planned == {"A00001"}  # the plan was recorded for every row
+
+    last = await catalogue.recall.deliver(delivery(names[29], ids[names[29]]))
+    assert last is not None
+    (completion,) = last.completed
+    assert (completion.recall_id, completion.state, completion.files) == ("r1", "failed", 31)
+    assert completion.failed == tuple(sorted([*names[5:15], "nowhere"]))
+    r2 = await catalogue.recall.status("r2")
+    assert r2 is not None and (r2.state, r2.done, r2.failed) == ("done", 2, 0)
+    assert await catalogue.recall.fail([("r1", names[29])], "again", "") == db.Settled()
+
+
+async def test_the_sweep_repairs_a_counter_left_short_that_deliveries_only_add_to(
+    catalogue: Catalogue,
+) -> None:
+    await archived(catalogue, "a", "b")
+    await catalogue.recall.create_recall(spec("r1", "a", "b"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    await catalogue.recall.deliver(delivery("a", ids["a"]))
+    await catalogue.write(_counter_short, "r1")  # what issue 14 left: a settlement not counted
+    last = await catalogue.recall.deliver(delivery("b", ids["b"]))
+    assert last is not None and last.completed == ()
+    (repaired,) = await catalogue.recall.complete_settled()
+    assert (repaired.recall_id, repaired.state, repaired.files) == ("r1", "done", 2)
+
+
+def _counter_short(conn: Connection, recall_id: str) -> None:
+    conn.execute(s.recalls.update().where(s.recalls.c.id == recall_id).values(done=0))
+
+
+async def test_the_summary_counts_what_the_file_states_list(catalogue: Catalogue) -> None:
+    """``spool recall status`` counts in the catalogue: the same cartridges, states (in the order
+    the per-file listing met them), failures and waiting files as the per-file view."""
+    names = [f"s{i:02d}" for i in range(12)]
+    await archived(catalogue, *names[:6])
+    await archived(catalogue, *names[6:], vid="A00002")
+    await catalogue.recall.create_recall(spec("r1", *reversed(names), "nowhere"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    plan = [
+        ("r1", n, db.TapeCopy("tape1", "A00001" if i < 6 else "A00002", i % 6 + 1))
+        for i, n in enumerate(names)
+    ]
+    await catalogue.recall.assign(plan[:10])  # s10, s11: no copy chosen yet
+    await catalogue.recall.set_state([("r1", "s04"), ("r1", "s07")], "staging")
+    for n in ("s01", "s03", "s08"):
+        await catalogue.recall.deliver(delivery(n, ids[n]))
+    await catalogue.recall.fail([("r1", "s00"), ("r1", "s09")], "no_copy", "gone")
+
+    full = await catalogue.recall.status("r1")
+    got = await catalogue.recall.summary("r1", with_waiting=True)
+    assert full is not None and got is not None
+    per_cartridge: dict[str, dict[str, int]] = {}
+    for x in full.file_states:
+        counts = per_cartridge.setdefault(x.cartridge or "-", {})
+        counts[x.state] = counts.get(x.state, 0) + 1
+    assert [(k, list(v.items())) for k, v in sorted(per_cartridge.items())] == [
+        (k, list(v.items())) for k, v in got.cartridges.items()
+    ]
+    assert got.failures == tuple(x for x in full.file_states if x.state == "failed")
+    assert got.waiting == tuple(x for x in full.file_states if x.state in ("queued", "staging"))
+    assert got.view == replace(full, file_states=())
+    assert (await catalogue.recall.summary("r1")).waiting is None  # type: ignore[union-attr]
+    assert await catalogue.recall.summary("nope") is None

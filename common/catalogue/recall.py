@@ -27,13 +27,13 @@ Every function takes a synchronous ``Connection``; ``catalogue.recall`` (the rep
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 
 from common.catalogue import schema as s
 from common.catalogue.sql import check_fits, chunks, storage_ids_sync, utcnow
@@ -371,18 +371,26 @@ def _copies(
 
 def assign(conn: Connection, plan: Sequence[tuple[str, str, TapeCopy | None]]) -> None:
     """Record the tape copy chosen for each (recall, name) still queued (None: forget it)."""
+    if not plan:
+        return
     now = utcnow()
-    for recall_id, name, copy in plan:
-        conn.execute(
-            update(rf)
-            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state == "queued")
-            .values(
-                storage=copy.storage if copy else None,
-                cartridge=copy.cartridge if copy else None,
-                fseq=copy.fseq if copy else None,
-                updated=now,
-            )
-        )
+    # One statement executed for every row (executemany): a 100,000-file plan is one round of the
+    # driver, not 100,000 statements compiled and sent one by one.
+    stmt = (
+        update(rf)
+        .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"),
+               rf.c.state == "queued")
+        .values(storage=bindparam("c_storage"), cartridge=bindparam("c_cartridge"), fseq=bindparam("c_fseq"),
+                updated=now)
+    )  # fmt: skip
+    conn.execute(
+        stmt,
+        [
+            {"k_recall": recall_id, "k_name": name, "c_storage": copy.storage if copy else None,
+             "c_cartridge": copy.cartridge if copy else None, "c_fseq": copy.fseq if copy else None}
+            for recall_id, name, copy in plan
+        ],
+    )  # fmt: skip
 
 
 def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after: int) -> list[ReadItem]:
@@ -398,20 +406,18 @@ def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after
         rf.c.fseq > after,
         rc.c.state == "active",
     )
-    base = select(func.min(rf.c.fseq)).select_from(rf.join(rc, rc.c.id == rf.c.recall_id)).where(*where)
-    fseq = conn.scalar(base)
-    if fseq is None:
-        return []
+    lowest = select(func.min(rf.c.fseq)).select_from(rf.join(rc, rc.c.id == rf.c.recall_id)).where(*where)
     stmt = (
-        select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, f.c.size, f.c.adler32, rc.c.destination)
+        select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, rf.c.fseq, f.c.size, f.c.adler32,
+               rc.c.destination)
         .join(rc, rc.c.id == rf.c.recall_id)
         .join(f, f.c.id == rf.c.file_id)
-        .where(*where, rf.c.fseq == fseq)
+        .where(*where, rf.c.fseq == lowest.scalar_subquery())
         .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
-    )
+    )  # fmt: skip
     return [
         ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
-                 TapeCopy(row.storage, vid, int(fseq)))
+                 TapeCopy(row.storage, vid, int(row.fseq)))
         for row in conn.execute(stmt)
     ]  # fmt: skip
 
@@ -420,15 +426,19 @@ def set_state(
     conn: Connection, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False
 ) -> None:
     """Move rows between ``queued`` and ``staging`` (never out of done / failed)."""
+    if not keys:
+        return
     values: dict[str, Any] = {"state": state, "updated": utcnow()}
     if forget_copy:
         values.update(storage=None, cartridge=None, fseq=None)
-    for recall_id, name in keys:
-        conn.execute(
-            update(rf)
-            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state.in_(("queued", "staging")))
-            .values(**values)
-        )
+    stmt = (
+        update(rf)
+        .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"),
+               # not IN (...): an expanding parameter cannot go through executemany
+               or_(rf.c.state == "queued", rf.c.state == "staging"))
+        .values(**values)
+    )  # fmt: skip
+    conn.execute(stmt, [{"k_recall": recall_id, "k_name": name} for recall_id, name in keys])
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -488,6 +498,8 @@ def deliver(conn: Connection, dl: Delivery) -> Settled | None:
             rc.c.state == "active",
         )
         .order_by(rf.c.recall_id)
+        # Locked (PostgreSQL): the rows counted below are exactly the rows this update moves.
+        .with_for_update(of=rf)
     ).all()
     ids = [w.recall_id for w in waiting]
     for part in chunks(ids):
@@ -503,24 +515,33 @@ def deliver(conn: Connection, dl: Delivery) -> Settled | None:
         conn, [(dl.name, "file.recalled", "ok", dl.destination, {"request_id": i, **detail}) for i in ids]
     )
     recalled = tuple(Recalled(w.recall_id, dl.name, dl.destination, w.correlation_id) for w in waiting)
-    return Settled(recalled, _settle(conn, ids))
+    return Settled(recalled, _advance(conn, {i: (1, 0) for i in ids}))
 
 
 def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str) -> Settled:
     """Fail files for good (from queued / staging) and settle their recalls."""
     now = utcnow()
-    failed: list[tuple[str, str]] = []
+    by_recall: dict[str, list[str]] = defaultdict(list)
     for recall_id, name in keys:
-        res = conn.execute(
-            update(rf)
-            .where(rf.c.recall_id == recall_id, rf.c.name == name, rf.c.state.in_(("queued", "staging")))
-            .values(state="failed", reason=reason, error=error, updated=now)
-        )
-        if res.rowcount:
-            failed.append((recall_id, name))
+        by_recall[recall_id].append(name)
+    open_state = rf.c.state.in_(("queued", "staging"))
+    moved: set[tuple[str, str]] = set()
+    # Per request, the names still open (locked on PostgreSQL, so exactly these are moved and
+    # counted), then one update of them: a request's many files are a few statements, not one each.
+    for recall_id, names in by_recall.items():
+        for part in chunks(list(dict.fromkeys(names))):
+            where = (rf.c.recall_id == recall_id, rf.c.name.in_(part), open_state)
+            open_names = set(conn.scalars(select(rf.c.name).where(*where).with_for_update()))
+            if not open_names:
+                continue
+            conn.execute(
+                update(rf).where(*where).values(state="failed", reason=reason, error=error, updated=now)
+            )
+            moved.update((recall_id, n) for n in open_names)
+    failed = [k for k in dict.fromkeys(keys) if k in moved]  # in the caller's order, as before
     _history(conn, [(n, "recall.failed", "failed", None, {"request_id": i, "reason": reason, "error": error})
                     for i, n in failed])  # fmt: skip
-    return Settled(completed=_settle(conn, list(dict.fromkeys(i for i, _ in failed))))
+    return Settled(completed=_advance(conn, {i: (0, n) for i, n in Counter(i for i, _ in failed).items()}))
 
 
 def tape_copy_bad(conn: Connection, file_id: int, storage: str, reason: str, error: str) -> bool:
@@ -594,6 +615,37 @@ def _settle(conn: Connection, recall_ids: Iterable[str]) -> tuple[Completion, ..
     return tuple(out)
 
 
+def _advance(conn: Connection, moved: dict[str, tuple[int, int]]) -> tuple[Completion, ...]:
+    """Add the files this transaction moved to done / failed (``moved``: recall -> (done, failed))
+    to their active recalls' counters; complete those with nothing left.
+
+    ``_settle`` recounts a request's files, which costs a scan of all of them per settlement: a
+    100,000-file request read 10^10 rows to complete. Adding is as safe under the same lock: the
+    request rows are locked (in id order) before their counters are read, so a concurrent settler
+    of the same request waits and then reads ours (PostgreSQL hands ``FOR UPDATE`` the newest
+    row version), and the rows counted were locked and moved by this transaction itself. A counter
+    a former bug left short (issue 14) is repaired by the sweep (``complete_settled``), which
+    recounts.
+    """
+    ids = sorted(rid for rid, (done, failed) in moved.items() if done or failed)
+    if not ids:
+        return ()
+    now = utcnow()
+    out = []
+    for part in chunks(ids):
+        stmt = select(rc).where(rc.c.id.in_(part), rc.c.state == "active").order_by(rc.c.id).with_for_update()
+        for head in conn.execute(stmt).all():
+            done, failed = head.done + moved[head.id][0], head.failed + moved[head.id][1]
+            values: dict[str, Any] = {"done": done, "failed": failed, "updated": now}
+            complete = done + failed >= head.files
+            if complete:
+                values.update(state="failed" if failed else "done", completed=now)
+            res = conn.execute(update(rc).where(rc.c.id == head.id, rc.c.state == "active").values(**values))
+            if complete and res.rowcount:
+                out.append(_completion(conn, head.id, values["state"], head))
+    return tuple(out)
+
+
 def complete_settled(conn: Connection, limit: int = 1000) -> tuple[Completion, ...]:
     """The sweep: complete ``active`` recalls none of whose files is queued or staging.
 
@@ -636,10 +688,13 @@ def _history(conn: Connection, rows: Sequence[tuple[str, str, str, str | None, d
 # --- the outbox ----------------------------------------------------------------------------------
 def mark_announced(conn: Connection, settled: Settled) -> None:
     now = utcnow()
-    for x in settled.recalled:
-        conn.execute(
-            update(rf).where(rf.c.recall_id == x.recall_id, rf.c.name == x.name).values(announced=True)
+    if settled.recalled:
+        stmt = (
+            update(rf)
+            .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"))
+            .values(announced=True)
         )
+        conn.execute(stmt, [{"k_recall": x.recall_id, "k_name": x.name} for x in settled.recalled])
     for part in chunks([c.recall_id for c in settled.completed]):
         conn.execute(update(rc).where(rc.c.id.in_(part)).values(announced=True, updated=now))
 
@@ -681,6 +736,44 @@ def status(conn: Connection, recall_id: str) -> RecallView | None:
         .order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
     )
     return _view(row, tuple(FileState(*x) for x in conn.execute(stmt)))
+
+
+@dataclass(frozen=True, slots=True)
+class RecallSummary:
+    """``spool recall status`` of one request, counted in the catalogue: a 100,000-file request
+    is a few grouped rows, not 100,000 file states."""
+
+    view: RecallView  # without file_states
+    cartridges: dict[str, dict[str, int]]  # cartridge ("-": none planned) -> state -> files
+    failures: tuple[FileState, ...]
+    waiting: tuple[FileState, ...] | None  # queued and staging files, when asked for
+
+
+def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> RecallSummary | None:
+    row = conn.execute(select(rc).where(rc.c.id == recall_id)).first()
+    if row is None:
+        return None
+    # States of a cartridge in the order they first appear in (fseq, name) order, as the per-file
+    # view listed them: one file per fseq on a cartridge, so (min fseq, min name) gives that order.
+    groups = conn.execute(
+        select(rf.c.cartridge, rf.c.state, func.count(), func.min(rf.c.fseq), func.min(rf.c.name))
+        .where(rf.c.recall_id == recall_id)
+        .group_by(rf.c.cartridge, rf.c.state)
+    ).all()
+    cartridges: dict[str, dict[str, int]] = {}
+    first_seen = sorted(groups, key=lambda g: (g[0] or "-", g[3] is None, g[3] or 0, g[4]))
+    for cartridge, state, n, _, _ in first_seen:
+        cartridges.setdefault(cartridge or "-", {})[state] = int(n)
+    detail = select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
+    # The files not done, in one pass over the request's rows (``!=``, not an IN on the state, so
+    # the request's key leads the plan rather than the state index across every request).
+    wanted = rf.c.state != "done" if with_waiting else rf.c.state == "failed"
+    stmt = detail.where(rf.c.recall_id == recall_id, wanted).order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
+    rows = [FileState(*x) for x in conn.execute(stmt)]
+    waiting = tuple(x for x in rows if x.state in ("queued", "staging")) if with_waiting else None
+    return RecallSummary(
+        _view(row), dict(sorted(cartridges.items())), tuple(x for x in rows if x.state == "failed"), waiting
+    )
 
 
 def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import uuid
-from collections import Counter, defaultdict
 from typing import Annotated, Any
 
 import aio_pika
@@ -164,32 +163,31 @@ async def _follow(
         await catalogue.close()
 
 
-def _document(view: db.RecallView) -> dict[str, Any]:
-    per_cartridge: dict[str, Counter[str]] = defaultdict(Counter)
-    for f in view.file_states:
-        per_cartridge[f.cartridge or "-"][f.state] += 1
+def _document(view: db.RecallView, detail: db.RecallSummary | None = None) -> dict[str, Any]:
+    cartridges = detail.cartridges if detail is not None else {}
     return {
         "id": view.id, "state": view.state, "destination": view.destination, "dataset": view.dataset,
         "priority": view.priority, "reply_to": view.reply_to, "files": view.files, "done": view.done,
         "failed": view.failed, "queued": view.queued,
-        "staging": sum(f.state == "staging" for f in view.file_states),
+        "staging": sum(counts.get("staging", 0) for counts in cartridges.values()),
         "created": view.created, "updated": view.updated, "completed": view.completed,
-        "cartridges": {k: dict(v) for k, v in sorted(per_cartridge.items())},
+        "cartridges": cartridges,
         "failures": [
             {"name": f.name, "reason": f.reason, "error": f.error}
-            for f in view.file_states if f.state == "failed"
+            for f in (detail.failures if detail else ())
         ],
         "waiting": [
             {"name": f.name, "state": f.state, "cartridge": f.cartridge, "fseq": f.fseq}
-            for f in view.file_states if f.state in ("queued", "staging")
+            for f in ((detail.waiting or ()) if detail else ())
         ],
     }  # fmt: skip
 
 
-async def _status(c: Catalogue, recall_id: str) -> dict[str, Any] | None:
-    view = await c.recall.status(recall_id)
-    if view is not None:
-        return _document(view)
+async def _status(c: Catalogue, recall_id: str, with_waiting: bool = True) -> dict[str, Any] | None:
+    """Counted in the catalogue (``summary``); the waiting files are listed only for ``--json``."""
+    detail = await c.recall.summary(recall_id, with_waiting)
+    if detail is not None:
+        return _document(detail.view, detail)
     refused = (await c.queries.request_state([recall_id])).get(recall_id)
     if refused is None:
         return None
@@ -200,7 +198,7 @@ async def _status(c: Catalogue, recall_id: str) -> dict[str, Any] | None:
 @recall_app.command("status")
 def status(ctx: typer.Context, recall_id: str, json_out: JsonOpt = False) -> None:
     """One recall: state, files done / failed (with reasons) / waiting, per cartridge."""
-    doc = with_catalogue(settings_from(ctx), lambda c: _status(c, recall_id))
+    doc = with_catalogue(settings_from(ctx), lambda c: _status(c, recall_id, json_out))
     if doc is None:
         raise UserError(f"no recall request {recall_id!r}")
     if json_out:

@@ -121,8 +121,9 @@ def make_night(landing: Path, files: int, scale: float, sizes: tuple[int, int], 
             path = directory / f"subrun{subrun:04d}.fits.fz"
             path.write_bytes(data)
             total += size
-            msg = FileReady(id=f"night-{len(events):07d}", source="bench-daq", path=str(path), dataset=dataset,
-                            size=size, adler32=f"{zlib.adler32(data) & 0xFFFFFFFF:08x}",
+            checksum = f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+            msg = FileReady(id=f"night-{len(events):07d}", source="bench-daq", path=str(path),
+                            dataset=dataset, size=size, adler32=checksum,
                             metadata={"run": run, "subrun": subrun})  # fmt: skip
             events.append(to_cloudevent(msg))
             if len(events) % 500 == 0:
@@ -363,7 +364,9 @@ async def watch_night(args: argparse.Namespace, settings: Settings, engine: Asyn
     timeline = Timeline()
     progress = Progress(every=args.interval)
     t0 = time.monotonic()
-    publishing = asyncio.create_task(announce(connection, settings, night.events, args.announce_seconds, sent))
+    publishing = asyncio.create_task(
+        announce(connection, settings, night.events, args.announce_seconds, sent)
+    )
     last_change, last_counts = t0, dict.fromkeys(STAGES, 0)
     try:
         while True:
@@ -382,7 +385,9 @@ async def watch_night(args: argparse.Namespace, settings: Settings, engine: Asyn
             check_fleet(fleet)
             dead = await dead_letters(connection, settings)
             if dead:
-                raise BenchError(f"{dead} message(s) dead-lettered (see the queues {settings.bus.queue_prefix}.*.dead)")
+                raise BenchError(
+                    f"{dead} message(s) dead-lettered (see the queues {settings.bus.queue_prefix}.*.dead)"
+                )
             if now - last_change > args.stall:
                 raise BenchError(f"no progress for {args.stall:.0f} s at {counts} of {total:,}")
             shown = "  ".join(f"{s} {n:,}" for s, n in counts.items())
@@ -419,7 +424,9 @@ async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     return figures
 
 
-async def run_night(args: argparse.Namespace, settings: Settings, config: Path, url: str, night: Night) -> dict[str, Any]:
+async def run_night(
+    args: argparse.Namespace, settings: Settings, config: Path, url: str, night: Night
+) -> dict[str, Any]:
     connection = await connect(settings.bus, name="spool-night")
     await declare_topology(await connection.channel(), settings)  # file.ready routable from the start
     fleet = Fleet(config, settings.state_dir / "logs")
@@ -437,7 +444,7 @@ async def run_night(args: argparse.Namespace, settings: Settings, config: Path, 
         await wait_consuming(settings, fleet)
         ready_rss = {name: s.rss() / 2**20 for name, s in samplers.items()}
         cpu0 = {name: s.cpu for name, s in samplers.items()} | others_cpu(clock, postgres)
-        say(f"every daemon consuming; announcing {len(night.events):,} files over {args.announce_seconds:.0f} s")
+        say(f"all consuming; announcing {len(night.events):,} files over {args.announce_seconds:.0f} s")
         timeline = await watch_night(args, settings, engine, fleet, night, connection)
         await asyncio.sleep(0.6)  # a last sample of every daemon's CPU
         cpu1 = {name: s.cpu for name, s in samplers.items()} | others_cpu(clock, postgres)
@@ -455,7 +462,8 @@ async def run_night(args: argparse.Namespace, settings: Settings, config: Path, 
     return {
         "files": files, "datasets": night.datasets, "bytes": night.total_bytes, "scale": args.scale,
         "catalogue": args.catalogue, "announce_seconds": args.announce_seconds, "cpus": psutil.cpu_count(),
-        "stages": {s: {"files": timeline.samples[-1][2][s], "seconds": timeline.done_at.get(s)} for s in STAGES},
+        "stages": {s: {"files": timeline.samples[-1][2][s], "seconds": timeline.done_at.get(s)}
+                   for s in STAGES},
         "rates": timeline.rates(args.interval), "interval": args.interval,
         "processes": {k: {"cpu_seconds": v, "cpu_ms_per_file": 1000 * v / files,
                           **({"peak_rss_mb": samplers[k].peak / 2**20, "ready_rss_mb": ready_rss[k]}
@@ -476,7 +484,8 @@ async def limits(args: argparse.Namespace, settings: Settings, night: Night) -> 
     await asyncio.to_thread(shutil.rmtree, copy)
     return {
         "raw_round_trip": asdict(raw) | {"rate": raw.rate},
-        "cp": asdict(cp) | {"durable_seconds": cp.durable_seconds, "rate": len(night.events) / cp.durable_seconds},
+        "cp": asdict(cp)
+        | {"durable_seconds": cp.durable_seconds, "rate": len(night.events) / cp.durable_seconds},
     }
 
 
@@ -484,15 +493,18 @@ async def limits(args: argparse.Namespace, settings: Settings, night: Night) -> 
 def report(f: dict[str, Any]) -> None:
     files = f["files"]
     print(f"\nThe night: {files:,} files in {f['datasets']:,} datasets, {f['bytes']:,} bytes "
-          f"({f['bytes'] / 1e9:.2f} GB, sizes / {f['scale']:g}), {f['catalogue']} catalogue, {f['cpus']} CPUs, "
-          f"announced over {f['announce_seconds']:.0f} s")  # fmt: skip
+          f"({f['bytes'] / 1e9:.2f} GB, sizes / {f['scale']:g}), {f['catalogue']} catalogue, "
+          f"{f['cpus']} CPUs, announced over {f['announce_seconds']:.0f} s")  # fmt: skip
     for stage, s in f["stages"].items():
         sec = s["seconds"]
         line = f"{sec:8.1f} s  {files / sec:7.0f} files/s" if sec else "  not reached"
         print(f"  every file {stage:<10} {line}")
     end = max((s["seconds"] or math.inf) for s in f["stages"].values())
     print(f"  end to end: {end:.0f} s; target for 500,000 files: <= {TARGET_SECONDS:.0f} s (>= 280 files/s)")
-    print(f"\n  files/s per {f['interval']:g} s  (until)  " + "  ".join(f"{k:>10}" for k in ["announced", *STAGES]))
+    print(
+        f"\n  files/s per {f['interval']:g} s  (until)  "
+        + "  ".join(f"{k:>10}" for k in ["announced", *STAGES])
+    )
     for row in f["rates"]:
         print(f"  {row['until']:>28.0f}  " + "  ".join(f"{row[k]:>10.1f}" for k in ["announced", *STAGES]))
     print(f"\n  {'process':<12} {'CPU s':>8} {'CPU ms/file':>12} {'peak RSS MB':>12}")
@@ -504,30 +516,53 @@ def report(f: dict[str, Any]) -> None:
     if "limits" in f:
         raw, cp = f["limits"]["raw_round_trip"], f["limits"]["cp"]
         print(f"\n  limits: raw bus round trip {raw['rate']:,.0f} msg/s ({raw['seconds']:.1f} s); "
-              f"cp -r {cp['copy_seconds']:.1f} s + sync -f {cp['sync_seconds']:.1f} s = {cp['rate']:,.0f} files/s")  # fmt: skip
+              f"cp -r {cp['copy_seconds']:.1f} s + sync -f {cp['sync_seconds']:.1f} s "
+              f"= {cp['rate']:,.0f} files/s")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--files", type=int, default=500_000, help="files in the night (default: 500000)")
-    p.add_argument("--scale", type=float, default=1000.0, help="file sizes 1 MB-2 GB divided by this (default: 1000)")
+    p.add_argument(
+        "--scale", type=float, default=1000.0, help="file sizes 1 MB-2 GB divided by this (default: 1000)"
+    )
     p.add_argument("--min-dataset", type=int, default=5, help="fewest files in a dataset (default: 5)")
     p.add_argument("--max-dataset", type=int, default=2000, help="most files in a dataset (default: 2000)")
-    p.add_argument("--announce-seconds", type=float, default=300.0, help="file.ready spread over (default: 300)")
-    p.add_argument("--catalogue", choices=("sqlite", "postgresql"), default="sqlite",
-                   help="SQLite in the state dir, or a fresh database on PostgreSQL 127.0.0.1:5432")
-    p.add_argument("--tape-time-scale", type=float, default=None,
-                   help="real seconds per simulated tape second (default: 1 / --scale)")
+    p.add_argument(
+        "--announce-seconds", type=float, default=300.0, help="file.ready spread over (default: 300)"
+    )
+    p.add_argument(
+        "--catalogue",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="SQLite in the state dir, or a fresh database on PostgreSQL 127.0.0.1:5432",
+    )
+    p.add_argument(
+        "--tape-time-scale",
+        type=float,
+        default=None,
+        help="real seconds per simulated tape second (default: 1 / --scale)",
+    )
     p.add_argument("--drives", type=int, default=4, help="drives of the simulated library (default: 4)")
-    p.add_argument("--mount-max-age", type=float, default=30.0,
-                   help="[tape] mount_max_age: the night's tail waits this long for a mount (default: 30)")
+    p.add_argument(
+        "--mount-max-age",
+        type=float,
+        default=30.0,
+        help="[tape] mount_max_age: the night's tail waits this long for a mount (default: 30)",
+    )
     p.add_argument("--interval", type=float, default=30.0, help="seconds per rate figure (default: 30)")
-    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the catalogue (default: 1)")
+    p.add_argument(
+        "--poll", type=float, default=1.0, help="seconds between looks at the catalogue (default: 1)"
+    )
     p.add_argument("--stall", type=float, default=300.0, help="give up after this long without progress")
     p.add_argument("--seed", type=int, default=18, help="of the night's sizes (default: 18)")
     p.add_argument("--no-limits", action="store_true", help="skip the raw round trip and cp -r")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="files, catalogue, tape library, logs (default: a temporary directory, removed)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="files, catalogue, tape library, logs (default: a temporary directory, removed)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary state directory")
     p.add_argument("--amqp-url", default=DEFAULT_AMQP_URL, help="RabbitMQ (default: $SPOOL_TEST_AMQP_URL)")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
@@ -548,16 +583,19 @@ def main() -> None:
     try:
         figures = asyncio.run(bench(args, state))
     except BenchError as exc:
+        remove = False
         say(f"\nBENCHMARK BROKE: {exc}\nstate kept under {state}")
         sys.exit(1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("\ninterrupted")
         sys.exit(130)
     except Exception:
+        remove = False
         say(f"state kept under {state}")
         raise
-    if remove:
-        shutil.rmtree(state, ignore_errors=True)
+    finally:
+        if remove:
+            shutil.rmtree(state, ignore_errors=True)
     report(figures)
     if args.json:
         print(json.dumps(figures))

@@ -23,7 +23,8 @@ def test_a_tiny_night_reaches_every_stage(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "bench/night.py", "--files", str(FILES), "--announce-seconds", "3",
-         "--mount-max-age", "1", "--interval", "5", "--state-dir", str(tmp_path / "state"), "--json"],
+         "--mount-max-age", "1", "--interval", "5", "--no-limits", "--json",
+         "--state-dir", str(tmp_path / "state")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -35,4 +36,3 @@ def test_a_tiny_night_reaches_every_stage(tmp_path):
         assert figures["stages"][stage]["seconds"] > 0, stage
     for daemon in DAEMONS:
         assert figures["processes"][daemon]["peak_rss_mb"] > 0, daemon
-    assert figures["limits"]["raw_round_trip"]["messages"] == FILES

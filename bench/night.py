@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import psutil
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -445,7 +446,12 @@ async def run_night(
         ready_rss = {name: s.rss() / 2**20 for name, s in samplers.items()}
         cpu0 = {name: s.cpu for name, s in samplers.items()} | others_cpu(clock, postgres)
         say(f"all consuming; announcing {len(night.events):,} files over {args.announce_seconds:.0f} s")
-        timeline = await watch_night(args, settings, engine, fleet, night, connection)
+        try:
+            timeline = await watch_night(args, settings, engine, fleet, night, connection)
+        except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+            if connection.is_closed or not connection.connected.is_set():  # e.g. the broker restarted
+                raise BenchError(f"lost the broker connection, figures void: {exc!r}") from exc
+            raise
         await asyncio.sleep(0.6)  # a last sample of every daemon's CPU
         cpu1 = {name: s.cpu for name, s in samplers.items()} | others_cpu(clock, postgres)
     finally:

@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
 	done)
 
-.PHONY: demo test unit venv services lint bench chaos clean
+.PHONY: demo test unit venv services lint bench night chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
@@ -39,6 +39,10 @@ lint: venv
 
 bench: venv services
 	$(PY) bench/ingest.py
+
+# The whole night (bench/night.py): 500,000 files, sizes / 1,000 (~130 GB), through every daemon.
+night: venv services
+	$(PY) bench/night.py
 
 # Long chaos runs (docs/chaos.md): 20,000 files through SIGKILLs, SIGTERMs and outages of a
 # private RabbitMQ node, on SQLite then on a fresh PostgreSQL database; ~25 minutes on 2 cores.

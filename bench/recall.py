@@ -15,8 +15,9 @@ Printed for both: mounts and the simulated drive time (seconds summed over drive
 distinct cartridges involved), the ratios, and the process CPU time of the scheduler run per
 recalled file (``cpu_ms_per_file``: scheduler and catalogue, comparable on a loaded machine).
 Targets: mounts / lower bound = 1.00 and Spool's drive time <= 1/5 of FCFS's. The library runs
-with ``time_scale = 0`` (clocks only, no sleeping) and ``durable = False``; the LTO-9 timing defaults apply (mount 16 s, unmount 56 s, mean locate
-60 s over a full tape, 360 MB/s), with a cartridge capacity equal to the data it holds.
+with ``time_scale = 0`` (clocks only, no sleeping) and ``durable = False``; the LTO-9 timing
+defaults apply (mount 16 s, unmount 56 s, mean locate 60 s over a full tape, 360 MB/s), with a
+cartridge capacity equal to the data it holds.
 
     .venv/bin/python -P bench/recall.py            # 5,000 files, 50 cartridges, 2,000 recalled
     .venv/bin/python -P bench/recall.py --files 1000 --cartridges 20 --recall 300 --json

@@ -44,6 +44,7 @@ import time
 import tomllib
 import uuid
 import zlib
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -728,6 +729,20 @@ def main() -> None:
     if args.files < 1 or args.size < 0:
         p.error("--files must be positive and --size not negative")
 
+    run_in_state_dir(p, args, "spool-bench-", bench)
+
+
+def run_in_state_dir(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    prefix: str,
+    bench: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
+    show: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """A benchmark's run: ``bench(args, state)`` in ``--state-dir`` (which must be empty) or a
+    temporary directory removed afterwards (unless ``--keep``, a failure or an interrupt); then
+    ``show(figures)`` and, with ``--json``, the figures as one JSON line. Shared by the benches
+    that start daemons (ingest, the night)."""
     if args.state_dir is not None:
         state = args.state_dir.absolute()
         if state.exists() and any(state.iterdir()):
@@ -735,7 +750,7 @@ def main() -> None:
         state.mkdir(parents=True, exist_ok=True)
         remove = False
     else:
-        state = Path(tempfile.mkdtemp(prefix="spool-bench-"))
+        state = Path(tempfile.mkdtemp(prefix=prefix))
         remove = not args.keep
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -755,6 +770,8 @@ def main() -> None:
     finally:
         if remove:
             shutil.rmtree(state, ignore_errors=True)
+    if show is not None:
+        show(figures)
     if args.json:
         print(json.dumps(figures))
     if not remove:

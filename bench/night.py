@@ -36,13 +36,11 @@ if sys.path and sys.path[0] and __file__.startswith(sys.path[0]) and __name__ ==
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 import uuid
 import zlib
@@ -69,6 +67,7 @@ from bench.ingest import (
     documented_ingest_settings,
     queue_info,
     raw_round_trip,
+    run_in_state_dir,
     say,
 )
 from bench.replicate import DataSet, measure_cp
@@ -576,37 +575,7 @@ def main() -> None:
     if args.files < 1 or args.scale <= 0 or not 1 <= args.min_dataset <= args.max_dataset:
         p.error("--files and --scale must be positive, 1 <= --min-dataset <= --max-dataset")
 
-    if args.state_dir is not None:
-        state = args.state_dir.absolute()
-        if state.exists() and any(state.iterdir()):
-            p.error(f"--state-dir {state} is not empty")
-        state.mkdir(parents=True, exist_ok=True)
-        remove = False
-    else:
-        state = Path(tempfile.mkdtemp(prefix="spool-night-"))
-        remove = not args.keep
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        figures = asyncio.run(bench(args, state))
-    except BenchError as exc:
-        remove = False
-        say(f"\nBENCHMARK BROKE: {exc}\nstate kept under {state}")
-        sys.exit(1)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        say("\ninterrupted")
-        sys.exit(130)
-    except Exception:
-        remove = False
-        say(f"state kept under {state}")
-        raise
-    finally:
-        if remove:
-            shutil.rmtree(state, ignore_errors=True)
-    report(figures)
-    if args.json:
-        print(json.dumps(figures))
-    if not remove:
-        print(f"state kept under {state}")
+    run_in_state_dir(p, args, "spool-night-", bench, show=report)
 
 
 if __name__ == "__main__":

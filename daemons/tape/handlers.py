@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.catalogue import Catalogue
@@ -44,6 +45,9 @@ class TapeResources:
     libraries: dict[str, TapeLibrary]
     scheduler: Scheduler
     relay: OutboxRelay
+    # Group commit of the handler's ``ensure_queued``: one transaction for the requests that
+    # arrive together (a night's ingest sends one per file), not one each.
+    queuer: MicroBatcher[db.Wanted, db.TapeCopy | None]
 
 
 def _describe(msg: Message) -> dict[str, Any]:
@@ -73,8 +77,13 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages)
         stack.push_async_callback(scheduler.close, settings.bus.stop_grace)
         await scheduler.start()
+        batch = settings.catalogue
+        queuer = MicroBatcher(
+            catalogue.tape.ensure_queued_many, max_size=batch.batch_size, max_wait=batch.batch_wait
+        )
+        stack.push_async_callback(queuer.close)
         log.info("tape_ready", endpoints={n: f"{t.library}/{t.pool}" for n, t in targets.items()})
-        yield TapeResources(catalogue, targets, libraries, scheduler, relay)
+        yield TapeResources(catalogue, targets, libraries, scheduler, relay, queuer)
 
 
 service = Service("tape", resources=open_resources, describe=_describe)
@@ -87,7 +96,7 @@ async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
     # The writer records the copy later, from catalogue rows: it finds the correlation id here
     # (remembered first: the writer may take the copy as soon as it is queued).
     db.CORRELATIONS.remember(msg.name, target.storage, ctx.correlation_id)
-    copy = await res.catalogue.tape.ensure_queued(msg.name, target.storage, msg.priority)
+    copy = await res.queuer.submit(db.Wanted(msg.name, target.storage, msg.priority))
     if copy is None:
         db.CORRELATIONS.take(msg.name, target.storage)
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
@@ -260,10 +260,10 @@ def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeC
     return answers
 
 
-def _locked_copies(conn: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Row[Any]]:
+def _locked_copies(conn: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Any]:
     """The tape copies ``(file_id, storage_id)`` that exist, locked until the transaction ends."""
     wanted = set(keys)
-    found: dict[tuple[int, int], Row[Any]] = {}
+    found: dict[tuple[int, int], Any] = {}  # rows: state, cartridge, fseq, priority
     for part in chunks(sorted({fid for fid, _ in wanted})):
         stmt = (
             select(r.c.file_id, r.c.storage_id, r.c.state, r.c.cartridge, r.c.fseq, r.c.priority)

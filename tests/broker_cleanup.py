@@ -23,10 +23,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 
-# Names that only the test suite and the demo make: t<10 hex>.…, tall.…, demo<10 hex>.…,
-# spool-test-<tag>, spool-demo-<10 hex>.
-LEFTOVER_QUEUE = re.compile(r"^(t[0-9a-f]{10}|tall|demo[0-9a-f]{10})\.")
-LEFTOVER_EXCHANGE = re.compile(r"^spool-(test-[0-9a-z]+|demo-[0-9a-f]{10})$")
+# Names that only the test suite, the demo and the night bench make: t<10 hex>.…, tall.…,
+# demo<10 hex>.…, n<10 hex>.…, spool-test-<tag>, spool-demo-<10 hex>, spool-night-<10 hex> (a night
+# killed before it cleaned up, e.g. by the OOM killer).
+LEFTOVER_QUEUE = re.compile(r"^(t[0-9a-f]{10}|tall|demo[0-9a-f]{10}|n[0-9a-f]{10})\.")
+LEFTOVER_EXCHANGE = re.compile(r"^spool-(test-[0-9a-z]+|demo-[0-9a-f]{10}|night-[0-9a-f]{10})$")
 
 
 def _api(amqp_url: str) -> tuple[str, str]:

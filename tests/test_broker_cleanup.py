@@ -19,6 +19,8 @@ from tests.conftest import AMQP_URL
         ("tabcdef0123.replicator.retry.2", True),
         ("tall.monitor", True),
         ("demo3a407fc933.ingest.dead", True),
+        ("n86437f288d.tape", True),  # a night bench killed before its clean-up
+        ("night.ingest", False),
         ("spool.ingest", False),  # a site's own queue prefix
         ("t0123.ingest", False),
         ("tests.ingest", False),
@@ -34,6 +36,7 @@ def test_only_test_and_demo_queue_names_are_leftovers(name: str, picked: bool) -
     [
         ("spool-test-5e27b7eded", True),
         ("spool-demo-3a407fc933", True),
+        ("spool-night-86437f288d", True),
         ("spool", False),
         ("amq.topic", False),
     ],

@@ -73,6 +73,7 @@ from bench.ingest import (
 from bench.replicate import DataSet, measure_cp
 from common.bus.connection import connect
 from common.bus.external import publish_cloudevents
+from common.bus.management import ManagementClient, ManagementUnreachable, endpoint_for
 from common.bus.topology import declare_topology
 from common.codec import to_cloudevent
 from common.config import Settings, load_settings
@@ -417,6 +418,7 @@ async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             f"{args.catalogue} catalogue")  # fmt: skip
         try:
             figures = await run_night(args, settings, config, url, night)
+            figures["bus"] = await bus_traffic(settings)
             if not args.no_limits:
                 figures["limits"] = await limits(args, settings, night)
         finally:
@@ -477,6 +479,34 @@ async def run_night(
     }  # fmt: skip
 
 
+async def bus_traffic(settings: Settings, wait: float = 6.0) -> dict[str, Any] | None:
+    """Messages the night published on its exchange, and enqueued and delivered per queue, from
+    the management API (its statistics lag by up to 5 s: read after ``wait``). None when the API
+    does not answer: the figure is left out, the night stands."""
+    await asyncio.sleep(wait)
+    endpoint = endpoint_for(settings.bus)
+    try:
+        async with ManagementClient(endpoint, timeout=10) as client:
+            v = endpoint.vhost_q
+            exchanges = await client.listing(f"exchanges/{v}?columns=name,message_stats")
+            queues = await client.listing(f"queues/{v}?columns=name,message_stats")
+    except ManagementUnreachable as exc:
+        say(f"bus traffic not measured: {exc.detail}")
+        return None
+    prefix = settings.bus.queue_prefix + "."
+    per_queue = {
+        q["name"][len(prefix):]: {"enqueued": q.get("message_stats", {}).get("publish", 0),
+                                  "delivered": q.get("message_stats", {}).get("deliver_get", 0)}
+        for q in queues if q["name"].startswith(prefix)
+    }  # fmt: skip
+    ours = [e for e in exchanges if e["name"] == settings.bus.exchange]
+    published = sum(e.get("message_stats", {}).get("publish_in", 0) for e in ours)
+    return {
+        "published": published,
+        "queues": {k: v for k, v in sorted(per_queue.items()) if v["enqueued"] or v["delivered"]},
+    }
+
+
 async def limits(args: argparse.Namespace, settings: Settings, night: Night) -> dict[str, Any]:
     """The raw bus round trip of the same number of events, and ``cp -r`` of the same files."""
     connection = await connect(settings.bus, name="spool-night-raw")
@@ -518,6 +548,11 @@ def report(f: dict[str, Any]) -> None:
         print(f"  {name:<12} {p['cpu_seconds']:>8.1f} {p['cpu_ms_per_file']:>12.2f} {rss}")
     rss_ok = all(p.get("peak_rss_mb", 0) < TARGET_RSS_MB for p in f["processes"].values())
     print(f"  every daemon below {TARGET_RSS_MB:.0f} MB RSS: {'yes' if rss_ok else 'NO'}")
+    if f.get("bus"):
+        bus = f["bus"]
+        busy = ", ".join(f"{name} {q['delivered'] / files:.2f}" for name, q in bus["queues"].items())
+        print(f"\n  bus per file: {bus['published'] / files:.2f} messages published; "
+              f"delivered per queue: {busy}")  # fmt: skip
     if "limits" in f:
         raw, cp = f["limits"]["raw_round_trip"], f["limits"]["cp"]
         print(f"\n  limits: raw bus round trip {raw['rate']:,.0f} msg/s ({raw['seconds']:.1f} s); "

@@ -36,3 +36,9 @@ def test_a_tiny_night_reaches_every_stage(tmp_path):
         assert figures["stages"][stage]["seconds"] > 0, stage
     for daemon in DAEMONS:
         assert figures["processes"][daemon]["peak_rss_mb"] > 0, daemon
+    # The bus figures come from the management API: every file announced was delivered to ingest
+    # once, and the monitor heard at least its file.ready, file.ingested and file.archived.
+    bus = figures["bus"]
+    assert bus["queues"]["ingest"]["delivered"] >= FILES
+    assert bus["queues"]["monitor"]["delivered"] >= 3 * FILES
+    assert bus["published"] >= 3 * FILES

@@ -175,6 +175,10 @@ class ManagementClient:
         figures = {q["name"]: _figures(q) for q in queues if q.get("name") in wanted}
         return Snapshot(figures, holders_by_queue(consumers, channels, connections, wanted))
 
+    async def listing(self, path: str) -> list[dict[str, Any]]:
+        """A listing of the API (``queues/<vhost>?columns=...``), for tools and benchmarks."""
+        return await self._get(path)
+
     async def put(self, path: str, body: Mapping[str, Any]) -> None:
         """Create or replace an object (``broker setup --apply``); errors as ``ManagementUnreachable``."""
         await self._call("PUT", path, body)

@@ -7,8 +7,9 @@ and who moves them:
                                                                      ``tape.archive`` handler)
     archiving  taken into a write batch; ``cartridge`` names the    (tape scheduler)
                cartridge it is being written to, ``fseq`` is NULL
-    available  on tape: ``cartridge`` + ``fseq`` say where          (tape writer, start-up
-                                                                     reconciliation)
+    available  on tape: ``cartridge`` + ``fseq`` say where; in an   (tape writer, start-up
+               aggregate, ``member_offset`` is where its bytes       reconciliation)
+               start within that tape file (NULL: a plain file)
     failed     no usable disk source (the reason is the file's     (tape writer)
                last error, request kind ``archive``)
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
@@ -97,6 +98,8 @@ class Archived:
     # The file's correlation id (its file.ready's), when the writer knows it; else
     # ``record_archived`` takes the file's ingest event id from the catalogue.
     correlation_id: str | None = None
+    # A member of an aggregate: where its bytes start within the tape file (None: a plain file).
+    member_offset: int | None = None
 
 
 class Correlations:
@@ -212,7 +215,15 @@ def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> T
         conn.execute(
             update(r)
             .where(*where)
-            .values(state="queued", cartridge=None, fseq=None, priority=priority, created=now, updated=now)
+            .values(
+                state="queued",
+                cartridge=None,
+                fseq=None,
+                member_offset=None,
+                priority=priority,
+                created=now,
+                updated=now,
+            )
         )
         return TapeCopy("queued", None, None)
     if row.state == "queued" and priority > row.priority:
@@ -258,7 +269,7 @@ def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> 
         conn.execute(
             update(r)
             .where(r.c.id.in_(part), r.c.state == "queued")
-            .values(state="archiving", cartridge=cartridge, fseq=None, updated=now)
+            .values(state="archiving", cartridge=cartridge, fseq=None, member_offset=None, updated=now)
         )
     got: dict[int, Any] = {}
     stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32).join(f, f.c.id == r.c.file_id)
@@ -304,7 +315,7 @@ def requeue(conn: Connection, replica_ids: Sequence[int]) -> int:
         res = conn.execute(
             update(r)
             .where(r.c.id.in_(part), r.c.state == "archiving")
-            .values(state="queued", cartridge=None, fseq=None, updated=utcnow())
+            .values(state="queued", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
         )
         n += int(res.rowcount)
     return n
@@ -316,7 +327,7 @@ def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = No
     res = conn.execute(
         update(r)
         .where(r.c.id == replica_id, r.c.state == "archiving")
-        .values(state="failed", cartridge=None, fseq=None, updated=utcnow())
+        .values(state="failed", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
     )
     if res.rowcount and event is not None:
         outbox.add(conn, [event])
@@ -326,19 +337,27 @@ def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = No
 def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
     """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
     request done, one ``file.archived`` history row and outbox event each. Returns the records
-    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone."""
+    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone.
+
+    Set-based (an aggregate's thousands of members are one flush's records): the copies still
+    ``archiving`` are selected and locked (``FOR UPDATE``: on PostgreSQL nobody moves them before
+    this transaction ends), then updated in one ``executemany``."""
     now = utcnow()
-    applied: list[Archived] = []
-    for a in records:
-        res = conn.execute(
-            update(r)
-            .where(r.c.id == a.replica_id, r.c.state == "archiving")
-            .values(state="available", cartridge=a.cartridge, fseq=a.fseq, updated=now)
-        )
-        if res.rowcount:
-            applied.append(a)
+    archiving: set[int] = set()
+    for part in chunks([a.replica_id for a in records]):
+        locked = select(r.c.id).where(r.c.id.in_(part), r.c.state == "archiving").with_for_update()
+        archiving.update(conn.scalars(locked))
+    applied = [a for a in records if a.replica_id in archiving]
     if not applied:
         return applied
+    conn.execute(
+        update(r)
+        .where(r.c.id == bindparam("k_id"))
+        .values(state="available", cartridge=bindparam("v_cartridge"), fseq=bindparam("v_fseq"),
+                member_offset=bindparam("v_offset"), updated=now),
+        [{"k_id": a.replica_id, "v_cartridge": a.cartridge, "v_fseq": a.fseq, "v_offset": a.member_offset}
+         for a in applied],
+    )  # fmt: skip
     # Each file's correlation id: the writer's, else its ingest event id (the records returned are
     # those given, as applied).
     found = ingest_correlations(conn, [a.name for a in applied if a.correlation_id is None])
@@ -377,9 +396,10 @@ def in_flight(conn: Connection, storages: Sequence[str]) -> list[InFlight]:
 
 def files_per_cartridge(conn: Connection) -> dict[str, int]:
     """Available tape copies recorded per cartridge (``spool tape list`` sets it beside the
-    library's own count: the two agree unless something is amiss)."""
+    library's own count: the two agree unless something is amiss). Counted in tape files: the
+    members of an aggregate share one fseq and count once."""
     stmt = (
-        select(r.c.cartridge, func.count())
+        select(r.c.cartridge, func.count(r.c.fseq.distinct()))
         .where(r.c.cartridge.is_not(None), r.c.state == "available")
         .group_by(r.c.cartridge)
     )

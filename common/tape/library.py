@@ -55,6 +55,7 @@ drive writes out its buffer before it unloads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -72,6 +73,22 @@ DriveStatus = Literal["idle", "mounting", "locating", "writing", "reading", "unm
 FileState = Literal["writing", "written", "committed"]
 
 
+class TapeMember(BaseModel):
+    """One member of an aggregate tape file (``common.tape.aggregate``): its bytes are ``size``
+    bytes from ``offset`` within the tape file. ``name`` is the logical name (data, never a path),
+    ``member`` the name inside the tar."""
+
+    name: str
+    member: str = ""
+    offset: int = Field(ge=0)
+    size: int = Field(ge=0)
+    adler32: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
 class TapeFile(BaseModel):
     """One file on a cartridge, in the order it was written."""
 
@@ -83,6 +100,9 @@ class TapeFile(BaseModel):
     offset: int = Field(ge=0)
     state: FileState = "committed"
     written_at: float = 0.0
+    # An aggregate: its members' index, as given to ``write`` (the aggregate's last tar member
+    # holds the same). Reconciliation finds a member's file and offset here.
+    members: list[TapeMember] | None = None
 
     @property
     def end(self) -> int:
@@ -234,11 +254,20 @@ class TapeLibrary(Protocol):
     async def position(self, drive_id: str, fseq: int) -> None: ...
 
     async def write(
-        self, drive_id: str, source: Path, name: str, size: int, adler32: str, *, flush: bool = True
+        self,
+        drive_id: str,
+        source: Path,
+        name: str,
+        size: int,
+        adler32: str,
+        *,
+        flush: bool = True,
+        members: Sequence[TapeMember] | None = None,
     ) -> int:
         """Append ``source`` at the end of data of the mounted cartridge; returns its fseq.
 
         With ``flush=False`` the file is not durable (nor listed, nor readable) until ``flush``.
+        ``members``: the file is an aggregate with this index (kept with the file, ``list_files``).
         """
         ...
 
@@ -247,7 +276,13 @@ class TapeLibrary(Protocol):
         (one synchronous tape mark); returns those fseqs in order (empty: nothing to flush)."""
         ...
 
-    async def read(self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True) -> ReadResult: ...
+    async def read(
+        self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True, member: TapeMember | None = None
+    ) -> ReadResult:
+        """Copy ``fseq`` to ``dest``, verified against the checksum recorded at write. With
+        ``member``: only its span of the file (locate to it, read ``member.size`` bytes), verified
+        against ``member.adler32`` (the caller's, i.e. the catalogue's record)."""
+        ...
 
     async def unmount(self, drive_id: str) -> None: ...
 

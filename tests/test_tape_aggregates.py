@@ -337,6 +337,10 @@ async def test_a_batch_of_small_files_goes_to_tape_as_aggregates_of_one_tape_fil
         assert aggregate.read_index(data) == tf.members  # the cartridge tells without the catalogue
         assert aggregate.verify(data, tf.members) == []
     assert sum((await catalogue.tape.files_per_cartridge()).values()) == 3  # counted in tape files
+    view = await catalogue.queries.show_file("night/f000.fits")  # what `spool show` prints
+    assert view is not None
+    [copy] = [r for r in view.replicas if r.storage == "tape1"]
+    assert (copy.fseq, copy.member_offset) == rows["night/f000.fits"][2:]
     assert not list(env.staging.iterdir())  # staging files removed
 
 

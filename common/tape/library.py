@@ -38,6 +38,12 @@ invalid_size/                      making a cartridge with data scratch again)
 invalid_state
 =====================  ==========  ============================================================
 
+Aggregates (``common.tape.aggregate``): a tape file may hold many small files. ``write(...,
+members=[TapeMember, ...])`` keeps their index with the file (``list_files`` returns it, so
+reconciliation finds a member without the catalogue); ``read(..., member=TapeMember)`` locates to
+the member's first byte and reads only its ``size`` bytes, verified against its adler32 — a
+member's recall costs that locate and those bytes, not the aggregate's.
+
 The two media errors mark the cartridge ``suspect`` (readable, never appended to again): a
 recall daemon should try another copy, an operator should look at the cartridge.
 

@@ -25,12 +25,15 @@ from common.config import Settings, TapeSettings, load_settings
 from common.errors import Permanent, SpoolError
 from common.storage import PosixStorage, open_storage
 from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeChecksumMismatch, TapeMember, aggregate
+from daemons.ingest.handlers import service as ingest_service
 from daemons.recall import delivery
 from daemons.relay import OutboxRelay
 from daemons.tape import reconcile, steps, writer
 from daemons.tape.writer import Env
+from tests.conftest import running, start_daemon, wait_for
+from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.storage_fixtures import adler
-from tests.tape_fixtures import AGGREGATING, tape_config
+from tests.tape_fixtures import AGGREGATING, LIBRARY, tape_config
 
 HOSTILE = [
     "../../etc/passwd",
@@ -414,3 +417,80 @@ async def test_an_aggregate_not_flushed_is_lost_whole_and_one_flushed_but_not_re
     _check_on_tape(library, rows, files)
     on_tape = [m.name for tf in await library.list_files("A00001") for m in tf.members or []]
     assert sorted(on_tape) == names  # each once
+
+
+# --- a real kill ---------------------------------------------------------------------------------
+async def _tape_files(settings: Settings) -> list[Any]:
+    lib = await SimulatedLibrary.open(settings.tape_libraries["default"])
+    try:
+        return [tf for c in await lib.list_cartridges() for tf in await lib.list_files(c.vid)]
+    finally:
+        await lib.close()
+
+
+async def _unflushed_aggregate(settings: Settings) -> bool:
+    """An aggregate's data is on the tape behind a buffered tape mark, not committed yet."""
+    root = settings.tape_libraries["default"].root
+    data = sum(1 for p in root.glob("cartridges/*/*") if p.name.isdigit())  # first: commits follow
+    return data > len(await _tape_files(settings)) and data > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_tape_daemon_killed_while_writing_aggregates_archives_every_file_exactly_once(
+    tmp_path: Path, tag: str, broker: Any
+) -> None:
+    n = 40
+    # Durable and slow (an aggregate of ~6 files of 4 kB streams for 2 s, a flush takes 2 s), a
+    # flush every 2 tape files: kills land between an aggregate's write and its flush.
+    slow = (
+        LIBRARY.replace("time_scale = 0", "time_scale = 1").replace("durable = false", "durable = true")
+        + "\ntiming = { mount_seconds = 0.5, unmount_seconds = 0.5, locate_average_seconds = 0.5,"
+        " write_rate = 20000, read_rate = 20000 }"
+    )
+    policy = AGGREGATING + "\nflush_files = 2"
+    path = tape_config(tmp_path, tag, library=slow, policy=policy)
+    settings = load_settings(path)
+    files = make_files(settings, n, size=4000)
+    async with running([ingest_service], settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _queued(settings, n), timeout=60)
+    log = tmp_path / "tape.log"
+    proc = start_daemon(path, "tape", log)
+    try:
+        # First kill: an aggregate written, not flushed. Second: later, whatever the writer does.
+        for ready in (lambda: _unflushed_aggregate(settings), lambda: _available(settings, 12)):
+            await wait_for(ready, timeout=120, interval=0.05)
+            proc.kill()
+            proc.wait(timeout=10)
+            assert await count_on(settings, "tape1") < n, "the kill came too late to prove anything"
+            proc = start_daemon(path, "tape", log)
+        await wait_for(lambda: _available(settings, n, exactly=True), timeout=180, interval=0.2)
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+    contents = {name_of(settings, p): data for p, data in files}
+    async with await Catalogue.open(settings.catalogue.url) as cat:
+        rows = await cat.read(_tape_rows)
+    assert sorted(rows) == sorted(contents) and {st for st, *_ in rows.values()} == {"available"}
+    tape_files = await _tape_files(settings)
+    on_tape = [m.name for tf in tape_files for m in tf.members or []]
+    on_tape += [tf.name for tf in tape_files if tf.members is None]
+    assert sorted(on_tape) == sorted(contents)  # each file on tape once: none written twice
+    assert any(tf.members for tf in tape_files)
+    lib = await SimulatedLibrary.open(settings.tape_libraries["default"])
+    try:
+        _check_on_tape(lib, rows, contents)
+    finally:
+        await lib.close()
+    assert not list((settings.state_dir / "tape-staging").glob("*"))
+
+
+async def _queued(settings: Settings, n: int) -> bool:
+    return await count_on(settings, "tape1", "queued") == n
+
+
+async def _available(settings: Settings, n: int, exactly: bool = False) -> bool:
+    got = await count_on(settings, "tape1")
+    return got == n if exactly else got >= n

@@ -203,7 +203,8 @@ def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> T
         insert_ignore_sync(
             conn, r,
             [{"file_id": fid, "storage_id": sid, "pfn": name, "state": "queued", "cartridge": None,
-              "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": priority}],
+              "fseq": None, "member_offset": None, "created": now, "updated": now, "tombstone": None,
+              "priority": priority}],
             ["file_id", "storage_id"],
         )  # fmt: skip
         # Ours, or a concurrent creator's (the insert waited for it, then kept its row): decide on

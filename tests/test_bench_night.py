@@ -38,4 +38,4 @@ def test_a_tiny_night_reaches_every_stage(tmp_path):
         assert figures["processes"][daemon]["peak_rss_mb"] > 0, daemon
     tape = figures["tape"]  # the drives' time by the timing model; small files in aggregates
     assert 0 < tape["tape_files"] < FILES and tape["seconds"] > 0
-    assert tape["real_size_seconds"] > tape["seconds"]
+    assert tape["real_size_seconds"] > tape["seconds"] and tape["bytes_written"] > tape["data_bytes"]

@@ -43,6 +43,7 @@ HOSTILE = [
     "ümlaut/日本語.fits",
     "./././a",
     "",
+    "lone\udc80surrogate",  # a name decoded with surrogateescape: its raw byte in pax, escaped in the index
 ]
 
 
@@ -94,6 +95,9 @@ def test_hostile_logical_names_never_become_paths_in_the_tar(tmp_path: Path) -> 
     b.seal()
     index = aggregate.read_index(tmp_path / "a.tar")
     assert [m.name for m in index] == HOSTILE  # carried as data
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        pax = [i.pax_headers.get(aggregate.NAME_RECORD) for i in tar.getmembers()[:-1]]
+    assert pax == HOSTILE
     assert all(m.member.isascii() and "/" not in m.member and "\n" not in m.member for m in index)
     out = tmp_path / "out"
     with tarfile.open(tmp_path / "a.tar") as tar:

@@ -216,7 +216,8 @@ def parse_index(body: bytes) -> list[TapeMember]:
     lines = body.decode("ascii").splitlines()
     if not lines or json.loads(lines[0]).get("format") != FORMAT:
         raise ValueError("not a spool aggregate index")
-    return [TapeMember.model_validate_json(line) for line in lines[1:] if line]
+    # json, not pydantic's parser: a name may hold a lone surrogate, escaped as ``\udXXX``.
+    return [TapeMember.model_validate(json.loads(line)) for line in lines[1:] if line]
 
 
 def read_index(path: Path) -> list[TapeMember]:

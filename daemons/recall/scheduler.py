@@ -358,7 +358,7 @@ class Scheduler:
         """Read one file for the requests that want it on the first item's destination (requests
         for other destinations are served from this copy by the next pass)."""
         item = items[0]
-        keys = [i.key for i in items if i.destination == item.destination and i.name == item.name]
+        keys = [i.key for i in items if i.destination == item.destination]
         await self.catalogue.recall.set_state(keys, "staging")
         try:
             dest = self.storages[item.destination]

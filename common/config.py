@@ -122,7 +122,8 @@ _URL_TLS_OPTIONS = {"cafile", "capath", "cadata", "certfile", "keyfile", "no_ver
 class CatalogueSettings(_Strict):
     # Empty means "<state_dir>/catalogue.db" (SQLite, WAL). PostgreSQL: postgresql+asyncpg://...
     url: str = ""
-    # Ingest groups registrations into one transaction of at most batch_size, waiting batch_wait s.
+    # Daemons group their catalogue writes (ingest: registrations; replicator: copies; tape: archive
+    # requests) into one transaction of at most batch_size, waiting batch_wait s.
     batch_size: int = Field(default=256, ge=1)
     batch_wait: float = Field(default=0.01, ge=0)
     echo: bool = False

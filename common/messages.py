@@ -25,7 +25,7 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import (
     AfterValidator,
@@ -247,19 +247,15 @@ class FileIngested(Message):
     pfn: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
 
 
-class ReplicaRequest(Message):
-    """Command to the replicator: make a copy of ``name`` (or of each of ``names``) on
-    ``destination``.
+class FilesCommand(Message):
+    """A command about one file (``name``) or many (``names``, the bulk form).
 
-    ``names`` is the bulk form, sent where many copies are wanted at once (an ingest batch, a rule
-    applied to existing files, parked copies re-sent): one message carries up to a few hundred
-    files, which divides the per-message cost of the bus. A file of a bulk request that cannot be
-    copied at once continues as a single-file request of its own (its retries, dead letter and
-    reason are then its own). ``names`` holds at most ``limits.MAX_NAMES`` entries and
-    ``limits.MAX_NAMES_BYTES`` in all.
+    The bulk form is sent where many copies are wanted at once (an ingest batch, a rule applied to
+    existing files, parked copies re-sent): one message carries up to a few hundred files, which
+    divides the per-message cost of the bus. A file of a bulk command that cannot be served at once
+    continues as a single-file command of its own (its retries, dead letter and reason are then its
+    own). ``names`` holds at most ``limits.MAX_NAMES`` entries and ``limits.MAX_NAMES_BYTES`` in all.
     """
-
-    ROUTING_KEY: ClassVar[str] = "replica.request"
 
     name: LogicalName | None = None
     names: BoundedNames = Field(default_factory=list)
@@ -279,7 +275,7 @@ class ReplicaRequest(Message):
         return _bounded_list(v, limits.MAX_NAMES, "correlation_ids")
 
     @model_validator(mode="after")
-    def _one_form(self) -> ReplicaRequest:
+    def _one_form(self) -> Self:
         if (self.name is None) == (not self.names):
             raise ValueError("give either name or names (a non-empty list), not both")
         if self.correlation_ids and len(self.correlation_ids) != len(self.names):
@@ -295,6 +291,13 @@ class ReplicaRequest(Message):
     @property
     def files(self) -> list[str]:
         return [self.name] if self.name is not None else list(self.names)
+
+
+class ReplicaRequest(FilesCommand):
+    """Command to the replicator: make a copy of ``name`` (or of each of ``names``) on
+    ``destination`` (a disk endpoint)."""
+
+    ROUTING_KEY: ClassVar[str] = "replica.request"
 
 
 class CreatedCopy(BaseModel):
@@ -337,15 +340,11 @@ class ReplicaCreated(Message):
         return sum(c.size for c in self.copies)
 
 
-class TapeArchive(Message):
-    """Command to the tape daemon: write ``name`` to tape endpoint ``destination``."""
+class TapeArchive(FilesCommand):
+    """Command to the tape daemon: write ``name`` (or each of ``names``) to tape endpoint
+    ``destination``."""
 
     ROUTING_KEY: ClassVar[str] = "tape.archive"
-
-    name: LogicalName
-    destination: EndpointName
-    rule_id: Identifier | None = None
-    priority: Priority = 3
 
 
 class FileArchived(Message):

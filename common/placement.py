@@ -99,21 +99,22 @@ def request_for(wanted: Wanted, *, correlation_id: str | None = None) -> Replica
 def requests_for(
     wanted: Sequence[Wanted], *, correlation_id: str | None = None, bulk: int = BULK
 ) -> list[ReplicaRequest | TapeArchive]:
-    """Messages for many wanted copies: disk copies grouped per destination into bulk
-    ``replica.request``s of up to ``bulk`` files (highest priority first, the message carrying the
-    highest priority of its files); tape copies one ``tape.archive`` each.
+    """Messages for many wanted copies, grouped per destination into bulk ``replica.request``s
+    (disk) and ``tape.archive``s (tape) of up to ``bulk`` files (highest priority first, the
+    message carrying the highest priority of its files).
 
     Each request carries the correlation id of its file (``Wanted.correlation_id``, else
     ``correlation_id``); a bulk one lists them per file (``correlation_ids``) when they differ
     from the message's own, which is then ``correlation_id`` or, if all its files share one, that."""
     out: list[ReplicaRequest | TapeArchive] = []
-    by_destination: dict[str, list[Wanted]] = {}
+    by_destination: dict[tuple[str, str], list[Wanted]] = {}
     for w in wanted:
-        if w.kind == "tape" or bulk <= 1:
+        if bulk <= 1:
             out.append(request_for(w, correlation_id=correlation_id))
         else:
-            by_destination.setdefault(w.storage, []).append(w)
-    for destination, items in by_destination.items():
+            by_destination.setdefault((w.kind, w.storage), []).append(w)
+    for (kind, destination), items in by_destination.items():
+        model = TapeArchive if kind == "tape" else ReplicaRequest
         items.sort(key=lambda w: -w.priority)
         for i in range(0, len(items), bulk):
             part = items[i : i + bulk]
@@ -123,7 +124,7 @@ def requests_for(
             ids = [w.correlation_id or correlation_id for w in part]
             shared = ids[0] if len(set(ids)) == 1 else correlation_id
             out.append(
-                ReplicaRequest(
+                model(
                     names=[w.name for w in part],
                     correlation_ids=[] if len(set(ids)) == 1 else ids,
                     destination=destination,

@@ -67,3 +67,25 @@ async def test_a_failed_copy_is_queued_again_when_asked_again(catalogue: Catalog
     assert await catalogue.tape.in_flight(["tape1"]) == []
     await _queue(catalogue, "a")
     assert len(await catalogue.tape.queue_head("tape1", 10)) == 1
+
+
+async def test_a_batch_of_requests_is_decided_in_order_as_one_request_each(catalogue: Catalogue) -> None:
+    """``ensure_queued_many`` (the handler's group commit) answers each request as
+    ``ensure_queued`` would, in order: unknown names None, a name asked twice queued once, with
+    the higher priority, a failed copy queued again, a copy on tape reported where it is."""
+    await catalogue.ingest.register([rec(n) for n in "abcd"])
+    await _queue(catalogue, "c", "d")
+    c_id, d_id = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
+    await catalogue.tape.take_batch([c_id], "A00001")
+    await catalogue.tape.record_archived([db.Archived(c_id, "c", "tape1", "A00001", 4)])
+    await catalogue.tape.take_batch([d_id], "A00001")
+    assert await catalogue.tape.mark_failed(d_id)
+    W = db.Wanted
+    got = await catalogue.tape.ensure_queued_many(
+        [W("a", "tape1", 3), W("nosuch", "tape1", 3), W("a", "tape1", 9), W("b", "tape1", 2),
+         W("c", "tape1", 3), W("d", "tape1", 5)]
+    )  # fmt: skip
+    queued = db.TapeCopy("queued", None, None)
+    assert got == [queued, None, queued, queued, db.TapeCopy("available", "A00001", 4), queued]
+    [stats] = await catalogue.tape.queue_stats(["tape1"])
+    assert (stats.files, stats.priority) == (3, 9)  # a, b, d; a at the higher of its two priorities

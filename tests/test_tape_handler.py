@@ -110,3 +110,41 @@ async def test_a_request_for_a_copy_already_on_tape_announces_it_again_under_the
         assert [(e.id, e.name, e.cartridge, e.fseq) for e in again] == [
             (written.id, "r/b.fits", cartridge, fseq)
         ]
+
+
+async def test_a_bulk_request_queues_its_known_files_then_fails_once_for_the_unknown_ones(ctx):
+    """Bulk ``tape.archive`` (``names``): every known file queued in one go, the unknown names
+    one permanent failure of the request, after the others (``common.errors.unknown_names``)."""
+    await registered(ctx.settings, "r/c.fits", os.urandom(100))
+    msg = TapeArchive(names=["r/a.fits", "r/nope-1.fits", "r/c.fits", "r/nope-2.fits"], destination="tape1")
+    with pytest.raises(Permanent) as caught:
+        await archive(msg, ctx)
+    assert caught.value.reason == "unknown_file"
+    assert "2 of the 4 files" in caught.value.message and "r/nope-2.fits" in caught.value.message
+    assert await tape_copies(ctx.settings) == {
+        "r/a.fits": ("queued", None, None), "r/c.fits": ("queued", None, None)
+    }  # fmt: skip
+    await archive(TapeArchive(names=["r/a.fits", "r/c.fits"], destination="tape1"), ctx)  # again
+    assert len(await tape_copies(ctx.settings)) == 2
+
+
+async def test_a_bulk_request_announces_each_copy_on_tape_under_its_own_correlation_id(tmp_path, tag):
+    settings = tape_settings(tmp_path, tag, AT_ONCE)
+    names = ["r/d.fits", "r/e.fits"]
+    for name in names:
+        await registered(settings, name, os.urandom(500))
+    async with handler_context(settings) as ctx:
+        await archive(TapeArchive(names=names, destination="tape1", correlation_ids=["c-d", "c-e"]), ctx)
+        for _ in range(200):  # the scheduler writes both
+            copies = await tape_copies(settings)
+            archived = len(ctx.publisher.of_type(FileArchived))
+            if all(copies[n][0] == "available" for n in names) and archived == 2:
+                break
+            await asyncio.sleep(0.05)
+        written = {e.name: e.correlation_id for e in ctx.publisher.of_type(FileArchived)}
+        assert written == {"r/d.fits": "c-d", "r/e.fits": "c-e"}
+
+        await archive(TapeArchive(names=names, destination="tape1", correlation_ids=["x-d", "x-e"]), ctx)
+
+        again = {e.name: e.correlation_id for e in ctx.publisher.of_type(FileArchived)[2:]}
+        assert again == {"r/d.fits": "x-d", "r/e.fits": "x-e"}

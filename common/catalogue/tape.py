@@ -28,10 +28,10 @@ All functions take a synchronous ``Connection`` inside the caller's transaction 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
@@ -177,59 +177,107 @@ def archived_event(a: Archived, correlation_id: str | None = None) -> FileArchiv
     )
 
 
+class Wanted(NamedTuple):
+    """One ``tape.archive`` request: a copy of ``name`` on the tape endpoint ``storage``."""
+
+    name: str
+    storage: str
+    priority: int
+
+
 def ensure_queued(conn: Connection, name: str, storage: str, priority: int) -> TapeCopy | None:
     """Make sure the copy of ``name`` on ``storage`` is wanted; None when the file is unknown.
 
     Idempotent: a copy already queued, being written or on tape is left as it is (a waiting copy
     takes the higher priority); a failed one is queued again (someone asked again).
     """
-    fid = conn.scalar(select(f.c.id).where(f.c.name == name))
-    if fid is None:
-        return None
-    sid = storage_ids_sync(conn, {storage})[storage]
-    where = (r.c.file_id == fid, r.c.storage_id == sid)
-    # Race (PostgreSQL, READ COMMITTED): read unlocked, the copy could be re-queued by another
-    # handler and taken into a batch (``archiving``) between this read and the update below, which
-    # then put it back to ``queued``: the batch's ``record_archived`` matched nothing and the file
-    # was written to tape a second time. The row is locked (``FOR UPDATE``, as ``recall.deliver``
-    # locks its copy): another handler, and ``take_batch``, wait for our commit, and the state
-    # decided on (and returned: the handler announces a copy already on tape) is the one written
-    # over. Not a compare-and-set on the updates: a lost race would then need a re-read and a
-    # second decision, and the returned state could still be one that no longer holds.
-    locked = select(r.c.state, r.c.cartridge, r.c.fseq, r.c.priority).where(*where).with_for_update()
-    row = conn.execute(locked).first()
+    return ensure_queued_many(conn, [Wanted(name, storage, priority)])[0]
+
+
+def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeCopy | None]:
+    """``ensure_queued`` of many requests in one transaction and a few statements (the tape
+    handler's group commit: a transaction and three statements per file were most of the daemon's
+    catalogue cost during a night). Each request is answered as ``ensure_queued`` answers it, in
+    order; a copy asked for twice in one batch is decided on once, at the higher priority.
+
+    Race (PostgreSQL, READ COMMITTED): read unlocked, a copy could be re-queued by another handler
+    and taken into a batch (``archiving``) between our read and our update, which then put it back
+    to ``queued``: the batch's ``record_archived`` matched nothing and the file was written to tape
+    a second time. The rows are locked (``FOR UPDATE``, as ``recall.deliver`` locks its copy):
+    another handler, and ``take_batch``, wait for our commit, and the state decided on (and
+    returned: the handler announces a copy already on tape) is the one written over. Not a
+    compare-and-set on the updates: a lost race would then need a re-read and a second decision,
+    and the returned state could still be one that no longer holds.
+    """
+    ids: dict[str, int] = {}
+    for part in chunks(sorted({w.name for w in wanted})):
+        # (a Result has ``keys()``: ``dict.update`` would take it for a mapping)
+        ids.update((n, i) for n, i in conn.execute(select(f.c.name, f.c.id).where(f.c.name.in_(part))))
+    sids = storage_ids_sync(conn, {w.storage for w in wanted})
+    # The copies asked for, each once, with the highest priority asked and the name it was asked by.
+    asked: dict[tuple[int, int], tuple[int, str]] = {}
+    for w in wanted:
+        fid = ids.get(w.name)
+        if fid is not None:
+            key = (fid, sids[w.storage])
+            asked[key] = (max(w.priority, asked.get(key, (w.priority, w.name))[0]), w.name)
+    rows = _locked_copies(conn, asked)
     now = utcnow()
-    if row is None:
+    missing = sorted(key for key in asked if key not in rows)  # one insertion order: no deadlock
+    if missing:
         insert_ignore_sync(
             conn, r,
-            [{"file_id": fid, "storage_id": sid, "pfn": name, "state": "queued", "cartridge": None,
-              "fseq": None, "member_offset": None, "created": now, "updated": now, "tombstone": None,
-              "priority": priority}],
+            [{"file_id": fid, "storage_id": sid, "pfn": asked[fid, sid][1], "state": "queued",
+              "cartridge": None, "fseq": None, "member_offset": None, "created": now, "updated": now,
+              "tombstone": None, "priority": asked[fid, sid][0]} for fid, sid in missing],
             ["file_id", "storage_id"],
         )  # fmt: skip
         # Ours, or a concurrent creator's (the insert waited for it, then kept its row): decide on
-        # what is there, as if it had been read above.
-        row = conn.execute(locked).first()
-        if row is None:  # the file was removed meanwhile
-            return None
-    if row.state in _REQUEUE_FROM:
+        # what is there, as if it had been read above. A file removed meanwhile has no row.
+        rows.update(_locked_copies(conn, {key: asked[key] for key in missing}))
+    decided: dict[tuple[int, int], TapeCopy] = {}
+    requeue: list[dict[str, Any]] = []
+    raise_priority: list[dict[str, Any]] = []
+    for key, row in rows.items():
+        priority = asked[key][0]
+        if row.state in _REQUEUE_FROM:
+            requeue.append({"fid": key[0], "sid": key[1], "prio": priority})
+            decided[key] = TapeCopy("queued", None, None)
+            continue
+        if row.state == "queued" and priority > row.priority:
+            raise_priority.append({"fid": key[0], "sid": key[1], "prio": priority})
+        decided[key] = TapeCopy(row.state, row.cartridge, row.fseq)
+    where = (r.c.file_id == bindparam("fid"), r.c.storage_id == bindparam("sid"))
+    if requeue:
         conn.execute(
-            update(r)
-            .where(*where)
-            .values(
-                state="queued",
-                cartridge=None,
-                fseq=None,
-                member_offset=None,
-                priority=priority,
-                created=now,
-                updated=now,
-            )
+            update(r).where(*where).values(state="queued", cartridge=None, fseq=None, member_offset=None,
+                                           priority=bindparam("prio"), created=now, updated=now),
+            requeue,
+        )  # fmt: skip
+    if raise_priority:
+        conn.execute(update(r).where(*where).values(priority=bindparam("prio")), raise_priority)
+    answers: list[TapeCopy | None] = []
+    for w in wanted:
+        fid = ids.get(w.name)
+        answers.append(None if fid is None else decided.get((fid, sids[w.storage])))
+    return answers
+
+
+def _locked_copies(conn: Connection, keys: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+    """The tape copies ``(file_id, storage_id)`` that exist, locked until the transaction ends."""
+    wanted = set(keys)
+    found: dict[tuple[int, int], Any] = {}  # rows: state, cartridge, fseq, priority
+    for part in chunks(sorted({fid for fid, _ in wanted})):
+        stmt = (
+            select(r.c.file_id, r.c.storage_id, r.c.state, r.c.cartridge, r.c.fseq, r.c.priority)
+            .where(r.c.file_id.in_(part), r.c.storage_id.in_(sorted({sid for _, sid in wanted})))
+            .order_by(r.c.id)  # one lock order for every locker: no deadlock between handlers
+            .with_for_update()
         )
-        return TapeCopy("queued", None, None)
-    if row.state == "queued" and priority > row.priority:
-        conn.execute(update(r).where(*where).values(priority=priority))
-    return TapeCopy(row.state, row.cartridge, row.fseq)
+        for row in conn.execute(stmt):
+            if (row.file_id, row.storage_id) in wanted:
+                found[row.file_id, row.storage_id] = row
+    return found
 
 
 def queue_stats(conn: Connection, storages: Sequence[str]) -> list[QueueStats]:
@@ -338,26 +386,25 @@ def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = No
 def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
     """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
     request done, one ``file.archived`` history row and outbox event each. Returns the records
-    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone.
-
-    Set-based (an aggregate's thousands of members are one flush's records): the copies still
-    ``archiving`` are selected and locked (``FOR UPDATE``: on PostgreSQL nobody moves them before
-    this transaction ends), then updated in one ``executemany``."""
+    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone. An
+    aggregate's members (``member_offset`` set) are recorded like any flush group: one select and
+    one ``executemany`` whatever their number."""
     now = utcnow()
+    # Which copies are still ``archiving``, locked (PostgreSQL) so none leaves that state before
+    # the update below: one select and one executemany for the whole flush group.
     archiving: set[int] = set()
-    for part in chunks([a.replica_id for a in records]):
-        locked = select(r.c.id).where(r.c.id.in_(part), r.c.state == "archiving").with_for_update()
-        archiving.update(conn.scalars(locked))
+    for part in chunks(sorted({a.replica_id for a in records})):
+        stmt = select(r.c.id).where(r.c.id.in_(part), r.c.state == "archiving").order_by(r.c.id)
+        archiving.update(conn.scalars(stmt.with_for_update()))
     applied = [a for a in records if a.replica_id in archiving]
     if not applied:
         return applied
     conn.execute(
         update(r)
-        .where(r.c.id == bindparam("k_id"))
-        .values(state="available", cartridge=bindparam("v_cartridge"), fseq=bindparam("v_fseq"),
-                member_offset=bindparam("v_offset"), updated=now),
-        [{"k_id": a.replica_id, "v_cartridge": a.cartridge, "v_fseq": a.fseq, "v_offset": a.member_offset}
-         for a in applied],
+        .where(r.c.id == bindparam("rid"))
+        .values(state="available", cartridge=bindparam("vid"), fseq=bindparam("at"),
+                member_offset=bindparam("offset"), updated=now),
+        [{"rid": a.replica_id, "vid": a.cartridge, "at": a.fseq, "offset": a.member_offset} for a in applied],
     )  # fmt: skip
     # Each file's correlation id: the writer's, else its ingest event id (the records returned are
     # those given, as applied).

@@ -65,13 +65,22 @@ class CartridgeFiles:
     files: dict[int, TapeFile] = field(default_factory=dict)
     writers: dict[int, str] = field(default_factory=dict)  # fseq -> session, "writing" files only
     consumed: int = 0  # journal bytes replayed so far (complete lines only)
+    # End of data and last fseq, kept as files are reserved: every write asks for both, and
+    # computing them over every file of the cartridge made a night's writes quadratic (a full
+    # cartridge holds thousands of files). None: unknown since a drop, computed on the next ask.
+    _end: int | None = 0
+    _last: int | None = 0
 
     def apply(self, record: dict[str, Any]) -> None:
         op = record["op"]
         if op == "reserve":
             f = TapeFile.model_validate(record["file"])
+            if f.fseq in self.files:  # a reservation replaced: its old extent no longer counts
+                self._end = self._last = None
             self.files[f.fseq] = f
             self.writers[f.fseq] = record["session"]
+            if self._end is not None and self._last is not None:
+                self._end, self._last = max(self._end, f.end), max(self._last, f.fseq)
         elif op == "written":
             fseq = record["fseq"]
             self.files[fseq] = self.files[fseq].model_copy(update={"state": "written"})
@@ -84,6 +93,7 @@ class CartridgeFiles:
         elif op == "drop":
             self.files.pop(record["fseq"], None)
             self.writers.pop(record["fseq"], None)
+            self._end = self._last = None
         else:
             raise ValueError(f"unknown journal record {record!r}")
 
@@ -95,10 +105,14 @@ class CartridgeFiles:
         return sorted((f for f in self.files.values() if f.state == "committed"), key=lambda f: f.fseq)
 
     def end_of_data(self) -> int:
-        return max((f.end for f in self.files.values()), default=0)
+        if self._end is None:
+            self._end = max((f.end for f in self.files.values()), default=0)
+        return self._end
 
     def next_fseq(self) -> int:
-        return max(self.files, default=0) + 1
+        if self._last is None:
+            self._last = max(self.files, default=0)
+        return self._last + 1
 
 
 def fsync_dir(path: Path) -> None:

@@ -45,25 +45,6 @@ class CopyOne(Protocol):
 
 
 UNKNOWN_FILE = "unknown_file"
-UNKNOWN_SAMPLE = 10  # names quoted in the one error of a bulk request with unknown names
-
-
-def unknown_names(unknown: Sequence[str], total: int) -> Permanent:
-    """One permanent failure for all the unknown names of a bulk request.
-
-    Decision: a bulk ``replica.request`` naming files the catalogue does not know is one mistake of
-    its sender, not one per name. Its known files are copied (and announced) first; then the
-    request dead-letters once, with one ``file.failed``, reason ``unknown_file``, giving the count
-    and the first few names (``spool dead show`` has the whole list in the body). Re-sending each
-    unknown name alone made 10,000 dead letters and 10,000 events of one request, and queued them
-    before real copies.
-    """
-    sample = ", ".join(repr(n[:200]) for n in unknown[:UNKNOWN_SAMPLE])
-    more = f" and {len(unknown) - UNKNOWN_SAMPLE} more" if len(unknown) > UNKNOWN_SAMPLE else ""
-    return Permanent(
-        UNKNOWN_FILE,
-        f"{len(unknown)} of the {total} files of this bulk request are not in the catalogue: {sample}{more}",
-    )
 
 
 async def replicate_bulk(

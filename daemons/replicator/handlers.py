@@ -39,7 +39,7 @@ from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.catalogue import Catalogue, CopyRecord, ReplicaTask
 from common.config import Settings
-from common.errors import Permanent, Retryable, SpoolError
+from common.errors import Permanent, Retryable, SpoolError, unknown_names
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
 from common.periodic import every
@@ -47,7 +47,7 @@ from common.placement import config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.transfer import sweep_stale_temporaries, verify_stored
 from daemons.replicator import steps
-from daemons.replicator.bulk import UNKNOWN_FILE, replicate_bulk, unknown_names
+from daemons.replicator.bulk import UNKNOWN_FILE, replicate_bulk
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
 from daemons.replicator.reaper import reap
@@ -172,7 +172,7 @@ async def replicate(msg: ReplicaRequest, ctx: Context[ReplicatorResources]) -> N
         return
     # Bulk: one replica.created for the copies made. A file that fails continues as a single-file
     # request, with retries and a dead letter of its own - except names the catalogue does not
-    # know: those are one outcome for the whole request (see ``bulk.unknown_names``).
+    # know: those are one outcome for the whole request (see ``common.errors.unknown_names``).
     outcomes = await replicate_bulk(msg, ctx, _replicate_one)
     for outcome in outcomes:
         if isinstance(outcome, asyncio.CancelledError):

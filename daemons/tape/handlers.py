@@ -20,12 +20,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from common.batching import MicroBatcher
 from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from common.config import Settings
-from common.errors import Permanent, SpoolError
+from common.errors import Permanent, SpoolError, unknown_names
 from common.logging import get_logger
 from common.messages import Message, TapeArchive
 from common.storage import StorageBackend, open_storage
@@ -44,10 +45,16 @@ class TapeResources:
     libraries: dict[str, TapeLibrary]
     scheduler: Scheduler
     relay: OutboxRelay
+    # Group commit of the handler's ``ensure_queued``: one transaction for the files of the
+    # requests that arrive together, not one per file.
+    queuer: MicroBatcher[db.Wanted, db.TapeCopy | None]
 
 
 def _describe(msg: Message) -> dict[str, Any]:
-    return {"file": getattr(msg, "name", None), "storage": getattr(msg, "destination", None)}
+    name = getattr(msg, "name", None)
+    if name is None and getattr(msg, "names", None):
+        name = f"{len(msg.names)} files"  # type: ignore[attr-defined]
+    return {"file": name, "storage": getattr(msg, "destination", None)}
 
 
 @asynccontextmanager
@@ -73,8 +80,13 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages)
         stack.push_async_callback(scheduler.close, settings.bus.stop_grace)
         await scheduler.start()
+        batch = settings.catalogue
+        queuer = MicroBatcher(
+            catalogue.tape.ensure_queued_many, max_size=batch.batch_size, max_wait=batch.batch_wait
+        )
+        stack.push_async_callback(queuer.close)
         log.info("tape_ready", endpoints={n: f"{t.library}/{t.pool}" for n, t in targets.items()})
-        yield TapeResources(catalogue, targets, libraries, scheduler, relay)
+        yield TapeResources(catalogue, targets, libraries, scheduler, relay, queuer)
 
 
 service = Service("tape", resources=open_resources, describe=_describe)
@@ -82,23 +94,33 @@ service = Service("tape", resources=open_resources, describe=_describe)
 
 @service.handler(TapeArchive)
 async def archive(msg: TapeArchive, ctx: Context[TapeResources]) -> None:
+    """Queue the copy of each file the request names (one, or a bulk request's ``names``) and
+    announce again those already on tape. Names the catalogue does not know fail the request
+    once, after the others are queued (``common.errors.unknown_names``)."""
     res = ctx.resources
     target = steps.destination(msg.destination, res.targets, ctx.settings.storage)
+    names = msg.files
     # The writer records the copy later, from catalogue rows: it finds the correlation id here
     # (remembered first: the writer may take the copy as soon as it is queued).
-    db.CORRELATIONS.remember(msg.name, target.storage, ctx.correlation_id)
-    copy = await res.catalogue.tape.ensure_queued(msg.name, target.storage, msg.priority)
-    if copy is None:
-        db.CORRELATIONS.take(msg.name, target.storage)
+    correlations = [msg.correlation_of(i, ctx.correlation_id) for i in range(len(names))]
+    for name, correlation in zip(names, correlations, strict=True):
+        db.CORRELATIONS.remember(name, target.storage, correlation)
+    copies = await res.queuer.submit_many([db.Wanted(n, target.storage, msg.priority) for n in names])
+    unknown: list[str] = []
+    for name, correlation, copy in zip(names, correlations, copies, strict=True):
+        if copy is None:
+            db.CORRELATIONS.take(name, target.storage)
+            unknown.append(name)
+        elif copy.state == "available" and copy.cartridge is not None and copy.fseq is not None:
+            db.CORRELATIONS.take(name, target.storage)  # on tape already: the writer will not ask
+            on_tape = db.Archived(0, name, target.storage, copy.cartridge, copy.fseq)
+            await ctx.publisher.publish(db.archived_event(on_tape, correlation), correlation_id=correlation)
+        else:
+            ctx.log.debug("archive_queued", file=name, state=copy.state, pool=target.pool)
+    if unknown and msg.name is not None:
         raise Permanent("unknown_file", f"{msg.name} is not in the catalogue")
-    if copy.state == "available" and copy.cartridge is not None and copy.fseq is not None:
-        db.CORRELATIONS.take(msg.name, target.storage)  # on tape already: the writer will not ask
-        on_tape = db.Archived(0, msg.name, target.storage, copy.cartridge, copy.fseq)
-        await ctx.publisher.publish(
-            db.archived_event(on_tape, ctx.correlation_id), correlation_id=ctx.correlation_id
-        )
-        return
-    ctx.log.debug("archive_queued", state=copy.state, pool=target.pool)
+    if unknown:
+        raise unknown_names(unknown, len(names))
 
 
 @service.failure_hook
@@ -106,8 +128,8 @@ async def record_failure(
     msg: Message | None, err: SpoolError, attempt: int, final: bool, ctx: Context[TapeResources]
 ) -> None:
     """Keep the last error per file (``spool show``)."""
-    if not isinstance(msg, TapeArchive):
-        return
+    if not isinstance(msg, TapeArchive) or msg.name is None:
+        return  # a bulk request failing as a whole is retried whole; its files have no error yet
     await ctx.resources.catalogue.history.record_failure(
         request_id=db.archive_request_id(msg.name, msg.destination), kind="archive", daemon="tape",
         reason=err.reason, error=f"{msg.destination}: {err.message}", attempts=attempt, final=final,

@@ -15,6 +15,9 @@ class TapeRepository(Repository):
     async def ensure_queued(self, name: str, storage: str, priority: int) -> db.TapeCopy | None:
         return await self._catalogue.write(db.ensure_queued, name, storage, priority)
 
+    async def ensure_queued_many(self, wanted: Sequence[db.Wanted]) -> list[db.TapeCopy | None]:
+        return await self._catalogue.write(db.ensure_queued_many, wanted)
+
     async def queue_stats(self, storages: Sequence[str]) -> list[db.QueueStats]:
         return await self._catalogue.read(db.queue_stats, storages)
 

@@ -17,6 +17,11 @@ bus round trip of ``bench/ingest.py`` and ``cp -r`` (then ``sync -f``) of the sa
 
 The tape library's clock runs ``--tape-time-scale`` real seconds per simulated second (default
 ``1 / --scale``: files ``scale`` times smaller stream ``scale`` times faster, mounts shrink alike).
+Also printed: the drives' time by the library's timing model (``usage()``: mounts, locates,
+streaming, the per-file overhead of each tape file, flushes) and the same at the files' real
+sizes (streaming times ``scale``; the rest does not depend on the bytes). ``--aggregate-below``
+sets ``[tape] aggregate_below`` in real bytes (scaled like the files; 0: every file its own tape
+file), so a night can be run with and without small-file aggregates.
 Like every bench, it prints figures and does not judge them: exit 1 only when something broke.
 
     .venv/bin/python bench/night.py --files 20000 --announce-seconds 120 --state-dir /dev/shm/night
@@ -78,6 +83,7 @@ from common.bus.topology import declare_topology
 from common.codec import to_cloudevent
 from common.config import Settings, load_settings
 from common.messages import FileReady
+from common.tape import SimulatedLibrary
 
 STAGES = {"registered": None, "offsite": "offsite", "tape": "tape1"}  # stage -> endpoint counted
 MIN_SIZE, MAX_SIZE = 1_000_000, 2_000_000_000  # bytes of a real file, before --scale
@@ -85,6 +91,8 @@ LTO9_BYTES = 18_000_000_000_000
 MOUNT_MIN_BYTES = 100_000_000_000  # production's [tape] mount_min_bytes, scaled like the files
 TARGET_SECONDS = 1800.0  # 500,000 files end to end in 30 minutes (>= 280 files/s)
 TARGET_RSS_MB = 250.0
+AGGREGATE_BELOW = 64 * 2**20  # production's [tape] aggregate_below and aggregate_size, scaled like
+AGGREGATE_SIZE = 10 * 2**30  # the files
 POOL_BYTES = 4 * 2**20
 
 
@@ -180,6 +188,8 @@ time_scale = {args.tape_time_scale if args.tape_time_scale is not None else 1 / 
 mount_min_bytes = {max(1, int(MOUNT_MIN_BYTES / args.scale))}
 mount_min_files = 10000
 mount_max_age = {args.mount_max_age}
+aggregate_below = {int(args.aggregate_below / args.scale)}
+aggregate_size = {max(1, int(AGGREGATE_SIZE / args.scale), int(args.aggregate_below / args.scale))}
 [landing_areas]
 lst1 = "landing"
 [rules.offsite]
@@ -464,6 +474,7 @@ async def run_night(
     bad = [f"{name} {code}" for name, code, _ in stopped if code != 0]
     if bad:
         raise BenchError(f"daemons exiting non-zero after SIGTERM: {', '.join(bad)}")
+    tape = await tape_time(settings, args.scale, night.total_bytes)
     files = len(night.events)
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0}
     return {
@@ -472,6 +483,7 @@ async def run_night(
         "stages": {s: {"files": timeline.samples[-1][2][s], "seconds": timeline.done_at.get(s)}
                    for s in STAGES},
         "rates": timeline.rates(args.interval), "interval": args.interval,
+        "aggregate_below": args.aggregate_below, "tape": tape,
         "processes": {k: {"cpu_seconds": v, "cpu_ms_per_file": 1000 * v / files,
                           **({"peak_rss_mb": samplers[k].peak / 2**20, "ready_rss_mb": ready_rss[k]}
                              if k in samplers else {})}
@@ -505,6 +517,29 @@ async def bus_traffic(settings: Settings, wait: float = 6.0) -> dict[str, Any] |
         "published": published,
         "queues": {k: v for k, v in sorted(per_queue.items()) if v["enqueued"] or v["delivered"]},
     }
+
+
+async def tape_time(settings: Settings, scale: float, data_bytes: int) -> dict[str, float]:
+    """The drives' simulated seconds by activity (the library's timing model), and the night's
+    total at the files' real sizes: the streaming of the files' own bytes grows ``scale`` times;
+    per-file overheads, flushes, mounts, locates (distances scale with the capacity) and the tar
+    headers of aggregates (a real file has the same 512-byte headers) do not."""
+    library = await SimulatedLibrary.open(settings.tape_libraries["default"])
+    try:
+        u = (await library.usage()).total
+        overhead = u.files_written * library.timing.file_overhead_seconds
+        data_streaming = library.timing.write_seconds(data_bytes)
+    finally:
+        await library.close()
+    streaming = u.write_seconds - overhead
+    return {
+        "seconds": u.total_seconds, "mount_seconds": u.mount_seconds + u.unmount_seconds,
+        "locate_seconds": u.locate_seconds, "streaming_seconds": streaming + u.read_seconds,
+        "file_overhead_seconds": overhead, "flush_seconds": u.flush_seconds, "tape_files": u.files_written,
+        "flushes": u.flushes, "mounts": u.mounts,
+        "bytes_written": u.bytes_written, "data_bytes": data_bytes,
+        "real_size_seconds": u.total_seconds + data_streaming * (scale - 1),
+    }  # fmt: skip
 
 
 async def limits(args: argparse.Namespace, settings: Settings, night: Night) -> dict[str, Any]:
@@ -553,6 +588,17 @@ def report(f: dict[str, Any]) -> None:
         busy = ", ".join(f"{name} {q['delivered'] / files:.2f}" for name, q in bus["queues"].items())
         print(f"\n  bus per file: {bus['published'] / files:.2f} messages published; "
               f"delivered per queue: {busy}")  # fmt: skip
+
+    t, below = f["tape"], f["aggregate_below"]
+    agg = f"files below {below:,} B (real) in aggregates" if below else "no aggregates"
+    print(f"\n  tape by the timing model ({agg}): {t['seconds']:,.1f} drive s for "
+          f"{t['tape_files']:,} tape files, {t['flushes']:,} flushes, {t['mounts']:,} mounts")  # fmt: skip
+    print(f"    mount+unmount {t['mount_seconds']:,.1f}  locate {t['locate_seconds']:,.1f}  "
+          f"streaming {t['streaming_seconds']:,.1f}  per-file overhead {t['file_overhead_seconds']:,.1f}  "
+          f"flush {t['flush_seconds']:,.1f}")  # fmt: skip
+    print(f"    at the files' real sizes (their streaming x {f['scale']:g}): "
+          f"{t['real_size_seconds']:,.0f} drive s; tar headers and indexes "
+          f"{t['bytes_written'] - t['data_bytes']:,} B")  # fmt: skip
     if "limits" in f:
         raw, cp = f["limits"]["raw_round_trip"], f["limits"]["cp"]
         print(f"\n  limits: raw bus round trip {raw['rate']:,.0f} msg/s ({raw['seconds']:.1f} s); "
@@ -584,6 +630,12 @@ def main() -> None:
         help="real seconds per simulated tape second (default: 1 / --scale)",
     )
     p.add_argument("--drives", type=int, default=4, help="drives of the simulated library (default: 4)")
+    p.add_argument(
+        "--aggregate-below",
+        type=int,
+        default=AGGREGATE_BELOW,
+        help=f"[tape] aggregate_below in real bytes, scaled; 0: none (default: {AGGREGATE_BELOW})",
+    )
     p.add_argument(
         "--mount-max-age",
         type=float,

@@ -23,6 +23,9 @@ LIBRARY = (
 )
 # Mount for 5 files or after half a second; look at the queues ten times a second.
 POLICY = "mount_min_files = 5\nmount_min_bytes = 1000000000\nmount_max_age = 0.5\npoll_interval = 0.1"
+# Files below 10 kB packed into aggregates of at most 40 kB (a 100 kB tape holds two). A policy
+# that does not name ``aggregate_below`` writes every file as its own tape file (``tape_config``).
+AGGREGATING = POLICY + "\naggregate_below = 10000\naggregate_size = 40000"
 TAPE1 = {"storage.tape1": 'kind = "tape"\npool = "raw"'}
 TAPE2 = {"storage.tape2": 'kind = "tape"\npool = "vault"'}
 TO_TAPE1 = {"rules.archive": 'datasets = ".*"\nendpoints = "tape1"'}
@@ -31,6 +34,8 @@ TO_TAPE1 = {"rules.archive": 'datasets = ".*"\nendpoints = "tape1"'}
 def tape_config(
     tmp_path: Path, tag: str, *, library: str = LIBRARY, policy: str = POLICY, **extra: str
 ) -> Path:
+    if "aggregate_below" not in policy:
+        policy += "\naggregate_below = 0"
     sections = {**TAPE1, "tape_libraries.default": library, "tape": policy, **TO_TAPE1, **extra}
     return replication_config(tmp_path, tag, **sections)
 

@@ -42,3 +42,6 @@ def test_a_tiny_night_reaches_every_stage(tmp_path):
     assert bus["queues"]["ingest"]["delivered"] >= FILES
     assert bus["queues"]["monitor"]["delivered"] >= 3 * FILES
     assert bus["published"] >= 3 * FILES
+    tape = figures["tape"]  # the drives' time by the timing model; small files in aggregates
+    assert 0 < tape["tape_files"] < FILES and tape["seconds"] > 0
+    assert tape["real_size_seconds"] > tape["seconds"] and tape["bytes_written"] > tape["data_bytes"]

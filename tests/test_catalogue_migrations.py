@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 
 from common.catalogue import Catalogue, normalise_url
 from common.catalogue.engine import BUSY_TIMEOUT_MS, alembic_config
@@ -119,3 +119,35 @@ def test_the_head_revision_constant_is_alembics_head() -> None:
     from common.catalogue.engine import HEAD_REVISION
 
     assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+
+def _columns(conn: Connection, table: str) -> set[str]:
+    return {c["name"] for c in inspect(conn).get_columns(table)}
+
+
+def _to(conn: Connection, revision: str) -> None:
+    from alembic import command
+
+    cfg = alembic_config(conn)
+    current = _current(conn)
+    (command.downgrade if revision < (current or "") else command.upgrade)(cfg, revision)
+
+
+async def test_0005_adds_the_member_offset_of_tape_copies_and_back(catalogue_url: str) -> None:
+    """Revision 0005 (tape aggregates): copies written before it are plain tape files (NULL);
+    downgrading drops the column and keeps the copies."""
+    from tests.catalogue_fixtures import ENDPOINTS
+
+    async with await Catalogue.open(catalogue_url) as cat:
+        await cat.endpoints.sync(ENDPOINTS)
+        await cat.ingest.register([rec("a"), rec("b")])
+        await cat.replication.set_replica(name="b", storage="disk2", pfn="A1/2", state="available",
+                                          cartridge="A1", fseq=2, member_offset=1536)  # fmt: skip
+        async with cat.engine.begin() as conn:
+            await conn.run_sync(_to, "0004")
+            assert "member_offset" not in await conn.run_sync(_columns, "replicas")
+        async with cat.engine.begin() as conn:
+            await conn.run_sync(_to, "0005")
+            assert "member_offset" in await conn.run_sync(_columns, "replicas")
+            rows = await conn.execute(text("SELECT fseq, member_offset FROM replicas WHERE fseq IS NOT NULL"))
+            assert [tuple(r) for r in rows] == [(2, None)]

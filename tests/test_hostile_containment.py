@@ -281,7 +281,9 @@ def _item(name: str, content: bytes) -> object:
     from types import SimpleNamespace
 
     copy = SimpleNamespace(fseq=1, cartridge="A00001", storage="tape1")
-    return SimpleNamespace(name=name, file_id=7, size=len(content), adler32=adler(content), copy=copy)
+    return SimpleNamespace(
+        name=name, file_id=7, size=len(content), adler32=adler(content), copy=copy, member_offset=None
+    )
 
 
 # --- ingest through the bus ----------------------------------------------------------------------

@@ -137,7 +137,8 @@ async def test_a_bulk_request_announces_each_copy_on_tape_under_its_own_correlat
         await archive(TapeArchive(names=names, destination="tape1", correlation_ids=["c-d", "c-e"]), ctx)
         for _ in range(200):  # the scheduler writes both
             copies = await tape_copies(settings)
-            if all(copies[n][0] == "available" for n in names) and len(ctx.publisher.of_type(FileArchived)) == 2:
+            archived = len(ctx.publisher.of_type(FileArchived))
+            if all(copies[n][0] == "available" for n in names) and archived == 2:
                 break
             await asyncio.sleep(0.05)
         written = {e.name: e.correlation_id for e in ctx.publisher.of_type(FileArchived)}

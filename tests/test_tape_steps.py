@@ -10,6 +10,7 @@ import pytest
 
 from common.config import StorageEndpoint, TapeSettings
 from common.errors import ConfigError, Permanent
+from common.tape import TapeFile, TapeMember
 from daemons.tape import steps
 
 NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
@@ -78,9 +79,22 @@ def test_cartridge_is_suspect_after_the_configured_number_of_failed_mounts():
 
 
 def test_copies_committed_on_the_cartridge_are_recorded_the_rest_requeued():
-    found, missing = steps.split_in_flight(["a", "b", "c"], {"a": 4, "c": 6, "other": 1})
-    assert found == {"a": 4, "c": 6}
+    on_tape = {"a": (4, None), "c": (6, 1536), "other": (1, None)}
+    found, missing = steps.split_in_flight(["a", "b", "c"], on_tape)
+    assert found == {"a": (4, None), "c": (6, 1536)}
     assert missing == ["b"]
+
+
+def test_members_of_an_aggregate_are_found_at_its_fseq_and_their_offsets():
+    members = [
+        TapeMember(name="x", offset=1536, size=3, adler32="1"),
+        TapeMember(name="y", offset=3072, size=1, adler32="2"),
+    ]
+    files = [
+        TapeFile(fseq=1, name="plain", size=5, adler32="1", offset=0),
+        TapeFile(fseq=2, name="spool-aggregate-1.tar", size=10240, adler32="1", offset=5, members=members),
+    ]
+    assert steps.tape_positions(files) == {"plain": (1, None), "x": (2, 1536), "y": (2, 3072)}
 
 
 def tape(pool: str | None = None, library: str = "default") -> StorageEndpoint:

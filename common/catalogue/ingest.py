@@ -81,6 +81,7 @@ REPLICA_CONSTANTS: Mapping[str, Any] = {
     "state": "available",
     "cartridge": None,
     "fseq": None,
+    "member_offset": None,
     "tombstone": None,
     "priority": _scalar_default(s.replicas.c.priority),
 }

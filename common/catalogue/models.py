@@ -148,6 +148,7 @@ class ReplicaInfo:
     fseq: int | None
     created: datetime
     updated: datetime
+    member_offset: int | None = None  # a tape copy inside an aggregate: where its bytes start
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,17 @@ async def show_file(conn: AsyncConnection, name: str) -> FileView | None:
         await conn.scalars(select(f.c.name).join(pv, pv.c.child_id == f.c.id).where(pv.c.parent_name == name))
     ).all()
     reps = await conn.execute(
-        select(ep.c.name, ep.c.kind, r.c.state, r.c.pfn, r.c.cartridge, r.c.fseq, r.c.created, r.c.updated)
+        select(
+            ep.c.name,
+            ep.c.kind,
+            r.c.state,
+            r.c.pfn,
+            r.c.cartridge,
+            r.c.fseq,
+            r.c.created,
+            r.c.updated,
+            r.c.member_offset,
+        )
         .join(ep, ep.c.id == r.c.storage_id)
         .where(r.c.file_id == fid)
         .order_by(ep.c.name)

@@ -110,6 +110,9 @@ class ReadItem:
     adler32: str
     destination: str
     copy: TapeCopy
+    # The copy is a member of an aggregate: where its bytes start within the tape file (None: the
+    # tape file is the file). The read covers ``size`` bytes from there, checked against ``adler32``.
+    member_offset: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -398,26 +401,41 @@ def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after
 
     Several rows when several requests want that file. Files planned on the cartridge while it is
     mounted show up here too: that is how a late request joins the mount when it is ahead of the head.
+
+    An aggregate holds many files at one fseq: its members still queued at the head's fseq come
+    next too (one file at a time, lowest offset first, each with its ``member_offset``), so the
+    mount reads them all before it moves on.
     """
+    # The tape copy's offset within its tape file (NULL: a plain file). Joined on file, cartridge
+    # and fseq: a file is on a cartridge at one place.
+    copy = r.alias("copy")
+    joined = rf.join(rc, rc.c.id == rf.c.recall_id).outerjoin(
+        copy, (copy.c.file_id == rf.c.file_id) & (copy.c.cartridge == vid) & (copy.c.fseq == rf.c.fseq)
+    )
+    offset = func.coalesce(copy.c.member_offset, -1)
     where = (
         rf.c.state == "queued",
         rf.c.cartridge == vid,
         rf.c.storage.in_(list(storages)),
-        rf.c.fseq > after,
+        or_(rf.c.fseq > after, (rf.c.fseq == after) & copy.c.member_offset.is_not(None)),
         rc.c.state == "active",
     )
-    lowest = select(func.min(rf.c.fseq)).select_from(rf.join(rc, rc.c.id == rf.c.recall_id)).where(*where)
+    lowest = conn.execute(
+        select(rf.c.fseq, offset).select_from(joined).where(*where).order_by(rf.c.fseq, offset).limit(1)
+    ).first()
+    if lowest is None:
+        return []
     stmt = (
         select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, rf.c.fseq, f.c.size, f.c.adler32,
-               rc.c.destination)
-        .join(rc, rc.c.id == rf.c.recall_id)
-        .join(f, f.c.id == rf.c.file_id)
-        .where(*where, rf.c.fseq == lowest.scalar_subquery())
+               rc.c.destination, copy.c.member_offset)
+        .select_from(joined.join(f, f.c.id == rf.c.file_id))
+        .where(*where, rf.c.fseq == lowest[0], offset == lowest[1])
         .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
     )  # fmt: skip
     return [
         ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
-                 TapeCopy(row.storage, vid, int(row.fseq)))
+                 TapeCopy(row.storage, vid, int(row.fseq)),
+                 None if row.member_offset is None else int(row.member_offset))
         for row in conn.execute(stmt)
     ]  # fmt: skip
 

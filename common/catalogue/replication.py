@@ -96,9 +96,13 @@ _KEY_SHARE_FILES_SQL = "SELECT id FROM files WHERE id IN ({}) ORDER BY id FOR KE
 # they name every column but the autoincrement id (a test holds them to the schema).
 LOCK_COLUMNS = ("rule_id", "file_id", "storage_id", "expires")
 QUEUED_COLUMNS = ("file_id", "storage_id", "pfn", "priority")
-QUEUED_CONSTANTS: Mapping[str, Any] = {"state": "queued", "cartridge": None, "fseq": None, "tombstone": None}
+QUEUED_CONSTANTS: Mapping[str, Any] = {
+    "state": "queued", "cartridge": None, "fseq": None, "member_offset": None, "tombstone": None
+}  # fmt: skip
 COPY_COLUMNS = ("file_id", "storage_id", "pfn")
-COPY_CONSTANTS: Mapping[str, Any] = {"state": "available", "cartridge": None, "fseq": None, "priority": 3}
+COPY_CONSTANTS: Mapping[str, Any] = {
+    "state": "available", "cartridge": None, "fseq": None, "member_offset": None, "priority": 3
+}  # fmt: skip
 # A copy that had a row (queued, waiting, bad...) keeps its created, priority and any tombstone.
 COPY_UPDATE = ("state", "pfn", "updated")
 COPY_REQUEST_COLUMNS = ("id", "name", "attempts")
@@ -578,7 +582,8 @@ def park(conn: Connection, name: str, storage: str, priority: int) -> None:
         insert_ignore_sync(
             conn, r,
             [{"file_id": fid, "storage_id": sid, "pfn": name, "state": "waiting", "cartridge": None,
-              "fseq": None, "created": now, "updated": now, "tombstone": None, "priority": priority}],
+              "fseq": None, "member_offset": None, "created": now, "updated": now, "tombstone": None,
+              "priority": priority}],
             ["file_id", "storage_id"],
         )  # fmt: skip
 

@@ -190,6 +190,9 @@ class Replica(Base):
     state: Mapped[str] = mapped_column(String(16))  # available | copying | bad | deleted ...
     cartridge: Mapped[str | None] = mapped_column(String(64))
     fseq: Mapped[int | None] = mapped_column(BigInteger)
+    # A tape copy inside an aggregate (``common.tape.aggregate``): where its bytes start within
+    # the tape file ``cartridge``/``fseq``; NULL: the copy is a tape file of its own.
+    member_offset: Mapped[int | None] = mapped_column(BigInteger)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
     # From this time the copy may be deleted once no rule lock holds it (and it is not the last

@@ -7,8 +7,9 @@ and who moves them:
                                                                      ``tape.archive`` handler)
     archiving  taken into a write batch; ``cartridge`` names the    (tape scheduler)
                cartridge it is being written to, ``fseq`` is NULL
-    available  on tape: ``cartridge`` + ``fseq`` say where          (tape writer, start-up
-                                                                     reconciliation)
+    available  on tape: ``cartridge`` + ``fseq`` say where; in an   (tape writer, start-up
+               aggregate, ``member_offset`` is where its bytes       reconciliation)
+               start within that tape file (NULL: a plain file)
     failed     no usable disk source (the reason is the file's     (tape writer)
                last error, request kind ``archive``)
 
@@ -97,6 +98,8 @@ class Archived:
     # The file's correlation id (its file.ready's), when the writer knows it; else
     # ``record_archived`` takes the file's ingest event id from the catalogue.
     correlation_id: str | None = None
+    # A member of an aggregate: where its bytes start within the tape file (None: a plain file).
+    member_offset: int | None = None
 
 
 class Correlations:
@@ -225,8 +228,8 @@ def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeC
         insert_ignore_sync(
             conn, r,
             [{"file_id": fid, "storage_id": sid, "pfn": asked[fid, sid][1], "state": "queued",
-              "cartridge": None, "fseq": None, "created": now, "updated": now, "tombstone": None,
-              "priority": asked[fid, sid][0]} for fid, sid in missing],
+              "cartridge": None, "fseq": None, "member_offset": None, "created": now, "updated": now,
+              "tombstone": None, "priority": asked[fid, sid][0]} for fid, sid in missing],
             ["file_id", "storage_id"],
         )  # fmt: skip
         # Ours, or a concurrent creator's (the insert waited for it, then kept its row): decide on
@@ -247,7 +250,7 @@ def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeC
     where = (r.c.file_id == bindparam("fid"), r.c.storage_id == bindparam("sid"))
     if requeue:
         conn.execute(
-            update(r).where(*where).values(state="queued", cartridge=None, fseq=None,
+            update(r).where(*where).values(state="queued", cartridge=None, fseq=None, member_offset=None,
                                            priority=bindparam("prio"), created=now, updated=now),
             requeue,
         )  # fmt: skip
@@ -315,7 +318,7 @@ def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> 
         conn.execute(
             update(r)
             .where(r.c.id.in_(part), r.c.state == "queued")
-            .values(state="archiving", cartridge=cartridge, fseq=None, updated=now)
+            .values(state="archiving", cartridge=cartridge, fseq=None, member_offset=None, updated=now)
         )
     got: dict[int, Any] = {}
     stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32).join(f, f.c.id == r.c.file_id)
@@ -361,7 +364,7 @@ def requeue(conn: Connection, replica_ids: Sequence[int]) -> int:
         res = conn.execute(
             update(r)
             .where(r.c.id.in_(part), r.c.state == "archiving")
-            .values(state="queued", cartridge=None, fseq=None, updated=utcnow())
+            .values(state="queued", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
         )
         n += int(res.rowcount)
     return n
@@ -373,7 +376,7 @@ def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = No
     res = conn.execute(
         update(r)
         .where(r.c.id == replica_id, r.c.state == "archiving")
-        .values(state="failed", cartridge=None, fseq=None, updated=utcnow())
+        .values(state="failed", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
     )
     if res.rowcount and event is not None:
         outbox.add(conn, [event])
@@ -383,7 +386,9 @@ def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = No
 def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
     """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
     request done, one ``file.archived`` history row and outbox event each. Returns the records
-    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone."""
+    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone. An
+    aggregate's members (``member_offset`` set) are recorded like any flush group: one select and
+    one ``executemany`` whatever their number."""
     now = utcnow()
     # Which copies are still ``archiving``, locked (PostgreSQL) so none leaves that state before
     # the update below: one select and one executemany for the whole flush group.
@@ -397,9 +402,10 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
     conn.execute(
         update(r)
         .where(r.c.id == bindparam("rid"))
-        .values(state="available", cartridge=bindparam("vid"), fseq=bindparam("at"), updated=now),
-        [{"rid": a.replica_id, "vid": a.cartridge, "at": a.fseq} for a in applied],
-    )
+        .values(state="available", cartridge=bindparam("vid"), fseq=bindparam("at"),
+                member_offset=bindparam("offset"), updated=now),
+        [{"rid": a.replica_id, "vid": a.cartridge, "at": a.fseq, "offset": a.member_offset} for a in applied],
+    )  # fmt: skip
     # Each file's correlation id: the writer's, else its ingest event id (the records returned are
     # those given, as applied).
     found = ingest_correlations(conn, [a.name for a in applied if a.correlation_id is None])
@@ -438,9 +444,10 @@ def in_flight(conn: Connection, storages: Sequence[str]) -> list[InFlight]:
 
 def files_per_cartridge(conn: Connection) -> dict[str, int]:
     """Available tape copies recorded per cartridge (``spool tape list`` sets it beside the
-    library's own count: the two agree unless something is amiss)."""
+    library's own count: the two agree unless something is amiss). Counted in tape files: the
+    members of an aggregate share one fseq and count once."""
     stmt = (
-        select(r.c.cartridge, func.count())
+        select(r.c.cartridge, func.count(r.c.fseq.distinct()))
         .where(r.c.cartridge.is_not(None), r.c.state == "available")
         .group_by(r.c.cartridge)
     )

@@ -109,8 +109,10 @@ async def set_replica(
     state: str,
     cartridge: str | None = None,
     fseq: int | None = None,
+    member_offset: int | None = None,
 ) -> None:
-    """Create or update the replica of file ``name`` on ``storage`` (unique per file x storage)."""
+    """Create or update the replica of file ``name`` on ``storage`` (unique per file x storage);
+    ``member_offset``: a tape copy inside an aggregate (see ``common.catalogue.tape``)."""
     fid = await conn.scalar(select(s.files.c.id).where(s.files.c.name == name))
     if fid is None:
         raise KeyError(f"no file named {name!r}")
@@ -118,9 +120,10 @@ async def set_replica(
     now = utcnow()
     row = {
         "file_id": fid, "storage_id": sid, "pfn": pfn, "state": state, "cartridge": cartridge,
-        "fseq": fseq, "created": now, "updated": now,
+        "fseq": fseq, "member_offset": member_offset, "created": now, "updated": now,
     }  # fmt: skip
     check_fits(s.replicas, row)
     await upsert(
-        conn, s.replicas, [row], ["file_id", "storage_id"], ["pfn", "state", "cartridge", "fseq", "updated"]
-    )
+        conn, s.replicas, [row], ["file_id", "storage_id"],
+        ["pfn", "state", "cartridge", "fseq", "member_offset", "updated"],
+    )  # fmt: skip

@@ -55,6 +55,8 @@ def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     )
     for r in view.replicas:
         tape = f"{r.cartridge}#{r.fseq}" if r.cartridge else ""
+        if r.member_offset is not None:  # a member of an aggregate: at this byte of the tape file
+            tape += f"@{r.member_offset}"
         table.add_row(r.storage, r.kind, r.state, r.pfn, tape, r.updated.isoformat(timespec="seconds"))
     console.print(table)
     if view.last_error is not None and view.last_error.reason:

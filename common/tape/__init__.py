@@ -21,6 +21,7 @@ from common.tape.library import (
     TapeChecksumMismatch,
     TapeFile,
     TapeLibrary,
+    TapeMember,
 )
 from common.tape.timing import TapeTiming
 
@@ -40,6 +41,7 @@ __all__ = [
     "TapeChecksumMismatch",
     "TapeFile",
     "TapeLibrary",
+    "TapeMember",
     "TapeTiming",
     "open_library",
 ]

@@ -56,17 +56,24 @@ ErrorFactory = Callable[[OSError], Exception]
 
 
 def _stream(
-    cancelled: threading.Event, src: int, dst: int, read_error: ErrorFactory, write_error: ErrorFactory
+    cancelled: threading.Event,
+    src: int,
+    dst: int,
+    read_error: ErrorFactory,
+    write_error: ErrorFactory,
+    limit: int | None = None,
 ) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` through one buffer, computing adler32 on the way."""
+    """Copy ``src`` to ``dst`` through one buffer, computing adler32 on the way; with ``limit``,
+    at most that many bytes (an aggregate's member)."""
     buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
     value, total = ADLER32_START, 0
     while True:
         if cancelled.is_set():
             raise Aborted()
+        want = CHUNK_SIZE if limit is None else min(CHUNK_SIZE, limit - total)
         try:
-            n = os.readv(src, [buf])
+            n = os.readv(src, [view[:want]]) if want > 0 else 0
         except OSError as exc:
             raise read_error(exc) from None
         if n == 0:
@@ -92,6 +99,7 @@ def _through_temp(
     check: Callable[[int, str], None],
     durable: bool,
     exclusive: bool,
+    limit: int | None = None,
 ) -> tuple[int, str]:
     """Stream ``src`` into ``temp``, let ``check(size, adler32)`` judge it, make it durable, rename
     it onto ``final``; ``temp`` is removed on any failure, ``src`` closed in every case."""
@@ -103,7 +111,7 @@ def _through_temp(
         except OSError as exc:
             raise write_error(exc) from None
         try:
-            total, actual = _stream(cancelled, src, dst, read_error, write_error)
+            total, actual = _stream(cancelled, src, dst, read_error, write_error, limit)
             check(total, actual)
             try:
                 if durable:
@@ -180,8 +188,10 @@ def read_data(
     expected: str,
     keep_mismatch: bool,
     durable: bool = True,
+    offset: int = 0,
 ) -> ReadResult:
-    """Copy a file off the tape to ``dest``; media problems raise ``tape_read_error`` or a mismatch.
+    """Copy a file off the tape to ``dest`` (``size`` bytes from ``offset``: the whole file, or an
+    aggregate's member); media problems raise ``tape_read_error`` or a mismatch.
 
     With ``keep_mismatch`` a checksum mismatch still lands at ``dest`` (the caller asked for the
     raw bytes and compares itself); otherwise ``dest`` is left untouched.
@@ -203,9 +213,17 @@ def read_data(
         src = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise media_error(exc) from None
+    if offset:
+        try:
+            os.lseek(src, offset, os.SEEK_SET)
+        except OSError as exc:
+            os.close(src)
+            raise media_error(exc) from None
     tmp = dest.with_name(f".{dest.name}.tape-tmp-{secrets.token_hex(6)}")
+    # Reading at most ``size`` + 1 bytes: a whole file longer than recorded is still found short
+    # or long; a member stops at its end, its neighbours' bytes never read.
     total, actual = _through_temp(
         cancelled, src, tmp, dest, read_error=media_error, write_error=dest_error, check=check,
-        durable=durable, exclusive=True,
+        durable=durable, exclusive=True, limit=size + (1 if offset == 0 else 0),
     )  # fmt: skip
     return ReadResult(total, actual)

@@ -38,6 +38,12 @@ invalid_size/                      making a cartridge with data scratch again)
 invalid_state
 =====================  ==========  ============================================================
 
+Aggregates (``common.tape.aggregate``): a tape file may hold many small files. ``write(...,
+members=[TapeMember, ...])`` keeps their index with the file (``list_files`` returns it, so
+reconciliation finds a member without the catalogue); ``read(..., member=TapeMember)`` locates to
+the member's first byte and reads only its ``size`` bytes, verified against its adler32 — a
+member's recall costs that locate and those bytes, not the aggregate's.
+
 The two media errors mark the cartridge ``suspect`` (readable, never appended to again): a
 recall daemon should try another copy, an operator should look at the cartridge.
 
@@ -55,6 +61,7 @@ drive writes out its buffer before it unloads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -72,6 +79,22 @@ DriveStatus = Literal["idle", "mounting", "locating", "writing", "reading", "unm
 FileState = Literal["writing", "written", "committed"]
 
 
+class TapeMember(BaseModel):
+    """One member of an aggregate tape file (``common.tape.aggregate``): its bytes are ``size``
+    bytes from ``offset`` within the tape file. ``name`` is the logical name (data, never a path),
+    ``member`` the name inside the tar."""
+
+    name: str
+    member: str = ""
+    offset: int = Field(ge=0)
+    size: int = Field(ge=0)
+    adler32: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
 class TapeFile(BaseModel):
     """One file on a cartridge, in the order it was written."""
 
@@ -83,6 +106,9 @@ class TapeFile(BaseModel):
     offset: int = Field(ge=0)
     state: FileState = "committed"
     written_at: float = 0.0
+    # An aggregate: its members' index, as given to ``write`` (the aggregate's last tar member
+    # holds the same). Reconciliation finds a member's file and offset here.
+    members: list[TapeMember] | None = None
 
     @property
     def end(self) -> int:
@@ -234,11 +260,20 @@ class TapeLibrary(Protocol):
     async def position(self, drive_id: str, fseq: int) -> None: ...
 
     async def write(
-        self, drive_id: str, source: Path, name: str, size: int, adler32: str, *, flush: bool = True
+        self,
+        drive_id: str,
+        source: Path,
+        name: str,
+        size: int,
+        adler32: str,
+        *,
+        flush: bool = True,
+        members: Sequence[TapeMember] | None = None,
     ) -> int:
         """Append ``source`` at the end of data of the mounted cartridge; returns its fseq.
 
         With ``flush=False`` the file is not durable (nor listed, nor readable) until ``flush``.
+        ``members``: the file is an aggregate with this index (kept with the file, ``list_files``).
         """
         ...
 
@@ -247,7 +282,13 @@ class TapeLibrary(Protocol):
         (one synchronous tape mark); returns those fseqs in order (empty: nothing to flush)."""
         ...
 
-    async def read(self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True) -> ReadResult: ...
+    async def read(
+        self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True, member: TapeMember | None = None
+    ) -> ReadResult:
+        """Copy ``fseq`` to ``dest``, verified against the checksum recorded at write. With
+        ``member``: only its span of the file (locate to it, read ``member.size`` bytes), verified
+        against ``member.adler32`` (the caller's, i.e. the catalogue's record)."""
+        ...
 
     async def unmount(self, drive_id: str) -> None: ...
 

@@ -29,7 +29,7 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
@@ -50,6 +50,7 @@ from common.tape.library import (
     ReadResult,
     TapeChecksumMismatch,
     TapeFile,
+    TapeMember,
 )
 from common.tape.reconcile import reconcile
 from common.tape.store import LibraryState, Store
@@ -270,7 +271,15 @@ class SimulatedLibrary:
             raise
 
     async def write(
-        self, drive_id: str, source: Path, name: str, size: int, adler32: str, *, flush: bool = True
+        self,
+        drive_id: str,
+        source: Path,
+        name: str,
+        size: int,
+        adler32: str,
+        *,
+        flush: bool = True,
+        members: Sequence[TapeMember] | None = None,
     ) -> int:
         """Append ``source`` after the last file of the mounted cartridge; returns its fseq.
 
@@ -285,9 +294,12 @@ class SimulatedLibrary:
             raise Permanent("invalid_checksum", str(exc)) from None
         if size < 0:
             raise Permanent("invalid_size", f"size {size} of {name} is negative")
+        index = list(members) if members is not None else None
+        if index is not None and any(m.end > size for m in index):
+            raise Permanent("invalid_size", f"a member of aggregate {name} ends beyond its {size} bytes")
         op = _op_id()
         try:
-            plan = await self._txn(Txn.begin_write, drive_id, op, name, size, expected, flush)
+            plan = await self._txn(Txn.begin_write, drive_id, op, name, size, expected, flush, index)
             started = time.monotonic()
             durable = self.config.durable and flush
             await run_to_completion(write_data, Path(source), plan.path, plan.data, size, expected, durable)
@@ -313,22 +325,33 @@ class SimulatedLibrary:
             await self._abort(drive_id, op)
             raise
 
-    async def read(self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True) -> ReadResult:
-        """Copy ``fseq`` of the mounted cartridge to ``dest``, locating first if needed."""
+    async def read(
+        self, drive_id: str, fseq: int, dest: Path, *, verify: bool = True, member: TapeMember | None = None
+    ) -> ReadResult:
+        """Copy ``fseq`` of the mounted cartridge to ``dest``, locating first if needed; with
+        ``member``, only that span of it (charged: the locate to it and its bytes)."""
+        expected_member: str | None = None
+        if member is not None:
+            try:
+                expected_member = normalise_adler32(member.adler32)
+            except ValueError as exc:
+                raise Permanent("invalid_checksum", str(exc)) from None
         op = _op_id()
         result: ReadResult | None = None
         error: SpoolError | None = None
         try:
-            plan = await self._txn(Txn.begin_read, drive_id, fseq, op, Path(dest))
+            plan = await self._txn(Txn.begin_read, drive_id, fseq, op, Path(dest), member)
             started = time.monotonic()
+            expected = expected_member if expected_member is not None else plan.file.adler32
             copy = functools.partial(
                 read_data,
                 vid=plan.vid,
                 fseq=fseq,
-                size=plan.file.size,
-                expected=plan.file.adler32,
+                size=plan.length,
+                expected=expected,
                 keep_mismatch=not verify,
                 durable=self.config.durable,
+                offset=plan.skip,
             )
             try:
                 result = await run_to_completion(copy, plan.data, plan.path)
@@ -336,8 +359,8 @@ class SimulatedLibrary:
                 if exc.reason not in MEDIA_ERRORS:
                     raise
                 error = exc
-            if result is not None and result.adler32 != plan.file.adler32:
-                error = TapeChecksumMismatch(plan.vid, fseq, plan.file.adler32, result.adler32)
+            if result is not None and result.adler32 != expected:
+                error = TapeChecksumMismatch(plan.vid, fseq, expected, result.adler32)
             await self._sleep(plan.seconds, started)
             await self._txn(Txn.finish_read, plan, suspect=error is not None, delivered=result is not None)
         except BaseException:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import Permanent, Retryable, SpoolError
-from common.tape.library import Cartridge, Drive, DriveStatus, TapeFile
+from common.tape.library import Cartridge, Drive, DriveStatus, TapeFile, TapeMember
 from common.tape.reconcile import drop_files, settle_cartridge, settle_drive
 from common.tape.store import LibraryState, Store
 from common.tape.timing import TapeTiming
@@ -74,10 +74,16 @@ class TransferPlan:
     transfer_seconds: float
     data: Path  # the file's bytes on the cartridge
     path: Path  # write: the temp file the data goes through; read: the destination
+    skip: int = 0  # read of an aggregate's member: where its bytes start within the file
+    span: int | None = None  # and how many (None: the whole file)
 
     @property
     def seconds(self) -> float:
         return self.locate_seconds + self.transfer_seconds
+
+    @property
+    def length(self) -> int:
+        return self.file.size if self.span is None else self.span
 
 
 class Txn:
@@ -230,7 +236,14 @@ class Txn:
 
     # --- write ---------------------------------------------------------------------------------
     def begin_write(
-        self, drive_id: str, op: str, name: str, size: int, adler32: str, flush: bool = True
+        self,
+        drive_id: str,
+        op: str,
+        name: str,
+        size: int,
+        adler32: str,
+        flush: bool = True,
+        members: list[TapeMember] | None = None,
     ) -> TransferPlan:
         d = self.usable(drive_id)
         cart = self.mounted(d)
@@ -253,6 +266,7 @@ class Txn:
             offset=cf.end_of_data(),
             state="writing",
             written_at=time.time(),
+            members=members,
         )
         # Not synced: a reservation lost to a power cut is a file recovery would drop anyway.
         record = {"op": "reserve", "session": self.session, "file": f.model_dump()}
@@ -337,20 +351,31 @@ class Txn:
         return fseqs
 
     # --- read ----------------------------------------------------------------------------------
-    def begin_read(self, drive_id: str, fseq: int, op: str, dest: Path) -> TransferPlan:
+    def begin_read(
+        self, drive_id: str, fseq: int, op: str, dest: Path, member: TapeMember | None = None
+    ) -> TransferPlan:
+        """A read of the file, or of ``member``'s span of it: locate to its first byte, stream
+        only its bytes."""
         d = self.usable(drive_id)
         cart = self.mounted(d)
         f = self.committed_file(cart.vid, fseq)
+        skip, span = (0, f.size) if member is None else (member.offset, member.size)
+        if skip + span > f.size:
+            raise Permanent(
+                "tape_read_error", f"{cart.vid} fseq {fseq}: bytes {skip}-{skip + span} beyond its {f.size}"
+            )
         self._start(d, "reading", op)
         return TransferPlan(
             op,
             drive_id,
             cart.vid,
             f,
-            self.timing.locate_seconds(d.head, f.offset, cart.capacity),
-            self.timing.read_seconds(f.size),
+            self.timing.locate_seconds(d.head, f.offset + skip, cart.capacity),
+            self.timing.read_seconds(span),
             self.store.data_path(cart.vid, fseq),
             dest,
+            skip,
+            None if member is None else span,
         )
 
     def finish_read(self, plan: TransferPlan, *, suspect: bool, delivered: bool) -> None:
@@ -361,10 +386,10 @@ class Txn:
         u.read_seconds += plan.transfer_seconds
         if delivered:
             u.files_read += 1
-            u.bytes_read += plan.file.size
+            u.bytes_read += plan.length
         if suspect and cart.state != "disabled":
             cart.state = "suspect"
-        d.head = plan.file.end
+        d.head = plan.file.offset + plan.skip + plan.length
         self._end(d, plan.op)
 
     # --- abort ---------------------------------------------------------------------------------

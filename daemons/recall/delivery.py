@@ -47,7 +47,7 @@ from common.errors import Permanent, SpoolError
 from common.storage import PosixStorage, StorageBackend, confined
 from common.storage.paths import below, real_root
 from common.storage.tempfiles import destination_refused
-from common.tape import TapeChecksumMismatch, TapeLibrary
+from common.tape import TapeChecksumMismatch, TapeLibrary, TapeMember
 
 log = structlog.get_logger("spool.recall")
 
@@ -145,6 +145,9 @@ async def read_from_tape(
     """Read ``item`` off the mounted cartridge into ``storage``; returns its pfn there. ``local``
     is the node-local staging directory used for a remote destination.
 
+    A member of an aggregate (``item.member_offset``) is read alone: the library locates to it and
+    reads its ``item.size`` bytes, verified against ``item.adler32``.
+
     Raises ``TapeChecksumMismatch`` when the bytes are not the catalogue's file (the library's
     own check, or ours against the catalogue), other ``SpoolError``s as the library classifies them
     (and, for a remote destination, as its ``upload`` does: ``disk_full``, ``endpoint_unavailable``
@@ -161,7 +164,13 @@ async def read_from_tape(
     temp = Path(f"/proc/self/fd/{dirfd}/{name}")
     try:
         try:
-            result = await library.read(drive, item.copy.fseq, temp, verify=True)
+            if item.member_offset is None:
+                result = await library.read(drive, item.copy.fseq, temp, verify=True)
+            else:  # a member of an aggregate: only its bytes, checked against the catalogue's
+                member = TapeMember(
+                    name=item.name, offset=item.member_offset, size=item.size, adler32=item.adler32
+                )
+                result = await library.read(drive, item.copy.fseq, temp, verify=True, member=member)
             if result.size != item.size or result.adler32 != item.adler32:
                 raise TapeChecksumMismatch(item.copy.cartridge, item.copy.fseq, item.adler32, result.adler32)
             if rel is not None:

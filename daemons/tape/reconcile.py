@@ -6,6 +6,8 @@ that was not committed, so a cartridge lists exactly the files wholly written an
 
 - the file is committed on that cartridge under its name -> record it ``available`` with that fseq
   (it is never written a second time), its ``file.archived`` in the outbox (same transaction);
+- the file is a member of an aggregate committed on that cartridge (the index the writer gave the
+  library with the aggregate names it) -> the same, at the aggregate's fseq and its offset in it;
 - otherwise -> back to ``queued``; the next batch writes it.
 
 Which rows are a dead writer's: those of endpoints with no batch running in this process, whose
@@ -69,14 +71,17 @@ async def reconcile(
         if vid in held[target.library]:
             continue  # a live writer is at it
         try:
-            on_tape = {tf.name: tf.fseq for tf in await library.list_files(vid)}
+            on_tape = steps.tape_positions(await library.list_files(vid))
         except SpoolError as exc:
             if exc.reason != "unknown_cartridge":
                 raise
             on_tape = {}
         by_name = {row.name: row for row in group}
         written, missing = steps.split_in_flight(list(by_name), on_tape)
-        found += [db.Archived(by_name[n].replica_id, n, storage, vid, fseq) for n, fseq in written.items()]
+        found += [
+            db.Archived(by_name[n].replica_id, n, storage, vid, fseq, member_offset=offset)
+            for n, (fseq, offset) in written.items()
+        ]
         lost += [by_name[n].replica_id for n in missing]
     applied = await catalogue.tape.record_archived(found) if found else []
     requeued = await catalogue.tape.requeue(lost) if lost else 0

@@ -6,9 +6,10 @@ Why a staging file: the library writes a file of this node's file system onto th
 fed at its own pace, not at a wide-area network's. The remote copy is downloaded first, into
 ``<state_dir>/tape-staging/``, verified by the backend's ``download`` (adler32 of the bytes
 received against the catalogue's), and written to tape from there; the staging file is removed
-after the write whatever happened. A killed daemon leaves at most the file (or the download's
-temporary) it was staging: ``clean`` removes everything in the directory at start-up (one tape
-daemon per state directory, as one per library).
+after the write whatever happened. The aggregates of small files are built here too
+(``aggregate-<random>.tar``, removed once written). A killed daemon leaves at most the file (or
+the download's temporary) it was staging and the aggregates it was building: ``clean`` removes
+everything in the directory at start-up (one tape daemon per state directory, as one per library).
 
 A posix copy is preferred when the file has one (``prefer_local``): no download at all.
 """

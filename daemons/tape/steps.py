@@ -9,13 +9,14 @@ caps the wait by the age of the oldest request so a trickle is still archived in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from common.config import StorageEndpoint, TapeSettings
 from common.errors import ConfigError, Permanent
+from common.tape import TapeFile
 
 Why = Literal["bytes", "files", "age"]
 
@@ -148,10 +149,29 @@ def should_suspect(failures: int, limit: int) -> bool:
     return failures >= limit
 
 
-def split_in_flight(names: Sequence[str], on_tape: Mapping[str, int]) -> tuple[dict[str, int], list[str]]:
+Position = tuple[int, int | None]  # fseq, and the offset within it of an aggregate's member
+
+
+def tape_positions(files: Iterable[TapeFile]) -> dict[str, Position]:
+    """Where each name is on a cartridge: a plain file at its fseq, an aggregate's members (its
+    index) at the aggregate's fseq and their offsets. The last one wins when a name is there
+    twice (written again after a copy was lost)."""
+    out: dict[str, Position] = {}
+    for tf in files:
+        if tf.members is None:
+            out[tf.name] = (tf.fseq, None)
+        else:
+            out.update((m.name, (tf.fseq, m.offset)) for m in tf.members)
+    return out
+
+
+def split_in_flight(
+    names: Sequence[str], on_tape: Mapping[str, Position]
+) -> tuple[dict[str, Position], list[str]]:
     """Copies a killed writer left ``archiving`` on one cartridge: those committed there (name ->
-    fseq: record them, never write them twice) and the rest (back to the queue). The library drops
-    half-written files when it reopens, so "committed there" means wholly written and verified."""
+    position: record them, never write them twice) and the rest (back to the queue). The library
+    drops half-written files when it reopens, so "committed there" means wholly written and
+    verified."""
     found = {n: on_tape[n] for n in names if n in on_tape}
     return found, [n for n in names if n not in on_tape]
 

@@ -25,6 +25,17 @@ when it reopens (they were never committed), and reconciliation puts their copie
 queue; a staging file left behind is removed at the next start. The batch never records a file
 the library has not committed.
 
+Small files (``[tape] aggregate_below``) are not written one by one: in step 4 each is copied,
+verified, into an aggregate staged in the staging directory (``common.tape.aggregate``: a tar with
+an index), and the aggregate, once it reaches ``aggregate_size`` / ``aggregate_max_files`` or the
+batch ends, is written as one tape file (one per-file overhead on the drive) with its members'
+index. A member whose source is bad fails alone, as a plain file would; the others go on. After
+the flush, each member is recorded at the aggregate's fseq and its own offset within it, the
+aggregate's members in one transaction. A kill before the flush loses the aggregate as it loses a
+plain file (its members go back to the queue); after it, reconciliation finds the members in the
+cartridge's list of files (the index given to the library with the aggregate). A stop (drain)
+drops an aggregate not yet written: its members go back to the queue.
+
 A cartridge that fills up mid-batch is closed (state ``full``) and the batch continues on the next
 one of the pool; what was written before is recorded first, so catalogue rows always name the
 cartridge their file is on or is being written to. A file whose disk copies are all missing or
@@ -35,23 +46,31 @@ outbox); the batch goes on with the next file. ``tape.mounted`` goes through the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.catalogue import Catalogue, Source
 from common.catalogue import tape as db
 from common.config import Settings
-from common.errors import Permanent, SpoolError
+from common.errors import Permanent, Retryable, SpoolError
 from common.logging import get_logger
 from common.messages import FileFailed, TapeMounted
 from common.storage import StorageBackend
-from common.tape import TapeLibrary
+from common.storage.checksum import normalise_adler32
+from common.tape import TapeLibrary, TapeMember, aggregate
+from common.tape.data import run_to_completion
 from daemons.relay import OutboxRelay
 from daemons.tape import staging, steps
 from daemons.tape.drives import Mount, MountFailures
 
 log = get_logger("spool.tape")
+
+AGGREGATE_PREFIX = "spool-aggregate-"  # the tape file name of an aggregate (its members are in its index)
+# How a batch file goes out: to tape, or into the open aggregate (see ``Batch._write``).
+Put = Callable[[db.BatchFile, Source, Path, bool], Awaitable["SpoolError | bool | None"]]
 
 
 @dataclass
@@ -68,33 +87,52 @@ class Env:
 
 
 class Recorder:
-    """Files a flush made durable, recorded at most ``every`` per transaction with their
-    ``file.archived`` events (outbox), which the relay then publishes."""
+    """Files a flush made durable, recorded with their ``file.archived`` events (outbox), which
+    the relay then publishes: about ``every`` per transaction, an aggregate's members never split
+    (one transaction, one set-based statement, whatever their number)."""
 
     def __init__(self, catalogue: Catalogue, relay: OutboxRelay, every: int) -> None:
         self.catalogue = catalogue
         self.relay = relay
         self.every = every
-        self.buffer: list[db.Archived] = []
+        self.buffer: list[list[db.Archived]] = []  # one list per tape file
 
     def add(self, record: db.Archived) -> None:
-        self.buffer.append(record)
+        self.buffer.append([record])
+
+    def add_aggregate(self, records: list[db.Archived]) -> None:
+        if records:
+            self.buffer.append(records)
 
     async def flush(self) -> None:
         while self.buffer:
-            group = self.buffer[: self.every]
-            await self.catalogue.tape.record_archived(group)
-            del self.buffer[: len(group)]
+            n, size = 0, 0
+            while n < len(self.buffer) and (n == 0 or size + len(self.buffer[n]) <= self.every):
+                size += len(self.buffer[n])
+                n += 1
+            await self.catalogue.tape.record_archived([a for group in self.buffer[:n] for a in group])
+            del self.buffer[:n]
             self.relay.kick()
 
 
 @dataclass(frozen=True, slots=True)
 class Unflushed:
-    """A file on the tape behind a buffered tape mark, waiting for the flush that commits it."""
+    """A file on the tape behind a buffered tape mark, waiting for the flush that commits it
+    (``members``: an aggregate, its files and their offsets within it; ``file`` is then None)."""
 
-    file: db.BatchFile
+    file: db.BatchFile | None
     vid: str
     fseq: int
+    size: int
+    members: tuple[tuple[db.BatchFile, int], ...] = ()
+
+
+@dataclass
+class Open:
+    """The aggregate being built for the next tape file, and the batch files in it."""
+
+    builder: aggregate.Builder
+    files: list[tuple[db.BatchFile, TapeMember]] = field(default_factory=list)
 
 
 class Batch:
@@ -108,6 +146,7 @@ class Batch:
         self.recorder = Recorder(env.catalogue, env.relay, policy.record_every)
         self.pending: dict[int, db.BatchFile] = {}  # taken, neither durable on tape nor failed yet
         self.unflushed: list[Unflushed] = []  # written since the last flush (still pending)
+        self.open: Open | None = None  # the aggregate being built (its files still pending)
         self.written = 0
         self.failed = 0
         self.mount: Mount | None = None
@@ -157,15 +196,20 @@ class Batch:
             for f in files:
                 if self.env.stopping.is_set():
                     break
-                await self._archive(f)
+                if f.size < policy.aggregate_below:
+                    await self._aggregate(f)
+                else:
+                    await self._archive(f, self._write)
                 await self._maybe_flush()
+            if not self.env.stopping.is_set():
+                await self._write_aggregate()
         finally:
             await self._finish()
         return self.written
 
     async def _maybe_flush(self) -> None:
         policy = self.env.settings.tape
-        size = sum(u.file.size for u in self.unflushed)
+        size = sum(u.size for u in self.unflushed)
         if len(self.unflushed) >= policy.flush_files or size >= policy.flush_bytes:
             await self._flush()
 
@@ -176,21 +220,118 @@ class Batch:
             return
         assert self.mount is not None and self.mount.drive is not None
         await self.library.flush(self.mount.drive)
-        storage = self.target.storage
         for u in self.unflushed:
-            f = u.file
-            del self.pending[f.replica_id]
-            self.written += 1
-            correlation = db.CORRELATIONS.take(f.name, storage)  # the tape.archive's (its file.ready's)
-            self.recorder.add(db.Archived(f.replica_id, f.name, storage, u.vid, u.fseq, correlation))
+            if u.file is not None:
+                self.recorder.add(self._archived(u.file, u.vid, u.fseq, None))
+            else:
+                self.recorder.add_aggregate([self._archived(f, u.vid, u.fseq, at) for f, at in u.members])
         self.unflushed.clear()
         await self.recorder.flush()
+
+    def _archived(self, f: db.BatchFile, vid: str, fseq: int, offset: int | None) -> db.Archived:
+        """``f`` is durable on tape: no longer pending, to be recorded."""
+        del self.pending[f.replica_id]
+        self.written += 1
+        storage = self.target.storage
+        correlation = db.CORRELATIONS.take(f.name, storage)  # the tape.archive's (its file.ready's)
+        return db.Archived(f.replica_id, f.name, storage, vid, fseq, correlation, offset)
+
+    # --- aggregates ----------------------------------------------------------------------------
+    async def _aggregate(self, f: db.BatchFile) -> None:
+        """Copy the small file ``f`` into the open aggregate (opened here when none is), after
+        writing the open one to tape when ``f`` would take it past its limits."""
+        policy = self.env.settings.tape
+        if self.open is not None and self.open.files:
+            b = self.open.builder
+            if (
+                b.size + f.size + aggregate.MEMBER_OVERHEAD > policy.aggregate_size
+                or len(self.open.files) >= policy.aggregate_max_files
+            ):
+                await self._write_aggregate()
+        if self.open is None:
+            path = self.env.staging / f"aggregate-{secrets.token_hex(8)}.tar"
+            self.open = Open(await asyncio.to_thread(aggregate.Builder, path))
+        await self._archive(f, self._add_member)
+
+    async def _add_member(
+        self, f: db.BatchFile, source: Source, path: Path, staged: bool
+    ) -> SpoolError | bool | None:
+        """``_write``'s counterpart for a small file: copied into the open aggregate, verified
+        against the catalogue's size and adler32 (a member that does not match is cut off again
+        and fails alone, with the reasons a tape write gives)."""
+        assert self.open is not None
+        try:
+            member = await run_to_completion(
+                self.open.builder.add, path, f.name, str(f.replica_id), f.size, normalise_adler32(f.adler32)
+            )
+        except SpoolError as exc:
+            if exc.reason in steps.SOURCE_BAD and not staged:
+                await self._source_bad(f, source, exc)
+                return False
+            if exc.reason in steps.SOURCE_TRANSIENT or exc.reason in steps.SOURCE_BAD:
+                return exc
+            raise
+        self.open.files.append((f, member))
+        return None
+
+    async def _write_aggregate(self) -> None:
+        """Seal the open aggregate and write it as one tape file (behind a buffered tape mark, as
+        any file); its staging file is removed whatever happens."""
+        opened, self.open = self.open, None
+        if opened is None:
+            return
+        try:
+            if not opened.files:
+                return
+            size, adler32 = await asyncio.to_thread(opened.builder.seal)
+            largest = max((c.capacity for c in await self.library.list_cartridges()), default=0)
+            if size > largest:  # tiny test cartridges: its members go as plain files instead
+                for f, _m in opened.files:
+                    await self._archive(f, self._write)
+                return
+            name = f"{AGGREGATE_PREFIX}{opened.builder.path.stem.removeprefix('aggregate-')}.tar"
+            members = [m for _f, m in opened.files]
+            fseq, vid = await self._put(opened.builder.path, name, size, adler32, members)
+            self.unflushed.append(
+                Unflushed(None, vid, fseq, size, tuple((f, m.offset) for f, m in opened.files))
+            )
+            log.info("archive_aggregate_written", cartridge=vid, fseq=fseq, files=len(members), bytes=size)
+        finally:
+            await asyncio.to_thread(opened.builder.discard)
+
+    async def _put(
+        self, path: Path, name: str, size: int, adler32: str, members: list[TapeMember]
+    ) -> tuple[int, str]:
+        """Write the staged aggregate, moving on to the pool's next cartridge when this one is
+        full; returns (fseq, cartridge). The library verifies the aggregate's adler32 as it copies:
+        a staging file that changed since is this node's fault (``tape_write_error``, the batch
+        ends and its files are queued again)."""
+        mount = self.mount
+        assert mount is not None
+        while True:
+            assert mount.drive is not None
+            try:
+                fseq = await self.library.write(
+                    mount.drive, path, name, size, adler32, flush=False, members=members
+                )
+            except SpoolError as exc:
+                if exc.reason in steps.CARTRIDGE_DONE:
+                    await self._flush()
+                    await mount.close_cartridge(exc.reason, needed=size)
+                    continue
+                if exc.reason in steps.SOURCE_BAD or exc.reason in steps.SOURCE_TRANSIENT:
+                    raise Retryable("tape_write_error", f"staged aggregate {path}: {exc.message}") from None
+                raise
+            assert mount.vid is not None
+            return fseq, mount.vid
 
     async def _moved_to(self, vid: str) -> None:
         """The batch continues on ``vid``: the copies not written yet now belong to it."""
         await self.env.catalogue.tape.point_to(list(self.pending), vid)
 
-    async def _archive(self, f: db.BatchFile) -> None:
+    async def _archive(self, f: db.BatchFile, put: Put) -> None:
+        """Write ``f`` with ``put`` (to tape, or into the open aggregate) from its first usable
+        source."""
         transient: SpoolError | None = None
         for source in staging.prefer_local(f.sources, self.env.storages):
             try:
@@ -206,7 +347,7 @@ class Batch:
                     transient = exc
                 continue
             try:
-                outcome = await self._write(f, source, path, staged)
+                outcome = await put(f, source, path, staged)
             finally:
                 if staged:
                     await asyncio.to_thread(staging.discard, path)
@@ -250,7 +391,7 @@ class Batch:
                     return exc
                 raise
             assert mount.vid is not None
-            self.unflushed.append(Unflushed(f, mount.vid, fseq))
+            self.unflushed.append(Unflushed(f, mount.vid, fseq, f.size))
             return None
 
     async def _source_file(self, f: db.BatchFile, source: Source) -> tuple[Path, bool]:
@@ -308,6 +449,10 @@ class Batch:
         step runs even if another fails: files a failed flush left are queued again (releasing the
         drive drops them from the cartridge); flushed files stay ``archiving`` when they could not
         be recorded, and reconciliation records them from the cartridge later."""
+        if self.open is not None:  # not written: its files are still pending, queued again below
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.open.builder.discard)
+            self.open = None
         try:
             await self._flush()
         except Exception as exc:

@@ -83,12 +83,14 @@ class ReplicationRepository(Repository):
         state: str,
         cartridge: str | None = None,
         fseq: int | None = None,
+        member_offset: int | None = None,
     ) -> None:
         """Create or update the replica of ``name`` on ``storage``; ``KeyError`` if no such file."""
         async with self._catalogue.begin() as conn:
             await writes.set_replica(
-                conn, name=name, storage=storage, pfn=pfn, state=state, cartridge=cartridge, fseq=fseq
-            )
+                conn, name=name, storage=storage, pfn=pfn, state=state, cartridge=cartridge, fseq=fseq,
+                member_offset=member_offset,
+            )  # fmt: skip
 
     async def cancel_copy(self, name: str, storage: str) -> bool:
         return await self._catalogue.write(db.cancel_copy, name, storage, retry=False)

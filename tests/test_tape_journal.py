@@ -30,3 +30,27 @@ def test_end_of_data_and_next_fseq_follow_reservations_commits_and_drops() -> No
     cf.apply({"op": "drop", "fseq": 2})
     cf.apply({"op": "drop", "fseq": 3})
     assert (cf.end_of_data(), cf.next_fseq()) == (0, 1)
+
+
+def test_committed_files_come_back_as_tape_files_with_their_aggregate_index() -> None:
+    cf = CartridgeFiles()
+    plain, aggregate = _reserve(1, 0, 100), _reserve(2, 100, 3000)
+    members = [{"name": "r/a", "member": "0-7", "offset": 512, "size": 10, "adler32": "00000002"}]
+    aggregate["file"]["members"] = members
+    for record in (plain, aggregate, _reserve(3, 3100, 5)):
+        cf.apply(record)
+    cf.apply({"op": "commit", "fseq": 1, "at": 5.0})
+    cf.apply({"op": "commit", "fseq": 2, "at": 6.0})
+    assert [(f.fseq, f.state, f.written_at) for f in cf.committed()] == [
+        (1, "committed", 5.0),
+        (2, "committed", 6.0),
+    ]
+    assert cf.committed_count() == 2
+    got = cf.committed_file(2)
+    assert (
+        got is not None
+        and got.members is not None
+        and (got.members[0].name, got.members[0].offset) == ("r/a", 512)
+    )
+    assert cf.committed_file(3) is None  # still being written
+    assert cf.committed_file(9) is None

@@ -71,7 +71,7 @@ def refresh_header(state: LibraryState, store: Store, vid: str) -> None:
     cf = store.journal(vid)
     cart.used_bytes = cf.end_of_data()
     cart.next_fseq = cf.next_fseq()
-    cart.files = len(cf.committed())
+    cart.files = cf.committed_count()
     if cart.state == "scratch" and cf.files:
         cart.state = "filling"
 

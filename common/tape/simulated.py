@@ -187,7 +187,7 @@ class SimulatedLibrary:
     async def list_files(self, vid: str) -> list[TapeFile]:
         def files(t: Txn) -> list[TapeFile]:
             t.cartridge(vid)
-            return [f.model_copy() for f in t.store.journal(vid).committed()]
+            return t.store.journal(vid).committed()  # fresh models, the caller may keep them
 
         return await self._txn(files)
 

@@ -58,11 +58,37 @@ class LibraryState(BaseModel):
     cartridges: dict[str, Cartridge] = Field(default_factory=dict)
 
 
+class JournalEntry:
+    """One file of a replayed journal, held compactly: a cartridge of a night holds hundreds of
+    thousands of files, and a ``TapeFile`` model per file cost ~1 KB of the tape daemon's memory
+    (~100 MB per 100,000 files written). ``TapeFile``s are made on demand (``tape_file``)."""
+
+    __slots__ = ("adler32", "fseq", "members", "name", "offset", "size", "state", "written_at")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        f = TapeFile.model_validate(raw)  # validated once, as the journal is replayed
+        self.fseq, self.name, self.size, self.adler32 = f.fseq, f.name, f.size, f.adler32
+        self.offset, self.state, self.written_at = f.offset, f.state, f.written_at
+        # An aggregate's index as written (plain dicts; validated again by ``tape_file``).
+        self.members: list[dict[str, Any]] | None = raw.get("members")
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def tape_file(self) -> TapeFile:
+        return TapeFile.model_validate(
+            {"fseq": self.fseq, "name": self.name, "size": self.size, "adler32": self.adler32,
+             "offset": self.offset, "state": self.state, "written_at": self.written_at,
+             "members": self.members}
+        )  # fmt: skip
+
+
 @dataclass
 class CartridgeFiles:
     """A cartridge's journal replayed: live files by fseq, and who is writing the unfinished ones."""
 
-    files: dict[int, TapeFile] = field(default_factory=dict)
+    files: dict[int, JournalEntry] = field(default_factory=dict)
     writers: dict[int, str] = field(default_factory=dict)  # fseq -> session, "writing" files only
     consumed: int = 0  # journal bytes replayed so far (complete lines only)
     # End of data and last fseq, kept as files are reserved: every write asks for both, and
@@ -74,7 +100,7 @@ class CartridgeFiles:
     def apply(self, record: dict[str, Any]) -> None:
         op = record["op"]
         if op == "reserve":
-            f = TapeFile.model_validate(record["file"])
+            f = JournalEntry(record["file"])
             if f.fseq in self.files:  # a reservation replaced: its old extent no longer counts
                 self._end = self._last = None
             self.files[f.fseq] = f
@@ -82,13 +108,11 @@ class CartridgeFiles:
             if self._end is not None and self._last is not None:
                 self._end, self._last = max(self._end, f.end), max(self._last, f.fseq)
         elif op == "written":
-            fseq = record["fseq"]
-            self.files[fseq] = self.files[fseq].model_copy(update={"state": "written"})
+            self.files[record["fseq"]].state = "written"
         elif op == "commit":
             fseq = record["fseq"]
-            self.files[fseq] = self.files[fseq].model_copy(
-                update={"state": "committed", "written_at": record["at"]}
-            )
+            entry = self.files[fseq]
+            entry.state, entry.written_at = "committed", record["at"]
             self.writers.pop(fseq, None)
         elif op == "drop":
             self.files.pop(record["fseq"], None)
@@ -102,7 +126,14 @@ class CartridgeFiles:
         return sorted(n for n, s in self.writers.items() if s == session and self.files[n].state in states)
 
     def committed(self) -> list[TapeFile]:
-        return sorted((f for f in self.files.values() if f.state == "committed"), key=lambda f: f.fseq)
+        return [self.files[n].tape_file() for n in sorted(self.files) if self.files[n].state == "committed"]
+
+    def committed_count(self) -> int:
+        return sum(1 for f in self.files.values() if f.state == "committed")
+
+    def committed_file(self, fseq: int) -> TapeFile | None:
+        f = self.files.get(fseq)
+        return f.tape_file() if f is not None and f.state == "committed" else None
 
     def end_of_data(self) -> int:
         if self._end is None:

@@ -143,8 +143,8 @@ class Txn:
         return self.cartridge(d.vid)
 
     def committed_file(self, vid: str, fseq: int) -> TapeFile:
-        f = self.store.journal(vid).files.get(fseq)
-        if f is None or f.state != "committed":
+        f = self.store.journal(vid).committed_file(fseq)
+        if f is None:
             raise Permanent("unknown_fseq", f"{vid} has no file with fseq {fseq}")
         return f
 

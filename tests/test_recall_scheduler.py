@@ -93,6 +93,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         catalogue=cat, libraries={"lib": lib}, storages={"buffer": storage}, endpoints=endpoints,
         settings=RecallSettings(poll_interval=0.05), announcer=Announcer(cat, publisher),
     )  # fmt: skip
+    # Each file recorded as soon as read (a window still stages and reads together): the late
+    # requests below are sent once A00001/4 is announced, while the window is being read.
+    scheduler.record_seconds = 0.0
     await scheduler.start()
     try:
         yield Rig(cat, lib, scheduler, publisher)

@@ -399,6 +399,17 @@ def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after
     Several rows when several requests want that file. Files planned on the cartridge while it is
     mounted show up here too: that is how a late request joins the mount when it is ahead of the head.
     """
+    return window_on_cartridge(conn, storages, vid, after, 1)
+
+
+def window_on_cartridge(
+    conn: Connection, storages: Sequence[str], vid: str, after: int, limit: int
+) -> list[ReadItem]:
+    """The queued files planned on ``vid`` at its ``limit`` lowest fseqs beyond ``after`` (the
+    head), in fseq order: a mount's read-ahead window, one query however many files it holds.
+
+    Several rows at one fseq when several requests want that file (most urgent request first).
+    """
     where = (
         rf.c.state == "queued",
         rf.c.cartridge == vid,
@@ -406,14 +417,21 @@ def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after
         rf.c.fseq > after,
         rc.c.state == "active",
     )
-    lowest = select(func.min(rf.c.fseq)).select_from(rf.join(rc, rc.c.id == rf.c.recall_id)).where(*where)
+    lowest = (
+        select(rf.c.fseq)
+        .select_from(rf.join(rc, rc.c.id == rf.c.recall_id))
+        .where(*where)
+        .distinct()
+        .order_by(rf.c.fseq)
+        .limit(limit)
+    )
     stmt = (
         select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, rf.c.fseq, f.c.size, f.c.adler32,
                rc.c.destination)
         .join(rc, rc.c.id == rf.c.recall_id)
         .join(f, f.c.id == rf.c.file_id)
-        .where(*where, rf.c.fseq == lowest.scalar_subquery())
-        .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
+        .where(*where, rf.c.fseq.in_(lowest))
+        .order_by(rf.c.fseq, rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
     )  # fmt: skip
     return [
         ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
@@ -443,79 +461,114 @@ def set_state(
 
 # --- outcomes ------------------------------------------------------------------------------------
 def deliver(conn: Connection, dl: Delivery) -> Settled | None:
-    """Record a verified copy on the destination and settle every recall waiting for it there.
+    """Record one verified copy (``deliver_many`` of one); None when the reaper is deleting the
+    destination's copy right now: the caller tries again later."""
+    settled, refused = deliver_many(conn, [dl])
+    return None if refused else settled
 
-    The copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
+
+def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Settled, tuple[int, ...]]:
+    """Record verified copies on their destinations and settle every recall waiting for them there.
+
+    Each copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
     deletes it after that, unless a rule holds it, and never while it is the last copy). A copy
-    that was never tombstoned (made by ingest) stays so. Returns None, recording nothing, when the
-    reaper is deleting the destination's copy right now: the caller tries again later.
+    that was never tombstoned (made by ingest) stays so. A delivery whose destination copy the
+    reaper is deleting right now records nothing: its file id is returned (second element) and the
+    caller tries again later.
+
+    One transaction and a few statements for a whole read-ahead window of a mount (issue 18): the
+    copies locked and read in one statement, inserted and updated in one ``executemany`` each, the
+    waiting recall files found and moved per chunk of file ids, the counters advanced once.
     """
+    if not deliveries:
+        return Settled(), ()
     now = utcnow()
-    sid = storage_ids_sync(conn, {dl.destination})[dl.destination]
-    # Race (PostgreSQL): read unlocked, the copy could be claimed by the reaper (``deleting``) or
+    sids = storage_ids_sync(conn, {dl.destination for dl in deliveries})
+    by_key = {(dl.file_id, sids[dl.destination]): dl for dl in deliveries}  # the last one wins
+    order = {k: i for i, k in enumerate(by_key)}
+    # Race (PostgreSQL): read unlocked, a copy could be claimed by the reaper (``deleting``) or
     # re-pinned by another delivery before the update below, which then turned a copy being
     # deleted back to ``available`` or shortened a pin. Locked (``FOR UPDATE``, as the reaper's
     # ``begin_delete`` locks a file's copies), the state and tombstone decided on are the ones
     # written over. A row not there yet is not locked: a concurrent insert fails on the unique
     # key and the transaction is run again (``Catalogue.write``).
-    row = conn.execute(
-        select(r.c.id, r.c.state, r.c.tombstone)
-        .where(r.c.file_id == dl.file_id, r.c.storage_id == sid)
-        .with_for_update()
-    ).first()
-    if row is not None and row.state == "deleting":
-        return None
-    if row is None:
-        conn.execute(
-            r.insert().values(
-                file_id=dl.file_id,
-                storage_id=sid,
-                pfn=dl.pfn,
-                state="available",
-                cartridge=None,
-                fseq=None,
-                created=now,
-                updated=now,
-                tombstone=dl.pin_until,
-                priority=3,
-            )
+    existing: dict[tuple[int, int], Any] = {}
+    fids = sorted({fid for fid, _ in by_key})
+    for part in chunks(fids):
+        stmt = (
+            select(r.c.id, r.c.file_id, r.c.storage_id, r.c.state, r.c.tombstone)
+            .where(r.c.file_id.in_(part), r.c.storage_id.in_(sorted(set(sids.values()))))
+            .order_by(r.c.file_id, r.c.storage_id)
+            .with_for_update()
         )
-    else:
-        keep_forever = row.state == "available" and row.tombstone is None
-        tombstone = None if keep_forever else max(row.tombstone or dl.pin_until, dl.pin_until)
+        for found in conn.execute(stmt):
+            if (found.file_id, found.storage_id) in by_key:
+                existing[(found.file_id, found.storage_id)] = found
+    refused = {k for k, row in existing.items() if row.state == "deleting"}
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for k, dl in by_key.items():
+        if k in refused:
+            continue
+        row = existing.get(k)
+        if row is None:
+            inserts.append(
+                {"file_id": dl.file_id, "storage_id": k[1], "pfn": dl.pfn, "state": "available",
+                 "cartridge": None, "fseq": None, "created": now, "updated": now,
+                 "tombstone": dl.pin_until, "priority": 3}
+            )  # fmt: skip
+        else:
+            keep_forever = row.state == "available" and row.tombstone is None
+            tombstone = None if keep_forever else max(row.tombstone or dl.pin_until, dl.pin_until)
+            updates.append({"k_id": row.id, "v_pfn": dl.pfn, "v_tombstone": tombstone})
+    if inserts:
+        conn.execute(r.insert(), inserts)
+    if updates:
         conn.execute(
             update(r)
-            .where(r.c.id == row.id)
-            .values(state="available", pfn=dl.pfn, tombstone=tombstone, updated=now)
+            .where(r.c.id == bindparam("k_id"))
+            .values(
+                state="available", pfn=bindparam("v_pfn"), tombstone=bindparam("v_tombstone"), updated=now
+            ),
+            updates,
         )
-    waiting = conn.execute(
-        select(rf.c.recall_id, rc.c.correlation_id)
-        .join(rc, rc.c.id == rf.c.recall_id)
-        .where(
-            rf.c.file_id == dl.file_id,
-            rf.c.state.in_(("queued", "staging")),
-            rc.c.destination == dl.destination,
-            rc.c.state == "active",
+    placed = {k: dl for k, dl in by_key.items() if k not in refused}
+    # The recall files waiting for these copies: by file id (its own index), the destination
+    # matched here. Locked (PostgreSQL): the rows counted below are exactly the rows moved.
+    waiting: list[tuple[str, str, str | None, Delivery]] = []  # recall, name, correlation, delivery
+    open_state = or_(rf.c.state == "queued", rf.c.state == "staging")
+    placed_fids = sorted({fid for fid, _ in placed})
+    for part in chunks(placed_fids):
+        stmt = (
+            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rc.c.destination, rc.c.correlation_id)
+            .join(rc, rc.c.id == rf.c.recall_id)
+            .where(rf.c.file_id.in_(part), open_state, rc.c.state == "active")
+            .order_by(rf.c.file_id, rf.c.recall_id)
+            .with_for_update(of=rf)
         )
-        .order_by(rf.c.recall_id)
-        # Locked (PostgreSQL): the rows counted below are exactly the rows this update moves.
-        .with_for_update(of=rf)
-    ).all()
-    ids = [w.recall_id for w in waiting]
-    for part in chunks(ids):
+        for w in conn.execute(stmt):
+            got = placed.get((w.file_id, sids.get(w.destination, -1)))
+            if got is not None:
+                waiting.append((w.recall_id, w.name, w.correlation_id, got))
+    # Announced in the caller's order (the mount's: fseq), each file's requests by id.
+    waiting.sort(key=lambda w: (order[(w[3].file_id, sids[w[3].destination])], w[0]))
+    if waiting:
         conn.execute(
             update(rf)
-            .where(
-                rf.c.recall_id.in_(part), rf.c.file_id == dl.file_id, rf.c.state.in_(("queued", "staging"))
-            )
-            .values(state="done", reason=None, error=None, updated=now, announced=False)
+            .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"), open_state)
+            .values(state="done", reason=None, error=None, updated=now, announced=False),
+            [{"k_recall": rid, "k_name": name} for rid, name, _, _ in waiting],
         )
-    detail = {"source": dl.source, "pfn": dl.pfn}
     _history(
-        conn, [(dl.name, "file.recalled", "ok", dl.destination, {"request_id": i, **detail}) for i in ids]
-    )
-    recalled = tuple(Recalled(w.recall_id, dl.name, dl.destination, w.correlation_id) for w in waiting)
-    return Settled(recalled, _advance(conn, {i: (1, 0) for i in ids}))
+        conn,
+        [(dl.name, "file.recalled", "ok", dl.destination,
+          {"request_id": rid, "source": dl.source, "pfn": dl.pfn})
+         for rid, _, _, dl in waiting],
+    )  # fmt: skip
+    recalled = tuple(Recalled(rid, dl.name, dl.destination, corr) for rid, _, corr, dl in waiting)
+    moved = Counter(rid for rid, _, _, _ in waiting)
+    settled = Settled(recalled, _advance(conn, {rid: (n, 0) for rid, n in moved.items()}))
+    return settled, tuple(sorted({fid for fid, _ in refused}))
 
 
 def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str) -> Settled:

@@ -61,6 +61,13 @@ PLAN_LIMIT = 100_000  # queued files looked at per pass, most urgent first
 # How often ``run`` sweeps for active recalls with nothing left to do (``sweep``): a cheap query,
 # and a recall it repairs has waited for a bug, not for the operator.
 SWEEP_INTERVAL = 60.0
+# A mount's read-ahead window (issue 18): files fetched, given room, marked ``staging``, read,
+# recorded and announced per window, a few statements each, not per file. Bounded so a window's
+# rows stay a small transaction and late files wait at most one window to join the mount.
+READ_WINDOW = 256
+# Within a window, the files read are recorded (and ``file.recalled`` published) at least this
+# often: a window of large files takes minutes to read, and requesters follow progress.
+RECORD_SECONDS = 2.0
 # Failures of a disk source that make that copy useless (as the replicator judges them). Not
 # ``path_outside_area``: since issue 16 that is the *destination* path's (a symlink on it), and a
 # healthy source copy must not be marked bad for it (``delivery.copy_from_disk`` turns a source
@@ -75,6 +82,9 @@ class PassResult:
 
 
 class Scheduler:
+    read_window = READ_WINDOW
+    record_seconds = RECORD_SECONDS
+
     def __init__(
         self,
         *,
@@ -99,6 +109,9 @@ class Scheduler:
         self.reserve = {n: ep.min_free_bytes for n, ep in endpoints.items() if ep.kind == "disk"}
         self.active: dict[CartridgeKey, asyncio.Task[None]] = {}
         self.heads: dict[CartridgeKey, int] = {}  # fseq last read by each running mount
+        # Running mounts whose cartridge a pass planned new files on since their window was
+        # staged: they fetch their window again from the head (``_read_window``).
+        self.joined: set[CartridgeKey] = set()
         self.retry_at: dict[CartridgeKey, float] = {}  # monotonic time a failed cartridge may retry
         self.in_flight: Counter[str] = Counter()  # bytes being written to each destination
         self.serving: set[tuple[int, str]] = set()  # (file id, destination) copied from disk now
@@ -207,6 +220,8 @@ class Scheduler:
         changes = steps.changed_choices(on_tape, chosen)
         if changes:
             await self.catalogue.recall.assign(changes)
+            planned = {steps.cartridge_of(c, self.tape_library) for _, _, c in changes if c is not None}
+            self.joined |= planned & self.active.keys()
         space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
         plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
         return PassResult(len(files), await self._start_mounts(plan, set(loaded)))
@@ -226,25 +241,31 @@ class Scheduler:
         return [p for p in files if p.destination in self.storages]
 
     async def _room(self, destination: str) -> int:
-        """Bytes ``destination`` may still take. A remote endpoint whose protocol does not tell
-        its free space is not held back (unknown is not full: its own ``disk_full`` would requeue
-        the file); one that cannot be asked now takes nothing this time, like a full one."""
+        """Bytes ``destination`` may still take (``_free``, less its reserve and reads in flight)."""
+        return self._room_of(destination, await self._free(destination))
+
+    async def _free(self, destination: str) -> int | None:
+        """Free bytes of ``destination``; None when unknown. A remote endpoint whose protocol does
+        not tell its free space is not held back (unknown is not full: its own ``disk_full``
+        would requeue the file); one that cannot be asked now takes nothing this time, like a full
+        one (0), as does one the operator did not leave online."""
         if destination not in self.writable:
             return 0
         storage = self.storages[destination]
         if isinstance(storage, PosixStorage):
-            free = await delivery.free_space(storage)
-        else:
-            try:
-                free = await delivery.free_space(storage)
-            except SpoolError as err:
-                admitted, folded = self._throttle.admit(f"space:{destination}:{err.reason}")
-                if admitted:
-                    log.warning(
-                        "recall_free_space_unknown", storage=destination, reason=err.reason,
-                        error=err.message, similar_since_last_line=folded or None,
-                    )  # fmt: skip
-                return 0
+            return await delivery.free_space(storage)
+        try:
+            return await delivery.free_space(storage)
+        except SpoolError as err:
+            admitted, folded = self._throttle.admit(f"space:{destination}:{err.reason}")
+            if admitted:
+                log.warning(
+                    "recall_free_space_unknown", storage=destination, reason=err.reason,
+                    error=err.message, similar_since_last_line=folded or None,
+                )  # fmt: skip
+            return 0
+
+    def _room_of(self, destination: str, free: int | None) -> int:
         if free is None:
             return sys.maxsize
         return steps.room(free, self.reserve.get(destination, 0), self.in_flight[destination])
@@ -307,22 +328,23 @@ class Scheduler:
         mounted = False
         try:
             while reads < self.settings.batch_max_files:
-                items = await self.catalogue.recall.next_on_cartridge(storages, mount.vid, self.heads[key])
-                if not items:
+                self.joined.discard(key)
+                limit = min(self.read_window, self.settings.batch_max_files - reads)
+                head = self.heads[key]
+                window = await self.catalogue.recall.window_on_cartridge(storages, mount.vid, head, limit)
+                groups = await self._reserve_window(_by_fseq(window), mount.vid)
+                if not groups:
                     break
-                if not await self._reserve_room(items[0].destination, items[0].size, mount.vid):
-                    break
-                try:
-                    if not mounted:
+                if not mounted:
+                    try:
                         if await library.mount(drive, mount.vid, request=f"recall {mount.vid}"):
                             await self._announce_mount(mount.library, drive, mount.vid)
-                        mounted = True
-                        log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
-                    await self._read(library, drive, items)
-                finally:
-                    self.in_flight[items[0].destination] -= items[0].size
-                self.heads[key] = items[0].copy.fseq
-                reads += 1
+                    except BaseException:
+                        self._give_back(groups)
+                        raise
+                    mounted = True
+                    log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
+                reads += await self._read_window(key, library, drive, groups)
             self.retry_at.pop(key, None)
         except SpoolError as err:
             self._back_off(key, err)
@@ -334,9 +356,42 @@ class Scheduler:
                 await library.release_drive(drive)
             self.active.pop(key, None)
             self.heads.pop(key, None)
+            self.joined.discard(key)
             self.wake()
         if mounted:
             log.info("recall_mount_done", vid=mount.vid, drive=drive, read=reads)
+
+    async def _reserve_window(
+        self, groups: Sequence[Sequence[db.ReadItem]], vid: str
+    ) -> list[Sequence[db.ReadItem]]:
+        """Backpressure, per window: the leading files of ``groups`` that fit their destinations
+        now, counted as in flight (``_read_window`` gives each back once read). When not even the
+        first fits, wait for it as ``_reserve_room`` does; nothing (False) after ``buffer_wait``.
+        Files are never skipped: a mount only winds forward, so one left behind would wait for
+        another mount."""
+        if not groups:
+            return []
+        destinations = {g[0].destination for g in groups}
+        free = {d: await self._free(d) for d in destinations}
+        # No await from here to the counting below: no other mount takes the room meanwhile.
+        room = {d: self._room_of(d, free[d]) for d in destinations}
+        taken: list[Sequence[db.ReadItem]] = []
+        for g in groups:
+            first = g[0]
+            if room[first.destination] < first.size:
+                break
+            room[first.destination] -= first.size
+            taken.append(g)
+        if not taken:
+            first = groups[0][0]
+            return [groups[0]] if await self._reserve_room(first.destination, first.size, vid) else []
+        for g in taken:
+            self.in_flight[g[0].destination] += g[0].size
+        return taken
+
+    def _give_back(self, groups: Sequence[Sequence[db.ReadItem]]) -> None:
+        for g in groups:
+            self.in_flight[g[0].destination] -= g[0].size
 
     async def _reserve_room(self, destination: str, size: int, vid: str) -> bool:
         """Backpressure: wait until ``size`` bytes fit the destination and count them as in flight
@@ -354,23 +409,86 @@ class Scheduler:
         self.in_flight[destination] += size  # no await since the check: nobody else took the room
         return True
 
-    async def _read(self, library: TapeLibrary, drive: str, items: Sequence[db.ReadItem]) -> None:
-        """Read one file for the requests that want it on the first item's destination (requests
-        for other destinations are served from this copy by the next pass)."""
-        item = items[0]
-        keys = [i.key for i in items if i.destination == item.destination]
-        await self.catalogue.recall.set_state(keys, "staging")
+    async def _read_window(
+        self, key: CartridgeKey, library: TapeLibrary, drive: str, groups: Sequence[Sequence[db.ReadItem]]
+    ) -> int:
+        """Read a window's files in fseq order; returns how many were read (or given up).
+
+        The window's files go ``staging`` in one statement; what was read is recorded and
+        announced together (``_record``) at the end, or every ``record_seconds`` so a long window
+        still reports progress. A file joining the cartridge ahead of the head (``joined``) ends
+        the window early: the unread files go back to ``queued`` and the next window, fetched
+        from the head, holds them and the newcomer in fseq order. On an error, what was read is
+        recorded and the rest put back before the error goes up; a kill leaves rows ``staging``
+        (put back at start) and read files not yet recorded, which are read again then: a file
+        is announced once, in the transaction that records it.
+        """
+        staged = [i.key for g in groups for i in g]
+        await self.catalogue.recall.set_state(staged, "staging")
+        read: list[tuple[db.Delivery, list[tuple[str, str]]]] = []
+        since = time.monotonic()
+        n = 0
+        try:
+            for g in groups:
+                if key in self.joined:
+                    break
+                item, keys = g[0], [i.key for i in g]
+                try:
+                    dl = await self._read(library, drive, item, keys)
+                finally:
+                    self.in_flight[item.destination] -= item.size
+                    n += 1
+                self.heads[key] = item.copy.fseq
+                if dl is not None:
+                    read.append((dl, keys))
+                if read and time.monotonic() - since >= self.record_seconds:
+                    await self._record(read)
+                    read, since = [], time.monotonic()
+        except Exception:
+            try:
+                await self._record(read)
+            finally:
+                # Only queued / staging rows move: what was recorded (done) or failed stays so.
+                await self.catalogue.recall.set_state(staged, "queued")
+            raise
+        finally:
+            self._give_back(groups[n:])
+        await self._record(read)
+        if n < len(groups):
+            await self.catalogue.recall.set_state([i.key for g in groups[n:] for i in g], "queued")
+        return n
+
+    async def _read(
+        self, library: TapeLibrary, drive: str, item: db.ReadItem, keys: Sequence[tuple[str, str]]
+    ) -> db.Delivery | None:
+        """Read one file for the requests that want it on ``item``'s destination (``keys``);
+        the copy to record, or None when the tape copy was bad (``_bad_copy`` settled it). On
+        another error the keys go back to ``queued`` and the error goes up."""
         try:
             dest = self.storages[item.destination]
             pfn = await delivery.read_from_tape(library, drive, item, dest, self.staging)
         except SpoolError as err:
             if err.reason in steps.MEDIA_ERRORS:
                 await self._bad_copy(item, keys, err)
-                return
+                return None
             await self.catalogue.recall.set_state(keys, "queued")
             raise
         source = f"{item.copy.cartridge}/{item.copy.fseq} ({item.copy.storage})"
-        await self._delivered(item.file_id, item.name, item.destination, pfn, source, keys)
+        pin_until = utcnow() + timedelta(seconds=self.settings.pin_seconds)
+        return db.Delivery(item.file_id, item.name, item.destination, pfn, pin_until, source)
+
+    async def _record(self, read: Sequence[tuple[db.Delivery, Sequence[tuple[str, str]]]]) -> None:
+        """Record the copies read (one transaction) and announce what they settled (one publish);
+        a copy the reaper is deleting right now puts its files back in the queue."""
+        if not read:
+            return
+        settled, refused = await self.catalogue.recall.deliver_many([dl for dl, _ in read])
+        if refused:
+            again = set(refused)
+            await self.catalogue.recall.set_state(
+                [k for dl, keys in read if dl.file_id in again for k in keys], "queued"
+            )
+        await self.announcer.publish(settled)
 
     async def _bad_copy(self, item: db.ReadItem, keys: Sequence[tuple[str, str]], err: SpoolError) -> None:
         """A corrupt tape copy: marked ``bad``; the next pass reads another copy, if any is left."""
@@ -465,3 +583,16 @@ class Scheduler:
             name=name, daemon="recall", type="replica.bad", outcome="bad", storage=storage,
             detail={"reason": err.reason, "error": err.message},
         )  # fmt: skip
+
+
+def _by_fseq(items: Sequence[db.ReadItem]) -> list[list[db.ReadItem]]:
+    """A window's rows (fseq order) as one read per fseq: the rows of the first row's destination
+    (requests for other destinations are served from this copy by the next pass)."""
+    groups: list[list[db.ReadItem]] = []
+    for item in items:
+        if groups and groups[-1][0].copy.fseq == item.copy.fseq:
+            if item.destination == groups[-1][0].destination:
+                groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups

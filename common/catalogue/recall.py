@@ -684,19 +684,49 @@ def _advance(conn: Connection, moved: dict[str, tuple[int, int]]) -> tuple[Compl
     if not ids:
         return ()
     now = utcnow()
-    out = []
+    heads: list[Any] = []
     for part in chunks(ids):
         stmt = select(rc).where(rc.c.id.in_(part), rc.c.state == "active").order_by(rc.c.id).with_for_update()
-        for head in conn.execute(stmt).all():
-            done, failed = head.done + moved[head.id][0], head.failed + moved[head.id][1]
-            values: dict[str, Any] = {"done": done, "failed": failed, "updated": now}
-            complete = done + failed >= head.files
-            if complete:
-                values.update(state="failed" if failed else "done", completed=now)
-            res = conn.execute(update(rc).where(rc.c.id == head.id, rc.c.state == "active").values(**values))
-            if complete and res.rowcount:
-                out.append(_completion(conn, head.id, values["state"], head))
-    return tuple(out)
+        heads += conn.execute(stmt).all()
+    rows, complete = [], []
+    for head in heads:
+        done, failed = head.done + moved[head.id][0], head.failed + moved[head.id][1]
+        state = "active"
+        if done + failed >= head.files:
+            state = "failed" if failed else "done"
+            complete.append((head, state))
+        rows.append({"k_id": head.id, "v_done": done, "v_failed": failed, "v_state": state,
+                     "v_completed": now if state != "active" else None})  # fmt: skip
+    # One statement for every request (executemany): a window settling files of 256 one-file
+    # requests is one round, not 256. The rows are locked and ``active`` (above), so each is moved.
+    if rows:
+        conn.execute(
+            update(rc)
+            .where(rc.c.id == bindparam("k_id"), rc.c.state == "active")
+            .values(done=bindparam("v_done"), failed=bindparam("v_failed"), state=bindparam("v_state"),
+                    completed=bindparam("v_completed"), updated=now),
+            rows,
+        )  # fmt: skip
+    return _completions(conn, complete)
+
+
+def _completions(conn: Connection, complete: Sequence[tuple[Any, str]]) -> tuple[Completion, ...]:
+    """``Completion``s of requests just completed (head row, state), their failed names read in
+    one statement per chunk of failed requests."""
+    failed: dict[str, list[str]] = defaultdict(list)
+    for part in chunks([head.id for head, state in complete if state == "failed"]):
+        stmt = (
+            select(rf.c.recall_id, rf.c.name)
+            .where(rf.c.recall_id.in_(part), rf.c.state == "failed")
+            .order_by(rf.c.recall_id, rf.c.name)
+        )
+        for rid, name in conn.execute(stmt):
+            failed[rid].append(name)
+    return tuple(
+        Completion(head.id, state, int(head.files), tuple(failed.get(head.id, ())), head.reply_to,
+                   head.correlation_id)
+        for head, state in complete
+    )  # fmt: skip
 
 
 def complete_settled(conn: Connection, limit: int = 1000) -> tuple[Completion, ...]:
@@ -798,11 +828,20 @@ class RecallSummary:
 
     view: RecallView  # without file_states
     cartridges: dict[str, dict[str, int]]  # cartridge ("-": none planned) -> state -> files
-    failures: tuple[FileState, ...]
-    waiting: tuple[FileState, ...] | None  # queued and staging files, when asked for
+    failures: tuple[FileState, ...]  # the first ``limit`` failed files
+    waiting: tuple[FileState, ...] | None  # the first ``limit`` queued and staging files, when asked for
+
+    @property
+    def waiting_total(self) -> int:
+        return sum(c.get("queued", 0) + c.get("staging", 0) for c in self.cartridges.values())
 
 
-def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> RecallSummary | None:
+def summary(
+    conn: Connection, recall_id: str, with_waiting: bool = False, limit: int | None = None
+) -> RecallSummary | None:
+    """Counts per cartridge and state, and the failed (and, ``with_waiting``, the waiting) files in
+    (cartridge, fseq, name) order: each list the first ``limit`` (None: all), the totals in the
+    counts. A 100,000-file request listed whole took seconds; bounded, a page of it is one read."""
     row = conn.execute(select(rc).where(rc.c.id == recall_id)).first()
     if row is None:
         return None
@@ -817,16 +856,21 @@ def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> Rec
     first_seen = sorted(groups, key=lambda g: (g[0] or "-", g[3] is None, g[3] or 0, g[4]))
     for cartridge, state, n, _, _ in first_seen:
         cartridges.setdefault(cartridge or "-", {})[state] = int(n)
-    detail = select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
-    # The files not done, in one pass over the request's rows (``!=``, not an IN on the state, so
-    # the request's key leads the plan rather than the state index across every request).
-    wanted = rf.c.state != "done" if with_waiting else rf.c.state == "failed"
-    stmt = detail.where(rf.c.recall_id == recall_id, wanted).order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
-    rows = [FileState(*x) for x in conn.execute(stmt)]
-    waiting = tuple(x for x in rows if x.state in ("queued", "staging")) if with_waiting else None
-    return RecallSummary(
-        _view(row), dict(sorted(cartridges.items())), tuple(x for x in rows if x.state == "failed"), waiting
+    detail = (
+        select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
+        .order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
+        .limit(limit)
     )
+    # ``!=``, not an IN on the state, so the request's key leads the plan rather than the state
+    # index across every request.
+    failures = tuple(
+        FileState(*x) for x in conn.execute(detail.where(rf.c.recall_id == recall_id, rf.c.state == "failed"))
+    )
+    waiting = None
+    if with_waiting:
+        open_rows = detail.where(rf.c.recall_id == recall_id, rf.c.state != "done", rf.c.state != "failed")
+        waiting = tuple(FileState(*x) for x in conn.execute(open_rows))
+    return RecallSummary(_view(row), dict(sorted(cartridges.items())), failures, waiting)
 
 
 def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:

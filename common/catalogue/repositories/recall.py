@@ -58,8 +58,10 @@ class RecallRepository(Repository):
     async def status(self, recall_id: str) -> db.RecallView | None:
         return await self._catalogue.read(db.status, recall_id)
 
-    async def summary(self, recall_id: str, with_waiting: bool = False) -> db.RecallSummary | None:
-        return await self._catalogue.read(db.summary, recall_id, with_waiting)
+    async def summary(
+        self, recall_id: str, with_waiting: bool = False, limit: int | None = None
+    ) -> db.RecallSummary | None:
+        return await self._catalogue.read(db.summary, recall_id, with_waiting, limit)
 
     async def list_recalls(self, limit: int, active_only: bool = False) -> list[db.RecallView]:
         return await self._catalogue.read(db.list_recalls, limit, active_only)

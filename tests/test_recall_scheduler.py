@@ -300,3 +300,28 @@ async def test_catalogue_statements_of_a_pass_do_not_grow_with_the_files(tmp_pat
     few = await statements(tmp_path / "few", 10)
     many = await statements(tmp_path / "many", 60)
     assert many <= few + 5, (few, many)
+
+
+async def test_mounts_of_the_standing_plan_start_without_reading_the_queue_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One drive, two cartridges: the second mount starts from the plan the first pass made; the
+    queue is read again only once the plan is used up (to find nothing left)."""
+    reads = 0
+    pending = db.pending
+
+    def counted(*args: Any) -> list[db.PendingFile]:
+        nonlocal reads
+        reads += 1
+        return pending(*args)
+
+    monkeypatch.setattr(db, "pending", counted)
+    async with _rig(tmp_path, {"A00001": 3, "A00002": 3}, 0.0) as rig:
+        await rig.recall("r", "A00001/1", "A00001/3", "A00002/2")
+
+        await rig.scheduler.until_idle()
+
+        assert rig.completed() == ["r"] and reads == 2
+        await rig.recall("late", "A00002/3")  # a request makes the next pass read the queue
+        await rig.scheduler.until_idle()
+        assert rig.completed() == ["r", "late"] and reads == 4

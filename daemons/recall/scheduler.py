@@ -68,6 +68,11 @@ READ_WINDOW = 256
 # Within a window, the files read are recorded (and ``file.recalled`` published) at least this
 # often: a window of large files takes minutes to read, and requesters follow progress.
 RECORD_SECONDS = 2.0
+# A pass while mounts of the last plan still wait for a drive starts them from that plan instead
+# of reading every queued file again (100,000 rows per pass, one pass per mount ended: issue 18);
+# the queue is read again when something changed (``_replan``) or after this many seconds, so a
+# copy archived or an endpoint put back meanwhile is seen.
+PLAN_MAX_AGE = 10.0
 # Failures of a disk source that make that copy useless (as the replicator judges them). Not
 # ``path_outside_area``: since issue 16 that is the *destination* path's (a symlink on it), and a
 # healthy source copy must not be marked bad for it (``delivery.copy_from_disk`` turns a source
@@ -120,6 +125,11 @@ class Scheduler:
         self.writable: set[str] = set(self.reserve)
         self._throttle = ReasonThrottle()  # one log line per cause per minute, however many repeat
         self._wake = asyncio.Event()
+        # The last plan's mounts not started yet, and until when it may stand (``pass_once``).
+        self._plan: list[Mount] = []
+        self._plan_until = 0.0
+        self._replan = True  # something changed that the plan does not know: read the queue again
+        self._replan_after: set[CartridgeKey] = set()  # running mounts files were planned on since
         self.sweep_interval = SWEEP_INTERVAL
         self._next_sweep = 0.0  # monotonic time of the next sweep in ``run``
 
@@ -181,6 +191,8 @@ class Scheduler:
             )  # fmt: skip
 
     def wake(self) -> None:
+        """A pass now, reading the queue again (a request arrived)."""
+        self._replan = True
         self._wake.set()
 
     async def stop(self) -> None:
@@ -203,6 +215,11 @@ class Scheduler:
     async def pass_once(self) -> PassResult:
         if self.announcer.behind:
             await self.announcer.flush()
+        self._plan = [m for m in self._plan if m.key not in self.active]
+        if self._plan and not self._replan and time.monotonic() < self._plan_until:
+            return await self._continue_plan()
+        self._replan = False
+        self._plan = []
         files = await self.catalogue.recall.pending(PLAN_LIMIT)
         if not files:
             return PassResult(0, 0)
@@ -222,9 +239,26 @@ class Scheduler:
             await self.catalogue.recall.assign(changes)
             planned = {steps.cartridge_of(c, self.tape_library) for _, _, c in changes if c is not None}
             self.joined |= planned & self.active.keys()
+            self._replan_after |= planned & self.active.keys()
         space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
         plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
-        return PassResult(len(files), await self._start_mounts(plan, set(loaded)))
+        started = await self._start_mounts(plan, set(loaded))
+        self._plan = [m for m in plan if m.key not in started]
+        self._plan_until = time.monotonic() + PLAN_MAX_AGE
+        return PassResult(len(files), len(started))
+
+    async def _continue_plan(self) -> PassResult:
+        """Start mounts of the standing plan (``pass_once``): the ones a drive is free for, not
+        backing off, with a file that fits its destination now."""
+        now = time.monotonic()
+        space = {d: await self._room(d) for d in {p.destination for m in self._plan for p in m.files}}
+        ready = [
+            m for m in self._plan
+            if self.retry_at.get(m.key, 0.0) <= now and any(p.size <= space[p.destination] for p in m.files)
+        ]  # fmt: skip
+        started = await self._start_mounts(ready, set(await self._loaded()))
+        self._plan = [m for m in self._plan if m.key not in started]
+        return PassResult(sum(len(m.files) for m in self._plan) + len(started), len(started))
 
     async def _loaded(self) -> list[CartridgeKey]:
         keys = []
@@ -282,8 +316,8 @@ class Scheduler:
             )
             await self.announcer.publish(await self.catalogue.recall.fail(keys, reason, error))
 
-    async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> int:
-        started = 0
+    async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> set[CartridgeKey]:
+        started: set[CartridgeKey] = set()
         for mount in plan:
             if self.settings.max_drives and len(self.active) >= self.settings.max_drives:
                 break
@@ -301,7 +335,7 @@ class Scheduler:
                 break  # no free drive at all
             self.heads[mount.key] = 0
             self.active[mount.key] = asyncio.create_task(self._mount(mount, library, drive))
-            started += 1
+            started.add(mount.key)
         return started
 
     def _back_off(self, key: CartridgeKey, err: SpoolError) -> None:
@@ -326,12 +360,16 @@ class Scheduler:
         storages = [n for n, lib in self.tape_library.items() if lib == mount.library]
         reads = 0
         mounted = False
+        drained = False  # ended because nothing was left ahead of the head
         try:
             while reads < self.settings.batch_max_files:
                 self.joined.discard(key)
                 limit = min(self.read_window, self.settings.batch_max_files - reads)
                 head = self.heads[key]
                 window = await self.catalogue.recall.window_on_cartridge(storages, mount.vid, head, limit)
+                if not window:
+                    drained = True
+                    break
                 groups = await self._reserve_window(_by_fseq(window), mount.vid)
                 if not groups:
                     break
@@ -357,7 +395,12 @@ class Scheduler:
             self.active.pop(key, None)
             self.heads.pop(key, None)
             self.joined.discard(key)
-            self.wake()
+            # Files left on the cartridge (behind the head, for lack of room, after an error or
+            # batch_max_files) are not in the standing plan: the next pass reads the queue.
+            if not drained or key in self._replan_after:
+                self._replan = True
+            self._replan_after.discard(key)
+            self._wake.set()
         if mounted:
             log.info("recall_mount_done", vid=mount.vid, drive=drive, read=reads)
 
@@ -484,6 +527,7 @@ class Scheduler:
             return
         settled, refused = await self.catalogue.recall.deliver_many([dl for dl, _ in read])
         if refused:
+            self._replan = True
             again = set(refused)
             await self.catalogue.recall.set_state(
                 [k for dl, keys in read if dl.file_id in again for k in keys], "queued"
@@ -501,6 +545,7 @@ class Scheduler:
         )
         if others:
             await self.catalogue.recall.set_state(keys, "queued", True)
+            self._replan = True  # another copy to choose
             return
         reason = "checksum_mismatch" if err.reason == "tape_checksum_mismatch" else err.reason
         settled = await self.catalogue.recall.fail(keys, reason, err.message)
@@ -521,6 +566,7 @@ class Scheduler:
         )
         if settled is None:  # the reaper is deleting the destination's copy: try again later
             await self.catalogue.recall.set_state(keys, "queued")
+            self._replan = True
             return
         await self.announcer.publish(settled)
 

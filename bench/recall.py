@@ -21,6 +21,14 @@ cartridge capacity equal to the data it holds.
 
     .venv/bin/python -P bench/recall.py            # 5,000 files, 50 cartridges, 2,000 recalled
     .venv/bin/python -P bench/recall.py --files 1000 --cartridges 20 --recall 300 --json
+
+``--status N`` measures ``spool recall status`` instead: N files registered (no tape), one request
+for all of them, each planned on one of ``--cartridges`` cartridges and still waiting; printed:
+seconds of the status document (catalogue query and JSON, as the command builds it) for the
+table, for ``--json`` (the first ``STATUS_FILES`` waiting files listed) and for ``--json
+--all-files`` (every one), best of three each.
+
+    .venv/bin/python -P bench/recall.py --status 100000 --cartridges 400
 """
 
 from __future__ import annotations
@@ -250,6 +258,58 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+async def status_run(work: Path, n: int, cartridges: int) -> dict[str, Any]:
+    """``spool recall status`` of one ``n``-file request, timed as the command builds it."""
+    from common.cli import recall as cli_recall  # the command's own document (``_status``)
+    from common.cli._util import jsonable
+
+    catalogue = await Catalogue.open(f"sqlite+aiosqlite:///{work / 'catalogue.db'}")
+    try:
+        endpoints = {
+            "landing": StorageEndpoint(root=work / "landing"),
+            "buffer": StorageEndpoint(root=work / "buffer"),
+            "tape1": StorageEndpoint(kind="tape", backend="simulated", library="bench", pool=POOL),
+        }
+        await catalogue.endpoints.sync(endpoints)
+        names = [f"run000001/f{i:06d}.fits" for i in range(n)]
+        for i in range(0, n, 500):
+            await catalogue.ingest.register(
+                [IngestRecord(event_id=f"ev{j}", name=names[j], dataset=DATASET, size=1000,
+                              adler32="00000001", storage="landing", pfn=names[j])
+                 for j in range(i, min(i + 500, n))]
+            )  # fmt: skip
+        spec = db.RecallSpec(id="big", destination="buffer", priority=3, names=tuple(names))
+        await catalogue.recall.create_recall(spec)
+        per = max(1, n // cartridges)
+        plan = [
+            ("big", name, db.TapeCopy("tape1", f"A{i // per:05d}", i % per + 1))
+            for i, name in enumerate(names)
+        ]
+        await catalogue.recall.assign(plan)
+
+        async def timed(with_waiting: bool, limit: int | None) -> float:
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                try:
+                    doc = await cli_recall._status(catalogue, "big", with_waiting, limit)
+                except TypeError:  # a version without the bound lists them all
+                    doc = await cli_recall._status(catalogue, "big", with_waiting)
+                json.dumps(jsonable(doc))
+                best = min(best, time.perf_counter() - started)
+            return round(best, 3)
+
+        limit = getattr(cli_recall, "STATUS_FILES", None)
+        return {
+            "status_files": n, "cartridges": cartridges,
+            "table_seconds": await timed(False, limit),
+            "json_seconds": await timed(True, limit),
+            "json_all_files_seconds": await timed(True, None),
+        }  # fmt: skip
+    finally:
+        await catalogue.close()
+
+
 def report(r: dict[str, Any]) -> None:
     sp, fc = r["spool"], r["fcfs"]
     print(
@@ -279,10 +339,18 @@ def cli() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the temporary library and buffer go")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--status", type=int, default=0, metavar="N", help="time `recall status` of N files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    if args.status:
+        work = Path(tempfile.mkdtemp(prefix="spool-bench-recall-", dir=args.dir))
+        try:
+            print(json.dumps(asyncio.run(status_run(work, args.status, args.cartridges)), indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     result = asyncio.run(main(args))
     if args.json:
         print(json.dumps(result, indent=2))

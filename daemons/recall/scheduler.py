@@ -8,21 +8,30 @@ Every ``poll_interval`` (or at once when a request arrives) one *pass*:
 3. chooses one tape copy per file and plans mounts (``steps.choose_copies``, ``steps.plan_mounts``),
    records the choices, and starts a *mount* for each planned cartridge a drive can be claimed for.
 
-A mount reads its cartridge's files in fseq order. Before each read it asks the catalogue for
-the next queued file planned on the cartridge beyond the head, so files of requests that arrived
-meanwhile join the mount when they are ahead of the head; the others wait for the next mount.
-It ends when nothing is left ahead, after ``batch_max_files``, or when the destination buffer
-stays full for ``buffer_wait`` seconds (backpressure: the drive is released, the files stay
-queued, nothing fails). The cartridge stays in the drive, so a later mount of it costs nothing.
+A mount reads its cartridge's files in fseq order, a *window* at a time (``READ_WINDOW``): the
+next queued files planned on the cartridge beyond the head, fetched in one query, so files of
+requests that arrived meanwhile join the mount when they are ahead of the head (a file planned on
+a running mount ends its window early: the next window, from the head, holds it); the others wait
+for the next mount. Room in the destination is reserved per window, the window's files go
+``staging`` in one statement, and what was read is recorded in one transaction and announced in
+one publish (``_record``). The mount ends when nothing is left ahead, after ``batch_max_files``,
+or when the destination buffer stays full for ``buffer_wait`` seconds (backpressure: the drive is
+released, the files stay queued, nothing fails). The cartridge stays in the drive, so a later
+mount of it costs nothing.
+
+A pass reads the whole queue only when something changed since the last plan (a request, a file
+put back, a mount ending early) or ``PLAN_MAX_AGE`` passed; otherwise it starts the next mounts of
+the standing plan.
 
 Sweep (at start and every ``SWEEP_INTERVAL``): an ``active`` recall with no file left to serve
 is completed as a delivery would complete it (issue 14 left such recalls on PostgreSQL).
 
-Kill safety: a file is ``staging`` while read; a kill leaves it so and ``start`` puts it back.
-A copy is recorded and its recall files settled in one transaction after the bytes are in place
-under their final name, so a restart never delivers a file twice; events go through the
-``Announcer``'s outbox. Run one recall daemon per catalogue (``staging`` rows are reclaimed at
-start-up without asking who held them).
+Kill safety: a file is ``staging`` while its window is read; a kill leaves it so and ``start``
+puts it back. A copy is recorded and its recall files settled in one transaction after the bytes
+are in place under their final name, so a restart never delivers a file twice (files read but
+not yet recorded when killed are read again); events go through the ``Announcer``'s outbox. Run
+one recall daemon per catalogue (``staging`` rows are reclaimed at start-up without asking who
+held them).
 
 Nothing here needs the broker: the benchmark drives this class with a recording publisher.
 """

@@ -225,14 +225,16 @@ class Scheduler:
         if self.announcer.behind:
             await self.announcer.flush()
         self._plan = [m for m in self._plan if m.key not in self.active]
+        # Endpoint states are a few rows: read every pass, so an operator's change counts at once.
+        self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
         if self._plan and not self._replan and time.monotonic() < self._plan_until:
-            return await self._continue_plan()
+            started = await self._start_planned()
+            return PassResult(sum(len(m.files) for m in self._plan) + started, started)
         self._replan = False
         self._plan = []
         files = await self.catalogue.recall.pending(PLAN_LIMIT)
         if not files:
             return PassResult(0, 0)
-        self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
         files = await self._known_destinations(files)
         on_disk, on_tape, lost = steps.triage(steps.readable(files, self.tape_library))
         await self.serve_from_disk(on_disk)
@@ -249,25 +251,27 @@ class Scheduler:
             planned = {steps.cartridge_of(c, self.tape_library) for _, _, c in changes if c is not None}
             self.joined |= planned & self.active.keys()
             self._replan_after |= planned & self.active.keys()
-        space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
-        plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
-        started = await self._start_mounts(plan, set(loaded))
-        self._plan = [m for m in plan if m.key not in started]
+        # Planned whatever the room: a full buffer leaves the plan standing (``_start_planned``
+        # starts a mount once a file of it fits) rather than the queue read on every pass.
+        self._plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active)
         self._plan_until = time.monotonic() + PLAN_MAX_AGE
-        return PassResult(len(files), len(started))
+        return PassResult(len(files), await self._start_planned(loaded))
 
-    async def _continue_plan(self) -> PassResult:
-        """Start mounts of the standing plan (``pass_once``): the ones a drive is free for, not
-        backing off, with a file that fits its destination now."""
+    async def _start_planned(self, loaded: Sequence[CartridgeKey] | None = None) -> int:
+        """Start mounts of the standing plan, most urgent first: the ones a drive is free for, not
+        backing off, with a file that fits its destination now (mounting one none of whose files
+        fits would only hold a drive while waiting). Returns how many started."""
         now = time.monotonic()
         space = {d: await self._room(d) for d in {p.destination for m in self._plan for p in m.files}}
         ready = [
             m for m in self._plan
             if self.retry_at.get(m.key, 0.0) <= now and any(p.size <= space[p.destination] for p in m.files)
         ]  # fmt: skip
-        started = await self._start_mounts(ready, set(await self._loaded()))
+        if loaded is None:
+            loaded = await self._loaded()
+        started = await self._start_mounts(ready, set(loaded))
         self._plan = [m for m in self._plan if m.key not in started]
-        return PassResult(sum(len(m.files) for m in self._plan) + len(started), len(started))
+        return len(started)
 
     async def _loaded(self) -> list[CartridgeKey]:
         keys = []

@@ -533,23 +533,35 @@ def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Sett
             updates,
         )
     placed = {k: dl for k, dl in by_key.items() if k not in refused}
-    # The recall files waiting for these copies: by file id (its own index), the destination
-    # matched here. Locked (PostgreSQL): the rows counted below are exactly the rows moved.
+    # The recall files waiting for these copies: found by file id alone (its own index), then
+    # their requests by id; state and destination matched here. With the request's state or the
+    # file's in the query, SQLite's planner (no statistics) took the state index instead and
+    # scanned every queued file, or every active request, for each window. Locked (PostgreSQL):
+    # the rows counted below are exactly the rows moved.
     waiting: list[tuple[str, str, str | None, Delivery]] = []  # recall, name, correlation, delivery
     open_state = or_(rf.c.state == "queued", rf.c.state == "staging")
-    placed_fids = sorted({fid for fid, _ in placed})
-    for part in chunks(placed_fids):
+    candidates: list[Any] = []
+    for part in chunks(sorted({fid for fid, _ in placed})):
         stmt = (
-            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rc.c.destination, rc.c.correlation_id)
-            .join(rc, rc.c.id == rf.c.recall_id)
-            .where(rf.c.file_id.in_(part), open_state, rc.c.state == "active")
+            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.state)
+            .where(rf.c.file_id.in_(part))
             .order_by(rf.c.file_id, rf.c.recall_id)
-            .with_for_update(of=rf)
+            .with_for_update()
         )
-        for w in conn.execute(stmt):
-            got = placed.get((w.file_id, sids.get(w.destination, -1)))
-            if got is not None:
-                waiting.append((w.recall_id, w.name, w.correlation_id, got))
+        candidates += [w for w in conn.execute(stmt) if w.state in ("queued", "staging")]
+    requests: dict[str, Any] = {}
+    for part in chunks(sorted({w.recall_id for w in candidates})):
+        heads = select(rc.c.id, rc.c.destination, rc.c.correlation_id).where(
+            rc.c.id.in_(part), rc.c.state == "active"
+        )
+        requests.update({x.id: x for x in conn.execute(heads)})
+    for w in candidates:
+        head = requests.get(w.recall_id)
+        if head is None:
+            continue
+        got = placed.get((w.file_id, sids.get(head.destination, -1)))
+        if got is not None:
+            waiting.append((w.recall_id, w.name, head.correlation_id, got))
     # Announced in the caller's order (the mount's: fseq), each file's requests by id.
     waiting.sort(key=lambda w: (order[(w[3].file_id, sids[w[3].destination])], w[0]))
     if waiting:

@@ -13,7 +13,9 @@ file, in random order, all queued before the scheduler starts (a reprocessing ca
 Printed for both: mounts and the simulated drive time (seconds summed over drives, from
 ``library.usage()``: mount, unmount, locate, read); for Spool also the lower bound on mounts (the
 distinct cartridges involved), the ratios, and the process CPU time of the scheduler run per
-recalled file (``cpu_ms_per_file``: scheduler and catalogue, comparable on a loaded machine).
+recalled file (``cpu_ms_per_file``: scheduler, catalogue and the simulated library's reads,
+comparable on a loaded machine) and, of it, the catalogue's transactions
+(``catalogue_cpu_ms_per_file``: CPU time of the SQLite worker thread that runs them).
 Targets: mounts / lower bound = 1.00 and Spool's drive time <= 1/5 of FCFS's. The library runs
 with ``time_scale = 0`` (clocks only, no sleeping) and ``durable = False``; the LTO-9 timing
 defaults apply (mount 16 s, unmount 56 s, mean locate 60 s over a full tape, 360 MB/s), with a
@@ -21,6 +23,14 @@ cartridge capacity equal to the data it holds.
 
     .venv/bin/python -P bench/recall.py            # 5,000 files, 50 cartridges, 2,000 recalled
     .venv/bin/python -P bench/recall.py --files 1000 --cartridges 20 --recall 300 --json
+
+``--status N`` measures ``spool recall status`` instead: N files registered (no tape), one request
+for all of them, each planned on one of ``--cartridges`` cartridges and still waiting; printed:
+seconds of the status document (catalogue query and JSON, as the command builds it) for the
+table, for ``--json`` (the first ``STATUS_FILES`` waiting files listed) and for ``--json
+--all-files`` (every one), best of three each.
+
+    .venv/bin/python -P bench/recall.py --status 100000 --cartridges 400
 """
 
 from __future__ import annotations
@@ -153,7 +163,7 @@ def minus(after: Clocks, before: Clocks) -> Figures:
 async def spool_run(
     work: Path, cfg: SimulatedLibraryConfig, archived: list[Archived], files: list[tuple[str, int, str]],
     order: list[Archived],
-) -> tuple[Figures, float, float, int]:  # fmt: skip
+) -> tuple[Figures, float, float, float, int]:  # fmt: skip
     endpoints = {
         "landing": StorageEndpoint(root=work / "landing"),
         "buffer": StorageEndpoint(root=work / "buffer"),
@@ -180,6 +190,7 @@ async def spool_run(
             settings=RecallSettings(poll_interval=0.05), announcer=Announcer(catalogue, RecordingPublisher()),
         )  # fmt: skip
         before = await clocks(lib)
+        catalogue_cpu = _count_catalogue_cpu(catalogue)
         started, cpu = time.monotonic(), time.process_time()
         await scheduler.start()
         await scheduler.until_idle()
@@ -191,7 +202,24 @@ async def spool_run(
         for storage in storages.values():
             storage.close()
         await catalogue.close()
-    return figures, wall, cpu, done
+    return figures, wall, cpu, catalogue_cpu[0], done
+
+
+def _count_catalogue_cpu(catalogue: Catalogue) -> list[float]:
+    """CPU seconds of the catalogue's transactions from now on (SQLite: all of recall's run in its
+    worker thread, timed there with ``thread_time``): the scheduler's catalogue cost."""
+    spent = [0.0]
+    run = catalogue._sync_tx
+
+    def timed(fn: Any, args: tuple[Any, ...], write: bool) -> Any:
+        started = time.thread_time()
+        try:
+            return run(fn, args, write)
+        finally:
+            spent[0] += time.thread_time() - started
+
+    catalogue._sync_tx = timed  # type: ignore[method-assign]
+    return spent
 
 
 async def fcfs_run(work: Path, cfg: SimulatedLibraryConfig, order: list[Archived]) -> Figures:
@@ -232,7 +260,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         order = rng.sample(archived, args.recall)  # random files, in random request order
         lower_bound = len({a.vid for a in order})
         print(f"recalling {len(order)} files ({lower_bound} cartridges) ...", file=sys.stderr)
-        spool, wall, cpu, done = await spool_run(work, cfg, archived, files, order)
+        spool, wall, cpu, catalogue_cpu, done = await spool_run(work, cfg, archived, files, order)
         fcfs = await fcfs_run(work, cfg.model_copy(update={"root": work / "library-fcfs"}), order)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -240,6 +268,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "files": len(archived), "cartridges": args.cartridges, "drives": args.drives, "recalled": len(order),
         "requests_done": done, "wall_seconds": round(wall, 1),
         "cpu_ms_per_file": round(cpu * 1000 / len(order), 2),
+        "catalogue_cpu_ms_per_file": round(catalogue_cpu * 1000 / len(order), 2),
         "spool": {"mounts": spool.mounts, "drive_seconds": round(spool.seconds, 1),
                   "busiest_drive_seconds": round(spool.busiest_drive, 1)},
         "lower_bound_mounts": lower_bound,
@@ -250,12 +279,64 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+async def status_run(work: Path, n: int, cartridges: int) -> dict[str, Any]:
+    """``spool recall status`` of one ``n``-file request, timed as the command builds it."""
+    from common.cli import recall as cli_recall  # the command's own document (``_status``)
+    from common.cli._util import jsonable
+
+    catalogue = await Catalogue.open(f"sqlite+aiosqlite:///{work / 'catalogue.db'}")
+    try:
+        endpoints = {
+            "landing": StorageEndpoint(root=work / "landing"),
+            "buffer": StorageEndpoint(root=work / "buffer"),
+            "tape1": StorageEndpoint(kind="tape", backend="simulated", library="bench", pool=POOL),
+        }
+        await catalogue.endpoints.sync(endpoints)
+        names = [f"run000001/f{i:06d}.fits" for i in range(n)]
+        for i in range(0, n, 500):
+            await catalogue.ingest.register(
+                [IngestRecord(event_id=f"ev{j}", name=names[j], dataset=DATASET, size=1000,
+                              adler32="00000001", storage="landing", pfn=names[j])
+                 for j in range(i, min(i + 500, n))]
+            )  # fmt: skip
+        spec = db.RecallSpec(id="big", destination="buffer", priority=3, names=tuple(names))
+        await catalogue.recall.create_recall(spec)
+        per = max(1, n // cartridges)
+        plan = [
+            ("big", name, db.TapeCopy("tape1", f"A{i // per:05d}", i % per + 1))
+            for i, name in enumerate(names)
+        ]
+        await catalogue.recall.assign(plan)
+
+        async def timed(with_waiting: bool, limit: int | None) -> float:
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                try:
+                    doc = await cli_recall._status(catalogue, "big", with_waiting, limit)
+                except TypeError:  # a version without the bound lists them all
+                    doc = await cli_recall._status(catalogue, "big", with_waiting)
+                json.dumps(jsonable(doc))
+                best = min(best, time.perf_counter() - started)
+            return round(best, 3)
+
+        limit = getattr(cli_recall, "STATUS_FILES", None)
+        return {
+            "status_files": n, "cartridges": cartridges,
+            "table_seconds": await timed(False, limit),
+            "json_seconds": await timed(True, limit),
+            "json_all_files_seconds": await timed(True, None),
+        }  # fmt: skip
+    finally:
+        await catalogue.close()
+
+
 def report(r: dict[str, Any]) -> None:
     sp, fc = r["spool"], r["fcfs"]
     print(
         f"{r['files']} files on {r['cartridges']} cartridges, {r['drives']} drives; "
         f"{r['recalled']} recalled ({r['requests_done']} requests done, {r['wall_seconds']} s wall, "
-        f"{r['cpu_ms_per_file']} ms CPU per file)"
+        f"{r['cpu_ms_per_file']} ms CPU per file, {r['catalogue_cpu_ms_per_file']} ms of it the catalogue's)"
     )
     print(
         f"  spool : {sp['mounts']:5d} mounts  {sp['drive_seconds']:10.1f} s drive time "
@@ -279,10 +360,18 @@ def cli() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the temporary library and buffer go")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--status", type=int, default=0, metavar="N", help="time `recall status` of N files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    if args.status:
+        work = Path(tempfile.mkdtemp(prefix="spool-bench-recall-", dir=args.dir))
+        try:
+            print(json.dumps(asyncio.run(status_run(work, args.status, args.cartridges)), indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     result = asyncio.run(main(args))
     if args.json:
         print(json.dumps(result, indent=2))

@@ -309,3 +309,47 @@ async def test_the_summary_counts_what_the_file_states_list(catalogue: Catalogue
     assert got.view == replace(full, file_states=())
     assert (await catalogue.recall.summary("r1")).waiting is None  # type: ignore[union-attr]
     assert await catalogue.recall.summary("nope") is None
+
+
+async def test_a_window_is_recorded_in_one_delivery_and_a_copy_being_deleted_is_refused_alone(
+    catalogue: Catalogue,
+) -> None:
+    """``deliver_many``: several files, several requests and both destinations in one transaction;
+    a destination copy the reaper is deleting right now is refused (its file id returned), the
+    others recorded; announced in the order given."""
+    await archived(catalogue, "a", "b", "c")
+    await catalogue.recall.create_recall(spec("r1", "c", "a", "b"))
+    await catalogue.recall.create_recall(spec("r2", "b"))
+    await catalogue.recall.create_recall(spec("r3", "a", destination="disk1"))
+    ids = {p.name: p.file_id for p in await catalogue.recall.pending(100)}
+    await catalogue.replication.set_replica(name="c", storage="disk2", pfn="c", state="deleting")
+
+    settled, refused = await catalogue.recall.deliver_many(
+        [delivery("b", ids["b"]), delivery("c", ids["c"]), delivery("a", ids["a"]),
+         delivery("a", ids["a"], destination="disk1")]
+    )  # fmt: skip
+
+    assert refused == (ids["c"],)
+    assert [(x.recall_id, x.name, x.storage) for x in settled.recalled] == [
+        ("r1", "b", "disk2"), ("r2", "b", "disk2"), ("r1", "a", "disk2"), ("r3", "a", "disk1"),
+    ]  # fmt: skip
+    assert sorted((c.recall_id, c.state) for c in settled.completed) == [("r2", "done"), ("r3", "done")]
+    r1 = await catalogue.recall.status("r1")
+    assert r1 is not None and (r1.state, r1.done) == ("active", 2)
+    assert {x.name: x.state for x in r1.file_states} == {"a": "done", "b": "done", "c": "queued"}
+    assert await catalogue.read(_replica, "a", "disk1") == ("available", PIN)
+
+
+async def test_the_summary_lists_a_bounded_page_of_files_with_the_totals(catalogue: Catalogue) -> None:
+    names = [f"p{i:02d}" for i in range(10)]
+    await archived(catalogue, *names)
+    await catalogue.recall.create_recall(spec("r1", *names, "gone1", "gone2", "gone3"))
+
+    got = await catalogue.recall.summary("r1", with_waiting=True, limit=4)
+
+    assert got is not None and got.waiting is not None
+    assert [x.name for x in got.waiting] == names[:4] and got.waiting_total == 10
+    assert [x.name for x in got.failures] == ["gone1", "gone2", "gone3"]
+    small = await catalogue.recall.summary("r1", limit=2)
+    assert small is not None and [x.name for x in small.failures] == ["gone1", "gone2"]
+    assert small.view.failed == 3

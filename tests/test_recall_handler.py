@@ -18,6 +18,7 @@ from common.bus.service import Context
 from common.errors import Permanent
 from common.messages import FileRecalled, RecallCompleted, RecallRequest
 from daemons.recall.handlers import RecallResources, open_resources, recall
+from tests.conftest import wait_for
 from tests.recall_fixtures import DATASET, contents, recall_settings, register, status
 
 
@@ -70,9 +71,23 @@ async def test_an_unknown_name_fails_alone_and_the_rest_proceeds(ctx):
     assert completed.failed == ["run42/never-ingested.fits"]
 
 
+async def _settled(ctx: Context[RecallResources], recall_id: str) -> None:
+    """Wait for the request to be complete and announced: the scheduler, running too, may be
+    serving a file of it when the handler returns (the handler skips the files it serves)."""
+
+    async def done() -> bool:
+        view = await status(ctx.settings, recall_id)
+        if view is None or view.state == "active":
+            return False
+        return not await ctx.resources.catalogue.recall.unannounced()
+
+    await wait_for(done)
+
+
 async def test_a_redelivered_request_changes_nothing(ctx):
     msg = RecallRequest(names=sorted(FILES), destination="disk1")
     await recall(msg, ctx)
+    await _settled(ctx, msg.id)
     before = await status(ctx.settings, msg.id)
     await recall(msg, ctx)
     assert await status(ctx.settings, msg.id) == before
@@ -81,6 +96,7 @@ async def test_a_redelivered_request_changes_nothing(ctx):
 async def test_an_id_used_for_other_content_is_refused_and_answered_on_reply_to(ctx):
     first = RecallRequest(names=sorted(FILES)[:1], destination="disk1")
     await recall(first, ctx)
+    await _settled(ctx, first.id)
     recorded = await status(ctx.settings, first.id)
     other = RecallRequest(id=first.id, names=sorted(FILES), destination="disk1")
 

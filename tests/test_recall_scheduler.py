@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue, IngestRecord
@@ -18,9 +21,10 @@ from common.catalogue import recall as db
 from common.config import RecallSettings, StorageEndpoint
 from common.messages import FileRecalled, RecallCompleted
 from common.storage import PosixStorage
-from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeTiming
+from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeLibrary, TapeTiming
 from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
+from daemons.recall.steps import CartridgeKey
 from tests.conftest import wait_for
 from tests.storage_fixtures import adler
 
@@ -68,15 +72,22 @@ async def _archive(tmp_path: Path, cat: Catalogue, lib: SimulatedLibrary, layout
     await lib.unmount("DR01")
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    endpoints = {
+def _endpoints(tmp_path: Path) -> dict[str, StorageEndpoint]:
+    return {
         "landing": StorageEndpoint(root=tmp_path / "landing"),
         "buffer": StorageEndpoint(root=tmp_path / "buffer"),
         "tape1": StorageEndpoint(kind="tape", backend="simulated", library="lib"),
     }
-    # One drive; a read takes 0.8 s of real time (late requests have time to arrive), mounts none.
-    timing = TapeTiming(mount_seconds=0, unmount_seconds=0, locate_average_seconds=0, read_rate=SIZE / 0.8)
+
+
+@asynccontextmanager
+async def _rig(tmp_path: Path, layout: dict[str, int], read_seconds: float) -> AsyncIterator[Rig]:
+    endpoints = _endpoints(tmp_path)
+    # One drive; a read takes ``read_seconds`` of real time (late requests have time to arrive),
+    # mounts none.
+    timing = TapeTiming(
+        mount_seconds=0, unmount_seconds=0, locate_average_seconds=0, read_rate=SIZE / max(read_seconds, 1e-3)
+    )
     config = SimulatedLibraryConfig(
         root=tmp_path / "lib", drives=1, pools={"tape1": 2}, scratch_cartridges=0, capacity_bytes=10**6,
         timing=timing, time_scale=0.0, durable=False,
@@ -84,15 +95,18 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     cat = await Catalogue.open(f"sqlite+aiosqlite:///{tmp_path}/catalogue.db")
     await cat.endpoints.sync(endpoints)
     lib = await SimulatedLibrary.open(config)
-    await _archive(tmp_path, cat, lib, {"A00001": 10, "A00002": 3})
+    await _archive(tmp_path, cat, lib, layout)
     await lib.close()
-    lib = await SimulatedLibrary.open(config.model_copy(update={"time_scale": 1.0}))
+    lib = await SimulatedLibrary.open(config.model_copy(update={"time_scale": 1.0 if read_seconds else 0.0}))
     storage = PosixStorage("buffer", endpoints["buffer"])
     publisher = RecordingPublisher()
     scheduler = Scheduler(
         catalogue=cat, libraries={"lib": lib}, storages={"buffer": storage}, endpoints=endpoints,
         settings=RecallSettings(poll_interval=0.05), announcer=Announcer(cat, publisher),
     )  # fmt: skip
+    # Each file recorded as soon as read (a window still stages and reads together): the late
+    # requests below are sent once A00001/4 is announced, while the window is being read.
+    scheduler.record_seconds = 0.0
     await scheduler.start()
     try:
         yield Rig(cat, lib, scheduler, publisher)
@@ -101,6 +115,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         await lib.close()
         storage.close()
         await cat.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _rig(tmp_path, {"A00001": 10, "A00002": 3}, 0.8) as r:
+        yield r
 
 
 async def test_a_late_request_ahead_of_the_head_joins_the_mount_and_one_behind_waits(rig: Rig) -> None:
@@ -149,3 +169,159 @@ async def test_a_destination_the_operator_took_offline_waits_then_receives(rig: 
     await rig.catalogue.endpoints.set_state("buffer", "online")
     await rig.scheduler.until_idle()
     assert (rig.recalled(), rig.completed()) == (["A00002/1"], ["r"])
+
+
+# --- read-ahead windows (issue 18) ------------------------------------------------------------------
+async def _states(rig: Rig, rid: str) -> dict[str, str]:
+    view = await rig.catalogue.recall.status(rid)
+    assert view is not None
+    return {x.name: x.state for x in view.file_states}
+
+
+async def test_a_windows_files_go_staging_together_before_the_first_is_read(rig: Rig) -> None:
+    await rig.recall("r", *(f"A00001/{n}" for n in (1, 3, 5)))
+    runner = asyncio.create_task(rig.scheduler.run())
+    try:
+
+        async def staged() -> bool:
+            return "staging" in (await _states(rig, "r")).values()
+
+        await wait_for(staged, timeout=30, interval=0.01)
+        assert await _states(rig, "r") == dict.fromkeys(("A00001/1", "A00001/3", "A00001/5"), "staging")
+        assert rig.recalled() == []
+
+        async def done() -> bool:
+            return rig.completed() == ["r"]
+
+        await wait_for(done, timeout=30)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert rig.recalled() == ["A00001/1", "A00001/3", "A00001/5"]
+
+
+async def test_a_bad_copy_in_a_window_fails_that_file_alone(tmp_path: Path) -> None:
+    async with _rig(tmp_path, {"A00001": 8}, 0.0) as rig:
+        rig.scheduler.read_window = 3  # the bad file in the middle of the second window
+        path = rig.library.data_path("A00001", 5)
+        data = bytearray(path.read_bytes())
+        data[10] ^= 0xFF
+        path.write_bytes(bytes(data))
+        await rig.recall("r", *(f"A00001/{n}" for n in range(1, 9)))
+
+        await rig.scheduler.until_idle()
+
+        states = await _states(rig, "r")
+        assert states.pop("A00001/5") == "failed"
+        assert set(states.values()) == {"done"}
+        assert rig.recalled() == [f"A00001/{n}" for n in (1, 2, 3, 4, 6, 7, 8)]
+        [completion] = rig.publisher.of_type(RecallCompleted)
+        assert completion.failed == ["A00001/5"]
+
+
+async def test_a_window_takes_the_files_that_fit_and_a_full_buffer_waits(tmp_path: Path) -> None:
+    async with _rig(tmp_path, {"A00001": 6}, 0.0) as rig:
+        scheduler = rig.scheduler
+        full_until = asyncio.get_running_loop().time() + 0.3
+        windows: list[int] = []
+        read_window = scheduler._read_window
+
+        async def free(destination: str) -> int | None:  # full at first, then room for 2.5 files
+            return 0 if asyncio.get_running_loop().time() < full_until else 5 * SIZE // 2
+
+        async def counted(key: CartridgeKey, library: TapeLibrary, drive: str, groups: Any) -> int:
+            windows.append(len(groups))
+            return await read_window(key, library, drive, groups)
+
+        scheduler._free = free  # type: ignore[method-assign]
+        scheduler._read_window = counted  # type: ignore[method-assign]
+        await rig.recall("r", *(f"A00001/{n}" for n in range(1, 7)))
+        await scheduler.pass_once()  # plans with the room known then: no mount while full
+        await asyncio.sleep(0.4)
+        await scheduler.until_idle()
+
+        assert windows and max(windows) <= 2 and sum(windows) == 6
+        assert rig.recalled() == [f"A00001/{n}" for n in range(1, 7)]
+        assert scheduler.in_flight["buffer"] == 0
+
+
+async def test_a_mount_stopped_mid_window_then_restarted_delivers_every_file_once(tmp_path: Path) -> None:
+    async with _rig(tmp_path, {"A00001": 6}, 0.3) as rig:
+        rig.scheduler.record_seconds = 3600.0  # read files stay unrecorded until the window ends
+        names = [f"A00001/{n}" for n in range(1, 7)]
+        await rig.recall("r", *names)
+        await rig.scheduler.pass_once()
+        await asyncio.sleep(1.0)  # a few files read and in place, none recorded
+        await rig.scheduler.stop()  # as a kill: nothing more is written
+        assert rig.recalled() == []
+        assert set((await _states(rig, "r")).values()) == {"staging"}
+
+        again = Scheduler(
+            catalogue=rig.catalogue, libraries={"lib": rig.library},
+            storages=rig.scheduler.storages, endpoints=_endpoints(tmp_path),
+            settings=rig.scheduler.settings, announcer=Announcer(rig.catalogue, rig.publisher),
+        )  # fmt: skip
+        await again.start()
+        await again.until_idle()
+
+        assert sorted(rig.recalled()) == names  # each once
+        assert rig.completed() == ["r"]
+        assert all((tmp_path / "buffer" / n).exists() for n in names)
+
+
+async def test_catalogue_statements_of_a_pass_do_not_grow_with_the_files(tmp_path: Path) -> None:
+    """Planning, staging, reading and completing requests costs a number of catalogue statements
+    that does not depend on how many files they hold (each a request of its own, the worst case)."""
+
+    async def statements(where: Path, n: int) -> int:
+        async with _rig(where, {"A00001": n}, 0.0) as rig:
+            rig.scheduler.record_seconds = 3600.0  # recorded per window, as with the defaults
+            for i in range(1, n + 1):
+                await rig.recall(f"r{i:03d}", f"A00001/{i}")
+            count = 0
+
+            def counted(*_: object) -> None:
+                nonlocal count
+                count += 1
+
+            engines = [rig.catalogue._engine.sync_engine]
+            if rig.catalogue._sync_engine is not None:
+                engines.append(rig.catalogue._sync_engine)
+            for engine in engines:
+                event.listen(engine, "before_cursor_execute", counted)
+            try:
+                await rig.scheduler.until_idle()
+            finally:
+                for engine in engines:
+                    event.remove(engine, "before_cursor_execute", counted)
+            assert len(rig.completed()) == n
+            return count
+
+    few = await statements(tmp_path / "few", 10)
+    many = await statements(tmp_path / "many", 60)
+    assert many <= few + 5, (few, many)
+
+
+async def test_mounts_of_the_standing_plan_start_without_reading_the_queue_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One drive, two cartridges: the second mount starts from the plan the first pass made; the
+    queue is read again only once the plan is used up (to find nothing left)."""
+    reads = 0
+    pending = db.pending
+
+    def counted(*args: Any) -> list[db.PendingFile]:
+        nonlocal reads
+        reads += 1
+        return pending(*args)
+
+    monkeypatch.setattr(db, "pending", counted)
+    async with _rig(tmp_path, {"A00001": 3, "A00002": 3}, 0.0) as rig:
+        await rig.recall("r", "A00001/1", "A00001/3", "A00002/2")
+
+        await rig.scheduler.until_idle()
+
+        assert rig.completed() == ["r"] and reads == 2
+        await rig.recall("late", "A00002/3")  # a request makes the next pass read the queue
+        await rig.scheduler.until_idle()
+        assert rig.completed() == ["r", "late"] and reads == 4

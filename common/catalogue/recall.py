@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, or_, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, tuple_, update
 
 from common.catalogue import schema as s
 from common.catalogue.sql import check_fits, chunks, storage_ids_sync, utcnow
@@ -397,14 +397,22 @@ def assign(conn: Connection, plan: Sequence[tuple[str, str, TapeCopy | None]]) -
 
 
 def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after: int) -> list[ReadItem]:
-    """The queued files planned on ``vid`` at its lowest fseq beyond ``after`` (the head).
+    """The queued files planned on ``vid`` at its lowest position beyond ``after`` (the head):
+    ``window_on_cartridge`` of one position."""
+    return window_on_cartridge(conn, storages, vid, after, 1)
 
-    Several rows when several requests want that file. Files planned on the cartridge while it is
+
+def window_on_cartridge(
+    conn: Connection, storages: Sequence[str], vid: str, after: int, limit: int
+) -> list[ReadItem]:
+    """The queued files planned on ``vid`` at its ``limit`` lowest positions beyond ``after`` (the
+    head's fseq), in tape order: a mount's read-ahead window, one query however many files it holds.
+
+    A position is a tape file (fseq) or, in an aggregate, a member (fseq and ``member_offset``):
+    an aggregate's members still queued at the head's fseq come next too, lowest offset first, so
+    the mount reads them all before it moves on. Several rows at one position when several
+    requests want that file (most urgent request first). Files planned on the cartridge while it is
     mounted show up here too: that is how a late request joins the mount when it is ahead of the head.
-
-    An aggregate holds many files at one fseq: its members still queued at the head's fseq come
-    next too (one file at a time, lowest offset first, each with its ``member_offset``), so the
-    mount reads them all before it moves on.
     """
     # The tape copy's offset within its tape file (NULL: a plain file). Joined on file, cartridge
     # and fseq: a file is on a cartridge at one place.
@@ -420,17 +428,20 @@ def next_on_cartridge(conn: Connection, storages: Sequence[str], vid: str, after
         or_(rf.c.fseq > after, (rf.c.fseq == after) & copy.c.member_offset.is_not(None)),
         rc.c.state == "active",
     )
-    lowest = conn.execute(
-        select(rf.c.fseq, offset).select_from(joined).where(*where).order_by(rf.c.fseq, offset).limit(1)
-    ).first()
-    if lowest is None:
-        return []
+    positions = (
+        select(rf.c.fseq, offset.label("at"))
+        .select_from(joined)
+        .where(*where)
+        .distinct()
+        .order_by(rf.c.fseq, offset)
+        .limit(limit)
+    )
     stmt = (
         select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, rf.c.fseq, f.c.size, f.c.adler32,
                rc.c.destination, copy.c.member_offset)
         .select_from(joined.join(f, f.c.id == rf.c.file_id))
-        .where(*where, rf.c.fseq == lowest[0], offset == lowest[1])
-        .order_by(rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
+        .where(*where, tuple_(rf.c.fseq, offset).in_(positions))
+        .order_by(rf.c.fseq, offset, rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
     )  # fmt: skip
     return [
         ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
@@ -461,79 +472,126 @@ def set_state(
 
 # --- outcomes ------------------------------------------------------------------------------------
 def deliver(conn: Connection, dl: Delivery) -> Settled | None:
-    """Record a verified copy on the destination and settle every recall waiting for it there.
+    """Record one verified copy (``deliver_many`` of one); None when the reaper is deleting the
+    destination's copy right now: the caller tries again later."""
+    settled, refused = deliver_many(conn, [dl])
+    return None if refused else settled
 
-    The copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
+
+def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Settled, tuple[int, ...]]:
+    """Record verified copies on their destinations and settle every recall waiting for them there.
+
+    Each copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
     deletes it after that, unless a rule holds it, and never while it is the last copy). A copy
-    that was never tombstoned (made by ingest) stays so. Returns None, recording nothing, when the
-    reaper is deleting the destination's copy right now: the caller tries again later.
+    that was never tombstoned (made by ingest) stays so. A delivery whose destination copy the
+    reaper is deleting right now records nothing: its file id is returned (second element) and the
+    caller tries again later.
+
+    One transaction and a few statements for a whole read-ahead window of a mount (issue 18): the
+    copies locked and read in one statement, inserted and updated in one ``executemany`` each, the
+    waiting recall files found and moved per chunk of file ids, the counters advanced once.
     """
+    if not deliveries:
+        return Settled(), ()
     now = utcnow()
-    sid = storage_ids_sync(conn, {dl.destination})[dl.destination]
-    # Race (PostgreSQL): read unlocked, the copy could be claimed by the reaper (``deleting``) or
+    sids = storage_ids_sync(conn, {dl.destination for dl in deliveries})
+    by_key = {(dl.file_id, sids[dl.destination]): dl for dl in deliveries}  # the last one wins
+    order = {k: i for i, k in enumerate(by_key)}
+    # Race (PostgreSQL): read unlocked, a copy could be claimed by the reaper (``deleting``) or
     # re-pinned by another delivery before the update below, which then turned a copy being
     # deleted back to ``available`` or shortened a pin. Locked (``FOR UPDATE``, as the reaper's
     # ``begin_delete`` locks a file's copies), the state and tombstone decided on are the ones
     # written over. A row not there yet is not locked: a concurrent insert fails on the unique
     # key and the transaction is run again (``Catalogue.write``).
-    row = conn.execute(
-        select(r.c.id, r.c.state, r.c.tombstone)
-        .where(r.c.file_id == dl.file_id, r.c.storage_id == sid)
-        .with_for_update()
-    ).first()
-    if row is not None and row.state == "deleting":
-        return None
-    if row is None:
-        conn.execute(
-            r.insert().values(
-                file_id=dl.file_id,
-                storage_id=sid,
-                pfn=dl.pfn,
-                state="available",
-                cartridge=None,
-                fseq=None,
-                created=now,
-                updated=now,
-                tombstone=dl.pin_until,
-                priority=3,
-            )
+    existing: dict[tuple[int, int], Any] = {}
+    fids = sorted({fid for fid, _ in by_key})
+    for part in chunks(fids):
+        stmt = (
+            select(r.c.id, r.c.file_id, r.c.storage_id, r.c.state, r.c.tombstone)
+            .where(r.c.file_id.in_(part), r.c.storage_id.in_(sorted(set(sids.values()))))
+            .order_by(r.c.file_id, r.c.storage_id)
+            .with_for_update()
         )
-    else:
-        keep_forever = row.state == "available" and row.tombstone is None
-        tombstone = None if keep_forever else max(row.tombstone or dl.pin_until, dl.pin_until)
+        for found in conn.execute(stmt):
+            if (found.file_id, found.storage_id) in by_key:
+                existing[(found.file_id, found.storage_id)] = found
+    refused = {k for k, row in existing.items() if row.state == "deleting"}
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for k, dl in by_key.items():
+        if k in refused:
+            continue
+        row = existing.get(k)
+        if row is None:
+            inserts.append(
+                {"file_id": dl.file_id, "storage_id": k[1], "pfn": dl.pfn, "state": "available",
+                 "cartridge": None, "fseq": None, "created": now, "updated": now,
+                 "tombstone": dl.pin_until, "priority": 3}
+            )  # fmt: skip
+        else:
+            keep_forever = row.state == "available" and row.tombstone is None
+            tombstone = None if keep_forever else max(row.tombstone or dl.pin_until, dl.pin_until)
+            updates.append({"k_id": row.id, "v_pfn": dl.pfn, "v_tombstone": tombstone})
+    if inserts:
+        conn.execute(r.insert(), inserts)
+    if updates:
         conn.execute(
             update(r)
-            .where(r.c.id == row.id)
-            .values(state="available", pfn=dl.pfn, tombstone=tombstone, updated=now)
+            .where(r.c.id == bindparam("k_id"))
+            .values(
+                state="available", pfn=bindparam("v_pfn"), tombstone=bindparam("v_tombstone"), updated=now
+            ),
+            updates,
         )
-    waiting = conn.execute(
-        select(rf.c.recall_id, rc.c.correlation_id)
-        .join(rc, rc.c.id == rf.c.recall_id)
-        .where(
-            rf.c.file_id == dl.file_id,
-            rf.c.state.in_(("queued", "staging")),
-            rc.c.destination == dl.destination,
-            rc.c.state == "active",
+    placed = {k: dl for k, dl in by_key.items() if k not in refused}
+    # The recall files waiting for these copies: found by file id alone (its own index), then
+    # their requests by id; state and destination matched here. With the request's state or the
+    # file's in the query, SQLite's planner (no statistics) took the state index instead and
+    # scanned every queued file, or every active request, for each window. Locked (PostgreSQL):
+    # the rows counted below are exactly the rows moved.
+    waiting: list[tuple[str, str, str | None, Delivery]] = []  # recall, name, correlation, delivery
+    open_state = or_(rf.c.state == "queued", rf.c.state == "staging")
+    candidates: list[Any] = []
+    for part in chunks(sorted({fid for fid, _ in placed})):
+        stmt = (
+            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.state)
+            .where(rf.c.file_id.in_(part))
+            .order_by(rf.c.file_id, rf.c.recall_id)
+            .with_for_update()
         )
-        .order_by(rf.c.recall_id)
-        # Locked (PostgreSQL): the rows counted below are exactly the rows this update moves.
-        .with_for_update(of=rf)
-    ).all()
-    ids = [w.recall_id for w in waiting]
-    for part in chunks(ids):
+        candidates += [w for w in conn.execute(stmt) if w.state in ("queued", "staging")]
+    requests: dict[str, Any] = {}
+    for part in chunks(sorted({w.recall_id for w in candidates})):
+        heads = select(rc.c.id, rc.c.destination, rc.c.correlation_id).where(
+            rc.c.id.in_(part), rc.c.state == "active"
+        )
+        requests.update({x.id: x for x in conn.execute(heads)})
+    for w in candidates:
+        head = requests.get(w.recall_id)
+        if head is None:
+            continue
+        got = placed.get((w.file_id, sids.get(head.destination, -1)))
+        if got is not None:
+            waiting.append((w.recall_id, w.name, head.correlation_id, got))
+    # Announced in the caller's order (the mount's: fseq), each file's requests by id.
+    waiting.sort(key=lambda w: (order[(w[3].file_id, sids[w[3].destination])], w[0]))
+    if waiting:
         conn.execute(
             update(rf)
-            .where(
-                rf.c.recall_id.in_(part), rf.c.file_id == dl.file_id, rf.c.state.in_(("queued", "staging"))
-            )
-            .values(state="done", reason=None, error=None, updated=now, announced=False)
+            .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"), open_state)
+            .values(state="done", reason=None, error=None, updated=now, announced=False),
+            [{"k_recall": rid, "k_name": name} for rid, name, _, _ in waiting],
         )
-    detail = {"source": dl.source, "pfn": dl.pfn}
     _history(
-        conn, [(dl.name, "file.recalled", "ok", dl.destination, {"request_id": i, **detail}) for i in ids]
-    )
-    recalled = tuple(Recalled(w.recall_id, dl.name, dl.destination, w.correlation_id) for w in waiting)
-    return Settled(recalled, _advance(conn, {i: (1, 0) for i in ids}))
+        conn,
+        [(dl.name, "file.recalled", "ok", dl.destination,
+          {"request_id": rid, "source": dl.source, "pfn": dl.pfn})
+         for rid, _, _, dl in waiting],
+    )  # fmt: skip
+    recalled = tuple(Recalled(rid, dl.name, dl.destination, corr) for rid, _, corr, dl in waiting)
+    moved = Counter(rid for rid, _, _, _ in waiting)
+    settled = Settled(recalled, _advance(conn, {rid: (n, 0) for rid, n in moved.items()}))
+    return settled, tuple(sorted({fid for fid, _ in refused}))
 
 
 def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str) -> Settled:
@@ -649,19 +707,49 @@ def _advance(conn: Connection, moved: dict[str, tuple[int, int]]) -> tuple[Compl
     if not ids:
         return ()
     now = utcnow()
-    out = []
+    heads: list[Any] = []
     for part in chunks(ids):
         stmt = select(rc).where(rc.c.id.in_(part), rc.c.state == "active").order_by(rc.c.id).with_for_update()
-        for head in conn.execute(stmt).all():
-            done, failed = head.done + moved[head.id][0], head.failed + moved[head.id][1]
-            values: dict[str, Any] = {"done": done, "failed": failed, "updated": now}
-            complete = done + failed >= head.files
-            if complete:
-                values.update(state="failed" if failed else "done", completed=now)
-            res = conn.execute(update(rc).where(rc.c.id == head.id, rc.c.state == "active").values(**values))
-            if complete and res.rowcount:
-                out.append(_completion(conn, head.id, values["state"], head))
-    return tuple(out)
+        heads += conn.execute(stmt).all()
+    rows, complete = [], []
+    for head in heads:
+        done, failed = head.done + moved[head.id][0], head.failed + moved[head.id][1]
+        state = "active"
+        if done + failed >= head.files:
+            state = "failed" if failed else "done"
+            complete.append((head, state))
+        rows.append({"k_id": head.id, "v_done": done, "v_failed": failed, "v_state": state,
+                     "v_completed": now if state != "active" else None})  # fmt: skip
+    # One statement for every request (executemany): a window settling files of 256 one-file
+    # requests is one round, not 256. The rows are locked and ``active`` (above), so each is moved.
+    if rows:
+        conn.execute(
+            update(rc)
+            .where(rc.c.id == bindparam("k_id"), rc.c.state == "active")
+            .values(done=bindparam("v_done"), failed=bindparam("v_failed"), state=bindparam("v_state"),
+                    completed=bindparam("v_completed"), updated=now),
+            rows,
+        )  # fmt: skip
+    return _completions(conn, complete)
+
+
+def _completions(conn: Connection, complete: Sequence[tuple[Any, str]]) -> tuple[Completion, ...]:
+    """``Completion``s of requests just completed (head row, state), their failed names read in
+    one statement per chunk of failed requests."""
+    failed: dict[str, list[str]] = defaultdict(list)
+    for part in chunks([head.id for head, state in complete if state == "failed"]):
+        stmt = (
+            select(rf.c.recall_id, rf.c.name)
+            .where(rf.c.recall_id.in_(part), rf.c.state == "failed")
+            .order_by(rf.c.recall_id, rf.c.name)
+        )
+        for rid, name in conn.execute(stmt):
+            failed[rid].append(name)
+    return tuple(
+        Completion(head.id, state, int(head.files), tuple(failed.get(head.id, ())), head.reply_to,
+                   head.correlation_id)
+        for head, state in complete
+    )  # fmt: skip
 
 
 def complete_settled(conn: Connection, limit: int = 1000) -> tuple[Completion, ...]:
@@ -763,11 +851,20 @@ class RecallSummary:
 
     view: RecallView  # without file_states
     cartridges: dict[str, dict[str, int]]  # cartridge ("-": none planned) -> state -> files
-    failures: tuple[FileState, ...]
-    waiting: tuple[FileState, ...] | None  # queued and staging files, when asked for
+    failures: tuple[FileState, ...]  # the first ``limit`` failed files
+    waiting: tuple[FileState, ...] | None  # the first ``limit`` queued and staging files, when asked for
+
+    @property
+    def waiting_total(self) -> int:
+        return sum(c.get("queued", 0) + c.get("staging", 0) for c in self.cartridges.values())
 
 
-def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> RecallSummary | None:
+def summary(
+    conn: Connection, recall_id: str, with_waiting: bool = False, limit: int | None = None
+) -> RecallSummary | None:
+    """Counts per cartridge and state, and the failed (and, ``with_waiting``, the waiting) files in
+    (cartridge, fseq, name) order: each list the first ``limit`` (None: all), the totals in the
+    counts. A 100,000-file request listed whole took seconds; bounded, a page of it is one read."""
     row = conn.execute(select(rc).where(rc.c.id == recall_id)).first()
     if row is None:
         return None
@@ -782,16 +879,21 @@ def summary(conn: Connection, recall_id: str, with_waiting: bool = False) -> Rec
     first_seen = sorted(groups, key=lambda g: (g[0] or "-", g[3] is None, g[3] or 0, g[4]))
     for cartridge, state, n, _, _ in first_seen:
         cartridges.setdefault(cartridge or "-", {})[state] = int(n)
-    detail = select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
-    # The files not done, in one pass over the request's rows (``!=``, not an IN on the state, so
-    # the request's key leads the plan rather than the state index across every request).
-    wanted = rf.c.state != "done" if with_waiting else rf.c.state == "failed"
-    stmt = detail.where(rf.c.recall_id == recall_id, wanted).order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
-    rows = [FileState(*x) for x in conn.execute(stmt)]
-    waiting = tuple(x for x in rows if x.state in ("queued", "staging")) if with_waiting else None
-    return RecallSummary(
-        _view(row), dict(sorted(cartridges.items())), tuple(x for x in rows if x.state == "failed"), waiting
+    detail = (
+        select(rf.c.name, rf.c.state, rf.c.storage, rf.c.cartridge, rf.c.fseq, rf.c.reason, rf.c.error)
+        .order_by(rf.c.cartridge, rf.c.fseq, rf.c.name)
+        .limit(limit)
     )
+    # ``!=``, not an IN on the state, so the request's key leads the plan rather than the state
+    # index across every request.
+    failures = tuple(
+        FileState(*x) for x in conn.execute(detail.where(rf.c.recall_id == recall_id, rf.c.state == "failed"))
+    )
+    waiting = None
+    if with_waiting:
+        open_rows = detail.where(rf.c.recall_id == recall_id, rf.c.state != "done", rf.c.state != "failed")
+        waiting = tuple(FileState(*x) for x in conn.execute(open_rows))
+    return RecallSummary(_view(row), dict(sorted(cartridges.items())), failures, waiting)
 
 
 def list_recalls(conn: Connection, limit: int, active_only: bool = False) -> list[RecallView]:

@@ -262,7 +262,8 @@ class RecallFile(Base):
     """One file of a recall; names are kept even when unknown (the file fails, the rest goes on)."""
 
     __tablename__ = "recall_files"
-    __table_args__ = (Index(None, "state", "cartridge", "fseq"),)
+    # file_id: a delivery settles the files waiting for its copy (``recall.deliver_many``).
+    __table_args__ = (Index(None, "state", "cartridge", "fseq"), Index(None, "file_id"))
 
     recall_id: Mapped[str] = mapped_column(ForeignKey("recalls.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(Name, primary_key=True)

@@ -34,7 +34,11 @@ from common.config import Settings
 from common.errors import Permanent, Retryable
 from common.messages import RecallRequest, new_id
 
-_DETAIL = ("failures", "waiting", "cartridges")  # per-file parts, left out of ``list --json``
+# Per-file parts, left out of ``list --json``.
+_DETAIL = ("failures", "waiting", "cartridges", "failures_not_listed", "waiting_not_listed")
+# Files ``status`` lists (failed, and waiting with --json) unless told otherwise: a 100,000-file
+# request listed whole took seconds; the counts give the totals.
+STATUS_FILES = 1000
 recall_app = typer.Typer(help="Bring files back from tape and follow recalls.", no_args_is_help=True)
 app.add_typer(recall_app, name="recall")
 
@@ -176,16 +180,23 @@ def _document(view: db.RecallView, detail: db.RecallSummary | None = None) -> di
             {"name": f.name, "reason": f.reason, "error": f.error}
             for f in (detail.failures if detail else ())
         ],
+        "failures_not_listed": view.failed - len(detail.failures) if detail else 0,
         "waiting": [
             {"name": f.name, "state": f.state, "cartridge": f.cartridge, "fseq": f.fseq}
             for f in ((detail.waiting or ()) if detail else ())
         ],
+        "waiting_not_listed": (
+            detail.waiting_total - len(detail.waiting) if detail and detail.waiting is not None else 0
+        ),
     }  # fmt: skip
 
 
-async def _status(c: Catalogue, recall_id: str, with_waiting: bool = True) -> dict[str, Any] | None:
-    """Counted in the catalogue (``summary``); the waiting files are listed only for ``--json``."""
-    detail = await c.recall.summary(recall_id, with_waiting)
+async def _status(
+    c: Catalogue, recall_id: str, with_waiting: bool = True, limit: int | None = STATUS_FILES
+) -> dict[str, Any] | None:
+    """Counted in the catalogue (``summary``); the waiting files are listed only for ``--json``,
+    at most ``limit`` of them and of the failed ones (None: all)."""
+    detail = await c.recall.summary(recall_id, with_waiting, limit)
     if detail is not None:
         return _document(detail.view, detail)
     refused = (await c.queries.request_state([recall_id])).get(recall_id)
@@ -196,9 +207,19 @@ async def _status(c: Catalogue, recall_id: str, with_waiting: bool = True) -> di
 
 
 @recall_app.command("status")
-def status(ctx: typer.Context, recall_id: str, json_out: JsonOpt = False) -> None:
+def status(
+    ctx: typer.Context,
+    recall_id: str,
+    json_out: JsonOpt = False,
+    files: Annotated[
+        int,
+        typer.Option("--files", min=0, help="List at most N failed (and, with --json, waiting) files."),
+    ] = STATUS_FILES,
+    all_files: Annotated[bool, typer.Option("--all-files", help="List every one of them.")] = False,
+) -> None:
     """One recall: state, files done / failed (with reasons) / waiting, per cartridge."""
-    doc = with_catalogue(settings_from(ctx), lambda c: _status(c, recall_id, json_out))
+    limit = None if all_files else files
+    doc = with_catalogue(settings_from(ctx), lambda c: _status(c, recall_id, json_out, limit))
     if doc is None:
         raise UserError(f"no recall request {recall_id!r}")
     if json_out:
@@ -224,6 +245,9 @@ def status(ctx: typer.Context, recall_id: str, json_out: JsonOpt = False) -> Non
     for f in doc["failures"]:
         line = f"{f['name']}: {f['reason']} ({f['error']})"
         console.print(" ", styled("failed", "red"), line, highlight=False)
+    if doc["failures_not_listed"]:
+        more = doc["failures_not_listed"]
+        console.print(f"  ... and {more} more failed (--files N, --all-files)", highlight=False)
 
 
 @recall_app.command("list")

@@ -8,21 +8,30 @@ Every ``poll_interval`` (or at once when a request arrives) one *pass*:
 3. chooses one tape copy per file and plans mounts (``steps.choose_copies``, ``steps.plan_mounts``),
    records the choices, and starts a *mount* for each planned cartridge a drive can be claimed for.
 
-A mount reads its cartridge's files in fseq order. Before each read it asks the catalogue for
-the next queued file planned on the cartridge beyond the head, so files of requests that arrived
-meanwhile join the mount when they are ahead of the head; the others wait for the next mount.
-It ends when nothing is left ahead, after ``batch_max_files``, or when the destination buffer
-stays full for ``buffer_wait`` seconds (backpressure: the drive is released, the files stay
-queued, nothing fails). The cartridge stays in the drive, so a later mount of it costs nothing.
+A mount reads its cartridge's files in fseq order, a *window* at a time (``READ_WINDOW``): the
+next queued files planned on the cartridge beyond the head, fetched in one query, so files of
+requests that arrived meanwhile join the mount when they are ahead of the head (a file planned on
+a running mount ends its window early: the next window, from the head, holds it); the others wait
+for the next mount. Room in the destination is reserved per window, the window's files go
+``staging`` in one statement, and what was read is recorded in one transaction and announced in
+one publish (``_record``). The mount ends when nothing is left ahead, after ``batch_max_files``,
+or when the destination buffer stays full for ``buffer_wait`` seconds (backpressure: the drive is
+released, the files stay queued, nothing fails). The cartridge stays in the drive, so a later
+mount of it costs nothing.
+
+A pass reads the whole queue only when something changed since the last plan (a request, a file
+put back, a mount ending early) or ``PLAN_MAX_AGE`` passed; otherwise it starts the next mounts of
+the standing plan.
 
 Sweep (at start and every ``SWEEP_INTERVAL``): an ``active`` recall with no file left to serve
 is completed as a delivery would complete it (issue 14 left such recalls on PostgreSQL).
 
-Kill safety: a file is ``staging`` while read; a kill leaves it so and ``start`` puts it back.
-A copy is recorded and its recall files settled in one transaction after the bytes are in place
-under their final name, so a restart never delivers a file twice; events go through the
-``Announcer``'s outbox. Run one recall daemon per catalogue (``staging`` rows are reclaimed at
-start-up without asking who held them).
+Kill safety: a file is ``staging`` while its window is read; a kill leaves it so and ``start``
+puts it back. A copy is recorded and its recall files settled in one transaction after the bytes
+are in place under their final name, so a restart never delivers a file twice (files read but
+not yet recorded when killed are read again); events go through the ``Announcer``'s outbox. Run
+one recall daemon per catalogue (``staging`` rows are reclaimed at start-up without asking who
+held them).
 
 Nothing here needs the broker: the benchmark drives this class with a recording publisher.
 """
@@ -61,6 +70,18 @@ PLAN_LIMIT = 100_000  # queued files looked at per pass, most urgent first
 # How often ``run`` sweeps for active recalls with nothing left to do (``sweep``): a cheap query,
 # and a recall it repairs has waited for a bug, not for the operator.
 SWEEP_INTERVAL = 60.0
+# A mount's read-ahead window (issue 18): files fetched, given room, marked ``staging``, read,
+# recorded and announced per window, a few statements each, not per file. Bounded so a window's
+# rows stay a small transaction and late files wait at most one window to join the mount.
+READ_WINDOW = 256
+# Within a window, the files read are recorded (and ``file.recalled`` published) at least this
+# often: a window of large files takes minutes to read, and requesters follow progress.
+RECORD_SECONDS = 2.0
+# A pass while mounts of the last plan still wait for a drive starts them from that plan instead
+# of reading every queued file again (100,000 rows per pass, one pass per mount ended: issue 18);
+# the queue is read again when something changed (``_replan``) or after this many seconds, so a
+# copy archived or an endpoint put back meanwhile is seen.
+PLAN_MAX_AGE = 10.0
 # Failures of a disk source that make that copy useless (as the replicator judges them). Not
 # ``path_outside_area``: since issue 16 that is the *destination* path's (a symlink on it), and a
 # healthy source copy must not be marked bad for it (``delivery.copy_from_disk`` turns a source
@@ -75,6 +96,9 @@ class PassResult:
 
 
 class Scheduler:
+    read_window = READ_WINDOW
+    record_seconds = RECORD_SECONDS
+
     def __init__(
         self,
         *,
@@ -99,6 +123,9 @@ class Scheduler:
         self.reserve = {n: ep.min_free_bytes for n, ep in endpoints.items() if ep.kind == "disk"}
         self.active: dict[CartridgeKey, asyncio.Task[None]] = {}
         self.heads: dict[CartridgeKey, int] = {}  # fseq last read by each running mount
+        # Running mounts whose cartridge a pass planned new files on since their window was
+        # staged: they fetch their window again from the head (``_read_window``).
+        self.joined: set[CartridgeKey] = set()
         self.retry_at: dict[CartridgeKey, float] = {}  # monotonic time a failed cartridge may retry
         self.in_flight: Counter[str] = Counter()  # bytes being written to each destination
         self.serving: set[tuple[int, str]] = set()  # (file id, destination) copied from disk now
@@ -107,6 +134,11 @@ class Scheduler:
         self.writable: set[str] = set(self.reserve)
         self._throttle = ReasonThrottle()  # one log line per cause per minute, however many repeat
         self._wake = asyncio.Event()
+        # The last plan's mounts not started yet, and until when it may stand (``pass_once``).
+        self._plan: list[Mount] = []
+        self._plan_until = 0.0
+        self._replan = True  # something changed that the plan does not know: read the queue again
+        self._replan_after: set[CartridgeKey] = set()  # running mounts files were planned on since
         self.sweep_interval = SWEEP_INTERVAL
         self._next_sweep = 0.0  # monotonic time of the next sweep in ``run``
 
@@ -168,6 +200,8 @@ class Scheduler:
             )  # fmt: skip
 
     def wake(self) -> None:
+        """A pass now, reading the queue again (a request arrived)."""
+        self._replan = True
         self._wake.set()
 
     async def stop(self) -> None:
@@ -190,10 +224,17 @@ class Scheduler:
     async def pass_once(self) -> PassResult:
         if self.announcer.behind:
             await self.announcer.flush()
+        self._plan = [m for m in self._plan if m.key not in self.active]
+        # Endpoint states are a few rows: read every pass, so an operator's change counts at once.
+        self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
+        if self._plan and not self._replan and time.monotonic() < self._plan_until:
+            started = await self._start_planned()
+            return PassResult(sum(len(m.files) for m in self._plan) + started, started)
+        self._replan = False
+        self._plan = []
         files = await self.catalogue.recall.pending(PLAN_LIMIT)
         if not files:
             return PassResult(0, 0)
-        self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
         files = await self._known_destinations(files)
         on_disk, on_tape, lost = steps.triage(steps.readable(files, self.tape_library))
         await self.serve_from_disk(on_disk)
@@ -207,9 +248,30 @@ class Scheduler:
         changes = steps.changed_choices(on_tape, chosen)
         if changes:
             await self.catalogue.recall.assign(changes)
-        space = {d: await self._room(d) for d in {p.destination for p in on_tape}}
-        plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active, space=space)
-        return PassResult(len(files), await self._start_mounts(plan, set(loaded)))
+            planned = {steps.cartridge_of(c, self.tape_library) for _, _, c in changes if c is not None}
+            self.joined |= planned & self.active.keys()
+            self._replan_after |= planned & self.active.keys()
+        # Planned whatever the room: a full buffer leaves the plan standing (``_start_planned``
+        # starts a mount once a file of it fits) rather than the queue read on every pass.
+        self._plan = steps.plan_mounts(on_tape, chosen, self.tape_library, busy=self.active)
+        self._plan_until = time.monotonic() + PLAN_MAX_AGE
+        return PassResult(len(files), await self._start_planned(loaded))
+
+    async def _start_planned(self, loaded: Sequence[CartridgeKey] | None = None) -> int:
+        """Start mounts of the standing plan, most urgent first: the ones a drive is free for, not
+        backing off, with a file that fits its destination now (mounting one none of whose files
+        fits would only hold a drive while waiting). Returns how many started."""
+        now = time.monotonic()
+        space = {d: await self._room(d) for d in {p.destination for m in self._plan for p in m.files}}
+        ready = [
+            m for m in self._plan
+            if self.retry_at.get(m.key, 0.0) <= now and any(p.size <= space[p.destination] for p in m.files)
+        ]  # fmt: skip
+        if loaded is None:
+            loaded = await self._loaded()
+        started = await self._start_mounts(ready, set(loaded))
+        self._plan = [m for m in self._plan if m.key not in started]
+        return len(started)
 
     async def _loaded(self) -> list[CartridgeKey]:
         keys = []
@@ -226,25 +288,31 @@ class Scheduler:
         return [p for p in files if p.destination in self.storages]
 
     async def _room(self, destination: str) -> int:
-        """Bytes ``destination`` may still take. A remote endpoint whose protocol does not tell
-        its free space is not held back (unknown is not full: its own ``disk_full`` would requeue
-        the file); one that cannot be asked now takes nothing this time, like a full one."""
+        """Bytes ``destination`` may still take (``_free``, less its reserve and reads in flight)."""
+        return self._room_of(destination, await self._free(destination))
+
+    async def _free(self, destination: str) -> int | None:
+        """Free bytes of ``destination``; None when unknown. A remote endpoint whose protocol does
+        not tell its free space is not held back (unknown is not full: its own ``disk_full``
+        would requeue the file); one that cannot be asked now takes nothing this time, like a full
+        one (0), as does one the operator did not leave online."""
         if destination not in self.writable:
             return 0
         storage = self.storages[destination]
         if isinstance(storage, PosixStorage):
-            free = await delivery.free_space(storage)
-        else:
-            try:
-                free = await delivery.free_space(storage)
-            except SpoolError as err:
-                admitted, folded = self._throttle.admit(f"space:{destination}:{err.reason}")
-                if admitted:
-                    log.warning(
-                        "recall_free_space_unknown", storage=destination, reason=err.reason,
-                        error=err.message, similar_since_last_line=folded or None,
-                    )  # fmt: skip
-                return 0
+            return await delivery.free_space(storage)
+        try:
+            return await delivery.free_space(storage)
+        except SpoolError as err:
+            admitted, folded = self._throttle.admit(f"space:{destination}:{err.reason}")
+            if admitted:
+                log.warning(
+                    "recall_free_space_unknown", storage=destination, reason=err.reason,
+                    error=err.message, similar_since_last_line=folded or None,
+                )  # fmt: skip
+            return 0
+
+    def _room_of(self, destination: str, free: int | None) -> int:
         if free is None:
             return sys.maxsize
         return steps.room(free, self.reserve.get(destination, 0), self.in_flight[destination])
@@ -261,8 +329,8 @@ class Scheduler:
             )
             await self.announcer.publish(await self.catalogue.recall.fail(keys, reason, error))
 
-    async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> int:
-        started = 0
+    async def _start_mounts(self, plan: Sequence[Mount], loaded: set[CartridgeKey]) -> set[CartridgeKey]:
+        started: set[CartridgeKey] = set()
         for mount in plan:
             if self.settings.max_drives and len(self.active) >= self.settings.max_drives:
                 break
@@ -280,7 +348,7 @@ class Scheduler:
                 break  # no free drive at all
             self.heads[mount.key] = 0
             self.active[mount.key] = asyncio.create_task(self._mount(mount, library, drive))
-            started += 1
+            started.add(mount.key)
         return started
 
     def _back_off(self, key: CartridgeKey, err: SpoolError) -> None:
@@ -305,24 +373,29 @@ class Scheduler:
         storages = [n for n, lib in self.tape_library.items() if lib == mount.library]
         reads = 0
         mounted = False
+        drained = False  # ended because nothing was left ahead of the head
         try:
             while reads < self.settings.batch_max_files:
-                items = await self.catalogue.recall.next_on_cartridge(storages, mount.vid, self.heads[key])
-                if not items:
+                self.joined.discard(key)
+                limit = min(self.read_window, self.settings.batch_max_files - reads)
+                head = self.heads[key]
+                window = await self.catalogue.recall.window_on_cartridge(storages, mount.vid, head, limit)
+                if not window:
+                    drained = True
                     break
-                if not await self._reserve_room(items[0].destination, items[0].size, mount.vid):
+                groups = await self._reserve_window(_by_fseq(window), mount.vid)
+                if not groups:
                     break
-                try:
-                    if not mounted:
+                if not mounted:
+                    try:
                         if await library.mount(drive, mount.vid, request=f"recall {mount.vid}"):
                             await self._announce_mount(mount.library, drive, mount.vid)
-                        mounted = True
-                        log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
-                    await self._read(library, drive, items)
-                finally:
-                    self.in_flight[items[0].destination] -= items[0].size
-                self.heads[key] = items[0].copy.fseq
-                reads += 1
+                    except BaseException:
+                        self._give_back(groups)
+                        raise
+                    mounted = True
+                    log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
+                reads += await self._read_window(key, library, drive, groups)
             self.retry_at.pop(key, None)
         except SpoolError as err:
             self._back_off(key, err)
@@ -334,9 +407,47 @@ class Scheduler:
                 await library.release_drive(drive)
             self.active.pop(key, None)
             self.heads.pop(key, None)
-            self.wake()
+            self.joined.discard(key)
+            # Files left on the cartridge (behind the head, for lack of room, after an error or
+            # batch_max_files) are not in the standing plan: the next pass reads the queue.
+            if not drained or key in self._replan_after:
+                self._replan = True
+            self._replan_after.discard(key)
+            self._wake.set()
         if mounted:
             log.info("recall_mount_done", vid=mount.vid, drive=drive, read=reads)
+
+    async def _reserve_window(
+        self, groups: Sequence[Sequence[db.ReadItem]], vid: str
+    ) -> list[Sequence[db.ReadItem]]:
+        """Backpressure, per window: the leading files of ``groups`` that fit their destinations
+        now, counted as in flight (``_read_window`` gives each back once read). When not even the
+        first fits, wait for it as ``_reserve_room`` does; nothing (False) after ``buffer_wait``.
+        Files are never skipped: a mount only winds forward, so one left behind would wait for
+        another mount."""
+        if not groups:
+            return []
+        destinations = {g[0].destination for g in groups}
+        free = {d: await self._free(d) for d in destinations}
+        # No await from here to the counting below: no other mount takes the room meanwhile.
+        room = {d: self._room_of(d, free[d]) for d in destinations}
+        taken: list[Sequence[db.ReadItem]] = []
+        for g in groups:
+            first = g[0]
+            if room[first.destination] < first.size:
+                break
+            room[first.destination] -= first.size
+            taken.append(g)
+        if not taken:
+            first = groups[0][0]
+            return [groups[0]] if await self._reserve_room(first.destination, first.size, vid) else []
+        for g in taken:
+            self.in_flight[g[0].destination] += g[0].size
+        return taken
+
+    def _give_back(self, groups: Sequence[Sequence[db.ReadItem]]) -> None:
+        for g in groups:
+            self.in_flight[g[0].destination] -= g[0].size
 
     async def _reserve_room(self, destination: str, size: int, vid: str) -> bool:
         """Backpressure: wait until ``size`` bytes fit the destination and count them as in flight
@@ -354,23 +465,87 @@ class Scheduler:
         self.in_flight[destination] += size  # no await since the check: nobody else took the room
         return True
 
-    async def _read(self, library: TapeLibrary, drive: str, items: Sequence[db.ReadItem]) -> None:
-        """Read one file for the requests that want it on the first item's destination (requests
-        for other destinations are served from this copy by the next pass)."""
-        item = items[0]
-        keys = [i.key for i in items if i.destination == item.destination]
-        await self.catalogue.recall.set_state(keys, "staging")
+    async def _read_window(
+        self, key: CartridgeKey, library: TapeLibrary, drive: str, groups: Sequence[Sequence[db.ReadItem]]
+    ) -> int:
+        """Read a window's files in fseq order; returns how many were read (or given up).
+
+        The window's files go ``staging`` in one statement; what was read is recorded and
+        announced together (``_record``) at the end, or every ``record_seconds`` so a long window
+        still reports progress. A file joining the cartridge ahead of the head (``joined``) ends
+        the window early: the unread files go back to ``queued`` and the next window, fetched
+        from the head, holds them and the newcomer in fseq order. On an error, what was read is
+        recorded and the rest put back before the error goes up; a kill leaves rows ``staging``
+        (put back at start) and read files not yet recorded, which are read again then: a file
+        is announced once, in the transaction that records it.
+        """
+        staged = [i.key for g in groups for i in g]
+        await self.catalogue.recall.set_state(staged, "staging")
+        read: list[tuple[db.Delivery, list[tuple[str, str]]]] = []
+        since = time.monotonic()
+        n = 0
+        try:
+            for g in groups:
+                if key in self.joined:
+                    break
+                item, keys = g[0], [i.key for i in g]
+                try:
+                    dl = await self._read(library, drive, item, keys)
+                finally:
+                    self.in_flight[item.destination] -= item.size
+                    n += 1
+                self.heads[key] = item.copy.fseq
+                if dl is not None:
+                    read.append((dl, keys))
+                if read and time.monotonic() - since >= self.record_seconds:
+                    await self._record(read)
+                    read, since = [], time.monotonic()
+        except Exception:
+            try:
+                await self._record(read)
+            finally:
+                # Only queued / staging rows move: what was recorded (done) or failed stays so.
+                await self.catalogue.recall.set_state(staged, "queued")
+            raise
+        finally:
+            self._give_back(groups[n:])
+        await self._record(read)
+        if n < len(groups):
+            await self.catalogue.recall.set_state([i.key for g in groups[n:] for i in g], "queued")
+        return n
+
+    async def _read(
+        self, library: TapeLibrary, drive: str, item: db.ReadItem, keys: Sequence[tuple[str, str]]
+    ) -> db.Delivery | None:
+        """Read one file for the requests that want it on ``item``'s destination (``keys``);
+        the copy to record, or None when the tape copy was bad (``_bad_copy`` settled it). On
+        another error the keys go back to ``queued`` and the error goes up."""
         try:
             dest = self.storages[item.destination]
             pfn = await delivery.read_from_tape(library, drive, item, dest, self.staging)
         except SpoolError as err:
             if err.reason in steps.MEDIA_ERRORS:
                 await self._bad_copy(item, keys, err)
-                return
+                return None
             await self.catalogue.recall.set_state(keys, "queued")
             raise
         source = f"{item.copy.cartridge}/{item.copy.fseq} ({item.copy.storage})"
-        await self._delivered(item.file_id, item.name, item.destination, pfn, source, keys)
+        pin_until = utcnow() + timedelta(seconds=self.settings.pin_seconds)
+        return db.Delivery(item.file_id, item.name, item.destination, pfn, pin_until, source)
+
+    async def _record(self, read: Sequence[tuple[db.Delivery, Sequence[tuple[str, str]]]]) -> None:
+        """Record the copies read (one transaction) and announce what they settled (one publish);
+        a copy the reaper is deleting right now puts its files back in the queue."""
+        if not read:
+            return
+        settled, refused = await self.catalogue.recall.deliver_many([dl for dl, _ in read])
+        if refused:
+            self._replan = True
+            again = set(refused)
+            await self.catalogue.recall.set_state(
+                [k for dl, keys in read if dl.file_id in again for k in keys], "queued"
+            )
+        await self.announcer.publish(settled)
 
     async def _bad_copy(self, item: db.ReadItem, keys: Sequence[tuple[str, str]], err: SpoolError) -> None:
         """A corrupt tape copy: marked ``bad``; the next pass reads another copy, if any is left."""
@@ -383,6 +558,7 @@ class Scheduler:
         )
         if others:
             await self.catalogue.recall.set_state(keys, "queued", True)
+            self._replan = True  # another copy to choose
             return
         reason = "checksum_mismatch" if err.reason == "tape_checksum_mismatch" else err.reason
         settled = await self.catalogue.recall.fail(keys, reason, err.message)
@@ -403,6 +579,7 @@ class Scheduler:
         )
         if settled is None:  # the reaper is deleting the destination's copy: try again later
             await self.catalogue.recall.set_state(keys, "queued")
+            self._replan = True
             return
         await self.announcer.publish(settled)
 
@@ -465,3 +642,21 @@ class Scheduler:
             name=name, daemon="recall", type="replica.bad", outcome="bad", storage=storage,
             detail={"reason": err.reason, "error": err.message},
         )  # fmt: skip
+
+
+def _by_fseq(items: Sequence[db.ReadItem]) -> list[list[db.ReadItem]]:
+    """A window's rows (tape order) as one read per position (a tape file, or a member of an
+    aggregate: fseq and ``member_offset``): the rows of the first row's destination (requests for
+    other destinations are served from this copy by the next pass)."""
+    groups: list[list[db.ReadItem]] = []
+    for item in items:
+        if groups and _position(groups[-1][0]) == _position(item):
+            if item.destination == groups[-1][0].destination:
+                groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _position(item: db.ReadItem) -> tuple[int, int | None]:
+    return item.copy.fseq, item.member_offset

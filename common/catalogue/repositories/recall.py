@@ -26,11 +26,19 @@ class RecallRepository(Repository):
     async def next_on_cartridge(self, storages: Sequence[str], vid: str, after: int) -> list[db.ReadItem]:
         return await self._catalogue.read(db.next_on_cartridge, storages, vid, after)
 
+    async def window_on_cartridge(
+        self, storages: Sequence[str], vid: str, after: int, limit: int
+    ) -> list[db.ReadItem]:
+        return await self._catalogue.read(db.window_on_cartridge, storages, vid, after, limit)
+
     async def set_state(self, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False) -> None:
         await self._catalogue.write(db.set_state, keys, state, forget_copy)
 
     async def deliver(self, dl: db.Delivery) -> db.Settled | None:
         return await self._catalogue.write(db.deliver, dl)
+
+    async def deliver_many(self, deliveries: Sequence[db.Delivery]) -> tuple[db.Settled, tuple[int, ...]]:
+        return await self._catalogue.write(db.deliver_many, deliveries)
 
     async def fail(self, keys: Sequence[tuple[str, str]], reason: str, error: str) -> db.Settled:
         return await self._catalogue.write(db.fail, keys, reason, error)
@@ -50,8 +58,10 @@ class RecallRepository(Repository):
     async def status(self, recall_id: str) -> db.RecallView | None:
         return await self._catalogue.read(db.status, recall_id)
 
-    async def summary(self, recall_id: str, with_waiting: bool = False) -> db.RecallSummary | None:
-        return await self._catalogue.read(db.summary, recall_id, with_waiting)
+    async def summary(
+        self, recall_id: str, with_waiting: bool = False, limit: int | None = None
+    ) -> db.RecallSummary | None:
+        return await self._catalogue.read(db.summary, recall_id, with_waiting, limit)
 
     async def list_recalls(self, limit: int, active_only: bool = False) -> list[db.RecallView]:
         return await self._catalogue.read(db.list_recalls, limit, active_only)

@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import Permanent, Retryable
-from common.storage import confined
 from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32
-from common.tape.data import Aborted
+from common.tape.data import Aborted, open_source
 from common.tape.library import TapeMember
 
 FORMAT = "spool-aggregate/1"
@@ -96,7 +95,7 @@ class Builder:
         ``file_missing``, ``not_a_file``, ``path_outside_area``, ``size_mismatch``,
         ``checksum_mismatch`` (Permanent), ``source_io_error``, ``tape_write_error`` (Retryable)."""
         start, adler_before = self.size, self._adler
-        src = _open_source(source)
+        src = open_source(source)
         try:
             info = tarfile.TarInfo(f"{len(self.members) + 1:06d}-{tag}")
             info.size, info.mode, info.mtime = size, 0o644, int(time.time())
@@ -187,22 +186,6 @@ class Builder:
 
 def _staging_error(path: Path, exc: OSError) -> Retryable:
     return Retryable("tape_write_error", f"staging aggregate {path}: {exc.strerror or exc}")
-
-
-def _open_source(source: Path) -> int:
-    """A disk replica or staging file, opened as ``data.write_data`` does (no symlink followed,
-    non-blocking, a regular file only)."""
-    try:
-        fd, _st = confined.open_regular(os.path.abspath(source))
-    except confined.NotARegularFile as exc:
-        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
-    except FileNotFoundError:
-        raise Permanent("file_missing", f"source {source} does not exist") from None
-    except OSError as exc:
-        if confined.is_refused(exc):
-            raise Permanent("path_outside_area", f"source {source}: a symbolic link on the path") from None
-        raise Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}") from None
-    return fd
 
 
 def index_bytes(members: Iterable[TapeMember]) -> bytes:

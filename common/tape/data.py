@@ -135,6 +135,24 @@ def _through_temp(
         os.close(src)
 
 
+def open_source(source: Path) -> int:
+    """Open the source of a tape write: a disk replica (``PosixStorage.resolve``'s name) or a
+    staging file, untrusted bytes, opened with no symlink followed at any component and
+    non-blocking, and only if a regular file (``confined``): a FIFO planted in a storage root
+    cannot hang a drive's thread. Failures carry the codes of ``TapeLibrary.write``."""
+    try:
+        fd, _st = confined.open_regular(os.path.abspath(source))
+    except confined.NotARegularFile as exc:
+        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
+    except FileNotFoundError:
+        raise Permanent("file_missing", f"source {source} does not exist") from None
+    except OSError as exc:
+        if confined.is_refused(exc):
+            raise Permanent("path_outside_area", f"source {source}: a symbolic link on the path") from None
+        raise Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}") from None
+    return fd
+
+
 def write_data(
     cancelled: threading.Event,
     source: Path,
@@ -158,19 +176,7 @@ def write_data(
         if actual != adler32:
             raise Permanent("checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}")
 
-    # A disk replica (``PosixStorage.resolve``'s name) or a staging file: untrusted bytes, opened
-    # with no symlink followed at any component and non-blocking, and only if a regular file
-    # (``confined``): a FIFO planted in a storage root cannot hang a drive's thread.
-    try:
-        src, _st = confined.open_regular(os.path.abspath(source))
-    except confined.NotARegularFile as exc:
-        raise Permanent("not_a_file", f"source {source} is {exc.what}, not a regular file") from None
-    except FileNotFoundError:
-        raise Permanent("file_missing", f"source {source} does not exist") from None
-    except OSError as exc:
-        if confined.is_refused(exc):
-            raise Permanent("path_outside_area", f"source {source}: a symbolic link on the path") from None
-        raise source_error(exc) from None
+    src = open_source(source)
     _through_temp(
         cancelled, src, temp, final, read_error=source_error, write_error=tape_error, check=check,
         durable=durable, exclusive=False,

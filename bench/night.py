@@ -412,7 +412,34 @@ async def watch_night(args: argparse.Namespace, settings: Settings, engine: Asyn
 
 
 # --- the run -------------------------------------------------------------------------------------
+PAGE = 4096  # a file takes whole pages (blocks) of its file system: tiny files cost 4 kB each
+COPIES = 5  # landing, ingest's disk, the offsite disk, the tape library, the limits' cp -r
+RESERVE_BYTES = 4 * 2**30  # RAM the daemons, the broker and the catalogue need beside a tmpfs
+
+
+def check_room(state: Path, files: int, scale: float, rng: random.Random) -> None:
+    """Refuse a night that would fill its file system, or RAM when the state is on a tmpfs: a
+    500,000-file night on /dev/shm once took 19 GB and the OOM killer took the broker with it.
+    The footprint is estimated from the size distribution, each file rounded up to whole pages."""
+    low, high = math.log(MIN_SIZE / scale), math.log(MAX_SIZE / scale)
+    sample = [max(1, int(math.exp(rng.uniform(low, high)))) for _ in range(10_000)]
+    per_copy = files * sum(-(-n // PAGE) * PAGE for n in sample) / len(sample)
+    need = COPIES * per_copy + 2**30  # and the catalogue, logs, aggregates being staged
+    free = shutil.disk_usage(state).free
+    mounts = [p for p in psutil.disk_partitions(all=True) if str(state.resolve()).startswith(p.mountpoint)]
+    on_tmpfs = bool(mounts) and max(mounts, key=lambda p: len(p.mountpoint)).fstype == "tmpfs"
+    if on_tmpfs:
+        free = min(free, psutil.virtual_memory().available - RESERVE_BYTES)
+    if need > free:
+        where = f"{state} (tmpfs: RAM)" if on_tmpfs else str(state)
+        raise BenchError(
+            f"the night needs about {need / 1e9:.1f} GB under {where}, {max(free, 0) / 1e9:.1f} GB is free: "
+            f"raise --scale (now {scale:g}) or give a --state-dir on a larger disk"
+        )
+
+
 async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
+    check_room(state, args.files, args.scale, random.Random(args.seed))
     landing = state / "landing"
     landing.mkdir(parents=True)
     night = make_night(landing, args.files, args.scale, (args.min_dataset, args.max_dataset),

@@ -45,11 +45,15 @@ def check(name: str, figure: str, problems: Iterable[str]) -> Check:
     return Check(name, not found, figure, found[:5] + more)
 
 
-def adler(path: Path) -> str:
+def adler(path: Path, offset: int = 0, size: int | None = None) -> str:
+    """Of the file, or of ``size`` bytes from ``offset`` (a member of a tape aggregate)."""
     value = 1
+    left = size if size is not None else -1
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
+        f.seek(offset)
+        while left and (chunk := f.read(1 << 20 if left < 0 else min(left, 1 << 20))):
             value = zlib.adler32(chunk, value)
+            left -= len(chunk) if left > 0 else 0
     return f"{value:08x}"
 
 
@@ -58,7 +62,8 @@ class Snapshot:
     """What the catalogue says, read in one go."""
 
     files: list[tuple[str, int, str, str]]  # name, size, adler32, dataset
-    replicas: list[tuple[str, str, str, str, str | None, int | None]]  # name, storage, state, pfn, vid, fseq
+    # name, storage, state, pfn, vid, fseq, member offset (a member of a tape aggregate; else None)
+    replicas: list[tuple[str, str, str, str, str | None, int | None, int | None]]
     recalls: dict[str, tuple[str, int, int, int]]  # id -> state, files, done, failed
     recall_files: dict[str, dict[str, str]]  # id -> name -> state
     failed_requests: list[tuple[str, str | None, str | None]]  # kind, name, reason
@@ -76,7 +81,7 @@ async def snapshot(url: str) -> Snapshot:
                 "SELECT f.name, f.size, f.adler32, d.name FROM files f JOIN datasets d ON d.id = f.dataset_id"
             )
             replicas = await rows(
-                "SELECT f.name, e.name, r.state, r.pfn, r.cartridge, r.fseq FROM replicas r "
+                "SELECT f.name, e.name, r.state, r.pfn, r.cartridge, r.fseq, r.member_offset FROM replicas r "
                 "JOIN files f ON f.id = r.file_id JOIN storage_endpoints e ON e.id = r.storage_id"
             )
             recall_rows = await rows("SELECT id, state, files, done, failed FROM recalls")
@@ -174,7 +179,7 @@ def disk_bytes(snap: Snapshot, settings: Settings) -> Check:
     """Every available disk copy is on disk with the catalogue's size and adler32."""
     sums = {n: (size, a) for n, size, a, _ in snap.files}
     problems, checked = [], 0
-    for name, storage, state, pfn, _, _ in snap.replicas:
+    for name, storage, state, pfn, *_ in snap.replicas:
         ep = settings.storage[storage]
         if state != "available" or ep.kind != "disk":
             continue
@@ -193,23 +198,31 @@ async def tape_checks(snap: Snapshot, settings: Settings) -> list[Check]:
 
     lib = await open_library(settings.tape_libraries["default"])
     try:
-        on_tape: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # (pool, name) -> places
+        # (pool, name) -> places: (cartridge, fseq, member offset or None for a plain tape file)
+        on_tape: dict[tuple[str, str], list[tuple[str, int, int | None]]] = defaultdict(list)
         for cart in await lib.list_cartridges():
             for f in await lib.list_files(cart.vid):
-                on_tape[(cart.pool or "?", f.name)].append((cart.vid, f.fseq))
+                if f.members is None:
+                    on_tape[(cart.pool or "?", f.name)].append((cart.vid, f.fseq, None))
+                for m in f.members or ():
+                    on_tape[(cart.pool or "?", m.name)].append((cart.vid, f.fseq, m.offset))
         sums = {n: a for n, _, a, _ in snap.files}
+        sizes = {n: size for n, size, _, _ in snap.files}
         twice = [f"{n} in pool {pool} at {at}" for (pool, n), at in on_tape.items() if len(at) > 1]
         problems, read = [], 0
-        for name, storage, state, _, vid, fseq in snap.replicas:
+        for name, storage, state, _, vid, fseq, offset in snap.replicas:
             if state != "available" or settings.storage[storage].kind != "tape":
                 continue
             pool = settings.storage[storage].pool or storage
-            if on_tape.get((pool, name), [None])[0] != (vid, fseq):
-                problems.append(f"{name}: catalogue says {vid}#{fseq}, library {on_tape.get((pool, name))}")
+            at = f"{vid}#{fseq}" + (f"@{offset}" if offset is not None else "")
+            if on_tape.get((pool, name), [None])[0] != (vid, fseq, offset):
+                problems.append(f"{name}: catalogue says {at}, library {on_tape.get((pool, name))}")
                 continue
             read += 1
-            if adler(lib.data_path(vid or "", fseq or 0)) != sums[name]:
-                problems.append(f"{name}: bytes on {vid}#{fseq} differ from the catalogue")
+            data = lib.data_path(vid or "", fseq or 0)
+            got = adler(data) if offset is None else adler(data, offset, sizes[name])
+            if got != sums[name]:
+                problems.append(f"{name}: bytes on {at} differ from the catalogue")
         root = settings.tape_libraries["default"].root
     finally:
         await lib.close()

@@ -55,9 +55,9 @@ async def durable_register(
 
 
 async def request_copies(rulebook: RuleBook, publisher: Publisher, items: Sequence[PlanItem]) -> list[None]:
-    """Lock the copies the rules want for a batch of files and publish their requests: disk
-    copies as bulk ``replica.request``s (one message per destination and few hundred files, not
-    one per file), tape copies one ``tape.archive`` each.
+    """Lock the copies the rules want for a batch of files and publish their requests as bulk
+    ``replica.request``s (disk) and ``tape.archive``s (tape): one message per destination and few
+    hundred files, not one per file.
 
     The handlers ack after this returns: a kill in between redelivers the events, whose
     duplicates plan and request again. Each file's requests keep its file.ready's correlation id.

@@ -44,11 +44,11 @@ import threading
 import time
 from collections.abc import Hashable, Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import IO, Any, TextIO
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, TextIO
 
 import structlog
 
-from common.config import LogSettings
 from common.log_folding import ReasonThrottle
 
 # Seconds within which identical library records are folded into one line (as the consumer's).
@@ -310,10 +310,28 @@ class _NamedPrintLogger(structlog.PrintLogger):
         self.name = name
 
 
+class LogStyle(Protocol):
+    """What ``configure_logging`` reads: ``common.config.LogSettings``, or a ``LogChoice``."""
+
+    @property
+    def level(self) -> str: ...
+
+    @property
+    def format(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LogChoice:
+    """Log settings without the config's pydantic model: the copy process does not import it."""
+
+    level: str = "info"
+    format: str = "auto"  # auto | json | console, as LogSettings
+
+
 def configure_logging(
-    settings: LogSettings | None = None, daemon: str | None = None, *, repeat_window: float = REPEAT_WINDOW
+    settings: LogStyle | None = None, daemon: str | None = None, *, repeat_window: float = REPEAT_WINDOW
 ) -> None:
-    settings = settings or LogSettings()
+    settings = settings or LogChoice()
     level = logging.getLevelNamesMapping().get(settings.level.upper(), logging.INFO)
     as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (

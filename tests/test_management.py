@@ -3,13 +3,14 @@ is still shown (and said to be missing) when the management API cannot be reache
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aio_pika
 import pytest
 
 from common.bus.management import Holder, derive_endpoint, holders_by_queue
-from common.bus.queue_stats import queue_report
+from common.bus.queue_stats import passive_counts, queue_report
 from common.config import load_settings
 from daemons.monitor.handlers import service as monitor_service
 from tests.conftest import cloudevent, publish_raw, running, wait_for
@@ -140,3 +141,16 @@ def _ingest_ready(report: object) -> int | None:
 
 async def _is(value: bool) -> bool:
     return value
+
+
+async def test_asking_for_missing_queues_leaves_no_channel_open_on_the_connection(settings, broker) -> None:
+    """A passive declare of a missing queue makes the broker close the channel; a robust channel
+    then reopens itself unless closed by us. The monitor asks every few seconds: each look used to
+    leave one channel per missing queue open on its connection, for the life of the daemon."""
+    missing = [f"{settings.bus.queue_prefix}.missing-{n}" for n in range(3)]
+    raw = broker.transport.connection
+    before = set(raw.channels)
+    for _ in range(4):
+        assert await passive_counts(broker, missing) == dict.fromkeys(missing)
+    await asyncio.sleep(0.5)  # a reopening channel would be back by now
+    assert set(raw.channels) == before

@@ -379,7 +379,7 @@ def test_the_copier_ends_quietly_when_its_parent_closed_the_answer_pipe(tmp_path
             raise BrokenPipeError(32, "Broken pipe")
 
     endpoint = StorageEndpoint(root=tmp_path / "d")
-    hello = {"name": "d", "endpoint": endpoint.model_dump(mode="json"), "chunk_size": 65536}
+    hello = {"name": "d", "root": str(endpoint.root), "min_free_bytes": 0, "chunk_size": 65536}
     src = tmp_path / "a.dat"
     src.write_bytes(b"x" * 100)
     batch = [["replicate", [str(src), "a.dat", 100, adler(b"x" * 100), False]]]
@@ -434,3 +434,22 @@ def test_closing_a_copy_process_never_closes_a_descriptor_opened_after(
         opened = runner.run(main())
     for fd in opened:
         os.close(fd)
+
+
+def test_the_copier_imports_neither_pydantic_nor_the_daemon_stack() -> None:
+    from common.storage import copy_process
+
+    """The copier is one process per endpoint per daemon: what it imports is resident in each
+    (48 MB with the config's pydantic and rich, 27 MB without)."""
+    probe = (
+        copy_process.CHILD_COMMAND.replace("main()", "")
+        + "from common.logging import LogChoice, configure_logging; "
+        + "configure_logging(LogChoice(format='json')); "
+        + "print(sorted(m for m in ('pydantic', 'sqlalchemy', 'aio_pika', 'rich', 'common.config') "
+        + "if sys.modules.get(m) is not None))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(os.getpid()), copy_process._IMPORT_ROOT],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -350,3 +350,62 @@ def _archived_in_outbox(conn: Connection) -> list[Any]:
     o = s.outbox
     rows = conn.execute(select(o.c.body).where(o.c.routing_key == "file.archived"))
     return [FileArchived.model_validate(msgpack.unpackb(b)) for (b,) in rows]
+
+
+class _Counting:
+    """The library, counting the mounts asked of it."""
+
+    def __init__(self, library: TapeLibrary) -> None:
+        self._library = library
+        self.mounts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._library, name)
+
+    async def mount(self, drive_id: str, vid: str, *, request: str | None = None) -> bool:
+        self.mounts += 1
+        return await self._library.mount(drive_id, vid, request=request)
+
+
+async def test_a_batch_is_taken_from_the_queue_a_window_at_a_time_in_one_mount(
+    tmp_path, tag, broker, monkeypatch
+):
+    """``batch_max_files = 7`` over 8 queued files, windows of 3: one mount writes 7 files, taken
+    3, 3 and 1 at a time (never the whole batch at once: its rows and sources would all be held
+    in memory), the 8th waits in the queue for the next batch."""
+    policy = POLICY.replace("mount_min_files = 5", "mount_min_files = 1000") + "\nbatch_max_files = 7"
+    settings = load_settings(tape_config(tmp_path, tag, policy=policy))
+    files = make_files(settings, 8, size=3000)
+    async with running([ingest_service], settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _count(settings, "tape1", 8, "queued"), timeout=60)
+    monkeypatch.setattr(writer, "TAKE_WINDOW", 3)
+    target = steps.targets(settings.storage)["tape1"]
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    library = await open_library(settings.tape_libraries["default"])
+    storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
+    taken: list[int] = []
+    repository = type(catalogue.tape)
+    take_batch = repository.take_batch
+
+    async def counted(self: Any, ids: list[int], cartridge: str) -> Any:
+        taken.append(len(ids))
+        return await take_batch(self, ids, cartridge)
+
+    monkeypatch.setattr(repository, "take_batch", counted)
+    try:
+        relay = OutboxRelay(catalogue, RecordingPublisher())
+        env = Env(settings, catalogue, relay, storages, tmp_path / "st")
+        counting = _Counting(library)
+        assert await writer.run_batch(env, target, counting, "test") == 7  # type: ignore[arg-type]
+        assert taken == [3, 3, 1] and counting.mounts == 1
+        assert await count_on(settings, "tape1") == 7 and await count_on(settings, "tape1", "queued") == 1
+        assert await writer.run_batch(env, target, counting, "test") == 1
+        copies = await tape_copies(settings)
+        assert {st for st, _, _ in copies.values()} == {"available"} and len(copies) == 8
+        assert placed(copies) == listed(await on_tape(settings))
+    finally:
+        for storage in storages.values():
+            await storage.aclose()
+        await library.close()
+        await catalogue.close()

@@ -3,6 +3,8 @@ commits and drops — kept as records arrive, recomputed after a drop."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from common.tape.store import CartridgeFiles
@@ -14,8 +16,19 @@ def _reserve(fseq: int, offset: int, size: int, session: str = "s1") -> dict[str
     return {"op": "reserve", "session": session, "file": file}
 
 
-def test_end_of_data_and_next_fseq_follow_reservations_commits_and_drops() -> None:
-    cf = CartridgeFiles()
+def _append(cf: CartridgeFiles, *records: dict[str, Any]) -> None:
+    """As ``Store.append`` does: each record a line of the journal, applied with its place."""
+    with open(cf.path, "ab") as journal:
+        for record in records:
+            line = json.dumps(record).encode() + b"\n"
+            at = journal.tell()
+            journal.write(line)
+            journal.flush()
+            cf.apply(record, (at, len(line)))
+
+
+def test_end_of_data_and_next_fseq_follow_reservations_commits_and_drops(tmp_path: Path) -> None:
+    cf = CartridgeFiles(tmp_path / "journal.jsonl")
     assert (cf.end_of_data(), cf.next_fseq()) == (0, 1)
     for record in (_reserve(1, 0, 100), _reserve(2, 100, 50), _reserve(3, 150, 10)):
         cf.apply(record)
@@ -32,25 +45,24 @@ def test_end_of_data_and_next_fseq_follow_reservations_commits_and_drops() -> No
     assert (cf.end_of_data(), cf.next_fseq()) == (0, 1)
 
 
-def test_committed_files_come_back_as_tape_files_with_their_aggregate_index() -> None:
-    cf = CartridgeFiles()
+def test_committed_files_come_back_as_tape_files_with_their_aggregate_index(tmp_path: Path) -> None:
+    """The index is read back from the journal line, not held: ``committed`` has it,
+    ``committed_file`` (a place and a size, for a locate or a read) does not."""
+    cf = CartridgeFiles(tmp_path / "journal.jsonl")
     plain, aggregate = _reserve(1, 0, 100), _reserve(2, 100, 3000)
     members = [{"name": "r/a", "member": "0-7", "offset": 512, "size": 10, "adler32": "00000002"}]
     aggregate["file"]["members"] = members
-    for record in (plain, aggregate, _reserve(3, 3100, 5)):
-        cf.apply(record)
-    cf.apply({"op": "commit", "fseq": 1, "at": 5.0})
-    cf.apply({"op": "commit", "fseq": 2, "at": 6.0})
+    _append(cf, plain, aggregate, _reserve(3, 3100, 5))
+    _append(cf, {"op": "commit", "fseq": 1, "at": 5.0}, {"op": "commit", "fseq": 2, "at": 6.0})
     assert [(f.fseq, f.state, f.written_at) for f in cf.committed()] == [
         (1, "committed", 5.0),
         (2, "committed", 6.0),
     ]
     assert cf.committed_count() == 2
+    listed = cf.committed()[1]
+    assert listed.members is not None and (listed.members[0].name, listed.members[0].offset) == ("r/a", 512)
+    assert not hasattr(cf.files[2], "members")  # held: where its line is, not the index
     got = cf.committed_file(2)
-    assert (
-        got is not None
-        and got.members is not None
-        and (got.members[0].name, got.members[0].offset) == ("r/a", 512)
-    )
+    assert got is not None and (got.offset, got.size, got.members) == (100, 3000, None)
     assert cf.committed_file(3) is None  # still being written
     assert cf.committed_file(9) is None

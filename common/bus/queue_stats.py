@@ -81,6 +81,9 @@ async def passive_counts(
     """(ready, consumers) of each queue by passive declare; ``None`` for a queue that does not exist.
 
     A passive declare of a missing queue closes the channel, so a fresh one is opened after it.
+    The closed one is closed again on our side: a robust channel that the broker closed reopens
+    itself, and one not closed by us stayed open on the connection for good (the monitor, which
+    asks every few seconds, leaked one channel per missing queue each time).
     """
     out: dict[str, tuple[int, int] | None] = {}
     channel: AbstractChannel = await connection.channel()
@@ -90,6 +93,7 @@ async def passive_counts(
                 queue = await channel.declare_queue(name, passive=True)
             except aio_pika.exceptions.ChannelClosed:
                 out[name] = None
+                await channel.close()
                 channel = await connection.channel()
                 continue
             result = queue.declaration_result

@@ -10,16 +10,18 @@ root, no symlink followed, at the moment of each open).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from common.config import StorageEndpoint
 from common.errors import Permanent
 from common.storage.checksum import adler32_of_bytes, adler32_of_file, format_adler32, normalise_adler32
 from common.storage.copy_engine import CopyResult
-from common.storage.interface import StorageBackend
 from common.storage.paths import resolve_inside
-from common.storage.posix import PosixStorage
 from common.storage.tempfiles import is_temp_name
+
+if TYPE_CHECKING:
+    from common.config import StorageEndpoint
+    from common.storage.interface import StorageBackend
+    from common.storage.posix import PosixStorage
 
 __all__ = [
     "CopyResult",
@@ -34,6 +36,19 @@ __all__ = [
     "open_storage",
     "resolve_inside",
 ]
+
+
+# Imported on first use (PEP 562): the copy process imports this package for its engine, and the
+# backends bring the config and pydantic with them (the copier was 48 MB resident with them).
+_LAZY = {"PosixStorage": "common.storage.posix", "StorageBackend": "common.storage.interface"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -76,6 +91,8 @@ def open_storage(name: str, endpoint: StorageEndpoint) -> StorageBackend:
     """
     if endpoint.kind == "disk":
         if endpoint.backend == "posix":
+            from common.storage.posix import PosixStorage
+
             return PosixStorage(name, endpoint)
         if endpoint.backend == "xrootd":
             # Imported here: the XRootD client library is loaded only by nodes that use it.

@@ -36,11 +36,10 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
 from common.storage import confined
 from common.storage.checksum import ADLER32_START, format_adler32
@@ -134,6 +133,17 @@ def _open_source(source: str) -> tuple[int, os.stat_result]:
         raise _source_error(exc, source) from None
 
 
+class EngineEndpoint(Protocol):
+    """What the engine reads of an endpoint's settings (a ``StorageEndpoint`` in the daemon; in the
+    copy process a plain record of these two, so that process does not import pydantic)."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def min_free_bytes(self) -> int: ...
+
+
 class CopyEngine:
     """The copies and checks of one endpoint (``name``, rooted at ``endpoint.root``), blocking.
 
@@ -142,7 +152,7 @@ class CopyEngine:
     accounted per engine: copies in progress count against it before they are written.
     """
 
-    def __init__(self, name: str, endpoint: StorageEndpoint, chunk_size: int) -> None:
+    def __init__(self, name: str, endpoint: EngineEndpoint, chunk_size: int) -> None:
         self.name = name
         self.endpoint = endpoint
         self.root = Path(endpoint.root).absolute()

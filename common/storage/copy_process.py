@@ -13,7 +13,8 @@ process did not help (the daemon, the copier and the broker already share them);
 more cores it may. The protocol on its stdin / stdout is length-prefixed msgpack frames (4 bytes
 big-endian, then the body):
 
-- first the parent sends ``{"name", "endpoint", "chunk_size"}``, the child answers ``"ready"``;
+- first the parent sends ``{"name", "root", "min_free_bytes", "chunk_size"}``, the child
+  answers ``"ready"``;
 - then each request is a list of ``[operation, args]`` (operations: ``OPERATIONS``), answered by a
   list of outcomes in the same order: ``["c", pfn, path, size, adler32]`` (a ``CopyResult``),
   ``["v", value]``, ``["e", "permanent" | "retryable", reason, message]`` (a ``SpoolError``) or
@@ -54,23 +55,27 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgpack
 import structlog
 
 import common
-from common.config import StorageEndpoint
 from common.errors import Permanent, Retryable, SpoolError
-from common.storage.copy_engine import CopyEngine, CopyResult
+from common.storage.copy_engine import CopyEngine, CopyResult, EngineEndpoint
 from common.storage.kernel import _Aborted
 
 HEADER = 4
 OPERATIONS = ("copy", "replicate", "replicate_from", "verify")
 # The child imports ``common`` from where this process did (a source checkout run from elsewhere,
 # say), added to its path only when missing: PYTHONPATH would put it before the standard library.
+# ``rich`` refused: structlog imports it (and pygments) when installed, for console tracebacks the
+# copier never prints (its lines are JSON): 4 MB of the copier's memory.
 CHILD_COMMAND = (
     "import sys; root = sys.argv[2]; root in sys.path or sys.path.insert(0, root); "
+    "sys.modules.setdefault('rich', None); "
     "from common.storage.copy_process import main; main()"
 )
 START_TIMEOUT = 30.0  # seconds for the child to import and answer "ready" (a loaded machine)
@@ -116,8 +121,11 @@ class CopyProcess:
     is already in the pipe when the process finishes one.
     """
 
-    def __init__(self, name: str, endpoint: Any, chunk_size: int) -> None:
-        self._hello = {"name": name, "endpoint": endpoint.model_dump(mode="json"), "chunk_size": chunk_size}
+    def __init__(self, name: str, endpoint: EngineEndpoint, chunk_size: int) -> None:
+        self._hello = {
+            "name": name, "root": os.fspath(endpoint.root), "min_free_bytes": endpoint.min_free_bytes,
+            "chunk_size": chunk_size,
+        }  # fmt: skip
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -348,10 +356,21 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    """The endpoint settings the child's engine reads (``copy_engine.EngineEndpoint``), sent by
+    the parent, which validated them: the child imports neither pydantic nor the config (the
+    copier was 48 MB resident with them, every daemon running one per endpoint)."""
+
+    root: Path
+    min_free_bytes: int
+
+
 def serve(stream_in: BinaryIO, stream_out: BinaryIO) -> None:
     """Answer batches until EOF on ``stream_in``."""
     hello = _read_frame(stream_in)
-    engine = CopyEngine(hello["name"], StorageEndpoint.model_validate(hello["endpoint"]), hello["chunk_size"])
+    endpoint = _Endpoint(Path(hello["root"]), int(hello["min_free_bytes"]))
+    engine = CopyEngine(hello["name"], endpoint, hello["chunk_size"])
     never = threading.Event()  # a batch is not cancelled midway: it is a few milliseconds long
     ops = engine.operations
     # As the daemon does (common.runtime.tune_gc): what start-up built out of the collector's
@@ -383,10 +402,9 @@ def main() -> None:
     # The protocol owns the original stdout; anything else printing goes to stderr instead.
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    from common.config import LogSettings
-    from common.logging import configure_logging
+    from common.logging import LogChoice, configure_logging
 
-    configure_logging(LogSettings(format="json", level=os.environ.get("SPOOL_LOG__LEVEL", "info")))
+    configure_logging(LogChoice(level=os.environ.get("SPOOL_LOG__LEVEL", "info"), format="json"))
     structlog.contextvars.bind_contextvars(process="copier")
     serve(sys.stdin.buffer, protocol_out)
     with contextlib.suppress(BrokenPipeError):  # what is still buffered, for a parent gone

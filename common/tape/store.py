@@ -37,7 +37,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, Field
 
@@ -61,26 +61,32 @@ class LibraryState(BaseModel):
 class JournalEntry:
     """One file of a replayed journal, held compactly: a cartridge of a night holds hundreds of
     thousands of files, and a ``TapeFile`` model per file cost ~1 KB of the tape daemon's memory
-    (~100 MB per 100,000 files written). ``TapeFile``s are made on demand (``tape_file``)."""
+    (~100 MB per 100,000 files written). ``TapeFile``s are made on demand (``tape_file``).
 
-    __slots__ = ("adler32", "fseq", "members", "name", "offset", "size", "state", "written_at")
+    An aggregate's index (its members) is not held at all, only where its journal line is
+    (``members_at``: offset and length): a night's aggregates hold most of its files, and their
+    indexes as dicts were the tape daemon's largest growth. ``CartridgeFiles.committed`` reads
+    them back from the journal when a listing needs them."""
 
-    def __init__(self, raw: dict[str, Any]) -> None:
+    __slots__ = ("adler32", "fseq", "members_at", "name", "offset", "size", "state", "written_at")
+
+    def __init__(self, raw: dict[str, Any], at: tuple[int, int] | None = None) -> None:
         f = TapeFile.model_validate(raw)  # validated once, as the journal is replayed
         self.fseq, self.name, self.size, self.adler32 = f.fseq, f.name, f.size, f.adler32
         self.offset, self.state, self.written_at = f.offset, f.state, f.written_at
-        # An aggregate's index as written (plain dicts; validated again by ``tape_file``).
-        self.members: list[dict[str, Any]] | None = raw.get("members")
+        self.members_at = at if f.members is not None else None
+        if f.members is not None and at is None:
+            raise ValueError(f"fseq {f.fseq}: an aggregate's record without its place in the journal")
 
     @property
     def end(self) -> int:
         return self.offset + self.size
 
-    def tape_file(self) -> TapeFile:
+    def tape_file(self, members: list[dict[str, Any]] | None = None) -> TapeFile:
         return TapeFile.model_validate(
             {"fseq": self.fseq, "name": self.name, "size": self.size, "adler32": self.adler32,
              "offset": self.offset, "state": self.state, "written_at": self.written_at,
-             "members": self.members}
+             "members": members}
         )  # fmt: skip
 
 
@@ -88,6 +94,7 @@ class JournalEntry:
 class CartridgeFiles:
     """A cartridge's journal replayed: live files by fseq, and who is writing the unfinished ones."""
 
+    path: Path  # the journal (aggregates' indexes are read back from it)
     files: dict[int, JournalEntry] = field(default_factory=dict)
     writers: dict[int, str] = field(default_factory=dict)  # fseq -> session, "writing" files only
     consumed: int = 0  # journal bytes replayed so far (complete lines only)
@@ -97,10 +104,11 @@ class CartridgeFiles:
     _end: int | None = 0
     _last: int | None = 0
 
-    def apply(self, record: dict[str, Any]) -> None:
+    def apply(self, record: dict[str, Any], at: tuple[int, int] | None = None) -> None:
+        """Replay one record; ``at``: its line's offset and length in the journal."""
         op = record["op"]
         if op == "reserve":
-            f = JournalEntry(record["file"])
+            f = JournalEntry(record["file"], at)
             if f.fseq in self.files:  # a reservation replaced: its old extent no longer counts
                 self._end = self._last = None
             self.files[f.fseq] = f
@@ -126,12 +134,18 @@ class CartridgeFiles:
         return sorted(n for n, s in self.writers.items() if s == session and self.files[n].state in states)
 
     def committed(self) -> list[TapeFile]:
-        return [self.files[n].tape_file() for n in sorted(self.files) if self.files[n].state == "committed"]
+        """The committed files in fseq order, aggregates with their index (read from the journal)."""
+        entries = [self.files[n] for n in sorted(self.files) if self.files[n].state == "committed"]
+        if not any(e.members_at for e in entries):
+            return [e.tape_file() for e in entries]
+        with open(self.path, "rb") as journal:
+            return [e.tape_file(_members(journal, e.members_at)) for e in entries]
 
     def committed_count(self) -> int:
         return sum(1 for f in self.files.values() if f.state == "committed")
 
     def committed_file(self, fseq: int) -> TapeFile | None:
+        """A committed file's place and size; an aggregate without its index (``committed`` has it)."""
         f = self.files.get(fseq)
         return f.tape_file() if f is not None and f.state == "committed" else None
 
@@ -144,6 +158,15 @@ class CartridgeFiles:
         if self._last is None:
             self._last = max(self.files, default=0)
         return self._last + 1
+
+
+def _members(journal: BinaryIO, at: tuple[int, int] | None) -> list[dict[str, Any]] | None:
+    """An aggregate's index, from its ``reserve`` line at ``at`` (offset, length) in the journal."""
+    if at is None:
+        return None
+    journal.seek(at[0])
+    members: list[dict[str, Any]] = json.loads(journal.read(at[1]))["file"]["members"]
+    return members
 
 
 def fsync_dir(path: Path) -> None:
@@ -265,15 +288,19 @@ class Store:
     # --- journals ------------------------------------------------------------------------------
     def journal(self, vid: str) -> CartridgeFiles:
         """The cartridge's files, after replaying what other processes appended since last time."""
-        cf = self._journals.setdefault(vid, CartridgeFiles())
         path = self.cartridge_dir(vid) / JOURNAL
+        cf = self._journals.get(vid)
+        if cf is None:
+            cf = self._journals[vid] = CartridgeFiles(path)
         with open(path, "rb") as f:
             f.seek(cf.consumed)
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.splitlines():
+        at = cf.consumed
+        for line in complete.splitlines(keepends=True):
             if line.strip():
-                cf.apply(json.loads(line))
+                cf.apply(json.loads(line), (at, len(line)))
+            at += len(line)
         cf.consumed += len(complete)
         return cf
 
@@ -282,7 +309,8 @@ class Store:
         (one fsync for all of them) unless ``sync`` is False."""
         cf = self.journal(vid)
         path = self.cartridge_dir(vid) / JOURNAL
-        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records]
+        data = b"".join(lines)
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_size != cf.consumed:
@@ -296,8 +324,10 @@ class Store:
                 self.journal_syncs += 1
         finally:
             os.close(fd)
-        for r in records:
-            cf.apply(r)
+        at = cf.consumed
+        for r, line in zip(records, lines, strict=True):
+            cf.apply(r, (at, len(line)))
+            at += len(line)
         cf.consumed += len(data)
         return cf
 

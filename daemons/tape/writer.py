@@ -3,7 +3,9 @@
 Order of work, so that a kill at any instruction loses nothing and writes nothing twice:
 
 1. take the queue head (``steps.batch_size``), pick a cartridge and claim a drive (``drives.Mount``)
-2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them
+2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them;
+   ``TAKE_WINDOW`` files at a time, the next window when this one is written (2-4 repeat until
+   the batch's limits or the queue's end)
 3. mount (working around broken drives and cartridges that will not load)
 4. per file, in order: write it from its first usable disk copy (a mounted one first; a remote
    one is downloaded to a node-local staging file first, ``staging``) behind a buffered tape mark
@@ -135,6 +137,10 @@ class Open:
     files: list[tuple[db.BatchFile, TapeMember]] = field(default_factory=list)
 
 
+# Files taken from the queue at a time within one batch (``Batch.run``): a few MB of rows.
+TAKE_WINDOW = 2_000
+
+
 class Batch:
     """One mount's worth of one tape endpoint's queue (see the module doc for the order of work)."""
 
@@ -163,18 +169,22 @@ class Batch:
         self.env.relay.kick()
 
     async def run(self, why: str) -> int:
-        """Write the batch; returns the number of files written (0: no drive, or nothing queued)."""
+        """Write the batch; returns the number of files written (0: no drive, or nothing queued).
+
+        The batch (up to ``batch_max_files`` / ``batch_max_bytes`` in one mount) is taken from the
+        queue ``TAKE_WINDOW`` files at a time, each window marked ``archiving`` just before it is
+        written: taken whole, a night's 50,000-file batch held every file's row and sources in the
+        daemon's memory at once (tens of MB), and a kill had all of them to settle."""
         policy = self.env.settings.tape
         cat = self.env.catalogue
-        head = await cat.tape.queue_head(self.target.storage, policy.batch_max_files)
-        n = steps.batch_size([c.size for c in head], policy.batch_max_files, policy.batch_max_bytes)
-        if n == 0:
+        files_left, bytes_left = policy.batch_max_files, policy.batch_max_bytes
+        chosen = await self._next_window(files_left, bytes_left, first=True)
+        if not chosen:
             return 0
-        chosen = head[:n]
         mount = self.mount = Mount(
             self.library,
             self.target.pool,
-            steps.label(self.target.storage, self.target.pool, n),
+            steps.label(self.target.storage, self.target.pool, len(chosen)),
             self.env.failures,
             policy.mount_failures_before_suspect,
             self._moved_to,
@@ -183,29 +193,48 @@ class Batch:
         try:
             if not await mount.acquire(needed=chosen[0].size):
                 return 0
-            assert mount.vid is not None
-            files = await cat.tape.take_batch([c.replica_id for c in chosen], mount.vid)
-            self.pending = {f.replica_id: f for f in files}
-            if not files:
-                return 0
-            log.info(
-                "archive_batch_started", storage=self.target.storage, pool=self.target.pool, why=why,
-                files=len(files), bytes=sum(f.size for f in files), drive=mount.drive, cartridge=mount.vid,
-            )  # fmt: skip
-            await mount.load(needed=files[0].size)
-            for f in files:
-                if self.env.stopping.is_set():
+            loaded = False
+            while chosen and not self.env.stopping.is_set():
+                assert mount.vid is not None
+                files = await cat.tape.take_batch([c.replica_id for c in chosen], mount.vid)
+                if not files:  # another writer took them meanwhile
                     break
-                if f.size < policy.aggregate_below:
-                    await self._aggregate(f)
-                else:
-                    await self._archive(f, self._write)
-                await self._maybe_flush()
-            if not self.env.stopping.is_set():
+                self.pending.update((f.replica_id, f) for f in files)
+                files_left -= len(chosen)
+                bytes_left -= sum(c.size for c in chosen)
+                if not loaded:
+                    log.info(
+                        "archive_batch_started", storage=self.target.storage, pool=self.target.pool, why=why,
+                        files=len(files), bytes=sum(f.size for f in files), drive=mount.drive,
+                        cartridge=mount.vid,
+                    )  # fmt: skip
+                    await mount.load(needed=files[0].size)
+                    loaded = True
+                for f in files:
+                    if self.env.stopping.is_set():
+                        break
+                    if f.size < policy.aggregate_below:
+                        await self._aggregate(f)
+                    else:
+                        await self._archive(f, self._write)
+                    await self._maybe_flush()
+                chosen = await self._next_window(files_left, bytes_left, first=False)
+            if loaded and not self.env.stopping.is_set():
                 await self._write_aggregate()
         finally:
             await self._finish()
         return self.written
+
+    async def _next_window(self, files_left: int, bytes_left: int, *, first: bool) -> list[db.Candidate]:
+        """The queue's next ``TAKE_WINDOW`` files within what is left of the batch's limits (the
+        first window takes its first file whatever its size, as ``steps.batch_size`` does)."""
+        if files_left <= 0 or bytes_left <= 0:
+            return []
+        window = min(TAKE_WINDOW, files_left)
+        head = await self.env.catalogue.tape.queue_head(self.target.storage, window)
+        if not first and head and head[0].size > bytes_left:
+            return []
+        return head[: steps.batch_size([c.size for c in head], window, bytes_left)]
 
     async def _maybe_flush(self) -> None:
         policy = self.env.settings.tape

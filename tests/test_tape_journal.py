@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.tape.store import CartridgeFiles
+from common.tape import store as store_module
+from common.tape.store import JOURNAL, CartridgeFiles, Store
 
 
 def _reserve(fseq: int, offset: int, size: int, session: str = "s1") -> dict[str, Any]:
@@ -66,3 +67,19 @@ def test_committed_files_come_back_as_tape_files_with_their_aggregate_index(tmp_
     assert got is not None and (got.offset, got.size, got.members) == (100, 3000, None)
     assert cf.committed_file(3) is None  # still being written
     assert cf.committed_file(9) is None
+
+
+def test_journals_let_go_are_replayed_from_their_file_the_same(tmp_path: Path, monkeypatch) -> None:
+    """A store keeps the ``JOURNALS_KEPT`` most recently used journals in memory (a night's full
+    cartridges held every file they carry); one let go comes back replayed from its file."""
+    monkeypatch.setattr(store_module, "JOURNALS_KEPT", 2)
+    store = Store(tmp_path)
+    for vid in ("A1", "A2", "A3"):
+        store.cartridge_dir(vid).mkdir(parents=True)
+        (store.cartridge_dir(vid) / JOURNAL).touch()
+        store.append(vid, _reserve(1, 0, 100), _reserve(2, 100, 7), {"op": "commit", "fseq": 1, "at": 2.0})
+    assert len(store._journals) == 2 and "A1" not in store._journals
+    again = store.journal("A1")
+    assert [(f.fseq, f.state) for f in again.committed()] == [(1, "committed")]
+    assert (again.end_of_data(), again.next_fseq(), again.writers) == (107, 3, {2: "s1"})
+    assert list(store._journals) == ["A3", "A1"]  # A2, the least recently used, let go

@@ -34,6 +34,10 @@ BUSY_TIMEOUT_MS = 30_000
 # Page cache of the connection that writes ingest batches: registration slowed several times once
 # the catalogue outgrew a smaller cache (docs/decisions.md, "SQLite settings of the catalogue").
 WRITER_CACHE_KIB = 64_000
+# Page cache of every other connection (the async engine's: two or three per daemon, each its own
+# cache). At 32 MB the tape daemon's two held 51 MB of pages after a 60,000-file night, on the way
+# to 64: the largest part of its growth (docs/decisions.md, "SQLite settings of the catalogue").
+READER_CACHE_KIB = 16_000
 WRITE_OPTION = "spool_write"  # execution option marking a write transaction
 _PG_MIGRATION_LOCK = 0x5350_4F4F_4C  # arbitrary constant: "SPOOL"
 
@@ -188,7 +192,7 @@ def create_sync_sqlite_engine(url: URL) -> Engine | None:
     return sync
 
 
-def _tune_sqlite(engine: Engine, cache_kib: int = 32_000) -> None:
+def _tune_sqlite(engine: Engine, cache_kib: int = READER_CACHE_KIB) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module; "begin" below issues BEGIN.
@@ -241,7 +245,7 @@ def _upgrade(connection: Connection, revision: str) -> None:
 
 # The newest migration. Opening a catalogue already there skips Alembic altogether (loading it and
 # its scripts was a third of a `spool` command's time); a test keeps this equal to Alembic's head.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 
 def _current_revision(connection: Connection) -> str | None:

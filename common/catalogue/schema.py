@@ -179,7 +179,6 @@ class Replica(Base):
     __tablename__ = "replicas"
     __table_args__ = (
         UniqueConstraint("file_id", "storage_id"),
-        Index(None, "storage_id", "state"),
         Index(None, "tombstone"),
     )
 
@@ -200,6 +199,16 @@ class Replica(Base):
     tombstone: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Priority of the copy request, kept so parked ("waiting") copies are re-sent in order.
     priority: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+
+
+# A tape pool's queue in write order (``catalogue.tape.queue_head``: state, then priority, age):
+# read from the index in order, a writer's window stops after its ``LIMIT`` rows. With only
+# (storage_id, state), every queued copy was read and sorted in a temporary b-tree at each window
+# (a night's backlog: 300,000 rows). Its prefix serves every (storage_id, state) look-up as before.
+Index(
+    "ix_replicas_queue_order",
+    Replica.storage_id, Replica.state, Replica.priority.desc(), Replica.created, Replica.id,
+)  # fmt: skip
 
 
 class Rule(Base):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, Select, bindparam, func, select, update
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
@@ -294,17 +294,24 @@ def queue_stats(conn: Connection, storages: Sequence[str]) -> list[QueueStats]:
     return [QueueStats(name, int(n), int(b), oldest, int(p)) for name, n, b, oldest, p in conn.execute(stmt)]
 
 
-def queue_head(conn: Connection, storage: str, limit: int) -> list[Candidate]:
-    """The next ``limit`` queued copies of ``storage`` in write order: priority, then age."""
-    stmt = (
+def queue_head_statement(storage: str, limit: int) -> Select[Any]:
+    """The next ``limit`` queued copies of ``storage`` in write order: priority, then age (read in
+    that order from ``ix_replicas_queue_order``, not sorted)."""
+    # The endpoint's id as a scalar subquery, not a join: joined, PostgreSQL read the index per
+    # endpoint row and sorted after (it does not carry the order through the join).
+    storage_id = select(ep.c.id).where(ep.c.name == storage).scalar_subquery()
+    return (
         select(r.c.id, f.c.size)
         .join(f, f.c.id == r.c.file_id)
-        .join(ep, ep.c.id == r.c.storage_id)
-        .where(ep.c.name == storage, r.c.state == "queued")
+        .where(r.c.storage_id == storage_id, r.c.state == "queued")
         .order_by(r.c.priority.desc(), r.c.created, r.c.id)
         .limit(limit)
     )
-    return [Candidate(rid, int(size)) for rid, size in conn.execute(stmt)]
+
+
+def queue_head(conn: Connection, storage: str, limit: int) -> list[Candidate]:
+    """The next ``limit`` queued copies of ``storage`` in write order (``queue_head_statement``)."""
+    return [Candidate(rid, int(size)) for rid, size in conn.execute(queue_head_statement(storage, limit))]
 
 
 def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> list[BatchFile]:

@@ -34,6 +34,7 @@ import fcntl
 import json
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ STATE_VERSION = 1
 STATE_FILE = "library.json"
 JOURNAL = "journal.jsonl"
 TEMP_SUFFIX = ".tmp"
+# Replayed journals kept in memory, the most recently used: a night fills cartridge after cartridge
+# and each kept every file it holds (the tape daemon's memory grew with the library). One that was
+# let go is replayed again from its file when asked for (a full one: under a second).
+JOURNALS_KEPT = 8
 
 
 class LibraryState(BaseModel):
@@ -207,7 +212,7 @@ class Store:
         self._lock_fd: int | None = None
         self._session_fd: int | None = None
         self.session: str | None = None
-        self._journals: dict[str, CartridgeFiles] = {}
+        self._journals: OrderedDict[str, CartridgeFiles] = OrderedDict()
         self.journal_syncs = 0  # fsyncs of journals: one per flush (tests count them)
 
     # --- the library lock ----------------------------------------------------------------------
@@ -292,6 +297,10 @@ class Store:
         cf = self._journals.get(vid)
         if cf is None:
             cf = self._journals[vid] = CartridgeFiles(path)
+            while len(self._journals) > JOURNALS_KEPT:
+                self._journals.popitem(last=False)
+        else:
+            self._journals.move_to_end(vid)
         with open(path, "rb") as f:
             f.seek(cf.consumed)
             data = f.read()

@@ -300,16 +300,23 @@ class _FlushFails:
         return await self._library.flush(drive_id)
 
 
+async def _queued_by_ingest(tmp_path: Path, tag: str, broker: Any, n: int, policy: str) -> Settings:
+    """``n`` files ingested and their tape copies queued, no tape daemon running (the test runs the
+    writer's batches itself); ``policy``: more ``[tape]`` lines."""
+    policy = POLICY.replace("mount_min_files = 5", "mount_min_files = 1000") + "\n" + policy
+    settings = load_settings(tape_config(tmp_path, tag, policy=policy))
+    files = make_files(settings, n, size=3000)
+    async with running([ingest_service], settings):
+        await publish_ready(broker, settings, files)
+        await wait_for(lambda: _count(settings, "tape1", n, "queued"), timeout=60)
+    return settings
+
+
 async def test_files_written_but_not_flushed_are_queued_again_and_written_once(tmp_path, tag, broker):
     """Flushes every 2 files; the second flush fails (and its retry at the end of the batch): the
     2 flushed files are recorded, the 2 written after them are dropped from the cartridge and go
     back to the queue with the rest. The next batch writes them again, reusing their fseqs."""
-    policy = POLICY.replace("mount_min_files = 5", "mount_min_files = 1000") + "\nflush_files = 2"
-    settings = load_settings(tape_config(tmp_path, tag, policy=policy))
-    files = make_files(settings, 6, size=3000)
-    async with running([ingest_service], settings):
-        await publish_ready(broker, settings, files)
-        await wait_for(lambda: _count(settings, "tape1", 6, "queued"), timeout=60)
+    settings = await _queued_by_ingest(tmp_path, tag, broker, 6, "flush_files = 2")
     target = steps.targets(settings.storage)["tape1"]
     catalogue = await Catalogue.open(settings.catalogue.url)
     library = await open_library(settings.tape_libraries["default"])
@@ -373,12 +380,7 @@ async def test_a_batch_is_taken_from_the_queue_a_window_at_a_time_in_one_mount(
     """``batch_max_files = 7`` over 8 queued files, windows of 3: one mount writes 7 files, taken
     3, 3 and 1 at a time (never the whole batch at once: its rows and sources would all be held
     in memory), the 8th waits in the queue for the next batch."""
-    policy = POLICY.replace("mount_min_files = 5", "mount_min_files = 1000") + "\nbatch_max_files = 7"
-    settings = load_settings(tape_config(tmp_path, tag, policy=policy))
-    files = make_files(settings, 8, size=3000)
-    async with running([ingest_service], settings):
-        await publish_ready(broker, settings, files)
-        await wait_for(lambda: _count(settings, "tape1", 8, "queued"), timeout=60)
+    settings = await _queued_by_ingest(tmp_path, tag, broker, 8, "batch_max_files = 7")
     monkeypatch.setattr(writer, "TAKE_WINDOW", 3)
     target = steps.targets(settings.storage)["tape1"]
     catalogue = await Catalogue.open(settings.catalogue.url)

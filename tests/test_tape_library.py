@@ -606,6 +606,44 @@ async def test_two_sessions_share_drives_and_cartridges_safely(open_lib: Factory
     assert (await recall.usage()).total.mounts == 1
 
 
+async def test_each_session_sees_every_change_the_other_made_since_its_last_look(open_lib: Factory) -> None:
+    """A session keeps the state it parsed while the file holds the same bytes: any change by a
+    neighbour, even one that leaves the file's size as it was, is seen at the next look."""
+    a, b = await open_lib(), await open_lib()
+    for broken, repaired in [("DR01", "DR02"), ("DR02", "DR01"), ("DR01", "DR02")]:
+        await b.set_drive_broken(broken)
+        await b.set_drive_broken(repaired, broken=False)
+        assert {d.drive_id: d.broken for d in await a.list_drives()} == {broken: True, repaired: False}
+        await a.set_cartridge_state("A00001", "disabled" if broken == "DR01" else "filling")
+        want = "disabled" if broken == "DR01" else "filling"
+        assert {c.vid: c.state for c in await b.list_cartridges("raw")}["A00001"] == want
+
+
+async def test_a_transaction_that_fails_part_way_changes_nothing_even_in_memory(open_lib: Factory) -> None:
+    lib = await open_lib()
+    await lib.list_drives()  # the state is now kept in memory
+
+    def change_then_fail(t: Any) -> None:
+        t.state.drives["DR01"].broken = True
+        t.state.cartridges["A00001"].used_bytes = 123
+        raise RuntimeError("fails after changing the state")
+
+    with pytest.raises(RuntimeError, match="after changing"):
+        await lib._txn(change_then_fail)
+    assert not {d.drive_id: d for d in await lib.list_drives()}["DR01"].broken
+    assert {c.vid: c for c in await lib.list_cartridges()}["A00001"].used_bytes == 0
+    assert await lib.claim_drive("after the failure") == "DR01"
+
+
+async def test_listings_are_snapshots_not_the_live_state(open_lib: Factory) -> None:
+    lib = await open_lib()
+    drives, carts = await lib.list_drives(), await lib.list_cartridges()
+    await lib.mount("DR01", "A00001")
+    assert drives[0].vid is None and drives[0].usage.mounts == 0
+    assert carts[0].drive is None
+    assert (await lib.list_drives())[0].vid == "A00001"
+
+
 async def test_closed_library_refuses_work(open_lib: Factory) -> None:
     lib = await open_lib()
     await lib.close()

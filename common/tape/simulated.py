@@ -152,18 +152,23 @@ class SimulatedLibrary:
 
     def _transact(self, _cancelled: object, fn: Callable[[Txn], T]) -> T:
         with self._store.locked():
-            state = self._store.load()
-            txn = Txn(state, self._store, self.timing)
-            txn.sweep()
-            if txn.dirty:
-                self._store.save(state)
-                txn.dirty = False
-                for note in txn.notes:
-                    log.warning("tape_library_reconciled", root=str(self.root), note=note)
-            result = fn(txn)
-            if txn.dirty:
-                self._store.save(state, sync=txn.sync)
-            return result
+            try:
+                state = self._store.load()
+                txn = Txn(state, self._store, self.timing)
+                txn.sweep()
+                if txn.dirty:
+                    self._store.save(state)
+                    txn.dirty = False
+                    for note in txn.notes:
+                        log.warning("tape_library_reconciled", root=str(self.root), note=note)
+                result = fn(txn)
+                if txn.dirty:
+                    self._store.save(state, sync=txn.sync)
+                return result
+            except BaseException:
+                # ``state`` may be changed part-way and is the store's kept copy: the file has it right.
+                self._store.forget()
+                raise
 
     async def _sleep(self, seconds: float, started: float) -> None:
         """Sleep what is left of the scaled duration after the real I/O already spent."""
@@ -177,12 +182,13 @@ class SimulatedLibrary:
             log.exception("tape_abort_failed", drive=drive_id, op=op)
 
     # --- queries -------------------------------------------------------------------------------
+    # Copies: the state's own objects are changed in place by later transactions.
     async def list_cartridges(self, pool: str | None = None) -> list[Cartridge]:
-        carts = await self._txn(lambda t: list(t.state.cartridges.values()))
+        carts = await self._txn(lambda t: [c.model_copy() for c in t.state.cartridges.values()])
         return [c for c in carts if pool is None or c.pool == pool]
 
     async def list_drives(self) -> list[Drive]:
-        return await self._txn(lambda t: list(t.state.drives.values()))
+        return await self._txn(lambda t: [d.model_copy(deep=True) for d in t.state.drives.values()])
 
     async def list_files(self, vid: str) -> list[TapeFile]:
         def files(t: Txn) -> list[TapeFile]:

@@ -358,3 +358,18 @@ async def test_every_lookup_of_a_batch_probes_a_unique_key_on_sqlite(
     unique = r"SEARCH \w+ USING (INTEGER PRIMARY KEY|(COVERING )?INDEX sqlite_autoindex_\w+) \(.*\)"
     for (sql, _), plan in zip(selects, await catalogue.read(plans), strict=True):
         assert all(re.fullmatch(unique, step) for step in plan), (sql[:80], plan)
+
+
+async def test_the_batch_connection_has_a_large_page_cache_only_when_asked(tmp_path: Any) -> None:
+    """Ingest's registrations need 64 MB of SQLite pages; every other daemon's batch connection has
+    the readers' 16 MB (the tape daemon's filled 64 MB draining a night)."""
+    from common.catalogue.engine import READER_CACHE_KIB, WRITER_CACHE_KIB
+
+    def cache_kib(conn: Connection) -> int:
+        return -int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    for asked, want in [(None, READER_CACHE_KIB), (WRITER_CACHE_KIB, WRITER_CACHE_KIB)]:
+        kwargs = {} if asked is None else {"batch_cache_kib": asked}
+        async with await Catalogue.open(url, **kwargs) as cat:
+            assert await cat.write(cache_kib) == want

@@ -165,6 +165,28 @@ def test_adler32_of_file_matches_zlib_across_chunks(tmp_path: Path) -> None:
     assert adler32_of_file(tmp_path / "empty") == "00000001"
 
 
+def test_threads_checksumming_at_once_each_get_their_own_buffer_and_the_right_sum(tmp_path: Path) -> None:
+    """The copy buffer is kept per thread: concurrent checksums never share one, and each is right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common.storage.checksum import chunk_buffer
+
+    files = []
+    for n in range(8):
+        data = os.urandom(2 * 1024 * 1024 + n * 4099)
+        (tmp_path / f"f{n}").write_bytes(data)
+        files.append((tmp_path / f"f{n}", adler(data)))
+
+    def checksum_twice(item: tuple[Path, str]) -> tuple[bool, int]:
+        first = adler32_of_file(item[0]) == item[1] and adler32_of_file(item[0]) == item[1]
+        return first, id(chunk_buffer())
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(checksum_twice, files * 4))
+    assert all(ok for ok, _ in results)
+    assert 1 < len({buf for _, buf in results}) <= 4  # one buffer per thread, made once
+
+
 def test_checksums_from_outside_are_normalised() -> None:
     assert normalise_adler32("1A2b") == "00001a2b"
     assert normalise_adler32("0xDEADBEEF") == "deadbeef"

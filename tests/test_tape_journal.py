@@ -31,19 +31,32 @@ def _append(cf: CartridgeFiles, *records: dict[str, Any]) -> None:
 def test_end_of_data_and_next_fseq_follow_reservations_commits_and_drops(tmp_path: Path) -> None:
     cf = CartridgeFiles(tmp_path / "journal.jsonl")
     assert (cf.end_of_data(), cf.next_fseq()) == (0, 1)
-    for record in (_reserve(1, 0, 100), _reserve(2, 100, 50), _reserve(3, 150, 10)):
-        cf.apply(record)
-    cf.apply({"op": "commit", "fseq": 1, "at": 1.0})
+    _append(cf, _reserve(1, 0, 100), _reserve(2, 100, 50), _reserve(3, 150, 10))
+    _append(cf, {"op": "commit", "fseq": 1, "at": 1.0})
     assert (cf.end_of_data(), cf.next_fseq()) == (160, 4)
-    cf.apply({"op": "drop", "fseq": 3})  # the last file, written by a dead session
+    _append(cf, {"op": "drop", "fseq": 3})  # the last file, written by a dead session
     assert (cf.end_of_data(), cf.next_fseq()) == (150, 3)
-    cf.apply(_reserve(3, 150, 70, session="s2"))  # its place taken again
+    _append(cf, _reserve(3, 150, 70, session="s2"))  # its place taken again
     assert (cf.end_of_data(), cf.next_fseq()) == (220, 4)
-    cf.apply({"op": "drop", "fseq": 1})  # a hole in the middle moves nothing
+    _append(cf, {"op": "drop", "fseq": 1})  # a hole in the middle (a committed file) moves nothing
     assert (cf.end_of_data(), cf.next_fseq()) == (220, 4)
-    cf.apply({"op": "drop", "fseq": 2})
-    cf.apply({"op": "drop", "fseq": 3})
+    assert not cf.holds(1) and cf.holds(2) and cf.committed_count() == 0
+    _append(cf, {"op": "drop", "fseq": 2}, {"op": "drop", "fseq": 3})
     assert (cf.end_of_data(), cf.next_fseq()) == (0, 1)
+    assert cf.empty()
+
+
+def test_committed_files_are_found_after_drops_and_out_of_order_commits(tmp_path: Path) -> None:
+    """Commits arrive in fseq order from one writer; a file dropped and written again, or commits
+    replayed in another order, still leave each committed file found by its fseq and nothing else."""
+    cf = CartridgeFiles(tmp_path / "journal.jsonl")
+    _append(cf, *(_reserve(n, (n - 1) * 10, 10) for n in range(1, 7)))
+    _append(cf, *({"op": "commit", "fseq": n, "at": float(n)} for n in (2, 1, 5, 3)))
+    _append(cf, {"op": "drop", "fseq": 3}, _reserve(3, 20, 10, session="s2"))
+    _append(cf, {"op": "commit", "fseq": 3, "at": 9.0})
+    assert [(f.fseq, f.written_at) for f in cf.committed()] == [(1, 1.0), (2, 2.0), (3, 9.0), (5, 5.0)]
+    assert [n for n in range(8) if cf.committed_file(n) is not None] == [1, 2, 3, 5]
+    assert sorted(cf.pending) == [4, 6] and cf.next_fseq() == 7
 
 
 def test_committed_files_come_back_as_tape_files_with_their_aggregate_index(tmp_path: Path) -> None:
@@ -62,7 +75,7 @@ def test_committed_files_come_back_as_tape_files_with_their_aggregate_index(tmp_
     assert cf.committed_count() == 2
     listed = cf.committed()[1]
     assert listed.members is not None and (listed.members[0].name, listed.members[0].offset) == ("r/a", 512)
-    assert not hasattr(cf.files[2], "members")  # held: where its line is, not the index
+    assert list(cf.commits.fseq) == [1, 2] and sorted(cf.pending) == [3]  # held: columns, no index
     got = cf.committed_file(2)
     assert got is not None and (got.offset, got.size, got.members) == (100, 3000, None)
     assert cf.committed_file(3) is None  # still being written

@@ -32,7 +32,14 @@ from typing import Any, Self, TypeVar
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.catalogue.engine import create_engine, create_sync_sqlite_engine, migrate, normalise_url, writer
+from common.catalogue.engine import (
+    READER_CACHE_KIB,
+    create_engine,
+    create_sync_sqlite_engine,
+    migrate,
+    normalise_url,
+    writer,
+)
 from common.catalogue.filters import MetaFilter, parse_filter
 from common.catalogue.models import (
     Counts,
@@ -114,7 +121,7 @@ def _os_text(exc: OSError) -> str:
 
 
 class Catalogue:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, batch_cache_kib: int = READER_CACHE_KIB) -> None:
         self._engine = engine
         self._writer = writer(engine)
         # SQLite has a single writer. Concurrent BEGIN IMMEDIATEs from one process would wait in
@@ -123,7 +130,8 @@ class Catalogue:
         # (docs/decisions.md, "SQLite settings of the catalogue").
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         # SQLite file: hot batch transactions run whole in one thread on a plain engine (see engine).
-        self._sync_engine = create_sync_sqlite_engine(engine.url) if self._write_lock else None
+        sync = create_sync_sqlite_engine(engine.url, batch_cache_kib) if self._write_lock else None
+        self._sync_engine = sync
         self._sync_thread: ThreadPoolExecutor | None = None
         # The ways in, one per domain (see the module docstring).
         self.ingest = IngestRepository(self)
@@ -197,8 +205,13 @@ class Catalogue:
             yield conn
 
     @classmethod
-    async def open(cls, url: str, *, echo: bool = False) -> Catalogue:
-        """Connect and migrate to head (idempotent; safe when several daemons start at once)."""
+    async def open(
+        cls, url: str, *, echo: bool = False, batch_cache_kib: int = READER_CACHE_KIB
+    ) -> Catalogue:
+        """Connect and migrate to head (idempotent; safe when several daemons start at once).
+
+        ``batch_cache_kib``: SQLite page cache of the connection that runs whole transactions in a
+        thread; ingest, whose registrations it carries, gives ``WRITER_CACHE_KIB`` (see engine)."""
         # An unusable URL is a config mistake and an unreachable database (closed port, missing
         # state_dir) is named as the catalogue's: one line for the operator, never a traceback.
         try:
@@ -218,7 +231,7 @@ class Catalogue:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine)
+        return cls(engine, batch_cache_kib=batch_cache_kib)
 
     async def close(self) -> None:
         if self._sync_thread is not None:

@@ -33,6 +33,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 # Page cache of the connection that writes ingest batches: registration slowed several times once
 # the catalogue outgrew a smaller cache (docs/decisions.md, "SQLite settings of the catalogue").
+# Ingest asks for it (``Catalogue.open(batch_cache_kib=...)``); the other daemons' batch connection
+# has the readers' size: the tape daemon's filled 64 MB while draining a 500,000-file night.
 WRITER_CACHE_KIB = 64_000
 # Page cache of every other connection (the async engine's: two or three per daemon, each its own
 # cache). At 32 MB the tape daemon's two held 51 MB of pages after a 60,000-file night, on the way
@@ -168,7 +170,7 @@ def create_engine(url: str | URL, *, echo: bool = False) -> AsyncEngine:
     return engine
 
 
-def create_sync_sqlite_engine(url: URL) -> Engine | None:
+def create_sync_sqlite_engine(url: URL, cache_kib: int = WRITER_CACHE_KIB) -> Engine | None:
     """A plain (pysqlite) engine on the same SQLite file, for whole transactions run in a thread.
 
     Through aiosqlite every statement is a round trip between the event loop and the driver's
@@ -180,7 +182,7 @@ def create_sync_sqlite_engine(url: URL) -> Engine | None:
         return None
     # One connection kept open (the engine is used by one worker thread): a new connection per
     # batch re-ran the PRAGMAs, re-parsed the schema and started with a cold page cache (slower:
-    # docs/decisions.md). Its cache is larger than the async engine's: it carries ingest's writes.
+    # docs/decisions.md). Ingest's is larger than the async engine's: it carries the registrations.
     sync = sa_create_engine(
         url.set(drivername="sqlite"),
         poolclass=QueuePool,
@@ -188,7 +190,7 @@ def create_sync_sqlite_engine(url: URL) -> Engine | None:
         max_overflow=0,
         connect_args={"check_same_thread": False},
     )
-    _tune_sqlite(sync, cache_kib=WRITER_CACHE_KIB)
+    _tune_sqlite(sync, cache_kib=cache_kib)
     return sync
 
 

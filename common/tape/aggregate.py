@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import Permanent, Retryable
-from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32
+from common.storage.checksum import ADLER32_START, CHUNK_SIZE, chunk_buffer, format_adler32
 from common.tape.data import Aborted, open_source
 from common.tape.library import TapeMember
 
@@ -157,7 +157,7 @@ class Builder:
     def _copy(self, cancelled: threading.Event | None, src: int, source: Path, size: int) -> tuple[int, str]:
         """Stream ``src`` into the aggregate (at most ``size`` + 1 bytes: a longer source is a
         mismatch, found without copying all of it); returns (bytes, adler32 of them)."""
-        buf = bytearray(CHUNK_SIZE)
+        buf = chunk_buffer()
         value, total = ADLER32_START, 0
         while True:
             if cancelled is not None and cancelled.is_set():

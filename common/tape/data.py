@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from common.errors import Permanent, Retryable
 from common.storage import confined
-from common.storage.checksum import ADLER32_START, CHUNK_SIZE, format_adler32
+from common.storage.checksum import ADLER32_START, CHUNK_SIZE, chunk_buffer, format_adler32
 from common.tape.library import ReadResult, TapeChecksumMismatch
 from common.tape.store import fsync_dir
 
@@ -65,8 +65,7 @@ def _stream(
 ) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` through one buffer, computing adler32 on the way; with ``limit``,
     at most that many bytes (an aggregate's member)."""
-    buf = bytearray(CHUNK_SIZE)
-    view = memoryview(buf)
+    view = memoryview(chunk_buffer())
     value, total = ADLER32_START, 0
     while True:
         if cancelled.is_set():

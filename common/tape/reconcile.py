@@ -72,7 +72,7 @@ def refresh_header(state: LibraryState, store: Store, vid: str) -> None:
     cart.used_bytes = cf.end_of_data()
     cart.next_fseq = cf.next_fseq()
     cart.files = cf.committed_count()
-    if cart.state == "scratch" and cf.files:
+    if cart.state == "scratch" and not cf.empty():
         cart.state = "filling"
 
 
@@ -87,7 +87,7 @@ def settle_cartridge(state: LibraryState, store: Store, vid: str, alive: Alive) 
         if owner is not None and not alive(owner):
             p.unlink(missing_ok=True)
             notes.append(f"{vid}: removed stale temp data {p.name}")
-        elif p.name.isdigit() and int(p.name) not in cf.files:
+        elif p.name.isdigit() and not cf.holds(int(p.name)):
             p.unlink(missing_ok=True)
             notes.append(f"{vid}: removed data {p.name} that no journal entry claims")
     refresh_header(state, store, vid)

@@ -34,6 +34,8 @@ import fcntl
 import json
 import os
 import secrets
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,43 +66,71 @@ class LibraryState(BaseModel):
 
 
 class JournalEntry:
-    """One file of a replayed journal, held compactly: a cartridge of a night holds hundreds of
-    thousands of files, and a ``TapeFile`` model per file cost ~1 KB of the tape daemon's memory
-    (~100 MB per 100,000 files written). ``TapeFile``s are made on demand (``tape_file``).
+    """A file of a replayed journal not committed yet (being written, or written and waiting for
+    its flush): a flush group's worth at most. Committed files move to ``Committed``."""
 
-    An aggregate's index (its members) is not held at all, only where its journal line is
-    (``members_at``: offset and length): a night's aggregates hold most of its files, and their
-    indexes as dicts were the tape daemon's largest growth. ``CartridgeFiles.committed`` reads
-    them back from the journal when a listing needs them."""
+    __slots__ = ("adler32", "fseq", "line", "name", "offset", "size", "state", "written_at")
 
-    __slots__ = ("adler32", "fseq", "members_at", "name", "offset", "size", "state", "written_at")
-
-    def __init__(self, raw: dict[str, Any], at: tuple[int, int] | None = None) -> None:
+    def __init__(self, raw: dict[str, Any], line: tuple[int, int]) -> None:
         f = TapeFile.model_validate(raw)  # validated once, as the journal is replayed
         self.fseq, self.name, self.size, self.adler32 = f.fseq, f.name, f.size, f.adler32
         self.offset, self.state, self.written_at = f.offset, f.state, f.written_at
-        self.members_at = at if f.members is not None else None
-        if f.members is not None and at is None:
-            raise ValueError(f"fseq {f.fseq}: an aggregate's record without its place in the journal")
+        self.line = line  # where its reserve record is in the journal (offset, length)
 
     @property
     def end(self) -> int:
         return self.offset + self.size
 
-    def tape_file(self, members: list[dict[str, Any]] | None = None) -> TapeFile:
-        return TapeFile.model_validate(
-            {"fseq": self.fseq, "name": self.name, "size": self.size, "adler32": self.adler32,
-             "offset": self.offset, "state": self.state, "written_at": self.written_at,
-             "members": members}
-        )  # fmt: skip
+
+class Committed:
+    """A cartridge's committed files as columns in fseq order: each one's fseq, end on tape, where
+    its reserve record is in the journal, and when it was committed; the rest (name, checksum, an
+    aggregate's index) is read back from that record when asked for.
+
+    A night's cartridge holds tens of thousands of files, and an object per file (~800 B with its
+    name and numbers) was the tape daemon's largest growth: 70 MB of 500,000 files. As columns a
+    file costs 40 B, and nothing but a listing or a read of that file needs more.
+    """
+
+    def __init__(self) -> None:
+        self.fseq, self.end, self.line_at, self.line_len = array("q"), array("q"), array("q"), array("q")
+        self.at = array("d")
+
+    def __len__(self) -> int:
+        return len(self.fseq)
+
+    def find(self, fseq: int) -> int | None:
+        i = bisect_left(self.fseq, fseq)
+        return i if i < len(self.fseq) and self.fseq[i] == fseq else None
+
+    def add(self, entry: JournalEntry, at: float) -> None:
+        """Files are committed in fseq order (one writer per cartridge): this appends."""
+        self.remove(entry.fseq)
+        i = bisect_left(self.fseq, entry.fseq)
+        for column, value in self._columns(entry.fseq, entry.end, *entry.line, at):
+            column.insert(i, value)
+
+    def remove(self, fseq: int) -> bool:
+        i = self.find(fseq)
+        if i is None:
+            return False
+        for column, _ in self._columns(0, 0, 0, 0, 0.0):
+            del column[i]
+        return True
+
+    def _columns(self, fseq: int, end: int, line_at: int, line_len: int, at: float) -> list[tuple[Any, Any]]:
+        return [(self.fseq, fseq), (self.end, end), (self.line_at, line_at), (self.line_len, line_len),
+                (self.at, at)]  # fmt: skip
 
 
 @dataclass
 class CartridgeFiles:
-    """A cartridge's journal replayed: live files by fseq, and who is writing the unfinished ones."""
+    """A cartridge's journal replayed: its committed files, the ones on their way and who is
+    writing them."""
 
-    path: Path  # the journal (aggregates' indexes are read back from it)
-    files: dict[int, JournalEntry] = field(default_factory=dict)
+    path: Path  # the journal (committed files' records are read back from it)
+    pending: dict[int, JournalEntry] = field(default_factory=dict)  # reserved, not committed
+    commits: Committed = field(default_factory=Committed)
     writers: dict[int, str] = field(default_factory=dict)  # fseq -> session, "writing" files only
     consumed: int = 0  # journal bytes replayed so far (complete lines only)
     # End of data and last fseq, kept as files are reserved: every write asks for both, and
@@ -108,70 +138,88 @@ class CartridgeFiles:
     # cartridge holds thousands of files). None: unknown since a drop, computed on the next ask.
     _end: int | None = 0
     _last: int | None = 0
+    _read_back: tuple[int, dict[str, Any]] | None = None  # the last record read back, for reads in a row
 
-    def apply(self, record: dict[str, Any], at: tuple[int, int] | None = None) -> None:
-        """Replay one record; ``at``: its line's offset and length in the journal."""
+    def apply(self, record: dict[str, Any], line: tuple[int, int]) -> None:
+        """Replay one record; ``line``: its offset and length in the journal."""
         op = record["op"]
         if op == "reserve":
-            f = JournalEntry(record["file"], at)
-            if f.fseq in self.files:  # a reservation replaced: its old extent no longer counts
-                self._end = self._last = None
-            self.files[f.fseq] = f
+            f = JournalEntry(record["file"], line)
+            if f.fseq in self.pending or self.commits.remove(f.fseq):  # a reservation replaced:
+                self._end = self._last = None  # its old extent no longer counts
+            self.pending[f.fseq] = f
             self.writers[f.fseq] = record["session"]
             if self._end is not None and self._last is not None:
                 self._end, self._last = max(self._end, f.end), max(self._last, f.fseq)
         elif op == "written":
-            self.files[record["fseq"]].state = "written"
+            self.pending[record["fseq"]].state = "written"
         elif op == "commit":
             fseq = record["fseq"]
-            entry = self.files[fseq]
-            entry.state, entry.written_at = "committed", record["at"]
+            self.commits.add(self.pending.pop(fseq), record["at"])
             self.writers.pop(fseq, None)
         elif op == "drop":
-            self.files.pop(record["fseq"], None)
+            if self.pending.pop(record["fseq"], None) is None:
+                self.commits.remove(record["fseq"])
             self.writers.pop(record["fseq"], None)
             self._end = self._last = None
+            self._read_back = None
         else:
             raise ValueError(f"unknown journal record {record!r}")
 
+    def holds(self, fseq: int) -> bool:
+        """Whether a record claims ``fseq`` (committed or on its way)."""
+        return fseq in self.pending or self.commits.find(fseq) is not None
+
+    def empty(self) -> bool:
+        return not self.pending and not len(self.commits)
+
     def unflushed(self, session: str, *, states: tuple[str, ...] = ("written",)) -> list[int]:
         """Fseqs ``session`` wrote and did not flush yet (in ``states``), in order."""
-        return sorted(n for n, s in self.writers.items() if s == session and self.files[n].state in states)
+        return sorted(n for n, s in self.writers.items() if s == session and self.pending[n].state in states)
 
     def committed(self) -> list[TapeFile]:
         """The committed files in fseq order, aggregates with their index (read from the journal)."""
-        entries = [self.files[n] for n in sorted(self.files) if self.files[n].state == "committed"]
-        if not any(e.members_at for e in entries):
-            return [e.tape_file() for e in entries]
+        c = self.commits
         with open(self.path, "rb") as journal:
-            return [e.tape_file(_members(journal, e.members_at)) for e in entries]
+            return [
+                TapeFile.model_validate(self._record(journal, c.line_at[i], c.line_len[i], c.at[i]))
+                for i in range(len(c))
+            ]
 
     def committed_count(self) -> int:
-        return sum(1 for f in self.files.values() if f.state == "committed")
+        return len(self.commits)
 
     def committed_file(self, fseq: int) -> TapeFile | None:
         """A committed file's place and size; an aggregate without its index (``committed`` has it)."""
-        f = self.files.get(fseq)
-        return f.tape_file() if f is not None and f.state == "committed" else None
+        i = self.commits.find(fseq)
+        if i is None:
+            return None
+        if self._read_back is None or self._read_back[0] != fseq:
+            c = self.commits
+            with open(self.path, "rb") as journal:
+                raw = self._record(journal, c.line_at[i], c.line_len[i], c.at[i])
+            raw["members"] = None
+            self._read_back = (fseq, raw)
+        return TapeFile.model_validate(self._read_back[1])
+
+    @staticmethod
+    def _record(journal: BinaryIO, line_at: int, line_len: int, at: float) -> dict[str, Any]:
+        journal.seek(line_at)
+        raw: dict[str, Any] = json.loads(journal.read(line_len))["file"]
+        raw["state"], raw["written_at"] = "committed", at
+        return raw
 
     def end_of_data(self) -> int:
         if self._end is None:
-            self._end = max((f.end for f in self.files.values()), default=0)
+            ends = [f.end for f in self.pending.values()]
+            self._end = max([*ends, max(self.commits.end, default=0)], default=0)
         return self._end
 
     def next_fseq(self) -> int:
         if self._last is None:
-            self._last = max(self.files, default=0)
+            last = self.commits.fseq[-1] if len(self.commits) else 0
+            self._last = max([*self.pending, last])
         return self._last + 1
-
-
-def _members(journal: BinaryIO, at: tuple[int, int] | None) -> list[dict[str, Any]] | None:
-    """An aggregate's index, from its ``reserve`` line at ``at`` (offset, length) in the journal."""
-    if at is None:
-        return None
-    journal.seek(at[0])
-    members: list[dict[str, Any]] = json.loads(journal.read(at[1]))["file"]["members"]
-    return members
 
 
 def fsync_dir(path: Path) -> None:

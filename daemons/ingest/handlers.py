@@ -57,6 +57,7 @@ from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
+from common.catalogue.engine import WRITER_CACHE_KIB
 from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
@@ -111,7 +112,9 @@ def _describe(msg: Message) -> dict[str, Any]:
 
 @asynccontextmanager
 async def open_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[IngestResources]:
-    catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
+    catalogue = await Catalogue.open(
+        settings.catalogue.url, echo=settings.catalogue.echo, batch_cache_kib=WRITER_CACHE_KIB
+    )
     try:
         await catalogue.endpoints.sync(settings.storage)
         await catalogue.replication.sync_config_rules(config_rules(settings))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 from pathlib import Path
 from typing import Any, Literal
@@ -479,12 +480,20 @@ def _default_daemons() -> dict[str, DaemonSettings]:
     return {name: DaemonSettings() for name in DAEMON_NAMES}
 
 
+# A node's name: a host name's characters (``Settings.node``).
+NODE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SPOOL_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
     state_dir: Path = Path("var")
+    # This node's name (default: its host name). Several nodes may share one catalogue, each with
+    # its own file: the [rules.*] of a file are declared by its node, and a node's file never
+    # removes a rule another node's file declares (``replication.sync_config_rules``).
+    node: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128, pattern=NODE_NAME)
     bus: BusSettings = Field(default_factory=BusSettings)
     catalogue: CatalogueSettings = Field(default_factory=CatalogueSettings)
     # Ordered: ingest copies into the first endpoint of kind "disk".

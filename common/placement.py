@@ -18,7 +18,10 @@ from common.catalogue import Catalogue, Wanted
 from common.catalogue.policy import PolicyError, Rule, check_rule, endpoint_attributes
 from common.config import Settings
 from common.errors import ConfigError
+from common.logging import get_logger
 from common.messages import ReplicaRequest, TapeArchive
+
+log = get_logger(__name__)
 
 
 def endpoint_table(settings: Settings) -> dict[str, dict[str, str]]:
@@ -41,6 +44,20 @@ def config_rules(settings: Settings) -> list[Rule]:
             raise ConfigError(f"rules.{rule_id}: {exc}") from None
         out.append(rule)
     return out
+
+
+async def sync_config_rules(catalogue: Catalogue, settings: Settings) -> None:
+    """Apply this node's ``[rules.*]`` to the catalogue (``settings.node`` declares them) and say
+    what changed and what was refused: a file never replaces a ``spool rule add`` rule."""
+    result = await catalogue.replication.sync_config_rules(config_rules(settings), settings.node)
+    if result.changed:
+        log.info("config_rules_applied", node=settings.node, changed=result.changed)
+    for rule_id in result.refused:
+        log.error(
+            "config_rule_refused", node=settings.node, rule_id=rule_id,
+            reason=f"rules.{rule_id} names a rule added with `spool rule add`; it is left as it is "
+            f"(remove it, or rename the config rule)",
+        )  # fmt: skip
 
 
 class RuleBook:

@@ -147,13 +147,90 @@ async def test_config_rules_sync_adds_changes_and_removes_only_config_rules(cata
     cli_rule = Rule("by-hand", endpoints="disk2", datasets=".*")
     await catalogue.replication.add_rule(cli_rule)
     a = Rule("a", endpoints="disk2", datasets=".*", origin="config")
-    assert await catalogue.replication.sync_config_rules([a]) == ["a"]
-    assert await catalogue.replication.sync_config_rules([a]) == []  # unchanged: nothing to re-evaluate
+    sync = catalogue.replication.sync_config_rules
+    assert (await sync([a], "n1")).changed == ["a"]
+    assert (await sync([a], "n1")).changed == []  # unchanged: nothing to re-evaluate
     changed = Rule("a", endpoints="disk2", datasets=".*", copies=1, priority=7, origin="config")
-    assert await catalogue.replication.sync_config_rules([changed]) == ["a"]
+    assert (await sync([changed], "n1")).changed == ["a"]
     assert {r.id: r.priority for r in await catalogue.replication.load_rules()} == {"a": 7, "by-hand": 3}
-    assert await catalogue.replication.sync_config_rules([]) == ["a"]
+    assert (await sync([], "n1")).changed == ["a"]
     assert [r.id for r in await catalogue.replication.load_rules()] == ["by-hand"]
+
+
+async def rule_ids(cat: Catalogue) -> list[str]:
+    return [r.id for r in await cat.replication.load_rules()]
+
+
+async def declarers(cat: Catalogue) -> dict[str, list[str]]:
+    def read(conn: Connection) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        rd = s.rule_declarations
+        rows = conn.execute(select(rd.c.rule_id, rd.c.node).order_by(rd.c.node))
+        for rule_id, node in rows:
+            out.setdefault(rule_id, []).append(node)
+        return out
+
+    return await cat.read(read)
+
+
+async def test_a_nodes_file_removes_a_rule_only_when_no_other_nodes_file_declares_it(
+    catalogue: Catalogue,
+) -> None:
+    """Two nodes, each its own file, one catalogue: what one stops declaring stays while the
+    other declares it; what only one declares is its own to add and remove."""
+    sync = catalogue.replication.sync_config_rules
+    shared = Rule("shared", endpoints="disk2", datasets=".*", origin="config")
+    only_a = Rule("only-a", endpoints="disk2", datasets="a.*", origin="config")
+    only_b = Rule("only-b", endpoints="disk2", datasets="b.*", origin="config")
+    assert (await sync([shared, only_a], "node-a")).changed == ["shared", "only-a"]
+    assert (await sync([shared, only_b], "node-b")).changed == ["only-b"]  # shared: declared too
+    assert await declarers(catalogue) == {
+        "only-a": ["node-a"], "only-b": ["node-b"], "shared": ["node-a", "node-b"]
+    }  # fmt: skip
+
+    assert (await sync([], "node-a")).changed == ["only-a"]  # shared stays: node-b declares it
+    assert await rule_ids(catalogue) == ["only-b", "shared"]
+    assert (await sync([shared, only_b], "node-b")).changed == []  # a restart of b changes nothing
+    assert (await sync([], "node-b")).changed == ["only-b", "shared"]  # the last declarer lets go
+    assert await rule_ids(catalogue) == [] and await declarers(catalogue) == {}
+
+
+async def test_a_file_never_replaces_or_removes_a_rule_added_by_hand(catalogue: Catalogue) -> None:
+    sync = catalogue.replication.sync_config_rules
+    by_hand = Rule("archive", endpoints="disk2", datasets=".*", copies=1)
+    await catalogue.replication.add_rule(by_hand)
+    clash = Rule("archive", endpoints="disk2", datasets="other.*", priority=9, origin="config")
+    result = await sync([clash], "node-a")
+    assert (result.changed, result.refused) == ([], ["archive"])
+    [kept] = await catalogue.replication.load_rules()
+    assert (kept.origin, kept.datasets, kept.priority) == ("cli", ".*", 3)
+    assert (await sync([], "node-a")).changed == [] and await rule_ids(catalogue) == ["archive"]
+
+
+async def test_a_rule_redefined_by_one_node_keeps_the_others_declarations(catalogue: Catalogue) -> None:
+    """The file started last carries the newest definition; the rule is not removed while a node
+    that declared it before still does."""
+    sync = catalogue.replication.sync_config_rules
+    v1 = Rule("r", endpoints="disk2", datasets=".*", origin="config")
+    v2 = Rule("r", endpoints="disk2", datasets=".*", priority=8, origin="config")
+    await sync([v1], "node-a")
+    await sync([v1], "node-b")
+    assert (await sync([v2], "node-a")).changed == ["r"]
+    [rule] = await catalogue.replication.load_rules()
+    assert (rule.priority, rule.state) == (8, "new")  # existing files are evaluated again
+    assert await declarers(catalogue) == {"r": ["node-a", "node-b"]}
+    assert (await sync([], "node-a")).changed == []  # node-b still declares it
+    assert await rule_ids(catalogue) == ["r"]
+
+
+async def test_nodes_syncing_at_once_leave_each_rule_stored_once_with_both_declarations(
+    catalogue: Catalogue,
+) -> None:
+    rules = [Rule(f"r{n}", endpoints="disk2", datasets=f"d{n}.*", origin="config") for n in range(5)]
+    sync = catalogue.replication.sync_config_rules
+    results = await asyncio.gather(*(sync(rules, f"node-{k}") for k in range(4)))
+    assert sorted(i for r in results for i in r.changed) == [f"r{n}" for n in range(5)]  # each stored once
+    assert await declarers(catalogue) == {f"r{n}": [f"node-{k}" for k in range(4)] for n in range(5)}
 
 
 async def test_reaper_never_takes_the_last_copy_nor_a_locked_one(catalogue: Catalogue) -> None:

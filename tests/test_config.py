@@ -61,3 +61,16 @@ def test_shipped_example_config_is_valid():
     s = load_settings(Path(__file__).parent.parent / "config" / "spool.toml")
     assert s.datasets.matches("lst1.20261123.run012345.dl0")
     assert not s.datasets.matches("lst1.2026.run1.dl0")
+
+
+def test_the_node_is_the_host_name_unless_named_and_a_name_is_a_host_names_characters(tmp_path):
+    import socket
+
+    (tmp_path / "a.toml").write_text("")
+    assert load_settings(tmp_path / "a.toml").node == socket.gethostname()
+    (tmp_path / "b.toml").write_text('node = "archive-01.site.org"')
+    assert load_settings(tmp_path / "b.toml").node == "archive-01.site.org"
+    for bad in ["", "../etc", "a b", "-leading", "x" * 129, "ünï", "a/b", "a\\nb"]:
+        (tmp_path / "c.toml").write_text(f"node = {bad!r}".replace("'", '"'))
+        with pytest.raises(ConfigError, match="node"):
+            load_settings(tmp_path / "c.toml")

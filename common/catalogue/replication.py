@@ -63,6 +63,8 @@ from common.messages import MetaValue, ReplicaRequest
 _log = get_logger(__name__)
 
 f, r, ep, lk, ru, d = s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.datasets
+rd = s.rule_declarations
+_RULE_SYNC_LOCK = 0x5350_4F4F_52  # arbitrary constant: "SPOOR" (rules)
 
 # The per-file work of the replicator and of rule evaluation (``plan_copies``, ``replica_tasks``,
 # ``record_copies``) goes to the driver as SQL text, as ingest's does (see ``sql.insert_rows``):
@@ -139,6 +141,7 @@ class RuleView:
     rule: Rule
     created: datetime
     replicas: dict[str, int]  # state -> copies this rule holds locks on
+    declared_by: list[str]  # a config rule: the nodes whose files declare it
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,31 +202,67 @@ def load_rules(conn: Connection) -> list[Rule]:
     return [rule for _, rule in _usable(conn.execute(select(ru).order_by(ru.c.id)))]
 
 
-def sync_config_rules(conn: Connection, rules: Sequence[Rule]) -> list[str]:
-    """Make the config file's rules the catalogue's ``config`` rules; returns ids changed.
+@dataclass(frozen=True, slots=True)
+class RuleSync:
+    changed: list[str]  # stored anew (state ``new``: existing files are evaluated again) or removed
+    refused: list[str]  # ids this file declares that a ``spool rule add`` rule holds: left as they are
 
-    A new or changed rule is (re)stored as ``new`` so the replicator evaluates existing files
-    against it. A config rule gone from the file is removed (its copies are released), exactly as
-    ``spool rule remove`` would. Rules added with the CLI are left alone; a config rule whose id
-    clashes with one of them replaces it (the file is the operator's declared intent).
+
+def sync_config_rules(conn: Connection, rules: Sequence[Rule], node: str) -> RuleSync:
+    """Make the catalogue's config rules agree with ``node``'s configuration file.
+
+    Several nodes may share a catalogue, each with its own file (issue 19), so a config rule
+    records which nodes' files declare it (``rule_declarations``), and one node's file changes only
+    what it declares:
+
+    - a rule it declares is stored if missing, and stored anew (as ``new``, so existing files are
+      evaluated against it) when its definition differs — the file started last carries the
+      operator's latest intent, and a warning names the other nodes declaring it;
+    - a rule it no longer declares loses this node's declaration, and is removed (its copies
+      released, as ``spool rule remove`` does) only when no node's file declares it any more;
+    - a rule added with ``spool rule add`` is never replaced or removed by a file: a clash of ids
+      is ``refused`` (the daemon logs it) and the rule stays as the operator added it.
+
+    Concurrent syncs (nodes starting together) take turns: the SQLite write lock, and on
+    PostgreSQL a transaction-scoped advisory lock.
     """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(_RULE_SYNC_LOCK)))
     now = utcnow()
     existing = {rule.id: rule for rule in load_rules(conn)}
+    declarers: dict[str, set[str]] = {}
+    for rule_id, who in conn.execute(select(rd.c.rule_id, rd.c.node)):
+        declarers.setdefault(rule_id, set()).add(who)
     changed: list[str] = []
+    refused: list[str] = []
     for rule in rules:
         old = existing.get(rule.id)
-        if old is not None and old.origin == "config" and _same_definition(old, rule):
+        if old is not None and old.origin != "config":
+            refused.append(rule.id)
+            continue
+        had = declarers.get(rule.id, set())
+        if old is not None and _same_definition(old, rule):
+            if node not in had:
+                conn.execute(rd.insert().values(rule_id=rule.id, node=node, declared=now))
             continue
         if old is not None:
-            remove_rule(conn, rule.id)
+            if had - {node}:
+                others = sorted(had - {node})
+                _log.warning("config_rule_redefined", rule_id=rule.id, node=node, also_declared_by=others)
+            remove_rule(conn, rule.id)  # its locks, and its declarations, which are put back below
         conn.execute(ru.insert().values(**_rule_row(rule, now, "new")))
+        rows = [{"rule_id": rule.id, "node": n, "declared": now} for n in sorted(had | {node})]
+        conn.execute(rd.insert(), rows)
         changed.append(rule.id)
     declared = {rule.id for rule in rules}
     for old in existing.values():
-        if old.origin == "config" and old.id not in declared:
+        if old.origin != "config" or old.id in declared:
+            continue
+        conn.execute(delete(rd).where(rd.c.rule_id == old.id, rd.c.node == node))
+        if not declarers.get(old.id, set()) - {node}:
             remove_rule(conn, old.id)
             changed.append(old.id)
-    return changed
+    return RuleSync(changed, refused)
 
 
 def add_rule(conn: Connection, rule: Rule) -> None:
@@ -239,6 +278,7 @@ def remove_rule(conn: Connection, rule_id: str) -> int:
         raise KeyError(f"no rule with id {rule_id!r}")
     released = conn.execute(select(lk.c.file_id, lk.c.storage_id).where(lk.c.rule_id == rule_id)).all()
     conn.execute(delete(lk).where(lk.c.rule_id == rule_id))
+    conn.execute(delete(rd).where(rd.c.rule_id == rule_id))
     conn.execute(delete(ru).where(ru.c.id == rule_id))
     for part in chunks(released):
         for fid, sid in part:
@@ -276,8 +316,11 @@ def rule_views(conn: Connection) -> list[RuleView]:
     )
     for rule_id, state, n in conn.execute(stmt):
         counts.setdefault(rule_id, {})[state] = int(n)
+    nodes: dict[str, list[str]] = {}
+    for rule_id, node in conn.execute(select(rd.c.rule_id, rd.c.node).order_by(rd.c.node)):
+        nodes.setdefault(rule_id, []).append(node)
     return [
-        RuleView(rule, row.created, counts.get(row.id, {}))
+        RuleView(rule, row.created, counts.get(row.id, {}), nodes.get(row.id, []))
         for row, rule in _usable(conn.execute(select(ru).order_by(ru.c.id)))
     ]
 

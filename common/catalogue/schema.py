@@ -230,6 +230,16 @@ class Rule(Base):
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class RuleDeclaration(Base):
+    """A node's configuration file declares a config rule: the rule stays while one does."""
+
+    __tablename__ = "rule_declarations"
+
+    rule_id: Mapped[str] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)  # ``Settings.node``
+    declared: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Lock(Base):
     """A rule's claim on one file's copy at one endpoint: while a live lock exists, the copy stays."""
 
@@ -347,6 +357,7 @@ replicas = cast(Table, Replica.__table__)
 requests = cast(Table, Request.__table__)
 events = cast(Table, Event.__table__)
 rules = cast(Table, Rule.__table__)
+rule_declarations = cast(Table, RuleDeclaration.__table__)
 recalls = cast(Table, Recall.__table__)
 recall_files = cast(Table, RecallFile.__table__)
 locks = cast(Table, Lock.__table__)

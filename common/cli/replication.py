@@ -180,7 +180,14 @@ def rule_add(
 
 
 def _rule_row(view: Any) -> dict[str, Any]:
-    return {**view.rule.describe(), "created": view.created, "replicas": view.replicas}
+    extra = {"created": view.created, "replicas": view.replicas, "declared_by": view.declared_by}
+    return {**view.rule.describe(), **extra}
+
+
+def _origin(r: dict[str, Any]) -> str:
+    """``cli``, or ``config`` and the nodes whose files declare the rule."""
+    nodes = r["declared_by"] if r["origin"] == "config" else []
+    return f"config: {', '.join(nodes)}" if nodes else str(r["origin"])
 
 
 @rule_app.command("list")
@@ -197,7 +204,7 @@ def rule_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         life = "" if r["lifetime"] is None else f"{r['lifetime']:g}s"
         table.add_row(
             r["id"], selects, r["endpoints"], str(r["copies"]), life, str(r["priority"]),
-            f"{r['state']} ({r['origin']})", reps,
+            f"{r['state']} ({_origin(r)})", reps,
         )  # fmt: skip
     console.print(table)
 

@@ -62,7 +62,7 @@ from common.config import Settings
 from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message, fact_id
-from common.placement import RuleBook, config_rules
+from common.placement import RuleBook, sync_config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.checksum import adler32_of_file
 from common.storage.transfer import sweep_stale_temporaries, upload_checked
@@ -117,7 +117,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     )
     try:
         await catalogue.endpoints.sync(settings.storage)
-        await catalogue.replication.sync_config_rules(config_rules(settings))
+        await sync_config_rules(catalogue, settings)
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)

@@ -43,7 +43,7 @@ from common.errors import Permanent, Retryable, SpoolError, unknown_names
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
 from common.periodic import every
-from common.placement import config_rules
+from common.placement import sync_config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.transfer import sweep_stale_temporaries, verify_stored
 from daemons.replicator import steps
@@ -86,7 +86,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     health = EndpointHealth(settings, catalogue, publisher)
     try:
         await catalogue.endpoints.sync(settings.storage)
-        await catalogue.replication.sync_config_rules(config_rules(settings))
+        await sync_config_rules(catalogue, settings)
         for name, endpoint in settings.storage.items():
             if endpoint.kind != "disk":
                 continue

@@ -24,8 +24,9 @@ class ReplicationRepository(Repository):
     async def load_rules(self) -> list[Rule]:
         return await self._catalogue.read(db.load_rules)
 
-    async def sync_config_rules(self, rules: Sequence[Rule]) -> list[str]:
-        return await self._catalogue.write(db.sync_config_rules, list(rules), retry=False)
+    async def sync_config_rules(self, rules: Sequence[Rule], node: str) -> db.RuleSync:
+        """``node``'s configuration file declares ``rules`` (see ``replication.sync_config_rules``)."""
+        return await self._catalogue.write(db.sync_config_rules, list(rules), node, retry=False)
 
     async def add_rule(self, rule: Rule) -> None:
         """Store a new rule (state ``new``: the replicator evaluates existing files against it);

@@ -169,7 +169,7 @@ def minus(after: Clocks, before: Clocks) -> Figures:
 async def spool_run(
     work: Path, cfg: SimulatedLibraryConfig, archived: list[Archived], files: list[tuple[str, int, str]],
     order: list[Archived], per_request: int = 1,
-) -> tuple[Figures, float, float, float, int]:  # fmt: skip
+) -> tuple[Figures, float, float, dict[str, float], int]:  # fmt: skip
     endpoints = {
         "landing": StorageEndpoint(root=work / "landing"),
         "buffer": StorageEndpoint(root=work / "buffer"),
@@ -209,13 +209,14 @@ async def spool_run(
         for storage in storages.values():
             storage.close()
         await catalogue.close()
-    return figures, wall, cpu, catalogue_cpu[0], done
+    return figures, wall, cpu, catalogue_cpu, done
 
 
-def _count_catalogue_cpu(catalogue: Catalogue) -> list[float]:
-    """CPU seconds of the catalogue's transactions from now on (SQLite: all of recall's run in its
-    worker thread, timed there with ``thread_time``): the scheduler's catalogue cost."""
-    spent = [0.0]
+def _count_catalogue_cpu(catalogue: Catalogue) -> dict[str, float]:
+    """CPU seconds of the catalogue's transactions from now on, by the function each ran (SQLite:
+    all of recall's run in its worker thread, timed there with ``thread_time``): the scheduler's
+    catalogue cost, and where it goes."""
+    spent: dict[str, float] = {}
     run = catalogue._sync_tx
 
     def timed(fn: Any, args: tuple[Any, ...], write: bool) -> Any:
@@ -223,7 +224,8 @@ def _count_catalogue_cpu(catalogue: Catalogue) -> list[float]:
         try:
             return run(fn, args, write)
         finally:
-            spent[0] += time.thread_time() - started
+            key = getattr(fn, "__qualname__", type(fn).__name__)
+            spent[key] = spent.get(key, 0.0) + time.thread_time() - started
 
     catalogue._sync_tx = timed  # type: ignore[method-assign]
     return spent
@@ -280,7 +282,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "files": len(archived), "cartridges": args.cartridges, "drives": args.drives, "recalled": len(order),
         "requests_done": done, "wall_seconds": round(wall, 1),
         "cpu_ms_per_file": round(cpu * 1000 / len(order), 2),
-        "catalogue_cpu_ms_per_file": round(catalogue_cpu * 1000 / len(order), 2),
+        "catalogue_cpu_ms_per_file": round(sum(catalogue_cpu.values()) * 1000 / len(order), 2),
+        "catalogue_cpu_ms_per_file_by_transaction": {
+            k: round(v * 1000 / len(order), 3) for k, v in sorted(catalogue_cpu.items(), key=lambda x: -x[1])
+        },
         "spool": {"mounts": spool.mounts, "drive_seconds": round(spool.seconds, 1),
                   "busiest_drive_seconds": round(spool.busiest_drive, 1)},
         "lower_bound_mounts": lower_bound,

@@ -325,3 +325,14 @@ async def test_mounts_of_the_standing_plan_start_without_reading_the_queue_again
         await rig.recall("late", "A00002/3")  # a request makes the next pass read the queue
         await rig.scheduler.until_idle()
         assert rig.completed() == ["r", "late"] and reads == 4
+
+
+def test_a_queue_slow_to_read_keeps_its_plan_longer_so_reading_stays_a_small_share() -> None:
+    """A 100,000-file request's queue read every 10 s made planning quadratic in the request's
+    size: the plan now stands at least 1 / PLAN_TIME_SHARE times as long as its read took."""
+    from daemons.recall.scheduler import PLAN_MAX_AGE, PLAN_TIME_SHARE, plan_age
+
+    assert plan_age(0.0) == plan_age(0.01) == PLAN_MAX_AGE  # a small queue: the usual age
+    for read in (1.0, 5.0, 30.0):
+        assert plan_age(read) >= PLAN_MAX_AGE and read / plan_age(read) <= PLAN_TIME_SHARE + 1e-9
+    assert plan_age(5.0) > plan_age(1.0)

@@ -104,7 +104,8 @@ class Committed:
         return i if i < len(self.fseq) and self.fseq[i] == fseq else None
 
     def add(self, entry: JournalEntry, at: float) -> None:
-        """Files are committed in fseq order (one writer per cartridge): this appends."""
+        """Files are committed in fseq order (one writer per cartridge), so this appends; a
+        journal replayed in another order still ends sorted."""
         self.remove(entry.fseq)
         i = bisect_left(self.fseq, entry.fseq)
         for column, value in self._columns(entry.fseq, entry.end, *entry.line, at):
@@ -146,7 +147,7 @@ class CartridgeFiles:
         if op == "reserve":
             f = JournalEntry(record["file"], line)
             if f.fseq in self.pending or self.commits.remove(f.fseq):  # a reservation replaced:
-                self._end = self._last = None  # its old extent no longer counts
+                self._end = self._last = self._read_back = None  # its old extent no longer counts
             self.pending[f.fseq] = f
             self.writers[f.fseq] = record["session"]
             if self._end is not None and self._last is not None:

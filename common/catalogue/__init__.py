@@ -130,8 +130,9 @@ class Catalogue:
         # (docs/decisions.md, "SQLite settings of the catalogue").
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         # SQLite file: hot batch transactions run whole in one thread on a plain engine (see engine).
-        sync = create_sync_sqlite_engine(engine.url, batch_cache_kib) if self._write_lock else None
-        self._sync_engine = sync
+        self._sync_engine = (
+            create_sync_sqlite_engine(engine.url, batch_cache_kib) if self._write_lock else None
+        )
         self._sync_thread: ThreadPoolExecutor | None = None
         # The ways in, one per domain (see the module docstring).
         self.ingest = IngestRepository(self)

@@ -108,20 +108,20 @@ class Committed:
         journal replayed in another order still ends sorted."""
         self.remove(entry.fseq)
         i = bisect_left(self.fseq, entry.fseq)
-        for column, value in self._columns(entry.fseq, entry.end, *entry.line, at):
-            column.insert(i, value)
+        values: tuple[float, ...] = (entry.fseq, entry.end, *entry.line, at)
+        for column, value in zip(self._columns(), values, strict=True):
+            column.insert(i, value)  # ints into the "q" columns, the time into the "d" one
 
     def remove(self, fseq: int) -> bool:
         i = self.find(fseq)
         if i is None:
             return False
-        for column, _ in self._columns(0, 0, 0, 0, 0.0):
+        for column in self._columns():
             del column[i]
         return True
 
-    def _columns(self, fseq: int, end: int, line_at: int, line_len: int, at: float) -> list[tuple[Any, Any]]:
-        return [(self.fseq, fseq), (self.end, end), (self.line_at, line_at), (self.line_len, line_len),
-                (self.at, at)]  # fmt: skip
+    def _columns(self) -> tuple[array[Any], ...]:
+        return self.fseq, self.end, self.line_at, self.line_len, self.at
 
 
 @dataclass

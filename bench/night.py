@@ -411,6 +411,21 @@ async def watch_night(args: argparse.Namespace, settings: Settings, engine: Asyn
                 await publishing
 
 
+async def drain(connection: Any, settings: Settings, fleet: Fleet, limit: float = 120.0) -> None:
+    """Wait until every daemon has taken every message of its queue: the last file on tape is not
+    the last event, the monitor may still be hearing the night. Stopping with a backlog would leave
+    its messages uncounted (the bus figures) and its CPU unmeasured."""
+    deadline = time.monotonic() + limit
+    while True:
+        waiting = {d: info[0] for d in DAEMONS if (info := await queue_info(connection, settings.queue(d)))}
+        if not any(waiting.values()):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"queues not drained {limit:.0f} s after the last stage: {waiting}")
+        check_fleet(fleet)
+        await asyncio.sleep(0.2)
+
+
 # --- the run -------------------------------------------------------------------------------------
 PAGE = 4096  # a file takes whole pages (blocks) of its file system: tiny files cost 4 kB each
 COPIES = 5  # landing, ingest's disk, the offsite disk, the tape library, the limits' cp -r
@@ -490,6 +505,7 @@ async def run_night(
             if connection.is_closed or not connection.connected.is_set():  # e.g. the broker restarted
                 raise BenchError(f"lost the broker connection, figures void: {exc!r}") from exc
             raise
+        await drain(connection, settings, fleet)
         await asyncio.sleep(0.6)  # a last sample of every daemon's CPU
         cpu1 = {name: s.cpu for name, s in samplers.items()} | others_cpu(clock, postgres)
     finally:
@@ -518,32 +534,38 @@ async def run_night(
     }  # fmt: skip
 
 
-async def bus_traffic(settings: Settings, wait: float = 6.0) -> dict[str, Any] | None:
+async def bus_traffic(settings: Settings, wait: float = 6.0, tries: int = 6) -> dict[str, Any] | None:
     """Messages the night published on its exchange, and enqueued and delivered per queue, from
-    the management API (its statistics lag by up to 5 s: read after ``wait``). None when the API
-    does not answer: the figure is left out, the night stands."""
-    await asyncio.sleep(wait)
+    the management API. Its statistics are collected every 5 s, later on a busy broker: read after
+    ``wait`` and again each ``wait`` until two reads agree. None when the API does not answer: the
+    figure is left out, the night stands."""
     endpoint = endpoint_for(settings.bus)
-    try:
-        async with ManagementClient(endpoint, timeout=10) as client:
-            v = endpoint.vhost_q
-            exchanges = await client.listing(f"exchanges/{v}?columns=name,message_stats")
-            queues = await client.listing(f"queues/{v}?columns=name,message_stats")
-    except ManagementUnreachable as exc:
-        say(f"bus traffic not measured: {exc.detail}")
-        return None
     prefix = settings.bus.queue_prefix + "."
-    per_queue = {
-        q["name"][len(prefix):]: {"enqueued": q.get("message_stats", {}).get("publish", 0),
-                                  "delivered": q.get("message_stats", {}).get("deliver_get", 0)}
-        for q in queues if q["name"].startswith(prefix)
-    }  # fmt: skip
-    ours = [e for e in exchanges if e["name"] == settings.bus.exchange]
-    published = sum(e.get("message_stats", {}).get("publish_in", 0) for e in ours)
-    return {
-        "published": published,
-        "queues": {k: v for k, v in sorted(per_queue.items()) if v["enqueued"] or v["delivered"]},
-    }
+    last: dict[str, Any] | None = None
+    for _ in range(tries):
+        await asyncio.sleep(wait)
+        try:
+            async with ManagementClient(endpoint, timeout=10) as client:
+                v = endpoint.vhost_q
+                exchanges = await client.listing(f"exchanges/{v}?columns=name,message_stats")
+                queues = await client.listing(f"queues/{v}?columns=name,message_stats")
+        except ManagementUnreachable as exc:
+            say(f"bus traffic not measured: {exc.detail}")
+            return None
+        per_queue = {
+            q["name"][len(prefix):]: {"enqueued": q.get("message_stats", {}).get("publish", 0),
+                                      "delivered": q.get("message_stats", {}).get("deliver_get", 0)}
+            for q in queues if q["name"].startswith(prefix)
+        }  # fmt: skip
+        ours = [e for e in exchanges if e["name"] == settings.bus.exchange]
+        read = {
+            "published": sum(e.get("message_stats", {}).get("publish_in", 0) for e in ours),
+            "queues": {k: v for k, v in sorted(per_queue.items()) if v["enqueued"] or v["delivered"]},
+        }
+        if read == last:
+            break
+        last = read
+    return last
 
 
 async def tape_time(settings: Settings, scale: float, data_bytes: int) -> dict[str, float]:

@@ -128,6 +128,12 @@ class CatalogueSettings(_Strict):
     batch_size: int = Field(default=256, ge=1)
     batch_wait: float = Field(default=0.01, ge=0)
     echo: bool = False
+    # Each daemon process holds a lease in the catalogue, renewed every third of this (seconds).
+    # Work an instance holds (a tape copy being written, a recall file being read, a new name being
+    # ingested) is taken over by another instance of the daemon once the lease has run out, so
+    # this is how long a killed instance's work waits. Nodes' clocks must agree to well within it
+    # (NTP). ``common.instance``.
+    lease_seconds: float = Field(default=30.0, ge=3.0, le=3600.0)
     # PostgreSQL TLS, as libpq names it (the same keys may be given in the URL's query instead:
     # ``?sslmode=verify-full&sslrootcert=/etc/spool/pg-ca.pem``). sslmode: disable | allow |
     # prefer | require | verify-ca | verify-full; sslrootcert: the CA file that signs the server's

@@ -10,6 +10,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
     await catalogue.endpoints.set_health(...)       # storage endpoints, state and health
     await catalogue.history.record_failure(...)     # requests' outcomes, files' events
     await catalogue.queries.show_file(name)         # read views for the CLI and the monitor
+    await catalogue.instances.renew(id, now, until)  # daemon instances' leases (several nodes)
 
 A repository (``common.catalogue.repositories``) holds no SQL: it names a function of its domain's
 module (``common.catalogue.ingest``, ``replication``, ...) and the transaction to run it in.
@@ -69,6 +70,7 @@ from common.catalogue.replication import (
 from common.catalogue.repositories.endpoints import EndpointRepository
 from common.catalogue.repositories.history import HistoryRepository
 from common.catalogue.repositories.ingest import IngestRepository
+from common.catalogue.repositories.instances import InstanceRepository
 from common.catalogue.repositories.outbox import OutboxRepository
 from common.catalogue.repositories.queries import QueryRepository
 from common.catalogue.repositories.recall import RecallRepository
@@ -143,6 +145,7 @@ class Catalogue:
         self.endpoints = EndpointRepository(self)
         self.history = HistoryRepository(self)
         self.queries = QueryRepository(self)
+        self.instances = InstanceRepository(self)
 
     # --- transactions (for repositories; and for tests that look at rows directly) -------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

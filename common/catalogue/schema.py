@@ -55,6 +55,7 @@ NAMING_CONVENTION = {
 MAX_NAME = 1024
 MAX_META_KEY = 128
 MAX_META_STR = 512
+MAX_HOLDER = 200  # an instance id: daemon@node:pid:random (node <= 128)
 
 # BIGSERIAL on PostgreSQL, the rowid alias ("INTEGER PRIMARY KEY") on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -199,6 +200,8 @@ class Replica(Base):
     tombstone: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Priority of the copy request, kept so parked ("waiting") copies are re-sent in order.
     priority: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    # The instance (``instances.id``) writing a tape copy ``archiving``; NULL otherwise.
+    holder: Mapped[str | None] = mapped_column(String(MAX_HOLDER))
 
 
 # A tape pool's queue in write order (``catalogue.tape.queue_head``: state, then priority, age):
@@ -238,6 +241,43 @@ class RuleDeclaration(Base):
     rule_id: Mapped[str] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"), primary_key=True)
     node: Mapped[str] = mapped_column(String(128), primary_key=True)  # ``Settings.node``
     declared: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Instance(Base):
+    """A running daemon process holding a lease (``common.catalogue.instances``): work it holds
+    (a tape copy ``archiving``, a recall file ``staging``, an ingest name claim) is its own while
+    ``expires`` is in the future; after that, another instance of the daemon settles it."""
+
+    __tablename__ = "instances"
+    __table_args__ = (Index(None, "daemon", "expires"),)
+
+    id: Mapped[str] = mapped_column(String(MAX_HOLDER), primary_key=True)  # daemon@node:pid:random
+    daemon: Mapped[str] = mapped_column(String(32))
+    node: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    started: Mapped[datetime] = mapped_column(UTCDateTime)
+    renewed: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class IngestClaim(Base):
+    """An ingest instance copying a new name: the others leave that name alone while it lives."""
+
+    __tablename__ = "ingest_claims"
+
+    name: Mapped[str] = mapped_column(Name, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(MAX_HOLDER))
+    claimed: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RoleLease(Base):
+    """One holder of a role at a time (the monitor's active instance), until ``expires``."""
+
+    __tablename__ = "role_leases"
+
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(MAX_HOLDER))
+    expires: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Lock(Base):
@@ -296,6 +336,8 @@ class RecallFile(Base):
     updated: Mapped[datetime] = mapped_column(UTCDateTime)
     # file.recalled was published (outbox flag, as ``Recall.announced``).
     announced: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The instance (``instances.id``) reading a file ``staging``; NULL otherwise.
+    holder: Mapped[str | None] = mapped_column(String(MAX_HOLDER))
 
 
 class Request(Base):
@@ -361,4 +403,7 @@ rule_declarations = cast(Table, RuleDeclaration.__table__)
 recalls = cast(Table, Recall.__table__)
 recall_files = cast(Table, RecallFile.__table__)
 locks = cast(Table, Lock.__table__)
+instances = cast(Table, Instance.__table__)
+ingest_claims = cast(Table, IngestClaim.__table__)
+role_leases = cast(Table, RoleLease.__table__)
 outbox = cast(Table, OutboxRow.__table__)

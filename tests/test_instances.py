@@ -1,0 +1,97 @@
+"""Instances of a daemon sharing one catalogue (``common.catalogue.instances``,
+``common.instance``): leases, who counts as dead, roles held by one instance at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from sqlalchemy import insert, select
+
+from common.catalogue import Catalogue
+from common.catalogue import instances as db
+from common.catalogue.schema import ingest_claims
+from common.catalogue.sql import utcnow
+from common.instance import InstanceLease, held_lease
+from tests.catalogue_fixtures import catalogue, catalogue_url
+
+FIXTURES = (catalogue, catalogue_url)  # every test runs on SQLite and on PostgreSQL
+
+
+async def test_a_lease_renewed_in_time_stands_and_one_that_ran_out_is_lost(catalogue: Catalogue) -> None:
+    stops: list[str] = []
+    lease = InstanceLease(catalogue, "tape", "node-a", 3.0, on_lost=lambda: stops.append("stop"))
+    await lease.start()
+    try:
+        assert lease.id.startswith("tape@node-a:") and lease.valid()
+        assert [i.id for i in await catalogue.instances.listing("tape")] == [lease.id]
+        assert await lease.renew() and stops == []
+        # The process paused past its lease (or the catalogue was unreachable): another instance may
+        # already be settling its work, so the lease is not renewed but lost, and the process stops.
+        now = utcnow()
+        await catalogue.instances.renew(lease.id, now, now - timedelta(seconds=1))
+        assert not await lease.renew()
+        assert stops == ["stop"] and lease.lost and not lease.valid()
+        assert not await lease.renew() and stops == ["stop"]  # said once
+    finally:
+        await lease.stop()
+    # A lost lease's row stays (expired) for the successor to see as dead; pruning removes it.
+    assert await catalogue.instances.live_ids("tape", utcnow()) == []
+    assert await catalogue.instances.prune(utcnow() + timedelta(seconds=1)) == 1
+
+
+async def test_a_clean_stop_hands_over_at_once(catalogue: Catalogue) -> None:
+    async with (
+        held_lease(catalogue, "ingest", "node-a", 30.0) as a,
+        held_lease(catalogue, "ingest", "node-b", 30.0) as b,
+    ):
+        assert a.id != b.id
+        assert await catalogue.instances.live_ids("ingest", utcnow()) == sorted([a.id, b.id])
+        assert await catalogue.instances.live_ids("tape", utcnow()) == []
+    assert await catalogue.instances.listing() == []
+
+
+async def test_work_of_dead_missing_and_no_holders_is_settleable_a_live_ones_is_not(
+    catalogue: Catalogue,
+) -> None:
+    async with held_lease(catalogue, "ingest", "node-a", 30.0) as alive:
+        dead = InstanceLease(catalogue, "ingest", "node-b", 3.0, on_lost=lambda: None)
+        await dead.start()
+        await dead.stop()  # gone at once
+        expired = InstanceLease(catalogue, "ingest", "node-c", 3.0, on_lost=lambda: None)
+        await expired.start()
+        now = utcnow()
+        await catalogue.instances.renew(expired.id, now, now - timedelta(seconds=1))
+
+        def settleable(conn):  # type: ignore[no-untyped-def]
+            conn.execute(insert(ingest_claims), [
+                {"name": name, "holder": holder, "claimed": now}
+                for name, holder in [("a", alive.id), ("b", dead.id), ("c", expired.id), ("d", "unknown")]
+            ])  # fmt: skip
+            stmt = select(ingest_claims.c.name).where(db.held_by_dead(ingest_claims.c.holder, utcnow()))
+            return sorted(conn.scalars(stmt))
+
+        assert await catalogue.write(settleable) == ["b", "c", "d"]
+        await expired.stop()
+
+
+async def test_a_role_has_one_holder_until_released_or_expired(catalogue: Catalogue) -> None:
+    now = utcnow()
+    later = now + timedelta(seconds=30)
+    results = await asyncio.gather(
+        *(catalogue.instances.claim_role("monitor", f"m{i}", now, later) for i in range(4))
+    )
+    assert sorted(results) == [False, False, False, True]
+    holder = await catalogue.instances.role_holder("monitor", now)
+    assert holder == f"m{results.index(True)}"
+    other = "m0" if holder != "m0" else "m1"
+    assert await catalogue.instances.claim_role("monitor", holder, now, later)  # renewing its own
+    assert not await catalogue.instances.claim_role("monitor", other, now, later)
+    # Expired: the next claimant takes it; the old holder's release then leaves the new one alone.
+    assert await catalogue.instances.claim_role(
+        "monitor", other, later + timedelta(seconds=1), later + timedelta(seconds=60)
+    )
+    await catalogue.instances.release_role("monitor", holder)
+    assert await catalogue.instances.role_holder("monitor", later + timedelta(seconds=2)) == other
+    await catalogue.instances.release_role("monitor", other)
+    assert await catalogue.instances.role_holder("monitor", now) is None

@@ -190,6 +190,11 @@ REASONS: dict[str, Reason] = _registry(
     _r("mount_failed", "retryable", "the cartridge did not load (it is back in its slot)"),
     _r("naive_timestamp", "refused", "a fact's time has no UTC offset"),
     _r(
+        "name_being_ingested",
+        "retryable",
+        "another ingest instance is copying this new name; by the retry it is registered",
+    ),
+    _r(
         "name_conflict",
         "permanent",
         "the logical name is registered with another size or checksum (never overwritten)",

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Column, Connection, text
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
+from common.catalogue import ingest_claims
 from common.catalogue import schema as s
 from common.catalogue.filters import typed_value
 from common.catalogue.models import FileInfo, IngestRecord, Outcome, RegisterOutcome
@@ -217,6 +218,7 @@ def register(conn: Connection, records: Sequence[IngestRecord]) -> list[Register
     dups = [d.record for d in decisions if d.outcome == "duplicate"]
     if new:
         file_ids.update(_insert_files(conn, new, now))
+        ingest_claims.drop_registered(conn, [r.name for r in new])
     if new or dups:
         _record_requests_and_events(conn, new, dups, now)
     pfns = _replica_pfns(conn, decisions, file_ids)

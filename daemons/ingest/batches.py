@@ -6,6 +6,7 @@ daemon makes one catalogue read, one ``syncfs`` and one transaction for hundreds
 The resources come first, bound with ``functools.partial``: the batcher passes only the items.
 
 - ``lookup``: what each event id was recorded as, and the file registered under each name;
+- ``claim``: new names claimed for this instance before their copy (``catalogue.ingest_claims``);
 - ``durable_register``: group commit of the batch's copies, then one registration transaction;
 - ``request_copies``: the copies the replication rules want, locked, and their requests
   published: the one place ingest asks for copies, disk and tape.
@@ -20,6 +21,8 @@ from typing import Any
 from common.bus.publisher import Publisher
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
 from common.catalogue import ingest as db
+from common.catalogue.sql import utcnow
+from common.instance import InstanceLease
 from common.placement import BULK, RuleBook, publish_wanted
 from common.storage import PosixStorage, StorageBackend
 
@@ -42,6 +45,13 @@ async def lookup(catalogue: Catalogue, keys: Sequence[tuple[str, str]]) -> list[
     ids, names = [k[0] for k in keys], [k[1] for k in keys]
     prior, files = await catalogue.ingest.prior_requests(ids, names)
     return [Known(prior.get(i), files.get(n)) for i, n in keys]
+
+
+async def claim(catalogue: Catalogue, instance: InstanceLease, names: Sequence[str]) -> list[str | None]:
+    """Claim new names before copying them, in one transaction: None for a name now this
+    instance's, else the live instance that holds it."""
+    refused = await catalogue.ingest.claim_names(names, instance.id, utcnow())
+    return [refused.get(n) for n in names]
 
 
 async def durable_register(

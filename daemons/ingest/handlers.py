@@ -10,9 +10,14 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
                                                                    -> id used for another file:
                                                                       id_conflict
                                                                    -> other checksum: name_conflict
-3. copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
+3. a new name: claim it for this instance (batched; ``catalogue.ingest_claims``)
+                                                                   -> claimed by another live
+                                                                      instance: name_being_ingested
+                                                                      (retried; by then registered)
+   copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
    (remote: the checksum read here, uploaded to a temporary name, the server's checksum, renamed)
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
+   (the name's claim removed in it; a failed attempt releases it)
 5. evaluate the replication rules: lock the copies they want      -> batched, one transaction,
    and publish the requests for the missing ones (bulk for disk)     then one publication
 6. publish ``file.ingested``, then the runner acks.
@@ -58,8 +63,11 @@ from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
 from common.catalogue.engine import WRITER_CACHE_KIB
+from common.catalogue.ingest_claims import REGISTERED
+from common.catalogue.sql import utcnow
 from common.config import Settings
-from common.errors import Permanent, SpoolError
+from common.errors import Permanent, Retryable, SpoolError
+from common.instance import InstanceLease
 from common.logging import get_logger
 from common.messages import FileIngested, FileReady, Message, fact_id
 from common.placement import RuleBook, sync_config_rules
@@ -84,6 +92,9 @@ class IngestResources:
     storage: StorageBackend
     storage_name: str
     lookups: MicroBatcher[tuple[str, str], Known]
+    # This process as one of several ingest instances (its lease), and the claims on new names.
+    instance: InstanceLease
+    claims: MicroBatcher[str, str | None]
     registrar: MicroBatcher[IngestRecord, RegisterOutcome]
     # A registered file -> the copies its replication rules want, locked and requested.
     planner: MicroBatcher[batches.PlanItem, None]
@@ -118,6 +129,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     try:
         await catalogue.endpoints.sync(settings.storage)
         await sync_config_rules(catalogue, settings)
+        instance = InstanceLease(catalogue, "ingest", settings.node, settings.catalogue.lease_seconds)
+        await instance.start()
+        dropped = await catalogue.ingest.drop_dead_claims(utcnow())
+        if dropped:
+            log.info("dead_instances_claims_dropped", count=dropped)
         rulebook = RuleBook(catalogue, settings)
         storage_name, endpoint = settings.first_disk()
         storage = open_storage(storage_name, endpoint)
@@ -134,6 +150,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         batch = settings.catalogue
         per_file_fsync = endpoint.durability == "file"
         lookup = partial(batches.lookup, catalogue)
+        claim = partial(batches.claim, catalogue, instance)
         durable_register = partial(batches.durable_register, catalogue, storage, per_file_fsync)
         request_copies = partial(batches.request_copies, rulebook, publisher)
         resources = IngestResources(
@@ -141,6 +158,8 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             storage=storage,
             storage_name=storage_name,
             lookups=MicroBatcher(lookup, max_size=batch.batch_size, max_wait=batch.batch_wait),
+            instance=instance,
+            claims=MicroBatcher(claim, max_size=batch.batch_size, max_wait=batch.batch_wait),
             registrar=MicroBatcher(durable_register, max_size=batch.batch_size, max_wait=batch.batch_wait),
             planner=MicroBatcher(request_copies, max_size=batch.batch_size, max_wait=batch.batch_wait),
             rulebook=rulebook,
@@ -159,8 +178,10 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             await asyncio.gather(starting, *([sweeping] if sweeping else []), return_exceptions=True)
             await resources.planner.close()
             await resources.registrar.close()
+            await resources.claims.close()
             await resources.lookups.close()
             await storage.aclose()
+            await instance.stop()
     finally:
         await catalogue.close()
 
@@ -272,6 +293,27 @@ async def _ingest_locked(
         # Same content again: record the event id as done (through registration) and re-publish.
         size, adler32 = known.file.size, known.file.adler32
         return await _register(msg, ctx, located, name, size, adler32, copied=False)
+    holder = await res.claims.submit(name)
+    if holder == REGISTERED:  # by another instance since our look-up: the retry's look-up decides
+        raise Retryable(
+            "name_being_ingested", f"{name!r} was registered by another ingest instance meanwhile"
+        )
+    if holder is not None:
+        raise Retryable(
+            "name_being_ingested",
+            f"{name!r} is being copied by another ingest instance ({holder}); retried once it is registered",
+        )
+    try:
+        return await _copy_and_register(msg, ctx, located, name)
+    except BaseException:
+        await _release_claim(ctx, name)
+        raise
+
+
+async def _copy_and_register(
+    msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
+) -> FileInfo:
+    res = ctx.resources
     if isinstance(res.storage, PosixStorage):
         copied = await res.storage.put_from(
             located.source,
@@ -329,6 +371,17 @@ async def _register(
             await _remove_unregistered(ctx, name)
         raise
     return outcome.file
+
+
+async def _release_claim(ctx: Context[IngestResources], name: str) -> None:
+    """A claimed name not registered: let another attempt (ours or another instance's) claim it.
+    A registration removes the claim in its own transaction; a release that fails leaves the claim
+    to this instance's retry, or to the others once this instance's lease has run out."""
+    res = ctx.resources
+    try:
+        await res.catalogue.ingest.release_names([name], res.instance.id)
+    except Exception as exc:
+        ctx.log.warning("ingest_claim_not_released", name=name, error=repr(exc))
 
 
 async def _remove_unregistered(ctx: Context[IngestResources], name: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from common.catalogue import ingest as db
+from common.catalogue import ingest_claims
 from common.catalogue.models import FileInfo, IngestRecord, RegisterOutcome
 from common.catalogue.repositories import Repository
 
@@ -34,3 +36,14 @@ class IngestRepository(Repository):
         if not records:
             return []
         return await self._catalogue.write(db.register, records)
+
+    async def claim_names(self, names: Sequence[str], holder: str, now: datetime) -> dict[str, str]:
+        """Claim new names before copying them; the refused ones with their live holders
+        (``common.catalogue.ingest_claims``)."""
+        return await self._catalogue.write(ingest_claims.claim, names, holder, now)
+
+    async def release_names(self, names: Sequence[str], holder: str) -> None:
+        await self._catalogue.write(ingest_claims.release, names, holder)
+
+    async def drop_dead_claims(self, now: datetime) -> int:
+        return await self._catalogue.write(ingest_claims.drop_dead, now)

@@ -85,6 +85,7 @@ REPLICA_CONSTANTS: Mapping[str, Any] = {
     "member_offset": None,
     "tombstone": None,
     "priority": _scalar_default(s.replicas.c.priority),
+    "holder": None,
 }
 REQUEST_COLUMNS = ("id", "name", "path", "dataset", "attempts")
 REQUEST_CONSTANTS: Mapping[str, Any] = {"kind": "ingest", "state": "done", "reason": None, "error": None}

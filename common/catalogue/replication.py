@@ -99,11 +99,13 @@ _KEY_SHARE_FILES_SQL = "SELECT id FROM files WHERE id IN ({}) ORDER BY id FOR KE
 LOCK_COLUMNS = ("rule_id", "file_id", "storage_id", "expires")
 QUEUED_COLUMNS = ("file_id", "storage_id", "pfn", "priority")
 QUEUED_CONSTANTS: Mapping[str, Any] = {
-    "state": "queued", "cartridge": None, "fseq": None, "member_offset": None, "tombstone": None
+    "state": "queued", "cartridge": None, "fseq": None, "member_offset": None, "tombstone": None,
+    "holder": None,
 }  # fmt: skip
 COPY_COLUMNS = ("file_id", "storage_id", "pfn")
 COPY_CONSTANTS: Mapping[str, Any] = {
-    "state": "available", "cartridge": None, "fseq": None, "member_offset": None, "priority": 3
+    "state": "available", "cartridge": None, "fseq": None, "member_offset": None, "priority": 3,
+    "holder": None,
 }  # fmt: skip
 # A copy that had a row (queued, waiting, bad...) keeps its created, priority and any tombstone.
 COPY_UPDATE = ("state", "pfn", "updated")

@@ -5,6 +5,12 @@ lease of ``catalogue.lease_seconds``, renewed every third of it; the work it tak
 its id (``InstanceLease.id``), and another instance settles that work only once the lease has run
 out. A clean stop removes the row, handing what is left over at once.
 
+An instance starting forgets the rows of earlier instances of its daemon on its node whose
+process no longer exists (``forget_dead_predecessors``): a daemon restarted by systemd after a
+kill takes its predecessor's work over at once instead of after the lease. This relies on node
+names being unique per process namespace (the default, the host name, is; two containers on one
+host each have their own).
+
 A lease that could not be renewed in time is lost for good: another instance may already have
 taken its work over. The instance then stops (``instance_lease_lost``, SIGTERM to itself: the
 runner's ordinary stop; systemd starts it again as a new instance) rather than finish work that
@@ -40,6 +46,16 @@ def new_instance_id(daemon: str, node: str) -> str:
     return f"{daemon}@{node}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
 def _stop_this_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -63,6 +79,7 @@ class InstanceLease:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self.forget_dead_predecessors()
         now = utcnow()
         self.expires = now + self.lease
         info = InstanceInfo(self.id, self.daemon, self.node, os.getpid(), now, now, self.expires)
@@ -72,6 +89,18 @@ class InstanceLease:
             every(self.lease.total_seconds() / 3, self.renew, name="instance_lease", log=log)
         )
 
+    async def forget_dead_predecessors(self) -> list[str]:
+        """Forget earlier instances of this daemon on this node whose process is gone."""
+        gone = [
+            i.id for i in await self.catalogue.instances.listing(self.daemon)
+            if i.node == self.node and i.id != self.id and not _process_exists(i.pid)
+        ]  # fmt: skip
+        for instance_id in gone:
+            await self.catalogue.instances.forget(instance_id)
+        if gone:
+            log.info("dead_predecessors_forgotten", instances=gone)
+        return gone
+
     async def renew(self) -> bool:
         """One renewal; False (and the instance stopping) once the lease is lost."""
         if self.lost:
@@ -80,6 +109,8 @@ class InstanceLease:
         if await self.catalogue.instances.renew(self.id, now, now + self.lease):
             self.expires = now + self.lease
             return True
+        if self.lost:  # a concurrent renewal found it lost first and said so
+            return False
         self.lost = True
         log.error(
             "instance_lease_lost", instance=self.id,

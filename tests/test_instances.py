@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 from sqlalchemy import insert, select
@@ -95,3 +98,26 @@ async def test_a_role_has_one_holder_until_released_or_expired(catalogue: Catalo
     assert await catalogue.instances.role_holder("monitor", later + timedelta(seconds=2)) == other
     await catalogue.instances.release_role("monitor", other)
     assert await catalogue.instances.role_holder("monitor", now) is None
+
+
+async def test_a_restarted_instance_forgets_its_nodes_dead_predecessors_only(catalogue: Catalogue) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid, now = int(gone.stdout), utcnow()
+    later = now + timedelta(seconds=300)
+    rows = {
+        "dead-here": ("tape", "node-a", dead_pid),  # killed on this node: forgotten at once
+        "alive-here": ("tape", "node-a", os.getpid()),  # a neighbour process on this node
+        "dead-elsewhere": ("tape", "node-b", dead_pid),  # another node's pid means nothing here
+        "other-daemon": ("ingest", "node-a", dead_pid),
+    }
+    for instance_id, (daemon, node, pid) in rows.items():
+        await catalogue.instances.register(db.InstanceInfo(instance_id, daemon, node, pid, now, now, later))
+    lease = InstanceLease(catalogue, "tape", "node-a", 30.0)
+    await lease.start()
+    try:
+        left = {i.id for i in await catalogue.instances.listing()}
+        assert left == {"alive-here", "dead-elsewhere", "other-daemon", lease.id}
+    finally:
+        await lease.stop()

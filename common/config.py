@@ -182,8 +182,9 @@ class StorageEndpoint(_Strict):
     # with ``Source:`` (its server fetches; the default, what dCache and XrdHttp do best); "push":
     # COPY on the source with ``Destination:`` (for a destination that cannot fetch).
     tpc_mode: Literal["pull", "push"] = "pull"
-    # Remote backends: a transfer with no progress for this long is cancelled as stalled (a hung
-    # server, a third-party copy whose performance markers stopped moving), whatever its deadline.
+    # A transfer with no progress for this long is cancelled as stalled and retried (remote: a hung
+    # server, a third-party copy whose performance markers stopped moving, whatever its deadline;
+    # posix: a copy process that answers none of its waiting batches is killed and abandoned).
     stall_seconds: float = Field(default=120.0, gt=0)
     # Remote backends: a bearer token read from this file (re-read when the file changes).
     token_file: Path | None = None

@@ -453,3 +453,31 @@ def test_the_copier_imports_neither_pydantic_nor_the_daemon_stack() -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+async def test_a_stalled_copier_is_abandoned_its_copies_retried_and_the_next_batch_served(
+    tmp_path: Path, landing: Path
+) -> None:
+    # The finding: copy processes frozen for over a minute held 300 files in flight with no
+    # end. A copier that answers none of its waiting batches for stall_seconds is killed without
+    # waiting on it, its copies fail retryably, and a new one serves the next batch.
+    storage = PosixStorage("disk1", StorageEndpoint(root=tmp_path / "disk1", stall_seconds=1.0))
+    try:
+        src, data, pid = await started_copier(storage, landing)
+        await asyncio.sleep(1.5)  # idle longer than stall_seconds: nothing waits, nothing is stalled
+        assert alive(pid)
+        os.kill(pid, signal.SIGSTOP)  # frozen (a hung file system looks the same from here)
+        t0 = time.monotonic()
+        batch = [asyncio.create_task(put(storage, src, data, f"x/held{i}.dat")) for i in range(5)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 10)
+        waited = time.monotonic() - t0
+        for err in outcomes:
+            assert isinstance(err, Retryable), err
+            assert err.reason == "transfer_timeout"
+            assert "stalled" in err.message and "abandoned" in err.message
+        assert 1.0 <= waited < 5.0, waited
+        assert wait_gone(pid)
+        res = await put(storage, src, data, "x/after.dat")
+        assert res.path.read_bytes() == data and copier_pid(storage) != pid
+    finally:
+        storage.close()

@@ -29,6 +29,11 @@ Lifetime and faults:
 - When it dies during a batch (killed, out of memory), every copy of that batch fails with
   ``Retryable("storage_io_error")`` and the next batch starts a new process. A temporary file the
   dead process was writing stays until the next start-up's ``cleanup_temp``.
+- When it stops answering — stopped (SIGSTOP), stuck in a hung file system, looping — for
+  ``stall_seconds`` (the endpoint's setting) while batches wait, it is **abandoned**: killed
+  without waiting for it to exit (a process in uninterruptible sleep does not die until its I/O
+  returns; it is reaped in a thread), every waiting copy fails ``Retryable("transfer_timeout")``
+  and the next batch starts a new process. The retry copies again; nothing waits on the stuck one.
 - Its log lines (JSON on stderr, which it shares with the daemon) carry ``process="copier"``.
 
 What does not cross: monkeypatches of the copy engine's modules (``copy_engine``, ``kernel``,
@@ -78,6 +83,7 @@ CHILD_COMMAND = (
     "sys.modules.setdefault('rich', None); "
     "from common.storage.copy_process import main; main()"
 )
+log = structlog.get_logger("spool.storage")
 START_TIMEOUT = 30.0  # seconds for the child to import and answer "ready" (a loaded machine)
 _IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
 
@@ -121,7 +127,14 @@ class CopyProcess:
     is already in the pipe when the process finishes one.
     """
 
-    def __init__(self, name: str, endpoint: EngineEndpoint, chunk_size: int) -> None:
+    def __init__(
+        self, name: str, endpoint: EngineEndpoint, chunk_size: int, stall_seconds: float = 120.0
+    ) -> None:
+        self.stall_seconds = stall_seconds
+        # When the process last showed progress: its last answer, or a send with nothing waiting
+        # (the head batch's wait starts then). Read by the watchdog (``_watch``).
+        self._progress = 0.0
+        self._watchdog: asyncio.Task[None] | None = None
         self._hello = {
             "name": name, "root": os.fspath(endpoint.root), "min_free_bytes": endpoint.min_free_bytes,
             "chunk_size": chunk_size,
@@ -185,6 +198,8 @@ class CopyProcess:
             try:
                 await self._start_if_stopped()
                 assert self._writer is not None
+                if not self._waiting:
+                    self._progress = asyncio.get_running_loop().time()
                 self._waiting.append((answer, len(jobs)))
                 self._writer.write(_frame(jobs))  # msgpack writes tuples as arrays: no copies
                 await self._writer.drain()
@@ -198,6 +213,7 @@ class CopyProcess:
         try:
             while True:
                 outcomes = await self._read()
+                self._progress = asyncio.get_running_loop().time()
                 answer, jobs = self._waiting.popleft()
                 if len(outcomes) != jobs:  # a protocol bug: never pair answers with the wrong copies
                     self._fail("answered out of step", extra=answer, jobs=jobs)
@@ -209,14 +225,37 @@ class CopyProcess:
         except Exception as exc:  # a bug (an answer that does not decode): nobody waits for ever
             self._fail(f"unreadable answer: {type(exc).__name__}: {exc}")
 
-    def _fail(self, why: str, *, extra: asyncio.Future[list[Any]] | None = None, jobs: int = 0) -> None:
-        """The process is gone or out of step: every batch waiting fails, each copy ``Retryable``."""
+    async def _watch(self) -> None:
+        """Abandon the process when batches wait and it has shown no progress for ``stall_seconds``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_seconds / 4))
+            idle = loop.time() - self._progress
+            if self._waiting and idle > self.stall_seconds:
+                log.error(
+                    "copy_process_stalled", storage=self._hello["name"], pid=self.pid,
+                    seconds=round(idle, 1), batches=len(self._waiting),
+                )  # fmt: skip
+                self._fail(f"stalled: no answer for {idle:.0f} s", reason="transfer_timeout", abandon=True)
+                return
+
+    def _fail(
+        self,
+        why: str,
+        *,
+        extra: asyncio.Future[list[Any]] | None = None,
+        jobs: int = 0,
+        reason: str = "storage_io_error",
+        abandon: bool = False,
+    ) -> None:
+        """The process is gone, out of step or stalled: every batch waiting fails, each copy
+        ``Retryable`` (``reason``)."""
         waiting = list(self._waiting)
         self._waiting.clear()
         if extra is not None and all(extra is not a for a, _ in waiting):
             waiting.append((extra, jobs))
-        what = self._stop(why, from_reader=asyncio.current_task() is self._answers)
-        error = Retryable("storage_io_error", f"the copy process of {self._hello['name']} {what}")
+        what = self._stop(why, from_reader=asyncio.current_task() is self._answers, abandon=abandon)
+        error = Retryable(reason, f"the copy process of {self._hello['name']} {what}")
         for answer, n in waiting:
             if not answer.done():
                 answer.set_result([Failed(error) for _ in range(n)])
@@ -247,13 +286,21 @@ class CopyProcess:
         if answer != "ready":
             raise EOFError(f"unexpected greeting {answer!r}")
         self._answers = asyncio.ensure_future(self._read_answers())
+        self._watchdog = asyncio.ensure_future(self._watch())
 
-    def _stop(self, why: str, *, from_reader: bool = False) -> str:
-        """Close the pipes and make sure the process is gone; returns what happened, for errors."""
+    def _stop(self, why: str, *, from_reader: bool = False, abandon: bool = False) -> str:
+        """Close the pipes and make sure the process is gone (``abandon``: killed, not waited
+        for); returns what happened, for errors."""
         proc, self._proc = self._proc, None
         answers, self._answers = self._answers, None
         if answers is not None and not from_reader:
             answers.cancel()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and not (abandon and not watchdog.done()):  # abandon: from the watchdog
+            try:
+                watchdog.cancel()
+            except RuntimeError:  # its event loop is closed (sync teardown): nothing runs it
+                pass
         writer, self._writer = self._writer, None
         pairs = [  # each transport with the pipe it was made on
             (writer.transport if writer else None, proc.stdin if proc else None),
@@ -286,6 +333,10 @@ class CopyProcess:
                 os.close(null)
         if proc is None:
             return why
+        if abandon:
+            proc.kill()  # even a stopped process dies; one in a hung file system when its I/O returns
+            threading.Thread(target=proc.wait, name="reap-copy-process", daemon=True).start()
+            return f"failed ({why}; the process {proc.pid} was killed and abandoned)"
         try:
             code = proc.wait(timeout=2)  # stdin closed: it exits after its current operation
         except subprocess.TimeoutExpired:

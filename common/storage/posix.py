@@ -588,7 +588,9 @@ class PosixStorage:
         if self.endpoint.small_copies != "process":
             return
         if not self._copiers:
-            self._copiers.append(CopyProcess(self.name, self.endpoint, self.chunk_size))
+            self._copiers.append(
+                self._new_copier()
+            )
         copier = self._copiers[0]
         try:
             await copier.start()
@@ -596,13 +598,16 @@ class PosixStorage:
             log.warning("copy_process_start_failed", storage=self.name, error=f"{type(exc).__name__}: {exc}")
             copier.close()
 
+    def _new_copier(self) -> CopyProcess:
+        return CopyProcess(self.name, self.endpoint, self.chunk_size, self.endpoint.stall_seconds)
+
     def _least_busy_copier(self) -> CopyProcess:
         """The copy process with the fewest batches in its pipe (a new one while fewer than
         ``copy_processes`` run and every one has work)."""
         idle = min(self._copiers, key=lambda c: c.in_flight, default=None)
         if idle is not None and (idle.in_flight == 0 or len(self._copiers) >= self.endpoint.copy_processes):
             return idle
-        copier = CopyProcess(self.name, self.endpoint, self.chunk_size)
+        copier = self._new_copier()
         self._copiers.append(copier)
         return copier
 

@@ -228,6 +228,7 @@ class Process:
                     "retried_by_reason": dict(runner.stats.retried_by_reason),
                     "dead_by_reason": dict(runner.stats.dead_by_reason),
                     "handling": runner.stats.handling.as_dict(),
+                    **_oldest(runner),
                 },
             )
             try:
@@ -364,3 +365,11 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 async def run_services(services: Sequence[Service], settings: Settings, *, once: bool = False) -> int:
     """Run ``services`` as this process's daemon (``spool run``), garbage collector tuned."""
     return await Process(services, settings, once=once, tune_gc=True).run()
+
+
+def _oldest(runner: Runner) -> dict[str, Any]:
+    """The delivery a handler has held longest: the monitor's ``stalled`` alert reads it."""
+    oldest = runner.oldest_delivery()
+    if oldest is None:
+        return {}
+    return {"oldest_delivery": {"seconds": round(oldest[0], 1), "what": oldest[1][:300]}}

@@ -148,6 +148,36 @@ async def test_heartbeats_name_the_daemon_and_its_counts(settings, broker, topol
     await channel.close()
 
 
+async def test_heartbeats_name_the_delivery_held_longest(settings, broker, topology):
+    """What the monitor calls stalled: a handler holding a delivery, its age growing, named."""
+    channel = await broker.channel()
+    watcher = await channel.declare_queue(exclusive=True)
+    await watcher.bind(settings.bus.exchange, "daemon.heartbeat")
+    service = Service("ingest", describe=lambda msg: {"file": getattr(msg, "path", None)})
+    release = asyncio.Event()
+
+    @service.handler(FileReady)
+    async def hold(msg: FileReady, ctx: Context[None]) -> None:
+        if msg.metadata.get("behave") == "hold":
+            await release.wait()
+
+    async with running([service], settings) as process:
+        await publish_raw(broker, settings, "file.ready", event("ok"))
+        await publish_raw(broker, settings, "file.ready", event("hold", id_="held-1"))
+        await wait_for(lambda: _true(process.runners[0].in_flight == 1))
+        await asyncio.sleep(1.2)
+        while True:  # a heartbeat sent after the hold began
+            beat = msgpack.unpackb((await _get(watcher)).body)
+            oldest = beat["details"].get("oldest_delivery")
+            if oldest and oldest["seconds"] >= 1.0:
+                break
+        assert oldest["what"] == "file.ready held-1 file=/land/hold"
+        release.set()
+        await wait_for(lambda: _true(process.runners[0].in_flight == 0))
+        assert process.runners[0].oldest_delivery() is None
+    await channel.close()
+
+
 async def test_publish_of_an_unroutable_message_is_an_error_not_silence(settings, broker):
     channel = await broker.channel()
     await channel.declare_exchange(settings.bus.exchange, aio_pika.ExchangeType.TOPIC, durable=True)

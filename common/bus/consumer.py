@@ -154,6 +154,9 @@ class Runner:
         self.queue_name = settings.queue(service.name)
         self._limit = asyncio.Semaphore(settings.daemon(service.name).concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # When each running handler took its delivery, and what it is about (insertion order: the
+        # first entry is the oldest): the heartbeats report the oldest, the monitor calls it stalled.
+        self._since: dict[asyncio.Task[Any], tuple[float, str]] = {}
         self._queue: AbstractQueue | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
         # The current channel's ack window (``ack_window``); a new one with each new channel.
@@ -331,6 +334,12 @@ class Runner:
         """Handlers running now (an extension point: see the class docstring)."""
         return len(self._tasks)
 
+    def oldest_delivery(self) -> tuple[float, str] | None:
+        """(seconds held, what) of the delivery held longest by a running handler, or None."""
+        for started, what in self._since.values():
+            return time.monotonic() - started, what
+        return None
+
     # --- per delivery ---------------------------------------------------------------------------
     async def deliver(self, message: DeliveredMessage) -> None:
         """Run the service's handler for one delivery and settle it (an extension point)."""
@@ -347,9 +356,11 @@ class Runner:
         self._tasks.add(task)
         try:
             async with self._limit:
+                self._since[task] = (time.monotonic(), f"{delivery.routing_key} {task.get_name()}")
                 await self._handle(delivery)
         finally:
             self._tasks.discard(task)
+            self._since.pop(task, None)
 
     def _context(
         self,
@@ -393,9 +404,13 @@ class Runner:
         # One binding per message (it is on the hot path): every line logged while handling it,
         # by the handler or by the runner, carries these fields.
         ctx = self._context(attempt, props.correlation_id or msg.id, props.reply_to, sender.user_id)
+        described = self.service.describe(msg)
+        if (task := asyncio.current_task()) in self._since and described:
+            about = " ".join(f"{k}={v}" for k, v in described.items() if v is not None)
+            self._since[task] = (self._since[task][0], f"{routing_key} {msg.id} {about}".rstrip())
         with bound_contextvars(
             daemon=self.service.name, message_id=msg.id, attempt=attempt, correlation_id=ctx.correlation_id,
-            **self.service.describe(msg),
+            **described,
         ):  # fmt: skip
             started = time.perf_counter()
             try:

@@ -13,10 +13,10 @@ from sqlalchemy import insert, select
 
 from common.catalogue import Catalogue
 from common.catalogue import instances as db
-from common.catalogue.schema import ingest_claims
+from common.catalogue.schema import files, ingest_claims, recall_files, recalls, replicas, storage_endpoints
 from common.catalogue.sql import utcnow
 from common.instance import InstanceLease, held_lease
-from tests.catalogue_fixtures import catalogue, catalogue_url
+from tests.catalogue_fixtures import catalogue, catalogue_url, rec
 
 FIXTURES = (catalogue, catalogue_url)  # every test runs on SQLite and on PostgreSQL
 
@@ -121,3 +121,40 @@ async def test_a_restarted_instance_forgets_its_nodes_dead_predecessors_only(cat
         assert left == {"alive-here", "dead-elsewhere", "other-daemon", lease.id}
     finally:
         await lease.stop()
+
+
+async def test_work_in_progress_past_its_limit_is_named_with_its_holder(catalogue: Catalogue) -> None:
+    await catalogue.ingest.register([rec("a"), rec("b"), rec("c")])
+    now = utcnow()
+    old, recent = now - timedelta(seconds=600), now - timedelta(seconds=5)
+
+    def lay(conn):  # type: ignore[no-untyped-def]
+        ids = dict(conn.execute(select(files.c.name, files.c.id)).all())
+        tape = conn.scalar(select(storage_endpoints.c.id).where(storage_endpoints.c.name == "tape1"))
+        conn.execute(insert(replicas), [
+            {"file_id": ids[n], "storage_id": tape, "pfn": n, "state": "archiving", "cartridge": "V00001",
+             "created": old, "updated": upd, "holder": "tape@node-a:12:ab", "priority": 3}
+            for n, upd in (("a", old), ("b", recent))
+        ])  # fmt: skip
+        conn.execute(insert(recalls), [
+            {"id": rid, "state": "active", "destination": "disk1", "priority": 3, "files": 2, "done": 1,
+             "failed": 0, "created": old, "updated": upd, "announced": False}
+            for rid, upd in (("r-old", old), ("r-new", recent))
+        ])  # fmt: skip
+        conn.execute(insert(recall_files), [
+            {"recall_id": "r-old", "name": "c", "file_id": ids["c"], "state": "staging",
+             "cartridge": "V00002", "fseq": 4, "updated": old, "holder": "recall@node-b:34:cd",
+             "announced": False},
+        ])  # fmt: skip
+
+    await catalogue.write(lay)
+    limits = {"tape_write": 300.0, "tape_read": 300.0, "recall": 300.0}
+    found = {w.kind: w for w in await catalogue.instances.stalled_work(limits, now)}
+    assert found.keys() == {"tape_write", "tape_read", "recall"}
+    w = found["tape_write"]
+    assert (w.holder, w.items, w.since, w.example) == ("tape@node-a:12:ab", 1, old, "a on V00001")
+    r = found["tape_read"]
+    assert (r.holder, r.items, r.example) == ("recall@node-b:34:cd", 1, "c from V00002")
+    assert (found["recall"].items, found["recall"].example) == (1, "recall r-old: 1 of 2 files settled")
+    # Within their limits, nothing is stalled; a kind without a limit is not looked at.
+    assert await catalogue.instances.stalled_work({"tape_write": 3600.0}, now) == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from common.catalogue import instances as db
+from common.catalogue import stalls
 from common.catalogue.repositories import Repository
 
 
@@ -37,3 +39,7 @@ class InstanceRepository(Repository):
 
     async def role_holder(self, role: str, now: datetime) -> str | None:
         return await self._catalogue.read(db.role_holder, role, now)
+
+    async def stalled_work(self, limits: Mapping[str, float], now: datetime) -> list[stalls.StalledWork]:
+        """Tape writes, tape reads and recalls in progress longer than their limit, by holder."""
+        return await self._catalogue.read(stalls.stalled, limits, now)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from common.catalogue import Catalogue
 
 log = get_logger("spool.instance")
+PRUNE_AFTER = timedelta(hours=1)
 
 
 def new_instance_id(daemon: str, node: str) -> str:
@@ -80,6 +81,9 @@ class InstanceLease:
 
     async def start(self) -> None:
         await self.forget_dead_predecessors()
+        # Rows of instances dead for long: their work was settled long ago (a successor settles
+        # within a round of the expiry); kept an hour for ``spool status`` to show who died.
+        await self.catalogue.instances.prune(utcnow() - PRUNE_AFTER)
         now = utcnow()
         self.expires = now + self.lease
         info = InstanceInfo(self.id, self.daemon, self.node, os.getpid(), now, now, self.expires)

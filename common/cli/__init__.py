@@ -123,6 +123,7 @@ COMMAND_MODULES: dict[str, str] = {
     **dict.fromkeys(("rule", "rse"), "replication"),
     "recall": "recall",
     **dict.fromkeys(("tape", "drive"), "tape"),
+    "instances": "instances",
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

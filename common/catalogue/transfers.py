@@ -189,7 +189,7 @@ def pause(
             health_until=now + timedelta(seconds=cooldown),
             health_cooldown=cooldown,
             prober=None,
-        )  # fmt: skip
+        )
     )
     if done.rowcount != 1:
         return False
@@ -237,7 +237,7 @@ def probe_failed(
             health_reason=reason,
             health_until=now + timedelta(seconds=cooldown),
             health_cooldown=cooldown,
-        )  # fmt: skip
+        )
     )
     return cooldown if done.rowcount == 1 else None
 
@@ -260,7 +260,7 @@ def resume(conn: Connection, storage: str, now: datetime, event: Callable[[float
             health_until=None,
             health_cooldown=None,
             prober=None,
-        )  # fmt: skip
+        )
     )
     since = row.health_since or now
     outbox.add(

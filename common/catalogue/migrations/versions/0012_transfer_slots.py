@@ -44,16 +44,15 @@ def upgrade() -> None:
         sa.Column("since", Ts, nullable=False),
         sa.PrimaryKeyConstraint("storage", "holder", name="pk_transfer_waiters"),
     )
-    with op.batch_alter_table("storage_endpoints") as batch:
-        batch.add_column(sa.Column("health_until", Ts, nullable=True))
-        batch.add_column(sa.Column("health_cooldown", sa.Double(), nullable=True))
-        batch.add_column(sa.Column("prober", sa.String(MAX_HOLDER), nullable=True))
+    # Plain ALTER TABLE (SQLite has had ADD / DROP COLUMN since 3.35): a batch would copy the
+    # table, which the replicas' foreign keys refuse to see dropped.
+    op.add_column("storage_endpoints", sa.Column("health_until", Ts, nullable=True))
+    op.add_column("storage_endpoints", sa.Column("health_cooldown", sa.Double(), nullable=True))
+    op.add_column("storage_endpoints", sa.Column("prober", sa.String(MAX_HOLDER), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("storage_endpoints") as batch:
-        batch.drop_column("prober")
-        batch.drop_column("health_cooldown")
-        batch.drop_column("health_until")
+    for column in ("prober", "health_cooldown", "health_until"):
+        op.drop_column("storage_endpoints", column)
     op.drop_table("transfer_waiters")
     op.drop_table("transfer_slots")

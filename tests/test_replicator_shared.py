@@ -1,7 +1,8 @@
 """The replicator's limits per endpoint shared by its instances, at the catalogue
 (``common.catalogue.transfers``), on SQLite and PostgreSQL: transfer slots never held beyond
 ``max_transfers`` whoever claims them at once, a dead instance's slots free after its lease, and
-the breaker opened by one instance for all, probed by exactly one, a dead prober replaced."""
+the breaker opened by one instance for all, probed by exactly one, a dead prober replaced; then
+the same breaker as two instances' ``EndpointHealth`` use it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
+from common.catalogue.schema import outbox
 from common.catalogue.sql import utcnow
+from common.errors import Retryable
 from common.instance import InstanceLease
 from common.messages import EndpointPaused, EndpointResumed
+from daemons.replicator.health import EndpointHealth
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url
+from tests.replication_fixtures import replication_settings
 
 FIXTURES = (catalogue, catalogue_url)  # every test runs on SQLite and on PostgreSQL
 
@@ -174,3 +182,66 @@ async def test_a_dead_probers_claim_expires_with_its_lease(instances) -> None:
     assert (await b_cat.transfers.views())["disk2"].prober == b.id
     # The dead prober's late outcome changes nothing.
     assert await a_cat.transfers.probe_failed("disk2", a.id, "x", 1.0, 8.0, utcnow()) is None
+
+
+# --- the breaker as two replicator instances use it (``daemons.replicator.health``) -------------
+@pytest.fixture
+async def two_healths(instances, tmp_path: Path, tag: str) -> AsyncIterator[list[EndpointHealth]]:
+    settings = replication_settings(tmp_path, tag)  # breaker: 3 failures, cool-down 0.5 s
+    await instances[0][0].endpoints.sync(settings.storage)
+    healths = [
+        EndpointHealth(settings, c, RecordingPublisher(), instance=lease.id) for c, lease in instances[:2]
+    ]
+    for health in healths:
+        await health.start()
+    try:
+        yield healths
+    finally:
+        for health in healths:
+            await health.close()
+
+
+async def _events(cat: Catalogue) -> list[str]:
+    return await cat.read(
+        lambda conn: list(conn.scalars(select(outbox.c.routing_key).order_by(outbox.c.seq)))
+    )
+
+
+async def test_one_instances_pause_parks_the_others_copies_and_one_probe_resumes_all(
+    instances, two_healths
+) -> None:
+    a, b = two_healths
+    err = Retryable("disk_full", "no space left on device")
+    assert not await a.failure("disk2", err) and not await a.failure("disk2", err)
+    assert await a.failure("disk2", err)  # the third in a row: paused, for every instance
+    assert not a.writable("disk2") and await a.admit("disk2") == "wait"
+    await b.poll()  # b's next look (or its next failure there)
+    assert not b.writable("disk2") and await b.admit("disk2") == "wait"
+    assert a.writable("disk1") and b.writable("disk1")  # only that endpoint
+    await asyncio.sleep(0.6)  # the cool-down
+    admitted = await asyncio.gather(a.admit("disk2"), b.admit("disk2"), a.admit("disk2"), b.admit("disk2"))
+    assert sorted(admitted) == ["probe", "wait", "wait", "wait"]
+    prober, other = (a, b) if "probe" in admitted[::2] else (b, a)
+    await prober.success("disk2")  # the probe copy landed
+    assert prober.writable("disk2") and await prober.admit("disk2") == "go"
+    await other.poll()
+    assert other.writable("disk2")
+    assert await _events(instances[0][0]) == ["endpoint.paused", "endpoint.resumed"]
+
+
+async def test_a_dead_probers_endpoint_is_probed_by_another_instance(instances, two_healths) -> None:
+    a, b = two_healths
+    err = Retryable("storage_io_error", "EIO")
+    for _ in range(3):
+        await a.failure("disk2", err)
+    await asyncio.sleep(0.6)
+    assert await a.admit("disk2") == "probe"
+    await b.poll()
+    assert await b.admit("disk2") == "wait"  # a probes, alive
+    await _expire(*instances[0])  # a is killed mid-probe: its lease runs out
+    await b.poll()
+    assert await b.admit("disk2") == "probe"
+    # b's probe fails: paused again, the cool-down doubled (0.5 -> 1 s), for both.
+    assert await b.failure("disk2", err)
+    view = (await instances[1][0].transfers.views())["disk2"]
+    assert view.health == "paused" and view.cooldown == 1.0 and view.prober is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -24,7 +25,9 @@ from common.errors import Retryable
 from common.instance import InstanceLease
 from common.messages import EndpointPaused, EndpointResumed
 from daemons.replicator.health import EndpointHealth
+from daemons.replicator.slots import EndpointSlots
 from tests.catalogue_fixtures import ENDPOINTS, catalogue, catalogue_url
+from tests.conftest import wait_for
 from tests.replication_fixtures import replication_settings
 
 FIXTURES = (catalogue, catalogue_url)  # every test runs on SQLite and on PostgreSQL
@@ -245,3 +248,46 @@ async def test_a_dead_probers_endpoint_is_probed_by_another_instance(instances, 
     assert await b.failure("disk2", err)
     view = (await instances[1][0].transfers.views())["disk2"]
     assert view.health == "paused" and view.cooldown == 1.0 and view.prober is None
+
+
+# --- the slots as two replicator instances use them (``daemons.replicator.slots``) --------------
+async def test_two_instances_slots_hold_the_limit_together_and_leave_nothing_held(instances) -> None:
+    (a_cat, a), (b_cat, b) = instances[0], instances[1]
+    await a_cat.transfers.sync_slots({"disk1": 2})
+    slots = {"a": EndpointSlots(a_cat, "disk1", 2, a.id), "b": EndpointSlots(b_cat, "disk1", 2, b.id)}
+    running, most, done = 0, 0, Counter[str]()
+
+    async def transfer(who: str) -> None:
+        nonlocal running, most
+        async with slots[who]:
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+            done[who] += 1
+
+    # Both slots held (one by each instance): a third transfer waits, and giving up takes nothing.
+    release = asyncio.Event()
+
+    async def hold(who: str) -> None:
+        async with slots[who]:
+            await release.wait()
+
+    holders = [asyncio.create_task(hold(who)) for who in "ab"]
+    await wait_for(lambda: _held(a_cat, 2), timeout=10, interval=0.01)
+    waiting = asyncio.create_task(transfer("a"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    waiting.cancel()
+    release.set()
+    await asyncio.gather(*holders, waiting, return_exceptions=True)
+    # Many at once from both, then.
+    await asyncio.gather(*(transfer(who) for who in "ab" * 15))
+    assert most == 2 and done == {"a": 15, "b": 15}
+    for s in slots.values():
+        await s.close()
+    assert await a_cat.transfers.slot_holders("disk1", utcnow()) == {}
+
+
+async def _held(cat: Catalogue, n: int) -> bool:
+    return sum((await cat.transfers.slot_holders("disk1", utcnow())).values()) == n

@@ -43,7 +43,7 @@ class EndpointSlots:
         self.storage = storage
         self.limit = limit
         self.holder = holder
-        self.in_use = 0  # transfers running here with a slot
+        self.in_use = 0  # slots granted here (their transfers running, or about to)
         self._local = asyncio.Semaphore(limit)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._to_release = 0
@@ -59,7 +59,6 @@ class EndpointSlots:
         except BaseException:
             self._local.release()
             raise
-        self.in_use += 1
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -80,7 +79,8 @@ class EndpointSlots:
             if wake in self._waiters:
                 self._waiters.remove(wake)
             elif wake.done() and not wake.cancelled():
-                self._give_back(1)  # granted as this waiter was cancelled: not ours to keep
+                self.in_use -= 1  # granted as this waiter was cancelled: not ours to keep
+                self._give_back(1)
             raise
 
     async def _claim(self) -> None:
@@ -105,6 +105,7 @@ class EndpointSlots:
                     wake = self._waiters.popleft()
                     if not wake.done():
                         wake.set_result(None)
+                        self.in_use += 1
                         break
                 else:
                     self._give_back(1)  # its copy gave up meanwhile

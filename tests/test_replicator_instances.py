@@ -1,5 +1,6 @@
 """Two replicator instances on one catalogue (SQLite and PostgreSQL), against the real broker:
-``max_transfers`` holds for the endpoint, not per instance, and both instances copy."""
+``max_transfers`` holds for the endpoint, not per instance, and both instances copy; the breaker
+one instance opens parks the other's copies too, and one probe resumes the endpoint for both."""
 
 from __future__ import annotations
 
@@ -20,8 +21,18 @@ from common.config import load_settings
 from daemons.ingest.handlers import service as ingest_service
 from daemons.replicator.handlers import service as replicator_service
 from tests.catalogue_fixtures import catalogue_url
-from tests.conftest import running, wait_for
-from tests.replication_fixtures import count_on, make_files, publish_ready, replication_config
+from tests.conftest import queue_depth, running, wait_for
+from tests.replication_fixtures import (
+    count_on,
+    drain,
+    events_of,
+    make_files,
+    max_attempts,
+    publish_ready,
+    remount,
+    replication_config,
+    tmpfs,
+)
 
 pytestmark = pytest.mark.integration
 FIXTURES = (catalogue_url,)  # on SQLite and on PostgreSQL
@@ -121,3 +132,66 @@ async def test_two_instances_never_copy_more_than_max_transfers_into_one_endpoin
 
 async def _copied(settings: Any, n: int) -> bool:
     return await count_on(settings, "disk2") >= n
+
+
+async def test_one_instances_pause_holds_for_both_and_one_probe_resumes_the_endpoint(
+    tmp_path: Path, tag: str, broker: Any, catalogue_url: str
+) -> None:
+    """disk2 read-only (a tmpfs remounted; root only): one ``endpoint.paused`` whichever instance
+    counted the failures, every copy parked by both, then after ``rw`` one ``endpoint.resumed``
+    and every copy made."""
+    path = replication_config(
+        tmp_path, tag,
+        **{"rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"', "catalogue": f'url = "{catalogue_url}"'},
+    )  # fmt: skip
+    settings = load_settings(path)
+    files = make_files(settings, 30)
+    with tmpfs(settings.storage["disk2"].root, "64m") as root:
+        remount(root, "ro")
+        async with (
+            running([ingest_service, replicator_service], settings) as a,
+            running([replicator_service], settings) as b,
+        ):
+            watch = await events_of(broker, settings, "endpoint.*")
+            parked: Counter[str] = Counter()  # copies each instance was told to park
+            for name, process in (("a", a), ("b", b)):
+                _count_waits(_replicator(process).health, name, parked)
+            for start in range(0, 30, 10):
+                await publish_ready(broker, settings, files[start : start + 10])
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: _waiting(settings, "disk2", 30), timeout=60)
+            views = [_replicator(p).health.view("disk2") for p in (a, b)]
+            assert {v.health for v in views} <= {"paused", "probing"}
+            assert parked["a"] > 0 and parked["b"] > 0, parked  # both instances held back
+            remount(root, "rw")
+            await wait_for(lambda: _copied(settings, 30), timeout=60)
+            await wait_for(lambda: _health_is(settings, "disk2", "ok"), timeout=30)
+        events = await drain(watch)
+    kinds = [k for k, _ in events]
+    assert kinds.count("endpoint.paused") == 1 and kinds[0] == "endpoint.paused", kinds
+    assert kinds.count("endpoint.resumed") == 1, kinds
+    # Before the pause reached an instance, its copies failed at most once each (retried later).
+    assert await max_attempts(settings) <= 2
+    assert await queue_depth(broker, settings.dead_queue("replicator")) == 0
+
+
+async def _waiting(settings: Any, name: str, n: int) -> bool:
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        return await c.replication.waiting_count(name) == n
+
+
+async def _health_is(settings: Any, name: str, health: str) -> bool:
+    async with await Catalogue.open(settings.catalogue.url) as c:
+        return {e.name: e.health for e in await c.endpoints.all()}[name] == health
+
+
+def _count_waits(health: Any, instance: str, parked: Counter[str]) -> None:
+    admit = health.admit
+
+    async def counted(name: str) -> str:
+        decided: str = await admit(name)
+        if decided == "wait":
+            parked[instance] += 1
+        return decided
+
+    health.admit = counted

@@ -17,8 +17,10 @@ clean). Their cost, a claim and a release per transfer, is kept small:
 
 An instance short of slots polls (``POLL`` s, or at once when one of its own is released) and
 leaves a waiter row meanwhile, so the others keep to their share (see ``claim_slots``). A claim
-whose answer was lost (the catalogue went away mid-commit) may have taken rows this instance does
-not know it holds: they are released (``release_all``) the next time nothing here is in flight.
+that fails (the catalogue unreachable) fails the transfers waiting for it as ``Retryable``, as any
+of their catalogue writes would; its answer may have been lost after the commit, so the rows this
+instance holds are released (``release_all``) the next time nothing here is in flight. A release
+that fails is tried again (the rows stay this live instance's meanwhile: nobody else takes them).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from types import TracebackType
 
 from common.catalogue import Catalogue
 from common.catalogue.sql import utcnow
+from common.errors import Retryable
 from common.logging import get_logger
 
 log = get_logger("spool.replicator")
@@ -95,11 +98,18 @@ class EndpointSlots:
                 got = await self.catalogue.transfers.claim_slots(
                     self.storage, self.limit, self.holder, wanted, utcnow()
                 )
-            except Exception as exc:  # the catalogue away: try again; the copies wait meanwhile
+            except Exception as exc:
+                # The catalogue away: the transfers waiting fail as any of their catalogue writes
+                # would (their messages are retried later), rather than hang while it lasts.
                 self._unsure = True
                 log.warning("transfer_slot_claim_failed", storage=self.storage, error=repr(exc))
-                await asyncio.sleep(POLL * 10)
-                continue
+                while self._waiters:
+                    wake = self._waiters.popleft()
+                    if not wake.done():
+                        wake.set_exception(
+                            Retryable("catalogue_unavailable", f"claiming a slot of {self.storage}: {exc!r}")
+                        )
+                return
             for _ in range(got):
                 while self._waiters:
                     wake = self._waiters.popleft()

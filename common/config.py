@@ -241,7 +241,8 @@ class StorageEndpoint(_Strict):
     small_copies: Literal["process", "thread"] = "process"
     # How many such processes (each serves its batches in order, one core at most).
     copy_processes: int = Field(default=1, ge=1, le=64)
-    # Replicator: copies written to this endpoint at once (its per-destination concurrency limit).
+    # Replicator: copies written to this endpoint at once (its per-destination concurrency limit),
+    # counted over every replicator instance sharing the catalogue (daemons/replicator/slots.py).
     max_transfers: int = Field(default=8, ge=1)
     # A copy that would leave less free space than this is refused as ``disk_full`` (a reserve for
     # other users of a shared file system). 0: only the file system's own ENOSPC counts.

@@ -1,80 +1,49 @@
-"""The replicator's circuit breaker: transitions driven by a fake clock."""
+"""The replicator's circuit breaker, its pure part: the failures that open it, and which copy may
+go by the shared state as last read (the shared transitions: tests/test_replicator_shared.py)."""
 
 from __future__ import annotations
 
-from daemons.replicator.breaker import CircuitBreaker
+from datetime import UTC, datetime, timedelta
 
+from common.catalogue.transfers import EndpointView
+from daemons.replicator.breaker import FailureCount, admission
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make() -> tuple[CircuitBreaker, Clock]:
-    clock = Clock()
-    return CircuitBreaker(failures_to_open=3, cooldown=10, max_cooldown=35, clock=clock), clock
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+ME, OTHER, DEAD = "replicator@a:1:x", "replicator@b:2:y", "replicator@c:3:z"
+LIVE = [ME, OTHER]
 
 
 def test_opens_after_k_consecutive_failures_only() -> None:
-    b, _ = make()
-    assert not b.record_failure("disk_full", "x")
-    assert not b.record_failure("disk_full", "x")
-    b.record_success()  # resets the count
-    assert not b.record_failure("disk_full", "x")
-    assert not b.record_failure("disk_full", "x")
-    assert b.admit() == "go"
-    assert b.record_failure("disk_full", "x")
-    assert b.state == "open" and b.admit() == "wait"
+    count = FailureCount(failures_to_open=3)
+    assert not count.record_failure()
+    assert not count.record_failure()
+    count.record_success()  # resets the count
+    assert not count.record_failure()
+    assert not count.record_failure()
+    assert count.record_failure()
+    assert not count.record_failure()  # counting starts again (the breaker is open by then)
 
 
-def test_one_probe_after_cooldown_then_resume() -> None:
-    b, clock = make()
-    for _ in range(3):
-        b.record_failure("destination_not_writable", "EROFS")
-    clock.now += 9.9
-    assert b.admit() == "wait"
-    clock.now += 0.2
-    assert b.admit() == "probe"
-    assert b.admit() == "wait"  # only one probe at a time
-    assert b.record_success() is True
-    assert b.state == "closed" and b.admit() == "go"
+def test_a_failure_no_retry_mends_opens_it_at_once() -> None:
+    assert FailureCount(failures_to_open=5).record_failure(at_once=True)
 
 
-def test_failed_probe_doubles_the_cooldown_up_to_the_maximum() -> None:
-    b, clock = make()
-    for _ in range(3):
-        b.record_failure("disk_full", "x")
-    cooldowns = []
-    for _ in range(4):
-        clock.now += b.current_cooldown
-        assert b.admit() == "probe"
-        b.record_failure("disk_full", "still full")
-        cooldowns.append(b.current_cooldown)
-    assert cooldowns == [20, 35, 35, 35]
-    clock.now += 35
-    assert b.admit() == "probe"
-    assert b.record_success()
-    assert b.current_cooldown == 10
+def test_closed_lets_every_copy_go() -> None:
+    assert admission(EndpointView("online", "ok"), ME, LIVE, NOW) == "go"
 
 
-def test_a_probe_that_tells_nothing_lets_the_next_copy_probe() -> None:
-    b, clock = make()
-    for _ in range(3):
-        b.record_failure("disk_full", "x")
-    clock.now += 10
-    assert b.admit() == "probe"
-    b.release_probe()
-    assert b.admit() == "probe"
+def test_paused_copies_wait_until_the_cooldown_is_over_then_one_may_probe() -> None:
+    cooling = EndpointView("online", "paused", until=NOW + timedelta(seconds=1), cooldown=10)
+    assert admission(cooling, ME, LIVE, NOW) == "wait"
+    assert admission(cooling, ME, LIVE, NOW + timedelta(seconds=1)) == "try_probe"
+    # A pause with no end (left before the breaker was shared): due at once.
+    assert admission(EndpointView("online", "paused"), ME, LIVE, NOW) == "try_probe"
 
 
-def test_late_failures_of_copies_started_before_the_pause_do_not_extend_it() -> None:
-    b, clock = make()
-    for _ in range(3):
-        b.record_failure("disk_full", "x")
-    opened = b.opened_at
-    clock.now += 5
-    assert not b.record_failure("disk_full", "late")
-    assert b.opened_at == opened
+def test_while_a_live_instance_probes_the_others_and_itself_wait() -> None:
+    assert admission(EndpointView("online", "probing", prober=OTHER), ME, LIVE, NOW) == "wait"
+    assert admission(EndpointView("online", "probing", prober=ME), ME, LIVE, NOW) == "wait"
+
+
+def test_a_dead_probers_probe_may_be_taken_over() -> None:
+    assert admission(EndpointView("online", "probing", prober=DEAD), ME, LIVE, NOW) == "try_probe"

@@ -11,6 +11,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
     await catalogue.history.record_failure(...)     # requests' outcomes, files' events
     await catalogue.queries.show_file(name)         # read views for the CLI and the monitor
     await catalogue.instances.renew(id, now, until)  # daemon instances' leases (several nodes)
+    await catalogue.transfers.claim_slots(...)      # the replicator's slots and breaker per endpoint
 
 A repository (``common.catalogue.repositories``) holds no SQL: it names a function of its domain's
 module (``common.catalogue.ingest``, ``replication``, ...) and the transaction to run it in.
@@ -76,6 +77,7 @@ from common.catalogue.repositories.queries import QueryRepository
 from common.catalogue.repositories.recall import RecallRepository
 from common.catalogue.repositories.replication import ReplicationRepository
 from common.catalogue.repositories.tape import TapeRepository
+from common.catalogue.repositories.transfers import TransferRepository
 from common.catalogue.sql import UnknownStorageError, is_transient_conflict
 from common.catalogue.writes import EndpointState
 from common.errors import ConfigError, Retryable
@@ -146,6 +148,7 @@ class Catalogue:
         self.history = HistoryRepository(self)
         self.queries = QueryRepository(self)
         self.instances = InstanceRepository(self)
+        self.transfers = TransferRepository(self)
 
     # --- transactions (for repositories; and for tests that look at rows directly) -------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

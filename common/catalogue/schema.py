@@ -174,6 +174,12 @@ class StorageEndpointRow(Base):
     health: Mapped[str] = mapped_column(String(16), default="ok", server_default="ok")
     health_reason: Mapped[str | None] = mapped_column(Text)
     health_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The breaker shared by the replicator's instances (``common.catalogue.transfers``): while
+    # ``paused``, when the cool-down ends (a probe copy may go) and the cool-down it waits out
+    # (doubled by each failed probe); while ``probing``, the instance making the probe copy.
+    health_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    health_cooldown: Mapped[float | None] = mapped_column(Double)
+    prober: Mapped[str | None] = mapped_column(String(MAX_HOLDER))
 
 
 class Replica(Base):
@@ -278,6 +284,29 @@ class RoleLease(Base):
     role: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(MAX_HOLDER))
     expires: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TransferSlot(Base):
+    """One of an endpoint's ``max_transfers`` slots: a copy into the endpoint runs while its
+    replicator instance holds one (``common.catalogue.transfers``). Free: no live holder."""
+
+    __tablename__ = "transfer_slots"
+
+    storage: Mapped[str] = mapped_column(String(64), primary_key=True)  # the endpoint's name
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0 .. max_transfers - 1
+    holder: Mapped[str | None] = mapped_column(String(MAX_HOLDER))
+    taken: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TransferWaiter(Base):
+    """A replicator instance waiting for a slot of an endpoint: the others then keep to their
+    share of its slots (``common.catalogue.transfers.claim_slots``)."""
+
+    __tablename__ = "transfer_waiters"
+
+    storage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(MAX_HOLDER), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Lock(Base):
@@ -406,4 +435,6 @@ locks = cast(Table, Lock.__table__)
 instances = cast(Table, Instance.__table__)
 ingest_claims = cast(Table, IngestClaim.__table__)
 role_leases = cast(Table, RoleLease.__table__)
+transfer_slots = cast(Table, TransferSlot.__table__)
+transfer_waiters = cast(Table, TransferWaiter.__table__)
 outbox = cast(Table, OutboxRow.__table__)

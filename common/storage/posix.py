@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -138,8 +139,9 @@ class PosixStorage:
         # process, which runs this same table on its own engine) knows them by.
         self.small_operations: dict[str, Callable[..., Any]] = engine.operations
         # Set by a caller limiting concurrent transfers to this endpoint (the replicator's
-        # max_transfers): a batch of small operations, run one after another, holds one slot.
-        self.transfer_slots: asyncio.Semaphore | None = None
+        # max_transfers, shared by its instances): a batch of small operations, run one after
+        # another, holds one slot (``async with``, as with a semaphore).
+        self.transfer_slots: AbstractAsyncContextManager[object] | None = None
 
     def __repr__(self) -> str:
         return f"PosixStorage({self.name!r}, root={str(self.root)!r})"

@@ -7,8 +7,9 @@ Order of work for one request, so that a kill at any instruction loses nothing:
    available -> verify the bytes; good: re-announce and stop; bad: mark it and copy again
    no rule wants it any more -> cancel (drop the row) and stop
 3. the endpoint must be writable (operator state, circuit breaker)    -> park in the catalogue, ack
-4. wait for one of the destination's ``max_transfers`` slots (a small copy goes in a batch of
-   small copies made one after another, and the batch holds one slot: ``PosixStorage._batched``)
+4. wait for one of the destination's ``max_transfers`` slots, shared by every replicator instance
+   on the catalogue (``slots``; a small copy goes in a batch of small copies made one after
+   another, and the batch holds one slot: ``PosixStorage._batched``)
 5. copy from the best source (``steps.rank_sources``): unnamed file (or temp name), kernel copy,
    read-back checksum, atomic link (or rename); a missing / corrupt source is marked ``bad`` and
    the next one tried
@@ -18,6 +19,13 @@ Order of work for one request, so that a kill at any instruction loses nothing:
 A kill during 5 leaves nothing (an unnamed file) or a temp file (removed at start-up); after 5 a
 verified file nobody recorded: the redelivery copies it again over itself. Background loops in the
 same process: endpoint health (``health``), new rules (``rules``) and the reaper (``reaper``).
+
+Several instances (one node or several, on one catalogue) share the work through the broker's
+queue. Each holds an instance lease (``common.instance``, daemon ``replicator``) for its life: it
+names the transfer slots and the probe the instance holds, so that what a killed instance held is
+free once its lease runs out. The limits per endpoint (``max_transfers``, the circuit breaker)
+hold across the instances; the lock per (file, endpoint) is per process (two instances given the
+same copy at once both make it: the second link replaces the first with the same verified bytes).
 
 A bulk request (``names``) takes the same steps for all its files at once where nothing needs
 deciding (``bulk``); each file left over takes them on its own (``_replicate_one``).
@@ -40,6 +48,7 @@ from common.bus.service import Context, Service
 from common.catalogue import Catalogue, CopyRecord, ReplicaTask
 from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError, unknown_names
+from common.instance import InstanceLease
 from common.logging import get_logger
 from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
 from common.periodic import every
@@ -52,6 +61,7 @@ from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
 from daemons.replicator.reaper import reap
 from daemons.replicator.rules import evaluate_new_rules
+from daemons.replicator.slots import EndpointSlots
 
 log = get_logger("spool.replicator")
 
@@ -64,7 +74,8 @@ class ReplicatorResources:
     registrar: MicroBatcher[CopyRecord, None]
     # (name, destination) -> what the catalogue knows of that copy; handlers ask together.
     tasks: MicroBatcher[tuple[str, str], ReplicaTask | None]
-    slots: dict[str, asyncio.Semaphore]
+    slots: dict[str, EndpointSlots]
+    lease: InstanceLease
     reading: Counter[str] = field(default_factory=Counter)  # copies reading from each source now
     # One copy of a file to an endpoint at a time in this process (duplicate requests wait, then
     # find the copy made).
@@ -83,9 +94,12 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
     catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
     storages: dict[str, StorageBackend] = {}
     tasks: list[asyncio.Task[None]] = []
-    health = EndpointHealth(settings, catalogue, publisher)
+    lease = InstanceLease(catalogue, "replicator", settings.node, settings.catalogue.lease_seconds)
+    health = EndpointHealth(settings, catalogue, publisher, instance=lease.id)
+    slots: dict[str, EndpointSlots] = {}
     try:
         await catalogue.endpoints.sync(settings.storage)
+        await lease.start()
         await sync_config_rules(catalogue, settings)
         for name, endpoint in settings.storage.items():
             if endpoint.kind != "disk":
@@ -123,8 +137,13 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             tasks=MicroBatcher(
                 catalogue.replication.replica_tasks, max_size=batch.batch_size, max_wait=batch.batch_wait
             ),
-            slots={name: asyncio.Semaphore(settings.storage[name].max_transfers) for name in storages},
+            slots=slots,
+            lease=lease,
         )
+        limits = {name: settings.storage[name].max_transfers for name in storages}
+        await catalogue.transfers.sync_slots(limits)
+        for name, limit in limits.items():
+            slots[name] = EndpointSlots(catalogue, name, limit, lease.id)
         for name, storage in storages.items():
             if isinstance(storage, PosixStorage):
                 storage.transfer_slots = resources.slots[name]
@@ -156,6 +175,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         await health.close()
         for storage in storages.values():
             await storage.aclose()
+        for endpoint_slots in slots.values():
+            await endpoint_slots.close()
+        await lease.stop()
         await catalogue.close()
 
 
@@ -240,7 +262,7 @@ async def _replicate_one(
             )  # fmt: skip
             if not task.needed:
                 return None  # nobody wants it: do not repair it
-        admission = res.health.admit(msg.destination)
+        admission = await res.health.admit(msg.destination)
         if admission == "wait":
             await _park(ctx, name, msg, "endpoint not writable")
             return None
@@ -257,11 +279,11 @@ async def _replicate_one(
                     await _park(ctx, name, msg, f"{err.reason}: {err.message}")
                     return None
             elif admission == "probe":
-                res.health.release_probe(msg.destination)
+                await res.health.release_probe(msg.destination)
             raise
         except BaseException:
             if admission == "probe":
-                res.health.release_probe(msg.destination)
+                await res.health.release_probe(msg.destination)
             raise
         await res.health.success(msg.destination)
         await res.registrar.submit(

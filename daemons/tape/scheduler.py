@@ -72,19 +72,26 @@ class Scheduler:
     async def start(self) -> None:
         """Settle what a killed predecessor left half done (copies ``archiving``, staging files),
         then start the loop."""
-        # The directories first, the live instances after: a directory seen is one of an instance
-        # registered before (``staging.clean``).
-        seen = await asyncio.to_thread(staging.entries, self.staging_root)
-        live = await self.catalogue.instances.live_ids("tape", utcnow())
-        removed = await asyncio.to_thread(staging.clean, self.staging_root, seen, live)
-        if removed:
-            log.info("tape_staging_cleaned", files=removed)
+        await self._clean_staging()
         await self._reconcile()
         if self.targets:
             loop = every(
                 self.settings.tape.poll_interval, self.tick, name="tape-scheduler", on_error=_tick_failed
             )
             self._loop = asyncio.create_task(loop, name="tape-scheduler")
+
+    async def _clean_staging(self) -> None:
+        """Remove what dead instances of this node left in their staging directories (at start,
+        and each tick once a neighbour's lease has run out)."""
+        # The directories first, the live instances after: a directory seen is one of an instance
+        # registered before (``staging.clean``).
+        seen = await asyncio.to_thread(staging.entries, self.staging_root)
+        if all(name == self.env.staging.name for name in seen):
+            return  # nobody else's: no catalogue query
+        live = await self.catalogue.instances.live_ids("tape", utcnow())
+        removed = await asyncio.to_thread(staging.clean, self.staging_root, seen, live)
+        if removed:
+            log.info("tape_staging_cleaned", files=removed)
 
     async def _reconcile(self) -> None:
         idle = [s for s in self.targets if s not in self.active]
@@ -96,6 +103,7 @@ class Scheduler:
         if not self.lease.valid():
             return  # about to stop: a successor settles what is left
         await self._reconcile()
+        await self._clean_staging()
         idle = [s for s in self.targets if s not in self.active]
         if not idle:
             return

@@ -10,10 +10,11 @@ after the write whatever happened. The aggregates of small files are built here 
 (``aggregate-<random>.tar``, removed once written). Each tape daemon instance stages in a
 directory of its own, ``<state_dir>/tape-staging/<instance id>/`` (``instance_dir``), so several
 instances may share a node and its state directory. A killed instance leaves at most the file (or
-the download's temporary) it was staging and the aggregates it was building: at start-up
-``clean`` removes the directories of the instances no longer alive (their lease ran out or they
-stopped: ``common.instance``) and whatever lies in ``tape-staging/`` itself (left by a daemon
-older than per-instance directories); a clean stop removes its own (``forget``).
+the download's temporary) it was staging and the aggregates it was building: at start-up and
+on the scheduler's ticks ``clean`` removes the directories of the instances no longer alive
+(their lease ran out or they stopped: ``common.instance``) and whatever lies in
+``tape-staging/`` itself (left by a daemon older than per-instance directories); a clean stop
+removes its own (``forget``).
 
 A posix copy is preferred when the file has one (``prefer_local``): no download at all.
 """

@@ -270,6 +270,51 @@ async def test_a_stale_instance_records_nothing_over_its_successor(
         await stale.stop()
 
 
+async def test_a_dead_instances_copies_wait_while_another_session_holds_their_cartridge(
+    catalogue: Catalogue, library: SimulatedLibrary, tmp_path: Path
+) -> None:
+    """C's lease ran out but its process may still be writing: while a live library session
+    other than ours holds the cartridge C's copies name, they wait; on a cartridge one of our own
+    batches has in its drive they are settled (the library dropped C's unflushed files before
+    that batch could claim the drive)."""
+    a = await _lease(catalogue, "node-a")
+    dead = await _lease(catalogue, "node-c")
+    other = await SimulatedLibrary.open(library.config)
+    try:
+        ids = await _queued(catalogue, ["f0", "f1", "f2", "f3"])
+        await _take(catalogue, ids, ["f0", "f1"], "A00001", dead.id)
+        await _take(catalogue, ids, ["f2", "f3"], "A00002", dead.id)
+        await _expire(catalogue, dead)
+        mine = await library.claim_drive("our batch", vid="A00001")
+        theirs = await other.claim_drive("a stale writer", vid="A00002")
+        assert mine is not None and theirs is not None
+        await library.mount(mine, "A00001")
+        await other.mount(theirs, "A00002")
+        relay = OutboxRelay(catalogue, RecordingPublisher())
+        libraries = {"default": library}
+
+        async def settle() -> tuple[int, int]:
+            return await reconcile(
+                catalogue, relay, libraries, TARGETS, ["tape1"], a.id, ["tape1"], lambda: {mine}
+            )
+
+        # Not knowing the drive is its own batch's, A waits for both cartridges.
+        assert await _settle(catalogue, library, a.id, ["tape1"]) == (0, 0)
+        assert await settle() == (0, 2)
+        states = await catalogue.read(_states)
+        assert {n: states[n][0] for n in ids} == {
+            "f0": "queued", "f1": "queued", "f2": "archiving", "f3": "archiving"
+        }  # fmt: skip
+        assert states["f2"][3] == dead.id  # not even taken over: left as they were
+        await other.release_drive(theirs)
+        assert await settle() == (0, 2)
+        assert {st[0] for st in (await catalogue.read(_states)).values()} == {"queued"}
+    finally:
+        await other.close()
+        await a.stop()
+        await dead.stop()
+
+
 async def test_rows_left_before_holders_existed_are_anyones_to_settle(
     catalogue: Catalogue, library: SimulatedLibrary
 ) -> None:

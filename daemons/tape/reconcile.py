@@ -24,11 +24,14 @@ instance settles (``settleable``):
 It takes them first (``take_over``: atomic, so of two survivors each row is settled by one),
 then settles them against the cartridge as above, as their holder; a stale writer's late
 records are checked against the holder too and match nothing. One check stays with the
-library: rows whose cartridge is in a drive a live session is using (claimed, or in an
-operation) are left for a later round. A killed writer's session is dead
+library: rows whose cartridge is in a drive a live session other than this process's batches is
+using (claimed, or in an operation) are left for a later round. A killed writer's session is dead
 and the library clears its claims itself; a writer whose lease ran out while its process goes on
 (paused, cut off from the catalogue) still holds its drive and cartridge, and may still commit
-files there until it notices and stops (``instance_lease_lost``).
+files there until it notices and stops (``instance_lease_lost``). A cartridge one of our own
+batches has taken over since is no obstacle: the library dropped the dead writer's unflushed
+files before our batch could claim its drive, so its list of files is final for those rows (and
+a dead neighbour's copies do not wait for the end of our batch, which may last hours).
 
 This runs at start-up and on every scheduler tick, so a dead neighbour's copies are settled
 within a tick of its lease running out, and rows a failed batch could not record are healed too.
@@ -37,7 +40,7 @@ within a tick of its lease running out, and rows a failed batch could not record
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
@@ -50,12 +53,16 @@ from daemons.tape import steps
 log = get_logger("spool.tape")
 
 
-async def held_cartridges(library: TapeLibrary) -> set[str]:
-    """Cartridges in a drive that a live session is using (claimed, or in an operation)."""
+async def held_cartridges(library: TapeLibrary, own: Callable[[], Collection[str]] = frozenset) -> set[str]:
+    """Cartridges in a drive that a live session other than ours is using (claimed, or in an
+    operation). ``own``: the drives this process's batches hold, asked after the library answered
+    (a drive ours then, released since, counts as another's: the error is on the side of waiting)."""
+    drives = await library.list_drives()
+    ours = own()
     return {
         d.vid
-        for d in await library.list_drives()
-        if d.vid is not None and (d.claim is not None or d.op is not None)
+        for d in drives
+        if d.vid is not None and (d.claim is not None or d.op is not None) and d.drive_id not in ours
     }
 
 
@@ -67,9 +74,11 @@ async def reconcile(
     storages: Sequence[str],
     holder: str,
     idle: Sequence[str],
+    own_drives: Callable[[], Collection[str]] = frozenset,
 ) -> tuple[int, int]:
     """Settle the orphaned ``archiving`` copies of ``storages`` as the instance ``holder``, whose
-    own batches run on the endpoints not in ``idle``; returns (recorded, requeued)."""
+    own batches run on the endpoints not in ``idle`` and hold ``own_drives()``; returns
+    (recorded, requeued)."""
     rows = await catalogue.tape.settleable(list(storages), holder, list(idle))
     if not rows:
         return 0, 0
@@ -85,7 +94,7 @@ async def reconcile(
             target = targets[storage]
             library = libraries[target.library]
             if target.library not in held:
-                held[target.library] = await held_cartridges(library)
+                held[target.library] = await held_cartridges(library, own_drives)
             if vid in held[target.library]:
                 continue  # a live session is at it: perhaps a writer whose lease ran out, not done yet
         taken = set(await catalogue.tape.take_over([row.replica_id for row in group], holder))

@@ -96,8 +96,9 @@ class Scheduler:
     async def _reconcile(self) -> None:
         idle = [s for s in self.targets if s not in self.active]
         await reconcile(
-            self.catalogue, self.relay, self.libraries, self.targets, list(self.targets), self.lease.id, idle
-        )
+            self.catalogue, self.relay, self.libraries, self.targets, list(self.targets), self.lease.id, idle,
+            self.env.own_drives,
+        )  # fmt: skip
 
     async def tick(self) -> None:
         if not self.lease.valid():

@@ -96,10 +96,15 @@ class Env:
     lease: InstanceLease  # this instance: the holder of the copies its batches take
     failures: MountFailures = field(default_factory=MountFailures)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    mounts: set[Mount] = field(default_factory=set)  # of the batches running now
 
     @property
     def holder(self) -> str:
         return self.lease.id
+
+    def own_drives(self) -> set[str]:
+        """The drives this process's batches hold now (``reconcile``: not another's writer)."""
+        return {m.drive for m in self.mounts if m.drive is not None}
 
     def may_commit(self) -> bool:
         """Whether the lease stands with ``lease_margin`` to spare (see the module doc)."""
@@ -228,6 +233,7 @@ class Batch:
             self._moved_to,
             self._mounted,
         )
+        self.env.mounts.add(mount)
         try:
             if not await mount.acquire(needed=chosen[0].size):
                 return 0
@@ -566,6 +572,8 @@ class Batch:
                 await self.mount.release()
             except Exception as exc:
                 log.error("drive_release_failed", drive=self.mount.drive, error=repr(exc))
+            finally:
+                self.env.mounts.discard(self.mount)
         if self.written or self.failed:
             log.info(
                 "archive_batch_done", storage=self.target.storage, written=self.written, failed=self.failed,

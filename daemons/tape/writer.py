@@ -48,7 +48,7 @@ Several instances may write one library (``daemons.tape.reconcile``): every cata
 the batch names this instance as the copies' holder and matches nothing once a successor has
 taken them over. So that a successor never requeues a file this instance then commits, the batch
 writes, flushes and moves to a new cartridge only while its lease stands with a quarter of it to
-spare (``lease_margin``): an instance whose renewals fail (paused, cut off from the catalogue)
+spare (``Env.may_commit``): an instance whose renewals fail (paused, cut off from the catalogue)
 stops its batch well before others count it dead; what it had not flushed is dropped when it
 releases the drive, and its copies go back to the queue (or are settled by the successor).
 """

@@ -221,8 +221,9 @@ def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeC
     and taken into a batch (``archiving``) between our read and our update, which then put it back
     to ``queued``: the batch's ``record_archived`` matched nothing and the file was written to tape
     a second time. The rows are locked (``FOR UPDATE``, as ``recall.deliver`` locks its copy):
-    another handler, and ``take_batch``, wait for our commit, and the state decided on (and
-    returned: the handler announces a copy already on tape) is the one written over. Not a
+    another handler waits for our commit (``take_batch`` skips the row until then), and the state
+    decided on (and returned: the handler announces a copy already on tape) is the one written
+    over. Not a
     compare-and-set on the updates: a lost race would then need a re-read and a second decision,
     and the returned state could still be one that no longer holds.
     """

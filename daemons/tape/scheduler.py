@@ -17,8 +17,9 @@ waits for one.
 Several instances (``common.instance``: each holds a lease) may share the library: each runs this
 loop; the drives are shared through the library's claims, the queue through the catalogue (a
 copy is taken by one instance, ``take_batch``). Two instances may then write the same pool at
-once, on two cartridges. An instance whose lease no longer stands starts nothing and settles
-nothing: it is about to stop (``instance_lease_lost``).
+once, on two cartridges. An instance whose lease is running low (renewals failing, see
+``writer.Env.may_commit``) starts nothing and settles nothing until a renewal succeeds; once the
+lease is lost, it stops (``instance_lease_lost``).
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class Scheduler:
         )  # fmt: skip
 
     async def tick(self) -> None:
-        if not self.lease.valid():
-            return  # about to stop: a successor settles what is left
+        if not self.env.may_commit():
+            return  # renewals failing: about to stop, or to start again once one succeeds
         await self._reconcile()
         await self._clean_staging()
         idle = [s for s in self.targets if s not in self.active]

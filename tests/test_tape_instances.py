@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import signal
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -67,11 +69,22 @@ def _reconciled(log: Path) -> list[dict[str, object]]:
     return out
 
 
-async def test_two_tape_daemons_share_a_library_and_the_survivor_settles_a_killed_ones_copies(
-    tmp_path: Path, tag: str, broker
-) -> None:
+@asynccontextmanager
+async def _catalogue(backend: str) -> AsyncIterator[str]:
+    """The ``[catalogue]`` section: a fresh PostgreSQL database, or the node's SQLite file."""
+    if backend == "sqlite":
+        yield "lease_seconds = 3"
+        return
     async with pg_database() as url:
-        catalogue = f'url = "{url}"\nlease_seconds = 3'
+        yield f'url = "{url}"\nlease_seconds = 3'
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+async def test_two_tape_daemons_share_a_library_and_the_survivor_settles_a_killed_ones_copies(
+    tmp_path: Path, tag: str, broker, backend: str
+) -> None:
+    """PostgreSQL: as on two nodes; SQLite: two daemons of one node sharing its catalogue."""
+    async with _catalogue(backend) as catalogue:
         path = tape_config(tmp_path, tag, library=LIBRARY, policy=POLICY, catalogue=catalogue)
         settings = load_settings(path)
         files = make_files(settings, FILES, size=2000)

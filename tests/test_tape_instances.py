@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, func, select
@@ -57,7 +58,7 @@ async def _archiving_of(settings: Settings) -> dict[int, int]:
     return {int(h.split(":")[-2]): n for h, n in held.items() if h is not None}
 
 
-def _reconciled(log: Path) -> list[dict[str, object]]:
+def _reconciled(log: Path) -> list[dict[str, Any]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
         try:

@@ -164,6 +164,12 @@ REASONS: dict[str, Reason] = _registry(
         "the event or request id was already used for another file or request (the first is unchanged)",
     ),
     _r(
+        "instance_lease_lost",
+        "retryable log",
+        "this daemon instance's lease is running out (renewals failing): its tape batch stops, what it had "
+        "not flushed is dropped, its copies go back to the queue or to the instance that takes them over",
+    ),
+    _r(
         "internal_error", "cli", "a bug: an exception of no known class (`SPOOL_DEBUG=1` shows the traceback)"
     ),
     _r("invalid_checksum", "permanent", "an expected adler32 that is not 8 hex digits", "request"),

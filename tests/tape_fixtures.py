@@ -29,6 +29,9 @@ AGGREGATING = POLICY + "\naggregate_below = 10000\naggregate_size = 40000"
 TAPE1 = {"storage.tape1": 'kind = "tape"\npool = "raw"'}
 TAPE2 = {"storage.tape2": 'kind = "tape"\npool = "vault"'}
 TO_TAPE1 = {"rules.archive": 'datasets = ".*"\nendpoints = "tape1"'}
+# The holder of the copies the catalogue-level tests take (a tape daemon instance's id; no lease
+# needed where nothing settles a dead instance's copies).
+HOLDER = "tape@test:1:0000"
 
 
 def tape_config(

@@ -19,6 +19,7 @@ from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 from tests.race_fixtures import Interlude, second  # noqa: F401
+from tests.tape_fixtures import HOLDER
 
 
 async def _failed_copy(cat: Catalogue, name: str) -> int:
@@ -26,8 +27,8 @@ async def _failed_copy(cat: Catalogue, name: str) -> int:
     await cat.ingest.register([rec(name)])
     await cat.tape.ensure_queued(name, "tape1", 3)
     (head,) = await cat.tape.queue_head("tape1", 10)
-    assert await cat.tape.take_batch([head.replica_id], "A00001")
-    assert await cat.tape.mark_failed(head.replica_id)
+    assert await cat.tape.take_batch([head.replica_id], "A00001", holder=HOLDER)
+    assert await cat.tape.mark_failed(head.replica_id, holder=HOLDER)
     return head.replica_id
 
 
@@ -38,7 +39,7 @@ async def test_a_copy_asked_for_again_while_taken_into_a_batch_stays_in_the_batc
 
     async def other_handler_then_scheduler() -> list[db.BatchFile]:
         await second.tape.ensure_queued("x", "tape1", 3)
-        return await second.tape.take_batch([rid], "A00002")
+        return await second.tape.take_batch([rid], "A00002", holder=HOLDER)
 
     others = Interlude(other_handler_then_scheduler)
 
@@ -52,7 +53,7 @@ async def test_a_copy_asked_for_again_while_taken_into_a_batch_stays_in_the_batc
     assert copy == db.TapeCopy("queued", None, None)  # it was failed when this ask decided
     assert [b.replica_id for b in batch] == [rid]  # and the scheduler took it after that
     written = db.Archived(rid, "x", "tape1", "A00002", 1)
-    assert await catalogue.tape.record_archived([written]) == [written]
+    assert await catalogue.tape.record_archived([written], holder=HOLDER) == [written]
     assert await catalogue.tape.queue_head("tape1", 10) == []  # nothing left to write again
     view = await catalogue.queries.show_file("x")
     assert view is not None
@@ -73,9 +74,9 @@ async def test_an_ask_that_waits_for_a_batch_being_taken_reports_the_copy_being_
 
     def take(conn: Connection) -> list[db.BatchFile]:
         others.install(conn, "UPDATE replicas")  # the copy is ours (archiving), not committed
-        return db.take_batch(conn, [rid], "A00003")
+        return db.take_batch(conn, [rid], "A00003", holder=HOLDER)
 
     assert [b.replica_id for b in await catalogue.write(take)] == [rid]
     assert await others.result() == db.TapeCopy("archiving", "A00003", None)
     written = db.Archived(rid, "y", "tape1", "A00003", 1)
-    assert await catalogue.tape.record_archived([written]) == [written]
+    assert await catalogue.tape.record_archived([written], holder=HOLDER) == [written]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
+from tests.tape_fixtures import HOLDER
 
 
 async def _queue(cat: Catalogue, *names: str, priority: int = 3) -> None:
@@ -34,19 +35,19 @@ async def test_a_batch_is_taken_once_moved_recorded_and_the_rest_requeued(catalo
     await catalogue.ingest.register([rec(n) for n in "abcd"])
     await _queue(catalogue, *"abcd")
     ids = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
-    batch = await catalogue.tape.take_batch(ids[:3], "A00001")
+    batch = await catalogue.tape.take_batch(ids[:3], "A00001", holder=HOLDER)
     assert [f.name for f in batch] == ["a", "b", "c"]
     assert batch[0].sources == (db.Source("disk1", "/srv/disk1/a"),)
-    assert await catalogue.tape.take_batch(ids[:3], "A00002") == []  # already taken
+    assert await catalogue.tape.take_batch(ids[:3], "A00002", holder=HOLDER) == []  # already taken
     [stats] = await catalogue.tape.queue_stats(["tape1"])
     assert stats.files == 1
-    await catalogue.tape.point_to(ids[1:3], "A00002")
+    await catalogue.tape.point_to(ids[1:3], "A00002", holder=HOLDER)
     flight = await catalogue.tape.in_flight(["tape1"])
     assert [(x.name, x.cartridge) for x in flight] == [("a", "A00001"), ("b", "A00002"), ("c", "A00002")]
     done = [db.Archived(ids[0], "a", "tape1", "A00001", 1), db.Archived(ids[1], "b", "tape1", "A00002", 1)]
-    assert await catalogue.tape.record_archived(done) == done
-    assert await catalogue.tape.record_archived(done) == []  # recorded once
-    assert await catalogue.tape.requeue([ids[2]]) == 1
+    assert await catalogue.tape.record_archived(done, holder=HOLDER) == done
+    assert await catalogue.tape.record_archived(done, holder=HOLDER) == []  # recorded once
+    assert await catalogue.tape.requeue([ids[2]], holder=HOLDER) == 1
     view = await catalogue.queries.show_file("b")
     assert view is not None
     [tape] = [r for r in view.replicas if r.storage == "tape1"]
@@ -62,8 +63,8 @@ async def test_a_failed_copy_is_queued_again_when_asked_again(catalogue: Catalog
     await catalogue.ingest.register([rec("a")])
     await _queue(catalogue, "a")
     [head] = await catalogue.tape.queue_head("tape1", 10)
-    await catalogue.tape.take_batch([head.replica_id], "A00001")
-    await catalogue.tape.mark_failed(head.replica_id)
+    await catalogue.tape.take_batch([head.replica_id], "A00001", holder=HOLDER)
+    await catalogue.tape.mark_failed(head.replica_id, holder=HOLDER)
     assert await catalogue.tape.in_flight(["tape1"]) == []
     await _queue(catalogue, "a")
     assert len(await catalogue.tape.queue_head("tape1", 10)) == 1
@@ -76,10 +77,10 @@ async def test_a_batch_of_requests_is_decided_in_order_as_one_request_each(catal
     await catalogue.ingest.register([rec(n) for n in "abcd"])
     await _queue(catalogue, "c", "d")
     c_id, d_id = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
-    await catalogue.tape.take_batch([c_id], "A00001")
-    await catalogue.tape.record_archived([db.Archived(c_id, "c", "tape1", "A00001", 4)])
-    await catalogue.tape.take_batch([d_id], "A00001")
-    assert await catalogue.tape.mark_failed(d_id)
+    await catalogue.tape.take_batch([c_id], "A00001", holder=HOLDER)
+    await catalogue.tape.record_archived([db.Archived(c_id, "c", "tape1", "A00001", 4)], holder=HOLDER)
+    await catalogue.tape.take_batch([d_id], "A00001", holder=HOLDER)
+    assert await catalogue.tape.mark_failed(d_id, holder=HOLDER)
     W = db.Wanted
     got = await catalogue.tape.ensure_queued_many(
         [W("a", "tape1", 3), W("nosuch", "tape1", 3), W("a", "tape1", 9), W("b", "tape1", 2),

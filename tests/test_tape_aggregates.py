@@ -23,6 +23,7 @@ from common.catalogue import schema as s
 from common.catalogue.recall import ReadItem, TapeCopy
 from common.config import Settings, TapeSettings, load_settings
 from common.errors import Permanent, SpoolError
+from common.instance import InstanceLease
 from common.storage import PosixStorage, open_storage
 from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeChecksumMismatch, TapeMember, aggregate
 from daemons.ingest.handlers import service as ingest_service
@@ -33,7 +34,7 @@ from daemons.tape.writer import Env
 from tests.conftest import running, start_daemon, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.storage_fixtures import adler
-from tests.tape_fixtures import AGGREGATING, LIBRARY, tape_config
+from tests.tape_fixtures import AGGREGATING, HOLDER, LIBRARY, tape_config
 
 HOSTILE = [
     "../../etc/passwd",
@@ -263,12 +264,14 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     await catalogue.endpoints.sync(settings.storage)
     library = await SimulatedLibrary.open(settings.tape_libraries["default"])
     storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
-    env = Env(
-        settings, catalogue, OutboxRelay(catalogue, RecordingPublisher()), storages, tmp_path / "staging"
-    )
+    lease = InstanceLease(catalogue, "tape", "test", 30.0)
+    await lease.start()
+    relay = OutboxRelay(catalogue, RecordingPublisher())
+    env = Env(settings, catalogue, relay, storages, tmp_path / "staging", lease)
     try:
         yield settings, catalogue, env, library
     finally:
+        await lease.stop()
         for storage in storages.values():
             await storage.aclose()
         await library.close()
@@ -380,7 +383,7 @@ async def test_an_aggregate_not_flushed_is_lost_whole_and_one_flushed_but_not_re
     files = await _queue(settings, catalogue, [3000] * 6)
     names = sorted(files)
     head = await catalogue.tape.queue_head("tape1", 100)
-    batch = await catalogue.tape.take_batch([c.replica_id for c in head], "A00001")
+    batch = await catalogue.tape.take_batch([c.replica_id for c in head], "A00001", holder=HOLDER)
     by_name = {f.name: f for f in batch}
     root = settings.storage["disk1"].root
 
@@ -405,7 +408,7 @@ async def test_an_aggregate_not_flushed_is_lost_whole_and_one_flushed_but_not_re
     other._store.close_session()  # as a SIGKILL would: no flush, no release
     target = steps.targets(settings.storage)
     recorded, requeued = await reconcile.reconcile(
-        catalogue, env.relay, {"default": library}, target, ["tape1"]
+        catalogue, env.relay, {"default": library}, target, ["tape1"], env.holder, ["tape1"]
     )
     assert (recorded, requeued) == (3, 3)
     rows = await catalogue.read(_tape_rows)

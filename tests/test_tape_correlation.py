@@ -10,6 +10,7 @@ from __future__ import annotations
 from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
+from tests.tape_fixtures import HOLDER
 
 
 async def test_archived_events_carry_the_writers_id_else_the_files_ingest_event_id(
@@ -19,12 +20,12 @@ async def test_archived_events_carry_the_writers_id_else_the_files_ingest_event_
     for name in ("a", "b"):
         await catalogue.tape.ensure_queued(name, "tape1", 3)
     ids = [c.replica_id for c in await catalogue.tape.queue_head("tape1", 10)]
-    await catalogue.tape.take_batch(ids, "A00001")
+    await catalogue.tape.take_batch(ids, "A00001", holder=HOLDER)
     done = [
         db.Archived(ids[0], "a", "tape1", "A00001", 1, "from-the-request"),
         db.Archived(ids[1], "b", "tape1", "A00001", 2),  # forgotten: a restart since tape.archive
     ]
-    assert await catalogue.tape.record_archived(done) == done
+    assert await catalogue.tape.record_archived(done, holder=HOLDER) == done
     rows = await catalogue.outbox.unsent(10)
     by_key = {row.routing_key: [] for row in rows}
     for row in rows:

@@ -19,6 +19,7 @@ from common.catalogue import Catalogue, IngestRecord
 from common.catalogue import schema as s
 from common.config import Settings, load_settings
 from common.errors import Permanent, Retryable
+from common.instance import InstanceLease
 from common.messages import FileArchived, TapeArchive
 from common.storage import open_storage
 from common.tape import TapeLibrary, open_library
@@ -321,9 +322,11 @@ async def test_files_written_but_not_flushed_are_queued_again_and_written_once(t
     catalogue = await Catalogue.open(settings.catalogue.url)
     library = await open_library(settings.tape_libraries["default"])
     storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
+    lease = InstanceLease(catalogue, "tape", "test", 30.0)
+    await lease.start()
     try:
         relay = OutboxRelay(catalogue, RecordingPublisher())
-        env = Env(settings, catalogue, relay, storages, tmp_path / "staging")
+        env = Env(settings, catalogue, relay, storages, tmp_path / "staging", lease)
         flaky = _FlushFails(library, ok=1, times=2)
         with pytest.raises(Retryable, match="before the tape mark"):
             await writer.run_batch(env, target, flaky, "test")  # type: ignore[arg-type]
@@ -347,6 +350,7 @@ async def test_files_written_but_not_flushed_are_queued_again_and_written_once(t
         announced = Counter(e.name for e in await catalogue.read(_archived_in_outbox))
         assert announced == Counter(list(copies))  # each file.archived once
     finally:
+        await lease.stop()
         for storage in storages.values():
             await storage.aclose()
         await library.close()
@@ -390,14 +394,16 @@ async def test_a_batch_is_taken_from_the_queue_a_window_at_a_time_in_one_mount(
     repository = type(catalogue.tape)
     take_batch = repository.take_batch
 
-    async def counted(self: Any, ids: list[int], cartridge: str) -> Any:
+    async def counted(self: Any, ids: list[int], cartridge: str, *, holder: str) -> Any:
         taken.append(len(ids))
-        return await take_batch(self, ids, cartridge)
+        return await take_batch(self, ids, cartridge, holder=holder)
 
     monkeypatch.setattr(repository, "take_batch", counted)
+    lease = InstanceLease(catalogue, "tape", "test", 30.0)
+    await lease.start()
     try:
         relay = OutboxRelay(catalogue, RecordingPublisher())
-        env = Env(settings, catalogue, relay, storages, tmp_path / "st")
+        env = Env(settings, catalogue, relay, storages, tmp_path / "st", lease)
         counting = _Counting(library)
         assert await writer.run_batch(env, target, counting, "test") == 7  # type: ignore[arg-type]
         assert taken == [3, 3, 1] and counting.mounts == 1
@@ -407,6 +413,7 @@ async def test_a_batch_is_taken_from_the_queue_a_window_at_a_time_in_one_mount(
         assert {st for st, _, _ in copies.values()} == {"available"} and len(copies) == 8
         assert placed(copies) == listed(await on_tape(settings))
     finally:
+        await lease.stop()
         for storage in storages.values():
             await storage.aclose()
         await library.close()

@@ -25,7 +25,7 @@ from daemons.tape.handlers import open_resources
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 from tests.conftest import running, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
-from tests.tape_fixtures import bind, tape_config, tape_copies
+from tests.tape_fixtures import HOLDER, bind, tape_config, tape_copies
 
 
 def _queued_events(conn: Connection) -> list[tuple[str, str, dict[str, object]]]:
@@ -38,7 +38,7 @@ async def _take(cat: Catalogue, *names: str) -> list[int]:
     for name in names:
         await cat.tape.ensure_queued(name, "tape1", 3)
     ids = [c.replica_id for c in await cat.tape.queue_head("tape1", 10)]
-    await cat.tape.take_batch(ids, "A00001")
+    await cat.tape.take_batch(ids, "A00001", holder=HOLDER)
     return ids
 
 
@@ -46,8 +46,8 @@ async def test_recording_a_file_on_tape_commits_its_file_archived_with_the_fact_
     await catalogue.ingest.register([rec("a"), rec("b")])
     ids = await _take(catalogue, "a", "b")
     done = [db.Archived(ids[0], "a", "tape1", "A00001", 1), db.Archived(ids[1], "b", "tape1", "A00001", 2)]
-    await catalogue.tape.record_archived(done)
-    await catalogue.tape.record_archived(done)  # recorded once: announced once
+    await catalogue.tape.record_archived(done, holder=HOLDER)
+    await catalogue.tape.record_archived(done, holder=HOLDER)  # recorded once: announced once
     queued = await catalogue.read(_queued_events)
     assert [(k, i) for k, i, _ in queued] == [("file.archived", db.archived_event(a).id) for a in done]
     assert [(b["name"], b["cartridge"], b["fseq"]) for _, _, b in queued] == [
@@ -66,8 +66,8 @@ async def test_a_failed_copy_commits_its_file_failed_and_only_when_it_moved(cata
     await catalogue.ingest.register([rec("a")])
     [rid] = await _take(catalogue, "a")
     event = FileFailed(daemon="tape", reason="no_source", error="tape1: none", attempts=1, name="a")
-    assert await catalogue.tape.mark_failed(rid, event)
-    assert not await catalogue.tape.mark_failed(rid, event.model_copy(update={"id": "x"}))
+    assert await catalogue.tape.mark_failed(rid, event, holder=HOLDER)
+    assert not await catalogue.tape.mark_failed(rid, event.model_copy(update={"id": "x"}), holder=HOLDER)
     assert [(k, i) for k, i, _ in await catalogue.read(_queued_events)] == [("file.failed", event.id)]
 
 

@@ -6,7 +6,8 @@ and who moves them:
     queued     wanted; waits in its pool's queue for a mount        (ingest / rule evaluation, the
                                                                      ``tape.archive`` handler)
     archiving  taken into a write batch; ``cartridge`` names the    (tape scheduler)
-               cartridge it is being written to, ``fseq`` is NULL
+               cartridge it is being written to, ``fseq`` is NULL,
+               ``holder`` the tape daemon instance writing it
     available  on tape: ``cartridge`` + ``fseq`` say where; in an   (tape writer, start-up
                aggregate, ``member_offset`` is where its bytes       reconciliation)
                start within that tape file (NULL: a plain file)
@@ -22,6 +23,20 @@ and the mount itself, are catalogue state, never a message held past the broker'
 timeout. The age that the mount policy compares is the row's ``created`` time, i.e. when the copy
 was first wanted, so a copy put back into the queue after an interrupted batch keeps its place.
 
+Several tape daemons may share a library and a catalogue (issue 19). A copy ``archiving`` names
+its ``holder``, the instance (``common.instance``) whose batch took it; every statement that
+records what became of it (``record_archived``, ``requeue``, ``mark_failed``, ``point_to``)
+applies only to the rows the caller holds, and clears ``holder`` when the copy leaves
+``archiving``. So an instance whose lease ran out while its process went on (paused, cut off
+from the catalogue) records nothing over the successor that settled its copies: its statements
+match no row. A successor settles only what no live instance holds (``settleable``, taken over
+atomically with ``take_over``; ``daemons.tape.reconcile``). Rows left ``archiving`` before the
+holder existed have none and are anyone's to settle.
+
+Taking copies uses ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite serialises its writers): two
+instances taking the same queue head at once never both get a copy, and never wait for (or
+deadlock with) each other: a row the other is taking is skipped, not waited for.
+
 All functions take a synchronous ``Connection`` inside the caller's transaction (``catalogue.tape``).
 """
 
@@ -33,10 +48,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Select, bindparam, func, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, func, or_, select, update
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
+from common.catalogue.instances import held_by_dead
 from common.catalogue.replication import Source
 from common.catalogue.sql import chunks, insert_ignore_sync, storage_ids_sync, upsert_sync, utcnow
 from common.messages import FileArchived, FileFailed, fact_id
@@ -149,12 +165,13 @@ def ingest_correlations(conn: Connection, names: Sequence[str]) -> dict[str, str
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """A copy left ``archiving`` (by this process's predecessor, at start-up)."""
+    """A copy ``archiving``: the cartridge it is being written to, the instance writing it."""
 
     replica_id: int
     name: str
     storage: str
     cartridge: str | None
+    holder: str | None = None
 
 
 def archive_request_id(name: str, storage: str) -> str:
@@ -204,8 +221,9 @@ def ensure_queued_many(conn: Connection, wanted: Sequence[Wanted]) -> list[TapeC
     and taken into a batch (``archiving``) between our read and our update, which then put it back
     to ``queued``: the batch's ``record_archived`` matched nothing and the file was written to tape
     a second time. The rows are locked (``FOR UPDATE``, as ``recall.deliver`` locks its copy):
-    another handler, and ``take_batch``, wait for our commit, and the state decided on (and
-    returned: the handler announces a copy already on tape) is the one written over. Not a
+    another handler waits for our commit (``take_batch`` skips the row until then), and the state
+    decided on (and returned: the handler announces a copy already on tape) is the one written
+    over. Not a
     compare-and-set on the updates: a lost race would then need a re-read and a second decision,
     and the returned state could still be one that no longer holds.
     """
@@ -314,27 +332,44 @@ def queue_head(conn: Connection, storage: str, limit: int) -> list[Candidate]:
     return [Candidate(rid, int(size)) for rid, size in conn.execute(queue_head_statement(storage, limit))]
 
 
-def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> list[BatchFile]:
-    """Move the given queued copies to ``archiving`` on ``cartridge``; returns those this call got
-    (another writer may have taken some meanwhile), in the order given, with their disk sources.
+def take_batch(
+    conn: Connection, replica_ids: Sequence[int], cartridge: str, *, holder: str
+) -> list[BatchFile]:
+    """Move the given queued copies to ``archiving`` on ``cartridge``, held by ``holder``; returns
+    those this call got (another writer may have taken some meanwhile), in the order given, with
+    their disk sources.
+
+    Race (PostgreSQL, READ COMMITTED): two instances read the same queue head and take it at
+    once. A plain ``UPDATE ... WHERE state = 'queued'`` gave each copy to one of them (the second
+    waits for the first's row locks, then sees ``archiving``), but waiting in two different row
+    orders is a deadlock, and the rows this call got were found again by ``updated`` (equal for
+    two takers within a clock tick). The copies are locked ``FOR UPDATE SKIP LOCKED``: a row
+    another taker (or a handler's ``ensure_queued``) holds is skipped, not waited for, and the
+    copies taken are those the update returns.
 
     Sources are available copies on disk endpoints an operator has not set ``down``."""
     now = utcnow()
     ids = list(replica_ids)
+    taken: set[int] = set()
     for part in chunks(ids):
-        conn.execute(
-            update(r)
+        free = (
+            select(r.c.id)
             .where(r.c.id.in_(part), r.c.state == "queued")
-            .values(state="archiving", cartridge=cartridge, fseq=None, member_offset=None, updated=now)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
         )
+        take = (
+            update(r)
+            .where(r.c.id.in_(free), r.c.state == "queued")
+            .values(state="archiving", cartridge=cartridge, fseq=None, member_offset=None, holder=holder,
+                    updated=now)
+            .returning(r.c.id)
+        )  # fmt: skip
+        taken.update(conn.scalars(take))
     got: dict[int, Any] = {}
     stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32).join(f, f.c.id == r.c.file_id)
-    for part in chunks(ids):
-        for row in conn.execute(
-            stmt.where(
-                r.c.id.in_(part), r.c.state == "archiving", r.c.cartridge == cartridge, r.c.updated == now
-            )
-        ):
+    for part in chunks(sorted(taken)):
+        for row in conn.execute(stmt.where(r.c.id.in_(part))):
             got[row.id] = row
     sources: dict[int, list[Source]] = {}
     src = (
@@ -354,54 +389,61 @@ def take_batch(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> 
     ]  # fmt: skip
 
 
-def point_to(conn: Connection, replica_ids: Sequence[int], cartridge: str) -> None:
+def point_to(conn: Connection, replica_ids: Sequence[int], cartridge: str, *, holder: str) -> None:
     """The batch moved on to another cartridge (the previous one is full or would not load)."""
     for part in chunks(list(replica_ids)):
         conn.execute(
             update(r)
-            .where(r.c.id.in_(part), r.c.state == "archiving")
+            .where(r.c.id.in_(part), r.c.state == "archiving", r.c.holder == holder)
             .values(cartridge=cartridge, updated=utcnow())
         )
 
 
-def requeue(conn: Connection, replica_ids: Sequence[int]) -> int:
+def requeue(conn: Connection, replica_ids: Sequence[int], *, holder: str) -> int:
     """Copies of a batch that ended early go back to their queue (keeping their age)."""
     n = 0
     for part in chunks(list(replica_ids)):
         res = conn.execute(
             update(r)
-            .where(r.c.id.in_(part), r.c.state == "archiving")
-            .values(state="queued", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
-        )
+            .where(r.c.id.in_(part), r.c.state == "archiving", r.c.holder == holder)
+            .values(state="queued", cartridge=None, fseq=None, member_offset=None, holder=None,
+                    updated=utcnow())
+        )  # fmt: skip
         n += int(res.rowcount)
     return n
 
 
-def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = None) -> bool:
+def mark_failed(conn: Connection, replica_id: int, event: FileFailed | None = None, *, holder: str) -> bool:
     """The copy failed for good; ``event`` (its ``file.failed``) goes to the outbox with it.
-    False, recording nothing, when the copy is no longer ``archiving``."""
+    False, recording nothing, when the copy is no longer ``archiving`` held by ``holder``."""
     res = conn.execute(
         update(r)
-        .where(r.c.id == replica_id, r.c.state == "archiving")
-        .values(state="failed", cartridge=None, fseq=None, member_offset=None, updated=utcnow())
+        .where(r.c.id == replica_id, r.c.state == "archiving", r.c.holder == holder)
+        .values(state="failed", cartridge=None, fseq=None, member_offset=None, holder=None, updated=utcnow())
     )
     if res.rowcount and event is not None:
         outbox.add(conn, [event])
     return bool(res.rowcount)
 
 
-def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archived]:
+def record_archived(conn: Connection, records: Sequence[Archived], *, holder: str) -> list[Archived]:
     """Record files written on tape: the copy ``available`` at its cartridge and fseq, the copy's
     request done, one ``file.archived`` history row and outbox event each. Returns the records
-    applied: a copy that is no longer ``archiving`` (cancelled meanwhile) is left alone. An
-    aggregate's members (``member_offset`` set) are recorded like any flush group: one select and
-    one ``executemany`` whatever their number."""
+    applied: a copy that is no longer ``archiving`` held by ``holder`` (cancelled meanwhile, or
+    settled by a successor once this instance's lease ran out) is left alone. An aggregate's
+    members (``member_offset`` set) are recorded like any flush group: one select and one
+    ``executemany`` whatever their number."""
     now = utcnow()
-    # Which copies are still ``archiving``, locked (PostgreSQL) so none leaves that state before
-    # the update below: one select and one executemany for the whole flush group.
+    # Which copies are still ``archiving`` and ours, locked (PostgreSQL) so none leaves that
+    # state or changes hands before the update below: one select and one executemany for the
+    # whole flush group.
     archiving: set[int] = set()
     for part in chunks(sorted({a.replica_id for a in records})):
-        stmt = select(r.c.id).where(r.c.id.in_(part), r.c.state == "archiving").order_by(r.c.id)
+        stmt = (
+            select(r.c.id)
+            .where(r.c.id.in_(part), r.c.state == "archiving", r.c.holder == holder)
+            .order_by(r.c.id)
+        )
         archiving.update(conn.scalars(stmt.with_for_update()))
     applied = [a for a in records if a.replica_id in archiving]
     if not applied:
@@ -410,7 +452,7 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
         update(r)
         .where(r.c.id == bindparam("rid"))
         .values(state="available", cartridge=bindparam("vid"), fseq=bindparam("at"),
-                member_offset=bindparam("offset"), updated=now),
+                member_offset=bindparam("offset"), holder=None, updated=now),
         [{"rid": a.replica_id, "vid": a.cartridge, "at": a.fseq, "offset": a.member_offset} for a in applied],
     )  # fmt: skip
     # Each file's correlation id: the writer's, else its ingest event id (the records returned are
@@ -436,17 +478,59 @@ def record_archived(conn: Connection, records: Sequence[Archived]) -> list[Archi
 
 
 def in_flight(conn: Connection, storages: Sequence[str]) -> list[InFlight]:
-    """Copies in state ``archiving`` on the given endpoints."""
+    """Copies in state ``archiving`` on the given endpoints, whoever holds them."""
+    return _archiving(conn, storages)
+
+
+def settleable(
+    conn: Connection, storages: Sequence[str], holder: str, idle: Sequence[str], now: datetime
+) -> list[InFlight]:
+    """The copies ``archiving`` on ``storages`` that ``holder`` may settle: those no live instance
+    holds (``held_by_dead``: their writer's lease ran out or it stopped; no holder at all: left
+    before holders existed), and its own on the endpoints ``idle`` (no batch of its own runs
+    there: what a batch could neither record nor requeue when it ended)."""
+    mine = and_(r.c.holder == holder, ep.c.name.in_(list(idle)))
+    return _archiving(conn, storages, or_(held_by_dead(r.c.holder, now), mine))
+
+
+def _archiving(conn: Connection, storages: Sequence[str], *where: Any) -> list[InFlight]:
     if not storages:
         return []
     stmt = (
-        select(r.c.id, f.c.name, ep.c.name, r.c.cartridge)
+        select(r.c.id, f.c.name, ep.c.name, r.c.cartridge, r.c.holder)
         .join(f, f.c.id == r.c.file_id)
         .join(ep, ep.c.id == r.c.storage_id)
-        .where(ep.c.name.in_(list(storages)), r.c.state == "archiving")
+        .where(ep.c.name.in_(list(storages)), r.c.state == "archiving", *where)
         .order_by(r.c.id)
     )
-    return [InFlight(rid, name, storage, vid) for rid, name, storage, vid in conn.execute(stmt)]
+    return [InFlight(*row) for row in conn.execute(stmt)]
+
+
+def take_over(conn: Connection, replica_ids: Sequence[int], holder: str, now: datetime) -> list[int]:
+    """Make ``holder`` the holder of those given copies that are still ``archiving`` and held by no
+    live instance but ``holder`` (``settleable``'s condition, checked again at the update);
+    returns the copies taken, the ones ``holder`` goes on to settle.
+
+    Two survivors settling a dead instance's copies at once: each row goes to one of them. The
+    rows are locked ``FOR UPDATE SKIP LOCKED`` (PostgreSQL): a row the other survivor is taking
+    is skipped, not waited for (two takers waiting for each other's rows in different orders
+    would deadlock), and a row it has taken has a live holder when the condition is checked
+    again. A row a stale writer is recording right now is skipped too, and found ``available``
+    next time. SQLite serialises the takers."""
+    taken: list[int] = []
+    for part in chunks(sorted(replica_ids)):
+        free = (
+            select(r.c.id)
+            .where(
+                r.c.id.in_(part), r.c.state == "archiving",
+                or_(r.c.holder == holder, held_by_dead(r.c.holder, now)),
+            )
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )  # fmt: skip
+        stmt = update(r).where(r.c.id.in_(free)).values(holder=holder).returning(r.c.id)
+        taken += conn.scalars(stmt)
+    return sorted(taken)
 
 
 def files_per_cartridge(conn: Connection) -> dict[str, int]:

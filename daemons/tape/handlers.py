@@ -11,6 +11,13 @@ Events the daemon states outside this handler (``file.archived`` of a batch or o
 a tape ``file.failed``, ``tape.mounted``) go through the catalogue's outbox, which the relay
 (``daemons.relay``) publishes: started before the scheduler (what a predecessor left unsent goes
 out first), stopped after it (the last batch's events get their chance).
+
+Each tape daemon process is an instance holding a lease in the catalogue (``common.instance``),
+held for its life: taken before the scheduler starts (the copies its batches take name it as
+their holder), given back after the scheduler has stopped (what is left is then anyone's to
+settle at once). Several instances may share a library: PostgreSQL for instances on several
+nodes, SQLite for several on one node. One that dies leaves its copies to the others once its
+lease has run out (``catalogue.lease_seconds``; ``daemons.tape.reconcile``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from common.catalogue import Catalogue
 from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError, unknown_names
+from common.instance import InstanceLease
 from common.logging import get_logger
 from common.messages import Message, TapeArchive
 from common.storage import StorageBackend, open_storage
@@ -45,6 +53,7 @@ class TapeResources:
     libraries: dict[str, TapeLibrary]
     scheduler: Scheduler
     relay: OutboxRelay
+    lease: InstanceLease  # this instance (its id: the holder of the copies its batches write)
     # Group commit of the handler's ``ensure_queued``: one transaction for the files of the
     # requests that arrive together, not one per file.
     queuer: MicroBatcher[db.Wanted, db.TapeCopy | None]
@@ -64,6 +73,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
         stack.push_async_callback(catalogue.close)
         await catalogue.endpoints.sync(settings.storage)
+        lease = InstanceLease(catalogue, "tape", settings.node, settings.catalogue.lease_seconds)
+        await lease.start()
+        stack.push_async_callback(lease.stop)  # after the scheduler's close (the stack unwinds)
         libraries: dict[str, TapeLibrary] = {}
         for name in sorted({t.library for t in targets.values()}):
             library = await open_library(settings.tape_libraries[name])
@@ -77,7 +89,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         relay = OutboxRelay(catalogue, publisher)
         stack.push_async_callback(relay.close, settings.bus.stop_grace)
         await relay.start()
-        scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages)
+        scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages, lease)
         stack.push_async_callback(scheduler.close, settings.bus.stop_grace)
         await scheduler.start()
         batch = settings.catalogue
@@ -85,8 +97,9 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             catalogue.tape.ensure_queued_many, max_size=batch.batch_size, max_wait=batch.batch_wait
         )
         stack.push_async_callback(queuer.close)
-        log.info("tape_ready", endpoints={n: f"{t.library}/{t.pool}" for n, t in targets.items()})
-        yield TapeResources(catalogue, targets, libraries, scheduler, relay, queuer)
+        endpoints = {n: f"{t.library}/{t.pool}" for n, t in targets.items()}
+        log.info("tape_ready", endpoints=endpoints, instance=lease.id)
+        yield TapeResources(catalogue, targets, libraries, scheduler, relay, lease, queuer)
 
 
 service = Service("tape", resources=open_resources, describe=_describe)

@@ -6,11 +6,20 @@ a whole queue (``steps.due``), and writing one lasts minutes to hours, far past 
 consumer timeout. So the ``tape.archive`` handler only queues the copy (catalogue row ``queued``)
 and acks; this loop decides when and where it is written.
 
-Per tick: settle copies a dead writer left behind (``reconcile``), read the queues of the
-endpoints an operator left online and no batch of ours is writing, count the free drives of each
-library, and start a batch for each queue ``steps.plan_mounts`` picks (one batch per pool at a
-time: a pool fills one cartridge after the other, and other pools and recalls get the other
-drives). Batches run as tasks of their own; the loop never waits for one.
+Per tick: settle copies a dead writer left behind (``reconcile``: a neighbour instance's whose
+lease ran out, on any endpoint; our own a failed batch left, on the endpoints we are not writing),
+read the queues of the endpoints an operator left online and no batch of ours is writing, count
+the free drives of each library, and start a batch for each queue ``steps.plan_mounts`` picks
+(one batch per pool at a time in this instance: a pool fills one cartridge after the other, and
+other pools and recalls get the other drives). Batches run as tasks of their own; the loop never
+waits for one.
+
+Several instances (``common.instance``: each holds a lease) may share the library: each runs this
+loop; the drives are shared through the library's claims, the queue through the catalogue (a
+copy is taken by one instance, ``take_batch``). Two instances may then write the same pool at
+once, on two cartridges. An instance whose lease is running low (renewals failing, see
+``writer.Env.may_commit``) starts nothing and settles nothing until a renewal succeeds; once the
+lease is lost, it stops (``instance_lease_lost``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from collections.abc import Mapping
 from common.catalogue import Catalogue
 from common.config import Settings
 from common.errors import SpoolError
+from common.instance import InstanceLease
 from common.logging import get_logger
 from common.messages import utcnow
 from common.periodic import every
@@ -44,13 +54,17 @@ class Scheduler:
         libraries: Mapping[str, TapeLibrary],
         targets: Mapping[str, steps.TapeTarget],
         storages: Mapping[str, StorageBackend],
+        lease: InstanceLease,
     ) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.relay = relay
         self.libraries = libraries
         self.targets = targets
-        self.env = Env(settings, catalogue, relay, storages, staging.staging_dir(settings.state_dir))
+        self.lease = lease
+        self.staging_root = staging.staging_dir(settings.state_dir)
+        staged = staging.instance_dir(self.staging_root, lease.id)
+        self.env = Env(settings, catalogue, relay, storages, staged, lease)
         self.active: dict[str, asyncio.Task[None]] = {}  # endpoint -> its running batch
         self.last_served: dict[str, float] = {}
         self._complaint: dict[str, str] = {}  # endpoint -> reason last logged (no repeats)
@@ -59,21 +73,42 @@ class Scheduler:
     async def start(self) -> None:
         """Settle what a killed predecessor left half done (copies ``archiving``, staging files),
         then start the loop."""
-        removed = await asyncio.to_thread(staging.clean, self.env.staging)
-        if removed:
-            log.info("tape_staging_cleaned", files=removed)
-        await reconcile(self.catalogue, self.relay, self.libraries, self.targets, list(self.targets))
+        await self._clean_staging()
+        await self._reconcile()
         if self.targets:
             loop = every(
                 self.settings.tape.poll_interval, self.tick, name="tape-scheduler", on_error=_tick_failed
             )
             self._loop = asyncio.create_task(loop, name="tape-scheduler")
 
+    async def _clean_staging(self) -> None:
+        """Remove what dead instances of this node left in their staging directories (at start,
+        and each tick once a neighbour's lease has run out)."""
+        # The directories first, the live instances after: a directory seen is one of an instance
+        # registered before (``staging.clean``).
+        seen = await asyncio.to_thread(staging.entries, self.staging_root)
+        if all(name == self.env.staging.name for name in seen):
+            return  # nobody else's: no catalogue query
+        live = await self.catalogue.instances.live_ids("tape", utcnow())
+        removed = await asyncio.to_thread(staging.clean, self.staging_root, seen, live)
+        if removed:
+            log.info("tape_staging_cleaned", files=removed)
+
+    async def _reconcile(self) -> None:
+        idle = [s for s in self.targets if s not in self.active]
+        await reconcile(
+            self.catalogue, self.relay, self.libraries, self.targets, list(self.targets), self.lease.id, idle,
+            self.env.own_drives,
+        )  # fmt: skip
+
     async def tick(self) -> None:
+        if not self.env.may_commit():
+            return  # renewals failing: about to stop, or to start again once one succeeds
+        await self._reconcile()
+        await self._clean_staging()
         idle = [s for s in self.targets if s not in self.active]
         if not idle:
             return
-        await reconcile(self.catalogue, self.relay, self.libraries, self.targets, idle)
         states = {e.name: e.state for e in await self.catalogue.endpoints.all()}
         online = [s for s in idle if states.get(s, "online") == "online"]
         stats = await self.catalogue.tape.queue_stats(online)
@@ -127,6 +162,7 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*batches, return_exceptions=True)
+        await asyncio.to_thread(staging.forget, self.env.staging)
 
 
 def _tick_failed(exc: Exception) -> None:

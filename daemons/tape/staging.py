@@ -7,9 +7,14 @@ fed at its own pace, not at a wide-area network's. The remote copy is downloaded
 ``<state_dir>/tape-staging/``, verified by the backend's ``download`` (adler32 of the bytes
 received against the catalogue's), and written to tape from there; the staging file is removed
 after the write whatever happened. The aggregates of small files are built here too
-(``aggregate-<random>.tar``, removed once written). A killed daemon leaves at most the file (or
-the download's temporary) it was staging and the aggregates it was building: ``clean`` removes
-everything in the directory at start-up (one tape daemon per state directory, as one per library).
+(``aggregate-<random>.tar``, removed once written). Each tape daemon instance stages in a
+directory of its own, ``<state_dir>/tape-staging/<instance id>/`` (``instance_dir``), so several
+instances may share a node and its state directory. A killed instance leaves at most the file (or
+the download's temporary) it was staging and the aggregates it was building: at start-up and
+on the scheduler's ticks ``clean`` removes the directories of the instances no longer alive
+(their lease ran out or they stopped: ``common.instance``) and whatever lies in
+``tape-staging/`` itself (left by a daemon older than per-instance directories); a clean stop
+removes its own (``forget``).
 
 A posix copy is preferred when the file has one (``prefer_local``): no download at all.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -36,19 +43,51 @@ def staging_dir(state_dir: Path) -> Path:
     return Path(os.path.realpath(state_dir)) / STAGING_DIR
 
 
-def clean(directory: Path) -> int:
-    """Remove what a killed daemon left in the staging directory; returns how many files."""
-    if not directory.is_dir():
-        return 0
+def instance_dir(root: Path, instance: str) -> Path:
+    """The staging directory of one tape daemon instance under ``root`` (``staging_dir``)."""
+    return root / _dir_name(instance)
+
+
+def _dir_name(instance: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@._-]", "_", instance)
+
+
+def entries(root: Path) -> list[str]:
+    """The names in ``root``, read before the live instances are (``clean``)."""
+    try:
+        return sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+
+
+def clean(root: Path, seen: Iterable[str], live: Iterable[str]) -> int:
+    """Remove, of the entries ``seen`` in ``root``, what no live instance stages in: the
+    directories of dead instances and loose files; returns how many files.
+
+    ``seen`` is read before ``live``: an instance registers its lease before it makes its
+    directory, so a directory seen belongs to an instance that is in ``live`` if it is alive (read
+    the other way round, a neighbour starting in between would lose its new directory)."""
+    keep = {_dir_name(i) for i in live}
     removed = 0
-    for entry in os.scandir(directory):
+    for name in seen:
+        path = root / name
         try:
-            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                os.unlink(entry.path)
+            if path.is_dir() and not path.is_symlink():
+                if name in keep:
+                    continue
+                removed += sum(len(files) for _, _, files in os.walk(path))
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
                 removed += 1
         except FileNotFoundError:
             continue
     return removed
+
+
+def forget(directory: Path) -> None:
+    """A clean stop: this instance's staging directory goes (its batches removed their files)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def prefer_local(sources: Iterable[Source], storages: Mapping[str, StorageBackend]) -> list[Source]:

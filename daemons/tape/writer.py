@@ -3,9 +3,9 @@
 Order of work, so that a kill at any instruction loses nothing and writes nothing twice:
 
 1. take the queue head (``steps.batch_size``), pick a cartridge and claim a drive (``drives.Mount``)
-2. mark the copies ``archiving`` on that cartridge (catalogue) — from now on the batch owns them;
-   ``TAKE_WINDOW`` files at a time, the next window when this one is written (2-4 repeat until
-   the batch's limits or the queue's end)
+2. mark the copies ``archiving`` on that cartridge, held by this instance (catalogue) — from now
+   on the batch owns them; ``TAKE_WINDOW`` files at a time, the next window when this one is
+   written (2-4 repeat until the batch's limits or the queue's end)
 3. mount (working around broken drives and cartridges that will not load)
 4. per file, in order: write it from its first usable disk copy (a mounted one first; a remote
    one is downloaded to a node-local staging file first, ``staging``) behind a buffered tape mark
@@ -43,6 +43,14 @@ one of the pool; what was written before is recorded first, so catalogue rows al
 cartridge their file is on or is being written to. A file whose disk copies are all missing or
 corrupt fails (``failed``, the reason is the file's last error, ``file.failed`` goes through the
 outbox); the batch goes on with the next file. ``tape.mounted`` goes through the outbox too.
+
+Several instances may write one library (``daemons.tape.reconcile``): every catalogue statement of
+the batch names this instance as the copies' holder and matches nothing once a successor has
+taken them over. So that a successor never requeues a file this instance then commits, the batch
+writes, flushes and moves to a new cartridge only while its lease stands with a quarter of it to
+spare (``Env.may_commit``): an instance whose renewals fail (paused, cut off from the catalogue)
+stops its batch well before others count it dead; what it had not flushed is dropped when it
+releases the drive, and its copies go back to the queue (or are settled by the successor).
 """
 
 from __future__ import annotations
@@ -58,8 +66,9 @@ from common.catalogue import Catalogue, Source
 from common.catalogue import tape as db
 from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
+from common.instance import InstanceLease
 from common.logging import get_logger
-from common.messages import FileFailed, TapeMounted
+from common.messages import FileFailed, TapeMounted, utcnow
 from common.storage import StorageBackend
 from common.storage.checksum import normalise_adler32
 from common.tape import TapeLibrary, TapeMember, aggregate
@@ -84,8 +93,39 @@ class Env:
     relay: OutboxRelay  # publishes the events the catalogue's outbox holds
     storages: Mapping[str, StorageBackend]
     staging: Path  # node-local directory of remote copies being written (``staging``)
+    lease: InstanceLease  # this instance: the holder of the copies its batches take
     failures: MountFailures = field(default_factory=MountFailures)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    mounts: set[Mount] = field(default_factory=set)  # of the batches running now
+
+    @property
+    def holder(self) -> str:
+        return self.lease.id
+
+    def own_drives(self) -> set[str]:
+        """The drives this process's batches hold now (``reconcile``: not another's writer)."""
+        return {m.drive for m in self.mounts if m.drive is not None}
+
+    def may_commit(self) -> bool:
+        """Whether the lease stands with ``lease_margin`` to spare (see the module doc)."""
+        lease = self.lease
+        if lease.lost or lease.expires is None:
+            return False
+        return lease.expires - utcnow() > lease.lease * LEASE_MARGIN
+
+
+# The part of a lease that must be left for a batch to write, flush or change cartridge: a
+# quarter tolerates one failed renewal (renewed every third), and leaves others' clocks and the
+# operation in flight that much time before they count this instance dead.
+LEASE_MARGIN = 0.25
+
+
+def lease_lost(holder: str) -> Retryable:
+    return Retryable(
+        "instance_lease_lost",
+        f"{holder}: the lease is about to run out (renewals failing): the batch stops and leaves "
+        "its copies to the queue or to a successor",
+    )
 
 
 class Recorder:
@@ -93,10 +133,11 @@ class Recorder:
     the relay then publishes: about ``every`` per transaction, an aggregate's members never split
     (one transaction, one set-based statement, whatever their number)."""
 
-    def __init__(self, catalogue: Catalogue, relay: OutboxRelay, every: int) -> None:
+    def __init__(self, catalogue: Catalogue, relay: OutboxRelay, every: int, holder: str) -> None:
         self.catalogue = catalogue
         self.relay = relay
         self.every = every
+        self.holder = holder
         self.buffer: list[list[db.Archived]] = []  # one list per tape file
 
     def add(self, record: db.Archived) -> None:
@@ -112,7 +153,9 @@ class Recorder:
             while n < len(self.buffer) and (n == 0 or size + len(self.buffer[n]) <= self.every):
                 size += len(self.buffer[n])
                 n += 1
-            await self.catalogue.tape.record_archived([a for group in self.buffer[:n] for a in group])
+            await self.catalogue.tape.record_archived(
+                [a for group in self.buffer[:n] for a in group], holder=self.holder
+            )
             del self.buffer[:n]
             self.relay.kick()
 
@@ -149,7 +192,7 @@ class Batch:
         self.target = target
         self.library = library
         policy = env.settings.tape
-        self.recorder = Recorder(env.catalogue, env.relay, policy.record_every)
+        self.recorder = Recorder(env.catalogue, env.relay, policy.record_every, env.holder)
         self.pending: dict[int, db.BatchFile] = {}  # taken, neither durable on tape nor failed yet
         self.unflushed: list[Unflushed] = []  # written since the last flush (still pending)
         self.open: Open | None = None  # the aggregate being built (its files still pending)
@@ -190,15 +233,28 @@ class Batch:
             self._moved_to,
             self._mounted,
         )
+        self.env.mounts.add(mount)
         try:
             if not await mount.acquire(needed=chosen[0].size):
                 return 0
             loaded = False
+            empty = 0  # windows in a row that other writers took first
             while chosen and not self.env.stopping.is_set():
                 assert mount.vid is not None
-                files = await cat.tape.take_batch([c.replica_id for c in chosen], mount.vid)
-                if not files:  # another writer took them meanwhile
-                    break
+                if not self.env.may_commit():
+                    raise lease_lost(self.env.holder)
+                files = await cat.tape.take_batch(
+                    [c.replica_id for c in chosen], mount.vid, holder=self.env.holder
+                )
+                if not files:
+                    # Another instance took this head of the queue meanwhile (both read it before
+                    # either took it): the next head, unless the queue is being emptied under us.
+                    empty += 1
+                    if empty >= 3:
+                        break
+                    chosen = await self._next_window(files_left, bytes_left, first=not loaded)
+                    continue
+                empty = 0
                 self.pending.update((f.replica_id, f) for f in files)
                 files_left -= len(chosen)
                 bytes_left -= sum(c.size for c in chosen)
@@ -248,6 +304,8 @@ class Batch:
         if not self.unflushed:
             return
         assert self.mount is not None and self.mount.drive is not None
+        if not self.env.may_commit():
+            raise lease_lost(self.env.holder)
         await self.library.flush(self.mount.drive)
         for u in self.unflushed:
             if u.file is not None:
@@ -339,6 +397,8 @@ class Batch:
         assert mount is not None
         while True:
             assert mount.drive is not None
+            if not self.env.may_commit():
+                raise lease_lost(self.env.holder)
             try:
                 fseq = await self.library.write(
                     mount.drive, path, name, size, adler32, flush=False, members=members
@@ -356,7 +416,9 @@ class Batch:
 
     async def _moved_to(self, vid: str) -> None:
         """The batch continues on ``vid``: the copies not written yet now belong to it."""
-        await self.env.catalogue.tape.point_to(list(self.pending), vid)
+        if not self.env.may_commit():
+            raise lease_lost(self.env.holder)
+        await self.env.catalogue.tape.point_to(list(self.pending), vid, holder=self.env.holder)
 
     async def _archive(self, f: db.BatchFile, put: Put) -> None:
         """Write ``f`` with ``put`` (to tape, or into the open aggregate) from its first usable
@@ -404,6 +466,8 @@ class Batch:
         assert mount is not None
         while True:
             assert mount.drive is not None
+            if not self.env.may_commit():
+                raise lease_lost(self.env.holder)
             try:
                 fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32, flush=False)
             except SpoolError as exc:
@@ -466,7 +530,7 @@ class Batch:
         event = FileFailed(
             daemon="tape", reason=reason, error=text, attempts=1, name=f.name, endpoint=storage
         )  # fmt: skip
-        await cat.tape.mark_failed(f.replica_id, event)
+        await cat.tape.mark_failed(f.replica_id, event, holder=self.env.holder)
         self.env.relay.kick()
         await cat.history.record_failure(
             request_id=db.archive_request_id(f.name, storage), kind="archive", daemon="tape",
@@ -482,6 +546,12 @@ class Batch:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.open.builder.discard)
             self.open = None
+        if self.unflushed and not self.env.may_commit():
+            # A successor may be settling these copies already: not committed, they are dropped
+            # when the drive is released, and whoever holds them requeues them.
+            log.error("archive_unflushed_dropped", storage=self.target.storage, files=len(self.unflushed),
+                      reason="instance_lease_lost")  # fmt: skip
+            self.unflushed.clear()
         try:
             await self._flush()
         except Exception as exc:
@@ -493,7 +563,7 @@ class Batch:
             log.error("archive_record_failed", storage=self.target.storage, error=repr(exc))
         if self.pending:
             try:
-                n = await self.env.catalogue.tape.requeue(list(self.pending))
+                n = await self.env.catalogue.tape.requeue(list(self.pending), holder=self.env.holder)
                 log.info("archive_requeued", storage=self.target.storage, files=n)
             except Exception as exc:
                 log.error("archive_requeue_failed", storage=self.target.storage, error=repr(exc))
@@ -502,6 +572,8 @@ class Batch:
                 await self.mount.release()
             except Exception as exc:
                 log.error("drive_release_failed", drive=self.mount.drive, error=repr(exc))
+            finally:
+                self.env.mounts.discard(self.mount)
         if self.written or self.failed:
             log.info(
                 "archive_batch_done", storage=self.target.storage, written=self.written, failed=self.failed,

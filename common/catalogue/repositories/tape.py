@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from common.catalogue import tape as db
 from common.catalogue.repositories import Repository
+from common.catalogue.sql import utcnow
 from common.messages import FileFailed
 
 
@@ -24,23 +26,35 @@ class TapeRepository(Repository):
     async def queue_head(self, storage: str, limit: int) -> list[db.Candidate]:
         return await self._catalogue.read(db.queue_head, storage, limit)
 
-    async def take_batch(self, replica_ids: Sequence[int], cartridge: str) -> list[db.BatchFile]:
-        return await self._catalogue.write(db.take_batch, replica_ids, cartridge)
+    async def take_batch(
+        self, replica_ids: Sequence[int], cartridge: str, *, holder: str
+    ) -> list[db.BatchFile]:
+        return await self._catalogue.write(partial(db.take_batch, holder=holder), replica_ids, cartridge)
 
-    async def point_to(self, replica_ids: Sequence[int], cartridge: str) -> None:
-        await self._catalogue.write(db.point_to, replica_ids, cartridge)
+    async def point_to(self, replica_ids: Sequence[int], cartridge: str, *, holder: str) -> None:
+        await self._catalogue.write(partial(db.point_to, holder=holder), replica_ids, cartridge)
 
-    async def requeue(self, replica_ids: Sequence[int]) -> int:
-        return await self._catalogue.write(db.requeue, replica_ids)
+    async def requeue(self, replica_ids: Sequence[int], *, holder: str) -> int:
+        return await self._catalogue.write(partial(db.requeue, holder=holder), replica_ids)
 
-    async def mark_failed(self, replica_id: int, event: FileFailed | None = None) -> bool:
-        return await self._catalogue.write(db.mark_failed, replica_id, event)
+    async def mark_failed(self, replica_id: int, event: FileFailed | None = None, *, holder: str) -> bool:
+        return await self._catalogue.write(partial(db.mark_failed, holder=holder), replica_id, event)
 
-    async def record_archived(self, records: Sequence[db.Archived]) -> list[db.Archived]:
-        return await self._catalogue.write(db.record_archived, records)
+    async def record_archived(self, records: Sequence[db.Archived], *, holder: str) -> list[db.Archived]:
+        return await self._catalogue.write(partial(db.record_archived, holder=holder), records)
 
     async def in_flight(self, storages: Sequence[str]) -> list[db.InFlight]:
         return await self._catalogue.read(db.in_flight, storages)
+
+    async def settleable(
+        self, storages: Sequence[str], holder: str, idle: Sequence[str]
+    ) -> list[db.InFlight]:
+        """The ``archiving`` copies ``holder`` may settle (``db.settleable``), as of now."""
+        return await self._catalogue.read(db.settleable, storages, holder, idle, utcnow())
+
+    async def take_over(self, replica_ids: Sequence[int], holder: str) -> list[int]:
+        """Take the settleable copies among ``replica_ids`` for ``holder`` (``db.take_over``)."""
+        return await self._catalogue.write(db.take_over, replica_ids, holder, utcnow())
 
     async def files_per_cartridge(self) -> dict[str, int]:
         return await self._catalogue.read(db.files_per_cartridge)

@@ -297,10 +297,8 @@ class CopyProcess:
             answers.cancel()
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None and not (abandon and not watchdog.done()):  # abandon: from the watchdog
-            try:
+            with contextlib.suppress(RuntimeError):  # its loop is closed (sync teardown): nothing runs it
                 watchdog.cancel()
-            except RuntimeError:  # its event loop is closed (sync teardown): nothing runs it
-                pass
         writer, self._writer = self._writer, None
         pairs = [  # each transport with the pipe it was made on
             (writer.transport if writer else None, proc.stdin if proc else None),

@@ -70,7 +70,6 @@ from bench.ingest import (
     make_files,
     queue_info,
     run_in_state_dir,
-    say,
     verdict,
 )
 from bench.night import DaemonSampler, catalogue_url, others_cpu, postgres_server, stage_counts
@@ -114,7 +113,9 @@ STAGE = {"ingest": "registered", "replicator": "offsite"}  # bench.night.stage_c
 
 
 # --- configuration ---------------------------------------------------------------------------------
-def write_config(path: Path, state: Path, files: Path, phase: Phase, url: str, args: argparse.Namespace) -> Path:
+def write_config(
+    path: Path, state: Path, files: Path, phase: Phase, url: str, args: argparse.Namespace
+) -> Path:
     """A phase's settings: production defaults except the isolated names, heartbeats every second
     (the shares are read from them) and, for the replicator, rules never evaluated by the daemons
     (the bench evaluates the rule: see the module docstring). ``[daemons.*]`` only when
@@ -225,7 +226,9 @@ class Heartbeats:
         await queue.consume(self._on_message, no_ack=True)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        beat = codec.decode(message.body, message.content_type, DaemonHeartbeat.ROUTING_KEY, message.message_id)
+        beat = codec.decode(
+            message.body, message.content_type, DaemonHeartbeat.ROUTING_KEY, message.message_id
+        )
         assert isinstance(beat, DaemonHeartbeat)
         self.last[beat.pid] = (time.monotonic(), beat)
 
@@ -281,7 +284,9 @@ async def publish_work(connection: Any, url: str, settings: Settings, phase: Pha
         return await publish_cloudevents(connection, settings.bus.exchange, work.events)
     # The replicator's own evaluation of the rule, from here: a settle time of ~0 (the rule is not
     # waiting for any ingest), the requests published with the bench's connection.
-    quick = settings.model_copy(update={"replication": settings.replication.model_copy(update={"poll_interval": 1e-3})})
+    quick = settings.model_copy(
+        update={"replication": settings.replication.model_copy(update={"poll_interval": 1e-3})}
+    )
     await asyncio.sleep(0.01)
     catalogue = await Catalogue.open(url)
     try:
@@ -298,10 +303,12 @@ class Result:
     phase: str
     round: int
     files: int
+    done: int  # files the catalogue counted at the end (registered, or copied to offsite)
     seconds: float
     publish_seconds: float
     shares: dict[int, int]  # instance -> messages handled
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    left_for_second: int | None = None  # backlog: messages still queued when the second joined
 
     @property
     def rate(self) -> float:
@@ -315,7 +322,6 @@ async def run_phase(args: argparse.Namespace, state: Path, work: Work, phase: Ph
     async with catalogue_url(phase.catalogue, here) as url:
         config = write_config(here / "spool.toml", here, work.files, phase, url, args)
         settings = load_settings(config)
-        await prepare_catalogue(url, settings, phase, work)
         connection = await connect(settings.bus, name="spool-scale")
         engine = create_async_engine(url)
         instances: list[Instance] = []
@@ -323,8 +329,8 @@ async def run_phase(args: argparse.Namespace, state: Path, work: Work, phase: Ph
             await declare_topology(await connection.channel(), settings)
             beats = Heartbeats()
             await beats.listen(connection, settings)
-            return await _measure(args, settings, connection, engine, url, work, phase, round_, beats, instances,
-                                  here / "logs", total)  # fmt: skip
+            return await _measure(args, settings, connection, engine, url, work, phase, round_, beats,
+                                  instances, here / "logs", total)  # fmt: skip
         finally:
             codes = await stop_instances(instances, settings.bus.stop_grace + 20)
             await engine.dispose()
@@ -342,26 +348,31 @@ async def _measure(
     queue = settings.queue(phase.daemon)
     config = settings.state_dir / "spool.toml"
     clock, postgres = CpuClock(), postgres_server() if phase.catalogue == "postgresql" else None
-    cpu0 = others_cpu(clock, postgres)
+    publishing: asyncio.Task[int] | None = None
+    joining: asyncio.Task[int] | None = None
+    published = 0.0
     if phase.backlog:
+        await prepare_catalogue(url, settings, phase, work)
         t0 = time.monotonic()
         await publish_work(connection, url, settings, phase, work)
         published = time.monotonic() - t0
+        cpu0 = others_cpu(clock, postgres)
         t0 = time.monotonic()
-        for k in range(phase.instances):  # one after the other: each consumes before the next starts
-            instances.append(start_instance(config, phase.daemon, k, logs))
-            await wait_consumers(connection, queue, k + 1, instances)
-        publishing: asyncio.Task[int] | None = None
+        instances.append(start_instance(config, phase.daemon, 0, logs))
+        await wait_consumers(connection, queue, 1, instances)
+        joining = asyncio.create_task(_second_joins(connection, queue, config, phase, instances, logs))
     else:
+        # The daemons start (and migrate, which is safe at once) while the bench prepares.
         instances.extend(start_instance(config, phase.daemon, k, logs) for k in range(phase.instances))
+        await prepare_catalogue(url, settings, phase, work)
         await wait_consumers(connection, queue, phase.instances, instances)
         cpu0 = others_cpu(clock, postgres)
         t0 = time.monotonic()
         publishing = asyncio.create_task(publish_work(connection, url, settings, phase, work))
-        published = 0.0
-    daemon_cpu0 = {i.index: i.sampler.cpu for i in instances}
+    daemon_cpu0: dict[int, float] = {}  # an instance joining later starts from 0
     progress, stage = Progress(), STAGE[phase.daemon]
     last_n, last_change = 0, t0
+    left: int | None = None
     try:
         while True:
             n = (await stage_counts(engine))[stage]
@@ -376,24 +387,49 @@ async def _measure(
                 break
             dead = await queue_info(connection, settings.dead_queue(phase.daemon))
             if dead is not None and dead[0]:
-                raise BenchError(f"{phase.name}: {dead[0]} message(s) dead-lettered in {settings.dead_queue(phase.daemon)}")
+                raise BenchError(
+                    f"{phase.name}: {dead[0]} message(s) dead-lettered in {settings.dead_queue(phase.daemon)}"
+                )
             check_alive(instances)
+            if joining is not None and joining.done():
+                joining.result()  # surfaces a failed start
             if now - last_change > args.stall:
                 raise BenchError(f"{phase.name}: no progress for {args.stall:.0f} s at {n:,}/{total:,} files")
-            progress.show(f"{phase.name} (round {round_}): {n:,}/{total:,} files, {n / max(now - t0, 1e-9):,.0f} files/s")
+            progress.show(
+                f"{phase.name} (round {round_}): {n:,}/{total:,} files, "
+                f"{n / max(now - t0, 1e-9):,.0f} files/s"
+            )
             await asyncio.sleep(POLL)
-    finally:
-        if publishing is not None and not publishing.done():
-            publishing.cancel()
-            with contextlib.suppress(BaseException):
-                await publishing
-    progress.done(f"{phase.name} (round {round_}): {total:,} files in {end - t0:.1f} s ({total / (end - t0):,.0f} files/s)")
+        if joining is not None:  # the first may have done everything before the second consumed
+            left = await joining
+    except BaseException:
+        for task in (publishing, joining):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        raise
+    progress.done(
+        f"{phase.name} (round {round_}): {total:,} files in {end - t0:.1f} s "
+        f"({total / (end - t0):,.0f} files/s)"
+    )
     shares = await beats.settled(instances, end)
     await asyncio.sleep(0.6)  # a last CPU sample of every instance
-    cpu = {f"{phase.daemon}-{i.index}": i.sampler.cpu - daemon_cpu0[i.index] for i in instances}
+    cpu = {f"{phase.daemon}-{i.index}": i.sampler.cpu - daemon_cpu0.get(i.index, 0.0) for i in instances}
     after = others_cpu(clock, postgres)
     cpu |= {k: after[k] - cpu0[k] for k in after if k in cpu0}
-    return Result(phase.name, round_, total, end - t0, published, shares, cpu)
+    return Result(phase.name, round_, total, last_n, end - t0, published, shares, cpu, left)
+
+
+async def _second_joins(
+    connection: Any, queue: str, config: Path, phase: Phase, instances: list[Instance], logs: Path
+) -> int:
+    """The second instance of a backlog phase, started once the first consumes; returns the
+    messages still in the queue (not yet delivered to the first) when it began consuming."""
+    instances.append(start_instance(config, phase.daemon, 1, logs))
+    await wait_consumers(connection, queue, 2, instances)
+    info = await queue_info(connection, queue)
+    return info[0] if info else 0
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -409,12 +445,13 @@ def summarize(results: list[Result], phases: list[Phase]) -> dict[str, Any]:
         handled = sum(b.shares.values())
         out["phases"][p.name] = {
             "daemon": p.daemon, "instances": p.instances, "catalogue": p.catalogue, "backlog": p.backlog,
-            "files": b.files, "files_done": b.files, "seconds": b.seconds, "rate": b.rate,
+            "files": b.files, "files_done": min(r.done for r in results if r.phase == p.name),
+            "seconds": b.seconds, "rate": b.rate,
             "publish_seconds": b.publish_seconds,
             "rates": [r.rate for r in results if r.phase == p.name],
             "messages": {str(k): v for k, v in sorted(b.shares.items())},
             "shares": {str(k): v / handled if handled else 0.0 for k, v in sorted(b.shares.items())},
-            "cpu_seconds": b.cpu_seconds,
+            "cpu_seconds": b.cpu_seconds, "left_for_second": b.left_for_second,
         }  # fmt: skip
 
     def ratio(a: str, b: str) -> float | None:
@@ -431,19 +468,29 @@ def summarize(results: list[Result], phases: list[Phase]) -> dict[str, Any]:
 def report(f: dict[str, Any]) -> None:
     print(f"\nSeveral instances: {f['files']:,} files of {f['size']:,} B per phase, {f['rounds']} round(s) "
           f"(best rate counts), {f['cpus']} CPUs; defaults under test: {f['settings']}")  # fmt: skip
-    print(f"  {'phase':<22} {'files/s':>8} {'seconds':>8}  {'rounds files/s':<18} {'share (messages)':<24} CPU s")
+    print(
+        f"  {'phase':<22} {'files/s':>8} {'seconds':>8}  {'rounds files/s':<18} "
+        f"{'share (messages)':<24} CPU s"
+    )
     for name, p in f["phases"].items():
         rounds = " ".join(f"{r:,.0f}" for r in p["rates"])
         share = " / ".join(f"{100 * s:.0f}% ({p['messages'][k]:,})" for k, s in p["shares"].items())
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_seconds"].items())
         print(f"  {name:<22} {p['rate']:>8,.0f} {p['seconds']:>8.1f}  {rounds:<18} {share:<24} {cpu}")
+        if p["left_for_second"] is not None:
+            print(
+                f"  {'':<22} {p['left_for_second']:,} message(s) still queued when the second instance "
+                "began consuming (the first took the rest at once, up to its prefetch)"
+            )
     print()
     targets = {"ingest_two_of_one": TARGET_TWO_OF_ONE, "replicator_two_of_one": TARGET_TWO_OF_ONE,
                "ingest_postgresql_of_sqlite": TARGET_PG_OF_SQLITE}  # fmt: skip
     for key, target in targets.items():
         value = f["ratios"].get(key)
         if value is not None:
-            print(f"  {key.replace('_', ' '):<30} {value:5.2f}   target >= {target}  {verdict(value >= target)}")
+            print(
+                f"  {key.replace('_', ' '):<30} {value:5.2f}   target >= {target}  {verdict(value >= target)}"
+            )
     print(f"\n  On {f['cpus']} CPUs two instances share the cores one instance has; the figures for a larger "
           "machine come from running this bench there.")  # fmt: skip
 
@@ -476,7 +523,9 @@ def main() -> None:
     p.add_argument("--files", type=int, default=20_000, help="files per phase (default: 20000)")
     p.add_argument("--size", type=int, default=1024, help="bytes per file (default: 1024)")
     p.add_argument("--rounds", type=int, default=2, help="every phase this many times, in turn (default: 2)")
-    p.add_argument("--only", nargs="*", help="phases whose name contains one of these words (ingest, x2, ...)")
+    p.add_argument(
+        "--only", nargs="*", help="phases whose name contains one of these words (ingest, x2, ...)"
+    )
     p.add_argument("--prefetch", type=int, default=None, help="[daemons.*] prefetch (default: Spool's)")
     p.add_argument("--concurrency", type=int, default=None, help="[daemons.*] concurrency (default: Spool's)")
     p.add_argument("--stall", type=float, default=120.0, help="give up after this long without progress")

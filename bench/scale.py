@@ -15,9 +15,11 @@ processes (``python -m daemons --config CFG run <daemon>``, as ``bench/night.py`
   whatever the number of instances: which instance evaluates a rule is not measured here);
   timed from the evaluation's start until N copies are available on ``offsite``;
 - ``... x2 backlog``: the fair-sharing case the issue names. The whole backlog is queued first,
-  one instance is started and consumes, then the second one: what the first takes at once
-  (its prefetch) is what the second can never have. Timed from the first start (the rate is
-  for information: it includes a start-up).
+  one instance is started and, once it consumes, the second one: the first takes its prefetch at
+  once and one more for each message it finishes while the second starts up. Printed: the
+  messages queued, and how many were still in the queue when the second began consuming (what the
+  first holds is what the second can never have). Timed from the first start (the rate is for
+  information: it includes a start-up).
 
 For each phase: files/s, each instance's share of the work (the messages it handled, from its
 last ``daemon.heartbeat``: ``processed``; an ingest message is a file, a replicator message is a
@@ -309,6 +311,7 @@ class Result:
     shares: dict[int, int]  # instance -> messages handled
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     left_for_second: int | None = None  # backlog: messages still queued when the second joined
+    queued: int | None = None  # backlog: messages queued before the first started
 
     @property
     def rate(self) -> float:
@@ -351,11 +354,14 @@ async def _measure(
     publishing: asyncio.Task[int] | None = None
     joining: asyncio.Task[int] | None = None
     published = 0.0
+    queued: int | None = None  # backlog: messages in the queue before the first instance started
     if phase.backlog:
         await prepare_catalogue(url, settings, phase, work)
         t0 = time.monotonic()
         await publish_work(connection, url, settings, phase, work)
         published = time.monotonic() - t0
+        info = await queue_info(connection, queue)
+        queued = info[0] if info else None
         cpu0 = others_cpu(clock, postgres)
         t0 = time.monotonic()
         instances.append(start_instance(config, phase.daemon, 0, logs))
@@ -418,7 +424,7 @@ async def _measure(
     cpu = {f"{phase.daemon}-{i.index}": i.sampler.cpu - daemon_cpu0.get(i.index, 0.0) for i in instances}
     after = others_cpu(clock, postgres)
     cpu |= {k: after[k] - cpu0[k] for k in after if k in cpu0}
-    return Result(phase.name, round_, total, last_n, end - t0, published, shares, cpu, left)
+    return Result(phase.name, round_, total, last_n, end - t0, published, shares, cpu, left, queued)
 
 
 async def _second_joins(
@@ -452,6 +458,7 @@ def summarize(results: list[Result], phases: list[Phase]) -> dict[str, Any]:
             "messages": {str(k): v for k, v in sorted(b.shares.items())},
             "shares": {str(k): v / handled if handled else 0.0 for k, v in sorted(b.shares.items())},
             "cpu_seconds": b.cpu_seconds, "left_for_second": b.left_for_second,
+            "queued": b.queued,
         }  # fmt: skip
 
     def ratio(a: str, b: str) -> float | None:
@@ -479,8 +486,9 @@ def report(f: dict[str, Any]) -> None:
         print(f"  {name:<22} {p['rate']:>8,.0f} {p['seconds']:>8.1f}  {rounds:<18} {share:<24} {cpu}")
         if p["left_for_second"] is not None:
             print(
-                f"  {'':<22} {p['left_for_second']:,} message(s) still queued when the second instance "
-                "began consuming (the first took the rest at once, up to its prefetch)"
+                f"  {'':<22} of {p['queued'] or 0:,} message(s) queued, {p['left_for_second']:,} still there "
+                "when the second instance began consuming (the first had taken the rest: up to its prefetch "
+                "at once, then one for each it finished)"
             )
     print()
     targets = {"ingest_two_of_one": TARGET_TWO_OF_ONE, "replicator_two_of_one": TARGET_TWO_OF_ONE,

@@ -23,7 +23,8 @@ processes (``python -m daemons --config CFG run <daemon>``, as ``bench/night.py`
 
 For each phase: files/s, each instance's share of the work (the messages it handled, from its
 last ``daemon.heartbeat``: ``processed``; an ingest message is a file, a replicator message is a
-bulk request of up to ``BULK`` files), CPU seconds per daemon process (its children included),
+bulk request of up to ``BULK`` files), CPU seconds per daemon process (its children included;
+in a backlog phase from its start),
 of the broker and PostgreSQL (if visible), and the ratios issue 19 asks for: two instances against
 one (>= 0.9: coordinating costs little) for ingest and the replicator, PostgreSQL against SQLite
 ingest (>= 0.7). ``--rounds`` repeats the phases in turn (A B A B: a shared machine's speed
@@ -83,6 +84,7 @@ from common.bus.topology import declare_topology
 from common.catalogue import Catalogue, IngestRecord
 from common.catalogue.policy import Rule
 from common.config import Settings, load_settings
+from common.logging import LogChoice, configure_logging
 from common.messages import DaemonHeartbeat
 from common.placement import BULK
 from daemons.replicator.rules import evaluate_new_rules
@@ -505,6 +507,8 @@ def report(f: dict[str, Any]) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 async def bench(args: argparse.Namespace, state: Path) -> dict[str, Any]:
+    # Warnings only: the rule's evaluation in this process logs as the replicator would.
+    configure_logging(LogChoice(level="warning", format="console"))
     files = state / "files"
     files.mkdir(parents=True)
     work = Work(files, make_files(files, args.files, args.size))

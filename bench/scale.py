@@ -268,8 +268,9 @@ class Work:
 
 
 async def prepare_catalogue(url: str, settings: Settings, phase: Phase, work: Work) -> None:
-    """Migrated before the daemons start (by the bench: not timed); for the replicator, the files
-    registered on disk1 and the rule stored (``new``: evaluated when the phase's clock starts)."""
+    """Migrated (while the daemons start, which is safe, or before a backlog is queued: not
+    timed); for the replicator, the files registered on disk1 and the rule stored (``new``:
+    evaluated when the phase's clock starts)."""
     catalogue = await Catalogue.open(url)
     try:
         await catalogue.endpoints.sync(settings.storage)

@@ -479,21 +479,23 @@ def report(f: dict[str, Any]) -> None:
     print(f"\nSeveral instances: {f['files']:,} files of {f['size']:,} B per phase, {f['rounds']} round(s) "
           f"(best rate counts), {f['cpus']} CPUs; defaults under test: {f['settings']}")  # fmt: skip
     print(
-        f"  {'phase':<22} {'files/s':>8} {'seconds':>8}  {'rounds files/s':<18} "
+        f"  {'phase':<22} {'files/s':>8} {'seconds':>8} {'publish s':>9}  {'rounds files/s':<18} "
         f"{'share (messages)':<24} CPU s"
     )
     for name, p in f["phases"].items():
         rounds = " ".join(f"{r:,.0f}" for r in p["rates"])
         share = " / ".join(f"{100 * s:.0f}% ({p['messages'][k]:,})" for k, s in p["shares"].items())
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_seconds"].items())
-        print(f"  {name:<22} {p['rate']:>8,.0f} {p['seconds']:>8.1f}  {rounds:<18} {share:<24} {cpu}")
+        print(f"  {name:<22} {p['rate']:>8,.0f} {p['seconds']:>8.1f} {p['publish_seconds']:>9.1f}  "
+              f"{rounds:<18} {share:<24} {cpu}")  # fmt: skip
         if p["left_for_second"] is not None:
             print(
                 f"  {'':<22} of {p['queued'] or 0:,} message(s) queued, {p['left_for_second']:,} still there "
                 "when the second instance began consuming (the first had taken the rest: up to its prefetch "
                 "at once, then one for each it finished)"
             )
-    print()
+    print("  publish s: publishing the work (consumed meanwhile: near 'seconds', the publishing set the"
+          " pace, not the daemons; a backlog is queued before the clock starts)\n")  # fmt: skip
     targets = {"ingest_two_of_one": TARGET_TWO_OF_ONE, "replicator_two_of_one": TARGET_TWO_OF_ONE,
                "ingest_postgresql_of_sqlite": TARGET_PG_OF_SQLITE}  # fmt: skip
     for key, target in targets.items():

@@ -583,7 +583,7 @@ class Settings(BaseSettings):
         self.landing_areas = {
             k: (v if v.is_absolute() else self.state_dir / v) for k, v in self.landing_areas.items()
         }
-        for name in dict.fromkeys([*DAEMON_NAMES, *self.daemons]):  # each daemon's defaults under
+        for name in dict.fromkeys([*DAEMON_NAMES, *self.daemons]):  # its section over its defaults
             self.daemons[name] = daemon_settings(name, self.daemons.get(name))
         if not self.catalogue.url:
             self.catalogue.url = f"sqlite+aiosqlite:///{self.state_dir / 'catalogue.db'}"

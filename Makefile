@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
 	done)
 
-.PHONY: demo test unit venv services lint bench night chaos clean
+.PHONY: demo test unit venv services lint bench bench-scale night chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
@@ -39,6 +39,12 @@ lint: venv
 
 bench: venv services
 	$(PY) bench/ingest.py
+
+# One instance against two of ingest and of the replicator on PostgreSQL, SQLite ingest, and how two
+# share a backlog (bench/scale.py, docs/benchmarks.md): 20,000 files a phase, two rounds.
+bench-scale: venv
+	bash .ci/services.sh rabbitmq postgres
+	$(PY) bench/scale.py --json
 
 # The whole night (bench/night.py): 500,000 files, sizes / 1,000 (~130 GB), through every daemon.
 night: venv services

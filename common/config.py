@@ -278,11 +278,35 @@ class DatasetSettings(_Strict):
 
 
 class DaemonSettings(_Strict):
-    # Messages the broker may hand us before we ack (bounds memory whatever the backlog).
+    """``[daemons.<name>]``: how much of its queue one process takes at once.
+
+    Several instances of a daemon share its queue: the broker hands each consumer messages until
+    it holds ``prefetch`` unacked ones, round-robin among those with room. Whatever one instance
+    holds beyond what it is working on is work the others can never have: an instance started
+    first on a backlog takes ``prefetch`` messages at once. So ``prefetch`` should be what one
+    process works on at once (``concurrency``) plus a small margin, counted in that daemon's
+    messages. One ingest message is one small file handled in about a millisecond: 512 held are a
+    fraction of a second of work. One replicator message is a bulk request of up to 256 files
+    (``common.placement.BULK``): 512 held were up to 131,072 files, so the replicator took whole
+    backlogs alone (issue 19); its defaults are ``REPLICATOR_DEFAULTS``.
+    """
+
+    # Messages the broker may hand us before we ack (bounds memory whatever the backlog, and what
+    # one instance may hold while others wait: see the class docstring).
     prefetch: int = Field(default=512, ge=1)
     # Handlers running at once inside one process. High by default: handlers mostly wait (for a
     # batch commit, a confirm, a copy thread), and the more wait together the larger the batches.
+    # At most ``prefetch`` can run: deliveries beyond it never arrive.
     concurrency: int = Field(default=256, ge=1)
+
+
+# The replicator's defaults (a key given in ``[daemons.replicator]`` overrides its own): a bulk
+# request of small files holds one of its destination's ``max_transfers`` copy slots (8 by
+# default) while its batch is copied, and larger files one slot each, so 32 requests at once keep
+# the slots of a few destinations busy with the next request already delivered, in a process that
+# holds at most 32 x 256 files of a backlog; the rest stays in the queue for the other instances.
+REPLICATOR_DEFAULTS: dict[str, int] = {"prefetch": 32, "concurrency": 32}
+DAEMON_DEFAULTS: dict[str, dict[str, int]] = {"replicator": REPLICATOR_DEFAULTS}
 
 
 class RuleSettings(_Strict):
@@ -485,7 +509,13 @@ def _valid_token(token: str, where: str) -> str:
 
 
 def _default_daemons() -> dict[str, DaemonSettings]:
-    return {name: DaemonSettings() for name in DAEMON_NAMES}
+    return {name: daemon_settings(name) for name in DAEMON_NAMES}
+
+
+def daemon_settings(name: str, configured: DaemonSettings | None = None) -> DaemonSettings:
+    """``[daemons.<name>]`` as configured, key by key over that daemon's defaults (``DAEMON_DEFAULTS``)."""
+    given = configured.model_dump(exclude_unset=True) if configured is not None else {}
+    return DaemonSettings.model_validate(DAEMON_DEFAULTS.get(name, {}) | given)
 
 
 # A node's name: a host name's characters (``Settings.node``).
@@ -555,8 +585,8 @@ class Settings(BaseSettings):
         self.landing_areas = {
             k: (v if v.is_absolute() else self.state_dir / v) for k, v in self.landing_areas.items()
         }
-        for name in DAEMON_NAMES:
-            self.daemons.setdefault(name, DaemonSettings())
+        for name in dict.fromkeys([*DAEMON_NAMES, *self.daemons]):  # its section over its defaults
+            self.daemons[name] = daemon_settings(name, self.daemons.get(name))
         if not self.catalogue.url:
             self.catalogue.url = f"sqlite+aiosqlite:///{self.state_dir / 'catalogue.db'}"
         if not any(ep.kind == "disk" for ep in self.storage.values()):
@@ -590,7 +620,7 @@ class Settings(BaseSettings):
         return f"{self.bus.queue_prefix}.{daemon}.dead"
 
     def daemon(self, name: str) -> DaemonSettings:
-        return self.daemons.get(name) or DaemonSettings()
+        return self.daemons.get(name) or daemon_settings(name)
 
     def first_disk(self) -> tuple[str, StorageEndpoint]:
         return next((n, ep) for n, ep in self.storage.items() if ep.kind == "disk")

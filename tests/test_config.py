@@ -74,3 +74,20 @@ def test_the_node_is_the_host_name_unless_named_and_a_name_is_a_host_names_chara
         (tmp_path / "c.toml").write_text(f"node = {bad!r}".replace("'", '"'))
         with pytest.raises(ConfigError, match="node"):
             load_settings(tmp_path / "c.toml")
+
+
+def test_the_replicator_holds_fewer_messages_than_ingest_and_a_key_given_overrides_only_itself(tmp_path):
+    # A replicator message is a bulk request of up to 256 files: 512 held took whole backlogs.
+    path = tmp_path / "spool.toml"
+    path.write_text(f'state_dir = "{tmp_path}"\n')
+    settings = load_settings(path)
+    assert (settings.daemon("replicator").prefetch, settings.daemon("replicator").concurrency) == (32, 32)
+    assert (settings.daemon("ingest").prefetch, settings.daemon("ingest").concurrency) == (512, 256)
+    assert settings.daemons["replicator"] == settings.daemon("replicator")
+
+    path.write_text(
+        f'state_dir = "{tmp_path}"\n[daemons.replicator]\nconcurrency = 8\n[daemons.ingest]\nprefetch = 64\n'
+    )
+    settings = load_settings(path)
+    assert (settings.daemon("replicator").prefetch, settings.daemon("replicator").concurrency) == (32, 8)
+    assert (settings.daemon("ingest").prefetch, settings.daemon("ingest").concurrency) == (64, 256)

@@ -280,6 +280,18 @@ class RoleLease(Base):
     expires: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class SavedMonitorState(Base):
+    """The active monitor's counts, failure groups and alerts, saved every few seconds for the
+    instance that takes over (``common.catalogue.monitor_state``). One row per name."""
+
+    __tablename__ = "monitor_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    doc: Mapped[dict[str, Any]] = mapped_column(Json)
+    saved_by: Mapped[str] = mapped_column(String(MAX_HOLDER))
+    saved_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Lock(Base):
     """A rule's claim on one file's copy at one endpoint: while a live lock exists, the copy stays."""
 
@@ -406,4 +418,5 @@ locks = cast(Table, Lock.__table__)
 instances = cast(Table, Instance.__table__)
 ingest_claims = cast(Table, IngestClaim.__table__)
 role_leases = cast(Table, RoleLease.__table__)
+monitor_state = cast(Table, SavedMonitorState.__table__)
 outbox = cast(Table, OutboxRow.__table__)

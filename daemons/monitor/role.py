@@ -212,14 +212,15 @@ class RoleKeeper:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        lease = self.lease
+        lease, self.lease = self.lease, None
         if lease is not None:
             if self.active:
                 self.active = False
                 await self._release(lease)
             await lease.stop()
-        if self.catalogue is not None:
-            await self.catalogue.close()
+        catalogue, self.catalogue = self.catalogue, None
+        if catalogue is not None:
+            await catalogue.close()
 
 
 def _nothing() -> None:

@@ -38,25 +38,33 @@ def _failed(reason: str, name: str, daemon: str = "ingest", endpoint: str | None
     )  # fmt: skip
 
 
+def _ingested(name: str, size: int) -> FileIngested:
+    return FileIngested(name=name, dataset="d", size=size, adler32="1", storage="disk1", pfn="/p")
+
+
+def _paused(error: str) -> EndpointPaused:
+    return EndpointPaused(storage="disk2", reason="breaker_open", error=error, failures=5, cooldown=60)
+
+
 def _busy_state() -> tuple[MonitorState, list[AlertRaised]]:
     """A state with everything the monitor keeps: heartbeats, events, bytes, failure groups (one
     of them ten times), an endpoint paused, a malformed and a refused message."""
     state = _state()
     alerts: list[AlertRaised] = []
-    state.observe(
-        DaemonHeartbeat(
-            daemon="ingest", instance="i1", host="node1", pid=42, version="0.1.0", started=T0,
-            processed=7, details={"retried": 2, "queue": "spool.ingest", "retried_by_reason": {"x": 2}},
-        )  # fmt: skip
-    )
+    details = {"retried": 2, "queue": "spool.ingest", "retried_by_reason": {"x": 2}}
+    beat = DaemonHeartbeat(
+        daemon="ingest", instance="i1", host="node1", pid=42, version="0.1.0", started=T0,
+        processed=7, details=details,
+    )  # fmt: skip
+    state.observe(beat)
     for n in range(5):
-        state.observe(FileIngested(name=f"f{n}", dataset="d", size=100, adler32="1", storage="disk1", pfn="/p"))
+        state.observe(_ingested(f"f{n}", 100))
     for n in range(10):
         alerts += state.observe(_failed("checksum_mismatch", f"bad{n}"))
     alerts += state.observe(_failed("endpoint_unavailable", "rare", daemon="replicator", endpoint="disk2"))
-    alerts += state.observe(EndpointPaused(storage="disk2", reason="breaker_open", error="5 failures", failures=5, cooldown=60))
+    alerts += state.observe(_paused("5 failures"))
     state.observe_malformed("file.ready", "invalid_message", "size: not an integer")
-    state.observe(FileIngested(name="x", dataset="d", size=1, adler32="1", storage="disk1", pfn="/p"), trusted=False)
+    state.observe(_ingested("x", 1), trusted=False)
     return state, alerts
 
 
@@ -82,7 +90,7 @@ def test_a_restored_state_does_not_alert_again_for_a_cause_already_alerted() -> 
     again = _state()
     restore(again, json.loads(json.dumps(dump(state))))
     assert again.observe(_failed("checksum_mismatch", "bad-after")) == []
-    assert again.observe(EndpointPaused(storage="disk2", reason="breaker_open", error="again", failures=5, cooldown=60)) == []
+    assert again.observe(_paused("again")) == []
     assert again.failures[("ingest", "checksum_mismatch", None)].count == 11
     [alert] = again.observe(_failed("disk_full", "new"))  # a new cause still alerts, once
     assert alert.reason == "disk_full" and again.observe(_failed("disk_full", "new2")) == []
@@ -188,7 +196,9 @@ async def test_one_monitor_holds_the_role_the_other_takes_over_with_its_saved_st
         await b.role.close()
 
 
-async def test_a_standby_takes_over_once_the_active_ones_lease_runs_out(catalogue_url: str, tmp_path: Path) -> None:
+async def test_a_standby_takes_over_once_the_active_ones_lease_runs_out(
+    catalogue_url: str, tmp_path: Path
+) -> None:
     a, b = Side(catalogue_url, tmp_path, "a"), Side(catalogue_url, tmp_path, "b")
     try:
         await a.role.step()

@@ -19,7 +19,7 @@ import pytest
 
 from common import codec
 from common.config import load_settings
-from common.messages import FileFailed, FileIngested
+from common.messages import FileFailed, FileIngested, Message
 from tests.catalogue_fixtures import pg_database
 from tests.conftest import start_daemon, wait_for, write_config
 from tests.monitor_fixtures import free_port, publish_many
@@ -118,8 +118,9 @@ async def test_the_standby_takes_over_the_killed_monitors_counts_and_alerts_noth
         assert await _consumers(broker, queue) == 1
 
         # N facts, failures of two causes among them.
-        first = [_ingested(n) for n in range(200)]
-        first += [_failed("checksum_mismatch", n) for n in range(30)] + [_failed("disk_full", n) for n in range(3)]
+        first: list[Message] = [_ingested(n) for n in range(200)]
+        first += [_failed("checksum_mismatch", n) for n in range(30)]
+        first += [_failed("disk_full", n) for n in range(3)]
         await publish_many(broker, settings, first)
         expected = ({"file.ingested": 200, "file.failed": 33}, {"checksum_mismatch": 30, "disk_full": 3})
         await wait_for(lambda: _shows(config_file, expected), timeout=60)
@@ -130,15 +131,16 @@ async def test_the_standby_takes_over_the_killed_monitors_counts_and_alerts_noth
         os.kill(a.pid, signal.SIGKILL)
         a.wait()
         # M more while nobody consumes: they wait in the durable queue.
-        second = [_ingested(n) for n in range(200, 300)]
+        second: list[Message] = [_ingested(n) for n in range(200, 300)]
         second += [_failed("checksum_mismatch", n) for n in range(30, 40)] + [_failed("io_error", 1)]
         await publish_many(broker, settings, second)
         await wait_for(lambda: _is_role(config_b, "active"), timeout=30)
-        total = ({"file.ingested": 300, "file.failed": 44}, {"checksum_mismatch": 40, "disk_full": 3, "io_error": 1})
+        groups = {"checksum_mismatch": 40, "disk_full": 3, "io_error": 1}
+        total = ({"file.ingested": 300, "file.failed": 44}, groups)
         await wait_for(lambda: _shows(config_b, total), timeout=60)
         assert await _consumers(broker, queue) == 1
         await asyncio.sleep(1)  # an alert raised twice would be out by now
-        raised = Counter()
+        raised: Counter[str] = Counter()
         while (m := await alerts.get(no_ack=True, fail=False)) is not None:
             alert = codec.decode(m.body, m.content_type, "alert.raised", m.message_id)
             raised[alert.reason] += 1  # type: ignore[attr-defined]
@@ -174,7 +176,8 @@ async def _is_role(config: Path, role: str) -> bool:
 
 async def _standby_of(config: Path) -> bool:
     doc = await _status(config)
-    return doc is not None and doc["monitor"]["role"] == "standby" and doc["monitor"]["active_instance"] is not None
+    monitor = None if doc is None else doc["monitor"]
+    return monitor is not None and monitor["role"] == "standby" and monitor["active_instance"] is not None
 
 
 async def _shows(config: Path, expected: tuple[dict[str, int], dict[str, int]]) -> bool:

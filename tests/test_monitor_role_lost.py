@@ -33,7 +33,11 @@ def config_file(tmp_path: Path, tag: str) -> Path:
         "save_interval = 60", "heartbeat_late = 20", "heartbeat_dead = 40",
     ])  # fmt: skip
     return write_config(
-        tmp_path / "spool.toml", state, tag, monitor=monitor, catalogue="lease_seconds = 3",
+        tmp_path / "spool.toml",
+        state,
+        tag,
+        monitor=monitor,
+        catalogue="lease_seconds = 3",
         **{"daemons.monitor": "prefetch = 1000"},
     )
 
@@ -65,7 +69,8 @@ async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
 
         # Another instance holds the role now (as after this one's lease ran out unrenewed).
         def steal(conn: Connection) -> None:
-            conn.execute(update(role_leases).values(holder="monitor@elsewhere", expires=utcnow() + timedelta(60)))
+            later = utcnow() + timedelta(seconds=60)
+            conn.execute(update(role_leases).values(holder="monitor@elsewhere", expires=later))
 
         await res.role.catalogue.write(steal)
         await wait_for(lambda: _is(not res.role.active), timeout=10)
@@ -77,7 +82,8 @@ async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
         # Standby, it shows the saved state (40), says so, and its /metrics say only that.
         await wait_for(lambda: _is(_counted(res) == 40), timeout=10)
         doc = status_document(res.state, res.observed, role=res.role)
-        assert doc["monitor"]["role"] == "standby" and doc["monitor"]["active_instance"] == "monitor@elsewhere"
+        assert doc["monitor"]["role"] == "standby"
+        assert doc["monitor"]["active_instance"] == "monitor@elsewhere"
         metrics = [m.name for m in res.web._registry.collect()]
         assert "spool_monitor_active" in metrics and "spool_events" not in metrics
 

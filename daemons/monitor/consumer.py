@@ -92,14 +92,17 @@ class MonitorRunner(Runner):
     async def start(self) -> None:
         res = self.resources
         res.runner = self
-        # Standby: the base's "not meant to consume" until ``resume`` (queue declared all the same).
-        self._stopping = not res.role.active
+        # The base's "not meant to consume" (the queue declared all the same): consuming starts
+        # only through ``resume``, here or when the role is taken, whichever comes first.
+        self._stopping = True
         await super().start()
         self._saver = asyncio.create_task(
             every(self.settings.monitor.save_interval, self.checkpoint, name="monitor-save", log=log,
                   wake=self._due)
         )  # fmt: skip
-        if self._stopping:
+        if res.role.active:
+            await self.resume()
+        else:
             log.info("monitor_standby", queue=self.queue_name, active=res.role.holder)
 
     async def resume(self) -> None:

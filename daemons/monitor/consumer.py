@@ -157,7 +157,13 @@ class MonitorRunner(Runner):
         flushing = self.resources.flushing
         if flushing is not None and not flushing.done():
             await asyncio.wait({flushing}, timeout=min(grace, 5.0))
-        await self.checkpoint()
+        # Deliveries sent before the cancel may still be observed while a save is written: save
+        # again until none is left (the consumer is cancelled, so this ends at once).
+        for _ in range(5):
+            await self.checkpoint()
+            if not self._counted or not self.resources.role.active:
+                break
+            await asyncio.sleep(0.01)
         if self._saver is not None:
             self._saver.cancel()
             await asyncio.gather(self._saver, return_exceptions=True)

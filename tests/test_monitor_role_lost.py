@@ -4,15 +4,18 @@ from the saved state and counts each of those messages once. On SQLite, one host
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import Connection, update
 
 from common.catalogue.schema import role_leases
 from common.catalogue.sql import utcnow
+from common.cli.status import render_status
 from common.config import load_settings
 from common.messages import FileIngested, Message
 from daemons.monitor.handlers import service as monitor_service
@@ -85,6 +88,10 @@ async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
         doc = status_document(res.state, res.observed, role=res.role)
         assert doc["monitor"]["role"] == "standby"
         assert doc["monitor"]["active_instance"] == "monitor@elsewhere"
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(render_status(doc))  # what `spool status` prints
+        text = console.export_text()
+        assert "standby monitor on" in text and "active: monitor@elsewhere" in text
         metrics = [m.name for m in res.web._registry.collect()]
         assert "spool_monitor_active" in metrics and "spool_events" not in metrics
 

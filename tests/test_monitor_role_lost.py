@@ -4,6 +4,7 @@ from the saved state and counts each of those messages once. On SQLite, one host
 
 from __future__ import annotations
 
+import asyncio
 import io
 from datetime import timedelta
 from pathlib import Path
@@ -53,13 +54,16 @@ def _counted(res: Any) -> int:
     return int(res.state.events.get("file.ingested", 0))
 
 
+@pytest.mark.parametrize("noticed_by", ["renewal", "save"])
 async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
-    config_file: Path, broker, topology
+    config_file: Path, broker, topology, noticed_by: str
 ) -> None:
     settings = load_settings(config_file)
     async with running([monitor_service], settings) as process:
         res = resources_of(process)
         assert res.role.active
+        if noticed_by == "save":  # no renewal round comes first: the refused save tells
+            res.role._task.cancel()
         # 40 counted, saved at once (a checkpoint asked for by hand), acked.
         await publish_many(broker, settings, [_ingested(n) for n in range(40)])
         await wait_for(lambda: _is(_counted(res) == 40), timeout=30)
@@ -78,6 +82,9 @@ async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
 
         await res.role.catalogue.write(steal)
         runner = res.runner
+        if noticed_by == "save":
+            await asyncio.wait_for(runner.checkpoint(), timeout=10)
+            await res.role.step()  # a standby's round (its loop is stopped here): finds who is active
         await wait_for(lambda: _is(not (res.role.active or runner.consuming or runner.in_flight)), 10)
         # The 25 went back to the queue, and what comes now waits there too (with the heartbeats
         # of the monitor itself).
@@ -98,6 +105,8 @@ async def test_a_monitor_that_lost_its_role_gives_back_what_it_had_not_saved(
         # The other instance goes away (clean stop): this one takes the role back, restores the
         # save (40) and counts the 35 waiting, each once.
         await res.role.catalogue.instances.release_role("monitor", "monitor@elsewhere")
+        if noticed_by == "save":
+            res.role.start()
         await wait_for(lambda: _is(res.role.active and _counted(res) == 75), timeout=30)
         await wait_for(lambda: _is(res.runner.consuming), timeout=10)
         assert _counted(res) == 75

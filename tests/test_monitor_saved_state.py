@@ -189,7 +189,8 @@ async def test_one_monitor_holds_the_role_the_other_takes_over_with_its_saved_st
         assert b.state.observe(_failed("checksum_mismatch", "again")) == []
         # b's role runs out unrenewed (its catalogue "unreachable" past the lease): it stands by.
         b.role.expires = utcnow() - timedelta(seconds=1)
-        assert not await b.role.save(dump(b.state))
+        assert not await b.role.save(dump(b.state)) and not b.role.valid()
+        await b.role.lose("the role's lease ran out")
         assert not b.role.active and b.events[-1] == "standby"
     finally:
         await a.role.close()

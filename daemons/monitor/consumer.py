@@ -175,6 +175,9 @@ class MonitorRunner(Runner):
         role = res.role
         if not role.active:
             return
+        if not role.valid():
+            await role.lose("the role's lease ran out before it could be renewed")
+            return
         saved: bool | None = None
         async with self._save_lock:
             if not role.active or (not self._counted and not res.state_changed()):
@@ -194,8 +197,8 @@ class MonitorRunner(Runner):
                         window.ack(tag)
             elif window is self._counted_window:
                 self._counted[:0] = taken  # back at the head, in order
-        if saved is False:
-            await role.lose("another monitor holds the role")
+        if saved is False:  # outside the save lock: losing the role gives back under it
+            await role.lose("the save was refused: another monitor holds the role, or its lease ran out")
 
     # --- per delivery ---------------------------------------------------------------------------
     async def deliver(self, message: DeliveredMessage) -> None:

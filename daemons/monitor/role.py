@@ -162,6 +162,8 @@ class RoleKeeper:
     async def _lose(self, why: str) -> None:
         self.active = False
         self.expires = None
+        if self.holder == self.instance:
+            self.holder = None  # not known until the next round reads it
         log.error("monitor_role_lost", instance=self.instance, why=why)
         await self._on_standby(why)
 
@@ -174,18 +176,16 @@ class RoleKeeper:
 
     # --- the saved state ------------------------------------------------------------------------
     async def save(self, doc: dict[str, Any]) -> bool:
-        """Save ``doc`` while holding the role; False (and standby) when the role is not ours."""
+        """Save ``doc`` while holding the role; False when the role is not ours (any more): the
+        caller then calls ``lose``, once it holds no lock the loss needs (the runner's save lock)."""
         if not self.valid():
-            await self.lose("the role's lease ran out before it could be renewed")
             return False
         assert self.catalogue is not None and self.lease is not None
         now = utcnow()
         saved = await MonitorStateRepository(self.catalogue).save(STATE_NAME, ROLE, self.lease.id, doc, now)
-        if not saved:
-            await self.lose("another monitor holds the role")
-            return False
-        self.saved_at, self.saved_by = now, self.lease.id
-        return True
+        if saved:
+            self.saved_at, self.saved_by = now, self.lease.id
+        return saved
 
     async def load(self) -> SavedState | None:
         """The last saved state (``None``: never saved). Raises when the catalogue cannot be read."""

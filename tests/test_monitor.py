@@ -135,7 +135,9 @@ async def test_messages_held_by_a_killed_consumer_are_shown_returning_to_ready(s
             assert holder.stdout is not None
             assert await asyncio.wait_for(holder.stdout.readline(), timeout=60) == b"holding\n"
             # The management API refreshes its figures every 5 s; the monitor looks every 0.5 s.
-            await wait_for(lambda: _ingest_is(res, ready=3, in_flight=5), timeout=60, interval=0.5)
+            # Queue and channel figures are refreshed apart: wait for the holder to be listed too.
+            await wait_for(lambda: _ingest_is(res, ready=3, in_flight=5, held=True), timeout=60, interval=0.5)
+            await asyncio.sleep(1.1)  # /api/status is rebuilt at most once a second
             held = _ingest_queue(await get_json(_url(res, "/api/status")))
             holder.send_signal(signal.SIGKILL)
             await holder.wait()
@@ -155,12 +157,12 @@ def _ingest_queue(doc: dict[str, Any]) -> dict[str, Any]:
     return next(q for q in doc["queues"]["queues"] if q["daemon"] == "ingest")
 
 
-async def _ingest_is(res: Any, *, ready: int, in_flight: int) -> bool:
+async def _ingest_is(res: Any, *, ready: int, in_flight: int, held: bool = False) -> bool:
     report = res.observed.queues
     if report is None:
         return False
     ingest = next(q for q in report.queues if q.daemon == "ingest")
-    return (ingest.ready, ingest.in_flight) == (ready, in_flight)
+    return (ingest.ready, ingest.in_flight) == (ready, in_flight) and (not held or bool(ingest.holders))
 
 
 async def test_an_endpoint_paused_by_the_breaker_raises_one_alert_even_when_paused_again(

@@ -452,6 +452,10 @@ class MonitorSettings(_Strict):
     management_timeout: float = Field(default=5.0, gt=0)
     # Seconds between looks at queue depths and endpoint states.
     poll_interval: float = Field(default=5.0, gt=0)
+    # Seconds between saves of the active monitor's state to the catalogue (a standby or a
+    # restarted monitor starts from it); deliveries are acked once saved, so this is also how long
+    # one may wait for its ack (or until half of daemons.monitor.prefetch wait). daemons/monitor/role.py.
+    save_interval: float = Field(default=1.0, gt=0, le=60)
     # An instance is late after heartbeat_late x bus.heartbeat_interval without a heartbeat, dead
     # after heartbeat_dead x; a dead instance is forgotten after forget_after seconds.
     heartbeat_late: float = Field(default=2.0, gt=0)

@@ -309,6 +309,18 @@ class TransferWaiter(Base):
     since: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class SavedMonitorState(Base):
+    """The active monitor's counts, failure groups and alerts, saved every few seconds for the
+    instance that takes over (``common.catalogue.monitor_state``). One row per name."""
+
+    __tablename__ = "monitor_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    doc: Mapped[dict[str, Any]] = mapped_column(Json)
+    saved_by: Mapped[str] = mapped_column(String(MAX_HOLDER))
+    saved_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Lock(Base):
     """A rule's claim on one file's copy at one endpoint: while a live lock exists, the copy stays."""
 
@@ -437,4 +449,6 @@ ingest_claims = cast(Table, IngestClaim.__table__)
 role_leases = cast(Table, RoleLease.__table__)
 transfer_slots = cast(Table, TransferSlot.__table__)
 transfer_waiters = cast(Table, TransferWaiter.__table__)
+
+monitor_state = cast(Table, SavedMonitorState.__table__)
 outbox = cast(Table, OutboxRow.__table__)

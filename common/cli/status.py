@@ -121,7 +121,14 @@ def _status_seen(doc: dict[str, Any]) -> bool:
 def render_status(doc: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = []
     mon = doc["monitor"]
-    if doc["source"] == "monitor":
+    if doc["source"] == "monitor" and mon.get("role") == "standby":  # daemons/monitor/role.py
+        saved = mon.get("state_saved_at")
+        active = mon.get("active_instance") or "none"
+        parts.append(Text(
+            f"standby monitor on {mon['host']} (pid {mon['pid']}; active: {active}),"
+            f" showing the state saved {'at ' + _hms(saved) if saved else 'never'}", "yellow",
+        ))  # fmt: skip
+    elif doc["source"] == "monitor":
         parts.append(Text(f"monitor on {mon['host']} (pid {mon['pid']}), as of {_hms(doc['time'])}", "dim"))
     else:
         parts.append(Text("monitor not running: showing what the broker and the catalogue tell", "yellow"))

@@ -104,7 +104,8 @@ function chart(points) {
 function render(s) {
   const m = s.monitor;
   document.getElementById("meta").textContent =
-    "as of " + s.time + " - monitor on " + m.host + " (pid " + m.pid + ", " + m.version + ")";
+    "as of " + s.time + " - monitor on " + m.host + " (pid " + m.pid + ", " + m.version + ")" +
+    (m.role === "standby" ? " - STANDBY, active: " + (m.active_instance || "none") : "");
   document.getElementById("missing").textContent = s.missing.length ? "missing: " + s.missing.join("; ") : "";
   document.getElementById("throughput").innerHTML = chart(s.throughput);
   document.getElementById("daemons").innerHTML = table(

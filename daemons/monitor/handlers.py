@@ -9,6 +9,11 @@ calls the same ``MonitorResources.observe`` as the handler. Alerts are published
 their own after the state is updated; one that cannot be published waits for the next message or
 poll, so a broker hiccup neither loses it nor holds up (or repeats) the counting.
 
+Two monitors may run on one catalogue, one active and one standby (``role``): the active one
+consumes and saves its state every ``monitor.save_interval`` (``snapshot``); the one that takes
+over restores it; a standby serves the last saved state. With SQLite the same works for monitors
+on one host.
+
 Every fact passes the monitor's door first (``intake``): Spool's facts count only when the
 delivery's AMQP ``user_id`` is one of Spool's users, and malformed ones are refused, counted and
 logged (one line per reason per minute, with how many were folded into it).
@@ -37,6 +42,8 @@ from daemons.monitor.intake import MonitorLabels, Refused
 from daemons.monitor.metrics import build_registry
 from daemons.monitor.poller import Poller
 from daemons.monitor.report import Observed, status_document
+from daemons.monitor.role import RoleKeeper
+from daemons.monitor.snapshot import UnreadableSnapshot, dump, restore
 from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.monitor.web import WebServer, is_loopback
 
@@ -50,9 +57,12 @@ class MonitorResources:
     publisher: Publisher
     web: WebServer
     poller: Poller
+    role: RoleKeeper
     trusted: Callable[[str | None], bool] = field(default=lambda _user: True, repr=False)
     pending_alerts: list[AlertRaised] = field(default_factory=list)
     flushing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    runner: MonitorRunner | None = field(default=None, init=False, repr=False)  # set by its start
+    _saved_pending: int = field(default=0, init=False, repr=False)
 
     def observe(self, msg: Message, user_id: str | None) -> None:
         """Account for one message (``user_id``: the delivery's AMQP user_id) and start publishing
@@ -64,6 +74,9 @@ class MonitorResources:
             self.start_flush()
 
     def start_flush(self) -> None:
+        """Only the active monitor publishes alerts (a standby's are the active one's, saved)."""
+        if not self.role.active:
+            return
         if self.pending_alerts and (self.flushing is None or self.flushing.done()):
             self.flushing = asyncio.get_running_loop().create_task(self.flush_alerts())
 
@@ -80,11 +93,65 @@ class MonitorResources:
             log.warning("alert_raised", kind=alert.kind, summary=alert.summary)
 
     async def poll(self) -> None:
-        """One look, every ``monitor.poll_interval``: a throughput sample, the queues and the
-        endpoints, and another try at the alerts not published yet."""
-        self.state.sample()
+        """One look, every ``monitor.poll_interval``: a throughput sample (standby: the saved state
+        again), the queues and the endpoints, and another try at the alerts not published yet."""
+        if self.role.active:
+            self.state.sample()
+        else:
+            await self.show_saved()
         await self.poller.once()
         self.start_flush()
+
+    # --- active / standby (``role``) ------------------------------------------------------------
+    async def restore_saved(self) -> None:
+        """Taking the role over: start from the saved state (raises when it cannot be read, so
+        the role is given back; a damaged document is logged and counting starts from zero)."""
+        saved = await self.role.load()
+        doc = dump(MonitorState(self.state.thresholds)) if saved is None else saved.doc
+        try:
+            pending = restore(self.state, doc)
+        except UnreadableSnapshot as exc:
+            log.error("monitor_state_unreadable", error=str(exc), saved_by=self.role.saved_by)
+            pending = restore(self.state, dump(MonitorState(self.state.thresholds)))
+        self.pending_alerts[:] = pending
+        self._saved_pending = len(pending)
+        log.info(
+            "monitor_state_restored", messages=self.state.messages, failure_groups=len(self.state.failures),
+            alerts_to_publish=len(pending), saved_by=self.role.saved_by, saved_at=self.role.saved_at,
+        )  # fmt: skip
+
+    async def consume(self) -> None:
+        if self.runner is not None:
+            await self.runner.resume()
+        self.start_flush()
+
+    async def stand_by(self, why: str) -> None:
+        """The role was lost: stop consuming; the alerts not published are the successor's (it
+        restores them from the save, or raises them again when it counts the given-back facts)."""
+        self.pending_alerts.clear()
+        if self.runner is not None:
+            await self.runner.pause()
+
+    async def show_saved(self) -> None:
+        """Standby: the active monitor's last saved state, for the page and ``spool status``."""
+        try:
+            saved = await self.role.load()
+        except Exception as exc:  # the catalogue unreachable: the last one shown stays
+            log.warning("monitor_state_not_read", error=repr(exc))
+            return
+        if saved is None or self.role.active:
+            return
+        try:
+            restore(self.state, saved.doc)
+        except UnreadableSnapshot as exc:
+            log.warning("monitor_state_unreadable", error=str(exc), saved_by=saved.saved_by)
+
+    def state_changed(self) -> bool:
+        """Whether a save is due with nothing counted: alerts published (or raised) since the last."""
+        return len(self.pending_alerts) != self._saved_pending
+
+    def saved(self, doc: dict[str, Any]) -> None:
+        self._saved_pending = len(doc["pending_alerts"])
 
 
 def make_state(settings: Settings) -> MonitorState:
@@ -128,7 +195,9 @@ def trust_of(settings: Settings) -> Callable[[str | None], bool]:
     return trusted
 
 
-def make_web(settings: Settings, state: MonitorState, observed: Observed) -> WebServer:
+def make_web(
+    settings: Settings, state: MonitorState, observed: Observed, role: RoleKeeper | None = None
+) -> WebServer:
     """The HTTP side, or ``ConfigError`` (one line) when it would listen beyond this host unprotected."""
     m = settings.monitor
     token = m.token()
@@ -138,8 +207,8 @@ def make_web(settings: Settings, state: MonitorState, observed: Observed) -> Web
             "(or SPOOL_MONITOR_TOKEN) so /api/status and the dashboard need a token, or listen on 127.0.0.1"
         )
     return WebServer(
-        build_registry(state, observed), lambda: status_document(state, observed), token=token,
-        metrics_public=m.metrics_public, request_timeout=m.http_request_timeout,
+        build_registry(state, observed, role), lambda: status_document(state, observed, role=role),
+        token=token, metrics_public=m.metrics_public, request_timeout=m.http_request_timeout,
     )  # fmt: skip
 
 
@@ -147,22 +216,37 @@ def make_web(settings: Settings, state: MonitorState, observed: Observed) -> Web
 async def open_monitor_resources(settings: Settings, publisher: Publisher) -> AsyncIterator[MonitorResources]:
     state = make_state(settings)
     observed = Observed()
-    web = make_web(settings, state, observed)
+    holder: list[MonitorResources] = []  # the role's callbacks reach the resources made below
+    role = RoleKeeper(
+        settings,
+        restore=lambda: holder[0].restore_saved(),
+        on_active=lambda: holder[0].consume(),
+        on_standby=lambda why: holder[0].stand_by(why),
+    )
+    web = make_web(settings, state, observed, role)
     await web.start(settings.monitor.http_host, settings.monitor.http_port)
     log.info("monitor_listening", host=settings.monitor.http_host, port=web.port, token=web.protected)
     res = MonitorResources(
-        state, observed, publisher, web, Poller(settings, state, observed), trusted=trust_of(settings)
+        state, observed, publisher, web, Poller(settings, state, observed), role, trusted=trust_of(settings)
     )
-    task = asyncio.create_task(every(settings.monitor.poll_interval, res.poll, name="monitor-poll", log=log))
+    holder.append(res)
+    task: asyncio.Task[None] | None = None
     try:
+        # The first claim before the runner starts, so that a lone monitor consumes from the start.
+        await role.step()
+        role.start()
+        polls = every(settings.monitor.poll_interval, res.poll, name="monitor-poll", log=log)
+        task = asyncio.create_task(polls)
         yield res
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         if res.flushing is not None:
             with suppress(asyncio.CancelledError):
                 await res.flushing
+        await role.close()  # after the runner's last save (it drained first): the role given up
         await web.stop()
         await res.poller.close()
 

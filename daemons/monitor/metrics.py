@@ -8,6 +8,10 @@ monotonic counts, labelled by ``daemon`` and ``instance`` (a restarted process i
 hence a new series): sum them by ``daemon`` in PromQL. Retries and dead letters by reason, and
 the handling-time histogram ``spool_handling_seconds``, come from the runner's counts that every
 heartbeat carries; the histogram is summed over a daemon's known instances.
+
+``spool_monitor_active`` is 1 on the active monitor and 0 on a standby (``daemons.monitor.role``),
+which exports nothing else but its process's own ``process_*``: Prometheus may scrape both
+monitors and every sum stays right.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from daemons.monitor.report import Observed
+from daemons.monitor.role import RoleKeeper
 from daemons.monitor.steps import MonitorState
 
 LIVENESS = ("alive", "late", "dead")
@@ -27,11 +32,18 @@ MAX_EXPORTED = 1e300
 
 
 class MonitorCollector(Collector):
-    def __init__(self, state: MonitorState, observed: Observed) -> None:
+    def __init__(self, state: MonitorState, observed: Observed, role: RoleKeeper | None = None) -> None:
         self.state = state
         self.observed = observed
+        self.role = role
 
     def collect(self) -> Iterator[Metric]:
+        active = self.role is None or self.role.active
+        role = _gauge("spool_monitor_active", "1 on the active monitor, 0 on a standby.", [])
+        role.add_metric([], 1.0 if active else 0.0)
+        yield role
+        if not active:  # a standby's figures are the active one's: scraping both sums nothing twice
+            return
         yield from self._daemons()
         yield from self._reasons_and_handling()
         yield from self._events()
@@ -184,8 +196,10 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def build_registry(state: MonitorState, observed: Observed) -> CollectorRegistry:
+def build_registry(
+    state: MonitorState, observed: Observed, role: RoleKeeper | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MonitorCollector(state, observed))
+    registry.register(MonitorCollector(state, observed, role))
     ProcessCollector(registry=registry)  # the monitor's own CPU / memory / file descriptors
     return registry

@@ -3,6 +3,10 @@
 The same keys are produced by ``common.status.direct_status`` when the monitor is not running
 (with ``daemons``, ``events``, ``throughput`` and ``alerts`` then ``null`` and ``missing`` saying
 why), so the CLI renders one shape. ``None`` always means "not known", never zero.
+
+``monitor.role`` says whether this monitor is ``active`` or ``standby`` (``daemons.monitor.role``),
+with ``active_instance`` and when the state shown was saved; a standby shows the active one's last
+saved state and says so in ``missing``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_jsonable_python
 
@@ -20,6 +24,9 @@ from common.bus.queue_stats import QueueReport
 from common.catalogue import EndpointInfo
 from common.messages import utcnow
 from daemons.monitor.steps import MonitorState
+
+if TYPE_CHECKING:
+    from daemons.monitor.role import RoleKeeper
 
 
 @dataclass
@@ -35,10 +42,19 @@ class Observed:
 
 
 def status_document(
-    state: MonitorState, observed: Observed, *, now: datetime | None = None
+    state: MonitorState, observed: Observed, *, now: datetime | None = None, role: RoleKeeper | None = None
 ) -> dict[str, Any]:
     now = now or state.clock()
     missing: list[str] = []
+    described: dict[str, Any] = role.describe() if role is not None else {"role": "active"}
+    if described["role"] == "standby":
+        saved = described.get("state_saved_at")
+        missing.append(
+            f"live counts (standby monitor; active: {described.get('active_instance') or 'none'}; "
+            f"showing the state it saved at {saved.isoformat() if saved else 'never'})"
+        )
+        if described.get("catalogue_error"):
+            missing.append(f"the monitor role ({described['catalogue_error']})")
     if observed.queues is None:
         missing.append("queues (not looked at yet)")
     else:
@@ -57,6 +73,7 @@ def status_document(
             "heartbeat_interval": state.thresholds.interval,
             "late_after": state.thresholds.late * state.thresholds.interval,
             "dead_after": state.thresholds.dead * state.thresholds.interval,
+            **described,
         },
         "daemons": state.daemons(now),
         "queues": observed.queues,

@@ -15,14 +15,17 @@ Decisions:
   with its full error text; a rare cause is its own line, never averaged away.
 - **One alert per new group**, not per file: the first failure of a (daemon, reason, endpoint)
   raises one ``alert.raised`` (kind ``endpoint_paused`` when the fact is the replicator's breaker
-  pausing an endpoint, else ``new_failure_reason``). The state is in memory; a restarted monitor
-  alerts again once for each cause it sees anew.
+  pausing an endpoint, else ``new_failure_reason``). The active monitor saves the state in the
+  catalogue (``snapshot``, ``role``) and a successor restores it: a group present there is a cause
+  already alerted, never alerted again. A group evicted beyond ``max_groups`` alerts again.
 - **Throughput over time** comes from the monitor's own samples (``sample``, once per poll) of two
   monotonic totals: messages it saw, and work each daemon reported done in its heartbeats. A
   heartbeat carries its process's running count, so the monitor adds the increase since the
   instance's previous heartbeat; a restarted process is a new instance and starts from zero, and
   the work an instance did before the monitor started is not counted as throughput now.
 - Counting is at-least-once like the bus: a message redelivered to the monitor is counted twice.
+  The monitor acks a delivery only once a save holding its count is committed (``consumer``), so
+  counts survive a killed monitor; ``snapshot`` lists what is saved and what is not.
 - **What is believed**: every fact passes ``intake.check_fact`` first (Spool's own users only for
   Spool's facts, numbers finite and in range, times with a UTC offset...). A refused fact changes
   nothing but ``refused`` (by reason) and ``last_refused``. Labels (reasons, storages, daemons) are

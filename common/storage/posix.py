@@ -590,9 +590,7 @@ class PosixStorage:
         if self.endpoint.small_copies != "process":
             return
         if not self._copiers:
-            self._copiers.append(
-                self._new_copier()
-            )
+            self._copiers.append(self._new_copier())
         copier = self._copiers[0]
         try:
             await copier.start()

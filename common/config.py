@@ -419,6 +419,12 @@ class LogSettings(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+StallKind = Literal["delivery", "tape_write", "tape_read", "recall"]
+DEFAULT_STALL_LIMITS: dict[StallKind, float] = {
+    "delivery": 900.0, "tape_write": 3600.0, "tape_read": 3600.0, "recall": 7200.0
+}  # fmt: skip
+
+
 class MonitorSettings(_Strict):
     """The monitor daemon (``[monitor]``) and where ``spool status`` finds it.
 
@@ -456,6 +462,21 @@ class MonitorSettings(_Strict):
     # restarted monitor starts from it); deliveries are acked once saved, so this is also how long
     # one may wait for its ack (or until half of daemons.monitor.prefetch wait). daemons/monitor/role.py.
     save_interval: float = Field(default=1.0, gt=0, le=60)
+    # Work in progress longer than this (seconds) is stalled: one alert.raised of kind "stalled"
+    # naming the holder, listed by `spool status` and the dashboard while it lasts
+    # (daemons/monitor/stalls.py). delivery: a message held by a daemon's handler (a copy, a
+    # request being served); tape_write: tape copies being written; tape_read: recall files being
+    # read; recall: a recall request without progress. A kind left out is not watched.
+    stall_limits: dict[StallKind, float] = Field(default_factory=lambda: dict(DEFAULT_STALL_LIMITS))
+
+    @field_validator("stall_limits")
+    @classmethod
+    def _positive_limits(cls, v: dict[StallKind, float]) -> dict[StallKind, float]:
+        bad = [k for k, seconds in v.items() if not 0 < seconds < float("inf")]
+        if bad:
+            raise ValueError(f"stall_limits: {', '.join(bad)} must be a positive number of seconds")
+        return v
+
     # An instance is late after heartbeat_late x bus.heartbeat_interval without a heartbeat, dead
     # after heartbeat_dead x; a dead instance is forgotten after forget_after seconds.
     heartbeat_late: float = Field(default=2.0, gt=0)

@@ -133,6 +133,7 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
     else:
         parts.append(Text("monitor not running: showing what the broker and the catalogue tell", "yellow"))
     parts.append(_daemons(doc["daemons"]))
+    parts += [_stalled(s) for s in doc.get("stalled") or []]
     if doc.get("throughput"):
         parts.append(_throughput(doc["throughput"][-1]))
     parts.append(render_queues(doc["queues"], detail=False, missing=False))
@@ -197,6 +198,14 @@ def _throughput(point: dict[str, Any]) -> RenderableType:
     rates = [f"bus {point['messages']:g} msg/s"]
     rates += [f"{daemon} {rate:g}/s" for daemon, rate in point["processed"].items()]
     return Text(f"throughput over the last {point['seconds']:.0f} s: " + ", ".join(rates))
+
+
+def _stalled(s: dict[str, Any]) -> RenderableType:
+    """Work in progress past its limit (the monitor's ``stalled``): who holds it, since when."""
+    many = f" ({s['items']} items)" if s.get("items", 1) > 1 else ""
+    return Text(
+        f"stalled {s['kind']}{many}: held by {s['holder']} since {_hms(s['since'])}: {s['what']}", "red"
+    )
 
 
 def _failures(groups: list[dict[str, Any]] | None) -> RenderableType:

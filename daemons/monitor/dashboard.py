@@ -25,6 +25,7 @@ PAGE = """<!doctype html>
 <div id="missing"></div>
 <h2>Throughput</h2><div id="throughput"></div>
 <h2>Daemons</h2><div id="daemons"></div>
+<div id="stalled"></div>
 <h2>Queues</h2><div id="queues"></div>
 <h2>Failures by cause</h2><div id="failures"></div>
 <h2>Endpoints</h2><div id="endpoints"></div>
@@ -119,6 +120,10 @@ function render(s) {
     q.map((x) => [td(x.daemon), tn(x.ready), tn(x.in_flight),
       td(holders(x.holders)),
       tn(x.retrying), td(num(x.dead), x.dead ? "bad" : ""), tn(x.consumers)]));
+  const stalled = s.stalled || [];
+  document.getElementById("stalled").innerHTML = stalled.length === 0 ? "" : "<h2>Stalled</h2>" + table(
+    ["kind", "held by", "since", "items", "what"],
+    stalled.map((w) => [td(w.kind, "bad"), td(w.holder), td(w.since), tn(w.items), td(w.what, "err")]));
   document.getElementById("failures").innerHTML = table(
     ["count", "daemon", "reason", "endpoint", "first", "last", "example", "error"],
     (s.failures || []).map((f) => [tn(f.count), td(f.daemon), td(f.reason, "bad"), td(f.endpoint || ""),

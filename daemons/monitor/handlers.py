@@ -44,6 +44,7 @@ from daemons.monitor.poller import Poller
 from daemons.monitor.report import Observed, status_document
 from daemons.monitor.role import RoleKeeper
 from daemons.monitor.snapshot import UnreadableSnapshot, dump, restore
+from daemons.monitor.stalls import Stalls
 from daemons.monitor.steps import MonitorState, Thresholds
 from daemons.monitor.web import WebServer, is_loopback
 
@@ -100,6 +101,10 @@ class MonitorResources:
         else:
             await self.show_saved()
         await self.poller.once()
+        if self.role.active:
+            found = await self.poller.stalled_work(self.state.stalls.limits)
+            if found is not None:
+                self.pending_alerts.extend(self.state.observe_stalled(found))
         self.start_flush()
 
     # --- active / standby (``role``) ------------------------------------------------------------
@@ -159,6 +164,7 @@ def make_state(settings: Settings) -> MonitorState:
     state = MonitorState(
         Thresholds(settings.bus.heartbeat_interval, m.heartbeat_late, m.heartbeat_dead, m.forget_after),
         labels=MonitorLabels.create(storages=settings.storage),
+        stalls=Stalls({str(k): v for k, v in m.stall_limits.items()}),
     )
     state.on_refused = _refusal_logger()
     return state

@@ -255,6 +255,7 @@ class Details:
     retried_by_reason: dict[str, int] | None = None
     dead_by_reason: dict[str, int] | None = None
     handling: dict[str, Any] | None = None
+    oldest_delivery: tuple[float, str] | None = None  # (seconds held, what): ``runtime._oldest``
 
 
 def read_details(details: dict[str, Any], reasons: Labels) -> Details:
@@ -276,7 +277,31 @@ def read_details(details: dict[str, Any], reasons: Labels) -> Details:
         retried_by_reason=_by_reason(details.get("retried_by_reason"), "details.retried_by_reason", reasons),
         dead_by_reason=_by_reason(details.get("dead_by_reason"), "details.dead_by_reason", reasons),
         handling=_histogram(details.get("handling")),
+        oldest_delivery=_oldest(details.get("oldest_delivery")),
     )
+
+
+MAX_WHAT = 300  # characters of a held delivery's description (the runner sends at most 300)
+
+
+def _oldest(value: object) -> tuple[float, str] | None:
+    """``{"seconds": s, "what": text}``: the delivery a handler has held longest."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise Refused(INVALID_DETAILS, f"details.oldest_delivery is a {type(value).__name__}, not a map")
+    seconds, what = value.get("seconds"), value.get("what")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_NUMBER:
+        raise Refused(INVALID_DETAILS, "details.oldest_delivery.seconds is not a number of seconds")
+    if not isinstance(what, str):
+        raise Refused(INVALID_DETAILS, f"details.oldest_delivery.what is a {type(what).__name__}")
+    if len(what) > MAX_WHAT:
+        raise Refused(FIELD_TOO_LONG, f"details.oldest_delivery.what is {len(what)} characters")
+    try:
+        what.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(INVALID_TEXT, "details.oldest_delivery.what is not valid Unicode") from None
+    return float(seconds), what
 
 
 def _count(value: object, where: str) -> int:

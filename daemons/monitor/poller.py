@@ -12,9 +12,11 @@ from common.bus.connection import connect
 from common.bus.management import ManagementClient, endpoint_for
 from common.bus.queue_stats import queue_report
 from common.catalogue import Catalogue
+from common.catalogue.sql import utcnow
 from common.config import Settings
 from common.errors import SpoolError
 from daemons.monitor.report import Observed
+from daemons.monitor.stalls import Stall, daemon_of
 from daemons.monitor.steps import MonitorState
 
 log = structlog.get_logger("spool.monitor")
@@ -69,6 +71,20 @@ class Poller:
         except Exception as exc:  # SQLAlchemy / driver errors: shown in status, tried again next time
             text = str(exc).splitlines()[0] if str(exc) else repr(exc)
             self.observed.catalogue_error = f"catalogue unavailable: {text}"
+
+    async def stalled_work(self, limits: dict[str, float]) -> list[Stall] | None:
+        """Tape writes, tape reads and recalls in progress past their limit (None: the catalogue
+        could not be read; the stalls known stay as they were)."""
+        wanted = {k: v for k, v in limits.items() if k != "delivery"}
+        if not wanted or self._catalogue is None:
+            return [] if not wanted else None
+        try:
+            found = await self._catalogue.instances.stalled_work(wanted, utcnow())
+        except Exception as exc:
+            log.warning("stalled_work_look_failed", error=repr(exc))
+            return None
+        return [Stall(w.kind, w.holder or "nobody", daemon_of(w.holder or ""), w.example, w.since, w.items)
+                for w in found]  # fmt: skip
 
     async def close(self) -> None:
         if self._management is not None:

@@ -78,6 +78,7 @@ def status_document(
         "daemons": state.daemons(now),
         "queues": observed.queues,
         "failures": state.failure_groups(),
+        "stalled": [s.as_dict() for s in state.stalls.current()],
         "endpoints": observed.endpoints,
         "events": dict(sorted(state.events.items())),
         "malformed": {

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from common.messages import AlertRaised
+from daemons.monitor.stalls import Stalls
 from daemons.monitor.steps import FailureGroup, Instance, MonitorState, RecentIds
 
 VERSION = 1
@@ -53,6 +54,7 @@ def dump(state: MonitorState, pending_alerts: Sequence[AlertRaised] = ()) -> dic
         "pending_alerts": [a.model_dump(mode="json") for a in pending_alerts],
         "failures": [_group(g) for g in state.failures.values()],
         "instances": [_instance(i) for i in state.instances.values()],
+        "stalls": state.stalls.dump(),
     }
 
 
@@ -71,6 +73,8 @@ def restore(state: MonitorState, doc: dict[str, Any]) -> list[AlertRaised]:
             i = _read_instance(raw)
             instances[(i.daemon, i.instance)] = i
         alerts = [AlertRaised.model_validate(a) for a in doc["alerts"]]
+        stalls = Stalls(state.stalls.limits)
+        stalls.restore(doc.get("stalls", {}))  # absent in a document saved before stalls
         pending = [AlertRaised.model_validate(a) for a in doc["pending_alerts"]]
         moved: Counter[tuple[str, str]] = Counter()
         for event, storage, n in doc["moved_bytes"]:
@@ -98,6 +102,7 @@ def restore(state: MonitorState, doc: dict[str, Any]) -> list[AlertRaised]:
         setattr(state, name, value)
     state.failures = failures
     state.instances = instances
+    state.stalls = stalls
     state.alerts.clear()
     state.alerts.extend(alerts)
     # Facts this process recognised before are not repeats for the restored counts (a delivery it

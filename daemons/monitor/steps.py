@@ -51,6 +51,7 @@ from daemons.monitor.intake import (
     cut,
     read_details,
 )
+from daemons.monitor.stalls import Stall, Stalls
 
 Liveness = Literal["alive", "late", "dead"]
 NEW_FAILURE_REASON = "new_failure_reason"
@@ -100,6 +101,8 @@ class Instance:
     retried_by_reason: dict[str, int] = field(default_factory=dict)
     dead_by_reason: dict[str, int] = field(default_factory=dict)
     handling: dict[str, Any] | None = None
+    # (seconds held, what) of the delivery its handlers have held longest, at that heartbeat.
+    oldest_delivery: tuple[float, str] | None = None
 
 
 @dataclass
@@ -232,6 +235,8 @@ class MonitorState:
     last_refused: dict[str, str] | None = None
     # Told of each refusal (the handlers log them, folded per reason).
     on_refused: Callable[[str, Refused], None] | None = field(default=None, repr=False)
+    # Work in progress past its limit (``stalls``): from the heartbeats and the poller.
+    stalls: Stalls = field(default_factory=lambda: Stalls({}))
 
     def __post_init__(self) -> None:
         if self.started is None:
@@ -248,9 +253,10 @@ class MonitorState:
         try:
             check_fact(msg, trusted=trusted)
             if isinstance(msg, DaemonHeartbeat):
-                self._heartbeat(msg)
+                alerts = self._heartbeat(msg)
                 self.events[key] += 1
-                return []
+                self._remember(alerts)
+                return alerts
         except Refused as refused:
             self._refuse(key, refused)
             return []
@@ -293,12 +299,12 @@ class MonitorState:
             "time": self.clock().isoformat(),
         }  # fmt: skip
 
-    def _heartbeat(self, beat: DaemonHeartbeat) -> None:
+    def _heartbeat(self, beat: DaemonHeartbeat) -> list[AlertRaised]:
         sent = min(beat.time, self.clock())
         key = (beat.daemon, beat.instance)
         known = self.instances.get(key)
         if known is not None and known.last_heartbeat > sent:
-            return  # an older heartbeat arriving late (concurrent handlers, redelivery)
+            return []  # an older heartbeat arriving late (concurrent handlers, redelivery)
         details = read_details(beat.details, self.labels.reasons)
         if known is None and len(self.instances) >= MAX_INSTANCES and not self._make_room():
             raise Refused(TOO_MANY_INSTANCES, f"{MAX_INSTANCES} instances listed, none of them dead")
@@ -313,8 +319,21 @@ class MonitorState:
             in_flight=beat.in_flight, processed=beat.processed, dead_lettered=beat.failed,
             retried=details.retried, queue=details.queue,
             retried_by_reason=details.retried_by_reason or {}, dead_by_reason=details.dead_by_reason or {},
-            handling=details.handling,
+            handling=details.handling, oldest_delivery=details.oldest_delivery,
         )  # fmt: skip
+        holder = f"{beat.daemon}@{beat.host}:{beat.pid}"
+        return self.stalls.heartbeat(beat.instance, beat.daemon, holder, details.oldest_delivery, sent)
+
+    def _remember(self, alerts: list[AlertRaised]) -> None:
+        for alert in alerts:
+            self.alerts.append(alert)
+            self.alerts_raised[alert.kind] += 1
+
+    def observe_stalled(self, found: list[Stall]) -> list[AlertRaised]:
+        """The catalogue's work in progress past its limits (the poller's look); new ones alert."""
+        alerts = self.stalls.report("catalogue", found)
+        self._remember(alerts)
+        return alerts
 
     def _make_room(self) -> bool:
         """Forget the dead instance heard from least recently, if any; whether one was."""
@@ -418,4 +437,5 @@ class MonitorState:
         gone = [k for k, i in self.instances.items() if (now - i.last_heartbeat).total_seconds() > limit]
         for key in gone:
             del self.instances[key]
+            self.stalls.forget(key[1])
         return [instance for _daemon, instance in gone]

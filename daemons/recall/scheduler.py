@@ -130,6 +130,7 @@ class Scheduler:
         # half a lease, so a dead neighbour's files wait little more than its lease.
         self.reclaim_interval = reclaim_interval
         self._next_reclaim = 0.0
+        self._neighbours: set[str] = set()  # the other live recall instances at the last reclaim
         # Cartridges whose claim could not be released (catalogue unreachable): retried by passes.
         self._unreleased: set[CartridgeKey] = set()
         self.libraries = libraries
@@ -178,12 +179,24 @@ class Scheduler:
 
     async def reclaim(self) -> int:
         """Put back the files dead instances left ``staging`` (``recall.recover``: only rows no
-        live instance holds, each by one survivor); returns how many. The next pass plans them."""
+        live instance holds, each by one survivor); returns how many. The next pass plans them.
+
+        A neighbour gone since the last look (its lease ran out, or it stopped) may have recorded
+        files it never announced (killed between the commit and the publish): the outbox is
+        flushed then, as a restart would (the same message ids: a fact both announce is one).
+        """
         self._next_reclaim = time.monotonic() + self.reclaim_interval
-        reclaimed = await self.catalogue.recall.recover(utcnow())
+        now = utcnow()
+        reclaimed = await self.catalogue.recall.recover(now)
         if reclaimed:
             log.warning("recall_reads_reclaimed", files=reclaimed)
             self._replan = True
+        if self.holder is not None:
+            live = set(await self.catalogue.instances.live_ids(db.DAEMON, now)) - {self.holder}
+            gone, self._neighbours = self._neighbours - live, live
+            if gone:
+                log.info("recall_neighbours_gone", instances=sorted(gone))
+                await self.announcer.flush()
         return reclaimed
 
     async def sweep(self) -> int:

@@ -26,12 +26,45 @@ for a queue that takes long to plan); otherwise it starts the next mounts of the
 Sweep (at start and every ``SWEEP_INTERVAL``): an ``active`` recall with no file left to serve
 is completed as a delivery would complete it (issue 14 left such recalls on PostgreSQL).
 
-Kill safety: a file is ``staging`` while its window is read; a kill leaves it so and ``start``
-puts it back. A copy is recorded and its recall files settled in one transaction after the bytes
-are in place under their final name, so a restart never delivers a file twice (files read but
-not yet recorded when killed are read again); events go through the ``Announcer``'s outbox. Run
-one recall daemon per catalogue (``staging`` rows are reclaimed at start-up without asking who
-held them).
+Kill safety: a file is ``staging`` while its window is read; a kill leaves it so, and once the
+instance's lease has run out a survivor's pass (``reclaim``, every ``reclaim_interval``) or the
+next ``start`` puts it back. A copy is recorded and its recall files settled in one transaction
+after the bytes are in place under their final name, so a file is never delivered twice (files
+read but not yet recorded when killed are read again); events go through the ``Announcer``'s
+outbox, which a survivor flushes when a neighbour is gone.
+
+Several instances (issue 19): any number of recall daemons may share one catalogue (PostgreSQL
+when they run on several nodes; SQLite serves the instances of one node). Each holds an
+``InstanceLease`` (the daemon's resources) and coordinates only through the catalogue, never with
+the others directly:
+
+- a file goes ``staging`` with ``holder`` = this instance, in one conditional statement
+  (``queued`` rows only, and only while our lease stands): two instances never stage one file.
+  Recording it, putting it back, failing it apply to rows this instance holds and clear the
+  holder, so an instance whose lease ran out (its files taken over) records nothing.
+- a cartridge is read by one instance at a time. Decision: a claim row per cartridge
+  (``recall_cartridges``: library, VID, holder), taken with a conditional ``UPDATE`` / ``INSERT``
+  before the mount and deleted after it. Its lifetime is the holder's lease, not a lease of its
+  own: nothing to renew per mount, and a dead instance's cartridges are free the moment its lease
+  runs out. Not the staging rows themselves: between two windows of a mount no row is
+  ``staging``, yet the cartridge is still in our drive and ahead of our head. Not an advisory
+  lock: SQLite has none, and a session lock would tie the claim to a connection of the pool.
+  A pass skips the cartridges other live instances hold (one read, ``cartridges_held``) and
+  claims each mount it starts; a claim lost to a neighbour meanwhile gives the drive back. So
+  the instances share a request's cartridges (each as many drives as ``max_drives`` allows it),
+  and never mount one cartridge twice. The simulated library refuses that too (a cartridge sits
+  in one drive, ``cartridge_in_use``); the claim keeps the catalogue's rows apart whatever the
+  library, and saves the drive a futile claim.
+- a dead instance's ``staging`` files are put back by one survivor (``recall.recover``: one
+  conditional ``UPDATE`` of the rows no live instance holds; two survivors at once each put back
+  other rows, never the same), then planned and read again. A completion is decided once, in the
+  transaction that settles a request's last file (``common.catalogue.recall``).
+- the plan (chosen copies) is shared in the catalogue: for a file with copies on two cartridges,
+  two instances may each write their own choice; either reads it correctly (the staging is what
+  decides who reads), at worst from the cartridge the other would not have chosen.
+
+Without a ``holder`` (the benchmark, tests) the scheduler is the catalogue's only reader: rows
+are staged without a holder (anyone's to put back: ``start`` does) and no cartridge is claimed.
 
 Nothing here needs the broker: the benchmark drives this class with a recording publisher.
 """

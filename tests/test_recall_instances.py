@@ -88,6 +88,11 @@ def _rows(conn: Connection) -> dict[tuple[str, str], tuple[str, str | None]]:
             for x in conn.execute(select(rf.c.recall_id, rf.c.name, rf.c.state, rf.c.holder))}  # fmt: skip
 
 
+def _claims(conn: Connection) -> dict[tuple[str, str], str]:
+    c = s.recall_cartridges
+    return {(x.library, x.vid): x.holder for x in conn.execute(select(c))}
+
+
 async def rows(cat: Catalogue) -> dict[tuple[str, str], tuple[str, str | None]]:
     return await cat.read(_rows)
 
@@ -217,9 +222,11 @@ async def test_a_dead_instances_staging_files_are_put_back_by_one_survivor_and_a
     live = await instance(catalogue, "node-live")
     theirs = [("r1", n) for n in names[30:]]
     assert len(await catalogue.recall.set_state(theirs, "staging", holder=live, now=utcnow())) == 10
+    assert await catalogue.recall.claim_cartridge(LIB, "A00002", live, utcnow())
     for round_ in range(4):
         dead = await instance(catalogue, f"node-dead{round_}")
         lost = [("r1", n) for n in names[:30]]
+        assert await catalogue.recall.claim_cartridge(LIB, "A00001", dead, utcnow())
         assert len(await catalogue.recall.set_state(lost, "staging", holder=dead, now=utcnow())) == 30
         assert await catalogue.recall.recover(utcnow()) == 0  # its lease stands: nothing is put back
         await expire(catalogue, dead)
@@ -230,6 +237,7 @@ async def test_a_dead_instances_staging_files_are_put_back_by_one_survivor_and_a
         after = await rows(catalogue)
         assert {after[k] for k in lost} == {("queued", None)}
         assert {after[k] for k in theirs} == {("staging", live)}
+        assert await catalogue.read(_claims) == {("lib", "A00002"): live}  # the dead one's dropped
         # The dead instance, stale, records nothing and puts nothing back any more.
         assert await catalogue.recall.set_state(lost, "staging", holder=dead, now=utcnow()) == []
 

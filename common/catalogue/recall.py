@@ -304,7 +304,8 @@ def _differs(conn: Connection, known: Any, spec: RecallSpec) -> str | None:
 
 def recover(conn: Connection, now: datetime | None = None) -> int:
     """Put back the ``staging`` rows no live instance holds (their reader died, or its lease ran
-    out); returns how many. A live instance's rows are never touched.
+    out), and drop such instances' cartridge claims; returns the rows put back. A live instance's
+    rows are never touched.
 
     One conditional ``UPDATE``: two survivors running it at once on PostgreSQL do not both settle a
     row: the second waits for the first's row locks, re-checks the row (now ``queued``) and leaves
@@ -316,6 +317,9 @@ def recover(conn: Connection, now: datetime | None = None) -> int:
         .where(rf.c.state == "staging", held_by_dead(rf.c.holder, now))
         .values(state="queued", holder=None, updated=now)
     )
+    # The dead instances' cartridge claims too: free already (``claim_cartridge`` takes them over),
+    # deleted so the table holds the cartridges being read and no more.
+    conn.execute(delete(carts).where(held_by_dead(carts.c.holder, now)))
     return int(res.rowcount)
 
 

@@ -635,12 +635,13 @@ class Scheduler:
 
         The window's files are ``staging`` under this instance (``_stage``); what was read is
         recorded and announced together (``_record``) at the end, or every ``record_seconds`` so a
-        long window still reports progress. A file joining the cartridge ahead of the head (``joined``) ends
-        the window early: the unread files go back to ``queued`` and the next window, fetched
-        from the head, holds them and the newcomer in fseq order. On an error, what was read is
-        recorded and the rest put back before the error goes up; a kill leaves rows ``staging``
-        (put back at start) and read files not yet recorded, which are read again then: a file
-        is announced once, in the transaction that records it.
+        long window still reports progress. A file joining the cartridge ahead of the head
+        (``joined``) ends the window early: the unread files go back to ``queued`` and the next
+        window, fetched from the head, holds them and the newcomer in fseq order. On an error,
+        what was read is recorded and the rest put back before the error goes up; a kill leaves
+        rows ``staging`` (put back once this instance's lease has run out: ``reclaim``) and read
+        files not yet recorded, which are read again then: a file is announced once, in the
+        transaction that records it.
         """
         staged = [i.key for g in groups for i in g]
         read: list[tuple[db.Delivery, list[tuple[str, str]]]] = []

@@ -13,18 +13,29 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, select
 
+from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.catalogue import schema as s
 from common.catalogue.instances import InstanceInfo
 from common.catalogue.sql import utcnow
+from common.config import RecallSettings
+from common.messages import FileRecalled, RecallCompleted
+from common.storage import PosixStorage
+from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeTiming
+from daemons.recall.announce import Announcer
+from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
+from tests.conftest import wait_for
+from tests.test_recall_scheduler import SIZE, _archive, _endpoints
 
 LIB = "lib"
 PIN = datetime(2030, 1, 1, tzinfo=UTC)
@@ -312,3 +323,92 @@ async def test_staging_without_a_holder_is_the_single_scheduler_of_before(catalo
     holder = await instance(catalogue, "node-a")
     assert await catalogue.recall.set_state([("r1", names[0])], "queued", holder=holder) == []
     assert await catalogue.recall.recover(utcnow()) == 1
+
+
+# --- two schedulers ----------------------------------------------------------------------------
+async def test_two_schedulers_share_a_request_on_one_library_and_read_each_file_once(
+    catalogue: Catalogue, second: Catalogue, tmp_path: Path
+) -> None:
+    """The scheduler itself, twice, on either backend: two instances (a catalogue engine, a library
+    session and a lease row each, one drive each) share a request's cartridges."""
+    endpoints = _endpoints(tmp_path)
+    await catalogue.endpoints.sync(endpoints)
+    timing = TapeTiming(mount_seconds=0, unmount_seconds=0, locate_average_seconds=0, read_rate=SIZE / 0.05)
+    config = SimulatedLibraryConfig(
+        root=tmp_path / "lib", drives=2, pools={"tape1": 4}, scratch_cartridges=0, capacity_bytes=10**6,
+        timing=timing, time_scale=0.0, durable=False,
+    )  # fmt: skip
+    layout = {f"A0000{n}": 4 for n in range(1, 5)}
+    async with await SimulatedLibrary.open(config) as lib:
+        await _archive(tmp_path, catalogue, lib, layout)
+    names = [f"{vid}/{n}" for vid, count in layout.items() for n in range(1, count + 1)]
+    reading: dict[tuple[str, str], str] = {}  # cartridge -> the instance reading it now
+    read_by: dict[str, set[str]] = defaultdict(set)  # instance -> cartridges it read
+    publishers = [RecordingPublisher(), RecordingPublisher()]
+    schedulers: list[Scheduler] = []
+    buffers: list[PosixStorage] = []
+    for cat, publisher in zip((catalogue, second), publishers, strict=True):
+        holder = await instance(cat, f"node-{len(schedulers)}")
+        lib = await SimulatedLibrary.open(config.model_copy(update={"time_scale": 1.0}))
+        buffer = PosixStorage("buffer", endpoints["buffer"])
+        buffers.append(buffer)
+        scheduler = Scheduler(
+            catalogue=cat, libraries={"lib": lib}, storages={"buffer": buffer},
+            endpoints=endpoints, settings=RecallSettings(poll_interval=0.05, max_drives=1),
+            announcer=Announcer(cat, publisher), holder=holder, reclaim_interval=1.0,
+        )  # fmt: skip
+        scheduler._read_window = _watched(scheduler, scheduler._read_window, reading, read_by)  # type: ignore[method-assign,assignment]
+        await scheduler.start()
+        schedulers.append(scheduler)
+    await catalogue.recall.create_recall(
+        db.RecallSpec(id="r", destination="buffer", priority=3, names=tuple(names))
+    )
+    runners = [asyncio.create_task(x.run()) for x in schedulers]
+    try:
+
+        async def completed() -> bool:
+            return sum(len(p.of_type(RecallCompleted)) for p in publishers) >= 1
+
+        await wait_for(completed, timeout=60)
+    finally:
+        for task in runners:
+            task.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        for x in schedulers:
+            await x.stop()
+            await x.let_go()
+            await x.libraries["lib"].close()
+        for buffer in buffers:
+            buffer.close()
+
+    recalled = [m.name for p in publishers for m in p.of_type(FileRecalled)]
+    assert sorted(recalled) == sorted(names)  # each once, whoever read it
+    assert sum(len(p.of_type(RecallCompleted)) for p in publishers) == 1
+    assert all(read_by.values()) and len(read_by) == 2, read_by  # both read
+    first, other = read_by.values()
+    assert first.isdisjoint(other)  # a cartridge read whole by one: one drive each, 4 files each
+    assert all((tmp_path / "buffer" / n).exists() for n in names)
+    assert await catalogue.read(_claims) == {}  # every claim released
+
+
+def _watched(
+    scheduler: Scheduler,
+    read_window: Callable[..., Awaitable[int]],
+    reading: dict[tuple[str, str], str],
+    read_by: dict[str, set[str]],
+) -> Callable[..., Awaitable[int]]:
+    """``read_window`` noting which instance reads which cartridge, refusing a second reader and
+    a read of a cartridge the catalogue does not show claimed by the reader."""
+    me = scheduler.holder or ""
+
+    async def watched(key: tuple[str, str], *args: object) -> int:
+        assert key not in reading, f"{key} read by {me} while {reading.get(key)} reads it"
+        reading[key] = me
+        assert (await scheduler.catalogue.read(_claims)).get(key) == me  # claimed in the catalogue
+        read_by[me].add(key[1])
+        try:
+            return await read_window(key, *args)
+        finally:
+            del reading[key]
+
+    return watched

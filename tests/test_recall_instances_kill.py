@@ -9,7 +9,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -35,20 +35,23 @@ from tests.recall_fixtures import (
 
 pytestmark = pytest.mark.integration
 
-# Four drives (two mounts for each daemon); a 3 kB file takes 0.15 s to read, so a cartridge of
-# ten files takes 2 s and the kill lands in the middle of a window.
+# Four drives (two mounts for each daemon); a 3 kB file takes 0.3 s to read, so a cartridge of 15
+# files is one window read in 4.5 s, recorded every 2 s (``RECORD_SECONDS``): the kill lands after
+# a first record, with files of the window still to read.
 LIBRARY = (
     'root = "tape-library"\ndrives = 4\npools = { tape1 = 4, tape2 = 2 }\nscratch_cartridges = 0\n'
     "capacity_bytes = 4000000\ndurable = false\n"
 )
 SLOW = (
     "time_scale = 1.0\ntiming = { mount_seconds = 0.5, unmount_seconds = 0.5, locate_average_seconds = 0.0, "
-    "read_rate = 20000.0 }"
+    "read_rate = 10000.0 }"
 )
 LEASE = 3.0
 # Two drives each: the first daemon to plan does not take every cartridge.
 RECALL = "poll_interval = 0.1\nbuffer_wait = 1.0\nretry_delay = 0.5\npin_seconds = 3600\nmax_drives = 2"
 VIDS = ["A00001", "A00002", "A00003", "A00004"]
+PER_CARTRIDGE = 15
+FILES = PER_CARTRIDGE * len(VIDS)
 
 
 def _staging(conn: Connection) -> list[tuple[str, str]]:
@@ -116,11 +119,12 @@ async def test_two_recall_daemons_share_a_request_and_one_killed_mid_read_loses_
                         "catalogue": f'url = "{url}"\nlease_seconds = {LEASE}'}  # fmt: skip
             return recall_config(tmp_path, tag, **sections)
 
-        files = contents(40)
+        files = contents(FILES)
         names = sorted(files)
         fast = load_settings(config_with(LIBRARY + "time_scale = 0.0"))  # archived at once
         await register(fast, files)
-        await archive(fast, {vid: names[i * 10 : (i + 1) * 10] for i, vid in enumerate(VIDS)}, files)
+        n = PER_CARTRIDGE
+        await archive(fast, {vid: names[i * n : (i + 1) * n] for i, vid in enumerate(VIDS)}, files)
         config = config_with(LIBRARY + SLOW)  # read slowly, by the daemons
         settings = load_settings(config)
         channel = await broker.channel()
@@ -139,17 +143,29 @@ async def test_two_recall_daemons_share_a_request_and_one_killed_mid_read_loses_
             try:
                 rid = await request(broker, settings, names=names)
 
-                async def mid_read() -> bool:  # some files done, and a live instance reading now
-                    return await cat.read(_done, rid) >= 4 and bool(await cat.read(_staging))
+                async def reading() -> Counter[str]:  # instance -> files it has staging now
+                    return Counter(holder for _, holder in await cat.read(_staging))
+
+                async def mid_read() -> bool:  # files recorded, and an instance with many to read
+                    staging = await reading()
+                    return await cat.read(_done, rid) >= 4 and max(staging.values(), default=0) >= 5
 
                 await wait_for(mid_read, timeout=120, interval=0.02)
-                (_, holder), *_ = await cat.read(_staging)
+                ((holder, _),) = (await reading()).most_common(1)
                 victim = next(p for p in procs if p.pid == _pid(holder))
                 victim.send_signal(signal.SIGKILL)
                 assert victim.wait(timeout=10) == -signal.SIGKILL
-                assert await cat.read(_done, rid) < 40, "the kill came too late to prove anything"
+                assert await cat.read(_done, rid) < FILES, "the kill came too late to prove anything"
                 survivor = next(p for p in procs if p is not victim)
                 done = await events.completion(rid, timeout=180)
+
+                # What the victim recorded but never announced is published by the survivor once
+                # the victim's lease has run out.
+                async def announced() -> bool:
+                    await events.poll()
+                    return set(events.recalled(rid)) == set(names)
+
+                await wait_for(announced, timeout=60)
             finally:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
@@ -159,8 +175,8 @@ async def test_two_recall_daemons_share_a_request_and_one_killed_mid_read_loses_
                 codes = [_wait(proc) for proc in procs]
 
             assert codes[procs.index(survivor)] == 0, logs[procs.index(survivor)].read_text()[-3000:]
-            assert (done["files"], done["failed"]) == (40, [])
-            assert await cat.read(_done, rid) == 40
+            assert (done["files"], done["failed"]) == (FILES, [])
+            assert await cat.read(_done, rid) == FILES
             # Each file delivered once: one fact in its history, one message id on the bus (an
             # announcement repeated after a kill keeps its id); one completion.
             await events.poll()

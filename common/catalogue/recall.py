@@ -3,8 +3,8 @@
 States of a recall file and who moves them (all in ``daemons/recall``)::
 
     queued   waiting to be served: from a disk copy at once, else from tape by the scheduler
-    staging  being read from tape now (back to ``queued`` when the read is given up, and at
-             start-up: a row left ``staging`` belongs to a process that died)
+    staging  being read from tape now by the instance named in ``holder`` (back to ``queued``
+             when the read is given up, and once that instance's lease has run out: ``recover``)
     done     a verified copy is on the destination (pinned: tombstone = now + pin_seconds)
     failed   for good, with a reason code (``unknown_file``, ``checksum_mismatch``, ``no_copy``...)
 
@@ -17,6 +17,13 @@ the recall ``active`` for ever (issue 14); ``complete_settled`` sweeps for any s
 Publishing is an outbox: ``announced`` flags on both tables are set only after the event went
 out, and whatever is done but not announced is published again at start-up under the same
 message ids (consumers drop duplicates by id).
+
+Several recall instances (issue 19): a row ``staging`` names its reader (``holder``, an
+``instances.id``; NULL for a scheduler alone on its catalogue, without a lease). Every statement
+that settles or puts back a read row applies to the rows its caller holds, so an instance whose
+lease ran out (and whose rows a survivor took over) records nothing: ``set_state``, ``fail``,
+``deliver_many`` take the caller's ``holder``. A cartridge is read by one instance at a time
+(``claim_cartridge``: a row in ``recall_cartridges``, the instance's while its lease stands).
 
 The chosen tape copy of a queued file (``storage``, ``cartridge``, ``fseq``) is the scheduler's
 plan, written before a mount so the mount loop can find "the next file of this cartridge ahead of
@@ -33,13 +40,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from common.catalogue import schema as s
+from common.catalogue.instances import held_by_dead
 from common.catalogue.sql import check_fits, chunks, storage_ids_sync, utcnow
 
 f, r, ep, d = s.files, s.replicas, s.storage_endpoints, s.datasets
-rc, rf = s.recalls, s.recall_files
+rc, rf, carts = s.recalls, s.recall_files, s.recall_cartridges
 
 UNKNOWN_FILE = "unknown_file"
 NO_COPY = "no_copy"
@@ -282,9 +302,80 @@ def _differs(conn: Connection, known: Any, spec: RecallSpec) -> str | None:
     return None
 
 
-def recover(conn: Connection) -> int:
-    """Put back ``staging`` rows (their reader died); returns how many."""
-    res = conn.execute(update(rf).where(rf.c.state == "staging").values(state="queued", updated=utcnow()))
+def recover(conn: Connection, now: datetime | None = None) -> int:
+    """Put back the ``staging`` rows no live instance holds (their reader died, or its lease ran
+    out), and drop such instances' cartridge claims; returns the rows put back. A live instance's
+    rows are never touched.
+
+    One conditional ``UPDATE``: two survivors running it at once on PostgreSQL do not both settle a
+    row: the second waits for the first's row locks, re-checks the row (now ``queued``) and leaves
+    it, so the counts of the two add up to the rows put back. SQLite serialises writers.
+    """
+    now = now or utcnow()
+    res = conn.execute(
+        update(rf)
+        .where(rf.c.state == "staging", held_by_dead(rf.c.holder, now))
+        .values(state="queued", holder=None, updated=now)
+    )
+    # The dead instances' cartridge claims too: free already (``claim_cartridge`` takes them over),
+    # deleted so the table holds the cartridges being read and no more.
+    conn.execute(delete(carts).where(held_by_dead(carts.c.holder, now)))
+    return int(res.rowcount)
+
+
+# --- several instances: who reads which cartridge --------------------------------------------
+def claim_cartridge(conn: Connection, library: str, vid: str, holder: str, now: datetime) -> bool:
+    """Take ``vid`` of ``library`` for ``holder`` (a live instance) to read; False when another
+    live instance reads it.
+
+    The row is free when its holder's lease ran out (or its instance row is gone): a dead
+    instance's cartridge is taken over by the first survivor that wants it. Two claimants at once
+    on PostgreSQL: the conditional ``UPDATE`` of the second waits for the first's row lock and
+    re-checks the row, which names a live holder by then; two first inserts collide on the key and
+    the loser's transaction runs again (``Catalogue.write``), finding the row taken.
+    """
+    if conn.execute(select(_live(holder, now))).scalar() is not True:
+        return False  # our own lease ran out: take nothing more
+    key = (carts.c.library == library, carts.c.vid == vid)
+    taken = conn.execute(
+        update(carts)
+        .where(*key, or_(carts.c.holder == holder, held_by_dead(carts.c.holder, now)))
+        .values(holder=holder, claimed=now)
+    )
+    if taken.rowcount == 1:
+        return True
+    if conn.execute(select(carts.c.vid).where(*key)).first() is not None:
+        return False
+    row = {"library": library, "vid": vid, "holder": holder, "claimed": now}
+    check_fits(carts, row)
+    conn.execute(carts.insert().values(**row))
+    return True
+
+
+def release_cartridge(conn: Connection, library: str, vid: str, holder: str) -> None:
+    conn.execute(
+        delete(carts).where(carts.c.library == library, carts.c.vid == vid, carts.c.holder == holder)
+    )
+
+
+def cartridges_held(conn: Connection, now: datetime, but: str | None = None) -> set[tuple[str, str]]:
+    """(library, vid) of the cartridges live instances other than ``but`` are reading."""
+    live = select(s.instances.c.id).where(s.instances.c.expires > now)
+    stmt = select(carts.c.library, carts.c.vid).where(carts.c.holder.in_(live.scalar_subquery()))
+    if but is not None:
+        stmt = stmt.where(carts.c.holder != but)
+    return {(row.library, row.vid) for row in conn.execute(stmt)}
+
+
+def let_go(conn: Connection, holder: str) -> int:
+    """A clean stop: put back the rows ``holder`` holds and free its cartridges, so the other
+    instances go on at once rather than after its lease; returns the rows put back."""
+    conn.execute(delete(carts).where(carts.c.holder == holder))
+    res = conn.execute(
+        update(rf)
+        .where(rf.c.state == "staging", rf.c.holder == holder)
+        .values(state="queued", holder=None, updated=utcnow())
+    )
     return int(res.rowcount)
 
 
@@ -451,35 +542,82 @@ def window_on_cartridge(
     ]  # fmt: skip
 
 
+def _holding(holder: str | None) -> ColumnElement[bool]:
+    """Rows ``holder`` holds; None: rows no instance holds (every ``queued`` row, and ``staging``
+    rows of a scheduler without a lease)."""
+    return rf.c.holder.is_(None) if holder is None else rf.c.holder == holder
+
+
+def _live(holder: str, now: datetime) -> ColumnElement[bool]:
+    """``holder``'s lease stands at ``now`` (in the statement that takes work for it)."""
+    return exists().where(s.instances.c.id == holder, s.instances.c.expires > now)
+
+
 def set_state(
-    conn: Connection, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False
-) -> None:
-    """Move rows between ``queued`` and ``staging`` (never out of done / failed)."""
+    conn: Connection,
+    keys: Sequence[tuple[str, str]],
+    state: str,
+    forget_copy: bool = False,
+    holder: str | None = None,
+    now: datetime | None = None,
+) -> list[tuple[str, str]]:
+    """Move rows between ``queued`` and ``staging`` (never out of done / failed); returns the keys
+    moved.
+
+    To ``staging``: ``queued`` rows only, marked as ``holder``'s, and with a holder only while its
+    lease stands at ``now`` (checked in the statement: an instance whose lease ran out takes
+    nothing more). Two instances staging one row: on PostgreSQL the second waits for the first's
+    lock, re-checks the row (``staging`` by then) and leaves it, so a row is taken once.
+    To ``queued``: the rows ``holder`` holds (None: rows nobody holds), their holder cleared; a row
+    another instance holds is never moved, so a stale instance cannot put back its successor's.
+    """
     if not keys:
-        return
-    values: dict[str, Any] = {"state": state, "updated": utcnow()}
+        return []
+    now = now or utcnow()
+    values: dict[str, Any] = {"state": state, "updated": now}
     if forget_copy:
         values.update(storage=None, cartridge=None, fseq=None)
-    stmt = (
-        update(rf)
-        .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"),
-               # not IN (...): an expanding parameter cannot go through executemany
-               or_(rf.c.state == "queued", rf.c.state == "staging"))
-        .values(**values)
-    )  # fmt: skip
-    conn.execute(stmt, [{"k_recall": recall_id, "k_name": name} for recall_id, name in keys])
+    if state == "staging":
+        values["holder"] = holder
+        where: tuple[ColumnElement[bool], ...] = (rf.c.state == "queued",)
+        if holder is not None:
+            where += (_live(holder, now),)
+    else:
+        values["holder"] = None
+        where = (or_(rf.c.state == "queued", rf.c.state == "staging"), _holding(holder))
+    moved: list[tuple[str, str]] = []
+    # One statement per chunk of keys, the keys it moved returned (UPDATE ... RETURNING, both
+    # backends): the caller learns which rows are its own without another query.
+    for part in chunks(list(dict.fromkeys(keys))):
+        stmt = (
+            update(rf)
+            .where(tuple_(rf.c.recall_id, rf.c.name).in_(list(part)), *where)
+            .values(**values)
+            .returning(rf.c.recall_id, rf.c.name)
+        )
+        moved += [(row.recall_id, row.name) for row in conn.execute(stmt)]
+    return moved
 
 
 # --- outcomes ------------------------------------------------------------------------------------
-def deliver(conn: Connection, dl: Delivery) -> Settled | None:
+def deliver(conn: Connection, dl: Delivery, holder: str | None = None) -> Settled | None:
     """Record one verified copy (``deliver_many`` of one); None when the reaper is deleting the
     destination's copy right now: the caller tries again later."""
-    settled, refused = deliver_many(conn, [dl])
+    settled, refused = deliver_many(conn, [dl], holder)
     return None if refused else settled
 
 
-def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Settled, tuple[int, ...]]:
+def deliver_many(
+    conn: Connection, deliveries: Sequence[Delivery], holder: str | None = None
+) -> tuple[Settled, tuple[int, ...]]:
     """Record verified copies on their destinations and settle every recall waiting for them there.
+
+    ``holder``: the instance that read them from tape. A copy is recorded only when some row
+    waiting for it is ``staging`` under that holder; then its waiting rows nobody holds are settled
+    too. A copy none of whose rows the holder still holds (its lease ran out and a survivor put
+    them back, or took them) records nothing: that instance is stale and the survivor reads and
+    records the file. Without a holder (a copy served from disk): the rows nobody holds are settled.
+    Rows another instance holds are never moved: their reader records them.
 
     Each copy is pinned: its tombstone becomes at least ``pin_until`` (the replicator's reaper
     deletes it after that, unless a rule holds it, and never while it is the last copy). A copy
@@ -516,11 +654,49 @@ def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Sett
             if (found.file_id, found.storage_id) in by_key:
                 existing[(found.file_id, found.storage_id)] = found
     refused = {k for k, row in existing.items() if row.state == "deleting"}
+    placed = {k: dl for k, dl in by_key.items() if k not in refused}
+    # The recall files waiting for these copies: found by file id alone (its own index), then
+    # their requests by id; state and destination matched here. With the request's state or the
+    # file's in the query, SQLite's planner (no statistics) took the state index instead and
+    # scanned every queued file, or every active request, for each window. Locked (PostgreSQL):
+    # the rows counted below are exactly the rows moved. Locked after the copies, as before, so
+    # two deliveries lock in one order.
+    candidates: list[Any] = []
+    for part in chunks(sorted({fid for fid, _ in placed})):
+        stmt = (
+            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.state, rf.c.holder)
+            .where(rf.c.file_id.in_(part))
+            .order_by(rf.c.file_id, rf.c.recall_id)
+            .with_for_update()
+        )
+        candidates += [
+            w for w in conn.execute(stmt)
+            if w.state in ("queued", "staging") and w.holder in (None, holder)
+        ]  # fmt: skip
+    requests: dict[str, Any] = {}
+    for part in chunks(sorted({w.recall_id for w in candidates})):
+        heads = select(rc.c.id, rc.c.destination, rc.c.correlation_id).where(
+            rc.c.id.in_(part), rc.c.state == "active"
+        )
+        requests.update({x.id: x for x in conn.execute(heads)})
+    waiting: list[tuple[str, str, str | None, Delivery]] = []  # recall, name, correlation, delivery
+    held: set[tuple[int, int]] = set()  # copies with a row ``staging`` under ``holder``
+    for w in candidates:
+        head = requests.get(w.recall_id)
+        if head is None:
+            continue
+        k = (w.file_id, sids.get(head.destination, -1))
+        got = placed.get(k)
+        if got is not None:
+            waiting.append((w.recall_id, w.name, head.correlation_id, got))
+            if holder is not None and w.holder == holder and w.state == "staging":
+                held.add(k)
+    if holder is not None:  # a stale reader's copies: nothing recorded (see above)
+        placed = {k: dl for k, dl in placed.items() if k in held}
+        waiting = [w for w in waiting if (w[3].file_id, sids[w[3].destination]) in held]
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
-    for k, dl in by_key.items():
-        if k in refused:
-            continue
+    for k, dl in placed.items():
         row = existing.get(k)
         if row is None:
             inserts.append(
@@ -543,43 +719,17 @@ def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Sett
             ),
             updates,
         )
-    placed = {k: dl for k, dl in by_key.items() if k not in refused}
-    # The recall files waiting for these copies: found by file id alone (its own index), then
-    # their requests by id; state and destination matched here. With the request's state or the
-    # file's in the query, SQLite's planner (no statistics) took the state index instead and
-    # scanned every queued file, or every active request, for each window. Locked (PostgreSQL):
-    # the rows counted below are exactly the rows moved.
-    waiting: list[tuple[str, str, str | None, Delivery]] = []  # recall, name, correlation, delivery
-    open_state = or_(rf.c.state == "queued", rf.c.state == "staging")
-    candidates: list[Any] = []
-    for part in chunks(sorted({fid for fid, _ in placed})):
-        stmt = (
-            select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.state)
-            .where(rf.c.file_id.in_(part))
-            .order_by(rf.c.file_id, rf.c.recall_id)
-            .with_for_update()
-        )
-        candidates += [w for w in conn.execute(stmt) if w.state in ("queued", "staging")]
-    requests: dict[str, Any] = {}
-    for part in chunks(sorted({w.recall_id for w in candidates})):
-        heads = select(rc.c.id, rc.c.destination, rc.c.correlation_id).where(
-            rc.c.id.in_(part), rc.c.state == "active"
-        )
-        requests.update({x.id: x for x in conn.execute(heads)})
-    for w in candidates:
-        head = requests.get(w.recall_id)
-        if head is None:
-            continue
-        got = placed.get((w.file_id, sids.get(head.destination, -1)))
-        if got is not None:
-            waiting.append((w.recall_id, w.name, head.correlation_id, got))
     # Announced in the caller's order (the mount's: fseq), each file's requests by id.
     waiting.sort(key=lambda w: (order[(w[3].file_id, sids[w[3].destination])], w[0]))
     if waiting:
         conn.execute(
             update(rf)
-            .where(rf.c.recall_id == bindparam("k_recall"), rf.c.name == bindparam("k_name"), open_state)
-            .values(state="done", reason=None, error=None, updated=now, announced=False),
+            .where(
+                rf.c.recall_id == bindparam("k_recall"),
+                rf.c.name == bindparam("k_name"),
+                or_(rf.c.state == "queued", rf.c.state == "staging"),
+            )
+            .values(state="done", reason=None, error=None, updated=now, announced=False, holder=None),
             [{"k_recall": rid, "k_name": name} for rid, name, _, _ in waiting],
         )
     _history(
@@ -594,13 +744,16 @@ def deliver_many(conn: Connection, deliveries: Sequence[Delivery]) -> tuple[Sett
     return settled, tuple(sorted({fid for fid, _ in refused}))
 
 
-def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str) -> Settled:
-    """Fail files for good (from queued / staging) and settle their recalls."""
+def fail(
+    conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: str, holder: str | None = None
+) -> Settled:
+    """Fail files for good (from queued / staging) and settle their recalls: the rows ``holder``
+    holds (None: the rows nobody holds), never another instance's."""
     now = utcnow()
     by_recall: dict[str, list[str]] = defaultdict(list)
     for recall_id, name in keys:
         by_recall[recall_id].append(name)
-    open_state = rf.c.state.in_(("queued", "staging"))
+    open_state = and_(rf.c.state.in_(("queued", "staging")), _holding(holder))
     moved: set[tuple[str, str]] = set()
     # Per request, the names still open (locked on PostgreSQL, so exactly these are moved and
     # counted), then one update of them: a request's many files are a few statements, not one each.
@@ -611,7 +764,9 @@ def fail(conn: Connection, keys: Sequence[tuple[str, str]], reason: str, error: 
             if not open_names:
                 continue
             conn.execute(
-                update(rf).where(*where).values(state="failed", reason=reason, error=error, updated=now)
+                update(rf)
+                .where(*where)
+                .values(state="failed", reason=reason, error=error, updated=now, holder=None)
             )
             moved.update((recall_id, n) for n in open_names)
     failed = [k for k in dict.fromkeys(keys) if k in moved]  # in the caller's order, as before

@@ -321,6 +321,19 @@ class SavedMonitorState(Base):
     saved_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class RecallCartridge(Base):
+    """A recall instance reading a cartridge (``recall.claim_cartridge``): the other instances
+    leave it alone while the holder's lease stands (``instances``); after that, anyone takes it.
+    The row outlives a mount only when its release failed: a live holder takes it again."""
+
+    __tablename__ = "recall_cartridges"
+
+    library: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(MAX_HOLDER))
+    claimed: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Lock(Base):
     """A rule's claim on one file's copy at one endpoint: while a live lock exists, the copy stays."""
 
@@ -451,4 +464,5 @@ transfer_slots = cast(Table, TransferSlot.__table__)
 transfer_waiters = cast(Table, TransferWaiter.__table__)
 
 monitor_state = cast(Table, SavedMonitorState.__table__)
+recall_cartridges = cast(Table, RecallCartridge.__table__)
 outbox = cast(Table, OutboxRow.__table__)

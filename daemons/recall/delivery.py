@@ -18,8 +18,8 @@ directory already opened, so no name is looked up again between the check and th
 From tape to a remote destination (XRootD, WebDAV): the same read and checks into a node-local
 staging directory (``<local>/<endpoint>/``, the daemon's ``<state_dir>/recall-staging``), then
 ``upload`` (atomic on the server, verified by the server's checksum), and the staging file removed
-whatever happened. Only this daemon uses that directory (one recall daemon per catalogue), so
-start-up empties it whatever the age of what is there.
+whatever happened. Only this process uses that directory (several recall instances on one node
+each have a ``state_dir`` of their own), so start-up empties it whatever the age of what is there.
 
 From disk (a copy already on another disk endpoint): both mounted here, ``PosixStorage.
 copy_verified`` (the replicator's kernel copy with a read-back checksum); otherwise the

@@ -39,6 +39,7 @@ from common.catalogue import Catalogue
 from common.catalogue import recall as db
 from common.config import Settings
 from common.errors import Permanent, SpoolError
+from common.instance import InstanceLease, held_lease
 from common.logging import get_logger
 from common.messages import Message, RecallRequest
 from common.storage import StorageBackend, open_storage
@@ -55,6 +56,9 @@ class RecallResources:
     catalogue: Catalogue
     scheduler: Scheduler
     announcer: Announcer
+    # This process as one recall instance (issue 19): held for its life; the files it reads and
+    # the cartridges it mounts are marked with ``lease.id``.
+    lease: InstanceLease
 
 
 def _describe(msg: Message) -> dict[str, Any]:
@@ -68,6 +72,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         catalogue = await Catalogue.open(settings.catalogue.url, echo=settings.catalogue.echo)
         stack.push_async_callback(catalogue.close)
         await catalogue.endpoints.sync(settings.storage)
+        # Registered before anything is taken: the scheduler's start leaves this instance's rows
+        # alone (none yet) and puts back only those no live instance holds.
+        lease = await stack.enter_async_context(
+            held_lease(catalogue, "recall", settings.node, settings.catalogue.lease_seconds)
+        )
         storages: dict[str, StorageBackend] = {}
         for name, endpoint in settings.storage.items():
             if endpoint.kind == "disk":  # posix or remote (``delivery`` stages reads for a remote one)
@@ -87,16 +96,25 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             settings=settings.recall,
             announcer=announcer,
             staging=settings.state_dir / "recall-staging",
+            holder=lease.id,
+            # About half a lease: a dead neighbour's files wait little more than its lease.
+            reclaim_interval=settings.catalogue.lease_seconds / 2,
         )
         await scheduler.start()
         task = asyncio.create_task(scheduler.run())
         try:
-            yield RecallResources(catalogue, scheduler, announcer)
+            yield RecallResources(catalogue, scheduler, announcer, lease)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await scheduler.stop()
+            # A clean stop hands this instance's reads over at once (before the lease is
+            # forgotten); a failure here leaves them to the lease's expiry.
+            try:
+                await scheduler.let_go()
+            except Exception as exc:
+                log.warning("recall_reads_not_handed_over", error=repr(exc))
 
 
 service = Service("recall", resources=open_resources, describe=_describe)

@@ -26,12 +26,45 @@ for a queue that takes long to plan); otherwise it starts the next mounts of the
 Sweep (at start and every ``SWEEP_INTERVAL``): an ``active`` recall with no file left to serve
 is completed as a delivery would complete it (issue 14 left such recalls on PostgreSQL).
 
-Kill safety: a file is ``staging`` while its window is read; a kill leaves it so and ``start``
-puts it back. A copy is recorded and its recall files settled in one transaction after the bytes
-are in place under their final name, so a restart never delivers a file twice (files read but
-not yet recorded when killed are read again); events go through the ``Announcer``'s outbox. Run
-one recall daemon per catalogue (``staging`` rows are reclaimed at start-up without asking who
-held them).
+Kill safety: a file is ``staging`` while its window is read; a kill leaves it so, and once the
+instance's lease has run out a survivor's pass (``reclaim``, every ``reclaim_interval``) or the
+next ``start`` puts it back. A copy is recorded and its recall files settled in one transaction
+after the bytes are in place under their final name, so a file is never delivered twice (files
+read but not yet recorded when killed are read again); events go through the ``Announcer``'s
+outbox, which a survivor flushes when a neighbour is gone.
+
+Several instances (issue 19): any number of recall daemons may share one catalogue (PostgreSQL
+when they run on several nodes; SQLite serves the instances of one node). Each holds an
+``InstanceLease`` (the daemon's resources) and coordinates only through the catalogue, never with
+the others directly:
+
+- a file goes ``staging`` with ``holder`` = this instance, in one conditional statement
+  (``queued`` rows only, and only while our lease stands): two instances never stage one file.
+  Recording it, putting it back, failing it apply to rows this instance holds and clear the
+  holder, so an instance whose lease ran out (its files taken over) records nothing.
+- a cartridge is read by one instance at a time. Decision: a claim row per cartridge
+  (``recall_cartridges``: library, VID, holder), taken with a conditional ``UPDATE`` / ``INSERT``
+  before the mount and deleted after it. Its lifetime is the holder's lease, not a lease of its
+  own: nothing to renew per mount, and a dead instance's cartridges are free the moment its lease
+  runs out. Not the staging rows themselves: between two windows of a mount no row is
+  ``staging``, yet the cartridge is still in our drive and ahead of our head. Not an advisory
+  lock: SQLite has none, and a session lock would tie the claim to a connection of the pool.
+  A pass skips the cartridges other live instances hold (one read, ``cartridges_held``) and
+  claims each mount it starts; a claim lost to a neighbour meanwhile gives the drive back. So
+  the instances share a request's cartridges (each as many drives as ``max_drives`` allows it),
+  and never mount one cartridge twice. The simulated library refuses that too (a cartridge sits
+  in one drive, ``cartridge_in_use``); the claim keeps the catalogue's rows apart whatever the
+  library, and saves the drive a futile claim.
+- a dead instance's ``staging`` files are put back by one survivor (``recall.recover``: one
+  conditional ``UPDATE`` of the rows no live instance holds; two survivors at once each put back
+  other rows, never the same), then planned and read again. A completion is decided once, in the
+  transaction that settles a request's last file (``common.catalogue.recall``).
+- the plan (chosen copies) is shared in the catalogue: for a file with copies on two cartridges,
+  two instances may each write their own choice; either reads it correctly (the staging is what
+  decides who reads), at worst from the cartridge the other would not have chosen.
+
+Without a ``holder`` (the benchmark, tests) the scheduler is the catalogue's only reader: rows
+are staged without a holder (anyone's to put back: ``start`` does) and no cartridge is claimed.
 
 Nothing here needs the broker: the benchmark drives this class with a recording publisher.
 """
@@ -119,8 +152,20 @@ class Scheduler:
         settings: RecallSettings,
         announcer: Announcer,
         staging: Path | None = None,
+        holder: str | None = None,
+        reclaim_interval: float = SWEEP_INTERVAL,
     ) -> None:
         self.catalogue = catalogue
+        # This instance's id (its ``InstanceLease``): the rows it stages and the cartridges it
+        # reads are marked with it. None: a scheduler alone on its catalogue (benchmark, tests).
+        self.holder = holder
+        # How often a pass puts back what dead instances left ``staging`` (``reclaim``): about
+        # half a lease, so a dead neighbour's files wait little more than its lease.
+        self.reclaim_interval = reclaim_interval
+        self._next_reclaim = 0.0
+        self._neighbours: set[str] = set()  # the other live recall instances at the last reclaim
+        # Cartridges whose claim could not be released (catalogue unreachable): retried by passes.
+        self._unreleased: set[CartridgeKey] = set()
         self.libraries = libraries
         self.storages = storages
         # Node-local staging of reads for remote destinations (``delivery``); the daemon passes
@@ -154,11 +199,9 @@ class Scheduler:
 
     # --- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Reclaim what a killed process left: staging rows, staging files, unpublished events,
-        and recalls left ``active`` with nothing to do (``sweep``)."""
-        reclaimed = await self.catalogue.recall.recover()
-        if reclaimed:
-            log.warning("recall_reads_reclaimed", files=reclaimed)
+        """Reclaim what a killed process left: staging rows no live instance holds, staging
+        files, unpublished events, and recalls left ``active`` with nothing to do (``sweep``)."""
+        await self.reclaim()
         for name, storage in self.storages.items():
             age = storage.endpoint.stale_temp_age if isinstance(storage, PosixStorage) else 0.0
             removed = await asyncio.to_thread(delivery.clean_staging, storage, self.staging, age)
@@ -166,6 +209,28 @@ class Scheduler:
                 log.info("recall_staging_cleaned", storage=name, files=removed)
         await self.announcer.flush()
         await self.sweep()
+
+    async def reclaim(self) -> int:
+        """Put back the files dead instances left ``staging`` (``recall.recover``: only rows no
+        live instance holds, each by one survivor); returns how many. The next pass plans them.
+
+        A neighbour gone since the last look (its lease ran out, or it stopped) may have recorded
+        files it never announced (killed between the commit and the publish): the outbox is
+        flushed then, as a restart would (the same message ids: a fact both announce is one).
+        """
+        self._next_reclaim = time.monotonic() + self.reclaim_interval
+        now = utcnow()
+        reclaimed = await self.catalogue.recall.recover(now)
+        if reclaimed:
+            log.warning("recall_reads_reclaimed", files=reclaimed)
+            self._replan = True
+        if self.holder is not None:
+            live = set(await self.catalogue.instances.live_ids(db.DAEMON, now)) - {self.holder}
+            gone, self._neighbours = self._neighbours - live, live
+            if gone:
+                log.info("recall_neighbours_gone", instances=sorted(gone))
+                await self.announcer.flush()
+        return reclaimed
 
     async def sweep(self) -> int:
         """Complete active recalls none of whose files is left to serve; returns how many.
@@ -197,6 +262,8 @@ class Scheduler:
         )  # fmt: skip
 
     async def _pass(self) -> None:
+        if time.monotonic() >= self._next_reclaim:
+            await self.reclaim()
         if time.monotonic() >= self._next_sweep:
             await self.sweep()
         await self.pass_once()
@@ -215,11 +282,21 @@ class Scheduler:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Abandon running mounts (their files go back to ``queued`` at the next start)."""
+        """Abandon running mounts, as a kill would: their files stay ``staging`` (``let_go`` hands
+        them over at a clean stop; else a survivor or the next start puts them back)."""
         tasks = list(self.active.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def let_go(self) -> None:
+        """After ``stop``, at a clean stop of an instance: put its ``staging`` files back and free
+        its cartridges now, rather than when its lease runs out."""
+        if self.holder is None:
+            return
+        returned = await self.catalogue.recall.let_go(self.holder)
+        if returned:
+            log.info("recall_reads_handed_over", files=returned)
 
     async def until_idle(self) -> None:
         """Run passes until nothing is queued or nothing can progress (benchmark, tests)."""
@@ -234,6 +311,8 @@ class Scheduler:
     async def pass_once(self) -> PassResult:
         if self.announcer.behind:
             await self.announcer.flush()
+        if self._unreleased:
+            await self._release_claims()
         self._plan = [m for m in self._plan if m.key not in self.active]
         # Endpoint states are a few rows: read every pass, so an operator's change counts at once.
         self.writable = {e.name for e in await self.catalogue.endpoints.all() if e.state == "online"}
@@ -279,6 +358,11 @@ class Scheduler:
             m for m in self._plan
             if self.retry_at.get(m.key, 0.0) <= now and any(p.size <= space[p.destination] for p in m.files)
         ]  # fmt: skip
+        if ready and self.holder is not None:
+            # Cartridges other live instances read now: not ours to mount (one read, however
+            # many; ``_start_mounts`` still claims each one it starts, atomically).
+            others = await self.catalogue.recall.cartridges_held(utcnow(), self.holder)
+            ready = [m for m in ready if m.key not in others]
         if loaded is None:
             loaded = await self._loaded()
         started = await self._start_mounts(ready, set(loaded))
@@ -358,10 +442,39 @@ class Scheduler:
                 if mount.key in loaded:
                     continue  # busy in its drive (the tape daemon's?): wait for that drive
                 break  # no free drive at all
+            if not await self._claim(mount.key):
+                with contextlib.suppress(Exception):
+                    await library.release_drive(drive)
+                continue  # another instance took the cartridge since ``_start_planned`` looked
             self.heads[mount.key] = 0
             self.active[mount.key] = asyncio.create_task(self._mount(mount, library, drive))
             started.add(mount.key)
         return started
+
+    async def _claim(self, key: CartridgeKey) -> bool:
+        """The cartridge for this instance alone (``recall.claim_cartridge``); always, without a
+        holder. A catalogue error counts as not claimed (logged): the next pass tries again."""
+        if self.holder is None:
+            return True
+        try:
+            return await self.catalogue.recall.claim_cartridge(key[0], key[1], self.holder, utcnow())
+        except Exception as exc:
+            log.warning("recall_cartridge_claim_failed", library=key[0], vid=key[1], error=repr(exc))
+            return False
+
+    async def _release_claims(self) -> None:
+        """Free the claims of cartridges no mount of ours reads now (their release failed)."""
+        assert self.holder is not None
+        for key in list(self._unreleased):
+            if key in self.active:
+                self._unreleased.discard(key)  # claimed again by a running mount: it releases
+                continue
+            try:  # passes alone start mounts, one at a time: nobody claims ``key`` meanwhile
+                await self.catalogue.recall.release_cartridge(key[0], key[1], self.holder)
+            except Exception as exc:
+                log.warning("recall_cartridge_release_failed", library=key[0], vid=key[1], error=repr(exc))
+                return
+            self._unreleased.discard(key)
 
     def _back_off(self, key: CartridgeKey, err: SpoolError) -> None:
         admitted, folded = self._throttle.admit(f"mount:{err.reason}")
@@ -398,12 +511,17 @@ class Scheduler:
                 groups = await self._reserve_window(_by_fseq(window), mount.vid)
                 if not groups:
                     break
+                groups = await self._stage(groups)
+                if not groups:  # taken meanwhile (served from disk), or our lease ran out
+                    break
                 if not mounted:
                     try:
                         if await library.mount(drive, mount.vid, request=f"recall {mount.vid}"):
                             await self._announce_mount(mount.library, drive, mount.vid)
-                    except BaseException:
+                    except BaseException as exc:
                         self._give_back(groups)
+                        if isinstance(exc, Exception):  # not when cancelled: as a kill
+                            await self._put_back([i.key for g in groups for i in g])
                         raise
                     mounted = True
                     log.info("recall_mount", vid=mount.vid, drive=drive, planned=len(mount.files))
@@ -417,6 +535,16 @@ class Scheduler:
         finally:
             with contextlib.suppress(Exception):
                 await library.release_drive(drive)
+            if self.holder is not None:
+                # After the drive (a neighbour given the cartridge finds the drive free), before
+                # the key leaves ``active`` (no pass of ours claims it again meanwhile).
+                try:
+                    await self.catalogue.recall.release_cartridge(key[0], key[1], self.holder)
+                except Exception as exc:
+                    log.warning(
+                        "recall_cartridge_release_failed", library=key[0], vid=key[1], error=repr(exc)
+                    )
+                    self._unreleased.add(key)
             self.active.pop(key, None)
             self.heads.pop(key, None)
             self.joined.discard(key)
@@ -461,6 +589,29 @@ class Scheduler:
         for g in groups:
             self.in_flight[g[0].destination] -= g[0].size
 
+    async def _stage(self, groups: Sequence[Sequence[db.ReadItem]]) -> list[Sequence[db.ReadItem]]:
+        """Mark a window's files ``staging`` under this instance (one statement); the groups
+        (positions) left with a file to read. A file no longer queued (served from disk
+        meanwhile) is not ours to read; none at all when our lease ran out. The room of a group
+        left empty is given back."""
+        keys = [i.key for g in groups for i in g]
+        staged = set(await self.catalogue.recall.set_state(keys, "staging", holder=self.holder, now=utcnow()))
+        if len(staged) == len(keys):
+            return list(groups)
+        kept: list[Sequence[db.ReadItem]] = []
+        for g in groups:
+            mine = [i for i in g if i.key in staged]
+            if mine:
+                kept.append(mine)
+            else:
+                self._give_back([g])
+        self._replan = True  # the queue changed under us: plan from it again
+        return kept
+
+    async def _put_back(self, keys: Sequence[tuple[str, str]], forget_copy: bool = False) -> None:
+        """Our ``staging`` files back to ``queued`` (only rows this instance holds)."""
+        await self.catalogue.recall.set_state(keys, "queued", forget_copy, holder=self.holder)
+
     async def _reserve_room(self, destination: str, size: int, vid: str) -> bool:
         """Backpressure: wait until ``size`` bytes fit the destination and count them as in flight
         (the caller gives them back); False after ``buffer_wait``."""
@@ -482,17 +633,17 @@ class Scheduler:
     ) -> int:
         """Read a window's files in fseq order; returns how many were read (or given up).
 
-        The window's files go ``staging`` in one statement; what was read is recorded and
-        announced together (``_record``) at the end, or every ``record_seconds`` so a long window
-        still reports progress. A file joining the cartridge ahead of the head (``joined``) ends
-        the window early: the unread files go back to ``queued`` and the next window, fetched
-        from the head, holds them and the newcomer in fseq order. On an error, what was read is
-        recorded and the rest put back before the error goes up; a kill leaves rows ``staging``
-        (put back at start) and read files not yet recorded, which are read again then: a file
-        is announced once, in the transaction that records it.
+        The window's files are ``staging`` under this instance (``_stage``); what was read is
+        recorded and announced together (``_record``) at the end, or every ``record_seconds`` so a
+        long window still reports progress. A file joining the cartridge ahead of the head
+        (``joined``) ends the window early: the unread files go back to ``queued`` and the next
+        window, fetched from the head, holds them and the newcomer in fseq order. On an error,
+        what was read is recorded and the rest put back before the error goes up; a kill leaves
+        rows ``staging`` (put back once this instance's lease has run out: ``reclaim``) and read
+        files not yet recorded, which are read again then: a file is announced once, in the
+        transaction that records it.
         """
         staged = [i.key for g in groups for i in g]
-        await self.catalogue.recall.set_state(staged, "staging")
         read: list[tuple[db.Delivery, list[tuple[str, str]]]] = []
         since = time.monotonic()
         n = 0
@@ -516,14 +667,14 @@ class Scheduler:
             try:
                 await self._record(read)
             finally:
-                # Only queued / staging rows move: what was recorded (done) or failed stays so.
-                await self.catalogue.recall.set_state(staged, "queued")
+                # Only our staging rows move: what was recorded (done) or failed stays so.
+                await self._put_back(staged)
             raise
         finally:
             self._give_back(groups[n:])
         await self._record(read)
         if n < len(groups):
-            await self.catalogue.recall.set_state([i.key for g in groups[n:] for i in g], "queued")
+            await self._put_back([i.key for g in groups[n:] for i in g])
         return n
 
     async def _read(
@@ -539,7 +690,7 @@ class Scheduler:
             if err.reason in steps.MEDIA_ERRORS:
                 await self._bad_copy(item, keys, err)
                 return None
-            await self.catalogue.recall.set_state(keys, "queued")
+            await self._put_back(keys)
             raise
         source = f"{item.copy.cartridge}/{item.copy.fseq} ({item.copy.storage})"
         pin_until = utcnow() + timedelta(seconds=self.settings.pin_seconds)
@@ -550,13 +701,11 @@ class Scheduler:
         a copy the reaper is deleting right now puts its files back in the queue."""
         if not read:
             return
-        settled, refused = await self.catalogue.recall.deliver_many([dl for dl, _ in read])
+        settled, refused = await self.catalogue.recall.deliver_many([dl for dl, _ in read], self.holder)
         if refused:
             self._replan = True
             again = set(refused)
-            await self.catalogue.recall.set_state(
-                [k for dl, keys in read if dl.file_id in again for k in keys], "queued"
-            )
+            await self._put_back([k for dl, keys in read if dl.file_id in again for k in keys])
         await self.announcer.publish(settled)
 
     async def _bad_copy(self, item: db.ReadItem, keys: Sequence[tuple[str, str]], err: SpoolError) -> None:
@@ -569,11 +718,11 @@ class Scheduler:
             item.file_id, item.copy.storage, err.reason, err.message
         )
         if others:
-            await self.catalogue.recall.set_state(keys, "queued", True)
+            await self._put_back(keys, forget_copy=True)
             self._replan = True  # another copy to choose
             return
         reason = "checksum_mismatch" if err.reason == "tape_checksum_mismatch" else err.reason
-        settled = await self.catalogue.recall.fail(keys, reason, err.message)
+        settled = await self.catalogue.recall.fail(keys, reason, err.message, self.holder)
         await self.announcer.publish(settled)
 
     async def _delivered(

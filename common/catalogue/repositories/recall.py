@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from common.catalogue import recall as db
 from common.catalogue.repositories import Repository
@@ -14,8 +15,20 @@ class RecallRepository(Repository):
     async def create_recall(self, spec: db.RecallSpec) -> db.Created | None:
         return await self._catalogue.write(db.create_recall, spec)
 
-    async def recover(self) -> int:
-        return await self._catalogue.write(db.recover)
+    async def recover(self, now: datetime | None = None) -> int:
+        return await self._catalogue.write(db.recover, now)
+
+    async def claim_cartridge(self, library: str, vid: str, holder: str, now: datetime) -> bool:
+        return await self._catalogue.write(db.claim_cartridge, library, vid, holder, now)
+
+    async def release_cartridge(self, library: str, vid: str, holder: str) -> None:
+        await self._catalogue.write(db.release_cartridge, library, vid, holder)
+
+    async def cartridges_held(self, now: datetime, but: str | None = None) -> set[tuple[str, str]]:
+        return await self._catalogue.read(db.cartridges_held, now, but)
+
+    async def let_go(self, holder: str) -> int:
+        return await self._catalogue.write(db.let_go, holder)
 
     async def pending(self, limit: int, recall_id: str | None = None) -> list[db.PendingFile]:
         return await self._catalogue.read(db.pending, limit, recall_id)
@@ -31,17 +44,28 @@ class RecallRepository(Repository):
     ) -> list[db.ReadItem]:
         return await self._catalogue.read(db.window_on_cartridge, storages, vid, after, limit)
 
-    async def set_state(self, keys: Sequence[tuple[str, str]], state: str, forget_copy: bool = False) -> None:
-        await self._catalogue.write(db.set_state, keys, state, forget_copy)
+    async def set_state(
+        self,
+        keys: Sequence[tuple[str, str]],
+        state: str,
+        forget_copy: bool = False,
+        holder: str | None = None,
+        now: datetime | None = None,
+    ) -> list[tuple[str, str]]:
+        return await self._catalogue.write(db.set_state, keys, state, forget_copy, holder, now)
 
-    async def deliver(self, dl: db.Delivery) -> db.Settled | None:
-        return await self._catalogue.write(db.deliver, dl)
+    async def deliver(self, dl: db.Delivery, holder: str | None = None) -> db.Settled | None:
+        return await self._catalogue.write(db.deliver, dl, holder)
 
-    async def deliver_many(self, deliveries: Sequence[db.Delivery]) -> tuple[db.Settled, tuple[int, ...]]:
-        return await self._catalogue.write(db.deliver_many, deliveries)
+    async def deliver_many(
+        self, deliveries: Sequence[db.Delivery], holder: str | None = None
+    ) -> tuple[db.Settled, tuple[int, ...]]:
+        return await self._catalogue.write(db.deliver_many, deliveries, holder)
 
-    async def fail(self, keys: Sequence[tuple[str, str]], reason: str, error: str) -> db.Settled:
-        return await self._catalogue.write(db.fail, keys, reason, error)
+    async def fail(
+        self, keys: Sequence[tuple[str, str]], reason: str, error: str, holder: str | None = None
+    ) -> db.Settled:
+        return await self._catalogue.write(db.fail, keys, reason, error, holder)
 
     async def tape_copy_bad(self, file_id: int, storage: str, reason: str, error: str) -> bool:
         return await self._catalogue.write(db.tape_copy_bad, file_id, storage, reason, error)

@@ -9,7 +9,7 @@ makes the probe copy). An endpoint paused before this revision has no ``health_u
 replicator to start resumes it, as before.
 
 Revision ID: 0012
-Revises: 0009
+Revises: 0011
 Create Date: 2026-12-07
 """
 
@@ -23,7 +23,7 @@ MAX_HOLDER = 200
 Ts = sa.DateTime(timezone=True)
 
 revision = "0012"
-down_revision = "0009"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

@@ -124,7 +124,9 @@ def _cluster_up() -> bool:
 
 @pytest.fixture(scope="session")
 def rabbit_cluster() -> Iterator[Cluster]:
-    missing = shutil.which("rabbitmq-server") is None and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
+    missing = (
+        shutil.which("rabbitmq-server") is None and not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()
+    )
     on_ci = os.environ.get("CI") == "true"
     if missing and not on_ci:
         pytest.skip("rabbitmq-server is not installed (apt-get install -y rabbitmq-server)")

@@ -6,6 +6,8 @@ no confirmed message; the killed node, started again, rejoins.
 The failover of the connection alone (which URL is tried after which) is also tested without the
 cluster, against the main broker behind two proxies."""
 
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +26,7 @@ from common.bus.topology import declare_topology, delete_topology
 from common.catalogue import Catalogue
 from common.config import BusSettings, Settings, load_settings
 from common.errors import ConfigError, Retryable
-from tests.cluster_fixtures import Cluster, rabbit_cluster  # noqa: F401  (the fixture)
+from tests.cluster_fixtures import Cluster, rabbit_cluster  # noqa: F401
 from tests.conftest import AMQP_URL, start_daemon, wait_for, write_config
 from tests.tcp_proxy import TcpProxy
 
@@ -66,7 +68,12 @@ def announce(settings: Settings, first: int, n: int) -> list[bytes]:
             "id": f"ev-{i}",
             "source": "test-daq",
             "type": "file.ready",
-            "data": {"path": str(path), "dataset": DATASET, "size": 512, "adler32": f"{zlib.adler32(data):08x}"},
+            "data": {
+                "path": str(path),
+                "dataset": DATASET,
+                "size": 512,
+                "adler32": f"{zlib.adler32(data):08x}",
+            },
         }
         events.append(json.dumps(event).encode())
     return events
@@ -95,7 +102,9 @@ async def registered(settings: Settings) -> int:
         return (await catalogue.queries.counts()).files
 
 
-async def test_quorum_queues_have_a_member_on_each_node(rabbit_cluster: Cluster, tmp_path: Path, tag: str) -> None:
+async def test_quorum_queues_have_a_member_on_each_node(
+    rabbit_cluster: Cluster, tmp_path: Path, tag: str
+) -> None:
     settings = load_settings(cluster_config(tmp_path, tag, rabbit_cluster))
     connection = await connect(settings.bus, name="spool-test-members")
     try:
@@ -158,8 +167,29 @@ async def test_a_daemon_moves_to_a_surviving_node_and_loses_no_confirmed_message
         rabbit_cluster.kill(killed)
         # Published after the kill: only a consumer on a surviving node can take these.
         await publish_confirmed(exchange, second)
-        await wait_for(lambda: _at_least(settings, 300), timeout=90, interval=0.2)
+        try:
+            await wait_for(lambda: _at_least(settings, 300), timeout=90, interval=0.2)
+        except AssertionError:
+            queue = rabbit_cluster.queue(settings.queue("ingest"))
+            shown = {
+                k: queue.get(k)
+                for k in (
+                    "messages",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                    "consumers",
+                    "leader",
+                    "online",
+                    "members",
+                )
+            }
+            raise AssertionError(
+                f"{await registered(settings)} of 300 registered; killed {node}; queue {shown}; "
+                f"connections {rabbit_cluster.connection_nodes('spool-')}\n{log.read_text()[-4000:]}"
+            ) from None
         assert proc.poll() is None, log.read_text()[-3000:]
+        # The management API lists a connection a few seconds after it opened (statistics).
+        await wait_for(lambda: _connected(rabbit_cluster, "spool-ingest", 1), timeout=30, interval=0.5)
         [moved_to] = rabbit_cluster.connection_nodes("spool-ingest")
         assert moved_to != node
         text = log.read_text()
@@ -241,7 +271,7 @@ async def test_a_dead_first_url_is_skipped_and_all_dead_is_one_retryable_naming_
         bus = BusSettings(urls=[dead.url(AMQP_URL), alive.url(AMQP_URL)], connect_timeout=5)
         for _ in range(4):  # whatever the shuffle picks first, the live one is where it lands
             connection = await connect(bus)
-            assert connection.url.port == alive.port
+            assert isinstance(connection, ClusterConnection) and connection.url.port == alive.port
             await connection.close()
         await alive.refuse()
         with pytest.raises(Retryable) as refused:

@@ -93,13 +93,15 @@ async def connect(bus: BusSettings, *, name: str = "spool") -> AbstractRobustCon
             ssl_context=tls.client_context(bus) if tls.is_tls(bus) else None,
         )
         try:
-            await asyncio.wait_for(connection.connect(timeout=bus.connect_timeout), timeout=bus.connect_timeout)
+            await asyncio.wait_for(
+                connection.connect(timeout=bus.connect_timeout), timeout=bus.connect_timeout
+            )
         except CONNECT_ERRORS as exc:
             await _close_quietly(connection)
             failures.append((urls[i], exc))
             continue
-        for url, exc in failures:
-            log.warning("broker_node_unreachable", node=_redact(str(url)), error=_describe(exc))
+        for url, error in failures:
+            log.warning("broker_node_unreachable", node=_redact(str(url)), error=_describe(error))
         return connection
     raise _unreachable(bus, failures)
 

@@ -168,7 +168,7 @@ async def test_a_daemon_moves_to_a_surviving_node_and_loses_no_confirmed_message
         # Published after the kill: only a consumer on a surviving node can take these.
         await publish_confirmed(exchange, second)
         try:
-            await wait_for(lambda: _at_least(settings, 300), timeout=90, interval=0.2)
+            await wait_for(lambda: _at_least(settings, 300), timeout=180, interval=0.2)
         except AssertionError:
             queue = rabbit_cluster.queue(settings.queue("ingest"))
             shown = {

@@ -194,13 +194,14 @@ async def test_a_daemon_moves_to_a_surviving_node_and_loses_no_confirmed_message
         assert moved_to != node
         text = log.read_text()
         assert '"broker_node_lost"' in text and '"broker_reconnected"' in text, text[-3000:]
-        # Once reconnected, its publishes are confirmed: no heartbeat or retry copy refused. (A
-        # channel opened right after the queues' leader died had every publish nacked for the
-        # whole outage: ``NODE_LOSS_SETTLE`` in common.bus.connection.)
+        # Once reconnected, its publishes are confirmed: a channel opened right after the queues'
+        # leader died had every publish nacked for the whole outage (``NODE_LOSS_SETTLE`` in
+        # common.bus.connection): every heartbeat (each 0.5 s) refused, and the handlers' retries
+        # looping (1,540 ``cannot_park_message`` in one run). Only deliveries in flight at the kill
+        # may fail to park their retry: the retry queues are classic queues, on the killed node.
         after = text.split('"broker_reconnected"', 1)[1]
-        assert '"heartbeat_not_published"' not in after and '"cannot_park_message"' not in after, after[
-            -3000:
-        ]
+        assert '"heartbeat_not_published"' not in after, after[-3000:]
+        assert text.count('"cannot_park_message"') <= 64, text[-3000:]  # prefetch = 64
 
         rabbit_cluster.start()  # the killed node comes back and rejoins
         assert rabbit_cluster.running_nodes() == {rabbit_cluster.node(n) for n in (1, 2, 3)}

@@ -291,3 +291,22 @@ async def test_a_dead_first_url_is_skipped_and_all_dead_is_one_retryable_naming_
 
 async def _true(value: Any) -> bool:
     return bool(value)
+
+
+async def test_broker_declare_on_a_cluster_connects_to_its_nodes_as_the_operator(settings: Settings) -> None:
+    from common.cli.broker import _declare
+
+    async with TcpProxy() as a, TcpProxy() as b:
+        await a.refuse()  # one node down: the other declares
+        urls = [a.url(AMQP_URL), b.url(AMQP_URL)]
+        bus = settings.bus.model_copy(update={"urls": urls, "url": urls[0]})
+        cluster_settings = settings.model_copy(update={"bus": bus})
+        await _declare(cluster_settings, urls[0])
+        assert b.connections == 1
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(settings.queue("ingest"), passive=True)  # it exists
+        await delete_topology(channel, settings)
+    finally:
+        await connection.close()

@@ -76,3 +76,30 @@ def test_the_initial_group_size_is_a_queue_argument_only_when_set() -> None:
     settings = Settings(bus=BusSettings(quorum_initial_group_size=3))
     for daemon in ("ingest", "monitor"):
         assert work_queue_arguments(settings, daemon)["x-quorum-initial-group-size"] == 3
+
+
+def test_broker_setup_gives_each_user_every_node_of_a_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.bus.broker_setup import SecretsDir, write_user_files
+    from common.bus.permissions import daemon_grant
+
+    config = tmp_path / "spool.toml"
+    config.write_text(f'[bus]\nurls = ["{N1}", "{N2}"]\n')
+    settings = load_settings(config)
+    secrets = SecretsDir(tmp_path / "secrets")
+    secrets.prepare()
+    grants = [daemon_grant(settings, "ingest")]
+    passwords = write_user_files(settings, grants, secrets)
+    user = grants[0].user
+    key, _, value = secrets.env_file(user).read_text().strip().partition("=")
+    assert key == "SPOOL_BUS__URLS"
+    # What the daemon of that user loads: the file's nodes, with its own credentials.
+    monkeypatch.setenv(key, value.strip("'"))
+    bus = load_settings(config).bus
+    assert [u.split("@")[1] for u in bus.broker_urls()] == [
+        "rabbit1.example:5672/spool",
+        "rabbit2.example:5672/spool",
+    ]
+    assert bus.user == user and bus.url.startswith(f"amqp://{user}:") and user != "spool"
+    assert passwords[user] and "pw@" not in bus.url

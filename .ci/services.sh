@@ -4,7 +4,10 @@
 # `xrootd` installs the XRootD server the remote-storage tests start.
 # Starts a local server that is installed but stopped; installs it with apt when running as root
 # on CI (or with SPOOL_INSTALL_SERVICES=1); otherwise says exactly how to get one. Waits until the
-# port answers. Usage: .ci/services.sh rabbitmq [postgres] [chromium] [xrootd]
+# port answers. Usage: .ci/services.sh rabbitmq [postgres] [chromium] [xrootd] [rabbitmq-cluster]
+# `rabbitmq-cluster` is a three-node cluster beside the main broker (.ci/rabbitmq-cluster.sh: nodes
+# spool-c1..3@localhost on 127.0.0.1:5681-5683); `.ci/services.sh stop rabbitmq-cluster` stops it
+# and deletes its data. Nothing here ever stops the main broker.
 set -u
 
 port_open() { timeout 1 bash -c "</dev/tcp/127.0.0.1/$1" 2>/dev/null; }
@@ -147,6 +150,31 @@ clean_rabbitmq_leftovers() {
   python3 "$(dirname "$0")/../tests/broker_cleanup.py" --leftovers || true
 }
 
+ensure_rabbitmq_cluster() {
+  if ! command -v rabbitmq-server >/dev/null; then
+    if may_install; then
+      echo "services: installing rabbitmq-server"
+      apt_install rabbitmq-server || return 1
+    else
+      echo "services: rabbitmq-server is not installed: sudo apt-get install -y rabbitmq-server" >&2
+      return 1
+    fi
+  fi
+  bash "$(dirname "$0")/rabbitmq-cluster.sh" start
+}
+
+if [ "${1:-}" = stop ]; then
+  shift
+  status=0
+  for svc in "$@"; do
+    case "$svc" in
+      rabbitmq-cluster) bash "$(dirname "$0")/rabbitmq-cluster.sh" stop || status=1 ;;
+      *) echo "services: only rabbitmq-cluster is stopped from here, not $svc" >&2; status=1 ;;
+    esac
+  done
+  exit $status
+fi
+
 status=0
 for svc in "$@"; do
   case "$svc" in
@@ -155,6 +183,7 @@ for svc in "$@"; do
     postgres) ensure_postgres || status=1 ;;
     chromium) ensure_chromium || status=1 ;;
     xrootd) ensure_xrootd || status=1 ;;
+    rabbitmq-cluster) ensure_rabbitmq_cluster || status=1 ;;
     *) echo "services: unknown service $svc" >&2; status=1 ;;
   esac
 done

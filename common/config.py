@@ -17,7 +17,7 @@ import re
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -50,6 +51,19 @@ class _Strict(BaseModel):
 
 class BusSettings(_Strict):
     url: str = "amqp://guest:guest@localhost:5672/"
+    # A RabbitMQ cluster: one URL per node, which may differ only in host and port (one user,
+    # vhost and scheme: the nodes share them). Empty: ``url`` is the only broker; given: ``url`` is
+    # its first entry (management API, broker setup). ``common.bus.connection`` tries them in a
+    # per-process shuffled order and moves to the next when its node goes. From the environment
+    # as a comma-separated list or JSON: ``SPOOL_BUS__URLS=amqp://u:p@n1:5672/,amqp://u:p@n2:5672/``.
+    urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Replicas of each work queue (a quorum queue) when it is first declared: RabbitMQ's
+    # ``x-quorum-initial-group-size``. None: the argument is not sent and the broker's default
+    # applies (``quorum_cluster_size``, 3 nodes, or fewer in a smaller cluster). Existing queues
+    # keep their members and their arguments: changing this on a running deployment makes the
+    # redeclaration fail (``common.bus.topology``); grow existing queues with
+    # ``rabbitmq-queues grow <node> all`` instead.
+    quorum_initial_group_size: int | None = Field(default=None, ge=1)
     exchange: str = "spool"
     # Work queues are "<queue_prefix>.<daemon>"; tests use a unique prefix (and exchange) each.
     queue_prefix: str = "spool"
@@ -78,10 +92,58 @@ class BusSettings(_Strict):
     tls_key: Path | None = None
     tls_check_hostname: bool = True
 
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _urls_from_text(cls, v: Any) -> Any:
+        """The environment's form: ``a,b,c`` or a JSON list."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list of URLs: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> BusSettings:
+        """``urls``: the nodes of one cluster, ``url`` its first (or refused when it names another)."""
+        if not self.urls:
+            return self
+        from urllib.parse import urlsplit
+
+        if "url" in self.model_fields_set and self.url not in self.urls:
+            raise ValueError("url and urls both set and url is not one of urls: give the nodes in urls only")
+        first = urlsplit(self.urls[0])
+        seen: set[str] = set()
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(f"urls: {_redacted(url)} is not an amqp:// or amqps:// URL with a host")
+            same = (parts.scheme, parts.username, parts.password, parts.path, parts.query)
+            if same != (first.scheme, first.username, first.password, first.path, first.query):
+                raise ValueError(
+                    f"urls: {_redacted(url)} differs from {_redacted(self.urls[0])} in more than host and "
+                    "port (scheme, user, password, vhost and options are the cluster's, one for all nodes)"
+                )
+            if parts.netloc.lower() in seen:
+                raise ValueError(f"urls: {_redacted(url)} is given twice")
+            seen.add(parts.netloc.lower())
+        self.url = self.urls[0]
+        return self
+
+    def broker_urls(self) -> list[str]:
+        """Every node to connect to: ``urls``, or ``url`` alone."""
+        return list(self.urls) or [self.url]
+
     @model_validator(mode="after")
     def _tls_needs_amqps(self) -> BusSettings:
         from urllib.parse import parse_qs, urlsplit
 
+        # ``url`` is ``urls[0]`` by now, and every entry of ``urls`` has its scheme and query.
         parts = urlsplit(self.url)
         given = [k for k in ("tls_ca", "tls_cert", "tls_key") if getattr(self, k) is not None]
         if given and parts.scheme != "amqps":
@@ -114,6 +176,16 @@ class BusSettings(_Strict):
         if not v or any(t <= 0 for t in v):
             raise ValueError("retry_tiers must be a non-empty list of positive seconds")
         return v
+
+
+def _redacted(url: str) -> str:
+    """A URL for an error message, without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 _PG_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")

@@ -59,7 +59,7 @@ def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
 # using one, directly or through another fixture, is an integration test whatever its module says,
 # so `make unit` (``-m "not integration"``) never needs a service. The PostgreSQL half of the
 # catalogue tests is marked where it is parametrised (tests/catalogue_fixtures.py).
-SERVICE_FIXTURES = frozenset({"broker", "xrootd_server", "tls_postgres"})
+SERVICE_FIXTURES = frozenset({"broker", "xrootd_server", "tls_postgres", "rabbit_cluster"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the marks

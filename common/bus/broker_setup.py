@@ -102,8 +102,12 @@ def write_user_files(settings: Settings, grants: Sequence[Grant], secrets_dir: S
     for grant in grants:
         password = secrets_dir.password(grant.user)
         passwords[grant.user] = password
-        url = url_for(settings.bus.url, grant.user, password)
-        secrets_dir.write_private(secrets_dir.env_file(grant.user), f"SPOOL_BUS__URL='{url}'\n")
+        if settings.bus.urls:  # a cluster: every node, with this user's credentials
+            urls = ",".join(url_for(u, grant.user, password) for u in settings.bus.urls)
+            line = f"SPOOL_BUS__URLS='{urls}'\n"
+        else:
+            line = f"SPOOL_BUS__URL='{url_for(settings.bus.url, grant.user, password)}'\n"
+        secrets_dir.write_private(secrets_dir.env_file(grant.user), line)
     return passwords
 
 

@@ -8,7 +8,8 @@ Per daemon ``d`` (``p`` = ``bus.queue_prefix``):
 
 - ``p.d``         quorum work queue bound to the daemon's routing keys; ``x-delivery-limit`` is the
                   safety net for a process that dies holding a message (it then dead-letters into
-                  ``p.d.dead``), never the retry policy;
+                  ``p.d.dead``), never the retry policy; on a cluster its members (replicas) are
+                  ``bus.quorum_initial_group_size`` nodes, or the broker's default (3) when unset;
 - ``p.d.retry.N`` one classic delay queue per tier with a fixed ``x-message-ttl``; expired messages
                   dead-letter back into ``p.d`` through the default exchange, so only ``d`` sees a
                   retry (re-publishing on ``spool`` would also wake every other binding);
@@ -47,6 +48,10 @@ def work_queue_arguments(settings: Settings, daemon: str) -> dict[str, Any]:
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": settings.dead_queue(daemon),
     }
+    # Only when set: a queue declared before the setting existed has no such argument, and RabbitMQ
+    # refuses a redeclaration whose arguments differ (PRECONDITION_FAILED, ``ConfigError`` below).
+    if settings.bus.quorum_initial_group_size is not None:
+        args["x-quorum-initial-group-size"] = settings.bus.quorum_initial_group_size
     if daemon == "monitor":
         args["x-max-length"] = MONITOR_MAX_LENGTH
         args["x-overflow"] = "drop-head"

@@ -117,7 +117,15 @@ def _with_admin(endpoint: ManagementEndpoint, user: str, password_file: Path | N
 
 async def _declare(settings: Settings, url: str) -> None:
     """Declare the exchange and every daemon's queues (as ``url``'s user: the operator)."""
-    bus = BusSettings.model_validate({**settings.bus.model_dump(), "url": url})
+    given = {**settings.bus.model_dump(), "url": url}
+    if settings.bus.urls:  # a cluster: every node, as url's user
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(url)
+        user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+        del given["url"]
+        given["urls"] = [url_for(u, user, password) for u in settings.bus.urls]
+    bus = BusSettings.model_validate(given)
     connection = await connect(bus, name="spool-broker-setup")
     try:
         channel = await connection.channel()

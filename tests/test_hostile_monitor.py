@@ -169,12 +169,22 @@ def test_a_heartbeat_with_a_number_out_of_range_is_not_believed(monitor, field, 
         {"handling": {"buckets": list(range(1, 1000)), "counts": [0] * 1000, "sum": 1.0}},
         {"queue": 7},
         {"queue": "q" * 100_000},
+        {"oldest_delivery": ["file.ready", 3]},
+        {"oldest_delivery": {"seconds": -1, "what": "x"}},
+        {"oldest_delivery": {"seconds": float("nan"), "what": "x"}},
+        {"oldest_delivery": {"seconds": float("inf"), "what": "x"}},
+        {"oldest_delivery": {"seconds": "600", "what": "x"}},
+        {"oldest_delivery": {"seconds": True, "what": "x"}},
+        {"oldest_delivery": {"seconds": 5, "what": 7}},
+        {"oldest_delivery": {"seconds": 5}},
+        {"oldest_delivery": {"seconds": 5, "what": "w" * 100_000}},
+        {"oldest_delivery": {"seconds": 5, "what": "\udcff lone surrogate"}},
     ],
     ids=lambda d: json.dumps(d)[:60],
 )
 def test_a_heartbeat_with_malformed_details_is_refused_whole(monitor, details):
     outcome = monitor.feed("daemon.heartbeat", _beat(details=details))
-    assert not_believed(outcome, "number_out_of_range", "invalid_details", "field_too_long")
+    assert not_believed(outcome, "number_out_of_range", "invalid_details", "field_too_long", "invalid_text")
     assert not monitor.state.instances
     monitor.still_answering_and_counting()
 

@@ -4,7 +4,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
 
     await catalogue.ingest.register(records)        # ingest's batches
     await catalogue.replication.plan_copies(...)    # rules, locks, copies, reaping
-    await catalogue.tape.take_batch(ids, vid)       # the tape queue and cartridges
+    await catalogue.tape.take_batch(ids, vid, holder=me)  # the tape queue and cartridges
     await catalogue.recall.assign(plan)             # recall requests and their files
     await catalogue.outbox.add(events)              # events waiting for the relay
     await catalogue.endpoints.set_health(...)       # storage endpoints, state and health

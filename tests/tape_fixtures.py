@@ -4,17 +4,20 @@ helpers reading what the catalogue and the library say about tape copies."""
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import msgpack
 from sqlalchemy import Connection, select
 
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, IngestRecord
 from common.catalogue import schema as s
 from common.config import Settings
 from common.tape import open_library
 from tests.replication_fixtures import replication_config
+from tests.storage_fixtures import adler
 
 # 2 drives, pools of 3 cartridges (raw, vault) + 2 scratch, 100 kB tapes, no sleeping.
 LIBRARY = (
@@ -114,3 +117,22 @@ async def drain(queue: Any) -> list[tuple[str, dict[str, Any]]]:
 def as_json(result: Any) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+async def queue_for_tape(settings: Settings, catalogue: Catalogue, sizes: list[int]) -> dict[str, bytes]:
+    """Files on disk1, registered and queued for tape1 (what ingest and the handler do)."""
+    root = settings.storage["disk1"].root
+    files = {f"night/f{i:03d}.fits": os.urandom(size) for i, size in enumerate(sizes)}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    await catalogue.ingest.register(
+        [
+            IngestRecord(event_id=uuid.uuid4().hex, name=n, dataset="lst1.20261207.run000001.dl0",
+                         size=len(d), adler32=adler(d), storage="disk1", pfn=n)
+            for n, d in files.items()
+        ]
+    )  # fmt: skip
+    for name in files:
+        await catalogue.tape.ensure_queued(name, "tape1", 3)
+    return files

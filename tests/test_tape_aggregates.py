@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, select
 
 from common.bus.publisher import RecordingPublisher
-from common.catalogue import Catalogue, IngestRecord
+from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.catalogue.recall import ReadItem, TapeCopy
 from common.config import Settings, TapeSettings, load_settings
@@ -34,7 +33,7 @@ from daemons.tape.writer import Env
 from tests.conftest import running, start_daemon, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.storage_fixtures import adler
-from tests.tape_fixtures import AGGREGATING, HOLDER, LIBRARY, tape_config
+from tests.tape_fixtures import AGGREGATING, HOLDER, LIBRARY, queue_for_tape, tape_config
 
 HOSTILE = [
     "../../etc/passwd",
@@ -278,25 +277,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await catalogue.close()
 
 
-async def _queue(settings: Settings, catalogue: Catalogue, sizes: list[int]) -> dict[str, bytes]:
-    """Files on disk1, registered and queued for tape1 (what ingest and the handler do)."""
-    root = settings.storage["disk1"].root
-    files = {f"night/f{i:03d}.fits": os.urandom(size) for i, size in enumerate(sizes)}
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    await catalogue.ingest.register(
-        [
-            IngestRecord(event_id=uuid.uuid4().hex, name=n, dataset="lst1.20261207.run000001.dl0",
-                         size=len(d), adler32=adler(d), storage="disk1", pfn=n)
-            for n, d in files.items()
-        ]
-    )  # fmt: skip
-    for name in files:
-        await catalogue.tape.ensure_queued(name, "tape1", 3)
-    return files
-
-
 def _tape_rows(conn: Connection) -> dict[str, tuple[str, str | None, int | None, int | None]]:
     f, r, ep = s.files, s.replicas, s.storage_endpoints
     stmt = (
@@ -323,7 +303,7 @@ async def test_a_batch_of_small_files_goes_to_tape_as_aggregates_of_one_tape_fil
 ) -> None:
     settings, catalogue, env, library = harness
     # 7 small files (5 an aggregate at most), a large one (written as a plain file), 2 small ones.
-    files = await _queue(settings, catalogue, [3000] * 7 + [20_000] + [3000] * 2)
+    files = await queue_for_tape(settings, catalogue, [3000] * 7 + [20_000] + [3000] * 2)
     target = steps.targets(settings.storage)["tape1"]
     assert await writer.run_batch(env, target, library, "test") == 10
     rows = await catalogue.read(_tape_rows)
@@ -356,7 +336,7 @@ async def test_a_batch_of_small_files_goes_to_tape_as_aggregates_of_one_tape_fil
 
 async def test_a_bad_member_fails_alone_and_the_rest_of_its_aggregate_is_written(harness: Harness) -> None:
     settings, catalogue, env, library = harness
-    files = await _queue(settings, catalogue, [3000] * 4)
+    files = await queue_for_tape(settings, catalogue, [3000] * 4)
     bad = "night/f001.fits"
     disk = settings.storage["disk1"].root / bad
     disk.write_bytes(b"\0" + files[bad][1:])  # corrupt on disk: same size, other checksum
@@ -380,7 +360,7 @@ async def test_an_aggregate_not_flushed_is_lost_whole_and_one_flushed_but_not_re
     (its members go back to the queue); one flushed whose records never came is found in the
     cartridge's list of files, each member at the aggregate's fseq and its own offset."""
     settings, catalogue, env, library = harness
-    files = await _queue(settings, catalogue, [3000] * 6)
+    files = await queue_for_tape(settings, catalogue, [3000] * 6)
     names = sorted(files)
     head = await catalogue.tape.queue_head("tape1", 100)
     batch = await catalogue.tape.take_batch([c.replica_id for c in head], "A00001", holder=HOLDER)

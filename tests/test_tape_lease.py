@@ -4,8 +4,6 @@ had not flushed is dropped from the cartridge, its copies go back to the queue."
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 from sqlalchemy import Connection, select
 
 from common.bus.publisher import RecordingPublisher
-from common.catalogue import Catalogue, IngestRecord
+from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.catalogue.sql import utcnow
 from common.config import Settings, load_settings
@@ -26,8 +24,7 @@ from common.tape import SimulatedLibrary, TapeLibrary
 from daemons.relay import OutboxRelay
 from daemons.tape import steps, writer
 from daemons.tape.writer import Env
-from tests.storage_fixtures import adler
-from tests.tape_fixtures import POLICY, tape_config
+from tests.tape_fixtures import POLICY, queue_for_tape, tape_config
 
 
 class _LeaseRunsLow:
@@ -85,20 +82,7 @@ def _copies(conn: Connection) -> dict[str, tuple[str, str | None]]:
 
 async def test_a_batch_whose_lease_runs_low_stops_drops_its_unflushed_files_and_requeues(setting) -> None:  # type: ignore[no-untyped-def]
     settings, catalogue, env, library = setting
-    root = settings.storage["disk1"].root
-    files = {f"night/f{i}.fits": os.urandom(3000) for i in range(6)}
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    await catalogue.ingest.register(
-        [
-            IngestRecord(event_id=uuid.uuid4().hex, name=n, dataset="lst1.20261207.run000001.dl0",
-                         size=len(d), adler32=adler(d), storage="disk1", pfn=n)
-            for n, d in files.items()
-        ]
-    )  # fmt: skip
-    for name in files:
-        await catalogue.tape.ensure_queued(name, "tape1", 3)
+    files = await queue_for_tape(settings, catalogue, [3000] * 6)
     target = steps.targets(settings.storage)["tape1"]
     # Flushes every 3 files: the first three are made durable and recorded; the lease runs low
     # after the fifth write, so the fifth and fourth are never flushed and the sixth never written.

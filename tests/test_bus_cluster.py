@@ -27,7 +27,7 @@ from common.catalogue import Catalogue
 from common.config import BusSettings, Settings, load_settings
 from common.errors import ConfigError, Retryable
 from tests.cluster_fixtures import Cluster, rabbit_cluster  # noqa: F401
-from tests.conftest import AMQP_URL, start_daemon, wait_for, write_config
+from tests.conftest import AMQP_URL, cloudevent, start_daemon, wait_for, write_config
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -63,19 +63,8 @@ def announce(settings: Settings, first: int, n: int) -> list[bytes]:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = rng.randbytes(512)
         path.write_bytes(data)
-        event = {
-            "specversion": "1.0",
-            "id": f"ev-{i}",
-            "source": "test-daq",
-            "type": "file.ready",
-            "data": {
-                "path": str(path),
-                "dataset": DATASET,
-                "size": 512,
-                "adler32": f"{zlib.adler32(data):08x}",
-            },
-        }
-        events.append(json.dumps(event).encode())
+        data_ = {"path": str(path), "dataset": DATASET, "size": 512, "adler32": f"{zlib.adler32(data):08x}"}
+        events.append(cloudevent(data_, id_=f"ev-{i}"))
     return events
 
 

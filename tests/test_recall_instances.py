@@ -14,11 +14,10 @@ import asyncio
 import os
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Connection, select
 
 from common.bus.publisher import RecordingPublisher
@@ -35,20 +34,11 @@ from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 from tests.conftest import wait_for
+from tests.race_fixtures import second  # noqa: F401
 from tests.test_recall_scheduler import SIZE, _archive, _endpoints
 
 LIB = "lib"
 PIN = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def second(catalogue_url: str, catalogue: Catalogue) -> AsyncIterator[Catalogue]:
-    """Another engine on the same catalogue, as a second recall process holds."""
-    cat = await Catalogue.open(catalogue_url)
-    try:
-        yield cat
-    finally:
-        await cat.close()
 
 
 async def instance(cat: Catalogue, name: str, seconds: float = 60.0) -> str:

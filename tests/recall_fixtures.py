@@ -19,7 +19,7 @@ from sqlalchemy import Connection, select
 from common.catalogue import Catalogue, IngestRecord
 from common.catalogue import recall as db
 from common.catalogue import schema as s
-from common.config import Settings, load_settings
+from common.config import Settings, StorageEndpoint, load_settings
 from common.tape import SimulatedLibrary
 from tests.replication_fixtures import replication_config
 from tests.storage_fixtures import adler
@@ -219,3 +219,39 @@ async def recalled_history(settings: Settings, name: str) -> int:
     """``file.recalled`` rows in the file's history (one per delivery to a request)."""
     async with await Catalogue.open(settings.catalogue.url) as cat:
         return sum(e.type == "file.recalled" for e in await cat.queries.history(name))
+
+
+# --- the scheduler tests' rig (tests/test_recall_scheduler.py, tests/test_recall_instances.py) ---
+SIZE = 2000
+
+
+async def archive_on_tape(
+    tmp_path: Path, cat: Catalogue, lib: SimulatedLibrary, layout: dict[str, int]
+) -> None:
+    """``layout``: vid -> number of files, named ``<vid>/<fseq>``; only their tape copy is left."""
+    source = tmp_path / "source"
+    for vid, n in layout.items():
+        await lib.mount("DR01", vid)
+        for fseq in range(1, n + 1):
+            name = f"{vid}/{fseq}"
+            data = os.urandom(SIZE)
+            source.write_bytes(data)
+            checksum = adler(data)
+            assert await lib.write("DR01", source, name, SIZE, checksum) == fseq
+            await cat.ingest.register(
+                [IngestRecord(event_id=name, name=name, dataset="lst1.20261124.run000001.dl0", size=SIZE,
+                              adler32=checksum, storage="landing", pfn=name)]
+            )  # fmt: skip
+            await cat.replication.set_replica(name=name, storage="landing", pfn=name, state="deleted")
+            await cat.replication.set_replica(
+                name=name, storage="tape1", pfn=name, state="available", cartridge=vid, fseq=fseq
+            )
+    await lib.unmount("DR01")
+
+
+def recall_endpoints(tmp_path: Path) -> dict[str, StorageEndpoint]:
+    return {
+        "landing": StorageEndpoint(root=tmp_path / "landing"),
+        "buffer": StorageEndpoint(root=tmp_path / "buffer"),
+        "tape1": StorageEndpoint(kind="tape", backend="simulated", library="lib"),
+    }

@@ -35,7 +35,7 @@ from daemons.recall.scheduler import Scheduler
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 from tests.conftest import wait_for
 from tests.race_fixtures import second  # noqa: F401
-from tests.test_recall_scheduler import SIZE, _archive, _endpoints
+from tests.recall_fixtures import SIZE, archive_on_tape, recall_endpoints
 
 LIB = "lib"
 PIN = datetime(2030, 1, 1, tzinfo=UTC)
@@ -321,7 +321,7 @@ async def test_two_schedulers_share_a_request_on_one_library_and_read_each_file_
 ) -> None:
     """The scheduler itself, twice, on either backend: two instances (a catalogue engine, a library
     session and a lease row each, one drive each) share a request's cartridges."""
-    endpoints = _endpoints(tmp_path)
+    endpoints = recall_endpoints(tmp_path)
     await catalogue.endpoints.sync(endpoints)
     timing = TapeTiming(mount_seconds=0, unmount_seconds=0, locate_average_seconds=0, read_rate=SIZE / 0.05)
     config = SimulatedLibraryConfig(
@@ -330,7 +330,7 @@ async def test_two_schedulers_share_a_request_on_one_library_and_read_each_file_
     )  # fmt: skip
     layout = {f"A0000{n}": 4 for n in range(1, 5)}
     async with await SimulatedLibrary.open(config) as lib:
-        await _archive(tmp_path, catalogue, lib, layout)
+        await archive_on_tape(tmp_path, catalogue, lib, layout)
     names = [f"{vid}/{n}" for vid, count in layout.items() for n in range(1, count + 1)]
     reading: dict[tuple[str, str], str] = {}  # cartridge -> the instance reading it now
     read_by: dict[str, set[str]] = defaultdict(set)  # instance -> cartridges it read

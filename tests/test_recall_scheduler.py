@@ -5,7 +5,6 @@ mounts."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ import pytest
 from sqlalchemy import event
 
 from common.bus.publisher import RecordingPublisher
-from common.catalogue import Catalogue, IngestRecord
+from common.catalogue import Catalogue
 from common.catalogue import recall as db
-from common.config import RecallSettings, StorageEndpoint
+from common.config import RecallSettings
 from common.messages import FileRecalled, RecallCompleted
 from common.storage import PosixStorage
 from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeLibrary, TapeTiming
@@ -26,9 +25,7 @@ from daemons.recall.announce import Announcer
 from daemons.recall.scheduler import Scheduler
 from daemons.recall.steps import CartridgeKey
 from tests.conftest import wait_for
-from tests.storage_fixtures import adler
-
-SIZE = 2000
+from tests.recall_fixtures import SIZE, archive_on_tape, recall_endpoints
 
 
 @dataclass
@@ -50,39 +47,9 @@ class Rig:
         return [m.request_id for m in self.publisher.of_type(RecallCompleted)]
 
 
-async def _archive(tmp_path: Path, cat: Catalogue, lib: SimulatedLibrary, layout: dict[str, int]) -> None:
-    """``layout``: vid -> number of files, named ``<vid>/<fseq>``; only their tape copy is left."""
-    source = tmp_path / "source"
-    for vid, n in layout.items():
-        await lib.mount("DR01", vid)
-        for fseq in range(1, n + 1):
-            name = f"{vid}/{fseq}"
-            data = os.urandom(SIZE)
-            source.write_bytes(data)
-            checksum = adler(data)
-            assert await lib.write("DR01", source, name, SIZE, checksum) == fseq
-            await cat.ingest.register(
-                [IngestRecord(event_id=name, name=name, dataset="lst1.20261124.run000001.dl0", size=SIZE,
-                              adler32=checksum, storage="landing", pfn=name)]
-            )  # fmt: skip
-            await cat.replication.set_replica(name=name, storage="landing", pfn=name, state="deleted")
-            await cat.replication.set_replica(
-                name=name, storage="tape1", pfn=name, state="available", cartridge=vid, fseq=fseq
-            )
-    await lib.unmount("DR01")
-
-
-def _endpoints(tmp_path: Path) -> dict[str, StorageEndpoint]:
-    return {
-        "landing": StorageEndpoint(root=tmp_path / "landing"),
-        "buffer": StorageEndpoint(root=tmp_path / "buffer"),
-        "tape1": StorageEndpoint(kind="tape", backend="simulated", library="lib"),
-    }
-
-
 @asynccontextmanager
 async def _rig(tmp_path: Path, layout: dict[str, int], read_seconds: float) -> AsyncIterator[Rig]:
-    endpoints = _endpoints(tmp_path)
+    endpoints = recall_endpoints(tmp_path)
     # One drive; a read takes ``read_seconds`` of real time (late requests have time to arrive),
     # mounts none.
     timing = TapeTiming(
@@ -95,7 +62,7 @@ async def _rig(tmp_path: Path, layout: dict[str, int], read_seconds: float) -> A
     cat = await Catalogue.open(f"sqlite+aiosqlite:///{tmp_path}/catalogue.db")
     await cat.endpoints.sync(endpoints)
     lib = await SimulatedLibrary.open(config)
-    await _archive(tmp_path, cat, lib, layout)
+    await archive_on_tape(tmp_path, cat, lib, layout)
     await lib.close()
     lib = await SimulatedLibrary.open(config.model_copy(update={"time_scale": 1.0 if read_seconds else 0.0}))
     storage = PosixStorage("buffer", endpoints["buffer"])
@@ -258,7 +225,7 @@ async def test_a_mount_stopped_mid_window_then_restarted_delivers_every_file_onc
 
         again = Scheduler(
             catalogue=rig.catalogue, libraries={"lib": rig.library},
-            storages=rig.scheduler.storages, endpoints=_endpoints(tmp_path),
+            storages=rig.scheduler.storages, endpoints=recall_endpoints(tmp_path),
             settings=rig.scheduler.settings, announcer=Announcer(rig.catalogue, rig.publisher),
         )  # fmt: skip
         await again.start()

@@ -27,7 +27,7 @@ demo: venv services
 
 test: venv
 	bash .ci/services.sh rabbitmq postgres chromium xrootd
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=20
 
 unit: venv
 	$(VENV)/bin/pytest -q -m "not integration"

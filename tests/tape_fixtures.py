@@ -6,16 +6,23 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgpack
 from sqlalchemy import Connection, select
 
+from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue, IngestRecord
 from common.catalogue import schema as s
 from common.config import Settings
-from common.tape import open_library
+from common.instance import InstanceLease
+from common.storage import open_storage
+from common.tape import SimulatedLibrary, open_library
+from daemons.relay import OutboxRelay
+from daemons.tape.writer import Env
 from tests.replication_fixtures import replication_config
 from tests.storage_fixtures import adler
 
@@ -136,3 +143,26 @@ async def queue_for_tape(settings: Settings, catalogue: Catalogue, sizes: list[i
     for name in files:
         await catalogue.tape.ensure_queued(name, "tape1", 3)
     return files
+
+
+@asynccontextmanager
+async def writer_harness(
+    settings: Settings, staging: Path, on_lost: Callable[[], None] | None = None
+) -> AsyncIterator[tuple[Catalogue, Env, SimulatedLibrary]]:
+    """What the tape writer runs with, without the daemon: the catalogue, an instance lease, the
+    disk endpoints, the library and a recording relay (``daemons.tape.writer.Env``)."""
+    catalogue = await Catalogue.open(settings.catalogue.url)
+    await catalogue.endpoints.sync(settings.storage)
+    library = await SimulatedLibrary.open(settings.tape_libraries["default"])
+    storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
+    lease = InstanceLease(catalogue, "tape", "test", 30.0, **({"on_lost": on_lost} if on_lost else {}))
+    await lease.start()
+    env = Env(settings, catalogue, OutboxRelay(catalogue, RecordingPublisher()), storages, staging, lease)
+    try:
+        yield catalogue, env, library
+    finally:
+        await lease.stop()
+        for storage in storages.values():
+            await storage.aclose()
+        await library.close()
+        await catalogue.close()

@@ -16,24 +16,21 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import Connection, select
 
-from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.catalogue.recall import ReadItem, TapeCopy
 from common.config import Settings, TapeSettings, load_settings
 from common.errors import Permanent, SpoolError
-from common.instance import InstanceLease
-from common.storage import PosixStorage, open_storage
+from common.storage import PosixStorage
 from common.tape import SimulatedLibrary, SimulatedLibraryConfig, TapeChecksumMismatch, TapeMember, aggregate
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall import delivery
-from daemons.relay import OutboxRelay
 from daemons.tape import reconcile, steps, writer
 from daemons.tape.writer import Env
 from tests.conftest import running, start_daemon, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
 from tests.storage_fixtures import adler
-from tests.tape_fixtures import AGGREGATING, HOLDER, LIBRARY, queue_for_tape, tape_config
+from tests.tape_fixtures import AGGREGATING, HOLDER, LIBRARY, queue_for_tape, tape_config, writer_harness
 
 HOSTILE = [
     "../../etc/passwd",
@@ -259,22 +256,8 @@ Harness = tuple[Settings, Catalogue, Env, SimulatedLibrary]
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     settings = load_settings(tape_config(tmp_path, "agg", policy=AGGREGATING + "\naggregate_max_files = 5"))
-    catalogue = await Catalogue.open(settings.catalogue.url)
-    await catalogue.endpoints.sync(settings.storage)
-    library = await SimulatedLibrary.open(settings.tape_libraries["default"])
-    storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
-    lease = InstanceLease(catalogue, "tape", "test", 30.0)
-    await lease.start()
-    relay = OutboxRelay(catalogue, RecordingPublisher())
-    env = Env(settings, catalogue, relay, storages, tmp_path / "staging", lease)
-    try:
+    async with writer_harness(settings, tmp_path / "staging") as (catalogue, env, library):
         yield settings, catalogue, env, library
-    finally:
-        await lease.stop()
-        for storage in storages.values():
-            await storage.aclose()
-        await library.close()
-        await catalogue.close()
 
 
 def _tape_rows(conn: Connection) -> dict[str, tuple[str, str | None, int | None, int | None]]:

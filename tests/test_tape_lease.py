@@ -12,19 +12,16 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, select
 
-from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.catalogue.sql import utcnow
 from common.config import Settings, load_settings
 from common.errors import Retryable
 from common.instance import InstanceLease
-from common.storage import open_storage
 from common.tape import SimulatedLibrary, TapeLibrary
-from daemons.relay import OutboxRelay
 from daemons.tape import steps, writer
 from daemons.tape.writer import Env
-from tests.tape_fixtures import POLICY, queue_for_tape, tape_config
+from tests.tape_fixtures import POLICY, queue_for_tape, tape_config, writer_harness
 
 
 class _LeaseRunsLow:
@@ -50,23 +47,8 @@ class _LeaseRunsLow:
 @pytest.fixture
 async def setting(tmp_path: Path) -> AsyncIterator[tuple[Settings, Catalogue, Env, SimulatedLibrary]]:
     settings = load_settings(tape_config(tmp_path, "lease", policy=POLICY + "\nflush_files = 3"))
-    catalogue = await Catalogue.open(settings.catalogue.url)
-    await catalogue.endpoints.sync(settings.storage)
-    library = await SimulatedLibrary.open(settings.tape_libraries["default"])
-    storages = {n: open_storage(n, e) for n, e in settings.storage.items() if e.kind == "disk"}
-    lease = InstanceLease(catalogue, "tape", "test", 30.0, on_lost=lambda: None)
-    await lease.start()
-    env = Env(
-        settings, catalogue, OutboxRelay(catalogue, RecordingPublisher()), storages, tmp_path / "st", lease
-    )
-    try:
+    async with writer_harness(settings, tmp_path / "st", on_lost=lambda: None) as (catalogue, env, library):
         yield settings, catalogue, env, library
-    finally:
-        await lease.stop()
-        for storage in storages.values():
-            await storage.aclose()
-        await library.close()
-        await catalogue.close()
 
 
 def _copies(conn: Connection) -> dict[str, tuple[str, str | None]]:

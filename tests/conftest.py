@@ -217,6 +217,19 @@ async def queue_depth(connection: aio_pika.abc.AbstractRobustConnection, name: s
         await channel.close()
 
 
+async def queue_consumers(connection: aio_pika.abc.AbstractRobustConnection, name: str) -> int:
+    """Consumers of queue ``name``; 0 while it does not exist yet (its daemon still starting)."""
+    channel = await connection.channel()
+    try:
+        q = await channel.declare_queue(name, passive=True)
+        return q.declaration_result.consumer_count or 0
+    except aio_pika.exceptions.ChannelClosed:  # a passive declare of a missing queue closes it
+        return 0
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 @asynccontextmanager
 async def running(services: list[Any], settings: Settings) -> AsyncIterator[Any]:
     """Run services in-process (as ``spool run`` would) for the duration of the block."""

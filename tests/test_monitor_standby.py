@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import pytest
 
@@ -21,7 +20,7 @@ from common import codec
 from common.config import load_settings
 from common.messages import FileFailed, FileIngested, Message
 from tests.catalogue_fixtures import pg_database
-from tests.conftest import start_daemon, wait_for, write_config
+from tests.conftest import queue_consumers, start_daemon, wait_for, write_config
 from tests.monitor_fixtures import free_port, publish_many
 
 pytestmark = pytest.mark.integration
@@ -66,15 +65,6 @@ async def _role(config: Path) -> str | None:
     return None if doc is None else doc["monitor"]["role"]
 
 
-async def _consumers(broker: aio_pika.abc.AbstractRobustConnection, queue: str) -> int:
-    channel = await broker.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
-    finally:
-        await channel.close()
-
-
 def _failed(reason: str, n: int) -> FileFailed:
     return FileFailed(daemon="ingest", reason=reason, error=f"{reason} on f{n}", attempts=4, name=f"f{n}")
 
@@ -115,7 +105,7 @@ async def test_the_standby_takes_over_the_killed_monitors_counts_and_alerts_noth
         assert any("standby monitor" in m for m in doc_b["missing"])
         # Exactly one consumes the monitor's queue.
         queue = settings.queue("monitor")
-        assert await _consumers(broker, queue) == 1
+        assert await queue_consumers(broker, queue) == 1
 
         # N facts, failures of two causes among them.
         first: list[Message] = [_ingested(n) for n in range(200)]
@@ -138,7 +128,7 @@ async def test_the_standby_takes_over_the_killed_monitors_counts_and_alerts_noth
         groups = {"checksum_mismatch": 40, "disk_full": 3, "io_error": 1}
         total = ({"file.ingested": 300, "file.failed": 44}, groups)
         await wait_for(lambda: _shows(config_b, total), timeout=60)
-        assert await _consumers(broker, queue) == 1
+        assert await queue_consumers(broker, queue) == 1
         await asyncio.sleep(1)  # an alert raised twice would be out by now
         raised: Counter[str] = Counter()
         while (m := await alerts.get(no_ack=True, fail=False)) is not None:

@@ -19,7 +19,7 @@ import pytest
 
 from common.config import load_settings
 from tests.cli_fixtures import spool
-from tests.conftest import cloudevent, publish_raw, start_daemon, wait_for
+from tests.conftest import cloudevent, publish_raw, queue_consumers, start_daemon, wait_for
 from tests.monitor_fixtures import monitor_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,15 +54,7 @@ async def test_a_frozen_copy_is_alerted_once_as_stalled_and_shown_by_spool_statu
         await ingested.bind(exchange, "file.ingested")
 
         async def consuming() -> bool:
-            look = await connection.channel()  # a passive declare of a missing queue closes it
-            try:
-                q = await look.declare_queue(settings.queue("ingest"), passive=True)
-                return (q.declaration_result.consumer_count or 0) > 0
-            except aio_pika.exceptions.ChannelClosed:
-                return False
-            finally:
-                if not look.is_closed:
-                    await look.close()
+            return await queue_consumers(connection, settings.queue("ingest")) > 0
 
         await wait_for(consuming, timeout=60)
         await publish_raw(connection, settings, "file.ready", announce(landing, "warm.fits"))

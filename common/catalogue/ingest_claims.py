@@ -73,8 +73,3 @@ def drop_dead(conn: Connection, now: datetime) -> int:
     """Claims of dead instances (at an instance's start): the names, if announced again, are
     claimed afresh."""
     return conn.execute(delete(c).where(held_by_dead(c.c.holder, now))).rowcount or 0
-
-
-def holders(conn: Connection, names: Sequence[str]) -> dict[str, str]:
-    rows = conn.execute(select(c.c.name, c.c.holder).where(c.c.name.in_(list(names))))
-    return {name: holder for name, holder in rows}

@@ -18,7 +18,6 @@ Times are the callers' clocks (UTC): the nodes' clocks must agree to well within
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,8 +107,3 @@ def release_role(conn: Connection, role: str, holder: str) -> None:
 def role_holder(conn: Connection, role: str, now: datetime) -> str | None:
     stmt = select(role_leases.c.holder).where(role_leases.c.role == role, role_leases.c.expires >= now)
     return conn.scalar(stmt)
-
-
-def roles(conn: Connection, names: Sequence[str]) -> dict[str, tuple[str, datetime]]:
-    rows = conn.execute(select(role_leases).where(role_leases.c.role.in_(list(names))))
-    return {r.role: (r.holder, r.expires) for r in rows}

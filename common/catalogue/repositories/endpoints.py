@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy import Connection
-
-from common.catalogue import outbox, queries, replication, writes
+from common.catalogue import queries, replication, writes
 from common.catalogue.models import EndpointInfo
 from common.catalogue.replication import EndpointUsage
 from common.catalogue.repositories import Repository
 from common.catalogue.writes import EndpointState
 from common.config import StorageEndpoint
-from common.messages import Message
 
 
 class EndpointRepository(Repository):
@@ -39,14 +36,5 @@ class EndpointRepository(Repository):
     async def set_health(self, storage: str, health: str, reason: str | None = None) -> None:
         await self._catalogue.write(replication.set_health, storage, health, reason, retry=False)
 
-    async def health_changed(self, storage: str, health: str, reason: str | None, event: Message) -> None:
-        """An endpoint's health and the event stating it, in one transaction."""
-        await self._catalogue.write(_health_changed, storage, health, reason, event)
-
     async def usage(self) -> list[EndpointUsage]:
         return await self._catalogue.read(replication.endpoint_usage)
-
-
-def _health_changed(conn: Connection, storage: str, health: str, reason: str | None, event: Message) -> None:
-    replication.set_health(conn, storage, health, reason)
-    outbox.add(conn, [event])

@@ -243,7 +243,7 @@ class Process:
             await asyncio.sleep(0.2)
             busy = False
             for runner in self.runners:
-                if runner.in_flight or await runner.queue_depth():
+                if runner.busy or await runner.queue_depth():
                     busy = True
             quiet = 0 if busy else quiet + 1
         self.stop_requested.set()

@@ -133,8 +133,9 @@ class Runner:
       meanwhile is the broker's to redeliver): ``acks.delivered(tag)``, then ``acks.ack(tag)``;
     - ``ack_window(channel)``: the ``AckWindow`` made for each new channel (how many acks one
       frame covers, how long one may wait); read it as ``acks``;
-    - ``in_flight``: deliveries taken and not settled yet, which the heartbeats report and the
-      ``once`` mode waits for.
+    - ``in_flight``: deliveries taken and not settled yet, which the heartbeats report;
+    - ``busy``: deliveries still being worked on, which the ``once`` mode waits for (by default
+      ``in_flight``; a delivery whose work is done and only its ack waits on the drain is not).
     """
 
     def __init__(
@@ -333,6 +334,11 @@ class Runner:
     def in_flight(self) -> int:
         """Handlers running now (an extension point: see the class docstring)."""
         return len(self._tasks)
+
+    @property
+    def busy(self) -> int:
+        """Deliveries still being worked on (an extension point: see the class docstring)."""
+        return self.in_flight
 
     def oldest_delivery(self) -> tuple[float, str] | None:
         """(seconds held, what) of the delivery held longest by a running handler, or None."""

@@ -22,7 +22,7 @@ consumer when the role is lost and gives every delivery counted but not saved ba
 (one ``basic.nack multiple requeue``): the successor counts it from its saved state. A delivery
 arriving after the role was lost is given back the same way.
 
-It overrides the base ``Runner``'s extension points (``deliver``, ``ack_window``, ``in_flight``),
+It overrides the base ``Runner``'s extension points (``deliver``, ``ack_window``, ``in_flight``, ``busy``),
 and ``start`` / ``stop_consuming`` / ``drain`` to add the role and the last save at a clean stop:
 consumption on the underlying aiormq channel, re-creation of the consumer after a reconnection or
 after the broker cancelled it (its queue deleted), and the final flush of acks on drain are still
@@ -87,6 +87,13 @@ class MonitorRunner(Runner):
     def in_flight(self) -> int:
         """Deliveries counted but not acked yet: waiting for a save, or for their ack frame."""
         return len(self._counted) + (len(self.acks) if self.acks is not None else 0)
+
+    @property
+    def busy(self) -> int:
+        """None: observing a delivery is synchronous, and what is counted but not saved yet is
+        saved and acked by ``drain``. (Counting those, ``once`` mode never ended: the monitor's
+        own heartbeat arrives every second and waits up to ``save_interval`` for its save.)"""
+        return 0
 
     # --- active / standby -----------------------------------------------------------------------
     async def start(self) -> None:

@@ -64,6 +64,14 @@ class BusSettings(_Strict):
     # redeclaration fail (``common.bus.topology``); grow existing queues with
     # ``rabbitmq-queues grow <node> all`` instead.
     quorum_initial_group_size: int | None = Field(default=None, ge=1)
+    # The type of the retry-delay and dead-letter queues ("side queues"; the work queues are always
+    # quorum). "classic": on the node that first declared them, the one-node default. "quorum":
+    # replicated like the work queues (a retry queue dead-letters back at-least-once), what a
+    # cluster wants: with classic ones, the death of their node parks no retry and holds the dead
+    # letters until it is back. Chosen when the queues are first declared; changing it on a
+    # deployment whose queues exist is refused like any other argument (operator guide, "RabbitMQ
+    # cluster": the conversion).
+    side_queues: Literal["classic", "quorum"] = "classic"
     exchange: str = "spool"
     # Work queues are "<queue_prefix>.<daemon>"; tests use a unique prefix (and exchange) each.
     queue_prefix: str = "spool"

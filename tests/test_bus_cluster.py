@@ -94,16 +94,20 @@ async def registered(settings: Settings) -> int:
 async def test_quorum_queues_have_a_member_on_each_node(
     rabbit_cluster: Cluster, tmp_path: Path, tag: str
 ) -> None:
-    settings = load_settings(cluster_config(tmp_path, tag, rabbit_cluster))
+    settings = load_settings(cluster_config(tmp_path, tag, rabbit_cluster, side_queues='"quorum"'))
     connection = await connect(settings.bus, name="spool-test-members")
     try:
         channel = await connection.channel()
         await declare_topology(channel, settings)
         three = {rabbit_cluster.node(n) for n in (1, 2, 3)}
         for daemon in ("ingest", "replicator", "tape", "recall", "monitor"):
-            queue = rabbit_cluster.queue(settings.queue(daemon))
-            assert queue["type"] == "quorum"
-            assert set(queue["members"]) == three, (daemon, queue["members"])
+            # The work queue, and with bus.side_queues = "quorum" its retry and dead-letter queues.
+            names = [settings.queue(daemon), settings.dead_queue(daemon)]
+            names += [settings.retry_queue(daemon, t) for t in range(len(settings.bus.retry_tiers))]
+            for name in names:
+                queue = rabbit_cluster.queue(name)
+                assert queue["type"] == "quorum", name
+                assert set(queue["members"]) == three, (name, queue["members"])
         await wait_for(lambda: _all_online(rabbit_cluster, settings), timeout=30, interval=0.5)
     finally:
         await connection.close()

@@ -10,10 +10,19 @@ Per daemon ``d`` (``p`` = ``bus.queue_prefix``):
                   safety net for a process that dies holding a message (it then dead-letters into
                   ``p.d.dead``), never the retry policy; on a cluster its members (replicas) are
                   ``bus.quorum_initial_group_size`` nodes, or the broker's default (3) when unset;
-- ``p.d.retry.N`` one classic delay queue per tier with a fixed ``x-message-ttl``; expired messages
+- ``p.d.retry.N`` one delay queue per tier with a fixed ``x-message-ttl``; expired messages
                   dead-letter back into ``p.d`` through the default exchange, so only ``d`` sees a
                   retry (re-publishing on ``spool`` would also wake every other binding);
-- ``p.d.dead``    classic lazy queue; browsing it with get + requeue keeps its order.
+- ``p.d.dead``    the dead letters; browsing it with get + requeue keeps its order.
+
+The retry and dead-letter queues ("side queues") are classic (lazy for the dead letters) on one
+node, or quorum queues replicated like the work queues when ``bus.side_queues = "quorum"`` (a
+cluster). A quorum retry queue dead-letters ``at-least-once`` (RabbitMQ 3.10+: the expired message
+leaves the retry queue only once the work queue confirmed it; that strategy requires
+``x-overflow = reject-publish``, which without a length limit never rejects). The work queues'
+own dead-lettering (the delivery-limit safety net) stays RabbitMQ's default, at-most-once: their
+arguments are the same whatever the side queues, so switching the side queues never touches a
+work queue.
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from common.config import Settings
 from common.errors import ConfigError
+
+log = structlog.get_logger("spool.bus")
 
 # Which routing keys each daemon consumes. The monitor sees everything.
 BINDINGS: Mapping[str, Sequence[str]] = {
@@ -50,12 +62,35 @@ def work_queue_arguments(settings: Settings, daemon: str) -> dict[str, Any]:
     }
     # Only when set: a queue declared before the setting existed has no such argument, and RabbitMQ
     # refuses a redeclaration whose arguments differ (PRECONDITION_FAILED, ``ConfigError`` below).
-    if settings.bus.quorum_initial_group_size is not None:
-        args["x-quorum-initial-group-size"] = settings.bus.quorum_initial_group_size
+    args |= _replication(settings)
     if daemon == "monitor":
         args["x-max-length"] = MONITOR_MAX_LENGTH
         args["x-overflow"] = "drop-head"
     return args
+
+
+def _replication(settings: Settings) -> dict[str, Any]:
+    if settings.bus.quorum_initial_group_size is None:
+        return {}
+    return {"x-quorum-initial-group-size": settings.bus.quorum_initial_group_size}
+
+
+def retry_queue_arguments(settings: Settings, daemon: str, seconds: float) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "x-message-ttl": int(seconds * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.queue(daemon),
+    }
+    if settings.bus.side_queues == "quorum":
+        args |= {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                 "x-overflow": "reject-publish", **_replication(settings)}  # fmt: skip
+    return args
+
+
+def dead_queue_arguments(settings: Settings) -> dict[str, Any]:
+    if settings.bus.side_queues == "quorum":
+        return {"x-queue-type": "quorum", **_replication(settings)}
+    return {"x-queue-mode": "lazy"}
 
 
 async def declare_exchange(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
@@ -86,18 +121,15 @@ async def _declare_daemon(
             await channel.declare_queue(
                 settings.retry_queue(daemon, tier),
                 durable=True,
-                arguments={
-                    "x-message-ttl": int(seconds * 1000),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": work,
-                },
+                arguments=retry_queue_arguments(settings, daemon, seconds),
             )
         await channel.declare_queue(
-            settings.dead_queue(daemon), durable=True, arguments={"x-queue-mode": "lazy"}
+            settings.dead_queue(daemon), durable=True, arguments=dead_queue_arguments(settings)
         )
     except aio_pika.exceptions.ChannelPreconditionFailed as exc:
-        # Raised when a queue exists with other arguments, typically after retry_tiers or
-        # delivery_limit changed in the config. Deleting queues is the operator's decision.
+        # Raised when a queue exists with other arguments, typically after retry_tiers,
+        # delivery_limit or side_queues changed in the config. Deleting queues is the operator's
+        # decision.
         raise ConfigError(
             f"a queue of {daemon!r} exists with other arguments than the configuration asks for "
             f"({exc}); drain and delete it (rabbitmqctl delete_queue NAME) or restore the old settings"
@@ -125,7 +157,14 @@ async def declare_for(connection: AbstractConnection, settings: Settings, own: S
     there is expected, not an error. A refusal closes the channel, so plain (not robust) channels
     are used: a robust one would reopen itself behind our back.
     """
-    channel = await _plain_channel(connection)
+    if len(settings.bus.urls) > 1 and settings.bus.side_queues == "classic":
+        log.warning(
+            "side_queues_not_replicated",
+            detail="a cluster with classic retry and dead-letter queues: while the node holding them "
+            'is down no retry is parked and the dead letters wait; set bus.side_queues = "quorum" '
+            "(spool broker convert-side-queues)",
+        )
+    channel = await plain_channel(connection)
     try:
         await declare_topology(channel, settings, own)
     except aiormq.exceptions.ChannelAccessRefused as exc:
@@ -136,7 +175,7 @@ async def declare_for(connection: AbstractConnection, settings: Settings, own: S
         ) from None
     for daemon in (d for d in BINDINGS if d not in own):
         if channel.is_closed:
-            channel = await _plain_channel(connection)
+            channel = await plain_channel(connection)
         try:
             await declare_topology(channel, settings, [daemon])
         except aiormq.exceptions.ChannelAccessRefused:
@@ -145,7 +184,9 @@ async def declare_for(connection: AbstractConnection, settings: Settings, own: S
         await channel.close()
 
 
-async def _plain_channel(connection: AbstractConnection) -> AbstractChannel:
+async def plain_channel(connection: AbstractConnection) -> AbstractChannel:
+    """A channel that stays closed when the broker closes it (a refused declaration): a robust
+    one would reopen itself behind our back."""
     channel = aio_pika.Channel(connection)
     await channel
     return channel

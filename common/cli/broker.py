@@ -1,4 +1,5 @@
-"""``spool broker setup|declare``: least-privilege RabbitMQ users for Spool, and its queues.
+"""``spool broker setup|declare|convert-side-queues``: least-privilege RabbitMQ users for Spool, and
+its queues.
 
 ``setup --print`` writes a ``rabbitmqctl`` script to stdout; ``setup --apply`` does the same through
 the management API (administrator credentials: those of ``bus.url`` / ``monitor.management_url``,
@@ -145,4 +146,30 @@ def declare(ctx: typer.Context) -> None:
     asyncio.run(_declare(settings, settings.bus.url))
     console.print(
         f"declared exchange {settings.bus.exchange} and the queues of every daemon", highlight=False
+    )
+
+
+@broker_app.command("convert-side-queues")
+def convert_side_queues(ctx: typer.Context) -> None:
+    """Give every retry and dead-letter queue the type of ``bus.side_queues`` (classic or quorum),
+    keeping their messages. Stop every daemon first; run as the operator user."""
+    settings = settings_from(ctx)
+    asyncio.run(_convert(settings))
+
+
+async def _convert(settings: Settings) -> None:
+    from common.bus.side_queues import ConversionRefused, convert
+
+    connection = await connect(settings.bus, name="spool-broker-convert")
+    try:
+        done = await convert(connection, settings, say=lambda line: console.print(line, highlight=False))
+    except ConversionRefused as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        await connection.close()
+    moved = sum(done.moved.values())
+    console.print(
+        f"{len(done.replaced)} queue(s) declared again as {settings.bus.side_queues}, "
+        f"{moved} message(s) kept",
+        highlight=False,
     )

@@ -16,7 +16,7 @@ import pytest
 from common.bus import dead as deadletters
 from common.bus import headers as H
 from common.bus.side_queues import HOLDING_SUFFIX, ConversionRefused, convert
-from common.bus.topology import declare_topology, dead_queue_arguments, retry_queue_arguments
+from common.bus.topology import dead_queue_arguments, declare_topology, retry_queue_arguments
 from common.config import BusSettings, Settings
 from common.errors import ConfigError
 from tests.conftest import publish_raw, queue_depth, running, wait_for

@@ -5,12 +5,20 @@ PostgreSQL comes from ``SPOOL_TEST_PG_URL`` (default: trust auth on 127.0.0.1:54
 cannot be reached the PostgreSQL half is skipped with the reason, unless ``SPOOL_TEST_PG_REQUIRED=1``
 in which case it fails. Also: the raw rows a file left (as the driver returns them) and the
 statements sent while a test runs, for the tests holding the driver-level SQL to what it replaced.
+
+A test's catalogue starts as a copy of one migrated at head once per session (a SQLite file copied,
+a PostgreSQL database created from a template database): running the migrations for every test was
+most of a catalogue test's set-up. The copy is what ``Catalogue.open`` leaves in an empty database;
+the migration tests themselves ask for ``empty_catalogue_url``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -35,9 +43,41 @@ ENDPOINTS = {
 }
 
 
+# The session's migrated templates, made on first use (``_sqlite_template``, ``_pg_template``) and
+# removed when the session ends (``drop_templates``, from conftest's ``pytest_sessionfinish``).
+_TEMPLATES: dict[str, str] = {}
+
+
+async def _sqlite_template() -> Path:
+    if "sqlite" not in _TEMPLATES:
+        path = Path(tempfile.mkdtemp(prefix="spool-test-template-")) / "catalogue.db"
+        cat = await Catalogue.open(f"sqlite+aiosqlite:///{path}")
+        await cat.close()  # the last connection closed: the WAL is checkpointed into the file
+        _TEMPLATES["sqlite"] = str(path)
+    return Path(_TEMPLATES["sqlite"])
+
+
+async def sqlite_catalogue(path: Path) -> str:
+    """The URL of a SQLite catalogue at ``path``, already migrated (a copy of the template)."""
+    template = await _sqlite_template()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+async def _pg_template(admin: asyncpg.Connection) -> str:
+    if "postgresql" not in _TEMPLATES:
+        name = f"spool_template_{uuid.uuid4().hex[:12]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        cat = await Catalogue.open(make_url(PG_URL).set(database=name).render_as_string(hide_password=False))
+        await cat.close()  # a template database must have no connection while it is copied
+        _TEMPLATES["postgresql"] = name
+    return _TEMPLATES["postgresql"]
+
+
 @asynccontextmanager
-async def pg_database() -> AsyncIterator[str]:
-    """A uniquely named empty database for one test; yields its SQLAlchemy URL."""
+async def pg_database(*, migrated: bool = True) -> AsyncIterator[str]:
+    """A uniquely named database for one test, migrated at head (or empty); yields its URL."""
     base = make_url(PG_URL)
     dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
     try:
@@ -48,7 +88,8 @@ async def pg_database() -> AsyncIterator[str]:
         pytest.skip(f"PostgreSQL not reachable at {base.render_as_string()}: {exc}")
     name = f"spool_test_{uuid.uuid4().hex[:12]}"
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        template = f' TEMPLATE "{await _pg_template(admin)}"' if migrated else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{template}')
         try:
             yield base.set(database=name).render_as_string(hide_password=False)
         finally:
@@ -57,14 +98,48 @@ async def pg_database() -> AsyncIterator[str]:
         await admin.close()
 
 
-# The PostgreSQL half needs a server: an integration test (`make unit` runs the SQLite half only).
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-async def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/var/catalogue.db"
+def drop_templates() -> None:
+    """Remove the session's templates (the SQLite file's directory, the PostgreSQL database)."""
+    if sqlite := _TEMPLATES.pop("sqlite", None):
+        shutil.rmtree(Path(sqlite).parent, ignore_errors=True)
+    if pg := _TEMPLATES.pop("postgresql", None):
+        asyncio.run(_drop_pg(pg))
+
+
+async def _drop_pg(name: str) -> None:
+    dsn = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _backend_url(backend: str, tmp_path: Path, *, migrated: bool) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        path = tmp_path / "var" / "catalogue.db"
+        yield await sqlite_catalogue(path) if migrated else f"sqlite+aiosqlite:///{path}"
     else:
-        async with pg_database() as url:
+        async with pg_database(migrated=migrated) as url:
             yield url
+
+
+# The PostgreSQL half needs a server: an integration test (`make unit` runs the SQLite half only).
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A catalogue migrated at head, on each backend."""
+    async for url in _backend_url(request.param, tmp_path, migrated=True):
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+async def empty_catalogue_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database on each backend, for the tests of the migrations themselves."""
+    async for url in _backend_url(request.param, tmp_path, migrated=False):
+        yield url
 
 
 @pytest.fixture

@@ -82,7 +82,13 @@ def tag() -> str:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Leave the shared broker as found: what a test left behind (a daemon run in a subprocess,
-    a test failed half-way) would otherwise pile up run after run (``tests/broker_cleanup.py``)."""
+    a test failed half-way) would otherwise pile up run after run (``tests/broker_cleanup.py``);
+    the same for the migrated catalogue templates (``tests/catalogue_fixtures.py``)."""
+    if catalogue_fixtures := sys.modules.get("tests.catalogue_fixtures"):
+        try:
+            catalogue_fixtures.drop_templates()
+        except Exception as exc:  # a clean-up failing must not hide the session's own result
+            print(f"\nconftest: could not drop the catalogue templates: {exc}", file=sys.stderr)
     if not _TAGS:
         return
     from tests.broker_cleanup import remove_tags

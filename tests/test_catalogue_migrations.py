@@ -18,7 +18,7 @@ from sqlalchemy import Connection, inspect, text
 from common.catalogue import Catalogue, normalise_url
 from common.catalogue.engine import BUSY_TIMEOUT_MS, alembic_config
 from common.catalogue.schema import metadata
-from tests.catalogue_fixtures import catalogue_url, rec  # noqa: F401
+from tests.catalogue_fixtures import empty_catalogue_url, rec  # noqa: F401
 
 
 def _schema_diff(conn: Connection) -> list[Any]:
@@ -30,25 +30,25 @@ def _current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-async def test_migrations_idempotent(catalogue_url: str) -> None:
+async def test_migrations_idempotent(empty_catalogue_url: str) -> None:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     for _ in range(2):
-        async with await Catalogue.open(catalogue_url) as cat, cat.engine.connect() as conn:
+        async with await Catalogue.open(empty_catalogue_url) as cat, cat.engine.connect() as conn:
             assert await conn.run_sync(_current) == head
-    async with await Catalogue.open(catalogue_url) as cat:
+    async with await Catalogue.open(empty_catalogue_url) as cat:
         await cat.endpoints.sync({})
         assert (await cat.queries.counts()).files == 0
 
 
-async def test_migrated_schema_matches_the_models(catalogue_url: str) -> None:
-    async with await Catalogue.open(catalogue_url) as cat, cat.engine.connect() as conn:
+async def test_migrated_schema_matches_the_models(empty_catalogue_url: str) -> None:
+    async with await Catalogue.open(empty_catalogue_url) as cat, cat.engine.connect() as conn:
         assert await conn.run_sync(_schema_diff) == []
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
     assert tables == set(metadata.tables) | {"alembic_version"}
 
 
-async def test_daemons_opening_together_migrate_once(catalogue_url: str) -> None:
-    cats = await asyncio.gather(*(Catalogue.open(catalogue_url) for _ in range(4)))
+async def test_daemons_opening_together_migrate_once(empty_catalogue_url: str) -> None:
+    cats = await asyncio.gather(*(Catalogue.open(empty_catalogue_url) for _ in range(4)))
     try:
         assert {(await c.queries.counts()).files for c in cats} == {0}
     finally:
@@ -133,12 +133,12 @@ def _to(conn: Connection, revision: str) -> None:
     (command.downgrade if revision < (current or "") else command.upgrade)(cfg, revision)
 
 
-async def test_0005_adds_the_member_offset_of_tape_copies_and_back(catalogue_url: str) -> None:
+async def test_0005_adds_the_member_offset_of_tape_copies_and_back(empty_catalogue_url: str) -> None:
     """Revision 0005 (tape aggregates): copies written before it are plain tape files (NULL);
     downgrading drops the column and keeps the copies."""
     from tests.catalogue_fixtures import ENDPOINTS
 
-    async with await Catalogue.open(catalogue_url) as cat:
+    async with await Catalogue.open(empty_catalogue_url) as cat:
         await cat.endpoints.sync(ENDPOINTS)
         await cat.ingest.register([rec("a"), rec("b")])
         await cat.replication.set_replica(name="b", storage="disk2", pfn="A1/2", state="available",

@@ -9,7 +9,8 @@ statements sent while a test runs, for the tests holding the driver-level SQL to
 A test's catalogue starts as a copy of one migrated at head once per session (a SQLite file copied,
 a PostgreSQL database created from a template database): running the migrations for every test was
 most of a catalogue test's set-up. The copy is what ``Catalogue.open`` leaves in an empty database;
-the migration tests themselves ask for ``empty_catalogue_url``.
+the migration tests themselves ask for ``empty_catalogue_url``. ``write_config`` (conftest) seeds a
+state directory's default SQLite catalogue the same way, for the daemons and commands a test starts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,15 @@ async def _sqlite_template() -> Path:
         await cat.close()  # the last connection closed: the WAL is checkpointed into the file
         _TEMPLATES["sqlite"] = str(path)
     return Path(_TEMPLATES["sqlite"])
+
+
+def seed_sqlite_catalogue(path: Path) -> None:
+    """Copy the migrated template to ``path``, from code that runs outside the event loop (or in
+    it: the template is made in a thread of its own, with its own loop)."""
+    if "sqlite" not in _TEMPLATES:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _sqlite_template()).result()
+    shutil.copyfile(_TEMPLATES["sqlite"], path)
 
 
 async def sqlite_catalogue(path: Path) -> str:

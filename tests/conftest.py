@@ -4,6 +4,7 @@ and queue prefix, with retry tiers shortened by configuration."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -20,11 +21,13 @@ import pytest
 from common.bus.topology import delete_topology
 from common.config import Settings, load_settings
 
+REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("SPOOL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
 def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
-    """A TOML config isolating one test: own exchange, own queue prefix, own directories."""
+    """A TOML config isolating one test: own exchange, own queue prefix, own directories; when
+    ``state_dir`` exists, its SQLite catalogue is there already, migrated."""
     lines = [
         f'state_dir = "{state_dir}"',
         "[bus]",
@@ -52,6 +55,13 @@ def write_config(path: Path, state_dir: Path, tag: str, **extra: str) -> Path:
     for section, body in extra.items():
         lines += [f"[{section}]", body]
     path.write_text("\n".join(lines) + "\n")
+    catalogue = state_dir / "catalogue.db"  # the default catalogue.url
+    if "url" not in extra.get("catalogue", "") and state_dir.is_dir() and not catalogue.exists():
+        # Already migrated, as the first daemon or command to open it would leave it: migrating
+        # took a good part of a short test (each ``spool`` command run in a process paid it too).
+        from tests.catalogue_fixtures import seed_sqlite_catalogue
+
+        seed_sqlite_catalogue(catalogue)
     return path
 
 
@@ -67,6 +77,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (``make test``: ``-n 2``)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Each test module goes whole to one worker (its module-scoped servers, a private TLS broker
+    or PostgreSQL, start once), and the modules of the three-node cluster all go to the same one:
+    their tests stop and start its nodes, and a test on another worker would lose them. Everything
+    else is isolated per test (own exchange and queue prefix, catalogue, directories, ports)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "rabbit_cluster" if _uses_the_cluster(module) else module
+
+    return ModuleScheduling(config, log)
+
+
+@functools.cache
+def _uses_the_cluster(module: str) -> bool:
+    """The cluster's fixtures come from ``tests/cluster_fixtures.py``: a module using them imports it."""
+    path = REPO / module
+    return path.suffix == ".py" and path.is_file() and "cluster_fixtures" in path.read_text()
 
 
 # Every tag handed out this session: its queues and exchange are deleted when the session ends.
@@ -262,7 +295,7 @@ def start_daemon(config: Path, daemon: str, log: Path, *extra: str) -> subproces
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "daemons", "--config", str(config), "run", daemon, *extra],
-            stdout=out, stderr=out, cwd=Path(__file__).resolve().parent.parent,
+            stdout=out, stderr=out, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
 

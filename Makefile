@@ -25,9 +25,11 @@ services:
 demo: venv services
 	$(VENV)/bin/spool --config config/spool.toml demo
 
+# Two workers (pytest-xdist): most tests wait on the broker, a database or a process, not a core.
+# Each test module runs whole in one worker, the cluster's modules all in one (tests/conftest.py).
 test: venv
 	bash .ci/services.sh rabbitmq postgres chromium xrootd
-	$(VENV)/bin/pytest -q --durations=20
+	$(VENV)/bin/pytest -q --durations=20 -n 2
 
 unit: venv
 	$(VENV)/bin/pytest -q -m "not integration"

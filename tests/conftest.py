@@ -4,6 +4,7 @@ and queue prefix, with retry tiers shortened by configuration."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -73,10 +74,23 @@ SERVICE_FIXTURES = frozenset({"broker", "xrootd_server", "tls_postgres", "rabbit
 
 
 @pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: this order is the schedule's
+        _slow_modules_first(items)
+
+
+def _slow_modules_first(items: list[pytest.Item]) -> None:
+    """Modules with a ``slow`` test first, then the others, most tests first: a long module handed
+    out last runs on alone while the other worker idles (test_chaos.py, two tests, did so for
+    minutes when modules were ordered by their number of tests only). Stable: each module's tests
+    keep their order, and every worker computes the same one (pytest-xdist checks)."""
+    module = {item: item.nodeid.split("::", 1)[0] for item in items}
+    count = collections.Counter(module.values())
+    slow = {module[item] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (module[item] not in slow, -count[module[item]]))
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (``make test``: ``-n 2``)
@@ -86,6 +100,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     their tests stop and start its nodes, and a test on another worker would lose them. Everything
     else is isolated per test (own exchange and queue prefix, catalogue, directories, ports)."""
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # the workers' order (``_slow_modules_first``) is kept
 
     class ModuleScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -13,7 +13,7 @@ from daemons.ingest.handlers import service as ingest_service
 from tests.cli_fixtures import spool
 from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DATASET = "lst1.20261123.run012345.dl0"
 
 

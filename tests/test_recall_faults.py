@@ -29,7 +29,7 @@ from tests.recall_fixtures import (
 )
 from tests.replication_fixtures import remount, tmpfs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -33,7 +33,7 @@ from tests.recall_fixtures import (
     request,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Four drives (two mounts for each daemon); a 3 kB file takes 0.3 s to read, so a cartridge of 15
 # files is one window read in 4.5 s, recorded every 2 s (``RECORD_SECONDS``): the kill lands after

@@ -30,7 +30,7 @@ from tests.recall_fixtures import (
 )
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def remote_config(tmp_path: Path, tag: str, server: LocalXrootd, where: str) -> Path:

@@ -34,7 +34,7 @@ from tests.replication_fixtures import (
     tmpfs,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FIXTURES = (catalogue_url,)  # on SQLite and on PostgreSQL
 
 FILES = 80

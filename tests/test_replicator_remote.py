@@ -30,7 +30,7 @@ from tests.replication_fixtures import (
 )
 from tests.xrootd_fixtures import remote_dir, xrootd_server  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SERVICES = [ingest_service, replicator_service]
 
 

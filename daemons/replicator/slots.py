@@ -67,7 +67,8 @@ class EndpointSlots:
         self._unsure = False  # a claim failed: the catalogue may hold rows of ours we do not know of
         self._others_waiting = True  # another instance waits for the endpoint, as last known
         self._known_at = -FRESH  # monotonic time of that knowledge
-        self.claims = 0  # claim transactions made (tests, and curiosity)
+        self.claims = 0  # claim transactions made (tests, and curiosity) ...
+        self.transfers = 0  # ... for this many transfers
 
     async def __aenter__(self) -> None:
         await self._local.acquire()
@@ -77,6 +78,7 @@ class EndpointSlots:
         except BaseException:
             self._local.release()
             raise
+        self.transfers += 1
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -216,6 +218,10 @@ class EndpointSlots:
         )
         for wake in self._waiters:
             wake.cancel()
+        if self.transfers:
+            log.info(
+                "transfer_slots_used", storage=self.storage, transfers=self.transfers, claims=self.claims
+            )
         try:
             await self.catalogue.transfers.release_all(self.holder, self.storage)
         except Exception as exc:  # the lease's end frees them anyway

@@ -1,5 +1,7 @@
-"""A private RabbitMQ node for one chaos run: the machine's shared broker on 5672 serves other
-people, and a run stops its broker several times on purpose.
+"""The broker of a chaos run. ``PrivateBroker``: a private RabbitMQ node for one run (the
+machine's shared broker on 5672 serves other people, and a run stops its broker several times on
+purpose). ``ClusterBroker``: the three-node cluster of ``.ci/rabbitmq-cluster.sh``, the run in a
+vhost of its own, for the several-node run.
 
 Everything the node writes (Mnesia, logs, config, pid file, Erlang cookie) lives in a directory
 of its own; its AMQP and distribution ports are free ones picked at start, on the loopback
@@ -64,6 +66,10 @@ class PrivateBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url]
 
     def _env(self) -> dict[str, str]:
         d = self.dir
@@ -161,3 +167,99 @@ class PrivateBroker:
             self.ctl("shutdown", timeout=60)
         self._kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClusterBroker:
+    """The three-node cluster of ``.ci/rabbitmq-cluster.sh`` (shared with the cluster tests), the run
+    kept to a vhost of its own: created at ``start()``, deleted with its queues at ``close()``, so
+    neither the tests' queues nor another run's are touched. A fault here is a node's Erlang VM
+    SIGKILLed (``kill``), a power cut rather than ``stop_app``, and started again (``restart``).
+    """
+
+    SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "rabbitmq-cluster.sh"
+    SERVICES = SCRIPT.parent / "services.sh"
+    NODES = (1, 2, 3)
+
+    def __init__(self, tag: str) -> None:
+        self.vhost = f"spool-chaos-{tag}"
+        self.base_port = int(os.environ.get("SPOOL_RABBIT_CLUSTER_PORT", "5681"))
+        self.boot_seconds = 0.0
+
+    def node_url(self, n: int) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.base_port + n - 1}/{self.vhost}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.node_url(n) for n in self.NODES]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def node(self, n: int) -> str:
+        return f"spool-c{n}@localhost"
+
+    def _script(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(self.SCRIPT), *args], capture_output=True, text=True, timeout=timeout
+        )
+
+    def ensure(self) -> None:
+        """Start whatever node is down and wait for the three as one cluster (``services.sh``)."""
+        done = subprocess.run(
+            ["bash", str(self.SERVICES), "rabbitmq-cluster"], capture_output=True, text=True, timeout=600
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the RabbitMQ cluster did not start:\n{done.stdout}{done.stderr}")
+
+    def ctl(self, *args: str, timeout: float = 120) -> int:
+        """``rabbitmqctl ARGS`` on the first running node; its return code (-1: none answered)."""
+        for n in self.NODES:
+            if self.pid(n) is None:
+                continue
+            try:
+                if self._script("ctl", str(n), *args, timeout=timeout).returncode == 0:
+                    return 0
+            except subprocess.TimeoutExpired:
+                continue
+        return -1
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.ensure()
+        self.boot_seconds = time.monotonic() - t0
+        if self.ctl("add_vhost", self.vhost) != 0:
+            raise RuntimeError(f"rabbitmqctl add_vhost {self.vhost} failed")
+        if self.ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*") != 0:
+            raise RuntimeError(f"rabbitmqctl set_permissions -p {self.vhost} guest failed")
+
+    def pid(self, n: int) -> int | None:
+        out = self._script("pid", str(n), timeout=30).stdout.strip()
+        return int(out) if out.isdigit() else None
+
+    def kill(self, n: int) -> bool:
+        """SIGKILL node ``n``'s VM and wait until it is gone; False when it was not running."""
+        pid = self.pid(n)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.pid(n) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return True
+
+    def restart(self) -> bool:
+        """Start the killed node again and wait until the three run as one cluster."""
+        try:
+            self.ensure()
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    def close(self) -> None:
+        """Delete the run's vhost (and with it every queue of the run); a node the run left down
+        is started again first, so the cluster is left as it was found."""
+        if any(self.pid(n) is None for n in self.NODES):
+            self.restart()
+        self.ctl("delete_vhost", self.vhost)

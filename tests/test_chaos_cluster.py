@@ -4,6 +4,7 @@ own), PostgreSQL, a few hundred files; one broker node SIGKILLed and started aga
 each daemon SIGKILLed; afterwards every invariant must hold. ``make chaos-cluster`` runs 5,000 files.
 """
 
+# ruff: noqa: F811 (pytest passes the imported fixture as the argument of the same name)
 from __future__ import annotations
 
 import os
@@ -12,14 +13,12 @@ import pytest
 
 from bench.chaos.run import Options, run_chaos
 from tests.catalogue_fixtures import PG_REQUIRED, PG_URL, pg_unreachable
-from tests.cluster_fixtures import Cluster
+from tests.cluster_fixtures import Cluster, rabbit_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-async def test_two_of_each_daemon_through_a_broker_node_kill_lose_nothing(
-    rabbit_cluster: Cluster, tmp_path, capsys
-):
+async def test_two_of_each_daemon_through_a_broker_node_kill_lose_nothing(rabbit_cluster: Cluster, tmp_path):
     if (why := await pg_unreachable()) is not None:
         if PG_REQUIRED or os.environ.get("CI") == "true":
             pytest.fail(why)

@@ -13,7 +13,9 @@ CLI). Measured on the 2-core development machine: the node boots in 6-7 s, ``sto
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -21,7 +23,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 # The Debian wrapper in /usr/sbin switches to the rabbitmq user when run as root, which drops
 # HOME and with it the private cookie: call the scripts it wraps when they are there.
@@ -173,8 +178,12 @@ class ClusterBroker:
     """The three-node cluster of ``.ci/rabbitmq-cluster.sh`` (shared with the cluster tests), the run
     kept to a vhost of its own: created at ``start()``, deleted with its queues at ``close()``, so
     neither the tests' queues nor another run's are touched. A fault here is a node's Erlang VM
-    SIGKILLed (``kill``), a power cut rather than ``stop_app``, and started again (``restart``).
-    """
+    SIGKILLed (``kill``), a power cut rather than ``stop_app``, and booted again (``restart``).
+
+    Everything after the cluster is up goes through the management API, not ``rabbitmqctl``: on
+    the loaded 2-core machine each CLI call is an Erlang VM of its own taking seconds, and some
+    printed their answer and then did not exit (``ctl 3 ping`` hung a minute; a ``wait`` held the
+    cluster's ``start`` for minutes)."""
 
     SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "rabbitmq-cluster.sh"
     SERVICES = SCRIPT.parent / "services.sh"
@@ -199,43 +208,47 @@ class ClusterBroker:
     def node(self, n: int) -> str:
         return f"spool-c{n}@localhost"
 
-    def _script(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(self.SCRIPT), *args], capture_output=True, text=True, timeout=timeout
-        )
-
-    def ensure(self) -> None:
-        """Start whatever node is down and wait for the three as one cluster (``services.sh``)."""
-        done = subprocess.run(
-            ["bash", str(self.SERVICES), "rabbitmq-cluster"], capture_output=True, text=True, timeout=600
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the RabbitMQ cluster did not start:\n{done.stdout}{done.stderr}")
-
-    def ctl(self, *args: str, timeout: float = 120) -> int:
-        """``rabbitmqctl ARGS`` on the first running node; its return code (-1: none answered)."""
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call the management API of the first node that answers."""
+        auth = base64.b64encode(b"guest:guest").decode()
+        errors = []
         for n in self.NODES:
-            if self.pid(n) is None:
-                continue
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.base_port + 10000 + n - 1}/api/{path}", method=method,
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+            )  # fmt: skip
             try:
-                if self._script("ctl", str(n), *args, timeout=timeout).returncode == 0:
-                    return 0
-            except subprocess.TimeoutExpired:
-                continue
-        return -1
+                with urllib.request.urlopen(request, timeout=15) as response:
+                    raw = response.read()
+                    return json.loads(raw) if raw else None
+            except OSError as exc:
+                errors.append(f"node {n}: {exc}")
+        raise OSError("; ".join(errors))
+
+    def running(self) -> set[str]:
+        try:
+            return {n["name"] for n in self.api("GET", "nodes") if n.get("running")}
+        except (OSError, ValueError):
+            return set()
 
     def start(self) -> None:
+        """The cluster up (``services.sh rabbitmq-cluster`` when a node is not), then the vhost."""
         t0 = time.monotonic()
-        self.ensure()
+        if len(self.running()) < len(self.NODES):
+            done = subprocess.run(
+                ["bash", str(self.SERVICES), "rabbitmq-cluster"], capture_output=True, text=True, timeout=900
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the RabbitMQ cluster did not start:\n{done.stdout}{done.stderr}")
         self.boot_seconds = time.monotonic() - t0
-        if self.ctl("add_vhost", self.vhost) != 0:
-            raise RuntimeError(f"rabbitmqctl add_vhost {self.vhost} failed")
-        if self.ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*") != 0:
-            raise RuntimeError(f"rabbitmqctl set_permissions -p {self.vhost} guest failed")
+        vhost = quote(self.vhost, safe="")
+        self.api("PUT", f"vhosts/{vhost}", {})
+        self.api("PUT", f"permissions/{vhost}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
 
     def pid(self, n: int) -> int | None:
-        out = self._script("pid", str(n), timeout=30).stdout.strip()
-        return int(out) if out.isdigit() else None
+        out = subprocess.run(["bash", str(self.SCRIPT), "pid", str(n)], capture_output=True, text=True)
+        return int(out.stdout) if out.stdout.strip().isdigit() else None
 
     def kill(self, n: int) -> bool:
         """SIGKILL node ``n``'s VM and wait until it is gone; False when it was not running."""
@@ -249,17 +262,27 @@ class ClusterBroker:
             time.sleep(0.1)
         return True
 
-    def restart(self) -> bool:
-        """Start the killed node again and wait until the three run as one cluster."""
+    def restart(self, n: int, timeout: float = 600) -> bool:
+        """Boot node ``n`` again (``rabbitmq-cluster.sh boot``) and wait until the management API
+        lists the three nodes running: the node rejoined the cluster."""
+        deadline = time.monotonic() + timeout
         try:
-            self.ensure()
-        except (RuntimeError, subprocess.TimeoutExpired):
+            booted = subprocess.run(
+                ["bash", str(self.SCRIPT), "boot", str(n)], capture_output=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
             return False
-        return True
+        while booted.returncode == 0 and time.monotonic() < deadline:
+            if len(self.running()) == len(self.NODES):
+                return True
+            time.sleep(1)
+        return False
 
     def close(self) -> None:
         """Delete the run's vhost (and with it every queue of the run); a node the run left down
-        is started again first, so the cluster is left as it was found."""
-        if any(self.pid(n) is None for n in self.NODES):
-            self.restart()
-        self.ctl("delete_vhost", self.vhost)
+        is booted again first, so the cluster is left as it was found."""
+        for n in self.NODES:
+            if self.pid(n) is None:
+                self.restart(n)
+        with contextlib.suppress(OSError):
+            self.api("DELETE", f"vhosts/{quote(self.vhost, safe='')}")

@@ -460,7 +460,9 @@ async def _fault_loop(
             if task.done() and task.exception() is not None:
                 raise RuntimeError("a killed broker node did not come back") from task.exception()
         now = time.monotonic()
-        enough = len(faults.outages) >= opts.min_outages and any(faults.terms.values())
+        # A node kill under way counts: the faults end while it boots, and the run waits for it.
+        outages = len(node_kills) or len(faults.outages)
+        enough = outages >= opts.min_outages and any(faults.terms.values())
         enough = enough and sum(faults.kills.values()) >= opts.min_kills
         enough = enough and (opts.instances == 1 or all(faults.kills.values()))
         if now > cap and enough:
@@ -546,7 +548,7 @@ async def _node_kill(
         return
     say(f"  {broker.node(n)} SIGKILLed")
     await asyncio.sleep(pause)
-    if not await asyncio.to_thread(broker.restart):
+    if not await asyncio.to_thread(broker.restart, n):
         raise RuntimeError(f"{broker.node(n)} did not come back into the cluster")
     faults.outages.append(time.monotonic() - t)
     faults.nodes_killed.append(broker.node(n))

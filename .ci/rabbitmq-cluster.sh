@@ -193,8 +193,8 @@ start() {
 }
 
 boot() {  # N
+  prepare  # first: its loop sets the caller's n (bash scopes variables dynamically)
   local n=$1
-  prepare
   vm_pid "$n" >/dev/null || start_vm "$n"
   for _ in $(seq 1 "$BOOT_SECONDS"); do port_open "$(amqp_port "$n")" && return 0; sleep 1; done
   echo "rabbitmq-cluster: $(node_name "$n") does not answer on 127.0.0.1:$(amqp_port "$n")" >&2

@@ -263,8 +263,9 @@ def event_checks(seen: Seen, night: Night, recalls: list[Recall]) -> Check:
         f"{k}: {len(w - s)} never published, e.g. {sorted(w - s)[:3]}" for k, (w, s) in want.items() if w - s
     ]
     dups = sum(seen.duplicates.values())
+    top = ", ".join(f"{k} {n}" for k, n in seen.duplicates.most_common(4)) or "none"
     return check("every fact published at least once (witness queue on '#')",
-                 f"{figure}; {dups} messages seen twice under one id", problems)  # fmt: skip
+                 f"{figure}; {dups} messages seen twice under one id ({top})", problems)  # fmt: skip
 
 
 Terms = list[tuple[str, int, bool]]  # daemon, exit code, serving when signalled

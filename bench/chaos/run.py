@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -282,6 +283,9 @@ async def _run(
         f"did: {len(night.files)} files, {len(recalls.requested)} recalls; {faults.line()}; "
         f"{publisher.resent_batches} publish batches resent; daemon starts {starts}; {seconds:.0f} s in all"
     )
+    if opts.instances > 1:
+        killed = Counter(faults.instances_killed)
+        say("SIGKILLs per instance: " + ", ".join(f"{k} {killed[k]}" for k in fleet.daemons))
     for note in notes:
         say(f"note: {note}")
     for c in checks:

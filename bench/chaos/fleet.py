@@ -54,7 +54,7 @@ class Exit:
 @dataclass
 class Daemon:
     name: str  # the instance's key: the daemon's name, or ``<daemon>@<node>`` with several nodes
-    daemon: str
+    daemon: str  # which daemon (one of DAEMONS)
     config: Path
     process: subprocess.Popen[bytes] | None = None
     restart_at: float | None = None  # monotonic time of the next start, when not running

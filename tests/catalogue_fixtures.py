@@ -35,6 +35,16 @@ ENDPOINTS = {
 }
 
 
+async def pg_unreachable() -> str | None:
+    """Why PostgreSQL at ``PG_URL`` cannot be reached, or None when it answers."""
+    dsn = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        await (await asyncpg.connect(dsn, timeout=5)).close()
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL not reachable: {exc}"
+    return None
+
+
 @asynccontextmanager
 async def pg_database() -> AsyncIterator[str]:
     """A uniquely named empty database for one test; yields its SQLAlchemy URL."""

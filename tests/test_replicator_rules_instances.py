@@ -25,8 +25,11 @@ def requested(*publishers: RecordingPublisher) -> list[str]:
 
 
 async def test_two_instances_walk_a_new_rule_once_and_a_dead_walkers_rule_again(catalogue: Catalogue) -> None:
+    # The endpoints as data: Settings resolves a tape endpoint's root in the object it is given,
+    # and ENDPOINTS is shared with every other catalogue test.
+    storage = {name: e.model_dump() for name, e in ENDPOINTS.items()}
     settings = Settings.model_validate(
-        {"storage": ENDPOINTS, "replication": {"poll_interval": 0.01}, "catalogue": {"lease_seconds": 3}}
+        {"storage": storage, "replication": {"poll_interval": 0.01}, "catalogue": {"lease_seconds": 3}}
     )
     await catalogue.ingest.register([rec(f"f{i:05d}") for i in range(FILES)])
     await catalogue.replication.add_rule(Rule("to-pic", endpoints="site=PIC", datasets=".*"))

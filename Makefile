@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' && { echo $$p; break; }; \
 	done)
 
-.PHONY: demo test unit venv services lint bench bench-scale night chaos clean
+.PHONY: demo test unit venv services lint bench bench-scale night chaos chaos-cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Spool needs Python 3.11 or newer (apt-get install python3.11)"; exit 1; }
@@ -57,6 +57,13 @@ night: venv services
 chaos: venv
 	bash .ci/services.sh rabbitmq postgres
 	$(PY) -m bench.chaos --catalogue both
+
+# The several-node chaos run (docs/chaos.md#several-nodes): 5,000 files, every daemon twice, on the
+# three-node RabbitMQ cluster (a vhost of the run's own) and a fresh PostgreSQL database; one
+# broker node SIGKILLed and started again, one instance of each daemon SIGKILLed.
+chaos-cluster: venv
+	bash .ci/services.sh rabbitmq postgres rabbitmq-cluster
+	$(PY) -m bench.chaos --cluster
 
 clean:
 	rm -rf var

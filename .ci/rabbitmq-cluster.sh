@@ -13,6 +13,11 @@
 #   status   `rabbitmqctl cluster_status` as node 1 sees it.
 #   ctl N .. `rabbitmqctl -n spool-cN@localhost ..` with the cluster's cookie.
 #   pid N    the pid of node N's Erlang VM (what a test SIGKILLs), empty when it is not running.
+#   boot N   start node N's VM if it is not running and wait until its AMQP port answers, without
+#            rabbitmqctl (a member of the cluster rejoins it by itself as it boots; the caller
+#            checks membership, e.g. through the management API). For a node killed on purpose:
+#            under load each rabbitmqctl call is an Erlang VM of its own taking seconds, and some
+#            were seen not to exit at all.
 #
 # Everything lives in one directory (SPOOL_RABBIT_CLUSTER_DIR; default /var/lib/spool-rabbit-cluster
 # as root, else ~/.local/state/spool-rabbit-cluster): per node its Mnesia (with the quorum queues'
@@ -154,13 +159,16 @@ start() {
         # start_app starts it, or returns once the boot under way ended (measured, 3.10).
         echo "rabbitmq-cluster: starting the app of $(node_name "$n")"
         ctl "$n" start_app >/dev/null 2>&1
+        booted+=("$n")
       fi
     else
       start_vm "$n"
       booted+=("$n")
     fi
   done
-  for n in "${NODES[@]}"; do wait_vm "$n" || return 1; done
+  # Only the nodes started here are waited for: one already serving AMQP is up, and each
+  # `rabbitmqctl wait` is an Erlang VM of its own (seconds each on a loaded machine).
+  for n in "${booted[@]}"; do wait_vm "$n" || return 1; done
   local disk
   disk=" $(members disk_nodes) "
   for n in "${NODES[@]:1}"; do
@@ -184,6 +192,15 @@ start() {
   return 1
 }
 
+boot() {  # N
+  prepare  # first: its loop sets the caller's n (bash scopes variables dynamically)
+  local n=$1
+  vm_pid "$n" >/dev/null || start_vm "$n"
+  for _ in $(seq 1 "$BOOT_SECONDS"); do port_open "$(amqp_port "$n")" && return 0; sleep 1; done
+  echo "rabbitmq-cluster: $(node_name "$n") does not answer on 127.0.0.1:$(amqp_port "$n")" >&2
+  return 1
+}
+
 stop() {
   local n pid
   for n in "${NODES[@]}"; do
@@ -204,5 +221,6 @@ case "${1:-}" in
   status) ctl 1 cluster_status ;;
   ctl) shift; ctl "$@" ;;
   pid) vm_pid "${2:?node number}" ;;
-  *) echo "usage: $0 start | stop | status | ctl N ARGS... | pid N" >&2; exit 2 ;;
+  boot) boot "${2:?node number}" ;;
+  *) echo "usage: $0 start | stop | status | ctl N ARGS... | pid N | boot N" >&2; exit 2 ;;
 esac

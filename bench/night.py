@@ -483,7 +483,7 @@ async def run_night(
 ) -> dict[str, Any]:
     connection = await connect(settings.bus, name="spool-night")
     await declare_topology(await connection.channel(), settings)  # file.ready routable from the start
-    fleet = Fleet(config, settings.state_dir / "logs")
+    fleet = Fleet([config], settings.state_dir / "logs")
     samplers: dict[str, DaemonSampler] = {}
     engine = create_async_engine(url)
     clock, postgres = CpuClock(), postgres_server() if args.catalogue == "postgresql" else None

@@ -20,20 +20,28 @@ and prunes rows sent long ago.
 
 The outbox is one table for the whole catalogue, and any relay publishes any unsent row: events
 a node left behind go out even if that node never comes back (on one host, ``spool run`` with
-several daemons runs several relays over it). Two relays may now and then send the same row;
-it carries the same message id both times.
+several daemons runs several relays over it; several instances of a daemon, one each). A relay
+claims the rows it reads for ``claim`` seconds (``outbox.claim_unsent``), so the others take other
+rows instead of publishing the same ones; a relay killed holding claims leaves its rows to the
+others once the claims run out. A row is still sent twice now and then (a claim that ran out
+during a long outage, a kill between confirm and ``sent``), with the same message id both times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
+import uuid
+from datetime import timedelta
 
 from common import codec
 from common.bus.publisher import Publisher
 from common.catalogue import Catalogue
 from common.catalogue import outbox as db
+from common.catalogue.sql import utcnow
 from common.errors import InvalidMessage, Retryable, SpoolError
 from common.logging import get_logger
 
@@ -45,6 +53,7 @@ INTERVAL = 5.0  # seconds between looks when nobody kicks
 RETRY = 2.0  # seconds between attempts while the broker is away
 PUBLISH_TIMEOUT = 10.0  # a publish not confirmed by then counts as an outage
 PRUNE_EVERY = 300.0  # seconds between deletions of rows sent before the retention
+CLAIM = 60.0  # seconds the rows a relay read are its own to publish (several relays, one outbox)
 
 
 class OutboxRelay:
@@ -58,8 +67,12 @@ class OutboxRelay:
         interval: float = INTERVAL,
         retry: float = RETRY,
         publish_timeout: float = PUBLISH_TIMEOUT,
+        claim: float = CLAIM,
     ) -> None:
         self.catalogue = catalogue
+        # Who claims rows: unique per relay, readable in the table (host and pid).
+        self.claimant = f"relay@{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.claim = claim
         self.publisher = publisher
         self.batch = batch
         self.window = window
@@ -135,7 +148,10 @@ class OutboxRelay:
         async with self._lock:
             total = 0
             while True:
-                rows = await self.catalogue.outbox.unsent(self.batch)
+                now = utcnow()
+                rows = await self.catalogue.outbox.claim_unsent(
+                    self.batch, self.claimant, now, now + timedelta(seconds=self.claim)
+                )
                 if not rows:
                     break
                 sent, error = await self._publish(rows)

@@ -45,6 +45,16 @@ ENDPOINTS = {
 }
 
 
+async def pg_unreachable() -> str | None:
+    """Why PostgreSQL at ``PG_URL`` cannot be reached, or None when it answers."""
+    dsn = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        await (await asyncpg.connect(dsn, timeout=5)).close()
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL not reachable: {exc}"
+    return None
+
+
 # The session's migrated templates, made on first use (``_sqlite_template``, ``_pg_template``) and
 # removed when the session ends (``drop_templates``, from conftest's ``pytest_sessionfinish``).
 _TEMPLATES: dict[str, str] = {}

@@ -10,7 +10,7 @@ import pytest
 
 from bench.chaos.broker import available
 from bench.chaos.run import Options, run_chaos
-from tests.catalogue_fixtures import PG_REQUIRED, PG_URL
+from tests.catalogue_fixtures import PG_REQUIRED, PG_URL, pg_unreachable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,23 +21,11 @@ def _seed() -> int | None:
     return int(seed) if seed else None
 
 
-async def _postgres_reachable() -> str | None:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    dsn = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        await (await asyncpg.connect(dsn, timeout=5)).close()
-    except (OSError, asyncpg.PostgresError) as exc:
-        return f"PostgreSQL not reachable: {exc}"
-    return None
-
-
 @pytest.mark.parametrize("catalogue", ["sqlite", "postgresql"])
 async def test_faults_lose_nothing_duplicate_nothing_and_announce_every_fact(catalogue, tmp_path, capsys):
     if (why := available()) is not None:
         pytest.skip(why)
-    if catalogue == "postgresql" and (why := await _postgres_reachable()) is not None:
+    if catalogue == "postgresql" and (why := await pg_unreachable()) is not None:
         if PG_REQUIRED:
             pytest.fail(why)
         pytest.skip(why)

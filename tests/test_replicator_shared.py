@@ -291,6 +291,41 @@ async def test_two_instances_slots_hold_the_limit_together_and_leave_nothing_hel
     assert await a_cat.transfers.slot_holders("disk1", utcnow()) == {}
 
 
+async def test_an_instance_alone_keeps_its_slots_between_transfers_and_yields_when_another_waits(
+    instances,
+) -> None:
+    (a_cat, a), (b_cat, b) = instances[0], instances[1]
+    await a_cat.transfers.sync_slots({"disk1": 2})
+    a_slots, b_slots = EndpointSlots(a_cat, "disk1", 2, a.id), EndpointSlots(b_cat, "disk1", 2, b.id)
+    # Alone: transfers one after the other take the slot back instead of a release and a claim each.
+    for _ in range(40):
+        async with a_slots:
+            await asyncio.sleep(0.002)
+    assert a_slots.claims == 1
+    # Busy on both slots without a pause, a still lets b in: b waits, a learns it and releases.
+    stop = asyncio.Event()
+    most = Counter[str]()
+
+    async def busy() -> None:
+        while not stop.is_set():
+            async with a_slots:
+                most["held"] = max(
+                    most["held"], sum((await a_cat.transfers.slot_holders("disk1", utcnow())).values())
+                )
+                await asyncio.sleep(0.005)
+
+    workers = [asyncio.create_task(busy()) for _ in range(2)]
+    await wait_for(lambda: _held(a_cat, 2), timeout=10, interval=0.01)
+    async with b_slots:
+        assert (await a_cat.transfers.slot_holders("disk1", utcnow())).get(b.id) == 1
+    stop.set()
+    await asyncio.gather(*workers)
+    assert most["held"] <= 2  # never more than the endpoint's rows, kept ones included
+    for s in (a_slots, b_slots):
+        await s.close()
+    assert await a_cat.transfers.slot_holders("disk1", utcnow()) == {}
+
+
 async def _held(cat: Catalogue, n: int) -> bool:
     return sum((await cat.transfers.slot_holders("disk1", utcnow())).values()) == n
 

@@ -1,5 +1,7 @@
-"""A private RabbitMQ node for one chaos run: the machine's shared broker on 5672 serves other
-people, and a run stops its broker several times on purpose.
+"""The broker of a chaos run. ``PrivateBroker``: a private RabbitMQ node for one run (the
+machine's shared broker on 5672 serves other people, and a run stops its broker several times on
+purpose). ``ClusterBroker``: the three-node cluster of ``.ci/rabbitmq-cluster.sh``, the run in a
+vhost of its own, for the several-node run.
 
 Everything the node writes (Mnesia, logs, config, pid file, Erlang cookie) lives in a directory
 of its own; its AMQP and distribution ports are free ones picked at start, on the loopback
@@ -11,7 +13,9 @@ CLI). Measured on the 2-core development machine: the node boots in 6-7 s, ``sto
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -19,7 +23,10 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 # The Debian wrapper in /usr/sbin switches to the rabbitmq user when run as root, which drops
 # HOME and with it the private cookie: call the scripts it wraps when they are there.
@@ -64,6 +71,10 @@ class PrivateBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url]
 
     def _env(self) -> dict[str, str]:
         d = self.dir
@@ -161,3 +172,117 @@ class PrivateBroker:
             self.ctl("shutdown", timeout=60)
         self._kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClusterBroker:
+    """The three-node cluster of ``.ci/rabbitmq-cluster.sh`` (shared with the cluster tests), the run
+    kept to a vhost of its own: created at ``start()``, deleted with its queues at ``close()``, so
+    neither the tests' queues nor another run's are touched. A fault here is a node's Erlang VM
+    SIGKILLed (``kill``), a power cut rather than ``stop_app``, and booted again (``restart``).
+
+    Everything after the cluster is up goes through the management API, not ``rabbitmqctl``: on
+    the loaded 2-core machine each CLI call is an Erlang VM of its own taking seconds, and some
+    printed their answer and then did not exit (``ctl 3 ping`` hung a minute; a ``wait`` held the
+    cluster's ``start`` for minutes)."""
+
+    SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "rabbitmq-cluster.sh"
+    SERVICES = SCRIPT.parent / "services.sh"
+    NODES = (1, 2, 3)
+
+    def __init__(self, tag: str) -> None:
+        self.vhost = f"spool-chaos-{tag}"
+        self.base_port = int(os.environ.get("SPOOL_RABBIT_CLUSTER_PORT", "5681"))
+        self.boot_seconds = 0.0
+
+    def node_url(self, n: int) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.base_port + n - 1}/{self.vhost}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.node_url(n) for n in self.NODES]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def node(self, n: int) -> str:
+        return f"spool-c{n}@localhost"
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Call the management API of the first node that answers."""
+        auth = base64.b64encode(b"guest:guest").decode()
+        errors = []
+        for n in self.NODES:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.base_port + 10000 + n - 1}/api/{path}", method=method,
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+            )  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=15) as response:
+                    raw = response.read()
+                    return json.loads(raw) if raw else None
+            except OSError as exc:
+                errors.append(f"node {n}: {exc}")
+        raise OSError("; ".join(errors))
+
+    def running(self) -> set[str]:
+        try:
+            return {n["name"] for n in self.api("GET", "nodes") if n.get("running")}
+        except (OSError, ValueError):
+            return set()
+
+    def start(self) -> None:
+        """The cluster up (``services.sh rabbitmq-cluster`` when a node is not), then the vhost."""
+        t0 = time.monotonic()
+        if len(self.running()) < len(self.NODES):
+            done = subprocess.run(
+                ["bash", str(self.SERVICES), "rabbitmq-cluster"], capture_output=True, text=True, timeout=900
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the RabbitMQ cluster did not start:\n{done.stdout}{done.stderr}")
+        self.boot_seconds = time.monotonic() - t0
+        vhost = quote(self.vhost, safe="")
+        self.api("PUT", f"vhosts/{vhost}", {})
+        self.api("PUT", f"permissions/{vhost}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
+
+    def pid(self, n: int) -> int | None:
+        out = subprocess.run(["bash", str(self.SCRIPT), "pid", str(n)], capture_output=True, text=True)
+        return int(out.stdout) if out.stdout.strip().isdigit() else None
+
+    def kill(self, n: int) -> bool:
+        """SIGKILL node ``n``'s VM and wait until it is gone; False when it was not running."""
+        pid = self.pid(n)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.pid(n) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return True
+
+    def restart(self, n: int, timeout: float = 600) -> bool:
+        """Boot node ``n`` again (``rabbitmq-cluster.sh boot``) and wait until the management API
+        lists the three nodes running: the node rejoined the cluster."""
+        deadline = time.monotonic() + timeout
+        try:
+            booted = subprocess.run(
+                ["bash", str(self.SCRIPT), "boot", str(n)], capture_output=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        while booted.returncode == 0 and time.monotonic() < deadline:
+            if len(self.running()) == len(self.NODES):
+                return True
+            time.sleep(1)
+        return False
+
+    def close(self) -> None:
+        """Delete the run's vhost (and with it every queue of the run); a node the run left down
+        is booted again first, so the cluster is left as it was found."""
+        for n in self.NODES:
+            if self.pid(n) is None:
+                self.restart(n)
+        with contextlib.suppress(OSError):
+            self.api("DELETE", f"vhosts/{quote(self.vhost, safe='')}")

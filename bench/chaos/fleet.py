@@ -1,6 +1,10 @@
 """The daemons of a chaos run, each its own ``spool run <daemon>`` process, and what happened to
 them: started, killed, stopped, and every exit the harness did not ask for.
 
+One config file per node: with one, each daemon runs once (its key is the daemon's name); with
+several (the several-node run), each daemon runs once per node and its key is ``<daemon>@<node>``
+(``a``, ``b``, ... in the order of the files), so the instances' logs, starts and exits stay apart.
+
 A supervisor (``watch``) plays systemd's ``Restart=always``: whatever ends a daemon, it is started
 again after a short delay. An exit the harness did not cause is recorded with its code and the
 last lines of the daemon's log; exit 3 (broker or catalogue unreachable, the CLI's code for it)
@@ -36,7 +40,7 @@ def daemon_env() -> dict[str, str]:
 class Exit:
     """An exit the harness did not ask for."""
 
-    daemon: str
+    daemon: str  # the instance's key (``ingest`` or ``ingest@a``)
     code: int
     at: float  # seconds since the run started
     during_outage: bool
@@ -49,17 +53,24 @@ class Exit:
 
 @dataclass
 class Daemon:
-    name: str
+    name: str  # the instance's key: the daemon's name, or ``<daemon>@<node>`` with several nodes
+    daemon: str  # which daemon (one of DAEMONS)
+    config: Path
     process: subprocess.Popen[bytes] | None = None
     restart_at: float | None = None  # monotonic time of the next start, when not running
     stopping: bool = False  # the harness signalled it: its exit is expected
     starts: int = 0
     started_at: float = 0.0  # monotonic
+    pids: list[int] = field(default_factory=list)  # of every process started (heartbeats name them)
+
+
+def node_label(i: int) -> str:
+    return "abcdefghijklmnopqrstuvwxyz"[i]
 
 
 @dataclass
 class Fleet:
-    config: Path
+    configs: list[Path]  # one per node
     logs: Path
     t0: float = field(default_factory=time.monotonic)
     daemons: dict[str, Daemon] = field(default_factory=dict)
@@ -71,7 +82,25 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.daemons = {name: Daemon(name) for name in DAEMONS}
+        several = len(self.configs) > 1
+        self.daemons = {
+            key: Daemon(key, name, config)
+            for name in DAEMONS
+            for i, config in enumerate(self.configs)
+            for key in [f"{name}@{node_label(i)}" if several else name]
+        }
+
+    def instances(self, daemon: str) -> list[str]:
+        """The keys of a daemon's instances, in node order."""
+        return [k for k, d in self.daemons.items() if d.daemon == daemon]
+
+    def key_of_pid(self, pid: int) -> str | None:
+        return next((k for k, d in self.daemons.items() if pid in d.pids), None)
+
+    def live_pids(self) -> set[int]:
+        return {
+            d.process.pid for d in self.daemons.values() if d.process is not None and d.process.poll() is None
+        }
 
     def log_path(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -80,17 +109,18 @@ class Fleet:
         d = self.daemons[name]
         with self.log_path(name).open("ab") as out:
             d.process = subprocess.Popen(
-                [sys.executable, "-m", "daemons", "--config", str(self.config), "run", name],
+                [sys.executable, "-m", "daemons", "--config", str(d.config), "run", d.daemon],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO,
                 env=daemon_env(),
             )  # fmt: skip
         d.restart_at, d.stopping = None, False
         d.starts += 1
         d.started_at = time.monotonic()
+        d.pids.append(d.process.pid)
 
     def start_all(self) -> None:
-        for name in DAEMONS:
-            self.start(name)
+        for key in self.daemons:
+            self.start(key)
 
     def running(self, name: str) -> bool:
         p = self.daemons[name].process
@@ -155,7 +185,7 @@ class Fleet:
         """Every running daemon without a SIGTERM handler gets SIGABRT (its stacks go to its log);
         returns a line per such daemon with the top of its main thread's stack."""
         found = []
-        for name in DAEMONS:
+        for name in self.daemons:
             settled = time.monotonic() - self.daemons[name].started_at > 30  # imports done long ago
             if self.running(name) and settled and not self.handles_sigterm(name):
                 before = self.log_path(name).stat().st_size
@@ -180,7 +210,7 @@ class Fleet:
     async def stop_all(self, grace: float) -> list[tuple[str, int, bool]]:
         """SIGTERM every running daemon and wait; one still running after ``grace`` s is killed
         (its code then -999). Returns (daemon, code, serving) as ``term_codes``."""
-        signalled = {name: self.terminate(name) for name in DAEMONS}
+        signalled = {name: self.terminate(name) for name in self.daemons}
         codes = []
         for name, serving in signalled.items():
             if serving is None:
@@ -192,5 +222,5 @@ class Fleet:
         return codes
 
     def kill_all(self) -> None:
-        for name in DAEMONS:
+        for name in self.daemons:
             self.signal(name, signal.SIGKILL)

@@ -7,6 +7,8 @@ wrong); the harness prints them all and fails when one fails.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
@@ -21,7 +23,7 @@ from common.config import Settings
 from common.storage import is_temp_name
 
 from .events import Seen
-from .fleet import Exit
+from .fleet import DAEMONS, Exit, Fleet
 from .workload import Night, Recall
 
 PENDING = ("queued", "waiting", "archiving", "copying", "staging")
@@ -261,8 +263,9 @@ def event_checks(seen: Seen, night: Night, recalls: list[Recall]) -> Check:
         f"{k}: {len(w - s)} never published, e.g. {sorted(w - s)[:3]}" for k, (w, s) in want.items() if w - s
     ]
     dups = sum(seen.duplicates.values())
+    top = ", ".join(f"{k} {n}" for k, n in seen.duplicates.most_common(4)) or "none"
     return check("every fact published at least once (witness queue on '#')",
-                 f"{figure}; {dups} messages seen twice under one id", problems)  # fmt: skip
+                 f"{figure}; {dups} messages seen twice under one id ({top})", problems)  # fmt: skip
 
 
 Terms = list[tuple[str, int, bool]]  # daemon, exit code, serving when signalled
@@ -292,3 +295,89 @@ def _last_line(log: str) -> str:
         if "Error" in ln or "error" in ln:
             return ln[:240]
     return lines[-1][:240] if lines else "(empty log)"
+
+
+# Every place the catalogue names an instance as the holder of work (``instances.id``:
+# ``daemon@node:pid:random``); the role lease is the active monitor's.
+HOLDERS = {
+    "ingest claims": "SELECT holder FROM ingest_claims",
+    "tape copies archiving": "SELECT holder FROM replicas WHERE holder IS NOT NULL",
+    "recall files staging": "SELECT holder FROM recall_files WHERE holder IS NOT NULL",
+    "recall cartridges": "SELECT holder FROM recall_cartridges",
+    "transfer slots": "SELECT holder FROM transfer_slots WHERE holder IS NOT NULL",
+    "endpoint probes": "SELECT prober FROM storage_endpoints WHERE prober IS NOT NULL",
+    "role leases": "SELECT holder FROM role_leases",
+}
+
+
+def holder_pid(holder: str) -> int | None:
+    parts = holder.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+async def held_work(url: str, live: set[int]) -> Check:
+    """Once the run settled (daemons still running): nothing held by an instance whose process is
+    gone. A SIGKILLed instance's claims must have been taken over, not left behind."""
+    engine = create_async_engine(url)
+    held: dict[str, list[str]] = {}
+    try:
+        async with engine.connect() as c:
+            for what, sql in HOLDERS.items():
+                held[what] = [str(r[0]) for r in (await c.execute(text(sql))).all()]
+    finally:
+        await engine.dispose()
+    dead = [
+        f"{what}: held by {h} (process gone)"
+        for what, hs in held.items()
+        for h in hs
+        if holder_pid(h) not in live
+    ]
+    figure = ", ".join(f"{what} {len(hs)}" for what, hs in held.items() if hs) or "nothing"
+    return check("nothing held by a dead instance once settled", f"held: {figure}", dead)
+
+
+def shares(seen: Seen, fleet: Fleet) -> dict[str, dict[str, int]]:
+    """Per daemon, messages each instance processed (its processes' last heartbeats, summed: what
+    a process did after its last heartbeat before a SIGKILL is not counted)."""
+    out: dict[str, dict[str, int]] = {d: dict.fromkeys(fleet.instances(d), 0) for d in DAEMONS}
+    for (pid, _), (daemon, processed) in seen.processed.items():
+        key = fleet.key_of_pid(pid)
+        if key is not None and daemon in out:
+            out[daemon][key] += processed
+    return out
+
+
+def tape_files_written(fleet: Fleet) -> dict[str, int]:
+    """Per tape instance, files it wrote (its logs' ``archive_batch_done``): the tape daemon's work
+    is taken from the catalogue, its messages are few."""
+    out = {}
+    for key in fleet.instances("tape"):
+        written = 0
+        for line in fleet.log_path(key).read_text(errors="replace").splitlines():
+            if '"archive_batch_done"' in line:
+                with contextlib.suppress(ValueError):
+                    written += int(json.loads(line).get("written") or 0)
+        out[key] = written
+    return out
+
+
+def shares_check(seen: Seen, fleet: Fleet) -> Check:
+    """Both instances of a daemon serve (every work queue has a consumer per instance at the end:
+    the consuming check); here, who did the work. Ingest's instances share a queue of thousands
+    of messages, so each must have taken some. The others' shares are reported, not required: the
+    replicator and the tape daemon take their work from the catalogue in batches (one instance
+    may take every batch of a short run), the recall daemon gets a handful of requests, and the
+    monitor consumes on its active instance only (the standby takes over when that one dies)."""
+    per = shares(seen, fleet)
+    parts = [f"{d} " + "/".join(str(n) for n in by.values()) for d, by in per.items()]
+    parts.append("tape files written " + "/".join(str(n) for n in tape_files_written(fleet).values()))
+    idle = [f"{k} processed nothing" for k, n in per["ingest"].items() if not n]
+    return check(
+        "each ingest instance took a share (messages per instance, from heartbeats)", "; ".join(parts), idle
+    )
+
+
+def every_daemon_killed(kills: dict[str, int]) -> Check:
+    spared = [f"no instance of {d} was SIGKILLed" for d in DAEMONS if not kills.get(d)]
+    figure = ", ".join(f"{d} {n}" for d, n in kills.items())
+    return check("one instance of every daemon SIGKILLed at least once", figure, spared)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 import uuid
@@ -83,14 +84,30 @@ def make_night(landing: Path, files: int, datasets: int, rng: random.Random) -> 
     return Night(out, names, events)
 
 
-def write_config(path: Path, state: Path, amqp_url: str, catalogue_url: str, night: Night) -> Path:
+def write_config(
+    path: Path, state: Path, amqp_urls: list[str], catalogue_url: str, night: Night, *,
+    shared: Path | None = None, node: str | None = None, side_queues: str | None = None,
+) -> Path:  # fmt: skip
     """Two disk endpoints (disk1 for ingest, disk2 at another site), a tape pool in a simulated
-    library run 1,000x faster than LTO-9, short retry tiers, small tape batches."""
+    library run 1,000x faster than LTO-9, short retry tiers, small tape batches.
+
+    ``state`` is the node's own directory (its daemons' staging areas); ``shared`` (default:
+    ``state``) holds what every node reaches under the same names: the landing area, the storage
+    roots and the library. Several broker URLs: ``bus.urls``, the nodes of a cluster."""
+    shared = shared or state
     capacity = max(1_000_000, night.total_bytes // 6)  # the night fills about six cartridges
+    bus = f"urls = {json.dumps(amqp_urls)}" if len(amqp_urls) > 1 else f'url = "{amqp_urls[0]}"'
+    if side_queues:
+        bus += f'\nside_queues = "{side_queues}"'
+    node_line = f'node = "{node}"' if node else ""
+    # One instance may hold 256 file.ready at once; beside another, a smaller share each (what the
+    # operator guide asks of several instances), or the first to see a burst takes all of it.
+    ingest = "prefetch = 40\nconcurrency = 32" if node else "prefetch = 256\nconcurrency = 128"
     text = f"""
 state_dir = "{state}"
+{node_line}
 [bus]
-url = "{amqp_url}"
+{bus}
 retry_tiers = [0.5, 1, 2, 4]
 max_attempts = 10
 heartbeat_interval = 2
@@ -99,17 +116,17 @@ connect_timeout = 10
 [catalogue]
 url = "{catalogue_url}"
 [storage.disk1]
-root = "storage/disk1"
+root = "{shared}/storage/disk1"
 attributes = {{ site = "LOCAL" }}
 [storage.disk2]
-root = "storage/disk2"
+root = "{shared}/storage/disk2"
 attributes = {{ site = "PIC" }}
 [storage.tape1]
 kind = "tape"
 library = "default"
 attributes = {{ site = "LOCAL" }}
 [tape_libraries.default]
-root = "tape-library"
+root = "{shared}/tape-library"
 drives = 2
 pools = {{ tape1 = 2 }}
 scratch_cartridges = 12
@@ -134,7 +151,7 @@ breaker_failures = 5
 breaker_cooldown = 1
 breaker_max_cooldown = 5
 [landing_areas]
-lst1 = "landing"
+lst1 = "{shared}/landing"
 [rules.offsite]
 datasets = 'lst1\\..*\\.dl0'
 endpoints = "site=PIC&kind=disk"
@@ -144,8 +161,7 @@ datasets = 'lst1\\..*'
 endpoints = "kind=tape"
 copies = 1
 [daemons.ingest]
-prefetch = 256
-concurrency = 128
+{ingest}
 [monitor]
 http_host = "127.0.0.1"
 http_port = 0
@@ -179,18 +195,19 @@ async def pg_database(admin_url: str = PG_ADMIN_URL) -> AsyncIterator[str]:
 
 @dataclass
 class Publisher:
-    """Publishes JSON CloudEvents (persistent, mandatory, confirmed) on the private broker and
-    keeps trying through outages: a batch the broker did not confirm is sent again whole (an
-    event repeated under its id is a no-op for Spool)."""
+    """Publishes JSON CloudEvents (persistent, mandatory, confirmed) on the run's broker and
+    keeps trying through outages (on the next node of a cluster): a batch the broker did not
+    confirm is sent again whole (an event repeated under its id is a no-op for Spool)."""
 
-    url: str
+    urls: list[str]  # the broker's nodes: after a failure the next batch goes to the next one
     exchange: str = "spool"
     resent_batches: int = 0
     _connection: aio_pika.abc.AbstractConnection | None = None
+    _at: int = 0
 
     async def _channel(self) -> aio_pika.abc.AbstractChannel:
         if self._connection is None or self._connection.is_closed:
-            self._connection = await aio_pika.connect(self.url, timeout=5)
+            self._connection = await aio_pika.connect(self.urls[self._at % len(self.urls)], timeout=5)
         return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def send(self, events: list[tuple[str, dict[str, Any], str | None]], give_up: float = 600) -> None:
@@ -217,6 +234,7 @@ class Publisher:
                 if time.monotonic() > deadline:
                     raise
                 self.resent_batches += 1
+                self._at += 1
                 await self.close()
                 await asyncio.sleep(1.0)
 

@@ -132,7 +132,8 @@ async def _declare_daemon(
         # decision.
         raise ConfigError(
             f"a queue of {daemon!r} exists with other arguments than the configuration asks for "
-            f"({exc}); drain and delete it (rabbitmqctl delete_queue NAME) or restore the old settings"
+            f"({exc}); drain and delete it (rabbitmqctl delete_queue NAME) or restore the old settings "
+            "(after a change of bus.side_queues: spool broker convert-side-queues)"
         ) from None
 
 

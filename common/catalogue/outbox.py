@@ -63,7 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, or_, select, update
 
 from common import codec
 from common.catalogue import schema as s
@@ -107,6 +107,29 @@ def unsent(conn: Connection, limit: int) -> list[Pending]:
         .limit(limit)
     )
     return [Pending(int(q), i, k, bytes(b), c) for q, i, k, b, c in conn.execute(stmt)]
+
+
+def claim_unsent(
+    conn: Connection, limit: int, claimant: str, now: datetime, until: datetime
+) -> list[Pending]:
+    """The oldest ``limit`` unsent rows that no other relay is publishing (unclaimed, their claim
+    run out, or already ``claimant``'s), claimed for ``claimant`` until ``until``.
+
+    Several relays run over the one outbox (every process of a daemon that records facts runs one,
+    on every node); without claims each published every row. PostgreSQL: rows another relay is
+    claiming are skipped, not waited for; SQLite: the write lock serialises the claims."""
+    free = or_(o.c.claimed_until.is_(None), o.c.claimed_until < now, o.c.claimed_by == claimant)
+    stmt = (
+        select(o.c.seq, o.c.id, o.c.routing_key, o.c.body, o.c.correlation_id)
+        .where(o.c.sent.is_(None), free)
+        .order_by(o.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = [Pending(int(q), i, k, bytes(b), c) for q, i, k, b, c in conn.execute(stmt)]
+    for part in chunks([r.seq for r in rows]):
+        conn.execute(update(o).where(o.c.seq.in_(part)).values(claimed_by=claimant, claimed_until=until))
+    return rows
 
 
 def mark_sent(conn: Connection, seqs: Sequence[int]) -> None:

@@ -658,11 +658,6 @@ def waiting(
     return [(prio, rid, name) for prio, rid, name in conn.execute(stmt)]
 
 
-def endpoint_states(conn: Connection) -> dict[str, str]:
-    """The operator state of every endpoint, by name (the replicator polls it)."""
-    return {name: state for name, state in conn.execute(select(ep.c.name, ep.c.state))}
-
-
 def waiting_count(conn: Connection, storage: str) -> int:
     stmt = (
         select(func.count())

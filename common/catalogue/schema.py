@@ -440,6 +440,9 @@ class OutboxRow(Base):
     correlation_id: Mapped[str | None] = mapped_column(String(256))
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     sent: Mapped[datetime | None] = mapped_column(UTCDateTime)  # NULL: not confirmed yet
+    # The relay publishing it now, and until when (``outbox.claim_unsent``): other relays leave it.
+    claimed_by: Mapped[str | None] = mapped_column(String(MAX_HOLDER))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 # Core handles on the tables: the hot paths use Core statements (bulk, no unit of work).

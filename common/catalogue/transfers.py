@@ -126,6 +126,14 @@ def release_slots(conn: Connection, storage: str, holder: str, count: int, still
     return len(slots)
 
 
+def others_waiting(conn: Connection, storage: str, holder: str, now: datetime) -> bool:
+    """Whether a live instance other than ``holder`` waits for a slot of ``storage``."""
+    stmt = select(tw.c.holder).where(
+        tw.c.storage == storage, tw.c.holder != holder, tw.c.holder.in_(_live(now))
+    )
+    return conn.execute(stmt.limit(1)).first() is not None
+
+
 def release_all(conn: Connection, holder: str, storage: str | None = None) -> int:
     """Every slot ``holder`` holds (on ``storage``, or anywhere), and its waits: at a stop, or
     when an instance no longer knows what it holds (a claim whose answer was lost)."""

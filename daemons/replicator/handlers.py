@@ -154,7 +154,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             asyncio.create_task(
                 every(
                     rep.poll_interval,
-                    lambda: evaluate_new_rules(catalogue, publisher, settings),
+                    lambda: evaluate_new_rules(catalogue, publisher, settings, lease.id),
                     name="rules",
                     log=log,
                 )

@@ -7,10 +7,19 @@ saw the rule is in the catalogue, then walks the files the rule selects (dataset
 id order), locks their copies and publishes the requests, and finally marks the rule ``active``.
 A kill midway leaves the rule ``new``: the walk runs again from the start, and locks and requests
 are idempotent.
+
+Several replicator instances: each runs this loop, and a rule is walked by one of them at a time.
+Before its walk an instance takes the rule's role lease (``role_leases``, ``rule_role``) for
+``catalogue.lease_seconds``, extends it at every page and drops it at the end; the others leave
+the rule alone meanwhile (without it, each would lock and request every copy of a big rule once
+more). A holder killed midway lets its lease run out, and the next instance to look walks the rule
+from the start. An instance whose configuration does not know the rule's endpoints takes nothing
+(another node's rule), so it never keeps the node that can evaluate it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -31,8 +40,36 @@ def settle_time(settings: Settings) -> timedelta:
     return timedelta(seconds=3 * settings.replication.poll_interval)
 
 
-async def evaluate_new_rules(catalogue: Catalogue, publisher: Publisher, settings: Settings) -> int:
-    """Evaluate every rule that is due; returns how many copies were requested."""
+def rule_role(rule_id: str) -> str:
+    """The role lease of a rule's walk (a digest: a rule id may fill a role's 64 characters)."""
+    return "rule:" + hashlib.sha256(rule_id.encode()).hexdigest()[:40]
+
+
+class _Walk:
+    """The role lease of one rule's walk, held by ``holder`` (None: the only walker, no lease)."""
+
+    def __init__(self, catalogue: Catalogue, rule: Rule, holder: str | None, seconds: float) -> None:
+        self.catalogue, self.role, self.holder = catalogue, rule_role(rule.id), holder
+        self.seconds = seconds
+
+    async def take(self) -> bool:
+        """Take or extend the lease; False when another live instance holds it."""
+        if self.holder is None:
+            return True
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=self.seconds)
+        return await self.catalogue.instances.claim_role(self.role, self.holder, now, expires)
+
+    async def drop(self) -> None:
+        if self.holder is not None:
+            await self.catalogue.instances.release_role(self.role, self.holder)
+
+
+async def evaluate_new_rules(
+    catalogue: Catalogue, publisher: Publisher, settings: Settings, holder: str | None = None
+) -> int:
+    """Evaluate every rule that is due; returns how many copies were requested. ``holder``: this
+    instance's lease id, so that of several instances one walks each rule (None: the only one)."""
     settle = settle_time(settings)
     requested = 0
     endpoints = endpoint_table(settings)
@@ -45,7 +82,13 @@ async def evaluate_new_rules(catalogue: Catalogue, publisher: Publisher, setting
     for rule in due:
         if not rule.expression.select(endpoints):
             continue  # names endpoints this node does not know: another node's rule
-        requested += await _evaluate(catalogue, publisher, rule, every, endpoints)
+        walk = _Walk(catalogue, rule, holder, settings.catalogue.lease_seconds)
+        if not await walk.take():
+            continue  # another instance walks it now
+        try:
+            requested += await _evaluate(catalogue, publisher, rule, every, endpoints, walk)
+        finally:
+            await walk.drop()
     return requested
 
 
@@ -55,6 +98,7 @@ async def _evaluate(
     rule: Rule,
     every: list[Rule],
     endpoints: dict[str, dict[str, str]],
+    walk: _Walk,
 ) -> int:
     after, files, requested = (0, 0), 0, 0
     # The files' metadata is read only if some rule places by it.
@@ -74,6 +118,9 @@ async def _evaluate(
         files += len(page)
         requested += len(flat)
         after = page[-1].cursor
+        if not await walk.take():  # the lease ran out and another instance took the rule
+            log.warning("rule_walk_taken_over", rule=rule.id, files=files)
+            return requested
     await catalogue.replication.activate_rule(rule.id)
     log.info("rule_evaluated", rule=rule.id, files=files, requested=requested)
     return requested

@@ -28,11 +28,6 @@ class EndpointRepository(Repository):
         async with self._catalogue.connect() as conn:
             return await queries.endpoints(conn)
 
-    async def states(self) -> dict[str, str]:
-        """Operator state by endpoint name: ``all`` without the rest of each row (polled every
-        ``poll_interval``; the full rows, attributes decoded, cost ten times more)."""
-        return await self._catalogue.read(replication.endpoint_states)
-
     async def set_health(self, storage: str, health: str, reason: str | None = None) -> None:
         await self._catalogue.write(replication.set_health, storage, health, reason, retry=False)
 

@@ -19,6 +19,11 @@ class OutboxRepository(Repository):
     async def unsent(self, limit: int) -> list[db.Pending]:
         return await self._catalogue.read(db.unsent, limit)
 
+    async def claim_unsent(
+        self, limit: int, claimant: str, now: datetime, until: datetime
+    ) -> list[db.Pending]:
+        return await self._catalogue.write(db.claim_unsent, limit, claimant, now, until)
+
     async def mark_sent(self, seqs: Sequence[int]) -> None:
         await self._catalogue.write(db.mark_sent, seqs)
 

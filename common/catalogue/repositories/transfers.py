@@ -24,6 +24,9 @@ class TransferRepository(Repository):
     async def release_slots(self, storage: str, holder: str, count: int, still_waiting: bool) -> int:
         return await self._catalogue.write(db.release_slots, storage, holder, count, still_waiting)
 
+    async def others_waiting(self, storage: str, holder: str, now: datetime) -> bool:
+        return await self._catalogue.read(db.others_waiting, storage, holder, now)
+
     async def release_all(self, holder: str, storage: str | None = None) -> int:
         return await self._catalogue.write(db.release_all, holder, storage)
 

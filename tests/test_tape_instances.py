@@ -101,12 +101,20 @@ async def test_two_tape_daemons_share_a_library_and_the_survivor_settles_a_kille
                 held = await _archiving_of(settings)
                 return all(held.get(p.pid, 0) > 0 for p in procs) and await count_on(settings, "tape1") >= 60
 
-            await wait_for(both_writing, timeout=120, interval=0.05)
             victim = procs[0]
+            # Frozen first (SIGSTOP), then killed only while it holds copies: on a loaded machine
+            # its batch could end between a look and the kill, leaving nothing to settle.
+            left = 0
+            for _ in range(20):
+                await wait_for(both_writing, timeout=120, interval=0.05)
+                victim.send_signal(signal.SIGSTOP)
+                left = (await _archiving_of(settings)).get(victim.pid, 0)
+                if left > 0:
+                    break
+                victim.send_signal(signal.SIGCONT)
+            assert left > 0, "the victim never held copies of a batch when looked at"
             victim.send_signal(signal.SIGKILL)
             assert victim.wait(timeout=10) == -signal.SIGKILL
-            left = (await _archiving_of(settings)).get(victim.pid, 0)
-            assert left > 0, "the kill came after the victim's batch: nothing to settle"
             assert await count_on(settings, "tape1") < FILES, "the kill came too late to prove anything"
 
             await wait_for(lambda: _available(settings, FILES), timeout=240, interval=0.2)

@@ -21,10 +21,14 @@ and prunes rows sent long ago.
 The outbox is one table for the whole catalogue, and any relay publishes any unsent row: events
 a node left behind go out even if that node never comes back (on one host, ``spool run`` with
 several daemons runs several relays over it; several instances of a daemon, one each). A relay
-claims the rows it reads for ``claim`` seconds (``outbox.claim_unsent``), so the others take other
-rows instead of publishing the same ones; a relay killed holding claims leaves its rows to the
-others once the claims run out. A row is still sent twice now and then (a claim that ran out
-during a long outage, a kill between confirm and ``sent``), with the same message id both times.
+claims the rows it reads (``outbox.claim_unsent``) under its daemon's instance lease id
+(``holder``), for ``claim`` seconds at most, so the others take other rows instead of publishing
+the same ones. The claims of a relay that stops are released; those of a killed one are free as
+soon as its instance is dead (its lease run out, or at once when the daemon restarts on its node
+and forgets its predecessor). A relay without an instance (tests, tools) claims under an id no
+live instance has: its claims keep no other relay away. A row is still sent twice now and then (a
+claim that ran out during a long outage, a kill between confirm and ``sent``), with the same
+message id both times.
 """
 
 from __future__ import annotations
@@ -68,10 +72,11 @@ class OutboxRelay:
         retry: float = RETRY,
         publish_timeout: float = PUBLISH_TIMEOUT,
         claim: float = CLAIM,
+        holder: str | None = None,
     ) -> None:
         self.catalogue = catalogue
-        # Who claims rows: unique per relay, readable in the table (host and pid).
-        self.claimant = f"relay@{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Who claims rows: this daemon's instance, or an id of this relay's own (host and pid).
+        self.claimant = holder or f"relay@{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.claim = claim
         self.publisher = publisher
         self.batch = batch
@@ -121,10 +126,11 @@ class OutboxRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.outage:
-            return
-        with contextlib.suppress(Exception, TimeoutError):
-            await asyncio.wait_for(self.flush(), timeout=grace)
+        if not self.outage:
+            with contextlib.suppress(Exception, TimeoutError):
+                await asyncio.wait_for(self.flush(), timeout=grace)
+        with contextlib.suppress(Exception):  # else they are free once this instance is dead
+            await self.catalogue.outbox.release_claims(self.claimant)
 
     async def _run(self) -> None:
         while True:

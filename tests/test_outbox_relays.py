@@ -1,6 +1,7 @@
 """Several outbox relays over one catalogue (every process of a daemon runs one; several
-instances, several relays): each row is published by one of them, and the rows a killed relay
-had claimed go out through another once its claim runs out (SQLite and PostgreSQL)."""
+instances, several relays): each row is published by one of them, a stopping relay releases its
+claims, and the rows a killed instance's relay had claimed go out through another once that
+instance is dead (SQLite and PostgreSQL)."""
 
 # ruff: noqa: F811
 
@@ -13,6 +14,7 @@ from datetime import timedelta
 from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue.sql import utcnow
+from common.instance import InstanceLease
 from common.messages import FileArchived, Message, fact_id
 from daemons.relay import OutboxRelay
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
@@ -41,23 +43,39 @@ async def test_two_relays_publish_each_row_once_and_a_dead_relays_claims_run_out
     try:
         await first.outbox.add([archived(i) for i in range(ROWS)])
         a, b = SlowBroker(), SlowBroker()
-        relays = [OutboxRelay(first, a, batch=50, window=10), OutboxRelay(second, b, batch=50, window=10)]
+        # Two daemon instances, live (their leases held), each with its relay.
+        la, lb = InstanceLease(first, "tape", "node-a", 30), InstanceLease(second, "tape", "node-b", 30)
+        await la.start()
+        await lb.start()
+        relays = [
+            OutboxRelay(first, a, batch=50, window=10, holder=la.id),
+            OutboxRelay(second, b, batch=50, window=10, holder=lb.id),
+        ]
         sent = await asyncio.gather(*(r.flush() for r in relays))
         assert sum(sent) == ROWS and await first.outbox.backlog() == 0
         ids = Counter(m.id for m in a.published + b.published)
         assert len(ids) == ROWS and set(ids.values()) == {1}  # each event once, none lost
 
-        # A relay killed after claiming rows: another leaves them while the claim stands ...
-        await first.outbox.add([archived(i) for i in range(ROWS, ROWS + 20)])
+        # A relay stopping releases what it claimed and did not send.
+        await first.outbox.add([archived(i) for i in range(ROWS, ROWS + 10)])
         now = utcnow()
-        taken = await first.outbox.claim_unsent(100, "relay@dead:1:x", now, now + timedelta(seconds=1))
-        assert len(taken) == 20
+        assert len(await first.outbox.claim_unsent(100, la.id, now, now + timedelta(seconds=60))) == 10
+        assert await relays[1].flush() == 0  # a's, while a lives
+        await OutboxRelay(first, RecordingPublisher(), holder=la.id, publish_timeout=0.01).close(grace=0)
+        assert await relays[1].flush() == 10
+
+        # A live instance killed after claiming rows: the others leave them while its lease
+        # stands, and publish them once it is dead.
+        await first.outbox.add([archived(i) for i in range(ROWS + 10, ROWS + 30)])
+        now = utcnow()
+        assert len(await first.outbox.claim_unsent(100, la.id, now, now + timedelta(seconds=60))) == 20
         survivor = SlowBroker()
-        relay = OutboxRelay(second, survivor)
+        relay = OutboxRelay(second, survivor, holder=lb.id)
         assert await relay.flush() == 0
-        await asyncio.sleep(1.1)  # ... and publishes them once it has run out.
+        await la.stop()  # its lease gone: as a restarted daemon forgets its killed predecessor
         assert await relay.flush() == 20
-        assert sorted(m.fseq for m in survivor.published) == list(range(ROWS, ROWS + 20))
+        assert sorted(m.fseq for m in survivor.published) == list(range(ROWS + 10, ROWS + 30))
+        await lb.stop()
     finally:
         await first.close()
         await second.close()

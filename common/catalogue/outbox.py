@@ -67,6 +67,7 @@ from sqlalchemy import Connection, delete, func, or_, select, update
 
 from common import codec
 from common.catalogue import schema as s
+from common.catalogue.instances import held_by_dead
 from common.catalogue.sql import chunks, insert_ignore_sync, utcnow
 from common.messages import Message
 
@@ -118,7 +119,9 @@ def claim_unsent(
     Several relays run over the one outbox (every process of a daemon that records facts runs one,
     on every node); without claims each published every row. PostgreSQL: rows another relay is
     claiming are skipped, not waited for; SQLite: the write lock serialises the claims."""
-    free = or_(o.c.claimed_until.is_(None), o.c.claimed_until < now, o.c.claimed_by == claimant)
+    # Free: never claimed, its claim run out, or its claimant not a live instance (a relay of a
+    # killed daemon, at once when the daemon restarts on its node and forgets its predecessor).
+    free = or_(held_by_dead(o.c.claimed_by, now), o.c.claimed_until < now, o.c.claimed_by == claimant)
     stmt = (
         select(o.c.seq, o.c.id, o.c.routing_key, o.c.body, o.c.correlation_id)
         .where(o.c.sent.is_(None), free)
@@ -130,6 +133,15 @@ def claim_unsent(
     for part in chunks([r.seq for r in rows]):
         conn.execute(update(o).where(o.c.seq.in_(part)).values(claimed_by=claimant, claimed_until=until))
     return rows
+
+
+def release_claims(conn: Connection, claimant: str) -> None:
+    """The unsent rows ``claimant`` claimed are anyone's again (its relay stops)."""
+    conn.execute(
+        update(o)
+        .where(o.c.claimed_by == claimant, o.c.sent.is_(None))
+        .values(claimed_by=None, claimed_until=None)
+    )
 
 
 def mark_sent(conn: Connection, seqs: Sequence[int]) -> None:

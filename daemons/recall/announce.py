@@ -75,14 +75,21 @@ def recall_completed(c: db.Completion) -> RecallCompleted:
 
 
 class Announcer:
-    def __init__(self, catalogue: Catalogue, publisher: Publisher, queue_prefix: str = "spool") -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        publisher: Publisher,
+        queue_prefix: str = "spool",
+        holder: str | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.publisher = publisher
         # Replies go only to reply queues (``common.bus.admission``): the runner refuses a request
         # with another ``reply_to``, and a ``reply_to`` stored before that rule is checked again here.
         self.queue_prefix = queue_prefix
         self.behind = False  # something could not be published: ``flush`` retries it
-        self.relay = OutboxRelay(catalogue, publisher)  # the generic outbox (``tape.mounted``)
+        # The generic outbox (``tape.mounted``), its rows claimed under this instance's lease.
+        self.relay = OutboxRelay(catalogue, publisher, holder=holder)
 
     async def publish(self, settled: db.Settled) -> bool:
         """Publish and flag as announced; False (and ``behind``) when the broker refused."""

@@ -87,7 +87,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             library = await open_library(settings.tape_libraries[name])
             stack.push_async_callback(library.close)
             libraries[name] = library
-        announcer = Announcer(catalogue, publisher, settings.bus.queue_prefix)
+        announcer = Announcer(catalogue, publisher, settings.bus.queue_prefix, holder=lease.id)
         scheduler = Scheduler(
             catalogue=catalogue,
             libraries=libraries,

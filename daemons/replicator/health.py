@@ -88,10 +88,10 @@ class EndpointHealth:
         rep = settings.replication
         self.catalogue = catalogue
         self.publisher = publisher
-        self.relay = OutboxRelay(catalogue, publisher)
         # This instance's lease id (the prober it names); a test without a lease gets an id no
         # live instance has.
         self.instance = instance or new_instance_id("replicator", settings.node)
+        self.relay = OutboxRelay(catalogue, publisher, holder=self.instance)
         self.cooldown, self.max_cooldown = rep.breaker_cooldown, rep.breaker_max_cooldown
         self.counts = {
             name: FailureCount(rep.breaker_failures)

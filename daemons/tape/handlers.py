@@ -86,7 +86,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             if endpoint.kind == "disk":  # posix or remote: ``writer`` stages a remote copy here
                 storages[name] = open_storage(name, endpoint)
                 stack.push_async_callback(storages[name].aclose)
-        relay = OutboxRelay(catalogue, publisher)
+        relay = OutboxRelay(catalogue, publisher, holder=lease.id)
         stack.push_async_callback(relay.close, settings.bus.stop_grace)
         await relay.start()
         scheduler = Scheduler(settings, catalogue, relay, libraries, targets, storages, lease)

@@ -24,6 +24,9 @@ class OutboxRepository(Repository):
     ) -> list[db.Pending]:
         return await self._catalogue.write(db.claim_unsent, limit, claimant, now, until)
 
+    async def release_claims(self, claimant: str) -> None:
+        await self._catalogue.write(db.release_claims, claimant)
+
     async def mark_sent(self, seqs: Sequence[int]) -> None:
         await self._catalogue.write(db.mark_sent, seqs)
 

@@ -95,7 +95,14 @@ async def test_full_destination_disk_is_classified_paused_and_recovers(tmp_path,
             watch = await events_of(broker, settings, "endpoint.*")
             await publish_ready(broker, settings, files)
             await wait_for(lambda: _health_is(settings, "disk2", "paused"), timeout=60)
-            paused = await drain(watch)
+            # The event goes out through the outbox after the pause's commit: wait for it.
+            paused: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+
+            async def heard() -> bool:
+                paused.extend(await drain(watch))
+                return bool(paused)
+
+            await wait_for(heard, timeout=30)
             assert paused[0][0] == "endpoint.paused" and paused[0][1]["reason"] == "disk_full"
             remount(root, "size=16m")  # the operator adds space
             await wait_for(lambda: all_copied(settings, 12), timeout=60)

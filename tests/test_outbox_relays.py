@@ -15,19 +15,12 @@ from common.bus.publisher import RecordingPublisher
 from common.catalogue import Catalogue
 from common.catalogue.sql import utcnow
 from common.instance import InstanceLease
-from common.messages import FileArchived, Message, fact_id
+from common.messages import Message
 from daemons.relay import OutboxRelay
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
+from tests.test_outbox import archived
 
 ROWS = 300
-
-
-def archived(i: int) -> FileArchived:
-    name = f"run1/f{i:04d}.fits"
-    return FileArchived(
-        id=fact_id("file.archived", "tape1", name, "A00001", str(i)),
-        name=name, storage="tape1", cartridge="A00001", fseq=i,
-    )  # fmt: skip
 
 
 class SlowBroker(RecordingPublisher):

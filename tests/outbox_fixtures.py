@@ -13,7 +13,17 @@ import pytest
 from common.bus.publisher import AmqpPublisher
 from common.catalogue import Catalogue
 from common.config import Settings
+from common.messages import FileArchived, fact_id
 from tests.conftest import wait_for
+
+
+def archived(i: int) -> FileArchived:
+    """A ``file.archived`` event of file ``i`` (its fact id derived as the tape writer's)."""
+    name = f"run1/f{i:03d}.fits"
+    return FileArchived(
+        id=fact_id("file.archived", "tape1", name, "A00001", str(i)),
+        name=name, storage="tape1", cartridge="A00001", fseq=i,
+    )  # fmt: skip
 
 
 @pytest.fixture

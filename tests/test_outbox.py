@@ -17,21 +17,13 @@ from structlog.testing import capture_logs
 
 from common.catalogue import schema as s
 from common.catalogue.sql import utcnow
-from common.messages import FileArchived, FileFailed, TapeMounted, fact_id
+from common.messages import FileFailed, TapeMounted
 from daemons.recall.announce import Announcer
 from daemons.relay import OutboxRelay
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
-from tests.outbox_fixtures import cat, dead, listener, live, nothing_more, received  # noqa: F401
+from tests.outbox_fixtures import archived, cat, dead, listener, live, nothing_more, received  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-
-def archived(i: int) -> FileArchived:
-    name = f"run1/f{i:03d}.fits"
-    return FileArchived(
-        id=fact_id("file.archived", "tape1", name, "A00001", str(i)),
-        name=name, storage="tape1", cartridge="A00001", fseq=i,
-    )  # fmt: skip
 
 
 def _unsent_again(conn: Connection) -> None:

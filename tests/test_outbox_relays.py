@@ -18,7 +18,7 @@ from common.instance import InstanceLease
 from common.messages import Message
 from daemons.relay import OutboxRelay
 from tests.catalogue_fixtures import catalogue_url  # noqa: F401
-from tests.test_outbox import archived
+from tests.outbox_fixtures import archived
 
 ROWS = 300
 

@@ -111,7 +111,14 @@ async def test_full_export_is_disk_full_paused_and_recovers_when_space_is_added(
             watch = await events_of(broker, settings, "endpoint.*")
             await publish_ready(broker, settings, files)
             await wait_for(lambda: health_is(settings, "remote", "paused"), timeout=120)
-            paused = await drain(watch)
+            # The event goes out through the outbox after the pause's commit: wait for it.
+            paused: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+
+            async def heard() -> bool:
+                paused.extend(await drain(watch))
+                return bool(paused)
+
+            await wait_for(heard, timeout=30)
             assert paused[0][0] == "endpoint.paused" and paused[0][1]["reason"] == "disk_full"
             # Nothing partial under a final name while full: every file there is complete.
             for path, content in files:

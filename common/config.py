@@ -664,6 +664,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         self.state_dir = self.state_dir.expanduser().absolute()
+        # Resolving writes into the endpoints and libraries (roots made absolute, a tape endpoint's
+        # backend and pool): on copies, never on models the caller passed in and may pass to
+        # another Settings with another state_dir (pydantic keeps given instances as they are).
+        self.storage = {name: ep.model_copy() for name, ep in self.storage.items()}
+        self.tape_libraries = {name: lib.model_copy() for name, lib in self.tape_libraries.items()}
         for name, ep in self.storage.items():
             if ep.kind == "tape":
                 ep.backend = "simulated"

@@ -91,3 +91,24 @@ def test_the_replicator_holds_fewer_messages_than_ingest_and_a_key_given_overrid
     settings = load_settings(path)
     assert (settings.daemon("replicator").prefetch, settings.daemon("replicator").concurrency) == (32, 8)
     assert (settings.daemon("ingest").prefetch, settings.daemon("ingest").concurrency) == (64, 256)
+
+
+def test_settings_resolve_copies_of_the_endpoints_given_never_the_callers_own(tmp_path: Path):
+    from common.config import Settings, StorageEndpoint
+    from common.tape.config import SimulatedLibraryConfig
+
+    disk = StorageEndpoint(root=Path("disk"))
+    tape = StorageEndpoint(kind="tape", library="lib")
+    lib = SimulatedLibraryConfig(root=Path("library"))
+    given = {"storage": {"disk1": disk, "tape1": tape}, "tape_libraries": {"lib": lib}}
+
+    a = Settings(state_dir=tmp_path / "a", **given)
+    b = Settings(state_dir=tmp_path / "b", **given)
+
+    assert a.storage["disk1"].root == tmp_path / "a" / "disk"
+    assert b.storage["disk1"].root == tmp_path / "b" / "disk"
+    assert b.storage["tape1"].root == tmp_path / "b" / "library"
+    assert b.tape_libraries["lib"].root == tmp_path / "b" / "library"
+    # What the caller holds is as it was given: relative, tape backend and pool unset.
+    assert disk.root == Path("disk") and lib.root == Path("library")
+    assert tape.backend != "simulated" and tape.pool is None

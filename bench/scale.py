@@ -21,6 +21,11 @@ processes (``python -m daemons --config CFG run <daemon>``, as ``bench/night.py`
   first holds is what the second can never have). Timed from the first start (the rate is for
   information: it includes a start-up).
 
+- ``... x1 queued``, ``... x2 queued``: the same work queued first, every instance started at
+  once, the clock started when the last one consumes (the files done before it are not counted):
+  two against one without the bench's own publishing sharing the cores and setting the pace, so
+  what is left between the two rates is what a second instance costs (``..._two_of_one_queued``).
+
 For each phase: files/s, each instance's share of the work (the messages it handled, from its
 last ``daemon.heartbeat``: ``processed``; an ingest message is a file, a replicator message is a
 bulk request of up to ``BULK`` files), CPU seconds per daemon process (its children included;
@@ -102,6 +107,7 @@ class Phase:
     instances: int
     catalogue: str  # "postgresql" or "sqlite"
     backlog: bool = False  # queued first, instances started one after the other
+    queued: bool = False  # queued first, every instance started at once, timed once all consume
 
 
 PHASES = (
@@ -109,9 +115,13 @@ PHASES = (
     Phase("ingest x2", "ingest", 2, "postgresql"),
     Phase("ingest x1 sqlite", "ingest", 1, "sqlite"),
     Phase("ingest x2 backlog", "ingest", 2, "postgresql", backlog=True),
+    Phase("ingest x1 queued", "ingest", 1, "postgresql", queued=True),
+    Phase("ingest x2 queued", "ingest", 2, "postgresql", queued=True),
     Phase("replicator x1", "replicator", 1, "postgresql"),
     Phase("replicator x2", "replicator", 2, "postgresql"),
     Phase("replicator x2 backlog", "replicator", 2, "postgresql", backlog=True),
+    Phase("replicator x1 queued", "replicator", 1, "postgresql", queued=True),
+    Phase("replicator x2 queued", "replicator", 2, "postgresql", queued=True),
 )
 STAGE = {"ingest": "registered", "replicator": "offsite"}  # bench.night.stage_counts' key
 
@@ -318,7 +328,9 @@ class Result:
 
     @property
     def rate(self) -> float:
-        return self.files / self.seconds
+        # A queued phase whose first instance did everything before the last one consumed has
+        # no files left to time (a tiny run only).
+        return self.files / self.seconds if self.files else 0.0
 
 
 async def run_phase(args: argparse.Namespace, state: Path, work: Work, phase: Phase, round_: int) -> Result:
@@ -358,7 +370,20 @@ async def _measure(
     joining: asyncio.Task[int] | None = None
     published = 0.0
     queued: int | None = None  # backlog: messages in the queue before the first instance started
-    if phase.backlog:
+    counted = 0  # queued: files done before the clock started (while the instances came up)
+    daemon_cpu0: dict[int, float] = {}  # from 0 but in a queued phase (an instance joining later too)
+    if phase.queued:
+        await prepare_catalogue(url, settings, phase, work)
+        await publish_work(connection, url, settings, phase, work)
+        info = await queue_info(connection, queue)
+        queued = info[0] if info else None
+        instances.extend(start_instance(config, phase.daemon, k, logs) for k in range(phase.instances))
+        await wait_consumers(connection, queue, phase.instances, instances)
+        cpu0 = others_cpu(clock, postgres)
+        daemon_cpu0 = {i.index: i.sampler.cpu for i in instances}
+        t0 = time.monotonic()
+        counted = (await stage_counts(engine))[STAGE[phase.daemon]]
+    elif phase.backlog:
         await prepare_catalogue(url, settings, phase, work)
         t0 = time.monotonic()
         await publish_work(connection, url, settings, phase, work)
@@ -378,7 +403,6 @@ async def _measure(
         cpu0 = others_cpu(clock, postgres)
         t0 = time.monotonic()
         publishing = asyncio.create_task(publish_work(connection, url, settings, phase, work))
-    daemon_cpu0: dict[int, float] = {}  # an instance joining later starts from 0
     progress, stage = Progress(), STAGE[phase.daemon]
     last_n, last_change = 0, t0
     left: int | None = None
@@ -427,7 +451,7 @@ async def _measure(
     cpu = {f"{phase.daemon}-{i.index}": i.sampler.cpu - daemon_cpu0.get(i.index, 0.0) for i in instances}
     after = others_cpu(clock, postgres)
     cpu |= {k: after[k] - cpu0[k] for k in after if k in cpu0}
-    return Result(phase.name, round_, total, last_n, end - t0, published, shares, cpu, left, queued)
+    return Result(phase.name, round_, total - counted, last_n, end - t0, published, shares, cpu, left, queued)
 
 
 async def _second_joins(
@@ -479,6 +503,8 @@ def summarize(results: list[Result], phases: list[Phase]) -> dict[str, Any]:
         "ingest_two_of_one": ratio("ingest x2", "ingest x1"),
         "replicator_two_of_one": ratio("replicator x2", "replicator x1"),
         "ingest_postgresql_of_sqlite": ratio("ingest x1", "ingest x1 sqlite"),
+        "ingest_two_of_one_queued": ratio("ingest x2 queued", "ingest x1 queued"),
+        "replicator_two_of_one_queued": ratio("replicator x2 queued", "replicator x1 queued"),
     }
     return out
 
@@ -503,8 +529,11 @@ def report(f: dict[str, Any]) -> None:
                 "prefetch at once, then one for each it finished)"
             )
     print("  publish s: publishing the work (consumed meanwhile: near 'seconds', the publishing set the"
-          " pace, not the daemons; a backlog is queued before the clock starts)\n")  # fmt: skip
+          " pace, not the daemons; a backlog is queued before the clock starts; a queued phase's clock"
+          " starts once every instance consumes, its rate counts the files done after)\n")  # fmt: skip
     targets = {"ingest_two_of_one": TARGET_TWO_OF_ONE, "replicator_two_of_one": TARGET_TWO_OF_ONE,
+               "ingest_two_of_one_queued": TARGET_TWO_OF_ONE,
+               "replicator_two_of_one_queued": TARGET_TWO_OF_ONE,
                "ingest_postgresql_of_sqlite": TARGET_PG_OF_SQLITE}  # fmt: skip
     for key, target in targets.items():
         value = f["ratios"].get(key)

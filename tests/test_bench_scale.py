@@ -34,7 +34,10 @@ def test_a_tiny_scale_run_has_every_phase_and_shares_the_work(tmp_path):
     for phase in PHASES:
         f = figures["phases"][phase.name]
         assert f["files_done"] == FILES, phase.name
-        assert f["rate"] > 0 and f["seconds"] > 0, phase.name
+        if phase.queued:  # timed once every instance consumes: at this size all may be done by then
+            assert f["rate"] >= 0 and f["seconds"] >= 0, phase.name
+        else:
+            assert f["rate"] > 0 and f["seconds"] > 0, phase.name
         assert len(f["messages"]) == phase.instances, phase.name
         assert all(cpu >= 0 for cpu in f["cpu_seconds"].values()), phase.name
         handled = sum(f["messages"].values())
@@ -42,11 +45,12 @@ def test_a_tiny_scale_run_has_every_phase_and_shares_the_work(tmp_path):
             assert handled == FILES, phase.name
         else:  # bulk requests of up to 256 files
             assert handled >= 3, phase.name
-        if phase.instances == 2 and not phase.backlog:
+        if phase.instances == 2 and not (phase.backlog or phase.queued):
             assert all(share > 0 for share in f["shares"].values()), (phase.name, f["messages"])
         if phase.backlog:  # what the first instance left in the queue for the second is reported
             assert f["left_for_second"] is not None and f["left_for_second"] >= 0, phase.name
     ratios = figures["ratios"]
     for key in ("ingest_two_of_one", "replicator_two_of_one", "ingest_postgresql_of_sqlite"):
         assert ratios[key] > 0, key
+    assert "ingest_two_of_one_queued" in ratios and "replicator_two_of_one_queued" in ratios
     assert figures["cpus"] >= 1

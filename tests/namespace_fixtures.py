@@ -4,7 +4,15 @@ names holding LIKE's wildcards ``%`` and ``_``, spread over two datasets and thr
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from prometheus_client import CollectorRegistry
+
 from common.catalogue import Catalogue
+from daemons.monitor.api import QueryApi
+from daemons.monitor.web import WebServer
 from tests.catalogue_fixtures import rec
 
 # name -> (dataset, size, metadata)
@@ -35,3 +43,32 @@ async def plant_tree(catalogue: Catalogue) -> None:
     await catalogue.replication.set_replica(
         name="lst1/run1/a.fits", storage="tape1", pfn="T0001/1", state="copying", cartridge="T0001", fseq=1
     )
+
+
+TOKEN = "s3cret-api-token"
+
+
+@asynccontextmanager
+async def api_server(catalogue_url: str, *, token: str | None = TOKEN) -> AsyncIterator[str]:
+    """The monitor's web server with the query API on ``catalogue_url``, on a free loopback
+    port; yields its base URL (``http://127.0.0.1:PORT``)."""
+    web = WebServer(CollectorRegistry(), lambda: {}, token=token, api=QueryApi(catalogue_url))
+    await web.start("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{web.port}"
+    finally:
+        await web.stop()
+
+
+@pytest.fixture
+async def planted(catalogue: Catalogue) -> Catalogue:
+    """``catalogue`` (SQLite and PostgreSQL) holding ``TREE``."""
+    await plant_tree(catalogue)
+    return catalogue
+
+
+@pytest.fixture
+async def api(planted: Catalogue, catalogue_url: str) -> AsyncIterator[str]:
+    """The base URL of a query API on ``planted``'s catalogue, protected by ``TOKEN``."""
+    async with api_server(catalogue_url) as url:
+        yield url

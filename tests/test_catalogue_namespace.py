@@ -33,7 +33,11 @@ async def test_directory_lists_subdirectories_with_counts_and_files(catalogue: C
         ("run_", "directory", 1, 70),
     ]
     run1 = await catalogue.namespace.list_directory("lst1/run1")
-    assert entries(run1) == [("a.fits", "file", 1, 10), ("b.fits", "file", 1, 20), ("sub", "directory", 1, 30)]
+    assert entries(run1) == [
+        ("a.fits", "file", 1, 10),
+        ("b.fits", "file", 1, 20),
+        ("sub", "directory", 1, 30),
+    ]
     assert [e.path for e in run1] == ["lst1/run1/a.fits", "lst1/run1/b.fits", "lst1/run1/sub"]
 
 

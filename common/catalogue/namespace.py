@@ -185,7 +185,9 @@ async def exists(conn: AsyncConnection, names: Sequence[str]) -> list[Existence]
     for name in names:
         is_file = await conn.scalar(select(f.c.id).where(f.c.name == name).limit(1)) is not None
         prefix = directory_of(name)
-        is_dir = bool(prefix) and await conn.scalar(select(f.c.id).where(*_under(prefix)).limit(1)) is not None
+        is_dir = (
+            bool(prefix) and await conn.scalar(select(f.c.id).where(*_under(prefix)).limit(1)) is not None
+        )
         out.append(Existence(name, is_file, is_dir))
     return out
 

@@ -21,8 +21,8 @@ async def test_directory_lists_subdirectories_with_counts_and_files(catalogue: C
     await plant_tree(catalogue)
     assert entries(await catalogue.namespace.list_directory("")) == [
         ("lst1", "directory", 8, 360),
-        ("lst2", "directory", 1, 90),
         ("lst2", "file", 1, 5),
+        ("lst2", "directory", 1, 90),
     ]
     assert entries(await catalogue.namespace.list_directory("/lst1/")) == [
         ("run%", "directory", 1, 60),
@@ -61,8 +61,8 @@ async def test_directory_pages_follow_each_other_without_gap_or_repeat(catalogue
         after = (page[-1].name, 1 if page[-1].kind == "directory" else 0)
     assert seen == whole and len(whole) == 6
     # A file and a directory of one name are two keys: the page boundary between them holds.
-    top = await catalogue.namespace.list_directory("", after=("lst2", 1), limit=5)
-    assert entries(top) == [("lst2", "file", 1, 5)]
+    top = await catalogue.namespace.list_directory("", after=("lst2", 0), limit=5)
+    assert entries(top) == [("lst2", "directory", 1, 90)]
 
 
 async def test_directory_size_counts_copies_per_endpoint_and_state(catalogue: Catalogue) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, func, literal, select, text, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
@@ -34,6 +34,8 @@ from common.catalogue.sql import chunks
 f, d, r, ep, fm = s.files, s.datasets, s.replicas, s.storage_endpoints, s.file_metadata
 
 EntryKind = Literal["directory", "file"]
+# Range aggregates per statement in a directory listing (SQLite allows 500 SELECTs in a compound).
+_COMPOUND = 200
 # getMetadataFields walks the distinct keys one index seek each; past this many it stops.
 MAX_FIELDS = 10_000
 
@@ -126,40 +128,86 @@ def _under(prefix: str) -> list[ColumnElement[bool]]:
     return [_starts_with(f.c.name, prefix)] if prefix else []
 
 
-def _position(conn: AsyncConnection, text: Any, needle: str) -> Any:
-    """1-based position of ``needle`` in ``text``, 0 when absent (``instr`` / ``strpos``)."""
-    fn = func.instr if conn.dialect.name == "sqlite" else func.strpos
-    return fn(text, literal(needle))
-
-
 async def list_directory(
     conn: AsyncConnection, path: str, *, after: tuple[str, int] | None, limit: int
 ) -> list[Entry]:
-    """The entries right under ``path``, by name (a directory before a file of the same name).
+    """The entries right under ``path``, in the order of their names with a directory's read as
+    ``name/`` (a file ``a`` comes before a directory ``a``, a file ``a-b`` too, since '-' < '/').
 
-    One grouping over the names below ``path``: each name is cut after the directory's prefix, up
-    to its next '/'. ``after``: ``(name, 1 for a directory / 0 for a file)`` of the last entry seen.
+    Found by a *skip scan* of the name index (one recursive statement, ``_walk_sql``): from the first name
+    below ``path``, each step seeks the first name beyond the entry just found, leaping over a whole
+    sub-directory (every name starting with ``dir/`` is below ``dir0``). A page of entries costs
+    one seek each, however many files lie below them; then each directory's files and bytes are
+    one range of the index (``_sizes``). ``after``: ``(name, 1 for a directory / 0 for a file)``
+    of the last entry seen.
     """
     prefix = directory_of(path)
-    rest = func.substr(f.c.name, len(prefix) + 1)
-    slash = _position(conn, rest, "/")
-    component = case((slash == 0, rest), else_=func.substr(rest, 1, slash - 1)).label("component")
-    is_dir = case((slash > 0, 1), else_=0).label("is_dir")
-    below = select(component, is_dir, f.c.size).where(*_under(prefix)).subquery()
-    stmt = select(below.c.component, below.c.is_dir, func.count(), func.sum(below.c.size)).group_by(
-        below.c.component, below.c.is_dir
+    if after is None:
+        start, strictly = prefix, False
+    elif after[1]:
+        start, strictly = prefix + after[0] + "0", False
+    else:
+        start, strictly = prefix + after[0], True
+    names = await _walk(conn, prefix, start, strictly, limit)
+    entries: list[tuple[str, bool]] = []
+    for name in names:
+        rest = name[len(prefix) :]
+        component, slash, _ = rest.partition("/")
+        entries.append((component, bool(slash)))
+    return await _sizes(conn, prefix, entries)
+
+
+def _walk_sql(conn: AsyncConnection, bounded: bool, strictly: bool) -> str:
+    position = "instr" if conn.dialect.name == "sqlite" else "strpos"
+    upper = " AND f.name < :upper" if bounded else ""
+    first = ">" if strictly else ">="
+    # The component of walk.name ends at its first '/' after the prefix: skip to "<prefix><component>0".
+    rest = "substr(walk.name, :plen + 1)"
+    skip = (
+        f"CASE WHEN {position}({rest}, '/') > 0 "
+        f"THEN substr(walk.name, 1, :plen + {position}({rest}, '/') - 1) || '0' ELSE walk.name END"
     )
-    if after is not None:
-        name, dir_flag = after
-        stmt = stmt.where(
-            or_(below.c.component > name, and_(below.c.component == name, below.c.is_dir < dir_flag))
-        )
-    # A directory sorts before a file of the same name: ``is_dir`` descending.
-    stmt = stmt.order_by(below.c.component, below.c.is_dir.desc()).limit(limit)
-    return [
-        Entry(c, prefix + c, "directory" if flag else "file", int(n), int(b or 0))
-        for c, flag, n, b in await conn.execute(stmt)
-    ]
+    return (
+        "WITH RECURSIVE walk(name, n) AS ("
+        f" SELECT (SELECT min(f.name) FROM files f WHERE f.name {first} :start{upper}), 1"
+        " UNION ALL"
+        f" SELECT (SELECT min(f.name) FROM files f WHERE f.name > walk.name AND f.name >= {skip}{upper}),"
+        " walk.n + 1 FROM walk WHERE walk.name IS NOT NULL AND walk.n < :limit"
+        ") SELECT name FROM walk WHERE name IS NOT NULL ORDER BY n"
+    )
+
+
+async def _walk(conn: AsyncConnection, prefix: str, start: str, strictly: bool, limit: int) -> list[str]:
+    """The first name of each of up to ``limit`` entries from ``start`` on (``_walk_sql``)."""
+    params: dict[str, Any] = {"start": start, "plen": len(prefix), "limit": limit}
+    if prefix:
+        params["upper"] = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    stmt = text(_walk_sql(conn, bool(prefix), strictly))
+    return [row[0] for row in await conn.execute(stmt, params)]
+
+
+async def _sizes(conn: AsyncConnection, prefix: str, entries: list[tuple[str, bool]]) -> list[Entry]:
+    """Files and bytes of each entry: one index range per directory, one look-up per file."""
+    totals: dict[tuple[str, bool], tuple[int, int]] = {}
+    dirs = [c for c, is_dir in entries if is_dir]
+    for part in chunks(dirs, _COMPOUND):
+        ranges = [
+            select(literal(c), func.count(), func.coalesce(func.sum(f.c.size), 0)).where(
+                _starts_with(f.c.name, prefix + c + "/")
+            )
+            for c in part
+        ]
+        for c, n, b in await conn.execute(union_all(*ranges) if len(ranges) > 1 else ranges[0]):
+            totals[c, True] = (int(n), int(b))
+    files = [prefix + c for c, is_dir in entries if not is_dir]
+    for part in chunks(files):
+        for name, size in await conn.execute(select(f.c.name, f.c.size).where(f.c.name.in_(part))):
+            totals[name[len(prefix) :], False] = (1, int(size))
+    out = []
+    for c, is_dir in entries:
+        n, b = totals.get((c, is_dir), (0, 0))  # (0, 0): removed between the two statements
+        out.append(Entry(c, prefix + c, "directory" if is_dir else "file", n, b))
+    return out
 
 
 async def directory_size(conn: AsyncConnection, path: str) -> DirectorySize:

@@ -87,8 +87,8 @@ async def test_directory_listing_pages_through_every_entry(api: str) -> None:
     top = await every_page(api, "/directory", [], 1)
     assert [(e["name"], e["kind"]) for e in top] == [
         ("lst1", "directory"),
-        ("lst2", "directory"),
         ("lst2", "file"),
+        ("lst2", "directory"),
     ]
 
 

@@ -161,7 +161,10 @@ def _walk_sql(conn: AsyncConnection, bounded: bool, strictly: bool) -> str:
     position = "instr" if conn.dialect.name == "sqlite" else "strpos"
     upper = " AND f.name < :upper" if bounded else ""
     first = ">" if strictly else ">="
-    # The component of walk.name ends at its first '/' after the prefix: skip to "<prefix><component>0".
+    # The component of walk.name ends at its first '/' after the prefix: a directory's next entry is
+    # at "<prefix><component>0" or beyond, a file's right after it. One lower bound (">= skip", the
+    # file itself excluded by "<>"), so that the index is entered there: given "> walk.name" too,
+    # SQLite ranged over that bound instead and read every name below the directory.
     rest = "substr(walk.name, :plen + 1)"
     skip = (
         f"CASE WHEN {position}({rest}, '/') > 0 "
@@ -171,7 +174,7 @@ def _walk_sql(conn: AsyncConnection, bounded: bool, strictly: bool) -> str:
         "WITH RECURSIVE walk(name, n) AS ("
         f" SELECT (SELECT min(f.name) FROM files f WHERE f.name {first} :start{upper}), 1"
         " UNION ALL"
-        f" SELECT (SELECT min(f.name) FROM files f WHERE f.name > walk.name AND f.name >= {skip}{upper}),"
+        f" SELECT (SELECT min(f.name) FROM files f WHERE f.name >= {skip} AND f.name <> walk.name{upper}),"
         " walk.n + 1 FROM walk WHERE walk.name IS NOT NULL AND walk.n < :limit"
         ") SELECT name FROM walk WHERE name IS NOT NULL ORDER BY n"
     )

@@ -10,6 +10,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
     await catalogue.endpoints.set_health(...)       # storage endpoints, state and health
     await catalogue.history.record_failure(...)     # requests' outcomes, files' events
     await catalogue.queries.show_file(name)         # read views for the CLI and the monitor
+    await catalogue.namespace.list_directory(path)  # DIRAC-style namespace questions, paged
     await catalogue.instances.renew(id, now, until)  # daemon instances' leases (several nodes)
     await catalogue.transfers.claim_slots(...)      # the replicator's slots and breaker per endpoint
 
@@ -72,6 +73,7 @@ from common.catalogue.repositories.endpoints import EndpointRepository
 from common.catalogue.repositories.history import HistoryRepository
 from common.catalogue.repositories.ingest import IngestRepository
 from common.catalogue.repositories.instances import InstanceRepository
+from common.catalogue.repositories.namespace import NamespaceRepository
 from common.catalogue.repositories.outbox import OutboxRepository
 from common.catalogue.repositories.queries import QueryRepository
 from common.catalogue.repositories.recall import RecallRepository
@@ -147,6 +149,7 @@ class Catalogue:
         self.endpoints = EndpointRepository(self)
         self.history = HistoryRepository(self)
         self.queries = QueryRepository(self)
+        self.namespace = NamespaceRepository(self)
         self.instances = InstanceRepository(self)
         self.transfers = TransferRepository(self)
 

@@ -124,6 +124,7 @@ COMMAND_MODULES: dict[str, str] = {
     "recall": "recall",
     **dict.fromkeys(("tape", "drive"), "tape"),
     "instances": "instances",
+    **dict.fromkeys(("du", "lfn"), "namespace"),
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

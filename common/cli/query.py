@@ -74,9 +74,21 @@ def ls(
     prefix: Annotated[str | None, typer.Argument(help="List logical names starting with this.")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d")] = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 1000,
+    dirs: Annotated[
+        bool, typer.Option("--dirs", help="PREFIX is a directory: its entries, with files and bytes.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """List the files of a dataset, or under a name prefix."""
+    """List the files of a dataset, or under a name prefix; with --dirs, a directory's entries."""
+    if dirs:
+        if dataset is not None:
+            raise UserError("--dirs lists a directory of logical names, not a dataset")
+        if limit < 1:
+            raise UserError("--limit must be at least 1")
+        from common.cli.namespace import list_directory  # it imports this module
+
+        list_directory(ctx, prefix or "", limit, json_out)
+        return
     files = with_catalogue(
         settings_from(ctx), lambda c: c.queries.list_files(dataset=dataset, prefix=prefix, limit=limit)
     )

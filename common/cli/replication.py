@@ -16,6 +16,7 @@ from common.catalogue import Catalogue
 from common.catalogue.policy import PolicyError, Rule, check_rule
 from common.cli import app
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
+from common.cli.namespace import rse_dump
 from common.cli.query import JsonOpt, with_catalogue
 from common.config import StorageEndpoint
 from common.errors import SpoolError
@@ -26,6 +27,7 @@ rse_app = typer.Typer(help="Storage endpoints: state, health, usage.", no_args_i
 rule_app = typer.Typer(help="Replication rules: where copies of which files must live.", no_args_is_help=True)
 app.add_typer(rse_app, name="rse")
 app.add_typer(rule_app, name="rule")
+rse_app.command("dump")(rse_dump)
 
 STATES = ("online", "readonly", "down")
 # Delete failures that are the endpoint's, not one copy's: ``rse evict`` stops at the first.

@@ -37,6 +37,7 @@ from common.errors import ConfigError, SpoolError
 from common.log_folding import ReasonThrottle
 from common.messages import AlertRaised, Message
 from common.periodic import every
+from daemons.monitor.api import QueryApi
 from daemons.monitor.consumer import MonitorRunner
 from daemons.monitor.intake import MonitorLabels, Refused
 from daemons.monitor.metrics import build_registry
@@ -215,6 +216,7 @@ def make_web(
     return WebServer(
         build_registry(state, observed, role), lambda: status_document(state, observed, role=role),
         token=token, metrics_public=m.metrics_public, request_timeout=m.http_request_timeout,
+        api=QueryApi(settings.catalogue.url),
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
-"""The monitor's HTTP side: ``/metrics`` (Prometheus), ``/api/status`` (JSON), ``/`` (dashboard).
+"""The monitor's HTTP side: ``/metrics`` (Prometheus), ``/api/status`` (JSON), ``/`` (dashboard),
+and the catalogue's read-only query API under ``/api/v1`` (``daemons.monitor.api``).
 
-Read-only and cheap: every answer is computed from the in-memory state. ``/api/status`` is
+Read-only and cheap: every answer but the query API's is computed from the in-memory state. ``/api/status`` is
 computed at most once per ``STATUS_MAX_AGE`` and the same bytes served to every viewer meanwhile:
 fifty dashboards open in a control room must not cost fifty times the work, nor slow the counting
 (the monitor's one event loop does both). The page itself is a constant.
@@ -42,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from common.errors import ConfigError
 from common.log_folding import ReasonThrottle
+from daemons.monitor.api import QueryApi
 from daemons.monitor.dashboard import PAGE, SCRIPT, STYLE
 
 log = structlog.get_logger("spool.monitor")
@@ -95,6 +97,7 @@ class WebServer:
         token: str | None = None,
         metrics_public: bool = False,
         request_timeout: float = REQUEST_TIMEOUT,
+        api: QueryApi | None = None,
     ) -> None:
         self._registry = registry
         self._status = status
@@ -116,6 +119,10 @@ class WebServer:
         app.router.add_get("/", self._dashboard)
         app.router.add_get("/dashboard.js", self._asset(SCRIPT, "text/javascript"))
         app.router.add_get("/dashboard.css", self._asset(STYLE, "text/css"))
+        self._api = api
+        if api is not None:
+            api.add_openapi(app.router)
+            api.add_routes(app.router)
         self._app = app
 
     @property
@@ -156,6 +163,8 @@ class WebServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._api is not None:
+            await self._api.close()
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -124,6 +124,12 @@ REASONS: dict[str, Reason] = _registry(
         "the reaper is deleting the copy at this destination: the request waits for it",
     ),
     _r(
+        "dataset_closed",
+        "permanent",
+        "a new file announced into a dataset that is closed (or complete, archived, deleted): "
+        "refused before any byte moves",
+    ),
+    _r(
         "delivery_limit",
         "dead_letter",
         "a consumer died holding the message `bus.delivery_limit` times (dead-lettered by the broker)",
@@ -311,7 +317,11 @@ REASONS: dict[str, Reason] = _registry(
     _r("unknown", "dead_letter", "a dead letter without any reason header"),
     _r("unknown_cartridge", "permanent", "no such cartridge in the tape library"),
     _r("unknown_daemon", "refused", "a heartbeat of a daemon Spool does not have"),
-    _r("unknown_dataset", "permanent", "a recall names a dataset the catalogue does not know"),
+    _r(
+        "unknown_dataset",
+        "permanent",
+        "a recall or a `dataset.close` names a dataset the catalogue does not know",
+    ),
     _r("unknown_drive", "permanent", "no such drive in the tape library"),
     _r(
         "unknown_file",

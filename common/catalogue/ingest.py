@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Connection, text
+from sqlalchemy import Column, Connection, case, text, update
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from common.catalogue import ingest_claims
@@ -28,6 +28,7 @@ from common.catalogue.filters import typed_value
 from common.catalogue.models import FileInfo, IngestRecord, Outcome, RegisterOutcome
 from common.catalogue.sql import (
     bind_processor,
+    chunks,
     insert_ignore_sync,
     insert_rows,
     json_processor,
@@ -161,6 +162,21 @@ def prior_requests(
     return prior, {n: info for n, (_, info) in lookup(conn, names).items()}
 
 
+_DATASET_STATES_SQL = "SELECT name, state FROM datasets WHERE name IN ({})"
+
+
+def before_copy(
+    conn: Connection, ids: Sequence[str], names: Sequence[str], datasets: Sequence[str]
+) -> tuple[dict[str, PriorRequest], dict[str, FileInfo], dict[str, str]]:
+    """``prior_requests``, and the state of each named dataset that exists (a new file is
+    refused unless it is open: ``common.catalogue.datasets``), in one read."""
+    prior, files = prior_requests(conn, ids, names)
+    states: dict[str, str] = (
+        dict(select_in(conn, _DATASET_STATES_SQL, sorted(set(datasets)))) if datasets else {}
+    )
+    return prior, files, states
+
+
 _REPLICA_AT_SQL = (
     "SELECT 1 FROM replicas JOIN files ON files.id = replicas.file_id"
     " JOIN storage_endpoints ON storage_endpoints.id = replicas.storage_id"
@@ -175,14 +191,21 @@ def replica_recorded(conn: Connection, name: str, storage: str) -> bool:
 
 
 def _decide(
-    records: Sequence[IngestRecord], done: set[str], known: dict[str, FileInfo], now: datetime
+    records: Sequence[IngestRecord],
+    done: set[str],
+    known: dict[str, FileInfo],
+    now: datetime,
+    closed: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> list[_Decision]:
-    """Classify each record in order; ``done`` and ``known`` are updated as if each were committed."""
+    """Classify each record in order; ``done`` and ``known`` are updated as if each were committed.
+    A new name in a dataset of ``closed`` (any state but open) is refused."""
     out: list[_Decision] = []
     for r in records:
         info = known.get(r.name)
         if r.event_id in done:
             out.append(_Decision(r, "duplicate_event", info))
+        elif info is None and r.dataset in closed:
+            out.append(_Decision(r, "dataset_closed", None))
         elif info is None:
             info = FileInfo(r.name, r.dataset, r.size, r.adler32, now)
             known[r.name] = info
@@ -200,17 +223,42 @@ def _dataset_ids(conn: Connection, names: set[str], now: datetime) -> dict[str, 
     ids: dict[str, int] = {n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(names))}
     missing = names - ids.keys()
     if missing:
-        rows = [{"name": n, "state": "open", "created": now} for n in sorted(missing)]
+        rows = [{"name": n, "state": "open", "created": now, "last_file": now} for n in sorted(missing)]
         insert_ignore_sync(conn, s.datasets, rows, ["name"])
         ids.update({n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(missing))})
     return ids
+
+
+def _closed_datasets(conn: Connection, names: set[str], now: datetime) -> set[str]:
+    """The datasets among ``names`` that take no new file (``common.catalogue.datasets``); the
+    open ones get ``last_file`` = now (auto-close counts the idle time from it).
+
+    The update is also the lock of the race with a close: on PostgreSQL it takes the datasets'
+    rows, so a close committed meanwhile is waited for and seen here, and a close (or an
+    auto-close) arriving after waits for this registration; SQLite's write lock serialises both.
+    The datasets are created first (open) when new, so every row exists to be locked."""
+    if not names:
+        return set()
+    _dataset_ids(conn, names, now)
+    ds = s.datasets
+    closed: set[str] = set()
+    for part in chunks(sorted(names)):  # a Core statement: one per batch, off the per-file path
+        stmt = (
+            update(ds)
+            .where(ds.c.name.in_(part))
+            .values(last_file=case((ds.c.state == "open", now), else_=ds.c.last_file))
+            .returning(ds.c.name, ds.c.state)
+        )
+        closed |= {name for name, state in conn.execute(stmt) if state != "open"}
+    return closed
 
 
 def register(conn: Connection, records: Sequence[IngestRecord]) -> list[RegisterOutcome]:
     now = utcnow()
     done = _done_events(conn, [r.event_id for r in records])
     existing = lookup(conn, [r.name for r in records])
-    decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now)
+    closed = _closed_datasets(conn, {r.dataset for r in records if r.name not in existing}, now)
+    decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now, closed)
     file_ids = {n: fid for n, (fid, _) in existing.items()}
 
     # Rows go in in key order so that concurrent batches lock unique keys in the same order

@@ -124,6 +124,7 @@ COMMAND_MODULES: dict[str, str] = {
     "recall": "recall",
     **dict.fromkeys(("tape", "drive"), "tape"),
     "instances": "instances",
+    "dataset": "dataset_lifecycle",  # the reviewer's merge: one module importing every dataset command
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

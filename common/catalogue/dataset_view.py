@@ -1,0 +1,168 @@
+"""``spool dataset show``: one dataset's state, volume, copies and what it still lacks, and why.
+
+Set-based on purpose: a dataset may hold 100,000 files and the answer must come within a second
+(``bench/datasets.py``). Each figure is one grouped statement over the dataset's files (the
+``files.dataset_id`` index, then each file's copies and locks by their ``file_id`` indexes);
+only the listed examples of missing copies (a few) look up their file's last error one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, exists, func, or_, select
+
+from common.catalogue import schema as s
+
+d, f, r, ep, lk, rq = s.datasets, s.files, s.replicas, s.storage_endpoints, s.locks, s.requests
+
+EXAMPLES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class CopyCount:
+    storage: str
+    kind: str
+    state: str
+    copies: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """Copies the dataset's rules want on one endpoint (files locked there), and how many lack."""
+
+    storage: str
+    kind: str
+    files: int
+    missing: int
+    missing_by_state: dict[str, int]  # the missing copy's replica state ("none": no row yet)
+
+
+@dataclass(frozen=True, slots=True)
+class MissingCopy:
+    name: str
+    storage: str
+    state: str
+    reason: str | None  # the file's last error, if it has one
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetView:
+    name: str
+    state: str
+    created: datetime
+    last_file: datetime | None
+    closed_at: datetime | None
+    closed_by: str | None
+    completed_at: datetime | None
+    archived_at: datetime | None
+    deleted_at: datetime | None
+    deleted_by: str | None
+    files: int
+    bytes: int
+    without_copy: int  # files with no available copy anywhere
+    copies: list[CopyCount]
+    wanted: list[Wanted]
+    missing: list[MissingCopy]  # the first ``EXAMPLES`` missing copies, with their last error
+
+
+def _live(now: datetime) -> Any:
+    return or_(lk.c.expires.is_(None), lk.c.expires > now)
+
+
+def dataset_view(conn: Connection, name: str, now: datetime) -> DatasetView | None:
+    row = conn.execute(
+        select(
+            d.c.id, d.c.name, d.c.state, d.c.created, d.c.last_file, d.c.closed_at, d.c.closed_by,
+            d.c.completed_at, d.c.archived_at, d.c.deleted_at, d.c.deleted_by,
+        ).where(d.c.name == name)
+    ).first()  # fmt: skip
+    if row is None:
+        return None
+    dataset_id = row.id
+    files, size = conn.execute(
+        select(func.count(), func.coalesce(func.sum(f.c.size), 0)).where(f.c.dataset_id == dataset_id)
+    ).one()
+    available = exists().where(r.c.file_id == f.c.id, r.c.state == "available")
+    without = conn.scalar(select(func.count()).where(f.c.dataset_id == dataset_id, ~available))
+    return DatasetView(
+        row.name, row.state, row.created, row.last_file, row.closed_at, row.closed_by,
+        row.completed_at, row.archived_at, row.deleted_at, row.deleted_by,
+        int(files), int(size), int(without or 0),
+        _copies(conn, dataset_id), _wanted(conn, dataset_id, now), _missing(conn, dataset_id, now),
+    )  # fmt: skip
+
+
+def _copies(conn: Connection, dataset_id: int) -> list[CopyCount]:
+    stmt = (
+        select(ep.c.name, ep.c.kind, r.c.state, func.count(), func.coalesce(func.sum(f.c.size), 0))
+        .select_from(f.join(r, r.c.file_id == f.c.id).join(ep, ep.c.id == r.c.storage_id))
+        .where(f.c.dataset_id == dataset_id)
+        .group_by(ep.c.name, ep.c.kind, r.c.state)
+        .order_by(ep.c.name, r.c.state)
+    )
+    return [CopyCount(n, k, st, int(c), int(b)) for n, k, st, c, b in conn.execute(stmt)]
+
+
+def _wanted_copies(dataset_id: int, now: datetime) -> Any:
+    """(file, endpoint) pairs a live lock wants, once each however many rules lock them."""
+    return (
+        select(lk.c.file_id, lk.c.storage_id)
+        .distinct()
+        .join(f, f.c.id == lk.c.file_id)
+        .where(f.c.dataset_id == dataset_id, _live(now))
+        .subquery()
+    )
+
+
+def _wanted(conn: Connection, dataset_id: int, now: datetime) -> list[Wanted]:
+    w = _wanted_copies(dataset_id, now)
+    copy = r.alias("copy")
+    stmt = (
+        select(ep.c.name, ep.c.kind, func.coalesce(copy.c.state, "none"), func.count())
+        .select_from(
+            w.join(ep, ep.c.id == w.c.storage_id).outerjoin(
+                copy, and_(copy.c.file_id == w.c.file_id, copy.c.storage_id == w.c.storage_id)
+            )
+        )
+        .group_by(ep.c.name, ep.c.kind, func.coalesce(copy.c.state, "none"))
+        .order_by(ep.c.name)
+    )
+    per: dict[tuple[str, str], dict[str, int]] = {}
+    for storage, kind, state, count in conn.execute(stmt):
+        per.setdefault((storage, kind), {})[state] = int(count)
+    out = []
+    for (storage, kind), by_state in per.items():
+        missing = {st: n for st, n in by_state.items() if st != "available"}
+        out.append(Wanted(storage, kind, sum(by_state.values()), sum(missing.values()), missing))
+    return out
+
+
+def _missing(conn: Connection, dataset_id: int, now: datetime) -> list[MissingCopy]:
+    w = _wanted_copies(dataset_id, now)
+    copy = r.alias("copy")
+    stmt = (
+        select(f.c.name, ep.c.name, func.coalesce(copy.c.state, "none"))
+        .select_from(
+            w.join(f, f.c.id == w.c.file_id)
+            .join(ep, ep.c.id == w.c.storage_id)
+            .outerjoin(copy, and_(copy.c.file_id == w.c.file_id, copy.c.storage_id == w.c.storage_id))
+        )
+        .where(or_(copy.c.state.is_(None), copy.c.state != "available"))
+        .order_by(f.c.name, ep.c.name)
+        .limit(EXAMPLES)
+    )
+    out = []
+    for name, storage, state in conn.execute(stmt).all():
+        last = conn.execute(
+            select(rq.c.reason, rq.c.error)
+            .where(rq.c.name == name, rq.c.reason.is_not(None))
+            .order_by(rq.c.updated.desc())
+            .limit(1)
+        ).first()
+        out.append(MissingCopy(name, storage, state, *(last or (None, None))))
+    return out

@@ -429,7 +429,7 @@ class DatasetCompleted(Message):
 
 class DatasetArchived(Message):
     """Event: a complete dataset has every copy its rules want on tape as well (sent once; a
-    dataset whose rules want no tape copy is archived as it completes)."""
+    dataset whose rules want no tape copy is never archived: it stays complete)."""
 
     ROUTING_KEY: ClassVar[str] = "dataset.archived"
 

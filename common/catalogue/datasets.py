@@ -6,8 +6,9 @@
                idle ``[datasets] auto_close_after`` since its last file  the CLI
     complete   closed, and every copy its rules want on disk endpoints   replicator (``advance``)
                is available (every file has at least one available copy)
-    archived   complete, and every copy its rules want on tape           replicator (``advance``)
-               endpoints is available too
+    archived   complete, its rules want copies on tape endpoints, and     replicator (``advance``)
+               every one of them is available (a dataset whose rules
+               want no tape copy stays complete)
     deleting   ``spool dataset delete``: its copies are being removed    the CLI (``request_delete``)
     deleted    every copy of every file is gone (rows kept: tombstones)  replicator (``settle``)
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, exists, func, insert, literal, or_, select, update
+from sqlalchemy import Connection, and_, case, exists, func, insert, literal, or_, select, update
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
@@ -104,7 +105,13 @@ class Progress:
     bytes: int
     without_copy: int  # files with no available copy anywhere
     missing_disk: int  # wanted copies on disk endpoints not available
+    wanted_tape: int  # copies wanted on tape endpoints (locks; one per rule holding a copy)
     missing_tape: int  # wanted copies on tape endpoints not available
+
+    @property
+    def archived(self) -> bool:
+        """Its rules want tape copies, and all of them are there."""
+        return self.wanted_tape > 0 and self.missing_tape == 0
 
 
 def progress(conn: Connection, dataset_id: int, now: datetime) -> Progress:
@@ -116,17 +123,15 @@ def progress(conn: Connection, dataset_id: int, now: datetime) -> Progress:
     wanted_there = exists().where(
         r.c.file_id == lk.c.file_id, r.c.storage_id == lk.c.storage_id, r.c.state == "available"
     )
-    missing: dict[str, int] = dict(
-        conn.execute(
-            select(ep.c.kind, func.count())
-            .select_from(lk.join(f, f.c.id == lk.c.file_id).join(ep, ep.c.id == lk.c.storage_id))
-            .where(f.c.dataset_id == dataset_id, _live(now), ~wanted_there)
-            .group_by(ep.c.kind)
-        ).all()
-    )
-    return Progress(
-        int(files), int(size), int(without or 0), int(missing.get("disk", 0)), int(missing.get("tape", 0))
-    )
+    counts = conn.execute(
+        select(ep.c.kind, func.count(), func.sum(case((wanted_there, 0), else_=1)))
+        .select_from(lk.join(f, f.c.id == lk.c.file_id).join(ep, ep.c.id == lk.c.storage_id))
+        .where(f.c.dataset_id == dataset_id, _live(now))
+        .group_by(ep.c.kind)
+    ).all()
+    wanted = {kind: (int(n), int(lacking or 0)) for kind, n, lacking in counts}
+    disk, tape = wanted.get("disk", (0, 0)), wanted.get("tape", (0, 0))
+    return Progress(int(files), int(size), int(without or 0), disk[1], tape[0], tape[1])
 
 
 def _move(conn: Connection, dataset_id: int, old: str, new: str, **values: Any) -> bool:
@@ -149,7 +154,7 @@ def advance(conn: Connection, settled_before: datetime, now: datetime) -> list[M
         p = progress(conn, dataset_id, now)
         if p.without_copy or p.missing_disk:
             continue
-        archived = p.missing_tape == 0
+        archived = p.archived
         if state == "closed":
             stamps = {"completed_at": now, **({"archived_at": now} if archived else {})}
             if not _move(conn, dataset_id, "closed", "archived" if archived else "complete", **stamps):

@@ -28,22 +28,22 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ALTER TABLE, not batch mode: on SQLite a batch copies the table and drops the old one,
+# which ``files.dataset_id``'s foreign key forbids; ADD / DROP COLUMN are native (SQLite >= 3.35).
+COLUMNS = (
+    ("last_file", Ts), ("closed_at", Ts), ("closed_by", sa.String(WHO)), ("completed_at", Ts),
+    ("archived_at", Ts), ("deleted_at", Ts), ("deleted_by", sa.String(WHO)),
+)  # fmt: skip
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("datasets") as batch:
-        batch.add_column(sa.Column("last_file", Ts, nullable=True))
-        batch.add_column(sa.Column("closed_at", Ts, nullable=True))
-        batch.add_column(sa.Column("closed_by", sa.String(WHO), nullable=True))
-        batch.add_column(sa.Column("completed_at", Ts, nullable=True))
-        batch.add_column(sa.Column("archived_at", Ts, nullable=True))
-        batch.add_column(sa.Column("deleted_at", Ts, nullable=True))
-        batch.add_column(sa.Column("deleted_by", sa.String(WHO), nullable=True))
-        batch.create_index("ix_datasets_state", ["state"])
+    for name, type_ in COLUMNS:
+        op.add_column("datasets", sa.Column(name, type_, nullable=True))
+    op.create_index("ix_datasets_state", "datasets", ["state"])
     op.execute("UPDATE datasets SET last_file = created")
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("datasets") as batch:
-        batch.drop_index("ix_datasets_state")
-        for column in ("deleted_by", "deleted_at", "archived_at", "completed_at", "closed_by", "closed_at"):
-            batch.drop_column(column)
-        batch.drop_column("last_file")
+    op.drop_index("ix_datasets_state", "datasets")
+    for name, _ in reversed(COLUMNS):
+        op.drop_column("datasets", name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, or_, select
+from sqlalchemy import Connection, and_, exists, func, literal_column, or_, select
 
 from common.catalogue import schema as s
 
@@ -122,14 +122,16 @@ def _wanted_copies(dataset_id: int, now: datetime) -> Any:
 def _wanted(conn: Connection, dataset_id: int, now: datetime) -> list[Wanted]:
     w = _wanted_copies(dataset_id, now)
     copy = r.alias("copy")
+    # A literal, not a parameter: PostgreSQL matches the GROUP BY expression to the selected one.
+    copy_state = func.coalesce(copy.c.state, literal_column("'none'"))
     stmt = (
-        select(ep.c.name, ep.c.kind, func.coalesce(copy.c.state, "none"), func.count())
+        select(ep.c.name, ep.c.kind, copy_state, func.count())
         .select_from(
             w.join(ep, ep.c.id == w.c.storage_id).outerjoin(
                 copy, and_(copy.c.file_id == w.c.file_id, copy.c.storage_id == w.c.storage_id)
             )
         )
-        .group_by(ep.c.name, ep.c.kind, func.coalesce(copy.c.state, "none"))
+        .group_by(ep.c.name, ep.c.kind, copy_state)
         .order_by(ep.c.name)
     )
     per: dict[tuple[str, str], dict[str, int]] = {}

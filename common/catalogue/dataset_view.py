@@ -84,6 +84,7 @@ def dataset_view(conn: Connection, name: str, now: datetime) -> DatasetView | No
     if row is None:
         return None
     dataset_id = row.id
+    names = _endpoints(conn)
     files, size = conn.execute(
         select(func.count(), func.coalesce(func.sum(f.c.size), 0)).where(f.c.dataset_id == dataset_id)
     ).one()
@@ -93,78 +94,81 @@ def dataset_view(conn: Connection, name: str, now: datetime) -> DatasetView | No
         row.name, row.state, row.created, row.last_file, row.closed_at, row.closed_by,
         row.completed_at, row.archived_at, row.deleted_at, row.deleted_by,
         int(files), int(size), int(without or 0),
-        _copies(conn, dataset_id), _wanted(conn, dataset_id, now), _missing(conn, dataset_id, now),
+        _copies(conn, dataset_id, names), _wanted(conn, dataset_id, now, names),
+        _missing(conn, dataset_id, now, names),
     )  # fmt: skip
 
 
-def _copies(conn: Connection, dataset_id: int) -> list[CopyCount]:
+def _endpoints(conn: Connection) -> dict[int, tuple[str, str]]:
+    return {i: (n, k) for i, n, k in conn.execute(select(ep.c.id, ep.c.name, ep.c.kind))}
+
+
+def _copies(conn: Connection, dataset_id: int, names: dict[int, tuple[str, str]]) -> list[CopyCount]:
+    # Grouped by the endpoint's id (the replica row has it), named in Python: no join per copy.
     stmt = (
-        select(ep.c.name, ep.c.kind, r.c.state, func.count(), func.coalesce(func.sum(f.c.size), 0))
-        .select_from(f.join(r, r.c.file_id == f.c.id).join(ep, ep.c.id == r.c.storage_id))
+        select(r.c.storage_id, r.c.state, func.count(), func.coalesce(func.sum(f.c.size), 0))
+        .select_from(f.join(r, r.c.file_id == f.c.id))
         .where(f.c.dataset_id == dataset_id)
-        .group_by(ep.c.name, ep.c.kind, r.c.state)
-        .order_by(ep.c.name, r.c.state)
+        .group_by(r.c.storage_id, r.c.state)
     )
-    return [CopyCount(n, k, st, int(c), int(b)) for n, k, st, c, b in conn.execute(stmt)]
+    rows = [CopyCount(*names[sid], st, int(c), int(b)) for sid, st, c, b in conn.execute(stmt)]
+    return sorted(rows, key=lambda c: (c.storage, c.state))
 
 
-def _wanted_copies(dataset_id: int, now: datetime) -> Any:
-    """(file, endpoint) pairs a live lock wants, once each however many rules lock them."""
-    return (
-        select(lk.c.file_id, lk.c.storage_id)
-        .distinct()
-        .join(f, f.c.id == lk.c.file_id)
-        .where(f.c.dataset_id == dataset_id, _live(now))
-        .subquery()
-    )
-
-
-def _wanted(conn: Connection, dataset_id: int, now: datetime) -> list[Wanted]:
-    w = _wanted_copies(dataset_id, now)
+def _wanted(
+    conn: Connection, dataset_id: int, now: datetime, names: dict[int, tuple[str, str]]
+) -> list[Wanted]:
+    """Per endpoint and state of the copy there, the files a live lock wants there (counted once
+    however many rules lock them: distinct files within one endpoint)."""
     copy = r.alias("copy")
-    # A literal, not a parameter: PostgreSQL matches the GROUP BY expression to the selected one.
     copy_state = func.coalesce(copy.c.state, literal_column("'none'"))
     stmt = (
-        select(ep.c.name, ep.c.kind, copy_state, func.count())
+        select(lk.c.storage_id, copy_state, func.count(func.distinct(lk.c.file_id)))
         .select_from(
-            w.join(ep, ep.c.id == w.c.storage_id).outerjoin(
-                copy, and_(copy.c.file_id == w.c.file_id, copy.c.storage_id == w.c.storage_id)
+            f.join(lk, lk.c.file_id == f.c.id).outerjoin(
+                copy, and_(copy.c.file_id == lk.c.file_id, copy.c.storage_id == lk.c.storage_id)
             )
         )
-        .group_by(ep.c.name, ep.c.kind, copy_state)
-        .order_by(ep.c.name)
+        .where(f.c.dataset_id == dataset_id, _live(now))
+        .group_by(lk.c.storage_id, copy_state)
     )
-    per: dict[tuple[str, str], dict[str, int]] = {}
-    for storage, kind, state, count in conn.execute(stmt):
-        per.setdefault((storage, kind), {})[state] = int(count)
+    per: dict[int, dict[str, int]] = {}
+    for sid, state, count in conn.execute(stmt):
+        per.setdefault(sid, {})[state] = int(count)
     out = []
-    for (storage, kind), by_state in per.items():
+    for sid, by_state in per.items():
         missing = {st: n for st, n in by_state.items() if st != "available"}
-        out.append(Wanted(storage, kind, sum(by_state.values()), sum(missing.values()), missing))
-    return out
+        out.append(Wanted(*names[sid], sum(by_state.values()), sum(missing.values()), missing))
+    return sorted(out, key=lambda w: w.storage)
 
 
-def _missing(conn: Connection, dataset_id: int, now: datetime) -> list[MissingCopy]:
-    w = _wanted_copies(dataset_id, now)
+def _missing(
+    conn: Connection, dataset_id: int, now: datetime, names: dict[int, tuple[str, str]]
+) -> list[MissingCopy]:
+    """The first missing copies in file order (the walk stops at ``EXAMPLES``), each with its
+    file's last error."""
     copy = r.alias("copy")
     stmt = (
-        select(f.c.name, ep.c.name, func.coalesce(copy.c.state, "none"))
+        select(f.c.name, lk.c.storage_id, func.coalesce(copy.c.state, literal_column("'none'")))
+        .distinct()
         .select_from(
-            w.join(f, f.c.id == w.c.file_id)
-            .join(ep, ep.c.id == w.c.storage_id)
-            .outerjoin(copy, and_(copy.c.file_id == w.c.file_id, copy.c.storage_id == w.c.storage_id))
+            f.join(lk, lk.c.file_id == f.c.id).outerjoin(
+                copy, and_(copy.c.file_id == lk.c.file_id, copy.c.storage_id == lk.c.storage_id)
+            )
         )
-        .where(or_(copy.c.state.is_(None), copy.c.state != "available"))
-        .order_by(f.c.name, ep.c.name)
+        .where(
+            f.c.dataset_id == dataset_id, _live(now), or_(copy.c.state.is_(None), copy.c.state != "available")
+        )
+        .order_by(f.c.id, lk.c.storage_id)
         .limit(EXAMPLES)
     )
     out = []
-    for name, storage, state in conn.execute(stmt).all():
+    for name, sid, state in conn.execute(stmt).all():
         last = conn.execute(
             select(rq.c.reason, rq.c.error)
             .where(rq.c.name == name, rq.c.reason.is_not(None))
             .order_by(rq.c.updated.desc())
             .limit(1)
         ).first()
-        out.append(MissingCopy(name, storage, state, *(last or (None, None))))
+        out.append(MissingCopy(name, names[sid][0], state, *(last or (None, None))))
     return out

@@ -237,7 +237,8 @@ REASONS: dict[str, Reason] = _registry(
     _r(
         "not_permitted",
         "permanent",
-        "a routing key other than `file.ready` / `recall.request` from a user not in `bus.spool_users`",
+        "a routing key other than `file.ready` / `recall.request` / `dataset.close` from a user not "
+        "in `bus.spool_users`",
     ),
     _r("number_out_of_range", "refused", "a fact's number is not finite, negative or at least 2^63"),
     _r("os_error", "cli", "the file system refused what a command needed"),
@@ -344,7 +345,8 @@ REASONS: dict[str, Reason] = _registry(
     _r(
         "untrusted_sender",
         "refused",
-        "a fact other than `file.ready` / `recall.request` not sent by one of Spool's users",
+        "a fact other than `file.ready` / `recall.request` / `dataset.close` not sent by one of "
+        "Spool's users",
     ),
     _r(
         "wrong_endpoint_kind",

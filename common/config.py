@@ -344,6 +344,9 @@ class DatasetSettings(_Strict):
     # Seconds a closed dataset waits before the replicator judges it complete: the locks ingest
     # writes just after registering a dataset's last files are in by then.
     settle_seconds: float = Field(default=10.0, ge=0)
+    # Seconds between the replicator's looks at closed datasets (complete yet?) and at deleted
+    # datasets' copies (each look walks the files of every closed dataset not complete yet).
+    check_interval: float = Field(default=10.0, gt=0)
     _compiled: list[NamePattern] = PrivateAttr(default_factory=list)
 
     @field_validator("patterns")

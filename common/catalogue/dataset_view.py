@@ -149,7 +149,7 @@ def _missing(
     file's last error."""
     copy = r.alias("copy")
     stmt = (
-        select(f.c.name, lk.c.storage_id, func.coalesce(copy.c.state, literal_column("'none'")))
+        select(f.c.id, f.c.name, lk.c.storage_id, func.coalesce(copy.c.state, literal_column("'none'")))
         .distinct()
         .select_from(
             f.join(lk, lk.c.file_id == f.c.id).outerjoin(
@@ -163,7 +163,7 @@ def _missing(
         .limit(EXAMPLES)
     )
     out = []
-    for name, sid, state in conn.execute(stmt).all():
+    for _, name, sid, state in conn.execute(stmt).all():
         last = conn.execute(
             select(rq.c.reason, rq.c.error)
             .where(rq.c.name == name, rq.c.reason.is_not(None))

@@ -134,6 +134,25 @@ def progress(conn: Connection, dataset_id: int, now: datetime) -> Progress:
     return Progress(int(files), int(size), int(without or 0), disk[1], tape[0], tape[1])
 
 
+def _lacking_on_disk(conn: Connection, dataset_id: int, now: datetime) -> bool:
+    """Whether a file lacks any available copy or a wanted disk copy: EXISTS, which stops at the
+    first such file (a dataset is judged every round while its copies are being made)."""
+    available = exists().where(r.c.file_id == f.c.id, r.c.state == "available")
+    if conn.scalar(select(exists().where(f.c.dataset_id == dataset_id, ~available))):
+        return True
+    there = exists().where(
+        r.c.file_id == lk.c.file_id, r.c.storage_id == lk.c.storage_id, r.c.state == "available"
+    )
+    disk = select(ep.c.id).where(ep.c.kind == "disk").scalar_subquery()
+    lacking = (
+        select(lk.c.file_id)
+        .join(f, f.c.id == lk.c.file_id)
+        .where(f.c.dataset_id == dataset_id, lk.c.storage_id.in_(disk), _live(now), ~there)
+        .exists()
+    )
+    return bool(conn.scalar(select(lacking)))
+
+
 def _move(conn: Connection, dataset_id: int, old: str, new: str, **values: Any) -> bool:
     stmt = update(d).where(d.c.id == dataset_id, d.c.state == old).values(state=new, **values)
     return bool(conn.execute(stmt).rowcount)
@@ -151,6 +170,8 @@ def advance(conn: Connection, settled_before: datetime, now: datetime) -> list[M
     ).all()
     events: list[Message] = []
     for dataset_id, name, state, closed_at in candidates:
+        if state == "closed" and _lacking_on_disk(conn, dataset_id, now):
+            continue  # the usual answer while copies are being made: no counting
         p = progress(conn, dataset_id, now)
         if p.without_copy or p.missing_disk:
             continue

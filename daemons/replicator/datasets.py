@@ -2,7 +2,7 @@
 copies rules want, so it notices a closed dataset becoming complete / archived, and it holds the
 endpoints, so it removes a deleted dataset's copies.
 
-``advance`` (every ``replication.poll_interval``): closed datasets, once closed for
+``advance`` (every ``[datasets] check_interval``): closed datasets, once closed for
 ``[datasets] settle_seconds``, whose every wanted disk copy is available become ``complete`` (and
 ``archived`` once their wanted tape copies are too). The transition and its ``dataset.completed``
 / ``dataset.archived`` event are one transaction (outbox); the relay publishes it after the
@@ -10,7 +10,7 @@ commit. Several instances: the transition is conditional, one of them makes it, 
 
 ``delete_copies`` (same loop): the disk copies of ``deleting`` datasets are deleted through the
 storage interface (only on the endpoints this instance serves), each then recorded ``deleted``
-with a history row; a dataset none of whose copies is left becomes ``deleted``. A kill between a
+with a history row (same loop); a dataset none of whose copies is left becomes ``deleted``. A kill between a
 delete and its record leaves the copy ``deleting``: the next round deletes it again (a missing
 file deletes fine) and records it. Two instances may both delete one copy: harmless, recorded once.
 A copy the endpoint refuses to delete stays ``deleting`` and is tried again next round.

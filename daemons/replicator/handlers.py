@@ -165,7 +165,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             ),
             asyncio.create_task(
                 every(
-                    rep.poll_interval,
+                    settings.datasets.check_interval,
                     lambda: lifecycle_round(catalogue, settings, storages, health.relay.kick),
                     name="datasets",
                     log=log,

@@ -335,7 +335,8 @@ class DatasetSettings(_Strict):
     patterns: list[str] = Field(
         default_factory=lambda: [r"[a-z0-9]+\.\d{8}\.run\d{6}\.(dl0|dl1|dl2|dl3|r0|r1)"]
     )
-    # Seconds a dataset may stay open without a new file before the ingest daemon closes it
+    # Seconds a dataset may stay open without a new file before the ingest daemon closes it (the
+    # time of its last file is kept to the minute: ``common.catalogue.ingest.LAST_FILE_GRAIN``)
     # (``common.catalogue.datasets``); None or 0: only a ``dataset.close`` event or
     # ``spool dataset close`` closes it.
     auto_close_after: float | None = Field(default=None, ge=0)

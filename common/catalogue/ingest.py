@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, Connection, case, text, update
+from sqlalchemy import Column, Connection, select, text, update
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from common.catalogue import ingest_claims
@@ -58,6 +58,8 @@ _LOOKUP_SQL = (
     " FROM files JOIN datasets ON datasets.id = files.dataset_id WHERE files.name IN ({})"
 )
 _DATASET_IDS_SQL = "SELECT name, id FROM datasets WHERE name IN ({})"
+# How stale a dataset's ``last_file`` may get (see ``_closed_datasets``): auto-close's precision.
+LAST_FILE_GRAIN = timedelta(seconds=60)
 _REPLICA_PFNS_SQL = (
     "SELECT files.name, storage_endpoints.name, replicas.pfn FROM files"
     " JOIN replicas ON replicas.file_id = files.id"
@@ -230,27 +232,31 @@ def _dataset_ids(conn: Connection, names: set[str], now: datetime) -> dict[str, 
 
 
 def _closed_datasets(conn: Connection, names: set[str], now: datetime) -> set[str]:
-    """The datasets among ``names`` that take no new file (``common.catalogue.datasets``); the
-    open ones get ``last_file`` = now (auto-close counts the idle time from it).
+    """The datasets among ``names`` that take no new file (``common.catalogue.datasets``).
 
-    The update is also the lock of the race with a close: on PostgreSQL it takes the datasets'
-    rows, so a close committed meanwhile is waited for and seen here, and a close (or an
-    auto-close) arriving after waits for this registration; SQLite's write lock serialises both.
-    The datasets are created first (open) when new, so every row exists to be locked."""
+    The race with a close: on PostgreSQL the datasets' rows are read ``FOR SHARE``, so a close
+    committed meanwhile is waited for and seen here, and a close (or an auto-close: updates)
+    arriving after waits for this registration to commit; registrations into one dataset share the
+    lock and do not wait for each other. SQLite's write lock serialises all of them. The datasets
+    are created first (open) when new, so every row exists to be locked.
+
+    ``last_file`` (auto-close's idle time) is moved only when it is ``LAST_FILE_GRAIN`` old: an
+    exclusive row lock once a minute per dataset, not one every batch."""
     if not names:
         return set()
     _dataset_ids(conn, names, now)
     ds = s.datasets
-    closed: set[str] = set()
-    for part in chunks(sorted(names)):  # a Core statement: one per batch, off the per-file path
-        stmt = (
-            update(ds)
-            .where(ds.c.name.in_(part))
-            .values(last_file=case((ds.c.state == "open", now), else_=ds.c.last_file))
-            .returning(ds.c.name, ds.c.state)
-        )
-        closed |= {name for name, state in conn.execute(stmt) if state != "open"}
-    return closed
+    states: dict[str, str] = {}
+    for part in chunks(sorted(names)):  # Core statements: once per batch, off the per-file path
+        stmt = select(ds.c.name, ds.c.state).where(ds.c.name.in_(part)).order_by(ds.c.name)
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(read=True)
+        states.update((name, state) for name, state in conn.execute(stmt))
+    still_open = sorted(n for n, st in states.items() if st == "open")
+    for part in chunks(still_open):
+        stale = ds.c.last_file.is_(None) | (ds.c.last_file < now - LAST_FILE_GRAIN)
+        conn.execute(update(ds).where(ds.c.name.in_(part), stale).values(last_file=now))
+    return {n for n, st in states.items() if st != "open"}
 
 
 def register(conn: Connection, records: Sequence[IngestRecord]) -> list[RegisterOutcome]:

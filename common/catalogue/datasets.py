@@ -53,7 +53,6 @@ d, f, r, ep, lk, ru, rq = (
 )  # fmt: skip
 
 OPEN = "open"
-SETTLING = ("closed", "complete")  # judged by ``advance``
 CLOSED = ("closed", "complete", "archived")
 GONE = ("deleting", "deleted")
 STATES = (OPEN, *CLOSED, *GONE)
@@ -163,9 +162,11 @@ def advance(conn: Connection, settled_before: datetime, now: datetime) -> list[M
     the events of the moves are added to the outbox here and returned."""
     if conn.scalar(select(exists().where(ru.c.state == "new"))):
         return []  # a rule not yet walked may want more copies of these files
+    # A complete dataset whose rules wanted no tape copy is done: not looked at again.
+    waiting = or_(d.c.state == "closed", and_(d.c.state == "complete", d.c.tape_wanted.is_(True)))
     candidates = conn.execute(
         select(d.c.id, d.c.name, d.c.state, d.c.closed_at)
-        .where(d.c.state.in_(SETTLING), d.c.closed_at <= settled_before)
+        .where(waiting, d.c.closed_at <= settled_before)
         .order_by(d.c.id)
     ).all()
     events: list[Message] = []
@@ -177,7 +178,9 @@ def advance(conn: Connection, settled_before: datetime, now: datetime) -> list[M
             continue
         archived = p.archived
         if state == "closed":
-            stamps = {"completed_at": now, **({"archived_at": now} if archived else {})}
+            stamps: dict[str, Any] = {"completed_at": now, "tape_wanted": p.wanted_tape > 0}
+            if archived:
+                stamps["archived_at"] = now
             if not _move(conn, dataset_id, "closed", "archived" if archived else "complete", **stamps):
                 continue  # another instance moved it first
             events.append(_completed(name, p, closed_at, now))

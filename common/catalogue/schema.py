@@ -131,6 +131,8 @@ class Dataset(Base):
     closed_by: Mapped[str | None] = mapped_column(String(MAX_WHO))  # cli:<user> | event:<source> | auto-close
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set as it completes: its rules want tape copies (the replicator watches it until archived).
+    tape_wanted: Mapped[bool | None] = mapped_column(Boolean)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     deleted_by: Mapped[str | None] = mapped_column(String(MAX_WHO))
 

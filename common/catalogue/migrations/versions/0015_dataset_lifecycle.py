@@ -3,7 +3,8 @@ deletion (deleting -> deleted, the rows kept as tombstones).
 
 ``datasets``: when each state was reached (``closed_at``, ``completed_at``, ``archived_at``,
 ``deleted_at``), who closed / deleted it (``closed_by``, ``deleted_by``: ``cli:<user>``,
-``event:<source>``, ``auto-close``), and ``last_file``: when its last file was registered, which
+``event:<source>``, ``auto-close``), ``tape_wanted`` (set as it completes: its rules want tape
+copies, so it is watched until ``archived``), and ``last_file``: when its last file was registered, which
 the ingest daemon's auto-close compares with ``[datasets] auto_close_after``. Existing datasets
 get ``last_file`` = their ``created``; an index on ``state`` serves the lifecycle passes and
 ``spool datasets --state``.
@@ -32,7 +33,7 @@ depends_on = None
 # which ``files.dataset_id``'s foreign key forbids; ADD / DROP COLUMN are native (SQLite >= 3.35).
 COLUMNS = (
     ("last_file", Ts), ("closed_at", Ts), ("closed_by", sa.String(WHO)), ("completed_at", Ts),
-    ("archived_at", Ts), ("deleted_at", Ts), ("deleted_by", sa.String(WHO)),
+    ("archived_at", Ts), ("deleted_at", Ts), ("deleted_by", sa.String(WHO)), ("tape_wanted", sa.Boolean()),
 )  # fmt: skip
 
 

@@ -93,11 +93,16 @@ async def run(url: str, files: int, repeat: int) -> None:
         print(f"{cat.backend}: {files} files registered and planned in {time.perf_counter() - t0:.0f} s")
         if cat.backend == "postgresql":  # what autovacuum does to a table that grew: the planner's statistics
             await cat.write(lambda conn: conn.exec_driver_sql("ANALYZE"))
-        view = await cat.datasets.show(DATASET, datetime.now(UTC))
-        assert view is not None and view.files == files
+        view = await cat.datasets.show(DATASET, datetime.now(UTC), wanted=True)
+        assert view is not None and view.files == files and view.wanted is not None
         missing = {w.storage: w.missing for w in view.wanted}
         print(f"view: {view.files} files, copies {len(view.copies)} rows, missing {missing}")
         await timed("dataset show", repeat, lambda: cat.datasets.show(DATASET, datetime.now(UTC)))
+        await timed(
+            "dataset show --wanted",
+            repeat,
+            lambda: cat.datasets.show(DATASET, datetime.now(UTC), wanted=True),
+        )
         later = datetime.now(UTC) + timedelta(seconds=1)
         await timed("completion check", repeat, lambda: cat.datasets.advance(later, datetime.now(UTC)))
 

@@ -51,7 +51,7 @@ async def test_close_then_show_and_list_by_state(tmp_path: Path, tag: str, catal
     unknown = spool(config, "dataset", "close", "lst1.20261123.run099999.dl0")
     assert unknown.returncode == 1 and "no dataset named" in unknown.stderr
 
-    shown = json.loads(spool(config, "dataset", "show", DS, "--json").stdout)
+    shown = json.loads(spool(config, "dataset", "show", DS, "--wanted", "--json").stdout)
     assert (shown["state"], shown["files"], shown["bytes"]) == ("closed", 2, 2000)
     assert shown["closed_by"].startswith("cli")
     assert {(c["storage"], c["state"], c["copies"]) for c in shown["copies"]} == {

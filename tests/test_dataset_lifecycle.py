@@ -288,10 +288,14 @@ async def test_show_counts_copies_per_endpoint_and_says_what_is_missing_and_why(
         attempts=4, final=True, name="b", path=None, dataset=None,
     )  # fmt: skip
     view = await catalogue.datasets.show(DS, now())
-    assert view is not None
+    assert view is not None and view.wanted is None  # counted only when asked for
     assert (view.files, view.bytes, view.without_copy) == (3, 3000, 0)
     copies = {(c.storage, c.state): c.copies for c in view.copies}
     assert copies == {("disk1", "available"): 3, ("disk2", "available"): 1, ("disk2", "queued"): 2}
+    missing = {(m.name, m.storage): (m.state, m.reason) for m in view.missing}
+    assert missing == {("b", "disk2"): ("queued", "disk_full"), ("c", "disk2"): ("queued", None)}
+    view = await catalogue.datasets.show(DS, now(), wanted=True)
+    assert view is not None and view.wanted is not None
     [wanted] = view.wanted
     assert (wanted.storage, wanted.files, wanted.missing, wanted.missing_by_state) == (
         "disk2",

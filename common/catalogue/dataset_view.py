@@ -4,6 +4,8 @@ Set-based on purpose: a dataset may hold 100,000 files and the answer must come 
 (``bench/datasets.py``). Each figure is one grouped statement over the dataset's files (the
 ``files.dataset_id`` index, then each file's copies and locks by their ``file_id`` indexes);
 only the listed examples of missing copies (a few) look up their file's last error one by one.
+Looking up each copy's row is most of the cost, so the view walks the copies once; the copies
+the rules want per endpoint (another walk, over the locks) only when asked.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class DatasetView:
     bytes: int
     without_copy: int  # files with no available copy anywhere
     copies: list[CopyCount]
-    wanted: list[Wanted]
+    wanted: list[Wanted] | None  # asked for (``wanted=True``): another walk over the locks
     missing: list[MissingCopy]  # the first ``EXAMPLES`` missing copies, with their last error
 
 
@@ -74,7 +76,11 @@ def _live(now: datetime) -> Any:
     return or_(lk.c.expires.is_(None), lk.c.expires > now)
 
 
-def dataset_view(conn: Connection, name: str, now: datetime) -> DatasetView | None:
+def dataset_view(conn: Connection, name: str, now: datetime, wanted: bool = False) -> DatasetView | None:
+    """The view; ``wanted`` adds the copies the rules want per endpoint (the copies' states
+    already say what is missing: placement writes a ``queued`` row with each lock, so a copy not
+    ``available`` is one a rule asked for; this counts them from the locks, at about the cost of
+    the rest of the view again)."""
     row = conn.execute(
         select(
             d.c.id, d.c.name, d.c.state, d.c.created, d.c.last_file, d.c.closed_at, d.c.closed_by,
@@ -94,7 +100,7 @@ def dataset_view(conn: Connection, name: str, now: datetime) -> DatasetView | No
         row.name, row.state, row.created, row.last_file, row.closed_at, row.closed_by,
         row.completed_at, row.archived_at, row.deleted_at, row.deleted_by,
         int(files), int(size), int(without or 0),
-        _copies(conn, dataset_id, names), _wanted(conn, dataset_id, now, names),
+        _copies(conn, dataset_id, names), _wanted(conn, dataset_id, now, names) if wanted else None,
         _missing(conn, dataset_id, now, names),
     )  # fmt: skip
 

@@ -43,9 +43,16 @@ def close(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
 
 
 @dataset_app.command("show")
-def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
+def show(
+    ctx: typer.Context,
+    name: str,
+    wanted: Annotated[
+        bool, typer.Option("--wanted", help="Also count the copies the rules want per endpoint (slower).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """A dataset's state, files, bytes, copies per endpoint by state, and what is missing, and why."""
-    view = with_catalogue(settings_from(ctx), lambda c: c.datasets.show(name, utcnow()))
+    view = with_catalogue(settings_from(ctx), lambda c: c.datasets.show(name, utcnow(), wanted=wanted))
     if view is None:
         raise UserError(f"no dataset named {name!r} in the catalogue")
     if json_out:

@@ -40,5 +40,5 @@ class DatasetRepository(Repository):
     async def states(self, names: Sequence[str]) -> dict[str, str]:
         return await self._catalogue.read(db.states, names)
 
-    async def show(self, name: str, now: datetime) -> DatasetView | None:
-        return await self._catalogue.read(dataset_view, name, now)
+    async def show(self, name: str, now: datetime, *, wanted: bool = False) -> DatasetView | None:
+        return await self._catalogue.read(dataset_view, name, now, wanted)

@@ -133,20 +133,22 @@ def progress(conn: Connection, dataset_id: int, now: datetime) -> Progress:
     return Progress(int(files), int(size), int(without or 0), disk[1], tape[0], tape[1])
 
 
-def _lacking_on_disk(conn: Connection, dataset_id: int, now: datetime) -> bool:
-    """Whether a file lacks any available copy or a wanted disk copy: EXISTS, which stops at the
-    first such file (a dataset is judged every round while its copies are being made)."""
-    available = exists().where(r.c.file_id == f.c.id, r.c.state == "available")
-    if conn.scalar(select(exists().where(f.c.dataset_id == dataset_id, ~available))):
-        return True
+def _lacking(conn: Connection, dataset_id: int, now: datetime, kind: str) -> bool:
+    """Whether a wanted copy on a ``kind`` endpoint is not available (for disk, also: a file
+    without any available copy). EXISTS, which stops at the first such file: a dataset is judged
+    every round while its copies are being made, and this is the usual answer."""
+    if kind == "disk":
+        available = exists().where(r.c.file_id == f.c.id, r.c.state == "available")
+        if conn.scalar(select(exists().where(f.c.dataset_id == dataset_id, ~available))):
+            return True
     there = exists().where(
         r.c.file_id == lk.c.file_id, r.c.storage_id == lk.c.storage_id, r.c.state == "available"
     )
-    disk = select(ep.c.id).where(ep.c.kind == "disk").scalar_subquery()
+    endpoints = select(ep.c.id).where(ep.c.kind == kind).scalar_subquery()
     lacking = (
         select(lk.c.file_id)
         .join(f, f.c.id == lk.c.file_id)
-        .where(f.c.dataset_id == dataset_id, lk.c.storage_id.in_(disk), _live(now), ~there)
+        .where(f.c.dataset_id == dataset_id, lk.c.storage_id.in_(endpoints), _live(now), ~there)
         .exists()
     )
     return bool(conn.scalar(select(lacking)))
@@ -171,7 +173,7 @@ def advance(conn: Connection, settled_before: datetime, now: datetime) -> list[M
     ).all()
     events: list[Message] = []
     for dataset_id, name, state, closed_at in candidates:
-        if state == "closed" and _lacking_on_disk(conn, dataset_id, now):
+        if _lacking(conn, dataset_id, now, "disk" if state == "closed" else "tape"):
             continue  # the usual answer while copies are being made: no counting
         p = progress(conn, dataset_id, now)
         if p.without_copy or p.missing_disk:

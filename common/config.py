@@ -335,6 +335,19 @@ class DatasetSettings(_Strict):
     patterns: list[str] = Field(
         default_factory=lambda: [r"[a-z0-9]+\.\d{8}\.run\d{6}\.(dl0|dl1|dl2|dl3|r0|r1)"]
     )
+    # Seconds a dataset may stay open without a new file before the ingest daemon closes it (the
+    # time of its last file is kept to the minute: ``common.catalogue.ingest.LAST_FILE_GRAIN``)
+    # (``common.catalogue.datasets``); None or 0: only a ``dataset.close`` event or
+    # ``spool dataset close`` closes it.
+    auto_close_after: float | None = Field(default=None, ge=0)
+    # Seconds between the ingest daemon's looks for idle datasets.
+    auto_close_interval: float = Field(default=60.0, gt=0)
+    # Seconds a closed dataset waits before the replicator judges it complete: the locks ingest
+    # writes just after registering a dataset's last files are in by then.
+    settle_seconds: float = Field(default=10.0, ge=0)
+    # Seconds between the replicator's looks at closed datasets (complete yet?) and at deleted
+    # datasets' copies (each look walks the files of every closed dataset not complete yet).
+    check_interval: float = Field(default=10.0, gt=0)
     _compiled: list[NamePattern] = PrivateAttr(default_factory=list)
 
     @field_validator("patterns")

@@ -403,6 +403,42 @@ class RecallCompleted(Message):
         return v[: limits.MAX_FAILED_NAMES] if isinstance(v, list) else v
 
 
+class DatasetClose(Message):
+    """Command to ingest, from outside too: no more files will be announced into ``dataset``.
+
+    Closing a dataset already closed (or complete, archived, deleted) is a success that changes
+    nothing; an unknown dataset is a dead letter (``unknown_dataset``)."""
+
+    ROUTING_KEY: ClassVar[str] = "dataset.close"
+
+    dataset: DatasetName
+
+
+class DatasetCompleted(Message):
+    """Event: a closed dataset has every copy its rules want on disk (what a pipeline waits for).
+    Sent once per dataset, through the outbox; its id is derived from the dataset's name."""
+
+    ROUTING_KEY: ClassVar[str] = "dataset.completed"
+
+    dataset: DatasetName
+    files: Count
+    bytes: Count  # a dataset's total may pass one file's bound
+    closed: Timestamp
+    completed: Timestamp
+
+
+class DatasetArchived(Message):
+    """Event: a complete dataset has every copy its rules want on tape as well (sent once; a
+    dataset whose rules want no tape copy is never archived: it stays complete)."""
+
+    ROUTING_KEY: ClassVar[str] = "dataset.archived"
+
+    dataset: DatasetName
+    files: Count
+    bytes: Count
+    archived: Timestamp
+
+
 class FileFailed(Message):
     """Event: handling a message about a file ended in a dead letter (or a failed state)."""
 
@@ -509,6 +545,9 @@ MODELS: dict[str, type[Message]] = {
         RecallRequest,
         FileRecalled,
         RecallCompleted,
+        DatasetClose,
+        DatasetCompleted,
+        DatasetArchived,
         FileFailed,
         EndpointPaused,
         EndpointResumed,

@@ -124,6 +124,12 @@ REASONS: dict[str, Reason] = _registry(
         "the reaper is deleting the copy at this destination: the request waits for it",
     ),
     _r(
+        "dataset_closed",
+        "permanent",
+        "a new file announced into a dataset that is closed (or complete, archived, deleted): "
+        "refused before any byte moves",
+    ),
+    _r(
         "delivery_limit",
         "dead_letter",
         "a consumer died holding the message `bus.delivery_limit` times (dead-lettered by the broker)",
@@ -231,7 +237,8 @@ REASONS: dict[str, Reason] = _registry(
     _r(
         "not_permitted",
         "permanent",
-        "a routing key other than `file.ready` / `recall.request` from a user not in `bus.spool_users`",
+        "a routing key other than `file.ready` / `recall.request` / `dataset.close` from a user not "
+        "in `bus.spool_users`",
     ),
     _r("number_out_of_range", "refused", "a fact's number is not finite, negative or at least 2^63"),
     _r("os_error", "cli", "the file system refused what a command needed"),
@@ -311,7 +318,11 @@ REASONS: dict[str, Reason] = _registry(
     _r("unknown", "dead_letter", "a dead letter without any reason header"),
     _r("unknown_cartridge", "permanent", "no such cartridge in the tape library"),
     _r("unknown_daemon", "refused", "a heartbeat of a daemon Spool does not have"),
-    _r("unknown_dataset", "permanent", "a recall names a dataset the catalogue does not know"),
+    _r(
+        "unknown_dataset",
+        "permanent",
+        "a recall or a `dataset.close` names a dataset the catalogue does not know",
+    ),
     _r("unknown_drive", "permanent", "no such drive in the tape library"),
     _r(
         "unknown_file",
@@ -334,7 +345,8 @@ REASONS: dict[str, Reason] = _registry(
     _r(
         "untrusted_sender",
         "refused",
-        "a fact other than `file.ready` / `recall.request` not sent by one of Spool's users",
+        "a fact other than `file.ready` / `recall.request` / `dataset.close` not sent by one of "
+        "Spool's users",
     ),
     _r(
         "wrong_endpoint_kind",

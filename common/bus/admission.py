@@ -48,10 +48,12 @@ from common.bus import headers as H
 from common.bus.publisher import DIRECT_REPLY_TO
 from common.config import BusSettings
 from common.errors import Permanent
-from common.messages import FileReady, RecallRequest
+from common.messages import DatasetClose, FileReady, RecallRequest
 
 # The external contract: what any publisher allowed on the exchange may send.
-EXTERNAL_ROUTING_KEYS = frozenset({FileReady.ROUTING_KEY, RecallRequest.ROUTING_KEY})
+EXTERNAL_ROUTING_KEYS = frozenset(
+    {FileReady.ROUTING_KEY, RecallRequest.ROUTING_KEY, DatasetClose.ROUTING_KEY}
+)
 MAX_QUEUE_NAME = 255  # bytes: AMQP short string, RabbitMQ's limit for a queue name
 # Characters of a reply queue's own name (a uuid, a job id, direct reply-to's base64 key).
 _REPLY_NAME = re.compile(r"[A-Za-z0-9._:=+/-]+")

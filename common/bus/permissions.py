@@ -43,7 +43,7 @@ from common.config import DAEMON_NAMES, Settings
 # whoever wrote it (``common.catalogue.outbox``'s audit table), so those three may send them all.
 # The runner publishes ``file.failed`` for a dead letter in every daemon; every daemon beats.
 OUTBOX_KEYS = ("file.archived", "file.failed", "tape.mounted", "endpoint.paused", "endpoint.resumed",
-               "replica.request")  # fmt: skip
+               "replica.request", "dataset.completed", "dataset.archived")  # fmt: skip
 _EVERY_DAEMON = ("file.failed", "daemon.heartbeat")
 DAEMON_PUBLISHES: Mapping[str, tuple[str, ...]] = {
     "ingest": ("file.ingested", "replica.request", "tape.archive", *_EVERY_DAEMON),
@@ -53,7 +53,7 @@ DAEMON_PUBLISHES: Mapping[str, tuple[str, ...]] = {
     "monitor": ("alert.raised", *_EVERY_DAEMON),
 }
 # The external contract (docs/event-contract.md): all an instrument or a portal may send.
-EXTERNAL_PUBLISHES = ("file.ready", "recall.request")
+EXTERNAL_PUBLISHES = ("file.ready", "recall.request", "dataset.close")
 DEFAULT_EXCHANGE = "amq.default"  # the name permission checks give the default exchange ""
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Broker user names Spool creates or accepts: they end up in shell commands, regexes and URLs.

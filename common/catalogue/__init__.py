@@ -13,6 +13,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
     await catalogue.namespace.list_directory(path)  # DIRAC-style namespace questions, paged
     await catalogue.instances.renew(id, now, until)  # daemon instances' leases (several nodes)
     await catalogue.transfers.claim_slots(...)      # the replicator's slots and breaker per endpoint
+    await catalogue.datasets.close(name, by, now)   # datasets' lifecycle and deletion
 
 A repository (``common.catalogue.repositories``) holds no SQL: it names a function of its domain's
 module (``common.catalogue.ingest``, ``replication``, ...) and the transaction to run it in.
@@ -69,6 +70,7 @@ from common.catalogue.replication import (
     Source,
     Wanted,
 )
+from common.catalogue.repositories.datasets import DatasetRepository
 from common.catalogue.repositories.endpoints import EndpointRepository
 from common.catalogue.repositories.history import HistoryRepository
 from common.catalogue.repositories.ingest import IngestRepository
@@ -152,6 +154,7 @@ class Catalogue:
         self.namespace = NamespaceRepository(self)
         self.instances = InstanceRepository(self)
         self.transfers = TransferRepository(self)
+        self.datasets = DatasetRepository(self)
 
     # --- transactions (for repositories; and for tests that look at rows directly) -------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, Connection, text
+from sqlalchemy import Column, Connection, select, text, update
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from common.catalogue import ingest_claims
@@ -28,6 +28,7 @@ from common.catalogue.filters import typed_value
 from common.catalogue.models import FileInfo, IngestRecord, Outcome, RegisterOutcome
 from common.catalogue.sql import (
     bind_processor,
+    chunks,
     insert_ignore_sync,
     insert_rows,
     json_processor,
@@ -57,6 +58,8 @@ _LOOKUP_SQL = (
     " FROM files JOIN datasets ON datasets.id = files.dataset_id WHERE files.name IN ({})"
 )
 _DATASET_IDS_SQL = "SELECT name, id FROM datasets WHERE name IN ({})"
+# How stale a dataset's ``last_file`` may get (see ``_closed_datasets``): auto-close's precision.
+LAST_FILE_GRAIN = timedelta(seconds=60)
 _REPLICA_PFNS_SQL = (
     "SELECT files.name, storage_endpoints.name, replicas.pfn FROM files"
     " JOIN replicas ON replicas.file_id = files.id"
@@ -161,6 +164,21 @@ def prior_requests(
     return prior, {n: info for n, (_, info) in lookup(conn, names).items()}
 
 
+_DATASET_STATES_SQL = "SELECT name, state FROM datasets WHERE name IN ({})"
+
+
+def before_copy(
+    conn: Connection, ids: Sequence[str], names: Sequence[str], datasets: Sequence[str]
+) -> tuple[dict[str, PriorRequest], dict[str, FileInfo], dict[str, str]]:
+    """``prior_requests``, and the state of each named dataset that exists (a new file is
+    refused unless it is open: ``common.catalogue.datasets``), in one read."""
+    prior, files = prior_requests(conn, ids, names)
+    states: dict[str, str] = (
+        dict(select_in(conn, _DATASET_STATES_SQL, sorted(set(datasets)))) if datasets else {}
+    )
+    return prior, files, states
+
+
 _REPLICA_AT_SQL = (
     "SELECT 1 FROM replicas JOIN files ON files.id = replicas.file_id"
     " JOIN storage_endpoints ON storage_endpoints.id = replicas.storage_id"
@@ -175,14 +193,21 @@ def replica_recorded(conn: Connection, name: str, storage: str) -> bool:
 
 
 def _decide(
-    records: Sequence[IngestRecord], done: set[str], known: dict[str, FileInfo], now: datetime
+    records: Sequence[IngestRecord],
+    done: set[str],
+    known: dict[str, FileInfo],
+    now: datetime,
+    closed: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> list[_Decision]:
-    """Classify each record in order; ``done`` and ``known`` are updated as if each were committed."""
+    """Classify each record in order; ``done`` and ``known`` are updated as if each were committed.
+    A new name in a dataset of ``closed`` (any state but open) is refused."""
     out: list[_Decision] = []
     for r in records:
         info = known.get(r.name)
         if r.event_id in done:
             out.append(_Decision(r, "duplicate_event", info))
+        elif info is None and r.dataset in closed:
+            out.append(_Decision(r, "dataset_closed", None))
         elif info is None:
             info = FileInfo(r.name, r.dataset, r.size, r.adler32, now)
             known[r.name] = info
@@ -200,17 +225,46 @@ def _dataset_ids(conn: Connection, names: set[str], now: datetime) -> dict[str, 
     ids: dict[str, int] = {n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(names))}
     missing = names - ids.keys()
     if missing:
-        rows = [{"name": n, "state": "open", "created": now} for n in sorted(missing)]
+        rows = [{"name": n, "state": "open", "created": now, "last_file": now} for n in sorted(missing)]
         insert_ignore_sync(conn, s.datasets, rows, ["name"])
         ids.update({n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(missing))})
     return ids
+
+
+def _closed_datasets(conn: Connection, names: set[str], now: datetime) -> set[str]:
+    """The datasets among ``names`` that take no new file (``common.catalogue.datasets``).
+
+    The race with a close: on PostgreSQL the datasets' rows are read ``FOR SHARE``, so a close
+    committed meanwhile is waited for and seen here, and a close (or an auto-close: updates)
+    arriving after waits for this registration to commit; registrations into one dataset share the
+    lock and do not wait for each other. SQLite's write lock serialises all of them. The datasets
+    are created first (open) when new, so every row exists to be locked.
+
+    ``last_file`` (auto-close's idle time) is moved only when it is ``LAST_FILE_GRAIN`` old: an
+    exclusive row lock once a minute per dataset, not one every batch."""
+    if not names:
+        return set()
+    _dataset_ids(conn, names, now)
+    ds = s.datasets
+    states: dict[str, str] = {}
+    for part in chunks(sorted(names)):  # Core statements: once per batch, off the per-file path
+        stmt = select(ds.c.name, ds.c.state).where(ds.c.name.in_(part)).order_by(ds.c.name)
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(read=True)
+        states.update((name, state) for name, state in conn.execute(stmt))
+    still_open = sorted(n for n, st in states.items() if st == "open")
+    for part in chunks(still_open):
+        stale = ds.c.last_file.is_(None) | (ds.c.last_file < now - LAST_FILE_GRAIN)
+        conn.execute(update(ds).where(ds.c.name.in_(part), stale).values(last_file=now))
+    return {n for n, st in states.items() if st != "open"}
 
 
 def register(conn: Connection, records: Sequence[IngestRecord]) -> list[RegisterOutcome]:
     now = utcnow()
     done = _done_events(conn, [r.event_id for r in records])
     existing = lookup(conn, [r.name for r in records])
-    decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now)
+    closed = _closed_datasets(conn, {r.dataset for r in records if r.name not in existing}, now)
+    decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now, closed)
     file_ids = {n: fid for n, (fid, _) in existing.items()}
 
     # Rows go in in key order so that concurrent batches lock unique keys in the same order

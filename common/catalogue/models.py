@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from common.catalogue.schema import MAX_META_KEY, MAX_META_STR, MAX_NAME
 from common.messages import MetaValue, normalise_adler32
 
-Outcome = Literal["registered", "duplicate", "duplicate_event", "conflict"]
+Outcome = Literal["registered", "duplicate", "duplicate_event", "conflict", "dataset_closed"]
 RequestState = Literal["done", "retrying", "failed"]
 
 _INT64 = 2**63

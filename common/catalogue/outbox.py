@@ -34,6 +34,9 @@ tape.mounted             tape writer; recall scheduler (cartridge       (b) **ou
                                                                         the library's)
 endpoint.paused/resumed  replicator circuit breaker (handler, poll,     (b) **outbox**, with the
                          start)                                         endpoint's health column
+dataset.completed,       replicator's datasets loop (``datasets.        (b) **outbox**, with the
+dataset.archived         advance``)                                     dataset's state; id: the
+                                                                        dataset's name
 file.recalled,           recall handler and scheduler                   (b) recall's own outbox
 recall.completed                                                        (``announced`` flags on its
                                                                         rows, ``daemons.recall.

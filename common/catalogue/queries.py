@@ -141,17 +141,18 @@ async def find_files(
     return [_file_info(row) for row in await conn.execute(stmt.order_by(f.c.name).limit(limit))]
 
 
-async def list_datasets(conn: AsyncConnection) -> list[DatasetInfo]:
-    per_ds = (
-        select(f.c.dataset_id, func.count().label("n"), func.sum(f.c.size).label("b"))
-        .group_by(f.c.dataset_id)
-        .subquery()
-    )
+async def list_datasets(conn: AsyncConnection, *, state: str | None = None) -> list[DatasetInfo]:
+    per_ds = select(f.c.dataset_id, func.count().label("n"), func.sum(f.c.size).label("b"))
+    if state is not None:  # count only the files of the datasets listed
+        per_ds = per_ds.join(d, d.c.id == f.c.dataset_id).where(d.c.state == state)
+    counted = per_ds.group_by(f.c.dataset_id).subquery()
     stmt = (
-        select(d.c.name, d.c.state, d.c.created, per_ds.c.n, per_ds.c.b)
-        .outerjoin(per_ds, per_ds.c.dataset_id == d.c.id)
+        select(d.c.name, d.c.state, d.c.created, counted.c.n, counted.c.b)
+        .outerjoin(counted, counted.c.dataset_id == d.c.id)
         .order_by(d.c.name)
     )
+    if state is not None:
+        stmt = stmt.where(d.c.state == state)
     return [DatasetInfo(n, st, c, int(k or 0), int(b or 0)) for n, st, c, k, b in await conn.execute(stmt)]
 
 

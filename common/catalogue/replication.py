@@ -40,6 +40,7 @@ from sqlalchemy import (
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
+from common.catalogue.datasets import GONE
 from common.catalogue.filters import conditions
 from common.catalogue.planning import Wanted, plan_batch
 from common.catalogue.policy import PolicyError, Rule, rank_rules
@@ -366,12 +367,15 @@ def files_for_rule(
     ``metadata=False``: every file's metadata is ``{}``, not read (decoding it was a twentieth of
     a rule's evaluation, and placing files needs it only for rules with metadata filters).
     """
-    names = {i: name for i, name in conn.execute(select(d.c.id, d.c.name))}
+    # A deleted dataset's files want no copy (``common.catalogue.datasets``): left out.
+    live = d.c.state.not_in(GONE)
+    names = {i: name for i, name in conn.execute(select(d.c.id, d.c.name).where(live))}
     meta = f.c.meta if metadata else literal_column("NULL")
     base = select(f.c.id, f.c.name, f.c.dataset_id, meta).where(*conditions(list(rule.filters), f.c.id))
     after_ds, after_id = after
     if rule.datasets is None:
-        stmt = base.where(f.c.id > after_id).order_by(f.c.id).limit(limit)
+        gone = select(d.c.id).where(~live)
+        stmt = base.where(f.c.id > after_id, f.c.dataset_id.not_in(gone)).order_by(f.c.id).limit(limit)
         return [RuleFile(i, n, names[ds], dict(m or {}), ds) for i, n, ds, m in conn.execute(stmt)]
     out: list[RuleFile] = []
     for ds in sorted(i for i, name in names.items() if i >= after_ds and rule.dataset_matches(name)):
@@ -709,7 +713,10 @@ def reapable(conn: Connection, limit: int) -> list[Reapable]:
         select(r.c.id, f.c.name, ep.c.name, r.c.pfn)
         .join(f, f.c.id == r.c.file_id)
         .join(ep, ep.c.id == r.c.storage_id)
+        .join(d, d.c.id == f.c.dataset_id)
         .where(
+            # A deleted dataset's copies are the dataset deletion's (they stay, as tombstones).
+            d.c.state.not_in(GONE),
             or_(
                 r.c.state == "deleting",
                 and_(

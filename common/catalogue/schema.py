@@ -56,6 +56,7 @@ MAX_NAME = 1024
 MAX_META_KEY = 128
 MAX_META_STR = 512
 MAX_HOLDER = 200  # an instance id: daemon@node:pid:random (node <= 128)
+MAX_WHO = 255  # who closed / deleted a dataset
 
 # BIGSERIAL on PostgreSQL, the rowid alias ("INTEGER PRIMARY KEY") on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -121,8 +122,19 @@ class Dataset(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
-    state: Mapped[str] = mapped_column(String(16), default="open")  # open | closed
+    # open | closed | complete | archived | deleting | deleted (``common.catalogue.datasets``)
+    state: Mapped[str] = mapped_column(String(16), default="open", index=True)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When its last file was registered (ingest's auto-close measures the idle time from it).
+    last_file: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    closed_by: Mapped[str | None] = mapped_column(String(MAX_WHO))  # cli:<user> | event:<source> | auto-close
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set as it completes: its rules want tape copies (the replicator watches it until archived).
+    tape_wanted: Mapped[bool | None] = mapped_column(Boolean)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_by: Mapped[str | None] = mapped_column(String(MAX_WHO))
 
 
 class File(Base):

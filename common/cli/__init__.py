@@ -125,6 +125,7 @@ COMMAND_MODULES: dict[str, str] = {
     **dict.fromkeys(("tape", "drive"), "tape"),
     "instances": "instances",
     **dict.fromkeys(("du", "lfn"), "namespace"),
+    "dataset": "dataset",  # common/cli/dataset.py imports every module of the group
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common.catalogue import Catalogue, parse_filter
+from common.catalogue.datasets import STATES as DATASET_STATES
 from common.cli import app
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.config import Settings
@@ -115,9 +116,20 @@ def find(
 
 
 @app.command()
-def datasets(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """Datasets with their file counts and volume."""
-    rows = with_catalogue(settings_from(ctx), lambda c: c.queries.list_datasets())
+def datasets(
+    ctx: typer.Context,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="Only datasets in this state: open, closed, complete, archived, deleting, deleted."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Datasets with their state, file counts and volume."""
+    if state is not None and state not in DATASET_STATES:
+        raise UserError(f"--state is one of {', '.join(DATASET_STATES)}, not {state!r}")
+    rows = with_catalogue(settings_from(ctx), lambda c: c.queries.list_datasets(state=state))
     if json_out:
         print_json(rows)
         return

@@ -34,17 +34,18 @@ PlanItem = tuple[str, str, dict[str, Any], str | None]
 class Known:
     prior: db.PriorRequest | None  # what the event id was recorded as, if anything
     file: FileInfo | None
+    dataset_state: str | None = None  # of the event's dataset; None: not created yet
 
     @property
     def event_done(self) -> bool:
         return self.prior is not None and self.prior.state == "done"
 
 
-async def lookup(catalogue: Catalogue, keys: Sequence[tuple[str, str]]) -> list[Known]:
-    """(event id, logical name) -> what the catalogue knows of each, in one read."""
-    ids, names = [k[0] for k in keys], [k[1] for k in keys]
-    prior, files = await catalogue.ingest.prior_requests(ids, names)
-    return [Known(prior.get(i), files.get(n)) for i, n in keys]
+async def lookup(catalogue: Catalogue, keys: Sequence[tuple[str, str, str]]) -> list[Known]:
+    """(event id, logical name, dataset) -> what the catalogue knows of each, in one read."""
+    ids, names, datasets = [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+    prior, files, states = await catalogue.ingest.before_copy(ids, names, datasets)
+    return [Known(prior.get(i), files.get(n), states.get(ds)) for i, n, ds in keys]
 
 
 async def claim(catalogue: Catalogue, instance: InstanceLease, names: Sequence[str]) -> list[str | None]:

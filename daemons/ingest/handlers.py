@@ -5,7 +5,9 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
 1. validate (landing area and who may announce in it, dataset name, logical name and its
    component lengths; the message model already bounded metadata, parents and every field)
                                                                    -> Permanent on bad input
-2. under a per-name lock: what was this event id recorded as, is the name known?
+2. under a per-name lock: what was this event id recorded as, is the name known, is the
+   dataset open?                                                   -> a new name in a closed
+                                                                      dataset: dataset_closed
                                                                    -> same event: re-publish, stop
                                                                    -> id used for another file:
                                                                       id_conflict
@@ -17,7 +19,8 @@ Order of work for one event, chosen so that a kill at any instruction loses noth
    copy into the first disk endpoint (unnamed file, verify, link)  -> Retryable while not writable
    (remote: the checksum read here, uploaded to a temporary name, the server's checksum, renamed)
 4. register file + replica + dataset + metadata + parents          -> batched, one transaction
-   (the name's claim removed in it; a failed attempt releases it)
+   (the name's claim removed in it; a failed attempt releases it;  -> closed meanwhile:
+   the dataset's row locked, its state read again)                    dataset_closed, copy removed
 5. evaluate the replication rules: lock the copies they want      -> batched, one transaction,
    and publish the requests for the missing ones (bulk for disk)     then one publication
 6. publish ``file.ingested``, then the runner acks.
@@ -37,7 +40,7 @@ file (where the file system has no unnamed files), removed at start-up.
 Reason codes decided here: ``area_not_permitted`` (the publisher may not announce in that landing
 area), ``name_too_long`` (a path or name component over 255 bytes, a name over 1024 characters,
 or ENAMETOOLONG from the file system), ``id_conflict`` (the event id was already used for another
-file), ``name_conflict``, ``file_missing``; and those of ``steps`` (``path_outside_area``,
+file), ``name_conflict``, ``dataset_closed``, ``file_missing``; and those of ``steps`` (``path_outside_area``,
 ``invalid_name``, ``not_a_file``, ``bad_dataset_name``).
 
 A refused event is traceable by the logical name the file would have had (its ``name``, else the
@@ -62,6 +65,7 @@ from common.bus.publisher import Publisher
 from common.bus.service import Context, Service
 from common.bus.trust import is_spool_user
 from common.catalogue import Catalogue, FileInfo, IngestRecord, RegisterOutcome
+from common.catalogue.datasets import CLOSED, GONE
 from common.catalogue.engine import WRITER_CACHE_KIB
 from common.catalogue.ingest_claims import REGISTERED
 from common.catalogue.sql import utcnow
@@ -69,12 +73,13 @@ from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.instance import InstanceLease
 from common.logging import get_logger
-from common.messages import FileIngested, FileReady, Message, fact_id
+from common.messages import DatasetClose, FileIngested, FileReady, Message, fact_id
+from common.periodic import every
 from common.placement import RuleBook, sync_config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.checksum import adler32_of_file
 from common.storage.transfer import sweep_stale_temporaries, upload_checked
-from daemons.ingest import batches, steps
+from daemons.ingest import batches, datasets, steps
 from daemons.ingest.batches import Known
 
 log = get_logger("spool.ingest")
@@ -91,7 +96,7 @@ class IngestResources:
     catalogue: Catalogue
     storage: StorageBackend
     storage_name: str
-    lookups: MicroBatcher[tuple[str, str], Known]
+    lookups: MicroBatcher[tuple[str, str, str], Known]
     # This process as one of several ingest instances (its lease), and the claims on new names.
     instance: InstanceLease
     claims: MicroBatcher[str, str | None]
@@ -118,6 +123,8 @@ class IngestResources:
 
 
 def _describe(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, DatasetClose):
+        return {"dataset": msg.dataset}
     return {"file": getattr(msg, "name", None) or getattr(msg, "path", None)}
 
 
@@ -169,13 +176,22 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
         starting = asyncio.create_task(
             storage.start_copy_process() if isinstance(storage, PosixStorage) else asyncio.sleep(0)
         )
+        closing = asyncio.create_task(
+            every(
+                settings.datasets.auto_close_interval,
+                lambda: datasets.auto_close(catalogue, settings),
+                name="auto_close",
+                log=log,
+                jitter=0.2,
+            )
+        )
         try:
             yield resources
         finally:
-            for task in (starting, sweeping):
+            for task in (starting, sweeping, closing):
                 if task is not None:
                     task.cancel()
-            await asyncio.gather(starting, *([sweeping] if sweeping else []), return_exceptions=True)
+            await asyncio.gather(starting, closing, *([sweeping] if sweeping else []), return_exceptions=True)
             await resources.planner.close()
             await resources.registrar.close()
             await resources.claims.close()
@@ -229,6 +245,12 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
     )
 
 
+@service.handler(DatasetClose)
+async def close_dataset(msg: DatasetClose, ctx: Context[IngestResources]) -> None:
+    outcome = await datasets.close_dataset(msg, ctx.resources.catalogue, ctx.user_id)
+    ctx.log.info("dataset_close", dataset=msg.dataset, outcome=outcome)
+
+
 def check_publisher(area: str, user_id: str | None, settings: Settings) -> None:
     """A landing area listed in ``landing_publishers`` takes announcements only from its listed
     broker users (the AMQP ``user_id``, validated by RabbitMQ) and from Spool's own users. An area
@@ -266,7 +288,7 @@ async def _ingest_locked(
     msg: FileReady, ctx: Context[IngestResources], located: steps.Located, name: str
 ) -> FileInfo:
     res = ctx.resources
-    known = await res.lookups.submit((msg.id, name))
+    known = await res.lookups.submit((msg.id, name, msg.dataset))
     if known.prior is not None:
         # A failure row's name may be the lexical one (``failure_names``), which a symlinked
         # directory makes differ from the resolved one: there the path decides, unless the event
@@ -277,6 +299,8 @@ async def _ingest_locked(
         )
         if other is not None:
             raise _id_conflict(msg.id, other, name)
+    if known.dataset_state in GONE or (known.file is None and known.dataset_state in CLOSED):
+        raise dataset_closed(msg.dataset, known.dataset_state, name)
     if known.event_done and known.file is not None:
         claims = _claims_differ(msg, known.file)
         if claims is not None:
@@ -363,6 +387,9 @@ async def _register(
         if outcome.outcome == "conflict":
             # Another process registered the name between our lookup and our write.
             raise _conflict(name, outcome.file, size, adler32)
+        if outcome.outcome == "dataset_closed":
+            # The dataset was closed between our look-up and the registration.
+            raise dataset_closed(msg.dataset, "closed", name)
         if outcome.file is None:
             # The event id was recorded done for another name in the same instant (a batch).
             raise _id_conflict(msg.id, "another file", name)
@@ -402,6 +429,12 @@ def _claims_differ(msg: FileReady, registered: FileInfo) -> str | None:
     if msg.adler32 is not None and msg.adler32 != registered.adler32:
         return f"adler32 {registered.adler32}"
     return None
+
+
+def dataset_closed(dataset: str, state: str | None, name: str) -> Permanent:
+    return Permanent(
+        "dataset_closed", f"dataset {dataset!r} is {state}: it takes no new file ({name!r} refused)"
+    )
 
 
 def _id_conflict(event_id: str, other: str, name: str) -> Permanent:

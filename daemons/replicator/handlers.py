@@ -57,6 +57,7 @@ from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.transfer import sweep_stale_temporaries, verify_stored
 from daemons.replicator import steps
 from daemons.replicator.bulk import UNKNOWN_FILE, replicate_bulk
+from daemons.replicator.datasets import lifecycle_round
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
 from daemons.replicator.reaper import reap
@@ -161,6 +162,14 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             ),
             asyncio.create_task(
                 every(rep.reaper_interval, lambda: reap(catalogue, storages), name="reaper", log=log)
+            ),
+            asyncio.create_task(
+                every(
+                    settings.datasets.check_interval,
+                    lambda: lifecycle_round(catalogue, settings, storages, health.relay.kick),
+                    name="datasets",
+                    log=log,
+                )
             ),
         ]
         try:

@@ -27,6 +27,12 @@ class IngestRepository(Repository):
     ) -> tuple[dict[str, db.PriorRequest], dict[str, FileInfo]]:
         return await self._catalogue.read(db.prior_requests, ids, names)
 
+    async def before_copy(
+        self, ids: Sequence[str], names: Sequence[str], datasets: Sequence[str]
+    ) -> tuple[dict[str, db.PriorRequest], dict[str, FileInfo], dict[str, str]]:
+        """What ingest asks before copying, in one round trip: event ids, names, datasets' states."""
+        return await self._catalogue.read(db.before_copy, ids, names, datasets)
+
     async def replica_recorded(self, name: str, storage: str) -> bool:
         return await self._catalogue.read(db.replica_recorded, name, storage)
 

@@ -29,9 +29,9 @@ class QueryRepository(Repository):
         async with self._catalogue.connect() as conn:
             return await queries.list_files(conn, dataset=dataset, prefix=prefix, limit=limit, offset=offset)
 
-    async def list_datasets(self) -> list[DatasetInfo]:
+    async def list_datasets(self, *, state: str | None = None) -> list[DatasetInfo]:
         async with self._catalogue.connect() as conn:
-            return await queries.list_datasets(conn)
+            return await queries.list_datasets(conn, state=state)
 
     async def find_files(
         self, filters: Sequence[MetaFilter | str], *, dataset: str | None = None, limit: int = 1000

@@ -20,13 +20,14 @@ reason; nothing was written.
 from __future__ import annotations
 
 from common.catalogue import Catalogue
-from common.catalogue.metadata import IdConflict, MetadataChange, TooMuchMetadata, UnknownTarget
+from common.catalogue.metadata import IdConflict, MetadataChange, Scope, TooMuchMetadata, UnknownTarget
 from common.errors import Permanent
 from common.messages import MetadataSet
 
 
 def change_of(msg: MetadataSet) -> MetadataChange:
-    scope, target = ("file", msg.file) if msg.file is not None else ("dataset", msg.dataset)
+    scope: Scope = "file" if msg.file is not None else "dataset"
+    target = msg.file if msg.file is not None else msg.dataset
     assert target is not None  # the model holds exactly one target
     return MetadataChange(
         id=msg.id, scope=scope, target=target, set=dict(msg.set), unset=list(msg.unset),

@@ -3,8 +3,6 @@ history (see ``common.catalogue.metadata``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from common.catalogue import metadata as db
 from common.catalogue.repositories import Repository
 from common.messages import MetaValue
@@ -19,9 +17,6 @@ class MetadataRepository(Repository):
 
     async def fields(self) -> list[db.FieldUse]:
         return await self._catalogue.read(db.fields)
-
-    async def dataset_history(self, name: str) -> list[dict[str, Any]]:
-        return await self._catalogue.read(db.dataset_history, name)
 
     async def of_dataset(self, name: str) -> dict[str, MetaValue] | None:
         """A dataset's metadata; None when there is no such dataset."""

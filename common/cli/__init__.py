@@ -124,6 +124,8 @@ COMMAND_MODULES: dict[str, str] = {
     "recall": "recall",
     **dict.fromkeys(("tape", "drive"), "tape"),
     "instances": "instances",
+    "dataset": "dataset_names",
+    "meta": "meta",
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

@@ -16,7 +16,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, check_metadata
 from common.catalogue.filters import as_number
 from common.catalogue.metadata import IdConflict, MetadataChange, TooMuchMetadata, UnknownTarget
 from common.cli import app
@@ -56,6 +56,10 @@ def assignments(items: list[str]) -> dict[str, MetaValue]:
 
 
 def _apply(ctx: typer.Context, target: str, dataset: bool, set_: dict[str, MetaValue], unset: list[str]) -> None:
+    try:
+        check_metadata(set_)  # one line naming the key (the model's union would name each type it tried)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     try:
         # The event's own model: the same bounds (keys, lengths, 64-bit integers, count, size).
         msg = MetadataSet(

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
 
-from common.patterns import MAX_CACHED_VERDICTS, MAX_NAME_LENGTH, MAX_PATTERN_LENGTH, PatternError, compile_pattern
+from common.patterns import (
+    MAX_CACHED_VERDICTS,
+    MAX_NAME_LENGTH,
+    MAX_PATTERN_LENGTH,
+    PatternError,
+    compile_pattern,
+)
 
 FieldKind = Literal["str", "int", "date"]
 FieldValue = str | int
@@ -231,7 +237,9 @@ def compile_nomenclature(text: str) -> Nomenclature:
             parts.append((literal, None))
             continue
         if conversion is not None:
-            raise PatternError(f"nomenclature {text!r}: field {name!r}: conversions (!{conversion}) are not allowed")
+            raise PatternError(
+                f"nomenclature {text!r}: field {name!r}: conversions (!{conversion}) are not allowed"
+            )
         if "{" in (spec or ""):
             raise PatternError(f"nomenclature {text!r}: field {name!r}: nested fields are not allowed")
         if name == "":

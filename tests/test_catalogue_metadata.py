@@ -3,6 +3,9 @@ metadata stored when ingest creates a dataset, changes set / unset on files and 
 their history, the refusals (unknown target, id used for another request, too much metadata),
 the fields in use, and ``find`` over file and dataset metadata together with ``--json``'s details."""
 
+# Fixtures imported from catalogue_fixtures (not conftest) reappear as test parameters:
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import pytest
@@ -89,7 +92,9 @@ async def test_a_redelivered_change_changes_nothing_and_adds_no_history(catalogu
         (change("f1", id_="x4", set_={f"k{i}": "v" * 400 for i in range(41)}), TooMuchMetadata),  # > 16 KiB
     ],
 )
-async def test_a_refused_change_writes_nothing(catalogue: Catalogue, bad: MetadataChange, error: type) -> None:
+async def test_a_refused_change_writes_nothing(
+    catalogue: Catalogue, bad: MetadataChange, error: type
+) -> None:
     await catalogue.ingest.register([rec("f1", metadata={"k": 1})])
     with pytest.raises(error):
         await catalogue.metadata.apply(bad)
@@ -150,7 +155,9 @@ async def test_find_over_file_and_dataset_metadata(
     ]
 
 
-async def test_find_detailed_has_each_files_metadata_its_datasets_and_its_replicas(catalogue: Catalogue) -> None:
+async def test_find_detailed_has_each_files_metadata_its_datasets_and_its_replicas(
+    catalogue: Catalogue,
+) -> None:
     await _two_datasets(catalogue)
     await catalogue.replication.set_replica(name="d1/a", storage="tape1", pfn="d1/a", state="archived",
                                             cartridge="V00001", fseq=3)  # fmt: skip

@@ -53,7 +53,14 @@ async def test_meta_set_unset_fields_find_and_trace(meta_config: Path, catalogue
     ok(meta_config, "meta", "unset", "r/a", "run")
     ok(meta_config, "meta", "set", "--dataset", DS, "quality=science")
     shown = json.loads(ok(meta_config, "show", "r/a", "--json"))
-    assert shown["metadata"] == {"zenith": 20, "quality": "good", "moon": False, "note": "007", "n": 7, "x": 1.5}
+    assert shown["metadata"] == {
+        "zenith": 20,
+        "quality": "good",
+        "moon": False,
+        "note": "007",
+        "n": 7,
+        "x": 1.5,
+    }
     trace = json.loads(ok(meta_config, "trace", "r/a", "--json"))
     assert [(e["type"], e["daemon"]) for e in trace] == [
         ("file.ingested", "ingest"), ("metadata.set", "cli"), ("metadata.set", "cli"),
@@ -91,8 +98,15 @@ def test_dataset_name_builds_a_name_from_the_nomenclatures_fields(meta_config: P
     args = ("dataset", "name", "--pattern", "1", "--telescope", "lst1", "--date", "2026-11-23", "--run=12345")
     assert ok(meta_config, *args, "--level", "dl0").strip() == DS
     built = json.loads(ok(meta_config, *args, "--level", "dl0", "--json"))
-    assert built == {"name": DS, "pattern": "{telescope}.{date:%Y%m%d}.run{run:06d}.{level}", "fields": FIELDS}
-    assert ok(meta_config, "dataset", "name", "--pattern", "2", "--site", "pic", "--n", "7").strip() == "pic.calib0007"
+    assert built == {
+        "name": DS,
+        "pattern": "{telescope}.{date:%Y%m%d}.run{run:06d}.{level}",
+        "fields": FIELDS,
+    }
+    assert (
+        ok(meta_config, "dataset", "name", "--pattern", "2", "--site", "pic", "--n", "7").strip()
+        == "pic.calib0007"
+    )
     assert "missing field(s) level" in refused(meta_config, *args)
     assert "unknown field(s) zenith" in refused(meta_config, *args, "--level", "dl0", "--zenith", "3")
     assert "run:" in refused(meta_config, "dataset", "name", "--pattern", "1", "--telescope", "lst1",

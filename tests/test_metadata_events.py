@@ -27,7 +27,9 @@ def config_file(tmp_path: Path, tag: str) -> Path:
     """The default test config, dataset names by the nomenclature only."""
     state = tmp_path / "state"
     (state / "landing").mkdir(parents=True)
-    return write_config(tmp_path / "spool.toml", state, tag, datasets=f'patterns = []\nnomenclature = ["{NOMENCLATURE}"]')
+    return write_config(
+        tmp_path / "spool.toml", state, tag, datasets=f'patterns = []\nnomenclature = ["{NOMENCLATURE}"]'
+    )
 
 
 async def _catalogue_answer(settings: Settings, question: Any) -> Any:
@@ -81,7 +83,8 @@ async def test_metadata_of_a_file_and_its_dataset_set_after_ingest(settings: Set
     fields["quality"] = "science"
     assert await _catalogue_answer(settings, lambda c: c.metadata.of_dataset(DATASET)) == fields
     found = await _catalogue_answer(
-        settings, lambda c: c.queries.find_files(["telescope=lst1", "quality=good", "dataset.quality=science"])
+        settings,
+        lambda c: c.queries.find_files(["telescope=lst1", "quality=good", "dataset.quality=science"]),
     )
     assert [f.name for f in found] == ["run012345/a.fits"]
     assert await dead_reasons(broker, settings) == []
@@ -140,7 +143,7 @@ async def test_a_hostile_metadata_set_is_one_dead_letter_and_the_daemon_goes_on(
 async def test_an_event_id_already_used_by_another_request_is_refused(settings: Settings, broker, topology):
     async with running([ingest_service], settings):
         await ingest_one(broker, settings, FILE, {})
-        used = (await _catalogue_answer(settings, lambda c: c.queries.failed_requests(include_retrying=True)))
+        used = await _catalogue_answer(settings, lambda c: c.queries.failed_requests(include_retrying=True))
         assert used == []
         ids = await _catalogue_answer(settings, lambda c: c.queries.history(FILE))
         ready_id = ids[0].detail["event_id"]

@@ -57,7 +57,10 @@ def test_building_a_name_reads_back_as_its_fields() -> None:
     ("given", "named"),
     [
         ({"telescope": "lst1", "date": "2026-11-23", "level": "dl0"}, "missing field(s) run"),
-        ({"telescope": "lst1", "date": "2026-11-23", "run": "1", "level": "dl0", "zenith": "3"}, "unknown field(s) zenith"),
+        (
+            {"telescope": "lst1", "date": "2026-11-23", "run": "1", "level": "dl0", "zenith": "3"},
+            "unknown field(s) zenith",
+        ),
         ({"telescope": "lst1", "date": "2026-11-23", "run": "-5", "level": "dl0"}, "run:"),
         ({"telescope": "lst1", "date": "2026-11-23", "run": "12a", "level": "dl0"}, "run:"),
         ({"telescope": "lst1", "date": "2026-11-23", "run": "1" * 19, "level": "dl0"}, "run:"),

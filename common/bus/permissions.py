@@ -15,8 +15,9 @@ of user, ``p`` being ``bus.queue_prefix`` and ``X`` ``bus.exchange``:
   Spool routing key; tag ``monitoring`` so ``spool status`` may read the management API. For the
   CLI (``spool dead retry``, ``spool status``), ``spool run all`` and ``spool broker declare``.
 - **external publishers** (names given by the operator): write on ``X`` limited by topic
-  permissions to ``file.ready``, ``recall.request`` and ``metadata.set``; configure and read only their own reply
-  queues ``p.reply.<user>.<anything>`` (``reply_queue_pattern``); nothing else. RabbitMQ's direct
+  permissions to ``file.ready``, ``recall.request`` and ``metadata.set``; configure and read
+  only their own reply queues ``p.reply.<user>.<anything>`` (``reply_queue_pattern``); nothing
+  else. RabbitMQ's direct
   reply-to (``amq.rabbitmq.reply-to``) needs no permission and is allowed too.
 
 Limits RabbitMQ imposes, so documented rather than hidden: the default exchange has no per-key

@@ -172,4 +172,3 @@ async def details(
         FoundFile(name, ds, size, adler, created, dict(meta or {}), ds_meta.get(did, {}), replicas[fid])
         for fid, did, name, ds, size, adler, created, meta in rows
     ]
-

@@ -206,7 +206,9 @@ def _dataset_ids(conn: Connection, records: Sequence[IngestRecord], now: datetim
         rows = [{"name": n, "state": "open", "created": now} for n in sorted(missing)]
         insert_ignore_sync(conn, s.datasets, rows, ["name"])
         ids.update({n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(missing))})
-        given = {r.dataset: r.dataset_metadata for r in records if r.dataset in missing and r.dataset_metadata}
+        given = {
+            r.dataset: r.dataset_metadata for r in records if r.dataset in missing and r.dataset_metadata
+        }
         add_dataset_metadata(conn, {ids[n]: meta for n, meta in given.items()})
     return ids
 

@@ -32,6 +32,10 @@ ChangeOutcome = Literal["changed", "duplicate"]
 KIND = "metadata"
 
 
+_VALUE_ROW = ("key", "value_num", "value_int", "value_str")
+_DATASET_ROW = ("dataset_id", *_VALUE_ROW)
+
+
 class UnknownTarget(KeyError):
     """The file or dataset a change names is not in the catalogue."""
 
@@ -113,7 +117,7 @@ def add_dataset_metadata(conn: Connection, values: Mapping[int, Mapping[str, Met
     """Metadata of datasets being created (the fields of their names): a row already there (a
     concurrent creator's, the same values) is kept."""
     rows = [
-        dict(zip(("dataset_id", "key", "value_num", "value_int", "value_str"), (did, k, *typed_value(v))))
+        dict(zip(_DATASET_ROW, (did, k, *typed_value(v)), strict=True))
         for did, meta in values.items()
         for k, v in meta.items()
     ]
@@ -122,7 +126,9 @@ def add_dataset_metadata(conn: Connection, values: Mapping[int, Mapping[str, Met
 
 def _prior(conn: Connection, change: MetadataChange) -> ChangeOutcome | None:
     rq = s.requests
-    row = conn.execute(select(rq.c.kind, rq.c.state, rq.c.name, rq.c.dataset).where(rq.c.id == change.id)).first()
+    row = conn.execute(
+        select(rq.c.kind, rq.c.state, rq.c.name, rq.c.dataset).where(rq.c.id == change.id)
+    ).first()
     if row is None:
         return None
     target = row.name if change.scope == "file" else row.dataset
@@ -150,7 +156,7 @@ def _rewrite_rows(conn: Connection, table: Table, owner: str, owner_id: int, cha
     keys = sorted({*change.set, *change.unset})
     conn.execute(delete(table).where(table.c[owner] == owner_id, table.c.key.in_(keys)))
     rows = [
-        dict(zip((owner, "key", "value_num", "value_int", "value_str"), (owner_id, k, *typed_value(v))))
+        dict(zip((owner, *_VALUE_ROW), (owner_id, k, *typed_value(v)), strict=True))
         for k, v in change.set.items()
     ]
     if rows:

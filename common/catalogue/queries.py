@@ -12,8 +12,8 @@ from sqlalchemy import ColumnElement, Integer, Select, and_, func, literal_colum
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.catalogue import schema as s
 from common.catalogue import find
+from common.catalogue import schema as s
 from common.catalogue.filters import MetaFilter
 from common.catalogue.models import (
     Counts,

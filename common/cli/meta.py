@@ -24,7 +24,9 @@ from common.cli._util import UserError, console, print_json, settings_from
 from common.cli.query import with_catalogue
 from common.messages import MetadataSet, MetaValue, new_id
 
-meta_app = typer.Typer(help="Metadata of files and datasets: set, unset, the fields in use.", no_args_is_help=True)
+meta_app = typer.Typer(
+    help="Metadata of files and datasets: set, unset, the fields in use.", no_args_is_help=True
+)
 app.add_typer(meta_app, name="meta")
 
 DatasetOpt = Annotated[bool, typer.Option("--dataset", "-d", help="TARGET is a dataset, not a file.")]
@@ -55,7 +57,9 @@ def assignments(items: list[str]) -> dict[str, MetaValue]:
     return out
 
 
-def _apply(ctx: typer.Context, target: str, dataset: bool, set_: dict[str, MetaValue], unset: list[str]) -> None:
+def _apply(
+    ctx: typer.Context, target: str, dataset: bool, set_: dict[str, MetaValue], unset: list[str]
+) -> None:
     try:
         check_metadata(set_)  # one line naming the key (the model's union would name each type it tried)
     except ValueError as exc:

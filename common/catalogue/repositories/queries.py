@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.catalogue import find, metadata, queries
-from common.catalogue.find import FoundFile
 from common.catalogue.failures import failure_groups
 from common.catalogue.filters import MetaFilter, parse_filter
+from common.catalogue.find import FoundFile
 from common.catalogue.models import Counts, DatasetInfo, EventInfo, FileInfo, FileView, Relative, RequestInfo
 from common.catalogue.repositories import Repository
 

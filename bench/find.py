@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
@@ -184,23 +184,28 @@ async def _flush_pg(conn: asyncpg.Connection, batch: list[Any], metas: list[Any]
 
 
 async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
-    """The plan of the find statement, as the database prints it."""
+    """The plan of the find statement (its first page when no condition drives it), as the
+    database prints it."""
     parsed = [parse_filter(x) for x in filters]
     async with catalogue.connect() as conn:
-        conds = await find_sql.conditions(conn, parsed)
+        conds, driven = await find_sql.conditions(conn, parsed)
         f, d = find_sql.f, find_sql.d
-        from sqlalchemy import select
-
-        stmt = (
-            select(f.c.id, f.c.name, d.c.name).join(d, d.c.id == f.c.dataset_id).where(*conds)
-            .order_by(f.c.name).limit(1000)
-        )  # fmt: skip
+        stmt = select(f.c.id, f.c.name, d.c.name).join(d, d.c.id == f.c.dataset_id).where(*conds)
+        if not driven:
+            upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
+            stmt = stmt.where(f.c.name <= upper)
+        stmt = stmt.order_by(f.c.name).limit(1000)
         dialect = postgresql.dialect() if catalogue.backend == "postgresql" else sqlite.dialect()
         sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " if catalogue.backend == "postgresql" else "EXPLAIN QUERY PLAN "
         rows = (await conn.execute(text(prefix + sql))).all()
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
-    return sql + "\n" + "\n".join(lines)
+    how = (
+        "driven by the most selective condition"
+        if driven
+        else f"files read in name order, {find_sql.PAGE} a page"
+    )
+    return f"({how})\n" + sql + "\n" + "\n".join(lines)
 
 
 async def best_of(repeat: int, work: Any) -> tuple[float, float, int]:

@@ -148,6 +148,7 @@ async def test_find_over_file_and_dataset_metadata(
     catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch, drive_at: int, filters: list[str], names: list[str]
 ) -> None:
     monkeypatch.setattr(find, "DRIVE_AT", drive_at)  # both strategies give the same answer
+    monkeypatch.setattr(find, "PAGE", 2)  # the walk reads several pages
     await _two_datasets(catalogue)
     assert [f.name for f in await catalogue.queries.find_files(filters)] == names
     assert [f.name for f in await catalogue.queries.find_files(filters, dataset=DS2)] == [

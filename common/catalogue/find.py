@@ -60,6 +60,7 @@ class FoundFile:
 # DRIVE_AT or limit / (the share of files that match) probes, never by every match of a broad
 # condition (three broad conditions over 1,000,000 files were ~300,000 ids each, intersected).
 DRIVE_AT = 20_000
+PAGE = 10_000  # files read in name order at a time when no condition drives
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +120,10 @@ async def _count_upto(conn: AsyncConnection, matches: Any, cap: int) -> int:
 
 async def conditions(
     conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: str | None = None
-) -> list[ColumnElement[bool]]:
-    """The WHERE clauses of a find: the most selective countable condition as a set of ids when
-    it matches at most ``DRIVE_AT`` files, every other one as a probe (see ``DRIVE_AT``)."""
+) -> tuple[list[ColumnElement[bool]], bool]:
+    """The WHERE clauses of a find, and whether one of them drives it: the most selective
+    countable condition as a set of ids when it matches at most ``DRIVE_AT`` files, every other
+    one as a probe of the current file (see ``DRIVE_AT``)."""
     conds = [await _resolve(conn, flt) for flt in filters]
     if dataset is not None:  # the files of one dataset: at most a few thousand, a good driver
         in_dataset = f.c.dataset_id.in_(select(d.c.id).where(d.c.name == dataset))
@@ -133,17 +135,45 @@ async def conditions(
         n = await _count_upto(conn, c.matches, DRIVE_AT)
         if n <= DRIVE_AT and (best is None or n < best[0]):
             best = (n, i)
-    return [c.driver if best is not None and i == best[1] and c.driver is not None else c.probe
-            for i, c in enumerate(conds)]  # fmt: skip
+    clauses = [c.driver if best is not None and i == best[1] and c.driver is not None else c.probe
+               for i, c in enumerate(conds)]  # fmt: skip
+    return clauses, best is not None
+
+
+Found = tuple[int, int, str, str, int, str, Any, dict[str, Any]]
+_COLUMNS = (f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
 
 
 async def find(
     conn: AsyncConnection, filters: Sequence[MetaFilter], *, dataset: str | None, limit: int
-) -> list[tuple[int, int, str, str, int, str, Any, dict[str, Any]]]:
-    """(file id, dataset id, name, dataset, size, adler32, created, meta) of the matches, by name."""
-    stmt = select(f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
-    stmt = stmt.join(d, d.c.id == f.c.dataset_id).where(*await conditions(conn, filters, dataset))
-    return [tuple(row) for row in await conn.execute(stmt.order_by(f.c.name).limit(limit))]  # type: ignore[misc]
+) -> list[Found]:
+    """(file id, dataset id, name, dataset, size, adler32, created, meta) of the matches, by name.
+
+    Driven by a selective condition: one statement. Otherwise files are read in name order a page
+    of ``PAGE`` names at a time (the page's bounds read from the name index first), each page's
+    files probed, until ``limit`` match: the bounds make every database walk the name index
+    whatever its estimates (PostgreSQL, misled by the mixed values of ``value_num`` across keys,
+    hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
+    """
+    where, driven = await conditions(conn, filters, dataset)
+    base = select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*where).order_by(f.c.name)
+    if driven:
+        return [tuple(row) for row in await conn.execute(base.limit(limit))]  # type: ignore[misc]
+    out: list[Found] = []
+    after: str | None = None
+    while len(out) < limit:
+        names = select(f.c.name).order_by(f.c.name).offset(PAGE - 1).limit(1)
+        upper = await conn.scalar(names.where(f.c.name > after) if after is not None else names)
+        page = base
+        if after is not None:
+            page = page.where(f.c.name > after)
+        if upper is not None:
+            page = page.where(f.c.name <= upper)
+        out += [tuple(row) for row in await conn.execute(page.limit(limit - len(out)))]  # type: ignore[misc]
+        if upper is None:
+            break
+        after = upper
+    return out
 
 
 async def details(

@@ -22,7 +22,8 @@ FILES = 3 * FILES_PER_DATASET
 
 async def test_a_tiny_find_bench_loads_the_catalogue_and_times_each_query(catalogue_url: str) -> None:  # noqa: F811
     done = subprocess.run(
-        [sys.executable, "-P", "bench/find.py", "--url", catalogue_url, "--files", str(FILES), "--repeat", "1"],
+        [sys.executable, "-P", "bench/find.py", "--url", catalogue_url, "--files", str(FILES),
+         "--repeat", "1"],
         cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip

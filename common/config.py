@@ -38,6 +38,7 @@ from pydantic_settings import (
 )
 
 from common.errors import ConfigError
+from common.nomenclature import FieldValue, Nomenclature, compile_nomenclature
 from common.patterns import NamePattern, PatternError, compile_pattern
 from common.tape.config import SimulatedLibraryConfig
 
@@ -330,8 +331,9 @@ class StorageEndpoint(_Strict):
 
 
 class DatasetSettings(_Strict):
-    # A dataset name must fully match one of these regular expressions. They run on RE2 (linear
-    # time, see common.patterns): a pattern RE2 refuses (backreferences, lookaround) fails the load.
+    # A dataset name must fully match one of these regular expressions, or one of the nomenclature
+    # patterns below. They run on RE2 (linear time, see common.patterns): a pattern RE2 refuses
+    # (backreferences, lookaround) fails the load.
     patterns: list[str] = Field(
         default_factory=lambda: [r"[a-z0-9]+\.\d{8}\.run\d{6}\.(dl0|dl1|dl2|dl3|r0|r1)"]
     )
@@ -348,7 +350,13 @@ class DatasetSettings(_Strict):
     # Seconds between the replicator's looks at closed datasets (complete yet?) and at deleted
     # datasets' copies (each look walks the files of every closed dataset not complete yet).
     check_interval: float = Field(default=10.0, gt=0)
+    # Patterns with named, typed fields (common.nomenclature), e.g.
+    # "{telescope}.{date:%Y%m%d}.run{run:06d}.{level}": a name matching one is accepted, and its
+    # fields become the dataset's metadata when ingest creates it (the first pattern that parses
+    # it). A malformed pattern fails the load with one line naming it.
+    nomenclature: list[str] = Field(default_factory=list, max_length=64)
     _compiled: list[NamePattern] = PrivateAttr(default_factory=list)
+    _nomenclature: list[Nomenclature] = PrivateAttr(default_factory=list)
 
     @field_validator("patterns")
     @classmethod
@@ -360,14 +368,39 @@ class DatasetSettings(_Strict):
                 raise ValueError(str(exc)) from None
         return v
 
+    @field_validator("nomenclature")
+    @classmethod
+    def _nomenclature_compiles(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                compile_nomenclature(p)
+            except PatternError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     def model_post_init(self, context: Any, /) -> None:
         self._compiled = [compile_pattern(p) for p in self.patterns]
+        self._nomenclature = [compile_nomenclature(p) for p in self.nomenclature]
+
+    def nomenclatures(self) -> list[Nomenclature]:
+        if [n.text for n in self._nomenclature] != self.nomenclature:  # reassigned (tests)
+            self._nomenclature = [compile_nomenclature(p) for p in self.nomenclature]
+        return self._nomenclature
 
     def matches(self, name: str) -> bool:
-        """Whether ``name`` fully matches one of the patterns (names over 255 characters never do)."""
+        """Whether ``name`` fully matches one of the patterns or nomenclatures (names over 255
+        characters never do)."""
         if [p.text for p in self._compiled] != self.patterns:  # reassigned after validation (tests)
             self._compiled = [compile_pattern(p) for p in self.patterns]
-        return any(p.fullmatch(name) for p in self._compiled)
+        return any(p.fullmatch(name) for p in self._compiled) or self.fields_of(name) is not None
+
+    def fields_of(self, name: str) -> dict[str, FieldValue] | None:
+        """The fields of ``name`` by the first nomenclature that parses it, else None."""
+        for n in self.nomenclatures():
+            fields = n.parse(name)
+            if fields is not None:
+                return fields
+        return None
 
 
 class DaemonSettings(_Strict):

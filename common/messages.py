@@ -183,6 +183,19 @@ def check_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _metadata_before(v: Any) -> Any:
+    """Metadata refused before its values are validated one by one: too many keys, or an integer
+    out of int64 (which would otherwise pass as a float, losing digits)."""
+    if isinstance(v, dict):
+        if len(v) > limits.MAX_META_KEYS:
+            raise ValueError(f"has {len(v)} keys, at most {limits.MAX_META_KEYS} allowed")
+        for value in v.values():
+            out = not limits.INT64_MIN <= value <= limits.INT64_MAX if type(value) is int else False
+            if out:
+                raise ValueError("an integer value is outside the 64-bit range")
+    return v
+
+
 class FileReady(Message):
     """Command to ingest: an instrument says a file in a landing area is complete."""
 
@@ -200,15 +213,7 @@ class FileReady(Message):
     @field_validator("metadata", mode="before")
     @classmethod
     def _few_keys(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            if len(v) > limits.MAX_META_KEYS:
-                raise ValueError(f"has {len(v)} keys, at most {limits.MAX_META_KEYS} allowed")
-            for value in v.values():
-                # An integer out of int64 would otherwise pass as a float (losing digits).
-                out = not limits.INT64_MIN <= value <= limits.INT64_MAX if type(value) is int else False
-                if out:
-                    raise ValueError("an integer value is outside the 64-bit range")
-        return v
+        return _metadata_before(v)
 
     @field_validator("metadata")
     @classmethod
@@ -232,6 +237,46 @@ class FileReady(Message):
         if total > limits.MAX_PATH_BYTES:
             raise ValueError(f"path is {total} bytes long, at most {limits.MAX_PATH_BYTES} allowed")
         return v
+
+
+class MetadataSet(Message):
+    """Command to ingest (external): set and / or remove metadata of one file or one dataset
+    after ingest. ``set`` keys and values are bounded like ``file.ready``'s metadata; ``unset``
+    names keys to remove (removing a key the target lacks is no error). A key may not be both set
+    and unset, and at least one of the two is given."""
+
+    ROUTING_KEY: ClassVar[str] = "metadata.set"
+
+    file: LogicalName | None = None
+    dataset: DatasetName | None = None
+    set: Metadata = Field(default_factory=dict)
+    unset: list[MetaKey] = Field(default_factory=list)
+
+    @field_validator("set", mode="before")
+    @classmethod
+    def _few_keys(cls, v: Any) -> Any:
+        return _metadata_before(v)
+
+    @field_validator("set")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(v)
+
+    @field_validator("unset", mode="before")
+    @classmethod
+    def _few_unset(cls, v: Any) -> Any:
+        return _bounded_list(v, limits.MAX_META_KEYS, "unset")
+
+    @model_validator(mode="after")
+    def _one_target_some_change(self) -> Self:
+        if (self.file is None) == (self.dataset is None):
+            raise ValueError("give either file or dataset (one target), not both")
+        if not self.set and not self.unset:
+            raise ValueError("nothing to change: give set and / or unset")
+        both = sorted(k for k in self.unset if k in self.set)
+        if both:
+            raise ValueError(f"keys both set and unset: {', '.join(both)}")
+        return self
 
 
 class FileIngested(Message):
@@ -537,6 +582,7 @@ MODELS: dict[str, type[Message]] = {
     m.ROUTING_KEY: m
     for m in (
         FileReady,
+        MetadataSet,
         FileIngested,
         ReplicaRequest,
         ReplicaCreated,

@@ -199,6 +199,11 @@ REASONS: dict[str, Reason] = _registry(
     _r("invalid_size", "permanent", "a negative or impossible expected size", "request"),
     _r("invalid_state", "permanent", "a tape library request the cartridge's state forbids (a caller bug)"),
     _r("invalid_text", "refused", "a fact's text is not valid Unicode (a lone surrogate)"),
+    _r(
+        "metadata_too_large",
+        "permanent",
+        "after a `metadata.set` the file's or dataset's metadata would have more than 64 keys or 16 KiB",
+    ),
     _r("mount_failed", "retryable", "the cartridge did not load (it is back in its slot)"),
     _r("naive_timestamp", "refused", "a fact's time has no UTC offset"),
     _r(
@@ -321,13 +326,14 @@ REASONS: dict[str, Reason] = _registry(
     _r(
         "unknown_dataset",
         "permanent",
-        "a recall or a `dataset.close` names a dataset the catalogue does not know",
+        "a recall, a `dataset.close` or a `metadata.set` names a dataset the catalogue does not know",
     ),
     _r("unknown_drive", "permanent", "no such drive in the tape library"),
     _r(
         "unknown_file",
         "permanent outcome",
-        "a name the catalogue does not know (in a recall, that file fails and the rest goes on)",
+        "a name the catalogue does not know (a `metadata.set`'s file; in a recall, that file fails and the "
+        "rest goes on)",
     ),
     _r("unknown_fseq", "permanent", "no file at this sequence number on the cartridge"),
     _r(

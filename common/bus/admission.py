@@ -23,7 +23,7 @@ Spool user), while whether its *content* is permitted is decided on the original
 delivery of it: a retry or a revival never turns an external message into a trusted one.
 
 **What a sender may send.** External publishers (anything but a Spool sender) may send the
-external contract only: ``file.ready`` and ``recall.request``. Every other routing key is an
+external contract only: ``file.ready``, ``recall.request`` and ``metadata.set``. Every other routing key is an
 internal command or a fact of Spool's (``replica.request``, ``tape.archive``, events, heartbeats):
 from anyone else it is ``Permanent("not_permitted")``, one dead letter, never handled.
 
@@ -48,11 +48,11 @@ from common.bus import headers as H
 from common.bus.publisher import DIRECT_REPLY_TO
 from common.config import BusSettings
 from common.errors import Permanent
-from common.messages import DatasetClose, FileReady, RecallRequest
+from common.messages import DatasetClose, FileReady, MetadataSet, RecallRequest
 
 # The external contract: what any publisher allowed on the exchange may send.
 EXTERNAL_ROUTING_KEYS = frozenset(
-    {FileReady.ROUTING_KEY, RecallRequest.ROUTING_KEY, DatasetClose.ROUTING_KEY}
+    {FileReady.ROUTING_KEY, RecallRequest.ROUTING_KEY, DatasetClose.ROUTING_KEY, MetadataSet.ROUTING_KEY}
 )
 MAX_QUEUE_NAME = 255  # bytes: AMQP short string, RabbitMQ's limit for a queue name
 # Characters of a reply queue's own name (a uuid, a job id, direct reply-to's base64 key).

@@ -15,8 +15,9 @@ of user, ``p`` being ``bus.queue_prefix`` and ``X`` ``bus.exchange``:
   Spool routing key; tag ``monitoring`` so ``spool status`` may read the management API. For the
   CLI (``spool dead retry``, ``spool status``), ``spool run all`` and ``spool broker declare``.
 - **external publishers** (names given by the operator): write on ``X`` limited by topic
-  permissions to ``file.ready`` and ``recall.request``; configure and read only their own reply
-  queues ``p.reply.<user>.<anything>`` (``reply_queue_pattern``); nothing else. RabbitMQ's direct
+  permissions to ``file.ready``, ``recall.request`` and ``metadata.set``; configure and read
+  only their own reply queues ``p.reply.<user>.<anything>`` (``reply_queue_pattern``); nothing
+  else. RabbitMQ's direct
   reply-to (``amq.rabbitmq.reply-to``) needs no permission and is allowed too.
 
 Limits RabbitMQ imposes, so documented rather than hidden: the default exchange has no per-key
@@ -53,7 +54,7 @@ DAEMON_PUBLISHES: Mapping[str, tuple[str, ...]] = {
     "monitor": ("alert.raised", *_EVERY_DAEMON),
 }
 # The external contract (docs/event-contract.md): all an instrument or a portal may send.
-EXTERNAL_PUBLISHES = ("file.ready", "recall.request", "dataset.close")
+EXTERNAL_PUBLISHES = ("file.ready", "recall.request", "dataset.close", "metadata.set")
 DEFAULT_EXCHANGE = "amq.default"  # the name permission checks give the default exchange ""
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Broker user names Spool creates or accepts: they end up in shell commands, regexes and URLs.

@@ -14,6 +14,7 @@ How to reach the catalogue: through its repositories, one per domain, each metho
     await catalogue.instances.renew(id, now, until)  # daemon instances' leases (several nodes)
     await catalogue.transfers.claim_slots(...)      # the replicator's slots and breaker per endpoint
     await catalogue.datasets.close(name, by, now)   # datasets' lifecycle and deletion
+    await catalogue.metadata.apply(change)          # metadata set / unset after ingest, fields in use
 
 A repository (``common.catalogue.repositories``) holds no SQL: it names a function of its domain's
 module (``common.catalogue.ingest``, ``replication``, ...) and the transaction to run it in.
@@ -75,6 +76,7 @@ from common.catalogue.repositories.endpoints import EndpointRepository
 from common.catalogue.repositories.history import HistoryRepository
 from common.catalogue.repositories.ingest import IngestRepository
 from common.catalogue.repositories.instances import InstanceRepository
+from common.catalogue.repositories.metadata import MetadataRepository
 from common.catalogue.repositories.namespace import NamespaceRepository
 from common.catalogue.repositories.outbox import OutboxRepository
 from common.catalogue.repositories.queries import QueryRepository
@@ -155,6 +157,7 @@ class Catalogue:
         self.instances = InstanceRepository(self)
         self.transfers = TransferRepository(self)
         self.datasets = DatasetRepository(self)
+        self.metadata = MetadataRepository(self)
 
     # --- transactions (for repositories; and for tests that look at rows directly) -------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import ColumnElement, and_, false, or_, select
+from sqlalchemy import ColumnElement, Table, and_, false, or_, select
 
 from common.catalogue.schema import file_metadata as fm
 from common.messages import MetaValue
@@ -110,28 +110,30 @@ def parse_filter(text: str) -> MetaFilter:
     return MetaFilter(key, op, (_scalar(raw),))  # type: ignore[arg-type]
 
 
-def _column_for(value: Scalar) -> tuple[ColumnElement[object], Scalar]:
+def _column_for(value: Scalar, t: Table = fm) -> tuple[ColumnElement[object], Scalar]:
     if isinstance(value, bool):
-        return fm.c.value_str, "true" if value else "false"
+        return t.c.value_str, "true" if value else "false"
     if isinstance(value, int):
         if abs(value) > _EXACT_FLOAT:
-            return fm.c.value_int, value
-        return fm.c.value_num, float(value)
+            return t.c.value_int, value
+        return t.c.value_num, float(value)
     if isinstance(value, float):
-        return fm.c.value_num, value
-    return fm.c.value_str, value
+        return t.c.value_num, value
+    return t.c.value_str, value
 
 
-def _value_condition(f: MetaFilter) -> ColumnElement[bool]:
+def value_condition(f: MetaFilter, t: Table = fm) -> ColumnElement[bool]:
+    """The filter's comparison on the typed columns of ``t`` (``file_metadata`` or
+    ``dataset_metadata``: the same shape)."""
     if f.op in ("in", "not in"):
         groups: dict[str, tuple[ColumnElement[object], list[Scalar]]] = {}
         for v in f.values:
-            col, bound = _column_for(v)
+            col, bound = _column_for(v, t)
             groups.setdefault(col.key or "", (col, []))[1].append(bound)
         if f.op == "in":
             return or_(false(), *(col.in_(vals) for col, vals in groups.values()))
         return and_(*(or_(col.is_(None), col.not_in(vals)) for col, vals in groups.values()))
-    col, v = _column_for(f.values[0])
+    col, v = _column_for(f.values[0], t)
     match f.op:
         case "=":
             return col == v
@@ -152,7 +154,7 @@ def condition(f: MetaFilter, file_id: ColumnElement[int]) -> ColumnElement[bool]
     """``file_id IN (files whose metadata satisfies f)``, index-friendly on (key, value_*)."""
     if not f.values:
         raise ValueError(f"filter on {f.key!r} has no value")
-    sub = select(fm.c.file_id).where(fm.c.key == f.key, _value_condition(f))
+    sub = select(fm.c.file_id).where(fm.c.key == f.key, value_condition(f))
     return file_id.in_(sub)
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.sql.schema import ScalarElementColumnDefault
 from common.catalogue import ingest_claims
 from common.catalogue import schema as s
 from common.catalogue.filters import typed_value
+from common.catalogue.metadata import add_dataset_metadata
 from common.catalogue.models import FileInfo, IngestRecord, Outcome, RegisterOutcome
 from common.catalogue.sql import (
     bind_processor,
@@ -221,13 +222,19 @@ def _decide(
     return out
 
 
-def _dataset_ids(conn: Connection, names: set[str], now: datetime) -> dict[str, int]:
+def _dataset_ids(conn: Connection, records: Sequence[IngestRecord], now: datetime) -> dict[str, int]:
+    """Dataset name -> id, creating the missing datasets with their metadata (their names' fields)."""
+    names = {r.dataset for r in records}
     ids: dict[str, int] = {n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(names))}
     missing = names - ids.keys()
     if missing:
         rows = [{"name": n, "state": "open", "created": now, "last_file": now} for n in sorted(missing)]
         insert_ignore_sync(conn, s.datasets, rows, ["name"])
         ids.update({n: i for n, i in select_in(conn, _DATASET_IDS_SQL, sorted(missing))})
+        given = {
+            r.dataset: r.dataset_metadata for r in records if r.dataset in missing and r.dataset_metadata
+        }
+        add_dataset_metadata(conn, {ids[n]: meta for n, meta in given.items()})
     return ids
 
 
@@ -290,7 +297,7 @@ def register(conn: Connection, records: Sequence[IngestRecord]) -> list[Register
 
 
 def _insert_files(conn: Connection, new: list[IngestRecord], now: datetime) -> dict[str, int]:
-    ds_ids = _dataset_ids(conn, {r.dataset for r in new}, now)
+    ds_ids = _dataset_ids(conn, new, now)
     endpoint_ids = storage_ids_sync(conn, {r.storage for r in new})
     dialect = conn.dialect
     meta = json_processor(s.files.c.meta, dialect)

@@ -58,6 +58,9 @@ class IngestRecord(BaseModel):
     size: int = Field(ge=0, lt=_INT64)
     adler32: str
     metadata: dict[str, MetaValue] = Field(default_factory=dict)
+    # The dataset's metadata (the fields of its name by the nomenclature), stored when this
+    # record creates the dataset; an existing dataset keeps its own.
+    dataset_metadata: dict[str, MetaValue] = Field(default_factory=dict)
     parents: list[str] = Field(default_factory=list)
     storage: str = Field(min_length=1)
     pfn: str = Field(min_length=1)
@@ -73,7 +76,7 @@ class IngestRecord(BaseModel):
             raise ValueError("adler32 is required")
         return out
 
-    @field_validator("metadata", mode="before")
+    @field_validator("metadata", "dataset_metadata", mode="before")
     @classmethod
     def _storable(cls, v: Any) -> Any:
         # Before the type's own (lax) validation, which would take an integer beyond 64 bits as
@@ -82,7 +85,7 @@ class IngestRecord(BaseModel):
             check_metadata(v)
         return v
 
-    @field_validator("metadata")
+    @field_validator("metadata", "dataset_metadata")
     @classmethod
     def _meta(cls, v: dict[str, MetaValue]) -> dict[str, MetaValue]:
         check_metadata(v)

@@ -12,8 +12,9 @@ from sqlalchemy import ColumnElement, Integer, Select, and_, func, literal_colum
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from common.catalogue import find
 from common.catalogue import schema as s
-from common.catalogue.filters import MetaFilter, conditions
+from common.catalogue.filters import MetaFilter
 from common.catalogue.models import (
     Counts,
     DatasetInfo,
@@ -135,10 +136,9 @@ async def list_files(
 async def find_files(
     conn: AsyncConnection, filters: Sequence[MetaFilter], *, dataset: str | None, limit: int
 ) -> list[FileInfo]:
-    stmt = _files().where(*conditions(filters, f.c.id))
-    if dataset is not None:
-        stmt = stmt.where(d.c.name == dataset)
-    return [_file_info(row) for row in await conn.execute(stmt.order_by(f.c.name).limit(limit))]
+    """Files by file and dataset metadata together (``common.catalogue.find``), by name."""
+    rows = await find.find(conn, filters, dataset=dataset, limit=limit)
+    return [FileInfo(row[2], row[3], row[4], row[5], row[6]) for row in rows]
 
 
 async def list_datasets(conn: AsyncConnection, *, state: str | None = None) -> list[DatasetInfo]:

@@ -164,6 +164,41 @@ class FileMetadata(Base):
     value_str: Mapped[str | None] = mapped_column(String(MAX_META_STR))
 
 
+class DatasetMetadata(Base):
+    """A dataset's metadata (the fields of its name by the nomenclature, and what operators set
+    later), typed like ``file_metadata`` so one filter compares both alike."""
+
+    __tablename__ = "dataset_metadata"
+    __table_args__ = (
+        Index(None, "key", "value_num"),
+        Index(None, "key", "value_int"),
+        Index(None, "key", "value_str"),
+    )
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(MAX_META_KEY), primary_key=True)
+    value_num: Mapped[float | None] = mapped_column(Double)
+    value_int: Mapped[int | None] = mapped_column(BigInteger)
+    value_str: Mapped[str | None] = mapped_column(String(MAX_META_STR))
+
+
+class DatasetEvent(Base):
+    """The history of a dataset (``spool trace --dataset``), as ``events`` is a file's: by name,
+    not a foreign key, so it outlives the dataset. A table of its own: a dataset and a file may
+    share a name."""
+
+    __tablename__ = "dataset_events"
+    __table_args__ = (Index(None, "dataset", "time"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    dataset: Mapped[str] = mapped_column(String(255))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    daemon: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(Json)
+
+
 class Provenance(Base):
     __tablename__ = "provenance"
 
@@ -462,6 +497,8 @@ metadata = Base.metadata
 datasets = cast(Table, Dataset.__table__)
 files = cast(Table, File.__table__)
 file_metadata = cast(Table, FileMetadata.__table__)
+dataset_metadata = cast(Table, DatasetMetadata.__table__)
+dataset_events = cast(Table, DatasetEvent.__table__)
 provenance = cast(Table, Provenance.__table__)
 storage_endpoints = cast(Table, StorageEndpointRow.__table__)
 replicas = cast(Table, Replica.__table__)

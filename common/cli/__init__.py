@@ -126,6 +126,7 @@ COMMAND_MODULES: dict[str, str] = {
     "instances": "instances",
     **dict.fromkeys(("du", "lfn"), "namespace"),
     "dataset": "dataset",  # common/cli/dataset.py imports every module of the group
+    "meta": "meta",
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

@@ -3,4 +3,7 @@
 
 from __future__ import annotations
 
-from common.cli import dataset_lifecycle  # noqa: F401  close, show, delete
+from common.cli import (
+    dataset_lifecycle,  # noqa: F401  close, show, delete
+    dataset_names,  # noqa: F401  name
+)

@@ -104,11 +104,21 @@ def find(
     limit: Annotated[int, typer.Option(help="At most this many.")] = 1000,
     json_out: JsonOpt = False,
 ) -> None:
-    """Find files by metadata (all conditions must hold)."""
+    """Find files by their metadata and their dataset's (all conditions must hold).
+
+    A key matches the file's own value, else its dataset's; dataset.KEY only the dataset's,
+    file.KEY only the file's. --json lists each file with its metadata, its dataset's and its
+    replicas."""
     try:
         parsed = [parse_filter(f) for f in filters]
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if json_out:
+        found = with_catalogue(
+            settings_from(ctx), lambda c: c.queries.find_detailed(parsed, dataset=dataset, limit=limit)
+        )
+        print_json(found)
+        return
     files = with_catalogue(
         settings_from(ctx), lambda c: c.queries.find_files(parsed, dataset=dataset, limit=limit)
     )
@@ -165,8 +175,16 @@ def lineage(
 
 
 @app.command()
-def trace(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
-    """The life of a file: every recorded event, oldest first."""
+def trace(
+    ctx: typer.Context,
+    name: str,
+    dataset: Annotated[bool, typer.Option("--dataset", "-d", help="NAME is a dataset: its history.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """The life of a file (or, with --dataset, of a dataset): every recorded event, oldest first."""
+    if dataset:
+        _trace_dataset(ctx, name, json_out)
+        return
     rows = with_catalogue(settings_from(ctx), lambda c: c.queries.history(name))
     if not rows:
         raise UserError(f"no history for {name!r}")
@@ -185,6 +203,20 @@ def trace(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
             e.storage or "",
             detail,
         )
+    console.print(table)
+
+
+def _trace_dataset(ctx: typer.Context, name: str, json_out: bool) -> None:
+    rows = with_catalogue(settings_from(ctx), lambda c: c.queries.dataset_history(name))
+    if not rows:
+        raise UserError(f"no history for dataset {name!r}")
+    if json_out:
+        print_json(rows)
+        return
+    table = Table("time", "daemon", "event", "outcome", "detail")
+    for e in rows:
+        detail = ", ".join(f"{k}={v}" for k, v in (e["detail"] or {}).items())
+        table.add_row(e["time"].isoformat(timespec="seconds"), e["daemon"], e["type"], e["outcome"], detail)
     console.print(table)
 
 

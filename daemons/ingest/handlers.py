@@ -73,7 +73,7 @@ from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError
 from common.instance import InstanceLease
 from common.logging import get_logger
-from common.messages import DatasetClose, FileIngested, FileReady, Message, fact_id
+from common.messages import DatasetClose, FileIngested, FileReady, Message, MetadataSet, fact_id
 from common.periodic import every
 from common.placement import RuleBook, sync_config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
@@ -81,6 +81,7 @@ from common.storage.checksum import adler32_of_file
 from common.storage.transfer import sweep_stale_temporaries, upload_checked
 from daemons.ingest import batches, datasets, steps
 from daemons.ingest.batches import Known
+from daemons.ingest.metadata import apply_metadata
 
 log = get_logger("spool.ingest")
 
@@ -125,7 +126,7 @@ class IngestResources:
 def _describe(msg: Message) -> dict[str, Any]:
     if isinstance(msg, DatasetClose):
         return {"dataset": msg.dataset}
-    return {"file": getattr(msg, "name", None) or getattr(msg, "path", None)}
+    return {"file": getattr(msg, "name", None) or getattr(msg, "path", None) or getattr(msg, "file", None)}
 
 
 @asynccontextmanager
@@ -249,6 +250,13 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
 async def close_dataset(msg: DatasetClose, ctx: Context[IngestResources]) -> None:
     outcome = await datasets.close_dataset(msg, ctx.resources.catalogue, ctx.user_id)
     ctx.log.info("dataset_close", dataset=msg.dataset, outcome=outcome)
+
+
+@service.handler(MetadataSet)
+async def set_metadata(msg: MetadataSet, ctx: Context[IngestResources]) -> None:
+    """Metadata set / removed after ingest (``daemons.ingest.metadata``)."""
+    outcome = await apply_metadata(msg, ctx.resources.catalogue)
+    ctx.log.info("metadata_set", file=msg.file, dataset=msg.dataset, outcome=outcome)
 
 
 def check_publisher(area: str, user_id: str | None, settings: Settings) -> None:
@@ -375,6 +383,7 @@ async def _register(
         size=size,
         adler32=adler32,
         metadata=dict(msg.metadata),
+        dataset_metadata=dict(ctx.settings.datasets.fields_of(msg.dataset) or {}),
         parents=list(msg.parents),
         storage=res.storage_name,
         pfn=name,

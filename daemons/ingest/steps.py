@@ -69,7 +69,8 @@ def logical_name(requested: str | None, located: Located) -> str:
 def check_dataset(dataset: str, rules: DatasetSettings) -> None:
     if not rules.matches(dataset):
         raise Permanent(
-            "bad_dataset_name", f"dataset {dataset!r} matches none of the naming patterns {rules.patterns}"
+            "bad_dataset_name",
+            f"dataset {dataset!r} matches none of the naming patterns {rules.patterns + rules.nomenclature}",
         )
 
 

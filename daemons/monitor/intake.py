@@ -69,7 +69,7 @@ TOO_MANY_INSTANCES = "too_many_instances"
 INVALID_TEXT = "invalid_text"
 
 # The external contract: types anyone allowed on the exchange may publish (counted, not trusted).
-EXTERNAL_TYPES = frozenset({"file.ready", "recall.request", "dataset.close"})
+EXTERNAL_TYPES = frozenset({"file.ready", "recall.request", "dataset.close", "metadata.set"})
 # Every number in a fact lies in [0, MAX_NUMBER]: what a signed 64-bit counter holds.
 MAX_NUMBER = 2**63 - 1
 # Longest heartbeat identity strings (label values); Spool's own are far shorter.

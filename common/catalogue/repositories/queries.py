@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common.catalogue import queries
+from common.catalogue import find, metadata, queries
 from common.catalogue.failures import failure_groups
 from common.catalogue.filters import MetaFilter, parse_filter
+from common.catalogue.find import FoundFile
 from common.catalogue.models import Counts, DatasetInfo, EventInfo, FileInfo, FileView, Relative, RequestInfo
 from common.catalogue.repositories import Repository
 
@@ -40,6 +41,18 @@ class QueryRepository(Repository):
         parsed = [parse_filter(x) if isinstance(x, str) else x for x in filters]
         async with self._catalogue.connect() as conn:
             return await queries.find_files(conn, parsed, dataset=dataset, limit=limit)
+
+    async def find_detailed(
+        self, filters: Sequence[MetaFilter | str], *, dataset: str | None = None, limit: int = 1000
+    ) -> list[FoundFile]:
+        """As ``find_files``, each file with its metadata, its dataset's and its replicas."""
+        parsed = [parse_filter(x) if isinstance(x, str) else x for x in filters]
+        async with self._catalogue.connect() as conn:
+            rows = await find.find(conn, parsed, dataset=dataset, limit=limit)
+            return await find.details(conn, rows)
+
+    async def dataset_history(self, name: str) -> list[dict[str, Any]]:
+        return await self._catalogue.read(metadata.dataset_history, name)
 
     async def ancestors(self, name: str, *, max_depth: int = 100) -> list[Relative]:
         async with self._catalogue.connect() as conn:

@@ -124,6 +124,8 @@ COMMAND_MODULES: dict[str, str] = {
     "recall": "recall",
     **dict.fromkeys(("tape", "drive"), "tape"),
     "instances": "instances",
+    # The three dataset modules (lifecycle, names, manifests) are joined at the merge.
+    "dataset": "dataset_manifest",
 }
 _OPTIONS_WITH_VALUE = {"--config", "-c"}
 

@@ -251,7 +251,9 @@ async def _replicate_one(
             return None
         if act == "verify":
             assert task.pfn is not None
-            problem = await verify_stored(dest, task.pfn, size=task.size, adler32=task.adler32)
+            problem = await verify_stored(
+                dest, task.pfn, size=task.size, adler32=task.adler32, sha256=task.sha256
+            )
             if problem is None:
                 return _created(task, task.pfn)
             ctx.log.warning("copy_corrupt", file=name, problem=problem)
@@ -335,7 +337,12 @@ async def _copy_from_best(
                 continue
             if isinstance(dest, PosixStorage) and isinstance(path, os.PathLike):
                 copied = await dest.copy_verified(
-                    path, relpath, expected_size=task.size, expected_adler32=task.adler32, fsync=fsync
+                    path,
+                    relpath,
+                    expected_size=task.size,
+                    expected_adler32=task.adler32,
+                    fsync=fsync,
+                    expected_sha256=task.sha256,
                 )
                 return copied.pfn, source.storage
             done = await dest.copy_from(src, source.pfn, relpath, size=task.size, adler32=task.adler32)

@@ -1,16 +1,26 @@
 """``spool dataset verify``: a copy of a release checked offline against its signed manifest; each
-kind of tampering detected with its own line (and exit code), never a read outside the copy."""
+kind of tampering detected with its own line (and exit code), never a read outside the copy.
+
+Most tests run the command in this process (``common.cli.main``, as the console script does: a
+subprocess costs seconds of imports on a loaded machine); the first and the endpoint one run the
+``spool`` program itself."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import subprocess
+
 import pytest
 
+from common.cli import main
 from tests.cli_fixtures import spool
+from common.manifest.document import canonical_bytes
+from common.manifest.keys import load_signing_key
 from tests.conftest import write_config
 from tests.manifest_fixtures import Release, make_key, write_release
 
@@ -25,9 +35,30 @@ def config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "spool.toml", tmp_path / "state", "manifest")
 
 
-def verify(config: Path, release: Release, *extra: str, copy: Path | str | None = None):
-    target = str(copy if copy is not None else release.root)
-    return spool(config, "dataset", "verify", target, "--manifest", str(release.manifest), *extra)
+@pytest.fixture
+def run_spool(capsys: pytest.CaptureFixture[str]):
+    """``spool ARGS`` in this process: a ``CompletedProcess`` like ``cli_fixtures.spool``'s."""
+
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = ["--config", str(config), *args]
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
+def verify(config: Path, release: Release, run_spool):
+    def run(*extra: str, manifest: Path | None = None) -> subprocess.CompletedProcess[str]:
+        where = str(manifest or release.manifest)
+        return run_spool(config, "dataset", "verify", str(release.root), "--manifest", where, *extra)
+
+    return run
 
 
 def lines(out: str) -> list[str]:
@@ -41,17 +72,18 @@ def edit_manifest(release: Release, change) -> None:
 
 
 def test_an_untouched_copy_verifies(config: Path, release: Release) -> None:
-    done = verify(config, release, "--key", str(release.public))
+    done = spool(config, "dataset", "verify", str(release.root), "--manifest", str(release.manifest),
+                 "--key", str(release.public))  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert lines(done.stdout) == ["OK: 4 files match the signed manifest"]
 
 
-def test_one_byte_changed_is_named_with_both_checksums(config: Path, release: Release) -> None:
+def test_one_byte_changed_is_named_with_both_checksums(verify, release: Release) -> None:
     path = release.root / "run000042/sub0002.fits.fz"
     data = bytearray(path.read_bytes())
     data[12345] ^= 0x01
     path.write_bytes(bytes(data))
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 1
     [line] = lines(done.stdout)
     assert line.startswith("changed: run000042/sub0002.fits.fz: sha256 ")
@@ -59,72 +91,70 @@ def test_one_byte_changed_is_named_with_both_checksums(config: Path, release: Re
     assert "1 problems" in done.stderr
 
 
-def test_a_file_removed_is_missing(config: Path, release: Release) -> None:
+def test_a_file_removed_is_missing(verify, release: Release) -> None:
     (release.root / "run000042/calib/pedestal.fits").unlink()
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 1
     assert lines(done.stdout) == ["missing: run000042/calib/pedestal.fits"]
 
 
-def test_a_file_added_next_to_the_dataset_files_is_named(config: Path, release: Release) -> None:
+def test_a_file_added_next_to_the_dataset_files_is_named(verify, release: Release) -> None:
     (release.root / "run000042/sub0003.fits.fz").write_bytes(b"smuggled")
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 1
     assert lines(done.stdout) == ["added: run000042/sub0003.fits.fz is not in the manifest"]
 
 
-def test_a_file_of_another_size_is_named_with_both_sizes(config: Path, release: Release) -> None:
+def test_a_file_of_another_size_is_named_with_both_sizes(verify, release: Release) -> None:
     with open(release.root / "run000042/calib/pedestal.fits", "ab") as f:
         f.write(b"!")
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 1
     assert lines(done.stdout) == ["size differs: run000042/calib/pedestal.fits has 9 bytes, expected 8"]
 
 
-def test_an_edited_manifest_fails_its_signature_and_no_file_is_read(config: Path, release: Release) -> None:
+def test_an_edited_manifest_fails_its_signature_and_no_file_is_read(verify, release: Release) -> None:
     # The attacker's edit: a file's checksum replaced by the one of the bytes they put there.
     (release.root / "run000042/calib/pedestal.fits").write_bytes(b"PEDESTAL")
-    import hashlib
-
     def swap(doc: dict) -> None:
         for f in doc["files"]:
             if f["name"] == "run000042/calib/pedestal.fits":
                 f["sha256"] = hashlib.sha256(b"PEDESTAL").hexdigest()
 
     edit_manifest(release, swap)
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 4
     [line] = lines(done.stdout)
     assert line.startswith(f"signature invalid: the signature does not verify with key {release.key_id!r}")
 
 
-def test_reindenting_the_manifest_keeps_it_valid(config: Path, release: Release) -> None:
+def test_reindenting_the_manifest_keeps_it_valid(verify, release: Release) -> None:
     edit_manifest(release, lambda doc: None)  # re-encoded with other whitespace
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 0, done.stdout
 
 
-def test_the_wrong_key_is_an_unknown_key_id(config: Path, release: Release, tmp_path: Path) -> None:
+def test_the_wrong_key_is_an_unknown_key_id(verify, release: Release, tmp_path: Path) -> None:
     _, other_public, other_id = make_key(tmp_path / "keys", "other")
-    done = verify(config, release, "--key", str(other_public))
+    done = verify("--key", str(other_public))
     assert done.returncode == 4
     assert lines(done.stdout) == [
         f"unknown key: the manifest is signed by key id {release.key_id!r}; the keys given have ids {other_id}"
     ]
 
 
-def test_a_key_claiming_the_signers_id_fails_the_signature(config: Path, release: Release, tmp_path: Path) -> None:
+def test_a_key_claiming_the_signers_id_fails_the_signature(verify, release: Release, tmp_path: Path) -> None:
     _, other_public, _ = make_key(tmp_path / "keys", "impostor")
-    done = verify(config, release, "--key", f"{release.key_id}={other_public}")
+    done = verify("--key", f"{release.key_id}={other_public}")
     assert done.returncode == 4
     assert lines(done.stdout)[0].startswith("signature invalid:")
 
 
 def test_rotation_several_keys_are_given_and_the_named_one_is_used(
-    config: Path, release: Release, tmp_path: Path
+    verify, release: Release, tmp_path: Path
 ) -> None:
     _, new_public, _ = make_key(tmp_path / "keys", "next")
-    done = verify(config, release, "--key", str(new_public), "--key", str(release.public))
+    done = verify("--key", str(new_public), "--key", str(release.public))
     assert done.returncode == 0, done.stdout
 
 
@@ -134,9 +164,9 @@ def test_a_posix_endpoint_is_verified_by_its_name(release: Release, tmp_path: Pa
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_json_output_lists_each_problem(config: Path, release: Release) -> None:
+def test_json_output_lists_each_problem(verify, release: Release) -> None:
     (release.root / "run000043/sub0001.fits.fz").unlink()
-    done = verify(config, release, "--key", str(release.public), "--json")
+    done = verify("--key", str(release.public), "--json")
     assert done.returncode == 1
     assert json.loads(done.stdout) == {
         "ok": False,
@@ -149,9 +179,6 @@ def test_json_output_lists_each_problem(config: Path, release: Release) -> None:
 def resign(release: Release, doc: dict) -> None:
     """A manifest signed by the right key but crafted: what a stolen key could do (the checks of
     the names must hold even then)."""
-    from common.manifest.document import canonical_bytes
-    from common.manifest.keys import load_signing_key
-
     unsigned = {k: v for k, v in doc.items() if k != "signature"}
     doc["signature"] = base64.b64encode(load_signing_key(release.private).sign(canonical_bytes(unsigned))).decode()
     release.manifest.write_text(json.dumps(doc))
@@ -168,52 +195,52 @@ def resign(release: Release, doc: dict) -> None:
     ids=["dotdot", "nested-dotdot", "absolute", "nul"],
 )
 def test_names_escaping_the_directory_are_refused_before_any_read(
-    config: Path, release: Release, tmp_path: Path, name: str, why: str
+    verify, release: Release, tmp_path: Path, name: str, why: str
 ) -> None:
     (tmp_path / "outside.txt").write_text("secret")
     doc = json.loads(release.manifest.read_bytes())
     doc["files"] = sorted([*doc["files"], {"name": name, "size": 6, "sha256": "0" * 64}], key=lambda f: f["name"])
     resign(release, doc)
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 4
     [line] = lines(done.stdout)
     assert line.startswith("manifest refused: file name ") and why in line
 
 
-def test_a_symlink_planted_in_the_copy_is_not_followed(config: Path, release: Release, tmp_path: Path) -> None:
+def test_a_symlink_planted_in_the_copy_is_not_followed(verify, release: Release, tmp_path: Path) -> None:
     outside = tmp_path / "outside.fits"
     outside.write_bytes(b"pedestal")  # the same bytes: only following the link would pass
     target = release.root / "run000042/calib/pedestal.fits"
     target.unlink()
     target.symlink_to(outside)
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 1
     assert lines(done.stdout) == [
         "not a file: run000042/calib/pedestal.fits has a symbolic link on its path (not followed)"
     ]
 
 
-def test_bad_json_is_refused(config: Path, release: Release) -> None:
+def test_bad_json_is_refused(verify, release: Release) -> None:
     release.manifest.write_text('{"format": "spool-manifest/1", "files": [')
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 4
     assert lines(done.stdout)[0].startswith("manifest is not valid JSON")
 
 
 def test_an_oversized_manifest_is_refused_unread(
-    config: Path, release: Release, monkeypatch: pytest.MonkeyPatch
+    verify, release: Release
 ) -> None:
     with open(release.manifest, "r+b") as f:
         f.truncate(64 * 1024 * 1024 + 1)  # sparse: the size alone refuses it
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 4
     assert lines(done.stdout) == [f"manifest is {64 * 1024 * 1024 + 1} bytes, at most {64 * 1024 * 1024} allowed"]
 
 
-def test_a_fifo_as_manifest_does_not_block(config: Path, release: Release, tmp_path: Path) -> None:
+def test_a_fifo_as_manifest_does_not_block(verify, release: Release, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
-    done = spool(config, "dataset", "verify", str(release.root), "--manifest", str(fifo), "--key", str(release.public))
+    done = verify("--key", str(release.public), manifest=fifo)
     assert done.returncode == 4
     assert "not a regular file" in done.stdout
 
@@ -231,9 +258,9 @@ def test_a_fifo_as_manifest_does_not_block(config: Path, release: Release, tmp_p
     ],
     ids=["size-text", "size-bool", "sha-upper", "duplicate", "extra-member", "format", "signature"],
 )
-def test_malformed_fields_are_refused_with_what_is_wrong(config: Path, release: Release, change, why: str) -> None:
+def test_malformed_fields_are_refused_with_what_is_wrong(verify, release: Release, change, why: str) -> None:
     edit_manifest(release, change)
-    done = verify(config, release, "--key", str(release.public))
+    done = verify("--key", str(release.public))
     assert done.returncode == 4
     [line] = lines(done.stdout)
     assert why in line, line

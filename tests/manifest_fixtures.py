@@ -35,7 +35,9 @@ def make_key(directory: Path, stem: str = "release") -> tuple[Path, Path, str]:
     return private, public, key_id
 
 
-def write_release(tmp_path: Path, files: dict[str, bytes] | None = None, dataset: str = "lst1.run42") -> Release:
+def write_release(
+    tmp_path: Path, files: dict[str, bytes] | None = None, dataset: str = "lst1.run42"
+) -> Release:
     files = FILES if files is None else files
     root = tmp_path / "copy"
     for name, data in files.items():

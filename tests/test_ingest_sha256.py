@@ -55,8 +55,8 @@ async def test_sha256_is_recorded_and_announced(settings, broker, topology, anno
     async with running([ingest_service], settings):
         for name, data in files.items():
             extra = {"sha256": hashlib.sha256(data).hexdigest().upper()} if announced else {}
-            await publish_raw(broker, settings, "file.ready",
-                              cloudevent(ready(make_file(settings, name, data), size=len(data), **extra)))  # fmt: skip
+            body = cloudevent(ready(make_file(settings, name, data), size=len(data), **extra))
+            await publish_raw(broker, settings, "file.ready", body)
         await wait_for(lambda: _depth(broker, watcher.name, 2))
     events = {}
     while (m := await watcher.get(no_ack=True, fail=False)) is not None:
@@ -70,15 +70,17 @@ async def test_sha256_is_recorded_and_announced(settings, broker, topology, anno
     await channel.close()
 
 
-async def test_an_announced_sha256_that_differs_is_a_dead_letter_checksum_mismatch(settings, broker, topology) -> None:
+async def test_an_announced_sha256_that_differs_is_a_dead_letter_checksum_mismatch(
+    settings, broker, topology
+) -> None:
     data = os.urandom(5000)
     src = make_file(settings, "run012345/liar.fits.fz", data)
     # Right size and adler32, other sha256: only the strong checksum can refuse it.
     wrong = hashlib.sha256(alter_keeping_adler32(data)).hexdigest()
     good = make_file(settings, "run012345/good.fits.fz", b"good")
     async with running([ingest_service], settings):
-        await publish_raw(broker, settings, "file.ready",
-                          cloudevent(ready(src, size=5000, adler32=adler(data), sha256=wrong), id_="ev-liar"))  # fmt: skip
+        body = cloudevent(ready(src, size=5000, adler32=adler(data), sha256=wrong), id_="ev-liar")
+        await publish_raw(broker, settings, "file.ready", body)
         await wait_for(lambda: _depth(broker, settings.dead_queue("ingest"), 1))
         await publish_raw(broker, settings, "file.ready", cloudevent(ready(good)))
         await wait_for(lambda: _registered_is(settings, 1))

@@ -29,7 +29,9 @@ DATASET = "lst1.20261123.run012345.dl0"
 FILES = {"run012345/b.fits": b"second", "run012345/a.fits": b"first" * 1000, "run012345/Z.fits": b""}
 
 
-async def register(cat: Catalogue, files: dict[str, bytes], *, sha256: bool = True, dataset: str = DATASET) -> None:
+async def register(
+    cat: Catalogue, files: dict[str, bytes], *, sha256: bool = True, dataset: str = DATASET
+) -> None:
     await cat.ingest.register([
         rec(n, dataset=dataset, size=len(d), sha256=hashlib.sha256(d).hexdigest() if sha256 else None)
         for n, d in files.items()
@@ -74,7 +76,8 @@ async def test_a_closed_dataset_gets_a_signed_manifest_its_copy_verifies_against
     manifest = parse(path.read_bytes())
     assert manifest.dataset == DATASET and manifest.key_id == keys[2]
     assert [(f.name, f.size, f.sha256) for f in manifest.files] == [
-        (n, len(FILES[n]), hashlib.sha256(FILES[n]).hexdigest()) for n in sorted(FILES)  # code point order
+        (n, len(FILES[n]), hashlib.sha256(FILES[n]).hexdigest())
+        for n in sorted(FILES)  # code point order
     ]
     assert check_signature(manifest, [load_public_key(str(keys[1]))]) is None
     assert check_directory(copy_of(tmp_path, FILES), manifest) == []
@@ -87,7 +90,9 @@ async def test_an_open_dataset_is_refused(catalogue: Catalogue, settings: Settin
     assert not settings.manifests.directory.exists()
 
 
-async def test_files_registered_without_sha256_are_named_in_the_refusal(catalogue: Catalogue, settings: Settings) -> None:
+async def test_files_registered_without_sha256_are_named_in_the_refusal(
+    catalogue: Catalogue, settings: Settings
+) -> None:
     await register(catalogue, {"run012345/new.fits": b"n"})
     await register(catalogue, {f"run012345/old{i}.fits": b"o" for i in range(7)}, sha256=False)
     await close(catalogue)
@@ -105,11 +110,13 @@ async def test_an_unknown_dataset_is_refused(catalogue: Catalogue, settings: Set
         await write_release_manifest(catalogue, "nope", settings)
 
 
-async def test_a_signing_key_others_can_read_is_refused(catalogue: Catalogue, settings: Settings, keys) -> None:
+async def test_a_signing_key_others_can_read_is_refused(
+    catalogue: Catalogue, settings: Settings, keys
+) -> None:
     await register(catalogue, FILES)
     await close(catalogue)
     os.chmod(keys[0], 0o644)
-    with pytest.raises(ReleaseRefused, match="readable by others .mode 644.: chmod 600"):
+    with pytest.raises(ReleaseRefused, match=r"readable by others \(mode 644\): chmod 600"):
         await write_release_manifest(catalogue, DATASET, settings)
 
 
@@ -126,7 +133,9 @@ async def test_a_configured_key_id_is_named_and_verified_by_id(
     await register(catalogue, FILES)
     await close(catalogue)
     settings = Settings(state_dir=tmp_path, manifests={"signing_key": keys[0], "key_id": "site-2026"})
-    manifest = parse((await write_release_manifest(catalogue, DATASET, settings, tmp_path / "m.json")).read_bytes())
+    manifest = parse(
+        (await write_release_manifest(catalogue, DATASET, settings, tmp_path / "m.json")).read_bytes()
+    )
     assert manifest.key_id == "site-2026"
     assert check_signature(manifest, [load_public_key(f"site-2026={keys[1]}")]) is None
     assert check_signature(manifest, [load_public_key(str(keys[1]))]).kind == "unknown_key"  # type: ignore[union-attr]

@@ -11,16 +11,15 @@ import base64
 import hashlib
 import json
 import os
-from pathlib import Path
-
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from common.cli import main
-from tests.cli_fixtures import spool
 from common.manifest.document import canonical_bytes
 from common.manifest.keys import load_signing_key
+from tests.cli_fixtures import spool
 from tests.conftest import write_config
 from tests.manifest_fixtures import Release, make_key, write_release
 
@@ -116,6 +115,7 @@ def test_a_file_of_another_size_is_named_with_both_sizes(verify, release: Releas
 def test_an_edited_manifest_fails_its_signature_and_no_file_is_read(verify, release: Release) -> None:
     # The attacker's edit: a file's checksum replaced by the one of the bytes they put there.
     (release.root / "run000042/calib/pedestal.fits").write_bytes(b"PEDESTAL")
+
     def swap(doc: dict) -> None:
         for f in doc["files"]:
             if f["name"] == "run000042/calib/pedestal.fits":
@@ -139,7 +139,8 @@ def test_the_wrong_key_is_an_unknown_key_id(verify, release: Release, tmp_path: 
     done = verify("--key", str(other_public))
     assert done.returncode == 4
     assert lines(done.stdout) == [
-        f"unknown key: the manifest is signed by key id {release.key_id!r}; the keys given have ids {other_id}"
+        f"unknown key: the manifest is signed by key id {release.key_id!r}; "
+        f"the keys given have ids {other_id}"
     ]
 
 
@@ -159,8 +160,12 @@ def test_rotation_several_keys_are_given_and_the_named_one_is_used(
 
 
 def test_a_posix_endpoint_is_verified_by_its_name(release: Release, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "ep.toml", tmp_path / "state", "manifest", **{"storage.copy1": f'root = "{release.root}"'})
-    done = spool(cfg, "dataset", "verify", "copy1", "--manifest", str(release.manifest), "--key", str(release.public))
+    cfg = write_config(
+        tmp_path / "ep.toml", tmp_path / "state", "manifest", **{"storage.copy1": f'root = "{release.root}"'}
+    )
+    done = spool(
+        cfg, "dataset", "verify", "copy1", "--manifest", str(release.manifest), "--key", str(release.public)
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -171,7 +176,13 @@ def test_json_output_lists_each_problem(verify, release: Release) -> None:
     assert json.loads(done.stdout) == {
         "ok": False,
         "files": 4,
-        "problems": [{"kind": "missing", "name": "run000043/sub0001.fits.fz", "text": "missing: run000043/sub0001.fits.fz"}],
+        "problems": [
+            {
+                "kind": "missing",
+                "name": "run000043/sub0001.fits.fz",
+                "text": "missing: run000043/sub0001.fits.fz",
+            }
+        ],
     }
 
 
@@ -180,7 +191,9 @@ def resign(release: Release, doc: dict) -> None:
     """A manifest signed by the right key but crafted: what a stolen key could do (the checks of
     the names must hold even then)."""
     unsigned = {k: v for k, v in doc.items() if k != "signature"}
-    doc["signature"] = base64.b64encode(load_signing_key(release.private).sign(canonical_bytes(unsigned))).decode()
+    doc["signature"] = base64.b64encode(
+        load_signing_key(release.private).sign(canonical_bytes(unsigned))
+    ).decode()
     release.manifest.write_text(json.dumps(doc))
 
 
@@ -199,7 +212,9 @@ def test_names_escaping_the_directory_are_refused_before_any_read(
 ) -> None:
     (tmp_path / "outside.txt").write_text("secret")
     doc = json.loads(release.manifest.read_bytes())
-    doc["files"] = sorted([*doc["files"], {"name": name, "size": 6, "sha256": "0" * 64}], key=lambda f: f["name"])
+    doc["files"] = sorted(
+        [*doc["files"], {"name": name, "size": 6, "sha256": "0" * 64}], key=lambda f: f["name"]
+    )
     resign(release, doc)
     done = verify("--key", str(release.public))
     assert done.returncode == 4
@@ -227,14 +242,14 @@ def test_bad_json_is_refused(verify, release: Release) -> None:
     assert lines(done.stdout)[0].startswith("manifest is not valid JSON")
 
 
-def test_an_oversized_manifest_is_refused_unread(
-    verify, release: Release
-) -> None:
+def test_an_oversized_manifest_is_refused_unread(verify, release: Release) -> None:
     with open(release.manifest, "r+b") as f:
         f.truncate(64 * 1024 * 1024 + 1)  # sparse: the size alone refuses it
     done = verify("--key", str(release.public))
     assert done.returncode == 4
-    assert lines(done.stdout) == [f"manifest is {64 * 1024 * 1024 + 1} bytes, at most {64 * 1024 * 1024} allowed"]
+    assert lines(done.stdout) == [
+        f"manifest is {64 * 1024 * 1024 + 1} bytes, at most {64 * 1024 * 1024} allowed"
+    ]
 
 
 def test_a_fifo_as_manifest_does_not_block(verify, release: Release, tmp_path: Path) -> None:

@@ -17,9 +17,8 @@ Each skips with its reason where the mechanism is unavailable.
 
 from __future__ import annotations
 
-import hashlib
-
 import asyncio
+import hashlib
 import json
 import os
 import shutil

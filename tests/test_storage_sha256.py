@@ -34,7 +34,9 @@ def source(tmp_path: Path, data: bytes, name: str = "night1/f.dat") -> Path:
 
 
 @SIZES
-async def test_ingest_copy_reports_the_sha256_of_what_it_read(storage: PosixStorage, tmp_path: Path, size: int) -> None:
+async def test_ingest_copy_reports_the_sha256_of_what_it_read(
+    storage: PosixStorage, tmp_path: Path, size: int
+) -> None:
     data = os.urandom(size)
     got = await storage.put_from(source(tmp_path, data), "a/f.dat", expected_size=size, fsync=False)
     assert (got.adler32, got.sha256) == (adler(data), sha256_hex(data))
@@ -73,7 +75,9 @@ async def test_replication_copy_of_a_source_altered_under_its_adler32_is_source_
     assert not (storage.root / "night1/f.dat").exists() and leftovers(storage.root) == []
 
 
-async def test_without_a_recorded_sha256_the_same_alteration_passes(storage: PosixStorage, tmp_path: Path) -> None:
+async def test_without_a_recorded_sha256_the_same_alteration_passes(
+    storage: PosixStorage, tmp_path: Path
+) -> None:
     """Files registered before sha256 was recorded keep adler32 alone as their check."""
     data = os.urandom(4096)
     src = source(tmp_path, data)
@@ -88,7 +92,9 @@ async def test_a_bulk_copy_checks_each_files_sha256(storage: PosixStorage, tmp_p
         source(tmp_path, data, name)
     source(tmp_path, alter_keeping_adler32(blobs["night1/f2.dat"]), "night1/f2.dat")
     root = str(tmp_path / "disk1")
-    copies = [posix.ReplicaCopy(root, n, f"copy/{n}", len(d), adler(d), sha256_hex(d)) for n, d in blobs.items()]
+    copies = [
+        posix.ReplicaCopy(root, n, f"copy/{n}", len(d), adler(d), sha256_hex(d)) for n, d in blobs.items()
+    ]
     outcomes = await storage.copy_verified_many(copies)
     kinds = [o.sha256 if isinstance(o, CopyResult) else o.reason for o in outcomes]  # type: ignore[union-attr]
     assert kinds == [sha256_hex(blobs["night1/f0.dat"]), sha256_hex(blobs["night1/f1.dat"]), "source_corrupt",
@@ -103,12 +109,16 @@ async def test_verify_reads_sha256_in_the_same_pass(storage: PosixStorage, tmp_p
     (storage.root / "a/f.dat").write_bytes(alter_keeping_adler32(data))
     problem = await storage.verify("a/f.dat", expected_size=size, expected_adler32=adler(data),
                                    expected_sha256=sha256_hex(data))  # fmt: skip
-    assert problem is not None and problem.startswith("sha256 ") and problem.endswith(f"!= {sha256_hex(data)}")
+    assert (
+        problem is not None and problem.startswith("sha256 ") and problem.endswith(f"!= {sha256_hex(data)}")
+    )
     assert await storage.verify("a/f.dat", expected_size=size, expected_adler32=adler(data)) is None
 
 
 @pytest.mark.parametrize("bad", ["ab" * 31, "ab" * 33, "zz" * 32, "sha256:" + "ab" * 32])
-async def test_a_malformed_expected_sha256_is_invalid_checksum(storage: PosixStorage, tmp_path: Path, bad: str) -> None:
+async def test_a_malformed_expected_sha256_is_invalid_checksum(
+    storage: PosixStorage, tmp_path: Path, bad: str
+) -> None:
     with pytest.raises(Permanent) as err:
         await storage.put_from(source(tmp_path, b"x"), "a/f.dat", expected_sha256=bad)
     assert err.value.reason == "invalid_checksum"

@@ -25,7 +25,7 @@ from common.cli._util import UserError, console, err_console, print_error, setti
 from common.cli.dataset_group import dataset_app
 from common.manifest.check import Problem, check_directory, check_signature
 from common.manifest.document import MAX_MANIFEST_BYTES, Manifest, ManifestRefused, parse
-from common.manifest.keys import KeyFileError, PublicKey, load_public_key, write_new_key
+from common.manifest.keys import KeyFileError, load_public_key, write_new_key
 from common.manifest.release import ReleaseRefused, write_release_manifest
 
 EXIT_DIFFERS = 1
@@ -60,10 +60,14 @@ def manifest_command(
 @dataset_app.command("verify")
 def verify_command(
     ctx: typer.Context,
-    copy: Annotated[str, typer.Argument(help="A directory holding the files under their names, or a posix endpoint's name.")],
+    copy: Annotated[
+        str,
+        typer.Argument(help="A directory holding the files under their names, or a posix endpoint's name."),
+    ],
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="The manifest file.")],
     key: Annotated[
-        list[str], typer.Option("--key", "-k", help="A public key file, or ID=FILE; repeat for several (rotation).")
+        list[str],
+        typer.Option("--key", "-k", help="A public key file, or ID=FILE; repeat for several (rotation)."),
     ],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -55,7 +55,8 @@ def check_signature(manifest: Manifest, keys: Sequence[PublicKey]) -> Problem | 
         return Problem(
             "unknown_key",
             None,
-            f"unknown key: the manifest is signed by key id {manifest.key_id!r}; the keys given have ids {given}",
+            f"unknown key: the manifest is signed by key id {manifest.key_id!r}; "
+            f"the keys given have ids {given}",
         )
     data = manifest.signed_bytes()
     if any(k.verifies(manifest.signature, data) for k in matching):
@@ -104,11 +105,15 @@ def _check_file(top: str, entry: ManifestEntry) -> Problem | None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return Problem("missing", name, f"missing: {name}")
         if confined.is_refused(exc):
-            return Problem("not_a_file", name, f"not a file: {name} has a symbolic link on its path (not followed)")
+            return Problem(
+                "not_a_file", name, f"not a file: {name} has a symbolic link on its path (not followed)"
+            )
         return Problem("unreadable", name, f"unreadable: {name}: {exc.strerror or exc}")
     try:
         if st.st_size != entry.size:
-            return Problem("size", name, f"size differs: {name} has {st.st_size} bytes, expected {entry.size}")
+            return Problem(
+                "size", name, f"size differs: {name} has {st.st_size} bytes, expected {entry.size}"
+            )
         try:
             size, digest = _sha256_fd(fd)
         except OSError as exc:

@@ -88,7 +88,9 @@ def utc_stamp(when: datetime | None = None) -> str:
 
 def canonical_bytes(doc: dict[str, Any]) -> bytes:
     """The one byte encoding that is signed: sorted keys, no spaces, UTF-8, no NaN."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def check_name(name: object) -> str:
@@ -111,7 +113,9 @@ def check_name(name: object) -> str:
         raise ValueError(f"file name {name!r} is absolute")
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"file name {name!r} has an empty, '.' or '..' component (it could leave the directory)")
+        raise ValueError(
+            f"file name {name!r} has an empty, '.' or '..' component (it could leave the directory)"
+        )
     return name
 
 

@@ -78,7 +78,9 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise KeyFileError(f"signing key {path}: not a PEM or raw Ed25519 private key (or encrypted)") from None
+        raise KeyFileError(
+            f"signing key {path}: not a PEM or raw Ed25519 private key (or encrypted)"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"signing key {path}: a {type(key).__name__}, not an Ed25519 key")
     return key

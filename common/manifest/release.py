@@ -34,7 +34,10 @@ class ReleaseRefused(Exception):
 
 
 def build_manifest(
-    contents: ReleaseContents, key: Ed25519PrivateKey, key_id: str | None = None, created: datetime | None = None
+    contents: ReleaseContents,
+    key: Ed25519PrivateKey,
+    key_id: str | None = None,
+    created: datetime | None = None,
 ) -> Manifest:
     """The signed manifest of a closed dataset's ``contents`` (pure: no I/O)."""
     if contents.state == "open":

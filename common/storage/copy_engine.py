@@ -305,7 +305,9 @@ class CopyEngine:
         source = f"{source_root}/{source_pfn}"
         try:
             rel = self.below(relpath)
-            made = self._replicate_plainly(cancelled, src, rel, expected_size, expected_adler32, expected_sha256)
+            made = self._replicate_plainly(
+                cancelled, src, rel, expected_size, expected_adler32, expected_sha256
+            )
             if made is not None:
                 return made
             os.lseek(src, 0, os.SEEK_SET)  # the careful way starts again from the first byte
@@ -413,7 +415,11 @@ class CopyEngine:
         else:
             self._copy_and_check(*args)
         return CopyResult(
-            pfn=rel, location=root + "/" + rel, size=expected_size, adler32=expected_adler32, sha256=expected_sha256
+            pfn=rel,
+            location=root + "/" + rel,
+            size=expected_size,
+            adler32=expected_adler32,
+            sha256=expected_sha256,
         )
 
     def pull_sync(

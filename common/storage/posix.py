@@ -195,7 +195,9 @@ class PosixStorage:
             # Small and announced as small: copied with others in one hand-off (see ``_batched``).
             # A file larger than announced fails its size check right after fstat.
             return await self._batched("copy", path, relpath, expected_size, expected, fsync, sha)
-        return await self._in_thread(self._engine.copy_sync, path, relpath, expected_size, expected, fsync, sha)
+        return await self._in_thread(
+            self._engine.copy_sync, path, relpath, expected_size, expected, fsync, sha
+        )
 
     # --- replication -------------------------------------------------------------------------
     async def copy_verified(

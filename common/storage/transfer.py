@@ -110,9 +110,9 @@ async def upload_checked(
     expected_sha256: str | None = None,
 ) -> CopyDone:
     """Ingest's copy of a landing-area file into a remote endpoint: the file's size, adler32 and
-    sha256 (one pass) read here first (checked against what the event announced, as the posix copy checks them:
-    ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``, which the server's
-    checksum verifies. Reading the file once more than a local copy does is the price of knowing
+    sha256 (one pass) read here first (checked against what the event announced, as the posix
+    copy checks them: ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``,
+    which the server's checksum verifies. Reading the file once more than a local copy does is the price of knowing
     the checksum before any byte leaves the node; the second read comes from the page cache.
     A file changed between the two reads fails the server's check and is retried.
     """

@@ -112,9 +112,10 @@ async def upload_checked(
     """Ingest's copy of a landing-area file into a remote endpoint: the file's size, adler32 and
     sha256 (one pass) read here first (checked against what the event announced, as the posix
     copy checks them: ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``,
-    which the server's checksum verifies. Reading the file once more than a local copy does is the price of knowing
-    the checksum before any byte leaves the node; the second read comes from the page cache.
-    A file changed between the two reads fails the server's check and is retried.
+    which the server's checksum verifies. Reading the file once more than a local copy does is
+    the price of knowing the checksum before any byte leaves the node; the second read comes
+    from the page cache. A file changed between the two reads fails the server's check and is
+    retried. The sha256 returned is this node's (the server is asked for adler32 only).
     """
     expected = expected_adler32_of(expected_adler32) if expected_adler32 is not None else None
     expected_sha = expected_sha256_of(expected_sha256)

@@ -52,7 +52,10 @@ def fingerprint(public: Ed25519PublicKey) -> str:
 
 def _read_key_file(path: Path, *, secret: bool) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # A secret is not read through a symlink (as the broker's password files); a public key
+        # may be one (``current.pub`` -> the key of the year).
+        nofollow = os.O_NOFOLLOW if secret else 0
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise KeyFileError(f"key file {path}: {exc.strerror}") from None
     try:

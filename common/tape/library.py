@@ -192,19 +192,21 @@ class LibraryUsage(BaseModel):
 
 
 class ReadResult(NamedTuple):
-    """What ``read`` delivered: the size and the adler32 computed while reading."""
+    """What ``read`` delivered: the size and the adler32 computed while reading, and its sha256
+    (computed in the same pass) where the library reads the bytes itself; None where it cannot."""
 
     size: int
     adler32: str
+    sha256: str | None = None
 
 
 class TapeChecksumMismatch(Permanent):
     """The bytes read back do not match the checksum recorded when the file was written."""
 
-    def __init__(self, vid: str, fseq: int, expected: str, actual: str) -> None:
+    def __init__(self, vid: str, fseq: int, expected: str, actual: str, algorithm: str = "adler32") -> None:
         super().__init__(
             "tape_checksum_mismatch",
-            f"{vid} fseq {fseq}: read adler32 {actual}, recorded {expected}",
+            f"{vid} fseq {fseq}: read {algorithm} {actual}, recorded {expected}",
         )
         self.vid = vid
         self.fseq = fseq

@@ -62,7 +62,10 @@ def verify_command(
     ctx: typer.Context,
     copy: Annotated[
         str,
-        typer.Argument(help="A directory holding the files under their names, or a posix endpoint's name."),
+        typer.Argument(
+            metavar="DIR|ENDPOINT",
+            help="A directory holding the files under their names, or a posix endpoint's name.",
+        ),
     ],
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="The manifest file.")],
     key: Annotated[

@@ -3,8 +3,8 @@
 A replica may only be declared available once its bytes are known good, and a crash must never
 leave a truncated file under a real name. Hence every copy is:
 
-1. streamed through one reused 1 MiB buffer, updating adler32 as each chunk passes (one read of
-   the source, no second pass),
+1. streamed through one reused 1 MiB buffer, updating adler32 and sha256 as each chunk passes
+   (one read of the source, no second pass),
 2. written to an unnamed file in the destination directory (``tempfiles``: ``O_TMPFILE``; where
    the file system has none, a temporary name there, on the same file system so that ``rename``
    is atomic, and ``cleanup_temp`` can find it),
@@ -21,7 +21,9 @@ the two places it runs, and tuned call by call (the figures are next to the code
 Replication (``replicate_sync``, ``replicate_from_sync``) copies a replica that already has a
 catalogued size and checksum from another disk endpoint. It uses the kernel copy
 (``copy_file_range``) and then reads the written temporary file back for adler32 (DESIGN.md
-section 5: faster than the Python loop, and it checks what landed). Its reason codes say *which
+section 5: faster than the Python loop, and it checks what landed), and for sha256 in the same
+pass when the catalogue has one (a source altered under an unchanged adler32 is then
+``source_corrupt``). Its reason codes say *which
 side* is at fault (``reasons.SOURCE_REASONS`` versus ``reasons.DESTINATION_REASONS``). With
 ``fsync=False`` (batch durability) a large copy starts its own writeback once copied, so the disk
 writes while the copy is verified and the batch's ``sync()`` has little left to do.

@@ -98,12 +98,12 @@ def _through_temp(
     *,
     read_error: ErrorFactory,
     write_error: ErrorFactory,
-    check: Callable[[int, str], None],
+    check: Callable[[int, str, str], None],
     durable: bool,
     exclusive: bool,
     limit: int | None = None,
 ) -> tuple[int, str, str]:
-    """Stream ``src`` into ``temp``, let ``check(size, adler32)`` judge it, make it durable, rename
+    """Stream ``src`` into ``temp``, let ``check(size, adler32, sha256)`` judge it, make it durable, rename
     it onto ``final``; ``temp`` is removed on any failure, ``src`` closed in every case. Returns
     (size, adler32, sha256) of what was copied."""
     try:
@@ -115,7 +115,7 @@ def _through_temp(
             raise write_error(exc) from None
         try:
             total, actual, sha256 = _stream(cancelled, src, dst, read_error, write_error, limit)
-            check(total, actual)
+            check(total, actual, sha256)
             try:
                 if durable:
                     os.fsync(dst)
@@ -164,8 +164,10 @@ def write_data(
     size: int,
     adler32: str,
     durable: bool = True,
+    sha256: str | None = None,
 ) -> None:
-    """Copy ``source`` onto the tape as ``final``, verifying the announced size and checksum."""
+    """Copy ``source`` onto the tape as ``final``, verifying the announced size and checksum (and
+    the recorded sha256 when given, computed in the same pass)."""
 
     def source_error(exc: OSError) -> Exception:
         return Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}")
@@ -173,11 +175,13 @@ def write_data(
     def tape_error(exc: OSError) -> Exception:
         return Retryable("tape_write_error", f"writing {final}: {exc.strerror or exc}")
 
-    def check(total: int, actual: str) -> None:
+    def check(total: int, actual: str, digest: str) -> None:
         if total != size:
             raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
         if actual != adler32:
             raise Permanent("checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}")
+        if sha256 is not None and digest != sha256:
+            raise Permanent("checksum_mismatch", f"source {source} has sha256 {digest}, recorded {sha256}")
 
     src = open_source(source)
     _through_temp(
@@ -212,7 +216,7 @@ def read_data(
     def dest_error(exc: OSError) -> Exception:
         return Retryable("storage_io_error", f"writing {dest}: {exc.strerror or exc}")
 
-    def check(total: int, actual: str) -> None:
+    def check(total: int, actual: str, _digest: str) -> None:
         if total != size:
             raise Permanent("tape_read_error", f"{vid} fseq {fseq}: read {total} bytes of {size}")
         if actual != expected and not keep_mismatch:

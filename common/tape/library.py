@@ -271,8 +271,13 @@ class TapeLibrary(Protocol):
         *,
         flush: bool = True,
         members: Sequence[TapeMember] | None = None,
+        sha256: str | None = None,
     ) -> int:
         """Append ``source`` at the end of data of the mounted cartridge; returns its fseq.
+
+        ``sha256`` (64 lower-case hex digits, the catalogue's): checked too where the library reads
+        the bytes itself, in the same pass as adler32 (``checksum_mismatch``); a library that
+        cannot ignores it.
 
         With ``flush=False`` the file is not durable (nor listed, nor readable) until ``flush``.
         ``members``: the file is an aggregate with this index (kept with the file, ``list_files``).

@@ -669,6 +669,17 @@ def daemon_settings(name: str, configured: DaemonSettings | None = None) -> Daem
     return DaemonSettings.model_validate(DAEMON_DEFAULTS.get(name, {}) | given)
 
 
+class ManifestSettings(_Strict):
+    """Signed release manifests (``spool dataset manifest``; docs/operator-guide.md, "Verifiable
+    releases"). ``signing_key``: an Ed25519 private key, PEM or raw, mode 0600 (refused when others
+    may read it). ``key_id``: the id manifests name (default: the key's fingerprint). ``directory``:
+    where manifests written when a dataset closes go (relative to ``state_dir``)."""
+
+    signing_key: Path | None = None
+    key_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[!-~]+$")
+    directory: Path = Path("manifests")
+
+
 # A node's name: a host name's characters (``Settings.node``).
 NODE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -706,6 +717,7 @@ class Settings(BaseSettings):
     recall: RecallSettings = Field(default_factory=RecallSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    manifests: ManifestSettings = Field(default_factory=ManifestSettings)
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
@@ -741,6 +753,8 @@ class Settings(BaseSettings):
         self.landing_areas = {
             k: (v if v.is_absolute() else self.state_dir / v) for k, v in self.landing_areas.items()
         }
+        if not self.manifests.directory.is_absolute():
+            self.manifests.directory = self.state_dir / self.manifests.directory
         for name in dict.fromkeys([*DAEMON_NAMES, *self.daemons]):  # its section over its defaults
             self.daemons[name] = daemon_settings(name, self.daemons.get(name))
         if not self.catalogue.url:

@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from common import limits
+from common.storage.checksum import normalise_sha256
 
 SCHEMA_VERSION = 1
 
@@ -171,6 +172,10 @@ def normalise_adler32(v: Any) -> str | None:
 
 Adler32 = Annotated[str, BeforeValidator(normalise_adler32)]
 
+# sha256 as 64 lower-case hex digits, the catalogue's form (``files.sha256``).
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, BeforeValidator(normalise_sha256)]
+
 
 def check_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """The whole of a file's metadata: key count and encoded size (each key and value is bounded
@@ -207,6 +212,8 @@ class FileReady(Message):
     name: LogicalName | None = None
     size: Bytes | None = None
     adler32: Adler32 | None = None
+    # Verified against what ingest reads (same pass as adler32) when given; recorded either way.
+    sha256: Sha256 | None = None
     metadata: Metadata = Field(default_factory=dict)
     parents: NameList = Field(default_factory=list)
 
@@ -290,6 +297,8 @@ class FileIngested(Message):
     adler32: Adler32
     storage: EndpointName
     pfn: str = Field(min_length=1, max_length=limits.MAX_PATH_BYTES)
+    # None when ingest did not read the bytes itself (a remote first endpoint).
+    sha256: Sha256 | None = None
 
 
 class FilesCommand(Message):

@@ -5,6 +5,7 @@ as an external system would, and the bus events collected."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import uuid
@@ -22,7 +23,7 @@ from common.catalogue import schema as s
 from common.config import Settings, StorageEndpoint, load_settings
 from common.tape import SimulatedLibrary
 from tests.replication_fixtures import replication_config
-from tests.storage_fixtures import adler
+from tests.storage_fixtures import adler, alter_keeping_adler32
 
 DATASET = "lst1.20261124.run000042.dl0"
 # Pool tape1 has A00001-A00004, pool tape2 A00005-A00006.
@@ -60,7 +61,7 @@ async def register(
         await cat.ingest.register(
             [
                 IngestRecord(event_id=uuid.uuid4().hex, name=n, dataset=DATASET, size=len(b),
-                             adler32=adler(b), storage="disk1", pfn=n)
+                             adler32=adler(b), sha256=hashlib.sha256(b).hexdigest(), storage="disk1", pfn=n)
                 for n, b in files.items()
             ]
         )  # fmt: skip
@@ -105,6 +106,16 @@ async def corrupt(settings: Settings, vid: str, fseq: int) -> None:
         data = bytearray(path.read_bytes())
         data[10] ^= 0xFF
         path.write_bytes(bytes(data))
+    finally:
+        await lib.close()
+
+
+async def corrupt_keeping_adler32(settings: Settings, vid: str, fseq: int) -> None:
+    """Alter a tape file's bytes without changing its size or adler32 (only sha256 sees it)."""
+    lib = await SimulatedLibrary.open(settings.tape_libraries["default"])
+    try:
+        path = lib.data_path(vid, fseq)
+        path.write_bytes(alter_keeping_adler32(path.read_bytes()))
     finally:
         await lib.close()
 

@@ -4,6 +4,7 @@ the adler32 every test checks copies against."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -50,3 +51,23 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def adler(data: bytes) -> str:
     """The adler32 of ``data`` as Spool writes it: eight lower-case hex digits (zlib's, the reference)."""
     return f"{zlib.adler32(data):08x}"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def alter_keeping_adler32(data: bytes) -> bytes:
+    """``data`` with four bytes changed so that its size and adler32 stay the same: +1 at i,
+    -1 at i+1, -1 at j, +1 at j+1 leaves adler32's sum A unchanged, and its weighted sum B too
+    (each pair moves B by +1 and -1). Only a strong checksum sees the difference."""
+    out = bytearray(data)
+    i = next(k for k in range(len(out) - 1) if out[k] < 255 and out[k + 1] > 0)
+    j = next(k for k in range(i + 2, len(out) - 1) if out[k] > 0 and out[k + 1] < 255)
+    out[i] += 1
+    out[i + 1] -= 1
+    out[j] -= 1
+    out[j + 1] += 1
+    altered = bytes(out)
+    assert altered != data and zlib.adler32(altered) == zlib.adler32(data)
+    return altered

@@ -151,3 +151,25 @@ async def test_0005_adds_the_member_offset_of_tape_copies_and_back(empty_catalog
             assert "member_offset" in await conn.run_sync(_columns, "replicas")
             rows = await conn.execute(text("SELECT fseq, member_offset FROM replicas WHERE fseq IS NOT NULL"))
             assert [tuple(r) for r in rows] == [(2, None)]
+
+
+async def test_0016_adds_sha256_null_for_files_before_it_and_back(empty_catalogue_url: str) -> None:
+    """Revision 0016 (strong checksums): files registered before it have no sha256 (NULL);
+    downgrading drops the column and keeps the files with their replicas (no table copy: the
+    replicas' ON DELETE CASCADE would take them along)."""
+    from tests.catalogue_fixtures import ENDPOINTS
+
+    async with await Catalogue.open(empty_catalogue_url) as cat:
+        await cat.endpoints.sync(ENDPOINTS)
+        await cat.ingest.register([rec("a", sha256="ab" * 32), rec("b")])
+        async with cat.engine.begin() as conn:
+            await conn.run_sync(_to, "0014")
+            assert "sha256" not in await conn.run_sync(_columns, "files")
+        async with cat.engine.begin() as conn:
+            await conn.run_sync(_to, "0016")
+            assert "sha256" in await conn.run_sync(_columns, "files")
+            rows = await conn.execute(text("SELECT name, sha256 FROM files ORDER BY name"))
+            assert [tuple(r) for r in rows] == [("a", None), ("b", None)]
+            assert (await conn.execute(text("SELECT count(*) FROM replicas"))).scalar() == 2
+        await cat.ingest.register([rec("c", sha256="cd" * 32)])
+        assert (await cat.queries.show_file("c")).sha256 == "cd" * 32  # type: ignore[union-attr]

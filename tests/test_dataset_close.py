@@ -160,3 +160,36 @@ async def test_an_idle_dataset_is_closed_by_the_ingest_daemon(settings, broker, 
         assert info.name == DATASET
         view = await c.datasets.show(DATASET, datetime.now(UTC))
         assert view is not None and view.closed_by == "auto-close"
+
+
+async def test_the_close_writes_the_signed_release_manifest_where_this_node_has_the_key(
+    settings, broker, topology, tmp_path
+):
+    from common.config import ManifestSettings
+    from common.manifest.check import check_directory, check_signature
+    from common.manifest.document import parse
+    from common.manifest.keys import load_public_key
+    from tests.manifest_fixtures import make_key
+
+    (tmp_path / "keys").mkdir()
+    private, public, key_id = make_key(tmp_path / "keys")
+    settings.manifests = ManifestSettings(signing_key=private, directory=tmp_path / "manifests")
+    async with running([ingest_service], settings):
+        await ingest(broker, settings, "run012345/a.fits", 1)
+        await ingest(broker, settings, "run012345/b.fits", 2)
+        close = cloudevent({"dataset": DATASET}, type_="dataset.close")
+        await publish_raw(broker, settings, "dataset.close", close)
+        written = tmp_path / "manifests" / f"{DATASET}.manifest.json"
+
+        async def manifest_written() -> bool:
+            return written.exists()
+
+        await wait_for(manifest_written)
+    manifest = parse(written.read_bytes())
+    assert manifest.key_id == key_id and [m.name for m in manifest.files] == [
+        "run012345/a.fits",
+        "run012345/b.fits",
+    ]
+    assert check_signature(manifest, [load_public_key(str(public))]) is None
+    # The copy ingest made verifies against it, offline.
+    assert check_directory(settings.storage["disk1"].root, manifest) == []

@@ -282,7 +282,13 @@ def _item(name: str, content: bytes) -> object:
 
     copy = SimpleNamespace(fseq=1, cartridge="A00001", storage="tape1")
     return SimpleNamespace(
-        name=name, file_id=7, size=len(content), adler32=adler(content), copy=copy, member_offset=None
+        name=name,
+        file_id=7,
+        size=len(content),
+        adler32=adler(content),
+        copy=copy,
+        member_offset=None,
+        sha256=None,
     )
 
 

@@ -19,6 +19,7 @@ from tests.recall_fixtures import (
     archive,
     contents,
     corrupt,
+    corrupt_keeping_adler32,
     recall_config,
     recall_settings,
     recalled_history,
@@ -85,6 +86,32 @@ async def test_a_corrupt_tape_copy_is_read_from_another_copy_else_fails_with_rea
     assert reasons == {twice: None, once: "checksum_mismatch", fine: None}
     assert (await replica(settings, twice, "tape1")).state == "bad"
     assert (await replica(settings, twice, "tape2")).state == "available"
+
+
+async def test_a_tape_copy_altered_under_its_adler32_is_found_by_its_sha256(tmp_path, tag, broker):
+    """Issue 20: the sha256 recorded at ingest is checked on the bytes read off tape (same pass as
+    adler32). The altered copies keep their size and adler32: only sha256 can refuse them."""
+    settings = recall_settings(tmp_path, tag)
+    files = contents(2)
+    twice, once = sorted(files)
+    await register(settings, files)
+    fseqs = await archive(settings, {"A00001": [twice, once], "A00005": [twice]}, files)
+    await corrupt_keeping_adler32(settings, "A00001", fseqs[("A00001", twice)])
+    await corrupt_keeping_adler32(settings, "A00001", fseqs[("A00001", once)])
+
+    async with running([recall_service], settings):
+        events = await Events.watch(broker, settings)
+        rid = await request(broker, settings, names=[twice, once])
+        done = await events.completion(rid)
+
+    assert (done["files"], done["failed"]) == (2, [once])
+    root = settings.storage["disk2"].root
+    assert (root / twice).read_bytes() == files[twice]  # from the tape2 copy
+    assert not (root / once).exists()
+    view = await status(settings, rid)
+    assert view is not None
+    assert {f.name: f.reason for f in view.file_states} == {twice: None, once: "checksum_mismatch"}
+    assert (await replica(settings, twice, "tape1")).state == "bad"
 
 
 async def test_a_full_buffer_makes_recall_wait_then_resume_as_space_frees(tmp_path, tag, broker):

@@ -24,6 +24,7 @@ from daemons.ingest.handlers import IngestResources, ingest_file
 from daemons.ingest.handlers import open_resources as ingest_resources
 from daemons.replicator.handlers import ReplicatorResources, open_resources, replicate
 from tests.replication_fixtures import DATASET, adler, replica_states, replication_settings
+from tests.storage_fixtures import alter_keeping_adler32
 
 RULES = {
     "rules.cnaf": 'datasets = ".*"\nendpoints = "disk2"',
@@ -134,6 +135,39 @@ async def test_a_corrupt_only_source_is_marked_bad_and_the_request_fails_for_goo
     assert states[("r/c.fits", "disk2")] != "available"
     assert not (settings.storage["disk2"].root / "r/c.fits").exists()
     assert ctx.publisher.of_type(ReplicaCreated) == []
+
+
+@pytest.mark.parametrize("size", [1024, 3 * 1024 * 1024], ids=["batched", "threaded"])
+async def test_a_source_altered_under_its_adler32_fails_on_its_recorded_sha256(ctx, ingest, settings, size):
+    """Issue 20: sha256 checked on a posix hop. The source keeps its size and adler32 (four bytes
+    moved so that adler32's sums stay equal): only the sha256 ingest recorded can see it."""
+    content = os.urandom(size)
+    requests = await ingested(ingest, settings, "r/s.fits", content)
+    (settings.storage["disk1"].root / "r/s.fits").write_bytes(alter_keeping_adler32(content))
+
+    with pytest.raises(Permanent) as caught:
+        await replicate(requests["disk2"], ctx)
+
+    assert caught.value.reason == "no_source"
+    states = await replica_states(settings)
+    assert states[("r/s.fits", "disk1")] == "bad"
+    assert not (settings.storage["disk2"].root / "r/s.fits").exists()
+    history = await ctx.resources.catalogue.queries.history("r/s.fits")
+    [bad] = [e for e in history if e.type == "replica.bad"]
+    assert bad.detail["reason"] == "source_corrupt" and "sha256" in bad.detail["error"]
+
+
+async def test_a_copy_altered_under_its_adler32_is_found_on_a_repeated_request(ctx, ingest, settings):
+    content = os.urandom(2000)
+    requests = await ingested(ingest, settings, "r/v.fits", content)
+    await replicate(requests["disk2"], ctx)
+    (settings.storage["disk2"].root / "r/v.fits").write_bytes(alter_keeping_adler32(content))
+
+    await replicate(requests["disk2"], ctx)
+
+    history = await ctx.resources.catalogue.queries.history("r/v.fits")
+    [bad] = [e for e in history if e.type == "replica.bad"]
+    assert bad.storage == "disk2" and bad.detail["problem"].startswith("sha256 ")
 
 
 async def test_a_destination_that_is_not_a_disk_endpoint_is_refused(ctx, ingest, settings):

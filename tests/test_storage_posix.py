@@ -18,6 +18,7 @@ Each skips with its reason where the mechanism is unavailable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -211,6 +212,7 @@ async def test_copy_is_verified_and_lands_under_its_final_name(
         location=str(storage.resolve("night1/run000042/file.dat")),
         size=size,
         adler32=adler(data),
+        sha256=hashlib.sha256(data).hexdigest(),  # the same read pass as adler32
     )
     assert result.path.read_bytes() == data
     assert storage.exists(result.pfn) and storage.size_of(result.pfn) == size

@@ -6,6 +6,7 @@ broker (the writer and reconciliation run against the catalogue directly)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from collections.abc import AsyncIterator
@@ -177,7 +178,11 @@ async def test_reading_a_member_reads_and_charges_only_its_bytes(tmp_path: Path)
         m = members[1]
         out = tmp_path / "out"
         got = await lib.read("DR01", fseq, out, member=m)
-        assert out.read_bytes() == datas[1] and got == (m.size, m.adler32)
+        assert out.read_bytes() == datas[1] and got == (
+            m.size,
+            m.adler32,
+            hashlib.sha256(datas[1]).hexdigest(),
+        )
         used = (await lib.usage()).total
         assert used.bytes_read - before.bytes_read == m.size == 7_000  # not the aggregate's size
         assert used.files_read - before.files_read == 1

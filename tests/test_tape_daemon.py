@@ -32,7 +32,7 @@ from daemons.tape.writer import Env
 from tests.cli_fixtures import spool
 from tests.conftest import queue_depth, running, wait_for
 from tests.replication_fixtures import count_on, make_files, name_of, publish_ready
-from tests.storage_fixtures import adler
+from tests.storage_fixtures import adler, alter_keeping_adler32
 from tests.tape_fixtures import (
     LIBRARY,
     POLICY,
@@ -230,6 +230,31 @@ async def test_a_file_without_a_usable_disk_copy_fails_and_the_batch_goes_on(tmp
     [(_, event)] = await drain(failed)
     assert (event["name"], event["daemon"], event["reason"]) == (lost, "tape", "no_source")
     shown = as_json(spool(path, "show", lost, "--json"))
+    assert shown["last_error"]["reason"] == "no_source"
+    assert {r["storage"]: r["state"] for r in shown["replicas"]} == {"disk1": "bad", "tape1": "failed"}
+
+
+async def test_a_disk_copy_altered_under_its_adler32_is_refused_by_its_sha256_on_the_way_to_tape(
+    tmp_path, tag, broker
+):
+    """Issue 20: the tape write checks the sha256 recorded at ingest (small files: as the member
+    is packed into its aggregate, in the same pass as adler32). The disk copy keeps its size and
+    adler32: only sha256 can refuse it."""
+    policy = "mount_min_files = 5\nmount_min_bytes = 1000000000\nmount_max_age = 3600\npoll_interval = 0.1"
+    path = tape_config(tmp_path, tag, policy=policy)
+    settings = load_settings(path)
+    files = make_files(settings, 5)
+    altered = name_of(settings, files[0][0])
+    async with running(SERVICES, settings):
+        await publish_ready(broker, settings, files[:4])
+        await wait_for(lambda: _count(settings, "tape1", 4, "queued"), timeout=30)
+        disk_copy = settings.storage["disk1"].root / altered
+        disk_copy.write_bytes(alter_keeping_adler32(disk_copy.read_bytes()))
+        await publish_ready(broker, settings, files[4:])
+        await wait_for(lambda: _count(settings, "tape1", 4), timeout=30)
+        await wait_for(lambda: _count(settings, "tape1", 1, "failed"), timeout=30)
+    assert altered not in names_on_tape(await on_tape(settings))
+    shown = as_json(spool(path, "show", altered, "--json"))
     assert shown["last_error"]["reason"] == "no_source"
     assert {r["storage"]: r["state"] for r in shown["replicas"]} == {"disk1": "bad", "tape1": "failed"}
 

@@ -10,6 +10,7 @@ SIGKILL in the middle of a write.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from common.tape import (
     TapeLibrary,
     TapeTiming,
 )
-from tests.storage_fixtures import adler
+from tests.storage_fixtures import adler, alter_keeping_adler32
 
 REPO = Path(__file__).resolve().parent.parent
 KB = 1000
@@ -174,6 +175,26 @@ async def test_write_refuses_a_source_that_is_not_what_was_announced(
     assert sorted(p.name for p in lib.data_path("A00001", 1).parent.iterdir()) == ["journal.jsonl"]
     assert await put(lib, "DR01", tmp_path, "f", b"payload") == 1  # the fseq was not consumed
     assert (await lib.list_drives())[0].status == "idle"
+
+
+async def test_write_and_read_check_a_recorded_sha256_in_the_same_pass(
+    open_lib: Factory, tmp_path: Path
+) -> None:
+    """Issue 20: a source altered under an unchanged adler32 is refused by its sha256 before it is
+    on tape; a good one is written, and a read reports the sha256 of the bytes it delivered."""
+    lib = await open_lib()
+    await lib.mount("DR01", "A00001")
+    data = os.urandom(5000)
+    altered = source(tmp_path, "bad", alter_keeping_adler32(data))
+    want = hashlib.sha256(data).hexdigest()
+
+    refused = lib.write("DR01", altered, "f", len(data), adler(data), sha256=want)
+    assert await reasons(refused) == (Permanent, "checksum_mismatch")
+    assert await lib.list_files("A00001") == []
+
+    fseq = await lib.write("DR01", source(tmp_path, "good", data), "f", len(data), adler(data), sha256=want)
+    got = await lib.read("DR01", fseq, tmp_path / "out" / "f")
+    assert got == (len(data), adler(data), want)
 
 
 # --- timing model ----------------------------------------------------------------------------

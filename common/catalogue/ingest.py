@@ -55,7 +55,7 @@ DAEMON = "ingest"
 _REQUEST_STATE_SQL = "SELECT id, state FROM requests WHERE id IN ({})"
 _PRIOR_SQL = "SELECT id, kind, state, name, path, dataset FROM requests WHERE id IN ({})"
 _LOOKUP_SQL = (
-    "SELECT files.id, files.name, datasets.name, files.size, files.adler32, files.created"
+    "SELECT files.id, files.name, datasets.name, files.size, files.adler32, files.created, files.sha256"
     " FROM files JOIN datasets ON datasets.id = files.dataset_id WHERE files.name IN ({})"
 )
 _DATASET_IDS_SQL = "SELECT name, id FROM datasets WHERE name IN ({})"
@@ -79,7 +79,7 @@ def _scalar_default(column: Column[Any]) -> Any:
 # Columns bound per row; with the batch's timestamps (bound once) and the code's constants (SQL
 # literals) they name every column but the autoincrement id (a test holds them to the schema): SQL
 # text gets no Python-side column default, so ``priority`` is spelled out.
-FILE_COLUMNS = ("name", "dataset_id", "size", "adler32", "meta")
+FILE_COLUMNS = ("name", "dataset_id", "size", "adler32", "sha256", "meta")
 METADATA_COLUMNS = ("file_id", "key", "value_num", "value_int", "value_str")
 REPLICA_COLUMNS = ("file_id", "storage_id", "pfn")
 REPLICA_CONSTANTS: Mapping[str, Any] = {
@@ -110,8 +110,8 @@ def lookup(conn: Connection, names: Sequence[str]) -> dict[str, tuple[int, FileI
     """Name -> (file id, info) for the names that are registered."""
     created = result_processor(s.files.c.created, conn.dialect)
     out: dict[str, tuple[int, FileInfo]] = {}
-    for fid, name, ds, size, adler, ts in select_in(conn, _LOOKUP_SQL, list(dict.fromkeys(names))):
-        out[name] = (fid, FileInfo(name, ds, size, adler, created(ts)))
+    for fid, name, ds, size, adler, ts, sha in select_in(conn, _LOOKUP_SQL, list(dict.fromkeys(names))):
+        out[name] = (fid, FileInfo(name, ds, size, adler, created(ts), sha))
     return out
 
 
@@ -210,16 +210,21 @@ def _decide(
         elif info is None and r.dataset in closed:
             out.append(_Decision(r, "dataset_closed", None))
         elif info is None:
-            info = FileInfo(r.name, r.dataset, r.size, r.adler32, now)
+            info = FileInfo(r.name, r.dataset, r.size, r.adler32, now, r.sha256)
             known[r.name] = info
             done.add(r.event_id)
             out.append(_Decision(r, "registered", info))
-        elif info.size == r.size and info.adler32 == r.adler32:
+        elif info.size == r.size and info.adler32 == r.adler32 and _same_sha256(info.sha256, r.sha256):
             done.add(r.event_id)
             out.append(_Decision(r, "duplicate", info))
         else:
             out.append(_Decision(r, "conflict", info))
     return out
+
+
+def _same_sha256(known: str | None, new: str | None) -> bool:
+    """Equal where both are known: a file registered before sha256 was recorded has none."""
+    return known is None or new is None or known == new
 
 
 def _dataset_ids(conn: Connection, records: Sequence[IngestRecord], now: datetime) -> dict[str, int]:
@@ -302,7 +307,7 @@ def _insert_files(conn: Connection, new: list[IngestRecord], now: datetime) -> d
     endpoint_ids = storage_ids_sync(conn, {r.storage for r in new})
     dialect = conn.dialect
     meta = json_processor(s.files.c.meta, dialect)
-    file_rows = [(r.name, ds_ids[r.dataset], r.size, r.adler32, meta(r.metadata)) for r in new]
+    file_rows = [(r.name, ds_ids[r.dataset], r.size, r.adler32, r.sha256, meta(r.metadata)) for r in new]
     created = {"created": bind_processor(s.files.c.created, dialect)(now)}
     returning = returning_tail(dialect, ("name", "id"))
     inserted = insert_rows(conn, s.files, FILE_COLUMNS, file_rows, shared=created, tail=returning)

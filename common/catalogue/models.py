@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.catalogue.schema import MAX_META_KEY, MAX_META_STR, MAX_NAME
-from common.messages import MetaValue, normalise_adler32
+from common.messages import SHA256_PATTERN, MetaValue, normalise_adler32
 
 Outcome = Literal["registered", "duplicate", "duplicate_event", "conflict", "dataset_closed"]
 RequestState = Literal["done", "retrying", "failed"]
@@ -57,6 +57,9 @@ class IngestRecord(BaseModel):
     dataset: str = Field(min_length=1, max_length=255)
     size: int = Field(ge=0, lt=_INT64)
     adler32: str
+    # 64 lower-case hex digits, computed in the same read pass as adler32; None where the bytes
+    # were not read here (a remote first endpoint).
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     metadata: dict[str, MetaValue] = Field(default_factory=dict)
     # The dataset's metadata (the fields of its name by the nomenclature), stored when this
     # record creates the dataset; an existing dataset keeps its own.
@@ -107,6 +110,7 @@ class FileInfo:
     size: int
     adler32: str
     created: datetime
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +172,7 @@ class FileView:
     children: list[str]
     replicas: list[ReplicaInfo]
     last_error: RequestInfo | None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from common.catalogue.sql import chunks
 
 f, d, r, ep, rq, pv = s.files, s.datasets, s.replicas, s.storage_endpoints, s.requests, s.provenance
 
-_FILE_COLS = (f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created)
+_FILE_COLS = (f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.sha256)
 ERROR_STATES = ("retrying", "failed")
 
 
@@ -39,7 +39,7 @@ def _files() -> Select[Any]:
 
 
 def _file_info(row: Sequence[Any]) -> FileInfo:
-    return FileInfo(row[0], row[1], row[2], row[3], row[4])
+    return FileInfo(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
 def _request_info(row: Row[Any]) -> RequestInfo:
@@ -118,6 +118,7 @@ async def show_file(conn: AsyncConnection, name: str) -> FileView | None:
         children=sorted(children),
         replicas=[ReplicaInfo(*rep) for rep in reps],
         last_error=await last_error(conn, name),
+        sha256=row.sha256,
     )
 
 

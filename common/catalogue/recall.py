@@ -113,6 +113,7 @@ class PendingFile:
     # No usable copy now, but one will come: archiving in progress, or its endpoint is down.
     blocked: bool = False
     damaged: bool = False  # some tape copy was found corrupt (marked bad)
+    sha256: str | None = None  # recorded at ingest; None before migration 0016
 
     @property
     def key(self) -> tuple[str, str]:
@@ -133,6 +134,7 @@ class ReadItem:
     # The copy is a member of an aggregate: where its bytes start within the tape file (None: the
     # tape file is the file). The read covers ``size`` bytes from there, checked against ``adler32``.
     member_offset: int | None = None
+    sha256: str | None = None  # recorded at ingest, checked on the bytes read; None before 0016
 
     @property
     def key(self) -> tuple[str, str]:
@@ -395,6 +397,7 @@ def pending(conn: Connection, limit: int, recall_id: str | None = None) -> list[
             rc.c.created,
             f.c.size,
             f.c.adler32,
+            f.c.sha256,
         )
         .join(rc, rc.c.id == rf.c.recall_id)
         .join(f, f.c.id == rf.c.file_id)
@@ -427,6 +430,7 @@ def pending(conn: Connection, limit: int, recall_id: str | None = None) -> list[
                 disk=disk,
                 blocked=blocked,
                 damaged=damaged,
+                sha256=row.sha256,
             )
         )
     return out
@@ -529,7 +533,7 @@ def window_on_cartridge(
     )
     stmt = (
         select(rf.c.recall_id, rf.c.name, rf.c.file_id, rf.c.storage, rf.c.fseq, f.c.size, f.c.adler32,
-               rc.c.destination, copy.c.member_offset)
+               rc.c.destination, copy.c.member_offset, f.c.sha256)
         .select_from(joined.join(f, f.c.id == rf.c.file_id))
         .where(*where, tuple_(rf.c.fseq, offset).in_(positions))
         .order_by(rf.c.fseq, offset, rc.c.priority.desc(), rc.c.created, rf.c.recall_id)
@@ -537,7 +541,7 @@ def window_on_cartridge(
     return [
         ReadItem(row.recall_id, row.name, row.file_id, int(row.size), row.adler32, row.destination,
                  TapeCopy(row.storage, vid, int(row.fseq)),
-                 None if row.member_offset is None else int(row.member_offset))
+                 None if row.member_offset is None else int(row.member_offset), row.sha256)
         for row in conn.execute(stmt)
     ]  # fmt: skip
 

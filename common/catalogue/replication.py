@@ -82,7 +82,7 @@ _LOCKED_SQL = (
     "SELECT locks.file_id, storage_endpoints.name FROM locks"
     " JOIN storage_endpoints ON storage_endpoints.id = locks.storage_id WHERE locks.file_id IN ({})"
 )
-_TASK_FILES_SQL = "SELECT name, id, size, adler32 FROM files WHERE name IN ({})"
+_TASK_FILES_SQL = "SELECT name, id, size, adler32, sha256 FROM files WHERE name IN ({})"
 _TASK_REPLICAS_SQL = (
     "SELECT replicas.file_id, replicas.storage_id, replicas.state, replicas.pfn, replicas.priority,"
     " storage_endpoints.name, storage_endpoints.kind FROM replicas"
@@ -137,6 +137,8 @@ class ReplicaTask:
     needed: bool  # a live lock holds this copy
     priority: int
     sources: tuple[Source, ...]  # available copies on disk endpoints (destination excluded)
+    # The recorded sha256, checked on copies whose bytes this node reads; None before 0016.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,11 +476,11 @@ def replica_tasks(conn: Connection, items: Sequence[tuple[str, str]]) -> list[Re
     """What the replicator needs to know about each (name, destination) pair, in one transaction
     and a handful of statements: its handlers ask together (a batcher), not one round trip each."""
     now = bind_processor(lk.c.expires, conn.dialect)(utcnow())  # as the driver reads ``expires``
-    files = {name: (fid, size, adler) for name, fid, size, adler in select_in(
+    files = {name: (fid, size, adler, sha) for name, fid, size, adler, sha in select_in(
         conn, _TASK_FILES_SQL, list(dict.fromkeys(n for n, _ in items))
     )}  # fmt: skip
     sids = storage_ids_sync(conn, {st for _, st in items})
-    fids = sorted({fid for fid, _, _ in files.values()})
+    fids = sorted({fid for fid, _, _, _ in files.values()})
     dest: dict[tuple[int, int], tuple[str, str, int]] = {}
     sources: dict[int, list[tuple[int, str, str]]] = {}
     for fid, sid, state, pfn, prio, ep_name, kind in select_in(conn, _TASK_REPLICAS_SQL, fids):
@@ -496,7 +498,7 @@ def replica_tasks(conn: Connection, items: Sequence[tuple[str, str]]) -> list[Re
         if found is None:
             out.append(None)
             continue
-        fid, size, adler = found
+        fid, size, adler, sha = found
         sid = sids[storage]
         row = dest.get((fid, sid))
         out.append(
@@ -509,6 +511,7 @@ def replica_tasks(conn: Connection, items: Sequence[tuple[str, str]]) -> list[Re
                 needed=(fid, sid) in live,
                 priority=row[2] if row else 3,
                 sources=tuple(Source(n, pfn) for s_id, n, pfn in sources.get(fid, []) if s_id != sid),
+                sha256=sha,
             )
         )
     return out

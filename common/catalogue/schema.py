@@ -145,6 +145,8 @@ class File(Base):
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     adler32: Mapped[str] = mapped_column(String(8))  # 8 lower-case hex digits
+    # 64 lower-case hex digits; None for files registered before migration 0016.
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     meta: Mapped[dict[str, Any]] = mapped_column(Json)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -100,6 +100,7 @@ class BatchFile:
     size: int
     adler32: str
     sources: tuple[Source, ...]
+    sha256: str | None = None  # recorded at ingest: checked as the copy is written to tape
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +368,9 @@ def take_batch(
         )  # fmt: skip
         taken.update(conn.scalars(take))
     got: dict[int, Any] = {}
-    stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32).join(f, f.c.id == r.c.file_id)
+    stmt = select(r.c.id, r.c.file_id, f.c.name, f.c.size, f.c.adler32, f.c.sha256).join(
+        f, f.c.id == r.c.file_id
+    )
     for part in chunks(sorted(taken)):
         for row in conn.execute(stmt.where(r.c.id.in_(part))):
             got[row.id] = row
@@ -383,7 +386,7 @@ def take_batch(
             sources.setdefault(fid, []).append(Source(storage, pfn))
     return [
         BatchFile(rid, got[rid].name, int(got[rid].size), got[rid].adler32,
-                  tuple(sources.get(got[rid].file_id, ())))
+                  tuple(sources.get(got[rid].file_id, ())), got[rid].sha256)
         for rid in ids
         if rid in got
     ]  # fmt: skip

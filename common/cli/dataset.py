@@ -5,5 +5,6 @@ from __future__ import annotations
 
 from common.cli import (
     dataset_lifecycle,  # noqa: F401  close, show, delete
+    dataset_manifest,  # noqa: F401  manifest, verify, keygen
     dataset_names,  # noqa: F401  name
 )

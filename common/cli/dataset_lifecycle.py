@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from common.catalogue import Catalogue
 from common.catalogue.dataset_view import DatasetView
 from common.catalogue.datasets import DeleteRequest
 from common.catalogue.sql import utcnow
 from common.cli._util import UserError, console, fmt_bytes, print_json, settings_from, styled
 from common.cli.dataset_group import dataset_app
 from common.cli.query import JsonOpt, with_catalogue
+from common.manifest.release import manifest_on_close
 
 
 def _who() -> str:
@@ -32,14 +35,22 @@ def _who() -> str:
 @dataset_app.command("close")
 def close(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     """Close a dataset: no new file is accepted into it; it completes once its copies are made."""
-    outcome = with_catalogue(settings_from(ctx), lambda c: c.datasets.close(name, _who(), utcnow()))
+    settings = settings_from(ctx)
+
+    async def close_it(c: Catalogue) -> tuple[str, Path | None]:
+        outcome = await c.datasets.close(name, _who(), utcnow())
+        # The close that changed the state writes the release manifest where a key is configured.
+        manifest = await manifest_on_close(c, name, settings) if outcome == "closed" else None
+        return outcome, manifest
+
+    outcome, manifest = with_catalogue(settings, close_it)
     if outcome == "unknown":
         raise UserError(f"no dataset named {name!r} in the catalogue")
     if json_out:
-        print_json({"dataset": name, "outcome": outcome})
+        print_json({"dataset": name, "outcome": outcome, "manifest": str(manifest) if manifest else None})
         return
     said = {"closed": "closed", "already": "was already closed", "deleted": "is deleted"}[outcome]
-    console.print(f"{name} {said}")
+    console.print(f"{name} {said}" + (f"; release manifest {manifest}" if manifest else ""))
 
 
 @dataset_app.command("show")

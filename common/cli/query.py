@@ -44,6 +44,7 @@ def show(ctx: typer.Context, name: str, json_out: JsonOpt = False) -> None:
     console.print(f"  dataset   {view.dataset}")
     console.print(f"  size      {view.size} ({fmt_bytes(view.size)})")
     console.print(f"  adler32   {view.adler32}")
+    console.print(f"  sha256    {view.sha256 or '(not recorded)'}")
     console.print(f"  created   {view.created.isoformat()}")
     if view.metadata:
         console.print("  metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(view.metadata.items())))

@@ -36,6 +36,20 @@ _HEX = re.compile(r"[0-9a-f]{1,8}")
 _CANONICAL_DIGITS = "0123456789abcdef"
 
 
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def normalise_sha256(v: object) -> str | None:
+    """sha256 as 64 lower-case hex digits (None stays None). Strict: a ``str`` of exactly 64 hex
+    digits (upper case accepted and lowered), nothing else — no prefix, no base64, no number —
+    so a comparison is a string equality. ``ValueError`` otherwise."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _SHA256_RE.fullmatch(v):
+        raise ValueError("sha256 must be a string of 64 hexadecimal digits")
+    return v.lower()
+
+
 def format_adler32(value: int) -> str:
     """An adler32 integer as the canonical 8 lower-case hex digits."""
     return f"{value & 0xFFFFFFFF:08x}"

@@ -3,8 +3,8 @@
 A replica may only be declared available once its bytes are known good, and a crash must never
 leave a truncated file under a real name. Hence every copy is:
 
-1. streamed through one reused 1 MiB buffer, updating adler32 as each chunk passes (one read of
-   the source, no second pass),
+1. streamed through one reused 1 MiB buffer, updating adler32 and sha256 as each chunk passes
+   (one read of the source, no second pass),
 2. written to an unnamed file in the destination directory (``tempfiles``: ``O_TMPFILE``; where
    the file system has none, a temporary name there, on the same file system so that ``rename``
    is atomic, and ``cleanup_temp`` can find it),
@@ -21,7 +21,9 @@ the two places it runs, and tuned call by call (the figures are next to the code
 Replication (``replicate_sync``, ``replicate_from_sync``) copies a replica that already has a
 catalogued size and checksum from another disk endpoint. It uses the kernel copy
 (``copy_file_range``) and then reads the written temporary file back for adler32 (DESIGN.md
-section 5: faster than the Python loop, and it checks what landed). Its reason codes say *which
+section 5: faster than the Python loop, and it checks what landed), and for sha256 in the same
+pass when the catalogue has one (a source altered under an unchanged adler32 is then
+``source_corrupt``). Its reason codes say *which
 side* is at fault (``reasons.SOURCE_REASONS`` versus ``reasons.DESTINATION_REASONS``). With
 ``fsync=False`` (batch durability) a large copy starts its own writeback once copied, so the disk
 writes while the copy is verified and the batch's ``sync()`` has little left to do.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -49,9 +52,9 @@ from common.storage.kernel import (
     _SYNC_FILE_RANGE_WRITE,
     _Aborted,
     _adler32,
-    _adler32_fd,
     _buffer,
     _kernel_copy,
+    _sums_fd,
 )
 from common.storage.paths import below, real_root
 from common.storage.reasons import (
@@ -92,6 +95,9 @@ class CopyResult:
     location: str
     size: int
     adler32: str
+    # 64 lower-case hex digits: computed by an ingest copy (the same pass as adler32), and by a
+    # replication copy that was given the catalogue's sha256 to check; else None.
+    sha256: str | None = None
 
     @property
     def path(self) -> Path:
@@ -198,6 +204,7 @@ class CopyEngine:
         expected_size: int | None,
         expected_adler32: str | None,
         fsync: bool,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         # Opened here, not on the event loop: on a hung network mount even an open blocks.
         rel = self.below(relpath)
@@ -210,10 +217,12 @@ class CopyEngine:
             if st.st_size > self.chunk_size:  # a hint (larger read-ahead), worth its syscall beyond one read
                 with contextlib.suppress(AttributeError, OSError):
                     os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            size, adler = self._stream_to(cancelled, src, source, rel, expected_size, expected_adler32, fsync)
+            size, adler, sha = self._stream_to(
+                cancelled, src, source, rel, expected_size, expected_adler32, expected_sha256, fsync
+            )
         finally:
             os.close(src)
-        return CopyResult(pfn=rel, location=self.real_root + "/" + rel, size=size, adler32=adler)
+        return CopyResult(pfn=rel, location=self.real_root + "/" + rel, size=size, adler32=adler, sha256=sha)
 
     def _stream_to(
         self,
@@ -223,8 +232,11 @@ class CopyEngine:
         rel: str,
         expected_size: int | None,
         expected_adler32: str | None,
+        expected_sha256: str | None,
         fsync: bool,
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, str]:
+        """Stream ``src`` into a new file at ``rel``; the one read of the source feeds adler32 and
+        sha256 alike (the same buffer, no second pass)."""
         tmp = _TempFile(self.real_root, rel, os.O_WRONLY)
         dest = tmp.dest
         assert tmp.fd is not None
@@ -233,6 +245,7 @@ class CopyEngine:
             buf = _buffer(self.chunk_size)
             view = memoryview(buf)
             value = ADLER32_START
+            digest = hashlib.sha256()
             total = 0
             while True:
                 if cancelled.is_set():
@@ -251,12 +264,14 @@ class CopyEngine:
                     )
                 chunk = view[:n]
                 value = _adler32(chunk, value)
+                digest.update(chunk)
                 try:
                     while chunk:
                         chunk = chunk[os.write(dst, chunk) :]
                 except OSError as exc:
                     raise _destination_error(exc, dest) from None
             adler = format_adler32(value)
+            sha = digest.hexdigest()
             if expected_size is not None and total != expected_size:
                 raise Permanent(
                     "size_mismatch", f"source {source} has {total} bytes, expected {expected_size}"
@@ -266,8 +281,12 @@ class CopyEngine:
                     "checksum_mismatch",
                     f"source {source} has adler32 {adler}, expected {expected_adler32}",
                 )
+            if expected_sha256 is not None and sha != expected_sha256:
+                raise Permanent(
+                    "checksum_mismatch", f"source {source} has sha256 {sha}, expected {expected_sha256}"
+                )
             tmp.commit(fsync)
-            return total, adler
+            return total, adler, sha
         except BaseException:
             tmp.discard()
             raise
@@ -280,6 +299,7 @@ class CopyEngine:
         relpath: str,
         expected_size: int,
         expected_adler32: str,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         """A bulk request's copy: the source opened beneath its endpoint's root (``source_root``),
         the destination beneath this one's, neither through a symlink (``confined``)."""
@@ -287,16 +307,20 @@ class CopyEngine:
         source = f"{source_root}/{source_pfn}"
         try:
             rel = self.below(relpath)
-            made = self._replicate_plainly(cancelled, src, rel, expected_size, expected_adler32)
+            made = self._replicate_plainly(
+                cancelled, src, rel, expected_size, expected_adler32, expected_sha256
+            )
             if made is not None:
                 return made
             os.lseek(src, 0, os.SEEK_SET)  # the careful way starts again from the first byte
-            return self._replicate_fd(cancelled, src, source, rel, expected_size, expected_adler32, False)
+            return self._replicate_fd(
+                cancelled, src, source, rel, expected_size, expected_adler32, False, expected_sha256
+            )
         finally:
             os.close(src)
 
     def _replicate_plainly(
-        self, cancelled: threading.Event, src: int, rel: str, size: int, adler32: str
+        self, cancelled: threading.Event, src: int, rel: str, size: int, adler32: str, sha256: str | None
     ) -> CopyResult | None:
         """The copy of ``_replicate_fd`` when all goes well, in the fewest steps: a new unnamed
         file, one kernel copy, one read-back, one link; ``None`` as soon as anything is not plain
@@ -327,6 +351,8 @@ class CopyEngine:
                     return None
                 if format_adler32(_adler32(memoryview(buf)[:size], ADLER32_START)) != adler32:
                     return None
+                if sha256 is not None and hashlib.sha256(memoryview(buf)[:size]).hexdigest() != sha256:
+                    return None
                 _link_unnamed(tmp, parent.name, parent.fd)
             finally:
                 os.close(tmp)
@@ -334,7 +360,7 @@ class CopyEngine:
             return None
         finally:
             parent.close()
-        return CopyResult(pfn=rel, location=root + "/" + rel, size=size, adler32=adler32)
+        return CopyResult(pfn=rel, location=root + "/" + rel, size=size, adler32=adler32, sha256=sha256)
 
     @staticmethod
     def _open_source_replica(source_root: str, source_pfn: str, expected_size: int) -> int:
@@ -354,14 +380,18 @@ class CopyEngine:
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         """Copy the replica at the absolute path ``source`` (another endpoint's ``resolve``) to
-        ``relpath`` here; both opened with no symlink followed (``confined``)."""
+        ``relpath`` here; both opened with no symlink followed (``confined``). With
+        ``expected_sha256`` (the catalogue's) the read-back checks sha256 too."""
         rel = self.below(relpath)
         text = os.fspath(source)
         src = _open_replica(text, expected_size)
         try:
-            return self._replicate_fd(cancelled, src, text, rel, expected_size, expected_adler32, fsync)
+            return self._replicate_fd(
+                cancelled, src, text, rel, expected_size, expected_adler32, fsync, expected_sha256
+            )
         finally:
             os.close(src)
 
@@ -374,19 +404,25 @@ class CopyEngine:
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         if expected_size > self.chunk_size:  # a hint, worth its syscall beyond one read
             with contextlib.suppress(AttributeError, OSError):
                 os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         root = self.real_root
+        args = (cancelled, src, source, root, rel, expected_size, expected_adler32, fsync, expected_sha256)
         if self.endpoint.min_free_bytes > 0:
             with self._reserve(root + "/" + rel, expected_size):
-                self._copy_and_check(
-                    cancelled, src, source, root, rel, expected_size, expected_adler32, fsync
-                )
+                self._copy_and_check(*args)
         else:
-            self._copy_and_check(cancelled, src, source, root, rel, expected_size, expected_adler32, fsync)
-        return CopyResult(pfn=rel, location=root + "/" + rel, size=expected_size, adler32=expected_adler32)
+            self._copy_and_check(*args)
+        return CopyResult(
+            pfn=rel,
+            location=root + "/" + rel,
+            size=expected_size,
+            adler32=expected_adler32,
+            sha256=expected_sha256,
+        )
 
     def pull_sync(
         self,
@@ -396,6 +432,7 @@ class CopyEngine:
         relpath: str,
         expected_size: int,
         expected_adler32: str,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         """``replicate_sync`` (fsync-ed) of another posix endpoint's file, opened beneath its root
         (``PosixStorage.copy_from``); a pfn escaping its root is ``source_corrupt``."""
@@ -403,7 +440,9 @@ class CopyEngine:
         src = self._open_source_replica(source_root, source_pfn, expected_size)
         try:
             source = f"{source_root}/{source_pfn}"
-            return self._replicate_fd(cancelled, src, source, rel, expected_size, expected_adler32, True)
+            return self._replicate_fd(
+                cancelled, src, source, rel, expected_size, expected_adler32, True, expected_sha256
+            )
         finally:
             os.close(src)
 
@@ -414,6 +453,7 @@ class CopyEngine:
         local: str,
         expected_size: int,
         expected_adler32: str,
+        expected_sha256: str | None = None,
     ) -> None:
         """Copy the file at ``relpath`` here to ``local``, a path anywhere on this node, as
         ``replicate_sync`` copies (kernel copy, read-back, atomic, fsync-ed), this endpoint being
@@ -428,7 +468,7 @@ class CopyEngine:
         try:
             self._copy_and_check(
                 cancelled, src, self.real_root + "/" + rel, os.path.dirname(local),
-                os.path.basename(local), expected_size, expected_adler32, True,
+                os.path.basename(local), expected_size, expected_adler32, True, expected_sha256,
             )  # fmt: skip
         finally:
             os.close(src)
@@ -443,6 +483,7 @@ class CopyEngine:
         expected_size: int,
         expected_adler32: str,
         fsync: bool,
+        expected_sha256: str | None = None,
     ) -> None:
         # O_RDWR: the same descriptor reads the copy back, without a second open.
         tmp = _TempFile(droot, drel, os.O_RDWR)
@@ -452,12 +493,16 @@ class CopyEngine:
             self._fill(cancelled, src, tmp.fd, source, dest, expected_size)
             if not fsync and expected_size >= EARLY_WRITEBACK_BYTES and _SYNC_FILE_RANGE is not None:
                 _SYNC_FILE_RANGE(tmp.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            want_sha = expected_sha256 is not None
             try:
-                size, adler = _adler32_fd(tmp.fd, _buffer(self.chunk_size), cancelled)
+                size, adler, sha = _sums_fd(tmp.fd, _buffer(self.chunk_size), cancelled, want_sha)
             except OSError as exc:
                 raise _destination_error(exc, tmp.where) from None
-            if size != expected_size or adler != expected_adler32:
-                raise self._blame(cancelled, src, source, dest, size, adler, expected_size, expected_adler32)
+            if size != expected_size or adler != expected_adler32 or sha != expected_sha256:
+                raise self._blame(
+                    cancelled, src, source, dest, (size, adler, sha), expected_size, expected_adler32,
+                    expected_sha256,
+                )  # fmt: skip
             tmp.commit(fsync)
         except BaseException:
             tmp.discard()
@@ -549,14 +594,16 @@ class CopyEngine:
         src: int,
         source: str | os.PathLike[str],
         dest: str | os.PathLike[str],
-        size: int,
-        adler: str,
+        found: tuple[int, str, str | None],
         expected_size: int,
         expected_adler32: str,
+        expected_sha256: str | None,
     ) -> SpoolError:
         """The written copy does not verify: checksum the source to say whose fault it is."""
+        size, adler, sha = found
+        want_sha = expected_sha256 is not None
         try:
-            src_size, src_adler = _adler32_fd(src, _buffer(self.chunk_size), cancelled)
+            src_size, src_adler, src_sha = _sums_fd(src, _buffer(self.chunk_size), cancelled, want_sha)
         except OSError as exc:
             return _replica_source_error(exc, source)
         if src_size != expected_size or src_adler != expected_adler32:
@@ -564,6 +611,18 @@ class CopyEngine:
                 SOURCE_CORRUPT,
                 f"source replica {source} has {src_size} bytes with adler32 {src_adler}, "
                 f"expected {expected_size} bytes with adler32 {expected_adler32}",
+            )
+        if src_sha != expected_sha256:
+            # Same size and adler32, other bytes: only the strong checksum sees it.
+            return Permanent(
+                SOURCE_CORRUPT,
+                f"source replica {source} has sha256 {src_sha}, expected {expected_sha256}"
+                " (its size and adler32 match: altered bytes adler32 does not see)",
+            )
+        if size == expected_size and adler == expected_adler32:
+            return Retryable(
+                CHECKSUM_MISMATCH,
+                f"destination copy of {source} at {dest} has sha256 {sha}, expected {expected_sha256}",
             )
         got = f"adler32 {adler}" if size == expected_size else f"{size} bytes with adler32 {adler}"
         return Retryable(
@@ -607,7 +666,12 @@ class CopyEngine:
             os.close(fd)
 
     def verify_sync(
-        self, cancelled: threading.Event, relpath: str, expected_size: int, expected_adler32: str
+        self,
+        cancelled: threading.Event,
+        relpath: str,
+        expected_size: int,
+        expected_adler32: str,
+        expected_sha256: str | None = None,
     ) -> str | None:
         rel = self.below(relpath)
         path = self.real_root + "/" + rel
@@ -624,7 +688,7 @@ class CopyEngine:
         try:
             if st.st_size != expected_size:
                 return f"size {st.st_size} != {expected_size}"
-            size, adler = _adler32_fd(fd, _buffer(self.chunk_size), cancelled)
+            size, adler, sha = _sums_fd(fd, _buffer(self.chunk_size), cancelled, expected_sha256 is not None)
         except OSError as exc:
             raise Retryable(STORAGE_IO_ERROR, f"reading {path}: {exc.strerror or exc}") from None
         finally:
@@ -633,4 +697,6 @@ class CopyEngine:
             return f"size {size} != {expected_size}"
         if adler != expected_adler32:
             return f"adler32 {adler} != {expected_adler32}"
+        if sha != expected_sha256:
+            return f"sha256 {sha} != {expected_sha256}"
         return None

@@ -16,7 +16,7 @@ big-endian, then the body):
 - first the parent sends ``{"name", "root", "min_free_bytes", "chunk_size"}``, the child
   answers ``"ready"``;
 - then each request is a list of ``[operation, args]`` (operations: ``OPERATIONS``), answered by a
-  list of outcomes in the same order: ``["c", pfn, path, size, adler32]`` (a ``CopyResult``),
+  list of outcomes in the same order: ``["c", pfn, path, size, adler32, sha256]`` (a ``CopyResult``),
   ``["v", value]``, ``["e", "permanent" | "retryable", reason, message]`` (a ``SpoolError``) or
   ``["x", type, text]`` (a bug).
 
@@ -361,7 +361,9 @@ def _spawn() -> subprocess.Popen[bytes]:
 def _decode(outcome: list[Any]) -> Any:
     tag = outcome[0]
     if tag == "c":
-        return CopyResult(pfn=outcome[1], location=outcome[2], size=outcome[3], adler32=outcome[4])
+        return CopyResult(
+            pfn=outcome[1], location=outcome[2], size=outcome[3], adler32=outcome[4], sha256=outcome[5]
+        )
     if tag == "v":
         return outcome[1]
     if tag == "e":
@@ -373,7 +375,7 @@ def _decode(outcome: list[Any]) -> Any:
 # --- child side ----------------------------------------------------------------------------------
 def _encode(value: Any) -> list[Any]:
     if isinstance(value, CopyResult):
-        return ["c", value.pfn, value.location, value.size, value.adler32]
+        return ["c", value.pfn, value.location, value.size, value.adler32, value.sha256]
     if isinstance(value, Failed):
         exc = value.error
         if isinstance(exc, SpoolError):

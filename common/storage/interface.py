@@ -65,6 +65,9 @@ class CopyDone:
     size: int
     adler32: str
     mode: CopyMode
+    # sha256 where this node read the bytes (ingest's upload reads the landing file); None when
+    # the copy was verified by the server's adler32 alone.
+    sha256: str | None = None
 
 
 def deadline_for(size: int, min_rate: float, floor: float) -> float:

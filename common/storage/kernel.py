@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import mmap
 import os
 import threading
@@ -157,4 +158,29 @@ def _adler32_fd(fd: int, buf: mmap.mmap, cancelled: threading.Event) -> tuple[in
         if n == 0:
             return total, format_adler32(value)
         value = _adler32(view[:n], value)
+        total += n
+
+
+def _sums_fd(
+    fd: int, buf: mmap.mmap, cancelled: threading.Event, sha256: bool
+) -> tuple[int, str, str | None]:
+    """(size, adler32, sha256 or None) of an open file read once from offset 0 to its end: with
+    ``sha256`` each chunk feeds both sums (hashlib's sha256 releases the GIL on large buffers),
+    without it this is ``_adler32_fd``. ``OSError`` unclassified."""
+    if not sha256:
+        size, adler = _adler32_fd(fd, buf, cancelled)
+        return size, adler, None
+    view = memoryview(buf)
+    value = ADLER32_START
+    digest = hashlib.sha256()
+    total = 0
+    while True:
+        if cancelled.is_set():
+            raise _Aborted()
+        n = os.preadv(fd, [buf], total)
+        if n == 0:
+            return total, format_adler32(value), digest.hexdigest()
+        chunk = view[:n]
+        value = _adler32(chunk, value)
+        digest.update(chunk)
         total += n

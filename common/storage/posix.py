@@ -55,6 +55,7 @@ from common.storage.kernel import _adler32_fd, _buffer, _sync_root
 from common.storage.paths import is_within
 from common.storage.reasons import STORAGE_IO_ERROR, _destination_error, _replica_source_error
 from common.storage.reasons import expected_adler32 as _expected_adler32
+from common.storage.reasons import expected_sha256 as _expected_sha256
 from common.storage.tempfiles import destination_refused, is_temp_name
 
 T = TypeVar("T")
@@ -74,6 +75,8 @@ class ReplicaCopy:
     relpath: str
     size: int
     adler32: str
+    # The catalogue's sha256, checked on the read-back too when known.
+    sha256: str | None = None
 
 
 # Small operations gathered into one hand-off (``PosixStorage._batched``): named, so that a batch
@@ -167,8 +170,12 @@ class PosixStorage:
         expected_size: int | None = None,
         expected_adler32: str | None = None,
         fsync: bool = True,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         """Copy ``source`` to ``relpath`` on this endpoint, verified, atomically; see the module doc.
+
+        The one read of the source computes adler32 and sha256 (the result carries both); each is
+        compared with its expected value when given (``Permanent("checksum_mismatch")``).
 
         An existing file at ``relpath`` is replaced atomically (a redelivered message re-copies).
         ``source`` is an absolute path made of a root's real path and a relative one (ingest's
@@ -182,12 +189,15 @@ class PosixStorage:
                 expected = normalise_adler32(expected_adler32)
             except ValueError as exc:
                 raise Permanent("invalid_checksum", str(exc)) from None
+        sha = _expected_sha256(expected_sha256)
         path = os.fspath(source)
         if expected_size is not None and self.batches_copy(expected_size, fsync):
             # Small and announced as small: copied with others in one hand-off (see ``_batched``).
             # A file larger than announced fails its size check right after fstat.
-            return await self._batched("copy", path, relpath, expected_size, expected, fsync)
-        return await self._in_thread(self._engine.copy_sync, path, relpath, expected_size, expected, fsync)
+            return await self._batched("copy", path, relpath, expected_size, expected, fsync, sha)
+        return await self._in_thread(
+            self._engine.copy_sync, path, relpath, expected_size, expected, fsync, sha
+        )
 
     # --- replication -------------------------------------------------------------------------
     async def copy_verified(
@@ -198,8 +208,13 @@ class PosixStorage:
         expected_size: int,
         expected_adler32: str,
         fsync: bool = True,
+        expected_sha256: str | None = None,
     ) -> CopyResult:
         """Copy a replica from another disk endpoint to ``relpath`` here, verified, atomically.
+
+        With ``expected_sha256`` (the catalogue's, when recorded) the read-back computes sha256
+        in the same pass as adler32 and checks it too: a source altered without changing its size
+        or adler32 is ``source_corrupt``.
 
         ``source`` is the absolute, already resolved path of a replica whose size and adler32 are
         known (the catalogue's). The bytes are copied by the kernel (``copy_file_range``; read/write
@@ -230,14 +245,15 @@ class PosixStorage:
           itself is wrong (``REQUEST_REASONS``).
         """
         expected = _expected_adler32(expected_adler32)
+        sha = _expected_sha256(expected_sha256)
         if not isinstance(source, Path):
             source = Path(source)
         if expected_size < 0:
             raise Permanent("invalid_size", f"expected size {expected_size} is negative")
         if self.batches_copy(expected_size, fsync):
-            return await self._batched("replicate", source, relpath, expected_size, expected, fsync)
+            return await self._batched("replicate", source, relpath, expected_size, expected, fsync, sha)
         return await self._in_thread(
-            self._engine.replicate_sync, source, relpath, expected_size, expected, fsync
+            self._engine.replicate_sync, source, relpath, expected_size, expected, fsync, sha
         )
 
     async def copy_verified_many(self, copies: Sequence[ReplicaCopy]) -> list[CopyResult | SpoolError]:
@@ -254,7 +270,8 @@ class PosixStorage:
             if not self.batches_copy(c.size, False):
                 raise ValueError(f"{c.relpath}: {c.size} bytes is not a small copy of {self.name}")
             adler32 = _expected_adler32(c.adler32)
-            jobs.append(("replicate_from", (c.source_root, c.source_pfn, c.relpath, c.size, adler32)))
+            sha = _expected_sha256(c.sha256)
+            jobs.append(("replicate_from", (c.source_root, c.source_pfn, c.relpath, c.size, adler32, sha)))
         outcomes = await self._batched_many(jobs)
         return [o.error if isinstance(o, Failed) else o for o in outcomes]  # type: ignore[misc]
 
@@ -291,7 +308,9 @@ class PosixStorage:
         """Adler-32 of the file at ``relpath``, read back from the endpoint."""
         return await self._in_thread(self._engine.checksum_sync, relpath)
 
-    async def verify(self, relpath: str, *, expected_size: int, expected_adler32: str) -> str | None:
+    async def verify(
+        self, relpath: str, *, expected_size: int, expected_adler32: str, expected_sha256: str | None = None
+    ) -> str | None:
         """None when the file at ``relpath`` has the expected size and adler32, else what is wrong.
 
         The answer is a short description for logs and messages: ``"missing"``, ``"not a regular
@@ -302,9 +321,10 @@ class PosixStorage:
         and ``Permanent`` for a malformed checksum or a path outside the endpoint.
         """
         expected = _expected_adler32(expected_adler32)
+        sha = _expected_sha256(expected_sha256)
         if expected_size <= self.endpoint.batch_copy_bytes:
-            return await self._batched("verify", relpath, expected_size, expected)
-        return await self._in_thread(self._engine.verify_sync, relpath, expected_size, expected)
+            return await self._batched("verify", relpath, expected_size, expected, sha)
+        return await self._in_thread(self._engine.verify_sync, relpath, expected_size, expected, sha)
 
     async def delete(self, relpath: str) -> bool:
         """Remove the file at ``relpath``; True if it was there. Deleting a missing file succeeds."""

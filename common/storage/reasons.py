@@ -17,7 +17,7 @@ import os
 
 from common.errors import Permanent, Retryable, SpoolError
 from common.reasons import codes_blaming
-from common.storage.checksum import normalise_adler32
+from common.storage.checksum import normalise_adler32, normalise_sha256
 
 _NOT_WRITABLE = {errno.EACCES, errno.EROFS, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -85,6 +85,15 @@ def _replica_source_error(exc: OSError, path: str | os.PathLike[str]) -> SpoolEr
             SOURCE_CORRUPT, f"source replica {path} is not a regular file reached without a symlink"
         )
     return Retryable(SOURCE_IO_ERROR, f"reading source replica {path}: {exc.strerror or exc}")
+
+
+def expected_sha256(text: str | None) -> str | None:
+    """An expected sha256 from a caller (catalogue, event) as 64 lower-case hex digits, or None;
+    ``Permanent("invalid_checksum")`` when it is not one."""
+    try:
+        return normalise_sha256(text)
+    except ValueError as exc:
+        raise Permanent("invalid_checksum", str(exc)) from None
 
 
 def expected_adler32(text: str) -> str:

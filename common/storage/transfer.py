@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import tempfile
 import threading
@@ -29,10 +30,11 @@ from common.errors import Permanent, SpoolError
 from common.logging import get_logger
 from common.storage import confined
 from common.storage.interface import CopyDone, StorageBackend
-from common.storage.kernel import _adler32_fd, _buffer
+from common.storage.kernel import _buffer, _sums_fd
 from common.storage.posix import PosixStorage
 from common.storage.reasons import _source_error
 from common.storage.reasons import expected_adler32 as expected_adler32_of
+from common.storage.reasons import expected_sha256 as expected_sha256_of
 
 log = get_logger("spool.storage")
 
@@ -55,15 +57,20 @@ async def stream_via_node(
     return CopyDone(done.relpath, done.size, done.adler32, "streamed")
 
 
-async def verify_stored(storage: StorageBackend, relpath: str, *, size: int, adler32: str) -> str | None:
+async def verify_stored(
+    storage: StorageBackend, relpath: str, *, size: int, adler32: str, sha256: str | None = None
+) -> str | None:
     """None when the copy at ``relpath`` is the expected file, else what is wrong (for logs).
 
-    Mounted here: read back (``PosixStorage.verify``). Remote: the server's size and adler32 (never
-    the bytes over the network). A server that cannot tell a checksum is trusted on the size: a
-    good copy is not destroyed for want of an answer.
+    Mounted here: read back (``PosixStorage.verify``; sha256 too when recorded, in the same
+    pass). Remote: the server's size and adler32 (never the bytes over the network). A server
+    that cannot tell a checksum is trusted on the size: a good copy is not destroyed for want of
+    an answer.
     """
     if isinstance(storage, PosixStorage):
-        return await storage.verify(relpath, expected_size=size, expected_adler32=adler32)
+        return await storage.verify(
+            relpath, expected_size=size, expected_adler32=adler32, expected_sha256=sha256
+        )
     found = await storage.stat(relpath, checksum=True)
     if found is None:
         return "missing"
@@ -100,27 +107,35 @@ async def upload_checked(
     *,
     expected_size: int | None,
     expected_adler32: str | None,
+    expected_sha256: str | None = None,
 ) -> CopyDone:
-    """Ingest's copy of a landing-area file into a remote endpoint: the file's size and adler32
-    read here first (checked against what the event announced, as the posix copy checks them:
-    ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``, which the server's
-    checksum verifies. Reading the file once more than a local copy does is the price of knowing
-    the checksum before any byte leaves the node; the second read comes from the page cache.
-    A file changed between the two reads fails the server's check and is retried.
+    """Ingest's copy of a landing-area file into a remote endpoint: the file's size, adler32 and
+    sha256 (one pass) read here first (checked against what the event announced, as the posix
+    copy checks them: ``size_mismatch`` / ``checksum_mismatch``, permanent), then ``upload``,
+    which the server's checksum verifies. Reading the file once more than a local copy does is
+    the price of knowing the checksum before any byte leaves the node; the second read comes
+    from the page cache. A file changed between the two reads fails the server's check and is
+    retried. The sha256 returned is this node's (the server is asked for adler32 only).
     """
     expected = expected_adler32_of(expected_adler32) if expected_adler32 is not None else None
+    expected_sha = expected_sha256_of(expected_sha256)
     fd = await asyncio.to_thread(_open_landing, source)
     try:
-        size, adler32 = await asyncio.to_thread(_landing_checksum, fd, source)
+        size, adler32, sha256 = await asyncio.to_thread(_landing_checksum, fd, source)
         if expected_size is not None and size != expected_size:
             raise Permanent("size_mismatch", f"source {source} has {size} bytes, expected {expected_size}")
         if expected is not None and adler32 != expected:
             raise Permanent(
                 "checksum_mismatch", f"source {source} has adler32 {adler32}, expected {expected}"
             )
+        if expected_sha is not None and sha256 != expected_sha:
+            raise Permanent(
+                "checksum_mismatch", f"source {source} has sha256 {sha256}, expected {expected_sha}"
+            )
         # The backend reopens the file it is given: the one checked above, through its descriptor
         # (issue 16), so no name is looked up again between the check and the upload.
-        return await storage.upload(Path(f"/proc/self/fd/{fd}"), relpath, size=size, adler32=adler32)
+        done = await storage.upload(Path(f"/proc/self/fd/{fd}"), relpath, size=size, adler32=adler32)
+        return dataclasses.replace(done, sha256=sha256)
     finally:
         os.close(fd)
 
@@ -137,10 +152,12 @@ def _open_landing(source: str | os.PathLike[str]) -> int:
     return fd
 
 
-def _landing_checksum(fd: int, source: str | os.PathLike[str]) -> tuple[int, str]:
-    """Size and adler32 of an open landing file."""
+def _landing_checksum(fd: int, source: str | os.PathLike[str]) -> tuple[int, str, str]:
+    """Size, adler32 and sha256 of an open landing file, in one read."""
     try:
-        return _adler32_fd(fd, _buffer(1 << 20), threading.Event())
+        size, adler, sha = _sums_fd(fd, _buffer(1 << 20), threading.Event(), True)
+        assert sha is not None
+        return size, adler, sha
     except OSError as exc:
         raise _source_error(exc, source) from None
 

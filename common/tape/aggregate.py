@@ -31,6 +31,7 @@ checks when it writes it; ``verify`` re-reads an aggregate member by member.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tarfile
@@ -87,10 +88,18 @@ class Builder:
         return sum(m.size for m in self.members)
 
     def add(
-        self, cancelled: threading.Event | None, source: Path, name: str, tag: str, size: int, adler32: str
+        self,
+        cancelled: threading.Event | None,
+        source: Path,
+        name: str,
+        tag: str,
+        size: int,
+        adler32: str,
+        sha256: str | None = None,
     ) -> TapeMember:
         """Append ``source`` as the member for logical ``name``, verified against ``size`` and
-        ``adler32`` (normalised hex); returns its index entry. On any error the aggregate is as it
+        ``adler32`` (normalised hex), and ``sha256`` when given (the catalogue's, computed in the
+        same pass); returns its index entry. On any error the aggregate is as it
         was before the call, and the error is the one ``TapeLibrary.write`` would raise:
         ``file_missing``, ``not_a_file``, ``path_outside_area``, ``size_mismatch``,
         ``checksum_mismatch`` (Permanent), ``source_io_error``, ``tape_write_error`` (Retryable)."""
@@ -107,12 +116,16 @@ class Builder:
                 header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
             self._write(header)
             offset = self.size
-            total, actual = self._copy(cancelled, src, source, size)
+            total, actual, digest = self._copy(cancelled, src, source, size, sha256 is not None)
             if total != size:
                 raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
             if actual != adler32:
                 raise Permanent(
                     "checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}"
+                )
+            if digest != sha256:
+                raise Permanent(
+                    "checksum_mismatch", f"source {source} has sha256 {digest}, recorded {sha256}"
                 )
             self._write(bytes(_pad(size)))
         except BaseException:
@@ -154,11 +167,15 @@ class Builder:
         self._adler = zlib.adler32(data, self._adler)
         self.size += len(data)
 
-    def _copy(self, cancelled: threading.Event | None, src: int, source: Path, size: int) -> tuple[int, str]:
+    def _copy(
+        self, cancelled: threading.Event | None, src: int, source: Path, size: int, sha256: bool
+    ) -> tuple[int, str, str | None]:
         """Stream ``src`` into the aggregate (at most ``size`` + 1 bytes: a longer source is a
-        mismatch, found without copying all of it); returns (bytes, adler32 of them)."""
+        mismatch, found without copying all of it); returns (bytes, adler32 of them, and their
+        sha256 when asked: the same read feeds both)."""
         buf = chunk_buffer()
         value, total = ADLER32_START, 0
+        digest = hashlib.sha256() if sha256 else None
         while True:
             if cancelled is not None and cancelled.is_set():
                 raise Aborted()
@@ -168,9 +185,11 @@ class Builder:
             except OSError as exc:
                 raise Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}") from None
             if n == 0:
-                return total, format_adler32(value)
+                return total, format_adler32(value), None if digest is None else digest.hexdigest()
             chunk = memoryview(buf)[:n]
             value = zlib.adler32(chunk, value)
+            if digest is not None:
+                digest.update(chunk)
             total += n
             self._write(chunk)
 

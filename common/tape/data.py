@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import threading
@@ -62,11 +63,12 @@ def _stream(
     read_error: ErrorFactory,
     write_error: ErrorFactory,
     limit: int | None = None,
-) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` through one buffer, computing adler32 on the way; with ``limit``,
-    at most that many bytes (an aggregate's member)."""
+) -> tuple[int, str, str]:
+    """Copy ``src`` to ``dst`` through one buffer, computing adler32 and sha256 on the way (one
+    read feeds both); with ``limit``, at most that many bytes (an aggregate's member)."""
     view = memoryview(chunk_buffer())
     value, total = ADLER32_START, 0
+    digest = hashlib.sha256()
     while True:
         if cancelled.is_set():
             raise Aborted()
@@ -76,9 +78,10 @@ def _stream(
         except OSError as exc:
             raise read_error(exc) from None
         if n == 0:
-            return total, format_adler32(value)
+            return total, format_adler32(value), digest.hexdigest()
         chunk = view[:n]
         value = zlib.adler32(chunk, value)
+        digest.update(chunk)
         total += n
         try:
             while chunk:
@@ -95,13 +98,14 @@ def _through_temp(
     *,
     read_error: ErrorFactory,
     write_error: ErrorFactory,
-    check: Callable[[int, str], None],
+    check: Callable[[int, str, str], None],
     durable: bool,
     exclusive: bool,
     limit: int | None = None,
-) -> tuple[int, str]:
-    """Stream ``src`` into ``temp``, let ``check(size, adler32)`` judge it, make it durable, rename
-    it onto ``final``; ``temp`` is removed on any failure, ``src`` closed in every case."""
+) -> tuple[int, str, str]:
+    """Stream ``src`` into ``temp``, let ``check(size, adler32, sha256)`` judge it, make it durable, rename
+    it onto ``final``; ``temp`` is removed on any failure, ``src`` closed in every case. Returns
+    (size, adler32, sha256) of what was copied."""
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
         try:
@@ -110,8 +114,8 @@ def _through_temp(
         except OSError as exc:
             raise write_error(exc) from None
         try:
-            total, actual = _stream(cancelled, src, dst, read_error, write_error, limit)
-            check(total, actual)
+            total, actual, sha256 = _stream(cancelled, src, dst, read_error, write_error, limit)
+            check(total, actual, sha256)
             try:
                 if durable:
                     os.fsync(dst)
@@ -125,7 +129,7 @@ def _through_temp(
                 fsync_dir(final.parent)
         except OSError as exc:
             raise write_error(exc) from None
-        return total, actual
+        return total, actual, sha256
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -160,8 +164,10 @@ def write_data(
     size: int,
     adler32: str,
     durable: bool = True,
+    sha256: str | None = None,
 ) -> None:
-    """Copy ``source`` onto the tape as ``final``, verifying the announced size and checksum."""
+    """Copy ``source`` onto the tape as ``final``, verifying the announced size and checksum (and
+    the recorded sha256 when given, computed in the same pass)."""
 
     def source_error(exc: OSError) -> Exception:
         return Retryable("source_io_error", f"reading {source}: {exc.strerror or exc}")
@@ -169,11 +175,13 @@ def write_data(
     def tape_error(exc: OSError) -> Exception:
         return Retryable("tape_write_error", f"writing {final}: {exc.strerror or exc}")
 
-    def check(total: int, actual: str) -> None:
+    def check(total: int, actual: str, digest: str) -> None:
         if total != size:
             raise Permanent("size_mismatch", f"source {source} has {total} bytes, announced {size}")
         if actual != adler32:
             raise Permanent("checksum_mismatch", f"source {source} has adler32 {actual}, announced {adler32}")
+        if sha256 is not None and digest != sha256:
+            raise Permanent("checksum_mismatch", f"source {source} has sha256 {digest}, recorded {sha256}")
 
     src = open_source(source)
     _through_temp(
@@ -208,7 +216,7 @@ def read_data(
     def dest_error(exc: OSError) -> Exception:
         return Retryable("storage_io_error", f"writing {dest}: {exc.strerror or exc}")
 
-    def check(total: int, actual: str) -> None:
+    def check(total: int, actual: str, _digest: str) -> None:
         if total != size:
             raise Permanent("tape_read_error", f"{vid} fseq {fseq}: read {total} bytes of {size}")
         if actual != expected and not keep_mismatch:
@@ -227,8 +235,8 @@ def read_data(
     tmp = dest.with_name(f".{dest.name}.tape-tmp-{secrets.token_hex(6)}")
     # Reading at most ``size`` + 1 bytes: a whole file longer than recorded is still found short
     # or long; a member stops at its end, its neighbours' bytes never read.
-    total, actual = _through_temp(
+    total, actual, sha256 = _through_temp(
         cancelled, src, tmp, dest, read_error=media_error, write_error=dest_error, check=check,
         durable=durable, exclusive=True, limit=size + (1 if offset == 0 else 0),
     )  # fmt: skip
-    return ReadResult(total, actual)
+    return ReadResult(total, actual, sha256)

@@ -192,19 +192,21 @@ class LibraryUsage(BaseModel):
 
 
 class ReadResult(NamedTuple):
-    """What ``read`` delivered: the size and the adler32 computed while reading."""
+    """What ``read`` delivered: the size and the adler32 computed while reading, and its sha256
+    (computed in the same pass) where the library reads the bytes itself; None where it cannot."""
 
     size: int
     adler32: str
+    sha256: str | None = None
 
 
 class TapeChecksumMismatch(Permanent):
     """The bytes read back do not match the checksum recorded when the file was written."""
 
-    def __init__(self, vid: str, fseq: int, expected: str, actual: str) -> None:
+    def __init__(self, vid: str, fseq: int, expected: str, actual: str, algorithm: str = "adler32") -> None:
         super().__init__(
             "tape_checksum_mismatch",
-            f"{vid} fseq {fseq}: read adler32 {actual}, recorded {expected}",
+            f"{vid} fseq {fseq}: read {algorithm} {actual}, recorded {expected}",
         )
         self.vid = vid
         self.fseq = fseq
@@ -269,8 +271,13 @@ class TapeLibrary(Protocol):
         *,
         flush: bool = True,
         members: Sequence[TapeMember] | None = None,
+        sha256: str | None = None,
     ) -> int:
         """Append ``source`` at the end of data of the mounted cartridge; returns its fseq.
+
+        ``sha256`` (64 lower-case hex digits, the catalogue's): checked too where the library reads
+        the bytes itself, in the same pass as adler32 (``checksum_mismatch``); a library that
+        cannot ignores it.
 
         With ``flush=False`` the file is not durable (nor listed, nor readable) until ``flush``.
         ``members``: the file is an aggregate with this index (kept with the file, ``list_files``).

@@ -286,6 +286,7 @@ class SimulatedLibrary:
         *,
         flush: bool = True,
         members: Sequence[TapeMember] | None = None,
+        sha256: str | None = None,
     ) -> int:
         """Append ``source`` after the last file of the mounted cartridge; returns its fseq.
 
@@ -308,7 +309,9 @@ class SimulatedLibrary:
             plan = await self._txn(Txn.begin_write, drive_id, op, name, size, expected, flush, index)
             started = time.monotonic()
             durable = self.config.durable and flush
-            await run_to_completion(write_data, Path(source), plan.path, plan.data, size, expected, durable)
+            await run_to_completion(
+                write_data, Path(source), plan.path, plan.data, size, expected, durable, sha256
+            )
             sync = self.timing.flush_seconds() if flush else 0.0
             await self._sleep(plan.seconds + sync, started)
             return await self._txn(Txn.finish_write, plan, flush)

@@ -23,17 +23,23 @@ from common.catalogue.sql import utcnow
 from common.config import Settings
 from common.errors import Permanent
 from common.logging import get_logger
+from common.manifest.release import manifest_on_close
 from common.messages import DatasetClose
 
 log = get_logger("spool.ingest")
 
 
-async def close_dataset(msg: DatasetClose, catalogue: Catalogue, user_id: str | None) -> str:
-    """Close the dataset an event names; returns what happened (closed, already, deleted)."""
+async def close_dataset(
+    msg: DatasetClose, catalogue: Catalogue, user_id: str | None, settings: Settings
+) -> str:
+    """Close the dataset an event names; returns what happened (closed, already, deleted). The
+    close that changed the state writes the release manifest (``manifest_on_close``)."""
     by = f"event:{msg.source}" + (f" ({user_id})" if user_id else "")
     outcome = await catalogue.datasets.close(msg.dataset, by[:255], utcnow())
     if outcome == "unknown":
         raise Permanent("unknown_dataset", f"no dataset named {msg.dataset!r} in the catalogue")
+    if outcome == "closed":
+        await manifest_on_close(catalogue, msg.dataset, settings)
     return outcome
 
 
@@ -46,4 +52,5 @@ async def auto_close(catalogue: Catalogue, settings: Settings) -> list[str]:
     closed = await catalogue.datasets.auto_close(now - timedelta(seconds=after), now)
     for name in closed:
         log.info("dataset_auto_closed", dataset=name, idle_seconds=after)
+        await manifest_on_close(catalogue, name, settings)
     return closed

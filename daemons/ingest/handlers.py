@@ -241,6 +241,7 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
             adler32=info.adler32,
             storage=res.storage_name,
             pfn=info.name,
+            sha256=info.sha256,
         ),
         correlation_id=ctx.correlation_id,
     )
@@ -248,7 +249,7 @@ async def _ingest(msg: FileReady, ctx: Context[IngestResources]) -> None:
 
 @service.handler(DatasetClose)
 async def close_dataset(msg: DatasetClose, ctx: Context[IngestResources]) -> None:
-    outcome = await datasets.close_dataset(msg, ctx.resources.catalogue, ctx.user_id)
+    outcome = await datasets.close_dataset(msg, ctx.resources.catalogue, ctx.user_id, ctx.settings)
     ctx.log.info("dataset_close", dataset=msg.dataset, outcome=outcome)
 
 
@@ -320,11 +321,13 @@ async def _ingest_locked(
         if adler is None and msg.size in (None, known.file.size):
             adler = await _source_checksum(located)
         verdict = steps.compare_existing(msg.size, adler, known.file.size, known.file.adler32)
+        if msg.sha256 is not None and known.file.sha256 not in (None, msg.sha256):
+            verdict = "conflict"
         if verdict == "conflict":
             raise _conflict(name, known.file, msg.size, adler)
         # Same content again: record the event id as done (through registration) and re-publish.
         size, adler32 = known.file.size, known.file.adler32
-        return await _register(msg, ctx, located, name, size, adler32, copied=False)
+        return await _register(msg, ctx, located, name, size, adler32, known.file.sha256, copied=False)
     holder = await res.claims.submit(name)
     if holder == REGISTERED:  # by another instance since our look-up: the retry's look-up decides
         raise Retryable(
@@ -353,14 +356,20 @@ async def _copy_and_register(
             expected_size=msg.size,
             expected_adler32=msg.adler32,
             fsync=res.per_file_fsync,
+            expected_sha256=msg.sha256,
         )
-        size, adler32 = copied.size, copied.adler32
+        size, adler32, sha256 = copied.size, copied.adler32, copied.sha256
     else:  # a remote first endpoint: uploaded, verified by the server's checksum
         uploaded = await upload_checked(
-            res.storage, located.source, name, expected_size=msg.size, expected_adler32=msg.adler32
+            res.storage,
+            located.source,
+            name,
+            expected_size=msg.size,
+            expected_adler32=msg.adler32,
+            expected_sha256=msg.sha256,
         )
-        size, adler32 = uploaded.size, uploaded.adler32
-    return await _register(msg, ctx, located, name, size, adler32, copied=True)
+        size, adler32, sha256 = uploaded.size, uploaded.adler32, uploaded.sha256
+    return await _register(msg, ctx, located, name, size, adler32, sha256, copied=True)
 
 
 async def _register(
@@ -370,6 +379,7 @@ async def _register(
     name: str,
     size: int,
     adler32: str,
+    sha256: str | None,
     *,
     copied: bool,
 ) -> FileInfo:
@@ -382,6 +392,7 @@ async def _register(
         dataset=msg.dataset,
         size=size,
         adler32=adler32,
+        sha256=sha256,
         metadata=dict(msg.metadata),
         dataset_metadata=dict(ctx.settings.datasets.fields_of(msg.dataset) or {}),
         parents=list(msg.parents),
@@ -437,6 +448,8 @@ def _claims_differ(msg: FileReady, registered: FileInfo) -> str | None:
         return f"size {registered.size}"
     if msg.adler32 is not None and msg.adler32 != registered.adler32:
         return f"adler32 {registered.adler32}"
+    if msg.sha256 is not None and registered.sha256 not in (None, msg.sha256):
+        return f"sha256 {registered.sha256}"
     return None
 
 

@@ -173,6 +173,11 @@ async def read_from_tape(
                 result = await library.read(drive, item.copy.fseq, temp, verify=True, member=member)
             if result.size != item.size or result.adler32 != item.adler32:
                 raise TapeChecksumMismatch(item.copy.cartridge, item.copy.fseq, item.adler32, result.adler32)
+            if item.sha256 is not None and result.sha256 is not None and result.sha256 != item.sha256:
+                # Same size and adler32, other bytes: the strong checksum recorded at ingest sees it.
+                raise TapeChecksumMismatch(
+                    item.copy.cartridge, item.copy.fseq, item.sha256, result.sha256, algorithm="sha256"
+                )
             if rel is not None:
                 assert isinstance(storage, PosixStorage)
                 await asyncio.to_thread(_place, dirfd, name, real_root(storage.root), rel)
@@ -209,16 +214,23 @@ def _place(dirfd: int, name: str, root: str, rel: str) -> None:
 
 
 async def copy_from_disk(
-    source: StorageBackend, pfn: str, dest: StorageBackend, name: str, size: int, adler32: str
+    source: StorageBackend,
+    pfn: str,
+    dest: StorageBackend,
+    name: str,
+    size: int,
+    adler32: str,
+    sha256: str | None = None,
 ) -> str:
-    """Copy an available disk replica to ``dest`` under ``name``, verified; returns its pfn."""
+    """Copy an available disk replica to ``dest`` under ``name``, verified (posix to posix: sha256
+    too, when recorded, in the read-back's pass); returns its pfn."""
     if isinstance(source, PosixStorage) and isinstance(dest, PosixStorage):
         try:
             path = source.resolve(pfn)
         except SpoolError as err:  # the catalogue's pfn escapes its root: that copy is unusable
             raise Permanent("source_corrupt", f"source replica {pfn!r}: {err.message}") from None
         copied = await dest.copy_verified(
-            path, name, expected_size=size, expected_adler32=adler32, fsync=True
+            path, name, expected_size=size, expected_adler32=adler32, fsync=True, expected_sha256=sha256
         )
         return copied.pfn
     done = await dest.copy_from(source, pfn, name, size=size, adler32=adler32)

@@ -783,7 +783,9 @@ class Scheduler:
                 if source is None:
                     continue
                 try:
-                    pfn = await delivery.copy_from_disk(source, src.pfn, dest, p.name, p.size, p.adler32)
+                    pfn = await delivery.copy_from_disk(
+                        source, src.pfn, dest, p.name, p.size, p.adler32, p.sha256
+                    )
                 except SpoolError as err:
                     if err.reason not in DISK_SOURCE_BAD:
                         raise

@@ -128,6 +128,7 @@ async def _copy_together(
             relpath=task.pfn or task.name,
             size=task.size,
             adler32=task.adler32,
+            sha256=task.sha256,
         )
         for task, source in picked
     ]

@@ -260,7 +260,9 @@ async def _replicate_one(
             return None
         if act == "verify":
             assert task.pfn is not None
-            problem = await verify_stored(dest, task.pfn, size=task.size, adler32=task.adler32)
+            problem = await verify_stored(
+                dest, task.pfn, size=task.size, adler32=task.adler32, sha256=task.sha256
+            )
             if problem is None:
                 return _created(task, task.pfn)
             ctx.log.warning("copy_corrupt", file=name, problem=problem)
@@ -344,11 +346,21 @@ async def _copy_from_best(
                 continue
             if isinstance(dest, PosixStorage) and isinstance(path, os.PathLike):
                 copied = await dest.copy_verified(
-                    path, relpath, expected_size=task.size, expected_adler32=task.adler32, fsync=fsync
+                    path,
+                    relpath,
+                    expected_size=task.size,
+                    expected_adler32=task.adler32,
+                    fsync=fsync,
+                    expected_sha256=task.sha256,
                 )
                 return copied.pfn, source.storage
             done = await dest.copy_from(src, source.pfn, relpath, size=task.size, adler32=task.adler32)
-            ctx.log.debug("copied", file=task.name, source=source.storage, mode=done.mode, size=done.size)
+            # A remote end is verified by its server's adler32; sha256 is checked only where this
+            # node reads the bytes (docs/remote-storage.md, "Strong checksums").
+            ctx.log.debug(
+                "copied", file=task.name, source=source.storage, mode=done.mode, size=done.size,
+                sha256_verified=False,
+            )  # fmt: skip
             return done.relpath, source.storage
         except SpoolError as err:
             if err.reason in steps.SOURCE_BAD:

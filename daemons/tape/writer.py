@@ -349,8 +349,9 @@ class Batch:
         assert self.open is not None
         try:
             member = await run_to_completion(
-                self.open.builder.add, path, f.name, str(f.replica_id), f.size, normalise_adler32(f.adler32)
-            )
+                self.open.builder.add, path, f.name, str(f.replica_id), f.size, normalise_adler32(f.adler32),
+                f.sha256,
+            )  # fmt: skip
         except SpoolError as exc:
             if exc.reason in steps.SOURCE_BAD and not staged:
                 await self._source_bad(f, source, exc)
@@ -469,7 +470,9 @@ class Batch:
             if not self.env.may_commit():
                 raise lease_lost(self.env.holder)
             try:
-                fseq = await self.library.write(mount.drive, path, f.name, f.size, f.adler32, flush=False)
+                fseq = await self.library.write(
+                    mount.drive, path, f.name, f.size, f.adler32, flush=False, sha256=f.sha256
+                )
             except SpoolError as exc:
                 if exc.reason in steps.CARTRIDGE_DONE:
                     if await self._too_large(f):

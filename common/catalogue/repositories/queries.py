@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common.catalogue import find, metadata, queries
+from common.catalogue import find, metadata, queries, releases
 from common.catalogue.failures import failure_groups
 from common.catalogue.filters import MetaFilter, parse_filter
 from common.catalogue.find import FoundFile
@@ -29,6 +29,11 @@ class QueryRepository(Repository):
     ) -> list[FileInfo]:
         async with self._catalogue.connect() as conn:
             return await queries.list_files(conn, dataset=dataset, prefix=prefix, limit=limit, offset=offset)
+
+    async def release_contents(self, dataset: str) -> releases.ReleaseContents | None:
+        """A dataset's state and files with their sha256, for its release manifest."""
+        async with self._catalogue.connect() as conn:
+            return await releases.release_contents(conn, dataset)
 
     async def list_datasets(self, *, state: str | None = None) -> list[DatasetInfo]:
         async with self._catalogue.connect() as conn:

@@ -8,7 +8,7 @@ dataset's ``events``: by name, so it outlives the dataset, and apart from the fi
 because a dataset and a file may have the same name.
 
 Revision ID: 0017
-Revises: 0015
+Revises: 0016
 Create Date: 2026-12-07
 """
 
@@ -24,7 +24,7 @@ Ts = sa.DateTime(timezone=True)
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 revision = "0017"
-down_revision = "0015"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 

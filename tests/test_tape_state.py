@@ -72,7 +72,9 @@ def compact_often(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(statelog, "COMPACT_RATIO", 1)
 
 
-async def test_sessions_see_each_other_through_lines_and_compactions(tmp_path: Path, compact_often: None) -> None:
+async def test_sessions_see_each_other_through_lines_and_compactions(
+    tmp_path: Path, compact_often: None
+) -> None:
     root = tmp_path / "lib"
     a = await SimulatedLibrary.open(config(root))
     b = await SimulatedLibrary.open(config(root))
@@ -90,7 +92,11 @@ async def test_sessions_see_each_other_through_lines_and_compactions(tmp_path: P
             assert drives[drive].usage.files_written == n // 2 + 1
             assert drives[drive].head == sum(range(n % 2 + 1, n + 2, 2))
             (cart,) = [c for c in await other.list_cartridges() if c.vid == vid]
-            assert (cart.files, cart.next_fseq, cart.used_bytes) == (n // 2 + 1, n // 2 + 2, drives[drive].head)
+            assert (cart.files, cart.next_fseq, cart.used_bytes) == (
+                n // 2 + 1,
+                n // 2 + 2,
+                drives[drive].head,
+            )
         assert len(generations) > 2  # compactions happened between the looks
         assert a._store.state.compactions + b._store.state.compactions > 2
         assert max(lines) > 1  # and lines between them
@@ -291,7 +297,9 @@ async def _run_and_kill(root: Path, src: Path, round_: int, rng: random.Random) 
     return reported
 
 
-async def test_writers_killed_at_random_points_lose_nothing_they_were_told_was_written(tmp_path: Path) -> None:
+async def test_writers_killed_at_random_points_lose_nothing_they_were_told_was_written(
+    tmp_path: Path,
+) -> None:
     """Rounds of a writer (buffered writes, a flush every three files, compactions every few
     transactions) killed at a random moment; after each the library, reopened, lists every file
     a flush reported with its fseq, its headers and clocks agree with that, and the next writer
@@ -309,9 +317,103 @@ async def test_writers_killed_at_random_points_lose_nothing_they_were_told_was_w
             assert {name: listed.get(name) for name in reported} == reported
             assert sorted(listed.values()) == list(range(1, len(listed) + 1))
             (cart,) = [c for c in await lib.list_cartridges() if c.vid == "A00001"]
-            assert (cart.files, cart.next_fseq, cart.used_bytes) == (len(listed), len(listed) + 1, len(listed) * size)
+            assert (cart.files, cart.next_fseq, cart.used_bytes) == (
+                len(listed),
+                len(listed) + 1,
+                len(listed) * size,
+            )
             usage = await lib.usage()
             assert usage.total.mounts == 1  # the cartridge stayed in its drive through every kill
             assert usage.total.files_written >= len(reported)
             assert usage.total.flushes >= len(reported) // 3
     assert len(generations) > 1
+
+
+# --- a kill at each point of a state update -------------------------------------------------
+
+KILLED_IN_UPDATE = """
+import asyncio, os, signal, sys, zlib
+from pathlib import Path
+from common.tape import SimulatedLibrary, SimulatedLibraryConfig, statelog
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def arm(point: str) -> None:
+    real_pwrite, real_replace = os.pwrite, os.replace
+    if point.startswith("compaction"):
+        statelog.MIN_LOG_BYTES, statelog.COMPACT_RATIO = 0, 0  # the next save compacts
+    def pwrite(fd, data, at):
+        if point == "mid_line":
+            real_pwrite(fd, bytes(data[: len(data) // 2]), at)
+            die()
+        n = real_pwrite(fd, data, at)
+        die()  # after_line: the whole line, no fsync, the transaction never returns
+    def replace(src, dst):
+        if Path(dst).name != statelog.STATE_FILE:
+            return real_replace(src, dst)  # a file's data going into place
+        if point == "compaction_before_replace":
+            die()
+        real_replace(src, dst)
+        die()  # compaction_after_replace: before the directory's fsync
+    os.pwrite, os.replace = pwrite, replace
+
+async def main(root: str, src: str, point: str) -> None:
+    cfg = SimulatedLibraryConfig(root=Path(root), drives=2, pools={"raw": 2}, scratch_cartridges=0,
+                                 capacity_bytes=10**6, time_scale=0.0, durable=True)
+    lib = await SimulatedLibrary.open(cfg)
+    drive = await lib.claim_drive("writer")
+    await lib.mount(drive, "A00001")
+    data = Path(src).read_bytes()
+    checksum = f"{zlib.adler32(data):08x}"
+    await lib.write(drive, Path(src), "kept", len(data), checksum)
+    await lib.set_cartridge_state("A00002", "disabled")
+    arm(point)
+    await lib.write(drive, Path(src), "doomed", len(data), checksum)  # its first save dies
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _left_by_the_kill(root: Path) -> str:
+    """Which point the kill hit, told from what it left: the doomed write's first update marks
+    the drive "writing"."""
+    raw = (root / STATE_FILE).read_bytes()
+    if not raw.endswith(b"\n"):
+        return "mid_line"
+    if list(root.glob(".*.tmp")):
+        return "compaction_before_replace"
+    lines = raw.splitlines()
+    if len(lines) == 1:
+        state = json.loads(lines[0])["state"]
+        return "compaction_after_replace" if state["drives"]["DR01"]["status"] == "writing" else "?"
+    return "after_line" if Change.model_validate_json(lines[-1]).drives["DR01"].status == "writing" else "?"
+
+
+@pytest.mark.parametrize(
+    "point", ["mid_line", "after_line", "compaction_before_replace", "compaction_after_replace"]
+)
+async def test_a_kill_at_any_point_of_a_state_update_loses_nothing_that_returned(
+    tmp_path: Path, point: str
+) -> None:
+    root, src = tmp_path / "lib", tmp_path / "src"
+    src.write_bytes(b"s" * 100)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_UPDATE, str(root), str(src), point],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    assert _left_by_the_kill(root) == point
+
+    async with await SimulatedLibrary.open(config(root)) as lib:
+        assert [(f.fseq, f.name) for f in await lib.list_files("A00001")] == [(1, "kept")]
+        carts = {c.vid: c for c in await lib.list_cartridges()}
+        assert (carts["A00001"].files, carts["A00001"].next_fseq, carts["A00001"].used_bytes) == (1, 2, 100)
+        assert carts["A00002"].state == "disabled"  # the transaction before the kill returned: kept
+        (drive, _) = await lib.list_drives()
+        assert (drive.vid, drive.status, drive.op, drive.claim) == ("A00001", "idle", None, None)
+        assert (drive.usage.mounts, drive.usage.files_written, drive.usage.flushes) == (1, 1, 1)
+        assert await write(lib, "DR01", tmp_path, "next", b"n" * 10) == 2
+    assert not list(root.glob(".*.tmp"))
+    for line in state_lines(root)[1:]:
+        Change.model_validate_json(line)

@@ -104,8 +104,9 @@ def library_config(root: Path, cartridges: int, drives: int, capacity: int) -> S
 
 async def archive(
     work: Path, cartridges: int, per_cartridge: int, drives: int, rng: random.Random
-) -> tuple[list[Archived], list[tuple[str, int, str]]]:
-    """Write the files through the library API, cartridge by cartridge, and unload every drive."""
+) -> tuple[list[Archived], list[tuple[str, int, str]], int]:
+    """Write the files through the library API, cartridge by cartridge, and unload every drive;
+    returns them and the cartridges' capacity."""
     sizes = [[rng.randint(8_000, 24_000) for _ in range(per_cartridge)] for _ in range(cartridges)]
     capacity = max(sum(c) for c in sizes)
     lib = await SimulatedLibrary.open(library_config(work / "library", cartridges, drives, capacity))
@@ -135,7 +136,7 @@ async def archive(
             await lib.unmount(d.drive_id)
     finally:
         await lib.close()
-    return archived, files
+    return archived, files, capacity
 
 
 def _tape_copies(conn: Connection, archived: list[Archived]) -> None:
@@ -261,10 +262,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     per_cartridge = args.files // args.cartridges
     work = Path(tempfile.mkdtemp(prefix="spool-bench-recall-", dir=args.dir))
     try:
-        archived, files = await archive(work, args.cartridges, per_cartridge, args.drives, rng)
-        capacity = json.loads((work / "library" / "library.json").read_text())["cartridges"]
-        cap = next(iter(capacity.values()))["capacity"]
-        cfg = library_config(work / "library", args.cartridges, args.drives, cap)
+        archived, files, capacity = await archive(work, args.cartridges, per_cartridge, args.drives, rng)
+        cfg = library_config(work / "library", args.cartridges, args.drives, capacity)
         shutil.copytree(work / "library", work / "library-fcfs")
         order = rng.sample(archived, args.recall)  # random files, in random request order
         lower_bound = len({a.vid for a in order})

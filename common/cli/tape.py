@@ -25,7 +25,7 @@ from common.cli.query import JsonOpt
 from common.config import LogSettings, Settings
 from common.logging import configure_logging
 from common.tape import TapeLibrary, open_library
-from common.tape.store import STATE_FILE
+from common.tape.statelog import library_exists
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def _each_library(
         out: list[T] = []
         for name in names:
             config = settings.tape_libraries[name]
-            if not (config.root / STATE_FILE).is_file():
+            if not library_exists(config.root):
                 continue  # never opened by a daemon: nothing to show, and nothing to create here
             library = await open_library(config)
             try:

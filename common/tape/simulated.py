@@ -53,6 +53,7 @@ from common.tape.library import (
     TapeMember,
 )
 from common.tape.reconcile import reconcile
+from common.tape.statelog import STATE_FILE, STATE_VERSION
 from common.tape.store import LibraryState, Store
 from common.tape.transitions import Txn
 
@@ -80,6 +81,7 @@ def _open_sync(config: SimulatedLibraryConfig) -> tuple[Store, bool, list[str]]:
     store = Store(Path(config.root).absolute(), durable=config.durable)
     try:
         with store.locked():
+            converted = store.state.convert_legacy()
             created = not store.exists()
             if created:
                 store.initialise(new_state(config))
@@ -88,6 +90,8 @@ def _open_sync(config: SimulatedLibraryConfig) -> tuple[Store, bool, list[str]]:
             state = store.load()
             notes = reconcile(state, store, store.alive)
             store.save(state)
+            if converted:
+                notes.append(f"state converted to {STATE_FILE} (version {STATE_VERSION})")
     except BaseException:
         store.close_session()  # also closes the lock file
         raise

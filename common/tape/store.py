@@ -2,23 +2,25 @@
 
 Layout under the root::
 
-    library.json                 drives and cartridge headers (atomic: temp + fsync + os.replace)
+    library.jsonl                drives and cartridge headers: a snapshot, then a line of changes
+                                 per transaction (``common.tape.statelog``)
     lock                         flock(2) taken around every read-modify-write of the state
     sessions/<token>.lock        one per open library object, flock-ed for its lifetime
     cartridges/<VID>/journal.jsonl   the cartridge's file list, append-only (one JSON record a line)
     cartridges/<VID>/<fseq:08d>      the file's bytes as "written on tape"
     cartridges/<VID>/.<fseq:08d>.<session>.tmp   data on its way (renamed when complete)
 
-Why a journal per cartridge rather than the file list inside ``library.json``: a tape is append-
+Why a journal per cartridge rather than the file list inside the state file: a tape is append-
 only, so its catalogue is too, and appending one fsync-ed line per file keeps a write O(1) where
 rewriting a growing list would make filling a cartridge quadratic. A line torn by a crash is the
-journal's last one; it is ignored and truncated under the lock. ``library.json`` stays small
-(a header per cartridge) and is replaced atomically.
+journal's last one; it is ignored and truncated under the lock. The state file holds a header per
+cartridge and is appended to the same way: a transaction writes only the drives and headers it
+changed.
 
 Buffered writes (``write(flush=False)``) append their ``reserve`` and ``written`` lines without
 fsync; the flush fsyncs the group's data files, then appends their ``commit`` lines with one fsync
 (``journal_syncs`` counts them). Lines lost to a power cut are lines of files not committed yet,
-which recovery drops anyway; headers in ``library.json`` are recomputed from the journals.
+which recovery drops anyway; cartridge headers are recomputed from the journals at open.
 
 Several processes may share a library (the tape and the recall daemons each open it). Every
 transaction holds the ``lock`` file and re-reads the state, so nobody works from a stale copy.
@@ -42,27 +44,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydantic import BaseModel, Field
+from common.tape.library import TapeFile
+from common.tape.statelog import (
+    STATE_FILE,
+    TEMP_SUFFIX,
+    LibraryState,
+    StateFile,
+    fsync_dir,
+)
 
-from common.tape.library import Cartridge, Drive, TapeFile
+__all__ = ["JOURNAL", "STATE_FILE", "CartridgeFiles", "LibraryState", "Store", "fsync_dir"]
 
-STATE_VERSION = 1
-STATE_FILE = "library.json"
 JOURNAL = "journal.jsonl"
-TEMP_SUFFIX = ".tmp"
 # Replayed journals kept in memory, the most recently used: a night fills cartridge after cartridge
 # and each kept every file it holds (the tape daemon's memory grew with the library). One that was
 # let go is replayed again from its file when asked for (a full one: under a second).
 JOURNALS_KEPT = 8
-
-
-class LibraryState(BaseModel):
-    """Everything in ``library.json``."""
-
-    version: int = STATE_VERSION
-    created_at: float = 0.0
-    drives: dict[str, Drive] = Field(default_factory=dict)
-    cartridges: dict[str, Cartridge] = Field(default_factory=dict)
 
 
 class JournalEntry:
@@ -223,46 +220,19 @@ class CartridgeFiles:
         return self._last + 1
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
 class Store:
     """Blocking access to the directory; the caller serialises calls and runs them off the loop."""
 
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
-        self.state_path = root / STATE_FILE
+        self.state = StateFile(root, durable=durable)
         self.sessions = root / "sessions"
         self.cartridges = root / "cartridges"
         self._lock_fd: int | None = None
         self._session_fd: int | None = None
         self.session: str | None = None
         self._journals: OrderedDict[str, CartridgeFiles] = OrderedDict()
-        self._parsed: tuple[bytes, LibraryState] | None = None  # see ``load``
         self.journal_syncs = 0  # fsyncs of journals: one per flush (tests count them)
 
     # --- the library lock ----------------------------------------------------------------------
@@ -279,39 +249,21 @@ class Store:
 
     # --- state ---------------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.state_path.is_file()
+        return self.state.exists()
 
     def load(self) -> LibraryState:
-        """The state as the file holds it now (call under the lock).
-
-        The parsed state of the last load or save is kept with the bytes it came from, and given
-        again while the file holds the same bytes: parsing was most of a transaction's cost (a
-        library of 400 cartridges: 0.7 ms, twice per file written or read), comparing costs
-        microseconds. Bytes, not a timestamp or an inode, say "unchanged": both can repeat after
-        another process's replace. The object given is the one transactions change in place, so
-        a transaction that fails part-way must ``forget`` it; queries hand out copies.
-        """
-        raw = self.state_path.read_bytes()
-        if self._parsed is not None and self._parsed[0] == raw:
-            return self._parsed[1]
-        self._parsed = None
-        state = LibraryState.model_validate_json(raw)
-        if state.version != STATE_VERSION:
-            raise RuntimeError(f"{self.state_path}: state version {state.version}, expected {STATE_VERSION}")
-        self._parsed = (raw, state)
-        return state
+        """The state as the file holds it now (call under the lock): the kept one, brought up to
+        date with what other processes changed (``common.tape.statelog``)."""
+        return self.state.load()
 
     def save(self, state: LibraryState, *, sync: bool = True) -> None:
-        """Replace the state file; ``sync=False`` keeps it atomic but not durable (buffered writes:
-        the headers are recomputed from the journals after a crash)."""
-        self._parsed = None
-        data = state.model_dump_json().encode()
-        write_atomically(self.state_path, data, self.durable and sync)
-        self._parsed = (data, state)
+        """Record what the transaction changed; ``sync=False``: not durable (buffered writes: the
+        headers are recomputed from the journals after a crash)."""
+        self.state.save(state, sync=sync)
 
     def forget(self) -> None:
-        """Drop the kept state: the next ``load`` parses the file (after a failed transaction)."""
-        self._parsed = None
+        """Drop the kept state: the next ``load`` reads the file (after a failed transaction)."""
+        self.state.forget()
 
     def initialise(self, state: LibraryState) -> None:
         """Create the directories and empty journals, then the state file last (it marks success)."""
@@ -321,15 +273,11 @@ class Store:
             (d / JOURNAL).touch()
             fsync_dir(d)
         fsync_dir(self.cartridges)
-        self.save(state)
+        self.state.compact(state)
 
     def remove_stale_state_temps(self) -> int:
-        """Temp files of a ``save`` interrupted by a crash (only safe under the lock)."""
-        n = 0
-        for p in self.root.glob(f".{STATE_FILE}.*{TEMP_SUFFIX}"):
-            p.unlink(missing_ok=True)
-            n += 1
-        return n
+        """Temp files of a state compaction interrupted by a crash (only safe under the lock)."""
+        return self.state.remove_stale_temps()
 
     # --- cartridge data ------------------------------------------------------------------------
     def cartridge_dir(self, vid: str) -> Path:

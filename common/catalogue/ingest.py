@@ -238,8 +238,8 @@ def _dataset_ids(conn: Connection, records: Sequence[IngestRecord], now: datetim
     return ids
 
 
-def _closed_datasets(conn: Connection, names: set[str], now: datetime) -> set[str]:
-    """The datasets among ``names`` that take no new file (``common.catalogue.datasets``).
+def _closed_datasets(conn: Connection, records: Sequence[IngestRecord], now: datetime) -> set[str]:
+    """The datasets of ``records`` that take no new file (``common.catalogue.datasets``).
 
     The race with a close: on PostgreSQL the datasets' rows are read ``FOR SHARE``, so a close
     committed meanwhile is waited for and seen here, and a close (or an auto-close: updates)
@@ -249,9 +249,10 @@ def _closed_datasets(conn: Connection, names: set[str], now: datetime) -> set[st
 
     ``last_file`` (auto-close's idle time) is moved only when it is ``LAST_FILE_GRAIN`` old: an
     exclusive row lock once a minute per dataset, not one every batch."""
+    names = {r.dataset for r in records}
     if not names:
         return set()
-    _dataset_ids(conn, names, now)
+    _dataset_ids(conn, records, now)  # with the metadata the records give new datasets
     ds = s.datasets
     states: dict[str, str] = {}
     for part in chunks(sorted(names)):  # Core statements: once per batch, off the per-file path
@@ -270,7 +271,7 @@ def register(conn: Connection, records: Sequence[IngestRecord]) -> list[Register
     now = utcnow()
     done = _done_events(conn, [r.event_id for r in records])
     existing = lookup(conn, [r.name for r in records])
-    closed = _closed_datasets(conn, {r.dataset for r in records if r.name not in existing}, now)
+    closed = _closed_datasets(conn, [r for r in records if r.name not in existing], now)
     decisions = _decide(records, done, {n: info for n, (_, info) in existing.items()}, now, closed)
     file_ids = {n: fid for n, (fid, _) in existing.items()}
 

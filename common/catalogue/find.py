@@ -15,8 +15,17 @@ How it stays fast (docs/benchmarks.md, "find over metadata"): a plain key is ask
 any dataset carries it and whether any file does (one index probe each); a key only files carry
 is the plain file condition, one only datasets carry the plain dataset condition, and only a key
 both carry needs the inheritance rule (file value, or the dataset's where the file lacks the key).
-Conditions on file metadata are ``files.id IN (SELECT file_id ...)`` over the ``(key, value_*)``
-indexes, each a set the database intersects; dataset conditions go through ``files.dataset_id``.
+Then one of three ways, chosen per query:
+
+- a condition matching at most ``DRIVE_AT`` files drives: its set of ids, the others probed per
+  file, the first ``limit`` matches by name;
+- else the file or dataset condition a sample says is the most selective streams its files from
+  its own ``(key, value_*)`` index range (index order, not name order), the others probed per file
+  until ``limit`` match: about ``limit / P(the others | the driver)`` probes wherever the matches
+  lie in name order. Which ``limit`` files come back when more match is then any ``limit``
+  matching files, not the first by name (they are listed by name). An inherited condition never
+  streams: its file index misses the files inheriting the key from their dataset;
+- else (only inherited conditions) files are read in name order a page at a time, each probed.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, not_, or_, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, literal, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
@@ -61,6 +70,10 @@ class FoundFile:
 # condition (three broad conditions over 1,000,000 files were ~300,000 ids each, intersected).
 DRIVE_AT = 20_000
 PAGE = 10_000  # files read in name order at a time when no condition drives
+# Files, spread evenly over the ids, on which each condition is probed to pick the one to stream
+# from when none drives: enough to tell a condition matching 15 % from one matching 90 %, a few
+# milliseconds of probes.
+SAMPLE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +84,9 @@ class _Condition:
     probe: ColumnElement[bool]
     driver: ColumnElement[bool] | None = None
     matches: Any = None  # a SELECT of the files it matches, for counting up to DRIVE_AT
+    # A SELECT of one column in index order, and the files column it equals (``id``: the file's
+    # own metadata; ``dataset_id``: its dataset's), to stream the matching files from.
+    source: tuple[Any, str] | None = None
 
 
 def _file_cond(flt: MetaFilter) -> _Condition:
@@ -78,7 +94,8 @@ def _file_cond(flt: MetaFilter) -> _Condition:
     probe = exists().where(fm.c.file_id == f.c.id, *where)
     # Counted on the (key, value_*) index alone: selecting file_id would read each row (SQLite's
     # secondary indexes hold the rowid, not file_id), 20,000 reads for a broad condition.
-    return _Condition(probe, f.c.id.in_(select(fm.c.file_id).where(*where)), select(literal(1)).where(*where))
+    ids = select(fm.c.file_id).where(*where)
+    return _Condition(probe, f.c.id.in_(ids), select(literal(1)).where(*where), (ids, "id"))
 
 
 def _dataset_probe(flt: MetaFilter) -> ColumnElement[bool]:
@@ -88,7 +105,7 @@ def _dataset_probe(flt: MetaFilter) -> ColumnElement[bool]:
 def _dataset_cond(flt: MetaFilter) -> _Condition:
     datasets = select(dm.c.dataset_id).where(dm.c.key == flt.key, value_condition(flt, dm))
     matches = select(f.c.id).where(f.c.dataset_id.in_(datasets))
-    return _Condition(_dataset_probe(flt), f.c.dataset_id.in_(datasets), matches)
+    return _Condition(_dataset_probe(flt), f.c.dataset_id.in_(datasets), matches, (datasets, "dataset_id"))
 
 
 def _inherited_cond(flt: MetaFilter) -> _Condition:
@@ -118,16 +135,40 @@ async def _count_upto(conn: AsyncConnection, matches: Any, cap: int) -> int:
     return int(await conn.scalar(select(func.count()).select_from(matches.limit(cap + 1).subquery())) or 0)
 
 
-async def conditions(
-    conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: str | None = None
-) -> tuple[list[ColumnElement[bool]], bool]:
-    """The WHERE clauses of a find, and whether one of them drives it: the most selective
-    countable condition as a set of ids when it matches at most ``DRIVE_AT`` files, every other
-    one as a probe of the current file (see ``DRIVE_AT``)."""
+Found = tuple[int, int, str, str, int, str, Any, dict[str, Any]]
+_COLUMNS = (f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a find runs: ``how`` is ``set`` (a selective condition's ids drive, the others probed),
+    ``stream`` (``source``'s files in its index order, every condition probed) or ``walk`` (files
+    in name order, every condition probed); ``where`` the clauses on ``files``."""
+
+    how: str
+    where: list[ColumnElement[bool]]
+    source: tuple[Any, str] | None = None
+
+
+async def _sampled(conn: AsyncConnection, conds: Sequence[_Condition]) -> list[int]:
+    """How many of ``SAMPLE`` files spread evenly over the ids each condition matches."""
+    lo, hi = (await conn.execute(select(func.min(f.c.id), func.max(f.c.id)))).one()
+    if lo is None:
+        return [0] * len(conds)
+    ids = sorted({lo + (hi - lo) * i // SAMPLE for i in range(SAMPLE)})
+    counts = [func.coalesce(func.sum(case((c.probe, 1), else_=0)), 0) for c in conds]
+    return [int(n) for n in (await conn.execute(select(*counts).where(f.c.id.in_(ids)))).one()]
+
+
+async def plan(conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: str | None = None) -> Plan:
+    """The way a find runs (see the module's docstring): the most selective countable condition
+    as a set of ids when it matches at most ``DRIVE_AT`` files; else the streamable condition the
+    sample finds most selective as the source; else the walk by name."""
     conds = [await _resolve(conn, flt) for flt in filters]
     if dataset is not None:  # the files of one dataset: at most a few thousand, a good driver
-        in_dataset = f.c.dataset_id.in_(select(d.c.id).where(d.c.name == dataset))
-        conds.append(_Condition(in_dataset, in_dataset, select(f.c.id).where(in_dataset)))
+        one = select(d.c.id).where(d.c.name == dataset)
+        in_dataset = f.c.dataset_id.in_(one)
+        conds.append(_Condition(in_dataset, in_dataset, select(f.c.id).where(in_dataset), (one, "dataset_id")))
     best: tuple[int, int] | None = None
     for i, c in enumerate(conds):
         if c.matches is None:
@@ -135,13 +176,33 @@ async def conditions(
         n = await _count_upto(conn, c.matches, DRIVE_AT)
         if n <= DRIVE_AT and (best is None or n < best[0]):
             best = (n, i)
-    clauses = [c.driver if best is not None and i == best[1] and c.driver is not None else c.probe
-               for i, c in enumerate(conds)]  # fmt: skip
-    return clauses, best is not None
+    if best is not None:
+        where = [c.driver if i == best[1] and c.driver is not None else c.probe for i, c in enumerate(conds)]
+        return Plan("set", where)
+    probes = [c.probe for c in conds]
+    streamable = [c for c in conds if c.source is not None]
+    if not streamable:
+        return Plan("walk", probes)
+    shares = await _sampled(conn, streamable) if len(streamable) > 1 else [0]
+    # The driver's own condition is probed too (one primary-key probe per file): cheaper than
+    # telling apart which clause came from which condition, and the same answer.
+    return Plan("stream", probes, streamable[shares.index(min(shares))].source)
 
 
-Found = tuple[int, int, str, str, int, str, Any, dict[str, Any]]
-_COLUMNS = (f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
+def statement(p: Plan) -> Any:
+    """The find's SELECT of ``_COLUMNS``: for ``stream`` from the source's rows in its index
+    order, unordered (the database stops at the LIMIT); otherwise in name order."""
+    if p.source is None:
+        return select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*p.where).order_by(f.c.name)
+    ids, column = p.source
+    src = ids.subquery("driver")
+    return (
+        select(*_COLUMNS)
+        .select_from(src)
+        .join(f, f.c[column] == src.c[0])
+        .join(d, d.c.id == f.c.dataset_id)
+        .where(*p.where)
+    )
 
 
 async def find(
@@ -149,16 +210,21 @@ async def find(
 ) -> list[Found]:
     """(file id, dataset id, name, dataset, size, adler32, created, meta) of the matches, by name.
 
-    Driven by a selective condition: one statement. Otherwise files are read in name order a page
-    of ``PAGE`` names at a time (the page's bounds read from the name index first), each page's
-    files probed, until ``limit`` match: the bounds make every database walk the name index
-    whatever its estimates (PostgreSQL, misled by the mixed values of ``value_num`` across keys,
-    hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
+    Which files when more than ``limit`` match: with a selective condition (``set``) or only
+    inherited ones (``walk``), the first ``limit`` by name; otherwise (``stream``) any ``limit``
+    matching files, listed by name: the first by name would mean reading every match of a broad
+    condition. ``--limit`` above the number of matches always gives them all.
+
+    The walk reads a page of ``PAGE`` names at a time (the page's bounds read from the name index
+    first), each page's files probed, until ``limit`` match: the bounds make every database walk
+    the name index whatever its estimates (PostgreSQL, misled by the mixed values of ``value_num``
+    across keys, hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
     """
-    where, driven = await conditions(conn, filters, dataset)
-    base = select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*where).order_by(f.c.name)
-    if driven:
-        return [tuple(row) for row in await conn.execute(base.limit(limit))]  # type: ignore[misc]
+    p = await plan(conn, filters, dataset)
+    base = statement(p)
+    if p.how != "walk":
+        rows: list[Found] = [tuple(row) for row in await conn.execute(base.limit(limit))]  # type: ignore[misc]
+        return rows if p.how == "set" else sorted(rows, key=lambda row: row[2])
     out: list[Found] = []
     after: str | None = None
     while len(out) < limit:

@@ -184,28 +184,28 @@ async def _flush_pg(conn: asyncpg.Connection, batch: list[Any], metas: list[Any]
 
 
 async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
-    """The plan of the find statement (its first page when no condition drives it), as the
+    """The plan of the find statement (its first page when files are walked by name), as the
     database prints it."""
     parsed = [parse_filter(x) for x in filters]
     async with catalogue.connect() as conn:
-        conds, driven = await find_sql.conditions(conn, parsed)
-        f, d = find_sql.f, find_sql.d
-        stmt = select(f.c.id, f.c.name, d.c.name).join(d, d.c.id == f.c.dataset_id).where(*conds)
-        if not driven:
+        how = await find_sql.plan(conn, parsed)
+        f = find_sql.f
+        stmt = find_sql.statement(how)
+        if how.how == "walk":
             upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
             stmt = stmt.where(f.c.name <= upper)
-        stmt = stmt.order_by(f.c.name).limit(1000)
+        stmt = stmt.limit(1000)
         dialect = postgresql.dialect() if catalogue.backend == "postgresql" else sqlite.dialect()
         sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " if catalogue.backend == "postgresql" else "EXPLAIN QUERY PLAN "
         rows = (await conn.execute(text(prefix + sql))).all()
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
-    how = (
-        "driven by the most selective condition"
-        if driven
-        else f"files read in name order, {find_sql.PAGE} a page"
-    )
-    return f"({how})\n" + sql + "\n" + "\n".join(lines)
+    described = {
+        "set": "driven by the most selective condition's set of ids",
+        "stream": "streamed from the sampled most selective condition's index, the others probed",
+        "walk": f"files read in name order, {find_sql.PAGE} a page",
+    }
+    return f"({described[how.how]})\n" + sql + "\n" + "\n".join(lines)
 
 
 async def best_of(repeat: int, work: Any) -> tuple[float, float, int]:

@@ -198,6 +198,9 @@ async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
         dialect = postgresql.dialect() if catalogue.backend == "postgresql" else sqlite.dialect()
         sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " if catalogue.backend == "postgresql" else "EXPLAIN QUERY PLAN "
+        if how.how == "stream" and catalogue.backend == "postgresql":  # as find_sql._streamed runs it
+            for name in find_sql._STREAM_ONLY:
+                await conn.execute(text(f"SET LOCAL {name} = off"))
         rows = (await conn.execute(text(prefix + sql))).all()
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
     described = {

@@ -190,22 +190,27 @@ async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
     async with catalogue.connect() as conn:
         how = await find_sql.plan(conn, parsed)
         f = find_sql.f
-        stmt = find_sql.statement(how)
+        upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
+        # The walk's first page; a streamed find's rest beyond it, as find_sql._streamed runs it.
         if how.how == "walk":
-            upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
-            stmt = stmt.where(f.c.name <= upper)
+            stmt = find_sql.walked(how).where(f.c.name <= upper)
+        else:
+            stmt = find_sql.statement(how, catalogue.backend)
+        if how.how == "stream":
+            stmt = stmt.where(f.c.name > upper)
+            if catalogue.backend == "postgresql":
+                for name, value in find_sql.STREAM_SETTINGS.items():
+                    await conn.execute(text(f"SET LOCAL {name} = {value}"))
         stmt = stmt.limit(1000)
         dialect = postgresql.dialect() if catalogue.backend == "postgresql" else sqlite.dialect()
         sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " if catalogue.backend == "postgresql" else "EXPLAIN QUERY PLAN "
-        if how.how == "stream" and catalogue.backend == "postgresql":  # as find_sql._streamed runs it
-            for name in find_sql._STREAM_ONLY:
-                await conn.execute(text(f"SET LOCAL {name} = off"))
         rows = (await conn.execute(text(prefix + sql))).all()
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
     described = {
         "set": "driven by the most selective condition's set of ids",
-        "stream": "streamed from the sampled most selective condition's index, the others probed",
+        "stream": "first page by name, then the rest streamed from the sampled most selective"
+        " condition's index, the others probed (the plan of the rest)",
         "walk": f"files read in name order, {find_sql.PAGE} a page",
     }
     return f"({described[how.how]})\n" + sql + "\n" + "\n".join(lines)

@@ -38,7 +38,7 @@ from sqlalchemy import ColumnElement, and_, case, exists, func, literal, not_, o
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
-from common.catalogue.filters import MetaFilter, value_condition
+from common.catalogue.filters import MetaFilter, column_for, value_condition
 from common.catalogue.metadata import dataset_values
 from common.catalogue.models import ReplicaInfo
 from common.catalogue.sql import chunks
@@ -94,7 +94,7 @@ def _file_cond(flt: MetaFilter) -> _Condition:
     probe = exists().where(fm.c.file_id == f.c.id, *where)
     # Counted on the (key, value_*) index alone: selecting file_id would read each row (SQLite's
     # secondary indexes hold the rowid, not file_id), 20,000 reads for a broad condition.
-    ids = select(fm.c.file_id).where(*where)
+    ids = select(fm.c.file_id).where(*where).order_by(fm.c.key, column_for(flt.values[0], fm)[0])
     return _Condition(probe, f.c.id.in_(ids), select(literal(1)).where(*where), (ids, "id"))
 
 
@@ -148,6 +148,7 @@ class Plan:
     how: str
     where: list[ColumnElement[bool]]
     source: tuple[Any, str] | None = None
+    others: list[ColumnElement[bool]] | None = None  # ``stream``: every condition's but the source's
 
 
 async def _sampled(conn: AsyncConnection, conds: Sequence[_Condition]) -> list[int]:
@@ -185,23 +186,32 @@ async def plan(conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: st
     shares = await _sampled(conn, streamable) if len(streamable) > 1 else [0]
     source = streamable[shares.index(min(shares))]
     # The source's rows are its condition's matches: only the others are probed.
-    return Plan("stream", [c.probe for c in conds if c is not source], source.source)
+    return Plan("stream", [c.probe for c in conds], source.source, [c.probe for c in conds if c is not source])
 
 
-def statement(p: Plan) -> Any:
+def statement(p: Plan, dialect: str = "sqlite") -> Any:
     """The find's SELECT of ``_COLUMNS``: for ``stream`` from the source's rows in its index
     order, unordered (the database stops at the LIMIT); otherwise in name order."""
     if p.source is None:
         return select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*p.where).order_by(f.c.name)
     ids, column = p.source
-    src = ids.subquery("driver")
+    # PostgreSQL: the source kept a subquery (OFFSET 0) in the order of its ``(key, value_*)``
+    # index, which it then reads (otherwise it scanned the primary key for the key: file id order,
+    # the late matches again). SQLite flattens the plain subquery and reads that index anyway.
+    src = (ids.offset(0) if dialect == "postgresql" else ids.order_by(None)).subquery("driver")
     return (
         select(*_COLUMNS)
         .select_from(src)
         .join(f, f.c[column] == src.c[0])
         .join(d, d.c.id == f.c.dataset_id)
-        .where(*p.where)
+        .where(*(p.others or []))
     )
+
+
+def walked(p: Plan) -> Any:
+    """The find's SELECT in name order, every condition probed per file (``walk``, and
+    ``stream``'s first page)."""
+    return select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*p.where).order_by(f.c.name)
 
 
 async def find(
@@ -220,17 +230,14 @@ async def find(
     across keys, hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
     """
     p = await plan(conn, filters, dataset)
-    base = statement(p)
     if p.how == "set":
-        return [tuple(row) for row in await conn.execute(base.limit(limit))]  # type: ignore[misc]
-    if p.how == "stream":
-        return sorted(await _streamed(conn, base.limit(limit)), key=lambda row: row[2])
+        return [tuple(row) for row in await conn.execute(statement(p).limit(limit))]  # type: ignore[misc]
     out: list[Found] = []
     after: str | None = None
     while len(out) < limit:
         names = select(f.c.name).order_by(f.c.name).offset(PAGE - 1).limit(1)
         upper = await conn.scalar(names.where(f.c.name > after) if after is not None else names)
-        page = base
+        page = walked(p)
         if after is not None:
             page = page.where(f.c.name > after)
         if upper is not None:
@@ -239,27 +246,42 @@ async def find(
         if upper is None:
             break
         after = upper
+        if p.how == "stream":  # the rest, beyond the first page, from the source
+            if len(out) < limit:
+                rest = statement(p, conn.dialect.name).where(f.c.name > after).limit(limit - len(out))
+                out += sorted(await _streamed(conn, rest), key=lambda row: row[2])
+            break
     return out
 
 
 # PostgreSQL's planner, misled by ``value_num``'s values mixed across keys (it estimated 3,000
-# rows for ``n_events>=500000`` in 60,000 files; there are 30,000), builds a bitmap of a whole
-# condition and hashes the others whole (400 ms at 60,000 files) instead of streaming the source's
-# index and probing per file until the LIMIT. Without bitmaps, hash and merge joins it has no
-# plan left but that one; the settings last for this statement only.
-_STREAM_ONLY = ("enable_seqscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin")
+# rows for ``n_events>=500000`` in 60,000 files; there are 30,000), hashed whole conditions, or
+# streamed from another condition than the sampled one (``mode=wobble,on``: its index lists the
+# matches in id order, late in name order again: 1.3 s at 1,000,000 files). For this statement
+# only: the joins in the order written (the source first), nested loops over index scans (each
+# other condition a probe per file), no parallel workers or JIT to start for 1,000 rows.
+STREAM_SETTINGS = {
+    "join_collapse_limit": "1",
+    "from_collapse_limit": "1",
+    "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "max_parallel_workers_per_gather": "0",
+    "jit": "off",
+}
 
 
 async def _streamed(conn: AsyncConnection, stmt: Any) -> list[Found]:
     if conn.dialect.name != "postgresql":
         return [tuple(row) for row in await conn.execute(stmt)]  # type: ignore[misc]
-    for name in _STREAM_ONLY:
-        await conn.execute(text(f"SET LOCAL {name} = off"))
+    for name, value in STREAM_SETTINGS.items():
+        await conn.execute(text(f"SET LOCAL {name} = {value}"))
     try:
         return [tuple(row) for row in await conn.execute(stmt)]  # type: ignore[misc]
     finally:
-        for name in _STREAM_ONLY:
-            await conn.execute(text(f"SET LOCAL {name} = on"))
+        for name in STREAM_SETTINGS:
+            await conn.execute(text(f"SET LOCAL {name} TO DEFAULT"))
 
 
 async def details(

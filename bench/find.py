@@ -189,6 +189,8 @@ async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
     parsed = [parse_filter(x) for x in filters]
     async with catalogue.connect() as conn:
         how = await find_sql.plan(conn, parsed)
+        if how.how == "stream":
+            how = await find_sql.with_source(conn, how)
         f = find_sql.f
         upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
         # The walk's first page; a streamed find's rest beyond it, as find_sql._streamed runs it.

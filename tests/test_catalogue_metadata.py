@@ -177,7 +177,8 @@ async def test_find_detailed_has_each_files_metadata_its_datasets_and_its_replic
 
 async def _plan(catalogue: Catalogue, filters: list[str], dataset: str | None = None) -> find.Plan:
     async with catalogue.connect() as conn:
-        return await find.plan(conn, [parse_filter(x) for x in filters], dataset)
+        p = await find.plan(conn, [parse_filter(x) for x in filters], dataset)
+        return await find.with_source(conn, p) if p.how == "stream" else p
 
 
 def _streams_from(p: find.Plan) -> tuple[str, list[object]]:

@@ -206,9 +206,10 @@ async def test_only_a_file_or_dataset_condition_streams_never_an_inherited_one(
 async def _late_matches(catalogue: Catalogue) -> None:
     """60 files in one dataset (run 12345): only those from f040 on match ``zenith>=40``; every
     third overrides the dataset's run with its own, 7."""
+    own_run = {i: {"run": 7} if i % 3 == 0 else {} for i in range(60)}
     await catalogue.ingest.register([
         rec(f"f{i:03d}", dataset=DS, dataset_metadata=NOMEN,
-            metadata={"zenith": i, "q": "bad" if i % 10 == 0 else "good"} | ({"run": 7} if i % 3 == 0 else {}))
+            metadata={"zenith": i, "q": "bad" if i % 10 == 0 else "good"} | own_run[i])
         for i in range(60)
     ])  # fmt: skip
 

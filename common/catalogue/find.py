@@ -17,15 +17,24 @@ is the plain file condition, one only datasets carry the plain dataset condition
 both carry needs the inheritance rule (file value, or the dataset's where the file lacks the key).
 Then one of three ways, chosen per query:
 
-- a condition matching at most ``DRIVE_AT`` files drives: its set of ids, the others probed per
-  file, the first ``limit`` matches by name;
-- else the file or dataset condition a sample says is the most selective streams its files from
-  its own ``(key, value_*)`` index range (index order, not name order), the others probed per file
-  until ``limit`` match: about ``limit / P(the others | the driver)`` probes wherever the matches
-  lie in name order. Which ``limit`` files come back when more match is then any ``limit``
-  matching files, not the first by name (they are listed by name). An inherited condition never
-  streams: its file index misses the files inheriting the key from their dataset;
-- else (only inherited conditions) files are read in name order a page at a time, each probed.
+- ``set``: a condition matching at most ``DRIVE_AT`` files drives: its set of ids, the others
+  probed per file; the first ``limit`` matches by name;
+- ``stream`` (a file or dataset condition, none that small): files are read in name order a page
+  at a time, every condition probed, while the matches so far say the rest lies within
+  ``WALK_AHEAD`` pages; past that (the matches are sparse or come late in name order) the file or
+  dataset condition a sample of ``SAMPLE`` files finds most selective streams the rest from its
+  own ``(key, value_*)`` index range (index order, not name order), the others probed per file,
+  until ``limit`` match: about ``limit / P(the others | the source)`` probes wherever the matches
+  lie by name. Which files come back when more than ``limit`` match is then the first page's
+  matches and any others (not the first by name); all are listed by name. An inherited condition
+  never streams: its file index misses the files inheriting the key from their dataset (it is
+  probed, with the inheritance rule, like every other condition);
+- ``walk`` (only inherited conditions): files read in name order a page at a time, each probed;
+  the first ``limit`` matches by name.
+
+Within one value of an equality condition the index lists files in id order (in the bench, name
+order): streaming from ``mode=wobble,on`` would meet late matches as the walk does; a range over
+values uncorrelated with names (``azimuth>=180``) does not. The sample picks on selectivity only.
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ async def _flush_pg(conn: asyncpg.Connection, batch: list[Any], metas: list[Any]
 
 
 async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
-    """The plan of the find statement (its first page when files are walked by name), as the
-    database prints it."""
+    """The plan of the find statement (a walk's first page by name; a stream's rest beyond the
+    first page), as the database prints it."""
     parsed = [parse_filter(x) for x in filters]
     async with catalogue.connect() as conn:
         how = await find_sql.plan(conn, parsed)
@@ -211,8 +211,9 @@ async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
     described = {
         "set": "driven by the most selective condition's set of ids",
-        "stream": "first page by name, then the rest streamed from the sampled most selective"
-        " condition's index, the others probed (the plan of the rest)",
+        "stream": "pages by name while they pay off, then the rest streamed from the sampled most"
+        " selective condition's index, the others probed; the plan of that rest, used only when the"
+        " pages fall short",
         "walk": f"files read in name order, {find_sql.PAGE} a page",
     }
     return f"({described[how.how]})\n" + sql + "\n" + "\n".join(lines)

@@ -184,28 +184,39 @@ async def _flush_pg(conn: asyncpg.Connection, batch: list[Any], metas: list[Any]
 
 
 async def plan(catalogue: Catalogue, filters: Sequence[str]) -> str:
-    """The plan of the find statement (its first page when no condition drives it), as the
-    database prints it."""
+    """The plan of the find statement (a walk's first page by name; a stream's rest beyond the
+    first page), as the database prints it."""
     parsed = [parse_filter(x) for x in filters]
     async with catalogue.connect() as conn:
-        conds, driven = await find_sql.conditions(conn, parsed)
-        f, d = find_sql.f, find_sql.d
-        stmt = select(f.c.id, f.c.name, d.c.name).join(d, d.c.id == f.c.dataset_id).where(*conds)
-        if not driven:
-            upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
-            stmt = stmt.where(f.c.name <= upper)
-        stmt = stmt.order_by(f.c.name).limit(1000)
+        how = await find_sql.plan(conn, parsed)
+        if how.how == "stream":
+            how = await find_sql.with_source(conn, how)
+        f = find_sql.f
+        upper = await conn.scalar(select(f.c.name).order_by(f.c.name).offset(find_sql.PAGE - 1).limit(1))
+        # The walk's first page; a streamed find's rest beyond it, as find_sql._streamed runs it.
+        if how.how == "walk":
+            stmt = find_sql.walked(how).where(f.c.name <= upper)
+        else:
+            stmt = find_sql.statement(how, catalogue.backend)
+        if how.how == "stream":
+            stmt = stmt.where(f.c.name > upper)
+            if catalogue.backend == "postgresql":
+                for name, value in find_sql.STREAM_SETTINGS.items():
+                    await conn.execute(text(f"SET LOCAL {name} = {value}"))
+        stmt = stmt.limit(1000)
         dialect = postgresql.dialect() if catalogue.backend == "postgresql" else sqlite.dialect()
         sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " if catalogue.backend == "postgresql" else "EXPLAIN QUERY PLAN "
         rows = (await conn.execute(text(prefix + sql))).all()
     lines = [str(r[0]) if catalogue.backend == "postgresql" else f"{r[1]:>3} {r[3]}" for r in rows]
-    how = (
-        "driven by the most selective condition"
-        if driven
-        else f"files read in name order, {find_sql.PAGE} a page"
-    )
-    return f"({how})\n" + sql + "\n" + "\n".join(lines)
+    described = {
+        "set": "driven by the most selective condition's set of ids",
+        "stream": "pages by name while they pay off, then the rest streamed from the sampled most"
+        " selective condition's index, the others probed; the plan of that rest, used only when the"
+        " pages fall short",
+        "walk": f"files read in name order, {find_sql.PAGE} a page",
+    }
+    return f"({described[how.how]})\n" + sql + "\n" + "\n".join(lines)
 
 
 async def best_of(repeat: int, work: Any) -> tuple[float, float, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.catalogue import Catalogue, find
+from common.catalogue import Catalogue, find, parse_filter
 from common.catalogue.metadata import IdConflict, MetadataChange, TooMuchMetadata, UnknownTarget
 from tests.catalogue_fixtures import catalogue, catalogue_url, rec  # noqa: F401
 
@@ -127,7 +127,9 @@ async def _two_datasets(catalogue: Catalogue) -> None:
     ])  # fmt: skip
 
 
-@pytest.mark.parametrize("drive_at", [0, 20_000], ids=["walk-by-name", "driven-by-a-set"])
+# DRIVE_AT 0: no set drives, so a query with a file or dataset condition streams from one (the
+# plain keys here are carried by both, inherited, so a query of those alone walks by name).
+@pytest.mark.parametrize("drive_at", [0, 20_000], ids=["streamed-or-walked", "driven-by-a-set"])
 @pytest.mark.parametrize(
     ("filters", "names"),
     [
@@ -171,3 +173,69 @@ async def test_find_detailed_has_each_files_metadata_its_datasets_and_its_replic
     ]  # fmt: skip
     assert [r.storage for r in found[1].replicas] == ["disk1"]
     assert found[1].metadata == {"zenith": 50, "run": 99}
+
+
+async def _plan(catalogue: Catalogue, filters: list[str], dataset: str | None = None) -> find.Plan:
+    async with catalogue.connect() as conn:
+        p = await find.plan(conn, [parse_filter(x) for x in filters], dataset)
+        return await find.with_source(conn, p) if p.how == "stream" else p
+
+
+def _streams_from(p: find.Plan) -> tuple[str, list[object]]:
+    """The files column the plan's source joins on, and the values its statement binds."""
+    assert p.how == "stream" and p.source is not None
+    ids, column = p.source
+    return column, list(ids.compile().params.values())
+
+
+async def test_only_a_file_or_dataset_condition_streams_never_an_inherited_one(
+    catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(find, "DRIVE_AT", 0)
+    await _two_datasets(catalogue)
+    # ``run`` is carried by files and datasets: its file index misses d1/a, which inherits it.
+    assert (await _plan(catalogue, ["run>=12345"])).how == "walk"
+    assert _streams_from(await _plan(catalogue, ["run>=12345", "zenith>=10"])) == ("id", ["zenith", 10])
+    column, values = _streams_from(await _plan(catalogue, ["run>=1", "dataset.telescope=lst1"]))
+    assert column == "dataset_id" and "telescope" in values
+    assert _streams_from(await _plan(catalogue, ["run>=1"], dataset=DS2))[0] == "dataset_id"
+    monkeypatch.setattr(find, "DRIVE_AT", 20_000)
+    assert (await _plan(catalogue, ["run>=12345", "zenith>=10"])).how == "set"
+
+
+async def _late_matches(catalogue: Catalogue) -> None:
+    """60 files in one dataset (run 12345): only those from f040 on match ``zenith>=40``; every
+    third overrides the dataset's run with its own, 7."""
+    own_run = {i: {"run": 7} if i % 3 == 0 else {} for i in range(60)}
+    await catalogue.ingest.register([
+        rec(f"f{i:03d}", dataset=DS, dataset_metadata=NOMEN,
+            metadata={"zenith": i, "q": "bad" if i % 10 == 0 else "good"} | own_run[i])
+        for i in range(60)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("limit", [5, 1000])
+async def test_streamed_find_returns_matches_that_come_late_in_name_order(
+    catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    monkeypatch.setattr(find, "DRIVE_AT", 0)
+    monkeypatch.setattr(find, "PAGE", 2)
+    await _late_matches(catalogue)
+    filters = ["run=12345", "zenith>=40", "q=good"]  # run inherited where the file lacks it
+    everyone = [f"f{i:03d}" for i in range(40, 60) if i % 3 and i % 10]
+    assert (await _plan(catalogue, filters)).how == "stream"
+    found = [f.name for f in await catalogue.queries.find_files(filters, limit=limit)]
+    # Any ``limit`` of the matches (not the first by name), listed by name, each once.
+    assert found == sorted(set(found)) and set(found) <= set(everyone)
+    assert len(found) == min(limit, len(everyone))
+
+
+async def test_the_sample_picks_the_most_selective_condition_to_stream_from(
+    catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(find, "DRIVE_AT", 0)
+    await _late_matches(catalogue)
+    # zenith>=6 matches 54 of 60 files, q=bad 6: whichever order they come in, q streams.
+    assert _streams_from(await _plan(catalogue, ["zenith>=6", "q=bad"]))[1] == ["q", "bad"]
+    assert _streams_from(await _plan(catalogue, ["q=bad", "zenith>=6"]))[1] == ["q", "bad"]
+    assert _streams_from(await _plan(catalogue, ["q=good", "zenith>=54"]))[1] == ["zenith", 54]

@@ -110,7 +110,7 @@ def parse_filter(text: str) -> MetaFilter:
     return MetaFilter(key, op, (_scalar(raw),))  # type: ignore[arg-type]
 
 
-def _column_for(value: Scalar, t: Table = fm) -> tuple[ColumnElement[object], Scalar]:
+def column_for(value: Scalar, t: Table = fm) -> tuple[ColumnElement[object], Scalar]:
     if isinstance(value, bool):
         return t.c.value_str, "true" if value else "false"
     if isinstance(value, int):
@@ -128,12 +128,12 @@ def value_condition(f: MetaFilter, t: Table = fm) -> ColumnElement[bool]:
     if f.op in ("in", "not in"):
         groups: dict[str, tuple[ColumnElement[object], list[Scalar]]] = {}
         for v in f.values:
-            col, bound = _column_for(v, t)
+            col, bound = column_for(v, t)
             groups.setdefault(col.key or "", (col, []))[1].append(bound)
         if f.op == "in":
             return or_(false(), *(col.in_(vals) for col, vals in groups.values()))
         return and_(*(or_(col.is_(None), col.not_in(vals)) for col, vals in groups.values()))
-    col, v = _column_for(f.values[0], t)
+    col, v = column_for(f.values[0], t)
     match f.op:
         case "=":
             return col == v

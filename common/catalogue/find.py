@@ -15,8 +15,26 @@ How it stays fast (docs/benchmarks.md, "find over metadata"): a plain key is ask
 any dataset carries it and whether any file does (one index probe each); a key only files carry
 is the plain file condition, one only datasets carry the plain dataset condition, and only a key
 both carry needs the inheritance rule (file value, or the dataset's where the file lacks the key).
-Conditions on file metadata are ``files.id IN (SELECT file_id ...)`` over the ``(key, value_*)``
-indexes, each a set the database intersects; dataset conditions go through ``files.dataset_id``.
+Then one of three ways, chosen per query:
+
+- ``set``: a condition matching at most ``DRIVE_AT`` files drives: its set of ids, the others
+  probed per file; the first ``limit`` matches by name;
+- ``stream`` (a file or dataset condition, none that small): files are read in name order a page
+  at a time, every condition probed, while the matches so far say the rest lies within
+  ``WALK_AHEAD`` pages; past that (the matches are sparse or come late in name order) the file or
+  dataset condition a sample of ``SAMPLE`` files finds most selective streams the rest from its
+  own ``(key, value_*)`` index range (index order, not name order), the others probed per file,
+  until ``limit`` match: about ``limit / P(the others | the source)`` probes wherever the matches
+  lie by name. Which files come back when more than ``limit`` match is then the first page's
+  matches and any others (not the first by name); all are listed by name. An inherited condition
+  never streams: its file index misses the files inheriting the key from their dataset (it is
+  probed, with the inheritance rule, like every other condition);
+- ``walk`` (only inherited conditions): files read in name order a page at a time, each probed;
+  the first ``limit`` matches by name.
+
+Within one value of an equality condition the index lists files in id order (in the bench, name
+order): streaming from ``mode=wobble,on`` would meet late matches as the walk does; a range over
+values uncorrelated with names (``azimuth>=180``) does not. The sample picks on selectivity only.
 """
 
 from __future__ import annotations
@@ -25,11 +43,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, not_, or_, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, literal, not_, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.catalogue import schema as s
-from common.catalogue.filters import MetaFilter, value_condition
+from common.catalogue.filters import MetaFilter, column_for, value_condition
 from common.catalogue.metadata import dataset_values
 from common.catalogue.models import ReplicaInfo
 from common.catalogue.sql import chunks
@@ -61,6 +79,14 @@ class FoundFile:
 # condition (three broad conditions over 1,000,000 files were ~300,000 ids each, intersected).
 DRIVE_AT = 20_000
 PAGE = 10_000  # files read in name order at a time when no condition drives
+# Files, spread evenly over the ids, on which each condition is probed to pick the one to stream
+# from when none drives: enough to tell a condition matching 15 % from one matching 90 %, a few
+# milliseconds of probes.
+SAMPLE = 256
+# A streamable find keeps walking by name while the matches found so far say the rest lies
+# within this many more pages: pages read in name order are cheap (neighbouring files share the
+# database's pages), a stream's probes land on random pages (~4 times the cost per file).
+WALK_AHEAD = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +97,9 @@ class _Condition:
     probe: ColumnElement[bool]
     driver: ColumnElement[bool] | None = None
     matches: Any = None  # a SELECT of the files it matches, for counting up to DRIVE_AT
+    # A SELECT of one column in index order, and the files column it equals (``id``: the file's
+    # own metadata; ``dataset_id``: its dataset's), to stream the matching files from.
+    source: tuple[Any, str] | None = None
 
 
 def _file_cond(flt: MetaFilter) -> _Condition:
@@ -78,7 +107,8 @@ def _file_cond(flt: MetaFilter) -> _Condition:
     probe = exists().where(fm.c.file_id == f.c.id, *where)
     # Counted on the (key, value_*) index alone: selecting file_id would read each row (SQLite's
     # secondary indexes hold the rowid, not file_id), 20,000 reads for a broad condition.
-    return _Condition(probe, f.c.id.in_(select(fm.c.file_id).where(*where)), select(literal(1)).where(*where))
+    ids = select(fm.c.file_id).where(*where).order_by(fm.c.key, column_for(flt.values[0], fm)[0])
+    return _Condition(probe, f.c.id.in_(ids), select(literal(1)).where(*where), (ids, "id"))
 
 
 def _dataset_probe(flt: MetaFilter) -> ColumnElement[bool]:
@@ -88,7 +118,7 @@ def _dataset_probe(flt: MetaFilter) -> ColumnElement[bool]:
 def _dataset_cond(flt: MetaFilter) -> _Condition:
     datasets = select(dm.c.dataset_id).where(dm.c.key == flt.key, value_condition(flt, dm))
     matches = select(f.c.id).where(f.c.dataset_id.in_(datasets))
-    return _Condition(_dataset_probe(flt), f.c.dataset_id.in_(datasets), matches)
+    return _Condition(_dataset_probe(flt), f.c.dataset_id.in_(datasets), matches, (datasets, "dataset_id"))
 
 
 def _inherited_cond(flt: MetaFilter) -> _Condition:
@@ -118,16 +148,46 @@ async def _count_upto(conn: AsyncConnection, matches: Any, cap: int) -> int:
     return int(await conn.scalar(select(func.count()).select_from(matches.limit(cap + 1).subquery())) or 0)
 
 
-async def conditions(
-    conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: str | None = None
-) -> tuple[list[ColumnElement[bool]], bool]:
-    """The WHERE clauses of a find, and whether one of them drives it: the most selective
-    countable condition as a set of ids when it matches at most ``DRIVE_AT`` files, every other
-    one as a probe of the current file (see ``DRIVE_AT``)."""
+Found = tuple[int, int, str, str, int, str, Any, dict[str, Any]]
+_COLUMNS = (f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a find runs: ``how`` is ``set`` (a selective condition's ids drive, the others probed),
+    ``stream`` (a page of files in name order, then ``source``'s files in its index order, the
+    others probed) or ``walk`` (files in name order, every condition probed); ``where`` the
+    clauses on ``files`` (every condition's probe, but the driving set's)."""
+
+    how: str
+    where: list[ColumnElement[bool]]
+    source: tuple[Any, str] | None = None
+    others: list[ColumnElement[bool]] | None = None  # ``stream``: every condition's but the source's
+    conditions: tuple[_Condition, ...] = ()  # ``stream``: to pick the source from (``with_source``)
+
+
+async def _sampled(conn: AsyncConnection, conds: Sequence[_Condition]) -> list[int]:
+    """How many of ``SAMPLE`` files spread evenly over the ids each condition matches."""
+    # Two statements: SQLite reads min() or max() alone off the index, both together by a scan.
+    lo, hi = await conn.scalar(select(func.min(f.c.id))), await conn.scalar(select(func.max(f.c.id)))
+    if lo is None or hi is None:
+        return [0] * len(conds)
+    ids = sorted({lo + (hi - lo) * i // SAMPLE for i in range(SAMPLE)})
+    counts = [func.coalesce(func.sum(case((c.probe, 1), else_=0)), 0) for c in conds]
+    return [int(n) for n in (await conn.execute(select(*counts).where(f.c.id.in_(ids)))).one()]
+
+
+async def plan(conn: AsyncConnection, filters: Sequence[MetaFilter], dataset: str | None = None) -> Plan:
+    """The way a find runs (see the module's docstring): the most selective countable condition
+    as a set of ids when it matches at most ``DRIVE_AT`` files; else the streamable condition the
+    sample finds most selective as the source; else the walk by name."""
     conds = [await _resolve(conn, flt) for flt in filters]
     if dataset is not None:  # the files of one dataset: at most a few thousand, a good driver
-        in_dataset = f.c.dataset_id.in_(select(d.c.id).where(d.c.name == dataset))
-        conds.append(_Condition(in_dataset, in_dataset, select(f.c.id).where(in_dataset)))
+        one = select(d.c.id).where(d.c.name == dataset)
+        in_dataset = f.c.dataset_id.in_(one)
+        conds.append(
+            _Condition(in_dataset, in_dataset, select(f.c.id).where(in_dataset), (one, "dataset_id"))
+        )
     best: tuple[int, int] | None = None
     for i, c in enumerate(conds):
         if c.matches is None:
@@ -135,13 +195,49 @@ async def conditions(
         n = await _count_upto(conn, c.matches, DRIVE_AT)
         if n <= DRIVE_AT and (best is None or n < best[0]):
             best = (n, i)
-    clauses = [c.driver if best is not None and i == best[1] and c.driver is not None else c.probe
-               for i, c in enumerate(conds)]  # fmt: skip
-    return clauses, best is not None
+    if best is not None:
+        where = [c.driver if i == best[1] and c.driver is not None else c.probe for i, c in enumerate(conds)]
+        return Plan("set", where)
+    streamable = [c for c in conds if c.source is not None]
+    if not streamable:
+        return Plan("walk", [c.probe for c in conds])
+    return Plan("stream", [c.probe for c in conds], conditions=tuple(conds))
 
 
-Found = tuple[int, int, str, str, int, str, Any, dict[str, Any]]
-_COLUMNS = (f.c.id, f.c.dataset_id, f.c.name, d.c.name, f.c.size, f.c.adler32, f.c.created, f.c.meta)
+async def with_source(conn: AsyncConnection, p: Plan) -> Plan:
+    """A ``stream`` plan with its source: the streamable condition the sample finds most
+    selective (asked only once the first page by name fell short: the sample's probes land on
+    random pages, ~100 ms on SQLite at 1,000,000 files, more than a page that suffices)."""
+    streamable = [c for c in p.conditions if c.source is not None]
+    shares = await _sampled(conn, streamable) if len(streamable) > 1 else [0]
+    source = streamable[shares.index(min(shares))]
+    # The source's rows are its condition's matches: only the others are probed.
+    return replace(p, source=source.source, others=[c.probe for c in p.conditions if c is not source])
+
+
+def statement(p: Plan, dialect: str = "sqlite") -> Any:
+    """The find's SELECT of ``_COLUMNS``: for ``stream`` from the source's rows in its index
+    order, unordered (the database stops at the LIMIT); otherwise in name order."""
+    if p.source is None:
+        return select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*p.where).order_by(f.c.name)
+    ids, column = p.source
+    # PostgreSQL: the source kept a subquery (OFFSET 0) in the order of its ``(key, value_*)``
+    # index, which it then reads (otherwise it scanned the primary key for the key: file id order,
+    # the late matches again). SQLite flattens the plain subquery and reads that index anyway.
+    src = (ids.offset(0) if dialect == "postgresql" else ids.order_by(None)).subquery("driver")
+    return (
+        select(*_COLUMNS)
+        .select_from(src)
+        .join(f, f.c[column] == src.c[0])
+        .join(d, d.c.id == f.c.dataset_id)
+        .where(*(p.others or []))
+    )
+
+
+def walked(p: Plan) -> Any:
+    """The find's SELECT in name order, every condition probed per file (``walk``, and
+    ``stream``'s first page)."""
+    return select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*p.where).order_by(f.c.name)
 
 
 async def find(
@@ -149,22 +245,26 @@ async def find(
 ) -> list[Found]:
     """(file id, dataset id, name, dataset, size, adler32, created, meta) of the matches, by name.
 
-    Driven by a selective condition: one statement. Otherwise files are read in name order a page
-    of ``PAGE`` names at a time (the page's bounds read from the name index first), each page's
-    files probed, until ``limit`` match: the bounds make every database walk the name index
-    whatever its estimates (PostgreSQL, misled by the mixed values of ``value_num`` across keys,
-    hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
+    Which files when more than ``limit`` match: with a selective condition (``set``) or only
+    inherited ones (``walk``), the first ``limit`` by name; otherwise (``stream``) any ``limit``
+    matching files, listed by name: the first by name would mean reading every match of a broad
+    condition. ``--limit`` above the number of matches always gives them all.
+
+    The walk reads a page of ``PAGE`` names at a time (the page's bounds read from the name index
+    first), each page's files probed, until ``limit`` match: the bounds make every database walk
+    the name index whatever its estimates (PostgreSQL, misled by the mixed values of ``value_num``
+    across keys, hashed 500,000 rows of one condition and sorted the join instead: 5.4 s).
     """
-    where, driven = await conditions(conn, filters, dataset)
-    base = select(*_COLUMNS).join(d, d.c.id == f.c.dataset_id).where(*where).order_by(f.c.name)
-    if driven:
-        return [tuple(row) for row in await conn.execute(base.limit(limit))]  # type: ignore[misc]
+    p = await plan(conn, filters, dataset)
+    if p.how == "set":
+        return [tuple(row) for row in await conn.execute(statement(p).limit(limit))]  # type: ignore[misc]
     out: list[Found] = []
     after: str | None = None
+    pages = 0
     while len(out) < limit:
         names = select(f.c.name).order_by(f.c.name).offset(PAGE - 1).limit(1)
         upper = await conn.scalar(names.where(f.c.name > after) if after is not None else names)
-        page = base
+        page = walked(p)
         if after is not None:
             page = page.where(f.c.name > after)
         if upper is not None:
@@ -173,7 +273,45 @@ async def find(
         if upper is None:
             break
         after = upper
+        pages += 1
+        if p.how == "stream" and len(out) < limit and (limit - len(out)) * pages > WALK_AHEAD * len(out):
+            # The walk would need more than WALK_AHEAD pages at the rate so far: the rest from
+            # the source.
+            p = await with_source(conn, p)
+            rest = statement(p, conn.dialect.name).where(f.c.name > after).limit(limit - len(out))
+            out += sorted(await _streamed(conn, rest), key=lambda row: row[2])
+            break
     return out
+
+
+# PostgreSQL's planner, misled by ``value_num``'s values mixed across keys (it estimated 3,000
+# rows for ``n_events>=500000`` in 60,000 files; there are 30,000), hashed whole conditions, or
+# streamed from another condition than the sampled one (``mode=wobble,on``: its index lists the
+# matches in id order, late in name order again: 1.3 s at 1,000,000 files). For this statement
+# only: the joins in the order written (the source first), nested loops over index scans (each
+# other condition a probe per file), no parallel workers or JIT to start for 1,000 rows.
+STREAM_SETTINGS = {
+    "join_collapse_limit": "1",
+    "from_collapse_limit": "1",
+    "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "max_parallel_workers_per_gather": "0",
+    "jit": "off",
+}
+
+
+async def _streamed(conn: AsyncConnection, stmt: Any) -> list[Found]:
+    if conn.dialect.name != "postgresql":
+        return [tuple(row) for row in await conn.execute(stmt)]  # type: ignore[misc]
+    for name, value in STREAM_SETTINGS.items():
+        await conn.execute(text(f"SET LOCAL {name} = {value}"))
+    try:
+        return [tuple(row) for row in await conn.execute(stmt)]  # type: ignore[misc]
+    finally:
+        for name in STREAM_SETTINGS:
+            await conn.execute(text(f"SET LOCAL {name} TO DEFAULT"))
 
 
 async def details(

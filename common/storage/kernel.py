@@ -148,39 +148,28 @@ def _kernel_copy(src: int, dst: int, limit: int, cancelled: threading.Event) -> 
 
 def _adler32_fd(fd: int, buf: mmap.mmap, cancelled: threading.Event) -> tuple[int, str]:
     """(size, adler32) of an open file read from offset 0 to its end. ``OSError`` unclassified."""
-    view = memoryview(buf)
-    value = ADLER32_START
-    total = 0
-    while True:
-        if cancelled.is_set():
-            raise _Aborted()
-        n = os.preadv(fd, [buf], total)
-        if n == 0:
-            return total, format_adler32(value)
-        value = _adler32(view[:n], value)
-        total += n
+    size, adler, _ = _sums_fd(fd, buf, cancelled, sha256=False)
+    return size, adler
 
 
 def _sums_fd(
     fd: int, buf: mmap.mmap, cancelled: threading.Event, sha256: bool
 ) -> tuple[int, str, str | None]:
     """(size, adler32, sha256 or None) of an open file read once from offset 0 to its end: with
-    ``sha256`` each chunk feeds both sums (hashlib's sha256 releases the GIL on large buffers),
-    without it this is ``_adler32_fd``. ``OSError`` unclassified."""
-    if not sha256:
-        size, adler = _adler32_fd(fd, buf, cancelled)
-        return size, adler, None
+    ``sha256`` each chunk feeds both sums (hashlib's sha256 releases the GIL on large buffers).
+    ``OSError`` unclassified."""
     view = memoryview(buf)
     value = ADLER32_START
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 else None
     total = 0
     while True:
         if cancelled.is_set():
             raise _Aborted()
         n = os.preadv(fd, [buf], total)
         if n == 0:
-            return total, format_adler32(value), digest.hexdigest()
+            return total, format_adler32(value), None if digest is None else digest.hexdigest()
         chunk = view[:n]
         value = _adler32(chunk, value)
-        digest.update(chunk)
+        if digest is not None:
+            digest.update(chunk)
         total += n

@@ -224,6 +224,14 @@ async def publish_raw(
     await channel.close()
 
 
+def make_file(settings: Settings, rel: str, content: bytes = b"data") -> Path:
+    """A file at ``rel`` in the landing area ``lst1``, as an instrument would leave it."""
+    path = settings.landing_areas["lst1"] / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
 def cloudevent(data: dict[str, Any], *, type_: str = "file.ready", id_: str | None = None) -> bytes:
     return json.dumps(
         {

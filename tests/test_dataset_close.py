@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +17,10 @@ from common.catalogue import Catalogue
 from common.catalogue import schema as s
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
-from tests.conftest import cloudevent, dead_reasons, publish_raw, running, wait_for
+from tests.conftest import cloudevent, dead_reasons, make_file, publish_raw, running, wait_for
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
-
-
-def make_file(settings: Settings, rel: str, content: bytes = b"data") -> Path:
-    path = settings.landing_areas["lst1"] / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def stored_files(settings: Settings) -> list[str]:

@@ -18,7 +18,16 @@ from common.catalogue import Catalogue
 from common.config import Settings, load_settings
 from daemons.ingest.handlers import service as ingest_service
 from tests.broker_users import connect_as, on_vhost, private_vhost
-from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for, write_config
+from tests.conftest import (
+    cloudevent,
+    dead_reasons,
+    make_file,
+    publish_raw,
+    queue_depth,
+    running,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
@@ -26,13 +35,6 @@ DATASET = "lst1.20261123.run012345.dl0"
 
 def landing(settings: Settings) -> Path:
     return settings.landing_areas["lst1"]
-
-
-def make_file(settings: Settings, rel: str, content: bytes = b"data") -> Path:
-    path = landing(settings) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def ready(path: Path | str, **data: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -17,19 +16,12 @@ from common.catalogue import Catalogue
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
 from daemons.recall.handlers import service as recall_service
-from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for
+from tests.conftest import cloudevent, dead_reasons, make_file, publish_raw, queue_depth, running, wait_for
 from tests.recall_fixtures import DATASET as RECALL_DATASET
 from tests.recall_fixtures import Events, contents, recall_settings, register, status
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
-
-
-def make_file(settings: Settings, rel: str, content: bytes) -> Path:
-    path = settings.landing_areas["lst1"] / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 async def depth_is(broker, name: str, n: int) -> bool:

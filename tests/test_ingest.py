@@ -17,7 +17,7 @@ from common.bus import headers as H
 from common.catalogue import Catalogue
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
-from tests.conftest import cloudevent, publish_raw, queue_depth, running, wait_for
+from tests.conftest import cloudevent, make_file, publish_raw, queue_depth, running, wait_for
 from tests.storage_fixtures import adler
 
 pytestmark = pytest.mark.integration
@@ -26,13 +26,6 @@ DATASET = "lst1.20261123.run012345.dl0"
 
 def landing(settings: Settings) -> Path:
     return settings.landing_areas["lst1"]
-
-
-def make_file(settings: Settings, rel: str, content: bytes) -> Path:
-    path = landing(settings) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def ready(path: Path | str, **data: Any) -> dict[str, Any]:

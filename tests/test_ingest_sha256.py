@@ -16,18 +16,11 @@ import pytest
 from common.catalogue import Catalogue
 from common.config import Settings
 from daemons.ingest.handlers import service as ingest_service
-from tests.conftest import cloudevent, dead_reasons, publish_raw, queue_depth, running, wait_for
+from tests.conftest import cloudevent, dead_reasons, make_file, publish_raw, queue_depth, running, wait_for
 from tests.storage_fixtures import adler, alter_keeping_adler32
 
 pytestmark = pytest.mark.integration
 DATASET = "lst1.20261123.run012345.dl0"
-
-
-def make_file(settings: Settings, rel: str, content: bytes) -> Path:
-    path = settings.landing_areas["lst1"] / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def ready(path: Path, **data: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ async def test_close_then_show_and_list_by_state(tmp_path: Path, tag: str, catal
     closed = spool(config, "dataset", "close", DS)
     assert closed.returncode == 0 and "closed" in closed.stdout
     again = spool(config, "dataset", "close", DS, "--json")
-    assert json.loads(again.stdout) == {"dataset": DS, "outcome": "already"}
+    assert json.loads(again.stdout) == {"dataset": DS, "outcome": "already", "manifest": None}
     unknown = spool(config, "dataset", "close", "lst1.20261123.run099999.dl0")
     assert unknown.returncode == 1 and "no dataset named" in unknown.stderr
 

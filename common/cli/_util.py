@@ -19,8 +19,10 @@ from common.config import Settings, load_settings
 # Markup off: what the CLI prints is mostly data (error messages, names, reasons from the bus and
 # the catalogue), and Rich would read ``[bold]`` in it as markup - dropping it, or failing on a
 # stray ``[/]``. Styling is given explicitly instead (``Text``, ``styled``, ``style=``).
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+# Not wrapped at a width when the output is not a terminal: a script reading a path or a count
+# from a line must not find it split where an 80-column default fell (tables keep their layout).
+console = Console(markup=False, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())
 
 
 def styled(text: object, style: str) -> Text:

@@ -54,7 +54,7 @@ def manifest_command(
         path = asyncio.run(go())
     except ReleaseRefused as exc:
         raise UserError(str(exc)) from None
-    console.print(f"{path}")
+    console.print(str(path), highlight=False)
 
 
 @dataset_app.command("verify")

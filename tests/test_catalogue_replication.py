@@ -283,6 +283,7 @@ async def test_a_copy_another_rule_holds_is_not_reaped(catalogue: Catalogue) -> 
 
 async def test_parked_copies_page_by_priority_and_once_per_resume(catalogue: Catalogue) -> None:
     await catalogue.ingest.register([rec(f"p{i}") for i in range(7)])
+    await catalogue.endpoints.set_state("disk2", "readonly")  # copies are parked only then
     for i in range(7):
         await catalogue.replication.park(f"p{i}", "disk2", priority=i % 3)
     assert await catalogue.replication.waiting_count("disk2") == 7
@@ -298,6 +299,22 @@ async def test_parked_copies_page_by_priority_and_once_per_resume(catalogue: Cat
     await catalogue.replication.park("p0", "disk2", priority=0)  # parked again during the resume
     rows = await catalogue.replication.waiting("disk2", 10, parked_before=cutoff)
     assert "p0" not in [n for _, _, n in rows]
+
+
+async def test_a_copy_is_not_parked_on_an_endpoint_writable_by_now(catalogue: Catalogue) -> None:
+    """The replicator parks by its view as last read; an instance that resumed the endpoint since
+    has re-sent what was parked until then, so a copy parked after would wait for the next pause's
+    end. The catalogue refuses it: the replicator looks again and copies."""
+    await catalogue.ingest.register([rec("w0"), rec("w1")])
+    assert not await catalogue.replication.park("w0", "disk2", 0)  # online and healthy
+    for health in ("paused", "probing"):
+        await catalogue.endpoints.set_health("disk2", health)
+        assert await catalogue.replication.park("w1", "disk2", 0)
+    await catalogue.endpoints.set_health("disk2", "ok")
+    for state in ("readonly", "down"):
+        await catalogue.endpoints.set_state("disk2", state)
+        assert await catalogue.replication.park("w1", "disk2", 0)
+    assert await catalogue.replication.waiting_count("disk2") == 1  # w1 only
 
 
 async def test_replica_task_lists_sources_and_whether_a_rule_needs_the_copy(catalogue: Catalogue) -> None:
@@ -322,7 +339,8 @@ async def test_replica_tasks_in_bulk_answer_like_one_at_a_time(catalogue: Catalo
     await catalogue.replication.add_rule(rule)
     await catalogue.replication.plan_copies([(f"m{i}", "d", {}) for i in range(3)], [rule], TABLE)
     await copied(catalogue, "m0", "disk2")
-    await catalogue.replication.park("m1", "disk2", 7)
+    await catalogue.endpoints.set_health("disk2", "paused")
+    assert await catalogue.replication.park("m1", "disk2", 7)
     pairs = [(f"m{i}", "disk2") for i in range(6)] + [("m0", "disk1"), ("nope", "disk2")]
     bulk = await catalogue.replication.replica_tasks(pairs)
     assert bulk == [await catalogue.replication.replica_task(n, s) for n, s in pairs]
@@ -605,7 +623,8 @@ async def test_driver_level_replica_tasks_answer_like_the_core_statements(
         await catalogue.replication.add_rule(rule)
     await catalogue.replication.plan_copies([(n, "d", {}) for n in names[:4]], [SLOW, ARCHIVE], TABLE)
     await catalogue.replication.record_copies([_copy("t0"), _copy("t1", storage="tape1"), _copy("t5")])
-    await catalogue.replication.park("t2", "disk2", 8)
+    await catalogue.endpoints.set_health("disk2", "paused")
+    assert await catalogue.replication.park("t2", "disk2", 8)
     await catalogue.replication.set_replica_state("t3", "disk1", "bad")
 
     def locks(conn: Connection) -> None:

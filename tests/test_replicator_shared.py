@@ -252,6 +252,35 @@ async def test_a_dead_probers_endpoint_is_probed_by_another_instance(instances, 
     assert view.health == "paused" and view.cooldown == 1.0 and view.prober is None
 
 
+async def test_a_probe_outcome_is_reported_when_a_stale_read_lands_after_the_claim(
+    instances, two_healths
+) -> None:
+    """The poll's read of the endpoints may start before this instance's probe claim commits and
+    land after it (a loaded machine): the view then shows the endpoint merely paused. The probe's
+    failure (or a probe that told nothing) must still reach the catalogue, or the endpoint stays
+    ``probing`` by a live instance and nobody ever probes it again (a CI failure of the
+    two-instance test, under load)."""
+    a, b = two_healths
+    err = Retryable("destination_not_writable", "read-only file system")
+    for _ in range(3):
+        await a.failure("disk2", err)
+    stale = await instances[0][0].transfers.views()  # read before the claim...
+    await asyncio.sleep(0.6)
+    assert await a.admit("disk2") == "probe"
+    a.views = stale  # ...landing after it
+    assert await a.failure("disk2", err)  # the probe failed
+    view = (await instances[1][0].transfers.views())["disk2"]
+    assert view.health == "paused" and view.prober is None and view.cooldown == 1.0
+    await asyncio.sleep(1.1)
+    await b.poll()
+    assert await b.admit("disk2") == "probe"  # due again, for anyone
+    b.views = await instances[1][0].transfers.views()
+    b.views["disk2"] = stale["disk2"]
+    await b.release_probe("disk2")  # this probe told nothing: due again at once
+    assert (await instances[1][0].transfers.views())["disk2"].health == "paused"
+    assert await a.admit("disk2") == "probe"
+
+
 # --- the slots as two replicator instances use them (``daemons.replicator.slots``) --------------
 async def test_two_instances_slots_hold_the_limit_together_and_leave_nothing_held(instances) -> None:
     (a_cat, a), (b_cat, b) = instances[0], instances[1]

@@ -617,12 +617,24 @@ def record_copies(conn: Connection, records: Sequence[CopyRecord]) -> None:
 
 
 # --- parked copies and endpoint health ---------------------------------------------------------
-def park(conn: Connection, name: str, storage: str, priority: int) -> None:
+def park(conn: Connection, name: str, storage: str, priority: int) -> bool:
     """Remember a copy whose endpoint is not writable (the message is acked: the catalogue holds
-    the wait, however long, and the replicator re-sends it when the endpoint is writable)."""
+    the wait, however long, and the replicator re-sends it when the endpoint is writable).
+
+    False, and nothing parked, when the endpoint is writable by now: the caller decided from its
+    view as last read, and an instance that resumed the endpoint meanwhile has already re-sent what
+    was parked, so a copy parked after that would wait for the next pause's end. The endpoint's row
+    is read ``FOR SHARE`` on PostgreSQL: a resume (``transfers.resume``, ``FOR UPDATE``) or an
+    operator's change waits for this park to commit, and the re-send after it sees the copy."""
+    health = select(ep.c.state, ep.c.health).where(ep.c.name == storage)
+    if conn.dialect.name == "postgresql":
+        health = health.with_for_update(read=True)
+    row = conn.execute(health).first()
+    if row is not None and row.state == "online" and row.health == "ok":
+        return False
     fid = conn.scalar(select(f.c.id).where(f.c.name == name))
     if fid is None:
-        return
+        return True
     sid = storage_ids_sync(conn, {storage})[storage]
     now = utcnow()
     res = conn.execute(
@@ -638,6 +650,7 @@ def park(conn: Connection, name: str, storage: str, priority: int) -> None:
               "priority": priority}],
             ["file_id", "storage_id"],
         )  # fmt: skip
+    return True
 
 
 def waiting(

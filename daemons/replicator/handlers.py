@@ -274,9 +274,17 @@ async def _replicate_one(
             if not task.needed:
                 return None  # nobody wants it: do not repair it
         admission = await res.health.admit(msg.destination)
-        if admission == "wait":
-            await _park(ctx, name, msg, "endpoint not writable")
-            return None
+        for _ in range(3):
+            if admission != "wait":
+                break
+            if await _park(ctx, name, msg, "endpoint not writable"):
+                return None
+            # Writable by now (resumed by another instance since this one last looked, which has
+            # re-sent what was parked until then): look again and go.
+            await res.health.refresh()
+            admission = await res.health.admit(msg.destination)
+        else:
+            raise Retryable("endpoint_state_changing", f"{msg.destination} changed state while parking")
         fsync = ctx.settings.storage[dest.name].durability == "file"
         # A small copy takes its slot with its batch (see the module docstring, step 4).
         batched = isinstance(dest, PosixStorage) and dest.batches_copy(task.size, fsync)
@@ -286,9 +294,10 @@ async def _replicate_one(
                 copied, source = await _copy_from_best(ctx, task, dest, fsync)
         except SpoolError as err:
             if err.reason in steps.ENDPOINT_FAILURES:
-                if await res.health.failure(msg.destination, err):
-                    await _park(ctx, name, msg, f"{err.reason}: {err.message}")
-                    return None
+                if await res.health.failure(msg.destination, err) and await _park(
+                    ctx, name, msg, f"{err.reason}: {err.message}"
+                ):
+                    return None  # otherwise resumed meanwhile: retried as any failure
             elif admission == "probe":
                 await res.health.release_probe(msg.destination)
             raise
@@ -318,9 +327,13 @@ async def _task(res: ReplicatorResources, name: str, destination: str) -> Replic
     return task
 
 
-async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaRequest, why: str) -> None:
-    await ctx.resources.catalogue.replication.park(name, msg.destination, msg.priority)
+async def _park(ctx: Context[ReplicatorResources], name: str, msg: ReplicaRequest, why: str) -> bool:
+    """Park the copy until the endpoint is writable; False when it is writable already (nothing
+    parked: see ``common.catalogue.replication.park``)."""
+    if not await ctx.resources.catalogue.replication.park(name, msg.destination, msg.priority):
+        return False
     ctx.log.info("copy_parked", file=name, why=why)
+    return True
 
 
 async def _copy_from_best(

@@ -17,7 +17,9 @@ as last read). Transitions and their effects:
   replicators by id); whichever instance's copy then claims the probe (``claim_probe``) makes it,
   the others keep parking
 - probe succeeds  -> ``endpoint.resumed``, health ``ok``, every parked copy re-sent (by the
-  instance that resumed it: the parked copies of all instances are in the catalogue)
+  instance that resumed it: the parked copies of all instances are in the catalogue); a copy that
+  another instance then decides to park from its view not yet read again is refused by the
+  catalogue (``replication.park``: the endpoint is writable) and copied instead, never stranded
 - probe fails     -> paused again for twice the cool-down (up to the maximum)
 - the prober dies -> its claim is anyone's once its lease ran out (the probe is due again)
 - operator sets the endpoint online again -> every parked copy re-sent (by each instance)
@@ -103,6 +105,11 @@ class EndpointHealth:
         self.live: list[str] = []  # live replicator instances, as last read (while a pause lasts)
         self._clock = clock
         self._probe_sent: dict[str, float] = {}
+        # Endpoints whose probe this instance claimed and has not reported yet. Kept apart from
+        # ``views``: a poll's read that began before the claim committed can land after it and
+        # show the endpoint merely paused; the probe's outcome must still be reported, or the
+        # catalogue shows it probed by a live instance for ever and nobody probes again.
+        self._probes: set[str] = set()
         self._resending: dict[str, asyncio.Task[None]] = {}
 
     def view(self, name: str) -> EndpointView:
@@ -118,23 +125,31 @@ class EndpointHealth:
         if decided != "try_probe":
             return decided
         if await self.catalogue.transfers.claim_probe(name, self.instance, utcnow()):
+            self._probes.add(name)
             self._set(name, health="probing", prober=self.instance)
             log.info("endpoint_probing", storage=name)
             return "probe"
         await self._read()  # another instance probes, or the endpoint resumed meanwhile
         return "go" if self.writable(name) else "wait"
 
+    async def refresh(self) -> None:
+        """Read the shared state again now (the catalogue refused to park a copy: the endpoint is
+        writable by now)."""
+        await self._read()
+
     def writable(self, name: str) -> bool:
         return self.states.get(name, "online") == "online" and self.view(name).health == "ok"
 
     def probing_here(self, name: str) -> bool:
-        view = self.view(name)
-        return view.health == "probing" and view.prober == self.instance
+        """Whether this instance claimed the endpoint's probe and has not reported it yet (the
+        catalogue's conditional UPDATEs decide whether the report still counts)."""
+        return name in self._probes
 
     async def failure(self, name: str, err: SpoolError) -> bool:
         """Count a failure of endpoint ``name``; True when it is now paused (park the copy)."""
         why = f"{err.reason}: {err.message}"
         if self.probing_here(name):
+            self._probes.discard(name)
             cooldown = await self.catalogue.transfers.probe_failed(
                 name, self.instance, why, self.cooldown, self.max_cooldown, utcnow()
             )
@@ -160,6 +175,7 @@ class EndpointHealth:
 
     async def success(self, name: str) -> None:
         self.counts[name].record_success()
+        self._probes.discard(name)
         if self.view(name).health == "ok":
             return  # the common case: no I/O
         # A copy landed (the probe, or one admitted before the pause): the endpoint works.
@@ -175,6 +191,7 @@ class EndpointHealth:
         """The probe ended without telling anything about the endpoint (e.g. its source was bad):
         let the next copy (of any instance) be the probe."""
         if self.probing_here(name):
+            self._probes.discard(name)
             await self.catalogue.transfers.release_probe(name, self.instance)
             self._set(name, health="paused", prober=None)
 

@@ -100,8 +100,8 @@ class ReplicationRepository(Repository):
         await self._catalogue.write(db.record_copies, list(records))
 
     # --- parked copies -------------------------------------------------------------------------
-    async def park(self, name: str, storage: str, priority: int) -> None:
-        await self._catalogue.write(db.park, name, storage, priority, retry=False)
+    async def park(self, name: str, storage: str, priority: int) -> bool:
+        return await self._catalogue.write(db.park, name, storage, priority, retry=False)
 
     async def waiting(
         self, storage: str, limit: int, *, parked_before: datetime, after: tuple[int, int] | None = None

@@ -286,6 +286,26 @@ class MetadataSet(Message):
         return self
 
 
+class MetadataChanged(Message):
+    """Event: the metadata of one file or one dataset changed after ingest (``metadata.set`` or
+    ``spool meta set|unset``), stated through the outbox in the change's transaction; its id is
+    derived from the change's request id. ``keys``: the keys set or removed. The replicator places
+    a file again by the rules when its metadata changed (a rule's metadata filters may select it
+    now)."""
+
+    ROUTING_KEY: ClassVar[str] = "metadata.changed"
+
+    file: LogicalName | None = None
+    dataset: DatasetName  # the file's dataset, or the dataset changed
+    keys: list[MetaKey]
+    request_id: Identifier
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _few_keys(cls, v: Any) -> Any:
+        return _bounded_list(v, 2 * limits.MAX_META_KEYS, "keys")
+
+
 class FileIngested(Message):
     """Event: a file is registered with a verified replica on its first disk endpoint."""
 
@@ -493,6 +513,17 @@ class DatasetArchived(Message):
     archived: Timestamp
 
 
+class DatasetDeleted(Message):
+    """Event: a dataset being deleted (``spool dataset delete``) has no copy left anywhere (tape
+    copies marked deleted, disk copies removed); its rows stay as tombstones. Sent once."""
+
+    ROUTING_KEY: ClassVar[str] = "dataset.deleted"
+
+    dataset: DatasetName
+    files: Count
+    deleted: Timestamp
+
+
 class FileFailed(Message):
     """Event: handling a message about a file ended in a dead letter (or a failed state)."""
 
@@ -592,6 +623,7 @@ MODELS: dict[str, type[Message]] = {
     for m in (
         FileReady,
         MetadataSet,
+        MetadataChanged,
         FileIngested,
         ReplicaRequest,
         ReplicaCreated,
@@ -603,6 +635,7 @@ MODELS: dict[str, type[Message]] = {
         DatasetClose,
         DatasetCompleted,
         DatasetArchived,
+        DatasetDeleted,
         FileFailed,
         EndpointPaused,
         EndpointResumed,

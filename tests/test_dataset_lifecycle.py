@@ -244,8 +244,13 @@ async def test_forced_delete_marks_copies_and_ends_in_tombstones(catalogue: Cata
     assert await catalogue.datasets.settle_deletions(now()) == []  # bytes still there
     for c in copies:
         await catalogue.datasets.copy_deleted(c, now())
+    before = [k for k, _ in await outbox_events(catalogue)]
     assert await catalogue.datasets.settle_deletions(now()) == [DS]
     assert await state(catalogue) == "deleted"
+    # Stated once, in the same transaction: a second settle finds nothing more to say.
+    assert await catalogue.datasets.settle_deletions(now()) == []
+    new = [(k, b) for k, b in await outbox_events(catalogue)][len(before) :]
+    assert [(k, b["dataset"], b["files"]) for k, b in new] == [("dataset.deleted", DS, 2)]
 
     # Tombstones: the files and their copies stay, the history says why.
     view = await catalogue.queries.show_file("a")

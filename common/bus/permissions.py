@@ -44,7 +44,8 @@ from common.config import DAEMON_NAMES, Settings
 # whoever wrote it (``common.catalogue.outbox``'s audit table), so those three may send them all.
 # The runner publishes ``file.failed`` for a dead letter in every daemon; every daemon beats.
 OUTBOX_KEYS = ("file.archived", "file.failed", "tape.mounted", "endpoint.paused", "endpoint.resumed",
-               "replica.request", "dataset.completed", "dataset.archived")  # fmt: skip
+               "replica.request", "dataset.completed", "dataset.archived", "dataset.deleted",
+               "metadata.changed")  # fmt: skip
 _EVERY_DAEMON = ("file.failed", "daemon.heartbeat")
 DAEMON_PUBLISHES: Mapping[str, tuple[str, ...]] = {
     "ingest": ("file.ingested", "replica.request", "tape.archive", *_EVERY_DAEMON),

@@ -43,7 +43,7 @@ log = structlog.get_logger("spool.bus")
 # Which routing keys each daemon consumes. The monitor sees everything.
 BINDINGS: Mapping[str, Sequence[str]] = {
     "ingest": ("file.ready", "dataset.close", "metadata.set"),
-    "replicator": ("replica.request",),
+    "replicator": ("replica.request", "metadata.changed"),
     "tape": ("tape.archive",),
     "recall": ("recall.request",),
     "monitor": ("#",),

@@ -46,7 +46,7 @@ from sqlalchemy import Connection, and_, case, exists, func, insert, literal, or
 
 from common.catalogue import outbox
 from common.catalogue import schema as s
-from common.messages import DatasetArchived, DatasetCompleted, Message, fact_id
+from common.messages import DatasetArchived, DatasetCompleted, DatasetDeleted, Message, fact_id
 
 d, f, r, ep, lk, ru, rq = (
     s.datasets, s.files, s.replicas, s.storage_endpoints, s.locks, s.rules, s.requests
@@ -330,12 +330,18 @@ def copy_deleted(conn: Connection, copy: DoomedCopy, now: datetime) -> None:
 
 def settle_deletions(conn: Connection, now: datetime) -> list[str]:
     """Catch copies finished since the delete began; a dataset none of whose copies is left but
-    as a tombstone becomes ``deleted``. Returns the datasets that did."""
+    as a tombstone becomes ``deleted``, its ``dataset.deleted`` event in the outbox in the same
+    transaction. Returns the datasets that did."""
     done: list[str] = []
     for dataset_id, name in conn.execute(select(d.c.id, d.c.name).where(d.c.state == "deleting")).all():
         mark_copies(conn, dataset_id, now)
         left = exists().where(r.c.file_id == f.c.id, f.c.dataset_id == dataset_id, r.c.state != "deleted")
         if not conn.scalar(select(left)) and _move(conn, dataset_id, "deleting", "deleted"):
+            files = conn.scalar(select(func.count()).select_from(f).where(f.c.dataset_id == dataset_id))
+            event = DatasetDeleted(
+                id=fact_id("dataset.deleted", name), dataset=name, files=int(files or 0), deleted=now
+            )
+            outbox.add(conn, [event])
             done.append(name)
     return done
 

@@ -5,8 +5,9 @@ A change (``metadata.set`` from the bus, ``spool meta set|unset``) runs as one t
 typed rows (``file_metadata`` / ``dataset_metadata``) and, for a file, the JSON kept for display
 (``files.meta``) are rewritten for the keys it names, one history row is added (``events`` for a
 file, ``dataset_events`` for a dataset) and the change's id is recorded ``done`` in ``requests``
-(kind ``metadata``). A redelivered change finds its id done and changes nothing (no second
-history row); an id already used by another request is refused (``id_conflict``).
+(kind ``metadata``), and a ``metadata.changed`` event is queued in the outbox (the replicator
+places a changed file by the rules again). A redelivered change finds its id done and changes
+nothing (no second history row); an id already used by another request is refused (``id_conflict``).
 
 A dataset's metadata lives in its typed rows only; the value shown is read back from them
 (``stored_value``): ``typed_value`` fills the columns so that every value type is told apart.
@@ -21,11 +22,12 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Table, and_, case, delete, func, insert, select, update
 
 from common import limits
+from common.catalogue import outbox
 from common.catalogue import schema as s
 from common.catalogue.filters import typed_value
 from common.catalogue.models import check_metadata
 from common.catalogue.sql import check_fits, insert_ignore_sync, utcnow
-from common.messages import MetaValue
+from common.messages import MetadataChanged, MetaValue, fact_id
 
 Scope = Literal["file", "dataset"]
 ChangeOutcome = Literal["changed", "duplicate"]
@@ -174,9 +176,14 @@ def apply(conn: Connection, change: MetadataChange) -> ChangeOutcome:
         detail["source"] = change.source
     if change.scope == "file":
         f = s.files
-        row = conn.execute(select(f.c.id, f.c.meta).where(f.c.name == change.target)).first()
+        row = conn.execute(
+            select(f.c.id, f.c.meta, s.datasets.c.name.label("dataset"))
+            .join(s.datasets, s.datasets.c.id == f.c.dataset_id)
+            .where(f.c.name == change.target)
+        ).first()
         if row is None:
             raise UnknownTarget(f"no file named {change.target!r}")
+        dataset = row.dataset
         merged = _merged(dict(row.meta or {}), change)
         conn.execute(update(f).where(f.c.id == row.id).values(meta=merged))
         _rewrite_rows(conn, s.file_metadata, "file_id", row.id, change)
@@ -189,6 +196,7 @@ def apply(conn: Connection, change: MetadataChange) -> ChangeOutcome:
         did = conn.scalar(select(d.c.id).where(d.c.name == change.target))
         if did is None:
             raise UnknownTarget(f"no dataset named {change.target!r}")
+        dataset = change.target
         _merged(dataset_values(conn, [did])[did], change)
         _rewrite_rows(conn, s.dataset_metadata, "dataset_id", did, change)
         event = {"dataset": change.target, "daemon": change.daemon, "type": "metadata.set", "outcome": "ok",
@@ -202,6 +210,13 @@ def apply(conn: Connection, change: MetadataChange) -> ChangeOutcome:
     }  # fmt: skip
     check_fits(s.requests, request)
     conn.execute(insert(s.requests), [request])
+    # The fact, for the replicator (a rule's metadata filters may select the file now) and for
+    # anyone listening: published by the outbox relay, once, whichever path made the change.
+    changed = MetadataChanged(
+        id=fact_id("metadata.changed", change.id), request_id=change.id, dataset=dataset,
+        file=change.target if change.scope == "file" else None, keys=[*change.set, *change.unset],
+    )  # fmt: skip
+    outbox.add(conn, [changed])
     return "changed"
 
 

@@ -389,6 +389,17 @@ def files_for_rule(
     return out
 
 
+def placement_item(conn: Connection, name: str) -> tuple[str, str, dict[str, MetaValue]] | None:
+    """(name, dataset, metadata) of one file, as ``plan_copies`` takes it; None when the file is
+    unknown or its dataset deleted (such a file wants no copy)."""
+    row = conn.execute(
+        select(f.c.name, d.c.name, f.c.meta)
+        .join(d, d.c.id == f.c.dataset_id)
+        .where(f.c.name == name, d.c.state.not_in(GONE))
+    ).first()
+    return None if row is None else (row[0], row[1], dict(row[2] or {}))
+
+
 # --- planning copies -----------------------------------------------------------------------------
 def plan_copies(
     conn: Connection,

@@ -10,7 +10,8 @@ commit. Several instances: the transition is conditional, one of them makes it, 
 
 ``delete_copies`` (same loop): the disk copies of ``deleting`` datasets are deleted through the
 storage interface (only on the endpoints this instance serves), each then recorded ``deleted``
-with a history row (same loop); a dataset none of whose copies is left becomes ``deleted``. A kill between a
+with a history row (same loop); a dataset none of whose copies is left becomes ``deleted`` and
+``dataset.deleted`` is stated (outbox, once). A kill between a
 delete and its record leaves the copy ``deleting``: the next round deletes it again (a missing
 file deletes fine) and records it. Two instances may both delete one copy: harmless, recorded once.
 A copy the endpoint refuses to delete stays ``deleting`` and is tried again next round.
@@ -45,7 +46,9 @@ async def advance(catalogue: Catalogue, settings: Settings, kick: Callable[[], N
     return len(events)
 
 
-async def delete_copies(catalogue: Catalogue, storages: Mapping[str, StorageBackend]) -> int:
+async def delete_copies(
+    catalogue: Catalogue, storages: Mapping[str, StorageBackend], kick: Callable[[], None] | None = None
+) -> int:
     """One round over the doomed copies; returns how many were deleted."""
     deleted = 0
     while True:
@@ -66,13 +69,16 @@ async def delete_copies(catalogue: Catalogue, storages: Mapping[str, StorageBack
         deleted += progressed
         if len(batch) < BATCH or not progressed:
             break
-    for name in await catalogue.datasets.settle_deletions(utcnow()):
+    settled = await catalogue.datasets.settle_deletions(utcnow())
+    for name in settled:
         log.info("dataset_deleted", dataset=name)
+    if settled and kick is not None:
+        kick()  # their dataset.deleted events, queued in the outbox
     return deleted
 
 
 async def lifecycle_round(
     catalogue: Catalogue, settings: Settings, storages: Mapping[str, StorageBackend], kick: Callable[[], None]
 ) -> None:
-    await delete_copies(catalogue, storages)
+    await delete_copies(catalogue, storages, kick)
     await advance(catalogue, settings, kick)

@@ -50,9 +50,9 @@ from common.config import Settings
 from common.errors import Permanent, Retryable, SpoolError, unknown_names
 from common.instance import InstanceLease
 from common.logging import get_logger
-from common.messages import CreatedCopy, Message, ReplicaCreated, ReplicaRequest, fact_id
+from common.messages import CreatedCopy, Message, MetadataChanged, ReplicaCreated, ReplicaRequest, fact_id
 from common.periodic import every
-from common.placement import sync_config_rules
+from common.placement import RuleBook, sync_config_rules
 from common.storage import PosixStorage, StorageBackend, open_storage
 from common.storage.transfer import sweep_stale_temporaries, verify_stored
 from daemons.replicator import steps
@@ -60,6 +60,7 @@ from daemons.replicator.bulk import UNKNOWN_FILE, replicate_bulk
 from daemons.replicator.datasets import lifecycle_round
 from daemons.replicator.health import EndpointHealth
 from daemons.replicator.locks import KeyedLocks
+from daemons.replicator.metadata import place_again
 from daemons.replicator.reaper import reap
 from daemons.replicator.rules import evaluate_new_rules
 from daemons.replicator.slots import EndpointSlots
@@ -77,6 +78,7 @@ class ReplicatorResources:
     tasks: MicroBatcher[tuple[str, str], ReplicaTask | None]
     slots: dict[str, EndpointSlots]
     lease: InstanceLease
+    rulebook: RuleBook  # the rules, for a file placed again after its metadata changed
     reading: Counter[str] = field(default_factory=Counter)  # copies reading from each source now
     # One copy of a file to an endpoint at a time in this process (duplicate requests wait, then
     # find the copy made).
@@ -84,7 +86,7 @@ class ReplicatorResources:
 
 
 def _describe(msg: Message) -> dict[str, Any]:
-    name = getattr(msg, "name", None)
+    name = getattr(msg, "name", None) or getattr(msg, "file", None)
     if name is None and getattr(msg, "names", None):
         name = f"{len(msg.names)} files"  # type: ignore[attr-defined]
     return {"file": name, "storage": getattr(msg, "destination", None)}
@@ -140,6 +142,7 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
             ),
             slots=slots,
             lease=lease,
+            rulebook=RuleBook(catalogue, settings),
         )
         limits = {name: settings.storage[name].max_transfers for name in storages}
         await catalogue.transfers.sync_slots(limits)
@@ -191,6 +194,11 @@ async def open_resources(settings: Settings, publisher: Publisher) -> AsyncItera
 
 
 service = Service("replicator", resources=open_resources, describe=_describe)
+
+
+@service.handler(MetadataChanged)
+async def metadata_changed(msg: MetadataChanged, ctx: Context[ReplicatorResources]) -> None:
+    await place_again(msg, ctx.resources.catalogue, ctx.resources.rulebook, ctx.publisher)
 
 
 @service.handler(ReplicaRequest)

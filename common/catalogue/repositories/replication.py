@@ -53,6 +53,9 @@ class ReplicationRepository(Repository):
             lambda c: db.files_for_rule(c, rule, after=after, limit=limit, metadata=metadata)
         )
 
+    async def placement_item(self, name: str) -> tuple[str, str, dict[str, Any]] | None:
+        return await self._catalogue.read(lambda c: db.placement_item(c, name))
+
     # --- wanted copies -------------------------------------------------------------------------
     async def plan_copies(
         self,

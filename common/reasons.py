@@ -149,6 +149,12 @@ REASONS: dict[str, Reason] = _registry(
     _r("drive_broken", "retryable", "the tape drive is out of order (another drive may serve)"),
     _r("drive_busy", "retryable", "another operation or process holds the tape drive"),
     _r(
+        "endpoint_state_changing",
+        "retryable",
+        "a copy's endpoint changed state three times while the replicator parked it (paused, resumed, "
+        "paused): tried again shortly",
+    ),
+    _r(
         "endpoint_unavailable",
         "retryable",
         "a remote endpoint cannot be reached or answers 5xx: counts against its breaker",

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, delete, select, update
 
 from common.catalogue.instances import held_by_dead
 from common.catalogue.schema import ingest_claims as c
-from common.catalogue.sql import file_ids_sync, insert_ignore_sync
+from common.catalogue.sql import file_ids_sync, insert_or_skip
 
 _CHUNK = 500
 REGISTERED = "registered"  # the holder given for a name refused because it is registered
@@ -41,14 +41,20 @@ def claim(conn: Connection, names: Sequence[str], holder: str, now: datetime) ->
     refused: dict[str, str] = {}
     for i in range(0, len(wanted), _CHUNK):
         part = wanted[i : i + _CHUNK]
-        insert_ignore_sync(conn, c, [{"name": n, "holder": holder, "claimed": now} for n in part], ["name"])
-        conn.execute(
-            update(c)
-            .where(c.c.name.in_(part), c.c.holder != holder, held_by_dead(c.c.holder, now))
-            .values(holder=holder, claimed=now)
-        )
-        rows = conn.execute(select(c.c.name, c.c.holder).where(c.c.name.in_(part), c.c.holder != holder))
-        refused.update({name: other for name, other in rows})
+        rows = [{"name": n, "holder": holder, "claimed": now} for n in part]
+        inserted = set(conn.scalars(insert_or_skip(conn, c, ["name"]).values(rows).returning(c.c.name)))
+        # The common case: every name was free (one statement). Otherwise the names held already
+        # are taken over from dead holders and the rest refused.
+        clashed = [n for n in part if n not in inserted]
+        if clashed:
+            conn.execute(
+                update(c)
+                .where(c.c.name.in_(clashed), c.c.holder != holder, held_by_dead(c.c.holder, now))
+                .values(holder=holder, claimed=now)
+            )
+            others = select(c.c.name, c.c.holder).where(c.c.name.in_(clashed), c.c.holder != holder)
+            held = conn.execute(others)
+            refused.update({name: other for name, other in held})
         # After the claims (whose inserts waited for a competing registration to commit), so a
         # name registered by then is seen here.
         registered = [n for n in file_ids_sync(conn, part) if n not in refused]

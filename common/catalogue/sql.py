@@ -77,6 +77,12 @@ def upsert_sync(
     conn.execute(stmt, list(rows))
 
 
+def insert_or_skip(conn: Connection, table: Table, keys: Sequence[str]) -> Any:
+    """``INSERT ... ON CONFLICT (keys) DO NOTHING`` of this dialect, to add values and RETURNING
+    to (the rows it returns are the ones it inserted)."""
+    return _insert(conn, table).on_conflict_do_nothing(index_elements=list(keys))
+
+
 def insert_ignore_sync(
     conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Sequence[str]
 ) -> None:

@@ -53,14 +53,6 @@ def _sync_root(_cancelled: Any, root: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_syncfs() -> Any:
     """libc's ``syncfs(fd)``: flush one file system (Python has no binding before 3.12's os)."""
     try:
